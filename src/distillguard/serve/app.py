@@ -1,0 +1,135 @@
+"""The OpenAI-compatible HTTP API (FastAPI): routes, body limit, and error conversion.
+
+Every error leaves as ``{"error": {"message", "type", "param", "code"}}``; distillguard's
+:class:`~distillguard.errors.APIError` tree is converted here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
+from distillguard.serve.backend import Backend, now
+from distillguard.serve.config import ServeConfig
+from distillguard.serve.schemas import ChatCompletionRequest, parse_chat_request
+
+log = logging.getLogger(__name__)
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+class BodyLimitMiddleware:
+    """Refuse bodies over ``max_bytes`` with 413, by header and while reading (chunked uploads)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                return await error_response(InvalidRequestError(
+                    "invalid Content-Length header", code="invalid_header"))(scope, receive, send)
+            if int(length) > self.max_bytes:
+                return await error_response(self._too_large())(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes",
+                               code="request_too_large")
+
+
+def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    app = FastAPI(title="distillguard", version="0.1.0", lifespan=lifespan)
+    app.state.backend = backend
+    app.state.config = config
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(InvalidRequestError(str(first.get("msg", "invalid request")), param=param,
+                                                  code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        err = APIError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        err.status_code, err.type = exc.status_code, "invalid_request_error"
+        return JSONResponse(err.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - a bug if reached
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(APIError("internal server error", code="internal_error").to_dict(), status_code=500)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": now(), "owned_by": "distillguard"}
+            for mid in await backend.model_ids()
+        ]}
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}")}},
+    }})
+    async def chat_completions(request: Request):
+        req = parse_chat_request(await request.body())
+        if not req.stream:
+            return JSONResponse(await backend.complete(req))
+        chunks = await backend.stream(req)
+        return StreamingResponse(sse(chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+async def sse(chunks):
+    """Server-sent events in OpenAI's framing; an error after the headers becomes an error event."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+    except APIError as exc:
+        yield f"data: {json.dumps(exc.to_dict())}\n\n"
+    yield "data: [DONE]\n\n"

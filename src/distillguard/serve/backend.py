@@ -1,0 +1,36 @@
+"""The contract between the HTTP layer and whatever produces completions.
+
+A backend turns a validated :class:`ChatCompletionRequest` into an OpenAI response object
+(``complete``) or an async iterator of OpenAI chunk objects (``stream``). Both raise
+:class:`~distillguard.errors.APIError` *before* producing anything when the request cannot
+be served, so the HTTP layer can still answer with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from distillguard.serve.schemas import ChatCompletionRequest
+
+
+class Backend(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def model_ids(self) -> list[str]: ...
+
+    async def complete(self, req: ChatCompletionRequest) -> dict: ...
+
+    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]: ...
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,351 @@
+"""Continuous batching for a local transformers model.
+
+One worker thread owns the model. Requests (``Job``) queue up; at every decoding step the
+worker admits waiting jobs into the running batch (prefill, then splice their KV cache into
+the batch's), decodes one token for every active row with each row's own sampling
+parameters and random generator, streams the new text to the job, and drops finished rows.
+Requests arriving together are therefore generated together, and a request never waits for
+a whole batch to drain. A job with ``n`` choices occupies ``n`` rows.
+
+Shapes: B rows, T cached positions, V vocabulary. The cache is left-padded: row ``b`` holds
+real tokens in its last ``mask[b].sum()`` positions.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from distillguard.models import LoadedModel
+from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
+
+log = logging.getLogger(__name__)
+
+# JSON has no -inf; OpenAI reports impossible tokens with this value.
+LOGPROB_FLOOR = -9999.0
+
+
+@dataclass(frozen=True)
+class GenParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    top_logprobs: int | None = None  # None: no logprobs; 0..20: that many alternatives
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Event:
+    """What a job's sink receives. kind: delta | finish | done | error."""
+
+    kind: str
+    index: int = 0
+    text: str = ""
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: GenParams
+    n: int
+    sink: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    remaining: int = 0
+    completion_tokens: int = 0
+
+
+class Row:
+    """One choice being generated: incremental detokenisation, stop strings, logprob entries."""
+
+    def __init__(self, job: Job, index: int, generator: torch.Generator):
+        self.job = job
+        self.index = index
+        self.generator = generator
+        self.out_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of self.text already sent
+        self.entries: list[tuple[int, int, dict]] = []  # (start char, end char, entry)
+        self.sent_entries = 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.finish_reason: str | None = None
+
+    def stop_holdback(self) -> int:
+        """Characters at the end of text that could still begin a stop string: not safe to send."""
+        for k in range(min(len(self.text), max((len(s) for s in self.job.params.stop), default=0) - 1), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.job.params.stop):
+                return k
+        return 0
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, *, max_batch_rows: int = 16, batch_wait_s: float = 0.005):
+        self.lm = lm
+        self.max_batch_rows = max_batch_rows
+        self.batch_wait_s = batch_wait_s
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: deque[Job] = deque()
+        self._thread = threading.Thread(target=self._loop, name="distillguard-engine", daemon=True)
+        self._stopped = False
+        self._token_bytes = lm.token_bytes
+        self._token_text = [b.decode("utf-8", errors="replace") for b in self._token_bytes]
+        self._special = set(lm.tokenizer.all_special_ids)
+        self._pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        self._reset()
+
+    # ---- public API -------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        job.remaining = job.n
+        self._queue.put(job)
+
+    # ---- worker -----------------------------------------------------------------------
+    def _reset(self) -> None:
+        self.rows: list[Row] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # (B, T) 1 for real tokens
+        self.next_ids: torch.Tensor | None = None  # (B,) token each row feeds next step
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.rows and not self._waiting:
+                job = self._queue.get()  # idle: block until work arrives
+                if job is None:
+                    return
+                self._waiting.append(job)
+                time.sleep(self.batch_wait_s)  # let requests sent together arrive together
+            self._drain_queue()
+            try:
+                self._step()
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                log.exception("generation failed")
+                for job in {id(r.job): r.job for r in self.rows}.values():
+                    job.sink(Event("error", error=exc))
+                self._reset()
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                self._stopped = True
+                return
+            self._waiting.append(job)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        if self.rows:
+            self._decode()
+        admitted: list[Job] = []
+        free = self.max_batch_rows - len(self.rows)
+        while self._waiting and (self._waiting[0].n <= free or not self.rows and not admitted):
+            job = self._waiting.popleft()
+            if job.cancelled.is_set():
+                continue
+            admitted.append(job)
+            free -= job.n
+        if admitted:
+            self._prefill(admitted)
+        self._prune()
+
+    def _decode(self) -> None:
+        dev = self.lm.device
+        ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=dev)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        positions = (self.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        out = self.lm.model(
+            input_ids=self.next_ids[:, None], attention_mask=self.mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.next_ids = self._choose(self.rows, out.logits[:, -1, :])
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        dev = self.lm.device
+        rows: list[Row] = []
+        for job in jobs:
+            for i in range(job.n):
+                gen = torch.Generator(device=dev)
+                if job.params.seed is None:
+                    gen.seed()
+                else:
+                    # n choices of one seeded request differ from each other, and each is fixed.
+                    gen.manual_seed((job.params.seed * 1_000_003 + i) % (2**63))
+                rows.append(Row(job, i, gen))
+        width = max(len(r.job.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            p = row.job.prompt_ids
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        next_ids = self._choose(rows, out.logits[:, -1, :])
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.next_ids = rows, out.past_key_values, mask, next_ids
+        else:
+            self._merge(rows, out.past_key_values, mask, next_ids)
+
+    def _merge(self, rows: list[Row], cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Append new rows to the running batch, left-padding whichever cache is shorter."""
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        width = max(t_old, t_new)
+        for old_layer, new_layer in zip(self.cache.layers, cache.layers):
+            for name in ("keys", "values"):
+                a, b = getattr(old_layer, name), getattr(new_layer, name)  # (B, H, T, D)
+                a = torch.nn.functional.pad(a, (0, 0, width - t_old, 0))
+                b = torch.nn.functional.pad(b, (0, 0, width - t_new, 0))
+                setattr(old_layer, name, torch.cat([a, b], dim=0))
+        self.mask = torch.cat([
+            torch.nn.functional.pad(self.mask, (width - t_old, 0)),
+            torch.nn.functional.pad(mask, (width - t_new, 0)),
+        ], dim=0)
+        self.next_ids = torch.cat([self.next_ids, next_ids])
+        self.rows = self.rows + rows
+
+    def _prune(self) -> None:
+        """Drop finished rows from the batch, then cache columns no remaining row uses."""
+        keep = [b for b, r in enumerate(self.rows) if r.finish_reason is None]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.lm.device)
+        self.cache.batch_select_indices(idx)
+        self.rows = [self.rows[b] for b in keep]
+        self.mask = self.mask[idx]
+        self.next_ids = self.next_ids[idx]
+        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # all-pad left columns
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, unused:, :]
+                layer.values = layer.values[:, :, unused:, :]
+
+    # ---- sampling and emission ----------------------------------------------------------
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> torch.Tensor:
+        """Sample the next token of every row from its own processed distribution. logits (B, V)."""
+        dev = logits.device
+        logits = logits.float()
+        params = [r.job.params for r in rows]
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros_like(logits)
+            for b, p in enumerate(params):
+                for tok, value in p.logit_bias:
+                    bias[b, tok] = value
+            logits = logits + bias
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            counts = torch.zeros_like(logits)
+            for b, r in enumerate(rows):
+                if r.out_ids:
+                    counts[b].index_add_(0, torch.tensor(r.out_ids, device=dev), torch.ones(len(r.out_ids), device=dev))
+            logits = apply_penalties(
+                logits, counts,
+                torch.tensor([p.presence_penalty for p in params], device=dev),
+                torch.tensor([p.frequency_penalty for p in params], device=dev),
+            )
+        temperature = torch.tensor([p.temperature for p in params], device=dev)
+        top_p = torch.tensor([p.top_p for p in params], device=dev)
+        logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
+        chosen = sample_rows(logprobs, temperature, [r.generator for r in rows])  # (B,)
+        k = max((p.top_logprobs or 0) for p in params)
+        top_vals = top_ids = None
+        if k:
+            top_vals, top_ids = logprobs.topk(k, dim=-1)
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        chosen_list = chosen.tolist()
+        for b, row in enumerate(rows):
+            entry = None
+            if row.job.params.top_logprobs is not None:
+                kk = row.job.params.top_logprobs
+                entry = self._entry(chosen_list[b], chosen_lp[b])
+                entry["top_logprobs"] = [self._entry(t, v) for t, v in zip(top_ids[b][:kk], top_vals[b][:kk])] if kk else []
+            self._advance(row, chosen_list[b], entry)
+        return chosen
+
+    def _entry(self, token: int, logprob: float) -> dict:
+        return {
+            "token": self._token_text[token],
+            "logprob": max(logprob, LOGPROB_FLOOR),
+            "bytes": list(self._token_bytes[token]),
+        }
+
+    def _advance(self, row: Row, token: int, entry: dict | None) -> None:
+        job, params = row.job, row.job.params
+        if job.cancelled.is_set():
+            row.finish_reason = "cancelled"
+            return
+        row.out_ids.append(token)
+        job.completion_tokens += 1
+        if token in self.lm.eos_token_ids:
+            return self._finish(row, "stop")
+        start = len(row.text)
+        if token not in self._special:
+            row.text += row.decoder.decode(self._token_bytes[token])
+        if entry is not None:
+            row.entries.append((start, len(row.text), entry))
+        for s in params.stop:
+            cut = row.text.find(s, max(0, start - len(s) + 1))
+            if cut >= 0:
+                row.text = row.text[:cut]
+                return self._finish(row, "stop", flush=False)
+        if len(row.out_ids) >= params.max_new_tokens:
+            return self._finish(row, "length")
+        self._emit(row, len(row.text) - row.stop_holdback())
+
+    def _emit(self, row: Row, upto: int) -> None:
+        """Send text up to character ``upto`` and the logprob entries of the tokens it covers."""
+        new_entries = []
+        while row.sent_entries < len(row.entries):
+            start, end, entry = row.entries[row.sent_entries]
+            if not (start < upto or end <= upto):
+                break
+            new_entries.append(entry)
+            row.sent_entries += 1
+        if upto > row.emitted or new_entries:
+            row.job.sink(Event("delta", index=row.index, text=row.text[row.emitted:upto], logprobs=new_entries))
+            row.emitted = max(row.emitted, upto)
+
+    def _finish(self, row: Row, reason: str, *, flush: bool = True) -> None:
+        if flush:  # a token that ended mid-character becomes U+FFFD, as in any UTF-8 decoder
+            row.text += row.decoder.decode(b"", final=True)
+        row.finish_reason = reason
+        self._emit(row, len(row.text))
+        job = row.job
+        job.sink(Event("finish", index=row.index, finish_reason=reason))
+        job.remaining -= 1
+        if job.remaining == 0:
+            prompt = len(job.prompt_ids)
+            job.sink(Event("done", usage={
+                "prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
+                "total_tokens": prompt + job.completion_tokens,
+            }))

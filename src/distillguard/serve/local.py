@@ -1,0 +1,144 @@
+"""Local backend: a transformers model behind the continuous-batching :class:`Engine`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+from distillguard.errors import ContextLengthExceeded, InvalidRequestError, NotFoundError
+from distillguard.models import LoadedModel
+from distillguard.serve.backend import completion_id, now
+from distillguard.serve.config import ServeConfig
+from distillguard.serve.engine import Engine, Event, GenParams, Job
+from distillguard.serve.schemas import ChatCompletionRequest
+
+
+class LocalBackend:
+    def __init__(self, lm: LoadedModel, config: ServeConfig):
+        self.lm = lm
+        self.config = config
+        self.model_id = config.model_id
+        self.fingerprint = "fp_" + hashlib.sha256(lm.spec.encode()).hexdigest()[:10]
+        self.engine = Engine(lm, max_batch_rows=config.max_batch_rows, batch_wait_s=config.batch_wait_ms / 1000)
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.stop)
+
+    async def model_ids(self) -> list[str]:
+        return [self.model_id]
+
+    # ---- request preparation ----------------------------------------------------------
+    def _job(self, req: ChatCompletionRequest) -> tuple[Job, asyncio.Queue]:
+        if req.model != self.model_id:
+            raise NotFoundError(
+                f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
+                param="model", code="model_not_found")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            prompt_ids = self.lm.chat_ids(messages)
+        except Exception as exc:  # jinja2 raises TemplateError subclasses for messages a template rejects
+            raise InvalidRequestError(
+                f"the model's chat template rejected these messages: {exc}", param="messages",
+                code="invalid_value") from None
+        ctx = self.lm.context_length
+        max_new = req.requested_max_tokens
+        if max_new is None:
+            max_new = max(1, min(self.config.default_max_tokens, ctx - len(prompt_ids)))
+        if len(prompt_ids) + max_new > ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(prompt_ids) + max_new} tokens ({len(prompt_ids)} in the messages, {max_new} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                param="messages" if len(prompt_ids) >= ctx else "max_tokens")
+        bias = []
+        for key, value in (req.logit_bias or {}).items():
+            if int(key) >= self.lm.vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias token id {key} is outside the vocabulary (size {self.lm.vocab_size})",
+                    param="logit_bias", code="invalid_value")
+            bias.append((int(key), value))
+        params = GenParams(
+            max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+            stop=tuple(req.stop_list), seed=req.seed,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            logit_bias=tuple(bias),
+        )
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        job = Job(prompt_ids=prompt_ids, params=params, n=req.n,
+                  sink=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        return job, events
+
+    # ---- responses --------------------------------------------------------------------
+    async def complete(self, req: ChatCompletionRequest) -> dict:
+        job, events = self._job(req)
+        texts = [""] * req.n
+        entries: list[list[dict]] = [[] for _ in range(req.n)]
+        reasons: list[str | None] = [None] * req.n
+        self.engine.submit(job)
+        try:
+            while True:
+                ev = await events.get()
+                if ev.kind == "delta":
+                    texts[ev.index] += ev.text
+                    entries[ev.index].extend(ev.logprobs)
+                elif ev.kind == "finish":
+                    reasons[ev.index] = ev.finish_reason
+                elif ev.kind == "error":
+                    raise ev.error
+                elif ev.kind == "done":
+                    usage = ev.usage
+                    break
+        finally:
+            job.cancelled.set()  # no-op when finished; stops generation if the client went away
+        return {
+            "id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_id,
+            "system_fingerprint": self.fingerprint,
+            "choices": [{
+                "index": i,
+                "message": {"role": "assistant", "content": texts[i], "refusal": None},
+                "logprobs": {"content": entries[i], "refusal": None} if req.logprobs else None,
+                "finish_reason": reasons[i],
+            } for i in range(req.n)],
+            "usage": usage,
+        }
+
+    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        job, events = self._job(req)  # raises before anything is streamed
+        self.engine.submit(job)
+        return self._chunks(req, job, events)
+
+    async def _chunks(self, req: ChatCompletionRequest, job: Job, events: asyncio.Queue) -> AsyncIterator[dict]:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": completion_id(), "object": "chat.completion.chunk", "created": now(),
+                "model": self.model_id, "system_fingerprint": self.fingerprint}
+        if include_usage:
+            base["usage"] = None
+
+        def chunk(index: int, delta: dict, logprobs=None, finish=None) -> dict:
+            lp = {"content": logprobs, "refusal": None} if req.logprobs and logprobs is not None else None
+            return {**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+
+        try:
+            for i in range(req.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            while True:
+                ev = await events.get()
+                if ev.kind == "delta":
+                    yield chunk(ev.index, {"content": ev.text}, ev.logprobs)
+                elif ev.kind == "finish":
+                    yield chunk(ev.index, {}, None, ev.finish_reason)
+                elif ev.kind == "error":
+                    raise ev.error
+                elif ev.kind == "done":
+                    if include_usage:
+                        yield {**base, "choices": [], "usage": ev.usage}
+                    return
+        finally:
+            job.cancelled.set()

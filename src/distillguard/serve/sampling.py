@@ -1,0 +1,64 @@
+"""Per-row sampling math for a batch whose rows each carry their own parameters.
+
+transformers' ``LogitsProcessor``s take one scalar per batch (one temperature, one top-p);
+a server batching unrelated requests needs a value per row, hence these small functions.
+All take ``logits`` of shape (B, V) and per-row parameter tensors of shape (B,).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties: ``l - f·count - p·[count>0]``; counts (B, V)."""
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; rows with temperature 0 (greedy) are left as they are."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / t[:, None]
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus filtering per row: keep the smallest set of tokens whose mass reaches ``top_p``.
+
+    A token is dropped when the mass of the tokens ranked strictly above it already reaches
+    ``top_p``; the top token is always kept. Rows with ``top_p >= 1`` are untouched.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # (B, V) mass of tokens ranked above each
+    drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the distribution each row actually samples from, (B, V).
+
+    Greedy rows (temperature 0) report the untempered distribution, whose argmax they take.
+    """
+    scaled = apply_temperature(logits.float(), temperature)
+    sampled = temperature > 0
+    if bool(sampled.any()):
+        filtered = apply_top_p(scaled, top_p)
+        scaled = torch.where(sampled[:, None], filtered, scaled)
+    return scaled.log_softmax(dim=-1)
+
+
+def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor,
+                generators: list[torch.Generator]) -> torch.Tensor:
+    """Draw one token per row, each row from its own generator (so a seed fixes that row alone)."""
+    greedy = logprobs.argmax(dim=-1)  # (B,)
+    probs = logprobs.exp()
+    out = greedy.clone()
+    for i, gen in enumerate(generators):
+        if float(temperature[i]) > 0:
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+    return out

@@ -1,0 +1,160 @@
+"""Request schema of ``POST /v1/chat/completions`` and its validation into OpenAI-shaped errors.
+
+Strict on purpose: unknown fields, wrong JSON types (``"5"`` for an int, ``1`` for a bool) and
+out-of-range values are rejected with the offending ``param`` named, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distillguard.errors import InvalidRequestError
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 16
+MAX_STOP = 4
+
+# OpenAI parameters this server understands but does not implement: named in the error.
+UNSUPPORTED = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
+    "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "service_tier",
+    "store", "metadata",
+})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    model: Annotated[str, Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(ge=0, le=1)] = 1.0
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return [s for s in stops if s]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check(self) -> None:
+        """Cross-field rules pydantic's per-field validation cannot express."""
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs requires logprobs=true", param="top_logprobs", code="invalid_value")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "stream_options is only allowed when stream=true", param="stream_options", code="invalid_value")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise InvalidRequestError(
+                "max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
+                param="max_tokens", code="invalid_value")
+        for key in self.logit_bias or {}:
+            if not key.isdigit():
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias", code="invalid_value")
+        if isinstance(self.stop, list) and any(not s for s in self.stop):
+            raise InvalidRequestError("stop sequences must be non-empty", param="stop", code="invalid_value")
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a raw request body; every failure becomes an :class:`InvalidRequestError`."""
+    try:
+        req = ChatCompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_to_api_error(exc) from None
+    req.check()
+    return req
+
+
+def _param(loc: tuple) -> str | None:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("str", "list[TextPart]", "list[str]", "int", "float", "bool", "StreamOptions"):
+            continue  # pydantic's union-branch markers, not part of the parameter's path
+        elif isinstance(item, str) and (item.startswith(("function-", "constrained-")) or "[" in item):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or None
+
+
+def validation_to_api_error(exc: ValidationError) -> InvalidRequestError:
+    errors = exc.errors(include_url=False)
+    # A union reports one error per branch. The informative one is the branch whose type
+    # matched but whose value did not (a 5-item ``stop`` list is "too long", not "not a
+    # string"), and among those the deepest: prefer value errors, then longer locations.
+    err = sorted(errors, key=lambda e: (e["type"].endswith("_type"), -len(e.get("loc", ()))))[0]
+    kind = err["type"]
+    loc = tuple(err.get("loc", ()))
+    param = _param(loc)
+    if kind == "json_invalid":
+        return InvalidRequestError(
+            f"the request body is not valid JSON: {err.get('msg', '')}", param=None, code="invalid_json")
+    if kind in ("model_type", "model_attributes_type") and not loc:
+        return InvalidRequestError("the request body must be a JSON object", param=None, code="invalid_json")
+    if kind == "extra_forbidden":
+        name = str(loc[-1]) if loc else "?"
+        if len(loc) == 1 and name in UNSUPPORTED:
+            return InvalidRequestError(
+                f"parameter {name!r} is not supported by this server", param=name, code="unsupported_parameter")
+        return InvalidRequestError(
+            f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return InvalidRequestError(
+            f"Missing required parameter: {param!r}", param=param, code="missing_required_parameter")
+    if kind in ("too_short",) and param == "messages":
+        return InvalidRequestError("messages must contain at least one message", param=param, code="invalid_value")
+    if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid", "enum"):
+        return InvalidRequestError(
+            f"Invalid type for {param!r}: {err['msg']} (got {_short(err.get('input'))})",
+            param=param, code="invalid_type")
+    return InvalidRequestError(
+        f"Invalid value for {param!r}: {err['msg']} (got {_short(err.get('input'))})", param=param, code="invalid_value")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
