@@ -1,0 +1,269 @@
+"""Generated tokens/s of the local backend: 1 client vs N concurrent clients, side by side.
+
+Starts one ``distillguard serve`` subprocess on a free loopback port (or uses ``--base-url``),
+waits for ``/healthz``, warms it up, then alternates a 1-client phase and an N-client phase
+against the same server for ``--rounds`` rounds. Clients are closed-loop (each sends its next
+request as soon as the previous answer arrives), send chat completions with varied prompts and
+per-client sampling parameters, and count ``usage.completion_tokens``.
+
+A phase issues requests for ``--duration`` seconds, then waits for the requests in flight; its
+rate is all completion tokens of the requests it issued divided by the time from its start to
+its last answer. Absolute rates on a shared machine are noisy; the ratio of phases run side by
+side is the number to quote.
+
+    python bench/serve_throughput.py                      # smollm2, 1 vs 16 clients, ~3 minutes
+    python bench/serve_throughput.py --duration 10 --rounds 1
+
+Progress goes to stderr, one JSON object to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+# Varied, realistic user questions (short and long, factual, creative, code, advice).
+PROMPTS = [
+    "What is the capital of Australia, and why isn't it Sydney?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Write a haiku about a rainy Monday morning.",
+    "How do I reverse a list in Python without modifying the original?",
+    "What are three tips for sleeping better?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "Why is the sky blue?",
+    "Give me a simple recipe for pancakes.",
+    "What is the difference between a virus and a bacterium?",
+    "Suggest a name for a small bakery that specialises in sourdough bread.",
+    "How does compound interest work? Give an example with numbers.",
+    "Translate 'Where is the train station?' into French and Spanish.",
+    "What should I pack for a three-day hiking trip in the mountains?",
+    "Write a short, polite email asking my manager for a day off next Friday.",
+    "Explain what a hash table is and when I would use one.",
+    "Is it healthy to drink coffee every day?",
+    "What causes the seasons on Earth?",
+    "List five fun things to do in Paris on a budget.",
+    "How can I make my resume stand out when applying for a software engineering job?",
+    "What is the Pythagorean theorem? Show a worked example.",
+    "Tell me a short story about a robot who learns to paint.",
+    "What are the main differences between SQL and NoSQL databases?",
+    "How do vaccines train the immune system?",
+    "My houseplant's leaves are turning yellow. What could be wrong?",
+    "Write a limerick about a cat who loves cheese.",
+    "Explain the difference between weather and climate.",
+    "What is a good way to start learning to play the guitar as an adult?",
+    "In JavaScript, what is the difference between let, const and var?",
+    "Why do we have leap years?",
+    "I have chicken, rice, spinach and garlic. What can I cook for dinner tonight?",
+    "Describe the water cycle step by step.",
+    "What are some strategies for staying focused while working from home? "
+    "I get distracted easily by my phone and by household chores, and my desk is in the living room.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client_params(client: int, request: int, max_tokens: int, model: str) -> dict:
+    """Sampling parameters of one client (its temperature, top_p and seed stream) and its next prompt."""
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPTS[(client * 7 + request) % len(PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "temperature": round(0.7 + 0.3 * ((client * 5) % 16) / 15, 3),
+        "top_p": (0.9, 0.95, 1.0)[client % 3],
+        "seed": 1000 * client + request,
+    }
+
+
+async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_tokens: int,
+                    model: str, progress: Progress, label: str, req_offset: int) -> dict:
+    tokens: list[int] = []
+    latencies: list[float] = []
+    task = progress.add_task(label, total=duration, tok="0 tok")
+    start = time.perf_counter()
+    deadline = start + duration
+    last_done = start
+
+    async def client(c: int) -> None:
+        nonlocal last_done
+        r = req_offset
+        while time.perf_counter() < deadline:
+            body = client_params(c, r, max_tokens, model)
+            t0 = time.perf_counter()
+            resp = await http.post("/v1/chat/completions", json=body)
+            resp.raise_for_status()
+            t1 = time.perf_counter()
+            tokens.append(resp.json()["usage"]["completion_tokens"])
+            latencies.append(t1 - t0)
+            last_done = max(last_done, t1)
+            r += 1
+
+    async def ticker() -> None:
+        while True:
+            now = time.perf_counter()
+            progress.update(task, completed=min(now - start, duration),
+                            tok=f"{sum(tokens)} tok, {len(tokens)} req" + (" (draining)" if now > deadline else ""))
+            await asyncio.sleep(0.25)
+
+    tick = asyncio.create_task(ticker())
+    try:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+    finally:
+        tick.cancel()
+    elapsed = last_done - start
+    total = sum(tokens)
+    progress.update(task, completed=duration, tok=f"{total} tok, {len(tokens)} req, {total / elapsed:.1f} tok/s")
+    return {
+        "clients": clients,
+        "requests": len(tokens),
+        "completion_tokens": total,
+        "elapsed_s": round(elapsed, 2),
+        "tokens_per_s": round(total / elapsed, 2),
+        "latency_p50_s": round(statistics.median(latencies), 2),
+        "mean_completion_tokens": round(total / len(tokens), 1),
+    }
+
+
+def start_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", args.model,
+           "--host", "127.0.0.1", "--port", str(port), "--max-batch-rows", str(args.max_batch_rows)]
+    log = open(log_path, "wb")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float, log_path: str | None) -> float:
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
+        with console.status("waiting for the server's /healthz (first model load takes ~40 s) ..."):
+            while time.perf_counter() - t0 < timeout:
+                if proc is not None and proc.poll() is not None:
+                    tail = open(log_path, errors="replace").read()[-3000:] if log_path else ""
+                    raise SystemExit(f"server exited with code {proc.returncode}:\n{tail}")
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        return time.perf_counter() - t0
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.5)
+    raise SystemExit(f"server not healthy after {timeout:.0f} s")
+
+
+async def bench(args: argparse.Namespace, base_url: str) -> dict:
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+        with console.status("warming up (one request, then a batch) ..."):
+            warm = {**client_params(0, 0, 8, args.model)}
+            (await http.post("/v1/chat/completions", json=warm)).raise_for_status()
+            rs = await asyncio.gather(*(http.post("/v1/chat/completions", json=client_params(c, 0, 8, args.model))
+                                        for c in range(args.clients)))
+            for r in rs:
+                r.raise_for_status()
+        phases = []
+        with Progress(TextColumn("{task.description:<22}"), BarColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[tok]}"), console=console) as progress:
+            for rnd in range(args.rounds):
+                order = (1, args.clients) if rnd % 2 == 0 else (args.clients, 1)  # ABBA: no order bias
+                for n in order:
+                    label = f"round {rnd + 1}: {n} client{'s' if n > 1 else ''}"
+                    res = await run_phase(http, n, args.duration, args.max_tokens, args.model, progress,
+                                          label, req_offset=100 * rnd)
+                    phases.append({"round": rnd + 1, **res})
+    return phases
+
+
+def summarise(phases: list[dict], clients: int) -> dict:
+    def pooled(n: int) -> float:
+        sel = [p for p in phases if p["clients"] == n]
+        return sum(p["completion_tokens"] for p in sel) / sum(p["elapsed_s"] for p in sel)
+
+    single, multi = pooled(1), pooled(clients)
+    per_round = []
+    for rnd in sorted({p["round"] for p in phases}):
+        a = next(p for p in phases if p["round"] == rnd and p["clients"] == 1)
+        b = next(p for p in phases if p["round"] == rnd and p["clients"] == clients)
+        per_round.append(round(b["tokens_per_s"] / a["tokens_per_s"], 2))
+    return {
+        "tokens_per_s_1_client": round(single, 2),
+        f"tokens_per_s_{clients}_clients": round(multi, 2),
+        "ratio": round(multi / single, 2),
+        "ratio_per_round": per_round,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2", help="model spec passed to `distillguard serve --model`")
+    ap.add_argument("--duration", type=float, default=25.0, help="seconds each phase issues requests")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
+    ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the second phase")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of (1 client, N clients), alternating order")
+    ap.add_argument("--max-batch-rows", type=int, default=16, help="server's --max-batch-rows")
+    ap.add_argument("--base-url", default=None, help="bench an already running server instead of starting one")
+    ap.add_argument("--startup-timeout", type=float, default=300.0)
+    args = ap.parse_args()
+
+    proc = None
+    log_path = None
+    if args.base_url:
+        base_url = args.base_url.rstrip("/")
+    else:
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        with tempfile.NamedTemporaryFile(prefix="distillguard-serve-", suffix=".log", delete=False) as f:
+            log_path = f.name
+        proc = start_server(args, port, log_path)
+    try:
+        startup = asyncio.run(wait_healthy(base_url, proc, args.startup_timeout, log_path))
+        console.print(f"server ready after {startup:.1f} s at {base_url}")
+        t0 = time.perf_counter()
+        phases = asyncio.run(bench(args, base_url))
+        wall = time.perf_counter() - t0
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if log_path:
+                os.unlink(log_path)
+    result = {
+        "bench": "serve_throughput",
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "clients": args.clients,
+        "max_batch_rows": args.max_batch_rows,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        **summarise(phases, args.clients),
+        "phases": phases,
+        "server_startup_s": round(startup, 1),
+        "bench_wall_s": round(wall, 1),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
