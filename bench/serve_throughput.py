@@ -6,9 +6,10 @@ against the same server for ``--rounds`` rounds. Clients are closed-loop (each s
 request as soon as the previous answer arrives), send chat completions with varied prompts and
 per-client sampling parameters, and count ``usage.completion_tokens``.
 
-A phase issues requests for ``--duration`` seconds, then waits for the requests in flight; its
-rate is all completion tokens of the requests it issued divided by the time from its start to
-its last answer. Absolute rates on a shared machine are noisy; the ratio of phases run side by
+Requests stream (``stream_options.include_usage``). A phase lasts ``--duration`` seconds; its
+rate is the completion tokens generated within it (``usage`` of the requests that finished,
+plus the tokens streamed so far by those cut off at the end, which the server then cancels)
+divided by its length, so a batch draining at the end does not skew the comparison. Absolute rates on a shared machine are noisy; the ratio of phases run side by
 side is the number to quote.
 
     python bench/serve_throughput.py                      # smollm2, 1 vs 16 clients, ~3 minutes
@@ -96,56 +97,83 @@ def client_params(client: int, request: int, max_tokens: int, model: str) -> dic
 
 async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_tokens: int,
                     model: str, progress: Progress, label: str, req_offset: int) -> dict:
-    tokens: list[int] = []
+    """``clients`` closed-loop streaming clients for ``duration`` seconds; requests still running
+    at the end are cut off (the server cancels them) and credited with the tokens they streamed."""
+    tokens = 0  # completion tokens generated within the phase
+    done: list[int] = []  # completion tokens of the requests that finished
     latencies: list[float] = []
+    ttfts: list[float] = []
+    cut = 0
     task = progress.add_task(label, total=duration, tok="0 tok")
-    start = time.perf_counter()
-    deadline = start + duration
-    last_done = start
 
     async def client(c: int) -> None:
-        nonlocal last_done
+        nonlocal tokens, cut
         r = req_offset
-        while time.perf_counter() < deadline:
-            body = client_params(c, r, max_tokens, model)
+        while True:
+            body = {**client_params(c, r, max_tokens, model), "stream": True,
+                    "stream_options": {"include_usage": True}}
             t0 = time.perf_counter()
-            resp = await http.post("/v1/chat/completions", json=body)
-            resp.raise_for_status()
-            t1 = time.perf_counter()
-            tokens.append(resp.json()["usage"]["completion_tokens"])
-            latencies.append(t1 - t0)
-            last_done = max(last_done, t1)
+            streamed = 0
+            usage = None
+            try:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            raise RuntimeError(f"server error: {chunk['error']}")
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                        for ch in chunk.get("choices") or ():
+                            if ch["delta"].get("content"):
+                                if not streamed:
+                                    ttfts.append(time.perf_counter() - t0)
+                                streamed += 1  # one delta per token here (no stop strings)
+            finally:
+                if usage is not None:
+                    tokens += usage["completion_tokens"]
+                    done.append(usage["completion_tokens"])
+                    latencies.append(time.perf_counter() - t0)
+                else:  # cut off at the end of the phase
+                    tokens += streamed
+                    cut += 1
             r += 1
 
-    async def ticker() -> None:
-        while True:
-            now = time.perf_counter()
-            progress.update(task, completed=min(now - start, duration),
-                            tok=f"{sum(tokens)} tok, {len(tokens)} req" + (" (draining)" if now > deadline else ""))
-            await asyncio.sleep(0.25)
-
-    tick = asyncio.create_task(ticker())
-    try:
-        await asyncio.gather(*(client(c) for c in range(clients)))
-    finally:
-        tick.cancel()
-    elapsed = last_done - start
-    total = sum(tokens)
-    progress.update(task, completed=duration, tok=f"{total} tok, {len(tokens)} req, {total / elapsed:.1f} tok/s")
+    start = time.perf_counter()
+    tasks = [asyncio.create_task(client(c)) for c in range(clients)]
+    while (now := time.perf_counter()) < start + duration:
+        failed = [t for t in tasks if t.done()]
+        if failed:
+            for t in tasks:
+                t.cancel()
+            failed[0].result()  # raises the client's error
+        progress.update(task, completed=now - start, tok=f"{tokens} tok, {len(done)} req")
+        await asyncio.sleep(min(0.25, start + duration - now))
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    rate = tokens / elapsed
+    progress.update(task, completed=duration, tok=f"{tokens} tok, {len(done)} req, {rate:.1f} tok/s")
     return {
         "clients": clients,
-        "requests": len(tokens),
-        "completion_tokens": total,
+        "completed_requests": len(done),
+        "cut_off_requests": cut,
+        "completion_tokens": tokens,
         "elapsed_s": round(elapsed, 2),
-        "tokens_per_s": round(total / elapsed, 2),
-        "latency_p50_s": round(statistics.median(latencies), 2),
-        "mean_completion_tokens": round(total / len(tokens), 1),
+        "tokens_per_s": round(rate, 2),
+        "latency_p50_s": round(statistics.median(latencies), 2) if latencies else None,
+        "ttft_p50_s": round(statistics.median(ttfts), 2) if ttfts else None,
+        "mean_completion_tokens": round(sum(done) / len(done), 1) if done else None,
     }
 
 
 def start_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", args.model,
-           "--host", "127.0.0.1", "--port", str(port), "--max-batch-rows", str(args.max_batch_rows)]
+           "--host", "127.0.0.1", "--port", str(port), "--max-batch-rows", str(args.max_batch_rows),
+           "--no-guard"]  # the local backend alone: no API keys, limits or ledger
     log = open(log_path, "wb")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -187,6 +215,7 @@ async def bench(args: argparse.Namespace, base_url: str) -> dict:
                     res = await run_phase(http, n, args.duration, args.max_tokens, args.model, progress,
                                           label, req_offset=100 * rnd)
                     phases.append({"round": rnd + 1, **res})
+                    await asyncio.sleep(1.0)  # let the server drop the cancelled rows
     return phases
 
 

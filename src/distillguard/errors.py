@@ -10,6 +10,7 @@
         │   └── ContextLengthExceeded 400 code=context_length_exceeded
         ├── NotFoundError             404 (e.g. model_not_found)
         ├── PayloadTooLarge           413
+        ├── RateLimited               429 type=requests|tokens, code=rate_limit_exceeded, Retry-After
         ├── UpstreamError             502 the upstream server failed or is unreachable
         └── UpstreamTimeout           504 the upstream server did not answer in time
 
@@ -78,6 +79,25 @@ class NotFoundError(APIError):
 class PayloadTooLarge(APIError):
     status_code = 413
     type = "invalid_request_error"
+
+
+class RateLimited(APIError):
+    """429: a rate limit or quota of an API key is exhausted; retry after ``retry_after`` s.
+
+    OpenAI's shape: ``type`` says which resource ran out ("requests" or "tokens"), ``code`` is
+    "rate_limit_exceeded". ``limit`` names the limit ("rpm", "tpm", "concurrency",
+    "daily_tokens"); ``headers`` are the HTTP headers the boundary should send with it.
+    """
+
+    status_code = 429
+    type = "requests"
+
+    def __init__(self, message: str, *, limit: str, kind: str, retry_after: int):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.limit = limit
+        self.type = kind
+        self.retry_after = max(1, int(retry_after))
+        self.headers = {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamError(APIError):

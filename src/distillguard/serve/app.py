@@ -6,19 +6,25 @@ Every error leaves as ``{"error": {"message", "type", "param", "code"}}``; disti
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
 from distillguard.serve.backend import Backend, now
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest, parse_chat_request
+
+if TYPE_CHECKING:
+    from distillguard.guard.gateway import Guard, NullGuard
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +68,21 @@ class BodyLimitMiddleware:
                                code="request_too_large")
 
 
-def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
+def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard | None = None) -> FastAPI:
+    """The API app. ``guard`` (keys, limits, ledger, metrics) defaults to none at all."""
+    from distillguard.guard.gateway import NullGuard, RequestLog
+
+    guard = guard if guard is not None else NullGuard()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await guard.start()
         await backend.start()
         try:
             yield
         finally:
             await backend.close()
+            await guard.close()
 
     app = FastAPI(title="distillguard", version="0.1.0", lifespan=lifespan)
     app.state.backend = backend
@@ -79,6 +92,15 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(exc)
+
+    if guard.metrics is not None:
+        from distillguard.guard.admin import admin_router
+
+        app.include_router(admin_router(guard))
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(guard.metrics.render(), media_type=guard.metrics.content_type)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -115,21 +137,69 @@ def create_app(backend: Backend, config: ServeConfig) -> FastAPI:
             ref_template="#/components/schemas/{model}")}},
     }})
     async def chat_completions(request: Request):
-        req = parse_chat_request(await request.body())
+        log = RequestLog(client_ip=request.client.host if request.client else None)
+        lease = None
+        try:
+            log.key = await guard.authenticate(request)
+            raw = await request.body()
+            log.set_body(raw)
+            req = parse_chat_request(raw)
+            lease = await guard.admit(log.key, backend.budget(req))
+            if req.stream:
+                chunks = await backend.stream(req)
+            else:
+                response = await backend.complete(req)
+                log.add_response(response)
+        except APIError as exc:
+            log.fail(exc)
+            await guard.settle(lease, log.total_tokens)
+            await guard.finish(log)
+            raise
+        except asyncio.CancelledError:
+            log.status, log.error_code = 499, "client_closed"
+            guard.abandon(log)
+            raise
         if not req.stream:
-            return JSONResponse(await backend.complete(req))
-        chunks = await backend.stream(req)
-        return StreamingResponse(sse(chunks), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await guard.settle(lease, log.total_tokens)
+            await guard.finish(log)  # the ledger row is committed before the response leaves
+            return JSONResponse(response)
+        return StreamingResponse(
+            sse(chunks, req, log, lease, guard), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
 
-async def sse(chunks):
-    """Server-sent events in OpenAI's framing; an error after the headers becomes an error event."""
+async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):
+    """Server-sent events in OpenAI's framing, ending with ``[DONE]`` once the ledger has the row.
+
+    Backends always end with a usage chunk (the ledger and the token limits need it); it is
+    passed on only when the client asked with ``stream_options.include_usage``. An error after
+    the headers went out becomes an error event.
+    """
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    finished = False
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-    except APIError as exc:
-        yield f"data: {json.dumps(exc.to_dict())}\n\n"
-    yield "data: [DONE]\n\n"
+        error = None
+        try:
+            async for chunk in chunks:
+                log.add_chunk(chunk)
+                if not chunk.get("choices") and chunk.get("usage") is not None and not include_usage:
+                    continue
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except APIError as exc:
+            log.fail(exc)
+            error = exc
+        await guard.settle(lease, log.total_tokens)
+        lease = None
+        finished = True
+        await guard.finish(log)
+        if error is not None:
+            yield f"data: {json.dumps(error.to_dict())}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away mid-stream
+            log.status, log.error_code = 499, "client_closed"
+            guard.abandon(log)
+            if lease is not None:
+                asyncio.ensure_future(guard.settle(lease, log.total_tokens))

@@ -14,6 +14,7 @@ real tokens in its last ``mask[b].sum()`` positions.
 from __future__ import annotations
 
 import codecs
+import inspect
 import logging
 import queue
 import threading
@@ -107,6 +108,10 @@ class Engine:
         self._token_text = [b.decode("utf-8", errors="replace") for b in self._token_bytes]
         self._special = set(lm.tokenizer.all_special_ids)
         self._pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        # transformers 5 renamed the KV-cache argument and output field ``past_key_values`` to
+        # ``cache`` (the old name warns, and goes in 5.40); older releases only know the old name.
+        params = inspect.signature(lm.model.forward).parameters
+        self._cache_key = "cache" if "cache" in params else "past_key_values"
         self._reset()
 
     # ---- public API -------------------------------------------------------------------
@@ -170,7 +175,14 @@ class Engine:
             admitted.append(job)
             free -= job.n
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception as exc:
+                # These jobs are in no row yet, so _loop's handler cannot reach them: tell them
+                # here, or their clients wait forever.
+                for job in admitted:
+                    job.sink(Event("error", error=exc))
+                raise
         self._prune()
 
     def _decode(self) -> None:
@@ -180,9 +192,9 @@ class Engine:
         positions = (self.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
         out = self.lm.model(
             input_ids=self.next_ids[:, None], attention_mask=self.mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
+            use_cache=True, **{self._cache_key: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = out[self._cache_key]
         self.next_ids = self._choose(self.rows, out.logits[:, -1, :])
 
     def _prefill(self, jobs: list[Job]) -> None:
@@ -209,9 +221,9 @@ class Engine:
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         next_ids = self._choose(rows, out.logits[:, -1, :])
         if not self.rows:
-            self.rows, self.cache, self.mask, self.next_ids = rows, out.past_key_values, mask, next_ids
+            self.rows, self.cache, self.mask, self.next_ids = rows, out[self._cache_key], mask, next_ids
         else:
-            self._merge(rows, out.past_key_values, mask, next_ids)
+            self._merge(rows, out[self._cache_key], mask, next_ids)
 
     def _merge(self, rows: list[Row], cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Append new rows to the running batch, left-padding whichever cache is shorter."""
@@ -313,11 +325,12 @@ class Engine:
             row.text += row.decoder.decode(self._token_bytes[token])
         if entry is not None:
             row.entries.append((start, len(row.text), entry))
-        for s in params.stop:
-            cut = row.text.find(s, max(0, start - len(s) + 1))
-            if cut >= 0:
-                row.text = row.text[:cut]
-                return self._finish(row, "stop", flush=False)
+        # The text ends at the earliest stop string, whichever of them it is: with stops
+        # ["b", "ab"], "xab" becomes "x", not "xa".
+        cuts = [c for s in params.stop if (c := row.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if cuts:
+            row.text = row.text[:min(cuts)]
+            return self._finish(row, "stop", flush=False)
         if len(row.out_ids) >= params.max_new_tokens:
             return self._finish(row, "length")
         self._emit(row, len(row.text) - row.stop_holdback())

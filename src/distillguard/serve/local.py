@@ -31,6 +31,17 @@ class LocalBackend:
     async def model_ids(self) -> list[str]:
         return [self.model_id]
 
+    def budget(self, req: ChatCompletionRequest) -> int:
+        """Most tokens (prompt + all completions) this request can use: what limits reserve."""
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            prompt = len(self.lm.chat_ids(messages))
+        except Exception:  # the template rejects these messages; _job reports it properly
+            prompt = sum(len(m["content"].encode()) for m in messages)
+        max_new = req.requested_max_tokens or self.config.default_max_tokens
+        return prompt + req.n * max_new
+
     # ---- request preparation ----------------------------------------------------------
     def _job(self, req: ChatCompletionRequest) -> tuple[Job, asyncio.Queue]:
         if req.model != self.model_id:
@@ -137,8 +148,9 @@ class LocalBackend:
                 elif ev.kind == "error":
                     raise ev.error
                 elif ev.kind == "done":
-                    if include_usage:
-                        yield {**base, "choices": [], "usage": ev.usage}
+                    # Always sent: the HTTP layer needs usage for the ledger and the token
+                    # limits, and drops this chunk unless the client asked for it.
+                    yield {**base, "choices": [], "usage": ev.usage}
                     return
         finally:
             job.cancelled.set()

@@ -56,8 +56,18 @@ class UpstreamBackend:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return [self.config.served_model_name] if self.config.served_model_name else []
 
+    def budget(self, req: ChatCompletionRequest) -> int:
+        """An upper bound of the tokens this request can use, without the upstream's tokenizer:
+        every token of a byte-level or SentencePiece vocabulary covers at least one byte, and
+        each message adds at most a few template tokens."""
+        prompt = sum(len(m.text().encode()) + 8 for m in req.messages)
+        return prompt + req.n * (req.requested_max_tokens or self.config.default_max_tokens)
+
     def _body(self, req: ChatCompletionRequest) -> dict:
-        return req.model_dump(mode="json", exclude_unset=True)
+        body = req.model_dump(mode="json", exclude_unset=True)
+        if req.stream:  # usage is needed for the ledger and the limits; dropped later if not asked for
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
 
     async def complete(self, req: ChatCompletionRequest) -> dict:
         try:

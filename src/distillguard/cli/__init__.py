@@ -26,15 +26,18 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 console = Console()
 
+DB_HELP = "ledger database: a file path, sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: user data dir)"
+
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log debug messages")) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command()
-def serve(
+def serve(  # noqa: PLR0913 - one option per setting, as users expect of a server command
     model: str = typer.Option("smollm2", "--model", "-m", help="model spec: smollm2 | tiny | HF id | DIR | FILE.gguf"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)"),
@@ -46,18 +49,30 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     max_batch_rows: int = typer.Option(16, help="requests (choices) generated together at most"),
     default_max_tokens: int = typer.Option(1024, help="completion cap for requests that set none"),
+    no_guard: bool = typer.Option(False, "--no-guard", help="no API keys, limits, ledger or metrics"),
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    redis: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_REDIS",
+                                        help="redis://HOST:PORT/0 to share rate limits between replicas"),
+    metrics_account_labels: bool = typer.Option(False, help="label Prometheus series by account (cardinality!)"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
+
+    By default the guard is on: requests need an API key (`distillguard keys create`), limits
+    apply, every request goes to the ledger, /metrics serves Prometheus and /admin the admin
+    API (authorised by DISTILLGUARD_ADMIN_KEY).
 
     Examples:
 
       distillguard serve                          # the embedded SmolLM2-135M-Instruct on :8000
+
+      distillguard serve --db postgresql+psycopg://dg@db/dg --redis redis://cache:6379/0
 
       distillguard serve --model tiny --port 0    # a tiny random model (tests)
 
       distillguard serve --upstream http://gpu-box:8000/v1 --upstream-api-key $KEY
 
     Then: curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json'
+    -H "Authorization: Bearer $KEY"
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}]}'
     """
     import uvicorn
@@ -84,7 +99,14 @@ def serve(
         backend = LocalBackend(lm, config)
         err_console.print(f"[bold]distillguard[/] serving {config.model_id!r} on {lm.device} "
                           f"(context {lm.context_length} tokens)")
-    uvicorn.run(create_app(backend, config), host=host, port=port, log_level="warning",
+    guard = None
+    if not no_guard:
+        from distillguard.guard.gateway import Guard, GuardConfig
+
+        guard = Guard(GuardConfig(db=db, redis=redis, metrics_account_labels=metrics_account_labels))
+        err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
+                          + (f", limits shared in {redis}" if redis else ""))
+    uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=5)
 
 
@@ -94,6 +116,17 @@ def version() -> None:
     from distillguard import __version__
 
     console.print(__version__)
+
+
+def _register_groups() -> None:
+    from distillguard.cli.keys import keys_app
+    from distillguard.cli.ledger import ledger_app
+
+    app.add_typer(keys_app, name="keys")
+    app.add_typer(ledger_app, name="ledger")
+
+
+_register_groups()
 
 
 def main() -> None:

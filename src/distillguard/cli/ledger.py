@@ -1,0 +1,81 @@
+"""``distillguard ledger``: export the ledger as a traffic log, import a traffic log."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from distillguard.cli import DB_HELP, err_console
+from distillguard.errors import ConfigError
+
+ledger_app = typer.Typer(help="Export and import the request ledger (traffic-log JSONL).", no_args_is_help=True)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"--since {value!r} is neither epoch seconds nor an ISO date like 2026-11-28T10:00") from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@ledger_app.command("export")
+def export(
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    since: Optional[str] = typer.Option(None, help="only requests at or after this time (epoch or ISO 8601, UTC)"),
+    account: Optional[str] = typer.Option(None, help="only this account"),
+    out: str = typer.Option("-", "--out", "-o", help="output file (- for stdout)"),
+) -> None:
+    """Write the ledger in the traffic-log format (one JSON request per line).
+
+    Examples:
+
+      distillguard ledger export -o traffic.jsonl
+
+      distillguard ledger export --db postgresql+psycopg://dg@db/dg --since 2026-11-01 -o nov.jsonl
+    """
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.ledger import export_traffic
+
+    engine = make_engine(db)
+    migrate(engine)
+    if out == "-":
+        n = export_traffic(engine, sys.stdout, since=_since(since), account=account)
+    else:
+        with open(out, "w", encoding="utf-8") as fh:
+            n = export_traffic(engine, fh, since=_since(since), account=account)
+    err_console.print(f"exported {n} requests")
+
+
+@ledger_app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="traffic-log JSONL file (- for stdin)"),
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+) -> None:
+    """Load a traffic log into the ledger (idempotent: importing a file twice adds it once).
+
+    Example: distillguard ledger import traffic.jsonl --db ledger.db
+    """
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.ledger import import_traffic
+
+    engine = make_engine(db)
+    migrate(engine)
+    if str(file) == "-":
+        n = import_traffic(engine, sys.stdin, source="<stdin>")
+    else:
+        if not file.is_file():
+            raise ConfigError(f"no such traffic file: {file}")
+        with open(file, encoding="utf-8") as fh:
+            n = import_traffic(engine, fh, source=str(file))
+    err_console.print(f"read {n} requests")

@@ -1,0 +1,1 @@
+"""Guard gateway: API keys, ledger, rate limits and quotas, policies, metrics."""

@@ -1,0 +1,78 @@
+"""The gateway's database schema (SQLAlchemy 2 ORM), shared by SQLite and PostgreSQL.
+
+Changed only through Alembic migrations (``migrations/versions``); ``tests/guard/test_schema.py``
+checks that the migrated database matches these models exactly.
+
+Indexes follow the queries that run against them: the ledger is read per account over time
+(detectors, usage, export ``--since``), per key, and globally by time.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Double, nullable=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), nullable=False, index=True)
+    # sha256 of the secret key; the key itself is shown once at creation and never stored.
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Double, nullable=False)
+    revoked_at: Mapped[float | None] = mapped_column(Double)
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    daily_tokens: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class LedgerRow(Base):
+    """One request through the gateway: who, what they asked, what they got, and what we did."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        Index("ix_requests_account_ts", "account_id", "ts"),
+        Index("ix_requests_key_ts", "key_id", "ts"),
+        Index("ix_requests_ts", "ts"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    ts: Mapped[float] = mapped_column(Double, nullable=False)
+    account_id: Mapped[str | None] = mapped_column(String(128))
+    key_id: Mapped[str | None] = mapped_column(String(32))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(256))
+    request_body: Mapped[dict | None] = mapped_column(JSONType)
+    response_text: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Double)
+    status: Mapped[int] = mapped_column(Integer, nullable=False)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    stream: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    policy_action: Mapped[str | None] = mapped_column(String(64))
+    watermark_key_id: Mapped[str | None] = mapped_column(String(64))
+    # Ground truth carried by imported traffic logs (evaluation only; detectors never read it).
+    label: Mapped[str | None] = mapped_column(String(64))

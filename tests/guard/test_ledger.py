@@ -1,0 +1,116 @@
+"""The ledger writer (group commit, durability before acknowledgement) and traffic export/import."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+from sqlalchemy import func, select
+
+from distillguard.errors import ConfigError
+from distillguard.guard.db import make_engine, migrate
+from distillguard.guard.ledger import Ledger, account_usage, export_traffic, import_traffic
+from distillguard.guard.schema import LedgerRow
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = make_engine(db_url)
+    migrate(engine)
+    yield engine
+    engine.dispose()
+
+
+def _row(i: int, account: str = "acct-1") -> dict:
+    return {"request_id": f"req-{i}", "ts": 1_700_000_000.0 + i, "account_id": account, "key_id": "key_x",
+            "client_ip": "127.0.0.1", "model": "tiny",
+            "request_body": {"model": "tiny", "messages": [{"role": "user", "content": f"q{i} é"}]},
+            "response_text": f"answer {i}", "prompt_tokens": 10 + i, "completion_tokens": 5, "latency_ms": 1.5,
+            "status": 200, "stream": False}
+
+
+def _count(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.count()).select_from(LedgerRow)).scalar_one()
+
+
+def test_rows_are_committed_when_record_returns_and_batched(engine):
+    async def main():
+        ledger = Ledger(engine)
+        ledger.start()
+        await asyncio.gather(*(ledger.record(_row(i)) for i in range(300)))
+        committed = _count(engine)  # read on another connection: already durable
+        await ledger.close()
+        return ledger, committed
+
+    ledger, committed = asyncio.run(main())
+    assert committed == 300
+    assert ledger.rows_written == 300
+    assert ledger.batches < 300  # concurrent rows shared commits (group commit)
+
+
+def test_failed_write_is_reported_not_acknowledged(engine):
+    from distillguard.guard.ledger import LedgerUnavailable
+
+    async def main():
+        ledger = Ledger(engine, retries=1)
+        ledger.start()
+        await ledger.record(_row(1))
+        with pytest.raises(LedgerUnavailable):
+            await ledger.record(_row(1))  # duplicate request_id: the database refuses it
+        await ledger.close()
+
+    asyncio.run(main())
+    assert _count(engine) == 1
+
+
+def test_unknown_columns_are_rejected(engine):
+    async def main():
+        ledger = Ledger(engine)
+        with pytest.raises(ValueError, match="unknown ledger columns"):
+            ledger.submit({**_row(1), "api_key": "dg-secret"})
+
+    asyncio.run(main())
+
+
+def test_export_import_round_trip_is_idempotent(engine, tmp_path):
+    records = [
+        {"ts": 1732800000.25 + i, "account": f"acct-{i % 3}", "ip": "10.1.2.3",
+         "request": {"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 512,
+                     "logprobs": True, "top_logprobs": 5},
+         "response": {"usage": {"prompt_tokens": 31, "completion_tokens": 212}},
+         "label": "benign" if i % 2 else "attack"}
+        for i in range(50)
+    ]
+    lines = [json.dumps(r) + "\n" for r in records]
+    assert import_traffic(engine, lines) == 50
+    assert import_traffic(engine, lines) == 50  # read again ...
+    assert _count(engine) == 50  # ... but stored once
+    out = io.StringIO()
+    assert export_traffic(engine, out) == 50
+    exported = [json.loads(line) for line in out.getvalue().splitlines()]
+    for original, back in zip(records, exported):
+        for key in ("ts", "account", "ip", "request", "label"):
+            assert back[key] == original[key]
+        assert back["response"]["usage"] == original["response"]["usage"]
+    since = io.StringIO()
+    assert export_traffic(engine, since, since=records[40]["ts"]) == 10
+    usage = {u["account"]: u for u in account_usage(engine)}
+    assert usage["acct-0"]["requests"] == 17 and usage["acct-0"]["total_tokens"] == 17 * 243
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"account": "a", "request": {}}', "'ts'"),
+    ('{"ts": 1, "request": {}}', "'account'"),
+    ('{"ts": 1, "account": "a", "request": "hi"}', "'request'"),
+    ('{"ts": true, "account": "a", "request": {}}', "'ts'"),
+])
+def test_bad_traffic_lines_name_the_line(engine, line, fragment):
+    good = json.dumps({"ts": 1, "account": "a", "request": {}})
+    with pytest.raises(ConfigError) as info:
+        import_traffic(engine, [good + "\n", line + "\n"], source="t.jsonl")
+    assert "t.jsonl:2" in str(info.value) and fragment in str(info.value)
