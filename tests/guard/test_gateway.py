@@ -4,9 +4,6 @@ and PostgreSQL, through the real ``openai`` client and raw HTTP on loopback."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import uuid
 
@@ -14,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import serve_process
+from tests.servers import run_cli, serve_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
 
@@ -32,12 +29,8 @@ def gateway(request, tmp_path_factory):
         with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         db = f"postgresql+psycopg://{user}@{host}:{port}/{name}"
-    os.environ["DISTILLGUARD_ADMIN_KEY"] = ADMIN
-    try:
-        with serve_process("--model", "tiny", "--db", db) as url:
-            yield url, db
-    finally:
-        del os.environ["DISTILLGUARD_ADMIN_KEY"]
+    with serve_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+        yield url, db
 
 
 def admin(gw, method: str, path: str, **kw) -> httpx.Response:
@@ -50,9 +43,7 @@ def new_key(gw, account: str, **limits) -> str:
     return resp.json()["key"]
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distillguard.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+cli = run_cli
 
 
 def chat(gw, key: str | None, content: str = "hi", **extra) -> httpx.Response:

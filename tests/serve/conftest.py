@@ -81,6 +81,12 @@ def serve() -> Iterator[Callable[..., str]]:
         yield lambda *args, timeout_s=STARTUP_TIMEOUT_S: stack.enter_context(serve_process(*args, timeout_s=timeout_s))
 
 
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port with nothing listening on it (an upstream that is down)."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def tiny_server(serve) -> str:
     """Base URL (no ``/v1``) of ``distillguard serve --model tiny --no-guard`` (the serve layer alone)."""

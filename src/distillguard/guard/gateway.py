@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from distillguard.guard.ledger import Ledger
 from distillguard.guard.limits import Lease, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 MAX_LOGGED_INVALID_BODY = 4096
 
 
@@ -42,6 +45,19 @@ class GuardConfig(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="bearer key for /admin routes")
     metrics_account_labels: bool = Field(False, description="label Prometheus series by account")
     key_cache_ttl_s: float = Field(2.0, ge=0, description="how long a key lookup is trusted (revocation delay across replicas)")
+
+
+def _redis_errors() -> type[BaseException]:
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:  # pragma: no cover - redis is a dependency, but only needed with --redis
+        return OSError
+    return RedisError
+
+
+class LimiterUnavailable(APIError):
+    status_code = 503
+    type = "server_error"
 
 
 class AuthError(APIError):
@@ -201,12 +217,21 @@ class Guard:
         try:
             return await self.limiter.acquire(key.id, key.limits, budget)
         except RateLimited as exc:
-            self.metrics.rate_limited.labels(limit=getattr(exc, "limit", "unknown")).inc()
+            self.metrics.rate_limited.labels(limit=exc.limit).inc()
             raise
+        except (OSError, _redis_errors()) as exc:
+            # Fail closed: without the shared counters no limit can be enforced.
+            raise LimiterUnavailable(f"the rate limiter is unavailable ({exc.__class__.__name__}); retry later",
+                                     code="limiter_unavailable") from None
 
     async def settle(self, lease: Lease | None, actual_tokens: int) -> None:
-        if lease is not None:
+        if lease is None:
+            return
+        try:
             await self.limiter.release(lease, actual_tokens)
+        except (OSError, _redis_errors()):
+            # The lease expires by itself (its TTL); the answer already went out.
+            log.warning("could not settle lease %s; it will expire", lease.lease_id)
 
     # ---- ledger ---------------------------------------------------------------------------
     async def finish(self, log: RequestLog) -> None:
