@@ -37,8 +37,8 @@ class Sink:
             if ev.kind in ("done", "error"):
                 self.done.set()
 
-    def wait(self) -> None:
-        assert self.done.wait(WAIT_S), f"job {self.name!r} did not finish in {WAIT_S} s"
+    def wait(self, timeout_s: float = WAIT_S) -> None:
+        assert self.done.wait(timeout_s), f"job {self.name!r} did not finish in {timeout_s} s"
 
     def deltas(self, index: int = 0) -> list[str]:
         return [e.text for e in self.events if e.kind == "delta" and e.index == index]
@@ -186,7 +186,7 @@ def test_text_ends_at_the_earliest_of_several_stops(engine, prompts, no_specials
 def test_failed_prefill_fails_its_job_and_the_engine_carries_on(engine, tiny_lm, prompts, no_specials):
     broken = Sink("broken")
     submit(engine, [tiny_lm.vocab_size + 5], broken, max_new_tokens=5)  # a token id the model does not have
-    broken.wait()
+    broken.wait(timeout_s=10)  # the job is told, rather than left waiting forever
     assert [e.kind for e in broken.events] == ["error"]
     assert isinstance(broken.events[0].error, IndexError)
     ok = alone(engine, prompts["short"], max_new_tokens=5, logit_bias=no_specials)

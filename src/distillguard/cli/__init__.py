@@ -54,6 +54,10 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     redis: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_REDIS",
                                         help="redis://HOST:PORT/0 to share rate limits between replicas"),
     metrics_account_labels: bool = typer.Option(False, help="label Prometheus series by account (cardinality!)"),
+    no_watermark: bool = typer.Option(False, "--no-watermark", help="do not watermark responses"),
+    watermark_scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (the reference scheme)"),
+    watermark_gamma: float = typer.Option(0.25, help="fraction of the vocabulary that is green"),
+    watermark_delta: float = typer.Option(2.0, help="logit bias added to green tokens"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -103,7 +107,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     if not no_guard:
         from distillguard.guard.gateway import Guard, GuardConfig
 
-        guard = Guard(GuardConfig(db=db, redis=redis, metrics_account_labels=metrics_account_labels))
+        guard = Guard(GuardConfig(
+            db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
+            watermark_scheme=watermark_scheme, watermark_gamma=watermark_gamma, watermark_delta=watermark_delta))
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
     uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",
@@ -121,9 +127,11 @@ def version() -> None:
 def _register_groups() -> None:
     from distillguard.cli.keys import keys_app
     from distillguard.cli.ledger import ledger_app
+    from distillguard.cli.watermark import watermark_app
 
     app.add_typer(keys_app, name="keys")
     app.add_typer(ledger_app, name="ledger")
+    app.add_typer(watermark_app, name="watermark")
 
 
 _register_groups()

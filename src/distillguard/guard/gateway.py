@@ -31,6 +31,8 @@ from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
 from distillguard.guard.ledger import Ledger
 from distillguard.guard.limits import Lease, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
+from distillguard.watermark import WatermarkKey, WatermarkParams, account_key
+from distillguard.watermark.secret import load_secret
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,11 @@ class GuardConfig(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="bearer key for /admin routes")
     metrics_account_labels: bool = Field(False, description="label Prometheus series by account")
     key_cache_ttl_s: float = Field(2.0, ge=0, description="how long a key lookup is trusted (revocation delay across replicas)")
+    watermark: bool = Field(True, description="watermark every account's responses with its own key")
+    watermark_secret: SecretStr | None = Field(None, description="master secret of the per-account keys (default: a file in the data dir)")
+    watermark_scheme: str = Field("keyed-hash", description="keyed-hash | lefthash-ref")
+    watermark_gamma: float = Field(0.25, description="fraction of the vocabulary that is green")
+    watermark_delta: float = Field(2.0, description="logit bias added to green tokens")
 
 
 def _redis_errors() -> type[BaseException]:
@@ -159,6 +166,9 @@ class NullGuard:
 
     async def settle(self, lease: Lease | None, actual_tokens: int) -> None: ...
 
+    def watermark_for(self, key: KeyRecord | None) -> WatermarkKey | None:
+        return None
+
     async def finish(self, log: RequestLog) -> None: ...
 
     def abandon(self, log: RequestLog) -> None: ...
@@ -173,6 +183,11 @@ class Guard:
         self.limiter = make_limiter(config.redis)
         self.metrics = Metrics(account_labels=config.metrics_account_labels)
         self._key_cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._watermark_params = WatermarkParams(
+            scheme=config.watermark_scheme, gamma=config.watermark_gamma, delta=config.watermark_delta)
+        self._watermark_secret = (load_secret(config.watermark_secret.get_secret_value() if config.watermark_secret
+                                              else None) if config.watermark else None)
+        self._watermark_keys: dict[str, WatermarkKey] = {}
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
@@ -232,6 +247,17 @@ class Guard:
         except (OSError, _redis_errors()):
             # The lease expires by itself (its TTL); the answer already went out.
             log.warning("could not settle lease %s; it will expire", lease.lease_id)
+
+    # ---- watermark ------------------------------------------------------------------------
+    def watermark_for(self, key: KeyRecord | None) -> WatermarkKey | None:
+        """The account's own watermark key (HMAC of the account id under the master secret)."""
+        if key is None or self._watermark_secret is None:
+            return None
+        found = self._watermark_keys.get(key.account)
+        if found is None:
+            found = account_key(self._watermark_secret, key.account, self._watermark_params)
+            self._watermark_keys[key.account] = found
+        return found
 
     # ---- ledger ---------------------------------------------------------------------------
     async def finish(self, log: RequestLog) -> None:

@@ -133,6 +133,21 @@ def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel
     )
 
 
+def load_tokenizer(spec: str = DEFAULT_SPEC):
+    """Only the tokenizer of ``spec`` (fast for detection: no weights unless a GGUF was never converted)."""
+    if spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
+        TinySpec.parse(spec)
+        return tiny_tokenizer()
+    if spec in ("smollm2", "default") or spec.endswith(".gguf"):
+        from transformers import AutoTokenizer
+
+        path = bundled_gguf_path() if spec in ("smollm2", "default") else Path(spec).expanduser()
+        cached = _gguf_cache_dir(path) if path.is_file() else None
+        if cached is not None and (cached / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(cached)
+    return load_model(spec, device="cpu").tokenizer
+
+
 def _load_pretrained(spec: str, dev: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,9 +168,7 @@ def _load_gguf(path: Path, spec: str, dev: torch.device):
     """GGUF de-quantisation takes ~30 s for SmolLM2 on 2 cores: convert once, cache safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    cached = _gguf_cache_dir(path)
     if (cached / "config.json").is_file():
         try:
             tok = AutoTokenizer.from_pretrained(cached)
@@ -169,6 +182,12 @@ def _load_gguf(path: Path, spec: str, dev: torch.device):
         raise ModelLoadError(spec, f"cannot read GGUF file {path}: {_first_line(exc)}") from None
     _save_cache(model, tok, cached)
     return model.to(_dtype_for(dev)), tok
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
 def _save_cache(model, tok, target: Path) -> None:

@@ -145,10 +145,12 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             log.set_body(raw)
             req = parse_chat_request(raw)
             lease = await guard.admit(log.key, backend.budget(req))
+            watermark = guard.watermark_for(log.key) if backend.supports_watermark else None
+            log.watermark_key_id = watermark.key_id if watermark else None
             if req.stream:
-                chunks = await backend.stream(req)
+                chunks = await backend.stream(req, watermark=watermark)
             else:
-                response = await backend.complete(req)
+                response = await backend.complete(req, watermark=watermark)
                 log.add_response(response)
         except APIError as exc:
             log.fail(exc)

@@ -14,6 +14,7 @@ real tokens in its last ``mask[b].sum()`` positions.
 from __future__ import annotations
 
 import codecs
+import copy
 import inspect
 import logging
 import queue
@@ -25,8 +26,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older transformers: no layered caches, no prefix reuse
+    DynamicLayer = None
+
 from distillguard.models import LoadedModel
 from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
+from distillguard.watermark import WatermarkKey, apply_watermark
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class GenParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    watermark: WatermarkKey | None = None  # the account's key; None: not watermarked
 
 
 @dataclass
@@ -112,6 +120,13 @@ class Engine:
         # ``cache`` (the old name warns, and goes in 5.40); older releases only know the old name.
         params = inspect.signature(lm.model.forward).parameters
         self._cache_key = "cache" if "cache" in params else "past_key_values"
+        # Prefill needs the logits of each prompt's last position only; the output layer over
+        # every position costs about a fifth of the prefill (SmolLM2: 49k-token vocabulary).
+        self._last_logits = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # The chat template's opening (often a default system prompt) starts most prompts: its
+        # KV cache is computed once and reused by every prefill (see _prefill).
+        self._prefix = _template_prefix(lm)
+        self._prefix_cache = None  # None: not computed yet; False: the cache type can't be reused
         self._reset()
 
     # ---- public API -------------------------------------------------------------------
@@ -198,6 +213,15 @@ class Engine:
         self.next_ids = self._choose(self.rows, out.logits[:, -1, :])
 
     def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill the rows of ``jobs`` in one forward pass and add them to the batch.
+
+        Prompts are left-padded to a common width. The part of each prompt shared with the
+        template prefix need not be recomputed: with ``W`` input columns, row ``b`` (prompt of
+        ``L_b`` tokens) feeds its last ``min(W, L_b)`` tokens and takes the cache of its first
+        ``k_b = L_b - W`` tokens from the precomputed prefix cache, left-padded to the widest
+        ``k``. ``W`` is the smallest width for which each ``k_b`` lies within the prefix that row
+        shares; rows share the layout the cache has anyway: pads, then real tokens.
+        """
         dev = self.lm.device
         rows: list[Row] = []
         for job in jobs:
@@ -209,21 +233,52 @@ class Engine:
                     # n choices of one seeded request differ from each other, and each is fixed.
                     gen.manual_seed((job.params.seed * 1_000_003 + i) % (2**63))
                 rows.append(Row(job, i, gen))
-        width = max(len(r.job.prompt_ids) for r in rows)
+        prompts = [r.job.prompt_ids for r in rows]
+        width = max(len(p) for p in prompts)
+        past = None
+        prefix_cache = self._get_prefix_cache() if self._prefix else None
+        if prefix_cache:
+            width = max(1, max(len(p) - _shared_len(p, self._prefix) for p in prompts))
+        skip = [max(0, len(p) - width) for p in prompts]  # k_b: leading tokens taken from the prefix cache
+        k = max(skip)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            p = row.job.prompt_ids
-            ids[b, width - len(p):] = torch.tensor(p)
-            mask[b, width - len(p):] = 1
+        mask = torch.zeros((len(rows), k + width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            fed = p[skip[b]:]
+            ids[b, width - len(fed):] = torch.tensor(fed)
+            mask[b, k + width - len(p):] = 1
         ids, mask = ids.to(dev), mask.to(dev)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, k:]
+        if k:
+            # Column j of row b's past holds prefix position j - (k - k_b); earlier columns are
+            # padding (masked; they repeat position 0).
+            cols = (torch.arange(k)[None, :] - (k - torch.tensor(skip))[:, None]).clamp(min=0).to(dev)
+            past = _copy_cache(prefix_cache)
+            for layer in past.layers:
+                layer.keys = layer.keys[0][:, cols].transpose(0, 1)  # (H, B, k, D) -> (B, H, k, D)
+                layer.values = layer.values[0][:, cols].transpose(0, 1)
+        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **({self._cache_key: past} if past is not None else {}), **self._last_logits)
         next_ids = self._choose(rows, out.logits[:, -1, :])
         if not self.rows:
             self.rows, self.cache, self.mask, self.next_ids = rows, out[self._cache_key], mask, next_ids
         else:
             self._merge(rows, out[self._cache_key], mask, next_ids)
+
+    def _get_prefix_cache(self):
+        """KV cache of the template prefix (batch of one), computed on first use; False when the
+        model's cache is not made of plain growing layers and so can't be spliced this way."""
+        if self._prefix_cache is None:
+            dev = self.lm.device
+            ids = torch.tensor([self._prefix], device=dev)
+            out = self.lm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                position_ids=torch.arange(len(self._prefix), device=dev)[None, :],
+                                use_cache=True, **self._last_logits)
+            cache = out[self._cache_key]
+            layers = getattr(cache, "layers", None)
+            ok = DynamicLayer is not None and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            self._prefix_cache = cache if ok else False
+        return self._prefix_cache
 
     def _merge(self, rows: list[Row], cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
         """Append new rows to the running batch, left-padding whichever cache is shorter."""
@@ -284,6 +339,11 @@ class Engine:
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev),
             )
+        if any(p.watermark is not None for p in params):
+            # Before temperature and top-p, as in the reference: the returned logprobs are those
+            # of the watermarked distribution the token is actually drawn from.
+            width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
+            logits = apply_watermark(logits, self._contexts(rows, width), [p.watermark for p in params])
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
@@ -303,6 +363,16 @@ class Engine:
                 entry["top_logprobs"] = [self._entry(t, v) for t, v in zip(top_ids[b][:kk], top_vals[b][:kk])] if kk else []
             self._advance(row, chosen_list[b], entry)
         return chosen
+
+    def _contexts(self, rows: list[Row], width: int) -> torch.Tensor:
+        """The last ``width`` tokens (prompt, then generated) of each row, left-padded. (B, width)"""
+        out = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            tail = row.out_ids[-width:]
+            if len(tail) < width:
+                tail = (list(row.job.prompt_ids) + row.out_ids)[-width:]
+            out[b, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+        return out.to(self.lm.device)
 
     def _entry(self, token: int, logprob: float) -> dict:
         return {
@@ -362,3 +432,32 @@ class Engine:
                 "prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
                 "total_tokens": prompt + job.completion_tokens,
             }))
+
+
+def _template_prefix(lm: LoadedModel) -> tuple[int, ...]:
+    """Tokens the chat template puts before any user message (the longest prefix shared by two
+    different one-message chats); () if the template can't tell."""
+    try:
+        a = lm.chat_ids([{"role": "user", "content": "a"}])
+        b = lm.chat_ids([{"role": "user", "content": "b"}])
+    except Exception:  # a template that rejects these messages: no prefix reuse
+        return ()
+    n = _shared_len(a, b)
+    return tuple(a[:n]) if n >= 4 else ()
+
+
+def _shared_len(a, b) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _copy_cache(cache):
+    """A shallow copy of a cache of plain layers whose tensors can then be replaced."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    return new

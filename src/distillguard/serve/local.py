@@ -12,6 +12,7 @@ from distillguard.serve.backend import completion_id, now
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.engine import Engine, Event, GenParams, Job
 from distillguard.serve.schemas import ChatCompletionRequest
+from distillguard.watermark import WatermarkKey
 
 
 class LocalBackend:
@@ -43,7 +44,9 @@ class LocalBackend:
         return prompt + req.n * max_new
 
     # ---- request preparation ----------------------------------------------------------
-    def _job(self, req: ChatCompletionRequest) -> tuple[Job, asyncio.Queue]:
+    supports_watermark = True
+
+    def _job(self, req: ChatCompletionRequest, watermark: WatermarkKey | None = None) -> tuple[Job, asyncio.Queue]:
         if req.model != self.model_id:
             raise NotFoundError(
                 f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
@@ -78,7 +81,7 @@ class LocalBackend:
             stop=tuple(req.stop_list), seed=req.seed,
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            logit_bias=tuple(bias),
+            logit_bias=tuple(bias), watermark=watermark,
         )
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -87,8 +90,8 @@ class LocalBackend:
         return job, events
 
     # ---- responses --------------------------------------------------------------------
-    async def complete(self, req: ChatCompletionRequest) -> dict:
-        job, events = self._job(req)
+    async def complete(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None) -> dict:
+        job, events = self._job(req, watermark)
         texts = [""] * req.n
         entries: list[list[dict]] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
@@ -120,8 +123,8 @@ class LocalBackend:
             "usage": usage,
         }
 
-    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
-        job, events = self._job(req)  # raises before anything is streamed
+    async def stream(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None) -> AsyncIterator[dict]:
+        job, events = self._job(req, watermark)  # raises before anything is streamed
         self.engine.submit(job)
         return self._chunks(req, job, events)
 

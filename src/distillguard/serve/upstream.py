@@ -69,7 +69,11 @@ class UpstreamBackend:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
-    async def complete(self, req: ChatCompletionRequest) -> dict:
+    # The upstream engine samples; watermarking there goes through its own logits-processor hook
+    # (vLLM, TGI), not through this proxy.
+    supports_watermark = False
+
+    async def complete(self, req: ChatCompletionRequest, *, watermark=None) -> dict:
         try:
             resp = await self.client.post("/chat/completions", json=self._body(req))
         except httpx.TimeoutException as exc:
@@ -84,7 +88,7 @@ class UpstreamBackend:
         except ValueError:
             raise UpstreamError("the upstream server answered with invalid JSON", code="upstream_bad_response") from None
 
-    async def stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+    async def stream(self, req: ChatCompletionRequest, *, watermark=None) -> AsyncIterator[dict]:
         request = self.client.build_request("POST", "/chat/completions", json=self._body(req))
         try:
             resp = await self.client.send(request, stream=True)

@@ -1,0 +1,422 @@
+"""What a proxy in front of a model server costs: distillguard's guard gateway vs LiteLLM's proxy.
+
+One fast stub upstream (``bench/stub_upstream.py``: a fixed chat completion with usage) is
+measured three ways, side by side in one run, at each client count (1, 16, 64 by default):
+
+- ``direct``: the stub itself,
+- ``distillguard``: ``distillguard serve --upstream STUB`` with the guard on (an API key without
+  limits, so every limit check runs but none refuses; the SQLite ledger commits every row before
+  its response leaves; Prometheus metrics),
+- ``litellm``: LiteLLM's proxy (``litellm --config``) with a master key and one ``openai/stub``
+  model whose ``api_base`` is the stub. LiteLLM is installed with ``pip install 'litellm[proxy]'``
+  into its own virtualenv (``--litellm-venv``, created if missing), never the project's; if that
+  fails, LiteLLM is reported as skipped with the reason and the rest still runs.
+
+Load comes from ``wrk`` (``apt-get install -y wrk``), a compiled closed-loop generator: each of
+the N connections sends its next POST as soon as the previous answer arrives. A Python client
+tops out near 100 req/s on a small machine and would hide the difference between the proxies.
+Each cell is a short warm-up, then ``--duration`` seconds measured. While one proxy is measured
+the other is paused (SIGSTOP), so on a small machine neither steals CPU from the other.
+
+Reported per target and client count: requests/s, latency p50/p99 (wrk's histogram), and for the
+proxies the latency they add over ``direct`` at the same client count (p50 - direct p50, p99 -
+direct p99). With many clients a closed loop's latency is clients / throughput, so added latency
+there mostly restates the throughput. Absolute numbers on a shared machine are noisy; quote the
+ratios of one run.
+
+    python bench/gateway_overhead.py                      # ~2-3 minutes (+ LiteLLM's install, once)
+    python bench/gateway_overhead.py --duration 10 --concurrency 1,64
+    python bench/gateway_overhead.py --no-litellm
+
+Progress goes to stderr, one JSON object to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+HERE = Path(__file__).resolve().parent
+
+MODEL = "stub"  # the stub's model id; LiteLLM's model_name for it too
+BODY = {"model": MODEL, "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "max_tokens": 32}
+LITELLM_MASTER_KEY = "sk-bench-master-key"
+TARGETS = ("direct", "distillguard", "litellm")
+
+# wrk's Lua hooks: a POST with a JSON body and a bearer key, and the summary as one JSON line.
+# Latencies from wrk are in microseconds; requests cut off by --timeout are counted as errors.
+WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+{auth}
+done = function(summary, latency, requests)
+  io.write(string.format(
+    '\\nWRKJSON {{"duration_us":%d,"requests":%d,"bytes":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,' ..
+    '"mean_us":%.1f,"max_us":%d,"connect_errors":%d,"read_errors":%d,"write_errors":%d,' ..
+    '"non_2xx":%d,"timeouts":%d}}\\n',
+    summary.duration, summary.requests, summary.bytes, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency.mean, latency.max, summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.status, summary.errors.timeout))
+end
+"""
+
+
+class Skip(Exception):
+    """A target that cannot run here; the message says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lua_string(text: str) -> str:
+    return "[==[" + text + "]==]"  # a Lua long string: no escaping needed
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    url: str  # base URL, e.g. http://127.0.0.1:PORT
+    key: str | None
+    log_path: Path
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def start(name: str, cmd: list[str], url: str, health: str, workdir: Path, *, key: str | None = None,
+          env: dict | None = None, timeout: float = 120.0) -> Server:
+    log_path = workdir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=workdir, env={**os.environ, **(env or {})}, start_new_session=True)
+    server = Server(name, proc, url, key, log_path)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url + health, timeout=2) as resp:
+                if resp.status == 200:
+                    return server
+        except (urllib.error.URLError, OSError):
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout:.0f} s"
+            raise Skip(f"{name} {why}; last log lines:\n{server.log_tail()}")
+        time.sleep(0.2)
+
+
+def check_answer(server: Server) -> None:
+    """One request by hand: the proxy must answer 200 with the stub's completion."""
+    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(BODY).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {server.key}"} if server.key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raise Skip(f"{server.name} answered HTTP {exc.code}: {exc.read()[:300]!r}") from None
+    if answer.get("usage", {}).get("completion_tokens") != 8:
+        raise Skip(f"{server.name} answered something unexpected: {json.dumps(answer)[:300]}")
+
+
+# ---- the three targets ------------------------------------------------------------------------
+
+def start_stub(workdir: Path) -> Server:
+    port = free_port()
+    return start("stub", [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
+                 f"http://127.0.0.1:{port}", "/healthz", workdir, timeout=30)
+
+
+def distillguard_cli() -> list[str]:
+    return [sys.executable, "-c", "from distillguard.cli import main; main()"]
+
+
+def start_distillguard(stub: Server, workdir: Path, serve_args: list[str]) -> Server:
+    db = workdir / "ledger.db"
+    created = subprocess.run([*distillguard_cli(), "keys", "create", "--account", "bench", "--db", str(db), "--json"],
+                             capture_output=True, text=True, check=False)
+    if created.returncode != 0:
+        raise Skip(f"distillguard keys create failed: {created.stderr.strip()[-500:]}")
+    key = json.loads(created.stdout)["key"]
+    port = free_port()
+    cmd = [*distillguard_cli(), "serve", "--upstream", stub.url, "--db", str(db), "--port", str(port), *serve_args]
+    server = start("distillguard", cmd, f"http://127.0.0.1:{port}", "/healthz", workdir, key=key, timeout=60)
+    check_answer(server)
+    return server
+
+
+def ensure_litellm(venv: Path) -> tuple[Path, str]:
+    """LiteLLM's proxy in its own virtualenv (created and installed if missing): (exe, version)."""
+    exe, python = venv / "bin" / "litellm", venv / "bin" / "python"
+    if not exe.exists():
+        with console.status(f"installing litellm[proxy] into {venv} (once; a few minutes) ..."):
+            if not python.exists():
+                made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+                if made.returncode != 0:
+                    raise Skip(f"could not create the virtualenv {venv}: {made.stderr.strip()[-500:]}")
+            try:
+                pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "litellm[proxy]"],
+                                     capture_output=True, text=True, timeout=1800)
+            except subprocess.TimeoutExpired:
+                raise Skip("pip install 'litellm[proxy]' took over 30 minutes") from None
+            if pip.returncode != 0 or not exe.exists():
+                errors = [ln for ln in pip.stderr.splitlines() if not ln.startswith("WARNING: Location")]
+                raise Skip("pip install 'litellm[proxy]' failed: " + "\n".join(errors[-10:]))
+    version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                             capture_output=True, text=True)
+    return exe, version.stdout.strip() or "unknown"
+
+
+def start_litellm(stub: Server, workdir: Path, venv: Path) -> tuple[Server, str]:
+    exe, version = ensure_litellm(venv)
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        f"  - model_name: {MODEL}\n"
+        "    litellm_params:\n"
+        f"      model: openai/{MODEL}\n"
+        f"      api_base: {stub.url}/v1\n"
+        "      api_key: sk-stub\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_MASTER_KEY}\n")
+    port = free_port()
+    cmd = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    env = {"LITELLM_MASTER_KEY": LITELLM_MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    with console.status("starting LiteLLM's proxy ..."):
+        server = start("litellm", cmd, f"http://127.0.0.1:{port}", "/health/liveliness", workdir,
+                       key=LITELLM_MASTER_KEY, env=env, timeout=180)
+    check_answer(server)
+    return server, version
+
+
+# ---- load -------------------------------------------------------------------------------------
+
+def run_wrk(server: Server, clients: int, duration: int, args: argparse.Namespace, workdir: Path) -> dict:
+    script = workdir / f"wrk-{server.name}.lua"
+    auth = f'wrk.headers["Authorization"] = "Bearer {server.key}"' if server.key else ""
+    script.write_text(WRK_SCRIPT.format(body=lua_string(json.dumps(BODY)), auth=auth))
+    cmd = ["wrk", "-t", str(min(args.wrk_threads, clients)), "-c", str(clients), "-d", f"{duration}s",
+           "--timeout", f"{args.timeout:g}s", "--latency", "-s", str(script),
+           server.url + "/v1/chat/completions"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + args.timeout + 30)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
+    raw = json.loads(line[len("WRKJSON "):])
+    seconds = raw["duration_us"] / 1e6
+    ok = raw["requests"] - raw["non_2xx"]
+    return {
+        "requests_per_s": round(ok / seconds, 1),
+        "p50_ms": raw["p50_us"] / 1000, "p90_ms": raw["p90_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
+        "mean_ms": round(raw["mean_us"] / 1000, 3), "max_ms": raw["max_us"] / 1000,
+        "requests": raw["requests"], "non_2xx": raw["non_2xx"], "timeouts": raw["timeouts"],
+        "socket_errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"],
+        "seconds": round(seconds, 2),
+    }
+
+
+def measure(servers: dict[str, Server], levels: list[int], args: argparse.Namespace, workdir: Path) -> dict:
+    """Every (client count, target) cell, interleaved so that slow drifts of a shared machine hit
+    every target alike. Proxies not under measurement are paused."""
+    results: dict[str, dict[str, dict]] = {name: {} for name in servers}
+    proxies = [s for name, s in servers.items() if name != "direct"]
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("", total=len(levels) * len(servers))
+        for clients in levels:
+            for name, server in servers.items():
+                progress.update(task, description=f"{name:>12} x{clients:<3} clients")
+                for other in proxies:
+                    other.signal(signal.SIGSTOP if other is not server else signal.SIGCONT)
+                try:
+                    if args.warmup > 0:
+                        run_wrk(server, clients, args.warmup, args, workdir)
+                    cell = run_wrk(server, clients, args.duration, args, workdir)
+                finally:
+                    for other in proxies:
+                        other.signal(signal.SIGCONT)
+                results[name][str(clients)] = cell
+                progress.console.print(
+                    f"{name:>12} x{clients:<3} {cell['requests_per_s']:>9.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  "
+                    f"p99 {cell['p99_ms']:8.2f} ms" + (f"  [red]{cell['non_2xx']} non-2xx, {cell['timeouts']} "
+                                                       f"timeouts, {cell['socket_errors']} socket errors[/]"
+                                                       if cell["non_2xx"] or cell["timeouts"] or cell["socket_errors"]
+                                                       else ""))
+                progress.advance(task)
+    return results
+
+
+def summarise(results: dict, levels: list[int]) -> tuple[dict, dict]:
+    direct = results["direct"]
+    overhead: dict[str, dict] = {}
+    for name, cells in results.items():
+        if name == "direct":
+            continue
+        overhead[name] = {str(c): {
+            "added_p50_ms": round(cells[str(c)]["p50_ms"] - direct[str(c)]["p50_ms"], 3),
+            "added_p99_ms": round(cells[str(c)]["p99_ms"] - direct[str(c)]["p99_ms"], 3),
+            "requests_per_s": cells[str(c)]["requests_per_s"],
+            "requests_per_s_vs_direct": round(cells[str(c)]["requests_per_s"] / direct[str(c)]["requests_per_s"], 4),
+        } for c in levels}
+    targets: dict[str, dict] = {}
+    if "distillguard" in overhead and "1" in overhead["distillguard"]:
+        added = overhead["distillguard"]["1"]["added_p50_ms"]
+        targets["distillguard_added_p50_ms_at_1_client"] = {"value": added, "target": "<= 2.0", "met": added <= 2.0}
+    if "distillguard" in results and "litellm" in results:
+        ratios = {str(c): round(results["distillguard"][str(c)]["requests_per_s"]
+                                / max(results["litellm"][str(c)]["requests_per_s"], 1e-9), 2) for c in levels}
+        overhead["distillguard_vs_litellm_requests_per_s"] = ratios
+        if "64" in ratios:
+            targets["distillguard_vs_litellm_requests_per_s_at_64_clients"] = {
+                "value": ratios["64"], "target": ">= 10", "met": ratios["64"] >= 10}
+    return overhead, targets
+
+
+def print_table(results: dict, overhead: dict, levels: list[int]) -> None:
+    table = Table(title="gateway overhead (added = target - direct, same client count)")
+    for col in ("target", "clients", "req/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"):
+        table.add_column(col, justify="right")
+    for name, cells in results.items():
+        for c in levels:
+            cell, extra = cells[str(c)], overhead.get(name, {}).get(str(c), {})
+            table.add_row(name, str(c), f"{cell['requests_per_s']:.1f}", f"{cell['p50_ms']:.2f}", f"{cell['p99_ms']:.2f}",
+                          f"{extra['added_p50_ms']:.2f}" if extra else "-", f"{extra['added_p99_ms']:.2f}" if extra else "-")
+    console.print(table)
+
+
+def ledger_rows(db: Path) -> int | None:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("distillguard", "fastapi", "uvicorn", "httpx", "uvloop", "httptools"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
+    out["wrk"] = (wrk.stdout or wrk.stderr).split("[")[0].strip()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=5, help="measured seconds per cell (default 5; wrk takes whole seconds)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell (default 1, 0: none)")
+    parser.add_argument("--concurrency", default="1,16,64", help="client counts, comma-separated (default 1,16,64)")
+    parser.add_argument("--wrk-threads", type=int, default=1,
+                        help="wrk threads (default 1: leaves the cores to the servers; one is plenty here)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds")
+    parser.add_argument("--litellm-venv", type=Path, default=Path(tempfile.gettempdir()) / "litellm-venv",
+                        help="virtualenv with litellm[proxy] (created and installed if missing)")
+    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    parser.add_argument("--serve-args", default="", help="extra arguments for `distillguard serve` (quoted)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep logs, ledger and scripts here")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install -y wrk)")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, Server] = {}
+    skipped: dict[str, str] = {}
+    litellm_version = None
+    started = time.time()
+    try:
+        servers["direct"] = start_stub(workdir)
+        try:
+            servers["distillguard"] = start_distillguard(servers["direct"], workdir, shlex.split(args.serve_args))
+        except Skip as exc:
+            skipped["distillguard"] = str(exc)
+        if args.no_litellm:
+            skipped["litellm"] = "--no-litellm"
+        else:
+            try:
+                servers["litellm"], litellm_version = start_litellm(servers["direct"], workdir, args.litellm_venv)
+            except Skip as exc:
+                skipped["litellm"] = str(exc)
+        for name, why in skipped.items():
+            console.print(f"[yellow]skipping {name}:[/] {why}")
+        results = measure(servers, levels, args, workdir)
+    finally:
+        for server in reversed(list(servers.values())):
+            server.stop()
+    overhead, targets = summarise(results, levels)
+    print_table(results, overhead, levels)
+    console.print(f"logs, ledger and wrk scripts in {workdir}")
+    report = {
+        "bench": "gateway_overhead",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "config": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": levels,
+                   "wrk_threads": args.wrk_threads, "body": BODY,
+                   "distillguard_serve_args": shlex.split(args.serve_args),
+                   "distillguard_guard": "on: API key without limits, SQLite ledger, metrics",
+                   "litellm": "proxy, master key, LITELLM_LOCAL_MODEL_COST_MAP=True, --num_workers 1"},
+        "versions": {**versions(), "litellm": litellm_version},
+        "results": results,
+        "overhead_vs_direct": overhead,
+        "targets": targets,
+        "skipped": skipped,
+        "distillguard_ledger_rows": ledger_rows(workdir / "ledger.db") if "distillguard" in servers else None,
+        "wall_s": round(time.time() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
