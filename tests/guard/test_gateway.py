@@ -163,3 +163,21 @@ def test_cli_keys_against_the_same_database(gateway):
     assert cli("keys", "revoke", record["id"], "--db", gateway[1]).returncode == 0
     bad = cli("keys", "revoke", "key_nope", "--db", gateway[1])
     assert bad.returncode == 2 and "no key with id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_idempotency_key_answers_a_retry_once(gateway):
+    key = new_key(gateway, "grace")
+    idem = {"Idempotency-Key": "harvest-" + uuid.uuid4().hex}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "same question"}], "max_tokens": 6}
+    headers = {"Authorization": f"Bearer {key}", **idem}
+    first = httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    again = httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    other = httpx.post(f"{gateway[0]}/v1/chat/completions", json={**body, "max_tokens": 7}, headers=headers)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    streamed = httpx.post(f"{gateway[0]}/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "Idempotency-Key"
+    rows = export(gateway, "--account", "grace")
+    generated = [r for r in rows if r["response"]["status"] == 200 and r["response"].get("usage", {}).get("completion_tokens")]
+    assert len(generated) == 1  # the teacher answered once; the retry was a replay

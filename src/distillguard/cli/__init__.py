@@ -125,6 +125,7 @@ def version() -> None:
 
 
 def _register_groups() -> None:
+    from distillguard.cli.distill import distill_app
     from distillguard.cli.keys import keys_app
     from distillguard.cli.ledger import ledger_app
     from distillguard.cli.watermark import watermark_app
@@ -132,6 +133,7 @@ def _register_groups() -> None:
     app.add_typer(keys_app, name="keys")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(watermark_app, name="watermark")
+    app.add_typer(distill_app, name="distill")
 
 
 _register_groups()

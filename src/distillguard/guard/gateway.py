@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from sqlalchemy import select
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,6 +32,7 @@ from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
 from distillguard.guard.ledger import Ledger
 from distillguard.guard.limits import Lease, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
+from distillguard.guard.schema import IdempotentResponse
 from distillguard.watermark import WatermarkKey, WatermarkParams, account_key
 from distillguard.watermark.secret import load_secret
 
@@ -67,6 +69,11 @@ class LimiterUnavailable(APIError):
     type = "server_error"
 
 
+class IdempotencyConflict(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+
+
 class AuthError(APIError):
     status_code = 401
     type = "invalid_request_error"
@@ -95,6 +102,9 @@ class RequestLog:
     stream: bool = False
     policy_action: str | None = None
     watermark_key_id: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    response_body: dict | None = None  # kept only for idempotent requests
 
     def set_body(self, raw: bytes) -> None:
         try:
@@ -113,6 +123,8 @@ class RequestLog:
             self.completion_tokens = usage.get("completion_tokens")
 
     def add_response(self, response: dict) -> None:
+        if self.idempotency_key is not None:
+            self.response_body = response
         for choice in response.get("choices", []):
             self.texts[choice.get("index", 0)] = (choice.get("message") or {}).get("content") or ""
         self.set_usage(response.get("usage"))
@@ -167,6 +179,9 @@ class NullGuard:
     async def settle(self, lease: Lease | None, actual_tokens: int) -> None: ...
 
     def watermark_for(self, key: KeyRecord | None) -> WatermarkKey | None:
+        return None
+
+    async def replay(self, log: RequestLog) -> dict | None:
         return None
 
     async def finish(self, log: RequestLog) -> None: ...
@@ -267,8 +282,33 @@ class Guard:
         a flood of unauthenticated requests must not be able to fill the database.
         """
         self._observe(log)
-        if log.key is not None:
-            await self.ledger.record(log.row())
+        if log.key is None:
+            return
+        idempotent = None
+        if log.idempotency_key is not None and log.status == 200 and log.response_body is not None:
+            idempotent = {"account_id": log.key.account, "key": log.idempotency_key, "request_hash": log.request_hash,
+                          "request_id": log.request_id, "response": log.response_body, "created_at": log.ts}
+        await self.ledger.record(log.row(), idempotent=idempotent)
+
+    async def replay(self, log: RequestLog) -> dict | None:
+        """The stored response to this account's earlier request with the same Idempotency-Key.
+
+        Raises 409 when the key was used with a different request body (a client bug that
+        would otherwise silently return the answer to another question)."""
+        def lookup():
+            with self.engine.connect() as conn:
+                return conn.execute(select(IdempotentResponse.request_hash, IdempotentResponse.response).where(
+                    IdempotentResponse.account_id == log.key.account,
+                    IdempotentResponse.key == log.idempotency_key)).first()
+
+        found = await asyncio.to_thread(lookup)
+        if found is None:
+            return None
+        if found.request_hash != log.request_hash:
+            raise IdempotencyConflict(
+                "this Idempotency-Key was already used with a different request body; use a new key",
+                param="Idempotency-Key", code="idempotency_key_reused")
+        return found.response
 
     def abandon(self, log: RequestLog) -> None:
         """Record a request whose client went away, without waiting (we may be cancelled)."""

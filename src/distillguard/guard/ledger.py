@@ -24,10 +24,10 @@ from typing import IO
 
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from distillguard.errors import APIError, ConfigError
-from distillguard.guard.schema import LedgerRow
+from distillguard.guard.schema import IdempotentResponse, LedgerRow
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class _Pending:
     row: dict
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    idempotent: dict | None = None  # an IdempotentResponse row, committed with the ledger row
 
 
 class Ledger:
@@ -64,19 +65,20 @@ class Ledger:
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join, 60)
 
-    def submit(self, row: dict) -> asyncio.Future:
-        """Queue ``row``; the returned future resolves once it is committed. Call from the loop."""
+    def submit(self, row: dict, *, idempotent: dict | None = None) -> asyncio.Future:
+        """Queue ``row`` (and the response stored under an idempotency key, in the same
+        transaction); the returned future resolves once committed. Call from the event loop."""
         unknown = set(row) - COLUMNS
         if unknown:
             raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.put(_Pending(row, fut, loop))
+        self._queue.put(_Pending(row, fut, loop, idempotent))
         return fut
 
-    async def record(self, row: dict) -> None:
+    async def record(self, row: dict, *, idempotent: dict | None = None) -> None:
         """Queue ``row`` and wait until it is durably committed."""
-        await self.submit(row)
+        await self.submit(row, idempotent=idempotent)
 
     def _run(self) -> None:
         stopping = False
@@ -97,19 +99,36 @@ class Ledger:
             self._write(batch)
 
     def _write(self, batch: list[_Pending]) -> None:
+        error = self._commit(batch)
+        if isinstance(error, IntegrityError) and len(batch) > 1:
+            # One bad row (a duplicate id or idempotency key) must not fail its batch-mates:
+            # write them one by one so only the offender fails.
+            for p in batch:
+                self._answer([p], self._commit([p]))
+            return
+        self._answer(batch, error)
+
+    def _commit(self, batch: list[_Pending]) -> BaseException | None:
         error: BaseException | None = None
         for attempt in range(self.retries):
             try:
                 with self.engine.begin() as conn:
                     conn.execute(insert(LedgerRow), [p.row for p in batch])
+                    idempotent = [p.idempotent for p in batch if p.idempotent is not None]
+                    if idempotent:
+                        conn.execute(insert(IdempotentResponse), idempotent)
                 self.batches += 1
                 self.rows_written += len(batch)
-                error = None
-                break
+                return None
+            except IntegrityError as exc:
+                return exc  # retrying cannot help
             except SQLAlchemyError as exc:
                 error = exc
                 log.warning("ledger write failed (attempt %d/%d): %s", attempt + 1, self.retries, exc)
                 time.sleep(0.05 * 2**attempt)
+        return error
+
+    def _answer(self, batch: list[_Pending], error: BaseException | None) -> None:
         for p in batch:
             if error is None:
                 p.loop.call_soon_threadsafe(_resolve, p.future, None)

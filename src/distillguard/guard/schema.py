@@ -9,7 +9,7 @@ Indexes follow the queries that run against them: the ledger is read per account
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, PrimaryKeyConstraint, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -76,3 +76,21 @@ class LedgerRow(Base):
     watermark_key_id: Mapped[str | None] = mapped_column(String(64))
     # Ground truth carried by imported traffic logs (evaluation only; detectors never read it).
     label: Mapped[str | None] = mapped_column(String(64))
+
+
+class IdempotentResponse(Base):
+    """The response to a request sent with an ``Idempotency-Key``, so a retry is answered once.
+
+    Written in the same transaction as the request's ledger row (see ``Ledger``); a client that
+    resends the key after a crash gets this response back instead of a second generation.
+    """
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (PrimaryKeyConstraint("account_id", "key", name="pk_idempotency_keys"),)
+
+    account_id: Mapped[str] = mapped_column(String(128))
+    key: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    request_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    response: Mapped[dict] = mapped_column(JSONType, nullable=False)
+    created_at: Mapped[float] = mapped_column(Double, nullable=False)

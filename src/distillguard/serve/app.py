@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import asyncio
+import hashlib
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -144,6 +145,12 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             raw = await request.body()
             log.set_body(raw)
             req = parse_chat_request(raw)
+            if idempotency_key(request, req, log):
+                replayed = await guard.replay(log)
+                if replayed is not None:
+                    log.policy_action = "idempotent_replay"
+                    await guard.finish(log)
+                    return JSONResponse(replayed, headers={"Idempotent-Replayed": "true"})
             lease = await guard.admit(log.key, backend.budget(req))
             watermark = guard.watermark_for(log.key) if backend.supports_watermark else None
             log.watermark_key_id = watermark.key_id if watermark else None
@@ -170,6 +177,31 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+MAX_IDEMPOTENCY_KEY = 128
+
+
+def idempotency_key(request: Request, req: ChatCompletionRequest, log) -> bool:
+    """Read an ``Idempotency-Key`` header into ``log``; True when the request carries one.
+
+    A client that retries after a timeout or a crash resends the key and gets the stored answer
+    instead of a second generation (non-streaming requests only: a stream cannot be replayed
+    faithfully, so the combination is refused rather than silently ignored).
+    """
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return False
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequestError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
+                                  param="Idempotency-Key", code="invalid_value")
+    if req.stream:
+        raise InvalidRequestError("Idempotency-Key is supported for non-streaming requests only",
+                                  param="Idempotency-Key", code="unsupported_parameter")
+    log.idempotency_key = key
+    log.request_hash = hashlib.sha256(
+        json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    return True
 
 
 async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):

@@ -1,0 +1,83 @@
+"""``distillguard distill``: harvest a teacher through its API (curate, train and eval to come)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from distillguard.cli import err_console
+
+distill_app = typer.Typer(help="Distil a teacher into a student: harvest, ...", no_args_is_help=True)
+
+
+@distill_app.command("harvest")
+def harvest_cmd(
+    teacher: str = typer.Option(..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
+    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"),
+    prompts: str = typer.Option(..., help="prompt source: FILE.jsonl | FILE.csv | FILE.parquet | DATASET_DIR | sharegpt"),
+    out: Path = typer.Option(..., help="output directory (the store makes reruns resume)"),
+    model: str = typer.Option("smollm2", help="model id to request"),
+    limit: Optional[int] = typer.Option(None, help="use at most this many prompts"),
+    skip: int = typer.Option(0, help="skip the first prompts (e.g. a held-out split)"),
+    n: int = typer.Option(1, help="answers per prompt (the request's n)"),
+    concurrency: int = typer.Option(8, help="requests in flight at once"),
+    max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
+    temperature: float = typer.Option(0.7, help="sampling temperature"),
+    top_logprobs: Optional[int] = typer.Option(None, help="also harvest the top-K logprobs per token (0-20)"),
+    seed: Optional[int] = typer.Option(None, help="request seed"),
+    budget_tokens: Optional[int] = typer.Option(None, help="never spend more tokens than this (all runs together)"),
+    budget_usd: Optional[float] = typer.Option(None, help="never spend more USD than this (needs --price-in/--price-out)"),
+    price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
+    price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
+    timeout: float = typer.Option(120.0, help="seconds per request"),
+    max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
+) -> None:
+    """Collect teacher answers: async, resumable after a crash, never over budget.
+
+    Writes OUT/store.sqlite (every paid answer, keyed by request fingerprint), OUT/data.jsonl
+    (the usable answers) and OUT/report.json. Rerun the same command to resume.
+
+    Examples:
+
+      distillguard distill harvest --teacher http://127.0.0.1:8000/v1 --api-key $KEY --prompts sharegpt --limit 1000 --out runs/h1
+
+      distillguard distill harvest --teacher $URL --prompts prompts.jsonl --out runs/h2 --top-logprobs 5 --budget-usd 5 --price-in 0.15 --price-out 0.6
+    """
+    from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
+
+    config = HarvestConfig(
+        teacher=teacher, api_key=api_key, model=model, n=n, concurrency=concurrency, max_tokens=max_tokens,
+        temperature=temperature, top_logprobs=top_logprobs, seed=seed, budget_tokens=budget_tokens,
+        budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout, max_retries=max_retries)
+    items = load_prompts(prompts, limit=limit, skip=skip)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResponseStore(out / "store.sqlite")
+    columns = [TextColumn("[bold]harvest"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[tokens]:,} tok  ${task.fields[usd]:.4f}  {task.fields[rate]:.1f} req/s"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("harvest", total=len(items), tokens=0, usd=0.0, rate=0.0)
+        t0 = time.perf_counter()
+
+        def on_progress(report, budget) -> None:
+            finished = (report.skipped_done + report.stored_ok + sum(report.malformed.values())
+                        + sum(report.failed.values()) + report.budget_stopped)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=finished, tokens=budget.tokens, usd=budget.usd,
+                            rate=(finished - report.skipped_done) / elapsed)
+
+        report = asyncio.run(harvest(config, items, store, on_progress=on_progress))
+    rows = store.export_jsonl(out / "data.jsonl")
+    summary = {**report.to_dict(), "store": store.totals(), "data_rows": rows}
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    store.close()
+    err_console.print(f"stored {report.stored_ok} new answers ({report.skipped_done} from earlier runs), "
+                      f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
+                      f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
+    print(json.dumps(summary))

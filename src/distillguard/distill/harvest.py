@@ -1,0 +1,257 @@
+"""Harvest a teacher through its OpenAI-compatible API: async, bounded, resumable, within budget.
+
+* **Exactly once.** Each request has a fingerprint (its canonical JSON); a response is committed
+  to the :class:`ResponseStore` the moment it arrives and a rerun skips stored fingerprints. The
+  fingerprint also goes out as ``Idempotency-Key``: a distillguard gateway answers a resent key
+  from its ledger instead of generating again, which closes the last gap (a response received
+  by the teacher's side but not yet stored here when the harvester was killed).
+* **Budget never exceeded.** Before a request is sent, its worst case (prompt bytes + n x
+  max_tokens, priced) is reserved against the budget; the reservation becomes the actual usage
+  when the answer arrives. Spending of earlier runs (in the store) counts.
+* **Retries** on 429, 5xx, timeouts and broken connections: exponential backoff with full
+  jitter, at least the server's ``Retry-After``.
+* **Malformed answers** (no choices, empty, truncated at max_tokens, not JSON) are counted and
+  stored as such (they were paid for) but kept out of the data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from distillguard.distill.prompts import Prompt
+from distillguard.distill.store import ResponseStore, fingerprint
+from distillguard.errors import ConfigError
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class HarvestConfig:
+    teacher: str  # base URL, e.g. http://127.0.0.1:8000/v1
+    api_key: str | None = None
+    model: str = "smollm2"
+    n: int = 1
+    concurrency: int = 8
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_logprobs: int | None = None
+    seed: int | None = None
+    budget_tokens: int | None = None
+    budget_usd: float | None = None
+    price_in: float = 0.0  # USD per 1M prompt tokens
+    price_out: float = 0.0  # USD per 1M completion tokens
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.n < 1 or self.max_tokens < 1:
+            raise ConfigError("--concurrency, --n and --max-tokens must be at least 1")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ConfigError(f"--top-logprobs {self.top_logprobs} must be between 0 and 20")
+        if (self.budget_usd is not None) and not (self.price_in or self.price_out):
+            raise ConfigError("--budget-usd needs --price-in and/or --price-out (USD per million tokens)")
+
+    @property
+    def base_url(self) -> str:
+        url = self.teacher.rstrip("/")
+        return url if url.endswith("/v1") or "/v1/" in url else url + "/v1"
+
+    def request(self, prompt: Prompt) -> dict:
+        body = {"model": self.model, "messages": prompt.as_messages(), "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "n": self.n}
+        if self.top_logprobs is not None:
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        if self.seed is not None:
+            body["seed"] = self.seed
+        return body
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.price_in + completion_tokens * self.price_out) / 1e6
+
+
+@dataclass
+class HarvestReport:
+    planned: int = 0
+    skipped_done: int = 0  # already in the store from an earlier run
+    sent: int = 0
+    stored_ok: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    budget_stopped: int = 0  # not sent: the budget could not cover their worst case
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class _Budget:
+    """Reserve-then-settle accounting; all calls happen on one event loop (no awaits inside)."""
+
+    def __init__(self, config: HarvestConfig, spent_tokens: int, spent_usd: float):
+        self.config = config
+        self.tokens = spent_tokens
+        self.usd = spent_usd
+        self.reserved_tokens = 0
+        self.reserved_usd = 0.0
+
+    def reserve(self, prompt_bound: int) -> tuple[int, float] | None:
+        c = self.config
+        tokens = prompt_bound + c.n * c.max_tokens
+        usd = c.cost(prompt_bound, c.n * c.max_tokens)
+        if c.budget_tokens is not None and self.tokens + self.reserved_tokens + tokens > c.budget_tokens:
+            return None
+        if c.budget_usd is not None and self.usd + self.reserved_usd + usd > c.budget_usd + 1e-12:
+            return None
+        self.reserved_tokens += tokens
+        self.reserved_usd += usd
+        return tokens, usd
+
+    def settle(self, reservation: tuple[int, float], tokens: int, usd: float) -> None:
+        self.reserved_tokens -= reservation[0]
+        self.reserved_usd -= reservation[1]
+        self.tokens += tokens
+        self.usd += usd
+
+
+def prompt_bound(body: dict) -> int:
+    """Upper bound of the prompt's tokens without the teacher's tokenizer: a byte-level or
+    SentencePiece token covers at least one byte, plus a few template tokens per message."""
+    return sum(len(str(m.get("content", "")).encode()) + 8 for m in body["messages"]) + 8
+
+
+def classify(response: object, n: int) -> str:
+    """'ok' or 'malformed:<why>' for a parsed teacher answer."""
+    if not isinstance(response, dict) or not isinstance(response.get("choices"), list) or len(response["choices"]) != n:
+        return "malformed:invalid"
+    for choice in response["choices"]:
+        content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+        if not isinstance(content, str):
+            return "malformed:invalid"
+        if not content.strip():
+            return "malformed:empty"
+        if choice.get("finish_reason") == "length":
+            return "malformed:truncated"
+    return "ok"
+
+
+async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseStore, *,
+                  on_progress: Callable[[HarvestReport, _Budget], None] | None = None,
+                  client: httpx.AsyncClient | None = None) -> HarvestReport:
+    """Send every prompt not yet in ``store`` to the teacher; return what happened."""
+    report = HarvestReport(planned=len(prompts))
+    started = time.perf_counter()
+    done = store.done()
+    totals = store.totals()
+    budget = _Budget(config, totals["tokens"], totals["cost_usd"])
+    todo = []
+    for prompt in prompts:
+        body = config.request(prompt)
+        fp = fingerprint(body)
+        if fp in done:
+            report.skipped_done += 1
+        else:
+            todo.append((prompt, body, fp))
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    own_client = client is None
+    client = client or httpx.AsyncClient(
+        base_url=config.base_url, headers=headers, timeout=httpx.Timeout(config.timeout_s, connect=10),
+        limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency))
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in todo:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                prompt, body, fp = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            reservation = budget.reserve(prompt_bound(body))
+            if reservation is None:
+                report.budget_stopped += 1
+                continue
+            tokens, usd = 0, 0.0
+            try:
+                outcome = await _send(client, config, body, fp, report)
+                if outcome is not None:
+                    status, response = outcome
+                    usage = (response or {}).get("usage") if isinstance(response, dict) else None
+                    p = int((usage or {}).get("prompt_tokens") or 0)
+                    c = int((usage or {}).get("completion_tokens") or 0)
+                    tokens, usd = p + c, config.cost(p, c)
+                    store.put(fp, prompt.id, body, response if isinstance(response, dict) else None, status,
+                              prompt_tokens=p, completion_tokens=c, cost_usd=usd)
+                    report.prompt_tokens += p
+                    report.completion_tokens += c
+                    report.cost_usd += usd
+                    if status == "ok":
+                        report.stored_ok += 1
+                    else:
+                        report.malformed[status] = report.malformed.get(status, 0) + 1
+            finally:
+                budget.settle(reservation, tokens, usd)
+                if on_progress is not None:
+                    on_progress(report, budget)
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+    finally:
+        if own_client:
+            await client.aclose()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _send(client: httpx.AsyncClient, config: HarvestConfig, body: dict, fp: str,
+                report: HarvestReport) -> tuple[str, object] | None:
+    """POST with retries; (status, parsed answer), or None when it finally failed (not stored)."""
+    for attempt in range(config.max_retries + 1):
+        wait = None
+        try:
+            if attempt == 0:
+                report.sent += 1
+            resp = await client.post("/chat/completions", json=body, headers={"Idempotency-Key": fp[:64]})
+            if resp.status_code == 200:
+                try:
+                    parsed = resp.json()
+                except ValueError:
+                    return "malformed:invalid", None
+                return classify(parsed, config.n), parsed
+            if resp.status_code not in RETRY_STATUS:
+                reason = f"http_{resp.status_code}"
+                report.failed[reason] = report.failed.get(reason, 0) + 1
+                return None
+            wait = _retry_after(resp)
+            failure = f"http_{resp.status_code}"
+        except httpx.TimeoutException:
+            failure = "timeout"
+        except httpx.TransportError:
+            failure = "connection"
+        if attempt == config.max_retries:
+            report.failed[failure] = report.failed.get(failure, 0) + 1
+            return None
+        report.retries += 1
+        backoff = random.uniform(0, config.backoff_s * 2**attempt)  # full jitter
+        await asyncio.sleep(max(backoff, wait or 0.0))
+    return None  # pragma: no cover - the loop always returns
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    value = resp.headers.get("retry-after")
+    try:
+        return min(float(value), 300.0) if value is not None else None
+    except ValueError:
+        return None
+

@@ -1,0 +1,90 @@
+"""The harvest's on-disk store: every paid teacher response, keyed by the request's fingerprint.
+
+SQLite (WAL): a response is committed the moment it arrives, so ``kill -9`` loses none that was
+received, and a rerun skips every fingerprint already stored. Malformed answers (empty,
+truncated, unparsable) are stored too, since they were paid for, but marked and kept out of
+the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    fingerprint TEXT PRIMARY KEY,
+    prompt_id TEXT NOT NULL,
+    request TEXT NOT NULL,
+    response TEXT,
+    status TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+"""
+
+
+def fingerprint(request: dict) -> str:
+    """Stable id of a request: the same question with the same parameters is paid for once."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class ResponseStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+        self.conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def done(self) -> set[str]:
+        return {row[0] for row in self.conn.execute("SELECT fingerprint FROM responses")}
+
+    def put(self, fp: str, prompt_id: str, request: dict, response: dict | None, status: str, *,
+            prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
+        self.conn.execute(
+            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (fp, prompt_id, json.dumps(request, ensure_ascii=False),
+             None if response is None else json.dumps(response, ensure_ascii=False), status,
+             prompt_tokens, completion_tokens, cost_usd, time.time()))
+
+    def totals(self) -> dict:
+        n, p, c, usd = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()
+        statuses = dict(self.conn.execute("SELECT status, COUNT(*) FROM responses GROUP BY status").fetchall())
+        return {"responses": n, "prompt_tokens": p, "completion_tokens": c, "tokens": p + c, "cost_usd": usd,
+                "by_status": statuses}
+
+    def records(self, *, only_ok: bool = True) -> Iterator[dict]:
+        query = "SELECT fingerprint, prompt_id, request, response, status FROM responses"
+        if only_ok:
+            query += " WHERE status = 'ok'"
+        for fp, pid, req, resp, status in self.conn.execute(query + " ORDER BY created, fingerprint"):
+            yield {"fingerprint": fp, "prompt_id": pid, "request": json.loads(req),
+                   "response": json.loads(resp) if resp else None, "status": status}
+
+    def export_jsonl(self, path: str | Path) -> int:
+        """The usable data: one line per (prompt, choice) with messages, answer, usage, logprobs."""
+        n = 0
+        with open(path, "w", encoding="utf-8") as fh:
+            for rec in self.records():
+                for choice in rec["response"]["choices"]:
+                    fh.write(json.dumps({
+                        "id": f"{rec['prompt_id']}#{choice.get('index', 0)}", "prompt_id": rec["prompt_id"],
+                        "messages": rec["request"]["messages"], "response": choice["message"]["content"],
+                        "finish_reason": choice.get("finish_reason"), "usage": rec["response"].get("usage"),
+                        "logprobs": (choice.get("logprobs") or {}).get("content"),
+                    }, ensure_ascii=False) + "\n")
+                    n += 1
+        return n

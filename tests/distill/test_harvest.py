@@ -1,0 +1,162 @@
+"""Harvesting a real teacher server: resumable, exactly once, within budget, retries on 429."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
+from distillguard.distill.harvest import classify, prompt_bound
+from distillguard.distill.store import fingerprint
+from distillguard.errors import ConfigError
+from distillguard.guard.db import make_engine
+from distillguard.guard.schema import LedgerRow
+from tests.servers import serve_process
+
+ADMIN = "admin-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """(base URL, ledger URL) of a guarded tiny teacher: its ledger is the teacher's own request count."""
+    db = f"sqlite:///{tmp_path_factory.mktemp('teacher') / 'ledger.db'}"
+    with serve_process("--model", "tiny", "--db", db, "--no-watermark", env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+        yield url, db
+
+
+def make_key(teacher, account: str, **limits) -> str:
+    r = httpx.post(f"{teacher[0]}/admin/keys", json={"account": account, **limits},
+                   headers={"Authorization": f"Bearer {ADMIN}"})
+    return r.json()["key"]
+
+
+def prompts_file(tmp_path, n: int, tag: str):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{tag} question {i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def generations(db: str, account: str) -> collections.Counter:
+    """How many times the teacher generated an answer for each prompt of ``account``."""
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        rows = conn.execute(select(LedgerRow.request_body, LedgerRow.status, LedgerRow.policy_action)
+                            .where(LedgerRow.account_id == account)).all()
+    engine.dispose()
+    return collections.Counter(r.request_body["messages"][0]["content"] for r in rows
+                               if r.status == 200 and r.policy_action != "idempotent_replay")
+
+
+def test_unit_pieces():
+    body = {"model": "m", "messages": [{"role": "user", "content": "héllo"}], "max_tokens": 5}
+    assert fingerprint(body) == fingerprint(dict(reversed(list(body.items()))))
+    assert prompt_bound(body) == len("héllo".encode()) + 16
+    ok = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+    assert classify(ok, 1) == "ok"
+    assert classify({"choices": [{"message": {"content": " "}, "finish_reason": "stop"}]}, 1) == "malformed:empty"
+    assert classify({"choices": [{"message": {"content": "x"}, "finish_reason": "length"}]}, 1) == "malformed:truncated"
+    assert classify({"choices": []}, 1) == "malformed:invalid" and classify([1], 1) == "malformed:invalid"
+    with pytest.raises(ConfigError, match="needs --price-in"):
+        HarvestConfig(teacher="http://x", budget_usd=1.0)
+
+
+def test_prompt_sources(tmp_path):
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("id,prompt\na,first\nb,second\n")
+    assert [p.as_messages() for p in load_prompts(str(csv_path))] == [
+        [{"role": "user", "content": "first"}], [{"role": "user", "content": "second"}]]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text(json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}) + "\n")
+    assert load_prompts(str(jl))[0].messages == (("system", "s"), ("user", "u"))
+    share = load_prompts("sharegpt", limit=5, skip=2)
+    assert len(share) == 5 and share[0].id == load_prompts("sharegpt", limit=3)[2].id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"nothing": 1}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:1"):
+        load_prompts(str(bad))
+    with pytest.raises(ConfigError, match="no such prompt source"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path):
+    key = make_key(teacher, "harvester")
+    prompts = load_prompts(str(prompts_file(tmp_path, 8, "resume")))
+    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=4, max_tokens=400,
+                           temperature=1.0, top_logprobs=2, seed=0)
+    store = ResponseStore(tmp_path / "store.sqlite")
+    report = asyncio.run(harvest(config, prompts, store))
+    assert report.sent == 8 and report.stored_ok + sum(report.malformed.values()) == 8 and not report.failed
+    assert store.totals()["responses"] == 8
+    data = tmp_path / "data.jsonl"
+    n_rows = store.export_jsonl(data)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert n_rows == len(rows) == report.stored_ok
+    for row in rows:
+        assert row["response"] and row["logprobs"] and len(row["logprobs"][0]["top_logprobs"]) == 2
+    again = asyncio.run(harvest(config, prompts, store))
+    assert again.skipped_done == 8 and again.sent == 0
+    assert set(generations(teacher[1], "harvester").values()) == {1}
+
+
+def test_budget_is_never_exceeded(teacher, tmp_path):
+    key = make_key(teacher, "thrifty")
+    prompts = load_prompts(str(prompts_file(tmp_path, 20, "budget")))
+    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=6, max_tokens=50,
+                           budget_tokens=600, price_in=1.0, price_out=2.0)
+    store = ResponseStore(tmp_path / "store.sqlite")
+    report = asyncio.run(harvest(config, prompts, store))
+    assert store.totals()["tokens"] <= 600
+    assert report.budget_stopped > 0 and report.sent + report.budget_stopped == 20
+    assert store.totals()["cost_usd"] == pytest.approx(
+        (store.totals()["prompt_tokens"] * 1.0 + store.totals()["completion_tokens"] * 2.0) / 1e6)
+
+
+def test_retries_honour_429(teacher, tmp_path):
+    key = make_key(teacher, "squeezed", max_concurrent=1)
+    prompts = load_prompts(str(prompts_file(tmp_path, 6, "retry")))
+    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=4, max_tokens=8,
+                           backoff_s=0.05, max_retries=20)
+    report = asyncio.run(harvest(config, prompts, ResponseStore(tmp_path / "store.sqlite")))
+    assert report.retries > 0 and not report.failed
+    assert report.stored_ok + sum(report.malformed.values()) == 6
+
+
+def test_kill_mid_run_then_rerun_answers_each_prompt_exactly_once(teacher, tmp_path):
+    key = make_key(teacher, "crashy")
+    path = prompts_file(tmp_path, 30, "crash")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distillguard.cli", "distill", "harvest", "--teacher", teacher[0] + "/v1",
+           "--prompts", str(path), "--out", str(out), "--model", "tiny", "--concurrency", "4", "--max-tokens", "64"]
+    env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": key}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    stored = 0
+    while stored < 8 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+        try:
+            with sqlite3.connect(out / "store.sqlite") as conn:
+                stored = conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        except sqlite3.Error:
+            pass
+    assert proc.poll() is None, "the harvest finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 8 <= stored < 30
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.splitlines()[-1])
+    assert summary["store"]["responses"] == 30 and summary["skipped_done"] >= 8
+    counts = generations(teacher[1], "crashy")
+    assert len(counts) == 30 and set(counts.values()) == {1}  # every prompt answered, none twice
