@@ -81,3 +81,40 @@ def harvest_cmd(
                       f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
                       f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
     print(json.dumps(summary))
+
+
+@distill_app.command("curate")
+def curate_cmd(
+    data: Path = typer.Option(..., help="harvested data.jsonl (from `distill harvest`)"),
+    out: Path = typer.Option(..., help="output directory: an HF datasets DatasetDict (train/eval)"),
+    eval_prompts: Optional[str] = typer.Option(None, help="evaluation prompts (any prompt source) to decontaminate against"),
+    near_dup: float = typer.Option(0.85, help="near-duplicate Jaccard threshold (MinHash); 1 keeps near-duplicates"),
+    dedup_on: str = typer.Option("prompt", help="prompt | response | both"),
+    min_chars: int = typer.Option(1, help="drop answers shorter than this"),
+    max_chars: Optional[int] = typer.Option(None, help="drop answers longer than this"),
+    keep_refusals: bool = typer.Option(False, "--keep-refusals", help="keep answers that look like refusals"),
+    verifier: Optional[str] = typer.Option(None, help="module:function called with each record; keep if true"),
+    eval_fraction: float = typer.Option(0.1, help="share of prompts held out for evaluation"),
+    seed: int = typer.Option(0, help="split seed"),
+) -> None:
+    """Deduplicate, filter, decontaminate and split harvested answers into a training set.
+
+    Examples:
+
+      distillguard distill curate --data runs/h1/data.jsonl --out runs/c1
+
+      distillguard distill curate --data runs/h1/data.jsonl --out runs/c1 --eval-prompts heldout.jsonl --verifier checks:math_ok
+    """
+    from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
+    from distillguard.distill.prompts import load_prompts
+
+    config = CurateConfig(min_chars=min_chars, max_chars=max_chars, drop_refusals=not keep_refusals,
+                          verifier=verifier, near_dup_threshold=None if near_dup >= 1 else near_dup,
+                          dedup_on=dedup_on, eval_fraction=eval_fraction, seed=seed)
+    evals = ["\n".join(c for r, c in p.messages if r != "system") for p in load_prompts(eval_prompts)] if eval_prompts else []
+    with err_console.status("curating ..."):
+        train, evaluation, report = curate(read_jsonl(data), config, eval_prompts=evals)
+        save_dataset(train, evaluation, out)
+    (out / "curate_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    err_console.print(f"kept {report.train} train + {report.eval} eval of {report.read}; removed {report.removed}")
+    print(json.dumps(report.to_dict()))

@@ -1,0 +1,187 @@
+"""Curate harvested answers into a training set: dedup, filters, verifier, decontamination, split.
+
+Order: malformed rows out, length and refusal filters, the optional verifier, decontamination
+against the evaluation prompts, exact then near-duplicate removal (MinHash LSH from datasketch
+over word 3-shingles), and a train/eval split by prompt (every answer to one prompt lands on
+the same side, so the evaluation never sees a training question). Writes an HF ``datasets``
+directory (``load_from_disk``) and a report of how many rows each step removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from distillguard.errors import ConfigError
+
+REFUSAL = re.compile(
+    r"\b(as an ai (language )?model|i'?m sorry,? but|i (can(no|')t|am unable to|won'?t) (help|assist|provide|comply)"
+    r"|i apologi[sz]e,? but)", re.IGNORECASE)
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    min_chars: int = 1
+    max_chars: int | None = None
+    drop_refusals: bool = True
+    verifier: str | None = None  # "module:function", called with each record, keep if truthy
+    near_dup_threshold: float | None = 0.85  # Jaccard similarity; None disables near-dup removal
+    dedup_on: str = "prompt"  # prompt | response | both
+    decontam_threshold: float = 0.5  # drop a record whose prompt is this similar to an eval prompt
+    eval_fraction: float = 0.1
+    seed: int = 0
+    num_perm: int = 128
+
+    def __post_init__(self) -> None:
+        if self.dedup_on not in ("prompt", "response", "both"):
+            raise ConfigError(f"--dedup-on {self.dedup_on!r}: use prompt, response or both")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.near_dup_threshold is not None and not 0 < self.near_dup_threshold <= 1:
+            raise ConfigError(f"--near-dup {self.near_dup_threshold} must be in (0, 1]")
+
+
+@dataclass
+class CurateReport:
+    read: int = 0
+    removed: dict[str, int] = field(default_factory=dict)
+    train: int = 0
+    eval: int = 0
+
+    def drop(self, reason: str) -> None:
+        self.removed[reason] = self.removed.get(reason, 0) + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_text(record: dict) -> str:
+    return "\n".join(m.get("content", "") for m in record.get("messages", []) if m.get("role") != "system")
+
+
+def shingles(text: str, k: int = 3) -> set[str]:
+    words = WORD.findall(text.lower())
+    if len(words) < k:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+
+
+def _minhash(text: str, num_perm: int):
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=1)
+    for s in shingles(text):
+        m.update(s.encode())
+    return m
+
+
+def load_verifier(spec: str) -> Callable[[dict], bool]:
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"--verifier {spec!r}: use module:function (e.g. mychecks:answer_is_correct)")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load verifier {spec!r}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"verifier {spec!r} is not callable")
+    return fn
+
+
+def in_eval_split(prompt_id: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Iterable[str] = (),
+           verifier: Callable[[dict], bool] | None = None) -> tuple[list[dict], list[dict], CurateReport]:
+    """Filter and split harvested records; returns (train, eval, report)."""
+    from datasketch import MinHashLSH
+
+    report = CurateReport()
+    verifier = verifier or (load_verifier(config.verifier) if config.verifier else None)
+    contam = MinHashLSH(threshold=config.decontam_threshold, num_perm=config.num_perm)
+    eval_exact = set()
+    for i, text in enumerate(eval_prompts):
+        eval_exact.add(" ".join(WORD.findall(text.lower())))
+        contam.insert(f"e{i}", _minhash(text, config.num_perm))
+    near = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm) if config.near_dup_threshold else None
+    seen_exact: set[str] = set()
+    train: list[dict] = []
+    evaluation: list[dict] = []
+    for record in records:
+        report.read += 1
+        response = record.get("response")
+        if not isinstance(response, str) or record.get("finish_reason") == "length":
+            report.drop("malformed")
+            continue
+        if len(response.strip()) < config.min_chars:
+            report.drop("too_short")
+            continue
+        if config.max_chars is not None and len(response) > config.max_chars:
+            report.drop("too_long")
+            continue
+        if config.drop_refusals and REFUSAL.search(response[:400]):
+            report.drop("refusal")
+            continue
+        if verifier is not None and not verifier(record):
+            report.drop("verifier")
+            continue
+        prompt = prompt_text(record)
+        if eval_exact and (" ".join(WORD.findall(prompt.lower())) in eval_exact
+                           or contam.query(_minhash(prompt, config.num_perm))):
+            report.drop("contaminated")
+            continue
+        key_text = {"prompt": prompt, "response": response, "both": prompt + "\n" + response}[config.dedup_on]
+        exact = hashlib.sha256(" ".join(WORD.findall(key_text.lower())).encode()).hexdigest()
+        if exact in seen_exact:
+            report.drop("duplicate")
+            continue
+        if near is not None:
+            mh = _minhash(key_text, config.num_perm)
+            if near.query(mh):
+                report.drop("near_duplicate")
+                continue
+            near.insert(exact, mh)
+        seen_exact.add(exact)
+        pid = str(record.get("prompt_id") or record.get("id") or exact)
+        (evaluation if in_eval_split(pid, config.eval_fraction, config.seed) else train).append(record)
+    report.train, report.eval = len(train), len(evaluation)
+    return train, evaluation, report
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such data file: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                raise ConfigError(f"{path}:{n}: not valid JSON") from None
+    return out
+
+
+def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> None:
+    """An HF ``DatasetDict`` with train/eval splits (chat ``messages`` + the teacher ``response``)."""
+    from datasets import Dataset, DatasetDict
+
+    def rows(records: list[dict]) -> dict:
+        return {
+            "id": [str(r.get("id", i)) for i, r in enumerate(records)],
+            "prompt_id": [str(r.get("prompt_id", "")) for r in records],
+            "messages": [r["messages"] for r in records],
+            "response": [r["response"] for r in records],
+            # top-k logprobs per token as JSON (ragged, optional): kept for sparse KD
+            "logprobs": [json.dumps(r.get("logprobs")) if r.get("logprobs") else "" for r in records],
+        }
+
+    DatasetDict({"train": Dataset.from_dict(rows(train)), "eval": Dataset.from_dict(rows(evaluation))}).save_to_disk(str(out))
