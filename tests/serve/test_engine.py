@@ -103,12 +103,12 @@ def test_batch_of_different_lengths_matches_alone(engine, prompts, no_specials):
 
 
 def test_rows_spliced_into_a_running_batch_match_alone(engine, prompts, no_specials):
-    lengths = {"runner": 120, "target": 30, "long": 25, "short": 35}
+    lengths = {"runner": 80, "target": 30, "long": 25, "short": 35}
     expected = {n: alone(engine, prompts[n], max_new_tokens=k, logit_bias=no_specials).text()
                 for n, k in lengths.items()}
     log: list[tuple[str, str]] = []
     sinks = {n: Sink(n, log) for n in lengths}
-    submit(engine, prompts["runner"], sinks["runner"], max_new_tokens=120, logit_bias=no_specials)
+    submit(engine, prompts["runner"], sinks["runner"], max_new_tokens=lengths["runner"], logit_bias=no_specials)
     assert sinks["runner"].started.wait(WAIT_S)
     for n in ("target", "long", "short"):  # arrive together while "runner" is mid-generation
         submit(engine, prompts[n], sinks[n], max_new_tokens=lengths[n], logit_bias=no_specials)

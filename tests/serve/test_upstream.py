@@ -1,11 +1,12 @@
 """``distillguard serve --upstream URL``: a gateway proxying to another OpenAI-compatible server.
 
-The upstream is the real tiny server; only the misbehaving upstreams are stand-ins: a closed
-port (down) and a small HTTP server that answers too late (slow).
+The upstream is the real tiny server; only the misbehaving upstream is a stand-in: a small
+HTTP server that answers too late (slow), then is stopped (down: connection refused).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -81,14 +82,6 @@ def assert_upstream_error(resp: httpx.Response, status: int, code: str) -> None:
     assert error["code"] == code
 
 
-def test_upstream_down_is_502(serve, unused_port):
-    gateway = serve("--upstream", f"http://127.0.0.1:{unused_port}", "--no-guard")
-    for stream in (False, True):
-        resp = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
-                          json={"model": "tiny", "messages": MESSAGES, "stream": stream})
-        assert_upstream_error(resp, 502, "upstream_unavailable")
-
-
 class SlowHandler(BaseHTTPRequestHandler):
     """Reads the request, then waits SLOW_S before answering: an upstream that hangs."""
 
@@ -109,25 +102,58 @@ class SlowHandler(BaseHTTPRequestHandler):
         pass
 
 
+class SlowUpstream:
+    """A slow HTTP server on a fixed loopback port that can be stopped (then the port is closed)."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.server: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.server is None:
+            self.server = ThreadingHTTPServer(("127.0.0.1", self.port), SlowHandler)
+            self.server.daemon_threads = True
+            self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join()
+            self.server = self.thread = None
+
+
 @pytest.fixture(scope="module")
-def slow_upstream() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowHandler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def bad_upstream() -> Iterator[SlowUpstream]:
+    with socket.socket() as s:  # a free port, kept for the fake so the gateway can point at it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    upstream = SlowUpstream(port)
+    yield upstream
+    upstream.stop()
 
 
-def test_upstream_timeout_is_504(serve, slow_upstream):
-    gateway = serve("--upstream", slow_upstream, "--upstream-timeout", "1", "--no-guard")
+@pytest.fixture(scope="module")
+def bad_gateway(serve, bad_upstream) -> str:
+    """One gateway in front of the fake: slow while it runs, down once it is stopped."""
+    return serve("--upstream", f"http://127.0.0.1:{bad_upstream.port}", "--upstream-timeout", "1", "--no-guard")
+
+
+def test_upstream_timeout_is_504(bad_gateway, bad_upstream):
+    bad_upstream.start()
     for stream in (False, True):
         started = time.monotonic()
-        resp = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
+        resp = httpx.post(f"{bad_gateway}/v1/chat/completions", timeout=30,
                           json={"model": "tiny", "messages": MESSAGES, "stream": stream})
         assert_upstream_error(resp, 504, "upstream_timeout")
         assert time.monotonic() - started < SLOW_S  # it gave up; it did not wait for the answer
+
+
+def test_upstream_down_is_502(bad_gateway, bad_upstream):
+    bad_upstream.stop()  # nothing listens on the port now: connection refused
+    for stream in (False, True):
+        resp = httpx.post(f"{bad_gateway}/v1/chat/completions", timeout=30,
+                          json={"model": "tiny", "messages": MESSAGES, "stream": stream})
+        assert_upstream_error(resp, 502, "upstream_unavailable")

@@ -113,7 +113,7 @@ def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel
     elif spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
         tiny = TinySpec.parse(spec)
         tok = tiny_tokenizer()
-        model = tiny_model(tiny, vocab_size=len(tok))
+        model = tiny_model(tiny, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():

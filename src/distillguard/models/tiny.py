@@ -84,20 +84,20 @@ def _byte_of_char(ch: str) -> int:
     return inverse[ch]
 
 
-def tiny_model(spec: TinySpec, vocab_size: int) -> torch.nn.Module:
+def tiny_model(spec: TinySpec, vocab_size: int, *, eos_id: int | None = None, pad_id: int | None = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if spec.arch == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size, n_positions=spec.ctx, n_embd=spec.hidden, n_layer=spec.layers,
-            n_head=spec.heads, bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+            n_head=spec.heads, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
         )
     else:
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
             num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
             num_key_value_heads=max(1, spec.heads // 2), max_position_embeddings=spec.ctx,
-            tie_word_embeddings=True,
+            tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
             # A wider init than the default 0.02 so the random model's next-token distribution
             # is peaked rather than uniform: sampling parameters then visibly matter in tests.
             initializer_range=0.2,

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 
-from distillguard.errors import ContextLengthExceeded, InvalidRequestError, NotFoundError
+from distillguard.errors import APIError, ContextLengthExceeded, InvalidRequestError, NotFoundError
 from distillguard.models import LoadedModel
 from distillguard.serve.backend import completion_id, now
 from distillguard.serve.config import ServeConfig
@@ -105,7 +105,7 @@ class LocalBackend:
                 elif ev.kind == "finish":
                     reasons[ev.index] = ev.finish_reason
                 elif ev.kind == "error":
-                    raise ev.error
+                    raise _api_error(ev.error)
                 elif ev.kind == "done":
                     usage = ev.usage
                     break
@@ -149,7 +149,7 @@ class LocalBackend:
                 elif ev.kind == "finish":
                     yield chunk(ev.index, {}, None, ev.finish_reason)
                 elif ev.kind == "error":
-                    raise ev.error
+                    raise _api_error(ev.error)
                 elif ev.kind == "done":
                     # Always sent: the HTTP layer needs usage for the ledger and the token
                     # limits, and drops this chunk unless the client asked for it.
@@ -157,3 +157,10 @@ class LocalBackend:
                     return
         finally:
             job.cancelled.set()
+
+
+def _api_error(exc: BaseException) -> APIError:
+    """An engine failure as an OpenAI-shaped 500 (so a stream ends with an error event, not a cut)."""
+    if isinstance(exc, APIError):
+        return exc
+    return APIError(f"generation failed: {exc.__class__.__name__}", code="internal_error")
