@@ -118,3 +118,55 @@ def curate_cmd(
     (out / "curate_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     err_console.print(f"kept {report.train} train + {report.eval} eval of {report.read}; removed {report.removed}")
     print(json.dumps(report.to_dict()))
+
+
+@distill_app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
+    out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
+    student: str = typer.Option("prune:8", help="prune:K (K of the teacher's layers) | tiny | HF id | DIR | FILE.gguf"),
+    teacher: str = typer.Option("smollm2", help="model spec that prune:K starts from"),
+    loss: str = typer.Option("sft", help="sft | topk-kd (needs harvested --top-logprobs and a shared tokenizer)"),
+    lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (PEFT), merged into the saved model"),
+    epochs: float = typer.Option(2.0, help="passes over the training set"),
+    lr: float = typer.Option(2e-4, help="peak learning rate (cosine schedule)"),
+    batch_size: int = typer.Option(8, help="examples per step"),
+    max_length: int = typer.Option(512, help="tokens per example at most"),
+    max_train: Optional[int] = typer.Option(None, help="use at most this many training examples"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
+
+    Examples:
+
+      distillguard distill train --data runs/c1 --out runs/s1 --student prune:8
+
+      distillguard distill train --data runs/c1 --out runs/s2 --student prune:12 --loss topk-kd --epochs 3
+    """
+    from transformers import TrainerCallback
+
+    from distillguard.distill.train import TrainConfig, train
+
+    config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
+                         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
+                         seed=seed)
+
+    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        task = progress.add_task("train", total=None, loss="-")
+
+        class RichProgress(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                progress.update(task, total=state.max_steps)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                progress.update(task, completed=state.global_step)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    progress.update(task, loss=f"{logs['loss']:.3f}")
+
+        summary = train(config, callbacks=[RichProgress()])
+    err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
+                      f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))

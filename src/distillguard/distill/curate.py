@@ -172,16 +172,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> None:
     """An HF ``DatasetDict`` with train/eval splits (chat ``messages`` + the teacher ``response``)."""
-    from datasets import Dataset, DatasetDict
+    from datasets import Dataset, DatasetDict, Features, List, Value
 
-    def rows(records: list[dict]) -> dict:
-        return {
+    # Explicit features: an empty split (e.g. no eval prompts) must still have the schema.
+    features = Features({
+        "id": Value("string"), "prompt_id": Value("string"),
+        "messages": List({"role": Value("string"), "content": Value("string")}),
+        "response": Value("string"), "logprobs": Value("string"),
+    })
+
+    def rows(records: list[dict]) -> Dataset:
+        return Dataset.from_dict({
             "id": [str(r.get("id", i)) for i, r in enumerate(records)],
             "prompt_id": [str(r.get("prompt_id", "")) for r in records],
             "messages": [r["messages"] for r in records],
             "response": [r["response"] for r in records],
             # top-k logprobs per token as JSON (ragged, optional): kept for sparse KD
             "logprobs": [json.dumps(r.get("logprobs")) if r.get("logprobs") else "" for r in records],
-        }
+        }, features=features)
 
-    DatasetDict({"train": Dataset.from_dict(rows(train)), "eval": Dataset.from_dict(rows(evaluation))}).save_to_disk(str(out))
+    # One shard per split at least: datasets cannot reload an empty split saved with zero shards.
+    DatasetDict({"train": rows(train), "eval": rows(evaluation)}).save_to_disk(
+        str(out), num_shards={"train": 1, "eval": 1})

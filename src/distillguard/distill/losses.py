@@ -1,0 +1,31 @@
+"""Distillation losses as pure functions (tested on tiny tensors with known answers)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) from a sparse teacher: its top-k log-probabilities plus the tail.
+
+    The API gives the teacher's k most likely tokens; everything else is lumped into one "tail"
+    bucket with the remaining mass, on both sides, so the KL is over k+1 outcomes and is exactly
+    0 when the student matches the teacher on the top-k (DistillKit-style sparse KD).
+
+    student_logits (N, V); topk_ids (N, K) (pad with any id and -inf logprob); topk_logprobs
+    (N, K); mask (N,) selects the positions that count. Returns the mean KL over those positions.
+    """
+    logp = student_logits.float().log_softmax(dim=-1)  # (N, V)
+    s_top = logp.gather(1, topk_ids)  # (N, K)
+    valid = topk_logprobs > float("-inf")  # (N, K) padded alternatives are not part of the top-k
+    q_top = topk_logprobs.float().exp()  # (N, K), 0 where padded
+    q_tail = (1 - q_top.sum(dim=-1)).clamp(min=0)  # (N,)
+    p_tail = (1 - (s_top.exp() * valid).sum(dim=-1)).clamp(min=1e-12)  # (N,)
+    safe_q = torch.where(valid, topk_logprobs.float(), torch.zeros_like(q_top))
+    kl_top = (q_top * (safe_q - s_top)).sum(dim=-1)  # (N,)
+    kl_tail = torch.where(q_tail > 1e-9, q_tail * (q_tail.clamp(min=1e-12).log() - p_tail.log()), torch.zeros_like(q_tail))
+    kl = kl_top + kl_tail
+    if mask is not None:
+        kl = kl[mask]
+    return kl.mean() if kl.numel() else student_logits.sum() * 0.0
