@@ -89,3 +89,16 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(tmp_path, loss):
     student = load_model(str(tmp_path / "student"))
     assert student.context_length == 512
     assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["loss"] == loss
+
+
+def test_eval_reports_teacher_floor_and_student_agreement():
+    from distillguard.distill.evaluate import evaluate
+
+    teacher = load_model("tiny")
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    same = evaluate(teacher, load_model("tiny"), prompts, max_new_tokens=12)
+    assert same.student.rouge_l == pytest.approx(1.0) and same.student.exact_match == 1.0
+    assert same.student.nll == pytest.approx(same.teacher.nll, rel=1e-5)
+    other = evaluate(teacher, load_model("tiny:seed=7"), prompts, max_new_tokens=12, baseline=load_model("tiny:seed=8"))
+    assert other.student.nll > other.teacher.nll and other.student.exact_match < 1.0
+    assert other.gap_closed is not None

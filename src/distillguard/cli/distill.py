@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from distillguard.cli import err_console
+from distillguard.cli import console, err_console
 
 distill_app = typer.Typer(help="Distil a teacher into a student: harvest, ...", no_args_is_help=True)
 
@@ -170,3 +170,48 @@ def train_cmd(
     err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
                       f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+
+
+@distill_app.command("eval")
+def eval_cmd(
+    student: str = typer.Option(..., help="the trained student (a directory from `distill train`, or any spec)"),
+    teacher: str = typer.Option("smollm2", help="the teacher, loaded locally (same tokenizer as the student)"),
+    prompts: str = typer.Option(..., help="held-out prompts: FILE.jsonl | FILE.csv | DATASET_DIR (its eval split) | sharegpt"),
+    limit: int = typer.Option(64, help="prompts to use"),
+    skip: int = typer.Option(0, help="skip this many prompts first (keep training prompts out)"),
+    max_new_tokens: int = typer.Option(128, help="greedy answer length"),
+    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:8), for 'gap closed'"),
+    out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
+) -> None:
+    """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed.
+
+    Example: distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:8
+    """
+    from rich.table import Table
+
+    from distillguard.distill.evaluate import evaluate
+    from distillguard.distill.prompts import load_prompts
+    from distillguard.distill.train import load_student
+    from distillguard.models import load_model
+
+    if Path(prompts).is_dir() and (Path(prompts) / "dataset_dict.json").is_file():
+        from datasets import load_from_disk
+
+        rows = list(load_from_disk(prompts)["eval"])[skip:skip + limit]
+        messages = [r["messages"] for r in rows]
+    else:
+        messages = [p.as_messages() for p in load_prompts(prompts, limit=limit, skip=skip)]
+    with err_console.status("evaluating ..."):
+        report = evaluate(load_model(teacher, device="cpu"), load_model(student, device="cpu"), messages,
+                          max_new_tokens=max_new_tokens,
+                          baseline=load_student(baseline, teacher) if baseline else None)
+    table = Table("model", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact")
+    for name, r in (("teacher", report.teacher), ("student", report.student), ("baseline", report.baseline)):
+        if r is not None:
+            table.add_row(name, f"{r.parameters:,}", f"{r.nll:.3f}", f"{r.tokens_per_s:.1f}",
+                          "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
+                          "-" if r.exact_match is None else f"{r.exact_match:.2f}")
+    console.print(table)
+    if out is not None:
+        out.write_text(json.dumps(report.to_dict(), indent=2))
+    print(json.dumps(report.to_dict()))
