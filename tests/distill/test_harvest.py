@@ -160,3 +160,31 @@ def test_kill_mid_run_then_rerun_answers_each_prompt_exactly_once(teacher, tmp_p
     assert summary["store"]["responses"] == 30 and summary["skipped_done"] >= 8
     counts = generations(teacher[1], "crashy")
     assert len(counts) == 30 and set(counts.values()) == {1}  # every prompt answered, none twice
+
+
+def test_pipeline_runs_all_stages_then_caches_them(teacher, tmp_path, monkeypatch):
+    from distillguard.distill.pipeline import load_config, run
+
+    monkeypatch.setenv("DG_TEST_KEY", make_key(teacher, "pipeline"))
+    path = prompts_file(tmp_path, 10, "pipeline")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+out: {tmp_path / 'run'}
+harvest: {{teacher: "{teacher[0]}", api_key_env: DG_TEST_KEY, model: tiny, prompts: "{path}", max_tokens: 400,
+          temperature: 1.0, concurrency: 4, seed: 1}}
+curate: {{eval_fraction: 0.3, near_dup_threshold: null, min_chars: 1, drop_refusals: false}}
+train: {{student: tiny, teacher: tiny, epochs: 1, batch_size: 4}}
+eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
+""")
+    first = run(load_config(cfg), log=lambda *_: None)
+    assert first["harvest"]["sent"] == 10 and first["train"]["steps"] >= 1
+    assert first["eval"]["student"]["nll"] > 0
+    marks = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("stage.json")}
+    assert len(marks) == 3
+    second = run(load_config(cfg), log=lambda *_: None)
+    assert second["harvest"]["sent"] == 0 and second["harvest"]["skipped_done"] == 10
+    assert {p: p.stat().st_mtime_ns for p in marks} == marks  # nothing re-ran
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\nharvest: {}\nextra: 1\n")
+    with pytest.raises(ConfigError, match="unknown sections"):
+        load_config(bad)

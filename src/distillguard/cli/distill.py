@@ -215,3 +215,21 @@ def eval_cmd(
     if out is not None:
         out.write_text(json.dumps(report.to_dict(), indent=2))
     print(json.dumps(report.to_dict()))
+
+
+@distill_app.command("run")
+def run_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see `distillguard.distill.pipeline`)")) -> None:
+    """Run harvest → curate → train → eval from one YAML config; finished stages are cached.
+
+    Example config:
+
+      out: runs/demo
+      harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000}
+      curate: {eval_fraction: 0.1}
+      train: {student: "prune:8", loss: sft, epochs: 2}
+      eval: {limit: 64, max_new_tokens: 128}
+    """
+    from distillguard.distill.pipeline import load_config, run
+
+    results = run(load_config(config), log=err_console.print)
+    print(json.dumps(results, default=str))

@@ -1,0 +1,137 @@
+"""``distill run CONFIG.yaml``: harvest → curate → train → eval, each stage cached.
+
+A stage is skipped when its output directory holds a ``stage.json`` whose config hash matches
+the stage's configuration and its inputs' hashes; change anything upstream and every stage
+after it runs again. Harvest is always called (it resumes by itself and sends nothing already
+answered), so an interrupted run simply continues.
+
+Example config::
+
+    out: runs/demo
+    harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000,
+              max_tokens: 256, top_logprobs: 5}
+    curate: {eval_fraction: 0.1}
+    train: {student: prune:8, loss: sft, epochs: 2}
+    eval: {limit: 64, max_new_tokens: 128}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from distillguard.errors import ConfigError
+
+STAGES = ("harvest", "curate", "train", "eval")
+
+
+def load_config(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no such config file: {path}")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict) or "out" not in config or "harvest" not in config:
+        raise ConfigError(f"{path}: needs at least `out:` and a `harvest:` section")
+    unknown = set(config) - {"out", *STAGES}
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use out, {', '.join(STAGES)}")
+    return config
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(stage_dir: Path, key: str) -> bool:
+    marker = stage_dir / "stage.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("key") == key
+
+
+def _mark(stage_dir: Path, key: str, result: dict) -> None:
+    (stage_dir / "stage.json").write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
+
+
+def run(config: dict, *, log=print) -> dict:
+    from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
+    from distillguard.distill.harvest import HarvestConfig, harvest
+    from distillguard.distill.prompts import load_prompts
+    from distillguard.distill.store import ResponseStore
+    from distillguard.distill.train import TrainConfig, train
+
+    out = Path(config["out"])
+    results: dict = {}
+    # harvest (resumable by itself)
+    h = dict(config["harvest"])
+    source, limit, skip = h.pop("prompts"), h.pop("limit", None), h.pop("skip", 0)
+    key_env = h.pop("api_key_env", None)
+    if key_env:
+        h["api_key"] = os.environ.get(key_env) or _missing(key_env)
+    hdir = out / "harvest"
+    hdir.mkdir(parents=True, exist_ok=True)
+    store = ResponseStore(hdir / "store.sqlite")
+    report = asyncio.run(harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store))
+    rows = store.export_jsonl(hdir / "data.jsonl")
+    store.close()
+    results["harvest"] = {**report.to_dict(), "data_rows": rows}
+    log(f"harvest: {report.stored_ok} new, {report.skipped_done} cached, {rows} rows")
+    upstream = _file_hash(hdir / "data.jsonl")
+    # curate
+    c = dict(config.get("curate") or {})
+    cdir = out / "curate"
+    key = _hash({"curate": c, "input": upstream})
+    if not _cached(cdir, key):
+        eval_source = c.pop("eval_prompts", None)
+        evals = ["\n".join(t for r, t in p.messages if r != "system") for p in load_prompts(eval_source)] if eval_source else []
+        train_rows, eval_rows, creport = curate(read_jsonl(hdir / "data.jsonl"), CurateConfig(**c), eval_prompts=evals)
+        save_dataset(train_rows, eval_rows, cdir)
+        _mark(cdir, key, creport.to_dict())
+        log(f"curate: {creport.train} train, {creport.eval} eval, removed {creport.removed}")
+    results["curate"] = json.loads((cdir / "stage.json").read_text())["result"]
+    # train
+    if "train" in config:
+        t = dict(config["train"] or {})
+        tdir = out / "student"
+        key = _hash({"train": t, "input": key})
+        if not _cached(tdir, key):
+            summary = train(TrainConfig(data=str(cdir), out=str(tdir), **t))
+            _mark(tdir, key, {k: v for k, v in summary.items() if k != "history"})
+            log(f"train: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+        results["train"] = json.loads((tdir / "stage.json").read_text())["result"]
+        # eval
+        if "eval" in config:
+            e = dict(config["eval"] or {})
+            edir = out / "eval"
+            edir.mkdir(parents=True, exist_ok=True)
+            key = _hash({"eval": e, "input": key})
+            if not _cached(edir, key):
+                from datasets import load_from_disk
+
+                from distillguard.distill.evaluate import evaluate
+                from distillguard.distill.train import load_student
+                from distillguard.models import load_model
+
+                teacher = e.pop("teacher", (config.get("train") or {}).get("teacher", "smollm2"))
+                n = e.pop("limit", 64)
+                baseline = e.pop("baseline", None)
+                messages = [r["messages"] for r in list(load_from_disk(str(cdir))["eval"])[:n]]
+                ereport = evaluate(load_model(teacher, device="cpu"), load_model(str(tdir), device="cpu"), messages,
+                                   baseline=load_student(baseline, teacher) if baseline else None, **e)
+                _mark(edir, key, ereport.to_dict())
+                log(f"eval: student NLL {ereport.student.nll:.3f} vs teacher {ereport.teacher.nll:.3f}, "
+                    f"ROUGE-L {ereport.student.rouge_l:.3f}")
+            results["eval"] = json.loads((edir / "stage.json").read_text())["result"]
+    (out / "run.json").write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _missing(name: str):
+    raise ConfigError(f"environment variable {name} (api_key_env) is not set")
