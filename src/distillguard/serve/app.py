@@ -112,7 +112,7 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        err = APIError(str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        err = APIError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
         err.status_code, err.type = exc.status_code, "invalid_request_error"
         return JSONResponse(err.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
