@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
-from distillguard.distill.harvest import classify, prompt_bound
+from distillguard.distill.harvest import _Budget, classify, content_bytes
 from distillguard.distill.store import fingerprint
 from distillguard.errors import ConfigError
 from distillguard.guard.db import make_engine
@@ -62,7 +62,13 @@ def generations(db: str, account: str) -> collections.Counter:
 def test_unit_pieces():
     body = {"model": "m", "messages": [{"role": "user", "content": "héllo"}], "max_tokens": 5}
     assert fingerprint(body) == fingerprint(dict(reversed(list(body.items()))))
-    assert prompt_bound(body) == len("héllo".encode()) + 16
+    assert content_bytes(body) == len("héllo".encode())
+    budget = _Budget(HarvestConfig(teacher="http://x", budget_tokens=5000, max_tokens=5), 0, 0.0)
+    assert budget.prompt_bound(body) == 6 + _Budget.INITIAL_OVERHEAD  # unknown template: generous
+    budget.observe(body, 31)  # the teacher's template added 25 tokens to 6 content bytes
+    budget.observe(body, 20)
+    assert budget.prompt_bound(body) == 6 + 25
+    assert budget.reserve(4996) is None and budget.reserve(4995) is not None  # + 5 completion tokens
     ok = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
     assert classify(ok, 1) == "ok"
     assert classify({"choices": [{"message": {"content": " "}, "finish_reason": "stop"}]}, 1) == "malformed:empty"
@@ -113,11 +119,11 @@ def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path
 def test_budget_is_never_exceeded(teacher, tmp_path):
     key = make_key(teacher, "thrifty")
     prompts = load_prompts(str(prompts_file(tmp_path, 20, "budget")))
-    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=6, max_tokens=50,
-                           budget_tokens=600, price_in=1.0, price_out=2.0)
+    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=6, max_tokens=100,
+                           budget_tokens=2000, price_in=1.0, price_out=2.0)
     store = ResponseStore(tmp_path / "store.sqlite")
     report = asyncio.run(harvest(config, prompts, store))
-    assert store.totals()["tokens"] <= 600
+    assert store.totals()["tokens"] <= 2000
     assert report.budget_stopped > 0 and report.sent + report.budget_stopped == 20
     assert store.totals()["cost_usd"] == pytest.approx(
         (store.totals()["prompt_tokens"] * 1.0 + store.totals()["completion_tokens"] * 2.0) / 1e6)

@@ -82,7 +82,7 @@ CASES = [
     ("max_tokens past the context", "POST", "/v1/chat/completions", body(max_tokens=500), 400, "max_tokens",
      "context_length_exceeded"),
     ("unknown route", "POST", "/v1/completions/nope", body(), 404, None, "not_found"),
-    ("wrong method", "GET", "/v1/chat/completions", None, 405, None, None),
+    ("wrong method", "GET", "/v1/chat/completions", None, 405, None, "method_not_allowed"),
 ]
 
 

@@ -97,7 +97,16 @@ class HarvestReport:
 
 
 class _Budget:
-    """Reserve-then-settle accounting; all calls happen on one event loop (no awaits inside)."""
+    """Reserve-then-settle accounting; all calls happen on one event loop (no awaits inside).
+
+    The prompt's token count is bounded by its content bytes (a byte-level or SentencePiece
+    token covers at least one byte) plus what the teacher's chat template adds, which only the
+    teacher knows (a default system prompt can add dozens of tokens). The first answer tells:
+    until it arrives requests go one at a time with a generous allowance, then the allowance is
+    the largest overhead seen.
+    """
+
+    INITIAL_OVERHEAD = 1024
 
     def __init__(self, config: HarvestConfig, spent_tokens: int, spent_usd: float):
         self.config = config
@@ -105,6 +114,18 @@ class _Budget:
         self.usd = spent_usd
         self.reserved_tokens = 0
         self.reserved_usd = 0.0
+        self.overhead: int | None = None  # template tokens beyond the content bytes, once observed
+
+    @property
+    def limited(self) -> bool:
+        return self.config.budget_tokens is not None or self.config.budget_usd is not None
+
+    def prompt_bound(self, body: dict) -> int:
+        return content_bytes(body) + (self.INITIAL_OVERHEAD if self.overhead is None else self.overhead)
+
+    def observe(self, body: dict, prompt_tokens: int) -> None:
+        if prompt_tokens:
+            self.overhead = max(self.overhead or 0, prompt_tokens - content_bytes(body))
 
     def reserve(self, prompt_bound: int) -> tuple[int, float] | None:
         c = self.config
@@ -125,10 +146,8 @@ class _Budget:
         self.usd += usd
 
 
-def prompt_bound(body: dict) -> int:
-    """Upper bound of the prompt's tokens without the teacher's tokenizer: a byte-level or
-    SentencePiece token covers at least one byte, plus a few template tokens per message."""
-    return sum(len(str(m.get("content", "")).encode()) + 8 for m in body["messages"]) + 8
+def content_bytes(body: dict) -> int:
+    return sum(len(str(m.get("content", "")).encode()) for m in body["messages"])
 
 
 def classify(response: object, n: int) -> str:
@@ -168,6 +187,7 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
     client = client or httpx.AsyncClient(
         base_url=config.base_url, headers=headers, timeout=httpx.Timeout(config.timeout_s, connect=10),
         limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency))
+    calibrating = asyncio.Lock()
     queue: asyncio.Queue = asyncio.Queue()
     for item in todo:
         queue.put_nowait(item)
@@ -178,32 +198,41 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
                 prompt, body, fp = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            reservation = budget.reserve(prompt_bound(body))
-            if reservation is None:
-                report.budget_stopped += 1
-                continue
-            tokens, usd = 0, 0.0
-            try:
-                outcome = await _send(client, config, body, fp, report)
-                if outcome is not None:
-                    status, response = outcome
-                    usage = (response or {}).get("usage") if isinstance(response, dict) else None
-                    p = int((usage or {}).get("prompt_tokens") or 0)
-                    c = int((usage or {}).get("completion_tokens") or 0)
-                    tokens, usd = p + c, config.cost(p, c)
-                    store.put(fp, prompt.id, body, response if isinstance(response, dict) else None, status,
-                              prompt_tokens=p, completion_tokens=c, cost_usd=usd)
-                    report.prompt_tokens += p
-                    report.completion_tokens += c
-                    report.cost_usd += usd
-                    if status == "ok":
-                        report.stored_ok += 1
-                    else:
-                        report.malformed[status] = report.malformed.get(status, 0) + 1
-            finally:
-                budget.settle(reservation, tokens, usd)
-                if on_progress is not None:
-                    on_progress(report, budget)
+            if budget.limited and budget.overhead is None:
+                async with calibrating:  # one request at a time until an answer shows the overhead
+                    if budget.overhead is None:
+                        await one(prompt, body, fp)
+                        continue
+            await one(prompt, body, fp)
+
+    async def one(prompt: Prompt, body: dict, fp: str) -> None:
+        reservation = budget.reserve(budget.prompt_bound(body))
+        if reservation is None:
+            report.budget_stopped += 1
+            return
+        tokens, usd = 0, 0.0
+        try:
+            outcome = await _send(client, config, body, fp, report)
+            if outcome is not None:
+                status, response = outcome
+                usage = (response or {}).get("usage") if isinstance(response, dict) else None
+                p = int((usage or {}).get("prompt_tokens") or 0)
+                c = int((usage or {}).get("completion_tokens") or 0)
+                tokens, usd = p + c, config.cost(p, c)
+                budget.observe(body, p)
+                store.put(fp, prompt.id, body, response if isinstance(response, dict) else None, status,
+                          prompt_tokens=p, completion_tokens=c, cost_usd=usd)
+                report.prompt_tokens += p
+                report.completion_tokens += c
+                report.cost_usd += usd
+                if status == "ok":
+                    report.stored_ok += 1
+                else:
+                    report.malformed[status] = report.malformed.get(status, 0) + 1
+        finally:
+            budget.settle(reservation, tokens, usd)
+            if on_progress is not None:
+                on_progress(report, budget)
 
     try:
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
