@@ -15,8 +15,11 @@ measured three ways, side by side in one run, at each client count (1, 16, 64 by
 Load comes from ``wrk`` (``apt-get install -y wrk``), a compiled closed-loop generator: each of
 the N connections sends its next POST as soon as the previous answer arrives. A Python client
 tops out near 100 req/s on a small machine and would hide the difference between the proxies.
-Each cell is a short warm-up, then ``--duration`` seconds measured. While one proxy is measured
-the other is paused (SIGSTOP), so on a small machine neither steals CPU from the other.
+Each cell is a short warm-up, then ``--duration`` seconds measured; after each wrk run the
+bench waits until the server has worked off the requests wrk abandoned. While one proxy is
+measured the others are paused (SIGSTOP), so on a small machine none steals CPU from another.
+``--compare NAME=SRC`` adds distillguard from another source tree (PYTHONPATH=SRC) as one more
+target: a change and its baseline measured under the same noise.
 
 Reported per target and client count: requests/s, latency p50/p99 (wrk's histogram), and for the
 proxies the latency they add over ``direct`` at the same client count (p50 - direct p50, p99 -
@@ -27,6 +30,7 @@ ratios of one run.
     python bench/gateway_overhead.py                      # ~2-3 minutes (+ LiteLLM's install, once)
     python bench/gateway_overhead.py --duration 10 --concurrency 1,64
     python bench/gateway_overhead.py --no-litellm
+    python bench/gateway_overhead.py --compare before=/path/to/old-checkout/src   # A/B in one run
 
 Progress goes to stderr, one JSON object to stdout.
 """
@@ -56,6 +60,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)
+if not console.is_terminal:  # piped or redirected: rich's 80 columns would cut the table's names
+    console = Console(stderr=True, width=120)
 HERE = Path(__file__).resolve().parent
 
 MODEL = "stub"  # the stub's model id; LiteLLM's model_name for it too
@@ -105,6 +111,7 @@ class Server:
     url: str  # base URL, e.g. http://127.0.0.1:PORT
     key: str | None
     log_path: Path
+    idle_s: float = 0.0  # one request's latency on an idle server
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
@@ -150,42 +157,69 @@ def start(name: str, cmd: list[str], url: str, health: str, workdir: Path, *, ke
         time.sleep(0.2)
 
 
-def check_answer(server: Server) -> None:
-    """One request by hand: the proxy must answer 200 with the stub's completion."""
+def ask(server: Server, timeout: float = 60) -> float:
+    """One chat completion by hand; the seconds it took. It must be the stub's answer."""
     req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(BODY).encode(),
                                  headers={"Content-Type": "application/json",
                                           **({"Authorization": f"Bearer {server.key}"} if server.key else {})})
+    started = time.perf_counter()
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             answer = json.load(resp)
     except urllib.error.HTTPError as exc:
         raise Skip(f"{server.name} answered HTTP {exc.code}: {exc.read()[:300]!r}") from None
     if answer.get("usage", {}).get("completion_tokens") != 8:
         raise Skip(f"{server.name} answered something unexpected: {json.dumps(answer)[:300]}")
+    return time.perf_counter() - started
+
+
+def check_answer(server: Server) -> None:
+    """The server answers correctly; its idle latency (best of a few) sets the drain threshold."""
+    server.idle_s = min(ask(server) for _ in range(5))
+
+
+def drain(server: Server, limit_s: float = 120.0) -> None:
+    """Wait until requests that wrk abandoned at the end of a run are worked off.
+
+    wrk closes its connections when its time is up, but a server keeps working on the requests
+    it already read (neither proxy cancels an upstream call when its client leaves); left alone,
+    that backlog would slow the start of the next cell. Probe until one request comes back in
+    about the idle time.
+    """
+    deadline = time.monotonic() + limit_s
+    while ask(server) > max(0.05, 5 * server.idle_s) and time.monotonic() < deadline:
+        pass
 
 
 # ---- the three targets ------------------------------------------------------------------------
 
 def start_stub(workdir: Path) -> Server:
     port = free_port()
-    return start("stub", [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
-                 f"http://127.0.0.1:{port}", "/healthz", workdir, timeout=30)
+    server = start("stub", [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
+                   f"http://127.0.0.1:{port}", "/healthz", workdir, timeout=30)
+    check_answer(server)
+    return server
 
 
 def distillguard_cli() -> list[str]:
     return [sys.executable, "-c", "from distillguard.cli import main; main()"]
 
 
-def start_distillguard(stub: Server, workdir: Path, serve_args: list[str]) -> Server:
-    db = workdir / "ledger.db"
+def start_distillguard(stub: Server, workdir: Path, serve_args: list[str], name: str = "distillguard",
+                       src: Path | None = None) -> Server:
+    """``distillguard serve`` in front of the stub, from this environment or, for a comparison,
+    from the package under ``src`` (put first on PYTHONPATH)."""
+    db = workdir / f"{name}.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))} \
+        if src else None
     created = subprocess.run([*distillguard_cli(), "keys", "create", "--account", "bench", "--db", str(db), "--json"],
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, check=False, env=env)
     if created.returncode != 0:
         raise Skip(f"distillguard keys create failed: {created.stderr.strip()[-500:]}")
     key = json.loads(created.stdout)["key"]
     port = free_port()
     cmd = [*distillguard_cli(), "serve", "--upstream", stub.url, "--db", str(db), "--port", str(port), *serve_args]
-    server = start("distillguard", cmd, f"http://127.0.0.1:{port}", "/healthz", workdir, key=key, timeout=60)
+    server = start(name, cmd, f"http://127.0.0.1:{port}", "/healthz", workdir, key=key, env=env, timeout=60)
     check_answer(server)
     return server
 
@@ -277,7 +311,9 @@ def measure(servers: dict[str, Server], levels: list[int], args: argparse.Namesp
                 try:
                     if args.warmup > 0:
                         run_wrk(server, clients, args.warmup, args, workdir)
+                        drain(server)
                     cell = run_wrk(server, clients, args.duration, args, workdir)
+                    drain(server)
                 finally:
                     for other in proxies:
                         other.signal(signal.SIGCONT)
@@ -308,20 +344,22 @@ def summarise(results: dict, levels: list[int]) -> tuple[dict, dict]:
     if "distillguard" in overhead and "1" in overhead["distillguard"]:
         added = overhead["distillguard"]["1"]["added_p50_ms"]
         targets["distillguard_added_p50_ms_at_1_client"] = {"value": added, "target": "<= 2.0", "met": added <= 2.0}
-    if "distillguard" in results and "litellm" in results:
-        ratios = {str(c): round(results["distillguard"][str(c)]["requests_per_s"]
-                                / max(results["litellm"][str(c)]["requests_per_s"], 1e-9), 2) for c in levels}
-        overhead["distillguard_vs_litellm_requests_per_s"] = ratios
-        if "64" in ratios:
+    if "litellm" in results:
+        ratios = {name: {str(c): round(cells[str(c)]["requests_per_s"]
+                                       / max(results["litellm"][str(c)]["requests_per_s"], 1e-9), 2) for c in levels}
+                  for name, cells in results.items() if name not in ("direct", "litellm")}
+        overhead["requests_per_s_vs_litellm"] = ratios
+        if "64" in ratios.get("distillguard", {}):
+            ratio = ratios["distillguard"]["64"]
             targets["distillguard_vs_litellm_requests_per_s_at_64_clients"] = {
-                "value": ratios["64"], "target": ">= 10", "met": ratios["64"] >= 10}
+                "value": ratio, "target": ">= 10", "met": ratio >= 10}
     return overhead, targets
 
 
 def print_table(results: dict, overhead: dict, levels: list[int]) -> None:
     table = Table(title="gateway overhead (added = target - direct, same client count)")
     for col in ("target", "clients", "req/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for name, cells in results.items():
         for c in levels:
             cell, extra = cells[str(c)], overhead.get(name, {}).get(str(c), {})
@@ -365,8 +403,14 @@ def main() -> None:
                         help="virtualenv with litellm[proxy] (created and installed if missing)")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument("--serve-args", default="", help="extra arguments for `distillguard serve` (quoted)")
+    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SRC",
+                        help="also measure distillguard from another source tree (e.g. a checkout's src/ "
+                             "before a change), as target NAME, in the same run; repeatable")
     parser.add_argument("--workdir", type=Path, default=None, help="keep logs, ledger and scripts here")
     args = parser.parse_args()
+    for spec in args.compare:
+        if "=" not in spec or spec.split("=", 1)[0] in TARGETS:
+            parser.error(f"--compare {spec!r}: use NAME=SRC with a NAME other than {', '.join(TARGETS)}")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if shutil.which("wrk") is None:
         sys.exit("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install -y wrk)")
@@ -376,13 +420,16 @@ def main() -> None:
     servers: dict[str, Server] = {}
     skipped: dict[str, str] = {}
     litellm_version = None
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     try:
         servers["direct"] = start_stub(workdir)
-        try:
-            servers["distillguard"] = start_distillguard(servers["direct"], workdir, shlex.split(args.serve_args))
-        except Skip as exc:
-            skipped["distillguard"] = str(exc)
+        variants = [("distillguard", None)] + [tuple(c.split("=", 1)) for c in args.compare]
+        for name, src in variants:
+            try:
+                servers[name] = start_distillguard(servers["direct"], workdir, shlex.split(args.serve_args), name,
+                                                   Path(src).resolve() if src else None)
+            except Skip as exc:
+                skipped[name] = str(exc)
         if args.no_litellm:
             skipped["litellm"] = "--no-litellm"
         else:
@@ -401,10 +448,12 @@ def main() -> None:
     console.print(f"logs, ledger and wrk scripts in {workdir}")
     report = {
         "bench": "gateway_overhead",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    # other work on a shared machine skews everything: 1-minute load at start and end
+                    "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "config": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": levels,
                    "wrk_threads": args.wrk_threads, "body": BODY,
-                   "distillguard_serve_args": shlex.split(args.serve_args),
+                   "distillguard_serve_args": shlex.split(args.serve_args), "compare": args.compare,
                    "distillguard_guard": "on: API key without limits, SQLite ledger, metrics",
                    "litellm": "proxy, master key, LITELLM_LOCAL_MODEL_COST_MAP=True, --num_workers 1"},
         "versions": {**versions(), "litellm": litellm_version},
@@ -412,7 +461,8 @@ def main() -> None:
         "overhead_vs_direct": overhead,
         "targets": targets,
         "skipped": skipped,
-        "distillguard_ledger_rows": ledger_rows(workdir / "ledger.db") if "distillguard" in servers else None,
+        "distillguard_ledger_rows": {name: ledger_rows(workdir / f"{name}.db") for name, _ in variants
+                                     if name in servers},
         "wall_s": round(time.time() - started, 1),
     }
     print(json.dumps(report, indent=2))

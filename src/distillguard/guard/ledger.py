@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -32,6 +32,8 @@ from distillguard.guard.schema import IdempotentResponse, LedgerRow
 log = logging.getLogger(__name__)
 
 COLUMNS = frozenset(c.name for c in LedgerRow.__table__.columns) - {"id"}
+_INSERT_ROW = insert(LedgerRow)
+_INSERT_IDEMPOTENT = insert(IdempotentResponse)
 
 
 class LedgerUnavailable(APIError):
@@ -52,8 +54,9 @@ class Ledger:
         self.engine = engine
         self.max_batch = max_batch
         self.retries = retries
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="distillguard-ledger", daemon=True)
+        self._conn: Connection | None = None  # the writer thread's own, kept between batches
         self.batches = 0  # commits made, for tests and metrics
         self.rows_written = 0
 
@@ -97,6 +100,7 @@ class Ledger:
                     break
                 batch.append(item)
             self._write(batch)
+        self._disconnect()
 
     def _write(self, batch: list[_Pending]) -> None:
         error = self._commit(batch)
@@ -112,21 +116,38 @@ class Ledger:
         error: BaseException | None = None
         for attempt in range(self.retries):
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(insert(LedgerRow), [p.row for p in batch])
+                conn = self._connection()
+                with conn.begin():
+                    conn.execute(_INSERT_ROW, [p.row for p in batch])
                     idempotent = [p.idempotent for p in batch if p.idempotent is not None]
                     if idempotent:
-                        conn.execute(insert(IdempotentResponse), idempotent)
+                        conn.execute(_INSERT_IDEMPOTENT, idempotent)
                 self.batches += 1
                 self.rows_written += len(batch)
                 return None
             except IntegrityError as exc:
                 return exc  # retrying cannot help
             except SQLAlchemyError as exc:
+                self._disconnect()  # retry on a fresh connection (the database may have restarted)
                 error = exc
                 log.warning("ledger write failed (attempt %d/%d): %s", attempt + 1, self.retries, exc)
                 time.sleep(0.05 * 2**attempt)
         return error
+
+    def _connection(self) -> Connection:
+        # One connection for the writer's lifetime: a pool checkout, reset and checkin per batch
+        # cost about as much as the insert and commit themselves.
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return self._conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except SQLAlchemyError:
+                pass  # a broken connection: the pool discards it
+            self._conn = None
 
     def _answer(self, batch: list[_Pending], error: BaseException | None) -> None:
         for p in batch:

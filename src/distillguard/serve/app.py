@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
 from distillguard.serve.backend import Backend, now
@@ -142,7 +143,12 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
         lease = None
         try:
             log.key = await guard.authenticate(request)
-            raw = await request.body()
+            try:
+                raw = await request.body()
+            except ClientDisconnect:  # gone while sending its body: nothing to answer
+                log.status, log.error_code = 499, "client_closed"
+                guard.abandon(log)
+                return Response(status_code=499)
             log.set_body(raw)
             req = parse_chat_request(raw)
             if idempotency_key(request, req, log):
