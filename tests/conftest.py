@@ -11,7 +11,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,11 +18,7 @@ import uuid
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import free_port
 
 
 def _pg_bindir() -> str | None:
@@ -49,7 +44,7 @@ def postgres_server():
         os.chown(base, user.pw_uid, user.pw_gid)
         run_as = ["runuser", "-u", "postgres", "--"]
     data, log = os.path.join(base, "data"), os.path.join(base, "server.log")
-    port = _free_port()
+    port = free_port()
     subprocess.run([*run_as, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "dg", "--no-sync"],
                    check=True, capture_output=True)
     start = subprocess.run(

@@ -9,11 +9,8 @@ import time
 
 import pytest
 
+from tests.servers import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ping(port: int) -> bool:
@@ -34,7 +31,7 @@ def redis_url(tmp_path_factory):
             "redis-server is not on PATH; the guard tests need a real Redis. Install it "
             "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)."
         )
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     log = open(workdir / "redis.log", "wb")
     proc = subprocess.Popen(
