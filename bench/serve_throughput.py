@@ -9,10 +9,12 @@ per-client sampling parameters, and count ``usage.completion_tokens``.
 Requests stream (``stream_options.include_usage``). A phase lasts ``--duration`` seconds; its
 rate is the completion tokens generated within it (``usage`` of the requests that finished,
 plus the tokens streamed so far by those cut off at the end, which the server then cancels)
-divided by its length, so a batch draining at the end does not skew the comparison. Absolute rates on a shared machine are noisy; the ratio of phases run side by
-side is the number to quote.
+divided by its length, so a batch draining at the end does not skew the comparison.
+Absolute rates on a shared machine are noisy; the ratio of phases run side by side is the
+number to quote (the JSON records the load average before and after).
 
-    python bench/serve_throughput.py                      # smollm2, 1 vs 16 clients, ~3 minutes
+    python bench/serve_throughput.py                      # smollm2, 1 vs 16 clients, ~3.5 minutes
+    python bench/serve_throughput.py --threads 1          # a busy machine: one torch thread
     python bench/serve_throughput.py --duration 10 --rounds 1
 
 Progress goes to stderr, one JSON object to stdout.
@@ -173,9 +175,12 @@ async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_
 def start_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", args.model,
            "--host", "127.0.0.1", "--port", str(port), "--max-batch-rows", str(args.max_batch_rows),
-           "--no-guard"]  # the local backend alone: no API keys, limits or ledger
+           "--no-guard", "--threads", str(args.threads)]  # the local backend alone: no keys, limits, ledger
+    env = dict(os.environ)
+    if args.threads:  # torch's intra-op threads in the server (its default: one per core)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     log = open(log_path, "wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 async def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float, log_path: str | None) -> float:
@@ -195,7 +200,7 @@ async def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: fl
     raise SystemExit(f"server not healthy after {timeout:.0f} s")
 
 
-async def bench(args: argparse.Namespace, base_url: str) -> dict:
+async def bench(args: argparse.Namespace, base_url: str) -> list[dict]:
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         with console.status("warming up (one request, then a batch) ..."):
@@ -241,11 +246,14 @@ def summarise(phases: list[dict], clients: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="model spec passed to `distillguard serve --model`")
-    ap.add_argument("--duration", type=float, default=25.0, help="seconds each phase issues requests")
+    ap.add_argument("--duration", type=float, default=40.0, help="seconds each phase lasts")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the second phase")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of (1 client, N clients), alternating order")
     ap.add_argument("--max-batch-rows", type=int, default=16, help="server's --max-batch-rows")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a busy "
+                         "machine 1 avoids stalls of threads waiting for each other")
     ap.add_argument("--base-url", default=None, help="bench an already running server instead of starting one")
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     args = ap.parse_args()
@@ -260,6 +268,7 @@ def main() -> None:
         with tempfile.NamedTemporaryFile(prefix="distillguard-serve-", suffix=".log", delete=False) as f:
             log_path = f.name
         proc = start_server(args, port, log_path)
+    load_before = os.getloadavg()[0]
     try:
         startup = asyncio.run(wait_healthy(base_url, proc, args.startup_timeout, log_path))
         console.print(f"server ready after {startup:.1f} s at {base_url}")
@@ -282,6 +291,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "clients": args.clients,
         "max_batch_rows": args.max_batch_rows,
+        "server_threads": args.threads or "default",
         "duration_s": args.duration,
         "rounds": args.rounds,
         **summarise(phases, args.clients),
@@ -289,6 +299,8 @@ def main() -> None:
         "server_startup_s": round(startup, 1),
         "bench_wall_s": round(wall, 1),
         "cpu_count": os.cpu_count(),
+        # Other work on the machine skews absolute rates (the ratio less so): 1-minute load averages.
+        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "python": platform.python_version(),
     }
     print(json.dumps(result, indent=2))

@@ -51,6 +51,25 @@ def test_top_p_is_per_row():
     assert [kept(row) for row in out] == [{1, 3}, {0, 1, 2, 3}, {1}]
 
 
+def test_top_p_candidate_path_matches_full_sort():
+    """Vocabularies larger than the ranked candidates: peaked rows take the top-k path, flat rows
+    (nucleus outside the candidates) the full sort; both must equal sorting every row."""
+    from distillguard.serve.sampling import TOP_P_CANDIDATES, _top_p_sorted
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = 4 * TOP_P_CANDIDATES
+    scale = torch.tensor([8.0, 4.0, 1.0, 0.01, 8.0, 2.0])[:, None]  # peaked ... almost uniform
+    logits = torch.randn(6, vocab, generator=gen) * scale
+    top_p = torch.tensor([0.9, 0.95, 0.5, 0.9, 1.0, 0.999])
+    out = apply_top_p(logits, top_p)
+    expected = logits.clone()
+    rows = top_p < 1
+    expected[rows] = _top_p_sorted(logits[rows], top_p[rows])
+    assert torch.equal(out, expected)
+    assert kept(out[3]) and len(kept(out[3])) > TOP_P_CANDIDATES  # the flat row needed the full sort
+    assert len(kept(out[0])) < TOP_P_CANDIDATES
+
+
 def test_temperature_divides_each_row_and_leaves_greedy_rows():
     logits = torch.tensor([[1.0, 2.0, -4.0], [1.0, 2.0, -4.0], [1.0, 2.0, -4.0]])
     out = apply_temperature(logits, torch.tensor([2.0, 0.0, 0.5]))

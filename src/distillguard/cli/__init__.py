@@ -48,6 +48,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the spec)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     max_batch_rows: int = typer.Option(16, help="requests (choices) generated together at most"),
+    threads: int = typer.Option(0, help="torch CPU threads (0: one per core). On a machine busy with other "
+                                       "work, 1 avoids stalls of threads waiting for each other"),
     default_max_tokens: int = typer.Option(1024, help="completion cap for requests that set none"),
     no_guard: bool = typer.Option(False, "--no-guard", help="no API keys, limits, ledger or metrics"),
     db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
@@ -95,9 +97,15 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         backend = UpstreamBackend(config)
         err_console.print(f"[bold]distillguard[/] proxying to {backend.base_url}")
     else:
+        import torch
+
         from distillguard.models import load_model
         from distillguard.serve.local import LocalBackend
 
+        if threads < 0:
+            raise typer.BadParameter(f"--threads {threads}: give 0 (one per core) or a positive count")
+        if threads:
+            torch.set_num_threads(threads)
         with err_console.status(f"loading model {model!r} ..."):
             lm = load_model(model, device=device)
         backend = LocalBackend(lm, config)

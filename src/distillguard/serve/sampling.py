@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 NEG_INF = float("-inf")
+# Tokens ranked before falling back to a full sort in apply_top_p.
+TOP_P_CANDIDATES = 1024
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
@@ -29,11 +31,42 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
     A token is dropped when the mass of the tokens ranked strictly above it already reaches
     ``top_p``; the top token is always kept. Rows with ``top_p >= 1`` are untouched.
+
+    Sorting a whole row is the slow part (about a quarter of a decoding step of a 135M model
+    with a 49k vocabulary at 16 rows), yet nuclei are usually small: the top
+    ``TOP_P_CANDIDATES`` tokens are ranked first, and only the rows whose nucleus they do not
+    hold are sorted in full.
     """
+    out = logits.clone()
+    rows = (top_p < 1).nonzero()[:, 0]  # rows to filter
+    if not len(rows):
+        return out
+    x, p = logits[rows], top_p[rows]
+    k = TOP_P_CANDIDATES
+    if k < x.shape[-1]:
+        vals, order = x.topk(k, dim=-1)  # (R, k), ranked like a descending sort
+        probs = (vals - x.logsumexp(dim=-1, keepdim=True)).exp()
+        # Every token past the k-th has at least the candidates' mass above it: dropped when
+        # that mass reaches p (with a margin for rounding; borderline rows take the full sort).
+        inside = probs.sum(dim=-1) >= p + 1e-4
+        if bool(inside.any()):
+            v, o, pp, pr = vals[inside], order[inside], p[inside], probs[inside]
+            drop = (pr.cumsum(dim=-1) - pr) >= pp[:, None]
+            drop[:, 0] = False
+            out[rows[inside]] = torch.full_like(x[inside], NEG_INF).scatter_(-1, o, v.masked_fill(drop, NEG_INF))
+        rows, x, p = rows[~inside], x[~inside], p[~inside]
+        if not len(rows):
+            return out
+    out[rows] = _top_p_sorted(x, p)
+    return out
+
+
+def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_top_p` by sorting every row in full; all rows have ``top_p < 1``."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs  # (B, V) mass of tokens ranked above each
-    drop = (mass_above >= top_p[:, None]) & (top_p[:, None] < 1)
+    drop = mass_above >= top_p[:, None]
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
