@@ -134,6 +134,7 @@ def version() -> None:
 
 def _register_groups() -> None:
     from distillguard.cli.distill import distill_app
+    from distillguard.cli.forensics import forensics_app
     from distillguard.cli.keys import keys_app
     from distillguard.cli.ledger import ledger_app
     from distillguard.cli.watermark import watermark_app
@@ -142,6 +143,7 @@ def _register_groups() -> None:
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(watermark_app, name="watermark")
     app.add_typer(distill_app, name="distill")
+    app.add_typer(forensics_app, name="forensics")
 
 
 _register_groups()

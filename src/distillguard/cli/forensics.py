@@ -1,0 +1,136 @@
+"""``distillguard forensics``: tests of a suspect model (was it trained on our outputs?)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from distillguard.cli import DB_HELP, console, err_console
+from distillguard.errors import ConfigError
+
+forensics_app = typer.Typer(help="Investigate a suspect model: radioactivity of the per-account watermark.",
+                            no_args_is_help=True)
+
+
+def read_prompts(source: str, limit: int | None) -> list[str]:
+    """A .txt file holds one prompt per line; anything else goes through the harvest's prompt
+    loader (``sharegpt``, .jsonl/.csv/.parquet, a datasets directory). Single-turn only."""
+    path = Path(source).expanduser()
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise ConfigError(f"no such prompt file: {source}")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        from distillguard.distill.prompts import load_prompts
+
+        prompts = [p.messages[-1][1] for p in load_prompts(source, limit=limit, max_chars=2000)]
+    prompts = prompts[:limit] if limit else prompts
+    if not prompts:
+        raise ConfigError(f"no prompts in {source}")
+    return prompts
+
+
+@forensics_app.command("radioactivity")
+def radioactivity(  # noqa: PLR0913 - one option per setting of the test
+    suspect: str = typer.Option(..., "--suspect", "-s",
+                                help="the suspect: an OpenAI-compatible URL (closed mode) or a model spec/dir (open mode)"),
+    secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET",
+                                         help="master watermark secret (default: the server's secret file)"),
+    secret_file: Optional[Path] = typer.Option(None, help="file holding the master secret (as the server keeps it)"),
+    accounts: str = typer.Option("all", help="'all' (every account in the ledger) or comma-separated accounts"),
+    mode: Optional[str] = typer.Option(None, help="open (weights) | closed (API); default: closed for a URL, else open"),
+    prompts: str = typer.Option("sharegpt", help="prompts the suspect answers: FILE.txt (one per line), "
+                                                 ".jsonl/.csv/.parquet, a datasets dir, or sharegpt"),
+    limit: int = typer.Option(100, help="number of prompts used"),
+    skip: int = typer.Option(0, help="skip this many prompts first (e.g. those the suspect may have trained on)"),
+    tokenizer: str = typer.Option("smollm2", "--tokenizer", help="model spec of the teacher whose vocabulary the watermark uses"),
+    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (as the server used)"),
+    gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
+    context_width: int = typer.Option(1, help="context width (as the server used)"),
+    max_tokens: int = typer.Option(64, help="tokens per answer of the suspect"),
+    temperature: float = typer.Option(0.7, help="sampling temperature of the suspect's answers"),
+    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_SUSPECT_API_KEY", help="bearer key for the suspect's API"),
+    served_model: Optional[str] = typer.Option(None, help="model name at the suspect's API (default: the first listed)"),
+    null_keys: int = typer.Option(200, help="open mode: wrong keys for the empirical null (0: none)"),
+    alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    device: str = typer.Option("auto", help="open mode: auto | cpu | cuda | cuda:N"),
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Test whether a suspect model learned the per-account watermark, and trace it to accounts.
+
+    closed: the suspect's API answers the prompts; its text is tested per key (exact binomial,
+    each (context, token) pair once across all answers, prompt n-grams excluded).
+    open: the suspect (weights) answers the prompts itself, then its own probability mass on
+    green tokens is tested per key (a Chernoff-bounded p-value, valid at any size; an empirical
+    p from --null-keys wrong keys and Sander et al.'s top-1 test are shown beside it).
+    Holm over the keys names the accounts it traces to. Exit code 0 either way.
+
+    Examples:
+
+      distillguard forensics radioactivity --suspect http://suspect:8000/v1 --api-key $KEY --accounts all
+
+      distillguard forensics radioactivity --suspect ./student --mode open --accounts acme,globex --json
+
+      DISTILLGUARD_WATERMARK_SECRET=... distillguard forensics radioactivity -s ./student --prompts held_out.txt
+    """
+    from distillguard.cli.watermark import _ledger_accounts
+    from distillguard.forensics import closed_radioactivity, open_radioactivity
+    from distillguard.models import load_model, load_tokenizer
+    from distillguard.watermark import WatermarkParams, account_key
+    from distillguard.watermark.secret import load_secret
+
+    is_url = suspect.startswith(("http://", "https://"))
+    mode = mode or ("closed" if is_url else "open")
+    if mode not in ("open", "closed"):
+        raise ConfigError(f"--mode {mode!r}: use open (suspect weights) or closed (suspect API)")
+    if mode == "closed" and not is_url:
+        raise ConfigError(f"--mode closed needs the suspect's API URL (http://...), got {suspect!r}")
+    if mode == "open" and is_url:
+        raise ConfigError("--mode open needs the suspect's weights (a model spec or directory), not a URL")
+    if secret and secret_file:
+        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
+    if secret_file is not None and not secret_file.is_file():
+        raise ConfigError(f"no such secret file: {secret_file}")
+    names = _ledger_accounts(db) if accounts == "all" else [a.strip() for a in accounts.split(",") if a.strip()]
+    if not names:
+        raise ConfigError("no accounts to test: the ledger has none; pass --accounts A,B,...")
+    master = load_secret(secret, secret_file, create=False)
+    params = WatermarkParams(scheme=scheme, gamma=gamma, context_width=context_width)
+    keys = [account_key(master, name, params) for name in names]
+    texts = read_prompts(prompts, limit + skip)[skip:]
+    if mode == "closed":
+        tok = load_tokenizer(tokenizer)
+        with err_console.status(f"asking {suspect} {len(texts)} prompts ..."):
+            result = closed_radioactivity(suspect, keys, texts, tok, model=served_model, api_key=api_key,
+                                          max_tokens=max_tokens, temperature=temperature, seed=seed, alpha=alpha)
+    else:
+        with err_console.status(f"loading {suspect!r} ..."):
+            lm = load_model(suspect, device=device)
+        teacher_vocab = len(load_tokenizer(tokenizer))
+        if len(lm.tokenizer) != teacher_vocab:
+            raise ConfigError(f"the suspect's tokenizer has {len(lm.tokenizer)} tokens, the teacher's ({tokenizer}) "
+                              f"{teacher_vocab}: open mode needs a suspect with the teacher's tokenizer (use closed mode)")
+        result = open_radioactivity(lm, keys, texts, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
+                                    null_keys=null_keys, alpha=alpha)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table("account", "key id", "green", "z", "log10 p", "p (Holm)",
+                  *(["empirical p", "top-1 log10 p"] if mode == "open" else []))
+    for k in sorted(result.keys, key=lambda k: k.log10_p):
+        extra = [f"{k.extra['empirical_p']:.3g}" if "empirical_p" in k.extra else "-",
+                 f"{k.extra['top1_log10_p']:.1f}"] if mode == "open" else []
+        table.add_row(k.account or "-", k.key_id, f"{k.green_fraction:.3f}", f"{k.z:.2f}", f"{k.log10_p:.1f}",
+                      f"{k.p_holm:.2e}", *extra, style="bold red" if k.p_holm < alpha else None)
+    console.print(table)
+    unit = "distinct contexts" if mode == "open" else "distinct (context, token) pairs"
+    console.print(f"{mode} mode ({result.test}), {result.texts} answers, {result.scored} {unit} scored; "
+                  f"gamma={result.gamma}" + (f"; wrong keys: green {result.null['green_fraction_mean']:.3f} "
+                                             f"± {result.null['green_fraction_sd']:.3f}" if result.null else ""))
+    console.print(f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)")
