@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from distillguard.distill.curate import save_dataset
-from distillguard.distill.losses import topk_kd_loss
-from distillguard.distill.train import IGNORE, TrainConfig, kd_example, prune_layers, sft_example, train, _byte_index
+from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
+from distillguard.distill.train import (IGNORE, TrainConfig, collate, kd_example, prune_layers, sft_example, train,
+                                        _byte_index)
 from distillguard.errors import ConfigError
 from distillguard.models import load_model
 
@@ -29,6 +30,42 @@ def test_topk_kd_loss_known_answers():
     assert padded.item() == pytest.approx(expected, rel=1e-5)
     mask = torch.tensor([False])
     assert topk_kd_loss(student, torch.tensor([[0]]), torch.tensor([[0.0]]), mask).item() == 0.0
+
+
+def test_generalized_jsd_known_answers_and_agrees_with_trl():
+    logits = torch.randn(6, 10)
+    for beta in (0.0, 0.3, 0.5, 1.0):  # equal inputs: 0
+        assert generalized_jsd_loss(logits, logits.clone(), beta=beta).item() == pytest.approx(0.0, abs=1e-6)
+    # Two outcomes by hand: teacher P = (0.9, 0.1), student Q = (0.5, 0.5).
+    p, q = torch.tensor([0.9, 0.1]), torch.tensor([0.5, 0.5])
+    t_logits, s_logits = p.log()[None], q.log()[None]
+
+    def kl(a, b):
+        return float((a * (a / b).log()).sum())
+
+    assert generalized_jsd_loss(s_logits, t_logits, beta=0.0).item() == pytest.approx(kl(p, q), rel=1e-5)
+    assert generalized_jsd_loss(s_logits, t_logits, beta=1.0).item() == pytest.approx(kl(q, p), rel=1e-5)
+    m = 0.5 * p + 0.5 * q
+    assert generalized_jsd_loss(s_logits, t_logits, beta=0.5).item() == pytest.approx(
+        0.5 * kl(p, m) + 0.5 * kl(q, m), rel=1e-5)
+    # The mask selects positions; none selected gives 0 (with a gradient path).
+    both = torch.stack([s_logits[0], t_logits[0]])
+    mask = torch.tensor([True, False])
+    assert generalized_jsd_loss(both, torch.stack([t_logits[0], t_logits[0]]), beta=0.0, mask=mask).item() == \
+        pytest.approx(kl(p, q), rel=1e-5)
+    assert generalized_jsd_loss(both, both, mask=torch.tensor([False, False])).item() == 0.0
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd_loss(both, both, beta=1.5)
+    # Same numbers as TRL's GKDTrainer.generalized_jsd_loss (the reference implementation).
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental warns that its API may change
+        from trl.experimental.gkd import GKDTrainer
+    s, t = torch.randn(2, 5, 10), torch.randn(2, 5, 10)
+    for beta in (0.0, 0.5, 0.9, 1.0):
+        ref = GKDTrainer.generalized_jsd_loss(s, t, beta=beta)
+        assert generalized_jsd_loss(s, t, beta=beta).item() == pytest.approx(ref.item() / 5, rel=1e-4)
 
 
 def test_sft_loss_mask_covers_exactly_the_answer_and_its_end():
@@ -78,14 +115,59 @@ def test_kd_refuses_a_different_tokenizer():
         kd_example(lm, _byte_index(lm), [{"role": "user", "content": "q"}], [entry], 512, 1)
 
 
-@pytest.mark.parametrize("loss", ["sft", "topk-kd"])
+def test_full_logit_kd_refuses_a_different_tokenizer(tmp_path):
+    lm = load_model("tiny")
+    save_dataset(_records(lm, 4), [], tmp_path / "data")
+    lm.tokenizer.add_tokens(["<extra-token>"])  # a student whose vocabulary is not the teacher's
+    lm.model.resize_token_embeddings(len(lm.tokenizer))
+    lm.model.save_pretrained(tmp_path / "other")
+    lm.tokenizer.save_pretrained(tmp_path / "other")
+    for loss in ("kd", "gkd"):
+        with pytest.raises(ConfigError, match=f"--loss {loss} needs the teacher's tokenizer.*--loss sft"):
+            train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "s"), student=str(tmp_path / "other"),
+                              teacher="tiny", loss=loss))
+    with pytest.raises(ConfigError, match="--beta"):
+        TrainConfig(data="d", out="o", loss="kd", beta=2.0)
+    with pytest.raises(ConfigError, match="use one of sft, topk-kd, kd, gkd"):
+        TrainConfig(data="d", out="o", loss="distill")
+
+
+def test_on_policy_batch_labels_the_students_answer_up_to_its_end():
+    from transformers import TrainingArguments
+
+    from distillguard.distill.train import LogitKDTrainer
+
+    lm = load_model("tiny")
+    messages = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a longer question"}]]
+    batch = collate([sft_example(lm, m, "ok", 512) for m in messages], lm.tokenizer.pad_token_id, prompts=True)
+    assert batch["prompt_mask"][0].tolist().count(0) == len(lm.chat_ids(messages[1])) - len(lm.chat_ids(messages[0]))
+    trainer = LogitKDTrainer(
+        teacher=load_model("tiny:seed=1").model, beta=0.5, lmbda=1.0, vocab=len(lm.tokenizer),
+        eos_token_ids=sorted(lm.eos_token_ids), pad_token_id=lm.tokenizer.pad_token_id, max_new_tokens=12,
+        temperature=1.0, model=lm.model, args=TrainingArguments(output_dir="/tmp/unused", report_to=[], use_cpu=True),
+        train_dataset=[1])
+    for _ in range(3):
+        out = trainer.student_answers(lm.model, batch)
+        width = batch["prompt_ids"].shape[1]
+        assert (out["labels"][:, :width] == IGNORE).all()
+        for row, labels, mask in zip(out["input_ids"], out["labels"], out["attention_mask"]):
+            answer = row[width:].tolist()
+            cut = next((i + 1 for i, t in enumerate(answer) if t in lm.eos_token_ids), len(answer))
+            assert labels[width:width + cut].tolist() == answer[:cut]  # the answer and its end are learned
+            assert (labels[width + cut:] == IGNORE).all() and mask[width + cut:].sum() == 0  # nothing after it
+
+
+@pytest.mark.parametrize("loss", ["sft", "topk-kd", "kd", "gkd"])
 def test_training_lowers_the_loss_and_saves_a_loadable_student(tmp_path, loss):
     lm = load_model("tiny")
     save_dataset(_records(lm), [], tmp_path / "data")
     summary = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "student"), student="tiny",
-                                loss=loss, epochs=6, lr=3e-3, batch_size=8, seed=0))
+                                teacher="tiny:layers=3,seed=5", loss=loss, epochs=6, lr=3e-3, batch_size=8, seed=0,
+                                lmbda=0.5, gen_max_new_tokens=16))
     losses = [h["loss"] for h in summary["history"]]
     assert summary["steps"] == 18 and losses[-1] < losses[0] * 0.8, losses
+    if loss == "gkd":
+        assert 0 < summary["on_policy_batches"] < 18  # about half the batches were the student's own answers
     student = load_model(str(tmp_path / "student"))
     assert student.context_length == 512
     assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["loss"] == loss
@@ -102,3 +184,17 @@ def test_eval_reports_teacher_floor_and_student_agreement():
     other = evaluate(teacher, load_model("tiny:seed=7"), prompts, max_new_tokens=12, baseline=load_model("tiny:seed=8"))
     assert other.student.nll > other.teacher.nll and other.student.exact_match < 1.0
     assert other.gap_closed is not None
+
+
+def test_cli_trains_on_policy_end_to_end(tmp_path):
+    from tests.servers import run_cli
+
+    lm = load_model("tiny")
+    save_dataset(_records(lm, 8), [], tmp_path / "data")
+    res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "student"),
+                  "--student", "tiny", "--teacher", "tiny:seed=3", "--loss", "gkd", "--lmbda", "1",
+                  "--gen-max-new-tokens", "8", "--epochs", "1", "--batch-size", "4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["loss"] == "gkd" and summary["beta"] == 0.5 and summary["on_policy_batches"] == summary["steps"] == 2
+    assert load_model(str(tmp_path / "student")).model.config.num_hidden_layers == 2

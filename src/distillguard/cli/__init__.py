@@ -133,6 +133,7 @@ def version() -> None:
 
 
 def _register_groups() -> None:
+    from distillguard.cli.arena import arena_app
     from distillguard.cli.distill import distill_app
     from distillguard.cli.forensics import forensics_app
     from distillguard.cli.keys import keys_app
@@ -143,6 +144,7 @@ def _register_groups() -> None:
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(watermark_app, name="watermark")
     app.add_typer(distill_app, name="distill")
+    app.add_typer(arena_app, name="arena")
     app.add_typer(forensics_app, name="forensics")
 
 

@@ -125,8 +125,14 @@ def train_cmd(
     data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
     out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
     student: str = typer.Option("prune:8", help="prune:K (K of the teacher's layers) | tiny | HF id | DIR | FILE.gguf"),
-    teacher: str = typer.Option("smollm2", help="model spec that prune:K starts from"),
-    loss: str = typer.Option("sft", help="sft | topk-kd (needs harvested --top-logprobs and a shared tokenizer)"),
+    teacher: str = typer.Option("smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"),
+    loss: str = typer.Option("sft", help="sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
+                                         "--teacher) | gkd (on-policy: the student answers, the teacher scores); "
+                                         "the KD losses need the teacher's tokenizer"),
+    beta: Optional[float] = typer.Option(None, help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
+                                                    "(default: kd 0, gkd 0.5)"),
+    lmbda: float = typer.Option(0.5, help="gkd: share of batches answered by the student itself (on-policy)"),
+    gen_max_new_tokens: int = typer.Option(64, help="gkd: length of the student's own answers"),
     lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (PEFT), merged into the saved model"),
     epochs: float = typer.Option(2.0, help="passes over the training set"),
     lr: float = typer.Option(2e-4, help="peak learning rate (cosine schedule)"),
@@ -142,6 +148,10 @@ def train_cmd(
       distillguard distill train --data runs/c1 --out runs/s1 --student prune:8
 
       distillguard distill train --data runs/c1 --out runs/s2 --student prune:12 --loss topk-kd --epochs 3
+
+      distillguard distill train --data runs/c1 --out runs/s3 --student prune:8 --loss kd --teacher smollm2
+
+      distillguard distill train --data runs/c1 --out runs/s4 --student prune:8 --loss gkd --lmbda 0.5 --beta 0.5
     """
     from transformers import TrainerCallback
 
@@ -149,7 +159,7 @@ def train_cmd(
 
     config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
-                         seed=seed)
+                         seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens)
 
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:

@@ -29,3 +29,38 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     if mask is not None:
         kl = kl[mask]
     return kl.mean() if kl.numel() else student_logits.sum() * 0.0
+
+
+def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
+                         mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence between full next-token distributions.
+
+    Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD), Eq. (1), in TRL's
+    convention (``GKDTrainer.generalized_jsd_loss``, against which the tests check it), with
+    teacher P, student Q and the mixture M = beta * P + (1 - beta) * Q::
+
+        JSD(beta) = beta * KL(P || M) + (1 - beta) * KL(Q || M)
+
+    The ends are the two KLs themselves: ``beta=0`` is forward KL(P || Q) (classic
+    full-logit KD, mass-covering) and ``beta=1`` reverse KL(Q || P) (mode-seeking).
+
+    student_logits, teacher_logits (..., V) over the same vocabulary; mask (...) selects the
+    positions that count. Returns the mean divergence per selected position (nats).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1]")
+    s = (student_logits.float() / temperature).log_softmax(dim=-1)  # (..., V)
+    t = (teacher_logits.float() / temperature).log_softmax(dim=-1)  # (..., V)
+    if mask is not None:
+        s, t = s[mask], t[mask]  # (N, V)
+    if s.numel() == 0:
+        return student_logits.sum() * 0.0
+    if beta == 0.0:
+        div = (t.exp() * (t - s)).sum(-1)  # KL(P || Q)
+    elif beta == 1.0:
+        div = (s.exp() * (s - t)).sum(-1)  # KL(Q || P)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype, device=s.device)
+        m = torch.logsumexp(torch.stack([t + b.log(), s + torch.log1p(-b)]), dim=0)  # log M, (N, V)
+        div = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    return div.mean()

@@ -1,8 +1,17 @@
 """Train a student on curated teacher answers with the Hugging Face Trainer.
 
-Losses: ``sft`` (cross-entropy on the assistant's tokens only, rendered with the student's chat
-template) and ``topk-kd`` (sparse KD from the API's top-k logprobs; teacher and student must
-share a tokenizer, checked token by token). Students: any ``load_model`` spec, ``prune:K`` (K
+Losses:
+
+* ``sft``: cross-entropy on the assistant's tokens only, rendered with the student's chat template;
+* ``topk-kd``: sparse KD from the API's top-k logprobs (teacher and student must share a
+  tokenizer, checked token by token);
+* ``kd``: full-vocabulary KD against a local teacher's logits on the harvested answers
+  (generalised JSD, forward KL by default: ``beta=0``);
+* ``gkd``: on-policy distillation (Agarwal et al. 2024): with probability ``lmbda`` a batch's
+  answers are sampled from the student itself, the local teacher scores every position, and the
+  loss is the generalised JSD (``beta=0.5`` by default); otherwise the harvested answers are used.
+
+``kd`` and ``gkd`` need the teacher's exact tokenizer (refused otherwise). Students: any ``load_model`` spec, ``prune:K`` (K
 evenly spaced layers of the teacher, a smaller initialisation that keeps its knowledge), and
 LoRA adapters through PEFT. Built on ``transformers.Trainer``, so accelerate, FSDP and
 DeepSpeed work unchanged on GPUs.
@@ -13,17 +22,20 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from distillguard.distill.losses import topk_kd_loss
+from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
 from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel, load_model
 
 IGNORE = -100
+LOSSES = ("sft", "topk-kd", "kd", "gkd")
+LOCAL_TEACHER_LOSSES = ("kd", "gkd")  # need the teacher's logits, computed here
 
 
 @dataclass(frozen=True)
@@ -42,10 +54,24 @@ class TrainConfig:
     max_length: int = 512
     seed: int = 0
     max_train: int | None = None
+    beta: float | None = None  # generalised JSD weight: 0 forward KL, 1 reverse KL (kd: 0, gkd: 0.5)
+    lmbda: float = 0.5  # gkd: share of batches whose answers the student samples itself (on-policy)
+    gen_max_new_tokens: int = 64  # gkd: length of the student's own answers
+    gen_temperature: float = 1.0  # gkd: sampling temperature of the student's answers
 
     def __post_init__(self) -> None:
-        if self.loss not in ("sft", "topk-kd"):
-            raise ConfigError(f"--loss {self.loss!r}: use sft or topk-kd (gkd needs a local teacher: not yet)")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
+        if self.beta is not None and not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"--beta {self.beta}: use a value in [0, 1] (0 forward KL, 1 reverse KL)")
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
+        if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
+            raise ConfigError("--gen-max-new-tokens must be at least 1 and --gen-temperature above 0")
+
+    @property
+    def jsd_beta(self) -> float:
+        return self.beta if self.beta is not None else (0.0 if self.loss == "kd" else 0.5)
 
 
 # ---- students ------------------------------------------------------------------------------
@@ -69,14 +95,26 @@ def prune_layers(lm: LoadedModel, keep: int) -> LoadedModel:
                        context_length=lm.context_length, eos_token_ids=lm.eos_token_ids)
 
 
-def load_student(spec: str, teacher: str) -> LoadedModel:
+def load_student(spec: str, teacher: str | LoadedModel) -> LoadedModel:
+    """``spec`` as a student; ``prune:K`` copies K layers of ``teacher`` (a spec or a loaded model)."""
     if spec.startswith("prune:"):
         try:
             keep = int(spec.split(":", 1)[1])
         except ValueError:
             raise ConfigError(f"--student {spec!r}: use prune:K with an integer K") from None
-        return prune_layers(load_model(teacher, device="cpu"), keep)
+        return prune_layers(teacher if isinstance(teacher, LoadedModel) else load_model(teacher, device="cpu"), keep)
     return load_model(spec, device="cpu")
+
+
+def require_same_tokenizer(teacher: LoadedModel, student: LoadedModel, loss: str) -> None:
+    """Full-logit KD compares distributions id by id: the two vocabularies must be identical."""
+    t_vocab, s_vocab = teacher.tokenizer.get_vocab(), student.tokenizer.get_vocab()
+    if t_vocab != s_vocab:
+        differ = sorted(set(t_vocab.items()) ^ set(s_vocab.items()), key=lambda kv: kv[1])[:3]
+        raise ConfigError(
+            f"--loss {loss} needs the teacher's tokenizer, but teacher {teacher.spec} ({len(t_vocab)} tokens) and "
+            f"student {student.spec} ({len(s_vocab)} tokens) differ (e.g. {differ}); use --loss sft, or a student "
+            f"of the teacher's family (e.g. --student prune:K)")
 
 
 # ---- examples --------------------------------------------------------------------------------
@@ -98,7 +136,7 @@ def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length
     if len(ids) <= len(prompt):
         return None  # no answer token fits
     labels = [IGNORE] * len(prompt) + ids[len(prompt):]
-    return {"input_ids": ids, "labels": labels[:len(ids)]}
+    return {"input_ids": ids, "labels": labels[:len(ids)], "prompt_len": len(prompt)}
 
 
 def kd_example(lm: LoadedModel, byte_to_id: dict[bytes, int], messages: list[dict], entries: list[dict],
@@ -127,13 +165,20 @@ def kd_example(lm: LoadedModel, byte_to_id: dict[bytes, int], messages: list[dic
             "kd_start": len(prompt) - 1, "topk_ids": top_ids[:n_answer], "topk_logprobs": top_lps[:n_answer]}
 
 
-def collate(batch: list[dict], pad_id: int) -> dict:
+def collate(batch: list[dict], pad_id: int, *, prompts: bool = False) -> dict:
+    """Right-padded ids, mask and labels; with ``prompts`` also the left-padded prompts alone
+    (``prompt_ids``, ``prompt_mask``) for on-policy generation."""
     width = max(len(b["input_ids"]) for b in batch)
     out = {
         "input_ids": torch.tensor([b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch]),
         "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
         "labels": torch.tensor([b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]),
     }
+    if prompts:
+        heads = [b["input_ids"][:b["prompt_len"]] for b in batch]
+        p = max(map(len, heads))
+        out["prompt_ids"] = torch.tensor([[pad_id] * (p - len(h)) + h for h in heads])
+        out["prompt_mask"] = torch.tensor([[0] * (p - len(h)) + [1] * len(h) for h in heads])
     if "topk_ids" in batch[0]:
         k = len(batch[0]["topk_ids"][0])
         ids = torch.zeros((len(batch), width, k), dtype=torch.long)
@@ -159,18 +204,23 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
     if not (data_dir / "dataset_dict.json").is_file():
         raise ConfigError(f"{data_dir} is not a curated dataset directory (run `distillguard distill curate`)")
     ds = load_from_disk(str(data_dir))
-    student = load_student(config.student, config.teacher)
+    teacher = None
+    if config.loss in LOCAL_TEACHER_LOSSES or config.student.startswith("prune:"):
+        teacher = load_model(config.teacher, device="cpu")
+    student = load_student(config.student, teacher or config.teacher)
+    if config.loss in LOCAL_TEACHER_LOSSES:
+        require_same_tokenizer(teacher, student, config.loss)
     tok = student.tokenizer
     rows = list(ds["train"])[: config.max_train]
-    if config.loss == "sft":
-        examples = [sft_example(student, r["messages"], r["response"], config.max_length) for r in rows]
-    else:
+    if config.loss == "topk-kd":
         byte_to_id = _byte_index(student)
         k = max((len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")), default=0)
         if k == 0:
             raise ConfigError("--loss topk-kd needs harvested logprobs: harvest with --top-logprobs K")
         examples = [kd_example(student, byte_to_id, r["messages"], json.loads(r["logprobs"]), config.max_length, k)
                     for r in rows if r["logprobs"]]
+    else:
+        examples = [sft_example(student, r["messages"], r["response"], config.max_length) for r in rows]
     examples = [e for e in examples if e is not None]
     if not examples:
         raise ConfigError(f"no usable training examples in {data_dir}")
@@ -188,9 +238,17 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         logging_steps=5, save_strategy="no", report_to=[], disable_tqdm=True, seed=config.seed,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )
-    trainer_cls = KDTrainer if config.loss == "topk-kd" else Trainer
-    trainer = trainer_cls(model=model, args=args, train_dataset=examples,
-                          data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
+    if config.loss in LOCAL_TEACHER_LOSSES:
+        trainer = LogitKDTrainer(
+            teacher=teacher.model, beta=config.jsd_beta, lmbda=config.lmbda if config.loss == "gkd" else 0.0,
+            vocab=len(tok), eos_token_ids=sorted(student.eos_token_ids), pad_token_id=tok.pad_token_id,
+            max_new_tokens=config.gen_max_new_tokens, temperature=config.gen_temperature, seed=config.seed,
+            model=model, args=args, train_dataset=examples,
+            data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True), callbacks=list(callbacks))
+    else:
+        trainer_cls = KDTrainer if config.loss == "topk-kd" else Trainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=examples,
+                              data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
     result = trainer.train()
     if config.lora:
         model = model.merge_and_unload()
@@ -199,6 +257,8 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
     tok.save_pretrained(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
     summary = {"student": config.student, "loss": config.loss, "examples": len(examples),
+               "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
+               "on_policy_batches": getattr(trainer, "on_policy_batches", None),
                "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
                "train_loss": result.training_loss, "history": history,
                "final_loss": history[-1]["loss"] if history else math.nan}
@@ -224,4 +284,66 @@ class KDTrainer(Trainer):
         outputs = model(**inputs)
         logits = outputs.logits  # (B, T, V)
         loss = topk_kd_loss(logits[kd_mask], topk_ids[kd_mask], topk_lps[kd_mask])
+        return (loss, outputs) if return_outputs else loss
+
+
+class LogitKDTrainer(Trainer):
+    """Full-logit distillation from a local teacher: generalised JSD at every answer position.
+
+    With ``lmbda > 0`` this is GKD (Agarwal et al. 2024, Algorithm 1): each batch, with
+    probability ``lmbda``, the harvested answers are replaced by answers the student samples
+    itself from the same prompts, and the teacher scores those; the loss then teaches the student
+    what the teacher would have said at the states the student actually visits. TRL's
+    ``GKDTrainer`` does the same but wants TRL's own chat dataset and collator; this keeps our
+    examples (prompt masked, answer and its end-of-turn labelled, see ``sft_example``) so all
+    losses train on exactly the same tokens.
+    """
+
+    def __init__(self, *args, teacher: torch.nn.Module, beta: float, lmbda: float, vocab: int,
+                 eos_token_ids: list[int], pad_token_id: int, max_new_tokens: int, temperature: float,
+                 seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.beta, self.lmbda, self.vocab = beta, lmbda, vocab
+        self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.rng = random.Random(seed)
+        self.on_policy_batches = 0
+
+    @torch.no_grad()
+    def student_answers(self, model, inputs: dict) -> dict:
+        """The batch rebuilt around answers the student samples: left-padded prompt + answer up to
+        and including its first end-of-turn, labels on the answer only (as GKD's on-policy step)."""
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]  # (B, P)
+        was_training = model.training
+        model.eval()
+        seqs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                              temperature=self.temperature, top_k=0, max_new_tokens=self.max_new_tokens,
+                              eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)  # (B, P+G)
+        model.train(was_training)
+        answer = seqs[:, prompt_ids.shape[1]:]  # (B, G)
+        is_end = torch.isin(answer, torch.tensor(self.eos_token_ids, device=answer.device))
+        after_end = (is_end.cumsum(-1) - is_end.long()) > 0  # strictly after the first end-of-turn
+        answer_mask = (~after_end).long()
+        labels = answer.masked_fill(after_end, IGNORE)
+        return {"input_ids": seqs, "attention_mask": torch.cat([prompt_mask, answer_mask], dim=1),
+                "labels": torch.cat([torch.full_like(prompt_ids, IGNORE), labels], dim=1)}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.lmbda > 0 and model.training and self.rng.random() < self.lmbda:
+            inputs = self.student_answers(model, inputs)
+            self.on_policy_batches += 1
+        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]  # (B, T)
+        # Positions from the mask, so left-padded (on-policy) and right-padded rows both count from 0.
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        with torch.no_grad():
+            t_logits = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        select = labels[:, 1:] != IGNORE  # (B, T-1): position t predicts token t+1, answer tokens only
+        # Only the selected positions, and only real tokens (output layers may be padded past the vocabulary).
+        s = outputs.logits[:, :-1][select][:, :self.vocab]  # (N, V)
+        t = t_logits[:, :-1][select][:, :self.vocab]  # (N, V)
+        loss = generalized_jsd_loss(s, t, beta=self.beta)
         return (loss, outputs) if return_outputs else loss
