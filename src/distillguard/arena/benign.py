@@ -1,0 +1,254 @@
+"""Benign users: real ShareGPT conversations replayed with human timing.
+
+Each user dwells on a few topics and works through whole conversations (every user turn is a
+request whose ``messages`` carry the earlier turns and the assistant's real answers), in
+sessions at local daytime hours, with reading, thinking and typing time between turns and days
+without any use. Some users look like an attacker in exactly one respect, so that a detector
+that flags on any single signal pays for it in false positives:
+
+==============  ======  =====================================================================
+trait           share   the one respect
+==============  ======  =====================================================================
+heavy           5%      volume: 6x the sessions, nearly every day, long conversations
+researcher      4%      ``logprobs`` with ``top_logprobs`` 1-20, often at temperature 0
+long-output     4%      ``max_tokens`` 4,096-16,384
+multi-choice    3%      ``n`` 2-4
+app             3%      an integration: one system-prompt template for every request
+shared-ip       6%      behind one office NAT with 1-3 other users
+(any)           15%     a personal system prompt (not exclusive)
+==============  ======  =====================================================================
+
+The numbers below (think times, session counts) are plausible human values, not fitted to a
+log: we have no public timing data for chat users. They are stated here so they can be changed
+in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from distillguard.arena.pools import Thread
+from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, stream_rng
+
+TRAITS = (("heavy", 0.05), ("researcher", 0.04), ("long-output", 0.04), ("multi-choice", 0.03),
+          ("app", 0.03), ("shared-ip", 0.06))
+SYSTEM_PROMPT_SHARE = 0.15
+# Relative activity by local hour 0..23: night trough, morning and afternoon peaks, evening bump.
+DIURNAL = (0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 1.0, 1.4, 1.6, 1.5,
+           1.2, 1.4, 1.6, 1.6, 1.5, 1.3, 1.1, 1.2, 1.3, 1.1, 0.8, 0.4)
+TIMEZONES = ((-8, 3), (-5, 4), (0, 2), (1, 3), (2, 1), (5.5, 2), (8, 2), (9, 1))  # (UTC offset h, weight)
+HISTORY_CHARS = 12_000  # a chat client drops the oldest turns beyond this
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer concisely.",
+    "You are an expert software engineer. Prefer idiomatic, well-tested code.",
+    "Always answer in British English.",
+    "You are a patient tutor. Explain things simply and check my understanding.",
+    "Be direct. No filler, no apologies.",
+    "You are my writing assistant. Keep my voice; do not make the text sound generic.",
+    "You are a helpful assistant. Format answers in Markdown.",
+)
+APP_TEMPLATES = (
+    "You are HelpDesk, the support assistant of Northwind Software. Be friendly and brief. "
+    "If you do not know the answer, suggest contacting support@northwind.example.",
+    "You are an AI writing assistant inside the Quill editor. Improve or continue the user's text "
+    "as asked. Return only the text, no commentary.",
+    "You are CodePal, a coding assistant embedded in an IDE. Answer with code first, then a short "
+    "explanation.",
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    account: str
+    ip: str
+    tz: float  # UTC offset in hours
+    trait: str | None
+    system: str | None
+    topics: tuple[str, ...]  # favourite topics
+    p_active: float  # chance of using the API on a given day
+    sessions: float  # mean extra sessions on an active day (1 + Poisson)
+    conversations: float  # mean conversations a session (geometric)
+    read_speed: float  # answer tokens read per second (skimmers read faster)
+    stream: bool
+    temperature: float | None
+    max_tokens: int | None
+
+
+def _poisson(rng, lam: float) -> int:
+    # Knuth's method; lam stays small here (a few sessions a day)
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def _ip(rng) -> str:
+    return f"{rng.choice((24, 31, 46, 62, 73, 77, 81, 86, 92, 98, 109, 151, 176, 188))}." \
+           f"{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+
+
+def _traits(config: TrafficConfig) -> dict[int, str]:
+    """Exclusive traits for some users: each share of the table, at least one each from 20 users."""
+    n = config.benign_accounts
+    order = list(range(n))
+    stream_rng(config.seed, "benign-traits").shuffle(order)
+    traits, pos = {}, 0
+    for name, share in TRAITS:
+        count = max(1, round(share * n)) if n >= 20 else round(share * n)
+        for i in order[pos:pos + count]:
+            traits[i] = name
+        pos += count
+    return traits
+
+
+def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str, ...],
+             weights: tuple[int, ...]) -> Profile:
+    rng = stream_rng(config.seed, f"benign-profile-{i}")
+    heavy = trait == "heavy"
+    system = None
+    if trait == "app":
+        system = rng.choice(APP_TEMPLATES)
+    elif rng.random() < SYSTEM_PROMPT_SHARE:
+        system = rng.choice(SYSTEM_PROMPTS)
+    favourites: list[str] = []
+    want = min(len(topics), rng.choice((1, 2, 2, 3)))
+    while len(favourites) < want:  # popular topics are more often someone's favourite
+        pick = rng.choices(topics, weights)[0]
+        if pick not in favourites:
+            favourites.append(pick)
+    temperature = rng.choice((None, None, None, 0.7, 1.0, 0.2))
+    max_tokens = rng.choice((None, None, 512, 1024, 2048))
+    if trait == "long-output":
+        max_tokens = rng.choice((4096, 8192, 16384))
+    return Profile(
+        account=account_id(config.seed, "benign", i), ip=_ip(rng),
+        tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
+        topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
+        sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
+        conversations=3.0 if heavy else rng.uniform(1.0, 2.0), read_speed=rng.uniform(4.0, 20.0),
+        stream=rng.random() < 0.6, temperature=temperature, max_tokens=max_tokens)
+
+
+class _ThreadSupply:
+    """Hands out pool conversations by topic without replacement (recycled when a topic runs
+    out), so two users rarely replay the same conversation. Parts of one ShareGPT conversation
+    (``abc_0``, ``abc_1``) go to one user, in order."""
+
+    def __init__(self, threads: tuple[Thread, ...], rng):
+        by_base: dict[str, list[Thread]] = defaultdict(list)
+        for t in threads:
+            by_base[t.base_id].append(t)
+        groups = sorted(by_base.values(), key=lambda g: g[0].id)
+        for g in groups:
+            g.sort(key=lambda t: int(t.id.rsplit("_", 1)[1]) if t.id.rsplit("_", 1)[1].isdigit() else 0)
+        rng.shuffle(groups)
+        self._by_topic: dict[str, deque[list[Thread]]] = defaultdict(deque)
+        for g in groups:
+            self._by_topic[g[0].topic].append(g)
+        self.topics = tuple(sorted(self._by_topic, key=lambda t: -len(self._by_topic[t])))
+        self.sizes = tuple(len(self._by_topic[t]) for t in self.topics)
+
+    def take(self, topic: str) -> list[Thread]:
+        queue = self._by_topic[topic]
+        group = queue.popleft()
+        queue.append(group)  # recycled after every other conversation of the topic
+        return group
+
+
+def _messages(system: str | None, thread: Thread, k: int) -> list[dict]:
+    """Request for user turn ``k``: system prompt, the earlier turns with the real answers
+    (oldest dropped beyond HISTORY_CHARS), then the new user turn."""
+    history: list[dict] = []
+    size = len(thread.turns[2 * k])
+    for j in range(2 * k - 1, -1, -1):
+        size += len(thread.turns[j])
+        if size > HISTORY_CHARS and j % 2 == 1:
+            break
+        history.append({"role": "assistant" if j % 2 else "user", "content": thread.turns[j]})
+    history.reverse()
+    head = [{"role": "system", "content": system}] if system else []
+    return head + history + [{"role": "user", "content": thread.turns[2 * k]}]
+
+
+def _request(p: Profile, rng, config: TrafficConfig, messages: list[dict]) -> dict:
+    req: dict = {"model": config.model, "messages": messages}
+    if p.stream:
+        req["stream"] = True
+    if p.temperature is not None:
+        req["temperature"] = p.temperature
+    if p.max_tokens is not None:
+        req["max_tokens"] = p.max_tokens
+    if p.trait == "researcher" and rng.random() < 0.8:
+        req["logprobs"] = True
+        req["top_logprobs"] = rng.choice((1, 5, 5, 10, 20))
+        if rng.random() < 0.5:
+            req["temperature"] = 0.0
+    if p.trait == "multi-choice" and rng.random() < 0.6:
+        req["n"] = rng.choice((2, 3, 4))
+    return req
+
+
+def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply) -> Iterator[Call]:
+    rng = stream_rng(config.seed, f"benign-{i}")
+    pending: deque[Thread] = deque()  # later parts of the conversation the user is in
+    busy_until = config.start
+    days = math.ceil(config.days)
+    active = [rng.random() < p.p_active for _ in range(days)]
+    if not any(active):
+        active[rng.randrange(days)] = True  # every user shows up at least once
+    for day in range(days):
+        if not active[day]:
+            continue  # an idle day
+        day0 = config.start + day * 86400.0
+        starts = sorted(day0 + (rng.choices(range(24), DIURNAL)[0] - p.tz) % 24 * 3600.0 + rng.uniform(0, 3600)
+                        for _ in range(1 + _poisson(rng, p.sessions)))
+        for t in starts:
+            t = max(t, busy_until + rng.uniform(600, 3600))
+            conversations = 1
+            while rng.random() < 1 - 1 / p.conversations:
+                conversations += 1
+            for _ in range(conversations):
+                if not pending:
+                    pending.extend(supply.take(rng.choice(p.topics)))
+                thread = pending.popleft()
+                n_turns = len(thread.user_turns)
+                if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
+                    n_turns = rng.randint(2, n_turns)  # gives up part-way
+                for k in range(n_turns):
+                    req = _request(p, rng, config, _messages(p.system, thread, k))
+                    answer = thread.answer(k)
+                    out = estimate_tokens(answer) if answer else int(rng.lognormvariate(math.log(250), 0.8))
+                    yield Call(t, p.account, p.ip, req, out)
+                    shown = min(out, req.get("max_tokens") or out)
+                    t += 0.5 + shown / 40.0  # generation (~40 tokens/s)
+                    t += min(shown / p.read_speed * rng.lognormvariate(0, 0.5), 900.0)  # reading
+                    t += rng.lognormvariate(math.log(15), 1.0)  # thinking
+                    if k + 1 < len(thread.user_turns):
+                        nxt = len(thread.turns[2 * k + 2])
+                        t += nxt / 5.0 if nxt < 400 else rng.uniform(3, 20)  # typing, or pasting
+                t += rng.lognormvariate(math.log(90), 0.8)  # before the next conversation
+            busy_until = t
+
+
+def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator[Call]:
+    """Every benign user's requests (per user in time order; users one after another)."""
+    if config.benign_accounts == 0:
+        return
+    supply = _ThreadSupply(threads, stream_rng(config.seed, f"benign-threads-{config.pool}"))
+    traits = _traits(config)
+    nat = stream_rng(config.seed, "benign-nat")
+    office_ip, office_left = None, 0
+    for i in range(config.benign_accounts):
+        p = _profile(config, i, traits.get(i), supply.topics, supply.sizes)
+        if p.trait == "shared-ip":
+            if office_left == 0:
+                office_ip, office_left = _ip(nat), nat.randint(2, 4)
+            p = replace(p, ip=office_ip)
+            office_left -= 1
+        yield from _user_calls(config, i, p, supply)

@@ -1,0 +1,178 @@
+"""The bundled ShareGPT conversations split into three disjoint pools, with coarse topics.
+
+::
+
+    benign-calibration   45%   benign users of a calibration file (what a detector fits on)
+    benign-eval          25%   benign users of an evaluation file (held-out accounts)
+    attack               30%   seed material of attack campaigns
+
+A conversation's pool is a hash of its *base* id (ShareGPT cuts long conversations into parts
+``abc_0``, ``abc_1``, ...; all parts stay in one pool), so the split does not depend on the
+seed, the order of the file or the number of accounts. Hashing ids alone is not enough: the
+same text recurs under different ids ("hi" 50 times, "Explain quantum computing in simple
+terms" 43 times). So, by text (normalised: case and whitespace folded):
+
+- an eval conversation whose first user turn also opens a calibration conversation is dropped;
+- an attack conversation is cut before its first user turn that appears anywhere in a benign
+  pool, and dropped if that is its first turn. No user text an attacker can send is in a
+  benign pool.
+
+Topics are a keyword classifier over the first user turn (and the start of the answer):
+hand-written on purpose. It costs microseconds a conversation with no fit, the same on every
+machine, and the labels are readable ("code", "health"). TF-IDF + k-means on these prompts took
+~15 s on 2 cores and gave clusters such as "'continue' '번역결과' 'step'". Detectors never see
+these labels; they only give benign users a few favourite topics and let sweeping campaigns
+cover all topics evenly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+from distillguard.data.sharegpt import iter_conversations
+
+PoolName = Literal["calibration", "eval", "attack"]
+POOLS: tuple[PoolName, ...] = ("calibration", "eval", "attack")
+_SPLIT = (45, 70)  # hash % 100 below 45: calibration; below 70: eval; else attack
+_SALT = b"distillguard-arena-pools-v1"
+MAX_MESSAGE_CHARS = 6000  # longer turns are cut (a few pasted 100k-character documents)
+
+# topic -> keywords (word starts, case-insensitive); the first topic with most hits wins.
+TOPIC_KEYWORDS: dict[str, tuple[str, ...]] = {
+    "code": ("python", "javascript", "java ", "code", "function", "sql", "api", "html", "css", "react",
+             "typescript", "c#", "c++", "golang", "rust", "bug", "error", "compile", "class ", "docker",
+             "kubernetes", "git", "script", "program", "algorithm", "database", "node", "django",
+             "flask", "regex", "json", "bash", "linux", "aws", "server", "frontend", "backend"),
+    "data-ml": ("machine learning", "neural", "model", "dataset", "pandas", "numpy", "tensorflow",
+                "pytorch", "regression", "classification", "data science", "statistic", "training",
+                "deep learning", "nlp", "gpt", "ai "),
+    "math": ("math", "equation", "calculate", "probability", "integral", "derivative", "algebra",
+             "geometry", "theorem", "proof", "solve", "matrix", "number"),
+    "science": ("physics", "chemistry", "biology", "quantum", "climate", "energy", "molecule",
+                "experiment", "planet", "evolution", "science"),
+    "business": ("marketing", "business", "startup", "customer", "sales", "brand", "product",
+                 "company", "strategy", "market", "seo", "ecommerce", "client", "linkedin",
+                 "social media", "campaign", "revenue", "pitch"),
+    "finance": ("invest", "stock", "finance", "tax", "bank", "money", "crypto", "loan", "budget",
+                "accounting", "price"),
+    "writing": ("story", "poem", "essay", "novel", "character", "write a", "blog", "article",
+                "script for", "song", "lyrics", "rewrite", "paraphrase", "summar", "tweet", "email"),
+    "education": ("student", "teacher", "lesson", "course", "school", "university", "learn",
+                  "exam", "curriculum", "homework", "explain"),
+    "health": ("health", "diet", "exercise", "medical", "doctor", "symptom", "disease", "mental",
+               "therapy", "sleep", "fitness", "nutrition", "patient"),
+    "career": ("resume", "cover letter", "interview", "job", "career", "hiring", "salary", "skills"),
+    "legal": ("law", "legal", "contract", "policy", "court", "regulation", "rights", "gdpr", "terms"),
+    "lifestyle": ("travel", "recipe", "food", "cook", "gift", "wedding", "restaurant", "trip",
+                  "vacation", "home", "garden", "fashion", "pet", "dog", "cat "),
+    "games-roleplay": ("game", "play", "role", "pretend", "act as", "dungeon", "character named",
+                       "rpg", "fantasy", "simulate"),
+    "history-culture": ("history", "war", "religion", "philosophy", "culture", "politic",
+                        "ancient", "bible", "god", "country"),
+}
+TOPICS: tuple[str, ...] = (*TOPIC_KEYWORDS, "non-english", "other")
+# One dict lookup per word prefix instead of 14 regexes (those took ~3 ms a prompt).
+_WORD_KEYS = {k.strip(): t for t, kws in TOPIC_KEYWORDS.items() for k in kws if " " not in k.strip()}
+_PHRASES = [(k.strip(), t) for t, kws in TOPIC_KEYWORDS.items() for k in kws if " " in k.strip()]
+_WORD = re.compile(r"[a-z][a-z+#]*")
+
+
+@dataclass(frozen=True)
+class Thread:
+    """One usable conversation: strictly alternating user/assistant turns starting with a user.
+
+    ``turns[0::2]`` are user texts, ``turns[1::2]`` the assistant's answers (the last user turn
+    may have none).
+    """
+
+    id: str
+    base_id: str
+    topic: str
+    turns: tuple[str, ...]
+
+    @property
+    def user_turns(self) -> tuple[str, ...]:
+        return self.turns[0::2]
+
+    def answer(self, k: int) -> str | None:
+        """The assistant's answer to user turn ``k`` (0-based), if the conversation has it."""
+        return self.turns[2 * k + 1] if 2 * k + 1 < len(self.turns) else None
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def pool_of(conversation_id: str) -> PoolName:
+    """The pool a ShareGPT conversation id hashes to (before the text rules; deterministic)."""
+    base = conversation_id.rsplit("_", 1)[0]
+    bucket = int.from_bytes(hashlib.sha256(_SALT + base.encode()).digest()[:8], "big") % 100
+    return "calibration" if bucket < _SPLIT[0] else "eval" if bucket < _SPLIT[1] else "attack"
+
+
+def topic_of(text: str) -> str:
+    """Coarse topic of a prompt (see the module docstring): the topic whose keywords start the
+    most words; "non-english" when under 60% of the characters are ASCII."""
+    sample = text[:1500].lower()
+    if not sample or len(sample.encode("ascii", "ignore")) < 0.6 * len(sample):
+        return "non-english" if sample else "other"
+    hits: dict[str, int] = defaultdict(int)
+    for word in _WORD.findall(sample):
+        for end in range(min(len(word), 12), 1, -1):  # the longest keyword that starts the word
+            topic = _WORD_KEYS.get(word[:end])
+            # keywords of <= 4 letters match whole words (or plurals) only: "cat" not "category"
+            if topic is not None and (end > 4 or len(word) - end <= (word[-1] == "s")):
+                hits[topic] += 1
+                break
+    for phrase, topic in _PHRASES:
+        if phrase in sample:
+            hits[topic] += 1
+    # ties go to the topic listed first (dict order of TOPIC_KEYWORDS), so the result is stable
+    return max(TOPIC_KEYWORDS, key=lambda t: hits.get(t, 0)) if hits else "other"
+
+
+def _clean_turns(turns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
+    """Alternating (user, assistant, ...) texts: leading answers dropped, cut at the first break
+    in alternation or empty user turn, each text cut to MAX_MESSAGE_CHARS."""
+    i = 0
+    while i < len(turns) and turns[i][0] != "user":
+        i += 1
+    out: list[str] = []
+    for role, text in turns[i:]:
+        want = "user" if len(out) % 2 == 0 else "assistant"
+        if role != want or not text.strip():
+            break
+        out.append(text[:MAX_MESSAGE_CHARS])
+    return tuple(out)
+
+
+@lru_cache(maxsize=1)
+def load_pools() -> dict[PoolName, tuple[Thread, ...]]:
+    """The three pools, each in file order (deterministic). Cached for the process."""
+    raw: dict[PoolName, list[Thread]] = defaultdict(list)
+    for conv in iter_conversations():
+        turns = _clean_turns(conv.turns)
+        if not turns:
+            continue
+        raw[pool_of(conv.id)].append(Thread(
+            id=conv.id, base_id=conv.id.rsplit("_", 1)[0],
+            topic=topic_of(turns[0] + " " + (turns[1][:300] if len(turns) > 1 else "")), turns=turns))
+    calibration = tuple(raw["calibration"])
+    cal_firsts = {normalise(t.turns[0]) for t in calibration}
+    evaluation = tuple(t for t in raw["eval"] if normalise(t.turns[0]) not in cal_firsts)
+    benign_texts = {normalise(u) for t in (*calibration, *evaluation) for u in t.user_turns}
+    attack = []
+    for t in raw["attack"]:
+        keep = 0
+        for k, u in enumerate(t.user_turns):
+            if normalise(u) in benign_texts:
+                break
+            keep = 2 * k + 2
+        if keep:
+            attack.append(Thread(t.id, t.base_id, t.topic, t.turns[:keep]))
+    return {"calibration": calibration, "eval": evaluation, "attack": tuple(attack)}

@@ -1,0 +1,92 @@
+"""``distillguard arena``: labelled evaluation traffic (benign users and extraction campaigns)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from distillguard.cli import console, err_console
+
+arena_app = typer.Typer(help="Benign users and extraction campaigns for evaluating detectors.", no_args_is_help=True)
+
+
+@arena_app.command("traffic")
+def traffic(
+    benign_accounts: int = typer.Option(100, "--benign-accounts", "-b", help="benign users replayed from ShareGPT"),
+    campaign: Optional[list[str]] = typer.Option(
+        None, "--campaign", "-c", help="KIND[:ACCOUNTS[:REQUESTS]] (repeatable); REQUESTS is per account"),
+    seed: int = typer.Option(0, help="random seed: same seed and options, same file"),
+    days: float = typer.Option(3.0, help="length of the traffic window in days"),
+    pool: str = typer.Option("eval", help="benign pool: calibration (fit detectors) | eval (held out)"),
+    start: Optional[float] = typer.Option(None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"),
+    model: str = typer.Option("smollm2", help="model id in every request"),
+    rpm_limit: int = typer.Option(20, help="per-account requests/minute that limit-aware campaigns (hydra) stay under"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
+    list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
+) -> None:
+    """Write labelled traffic (DESIGN.md traffic log): benign users and attack campaigns.
+
+    Benign users replay real ShareGPT conversations (follow-up turns with the earlier answers,
+    human timing, a few topics each; some heavy users, researchers asking for logprobs, apps
+    with one system prompt). Campaigns draw on a disjoint attack pool. Every record has
+    "label" ("benign" or the campaign kind) and campaign records "campaign" ("<kind>-<i>"):
+    ground truth for evaluation, never for detectors.
+
+    Examples:
+
+      distillguard arena traffic -b 200 -c bulk -c hydra:20 -c slowlow -o eval.jsonl
+
+      distillguard arena traffic -b 500 --pool calibration --seed 1 -o calibration.jsonl
+
+      distillguard arena traffic -b 300 -c bulk -c template -c reasoning -c logprobs -c hydra -c slowlow --days 7 -o all.jsonl
+
+      distillguard arena traffic -b 0 -c template:1:500 -o - | head
+    """
+    from distillguard.arena.traffic import CampaignSpec, TrafficConfig, campaign_kinds, generate_traffic
+    from distillguard.errors import ConfigError
+
+    if list_kinds:
+        for kind in campaign_kinds().values():
+            console.print(f"{kind.name:<10} accounts {kind.default_accounts:<3} requests/account "
+                          f"{kind.default_requests:<6} {kind.description}")
+        return
+    if output is None:
+        raise ConfigError("no output file: pass -o FILE.jsonl (or -o - for standard output)")
+    if pool not in ("calibration", "eval"):
+        raise ConfigError(f"--pool must be calibration or eval, got {pool!r}")
+    specs = tuple(CampaignSpec.parse(c) for c in campaign or ())
+    extra = {} if start is None else {"start": start}
+    config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
+                           model=model, rpm_limit=rpm_limit, **extra)
+    with err_console.status("generating traffic ..."):
+        records = generate_traffic(config)
+    out = sys.stdout if output == "-" else _open(Path(output))
+    try:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    table = Table(title=f"{len(records)} requests → {output}")
+    for col in ("label", "accounts", "requests"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    accounts: dict[str, set] = {}
+    for r in records:
+        accounts.setdefault(r["label"], set()).add(r["account"])
+    for label, n in Counter(r["label"] for r in records).items():
+        table.add_row(label, str(len(accounts[label])), str(n))
+    err_console.print(table)
+
+
+def _open(path: Path):
+    from distillguard.errors import ConfigError
+
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
+    return path.open("w", encoding="utf-8")
