@@ -4,6 +4,7 @@ and the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,8 +20,9 @@ from distillguard.errors import ConfigError
 from distillguard.guard.ledger import read_traffic
 from distillguard.serve.schemas import ChatCompletionRequest
 
-CAMPAIGNS = ("bulk:1:400",)
-CONFIG = TrafficConfig(benign_accounts=60, campaigns=CAMPAIGNS, seed=7, days=3)
+CAMPAIGNS = ("bulk:1:400", "template:1:300", "reasoning:1:300", "logprobs:1:300", "hydra:8:60", "slowlow:1:90")
+RPM = 4  # low, so that hydra's spacing has to hold it back
+CONFIG = TrafficConfig(benign_accounts=60, campaigns=CAMPAIGNS, seed=7, days=3, rpm_limit=RPM)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +98,11 @@ def test_benign_users_draw_only_on_their_pool_and_attackers_only_on_the_attack_p
                 last = r["request"]["messages"][-1]["content"]
                 assert want in text_pool[normalise(last)]
     for r in traffic:
-        if r["label"] == "bulk":
-            seen = text_pool.get(normalise(r["request"]["messages"][-1]["content"]), {"attack"})
-            assert seen == {"attack"}  # reworded repeats are in no pool at all
+        if r["label"] != "benign":
+            for m in r["request"]["messages"]:
+                if m["role"] == "user":
+                    # templated and reworded prompts are in no pool at all
+                    assert text_pool.get(normalise(m["content"]), {"attack"}) == {"attack"}
 
 
 def test_benign_users_hold_multi_turn_conversations_with_human_gaps(traffic):
@@ -168,8 +172,10 @@ def test_config_validates_with_clear_messages():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    # rich wraps stderr at 80 columns when it is not a terminal; a wide one shows the real lines
+    env = {**os.environ, "COLUMNS": "300"}
     return subprocess.run([sys.executable, "-m", "distillguard.cli", "arena", "traffic", *args],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_cli_writes_a_traffic_file(tmp_path):
@@ -188,3 +194,111 @@ def test_cli_rejects_a_bad_campaign_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown campaign kind 'bulkk'" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "t.jsonl").exists()
+
+
+def _label(traffic, label):
+    return [r for r in traffic if r["label"] == label]
+
+
+def _user_text(r) -> str:
+    return "\n".join(m["content"] for m in r["request"]["messages"] if m["role"] in ("user", "system"))
+
+
+def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffic):
+    hydra = _by_account(_label(traffic, "hydra"))
+    assert len(hydra) == 8 and all(len(recs) == 60 for recs in hydra.values())
+    assert len({r["campaign"] for recs in hydra.values() for r in recs}) == 1
+    for recs in hydra.values():
+        ts = [r["ts"] for r in recs]
+        # the limiter's rule: no 60 s interval holds more than rpm requests
+        assert max(sum(1 for u in ts[i:] if u - t < 60.0) for i, t in enumerate(ts)) <= RPM
+    prefixes = {r["ip"].rsplit(".", 1)[0] for recs in hydra.values() for r in recs}
+    assert len(prefixes) <= 3  # proxy ranges shared by all keys
+    systems = {r["request"]["messages"][0]["content"] for recs in hydra.values() for r in recs
+               if r["request"]["messages"][0]["role"] == "system"}
+    assert len(systems) == 1  # one template system prompt
+    for recs in hydra.values():  # each key mixes benign-looking conversations into the extraction
+        follow_ups = sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs)
+        templated = sum(r["request"]["messages"][0]["role"] == "system" for r in recs)
+        assert follow_ups > 0 and templated > 0.2 * len(recs)
+    # the scheduler starts every key's sessions within minutes of each other
+    firsts = sorted(recs[0]["ts"] for recs in hydra.values())
+    assert firsts[-1] - firsts[0] < 15 * 60
+
+
+def test_logprobs_campaign_harvests_top_20_greedy_over_all_topics(traffic):
+    recs = _label(traffic, "logprobs")
+    assert len(recs) == 300
+    for r in recs:
+        req = r["request"]
+        assert req["logprobs"] is True and req["top_logprobs"] == 20 and req["temperature"] == 0.0
+    from distillguard.arena import topic_of
+
+    campaign_topics = {topic_of(_user_text(r)) for r in recs[:120]}
+    benign = _by_account(_label(traffic, "benign"))
+    busiest = max(benign.values(), key=len)
+    user_topics = {topic_of(r["request"]["messages"][-1]["content"]) for r in busiest[:120]}
+    assert len(campaign_topics) >= 12 and len(campaign_topics) > len(user_topics)
+
+
+def test_reasoning_campaign_asks_for_the_reasoning_every_time(traffic):
+    recs = _label(traffic, "reasoning")
+    cues = ("step by step", "reasoning", "<think>")
+    assert all(any(c in _user_text(r).lower() for c in cues) for r in recs)
+    assert all(r["request"]["max_tokens"] >= 4096 for r in recs)
+    usage = statistics.median(r["response"]["usage"]["completion_tokens"] for r in recs)
+    assert usage > 2 * statistics.median(r["response"]["usage"]["completion_tokens"] for r in _label(traffic, "benign"))
+
+
+def test_template_campaign_is_templated(traffic):
+    import re
+
+    from distillguard.arena.campaigns import TEMPLATES
+
+    patterns = [re.compile(re.escape(t).replace(r"\{genre\}", ".+").replace(r"\{subject\}", ".+")
+                           .replace(r"\{subject2\}", ".+").replace(r"\{k\}", r"\d+")
+                           .replace(r"\{audience\}", ".+").replace(r"\{author\}", ".+")) for t in TEMPLATES]
+    recs = _label(traffic, "template")
+    kinds = {"template": 0, "evol": 0, "self-instruct": 0}
+    for r in recs:
+        text = r["request"]["messages"][-1]["content"]
+        if any(p.fullmatch(text) for p in patterns):
+            kinds["template"] += 1
+        elif "#Given Prompt#" in text or "#The Given Prompt#" in text:
+            kinds["evol"] += 1
+        elif text.startswith("Come up with a series of tasks"):
+            kinds["self-instruct"] += 1
+    assert sum(kinds.values()) == len(recs) and all(kinds.values())
+    assert len({r["request"]["messages"][-1]["content"] for r in recs}) > 0.9 * len(recs)  # a sweep, not a loop
+
+
+def test_slowlow_is_human_paced_single_turn_and_sweeps_topics(traffic):
+    from distillguard.arena import topic_of
+
+    recs = _label(traffic, "slowlow")
+    assert len(recs) == 90 and len({r["account"] for r in recs}) == 1
+    assert all(len(r["request"]["messages"]) == 1 for r in recs)  # never a follow-up
+    days = {int((r["ts"] - CONFIG.start) // 86400) for r in recs}
+    assert days == {0, 1, 2}  # every day, a little
+    gaps = [b["ts"] - a["ts"] for a, b in zip(recs, recs[1:])]
+    assert statistics.median(gaps) > 20
+    assert len({topic_of(_user_text(r)) for r in recs}) >= 12
+
+
+def test_a_plugin_campaign_registers_like_the_builtins():
+    from distillguard.arena import Call, register_campaign
+    from distillguard.arena import traffic as traffic_mod
+
+    @register_campaign("echo-test", default_accounts=2, default_requests=3)
+    def echo(ctx):
+        for j, account in enumerate(ctx.accounts):
+            for r in range(ctx.requests_per_account):
+                yield Call(ctx.start + 60 * r + j, account, "10.0.0.1",
+                           ctx.request([{"role": "user", "content": f"echo {r}"}]), 5)
+    try:
+        recs = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=["echo-test", "echo-test:1:2"]))
+        assert [r["label"] for r in recs] == ["echo-test"] * 8
+        assert {r["campaign"] for r in recs} == {"echo-test-1", "echo-test-2"}
+        assert len({r["account"] for r in recs}) == 3
+    finally:
+        traffic_mod._KINDS.pop("echo-test")

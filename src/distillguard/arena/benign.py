@@ -161,7 +161,7 @@ class _ThreadSupply:
         return group
 
 
-def _messages(system: str | None, thread: Thread, k: int) -> list[dict]:
+def conversation_messages(system: str | None, thread: Thread, k: int) -> list[dict]:
     """Request for user turn ``k``: system prompt, the earlier turns with the real answers
     (oldest dropped beyond HISTORY_CHARS), then the new user turn."""
     history: list[dict] = []
@@ -221,7 +221,7 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                 if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
                     n_turns = rng.randint(2, n_turns)  # gives up part-way
                 for k in range(n_turns):
-                    req = _request(p, rng, config, _messages(p.system, thread, k))
+                    req = _request(p, rng, config, conversation_messages(p.system, thread, k))
                     answer = thread.answer(k)
                     out = estimate_tokens(answer) if answer else int(rng.lognormvariate(math.log(250), 0.8))
                     yield Call(t, p.account, p.ip, req, out)
