@@ -25,6 +25,7 @@ in one place.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from dataclasses import dataclass, replace
 
 from distillguard.arena.pools import Thread
 from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, stream_rng
+
+log = logging.getLogger(__name__)
 
 TRAITS = (("heavy", 0.05), ("researcher", 0.04), ("long-output", 0.04), ("multi-choice", 0.03),
           ("app", 0.03), ("shared-ip", 0.06))
@@ -136,9 +139,11 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
 
 
 class _ThreadSupply:
-    """Hands out pool conversations by topic without replacement (recycled when a topic runs
-    out), so two users rarely replay the same conversation. Parts of one ShareGPT conversation
-    (``abc_0``, ``abc_1``) go to one user, in order."""
+    """Hands out pool conversations by topic without replacement, so two users do not replay the
+    same conversation while the pool lasts: a topic that runs out lends from the topic with the
+    most left; only when the whole pool is used up are conversations handed out again (counted
+    in ``replayed``). Parts of one ShareGPT conversation (``abc_0``, ``abc_1``) go to one user,
+    in order."""
 
     def __init__(self, threads: tuple[Thread, ...], rng):
         by_base: dict[str, list[Thread]] = defaultdict(list)
@@ -148,16 +153,24 @@ class _ThreadSupply:
         for g in groups:
             g.sort(key=lambda t: int(t.id.rsplit("_", 1)[1]) if t.id.rsplit("_", 1)[1].isdigit() else 0)
         rng.shuffle(groups)
-        self._by_topic: dict[str, deque[list[Thread]]] = defaultdict(deque)
+        self._fresh: dict[str, deque[list[Thread]]] = defaultdict(deque)
         for g in groups:
-            self._by_topic[g[0].topic].append(g)
-        self.topics = tuple(sorted(self._by_topic, key=lambda t: -len(self._by_topic[t])))
-        self.sizes = tuple(len(self._by_topic[t]) for t in self.topics)
+            self._fresh[g[0].topic].append(g)
+        self._used: dict[str, deque[list[Thread]]] = defaultdict(deque)
+        self.topics = tuple(sorted(self._fresh, key=lambda t: -len(self._fresh[t])))
+        self.sizes = tuple(len(self._fresh[t]) for t in self.topics)
+        self.replayed = 0  # conversations handed to a second user (the pool ran short)
 
     def take(self, topic: str) -> list[Thread]:
-        queue = self._by_topic[topic]
-        group = queue.popleft()
-        queue.append(group)  # recycled after every other conversation of the topic
+        if not self._fresh[topic]:
+            topic = max(self.topics, key=lambda t: len(self._fresh[t]))  # ties: the larger topic
+        if self._fresh[topic]:
+            group = self._fresh[topic].popleft()
+        else:  # the whole pool is used: replay, oldest first
+            topic = max(self.topics, key=lambda t: len(self._used[t]))
+            group = self._used[topic].popleft()
+            self.replayed += 1
+        self._used[topic].append(group)
         return group
 
 
@@ -252,3 +265,7 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
             p = replace(p, ip=office_ip)
             office_left -= 1
         yield from _user_calls(config, i, p, supply)
+    if supply.replayed:
+        log.warning("the %s pool ran short: %d conversations were replayed by a second benign user (identical "
+                    "prompts across accounts); use fewer benign accounts or days for fully distinct users",
+                    config.pool, supply.replayed)

@@ -2,9 +2,9 @@
 
 ::
 
-    benign-calibration   45%   benign users of a calibration file (what a detector fits on)
-    benign-eval          25%   benign users of an evaluation file (held-out accounts)
-    attack               30%   seed material of attack campaigns
+    benign-calibration   40%   benign users of a calibration file (what a detector fits on)
+    benign-eval          35%   benign users of an evaluation file (held-out accounts)
+    attack               25%   seed material of attack campaigns
 
 A conversation's pool is a hash of its *base* id (ShareGPT cuts long conversations into parts
 ``abc_0``, ``abc_1``, ...; all parts stay in one pool), so the split does not depend on the
@@ -38,7 +38,7 @@ from distillguard.data.sharegpt import iter_conversations
 
 PoolName = Literal["calibration", "eval", "attack"]
 POOLS: tuple[PoolName, ...] = ("calibration", "eval", "attack")
-_SPLIT = (45, 70)  # hash % 100 below 45: calibration; below 70: eval; else attack
+_SPLIT = (40, 75)  # hash % 100 below 40: calibration; below 75: eval; else attack
 _SALT = b"distillguard-arena-pools-v1"
 MAX_MESSAGE_CHARS = 6000  # longer turns are cut (a few pasted 100k-character documents)
 
