@@ -220,10 +220,17 @@ def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffi
     for recs in hydra.values():  # each key mixes benign-looking conversations into the extraction
         follow_ups = sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs)
         templated = sum(r["request"]["messages"][0]["role"] == "system" for r in recs)
-        assert follow_ups > 0 and templated > 0.2 * len(recs)
+        assert follow_ups > 0 and 0.35 < templated / len(recs) < 0.65  # decoy_share 0.5
     # the scheduler starts every key's sessions within minutes of each other
     firsts = sorted(recs[0]["ts"] for recs in hydra.values())
     assert firsts[-1] - firsts[0] < 15 * 60
+
+
+def test_hydra_decoy_share_sets_how_much_of_each_key_looks_benign():
+    recs = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=["hydra:4:100"], decoy_share=0.9))
+    for account_recs in _by_account(recs).values():
+        templated = sum(r["request"]["messages"][0]["role"] == "system" for r in account_recs)
+        assert 0.05 <= templated / len(account_recs) <= 0.15
 
 
 def test_logprobs_campaign_harvests_top_20_greedy_over_all_topics(traffic):

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from distillguard.arena.pools import Thread
-from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, stream_rng
+from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, random_ip, stream_rng
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,6 @@ def _poisson(rng, lam: float) -> int:
     return k
 
 
-def _ip(rng) -> str:
-    return f"{rng.choice((24, 31, 46, 62, 73, 77, 81, 86, 92, 98, 109, 151, 176, 188))}." \
-           f"{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
-
-
 def _traits(config: TrafficConfig) -> dict[int, str]:
     """Exclusive traits for some users: each share of the table, at least one each from 20 users."""
     n = config.benign_accounts
@@ -130,12 +125,12 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     if trait == "long-output":
         max_tokens = rng.choice((4096, 8192, 16384))
     return Profile(
-        account=account_id(config.seed, "benign", i), ip=_ip(rng),
+        account=account_id(config.seed, "benign", i), ip=random_ip(rng),
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
         conversations=3.0 if heavy else rng.uniform(1.0, 2.0), read_speed=rng.uniform(4.0, 20.0),
-        stream=rng.random() < 0.6, temperature=temperature, max_tokens=max_tokens)
+        stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
 
 
 class _ThreadSupply:
@@ -261,7 +256,7 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
         p = _profile(config, i, traits.get(i), supply.topics, supply.sizes)
         if p.trait == "shared-ip":
             if office_left == 0:
-                office_ip, office_left = _ip(nat), nat.randint(2, 4)
+                office_ip, office_left = random_ip(nat), nat.randint(2, 4)
             p = replace(p, ip=office_ip)
             office_left -= 1
         yield from _user_calls(config, i, p, supply)

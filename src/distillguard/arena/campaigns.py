@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 
 from distillguard.arena.benign import DIURNAL, conversation_messages
-from distillguard.arena.traffic import Call, CampaignContext, estimate_tokens, register_campaign
+from distillguard.arena.traffic import Call, CampaignContext, estimate_tokens, random_ip, register_campaign
 
 MAX_PROMPT_CHARS = 4000
 
@@ -33,14 +33,6 @@ def _account_rng(ctx: CampaignContext, j: int) -> random.Random:
     return random.Random(f"{ctx.campaign_id}|{j}|{ctx.rng.random()}")
 
 
-def _datacenter_ip(rng: random.Random, prefix: str | None = None) -> str:
-    """An address in a hosting provider's range (or in ``prefix``, a /24 like "45.83.17")."""
-    if prefix is None:
-        prefix = f"{rng.choice((5, 23, 34, 45, 51, 64, 104, 138, 159, 167, 185, 195))}.{rng.randrange(256)}." \
-                 f"{rng.randrange(256)}"
-    return f"{prefix}.{rng.randrange(2, 254)}"
-
-
 def _user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
@@ -52,7 +44,7 @@ def bulk(ctx: CampaignContext) -> Iterator[Call]:
     prompts = _seed_prompts(ctx.attack)
     for j, account in enumerate(ctx.accounts):
         rng = _account_rng(ctx, j)
-        ip = _datacenter_ip(rng)
+        ip = random_ip(rng)
         order = rng.sample(range(len(prompts)), len(prompts))
         temperature, max_tokens = rng.choice((0.7, 1.0)), rng.choice((1024, 2048))
         t = ctx.start + rng.uniform(0, (ctx.end - ctx.start) / 2)
@@ -228,7 +220,7 @@ def template(ctx: CampaignContext) -> Iterator[Call]:
     seeds = _short_seeds(_seed_prompts(ctx.attack))
     for j, account in enumerate(ctx.accounts):
         rng = _account_rng(ctx, j)
-        ip = _datacenter_ip(rng)
+        ip = random_ip(rng)
         system = rng.choice((None, "You are a helpful assistant."))
         temperature, max_tokens = rng.choice((0.7, 0.9, 1.0)), rng.choice((1024, 2048))
         for t in _work_shifts(rng, ctx, ctx.requests_per_account, mean_gap=4.0):
@@ -251,7 +243,7 @@ def reasoning(ctx: CampaignContext) -> Iterator[Call]:
     prompts = _seed_prompts(ctx.attack)
     for j, account in enumerate(ctx.accounts):
         rng = _account_rng(ctx, j)
-        ip = _datacenter_ip(rng)
+        ip = random_ip(rng)
         system = rng.choice((None, *COT_SYSTEMS))
         temperature, max_tokens = rng.choice((0.0, 0.6)), rng.choice((4096, 8192))
         for t in _work_shifts(rng, ctx, ctx.requests_per_account, mean_gap=3.0):
@@ -277,7 +269,7 @@ def logprobs(ctx: CampaignContext) -> Iterator[Call]:
     answers = [t.answer(0)[:600] for t in ctx.attack if t.answer(0)]
     for j, account in enumerate(ctx.accounts):
         rng = _account_rng(ctx, j)
-        ip = _datacenter_ip(rng)
+        ip = random_ip(rng)
         order = _by_topic_round_robin(rng, prompts)
         max_tokens = rng.choice((256, 512))
         for r, t in enumerate(_work_shifts(rng, ctx, ctx.requests_per_account, mean_gap=2.0, shift_h=(6.0, 20.0))):
@@ -317,7 +309,7 @@ def slowlow(ctx: CampaignContext) -> Iterator[Call]:
     prompts = _seed_prompts(ctx.attack)
     for j, account in enumerate(ctx.accounts):
         rng = _account_rng(ctx, j)
-        ip = f"{rng.choice((73, 81, 86, 92))}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        ip = random_ip(rng)
         order = _by_topic_round_robin(rng, prompts)
         times = _human_times(rng, ctx, ctx.requests_per_account, tz=rng.choice((-5, 1, 8)))
         for r, t in enumerate(times):
@@ -330,19 +322,19 @@ def slowlow(ctx: CampaignContext) -> Iterator[Call]:
 
 @register_campaign("hydra", default_accounts=20, default_requests=150,
                    description="one actor, many accounts under their limits: shared templates, proxy IPs, timing; "
-                               "half the requests benign-looking")
+                               "--decoy-share of the requests benign-looking")
 def hydra(ctx: CampaignContext) -> Iterator[Call]:
     """A proxy cluster: ACCOUNTS keys run by one scheduler. Shared by all keys: a handful of
     templates and one system prompt, three /24 proxy ranges, session starts on the scheduler's
     clock (within minutes of each other). Each key stays strictly under ``rpm_limit`` in every
-    60 s window and half of its requests replay attack-pool conversations with their follow-ups,
-    so each key on its own looks mostly like a normal user."""
+    60 s window and ``decoy_share`` of its requests (default half) replay attack-pool
+    conversations with their follow-ups, so each key on its own looks mostly like a normal user."""
     rng = ctx.rng
-    ranges = [f"{rng.choice((45, 91, 185, 193))}.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(3)]
+    ranges = [random_ip(rng).rsplit(".", 1)[0] for _ in range(3)]
     templates = tuple(rng.sample(TEMPLATES, 4))
     system = rng.choice(("You are a helpful assistant.", "You are an expert assistant. Answer thoroughly."))
     cot = rng.choice(COT_SUFFIXES)
-    decoy_share = 0.5
+    decoy_share = ctx.decoy_share
     threads = [t for t in ctx.attack if len(t.user_turns) >= 2] or list(ctx.attack)
     seeds = _short_seeds(_seed_prompts(ctx.attack))
     min_gap = 60.0 / ctx.rpm_limit * 1.05  # strictly under the limit in any 60 s window
@@ -353,8 +345,8 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
     for j, account in enumerate(ctx.accounts):
         arng = _account_rng(ctx, j)
         prefix = ranges[j % len(ranges)]
-        ip = _datacenter_ip(arng, prefix)
-        temperature = arng.choice((None, 0.7))
+        ip = random_ip(arng, prefix)
+        temperature, stream = arng.choice((None, 0.7)), arng.random() < 0.5  # each key mimics some client
         sent, decoys, busy = 0, 0, ctx.start
         pending: list[tuple[list[dict], int]] = []  # follow-up turns of a decoy conversation
         for slot in slots:
@@ -378,8 +370,9 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
                                 {"role": "user", "content": f"{text}\n\n{cot}" if arng.random() < 0.5 else text}]
                     out = int(arng.lognormvariate(math.log(500), 0.5))
                 if arng.random() < 0.2:
-                    ip = _datacenter_ip(arng, prefix)  # the proxy rotates within its range
-                yield Call(t, account, ip, ctx.request(messages, temperature=temperature, max_tokens=2048), out)
+                    ip = random_ip(arng, prefix)  # the proxy rotates within its range
+                yield Call(t, account, ip, ctx.request(messages, temperature=temperature, max_tokens=2048,
+                                                            stream=stream or None), out)
                 sent += 1
                 t += max(min_gap, arng.lognormvariate(math.log(25), 0.6))
             busy = t

@@ -118,7 +118,7 @@ def pool_of(conversation_id: str) -> PoolName:
 def topic_of(text: str) -> str:
     """Coarse topic of a prompt (see the module docstring): the topic whose keywords start the
     most words; "non-english" when under 60% of the characters are ASCII."""
-    sample = text[:1500].lower()
+    sample = text[:600].lower()  # the opening says what it is about; 600 keeps this ~0.1 ms
     if not sample or len(sample.encode("ascii", "ignore")) < 0.6 * len(sample):
         return "non-english" if sample else "other"
     hits: dict[str, int] = defaultdict(int)

@@ -97,6 +97,10 @@ class TrafficConfig(BaseModel):
         20, description="the gateway's per-account requests per minute: campaigns that stay under "
                         "limits (hydra) keep every account below it in every 60 s window")
 
+    decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.5, description="share of a hydra key's requests that are benign-looking conversations "
+                         "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)")
+
     @field_validator("campaigns", mode="before")
     @classmethod
     def _parse_specs(cls, value):
@@ -138,6 +142,7 @@ class CampaignContext:
     start: float
     end: float
     rpm_limit: int
+    decoy_share: float  # hydra: share of benign-looking requests
     model: str
     rng: random.Random
     attack: tuple  # tuple[pools.Thread, ...]: the attack pool, the only ShareGPT text allowed
@@ -210,6 +215,19 @@ def account_id(seed: int, owner: str, index: int) -> str:
     return "acct-" + hashlib.sha256(f"{seed}|{owner}|{index}".encode()).hexdigest()[:10]
 
 
+# First octets of public ranges, residential and hosting alike: every generator draws from the same
+# list, so an address tells nothing by itself; only sharing (an office NAT, a proxy range) does.
+_FIRST_OCTETS = (5, 23, 24, 31, 34, 45, 46, 51, 62, 64, 73, 77, 81, 86, 91, 92, 98, 104, 109, 138, 151,
+                 159, 167, 176, 185, 188, 193, 195)
+
+
+def random_ip(rng: random.Random, prefix: str | None = None) -> str:
+    """A public-looking IPv4 address, or one in ``prefix`` (a /24 such as "45.83.17")."""
+    if prefix is None:
+        prefix = f"{rng.choice(_FIRST_OCTETS)}.{rng.randrange(256)}.{rng.randrange(256)}"
+    return f"{prefix}.{rng.randrange(2, 254)}"
+
+
 def stream_rng(seed: int, name: str) -> random.Random:
     """An independent random stream per user or campaign (string seeds hash with SHA-512)."""
     return random.Random(f"distillguard-arena|{seed}|{name}")
@@ -254,7 +272,8 @@ def generate_traffic(config: TrafficConfig) -> list[dict]:
             campaign_id=cid, kind=spec.kind,
             accounts=tuple(account_id(config.seed, cid, j) for j in range(n_accounts)),
             requests_per_account=spec.requests or kind.default_requests,
-            start=config.start, end=config.end, rpm_limit=config.rpm_limit, model=config.model,
+            start=config.start, end=config.end, rpm_limit=config.rpm_limit, decoy_share=config.decoy_share,
+            model=config.model,
             rng=stream_rng(config.seed, cid), attack=pools["attack"])
         for call in kind.generate(ctx):
             if config.start <= call.ts < config.end:

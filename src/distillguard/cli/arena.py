@@ -27,6 +27,7 @@ def traffic(
     start: Optional[float] = typer.Option(None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"),
     model: str = typer.Option("smollm2", help="model id in every request"),
     rpm_limit: int = typer.Option(20, help="per-account requests/minute that limit-aware campaigns (hydra) stay under"),
+    decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that are benign-looking conversations"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
 ) -> None:
@@ -63,7 +64,7 @@ def traffic(
     specs = tuple(CampaignSpec.parse(c) for c in campaign or ())
     extra = {} if start is None else {"start": start}
     config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
-                           model=model, rpm_limit=rpm_limit, **extra)
+                           model=model, rpm_limit=rpm_limit, decoy_share=decoy_share, **extra)
     with err_console.status("generating traffic ..."):
         records = generate_traffic(config)
     out = sys.stdout if output == "-" else _open(Path(output))
