@@ -125,7 +125,7 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     if trait == "long-output":
         max_tokens = rng.choice((4096, 8192, 16384))
     return Profile(
-        account=account_id(config.seed, "benign", i), ip=random_ip(rng),
+        account=account_id(config.seed, f"benign-{config.pool}", i), ip=random_ip(rng),
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),

@@ -53,9 +53,10 @@ def traffic(
     from distillguard.errors import ConfigError
 
     if list_kinds:
+        table = Table("kind", "accounts", "requests/account", "what it does")
         for kind in campaign_kinds().values():
-            console.print(f"{kind.name:<10} accounts {kind.default_accounts:<3} requests/account "
-                          f"{kind.default_requests:<6} {kind.description}")
+            table.add_row(kind.name, str(kind.default_accounts), str(kind.default_requests), kind.description)
+        console.print(table)
         return
     if output is None:
         raise ConfigError("no output file: pass -o FILE.jsonl (or -o - for standard output)")
