@@ -208,7 +208,8 @@ def _user_text(r) -> str:
 
 def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffic):
     hydra = _by_account(_label(traffic, "hydra"))
-    assert len(hydra) == 8 and all(len(recs) == 60 for recs in hydra.values())
+    assert len(hydra) == 8 and all(0.6 * 60 <= len(recs) <= 1.4 * 60 for recs in hydra.values())
+    assert len({len(recs) for recs in hydra.values()}) > 1  # keys differ in volume
     assert len({r["campaign"] for recs in hydra.values() for r in recs}) == 1
     for recs in hydra.values():
         ts = [r["ts"] for r in recs]
@@ -336,3 +337,13 @@ def test_traffic_loads_into_the_ledger_and_exports_unchanged(tmp_path):
         return r["account"], r["ts"], r["label"], r["ip"], json.dumps(r["request"], sort_keys=True)
     assert sorted(map(key, back)) == sorted(map(key, records))
     assert [r["response"]["usage"] for r in sorted(back, key=key)] == [r["response"]["usage"] for r in sorted(records, key=key)]
+
+
+def test_plot_draws_the_traffic(traffic, tmp_path):
+    pytest.importorskip("matplotlib")
+    from distillguard.arena.plot import plot_traffic
+
+    out = plot_traffic(traffic, tmp_path / "traffic.png", title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    with pytest.raises(ConfigError, match="no traffic"):
+        plot_traffic([], tmp_path / "empty.png")

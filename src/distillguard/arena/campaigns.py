@@ -324,7 +324,7 @@ def slowlow(ctx: CampaignContext) -> Iterator[Call]:
                    description="one actor, many accounts under their limits: shared templates, proxy IPs, timing; "
                                "--decoy-share of the requests benign-looking")
 def hydra(ctx: CampaignContext) -> Iterator[Call]:
-    """A proxy cluster: ACCOUNTS keys run by one scheduler. Shared by all keys: a handful of
+    """A proxy cluster: ACCOUNTS keys run by one scheduler, each sending 0.6-1.4x REQUESTS. Shared by all keys: a handful of
     templates and one system prompt, three /24 proxy ranges, session starts on the scheduler's
     clock (within minutes of each other). Each key stays strictly under ``rpm_limit`` in every
     60 s window and ``decoy_share`` of its requests (default half) replay attack-pool
@@ -339,7 +339,7 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
     seeds = _short_seeds(_seed_prompts(ctx.attack))
     min_gap = 60.0 / ctx.rpm_limit * 1.05  # strictly under the limit in any 60 s window
     # the scheduler's sessions: the same start times for every key, give or take a few minutes
-    per_day = max(1, math.ceil(ctx.requests_per_account / max(1, (ctx.end - ctx.start) / 86400) / 12))
+    per_day = max(1, math.ceil(1.4 * ctx.requests_per_account / max(1, (ctx.end - ctx.start) / 86400) / 12))
     days = max(1, math.ceil((ctx.end - ctx.start) / 86400))
     slots = sorted(ctx.start + d * 86400 + rng.uniform(6, 22) * 3600 for d in range(days) for _ in range(per_day))
     for j, account in enumerate(ctx.accounts):
@@ -347,12 +347,13 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
         prefix = ranges[j % len(ranges)]
         ip = random_ip(arng, prefix)
         temperature, stream = arng.choice((None, 0.7)), arng.random() < 0.5  # each key mimics some client
+        quota = max(1, round(ctx.requests_per_account * arng.uniform(0.6, 1.4)))  # keys differ in volume
         sent, decoys, busy = 0, 0, ctx.start
         pending: list[tuple[list[dict], int]] = []  # follow-up turns of a decoy conversation
         for slot in slots:
             t = max(slot + arng.uniform(0, 300), busy + min_gap)
             for _ in range(arng.randint(8, 16)):
-                if sent >= ctx.requests_per_account:
+                if sent >= quota:
                     break
                 if not pending and decoys < decoy_share * (sent + 1):  # keep decoys at their share
                     thread = arng.choice(threads)
@@ -376,5 +377,5 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
                 sent += 1
                 t += max(min_gap, arng.lognormvariate(math.log(25), 0.6))
             busy = t
-            if sent >= ctx.requests_per_account:
+            if sent >= quota:
                 break

@@ -29,6 +29,7 @@ def traffic(
     rpm_limit: int = typer.Option(20, help="per-account requests/minute that limit-aware campaigns (hydra) stay under"),
     decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that are benign-looking conversations"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
+    plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
 ) -> None:
     """Write labelled traffic (DESIGN.md traffic log): benign users and attack campaigns.
@@ -45,7 +46,7 @@ def traffic(
 
       distillguard arena traffic -b 500 --pool calibration --seed 1 -o calibration.jsonl
 
-      distillguard arena traffic -b 300 -c bulk -c template -c reasoning -c logprobs -c hydra -c slowlow --days 7 -o all.jsonl
+      distillguard arena traffic -b 300 -c bulk -c template -c reasoning -c logprobs -c hydra -c slowlow --days 7 -o all.jsonl --plot all.png
 
       distillguard arena traffic -b 0 -c template:1:500 -o - | head
     """
@@ -84,6 +85,10 @@ def traffic(
     for label, n in Counter(r["label"] for r in records).items():
         table.add_row(label, str(len(accounts[label])), str(n))
     err_console.print(table)
+    if plot:
+        from distillguard.arena.plot import plot_traffic
+
+        err_console.print(f"plot: {plot_traffic(records, plot, title=f'{len(records)} requests, seed {seed}')}")
 
 
 def _open(path: Path):
