@@ -130,8 +130,11 @@ def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
     researchers = {a for a, recs in accounts.items() if any(r["request"].get("logprobs") for r in recs)}
     long_out = {a for a, recs in accounts.items() if any(r["request"].get("max_tokens", 0) >= 4096 for r in recs)}
     multi_n = {a for a, recs in accounts.items() if any(r["request"].get("n", 1) > 1 for r in recs)}
-    assert researchers and long_out and multi_n
-    assert not researchers & long_out and not researchers & multi_n and not long_out & multi_n
+    one_shot = {a for a, recs in accounts.items()
+                if len(recs) >= 5 and not any(m["role"] == "assistant" for r in recs for m in r["request"]["messages"])}
+    groups = [researchers, long_out, multi_n, one_shot]
+    assert all(groups)
+    assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
     ips = defaultdict(set)
     for a, recs in accounts.items():
         ips[recs[0]["ip"]].add(a)

@@ -15,6 +15,7 @@ long-output     4%      ``max_tokens`` 4,096-16,384
 multi-choice    3%      ``n`` 2-4
 app             3%      an integration: one system-prompt template for every request
 shared-ip       6%      behind one office NAT with 1-3 other users
+one-shot        5%      never a follow-up: one question per conversation (but few topics)
 (any)           15%     a personal system prompt (not exclusive)
 ==============  ======  =====================================================================
 
@@ -37,7 +38,7 @@ from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate
 log = logging.getLogger(__name__)
 
 TRAITS = (("heavy", 0.05), ("researcher", 0.04), ("long-output", 0.04), ("multi-choice", 0.03),
-          ("app", 0.03), ("shared-ip", 0.06))
+          ("app", 0.03), ("shared-ip", 0.06), ("one-shot", 0.05))
 SYSTEM_PROMPT_SHARE = 0.15
 # Relative activity by local hour 0..23: night trough, morning and afternoon peaks, evening bump.
 DIURNAL = (0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 1.0, 1.4, 1.6, 1.5,
@@ -129,7 +130,7 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
-        conversations=3.0 if heavy else rng.uniform(1.0, 2.0), read_speed=rng.uniform(4.0, 20.0),
+        conversations=3.0 if heavy else rng.uniform(3.0, 5.0) if trait == "one-shot" else rng.uniform(1.0, 2.0), read_speed=rng.uniform(4.0, 20.0),
         stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
 
 
@@ -225,7 +226,7 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                 if not pending:
                     pending.extend(supply.take(rng.choice(p.topics)))
                 thread = pending.popleft()
-                n_turns = len(thread.user_turns)
+                n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
                 if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
                     n_turns = rng.randint(2, n_turns)  # gives up part-way
                 for k in range(n_turns):
