@@ -193,11 +193,15 @@ def test_cli_writes_a_traffic_file(tmp_path):
     assert records == generate_traffic(TrafficConfig(benign_accounts=5, campaigns=["bulk:1:30"], seed=3, days=1))
 
 
-def test_cli_rejects_a_bad_campaign_in_one_line(tmp_path):
-    proc = _cli("--campaign", "bulkk", "-o", str(tmp_path / "t.jsonl"))
+@pytest.mark.parametrize("args, message", [
+    (("--campaign", "bulkk"), "unknown campaign kind 'bulkk'"),
+    (("--days", "0"), "--days: Input should be greater than 0"),
+])
+def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
+    proc = _cli(*args, "-o", str(tmp_path / "t.jsonl"))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "unknown campaign kind 'bulkk'" in lines[0] and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "t.jsonl").exists()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
 from distillguard.cli import console, err_console
@@ -65,8 +66,13 @@ def traffic(
         raise ConfigError(f"--pool must be calibration or eval, got {pool!r}")
     specs = tuple(CampaignSpec.parse(c) for c in campaign or ())
     extra = {} if start is None else {"start": start}
-    config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
-                           model=model, rpm_limit=rpm_limit, decoy_share=decoy_share, **extra)
+    try:
+        config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
+                               model=model, rpm_limit=rpm_limit, decoy_share=decoy_share, **extra)
+    except ValidationError as exc:  # name the option, not the config field
+        err = exc.errors(include_url=False)[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg) from None
     with err_console.status("generating traffic ..."):
         records = generate_traffic(config)
     out = sys.stdout if output == "-" else _open(Path(output))
