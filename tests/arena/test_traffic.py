@@ -137,8 +137,11 @@ def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
     assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
     ips = defaultdict(set)
     for a, recs in accounts.items():
-        ips[recs[0]["ip"]].add(a)
+        for r in recs:
+            ips[r["ip"]].add(a)
     assert any(len(v) > 1 for v in ips.values())  # an office NAT
+    per_user = [len({r["ip"] for r in recs}) for recs in accounts.values()]
+    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) > 0.2 * len(per_user)  # home, work, phone
     systems = defaultdict(set)
     for a, recs in accounts.items():
         for r in recs:

@@ -14,7 +14,7 @@ researcher      4%      ``logprobs`` with ``top_logprobs`` 1-20, often at temper
 long-output     4%      ``max_tokens`` 4,096-16,384
 multi-choice    3%      ``n`` 2-4
 app             3%      an integration: one system-prompt template for every request
-shared-ip       6%      behind one office NAT with 1-3 other users
+shared-ip       6%      behind one office NAT with 1-3 other users (everyone has 1-3 addresses)
 one-shot        5%      never a follow-up: one question per conversation (but few topics)
 (any)           15%     a personal system prompt (not exclusive)
 ==============  ======  =====================================================================
@@ -69,7 +69,7 @@ APP_TEMPLATES = (
 @dataclass(frozen=True)
 class Profile:
     account: str
-    ip: str
+    ips: tuple[str, ...]  # home first; maybe work and mobile (a session uses one)
     tz: float  # UTC offset in hours
     trait: str | None
     system: str | None
@@ -126,7 +126,7 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     if trait == "long-output":
         max_tokens = rng.choice((4096, 8192, 16384))
     return Profile(
-        account=account_id(config.seed, f"benign-{config.pool}", i), ip=random_ip(rng),
+        account=account_id(config.seed, f"benign-{config.pool}", i), ips=tuple(random_ip(rng) for _ in range(rng.choices((1, 2, 3), (5, 4, 1))[0])),
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
@@ -219,6 +219,7 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                         for _ in range(1 + _poisson(rng, p.sessions)))
         for t in starts:
             t = max(t, busy_until + rng.uniform(600, 3600))
+            ip = p.ips[0] if rng.random() < 0.7 else rng.choice(p.ips)  # mostly from home (or the office)
             conversations = 1
             while rng.random() < 1 - 1 / p.conversations:
                 conversations += 1
@@ -233,7 +234,7 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                     req = _request(p, rng, config, conversation_messages(p.system, thread, k))
                     answer = thread.answer(k)
                     out = estimate_tokens(answer) if answer else int(rng.lognormvariate(math.log(250), 0.8))
-                    yield Call(t, p.account, p.ip, req, out)
+                    yield Call(t, p.account, ip, req, out)
                     shown = min(out, req.get("max_tokens") or out)
                     t += 0.5 + shown / 40.0  # generation (~40 tokens/s)
                     t += min(shown / p.read_speed * rng.lognormvariate(0, 0.5), 900.0)  # reading
@@ -258,7 +259,7 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
         if p.trait == "shared-ip":
             if office_left == 0:
                 office_ip, office_left = random_ip(nat), nat.randint(2, 4)
-            p = replace(p, ip=office_ip)
+            p = replace(p, ips=(office_ip, *p.ips[1:]))
             office_left -= 1
         yield from _user_calls(config, i, p, supply)
     if supply.replayed:

@@ -325,7 +325,8 @@ def slowlow(ctx: CampaignContext) -> Iterator[Call]:
                                "--decoy-share of the requests benign-looking")
 def hydra(ctx: CampaignContext) -> Iterator[Call]:
     """A proxy cluster: ACCOUNTS keys run by one scheduler, each sending 0.6-1.4x REQUESTS. Shared by all keys: a handful of
-    templates and one system prompt, three /24 proxy ranges, session starts on the scheduler's
+    templates and one system prompt, three /24 proxy ranges (a sticky address per key, renewed
+    at some sessions), session starts on the scheduler's
     clock (within minutes of each other). Each key stays strictly under ``rpm_limit`` in every
     60 s window and ``decoy_share`` of its requests (default half) replay attack-pool
     conversations with their follow-ups, so each key on its own looks mostly like a normal user."""
@@ -352,6 +353,8 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
         pending: list[tuple[list[dict], int]] = []  # follow-up turns of a decoy conversation
         for slot in slots:
             t = max(slot + arng.uniform(0, 300), busy + min_gap)
+            if arng.random() < 0.3:
+                ip = random_ip(arng, prefix)  # a sticky proxy session, renewed now and then within its range
             for _ in range(arng.randint(8, 16)):
                 if sent >= quota:
                     break
@@ -370,12 +373,10 @@ def hydra(ctx: CampaignContext) -> Iterator[Call]:
                     messages = [{"role": "system", "content": system},
                                 {"role": "user", "content": f"{text}\n\n{cot}" if arng.random() < 0.5 else text}]
                     out = int(arng.lognormvariate(math.log(500), 0.5))
-                if arng.random() < 0.2:
-                    ip = random_ip(arng, prefix)  # the proxy rotates within its range
                 yield Call(t, account, ip, ctx.request(messages, temperature=temperature, max_tokens=2048,
                                                             stream=stream or None), out)
                 sent += 1
-                t += max(min_gap, arng.lognormvariate(math.log(25), 0.6))
+                t += max(min_gap, arng.lognormvariate(math.log(45), 0.8))  # a person's pace, under the limit
             busy = t
             if sent >= quota:
                 break
