@@ -357,3 +357,32 @@ def test_plot_draws_the_traffic(traffic, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     with pytest.raises(ConfigError, match="no traffic"):
         plot_traffic([], tmp_path / "empty.png")
+
+
+def _auc(pos: list[float], neg: list[float]) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic)."""
+    return sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def test_no_single_account_feature_gives_hydra_keys_away(traffic):
+    """Each hydra key should look mostly normal: none of the obvious per-account features
+    separates the keys from benign users on its own (linking them is the detector's job)."""
+    accounts = _by_account(traffic)
+
+    def features(recs):
+        reqs = [r["request"] for r in recs]
+        gaps = [b["ts"] - a["ts"] for a, b in zip(recs, recs[1:])] or [1e9]
+        return {
+            "requests": len(recs),
+            "follow-up share": sum(any(m["role"] == "assistant" for m in q["messages"]) for q in reqs) / len(reqs),
+            "system-prompt share": sum(q["messages"][0]["role"] == "system" for q in reqs) / len(reqs),
+            "median gap": statistics.median(gaps),
+            "addresses": len({r["ip"] for r in recs}),
+            "max_tokens": statistics.median(q.get("max_tokens", 0) for q in reqs),
+        }
+    feats = {a: features(recs) for a, recs in accounts.items()}
+    hydra = [a for a, recs in accounts.items() if recs[0]["label"] == "hydra"]
+    benign = [a for a, recs in accounts.items() if recs[0]["label"] == "benign"]
+    for name in feats[hydra[0]]:
+        auc = _auc([feats[a][name] for a in hydra], [feats[a][name] for a in benign])
+        assert 0.02 < auc < 0.98, f"{name} alone separates hydra keys from benign users (AUC {auc:.3f})"
