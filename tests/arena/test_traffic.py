@@ -346,7 +346,8 @@ def test_traffic_loads_into_the_ledger_and_exports_unchanged(tmp_path):
     def key(r):
         return r["account"], r["ts"], r["label"], r["ip"], json.dumps(r["request"], sort_keys=True)
     assert sorted(map(key, back)) == sorted(map(key, records))
-    assert [r["response"]["usage"] for r in sorted(back, key=key)] == [r["response"]["usage"] for r in sorted(records, key=key)]
+    usage = [r["response"]["usage"] for r in sorted(back, key=key)]
+    assert usage == [r["response"]["usage"] for r in sorted(records, key=key)]
 
 
 def test_plot_draws_the_traffic(traffic, tmp_path):

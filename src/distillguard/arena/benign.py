@@ -125,13 +125,19 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     max_tokens = rng.choice((None, None, 512, 1024, 2048))
     if trait == "long-output":
         max_tokens = rng.choice((4096, 8192, 16384))
+    n_ips = rng.choices((1, 2, 3), (5, 4, 1))[0]
+    if heavy:
+        conversations = 3.0
+    elif trait == "one-shot":
+        conversations = rng.uniform(3.0, 5.0)  # one question each, so more of them
+    else:
+        conversations = rng.uniform(1.0, 2.0)
     return Profile(
-        account=account_id(config.seed, f"benign-{config.pool}", i), ips=tuple(random_ip(rng) for _ in range(rng.choices((1, 2, 3), (5, 4, 1))[0])),
+        account=account_id(config.seed, f"benign-{config.pool}", i), ips=tuple(random_ip(rng) for _ in range(n_ips)),
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
-        sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
-        conversations=3.0 if heavy else rng.uniform(3.0, 5.0) if trait == "one-shot" else rng.uniform(1.0, 2.0), read_speed=rng.uniform(4.0, 20.0),
-        stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
+        sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5), conversations=conversations,
+        read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
 
 
 class _ThreadSupply:

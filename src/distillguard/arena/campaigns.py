@@ -131,17 +131,21 @@ def _math_problem(rng: random.Random) -> str:
     a, b, c = rng.randint(2, 60), rng.randint(2, 30), rng.randint(3, 12)
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     return rng.choice((
-        f"{name} buys {b} {item} at ${a} each and pays with a ${a * b + rng.randint(1, 50)} bill. How much change does {name} get?",
-        f"A train travels {a * c} km in {c} hours, then {b * 10} km at {b * 5} km/h. What is its average speed over the whole trip?",
+        f"{name} buys {b} {item} at ${a} each and pays with a ${a * b + rng.randint(1, 50)} bill. "
+        f"How much change does {name} get?",
+        f"A train travels {a * c} km in {c} hours, then {b * 10} km at {b * 5} km/h. "
+        "What is its average speed over the whole trip?",
         f"What is the sum of all integers from 1 to {a * 10} that are divisible by {c}?",
         f"Solve for x: {a}x + {b} = {a * c + b}.",
         f"How many ways can {c} people sit around a round table?",
         f"Find the derivative of {a}x^{c} + {b}x - {a + b}.",
         f"Two dice are rolled. What is the probability that the sum is at least {c}?",
-        f"{name} has {a} {item}. {name} gives away {b % a or 1} and then buys {c} times as many as are left. How many {item} does {name} have now?",
+        f"{name} has {a} {item}. {name} gives away {b % a or 1} and then buys {c} times as many as are left. "
+        f"How many {item} does {name} have now?",
         f"A rectangle has a perimeter of {2 * (a + b)} cm and one side of {a} cm. What is its area?",
         f"Is {a * b + 1} a prime number?",
-        f"A bank pays {c}% interest compounded yearly. How much is ${a * 100} worth after {b % 10 + 2} years?",
+        f"A bank pays {c}% interest compounded yearly. "
+        f"How much is ${a * 100} worth after {b % 10 + 2} years?",
         f"What is the remainder when {a}^{b} is divided by {c}?",
     ))
 
@@ -154,7 +158,8 @@ def _logic_puzzle(rng: random.Random) -> str:
         f"'at least {n - 1} of us are knaves'. How many knights are there?",
         "A farmer must cross a river with a wolf, a goat and a cabbage; the boat holds one item besides him. How?",
         f"You have {n * 4} coins and one is heavier. What is the fewest weighings on a balance to find it?",
-        f"If it takes {n} machines {n} minutes to make {n} widgets, how long do {n * 20} machines take to make {n * 20} widgets?",
+        f"If it takes {n} machines {n} minutes to make {n} widgets, "
+        f"how long do {n * 20} machines take to make {n * 20} widgets?",
         "Three boxes are labelled apples, oranges and mixed, and every label is wrong. You may take one fruit "
         "from one box. How do you relabel them?",
         f"A clock shows 3:{n * 5:02d}. What is the angle between the hands?",
@@ -213,7 +218,8 @@ def _by_topic_round_robin(rng: random.Random, prompts) -> list[tuple[str, int, s
 
 
 @register_campaign("template", default_accounts=1, default_requests=1500,
-                   description="self-instruct / templated sweep: 'Write a {genre} about {topic}', evol-instruct rewrites")
+                   description="self-instruct / templated sweep: 'Write a {genre} about {topic}', "
+                               "evol-instruct rewrites")
 def template(ctx: CampaignContext) -> Iterator[Call]:
     """Synthetic instruction data: templates over a subject list, Evol-Instruct rewrites and
     Self-Instruct bootstrapping of attack-pool seeds; one fixed parameter set, in shifts."""
@@ -324,9 +330,9 @@ def slowlow(ctx: CampaignContext) -> Iterator[Call]:
                    description="one actor, many accounts under their limits: shared templates, proxy IPs, timing; "
                                "--decoy-share of the requests benign-looking")
 def hydra(ctx: CampaignContext) -> Iterator[Call]:
-    """A proxy cluster: ACCOUNTS keys run by one scheduler, each sending 0.6-1.4x REQUESTS. Shared by all keys: a handful of
-    templates and one system prompt, three /24 proxy ranges (a sticky address per key, renewed
-    at some sessions), session starts on the scheduler's
+    """A proxy cluster: ACCOUNTS keys run by one scheduler, each sending 0.6-1.4x REQUESTS.
+    Shared by all keys: a handful of templates and one system prompt, three /24 proxy ranges (a
+    sticky address per key, renewed at some sessions), session starts on the scheduler's
     clock (within minutes of each other). Each key stays strictly under ``rpm_limit`` in every
     60 s window and ``decoy_share`` of its requests (default half) replay attack-pool
     conversations with their follow-ups, so each key on its own looks mostly like a normal user."""

@@ -27,8 +27,8 @@ def traffic(
     pool: str = typer.Option("eval", help="benign pool: calibration (fit detectors) | eval (held out)"),
     start: Optional[float] = typer.Option(None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"),
     model: str = typer.Option("smollm2", help="model id in every request"),
-    rpm_limit: int = typer.Option(20, help="per-account requests/minute that limit-aware campaigns (hydra) stay under"),
-    decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that are benign-looking conversations"),
+    rpm_limit: int = typer.Option(20, help="per-account requests/minute that hydra keys stay under"),
+    decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that look benign (conversations)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
     plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
@@ -47,7 +47,8 @@ def traffic(
 
       distillguard arena traffic -b 500 --pool calibration --seed 1 -o calibration.jsonl
 
-      distillguard arena traffic -b 300 -c bulk -c template -c reasoning -c logprobs -c hydra -c slowlow --days 7 -o all.jsonl --plot all.png
+      distillguard arena traffic -b 300 -c bulk -c template -c reasoning -c logprobs -c hydra -c slowlow \\
+          --days 7 -o all.jsonl --plot all.png
 
       distillguard arena traffic -b 0 -c template:1:500 -o - | head
     """
