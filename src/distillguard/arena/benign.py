@@ -13,15 +13,17 @@ heavy           5%      volume: 6x the sessions, nearly every day, long conversa
 researcher      4%      ``logprobs`` with ``top_logprobs`` 1-20, often at temperature 0
 long-output     4%      ``max_tokens`` 4,096-16,384
 multi-choice    3%      ``n`` 2-4
-app             3%      an integration: one system-prompt template for every request
+app             3%      an integration: one system-prompt template for every request (three
+                        apps, so several keys share a template, like customers of one
+                        open-source front end: a hard case for linking by template)
 shared-ip       6%      behind one office NAT with 1-3 other users (everyone has 1-3 addresses)
 one-shot        5%      never a follow-up: one question per conversation (but few topics)
 (any)           15%     a personal system prompt (not exclusive)
 ==============  ======  =====================================================================
 
-The numbers below (think times, session counts) are plausible human values, not fitted to a
-log: we have no public timing data for chat users. They are stated here so they can be changed
-in one place.
+The timing numbers (think, read and typing times in ``_user_calls``; sessions a day and active
+days in ``_profile``) are plausible human values, not fitted to a log: we know of no public
+timing data for chat users. The shares above are the table ``TRAITS``.
 """
 
 from __future__ import annotations
