@@ -275,8 +275,8 @@ class _Contexts:
 
 def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None, width: int, top_k: int,
                       excluded: set[tuple[int, ...]], batch_size: int, progress: bool) -> _Contexts:
-    """Run the suspect on each (prompt, answer) and keep, for the first position of each distinct
-    hash context among the answer's tokens, its top-k next-token probabilities."""
+    """Run the suspect on each (prompt, answer); for each distinct hash context among the answer's
+    positions, its mean next-token distribution there (top-k), excluded pairs at weight 0."""
     from rich.progress import Progress
 
     tok = lm.tokenizer
@@ -285,9 +285,9 @@ def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None,
         head = lm.chat_ids([{"role": "user", "content": prompts[i]}]) if prompts is not None else []
         body = list(tok.encode(answer, add_special_tokens=False))
         rows.append((head + body, len(head)))
-    seen: dict[tuple[int, ...], int] = {}
-    ctx_list: list[tuple[int, ...]] = []
-    ids_list, w_list = [], []
+    # per distinct hash context: the sum of the suspect's top-k probabilities over its positions
+    sums: dict[tuple[int, ...], dict[int, float]] = {}
+    counts: dict[tuple[int, ...], int] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     model = lm.model.eval()
     with Progress(disable=not progress, transient=True) as bar:
@@ -301,23 +301,29 @@ def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None,
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
                 top_p, top_v = logits.softmax(-1).topk(top_k, dim=-1)  # (B, T, k)
                 del logits
+            top_p, top_v = top_p.cpu().tolist(), top_v.cpu().tolist()
             for b, (seq, first) in enumerate(batch):
                 # position j predicts token j+1; score the predictions of answer tokens j+1 >= first,
                 # whose hash context is seq[j+1-width : j+1] (the embedder's view at that step)
                 for j in range(max(first, width) - 1, len(seq) - 1):
                     ctx = tuple(seq[j + 1 - width: j + 1])
-                    if ctx in seen:
-                        continue
-                    seen[ctx] = len(ctx_list)
-                    p, v = top_p[b, j], top_v[b, j]
-                    keep = torch.tensor([ctx + (t,) not in excluded for t in v.tolist()])
-                    ctx_list.append(ctx)
-                    ids_list.append(v.cpu())
-                    w_list.append(p.cpu() * keep)
+                    acc = sums.setdefault(ctx, {})
+                    counts[ctx] = counts.get(ctx, 0) + 1
+                    for p, v in zip(top_p[b][j], top_v[b][j]):
+                        acc[v] = acc.get(v, 0.0) + p
             bar.advance(task, len(batch))
-    if not ctx_list:
+    if not sums:
         raise ConfigError("no answer tokens to score the suspect on (empty answers?)")
-    return _Contexts(torch.tensor(ctx_list, dtype=torch.long), torch.stack(ids_list), torch.stack(w_list).double())
+    # The mean distribution over a context's positions (its top-k of the summed top-k lists):
+    # the weights depend on the suspect and the text only, never on the key.
+    ctx_list, ids_list, w_list = [], [], []
+    for ctx, acc in sums.items():
+        best = sorted(acc.items(), key=lambda kv: -kv[1])[:top_k]
+        ctx_list.append(ctx)
+        ids_list.append([v for v, _ in best] + [0] * (top_k - len(best)))
+        w_list.append([p / counts[ctx] if ctx + (v,) not in excluded else 0.0 for v, p in best] + [0.0] * (top_k - len(best)))
+    return _Contexts(torch.tensor(ctx_list, dtype=torch.long), torch.tensor(ids_list, dtype=torch.long),
+                     torch.tensor(w_list, dtype=torch.float64))
 
 
 def _green_topk(params: WatermarkParams, hash_keys: Sequence[int], contexts: torch.Tensor, top_ids: torch.Tensor,
