@@ -134,6 +134,7 @@ def version() -> None:
 
 def _register_groups() -> None:
     from distillguard.cli.arena import arena_app
+    from distillguard.cli.detect import detect_command
     from distillguard.cli.distill import distill_app
     from distillguard.cli.forensics import forensics_app
     from distillguard.cli.keys import keys_app
@@ -146,6 +147,7 @@ def _register_groups() -> None:
     app.add_typer(distill_app, name="distill")
     app.add_typer(arena_app, name="arena")
     app.add_typer(forensics_app, name="forensics")
+    app.command("detect")(detect_command)
 
 
 _register_groups()

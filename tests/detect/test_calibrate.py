@@ -1,0 +1,84 @@
+"""Calibration on benign traffic only reaches its target FPR on held-out benign accounts, the
+report follows DESIGN.md, and ``flagged_at_request`` is where the online monitor first flags."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from distillguard.detect import AccountMonitor, Calibration, DetectConfig, calibrate, detect
+from distillguard.detect.calibrate import flagged_days, group_by_account
+from distillguard.detect.features import extract
+from distillguard.errors import ConfigError
+from tests.detect.synth import benign_account, bulk_account
+
+NO_EMBEDDINGS = ("volume", "timing", "shape", "linking")
+
+
+def benign_traffic(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [r for i in range(n) for r in benign_account(rng, f"u{seed}-{i}", days=rng.randint(1, 3))]
+
+
+@pytest.fixture(scope="module")
+def calibration() -> Calibration:
+    return calibrate(benign_traffic(1200, seed=1), config=DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS))
+
+
+def test_calibration_meets_its_target_on_held_out_benign_accounts(calibration):
+    s = calibration.stats
+    assert s["heldout_account_days"] > 500
+    # flagged days on the held-out split: consistent with an FPR ≤ 2% (binomial 99.9% bound)
+    assert s["heldout_flagged_days"] <= stats.binom.ppf(0.999, s["heldout_account_days"], 0.02)
+    # and on fresh benign users (another seed), never seen by the calibration
+    fresh = sorted((extract(r) for r in benign_traffic(400, seed=2)), key=lambda f: f.ts)
+    flagged, days = flagged_days(calibration, fresh)
+    assert flagged <= stats.binom.ppf(0.999, days, 0.02)
+    assert calibration.threshold >= stats.chi2.isf(0.02, 2 * len(NO_EMBEDDINGS))
+
+
+def test_calibration_saves_and_loads(calibration, tmp_path):
+    path = tmp_path / "cal.npz"
+    calibration.save(path)
+    back = Calibration.load(path)
+    assert back.threshold == calibration.threshold and back.config == calibration.config
+    assert list(back.tails) == list(calibration.tails)
+    np.testing.assert_array_equal(back.tails["volume"].sorted, calibration.tails["volume"].sorted)
+    (tmp_path / "bad.npz").write_bytes(b"not a calibration")
+    with pytest.raises(ConfigError, match="not a distillguard calibration"):
+        Calibration.load(tmp_path / "bad.npz")
+
+
+def test_report_schema_and_flagged_at_request_semantics(calibration):
+    rng = random.Random(5)
+    records = benign_traffic(30, seed=3) + bulk_account(rng, "bot", 400)
+    report = detect(records, calibration)
+    report.pop("results")
+    assert set(report) == {"threshold", "target_fpr", "calibration", "accounts"}
+    assert report["target_fpr"] == 0.02 and report["threshold"] == calibration.threshold
+    rows = {a["account"]: a for a in report["accounts"]}
+    assert set(rows["bot"]) >= {"account", "score", "flagged", "flagged_at_request", "reasons", "cluster"}
+    bot = rows["bot"]
+    assert bot["flagged"] and 1 <= bot["flagged_at_request"] <= 400 and bot["reasons"]
+    assert all(not a["flagged"] and a["flagged_at_request"] is None for n, a in rows.items() if n != "bot")
+    # the same stream, one record at a time through the online monitor: first flag at the same request
+    monitor = AccountMonitor(calibration)
+    first = {}
+    for r in sorted(records, key=lambda r: r["ts"]):
+        v = monitor.observe(r)
+        if v.flagged and v.account not in first:
+            first[v.account] = v.request
+    assert first == {"bot": bot["flagged_at_request"]}
+    assert not monitor.observe(bulk_account(rng, "fresh", 1)[0]).flagged  # one request proves nothing
+
+
+def test_calibration_refuses_too_little_benign_traffic():
+    with pytest.raises(ConfigError, match="at least 8 accounts"):
+        calibrate(benign_traffic(3, seed=4), config=DetectConfig(detectors=NO_EMBEDDINGS))
+    with pytest.raises(ConfigError, match="target FPR"):
+        DetectConfig(target_fpr=0)
+    assert len(group_by_account(extract(r) for r in benign_traffic(5, seed=6))) == 5
+

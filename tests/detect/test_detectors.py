@@ -1,0 +1,153 @@
+"""Each built-in detector on a tiny known case, both ways: it fires on the attacker pattern and
+stays quiet on a benign-like one. Embedding detectors get synthetic unit vectors around known
+topic centres (truth known, no model needed)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from distillguard.detect.config import DetectConfig
+from distillguard.detect.features import extract
+from distillguard.detect.linking import Linker
+from distillguard.detect.reference import Reference, nn_distances
+from distillguard.detect.registry import Context, Detector, detectors, register, select
+from distillguard.errors import ConfigError
+from tests.detect.conftest import topic_embeddings
+from tests.detect.synth import T0, benign_account, bulk_account, record
+
+
+def run(name: str, records: list[dict], embeddings=None, reference=None, config=None) -> Detector:
+    det = detectors()[name](Context(config or DetectConfig(), reference))
+    for i, r in enumerate(records):
+        det.observe(extract(r), None if embeddings is None else embeddings[i])
+    return det
+
+
+def test_volume_fires_on_bulk_not_on_a_person():
+    rng = random.Random(0)
+    bulk = run("volume", bulk_account(rng, "b", 500))
+    person = run("volume", benign_account(rng, "p"))
+    assert bulk.score() > person.score() + 2.0
+    assert "requests" in bulk.reasons()[0]
+
+
+def test_timing_fires_on_a_timer_not_on_bursts():
+    rng = random.Random(1)
+    timer = run("timing", bulk_account(rng, "b", 100))
+    person = run("timing", benign_account(rng, "p", days=5))
+    assert timer.score() > 2.0          # CV ~0.06: -log(CV) ~ 2.8
+    assert person.score() < 0.0         # bursty: CV > 1
+    assert run("timing", bulk_account(rng, "b", 5)).score() == 0.0   # too few gaps: silent
+
+
+def test_shape_fires_on_harvest_shape_not_on_chat():
+    rng = random.Random(2)
+    harvest = run("shape", bulk_account(rng, "b", 100))
+    chat = run("shape", benign_account(rng, "p", days=3))
+    assert harvest.score() > 3.0        # logprobs, large max_tokens, no continuation, CoT
+    assert chat.score() < 1.5
+    reasons = harvest.reasons()[0]
+    assert "logprobs 100%" in reasons and "chain-of-thought 100%" in reasons
+
+
+def test_shape_researcher_with_logprobs_alone_scores_at_most_one_trait():
+    rng = random.Random(7)
+    recs = [record("r", T0 + 60 * i, " ".join(rng.choices(WORDS_ * 3, k=rng.randint(4, 9))), history=1,
+                   logprobs=True, top_logprobs=5) for i in range(50)]
+    assert run("shape", recs).score() <= 1.0
+
+
+def _reference(space, rng) -> Reference:
+    # benign users dwell: streams of 40 prompts around two topics each
+    streams = [topic_embeddings(rng, space[rng.choice(len(space), 2, replace=False)], 40, spread=0.6)
+               for _ in range(30)]
+    return Reference(embeddings=topic_embeddings(rng, space, 256, spread=0.6), centers=space.astype(np.float32),
+                     distances=np.sort(np.concatenate([nn_distances(s) for s in streams])))
+
+
+def _prompts(n: int) -> list[dict]:
+    return [record("a", T0 + i, f"prompt {i}") for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["coverage", "prada"])
+def test_sweep_detectors_fire_on_a_sweep_not_on_a_dweller(name, space):
+    rng = np.random.default_rng(3)
+    ref = _reference(space, rng)
+    sweep = topic_embeddings(rng, space, 64, spread=0.6)                        # every topic
+    dwell = topic_embeddings(rng, space[[2, 9]], 64, spread=0.6)                # two topics
+    s_sweep = run(name, _prompts(64), sweep, ref).score()
+    s_dwell = run(name, _prompts(64), dwell, ref).score()
+    assert s_sweep > s_dwell
+    if name == "prada":
+        assert s_sweep > 3.0 and s_dwell < 2.0                                  # -log10 p
+    else:
+        assert s_sweep > 2.3 and s_dwell < 0.8                                  # nats: ~log 16 vs ~log 2
+
+
+def test_mmd_fires_on_off_distribution_prompts_not_on_reference_like_ones(space):
+    rng = np.random.default_rng(4)
+    ref = _reference(space, rng)
+    same = run("mmd", _prompts(64), topic_embeddings(rng, space, 64, spread=0.6), ref)
+    other = rng.normal(size=(4, space.shape[1]))
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    off = run("mmd", _prompts(64), topic_embeddings(rng, other, 64, spread=0.6), ref)
+    assert off.score() >= 2.0           # p ≤ 0.01 (the permutation floor is 1/101)
+    assert same.score() < 1.3           # p > 0.05
+    assert "MMD" in off.reasons()[0]
+
+
+def test_embedding_detectors_are_silent_below_min_prompts(space):
+    rng = np.random.default_rng(5)
+    ref = _reference(space, rng)
+    for name in ("mmd", "coverage", "prada"):
+        assert run(name, _prompts(10), topic_embeddings(rng, space, 10), ref).score() == 0.0
+
+
+def test_linking_joins_accounts_that_share_templates_system_prompt_and_network():
+    linker = Linker(min_evidence=3)
+    for i in range(6):
+        for acct, last in (("x1", 2), ("x2", 3)):
+            linker.observe(extract(record(acct, T0 + i, f"Write a poem about the {WORDS_[i]} for a {last}-year-old.",
+                                          system="You are GenBot v7.", ip=f"45.83.17.{last}")))
+    for i in range(6):  # an unrelated person
+        linker.observe(extract(record("p", T0 + i, f"how do I fix my {WORDS_[i]}", ip="10.0.0.1")))
+    assert linker.cluster_id("x1") == linker.cluster_id("x2") is not None
+    assert linker.cluster_size("x1") == 2 and linker.cluster_size("p") == 1
+    why = linker.why("x1")
+    assert why["shared system prompt"] == 1 and why["shared template"] >= 1
+
+
+WORDS_ = ("ocean", "moon", "forest", "city", "desert", "river")
+
+
+def test_linking_ignores_what_benign_users_commonly_share():
+    common = frozenset({extract(record("a", 0, "x", system="You are a helpful assistant.")).system_hash})
+    linker = Linker(min_evidence=2, common=common)
+    for i in range(5):
+        for acct in ("u1", "u2"):
+            linker.observe(extract(record(acct, T0 + i, f"question {i} from {acct}", system="You are a helpful assistant.")))
+    assert linker.cluster_size("u1") == 1
+
+
+def test_plugins_register_like_builtins_and_unknown_names_are_rejected():
+    @register
+    class Always(Detector):
+        name = "test-always"
+
+        def observe(self, f, embedding):
+            self.n = getattr(self, "n", 0) + 1
+
+        def score(self):
+            return float(self.n)
+
+        def reasons(self):
+            return [f"{self.n} requests"]
+
+    assert detectors()["test-always"] is Always
+    assert {"volume", "timing", "shape", "mmd", "prada", "coverage", "linking"} <= set(detectors())
+    assert select(["test-always"]) == [Always]
+    with pytest.raises(ConfigError, match="unknown detector"):
+        select(["nope"])
