@@ -200,7 +200,19 @@ async def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: fl
     raise SystemExit(f"server not healthy after {timeout:.0f} s")
 
 
-async def bench(args: argparse.Namespace, base_url: str) -> list[dict]:
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process so far (Linux /proc), None when unknown."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def bench(args: argparse.Namespace, base_url: str, server_pid: int | None = None) -> list[dict]:
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         with console.status("warming up (one request, then a batch) ..."):
@@ -217,8 +229,12 @@ async def bench(args: argparse.Namespace, base_url: str) -> list[dict]:
                 order = (1, args.clients) if rnd % 2 == 0 else (args.clients, 1)  # ABBA: no order bias
                 for n in order:
                     label = f"round {rnd + 1}: {n} client{'s' if n > 1 else ''}"
+                    cpu0 = cpu_seconds(server_pid)
                     res = await run_phase(http, n, args.duration, args.max_tokens, args.model, progress,
                                           label, req_offset=100 * rnd)
+                    cpu1 = cpu_seconds(server_pid)
+                    if cpu0 is not None and cpu1 is not None:
+                        res["server_cpu_s"] = round(cpu1 - cpu0, 2)
                     phases.append({"round": rnd + 1, **res})
                     await asyncio.sleep(1.0)  # let the server drop the cancelled rows
     return phases
@@ -230,6 +246,18 @@ def summarise(phases: list[dict], clients: int) -> dict:
         return sum(p["completion_tokens"] for p in sel) / sum(p["elapsed_s"] for p in sel)
 
     single, multi = pooled(1), pooled(clients)
+    # On a machine shared with other work the server gets a varying share of the CPU; tokens
+    # per CPU-second of the server process compare the batching itself, whatever that share.
+    per_cpu = {}
+    if all("server_cpu_s" in p for p in phases):
+        def pooled_cpu(n: int) -> float:
+            sel = [p for p in phases if p["clients"] == n]
+            return sum(p["completion_tokens"] for p in sel) / max(1e-9, sum(p["server_cpu_s"] for p in sel))
+
+        c1, cn = pooled_cpu(1), pooled_cpu(clients)
+        per_cpu = {"tokens_per_server_cpu_s_1_client": round(c1, 2),
+                   f"tokens_per_server_cpu_s_{clients}_clients": round(cn, 2),
+                   "ratio_per_server_cpu_s": round(cn / c1, 2)}
     per_round = []
     for rnd in sorted({p["round"] for p in phases}):
         a = next(p for p in phases if p["round"] == rnd and p["clients"] == 1)
@@ -240,6 +268,7 @@ def summarise(phases: list[dict], clients: int) -> dict:
         f"tokens_per_s_{clients}_clients": round(multi, 2),
         "ratio": round(multi / single, 2),
         "ratio_per_round": per_round,
+        **per_cpu,
     }
 
 
@@ -273,7 +302,7 @@ def main() -> None:
         startup = asyncio.run(wait_healthy(base_url, proc, args.startup_timeout, log_path))
         console.print(f"server ready after {startup:.1f} s at {base_url}")
         t0 = time.perf_counter()
-        phases = asyncio.run(bench(args, base_url))
+        phases = asyncio.run(bench(args, base_url, proc.pid if proc is not None else None))
         wall = time.perf_counter() - t0
     finally:
         if proc is not None:

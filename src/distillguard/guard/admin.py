@@ -17,6 +17,7 @@ from distillguard.errors import ConfigError, InvalidRequestError, NotFoundError
 from distillguard.guard.gateway import AuthError, Guard, PermissionDenied
 from distillguard.guard.ledger import account_usage
 from distillguard.guard.limits import Limits
+from distillguard.guard.policy import Level
 from distillguard.serve.schemas import validation_to_api_error
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -31,6 +32,14 @@ class CreateKey(BaseModel):
     tpm: PositiveInt | None = None
     max_concurrent: PositiveInt | None = None
     daily_tokens: PositiveInt | None = None
+
+
+class SetVerdict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    level: Annotated[str, Field(min_length=1, max_length=32)]
+    reasons: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=50)
+    score: float | None = None
 
 
 def admin_router(guard: Guard) -> APIRouter:
@@ -94,6 +103,30 @@ def admin_router(guard: Guard) -> APIRouter:
             if key.account != account:
                 raise PermissionDenied("an account key can read only its own account's usage", code="forbidden")
         return await usage_of(account)
+
+    @router.get("/admin/verdicts")
+    async def list_verdicts(request: Request, account: str | None = None, limit: int = 1000):
+        """Verdicts, newest first (an account's current level is its newest)."""
+        await require_admin(request)
+        if not 1 <= limit <= 100_000:
+            raise InvalidRequestError(f"limit={limit} must be within 1..100000", param="limit", code="invalid_value")
+        return {"object": "list", "data": await asyncio.to_thread(guard.verdicts, account, limit)}
+
+    @router.post("/admin/accounts/{account}/verdict", status_code=201)
+    async def set_verdict(request: Request, account: str):
+        """Put an account at a level by hand (raise it, or clear a false positive with "ok")."""
+        await require_admin(request)
+        try:
+            body = SetVerdict.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_to_api_error(exc) from None
+        try:
+            Level.parse(body.level)
+        except ConfigError as exc:
+            raise InvalidRequestError(str(exc), param="level", code="invalid_value") from None
+        row = await asyncio.to_thread(guard.record_verdict, account, body.level, score=body.score,
+                                      reasons=body.reasons, source="admin")
+        return JSONResponse(row, status_code=201)
 
     @router.get("/v1/usage")
     async def own_usage(request: Request):

@@ -17,9 +17,13 @@ import asyncio
 import hmac
 import json
 import logging
+import queue
+import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
+from typing import Protocol
 
 from fastapi import Request
 from sqlalchemy import select
@@ -29,10 +33,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from distillguard.errors import APIError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
-from distillguard.guard.ledger import Ledger
+from distillguard.guard.ledger import Ledger, to_traffic
 from distillguard.guard.limits import Lease, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
-from distillguard.guard.schema import IdempotentResponse
+from distillguard.guard.policy import Decision, Level, PolicyConfig
+from distillguard.guard.schema import IdempotentResponse, Verdict
 from distillguard.watermark import WatermarkKey, WatermarkParams, account_key
 from distillguard.watermark.secret import load_secret
 
@@ -54,6 +59,17 @@ class GuardConfig(BaseSettings):
     watermark_scheme: str = Field("keyed-hash", description="keyed-hash | lefthash-ref")
     watermark_gamma: float = Field(0.25, description="fraction of the vocabulary that is green")
     watermark_delta: float = Field(2.0, description="logit bias added to green tokens")
+    policy_file: str | None = Field(None, description="YAML/JSON policy ladder (default: guard/policy.py's DEFAULT_LADDER)")
+    verdict_cache_ttl_s: float = Field(2.0, ge=0, description="how long an account's verdict level is trusted (delay across replicas)")
+
+
+class Monitor(Protocol):
+    """Online detection, fed every finished request off the request path (a worker thread).
+
+    ``observe`` takes a traffic-log record (DESIGN.md) and returns a verdict (anything with
+    ``level`` (a :class:`Level`, its name or number), ``score`` and ``reasons``) or None."""
+
+    def observe(self, record: dict): ...
 
 
 def _redis_errors() -> type[BaseException]:
@@ -77,6 +93,11 @@ class IdempotencyConflict(APIError):
 class AuthError(APIError):
     status_code = 401
     type = "invalid_request_error"
+
+
+class AccountBlocked(APIError):
+    status_code = 403
+    type = "permission_error"
 
 
 class PermissionDenied(APIError):
@@ -173,12 +194,18 @@ class NullGuard:
     async def authenticate(self, request: Request) -> KeyRecord | None:
         return None
 
-    async def admit(self, key: KeyRecord | None, budget: int) -> Lease | None:
+    async def admit(self, key: KeyRecord | None, budget: int, decision: Decision | None = None) -> Lease | None:
         return None
 
     async def settle(self, lease: Lease | None, actual_tokens: int) -> None: ...
 
-    def watermark_for(self, key: KeyRecord | None) -> WatermarkKey | None:
+    def watermark_for(self, key: KeyRecord | None, delta: float | None = None) -> WatermarkKey | None:
+        return None
+
+    async def decide(self, key: KeyRecord | None) -> Decision | None:
+        return None
+
+    def canary_secret(self) -> bytes | None:
         return None
 
     async def replay(self, log: RequestLog) -> dict | None:
@@ -190,7 +217,7 @@ class NullGuard:
 
 
 class Guard:
-    def __init__(self, config: GuardConfig):
+    def __init__(self, config: GuardConfig, *, monitor: Monitor | None = None, policy: PolicyConfig | None = None):
         self.config = config
         self.engine = make_engine(config.db)
         self.keys = KeyStore(self.engine)
@@ -202,13 +229,25 @@ class Guard:
             scheme=config.watermark_scheme, gamma=config.watermark_gamma, delta=config.watermark_delta)
         self._watermark_secret = (load_secret(config.watermark_secret.get_secret_value() if config.watermark_secret
                                               else None) if config.watermark else None)
-        self._watermark_keys: dict[str, WatermarkKey] = {}
+        self._watermark_keys: dict[tuple[str, float | None], WatermarkKey] = {}
+        self.policy = policy or (PolicyConfig.load(config.policy_file) if config.policy_file else PolicyConfig())
+        self._levels: dict[str, tuple[Level, float]] = {}
+        self.monitor = monitor
+        self._monitor_queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
+        self._monitor_thread: threading.Thread | None = None
+        self.monitor_errors = 0
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
         self.ledger.start()
+        if self.monitor is not None:
+            self._monitor_thread = threading.Thread(target=self._monitor_loop, name="distillguard-monitor", daemon=True)
+            self._monitor_thread.start()
 
     async def close(self) -> None:
+        if self._monitor_thread is not None:
+            self._monitor_queue.put(None)
+            await asyncio.to_thread(self._monitor_thread.join, 30)
         await self.ledger.close()
         await self.limiter.close()
         self.engine.dispose()
@@ -243,9 +282,10 @@ class Guard:
         return bool(secret and admin and hmac.compare_digest(secret.encode(), admin.encode()))
 
     # ---- limits -------------------------------------------------------------------------
-    async def admit(self, key: KeyRecord, budget: int) -> Lease:
+    async def admit(self, key: KeyRecord, budget: int, decision: Decision | None = None) -> Lease:
+        limits = decision.limits(key.limits) if decision is not None else key.limits
         try:
-            return await self.limiter.acquire(key.id, key.limits, budget)
+            return await self.limiter.acquire(key.id, limits, budget)
         except RateLimited as exc:
             self.metrics.rate_limited.labels(limit=exc.limit).inc()
             raise
@@ -264,15 +304,130 @@ class Guard:
             log.warning("could not settle lease %s; it will expire", lease.lease_id)
 
     # ---- watermark ------------------------------------------------------------------------
-    def watermark_for(self, key: KeyRecord | None) -> WatermarkKey | None:
-        """The account's own watermark key (HMAC of the account id under the master secret)."""
+    def watermark_for(self, key: KeyRecord | None, delta: float | None = None) -> WatermarkKey | None:
+        """The account's own watermark key (HMAC of the account id under the master secret);
+        ``delta`` overrides the bias (policy ``watermark_boost``: same key, same green lists)."""
         if key is None or self._watermark_secret is None:
             return None
-        found = self._watermark_keys.get(key.account)
+        found = self._watermark_keys.get((key.account, delta))
         if found is None:
-            found = account_key(self._watermark_secret, key.account, self._watermark_params)
-            self._watermark_keys[key.account] = found
+            params = self._watermark_params if delta is None else replace(self._watermark_params, delta=delta)
+            found = account_key(self._watermark_secret, key.account, params)
+            self._watermark_keys[(key.account, delta)] = found
         return found
+
+    def canary_secret(self) -> bytes:
+        if self._watermark_secret is None:  # watermarking off: the same master secret, loaded now
+            self._watermark_secret_canary = getattr(self, "_watermark_secret_canary", None) or load_secret(
+                self.config.watermark_secret.get_secret_value() if self.config.watermark_secret else None)
+            return self._watermark_secret_canary
+        return self._watermark_secret
+
+    # ---- verdicts and policies ------------------------------------------------------------
+    async def decide(self, key: KeyRecord) -> Decision:
+        """What the policy ladder does to this account's next request, from its latest verdict."""
+        return self.policy.decide(await self.level_of(key.account))
+
+    async def level_of(self, account: str) -> Level:
+        cached = self._levels.get(account)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        level = await asyncio.to_thread(self._load_level, account)
+        if len(self._levels) > 100_000:
+            self._levels.clear()
+        self._levels[account] = (level, time.monotonic() + self.config.verdict_cache_ttl_s)
+        return level
+
+    def _load_level(self, account: str) -> Level:
+        with self.engine.connect() as conn:
+            level = conn.execute(select(Verdict.level).where(Verdict.account_id == account)
+                                 .order_by(Verdict.id.desc()).limit(1)).scalar()
+        return Level(level) if level is not None else Level.OK
+
+    def record_verdict(self, account: str, level: Level | str | int, *, score: float | None = None,
+                       reasons: list[str] | None = None, source: str = "admin",
+                       request_id: str | None = None) -> dict:
+        """Append a verdict (blocking: call it from a thread); alerts when the ladder says so."""
+        level = Level.parse(level)
+        previous = self._load_level(account)
+        row = {"ts": time.time(), "account_id": account, "level": int(level), "score": score,
+               "reasons": list(reasons or []), "source": source, "request_id": request_id}
+        with self.engine.begin() as conn:
+            row["id"] = conn.execute(Verdict.__table__.insert().values(**row)).inserted_primary_key[0]
+        self._levels[account] = (level, time.monotonic() + self.config.verdict_cache_ttl_s)
+        if self.metrics is not None:
+            self.metrics.verdicts.labels(level=level.name.lower(), source=source).inc()
+        decision = self.policy.decide(level)
+        if decision.alert and level > previous:
+            self._alert({**row, "level": level.name.lower(), "previous_level": previous.name.lower(),
+                         "actions": list(decision.actions)})
+        return {**row, "level": level.name.lower()}
+
+    def verdicts(self, account: str | None = None, limit: int = 1000) -> list[dict]:
+        query = select(*Verdict.__table__.columns).order_by(Verdict.id.desc()).limit(limit)
+        if account is not None:
+            query = query.where(Verdict.account_id == account)
+        with self.engine.connect() as conn:
+            return [{**r._asdict(), "level": Level(r.level).name.lower()} for r in conn.execute(query)]
+
+    def _alert(self, payload: dict) -> None:
+        log.warning("distillguard alert: account %s is now %s (score %s; %s)", payload["account_id"],
+                    payload["level"], payload["score"], "; ".join(payload["reasons"]) or "no reasons given")
+        url = self.policy.alert_webhook
+        if not url:
+            return
+        import httpx
+
+        try:  # off the request path (monitor thread or an admin call's thread)
+            httpx.post(url, json={"type": "distillguard.verdict", **payload}, timeout=5.0).raise_for_status()
+        except httpx.HTTPError as exc:
+            log.warning("alert webhook %s failed: %s", url, exc)
+            if self.metrics is not None:
+                self.metrics.alert_failures.inc()
+
+    def _monitor_loop(self) -> None:
+        """Feed finished requests to the monitor; record a verdict when it escalates an account."""
+        while True:
+            row = self._monitor_queue.get()
+            if row is None:
+                return
+            try:
+                verdict = self.monitor.observe(to_traffic(SimpleNamespace(**{"label": None, **row})))
+                if verdict is None:
+                    continue
+                level = Level.parse(getattr(verdict, "level"))
+                if level > self._load_level(row["account_id"]):  # online detection only escalates
+                    self.record_verdict(row["account_id"], level, score=getattr(verdict, "score", None),
+                                        reasons=list(getattr(verdict, "reasons", []) or []), source="online",
+                                        request_id=row["request_id"])
+            except Exception:  # a detector bug must not stop the monitor (or the gateway)
+                self.monitor_errors += 1
+                log.exception("monitor failed on request %s", row.get("request_id"))
+
+    async def police(self, key: KeyRecord, req, log: RequestLog):
+        """Apply the account's decision to a request: block it, or the changed request.
+
+        Returns (request, decision, actions applied so far); ``log.policy_action`` is set.
+        """
+        decision = await self.decide(key)
+        applied = [a for a in ("log", "throttle", "watermark_boost") if a in decision.actions]
+        if decision.block:
+            log.policy_action = decision.label(["block"])
+            self.metrics.policy_actions.labels(action="block").inc()
+            raise AccountBlocked("this account is blocked for suspected model extraction; contact the provider",
+                                 code="account_blocked")
+        if decision.logprobs_cap is not None and req.logprobs:
+            cap = decision.logprobs_cap
+            if cap == 0:
+                req = req.model_copy(update={"logprobs": False, "top_logprobs": None})
+                applied.append("limit_logprobs")
+            elif (req.top_logprobs or 0) > cap:
+                req = req.model_copy(update={"top_logprobs": cap})
+                applied.append("limit_logprobs")
+        log.policy_action = decision.label(applied)
+        for action in applied:
+            self.metrics.policy_actions.labels(action=action).inc()
+        return req, decision, applied
 
     # ---- ledger ---------------------------------------------------------------------------
     async def finish(self, log: RequestLog) -> None:
@@ -288,7 +443,10 @@ class Guard:
         if log.idempotency_key is not None and log.status == 200 and log.response_body is not None:
             idempotent = {"account_id": log.key.account, "key": log.idempotency_key, "request_hash": log.request_hash,
                           "request_id": log.request_id, "response": log.response_body, "created_at": log.ts}
-        await self.ledger.record(log.row(), idempotent=idempotent)
+        row = log.row()
+        await self.ledger.record(row, idempotent=idempotent)
+        if self.monitor is not None and log.status == 200:
+            self._monitor_queue.put(row)
 
     async def replay(self, log: RequestLog) -> dict | None:
         """The stored response to this account's earlier request with the same Idempotency-Key.

@@ -28,6 +28,10 @@ class Metrics:
                                     ["limit"], registry=self.registry)
         self.policy_actions = Counter("distillguard_policy_actions", "Countermeasures applied, by action",
                                       ["action"], registry=self.registry)
+        self.verdicts = Counter("distillguard_verdicts", "Verdicts recorded, by level and source",
+                                ["level", "source"], registry=self.registry)
+        self.alert_failures = Counter("distillguard_alert_failures", "Alert webhook calls that failed",
+                                      registry=self.registry)
 
     def observe(self, *, status: int, account: str | None, prompt_tokens: int | None,
                 completion_tokens: int | None, seconds: float) -> None:

@@ -94,3 +94,25 @@ class IdempotentResponse(Base):
     request_id: Mapped[str] = mapped_column(String(64), nullable=False)
     response: Mapped[dict] = mapped_column(JSONType, nullable=False)
     created_at: Mapped[float] = mapped_column(Double, nullable=False)
+
+
+class Verdict(Base):
+    """A detection verdict on an account: what a detector (or an admin) concluded, and when.
+
+    Append-only: an account's current level is its latest verdict, so the history of how an
+    account was judged (and by what) stays in the ledger for audits and forensics.
+    """
+
+    __tablename__ = "verdicts"
+    __table_args__ = (Index("ix_verdicts_account_id", "account_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Double, nullable=False)
+    account_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    level: Mapped[int] = mapped_column(Integer, nullable=False)
+    score: Mapped[float | None] = mapped_column(Double)
+    reasons: Mapped[list | None] = mapped_column(JSONType)
+    # who decided: "online" (the gateway's monitor), "admin", "offline" (an imported report)
+    source: Mapped[str] = mapped_column(String(32), nullable=False)
+    # the request after which the verdict was reached (online), if any
+    request_id: Mapped[str | None] = mapped_column(String(64))

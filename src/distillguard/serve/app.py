@@ -151,19 +151,29 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                 return Response(status_code=499)
             log.set_body(raw)
             req = parse_chat_request(raw)
+            decision = None
+            if log.key is not None:  # the policy ladder: block, limit logprobs, ...
+                req, decision, applied = await guard.police(log.key, req, log)
             if idempotency_key(request, req, log):
                 replayed = await guard.replay(log)
                 if replayed is not None:
                     log.policy_action = "idempotent_replay"
                     await guard.finish(log)
                     return JSONResponse(replayed, headers={"Idempotent-Replayed": "true"})
-            lease = await guard.admit(log.key, backend.budget(req))
-            watermark = guard.watermark_for(log.key) if backend.supports_watermark else None
-            log.watermark_key_id = watermark.key_id if watermark else None
-            if req.stream:
-                chunks = await backend.stream(req, watermark=watermark)
+            lease = await guard.admit(log.key, backend.budget(req), decision)
+            if decision is not None and decision.is_canary(log.request_id):
+                applied.append("canary")
+                log.policy_action = decision.label(applied)
+                chunks, response = canary(req, log, guard, backend)
             else:
-                response = await backend.complete(req, watermark=watermark)
+                boost = decision.watermark_delta if decision is not None else None
+                watermark = guard.watermark_for(log.key, boost) if backend.supports_watermark else None
+                log.watermark_key_id = watermark.key_id if watermark else None
+                if req.stream:
+                    chunks = await backend.stream(req, watermark=watermark)
+                else:
+                    response = await backend.complete(req, watermark=watermark)
+            if not req.stream:
                 log.add_response(response)
         except APIError as exc:
             log.fail(exc)
@@ -186,6 +196,18 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
 
 
 MAX_IDEMPOTENCY_KEY = 128
+
+
+def canary(req: ChatCompletionRequest, log, guard, backend):
+    """(chunks, response) of a canary answer (policy ``canary``): one of them is None."""
+    from distillguard.guard.canary import canary_chunks, canary_response, canary_text
+
+    text = canary_text(guard.canary_secret(), log.key.account, log.request_id)
+    guard.metrics.policy_actions.labels(action="canary").inc()
+    prompt, completion = backend.prompt_tokens(req), backend.count_tokens(text)
+    if req.stream:
+        return canary_chunks(req, text, prompt, completion), None
+    return None, canary_response(req, text, prompt, completion)
 
 
 def idempotency_key(request: Request, req: ChatCompletionRequest, log) -> bool:

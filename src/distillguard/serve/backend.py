@@ -27,6 +27,14 @@ class Backend(Protocol):
         """Upper bound of prompt + completion tokens, reserved against token limits."""
         ...
 
+    def prompt_tokens(self, req: ChatCompletionRequest) -> int:
+        """Tokens of the prompt (exact, or an upper bound where the tokenizer is remote)."""
+        ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a completion text (exact, or an upper bound)."""
+        ...
+
     supports_watermark: bool  # whether ``watermark=`` is applied (local) or ignored (upstream)
 
     async def complete(self, req: ChatCompletionRequest, *, watermark=None) -> dict: ...

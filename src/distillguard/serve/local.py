@@ -34,14 +34,19 @@ class LocalBackend:
 
     def budget(self, req: ChatCompletionRequest) -> int:
         """Most tokens (prompt + all completions) this request can use: what limits reserve."""
+        max_new = req.requested_max_tokens or self.config.default_max_tokens
+        return self.prompt_tokens(req) + req.n * max_new
+
+    def prompt_tokens(self, req: ChatCompletionRequest) -> int:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            prompt = len(self.lm.chat_ids(messages))
+            return len(self.lm.chat_ids(messages))
         except Exception:  # the template rejects these messages; _job reports it properly
-            prompt = sum(len(m["content"].encode()) for m in messages)
-        max_new = req.requested_max_tokens or self.config.default_max_tokens
-        return prompt + req.n * max_new
+            return sum(len(m["content"].encode()) for m in messages)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.lm.tokenizer.encode(text, add_special_tokens=False))
 
     # ---- request preparation ----------------------------------------------------------
     supports_watermark = True

@@ -86,8 +86,13 @@ class UpstreamBackend:
         """An upper bound of the tokens this request can use, without the upstream's tokenizer:
         every token of a byte-level or SentencePiece vocabulary covers at least one byte, and
         each message adds at most a few template tokens."""
-        prompt = sum(len(m.text().encode()) + 8 for m in req.messages)
-        return prompt + req.n * (req.requested_max_tokens or self.config.default_max_tokens)
+        return self.prompt_tokens(req) + req.n * (req.requested_max_tokens or self.config.default_max_tokens)
+
+    def prompt_tokens(self, req: ChatCompletionRequest) -> int:
+        return sum(len(m.text().encode()) + 8 for m in req.messages)  # an upper bound, as above
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.encode())  # an upper bound, as above
 
     def _body(self, req: ChatCompletionRequest) -> dict:
         body = req.model_dump(mode="json", exclude_unset=True)

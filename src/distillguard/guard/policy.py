@@ -1,0 +1,186 @@
+"""Graduated countermeasures: what the gateway does to an account at each verdict level.
+
+Detection (``distillguard.detect``) or an admin puts an account at a :class:`Level`; the
+:class:`PolicyConfig` ladder maps each level to actions, and :meth:`PolicyConfig.decide` turns
+the level into a :class:`Decision` the gateway applies to the account's next requests::
+
+    ok          nothing
+    watch       log                      (the default ladder)
+    suspect     log, alert, throttle, limit_logprobs, watermark_boost
+    extracting  log, alert, canary, block
+
+Actions (the ``ACTIONS`` registry; every action taken is recorded in the request's ledger row,
+``policy_action``):
+
+- ``log``: record the level on every request (``policy_action``), nothing else changes;
+- ``alert``: POST the verdict to ``alert_webhook`` once, when the account reaches the level;
+- ``throttle``: the key's rpm/tpm limits times ``throttle_factor`` (``throttle_rpm`` /
+  ``throttle_tpm`` for keys that have none);
+- ``limit_logprobs``: ``top_logprobs`` capped at ``logprobs_cap`` (0 strips logprobs);
+- ``watermark_boost``: the account's own watermark key with δ = ``watermark_boost_delta`` (the
+  same key id and green lists: detection and tracing are unchanged, only stronger);
+- ``canary``: a share ``canary_rate`` of answers are canaries, account-specific fabricated
+  statements recorded in the ledger: a model that later reproduces one learned from this account;
+- ``block``: 403 ``account_blocked``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from enum import IntEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from distillguard.errors import ConfigError
+from distillguard.guard.limits import Limits
+
+
+class Level(IntEnum):
+    OK = 0
+    WATCH = 1
+    SUSPECT = 2
+    EXTRACTING = 3
+
+    @classmethod
+    def parse(cls, value: str | int) -> Level:
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return cls(value)
+            except ValueError:
+                pass
+        elif isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        names = ", ".join(m.name.lower() for m in cls)
+        raise ConfigError(f"unknown verdict level {value!r}: use one of {names} (or 0-{len(cls) - 1})")
+
+
+ACTIONS: dict[str, str] = {
+    "log": "record the level in the ledger (policy_action) on every request",
+    "alert": "POST the verdict to the alert webhook when the account reaches the level",
+    "throttle": "tighter rate limits (throttle_factor x the key's rpm/tpm)",
+    "limit_logprobs": "cap top_logprobs at logprobs_cap (0 strips logprobs)",
+    "watermark_boost": "the account's watermark with a stronger bias (watermark_boost_delta)",
+    "canary": "answer a share canary_rate of requests with recorded, account-specific canaries",
+    "block": "refuse every request with 403 account_blocked",
+}
+
+DEFAULT_LADDER = {
+    "watch": ["log"],
+    "suspect": ["log", "alert", "throttle", "limit_logprobs", "watermark_boost"],
+    "extracting": ["log", "alert", "canary", "block"],
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gateway does to one request of an account at ``level``."""
+
+    level: Level
+    actions: tuple[str, ...] = ()
+    throttle_factor: float | None = None
+    throttle_rpm: int | None = None
+    throttle_tpm: int | None = None
+    logprobs_cap: int | None = None
+    watermark_delta: float | None = None
+    canary_rate: float = 0.0
+
+    @property
+    def block(self) -> bool:
+        return "block" in self.actions
+
+    @property
+    def alert(self) -> bool:
+        return "alert" in self.actions
+
+    def limits(self, limits: Limits) -> Limits:
+        """The key's limits under this decision (tighter when throttled, never looser)."""
+        if self.throttle_factor is None:
+            return limits
+        f = self.throttle_factor
+        rpm = max(1, int(limits.rpm * f)) if limits.rpm else self.throttle_rpm
+        tpm = max(1, int(limits.tpm * f)) if limits.tpm else self.throttle_tpm
+        return replace(limits, rpm=rpm, tpm=tpm)
+
+    def is_canary(self, request_id: str) -> bool:
+        """Whether this request is answered with a canary: a deterministic share of requests."""
+        if self.canary_rate <= 0:
+            return False
+        h = int.from_bytes(hashlib.sha256(b"canary:" + request_id.encode()).digest()[:8], "big")
+        return h / 2**64 < self.canary_rate
+
+    def label(self, applied: list[str]) -> str | None:
+        """The ``policy_action`` recorded in the ledger: level and the actions applied."""
+        if self.level == Level.OK:
+            return None
+        return f"{self.level.name.lower()}:" + ",".join(applied or ["none"])
+
+
+class PolicyConfig(BaseModel):
+    """The ladder of countermeasures, per verdict level (a YAML/JSON file for ``serve --policy``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ladder: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LADDER.items()},
+                                         description="level name -> actions (see ACTIONS)")
+    throttle_factor: float = Field(0.25, gt=0, le=1, description="multiplies the key's rpm and tpm")
+    throttle_rpm: int = Field(6, ge=1, description="rpm of a throttled key that has no rpm limit")
+    # 16k: a benign multi-turn user (long prompts carry the conversation) throttled by mistake
+    # loses 0.2% of requests; 4k cost 3.3% (bench/policy_impact.py)
+    throttle_tpm: int = Field(16_000, ge=1, description="tpm of a throttled key that has no tpm limit")
+    logprobs_cap: int = Field(0, ge=0, le=20, description="top_logprobs allowed under limit_logprobs (0: none)")
+    watermark_boost_delta: float = Field(4.0, gt=0, description="watermark bias under watermark_boost")
+    canary_rate: float = Field(0.1, ge=0, le=1, description="share of answers that are canaries under canary")
+    alert_webhook: str | None = Field(None, description="URL that receives alerts (JSON POST)")
+
+    @field_validator("ladder")
+    @classmethod
+    def _check_ladder(cls, ladder: dict[str, list[str]]) -> dict[str, list[str]]:
+        for level, actions in ladder.items():
+            try:
+                parsed = Level.parse(level)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            if parsed == Level.OK and actions:
+                raise ValueError("level 'ok' takes no actions (it is every account that nothing flagged)")
+            unknown = [a for a in actions if a not in ACTIONS]
+            if unknown:
+                raise ValueError(f"unknown action(s) {unknown} for level {level!r}: use {sorted(ACTIONS)}")
+        return ladder
+
+    @classmethod
+    def load(cls, path: str | Path) -> PolicyConfig:
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read policy file {path}: {exc}") from None
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"policy file {path}: {where}: {first['msg']}") from None
+
+    def actions_for(self, level: Level) -> tuple[str, ...]:
+        for name, actions in self.ladder.items():
+            if Level.parse(name) == level:
+                return tuple(actions)
+        return ()
+
+    def decide(self, level: Level) -> Decision:
+        actions = self.actions_for(level)
+        return Decision(
+            level=level, actions=actions,
+            throttle_factor=self.throttle_factor if "throttle" in actions else None,
+            throttle_rpm=self.throttle_rpm, throttle_tpm=self.throttle_tpm,
+            logprobs_cap=self.logprobs_cap if "limit_logprobs" in actions else None,
+            watermark_delta=self.watermark_boost_delta if "watermark_boost" in actions else None,
+            canary_rate=self.canary_rate if "canary" in actions else 0.0,
+        )
+
+
+__all__ = ["ACTIONS", "DEFAULT_LADDER", "Decision", "Level", "PolicyConfig"]
