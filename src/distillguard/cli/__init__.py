@@ -60,6 +60,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     watermark_scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (the reference scheme)"),
     watermark_gamma: float = typer.Option(0.25, help="fraction of the vocabulary that is green"),
     watermark_delta: float = typer.Option(2.0, help="logit bias added to green tokens"),
+    policy: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_POLICY_FILE",
+                                         help="YAML policy ladder: actions per verdict level (see docs)"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -117,7 +119,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
 
         guard = Guard(GuardConfig(
             db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
-            watermark_scheme=watermark_scheme, watermark_gamma=watermark_gamma, watermark_delta=watermark_delta))
+            watermark_scheme=watermark_scheme, watermark_gamma=watermark_gamma, watermark_delta=watermark_delta,
+            policy_file=policy))
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
     uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",
