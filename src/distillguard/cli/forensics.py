@@ -64,12 +64,11 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
 ) -> None:
     """Test whether a suspect model learned the per-account watermark, and trace it to accounts.
 
-    closed: the suspect's API answers the prompts; its text is tested per key (exact binomial,
-    each (context, token) pair once across all answers, prompt n-grams excluded).
-    open: the suspect (weights) answers the prompts itself, then its own probability mass on
-    green tokens is tested per key (a Chernoff-bounded p-value, valid at any size; an empirical
-    p from --null-keys wrong keys and Sander et al.'s top-1 test are shown beside it).
-    Holm over the keys names the accounts it traces to. Exit code 0 either way.
+    closed (a URL): the suspect's API answers the prompts; its text is tested per key.
+
+    open (weights): the suspect answers the prompts itself; its probability mass on green tokens is tested per key.
+
+    Holm over the keys names the accounts it traces to. Exit code 0 either way; the verdict is in the output.
 
     Examples:
 

@@ -16,13 +16,17 @@ correction over the keys tested (so a suspect traces back to the accounts that l
     green mass itself, a Rao-Blackwellised version of the closed test (the expected green
     indicator instead of one sampled draw of it):
 
-        S(key) = Σ_c Σ_{v ∈ top-k(c)} p(v | c) · green_key(c, v)      over distinct contexts c
+        S(key) = Σ_c Σ_{v ∈ top-k(c)} p̄(v | c) · green_key(c, v)      over distinct contexts c
+
+    where p̄(· | c) is the suspect's next-token distribution averaged over the positions whose
+    hash context is c (each context counts once, as each pair does in the closed test; the
+    average is a cleaner estimate of what the suspect learned about c than any one position).
 
     **Why this null is honest, and why a bound rather than a z-test.** Under H0 the suspect does
     not depend on the key (and neither does the text it is scored on, see below). For keyed-hash
     the green bits of distinct (context, token) pairs are then independent Bernoulli(γ) (the
     hash is a keyed PRF: the same assumption the binomial detector makes), and the weights
-    p(v | c) are fixed, so S is a weighted sum of independent Bernoullis. Its exact tail has no
+    p̄(v | c) are fixed, so S is a weighted sum of independent Bernoullis. Its exact tail has no
     closed form for real weights, and a normal approximation is not trustworthy at p = 1e-5
     with a few very heavy weights (peaked distributions); the Chernoff bound
 
@@ -373,11 +377,15 @@ def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, promp
     rng = random.Random(seed)
     wrong = [rng.getrandbits(40) | 1 for _ in range(null_keys)]  # drawn as account_key draws hash keys
     true = [k.hash_key for k in keys]
-    green = _green_topk(params, true + wrong, ctx.contexts, ctx.top_ids, lm.vocab_size)  # (K, N, k)
-    scores = (green.double() * w).sum(dim=(1, 2)).numpy()  # (K,)
+    green = _green_topk(params, true, ctx.contexts, ctx.top_ids, lm.vocab_size)  # (K, N, k)
+    scores = torch.einsum("knj,nj->k", green.double(), w)  # (K,)
+    null_scores = np.zeros(0)
+    for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
+        g = _green_topk(params, wrong[start:start + 64], ctx.contexts, ctx.top_ids, lm.vocab_size)
+        null_scores = np.concatenate([null_scores, torch.einsum("knj,nj->k", g.double(), w).numpy()])
+    scores = scores.numpy()
     weights = w.flatten().numpy()
     sd = math.sqrt(params.gamma * (1 - params.gamma) * float((weights ** 2).sum())) or 1.0
-    null_scores = scores[len(true):]
     # Sander et al.'s reading-mode test: the top-1 prediction of each context, binomial.
     top1_keep = w[:, 0] > 0
     log10_ps, evidence = [], []
