@@ -1,0 +1,241 @@
+"""Radioactivity on the bundled teacher: does a small CPU student trained on partly watermarked
+answers reveal the key, in closed mode (its text) and open mode (its probabilities)?
+
+1. The teacher (SmolLM2-135M-Instruct) answers ``--train`` real ShareGPT first prompts twice,
+   once watermarked with one account's key and once without, and ``--eval`` held-out prompts
+   without watermark (the teacher control). Temperature 0.7, ``--max-new-tokens`` tokens,
+   batched ``model.generate``; cached under ``--cache`` (resumable, chunk by chunk).
+2. For each ρ in ``--rhos`` a student (``--student``, default ``prune:8``: 8 of the teacher's 30
+   layers) is fine-tuned with SFT (``distillguard.distill.train``) on the ``--train`` answers, of
+   which the first ρ·N are the watermarked ones and the rest the clean ones. ρ=0 is the
+   clean-trained control. Cached per ρ.
+3. Every suspect (each student, the untrained student, the teacher itself) answers the
+   ``--eval`` prompts (teacher: its cached clean answers) and is tested against the leaking
+   account's key and ``--accounts``-1 other accounts' keys:
+   - closed: the exact binomial test on its answers (dedup across answers, prompt n-grams out),
+   - open: the green probability mass on its own answers (Chernoff-bounded p, empirical p from
+     ``--null-keys`` wrong keys, and Sander et al.'s top-1 test for comparison).
+
+    nice -n 10 python bench/radioactivity.py                        # ~1 h on 2 very busy cores
+    nice -n 10 python bench/radioactivity.py --train 64 --eval 16 --rhos 0,1 --epochs 1   # smoke run
+
+Progress goes to stderr; one JSON object to stdout and to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+err = Console(stderr=True)
+SECRET = b"bench-radioactivity-secret"
+LEAKER = "acct-leaker"
+
+
+def prompts_for(lm, n: int, skip: int, max_prompt_tokens: int) -> list[str]:
+    """The first usable ShareGPT first prompts (short enough, no duplicates), deterministic."""
+    from distillguard.distill.prompts import load_prompts
+
+    out, seen = [], set()
+    for p in load_prompts("sharegpt", limit=(n + skip) * 4 + 200, max_chars=1000):
+        text = p.messages[0][1].strip()
+        if text in seen or len(lm.chat_ids([{"role": "user", "content": text}])) > max_prompt_tokens:
+            continue
+        seen.add(text)
+        out.append(text)
+        if len(out) == n + skip:
+            break
+    if len(out) < n + skip:
+        raise SystemExit(f"only {len(out)} usable prompts; ask for fewer")
+    return out[skip:]
+
+
+def cached_answers(path: Path, lm, prompts: list[str], args, processors=(), label: str = "") -> list[str]:
+    """Answers generated chunk by chunk and saved after each chunk (a killed run resumes)."""
+    from distillguard.forensics import generate_answers
+
+    done: list[str] = json.loads(path.read_text()) if path.exists() else []
+    chunk = 32
+    while len(done) < len(prompts):
+        t0 = time.time()
+        part = prompts[len(done):len(done) + chunk]
+        done += generate_answers(lm, part, max_new_tokens=args.max_new_tokens, temperature=0.7,
+                                 seed=args.seed + len(done), batch_size=16, logits_processors=processors,
+                                 progress=False)
+        path.write_text(json.dumps(done))
+        toks = sum(len(lm.tokenizer.encode(a)) for a in done[-len(part):])
+        err.log(f"{label}: {len(done)}/{len(prompts)} answers ({toks / (time.time() - t0):.0f} tok/s)")
+    return done
+
+
+def train_student(args, rho: float, prompts: list[str], wm: list[str], clean: list[str], out: Path) -> dict:
+    from datasets import Dataset, DatasetDict
+
+    from distillguard.distill.train import TrainConfig, train
+
+    if (out / "train_summary.json").exists():
+        return json.loads((out / "train_summary.json").read_text())
+    n_wm = round(rho * len(prompts))
+    rows = [{"id": str(i), "messages": [{"role": "user", "content": p}],
+             "response": wm[i] if i < n_wm else clean[i], "logprobs": None} for i, p in enumerate(prompts)]
+    data = out.parent / f"data-rho{rho}"
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(data))
+    t0 = time.time()
+    summary = train(TrainConfig(data=str(data), out=str(out), student=args.student, teacher="smollm2",
+                                epochs=args.epochs, lr=args.lr, batch_size=8, max_length=args.max_prompt_tokens
+                                + args.max_new_tokens + 8, seed=args.seed))
+    summary["seconds"] = time.time() - t0
+    summary["watermarked_answers"] = n_wm
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def test_suspect(name: str, lm, answers: list[str] | None, prompts: list[str], keys, args) -> dict:
+    from distillguard.forensics import closed_test, generate_answers, open_test
+
+    t0 = time.time()
+    if answers is None:
+        answers = generate_answers(lm, prompts, max_new_tokens=args.max_new_tokens, temperature=0.7,
+                                   seed=args.seed + 10_000, batch_size=16)
+    closed = closed_test(keys, answers, lm.tokenizer, prompts=prompts, alpha=args.alpha)
+    opened = open_test(lm, keys, answers, prompts=prompts, exclude=prompts, top_k=args.top_k,
+                       null_keys=args.null_keys, alpha=args.alpha, seed=args.seed)
+    leak_c = next(k for k in closed.keys if k.account == LEAKER)
+    leak_o = next(k for k in opened.keys if k.account == LEAKER)
+    row = {
+        "suspect": name,
+        "closed": {"scored_pairs": closed.scored, "green_fraction": leak_c.green_fraction, "z": leak_c.z,
+                   "log10_p": leak_c.log10_p, "traced": closed.traced,
+                   "min_log10_p_other_keys": min(k.log10_p for k in closed.keys if k.account != LEAKER)},
+        "open": {"scored_contexts": opened.scored, "green_mass": leak_o.green_fraction, "z": leak_o.z,
+                 "log10_p": leak_o.log10_p, "empirical_p": leak_o.extra.get("empirical_p"),
+                 "top1_log10_p": leak_o.extra["top1_log10_p"], "top1_green_fraction": leak_o.extra["top1_green_fraction"],
+                 "null": opened.null, "traced": opened.traced,
+                 "min_log10_p_other_keys": min(k.log10_p for k in opened.keys if k.account != LEAKER)},
+        "seconds": time.time() - t0,
+    }
+    err.log(f"{name}: closed green {leak_c.green_fraction:.3f} log10 p {leak_c.log10_p:.1f} | open mass "
+            f"{leak_o.green_fraction:.3f} log10 p {leak_o.log10_p:.1f} emp p {leak_o.extra.get('empirical_p')} "
+            f"top1 log10 p {leak_o.extra['top1_log10_p']:.1f}")
+    return row
+
+
+def plot(results: dict, path: Path) -> None:
+    """-log10 p of the leaking account's key per suspect, closed and open (and top-1) side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["students"] + results["controls"]
+    names = [r["suspect"] for r in rows]
+    series = {"closed (binomial, text)": [-r["closed"]["log10_p"] for r in rows],
+              "open (green mass, Chernoff)": [-r["open"]["log10_p"] for r in rows],
+              "open top-1 (Sander et al.)": [-r["open"]["top1_log10_p"] for r in rows]}
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 4))
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series.items()):
+        ax.bar([i + j * width for i in range(len(rows))], values, width, label=label)
+    ax.axhline(3, color="grey", ls="--", lw=1, label="p = 1e-3")
+    ax.axhline(5, color="black", ls=":", lw=1, label="p = 1e-5 (Sander et al.'s goal)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], names, rotation=20, ha="right")
+    ax.set_ylabel("-log10 p (leaking account's key)")
+    cfg = results["config"]
+    ax.set_title(f"radioactivity: {cfg['student']} on {cfg['train']} teacher answers, {cfg['epochs']} epoch(s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=int, default=64, help="training prompts (answers per student)")
+    ap.add_argument("--eval", type=int, default=24, help="held-out prompts each suspect answers")
+    ap.add_argument("--rhos", default="1,0,0.25,0.05", help="fractions of watermarked training answers")
+    ap.add_argument("--student", default="prune:8")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--delta", type=float, default=3.0, help="watermark bias of the leaking account's answers")
+    ap.add_argument("--scheme", default="keyed-hash")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-prompt-tokens", type=int, default=64)
+    ap.add_argument("--accounts", type=int, default=20, help="keys tested (the leaker's and others')")
+    ap.add_argument("--null-keys", type=int, default=1000)
+    ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "distillguard" / "bench-radioactivity"),
+                    help="teacher answers and students (large: kept out of the repository)")
+    ap.add_argument("--out", default="bench/results/radioactivity.json")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least spin-waiting on a busy machine)")
+    ap.add_argument("--plot-from", help="only draw the plot of a results JSON")
+    ap.add_argument("--skip-controls", action="store_true", help="test the students only")
+    args = ap.parse_args()
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
+        return
+
+    import torch
+
+    from distillguard.distill.train import load_student
+    from distillguard.models import load_model
+    from distillguard.watermark import WatermarkLogitsProcessor, WatermarkParams, account_key
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    params = WatermarkParams(scheme=args.scheme, delta=args.delta)
+    keys = [account_key(SECRET, LEAKER, params)] + [account_key(SECRET, f"acct-{i:02d}", params)
+                                                     for i in range(args.accounts - 1)]
+    tag = f"{args.scheme}-d{args.delta}-n{args.train}-t{args.max_new_tokens}"
+    teacher = load_model("smollm2", device="cpu")
+    train_prompts = prompts_for(teacher, args.train, 0, args.max_prompt_tokens)
+    eval_prompts = prompts_for(teacher, args.eval, args.train, args.max_prompt_tokens)
+    t0 = time.time()
+    wm = cached_answers(cache / f"train-wm-{tag}.json", teacher, train_prompts, args,
+                        [WatermarkLogitsProcessor(keys[0])], "teacher watermarked")
+    def clean_answers() -> list[str]:  # only when a student or a check needs them (ρ=1 does not)
+        return cached_answers(cache / f"train-clean-n{args.train}-t{args.max_new_tokens}.json", teacher, train_prompts,
+                              args, (), "teacher clean")
+
+    gen_s = time.time() - t0
+    # The training data as a detector sees it: the watermark in the leaked answers themselves.
+    from distillguard.forensics import closed_test
+
+    data_check = {"watermarked_answers": closed_test(keys[:1], wm, teacher.tokenizer, prompts=train_prompts).keys[0].log10_p,
+                  "clean_answers": None}
+
+    results = {"config": {**{k: v for k, v in vars(args).items()}, "params": dataclasses.asdict(params)},
+               "teacher_generation_s": gen_s, "training_data_log10_p": data_check, "students": [], "controls": []}
+    for rho in [float(r) for r in args.rhos.split(",")]:
+        out = cache / f"student-{args.student.replace(':', '')}-rho{rho}-e{args.epochs}-{tag}"
+        err.log(f"training the student at rho={rho} ...")
+        summary = train_student(args, rho, train_prompts, wm, clean_answers() if rho < 1 else wm, out)
+        student = load_model(str(out), device="cpu")
+        row = test_suspect(f"student rho={rho}", student, None, eval_prompts, keys, args)
+        row.update(rho=rho, watermarked_answers=summary["watermarked_answers"], train_seconds=summary.get("seconds"),
+                   final_loss=summary.get("final_loss"), steps=summary.get("steps"))
+        results["students"].append(row)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    if not args.skip_controls:
+        results["training_data_log10_p"]["clean_answers"] = closed_test(
+            keys[:1], clean_answers(), teacher.tokenizer, prompts=train_prompts).keys[0].log10_p
+        teacher_eval = cached_answers(cache / f"eval-teacher-n{args.eval}-s{args.train}-t{args.max_new_tokens}.json",
+                                      teacher, eval_prompts, args, (), "teacher eval")
+        results["controls"].append(test_suspect("teacher", teacher, teacher_eval, eval_prompts, keys, args))
+        untrained = load_student(args.student, "smollm2")
+        results["controls"].append(test_suspect(f"untrained {args.student}", untrained, None, eval_prompts, keys, args))
+        del untrained
+    print(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    plot(results, Path(args.out).with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
