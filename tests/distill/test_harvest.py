@@ -76,6 +76,19 @@ def test_unit_pieces():
     assert classify({"choices": []}, 1) == "malformed:invalid" and classify([1], 1) == "malformed:invalid"
     with pytest.raises(ConfigError, match="needs --price-in"):
         HarvestConfig(teacher="http://x", budget_usd=1.0)
+    with pytest.raises(ConfigError, match="--commit-window"):
+        HarvestConfig(teacher="http://x", commit_window_s=-1)
+
+
+def test_group_commit_is_one_transaction(tmp_path):
+    store = ResponseStore(tmp_path / "store.sqlite")
+    rows = [(f"fp{i}", f"p{i}", {"q": i}, {"a": i}, "ok", 3, 4, 0.0) for i in range(3)]
+    with pytest.raises(sqlite3.Error):  # a bad row rolls back the whole group
+        store.put_many(rows + [("fp9", "p9", {}, None, "ok", object(), 0, 0.0)])  # cannot be stored
+    assert store.totals()["responses"] == 0
+    store.put_many(rows)
+    store.put("fp0", "p0", {"q": 0}, {"a": 0}, "ok", prompt_tokens=3, completion_tokens=4, cost_usd=0.0)  # no twin
+    assert ResponseStore(tmp_path / "store.sqlite").totals()["responses"] == 3
 
 
 def test_prompt_sources(tmp_path):

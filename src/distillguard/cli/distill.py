@@ -37,6 +37,9 @@ def harvest_cmd(
     price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
     timeout: float = typer.Option(120.0, help="seconds per request"),
     max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
+    commit_window: float = typer.Option(0.05, help="group-commit answers to the store at most this many seconds "
+                                                   "apart; 0 commits each on arrival (for teachers without "
+                                                   "Idempotency-Key replay, where kill -9 could lose a window)"),
 ) -> None:
     """Collect teacher answers: async, resumable after a crash, never over budget.
 
@@ -54,7 +57,8 @@ def harvest_cmd(
     config = HarvestConfig(
         teacher=teacher, api_key=api_key, model=model, n=n, concurrency=concurrency, max_tokens=max_tokens,
         temperature=temperature, top_logprobs=top_logprobs, seed=seed, budget_tokens=budget_tokens,
-        budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout, max_retries=max_retries)
+        budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout, max_retries=max_retries,
+        commit_window_s=commit_window)
     items = load_prompts(prompts, limit=limit, skip=skip)
     out.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(out / "store.sqlite")
@@ -236,7 +240,7 @@ def run_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see `distill
       out: runs/demo
       harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000}
       curate: {eval_fraction: 0.1}
-      train: {student: "prune:8", loss: sft, epochs: 2}
+      train: {student: "prune:8", loss: sft, epochs: 2}   # or loss: topk-kd | kd | gkd (teacher: smollm2)
       eval: {limit: 64, max_new_tokens: 128}
     """
     from distillguard.distill.pipeline import load_config, run

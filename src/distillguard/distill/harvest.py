@@ -1,10 +1,13 @@
 """Harvest a teacher through its OpenAI-compatible API: async, bounded, resumable, within budget.
 
-* **Exactly once.** Each request has a fingerprint (its canonical JSON); a response is committed
-  to the :class:`ResponseStore` the moment it arrives and a rerun skips stored fingerprints. The
-  fingerprint also goes out as ``Idempotency-Key``: a distillguard gateway answers a resent key
-  from its ledger instead of generating again, which closes the last gap (a response received
-  by the teacher's side but not yet stored here when the harvester was killed).
+* **Exactly once.** Each request has a fingerprint (its canonical JSON); responses are committed
+  to the :class:`ResponseStore` as they arrive, in group commits at most ``commit_window_s``
+  apart (one WAL commit for every answer of the window; 0 commits each answer on its own), and a
+  rerun skips stored fingerprints. The fingerprint also goes out as ``Idempotency-Key``: a
+  distillguard gateway answers a resent key from its ledger instead of generating again, which
+  closes the last gap (an answer received but not yet committed here when the harvester was
+  killed is replayed, not generated or billed again). Against a teacher without idempotency
+  replay, a ``kill -9`` can cost at most one window of answers; set the window to 0 there.
 * **Budget never exceeded.** Before a request is sent, its worst case (prompt bytes + n x
   max_tokens, priced) is reserved against the budget; the reservation becomes the actual usage
   when the answer arrives. Spending of earlier runs (in the store) counts.
@@ -53,12 +56,16 @@ class HarvestConfig:
     timeout_s: float = 120.0
     max_retries: int = 6
     backoff_s: float = 0.5
+    commit_window_s: float = 0.05  # group commit: answers wait at most this long to be committed
+    commit_batch: int = 64  # ... or until this many are waiting
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.n < 1 or self.max_tokens < 1:
             raise ConfigError("--concurrency, --n and --max-tokens must be at least 1")
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"--top-logprobs {self.top_logprobs} must be between 0 and 20")
+        if self.commit_window_s < 0 or self.commit_batch < 1:
+            raise ConfigError("--commit-window must be >= 0 seconds and the commit batch at least 1")
         if (self.budget_usd is not None) and not (self.price_in or self.price_out):
             raise ConfigError("--budget-usd needs --price-in and/or --price-out (USD per million tokens)")
 
@@ -192,6 +199,28 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
         headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=10),
         connector=aiohttp.TCPConnector(limit=config.concurrency))
     calibrating = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+    pending: list[tuple] = []  # answers received, not yet committed
+    flush_timer: asyncio.TimerHandle | None = None
+
+    def flush() -> None:
+        nonlocal flush_timer
+        if flush_timer is not None:
+            flush_timer.cancel()
+            flush_timer = None
+        if pending:
+            rows = pending[:]
+            pending.clear()
+            store.put_many(rows)
+
+    def keep(row: tuple) -> None:
+        nonlocal flush_timer
+        pending.append(row)
+        if config.commit_window_s == 0 or len(pending) >= config.commit_batch:
+            flush()
+        elif flush_timer is None:
+            flush_timer = loop.call_later(config.commit_window_s, flush)
+
     queue: asyncio.Queue = asyncio.Queue()
     for item in todo:
         queue.put_nowait(item)
@@ -224,8 +253,7 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
                 c = int((usage or {}).get("completion_tokens") or 0)
                 tokens, usd = p + c, config.cost(p, c)
                 budget.observe(body, p)
-                store.put(fp, prompt.id, body, response if isinstance(response, dict) else None, status,
-                          prompt_tokens=p, completion_tokens=c, cost_usd=usd)
+                keep((fp, prompt.id, body, response if isinstance(response, dict) else None, status, p, c, usd))
                 report.prompt_tokens += p
                 report.completion_tokens += c
                 report.cost_usd += usd
@@ -241,6 +269,7 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
     try:
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
     finally:
+        flush()
         if own_session:
             await session.close()
     report.seconds = time.perf_counter() - started

@@ -13,6 +13,11 @@ Example config::
     curate: {eval_fraction: 0.1}
     train: {student: prune:8, loss: sft, epochs: 2}
     eval: {limit: 64, max_new_tokens: 128}
+
+``train`` takes every :class:`~distillguard.distill.train.TrainConfig` field: ``loss: topk-kd``
+uses the harvested logprobs; ``loss: kd`` (full logits) and ``loss: gkd`` (on-policy, with
+``lmbda``, ``beta``, ``gen_max_new_tokens``) load ``teacher:`` locally, e.g.
+``train: {student: prune:8, loss: gkd, teacher: smollm2, lmbda: 0.5}``.
 """
 
 from __future__ import annotations

@@ -52,11 +52,18 @@ class ResponseStore:
 
     def put(self, fp: str, prompt_id: str, request: dict, response: dict | None, status: str, *,
             prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
-        self.conn.execute(
-            "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (fp, prompt_id, json.dumps(request, ensure_ascii=False),
-             None if response is None else json.dumps(response, ensure_ascii=False), status,
-             prompt_tokens, completion_tokens, cost_usd, time.time()))
+        self.put_many([(fp, prompt_id, request, response, status, prompt_tokens, completion_tokens, cost_usd)])
+
+    def put_many(self, rows: list[tuple]) -> None:
+        """Commit rows ``(fp, prompt_id, request, response, status, prompt_tokens, completion_tokens,
+        cost_usd)`` in one transaction (a group commit: one WAL commit for many answers)."""
+        now = time.time()
+        params = [(fp, pid, json.dumps(req, ensure_ascii=False), None if resp is None else json.dumps(resp, ensure_ascii=False),
+                   status, p, c, usd, now) for fp, pid, req, resp, status, p, c, usd in rows]
+        with self.conn:  # BEGIN ... COMMIT (or ROLLBACK)
+            if len(params) > 1:
+                self.conn.execute("BEGIN")
+            self.conn.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
 
     def totals(self) -> dict:
         n, p, c, usd = self.conn.execute(
