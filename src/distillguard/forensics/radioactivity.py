@@ -156,8 +156,9 @@ def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, te
             ids = torch.tensor([[pad] * (width - len(tok_ids[i])) + tok_ids[i] for i in rows], device=lm.device)
             mask = torch.tensor([[0] * (width - len(tok_ids[i])) + [1] * len(tok_ids[i]) for i in rows],
                                 device=lm.device)
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # generate samples from the global RNG
-            with torch.no_grad():
+            # generate() samples from the global RNG: seed it per batch, in a fork (the caller's state is kept)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                 seqs = model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                     temperature=None, top_k=None, top_p=None, logits_processor=processors,
