@@ -62,6 +62,10 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     watermark_delta: float = typer.Option(2.0, help="logit bias added to green tokens"),
     policy: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_POLICY_FILE",
                                          help="YAML policy ladder: actions per verdict level (see docs)"),
+    detect: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DETECT_CALIBRATION",
+                                         help="calibration file (`distillguard detect --save-calibration`): "
+                                              "score every request online and act on verdicts"),
+    extracting_after: int = typer.Option(100, help="flagged requests before a suspect account is 'extracting'"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -117,10 +121,16 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     if not no_guard:
         from distillguard.guard.gateway import Guard, GuardConfig
 
+        monitor = None
+        if detect:
+            from distillguard.guard.online import OnlineDetection
+
+            with err_console.status(f"loading detection calibration {detect} ..."):
+                monitor = OnlineDetection.from_calibration(detect, extracting_after=extracting_after)
         guard = Guard(GuardConfig(
             db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
             watermark_scheme=watermark_scheme, watermark_gamma=watermark_gamma, watermark_delta=watermark_delta,
-            policy_file=policy))
+            policy_file=policy), monitor=monitor)
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
     uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",

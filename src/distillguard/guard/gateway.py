@@ -386,23 +386,38 @@ class Guard:
                 self.metrics.alert_failures.inc()
 
     def _monitor_loop(self) -> None:
-        """Feed finished requests to the monitor; record a verdict when it escalates an account."""
-        while True:
-            row = self._monitor_queue.get()
-            if row is None:
-                return
+        """Feed finished requests to the monitor, in batches of whatever is queued (a monitor
+        with ``observe_batch`` embeds a batch of prompts at once); record a verdict when it
+        escalates an account."""
+        stop = False
+        while not stop:
+            rows = [self._monitor_queue.get()]
+            while len(rows) < 256:
+                try:
+                    rows.append(self._monitor_queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in rows:
+                stop, rows = True, [r for r in rows if r is not None]
+            if not rows:
+                continue
             try:
-                verdict = self.monitor.observe(to_traffic(SimpleNamespace(**{"label": None, **row})))
-                if verdict is None:
-                    continue
-                level = Level.parse(getattr(verdict, "level"))
-                if level > self._load_level(row["account_id"]):  # online detection only escalates
-                    self.record_verdict(row["account_id"], level, score=getattr(verdict, "score", None),
-                                        reasons=list(getattr(verdict, "reasons", []) or []), source="online",
-                                        request_id=row["request_id"])
+                records = [to_traffic(SimpleNamespace(**{"label": None, **row})) for row in rows]
+                if hasattr(self.monitor, "observe_batch"):
+                    verdicts = self.monitor.observe_batch(records)
+                else:
+                    verdicts = [self.monitor.observe(r) for r in records]
+                for row, verdict in zip(rows, verdicts):
+                    if verdict is None:
+                        continue
+                    level = Level.parse(getattr(verdict, "level"))
+                    if level > self._load_level(row["account_id"]):  # online detection only escalates
+                        self.record_verdict(row["account_id"], level, score=getattr(verdict, "score", None),
+                                            reasons=list(getattr(verdict, "reasons", []) or []), source="online",
+                                            request_id=row["request_id"])
             except Exception:  # a detector bug must not stop the monitor (or the gateway)
                 self.monitor_errors += 1
-                log.exception("monitor failed on request %s", row.get("request_id"))
+                log.exception("monitor failed on %d requests from %s", len(rows), rows[0].get("request_id"))
 
     async def police(self, key: KeyRecord, req, log: RequestLog):
         """Apply the account's decision to a request: block it, or the changed request.
