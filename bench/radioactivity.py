@@ -9,9 +9,12 @@ answers reveal the key, in closed mode (its text) and open mode (its probabiliti
    layers) is fine-tuned with SFT (``distillguard.distill.train``) on the ``--train`` answers, of
    which the first ρ·N are the watermarked ones and the rest the clean ones. ρ=0 is the
    clean-trained control. Cached per ρ.
-3. Every suspect (each student, the untrained student, the teacher itself) answers the
-   ``--eval`` prompts (teacher: its cached clean answers) and is tested against the leaking
-   account's key and ``--accounts``-1 other accounts' keys:
+3. Every suspect (each student, the untrained student, the teacher itself) answers two prompt
+   sets (teacher: its cached clean answers): ``held_out``, ``--eval`` prompts nobody trained on
+   (does the student generalise the watermark?), and ``leaked_prompts``, the training prompts,
+   which an investigator has from the ledger (user text, independent of the key: asking them
+   keeps the null valid, and a student that memorised watermarked answers repeats them). Each
+   is tested against the leaking account's key and ``--accounts``-1 other accounts' keys:
    - closed: the exact binomial test on its answers (dedup across answers, prompt n-grams out),
    - open: the green probability mass on its own answers (Chernoff-bounded p, empirical p from
      ``--null-keys`` wrong keys, and Sander et al.'s top-1 test for comparison).
@@ -96,20 +99,16 @@ def train_student(args, rho: float, prompts: list[str], wm: list[str], clean: li
     return summary
 
 
-def test_suspect(name: str, lm, answers: list[str] | None, prompts: list[str], keys, args) -> dict:
-    from distillguard.forensics import closed_test, generate_answers, open_test
+def score(lm, answers: list[str], prompts: list[str], keys, args) -> dict:
+    """Both tests of one suspect's answers to one prompt set, for the leaking account's key."""
+    from distillguard.forensics import closed_test, open_test
 
-    t0 = time.time()
-    if answers is None:
-        answers = generate_answers(lm, prompts, max_new_tokens=args.max_new_tokens, temperature=0.7,
-                                   seed=args.seed + 10_000, batch_size=16)
     closed = closed_test(keys, answers, lm.tokenizer, prompts=prompts, alpha=args.alpha)
     opened = open_test(lm, keys, answers, prompts=prompts, exclude=prompts, top_k=args.top_k,
                        null_keys=args.null_keys, alpha=args.alpha, seed=args.seed)
     leak_c = next(k for k in closed.keys if k.account == LEAKER)
     leak_o = next(k for k in opened.keys if k.account == LEAKER)
-    row = {
-        "suspect": name,
+    return {
         "closed": {"scored_pairs": closed.scored, "green_fraction": leak_c.green_fraction, "z": leak_c.z,
                    "log10_p": leak_c.log10_p, "traced": closed.traced,
                    "min_log10_p_other_keys": min(k.log10_p for k in closed.keys if k.account != LEAKER)},
@@ -118,11 +117,28 @@ def test_suspect(name: str, lm, answers: list[str] | None, prompts: list[str], k
                  "top1_log10_p": leak_o.extra["top1_log10_p"], "top1_green_fraction": leak_o.extra["top1_green_fraction"],
                  "null": opened.null, "traced": opened.traced,
                  "min_log10_p_other_keys": min(k.log10_p for k in opened.keys if k.account != LEAKER)},
-        "seconds": time.time() - t0,
     }
-    err.log(f"{name}: closed green {leak_c.green_fraction:.3f} log10 p {leak_c.log10_p:.1f} | open mass "
-            f"{leak_o.green_fraction:.3f} log10 p {leak_o.log10_p:.1f} emp p {leak_o.extra.get('empirical_p')} "
-            f"top1 log10 p {leak_o.extra['top1_log10_p']:.1f}")
+
+
+def test_suspect(name: str, lm, sets: dict[str, tuple[list[str], list[str] | None]], keys, args) -> dict:
+    """``sets``: name -> (prompts, the suspect's answers or None to generate them). Two sets:
+    ``held_out`` prompts nobody trained on (does the student generalise the watermark?) and
+    ``leaked_prompts``, the prompts the leaking account sent (an investigator has them in the
+    ledger; they are user text, independent of the key, so asking them keeps the null valid)."""
+    from distillguard.forensics import generate_answers
+
+    row: dict = {"suspect": name}
+    for set_name, (prompts, answers) in sets.items():
+        t0 = time.time()
+        if answers is None:
+            answers = generate_answers(lm, prompts, max_new_tokens=args.max_new_tokens, temperature=0.7,
+                                       seed=args.seed + 10_000, batch_size=16)
+        row[set_name] = score(lm, answers, prompts, keys, args)
+        row[set_name]["seconds"] = time.time() - t0
+        c, o = row[set_name]["closed"], row[set_name]["open"]
+        err.log(f"{name} / {set_name}: closed green {c['green_fraction']:.3f} log10 p {c['log10_p']:.1f} | open mass "
+                f"{o['green_mass']:.3f} log10 p {o['log10_p']:.1f} emp p {o['empirical_p']} "
+                f"top1 log10 p {o['top1_log10_p']:.1f}")
     return row
 
 
@@ -135,20 +151,23 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["students"] + results["controls"]
     names = [r["suspect"] for r in rows]
-    series = {"closed (binomial, text)": [-r["closed"]["log10_p"] for r in rows],
-              "open (green mass, Chernoff)": [-r["open"]["log10_p"] for r in rows],
-              "open top-1 (Sander et al.)": [-r["open"]["top1_log10_p"] for r in rows]}
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 3, 4))
-    width = 0.8 / len(series)
-    for j, (label, values) in enumerate(series.items()):
-        ax.bar([i + j * width for i in range(len(rows))], values, width, label=label)
-    ax.axhline(3, color="grey", ls="--", lw=1, label="p = 1e-3")
-    ax.axhline(5, color="black", ls=":", lw=1, label="p = 1e-5 (Sander et al.'s goal)")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], names, rotation=20, ha="right")
-    ax.set_ylabel("-log10 p (leaking account's key)")
+    sets = [k for k in ("held_out", "leaked_prompts") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(sets), figsize=(2.4 * len(rows) + 2, 4.2), squeeze=False)
+    for ax, set_name in zip(axes[0], sets):
+        series = {"closed (binomial, text)": [-r[set_name]["closed"]["log10_p"] for r in rows],
+                  "open (green mass, Chernoff)": [-r[set_name]["open"]["log10_p"] for r in rows],
+                  "open top-1 (Sander et al.)": [-r[set_name]["open"]["top1_log10_p"] for r in rows]}
+        width = 0.8 / len(series)
+        for j, (label, values) in enumerate(series.items()):
+            ax.bar([i + j * width for i in range(len(rows))], values, width, label=label)
+        ax.axhline(3, color="grey", ls="--", lw=1, label="p = 1e-3")
+        ax.axhline(5, color="black", ls=":", lw=1, label="p = 1e-5 (Sander et al.'s goal)")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], names, rotation=20, ha="right")
+        ax.set_ylabel("-log10 p (leaking account's key)")
+        ax.set_title(f"{set_name.replace('_', ' ')} prompts")
+    axes[0][0].legend(fontsize=7)
     cfg = results["config"]
-    ax.set_title(f"radioactivity: {cfg['student']} on {cfg['train']} teacher answers, {cfg['epochs']} epoch(s)")
-    ax.legend(fontsize=8)
+    fig.suptitle(f"radioactivity: {cfg['student']} fine-tuned on {cfg['train']} teacher answers, {cfg['epochs']} epoch(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -157,6 +176,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=64, help="training prompts (answers per student)")
     ap.add_argument("--eval", type=int, default=24, help="held-out prompts each suspect answers")
+    ap.add_argument("--leaked-prompts", type=int, default=32,
+                    help="training prompts asked again (the first ones: they include every watermarked one for rho <= 0.5)")
     ap.add_argument("--rhos", default="1,0,0.25,0.05", help="fractions of watermarked training answers")
     ap.add_argument("--student", default="prune:8")
     ap.add_argument("--epochs", type=float, default=1.0)
@@ -213,12 +234,14 @@ def main() -> None:
 
     results = {"config": {**{k: v for k, v in vars(args).items()}, "params": dataclasses.asdict(params)},
                "teacher_generation_s": gen_s, "training_data_log10_p": data_check, "students": [], "controls": []}
+    leaked = train_prompts[:args.leaked_prompts]
     for rho in [float(r) for r in args.rhos.split(",")]:
         out = cache / f"student-{args.student.replace(':', '')}-rho{rho}-e{args.epochs}-{tag}"
         err.log(f"training the student at rho={rho} ...")
         summary = train_student(args, rho, train_prompts, wm, clean_answers() if rho < 1 else wm, out)
         student = load_model(str(out), device="cpu")
-        row = test_suspect(f"student rho={rho}", student, None, eval_prompts, keys, args)
+        row = test_suspect(f"student rho={rho}", student, {"held_out": (eval_prompts, None),
+                                                            "leaked_prompts": (leaked, None)}, keys, args)
         row.update(rho=rho, watermarked_answers=summary["watermarked_answers"], train_seconds=summary.get("seconds"),
                    final_loss=summary.get("final_loss"), steps=summary.get("steps"))
         results["students"].append(row)
@@ -228,9 +251,13 @@ def main() -> None:
             keys[:1], clean_answers(), teacher.tokenizer, prompts=train_prompts).keys[0].log10_p
         teacher_eval = cached_answers(cache / f"eval-teacher-n{args.eval}-s{args.train}-t{args.max_new_tokens}.json",
                                       teacher, eval_prompts, args, (), "teacher eval")
-        results["controls"].append(test_suspect("teacher", teacher, teacher_eval, eval_prompts, keys, args))
+        results["controls"].append(test_suspect("teacher", teacher, {"held_out": (eval_prompts, teacher_eval),
+                                                                     "leaked_prompts": (leaked, clean_answers()[:len(leaked)])},
+                                                keys, args))
         untrained = load_student(args.student, "smollm2")
-        results["controls"].append(test_suspect(f"untrained {args.student}", untrained, None, eval_prompts, keys, args))
+        results["controls"].append(test_suspect(f"untrained {args.student}", untrained,
+                                                {"held_out": (eval_prompts, None), "leaked_prompts": (leaked, None)},
+                                                keys, args))
         del untrained
     print(json.dumps(results, indent=2))
     Path(args.out).write_text(json.dumps(results, indent=2))
