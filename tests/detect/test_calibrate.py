@@ -82,3 +82,23 @@ def test_calibration_refuses_too_little_benign_traffic():
         DetectConfig(target_fpr=0)
     assert len(group_by_account(extract(r) for r in benign_traffic(5, seed=6))) == 5
 
+
+
+def test_embedding_policy_skips_follow_ups_and_samples_after_the_window(embedder):
+    from distillguard.detect.features import extract as fx
+    from distillguard.detect.monitor import AccountMonitor as Monitor
+    from distillguard.detect.reference import Reference
+
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(64, 384)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ref = Reference(embeddings=unit, centers=unit[:8], distances=np.linspace(0.1, 0.9, 50))
+    monitor = Monitor(config=DetectConfig(window=16, min_prompts=8, embed_every=4), reference=ref, embedder=embedder)
+    from tests.detect.synth import record
+
+    follow = [fx(record("a", i, f"follow-up {i}", history=1)) for i in range(5)]
+    fresh = [fx(record("a", 10 + i, f"fresh question number {i}")) for i in range(48)]
+    embedded = [s.embedded for s, _ in monitor.step_batch(follow + fresh)]  # read as each request is observed
+    assert embedded[4] == 0                               # follow-up turns: not embedded
+    # the first 16 fresh prompts all, then 1 request in 4
+    assert embedded[-1] == 16 + sum(1 for n in range(5 + 16, 5 + 48) if n % 4 == 0)

@@ -20,6 +20,7 @@ class DetectConfig:
     history: int = 256              # features kept per account (replayed when accounts are linked)
     link_min_evidence: int = 3      # shared items (near-duplicate prompts, templates, /24, system prompt) to link two accounts
     embed_every: int = 4            # embed 1 in k prompts of an account after its first `window` (throughput)
+    embed_followups: bool = False   # embed follow-up turns too (a conversation stays on its first turn's topic)
     extra: dict = field(default_factory=dict)  # per-detector options of plugins
 
     def __post_init__(self):

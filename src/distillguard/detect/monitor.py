@@ -56,6 +56,7 @@ class _Stream:
 
     def observe(self, f: Features, emb: np.ndarray | None) -> None:
         self.n += 1
+        self.embedded += emb is not None
         self.history.append((f, emb))
         for d in self.detectors:
             d.observe(f, emb)
@@ -113,21 +114,30 @@ class AccountMonitor:
         self.clusters[root] = pooled
 
     # ---- observing ----
-    def _wants_embedding(self, account: str, pending: dict[str, int]) -> bool:
-        if not self.needs_embeddings:
+    def _wants_embedding(self, f: Features, seen: dict[str, int], taken: dict[str, int]) -> bool:
+        """Which prompts to embed (MiniLM is most of the cost): not the follow-up turns of a
+        conversation (unless configured), and after an account's first ``window`` embedded
+        prompts only 1 request in ``embed_every``; the embedding tests run on that sample.
+        ``seen``/``taken``: this batch's requests and embeddings so far, per account."""
+        if not self.needs_embeddings or (f.continues and not self.config.embed_followups):
             return False
-        stream = self.accounts.get(account)
-        k = (stream.n if stream else 0) + pending.get(account, 0)
-        pending[account] = pending.get(account, 0) + 1
-        return k < self.config.window or k % self.config.embed_every == 0
+        stream = self.accounts.get(f.account)
+        n = (stream.n if stream else 0) + seen.get(f.account, 0)
+        done = (stream.embedded if stream else 0) + taken.get(f.account, 0)
+        seen[f.account] = seen.get(f.account, 0) + 1
+        take = done < self.config.window or n % self.config.embed_every == 0
+        if take:
+            taken[f.account] = taken.get(f.account, 0) + 1
+        return take
 
     def step_batch(self, feats: Sequence[Features]) -> Iterator[tuple[_Stream, _Stream | None]]:
         """Observe features (time order), embedding their prompts in one batch; yields, right after
         each request is observed, the account's stream and its cluster's (None when alone).
 
         A generator on purpose: read each stream's scores before asking for the next request."""
-        pending: dict[str, int] = {}
-        want = [self._wants_embedding(f.account, pending) for f in feats]
+        seen: dict[str, int] = {}
+        taken: dict[str, int] = {}
+        want = [self._wants_embedding(f, seen, taken) for f in feats]
         embs: list[np.ndarray | None] = [None] * len(feats)
         idx = [i for i, w in enumerate(want) if w]
         if idx:

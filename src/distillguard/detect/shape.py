@@ -2,8 +2,9 @@
 
 Traits, each as the fraction of the account's requests that show it: logprob harvesting
 (``logprobs``/``top_logprobs``), large ``max_tokens``, ``n > 1``, no conversation
-continuation (every request a fresh single turn), template reuse (the most used template
-signature), chain-of-thought elicitation. The score adds the fractions, shrunk towards 0 for
+continuation (every request a fresh single turn), template reuse (requests whose template
+signature the account already used: a templated sweep repeats a dozen skeletons, people rarely
+repeat one), chain-of-thought elicitation. The score adds the fractions, shrunk towards 0 for
 short histories (k/(k+8)): one trait alone (a researcher who always asks for logprobs) gives
 at most 1; a harvester shows several at once.
 """
@@ -37,14 +38,12 @@ class ShapeDetector(Detector):
         c["no continuation"] += not f.continues
         c["chain-of-thought"] += f.cot
         if f.template is not None:
+            c["template reuse"] += self._templates[f.template] > 0
             self._templates[f.template] += 1
 
     def fractions(self) -> dict[str, float]:
         k = max(self._k, 1)
-        out = {t: self._counts[t] / k for t in TRAITS if t != "template reuse"}
-        top = self._templates.most_common(1)
-        out["template reuse"] = (top[0][1] / k) if top and top[0][1] >= 3 else 0.0
-        return out
+        return {t: self._counts[t] / k for t in TRAITS}
 
     def score(self) -> float:
         return self._k / (self._k + 8.0) * sum(self.fractions().values())

@@ -1,0 +1,166 @@
+"""Extraction detection, evaluated: calibrate on benign traffic only, score every campaign kind.
+
+Traffic from the arena (``distillguard.arena.traffic``), three disjoint parts:
+
+- calibration: ``--cal-accounts`` benign users from the *calibration* ShareGPT pool; the
+  calibration splits them by account into reference / calibration / held-out;
+- evaluation benign: ``--eval-accounts`` benign users from the disjoint *eval* pool (their
+  tricky users included: heavy users, researchers asking for logprobs, long outputs, n>1, apps
+  with one system prompt, offices behind one NAT);
+- campaigns: each kind generated alone (its own attack-pool text) and scored *mixed with the
+  evaluation benign traffic*, one kind at a time (so two campaigns sharing the attack pool do
+  not link each other and flatter the numbers).
+
+Per kind: TPR at the calibrated threshold (per account; hydra also per cluster), ROC AUC of
+account scores (campaign accounts vs evaluation benign accounts, scikit-learn), median
+queries-to-detect (flagged_at_request; unflagged accounts count as never). Benign: FPR per
+account-day on the evaluation benign users, also for the look-alike subsets. Prints JSON,
+writes ``bench/results/detect_eval.json`` and the ROC plot ``bench/results/detect_roc.png``.
+
+    nice -n 10 .venv/bin/python bench/detect_eval.py                     # defaults below
+    nice -n 10 .venv/bin/python bench/detect_eval.py --cal-accounts 100 --eval-accounts 60 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from distillguard.arena.traffic import TrafficConfig, generate_traffic
+from distillguard.detect import DetectConfig, calibrate, detect
+from distillguard.detect.embed import shared_embedder
+
+KINDS = ("bulk", "template", "reasoning", "logprobs", "hydra", "slowlow")
+RESULTS = Path(__file__).parent / "results"
+console = Console(stderr=True)
+
+
+def progress_bar(label: str, total: int):
+    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    task = prog.add_task(label, total=total)
+    return prog, (lambda k: prog.advance(task, k))
+
+
+def day_of_flag(records: list[dict], account: str, index: int) -> int:
+    own = sorted((r["ts"] for r in records if r["account"] == account))
+    return int(own[index - 1] // 86400)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cal-accounts", type=int, default=300)
+    ap.add_argument("--eval-accounts", type=int, default=200)
+    ap.add_argument("--days", type=float, default=3.0)
+    ap.add_argument("--target-fpr", type=float, default=0.001)
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--quick", action="store_true", help="smaller campaigns (for a smoke run)")
+    ap.add_argument("--out", default=str(RESULTS / "detect_eval.json"))
+    args = ap.parse_args()
+    kinds = [k for k in args.kinds.split(",") if k]
+    t0 = time.time()
+    embedder = shared_embedder()
+
+    cal_records = generate_traffic(TrafficConfig(benign_accounts=args.cal_accounts, pool="calibration",
+                                                 days=args.days, seed=101))
+    prog, step = progress_bar("calibrating", 2 * len(cal_records))
+    with prog:
+        cal = calibrate(cal_records, config=DetectConfig(target_fpr=args.target_fpr), embedder=embedder, progress=step)
+    console.print(f"calibrated in {time.time() - t0:.0f} s: threshold {cal.threshold:.2f}, {cal.stats}")
+
+    benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
+    benign_accounts = sorted({r["account"] for r in benign})
+    benign_days = {(r["account"], int(r["ts"] // 86400)) for r in benign}
+    lookalike = {  # the one-respect look-alikes, recognised from their traffic
+        "logprobs users": {r["account"] for r in benign if r["request"].get("logprobs") or r["request"].get("top_logprobs")},
+        "heavy users (top 5% by requests)": set(),
+    }
+    counts = defaultdict(int)
+    for r in benign:
+        counts[r["account"]] += 1
+    cut = np.quantile(list(counts.values()), 0.95)
+    lookalike["heavy users (top 5% by requests)"] = {a for a, c in counts.items() if c >= cut}
+
+    out: dict = {"calibration": {"threshold": cal.threshold, "target_fpr": cal.target_fpr, **cal.stats},
+                 "sizes": {"calibration_accounts": args.cal_accounts, "eval_benign_accounts": args.eval_accounts,
+                           "days": args.days}, "kinds": {}}
+    benign_scores: dict[str, float] | None = None
+    benign_flag_days: set = set()
+    curves = {}
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    for n, kind in enumerate(kinds):
+        spec = f"{kind}:1:300" if args.quick and kind not in ("hydra", "slowlow") else kind
+        camp = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=(spec,), days=args.days, seed=300 + n))
+        records = benign + camp
+        prog, step = progress_bar(f"scoring {kind}", len(records))
+        with prog:
+            report = detect(records, cal, embedder=embedder, progress=step)
+        rows = {r.account: r for r in report["results"]}
+        if benign_scores is None:  # benign scores are the same in every run up to linking with the campaign
+            benign_scores = {a: rows[a].score for a in benign_accounts}
+            benign_flag_days = {(a, day_of_flag(benign, a, rows[a].flagged_at_request))
+                                for a in benign_accounts if rows[a].flagged}
+        attack = sorted({r["account"] for r in camp})
+        y = np.r_[np.zeros(len(benign_accounts)), np.ones(len(attack))]
+        s = np.r_[[rows[a].score for a in benign_accounts], [rows[a].score for a in attack]]
+        fpr, tpr, _ = roc_curve(y, s)
+        curves[kind] = (fpr, tpr)
+        q = [rows[a].flagged_at_request for a in attack]
+        q_all = sorted(x if x is not None else np.inf for x in q)
+        entry = {
+            "accounts": len(attack), "requests_per_account": round(len(camp) / len(attack), 1),
+            "tpr": float(np.mean([rows[a].flagged for a in attack])),
+            "roc_auc": float(roc_auc_score(y, s)),
+            "median_queries_to_detect": float(np.median(q_all)) if np.isfinite(np.median(q_all)) else None,
+            "queries_to_detect_p90": float(np.quantile(q_all, 0.9)) if np.isfinite(np.quantile(q_all, 0.9)) else None,
+            "benign_flagged_in_this_mix": sum(rows[a].flagged for a in benign_accounts),
+            "top_reasons": rows[attack[0]].reasons[:4],
+        }
+        if kind == "hydra":
+            clusters = {rows[a].cluster for a in attack}
+            entry["clusters"] = {"distinct": len(clusters - {None}), "unlinked_accounts": sum(rows[a].cluster is None for a in attack),
+                                 "largest": max((sum(rows[a].cluster == c for a in attack) for c in clusters - {None}), default=0),
+                                 "benign_accounts_in_them": sum(rows[a].cluster in clusters - {None} for a in benign_accounts)}
+            entry["tpr_per_cluster"] = float(np.mean([any(rows[a].flagged for a in attack if rows[a].cluster == c)
+                                                      for c in clusters - {None}])) if clusters - {None} else 0.0
+        out["kinds"][kind] = entry
+        console.print(kind, json.dumps(entry))
+
+    out["benign"] = {"accounts": len(benign_accounts), "account_days": len(benign_days),
+                     "flagged_account_days": len(benign_flag_days),
+                     "fpr_per_account_day": len(benign_flag_days) / len(benign_days),
+                     "lookalikes": {name: {"accounts": len(acc), "flagged": sum(a in {x for x, _ in benign_flag_days} for a in acc)}
+                                    for name, acc in lookalike.items()}}
+    out["seconds"] = round(time.time() - t0, 1)
+    RESULTS.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for kind, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(fpr, 1e-3), tpr, label=f"{kind} (AUC {out['kinds'][kind]['roc_auc']:.3f})")
+    ax.axvline(max(args.target_fpr, 1e-3), color="grey", ls=":", lw=1, label="target FPR")
+    ax.set_xscale("log")
+    ax.set_xlabel("benign accounts flagged (FPR, log; 0 drawn at 1e-3)")
+    ax.set_ylabel("campaign accounts flagged (TPR)")
+    ax.set_title("distillguard detect: per-account ROC by campaign kind")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "detect_roc.png", dpi=120)
+    console.print(f"wrote {args.out} and {RESULTS / 'detect_roc.png'}")
+
+
+if __name__ == "__main__":
+    main()
