@@ -48,6 +48,18 @@ def test_cli_json_report(files):
     again = cli("--traffic", traffic, "--calibration", str(d / "cal.npz"))
     assert again.returncode == 0, again.stderr
     assert "bot" in again.stdout and "1 of 21 accounts flagged" in again.stdout
+    # the same traffic in a ledger (SQLite), read through the ledger's export: the same report
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.ledger import import_traffic
+
+    engine = make_engine(str(d / "ledger.db"))
+    migrate(engine)
+    with open(traffic) as fh:
+        import_traffic(engine, fh)
+    engine.dispose()
+    from_ledger = cli("--ledger", str(d / "ledger.db"), "--calibration", str(d / "cal.npz"), "--json")
+    assert from_ledger.returncode == 0, from_ledger.stderr
+    assert json.loads(from_ledger.stdout)["accounts"] == report["accounts"]
 
 
 def test_cli_names_the_malformed_line(files, tmp_path):
