@@ -53,7 +53,7 @@ def test_keyed_hash_green_rate_and_key_independence():
 @pytest.mark.parametrize("kwargs,fragment", [
     ({"gamma": 0}, "gamma"), ({"gamma": 1.2}, "gamma"), ({"delta": -1}, "delta"),
     ({"scheme": "lefthash-ref", "context_width": 2}, "context_width"), ({"scheme": "nope"}, "unknown"),
-    ({"candidates": 0}, "candidates"),
+    ({"candidates": 0}, "candidates"), ({"min_entropy": -0.5}, "min_entropy"),
 ])
 def test_params_validate(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -96,3 +96,21 @@ def test_candidate_restricted_embedding_matches_full_mask_on_candidates():
         rest[top] = False
         assert torch.allclose((out[b] - logits[b])[top], params.delta * full[b, top].float())
         assert torch.equal(out[b][rest], logits[b][rest])
+
+
+def test_min_entropy_defaults_per_scheme():
+    assert WatermarkParams().min_entropy == 1.25  # keyed-hash skips near-certain positions
+    assert REF.min_entropy == 0.0  # the reference biases every position
+    assert WatermarkParams(min_entropy=None) == WatermarkParams(min_entropy=1.25)
+
+
+@pytest.mark.parametrize("params", [WatermarkParams(min_entropy=1.0), WatermarkParams(min_entropy=1.0, candidates=10_000)])
+def test_apply_watermark_leaves_low_entropy_rows_alone(params):
+    vocab = 1000
+    logits = torch.randn(2, vocab)
+    logits[0, 7] = 30.0  # row 0: the teacher is sure (entropy ~0)
+    contexts = torch.randint(0, vocab, (2, 1))
+    key = account_key(b"s", "a", params)
+    out = apply_watermark(logits, contexts, [key, key])
+    assert torch.equal(out[0], logits[0])
+    assert not torch.equal(out[1], logits[1])  # row 1 is flat: watermarked as usual

@@ -59,7 +59,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     no_watermark: bool = typer.Option(False, "--no-watermark", help="do not watermark responses"),
     watermark_scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (the reference scheme)"),
     watermark_gamma: float = typer.Option(0.25, help="fraction of the vocabulary that is green"),
-    watermark_delta: float = typer.Option(2.0, help="logit bias added to green tokens"),
+    watermark_delta: float = typer.Option(2.25, help="logit bias added to green tokens"),
     policy: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_POLICY_FILE",
                                          help="YAML policy ladder: actions per verdict level (see docs)"),
     detect: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DETECT_CALIBRATION",

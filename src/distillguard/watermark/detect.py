@@ -10,15 +10,19 @@ computed in log space (``scipy.stats.binom.logsf``) because they underflow at th
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
+from scipy.optimize import brentq
+from scipy.signal import oaconvolve
+from scipy.special import expit, logsumexp
 from scipy.stats import binom
 
+from distillguard.errors import ConfigError
 from distillguard.watermark.scheme import WatermarkKey, WatermarkParams, is_green
 
 
@@ -56,30 +60,122 @@ def scored_pairs(token_seqs: Iterable[Sequence[int]], width: int,
 
     Returns contexts (N, width) and tokens (N,).
     """
+    contexts, tokens, _ = weighted_pairs(token_seqs, width, prompt_seqs)
+    return contexts, tokens
+
+
+def weighted_pairs(token_seqs: Iterable[Sequence[int]], width: int, prompt_seqs: Iterable[Sequence[int]] = (),
+                   weights: Iterable[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`scored_pairs` with a weight per pair: ``weights`` has one integer per token of each
+    text (the weight of the pair that ends at that token; all 1 when None). A pair seen more
+    than once keeps its largest weight; pairs of weight 0 are dropped.
+
+    Returns contexts (N, width), tokens (N,) and weights (N,) int64.
+    """
     excluded = {tuple(p[i - width:i + 1]) for p in prompt_seqs for i in range(width, len(p))}
-    seen: dict[tuple[int, ...], None] = {}
-    for seq in token_seqs:
+    seen: dict[tuple[int, ...], int] = {}
+    if weights is None:
+        weight_seqs = itertools.repeat(None)
+    else:
+        token_seqs, weight_seqs = list(token_seqs), list(weights)
+        if len(weight_seqs) != len(token_seqs):
+            raise ConfigError(f"weights for {len(weight_seqs)} texts, but {len(token_seqs)} texts: give one list per text")
+    for seq, ws in zip(token_seqs, weight_seqs):
+        if ws is not None and len(ws) != len(seq):
+            raise ConfigError(f"{len(ws)} weights for a text of {len(seq)} tokens: give one weight per token")
         for i in range(width, len(seq)):
+            w = 1 if ws is None else int(ws[i])
+            if w < 0:
+                raise ConfigError(f"weight {w} at token {i}: weights must be non-negative integers")
             gram = tuple(seq[i - width:i + 1])
-            if gram not in excluded:
-                seen.setdefault(gram, None)
+            if w and gram not in excluded and w > seen.get(gram, 0):
+                seen[gram] = w
     if not seen:
-        return torch.zeros((0, width), dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return torch.zeros((0, width), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     grams = torch.tensor(list(seen), dtype=torch.long)  # (N, width + 1)
-    return grams[:, :width], grams[:, width]
+    return grams[:, :width], grams[:, width], torch.tensor(list(seen.values()), dtype=torch.long)
+
+
+def weighted_binomial_test(score: int, weights: Sequence[int], gamma: float) -> tuple[float, float, float]:
+    """(z, p, log10 p) of a weighted green count ``S = Σ w_i·g_i >= score`` when each g_i is an
+    independent Bernoulli(γ) and the w_i are positive integers. With equal weights it is
+    :func:`binomial_test`.
+
+    The tail is computed from the exact distribution of S (no normal approximation), in
+    floating point. Far in the tail the probabilities underflow and a plain convolution loses
+    them to rounding, so the distribution is exponentially tilted first (the saddlepoint trick,
+    used here for an exact sum, not an approximation): under weights ∝ e^{θs}, with θ chosen so
+    that the tilted mean is ``score``, the terms that make up the tail are the largest ones;
+    the weight classes ``w·Binomial(n_w, q_w(θ))`` are convolved by FFT (scipy), and
+
+        P(S >= score) = exp(K(θ) - θ·score) · Σ_{s >= score} P_θ(S = s)·e^{-θ(s - score)},
+
+    K the cumulant generating function of S. Cost O(Σw log Σw): a ledger's worth of pairs
+    takes milliseconds. Hand-written: scipy has the binomial tail but not this weighted sum's.
+    """
+    ws = np.asarray(weights, dtype=np.int64)
+    if ws.size == 0:
+        return 0.0, 1.0, 0.0
+    if ws.min() < 1:
+        raise ConfigError("weighted_binomial_test takes positive integer weights (drop the zero ones)")
+    total = int(ws.sum())
+    mean = gamma * float(total)
+    z = (score - mean) / math.sqrt(gamma * (1 - gamma) * float((ws.astype(np.float64) ** 2).sum()))
+    if score <= 0:
+        return z, 1.0, 0.0
+    if score > total:
+        return z, 0.0, -math.inf
+    values, counts = np.unique(ws, return_counts=True)
+    if score == total:  # every pair green
+        log_p = float(ws.size) * math.log(gamma)
+        return z, math.exp(log_p), log_p / math.log(10)
+    logit_gamma = math.log(gamma / (1 - gamma))
+
+    def tilted_mean(theta: float) -> float:  # K'(θ) = Σ n_w·w·q_w(θ)
+        return float((counts * values * expit(theta * values + logit_gamma)).sum())
+
+    theta = 0.0
+    if score > mean:
+        hi = 1.0
+        while tilted_mean(hi) < score:
+            hi *= 2
+        theta = brentq(lambda t: tilted_mean(t) - score, 0.0, hi, xtol=1e-12)
+    # K(θ) = Σ n_w·log(1 - γ + γ·e^{θw}), in a form that does not overflow
+    cgf = float((counts * (np.logaddexp(math.log1p(-gamma), math.log(gamma) + theta * values))).sum())
+    dist = np.ones(1)  # P_θ(S = s), s = 0..
+    for w, n in zip(values.tolist(), counts.tolist()):
+        q = float(expit(theta * w + logit_gamma))
+        cls = np.zeros(w * n + 1)
+        cls[::w] = binom.pmf(np.arange(n + 1), n, q)
+        dist = np.clip(oaconvolve(dist, cls) if min(len(dist), len(cls)) > 64 else np.convolve(dist, cls), 0, None)
+    tail = dist[score:] * np.exp(-theta * np.arange(len(dist) - score))
+    log_p = min(cgf - theta * score + math.log(tail.sum()), 0.0)
+    return z, math.exp(log_p), log_p / math.log(10)
 
 
 def detect_tokens(key: WatermarkKey, token_seqs: Sequence[Sequence[int]], *,
-                  prompt_seqs: Sequence[Sequence[int]] = (), vocab_size: int) -> Detection:
-    """Test token sequences (the text's tokens, prompt excluded) against one key."""
-    contexts, tokens = scored_pairs(token_seqs, key.params.context_width, prompt_seqs)
-    return _test(key, contexts, tokens, vocab_size)
+                  prompt_seqs: Sequence[Sequence[int]] = (), vocab_size: int,
+                  weights: Sequence[Sequence[int]] | None = None) -> Detection:
+    """Test token sequences (the text's tokens, prompt excluded) against one key.
+
+    ``weights`` (optional, one non-negative integer per token, e.g. from
+    :mod:`distillguard.watermark.entropy`) must not depend on the key: then the test stays
+    exact. 0/1 weights select the pairs scored by the plain binomial test; larger ones count a
+    green pair that many times, tested exactly by :func:`weighted_binomial_test`.
+    """
+    pairs = weighted_pairs(token_seqs, key.params.context_width, prompt_seqs, weights)
+    return _test(key, *pairs, vocab_size)
 
 
-def _test(key: WatermarkKey, contexts: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> Detection:
-    green = int(is_green(key.params, key.hash_key, contexts, tokens, vocab_size).sum()) if len(tokens) else 0
-    z, p, log10_p = binomial_test(green, len(tokens), key.params.gamma)
-    return Detection(key_id=key.key_id, account=key.account, scored=len(tokens), green=green,
+def _test(key: WatermarkKey, contexts: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+          vocab_size: int) -> Detection:
+    green = is_green(key.params, key.hash_key, contexts, tokens, vocab_size) if len(tokens) else torch.zeros(0, dtype=torch.bool)
+    n_green = int(green.sum())
+    if len(weights) and int(weights.max()) > 1:
+        z, p, log10_p = weighted_binomial_test(int(weights[green].sum()), weights.tolist(), key.params.gamma)
+    else:  # all weights 1: the plain binomial test
+        z, p, log10_p = binomial_test(n_green, len(tokens), key.params.gamma)
+    return Detection(key_id=key.key_id, account=key.account, scored=len(tokens), green=n_green,
                      gamma=key.params.gamma, z=z, p_value=p, log10_p=log10_p)
 
 
@@ -117,14 +213,16 @@ class Trace:
 
 
 def trace(keys: Sequence[WatermarkKey], token_seqs: Sequence[Sequence[int]], *, vocab_size: int,
-          prompt_seqs: Sequence[Sequence[int]] = (), alpha: float = 1e-3) -> Trace:
-    """Test texts against every key; name the accounts whose keys are significant after Holm."""
-    by_width: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+          prompt_seqs: Sequence[Sequence[int]] = (), alpha: float = 1e-3,
+          weights: Sequence[Sequence[int]] | None = None) -> Trace:
+    """Test texts against every key; name the accounts whose keys are significant after Holm.
+    ``weights`` (as in :func:`detect_tokens`, key-independent) apply to every key."""
+    by_width: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     results = []
     for key in keys:
         width = key.params.context_width
         if width not in by_width:
-            by_width[width] = scored_pairs(token_seqs, width, prompt_seqs)
+            by_width[width] = weighted_pairs(token_seqs, width, prompt_seqs, weights)
         results.append(_test(key, *by_width[width], vocab_size))
     # Holm on the exact p-values; when they underflow, order by log10 p to keep the ranking.
     pvals = [max(r.p_value, 10 ** max(r.log10_p, -300)) for r in results]
@@ -136,4 +234,4 @@ def tokenize(tokenizer, texts: Iterable[str]) -> list[list[int]]:
 
 
 __all__ = ["Detection", "Trace", "WatermarkParams", "binomial_test", "detect_tokens", "holm", "scored_pairs",
-           "tokenize", "trace"]
+           "tokenize", "trace", "weighted_binomial_test", "weighted_pairs"]

@@ -19,6 +19,9 @@ Two ways to draw the green list:
                   (text independent of the key) each distinct pair is green with probability γ,
                   which is all the binomial test needs; the green-list size per context is
                   Binomial(|V|, γ) instead of exactly γ|V|, which changes nothing for detection.
+
+By default keyed-hash also leaves near-certain positions unbiased (``min_entropy``), and
+``entropy.py`` detects with the teacher's help (weights per position, still an exact test).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _RESOLUTION = 1 << 24  # green iff the low 24 bits of the hash < γ·2^24
+KEYED_MIN_ENTROPY = 1.25  # keyed-hash's default min_entropy (nats)
 
 
 @dataclass(frozen=True)
@@ -47,15 +51,30 @@ class WatermarkParams:
 
     scheme: Literal["keyed-hash", "lefthash-ref"] = "keyed-hash"
     gamma: float = 0.25
-    delta: float = 2.0
+    # δ=2.25 with min_entropy=1.25: chosen on held-out ShareGPT prompts (bench/watermark_quality.py
+    # --skip 96) to meet ">= 95% of 64-token answers detected by the entropy-aware detector at
+    # <= 35% perplexity cost" with room on both sides; see the README for the measured numbers.
+    delta: float = 2.25
     context_width: int = 1
     # keyed-hash embedding biases each row's `candidates` most likely tokens (all when >= |V|):
     # int64 hashing of a whole batch x 49k vocabulary costs more than the model's step on a
     # CPU, while the tokens outside the top 1,024 carry a negligible share of the probability.
     # Detection is unaffected: it tests the observed tokens, whatever their rank was.
     candidates: int = 1024
+    # The embedder leaves a position alone when the teacher's next-token entropy (nats, full
+    # vocabulary, before temperature) is below `min_entropy`: there the top token wins anyway
+    # unless a bias flips it, which costs much perplexity for little evidence (SWEET, Lee et al.
+    # 2023). On SmolLM2 answers at T=0.7, δ=2, 1.0 nat skips ~28% of positions, ~10% of the
+    # perplexity cost, and ~2% of the entropy-aware detector's z; the perplexity saved pays for
+    # a larger δ where the watermark is cheap. The entropy-aware detector (entropy.py)
+    # recomputes the entropy and skips those positions too; the plain detector scores them (a
+    # little dilution). None: the scheme's default, 1.25 for keyed-hash, 0 (every position, as
+    # the reference) for lefthash-ref.
+    min_entropy: float | None = None
 
     def __post_init__(self) -> None:
+        if self.min_entropy is None:
+            object.__setattr__(self, "min_entropy", KEYED_MIN_ENTROPY if self.scheme == "keyed-hash" else 0.0)
         if self.scheme not in ("keyed-hash", "lefthash-ref"):
             raise ConfigError(f"unknown watermark scheme {self.scheme!r}; use keyed-hash or lefthash-ref")
         if not 0 < self.gamma < 1:
@@ -66,6 +85,8 @@ class WatermarkParams:
             raise ConfigError(f"context_width={self.context_width}: lefthash-ref needs 1, keyed-hash at least 1")
         if self.candidates < 1:
             raise ConfigError(f"watermark candidates={self.candidates} must be >= 1")
+        if not self.min_entropy >= 0:
+            raise ConfigError(f"watermark min_entropy={self.min_entropy} must be >= 0 (nats; 0 biases every position)")
 
 
 @dataclass(frozen=True)
