@@ -113,6 +113,11 @@ def test_kd_refuses_a_different_tokenizer():
     entry = {"token": "hello", "logprob": -0.1, "bytes": list(b"hello"), "top_logprobs": []}
     with pytest.raises(ConfigError, match="tokenizer"):
         kd_example(lm, _byte_index(lm), [{"role": "user", "content": "q"}], [entry], 512, 1)
+    # The end-of-turn token among the top-k alternatives is the student's special token, not an error.
+    end = {"token": "<|im_end|>", "logprob": -1.0, "bytes": list(b"<|im_end|>")}
+    ok = kd_example(lm, _byte_index(lm), [{"role": "user", "content": "q"}],
+                    [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [end]}], 512, 1)
+    assert ok["topk_ids"] == [[lm.tokenizer.convert_tokens_to_ids("<|im_end|>")]]
 
 
 def test_full_logit_kd_refuses_a_different_tokenizer(tmp_path):
@@ -173,6 +178,19 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(tmp_path, loss):
     assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["loss"] == loss
 
 
+def test_eval_many_students_share_one_teacher_run(tmp_path):
+    from distillguard.distill.evaluate import evaluate, evaluate_many, learning_curve_plot
+
+    teacher = load_model("tiny")
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
+    students = [load_model("tiny:seed=7"), load_model("tiny")]
+    reports = evaluate_many(teacher, students, prompts, max_new_tokens=8)
+    assert reports[1].student.nll == pytest.approx(reports[1].teacher.nll, rel=1e-5)  # the teacher as a student
+    assert reports[0].student.nll == pytest.approx(evaluate(teacher, students[0], prompts, max_new_tokens=8).student.nll)
+    learning_curve_plot(reports, [100, 400], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
 def test_eval_reports_teacher_floor_and_student_agreement():
     from distillguard.distill.evaluate import evaluate
 
@@ -198,3 +216,15 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["loss"] == "gkd" and summary["beta"] == 0.5 and summary["on_policy_batches"] == summary["steps"] == 2
     assert load_model(str(tmp_path / "student")).model.config.num_hidden_layers == 2
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": f"held-out question {i}?"}) + "\n" for i in range(3)))
+    res = run_cli("distill", "eval", "--student", str(tmp_path / "student"), "--student", str(tmp_path / "student"),
+                  "--teacher", "tiny:seed=3", "--prompts", str(heldout), "--max-new-tokens", "6",
+                  "--plot", str(tmp_path / "curve.png"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    reports = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [r["queries"] for r in reports] == [8, 8] and reports[0]["student"]["nll"] == reports[1]["student"]["nll"]
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    res = run_cli("distill", "eval", "--student", "tiny", "--teacher", "tiny", "--prompts", str(heldout),
+                  "--plot", str(tmp_path / "x.png"))
+    assert res.returncode == 2 and "--plot needs students from `distill train`" in res.stderr

@@ -12,6 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from distillguard.cli import console, err_console
+from distillguard.errors import ConfigError
 
 distill_app = typer.Typer(help="Distil a teacher into a student: harvest, ...", no_args_is_help=True)
 
@@ -188,7 +189,8 @@ def train_cmd(
 
 @distill_app.command("eval")
 def eval_cmd(
-    student: str = typer.Option(..., help="the trained student (a directory from `distill train`, or any spec)"),
+    student: list[str] = typer.Option(..., help="a trained student (a directory from `distill train`, or any spec); "
+                                                "repeat for several, e.g. one per number of teacher queries"),
     teacher: str = typer.Option("smollm2", help="the teacher, loaded locally (same tokenizer as the student)"),
     prompts: str = typer.Option(..., help="held-out prompts: FILE.jsonl | FILE.csv | DATASET_DIR (its eval split) | sharegpt"),
     limit: int = typer.Option(64, help="prompts to use"),
@@ -196,14 +198,20 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(128, help="greedy answer length"),
     baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:8), for 'gap closed'"),
     out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
+    plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the training "
+                                                   "examples in each student's train_summary.json)"),
 ) -> None:
     """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed.
 
-    Example: distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:8
+    Examples:
+
+      distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:8
+
+      distillguard distill eval --student runs/n250 --student runs/n1000 --prompts runs/c1 --plot curve.png
     """
     from rich.table import Table
 
-    from distillguard.distill.evaluate import evaluate
+    from distillguard.distill.evaluate import evaluate_many, learning_curve_plot
     from distillguard.distill.prompts import load_prompts
     from distillguard.distill.train import load_student
     from distillguard.models import load_model
@@ -215,20 +223,33 @@ def eval_cmd(
         messages = [r["messages"] for r in rows]
     else:
         messages = [p.as_messages() for p in load_prompts(prompts, limit=limit, skip=skip)]
+    queries = []
+    for spec in student:
+        summary = Path(spec) / "train_summary.json"
+        queries.append(json.loads(summary.read_text())["examples"] if summary.is_file() else None)
+    if plot is not None and None in queries:
+        raise ConfigError(f"--plot needs students from `distill train` (no train_summary.json in "
+                          f"{student[queries.index(None)]})")
     with err_console.status("evaluating ..."):
-        report = evaluate(load_model(teacher, device="cpu"), load_model(student, device="cpu"), messages,
-                          max_new_tokens=max_new_tokens,
-                          baseline=load_student(baseline, teacher) if baseline else None)
-    table = Table("model", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact")
-    for name, r in (("teacher", report.teacher), ("student", report.student), ("baseline", report.baseline)):
+        reports = evaluate_many(load_model(teacher, device="cpu"), [load_model(s, device="cpu") for s in student],
+                                messages, max_new_tokens=max_new_tokens,
+                                baseline=load_student(baseline, teacher) if baseline else None)
+    table = Table("model", "queries", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact")
+    rows_out = [("teacher", None, reports[0].teacher), ("baseline", 0, reports[0].baseline)]
+    rows_out += [(spec, q, r.student) for spec, q, r in zip(student, queries, reports)]
+    for name, q, r in rows_out:
         if r is not None:
-            table.add_row(name, f"{r.parameters:,}", f"{r.nll:.3f}", f"{r.tokens_per_s:.1f}",
-                          "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
+            table.add_row(name, "-" if q is None else f"{q:,}", f"{r.parameters:,}", f"{r.nll:.3f}",
+                          f"{r.tokens_per_s:.1f}", "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
                           "-" if r.exact_match is None else f"{r.exact_match:.2f}")
     console.print(table)
+    if plot is not None:
+        learning_curve_plot(reports, queries, plot)
+        err_console.print(f"learning curve in {plot}")
+    result = reports[0].to_dict() if len(reports) == 1 else [dict(r.to_dict(), queries=q) for r, q in zip(reports, queries)]
     if out is not None:
-        out.write_text(json.dumps(report.to_dict(), indent=2))
-    print(json.dumps(report.to_dict()))
+        out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 @distill_app.command("run")

@@ -82,32 +82,70 @@ def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[in
 
 def evaluate(teacher: LoadedModel, student: LoadedModel, prompts: list[list[dict]], *, max_new_tokens: int = 128,
              baseline: LoadedModel | None = None) -> EvalReport:
+    return evaluate_many(teacher, [student], prompts, max_new_tokens=max_new_tokens, baseline=baseline)[0]
+
+
+def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: list[list[dict]], *,
+                  max_new_tokens: int = 128, baseline: LoadedModel | None = None) -> list[EvalReport]:
+    """One report per student against the same teacher answers (the teacher generates once)."""
     from rouge_score import rouge_scorer
 
-    if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
-        # NLL of teacher tokens under the student needs the same token ids; compare texts instead.
-        raise ValueError("teacher and student tokenizers differ; token-level NLL is undefined")
+    for student in students:
+        if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+            # NLL of teacher tokens under the student needs the same token ids; compare texts instead.
+            raise ValueError(f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined")
     teacher_answers, teacher_tps = greedy_answers(teacher, prompts, max_new_tokens)
-    student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens)
     decode = teacher.tokenizer.decode
     t_text = [decode(a, skip_special_tokens=True).strip() for a in teacher_answers]
-    s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
-    # Identical answers agree fully even when ROUGE's word tokenizer finds no words in them.
-    rouge = sum(1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure
-                for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
-    exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
 
     def params(lm: LoadedModel) -> int:
         return sum(p.numel() for p in lm.model.parameters())
 
     t_report = ModelReport(teacher.spec, params(teacher), answer_nll(teacher, prompts, teacher_answers), teacher_tps)
-    s_report = ModelReport(student.spec, params(student), answer_nll(student, prompts, teacher_answers), student_tps,
-                           rouge_l=rouge, exact_match=exact)
-    report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report)
+    b_report = None
     if baseline is not None:
-        b_nll = answer_nll(baseline, prompts, teacher_answers)
-        report.baseline = ModelReport(baseline.spec, params(baseline), b_nll, float("nan"))
-        denom = b_nll - t_report.nll
-        report.gap_closed = (b_nll - s_report.nll) / denom if denom > 0 else math.nan
-    return report
+        b_report = ModelReport(baseline.spec, params(baseline), answer_nll(baseline, prompts, teacher_answers),
+                               float("nan"))
+    reports = []
+    for student in students:
+        student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens)
+        s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
+        # Identical answers agree fully even when ROUGE's word tokenizer finds no words in them.
+        rouge = sum(1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure
+                    for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
+        exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
+        s_report = ModelReport(student.spec, params(student), answer_nll(student, prompts, teacher_answers),
+                               student_tps, rouge_l=rouge, exact_match=exact)
+        report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report,
+                            baseline=b_report)
+        if b_report is not None:
+            denom = b_report.nll - t_report.nll
+            report.gap_closed = (b_report.nll - s_report.nll) / denom if denom > 0 else math.nan
+        reports.append(report)
+    return reports
+
+
+def learning_curve_plot(reports: list[EvalReport], queries: list[int], path) -> None:
+    """Quality vs teacher queries: held-out NLL (with the teacher's floor) and ROUGE-L, one point per student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(reports)), key=lambda i: queries[i])
+    xs = [queries[i] for i in order]
+    fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_nll.plot(xs, [reports[i].student.nll for i in order], "o-", label="student")
+    ax_nll.axhline(reports[0].teacher.nll, color="black", lw=1, label=f"teacher ({reports[0].teacher.nll:.2f})")
+    ax_rouge.plot(xs, [reports[i].student.rouge_l for i in order], "o-")
+    for i in order:
+        ax_nll.annotate(reports[i].student.spec.rsplit("/", 1)[-1], (queries[i], reports[i].student.nll), fontsize=7)
+    for ax, name in ((ax_nll, "NLL of teacher answers (nats/token)"), (ax_rouge, "ROUGE-L vs teacher greedy")):
+        ax.set_xlabel("teacher queries (training examples)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_nll.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -267,11 +267,17 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
 
 
 def _byte_index(lm: LoadedModel) -> dict[bytes, int]:
+    """Token bytes -> id. Ordinary tokens first; special tokens (e.g. ``<|im_end|>``, which the API
+    lists among the top-k alternatives near the end of an answer) only where no ordinary token
+    has their bytes."""
     index: dict[bytes, int] = {}
     special = set(lm.tokenizer.all_special_ids)
     for i, b in enumerate(lm.token_bytes):
         if b and i not in special:
             index.setdefault(b, i)
+    for i in sorted(special):
+        if i < len(lm.token_bytes) and lm.token_bytes[i]:
+            index.setdefault(lm.token_bytes[i], i)
     return index
 
 

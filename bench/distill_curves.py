@@ -1,0 +1,323 @@
+"""Learning curves of distillation from the embedded teacher: quality vs number of teacher queries.
+
+The teacher (SmolLM2-135M-Instruct, ``distillguard serve --no-guard --no-watermark`` in a
+subprocess) is harvested once through its API, with top-k logprobs, for the largest size; smaller
+sizes are prefixes of the same answers. For every (queries, student depth, loss) point a student
+``prune:K`` is trained and measured on held-out prompts (disjoint from the training prompts):
+
+- **NLL**: nats per token of the teacher's greedy answers under the student (the teacher's own
+  NLL is the floor; a uniform guess over SmolLM2's 49,152 tokens is 10.8 nats),
+- **ROUGE-L** of the student's greedy answer against the teacher's,
+- parameters and greedy tokens/s of student and teacher (the inference-cost ratio).
+
+Losses: ``sft`` (teacher's sampled answers), ``topk-kd`` (those answers plus the API's top-k
+logprobs), ``kd`` (those answers with the full logits of a local copy of the teacher); ``gkd``
+(on-policy) can be added with ``--losses``. 0 queries is the untrained pruned student.
+
+Answers are capped at ``--max-tokens``; a capped answer is a prefix of what the teacher would
+say, and it is kept for training (the held-out greedy answers are capped the same way), unlike
+``distill curate``, which drops truncated answers from a dataset meant for use.
+
+Everything is cached under ``--work`` (harvest store, teacher answers, one JSON per point), so
+an interrupted run continues and a larger grid reuses the smaller one.
+
+    nice -n 10 python bench/distill_curves.py                               # 250, 1000 queries; prune:8, prune:15
+    nice -n 10 python bench/distill_curves.py --sizes 250,1000,4000 --losses sft,topk-kd,kd,gkd
+
+Progress goes to stderr, one JSON object to stdout; JSON and a plot land in ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="250,1000", help="teacher queries per point, comma-separated")
+    p.add_argument("--depths", default="8,15", help="student depths K (prune:K of the teacher's 30 layers)")
+    p.add_argument("--losses", default="sft,topk-kd,kd", help="sft, topk-kd, kd, gkd")
+    p.add_argument("--teacher", default="smollm2")
+    p.add_argument("--teacher-url", default=None, help="harvest from this running server (its model must be "
+                                                       "--teacher) instead of starting one")
+    p.add_argument("--max-tokens", type=int, default=64, help="answer length cap (harvest and evaluation)")
+    p.add_argument("--top-logprobs", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=0.7, help="harvest sampling temperature")
+    p.add_argument("--max-prompt-chars", type=int, default=300, help="use ShareGPT prompts up to this length")
+    p.add_argument("--eval-prompts", type=int, default=48)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (serve and training); 1 avoids stalls "
+                                                          "on a machine busy with other work")
+    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves",
+                   help="cache directory (harvest store, teacher answers, one JSON per point)")
+    p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    return p.parse_args()
+
+
+def prompts_split(args, n_train: int):
+    from distillguard.distill.prompts import load_prompts
+
+    seen, unique = set(), []
+    for p in load_prompts("sharegpt", max_chars=args.max_prompt_chars):
+        text = " ".join(c for _, c in p.messages).strip().lower()
+        if len(text) >= 10 and text not in seen:
+            seen.add(text)
+            unique.append(p)
+    need = n_train + args.eval_prompts
+    if len(unique) < need:
+        raise SystemExit(f"only {len(unique)} ShareGPT prompts of <= {args.max_prompt_chars} chars; need {need}")
+    return unique[:n_train], unique[-args.eval_prompts:]  # held-out prompts from the other end
+
+
+def harvest_all(args, prompts, work: Path) -> list[dict]:
+    """Teacher answers (with top-k logprobs) for ``prompts`` through the API; cached in a store."""
+    from distillguard.distill.harvest import HarvestConfig, harvest
+    from distillguard.distill.store import ResponseStore
+
+    store = ResponseStore(work / "harvest" / "store.sqlite")
+    config = HarvestConfig(teacher="http://127.0.0.1:0/v1", model=args.teacher, concurrency=args.concurrency,
+                           max_tokens=args.max_tokens, temperature=args.temperature, top_logprobs=args.top_logprobs,
+                           seed=0)
+    todo = len(prompts) - len(store.done() & {fingerprint_of(config, p) for p in prompts})
+    seconds = 0.0
+    if todo and args.teacher_url:
+        config = HarvestConfig(**{**vars(config), "teacher": args.teacher_url})
+        t0 = time.perf_counter()
+        with console.status(f"harvest {todo} answers from {args.teacher_url} ..."):
+            report = asyncio.run(harvest(config, prompts, store))
+        seconds = time.perf_counter() - t0
+        console.print(f"harvest: {report.stored_ok} ok, malformed {report.malformed}, failed {report.failed}, "
+                      f"{report.completion_tokens} completion tokens in {seconds:.0f} s")
+    elif todo:
+        port = free_port()
+        config = HarvestConfig(**{**vars(config), "teacher": f"http://127.0.0.1:{port}/v1"})
+        log = open(work / "harvest" / "serve.log", "ab")
+        server = subprocess.Popen([sys.executable, "-m", "distillguard.cli", "serve", "--model", args.teacher,
+                                   "--port", str(port), "--no-guard", "--no-watermark",
+                                   "--threads", str(args.threads)],
+                                  stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_healthy(port, server)
+            from rich.progress import Progress
+
+            with Progress(console=console) as progress:
+                task = progress.add_task(f"harvest {todo} answers", total=len(prompts))
+
+                def on_progress(report, budget):
+                    progress.update(task, completed=report.skipped_done + report.stored_ok + sum(report.malformed.values())
+                                    + sum(report.failed.values()))
+
+                t0 = time.perf_counter()
+                report = asyncio.run(harvest(config, prompts, store, on_progress=on_progress))
+                seconds = time.perf_counter() - t0
+            console.print(f"harvest: {report.stored_ok} ok, malformed {report.malformed}, failed {report.failed}, "
+                          f"{report.completion_tokens} completion tokens in {seconds:.0f} s")
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    by_prompt = {}
+    for rec in store.records(only_ok=False):
+        if rec["status"] in ("ok", "malformed:truncated"):  # a capped answer is still the teacher's prefix
+            choice = rec["response"]["choices"][0]
+            by_prompt[rec["prompt_id"]] = {
+                "id": rec["prompt_id"], "prompt_id": rec["prompt_id"], "messages": rec["request"]["messages"],
+                "response": choice["message"]["content"], "logprobs": (choice.get("logprobs") or {}).get("content"),
+                "completion_tokens": rec["response"]["usage"]["completion_tokens"]}
+    meta = {"harvest_seconds_this_run": seconds, **store.totals()}
+    (work / "harvest" / "meta.json").write_text(json.dumps(meta, indent=2))
+    store.close()
+    return [by_prompt[p.id] for p in prompts if p.id in by_prompt]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fingerprint_of(config, prompt) -> str:
+    from distillguard.distill.store import fingerprint
+
+    return fingerprint(config.request(prompt))
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"teacher server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("teacher server not healthy in time")
+
+
+def teacher_reference(args, teacher, eval_messages, work: Path) -> dict:
+    """The teacher's greedy answers on the held-out prompts (token ids), its NLL and speed; cached."""
+    from distillguard.distill.evaluate import answer_nll, greedy_answers
+
+    path = work / "teacher_eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with console.status("teacher greedy answers on the held-out prompts ..."):
+        answers, tps = greedy_answers(teacher, eval_messages, args.max_tokens)
+        ref = {"answers": answers, "tokens_per_s": tps, "nll": answer_nll(teacher, eval_messages, answers),
+               "parameters": sum(p.numel() for p in teacher.model.parameters()),
+               "texts": [teacher.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]}
+    path.write_text(json.dumps(ref))
+    return ref
+
+
+def measure(student, eval_messages, ref, max_tokens: int) -> dict:
+    from rouge_score import rouge_scorer
+
+    from distillguard.distill.evaluate import answer_nll, greedy_answers
+
+    student.model.eval()
+    answers, tps = greedy_answers(student, eval_messages, max_tokens)
+    texts = [student.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    rouge = [1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure for t, s in zip(ref["texts"], texts)]
+    return {"nll": answer_nll(student, eval_messages, ref["answers"]), "rouge_l": sum(rouge) / len(rouge),
+            "tokens_per_s": tps, "parameters": sum(p.numel() for p in student.model.parameters()),
+            "samples": [{"teacher": t, "student": s} for t, s in list(zip(ref["texts"], texts))[:3]]}
+
+
+def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: stop the teacher server
+    args = parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    depths = [int(d) for d in args.depths.split(",")]
+    losses = args.losses.split(",")
+    work = args.work
+    (work / "harvest").mkdir(parents=True, exist_ok=True)
+    (work / "points").mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from distillguard.distill.curate import save_dataset
+    from distillguard.distill.train import TrainConfig, load_student, train
+    from distillguard.models import load_model
+
+    train_prompts, eval_prompts = prompts_split(args, max(sizes))
+    rows = harvest_all(args, train_prompts, work)
+    console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
+    eval_messages = [p.as_messages() for p in eval_prompts]
+    teacher = load_model(args.teacher, device="cpu")
+    ref = teacher_reference(args, teacher, eval_messages, work)
+    console.print(f"teacher: NLL {ref['nll']:.3f} nats/token, {ref['tokens_per_s']:.1f} tok/s")
+
+    points = []
+    grid = [(0, d, "untrained") for d in depths] + [(n, d, loss) for n in sizes for d in depths for loss in losses]
+    for i, (n, depth, loss) in enumerate(grid, 1):
+        path = work / "points" / f"{loss}-prune{depth}-n{n}.json"
+        if path.is_file():
+            points.append(json.loads(path.read_text()))
+            continue
+        console.rule(f"[{i}/{len(grid)}] {loss}, prune:{depth}, {n} queries")
+        t0 = time.perf_counter()
+        if n == 0:
+            student = load_student(f"prune:{depth}", teacher)
+            summary = {"steps": 0, "examples": 0}
+        else:
+            data = work / "data" / f"n{n}"
+            if not (data / "dataset_dict.json").is_file():
+                save_dataset(rows[:n], [], data)
+            out = work / "students" / f"{loss}-prune{depth}-n{n}"
+            summary = train(TrainConfig(data=str(data), out=str(out), student=f"prune:{depth}", teacher=args.teacher,
+                                        loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                        max_length=256, seed=0))
+            student = load_model(str(out), device="cpu")
+        train_s = time.perf_counter() - t0
+        result = {"queries": n, "depth": depth, "loss": loss, "train_seconds": train_s,
+                  "examples": summary["examples"], "steps": summary["steps"],
+                  **measure(student, eval_messages, ref, args.max_tokens)}
+        result["eval_seconds"] = time.perf_counter() - t0 - train_s
+        if n:
+            shutil.rmtree(work / "students" / f"{loss}-prune{depth}-n{n}", ignore_errors=True)  # 200+ MB each
+        path.write_text(json.dumps(result, indent=2))
+        points.append(result)
+        console.print(f"NLL {result['nll']:.3f} (teacher {ref['nll']:.3f}), ROUGE-L {result['rouge_l']:.3f}, "
+                      f"{result['tokens_per_s']:.0f} tok/s; train {train_s:.0f} s, eval {result['eval_seconds']:.0f} s")
+        del student
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    report = {
+        "bench": "distill_curves", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "harvest": json.loads((work / "harvest" / "meta.json").read_text()),
+        "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
+                    "parameters": ref["parameters"]},
+        "points": points,
+    }
+    (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
+    plot(report, args.results / "distill_curves.png")
+    print(json.dumps(report))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"sft": "o-", "topk-kd": "s--", "kd": "^-.", "gkd": "d:"}
+    untrained = {p["depth"]: p for p in report["points"] if p["loss"] == "untrained"}
+    for depth in sorted({p["depth"] for p in report["points"]}):
+        for loss in styles:
+            pts = sorted((p for p in report["points"] if p["depth"] == depth and p["loss"] == loss),
+                         key=lambda p: p["queries"])
+            if not pts:
+                continue
+            label = f"{loss}, prune:{depth}"
+            xs = [p["queries"] for p in pts]
+            ax_nll.plot(xs, [p["nll"] for p in pts], styles[loss], label=label)
+            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], label=label)
+        if depth in untrained:
+            ax_rouge.axhline(untrained[depth]["rouge_l"], color="grey", lw=0.5, ls=":")
+    t = report["teacher"]
+    ax_nll.axhline(t["nll"], color="black", lw=1, label=f"teacher itself ({t['nll']:.2f})")
+    ax_nll.axhline(2.0, color="red", lw=1, ls="--", label="target 2.0")
+    for ax, name in ((ax_nll, "held-out NLL of teacher answers (nats/token)"), (ax_rouge, "ROUGE-L vs teacher greedy")):
+        ax.set_xscale("log")
+        ax.set_xlabel("teacher queries")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    ax_nll.legend(fontsize=7)
+    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
