@@ -91,7 +91,7 @@ def train_student(args, rho: float, prompts: list[str], wm: list[str], clean: li
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(data))
     t0 = time.time()
     summary = train(TrainConfig(data=str(data), out=str(out), student=args.student, teacher="smollm2",
-                                epochs=args.epochs, lr=args.lr, batch_size=8, max_length=args.max_prompt_tokens
+                                lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=8, max_length=args.max_prompt_tokens
                                 + args.max_new_tokens + 8, seed=args.seed))
     summary["seconds"] = time.time() - t0
     summary["watermarked_answers"] = n_wm
@@ -180,6 +180,7 @@ def main() -> None:
                     help="training prompts asked again (the first ones: they include every watermarked one for rho <= 0.5)")
     ap.add_argument("--rhos", default="1,0,0.25,0.05", help="fractions of watermarked training answers")
     ap.add_argument("--student", default="prune:8")
+    ap.add_argument("--lora", action="store_true", help="train LoRA adapters (merged after) instead of all weights")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--delta", type=float, default=3.0, help="watermark bias of the leaking account's answers")
@@ -236,7 +237,8 @@ def main() -> None:
                "teacher_generation_s": gen_s, "training_data_log10_p": data_check, "students": [], "controls": []}
     leaked = train_prompts[:args.leaked_prompts]
     for rho in [float(r) for r in args.rhos.split(",")]:
-        out = cache / f"student-{args.student.replace(':', '')}-rho{rho}-e{args.epochs}-{tag}"
+        out = cache / (f"student-{args.student.replace(':', '')}{'-lora' if args.lora else ''}-rho{rho}-e{args.epochs}"
+                       f"-lr{args.lr}-{tag}")
         err.log(f"training the student at rho={rho} ...")
         summary = train_student(args, rho, train_prompts, wm, clean_answers() if rho < 1 else wm, out)
         student = load_model(str(out), device="cpu")
@@ -254,6 +256,7 @@ def main() -> None:
         results["controls"].append(test_suspect("teacher", teacher, {"held_out": (eval_prompts, teacher_eval),
                                                                      "leaked_prompts": (leaked, clean_answers()[:len(leaked)])},
                                                 keys, args))
+    if not args.skip_controls and args.student != "smollm2":  # else the untrained student is the teacher
         untrained = load_student(args.student, "smollm2")
         results["controls"].append(test_suspect(f"untrained {args.student}", untrained,
                                                 {"held_out": (eval_prompts, None), "leaked_prompts": (leaked, None)},
