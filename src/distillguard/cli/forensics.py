@@ -133,3 +133,71 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
                   f"gamma={result.gamma}" + (f"; wrong keys: green {result.null['green_fraction_mean']:.3f} "
                                              f"± {result.null['green_fraction_sd']:.3f}" if result.null else ""))
     console.print(f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)")
+
+
+@forensics_app.command("canaries")
+def canaries(
+    suspect: str = typer.Option(..., "--suspect", "-s", help="the suspect's weights: a model spec or directory"),
+    secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET",
+                                         help="master secret (default: the server's secret file)"),
+    secret_file: Optional[Path] = typer.Option(None, help="file holding the master secret (as the server keeps it)"),
+    accounts: str = typer.Option("all", help="'all' (every account served canaries) or comma-separated accounts"),
+    decoys: int = typer.Option(49, help="never-served endings each canary is ranked against (p resolution 1/(decoys+1))"),
+    limit: int = typer.Option(200, help="at most this many served canaries (the most recent are kept)"),
+    alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
+    seed: int = typer.Option(0, help="seed of the random tie-breaking"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Test whether a suspect model learned the canary answers served to suspected extractors.
+
+    Each canary recorded in the ledger (policy action `canary`) is scored by the suspect with its
+    true ending and with never-served decoy endings; the rank of the true one is an exact
+    p-value, combined per account (Fisher) and corrected over accounts (Holm).
+
+    Examples:
+
+      distillguard forensics canaries --suspect ./student --db ledger.db
+
+      distillguard forensics canaries -s ./student --accounts acme,globex --decoys 99 --json
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distillguard.forensics.canaries import canary_test, served_canaries
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.models import load_model
+    from distillguard.watermark.secret import load_secret
+
+    if secret and secret_file:
+        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
+    if secret_file is not None and not secret_file.is_file():
+        raise ConfigError(f"no such secret file: {secret_file}")
+    master = load_secret(secret, secret_file, create=False)
+    names = None if accounts == "all" else [a.strip() for a in accounts.split(",") if a.strip()]
+    engine = make_engine(db)
+    try:
+        migrate(engine)  # an older ledger gets the current schema; a new one is empty
+        served = served_canaries(engine, accounts=names)[-limit:]
+    finally:
+        engine.dispose()
+    if not served:
+        raise ConfigError("the ledger holds no canary answers" + (f" for {', '.join(names)}" if names else "")
+                          + ": canaries are served under the policy action 'canary' (see `serve --policy`)")
+    with err_console.status(f"loading {suspect!r} ..."):
+        lm = load_model(suspect, device=device)
+    with Progress(TextColumn("scoring canaries"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("canaries", total=len(served))
+        result = canary_test(lm, master, served, decoys=decoys, alpha=alpha, seed=seed,
+                             progress=lambda done, total: progress.update(task, completed=done))
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    table = Table("account", "canaries", "ranked first", "mean rank", "log10 p", "p (Holm)")
+    for a in result.accounts:
+        table.add_row(a.account, str(a.canaries), str(a.top1), f"{a.mean_rank:.1f} / {decoys + 1}",
+                      f"{a.log10_p:.1f}", f"{a.p_holm:.2e}", style="bold red" if a.p_holm < alpha else None)
+    console.print(table)
+    console.print(f"null: mean rank {(decoys + 2) / 2:.1f}; traced to: {', '.join(result.traced) or 'no account'} "
+                  f"(alpha={alpha}, Holm over {len(result.accounts)} accounts)")

@@ -1,0 +1,147 @@
+"""Canary exposure where the truth is known: a tiny student trained on one account's canary
+answers traces to that account; the untrained model and the other account's canaries do not
+fire, and the per-canary p-values are uniform under the null."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+from scipy import stats
+from sqlalchemy import insert
+
+from distillguard.distill.train import collate, sft_example
+from distillguard.errors import ConfigError
+from distillguard.forensics.canaries import ServedCanary, canary_test, rank_p_value, served_canaries
+from distillguard.guard.canary import canary_text
+from distillguard.guard.db import make_engine, migrate
+from distillguard.guard.schema import LedgerRow
+from distillguard.models import load_model
+
+SECRET = b"canary-test-secret"
+
+
+def served(account: str, n: int) -> list[ServedCanary]:
+    return [ServedCanary(account, f"req-{account}-{i}", [{"role": "user", "content": f"tell me about item {i}"}])
+            for i in range(n)]
+
+
+def train_on(base, canaries: list[ServedCanary], steps: int = 60):
+    lm = copy.copy(base)
+    lm.model = copy.deepcopy(base.model).train()
+    examples = [sft_example(lm, c.messages, canary_text(SECRET, c.account, c.request_id), 256) for c in canaries]
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randperm(len(examples), generator=gen)[:8].tolist()
+        lm.model(**collate([examples[i] for i in idx], lm.tokenizer.pad_token_id)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    lm.model.eval()
+    return lm
+
+
+@pytest.fixture(scope="module")
+def models():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = load_model("tiny", device="cpu")
+        leaked = served("leaker", 12)
+        yield base, train_on(base, leaked), leaked, served("bystander", 12)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_student_traces_to_the_leaking_account_only(models):
+    base, student, leaked, other = models
+    result = canary_test(student, SECRET, leaked + other, decoys=19)
+    by = {a.account: a for a in result.accounts}
+    assert result.traced == ["leaker"]
+    assert by["leaker"].p_value < 1e-5 and by["leaker"].top1 >= 10  # 12 of 12 first: 1.1e-6 at 19 decoys
+    assert by["bystander"].p_holm > 0.01
+    clean = canary_test(base, SECRET, leaked + other, decoys=19)
+    assert clean.traced == [] and min(a.p_value for a in clean.accounts) > 0.001
+
+
+def test_rank_p_values_are_uniform_under_the_null(models):
+    """An untrained model has seen no canary: its per-canary p-values are uniform (KS test),
+    which is what makes the combined p-value honest."""
+    base = models[0]
+    rng = random.Random(0)
+    ps = []
+    for c in served("null", 60):
+        from distillguard.forensics.canaries import answer_logprobs
+        from distillguard.guard.canary import canary
+
+        opening, ending = canary(SECRET, c.account, c.request_id)
+        fakes = [canary(SECRET, c.account, f"decoy:{c.request_id}:{j}")[1] for j in range(9)]
+        scores = answer_logprobs(base, c.messages, [opening + e for e in [ending, *fakes]])
+        ps.append(rank_p_value(scores[0], scores[1:], rng)[1])
+    # discrete uniform on {0.1, ..., 1}: compare with its own CDF
+    assert stats.chisquare([sum(abs(p - k / 10) < 1e-9 for p in ps) for k in range(1, 11)]).pvalue > 0.001
+
+
+def test_rank_p_value_breaks_ties_at_random():
+    rng = random.Random(1)
+    assert rank_p_value(5.0, [1.0, 2.0, 3.0], rng) == (1, 0.25)
+    assert rank_p_value(0.0, [1.0, 2.0, 3.0], rng) == (4, 1.0)
+    ranks = {rank_p_value(1.0, [1.0, 1.0, 1.0], rng)[0] for _ in range(200)}
+    assert ranks == {1, 2, 3, 4}
+
+
+def test_served_canaries_come_from_the_ledger(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    migrate(engine)
+    rows = [
+        {"request_id": "r1", "ts": 1.0, "account_id": "a", "status": 200, "policy_action": "extracting:canary",
+         "request_body": {"messages": [{"role": "user", "content": "q1"}]}},
+        {"request_id": "r2", "ts": 2.0, "account_id": "a", "status": 200, "policy_action": "suspect:log,throttle"},
+        {"request_id": "r3", "ts": 3.0, "account_id": "b", "status": 200, "policy_action": "extracting:log,canary",
+         "request_body": {"messages": [{"role": "user", "content": "q3"}]}},
+        {"request_id": "r4", "ts": 4.0, "account_id": "b", "status": 429, "policy_action": "extracting:canary"},
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(LedgerRow), [{"stream": False, "request_body": None, **r} for r in rows])
+    got = served_canaries(engine)
+    assert [(c.account, c.request_id) for c in got] == [("a", "r1"), ("b", "r3")]
+    assert got[0].messages == [{"role": "user", "content": "q1"}]
+    assert [c.request_id for c in served_canaries(engine, accounts=["b"])] == ["r3"]
+    engine.dispose()
+
+
+def test_bad_input_is_refused(models):
+    with pytest.raises(ConfigError, match="no canaries"):
+        canary_test(models[0], SECRET, [])
+    with pytest.raises(ConfigError, match="decoys"):
+        canary_test(models[0], SECRET, served("a", 1), decoys=0)
+
+
+def test_cli_traces_the_student_from_the_ledger(models, tmp_path):
+    """The ledger records which canaries went to whom; the CLI reads them and tests a saved student."""
+    import json
+
+    from tests.servers import run_cli
+
+    _, student, leaked, other = models
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(LedgerRow), [
+            {"request_id": c.request_id, "ts": float(i), "account_id": c.account, "status": 200, "stream": False,
+             "policy_action": "extracting:canary", "request_body": {"model": "tiny", "messages": c.messages},
+             "response_text": canary_text(SECRET, c.account, c.request_id)}
+            for i, c in enumerate(leaked + other)])
+    engine.dispose()
+    student_dir = tmp_path / "student"
+    student.model.save_pretrained(student_dir)
+    student.tokenizer.save_pretrained(student_dir)
+    out = run_cli("forensics", "canaries", "--suspect", str(student_dir), "--db", str(tmp_path / "ledger.db"),
+                  "--decoys", "19", "--device", "cpu", "--json",
+                  env={"DISTILLGUARD_WATERMARK_SECRET": SECRET.decode(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["traced"] == ["leaker"] and SECRET.decode() not in out.stdout + out.stderr
+    assert {a["account"]: a["canaries"] for a in result["accounts"]} == {"leaker": 12, "bystander": 12}
