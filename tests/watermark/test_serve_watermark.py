@@ -56,6 +56,19 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     assert by_account["acct-a"]["p_holm"] < 1e-3 and by_account["acct-b"]["p_holm"] > 1e-3
     assert by_account["acct-a"]["scored"] > 100
 
+    # Entropy-aware: the teacher re-reads each answer after the request's messages (from the
+    # ledger's records) and weights the pairs; the same verdict. (The tiny random model is
+    # unsure everywhere, so the weights are near-uniform here: the gain in power is measured
+    # on the real teacher in bench/watermark_quality.py.)
+    aware = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
+                    "--teacher", "tiny", "--delta", "4", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+    assert aware.returncode == 0, aware.stderr
+    aware_result = json.loads(aware.stdout)
+    assert aware_result["detector"] == "teacher-llr" and aware_result["traced"] == ["acct-a"]
+    aware_keys = {k["account"]: k for k in aware_result["keys"]}
+    assert aware_keys["acct-a"]["p_holm"] < 1e-3 and aware_keys["acct-b"]["p_holm"] > 1e-3
+    assert aware_keys["acct-a"]["scored"] > 100
+
     # The same texts, tokenised in-process, fail under the wrong secret: the key is the secret.
     wrong = run_cli("watermark", "detect", "--file", str(out), "--account", "acct-a", "--model", "tiny", "--json",
                     env={"DISTILLGUARD_WATERMARK_SECRET": "not-the-secret"})

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from distillguard.cli import DB_HELP, console
+from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 watermark_app = typer.Typer(help="Detect the per-account watermark in text.", no_args_is_help=True)
 
 
-def read_texts(file: str) -> list[str]:
+@dataclass(frozen=True)
+class Record:
+    """One text to test, with what the teacher saw when it wrote it (when the file says)."""
+
+    text: str
+    messages: list[dict] | None = None  # the request's chat messages (traffic records)
+    temperature: float | None = None  # the request's sampling temperature
+
+
+def read_records(file: str) -> list[Record]:
     """A plain-text file is one text; a .jsonl file holds one per line ("text", or a traffic record's
-    response text); - reads standard input."""
+    response text, with its request's messages and temperature); - reads standard input."""
     raw = sys.stdin.read() if file == "-" else _read(Path(file))
     if not file.endswith(".jsonl"):
-        return [raw]
-    texts = []
+        return [Record(raw)]
+    records = []
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
@@ -35,8 +45,16 @@ def read_texts(file: str) -> list[str]:
             text = (rec.get("response") or {}).get("text")
         if not isinstance(text, str):
             raise ConfigError(f"{file}:{n}: no 'text' field or response text in this record")
-        texts.append(text)
-    return texts
+        request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
+        messages = request.get("messages")
+        temperature = request.get("temperature")
+        records.append(Record(text, messages if isinstance(messages, list) and messages else None,
+                              float(temperature) if isinstance(temperature, (int, float)) else None))
+    return records
+
+
+def read_texts(file: str) -> list[str]:
+    return [r.text for r in read_records(file)]
 
 
 def _read(path: Path) -> str:
@@ -53,10 +71,16 @@ def detect(
     accounts: Optional[str] = typer.Option(None, help="comma-separated accounts to test (instead of the ledger's)"),
     prompt: Optional[str] = typer.Option(None, help="file with the prompt(s): their n-grams are not scored"),
     model: str = typer.Option("smollm2", help="tokenizer of the teacher that generated the text"),
+    teacher: Optional[str] = typer.Option(
+        None, help="entropy-aware detection: run this teacher (model spec, e.g. smollm2) over each answer and "
+                   "weight every token by the evidence it can carry (more power; the test stays exact)"),
     secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET", help="master secret (default: the server's file)"),
     scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (as the server used)"),
-    gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
+    gamma: Optional[float] = typer.Option(None, help="green fraction (as the server used; default: the scheme's)"),
+    delta: Optional[float] = typer.Option(None, help="green bias (as the server used; --teacher only; default: the scheme's)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
+    min_entropy: Optional[float] = typer.Option(None, help="the scheme's min_entropy (as the server used; default: the scheme's)"),
+    temperature: float = typer.Option(1.0, help="--teacher: sampling temperature of texts whose record gives none"),
     alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
     db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
@@ -64,13 +88,18 @@ def detect(
     """Test text for the watermark: z-score and exact binomial p-value per key.
 
     Each (context, token) pair counts once across all texts; n-grams of --prompt are skipped.
-    Exit code 0 either way; the verdict is in the output.
+    With --teacher, the teacher's next-token distribution at every position (given the request's
+    messages in traffic records, else --prompt, else an empty user turn) weights each pair by how
+    much the watermark could tilt it; the weighted test is still exact. Exit code 0 either way;
+    the verdict is in the output.
 
     Examples:
 
       distillguard watermark detect --file answer.txt --account acme
 
       distillguard ledger export --account acme -o a.jsonl && distillguard watermark detect -f a.jsonl --all-accounts --json
+
+      distillguard watermark detect -f a.jsonl --account acme --teacher smollm2    # entropy-aware
     """
     from distillguard.models import load_tokenizer
     from distillguard.watermark import WatermarkParams, account_key, trace
@@ -82,22 +111,69 @@ def detect(
     names = [account] if account else [a for a in (accounts or "").split(",") if a] if accounts else _ledger_accounts(db)
     if not names:
         raise ConfigError("no accounts to test: the ledger has none; pass --account or --accounts")
-    params = WatermarkParams(scheme=scheme, gamma=gamma, context_width=context_width)
+    given = {"gamma": gamma, "delta": delta, "min_entropy": min_entropy}
+    params = WatermarkParams(scheme=scheme, context_width=context_width, **{k: v for k, v in given.items() if v is not None})
     master = load_secret(secret, create=False)
     keys = [account_key(master, name, params) for name in names]
-    tok = load_tokenizer(model)
-    texts = read_texts(file)
+    records = read_records(file)
     prompts = read_texts(prompt) if prompt else []
-    result = trace(keys, tokenize(tok, texts), prompt_seqs=tokenize(tok, prompts), vocab_size=len(tok), alpha=alpha)
+    weights = None
+    if teacher:
+        from distillguard.models import load_model
+
+        with err_console.status(f"loading teacher {teacher!r} ..."):
+            lm = load_model(teacher)
+        tok, vocab = lm.tokenizer, lm.vocab_size
+        answers = tokenize(tok, [r.text for r in records])
+        weights = _teacher_weights(lm, params, records, prompts, answers, temperature)
+    else:
+        tok = load_tokenizer(model)
+        vocab = len(tok)
+        answers = tokenize(tok, [r.text for r in records])
+    result = trace(keys, answers, prompt_seqs=tokenize(tok, prompts), vocab_size=vocab, alpha=alpha, weights=weights)
     if as_json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "detector": "teacher-llr" if teacher else "plain"}))
         return
     table = Table("account", "key id", "scored", "green", "z", "log10 p", "p (Holm)")
     for r, p in sorted(zip(result.results, result.adjusted_p), key=lambda x: x[0].log10_p):
         table.add_row(r.account or "-", r.key_id, str(r.scored), str(r.green), f"{r.z:.2f}", f"{r.log10_p:.1f}",
                       f"{p:.2e}", style="bold red" if p < alpha else None)
     console.print(table)
-    console.print(f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha})")
+    console.print(f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}"
+                  f"{', entropy-aware with ' + teacher if teacher else ''})")
+
+
+def _teacher_weights(lm, params, records: list[Record], prompts: list[str], answers: list[list[int]],
+                     temperature: float) -> list[list[int]]:
+    """The entropy-aware weights of every answer token (``watermark.entropy``), the teacher
+    seeing what it saw when it answered: the record's messages, else the matching --prompt
+    (one per text, or one for all), else an empty user turn (weights then fit less well; the
+    test stays exact, since they never depend on the key)."""
+    from rich.progress import Progress
+
+    from distillguard.watermark.entropy import teacher_stats, teacher_weights
+
+    if prompts and len(prompts) not in (1, len(records)):
+        raise ConfigError(f"--teacher pairs prompts with texts: {len(prompts)} prompts for {len(records)} texts "
+                          "(give one prompt per text, or one for all)")
+    prompt_ids = []
+    for i, r in enumerate(records):
+        messages = r.messages or [{"role": "user", "content": prompts[i if len(prompts) > 1 else 0] if prompts else ""}]
+        prompt_ids.append(lm.chat_ids(messages))
+    temps = [r.temperature if r.temperature is not None else temperature for r in records]
+    weights: list[list[int] | None] = [None] * len(records)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("teacher pass", total=len(records))
+        for t in sorted(set(temps)):  # one pass per sampling temperature (usually one)
+            idx = [i for i, x in enumerate(temps) if x == t]
+            for start in range(0, len(idx), 8):
+                chunk = idx[start:start + 8]
+                stats = teacher_stats(lm.model, [prompt_ids[i] for i in chunk], [answers[i] for i in chunk],
+                                      temperature=t, pad_id=lm.tokenizer.pad_token_id or 0)
+                for i, st in zip(chunk, stats):
+                    weights[i] = teacher_weights(params, st, temperature=t)
+                progress.advance(task, len(chunk))
+    return weights
 
 
 def _ledger_accounts(db: str | None) -> list[str]:
