@@ -66,6 +66,9 @@ def main() -> None:
     kinds = [k for k in args.kinds.split(",") if k]
     t0 = time.time()
     embedder = shared_embedder()
+    cache = RESULTS / ".detect_eval_embeddings.npz"  # MiniLM is most of the run time; reruns reuse it
+    if cache.exists():
+        console.print(f"loaded {embedder.load_cache(cache)} cached embeddings")
 
     cal_records = generate_traffic(TrafficConfig(benign_accounts=args.cal_accounts, pool="calibration",
                                                  days=args.days, seed=101))
@@ -73,6 +76,8 @@ def main() -> None:
     with prog:
         cal = calibrate(cal_records, config=DetectConfig(target_fpr=args.target_fpr), embedder=embedder, progress=step)
     console.print(f"calibrated in {time.time() - t0:.0f} s: threshold {cal.threshold:.2f}, {cal.stats}")
+    RESULTS.mkdir(exist_ok=True)
+    embedder.save_cache(cache)
 
     benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
     benign_accounts = sorted({r["account"] for r in benign})
@@ -132,6 +137,7 @@ def main() -> None:
                                                       for c in clusters - {None}])) if clusters - {None} else 0.0
         out["kinds"][kind] = entry
         console.print(kind, json.dumps(entry))
+        embedder.save_cache(cache)
 
     out["benign"] = {"accounts": len(benign_accounts), "account_days": len(benign_days),
                      "flagged_account_days": len(benign_flag_days),

@@ -77,6 +77,25 @@ class Embedder:
         return out
 
 
+    def save_cache(self, path: str | Path) -> None:
+        """Write the embedding cache (prompt hash -> vector) to an .npz, e.g. across restarts."""
+        with self._lock:
+            keys = np.array(list(self._cache), dtype="S12")
+            vecs = np.stack(list(self._cache.values())) if self._cache else np.empty((0, DIM), np.float32)
+        with open(path, "wb") as fh:
+            np.savez(fh, keys=keys, vectors=vecs, signature=np.array(self.signature))
+
+    def load_cache(self, path: str | Path) -> int:
+        """Add a saved cache made by the same embedder setting; returns the entries loaded."""
+        z = np.load(path, allow_pickle=False)
+        if str(z["signature"]) != self.signature:
+            raise ConfigError(f"{path}: embeddings of {z['signature']}, not {self.signature}")
+        with self._lock:
+            for k, v in zip(z["keys"], z["vectors"]):
+                self._cache[bytes(k)] = v
+        return len(z["keys"])
+
+
 _shared: dict[tuple, Embedder] = {}
 
 

@@ -92,17 +92,32 @@ def normalized_entropy(counts: np.ndarray) -> float:
 
 
 class EmpiricalTail:
-    """P(S ≥ s) for a benign score S, from benign samples, with the +1 of conformal p-values.
+    """P(S ≥ s) for a benign score S, from benign samples: conformal inside the data, a fitted
+    exponential tail beyond it, and a floor.
 
-    ``p(s) = (1 + #{benign ≥ s}) / (1 + n)``: never below 1/(n+1), on purpose: one detector
-    alone cannot claim more than the benign data can show (a heavy user or a logprob
-    researcher resembles an attacker in one respect; flags need several kinds of evidence).
+    - up to the largest benign score: ``(1 + #{benign ≥ s}) / (1 + n)`` (conformal, exact);
+    - beyond it: ``1/(n+1) · exp(-(s - max) / β)``, β the mean excess of the top 10% over their
+      threshold (peaks over threshold with an exponential tail, the GPD with shape 0; a shape
+      estimate needs more tail data than a few hundred benign account-days give);
+    - never below ``1/(n+1) / MAX_EXTRAPOLATION``: one detector alone can add at most
+      ``-2 ln`` of that to Fisher's statistic, less than any threshold of a few hundred
+      account-days (a heavy user or a logprob researcher resembles an attacker in one respect;
+      flags need several kinds of evidence).
     """
+
+    MAX_EXTRAPOLATION = 100.0
 
     def __init__(self, samples: np.ndarray):
         self.sorted = np.sort(np.asarray(samples, dtype=np.float64))
+        n = len(self.sorted)
+        top = self.sorted[int(0.9 * n):] if n else self.sorted
+        excess = top - top[0] if len(top) else top
+        self.beta = float(excess.mean()) if len(excess) and excess.mean() > 0 else 0.0
 
     def pvalue(self, s: float) -> float:
         n = len(self.sorted)
         greater_eq = n - int(np.searchsorted(self.sorted, s, side="left"))
-        return (1.0 + greater_eq) / (1.0 + n)
+        p = (1.0 + greater_eq) / (1.0 + n)
+        if greater_eq == 0 and n and self.beta > 0:
+            p *= max(math.exp(-(s - self.sorted[-1]) / self.beta), 1.0 / self.MAX_EXTRAPOLATION)
+        return p
