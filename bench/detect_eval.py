@@ -53,6 +53,12 @@ def day_of_flag(records: list[dict], account: str, index: int) -> int:
     return int(own[index - 1] // 86400)
 
 
+def _quantile(values: list[float], q: float) -> float | None:
+    """Lower quantile of sorted values that may hold inf (never detected); None when it is inf."""
+    v = values[min(len(values) - 1, int(np.floor(q * (len(values) - 1))))] if values else np.inf
+    return float(v) if np.isfinite(v) else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cal-accounts", type=int, default=300)
@@ -123,8 +129,9 @@ def main() -> None:
             "accounts": len(attack), "requests_per_account": round(len(camp) / len(attack), 1),
             "tpr": float(np.mean([rows[a].flagged for a in attack])),
             "roc_auc": float(roc_auc_score(y, s)),
-            "median_queries_to_detect": float(np.median(q_all)) if np.isfinite(np.median(q_all)) else None,
-            "queries_to_detect_p90": float(np.quantile(q_all, 0.9)) if np.isfinite(np.quantile(q_all, 0.9)) else None,
+            # unflagged accounts count as never (inf); null when the quantile itself is "never"
+            "median_queries_to_detect": _quantile(q_all, 0.5),
+            "queries_to_detect_p90": _quantile(q_all, 0.9),
             "benign_flagged_in_this_mix": sum(rows[a].flagged for a in benign_accounts),
             "top_reasons": rows[attack[0]].reasons[:4],
         }
