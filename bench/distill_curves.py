@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves",
                    help="cache directory (harvest store, teacher answers, one JSON per point)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report every point cached under --work (e.g. after several partial grids)")
     return p.parse_args()
 
 
@@ -228,6 +230,9 @@ def main() -> None:
     from distillguard.distill.train import TrainConfig, load_student, train
     from distillguard.models import load_model
 
+    if args.report_only:
+        return write_report(args, work, [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))],
+                            json.loads((work / "teacher_eval.json").read_text()))
     train_prompts, eval_prompts = prompts_split(args, max(sizes))
     rows = harvest_all(args, train_prompts, work)
     console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
@@ -271,13 +276,17 @@ def main() -> None:
         del student
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
+    write_report(args, work, points, ref)
+
+
+def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
     report = {
         "bench": "distill_curves", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "harvest": json.loads((work / "harvest" / "meta.json").read_text()),
         "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
                     "parameters": ref["parameters"]},
-        "points": points,
+        "points": sorted(points, key=lambda p: (p["depth"], p["loss"], p["queries"])),
     }
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
     plot(report, args.results / "distill_curves.png")

@@ -113,7 +113,8 @@ def run_harvester(url: str, n: int, concurrency: int, max_tokens: int, model: st
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         stored = store.totals()["responses"]
         store.close()
-    return {"seconds": seconds, "cpu_seconds": cpu, "completion_tokens": report.completion_tokens, "ok": report.stored_ok,
+    return {"seconds": seconds, "cpu_seconds": cpu, "completion_tokens": report.completion_tokens,
+            "ok": report.stored_ok + sum(report.malformed.values()),  # answered (a capped answer counts)
             "stored": stored, "malformed": report.malformed, "failed": report.failed}
 
 
