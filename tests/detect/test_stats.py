@@ -75,8 +75,10 @@ def test_normalized_entropy_known_values():
 def test_empirical_tail_is_conformal():
     tail = EmpiricalTail(np.arange(1, 100))          # 1..99
     assert tail.pvalue(99) == 2 / 100 and tail.pvalue(98.5) == 2 / 100   # conformal inside the data
-    assert 1 / 100 / 100 < tail.pvalue(101) < 1 / 100                    # exponential tail beyond it
-    assert tail.pvalue(1e9) == 1 / 100 / 100         # floor: one detector cannot claim more
+    assert tail.pvalue(1e9) == 1 / 100                # floor 1/(n+1): one detector cannot claim more
+    pot = EmpiricalTail(np.arange(1, 100), max_extrapolation=100)
+    assert 1 / 100 / 100 < pot.pvalue(101) < 1 / 100  # exponential tail beyond the data
+    assert pot.pvalue(1e9) == 1 / 100 / 100           # down to its floor
     assert tail.pvalue(0) == 1.0
     assert tail.pvalue(99) == 2 / 100
     # under H0 (a new benign score from the same distribution) P(p ≤ a) ≤ a

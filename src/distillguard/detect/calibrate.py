@@ -87,8 +87,9 @@ class Calibration:
         if "ref.embeddings" in z:
             reference = Reference(embeddings=z["ref.embeddings"], centers=z["ref.centers"],
                                   distances=z["ref.distances"])
-        tails = {k: EmpiricalTail(z[f"tail.{k}"]) for k in meta["detectors"]}
-        return cls(config=DetectConfig.from_dict(meta["config"]), reference=reference, tails=tails,
+        config = DetectConfig.from_dict(meta["config"])
+        tails = {k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation) for k in meta["detectors"]}
+        return cls(config=config, reference=reference, tails=tails,
                    threshold=meta["threshold"], watch_threshold=meta["watch_threshold"],
                    embedder=meta["embedder"], common=frozenset(meta["common"]), stats=meta["stats"])
 
@@ -175,7 +176,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
     common = common_items(accounts[a] for a in ref_names)
     monitor = AccountMonitor(config=config, reference=reference, common=common, embedder=embedder)
     maxima, _ = day_maxima(monitor, _in_time_order(accounts, cal_names), progress=progress)
-    tails = {n: EmpiricalTail(maxima[:, j]) for j, n in enumerate(monitor.names)}
+    tails = {n: EmpiricalTail(maxima[:, j], config.tail_extrapolation) for j, n in enumerate(monitor.names)}
     cal = Calibration(config=config, reference=reference, tails=tails, threshold=math.inf, watch_threshold=math.inf,
                       embedder=embedder.signature if embedder is not None and reference is not None else None,
                       common=common)

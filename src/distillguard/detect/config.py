@@ -21,6 +21,7 @@ class DetectConfig:
     link_min_evidence: int = 3      # shared items (near-duplicate prompts, templates, /24, system prompt) to link two accounts
     embed_every: int = 4            # embed 1 in k prompts of an account after its first `window` (throughput)
     embed_followups: bool = False   # embed follow-up turns too (a conversation stays on its first turn's topic)
+    tail_extrapolation: float = 1.0  # let a benign tail p-value fall this far below 1/(n+1) (stats.EmpiricalTail)
     extra: dict = field(default_factory=dict)  # per-detector options of plugins
 
     def __post_init__(self):
@@ -30,6 +31,8 @@ class DetectConfig:
                      "link_min_evidence", "embed_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"detect option {name}={getattr(self, name)} must be a positive integer")
+        if self.tail_extrapolation < 1:
+            raise ConfigError(f"tail_extrapolation={self.tail_extrapolation} must be >= 1 (1 = no extrapolation)")
         if self.min_prompts > self.window:
             raise ConfigError(f"min_prompts ({self.min_prompts}) cannot exceed window ({self.window})")
 

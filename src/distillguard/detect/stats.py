@@ -99,15 +99,19 @@ class EmpiricalTail:
     - beyond it: ``1/(n+1) · exp(-(s - max) / β)``, β the mean excess of the top 10% over their
       threshold (peaks over threshold with an exponential tail, the GPD with shape 0; a shape
       estimate needs more tail data than a few hundred benign account-days give);
-    - never below ``1/(n+1) / MAX_EXTRAPOLATION``: one detector alone can add at most
+    - never below ``1/(n+1) / max_extrapolation``: one detector alone can add at most
       ``-2 ln`` of that to Fisher's statistic, less than any threshold of a few hundred
       account-days (a heavy user or a logprob researcher resembles an attacker in one respect;
       flags need several kinds of evidence).
+
+    ``max_extrapolation=1`` (the default) keeps the plain conformal floor. Measured on the arena
+    (bench/detect_eval.py, 400 calibration users): 100 halves queries-to-detect for reasoning and
+    logprob harvesting but flagged 3 of 370 evaluation benign account-days (0.8%), against 0 of
+    370 without; the floor is what keeps the FPR at target.
     """
 
-    MAX_EXTRAPOLATION = 100.0
-
-    def __init__(self, samples: np.ndarray):
+    def __init__(self, samples: np.ndarray, max_extrapolation: float = 1.0):
+        self.max_extrapolation = max_extrapolation
         self.sorted = np.sort(np.asarray(samples, dtype=np.float64))
         n = len(self.sorted)
         top = self.sorted[int(0.9 * n):] if n else self.sorted
@@ -118,6 +122,6 @@ class EmpiricalTail:
         n = len(self.sorted)
         greater_eq = n - int(np.searchsorted(self.sorted, s, side="left"))
         p = (1.0 + greater_eq) / (1.0 + n)
-        if greater_eq == 0 and n and self.beta > 0:
-            p *= max(math.exp(-(s - self.sorted[-1]) / self.beta), 1.0 / self.MAX_EXTRAPOLATION)
+        if greater_eq == 0 and n and self.beta > 0 and self.max_extrapolation > 1:
+            p *= max(math.exp(-(s - self.sorted[-1]) / self.beta), 1.0 / self.max_extrapolation)
         return p
