@@ -4,7 +4,6 @@ fire, and the per-canary p-values are uniform under the null."""
 
 from __future__ import annotations
 
-import copy
 import random
 
 import pytest
@@ -12,13 +11,13 @@ import torch
 from scipy import stats
 from sqlalchemy import insert
 
-from distillguard.distill.train import collate, sft_example
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import ServedCanary, canary_test, rank_p_value, served_canaries
 from distillguard.guard.canary import canary_text
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.schema import LedgerRow
 from distillguard.models import load_model
+from tests.forensics.students import sft
 
 SECRET = b"canary-test-secret"
 
@@ -29,18 +28,9 @@ def served(account: str, n: int) -> list[ServedCanary]:
 
 
 def train_on(base, canaries: list[ServedCanary], steps: int = 60):
-    lm = copy.copy(base)
-    lm.model = copy.deepcopy(base.model).train()
-    examples = [sft_example(lm, c.messages, canary_text(SECRET, c.account, c.request_id), 256) for c in canaries]
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randperm(len(examples), generator=gen)[:8].tolist()
-        lm.model(**collate([examples[i] for i in idx], lm.tokenizer.pad_token_id)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    lm.model.eval()
-    return lm
+    """A tiny student fine-tuned on these canaries as the answers to their requests."""
+    return sft(base, [c.messages[-1]["content"] for c in canaries],
+               [canary_text(SECRET, c.account, c.request_id) for c in canaries], steps=steps)
 
 
 @pytest.fixture(scope="module")

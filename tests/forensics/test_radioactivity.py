@@ -10,7 +10,6 @@ Clean controls: the teacher itself, the untrained student, the clean student.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -20,7 +19,6 @@ import torch
 from scipy.stats import binom
 from transformers import LogitsProcessor
 
-from distillguard.distill.train import collate, sft_example
 from distillguard.errors import ConfigError
 from distillguard.forensics import (
     chernoff_log_p,
@@ -30,6 +28,7 @@ from distillguard.forensics import (
 )
 from distillguard.models import load_model
 from distillguard.watermark import WatermarkLogitsProcessor, WatermarkParams, account_key
+from tests.forensics.students import sft
 from tests.servers import run_cli, server_process
 
 SECRET = "forensics-test-secret"
@@ -54,23 +53,6 @@ class PrintableOnly(LogitsProcessor):
 
 def keys_for(names, secret=SECRET):
     return [account_key(secret.encode(), n, PARAMS) for n in names]
-
-
-def sft(base, prompts, answers, steps=80, seed=0):
-    """A few SFT steps (the distillation trainer's own example builder and collator, a plain loop)."""
-    lm = copy.copy(base)
-    lm.model = copy.deepcopy(base.model).train()
-    examples = [sft_example(lm, [{"role": "user", "content": p}], a, 256) for p, a in zip(prompts, answers)]
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        batch = collate([examples[i] for i in torch.randperm(len(examples), generator=gen)[:8].tolist()],
-                        lm.tokenizer.pad_token_id)
-        lm.model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    lm.model.eval()
-    return lm
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,17 @@ def read_prompts(source: str, limit: int | None) -> list[str]:
     return prompts
 
 
+def master_secret(secret: str | None, secret_file: Path | None) -> bytes:
+    """The master secret from --secret (or its env var) or --secret-file, never both."""
+    from distillguard.watermark.secret import load_secret
+
+    if secret and secret_file:
+        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
+    if secret_file is not None and not secret_file.is_file():
+        raise ConfigError(f"no such secret file: {secret_file}")
+    return load_secret(secret, secret_file, create=False)
+
+
 @forensics_app.command("radioactivity")
 def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     suspect: str = typer.Option(..., "--suspect", "-s",
@@ -82,7 +93,6 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     from distillguard.forensics import closed_radioactivity, open_radioactivity
     from distillguard.models import load_model, load_tokenizer
     from distillguard.watermark import WatermarkParams, account_key
-    from distillguard.watermark.secret import load_secret
 
     is_url = suspect.startswith(("http://", "https://"))
     mode = mode or ("closed" if is_url else "open")
@@ -92,14 +102,10 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
         raise ConfigError(f"--mode closed needs the suspect's API URL (http://...), got {suspect!r}")
     if mode == "open" and is_url:
         raise ConfigError("--mode open needs the suspect's weights (a model spec or directory), not a URL")
-    if secret and secret_file:
-        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
-    if secret_file is not None and not secret_file.is_file():
-        raise ConfigError(f"no such secret file: {secret_file}")
     names = _ledger_accounts(db) if accounts == "all" else [a.strip() for a in accounts.split(",") if a.strip()]
     if not names:
         raise ConfigError("no accounts to test: the ledger has none; pass --accounts A,B,...")
-    master = load_secret(secret, secret_file, create=False)
+    master = master_secret(secret, secret_file)
     params = WatermarkParams(scheme=scheme, gamma=gamma, context_width=context_width)
     keys = [account_key(master, name, params) for name in names]
     texts = read_prompts(prompts, limit + skip)[skip:]
@@ -167,13 +173,8 @@ def canaries(
     from distillguard.forensics.canaries import canary_test, served_canaries
     from distillguard.guard.db import make_engine, migrate
     from distillguard.models import load_model
-    from distillguard.watermark.secret import load_secret
 
-    if secret and secret_file:
-        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
-    if secret_file is not None and not secret_file.is_file():
-        raise ConfigError(f"no such secret file: {secret_file}")
-    master = load_secret(secret, secret_file, create=False)
+    master = master_secret(secret, secret_file)
     names = None if accounts == "all" else [a.strip() for a in accounts.split(",") if a.strip()]
     engine = make_engine(db)
     try:
