@@ -230,6 +230,7 @@ class Guard:
         self._watermark_secret = (load_secret(config.watermark_secret.get_secret_value() if config.watermark_secret
                                               else None) if config.watermark else None)
         self._watermark_keys: dict[tuple[str, float | None], WatermarkKey] = {}
+        self._canary_secret: bytes | None = None
         self.policy = policy or (PolicyConfig.load(config.policy_file) if config.policy_file else PolicyConfig())
         self._levels: dict[str, tuple[Level, float]] = {}
         self.monitor = monitor
@@ -317,11 +318,12 @@ class Guard:
         return found
 
     def canary_secret(self) -> bytes:
-        if self._watermark_secret is None:  # watermarking off: the same master secret, loaded now
-            self._watermark_secret_canary = getattr(self, "_watermark_secret_canary", None) or load_secret(
+        """The master secret (canaries are keyed by it too); loaded on first use when watermarking
+        is off (``_watermark_secret`` stays None then: it says whether to watermark)."""
+        if self._canary_secret is None:
+            self._canary_secret = self._watermark_secret or load_secret(
                 self.config.watermark_secret.get_secret_value() if self.config.watermark_secret else None)
-            return self._watermark_secret_canary
-        return self._watermark_secret
+        return self._canary_secret
 
     # ---- verdicts and policies ------------------------------------------------------------
     async def decide(self, key: KeyRecord) -> Decision:
