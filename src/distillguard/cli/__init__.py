@@ -66,6 +66,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                                          help="calibration file (`distillguard detect --save-calibration`): "
                                               "score every request online and act on verdicts"),
     extracting_after: int = typer.Option(100, help="flagged requests before a suspect account is 'extracting'"),
+    antidistill_data: str = typer.Option("sharegpt", help="JSONL of {prompt, answer} whose loss antidistillation "
+                                         "sampling keeps high for students (policy action 'antidistill'); "
+                                         "default: 64 real ShareGPT answers"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -133,6 +136,18 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
             policy_file=policy), monitor=monitor)
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
+        if "antidistill" in guard.policy.uses:
+            if upstream:
+                err_console.print("[yellow]warning:[/] the policy uses 'antidistill', which needs a local model: "
+                                  "it will be recorded as not applied")
+            else:
+                from distillguard.serve.antidistill import build_direction, downstream_pairs
+
+                with err_console.status("computing the antidistillation direction ..."):
+                    direction = build_direction(lm, downstream_pairs(antidistill_data))
+                backend.enable_antidistill(direction)
+                err_console.print(f"[bold]distillguard[/] antidistillation sampling ready ({direction.tokens} "
+                                  f"answer tokens, downstream loss {direction.loss:.2f} nats/token)")
     uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=5)
 

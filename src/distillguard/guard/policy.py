@@ -19,6 +19,10 @@ Actions (the ``ACTIONS`` registry; every action taken is recorded in the request
 - ``limit_logprobs``: ``top_logprobs`` capped at ``logprobs_cap`` (0 strips logprobs);
 - ``watermark_boost``: the account's own watermark key with δ = ``watermark_boost_delta`` (the
   same key id and green lists: detection and tracing are unchanged, only stronger);
+- ``antidistill``: antidistillation sampling with strength ``antidistill_lambda`` (Savani et al.
+  2025; ``distillguard.serve.antidistill``): answers stay fluent but teach a student less. Local
+  models only, and only where the server was given a direction (``serve`` computes one when a
+  ladder uses the action); elsewhere it is recorded as not applied;
 - ``canary``: a share ``canary_rate`` of answers are canaries, account-specific fabricated
   statements recorded in the ledger: a model that later reproduces one learned from this account;
 - ``block``: 403 ``account_blocked``.
@@ -62,6 +66,7 @@ ACTIONS: dict[str, str] = {
     "throttle": "tighter rate limits (throttle_factor x the key's rpm/tpm)",
     "limit_logprobs": "cap top_logprobs at logprobs_cap (0 strips logprobs)",
     "watermark_boost": "the account's watermark with a stronger bias (watermark_boost_delta)",
+    "antidistill": "antidistillation sampling: answers that teach a student less (antidistill_lambda)",
     "canary": "answer a share canary_rate of requests with recorded, account-specific canaries",
     "block": "refuse every request with 403 account_blocked",
 }
@@ -84,6 +89,7 @@ class Decision:
     throttle_tpm: int | None = None
     logprobs_cap: int | None = None
     watermark_delta: float | None = None
+    antidistill: float = 0.0
     canary_rate: float = 0.0
 
     @property
@@ -131,6 +137,8 @@ class PolicyConfig(BaseModel):
     throttle_tpm: int = Field(16_000, ge=1, description="tpm of a throttled key that has no tpm limit")
     logprobs_cap: int = Field(0, ge=0, le=20, description="top_logprobs allowed under limit_logprobs (0: none)")
     watermark_boost_delta: float = Field(4.0, gt=0, description="watermark bias under watermark_boost")
+    antidistill_lambda: float = Field(1.0, gt=0, le=20, description="strength of antidistillation sampling "
+                                      "(nats per unit of typical Δ; bench/antidistill.py measures its cost)")
     canary_rate: float = Field(0.1, ge=0, le=1, description="share of answers that are canaries under canary")
     alert_webhook: str | None = Field(None, description="URL that receives alerts (JSON POST)")
 
@@ -179,8 +187,14 @@ class PolicyConfig(BaseModel):
             throttle_rpm=self.throttle_rpm, throttle_tpm=self.throttle_tpm,
             logprobs_cap=self.logprobs_cap if "limit_logprobs" in actions else None,
             watermark_delta=self.watermark_boost_delta if "watermark_boost" in actions else None,
+            antidistill=self.antidistill_lambda if "antidistill" in actions else 0.0,
             canary_rate=self.canary_rate if "canary" in actions else 0.0,
         )
+
+    @property
+    def uses(self) -> frozenset[str]:
+        """Every action some level of the ladder takes."""
+        return frozenset(a for actions in self.ladder.values() for a in actions)
 
 
 __all__ = ["ACTIONS", "DEFAULT_LADDER", "Decision", "Level", "PolicyConfig"]

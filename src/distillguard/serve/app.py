@@ -169,10 +169,16 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                 boost = decision.watermark_delta if decision is not None else None
                 watermark = guard.watermark_for(log.key, boost) if backend.supports_watermark else None
                 log.watermark_key_id = watermark.key_id if watermark else None
+                extra = {}
+                if decision is not None and decision.antidistill > 0 and getattr(backend, "supports_antidistill", False):
+                    extra["antidistill"] = decision.antidistill
+                    applied.append("antidistill")
+                    log.policy_action = decision.label(applied)
+                    guard.metrics.policy_actions.labels(action="antidistill").inc()
                 if req.stream:
-                    chunks = await backend.stream(req, watermark=watermark)
+                    chunks = await backend.stream(req, watermark=watermark, **extra)
                 else:
-                    response = await backend.complete(req, watermark=watermark)
+                    response = await backend.complete(req, watermark=watermark, **extra)
             if not req.stream:
                 log.add_response(response)
         except APIError as exc:

@@ -32,6 +32,7 @@ except ImportError:  # older transformers: no layered caches, no prefix reuse
     DynamicLayer = None
 
 from distillguard.models import LoadedModel
+from distillguard.serve.antidistill import apply_antidistill
 from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
 from distillguard.watermark import WatermarkKey, apply_watermark
 
@@ -86,6 +87,7 @@ class GenParams:
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     watermark: WatermarkKey | None = None  # the account's key; None: not watermarked
+    antidistill: float = 0.0  # λ of antidistillation sampling (policy ``antidistill``); 0: off
 
 
 @dataclass
@@ -160,6 +162,8 @@ class Engine:
         # KV cache is computed once and reused by every prefill (see _prefill).
         self._prefix = _template_prefix(lm)
         self._prefix_cache = None  # None: not computed yet; False: the cache type can't be reused
+        self.antidistill = None  # AntidistillDirection, set by enable_antidistill
+        self._tap = None
         self._reset()
 
     # ---- public API -------------------------------------------------------------------
@@ -170,6 +174,14 @@ class Engine:
         self._stopped = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+
+    def enable_antidistill(self, direction) -> None:
+        """Allow rows with ``GenParams.antidistill > 0`` (see ``distillguard.serve.antidistill``)."""
+        from distillguard.serve.antidistill import HiddenTap
+
+        if self._tap is None:
+            self._tap = HiddenTap(self.lm)
+        self.antidistill = direction
 
     def submit(self, job: Job) -> None:
         job.remaining = job.n
@@ -376,6 +388,10 @@ class Engine:
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev),
             )
+        if self.antidistill is not None and any(p.antidistill > 0 for p in params):
+            # Perturb the teacher's distribution first; the watermark then biases the result, so
+            # its detector sees the same green-list shift as on any other answer.
+            logits = apply_antidistill(logits, self._tap.last, self.antidistill, [p.antidistill for p in params])
         if any(p.watermark is not None for p in params):
             # Before temperature and top-p, as in the reference: the returned logprobs are those
             # of the watermarked distribution the token is actually drawn from.

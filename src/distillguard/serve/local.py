@@ -51,7 +51,17 @@ class LocalBackend:
     # ---- request preparation ----------------------------------------------------------
     supports_watermark = True
 
-    def _job(self, req: ChatCompletionRequest, watermark: WatermarkKey | None = None) -> tuple[Job, asyncio.Queue]:
+    @property
+    def supports_antidistill(self) -> bool:
+        """Whether ``antidistill=λ`` is applied: after :meth:`enable_antidistill`."""
+        return self.engine.antidistill is not None
+
+    def enable_antidistill(self, direction) -> None:
+        """Serve antidistillation sampling (policy ``antidistill``) along ``direction``."""
+        self.engine.enable_antidistill(direction)
+
+    def _job(self, req: ChatCompletionRequest, watermark: WatermarkKey | None = None,
+             antidistill: float = 0.0) -> tuple[Job, asyncio.Queue]:
         if req.model != self.model_id:
             raise NotFoundError(
                 f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
@@ -87,6 +97,7 @@ class LocalBackend:
             top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             logit_bias=tuple(bias), watermark=watermark,
+            antidistill=antidistill if self.supports_antidistill else 0.0,
         )
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -95,8 +106,9 @@ class LocalBackend:
         return job, events
 
     # ---- responses --------------------------------------------------------------------
-    async def complete(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None) -> dict:
-        job, events = self._job(req, watermark)
+    async def complete(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None,
+                       antidistill: float = 0.0) -> dict:
+        job, events = self._job(req, watermark, antidistill)
         texts = [""] * req.n
         entries: list[list[dict]] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
@@ -128,8 +140,9 @@ class LocalBackend:
             "usage": usage,
         }
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None) -> AsyncIterator[dict]:
-        job, events = self._job(req, watermark)  # raises before anything is streamed
+    async def stream(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None,
+                     antidistill: float = 0.0) -> AsyncIterator[dict]:
+        job, events = self._job(req, watermark, antidistill)  # raises before anything is streamed
         self.engine.submit(job)
         return self._chunks(req, job, events)
 

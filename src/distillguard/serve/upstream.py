@@ -103,8 +103,9 @@ class UpstreamBackend:
     # The upstream engine samples; watermarking there goes through its own logits-processor hook
     # (vLLM, TGI), not through this proxy.
     supports_watermark = False
+    supports_antidistill = False  # the upstream's logits never reach us
 
-    async def complete(self, req: ChatCompletionRequest, *, watermark=None) -> dict:
+    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0) -> dict:
         try:
             async with self._request("POST", "chat/completions", json=self._body(req)) as resp:
                 status, content = resp.status, await resp.read()
@@ -118,7 +119,8 @@ class UpstreamBackend:
         except ValueError:
             raise UpstreamError("the upstream server answered with invalid JSON", code="upstream_bad_response") from None
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark=None) -> AsyncIterator[dict]:
+    async def stream(self, req: ChatCompletionRequest, *, watermark=None,
+                     antidistill: float = 0.0) -> AsyncIterator[dict]:
         try:
             resp = await self._request("POST", "chat/completions", json=self._body(req))
             if resp.status >= 400:
