@@ -94,6 +94,24 @@ def test_prune_keeps_evenly_spaced_layers_and_generates():
         prune_layers(lm, 7)
 
 
+def test_sparse_logits_are_the_full_logits_at_the_answer():
+    """The output layer on the answer positions only gives the same logits and the same SFT loss."""
+    from distillguard.distill.train import answer_logits, shifted
+
+    lm = load_model("tiny:layers=2")
+    batch = collate([sft_example(lm, [{"role": "user", "content": "q" * n}], "an answer " * n, 512) for n in (1, 5, 9)],
+                    lm.tokenizer.pad_token_id)
+    select = shifted(batch["labels"])
+    assert select.sum() == (batch["labels"] != IGNORE).sum()  # one prediction per labelled token
+    with torch.no_grad():
+        full = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        sparse = answer_logits(lm.model, batch["input_ids"], batch["attention_mask"], select)
+    assert sparse.shape == (int(select.sum()), full.logits.shape[-1])
+    assert torch.allclose(sparse, full.logits[select], atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(sparse, batch["labels"][:, 1:][select[:, :-1]])
+    assert ce.item() == pytest.approx(full.loss.item(), rel=1e-5)  # the model's own causal-LM loss
+
+
 def _records(lm, n=24):
     rows = []
     for i in range(n):

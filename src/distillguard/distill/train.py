@@ -58,6 +58,9 @@ class TrainConfig:
     lmbda: float = 0.5  # gkd: share of batches whose answers the student samples itself (on-policy)
     gen_max_new_tokens: int = 64  # gkd: length of the student's own answers
     gen_temperature: float = 1.0  # gkd: sampling temperature of the student's answers
+    # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
+    group_by_length: bool = True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
+    sparse_logits: bool = True  # output layer only where a loss is taken (the answer), not over the prompt
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -78,13 +81,17 @@ class TrainConfig:
 
 def prune_layers(lm: LoadedModel, keep: int) -> LoadedModel:
     """A student made of ``keep`` evenly spaced decoder layers of ``lm`` (first and last kept)."""
-    model = copy.deepcopy(lm.model)
-    layers = model.model.layers
+    layers = lm.model.model.layers
     n = len(layers)
     if not 1 <= keep <= n:
         raise ConfigError(f"prune:{keep}: the teacher has {n} layers; keep between 1 and {n}")
     idx = sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)}) if keep > 1 else [0]
-    model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
+    # Copy only the kept layers: swap them in for the copy, then put the teacher's back.
+    lm.model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
+    try:
+        model = copy.deepcopy(lm.model)
+    finally:
+        lm.model.model.layers = layers
     for new, layer in enumerate(model.model.layers):  # the KV cache is indexed by layer_idx
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new
@@ -232,6 +239,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     args = TrainingArguments(
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         output_dir=str(Path(config.out) / "checkpoints"), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr, lr_scheduler_type="cosine", warmup_steps=max(1, len(examples) // (10 * config.batch_size)),
@@ -243,11 +251,11 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
             teacher=teacher.model, beta=config.jsd_beta, lmbda=config.lmbda if config.loss == "gkd" else 0.0,
             vocab=len(tok), eos_token_ids=sorted(student.eos_token_ids), pad_token_id=tok.pad_token_id,
             max_new_tokens=config.gen_max_new_tokens, temperature=config.gen_temperature, seed=config.seed,
-            model=model, args=args, train_dataset=examples,
+            sparse_logits=config.sparse_logits, model=model, args=args, train_dataset=examples,
             data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True), callbacks=list(callbacks))
     else:
-        trainer_cls = KDTrainer if config.loss == "topk-kd" else Trainer
-        trainer = trainer_cls(model=model, args=args, train_dataset=examples,
+        trainer_cls = KDTrainer if config.loss == "topk-kd" else SFTTrainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
                               data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
     result = trainer.train()
     if config.lora:
@@ -260,6 +268,10 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
                "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
+               # Non-padding tokens through the student per second of training (the on-policy answers of
+               # gkd not counted): the speed bench's metric.
+               "train_seconds": result.metrics["train_runtime"],
+               "tokens_per_s": config.epochs * sum(len(e["input_ids"]) for e in examples) / result.metrics["train_runtime"],
                "train_loss": result.training_loss, "history": history,
                "final_loss": history[-1]["loss"] if history else math.nan}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -281,19 +293,67 @@ def _byte_index(lm: LoadedModel) -> dict[bytes, int]:
     return index
 
 
-class KDTrainer(Trainer):
+def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
+                  position_ids: torch.Tensor | None = None, *, sparse: bool = True) -> torch.Tensor:
+    """Logits at the selected positions only: (N, V) for ``select`` (B, T) boolean.
+
+    The output layer of a small student is a large share of its compute (SmolLM2's tied
+    49,152 x 576 embedding is half of an 8-layer prune), and the loss only looks at the answer,
+    a third of the tokens, so ``sparse`` runs the decoder on every position and the output layer
+    on the selected hidden states alone (the same numbers as the full logits indexed by
+    ``select``; tested). Models whose head does more than a projection (logit soft-capping) fall
+    back to the full forward.
+    """
+    decoder = getattr(model, "get_decoder", lambda: None)()
+    head = model.get_output_embeddings()
+    if not sparse or decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[select]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return head(hidden[select])  # (N, H) -> (N, V)
+
+
+def shifted(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions whose next token carries a label: position t predicts token t+1."""
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != IGNORE
+    return select
+
+
+class _MeanLossTrainer(Trainer):
+    """Base of our trainers: ``compute_loss`` returns the batch mean, so the Trainer must scale it
+    for gradient accumulation itself (it skips that when the model accepts ``num_items_in_batch``)."""
+
+    def __init__(self, *args, sparse_logits: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sparse_logits = sparse_logits
+        self.model_accepts_loss_kwargs = False
+
+
+class SFTTrainer(_MeanLossTrainer):
+    """Cross-entropy on the labelled (answer) tokens: the model's own causal-LM loss, with the
+    output layer applied only where a label is (see :func:`answer_logits`)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]  # (B, T)
+        select = shifted(labels)
+        logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], select,
+                               sparse=self.sparse_logits)  # (N, V)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][select[:, :-1]])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class KDTrainer(_MeanLossTrainer):
     """Trainer whose loss is the sparse top-k KL to the teacher at every answer position."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        topk_ids, topk_lps, kd_mask = inputs.pop("topk_ids"), inputs.pop("topk_logprobs"), inputs.pop("kd_mask")
-        inputs.pop("labels", None)
-        outputs = model(**inputs)
-        logits = outputs.logits  # (B, T, V)
-        loss = topk_kd_loss(logits[kd_mask], topk_ids[kd_mask], topk_lps[kd_mask])
-        return (loss, outputs) if return_outputs else loss
+        topk_ids, topk_lps, kd_mask = inputs["topk_ids"], inputs["topk_logprobs"], inputs["kd_mask"]  # (B, T, K), (B, T)
+        logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], kd_mask,
+                               sparse=self.sparse_logits)  # (N, V)
+        loss = topk_kd_loss(logits, topk_ids[kd_mask], topk_lps[kd_mask])
+        return (loss, {"logits": logits}) if return_outputs else loss
 
 
-class LogitKDTrainer(Trainer):
+class LogitKDTrainer(_MeanLossTrainer):
     """Full-logit distillation from a local teacher: generalised JSD at every answer position.
 
     With ``lmbda > 0`` this is GKD (Agarwal et al. 2024, Algorithm 1): each batch, with
@@ -344,12 +404,10 @@ class LogitKDTrainer(Trainer):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]  # (B, T)
         # Positions from the mask, so left-padded (on-policy) and right-padded rows both count from 0.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-        outputs = model(input_ids=ids, attention_mask=mask, position_ids=positions)
+        select = shifted(labels)  # (B, T): positions predicting answer tokens
+        s = answer_logits(model, ids, mask, select, positions, sparse=self.sparse_logits)  # (N, V)
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        select = labels[:, 1:] != IGNORE  # (B, T-1): position t predicts token t+1, answer tokens only
-        # Only the selected positions, and only real tokens (output layers may be padded past the vocabulary).
-        s = outputs.logits[:, :-1][select][:, :self.vocab]  # (N, V)
-        t = t_logits[:, :-1][select][:, :self.vocab]  # (N, V)
-        loss = generalized_jsd_loss(s, t, beta=self.beta)
-        return (loss, outputs) if return_outputs else loss
+            t = answer_logits(self.teacher, ids, mask, select, positions, sparse=self.sparse_logits)  # (N, V)
+        # Only real tokens (output layers may be padded past the vocabulary).
+        loss = generalized_jsd_loss(s[:, :self.vocab], t[:, :self.vocab], beta=self.beta)
+        return (loss, {"logits": s}) if return_outputs else loss
