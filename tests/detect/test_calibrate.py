@@ -102,3 +102,49 @@ def test_embedding_policy_skips_follow_ups_and_samples_after_the_window(embedder
     assert embedded[4] == 0                               # follow-up turns: not embedded
     # the first 16 fresh prompts all, then 1 request in 4
     assert embedded[-1] == 16 + sum(1 for n in range(5 + 16, 5 + 48) if n % 4 == 0)
+
+
+class _HashEmbedder:
+    """A deterministic stand-in for MiniLM: a prompt's vector from its words (fast, no model)."""
+
+    signature = "hash-test"
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += len(texts)
+        out = np.empty((len(texts), 32), dtype=np.float32)
+        for i, t in enumerate(texts):
+            v = np.random.default_rng(abs(hash(t.split()[-1])) % 2**32 + len(t)).normal(size=32)
+            out[i] = v / np.linalg.norm(v)
+        return out
+
+
+def test_deferred_embedding_changes_no_score_and_spares_light_accounts():
+    """The embedding budget's deferral (``embed_after``) gives the raw scores of eager embedding
+    at every request, while accounts that never reach ``embed_after`` prompts cost nothing."""
+    from distillguard.detect.reference import Reference
+
+    rng = np.random.default_rng(3)
+    unit = rng.normal(size=(64, 32)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ref = Reference(embeddings=unit, centers=unit[:8], distances=np.linspace(0.1, 0.9, 50))
+    prng = random.Random(5)
+    traffic = benign_traffic(30, seed=4) + bulk_account(prng, "script", 120)
+    feats = sorted((extract(r) for r in traffic), key=lambda f: f.ts)
+    light = {a for a, fs in group_by_account(feats).items() if sum(not f.continues for f in fs) < 16}
+    scores, embedded = {}, {}
+    for after in (1, 16):
+        emb = _HashEmbedder()
+        monitor = AccountMonitor(config=DetectConfig(window=32, min_prompts=16, embed_after=after,
+                                                     link_min_evidence=10_000), reference=ref,
+                                 embedder=emb)
+        scores[after] = [s.raw().tolist() for i in range(0, len(feats), 50)
+                         for s, _ in monitor.step_batch(feats[i:i + 50])]
+        embedded[after] = {a: s.embedded for a, s in monitor.accounts.items()}
+        alone = {a for a in light if monitor.linker.cluster_size(a) == 1}  # linked accounts are embedded at once
+    assert scores[1] == scores[16]
+    light &= alone
+    assert light and all(embedded[16][a] == 0 for a in light) and all(embedded[1][a] > 0 for a in light)
+    assert embedded[16]["script"] == embedded[1]["script"] > 16

@@ -94,8 +94,9 @@ def test_mmd_fires_on_off_distribution_prompts_not_on_reference_like_ones(space)
     other = rng.normal(size=(4, space.shape[1]))
     other /= np.linalg.norm(other, axis=1, keepdims=True)
     off = run("mmd", _prompts(64), topic_embeddings(rng, other, 64, spread=0.6), ref)
-    assert off.score() >= 2.0           # p ≤ 0.01 (the permutation floor is 1/101)
-    assert same.score() < 1.3           # p > 0.05
+    # m·MMD²: O(1) when the window is drawn like the reference, growing with m when it is not
+    assert off.score() > 10 * max(same.score(), 0.1)
+    assert same.score() < 1.0
     assert "MMD" in off.reasons()[0]
 
 

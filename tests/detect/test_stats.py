@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from scipy import stats
 
 from distillguard.detect.reference import nn_distances
-from distillguard.detect.stats import (EmpiricalTail, _sq_dists, ks_greater, median_bandwidth, mmd2_unbiased,
-                                      mmd_test, normalized_entropy)
+from distillguard.detect.stats import (EmpiricalTail, _sq_dists, ks_greater, median_bandwidth, mmd2_to_reference,
+                                      mmd2_unbiased, mmd_test, normalized_entropy)
 from tests.detect.conftest import topic_embeddings
 
 ALPHA, TRIALS = 0.05, 200
@@ -29,6 +30,17 @@ def test_mmd_unbiased_is_zero_in_expectation_and_positive_for_a_shift():
         D = ((Z[:, None] - Z[None]) ** 2).sum(-1)
         vals.append(mmd2_unbiased(np.exp(-D / 2), 20))
     assert abs(np.mean(vals)) < 3 * np.std(vals) / math.sqrt(len(vals))
+
+
+def test_mmd2_to_reference_equals_the_joint_kernel_statistic(space):
+    rng = np.random.default_rng(7)
+    X, Y = topic_embeddings(rng, space, 24, spread=0.6), topic_embeddings(rng, space, 50, spread=0.6)
+    bw = median_bandwidth(Y)
+    Z = np.concatenate([X, Y]).astype(np.float64)
+    K = np.exp(-_sq_dists(Z) / bw)
+    Kyy = K[24:, 24:]
+    kyy_mean = (Kyy.sum() - np.trace(Kyy)) / (50 * 49)
+    assert mmd2_to_reference(X, Y, bw, kyy_mean) == pytest.approx(mmd2_unbiased(K, 24), abs=1e-5)
 
 
 def test_mmd_test_false_positive_rate_on_benign_windows_is_nominal(space):

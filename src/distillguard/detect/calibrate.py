@@ -42,7 +42,7 @@ from distillguard.detect.stats import EmpiricalTail
 from distillguard.errors import ConfigError
 
 DAY = 86_400.0
-FORMAT = "distillguard-detect-calibration/1"
+FORMAT = "distillguard-detect-calibration/2"  # 2: mmd scores m·MMD², not -log10 p
 
 
 @dataclass

@@ -26,6 +26,7 @@ from distillguard.detect.registry import Detector, register
 
 _WORD = re.compile(r"\w+")
 NUM_PERM = 64
+MAX_WORDS = 96   # words of a prompt that are shingled
 MAX_SHARERS = 50  # near-duplicates across more accounts than this are a popular prompt
 
 
@@ -111,7 +112,9 @@ class Linker:
     def observe(self, f) -> None:
         a = f.account
         self.find(a)
-        words = _WORD.findall(f.prompt.lower())
+        # the first MAX_WORDS words: near-duplicates share their openings, and hashing the shingles of
+        # a 4,000-character prompt was the linker's main cost
+        words = _WORD.findall(f.prompt[:8 * MAX_WORDS].lower())[:MAX_WORDS]
         if len(words) >= 8 and f.template not in self.common:  # formulaic prompts people share: no evidence
             m = MinHash(num_perm=NUM_PERM, permutations=self._perm.permutations, scheme=self._perm.scheme)
             m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)])

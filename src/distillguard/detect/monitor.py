@@ -50,16 +50,37 @@ class _Stream:
         for d in self.detectors:
             if isinstance(d, LinkingDetector):
                 d.bind(owner)
-        self.history: deque[tuple[Features, np.ndarray | None]] = deque(maxlen=history)
+        self.embedding_detectors = [d for d in self.detectors if d.uses_embeddings]
+        # history entries are [features, embedding] lists: a deferred prompt's embedding is
+        # filled in when the account's backlog is embedded (replayed if accounts are linked)
+        self.history: deque[list] = deque(maxlen=history)
         self.n = 0
+        self.embeddable = 0          # prompts the embedding policy would embed (first turns by default)
         self.embedded = 0
+        self.deferred: list[list] = []   # history entries waiting for the account to reach `embed_after`
+        self.active = False          # the backlog has been embedded: embed as prompts come
+        self.flagged = False         # flagged once: embed only 1 in `embed_every_flagged` from then on
 
-    def observe(self, f: Features, emb: np.ndarray | None) -> None:
+    def observe(self, f: Features, emb: np.ndarray | None, *, embeddable: bool = False,
+                deferred: bool = False) -> None:
         self.n += 1
+        self.embeddable += embeddable
         self.embedded += emb is not None
-        self.history.append((f, emb))
+        entry = [f, emb]
+        self.history.append(entry)
+        if deferred:
+            self.deferred.append(entry)
         for d in self.detectors:
             d.observe(f, emb)
+
+    def catch_up(self, entries: list[list]) -> None:
+        """Feed embeddings that arrived late (a deferred backlog) to the embedding detectors only:
+        the others saw these requests already, and the embedding detectors ignore prompts without
+        an embedding, so the end state is the one eager embedding would have reached."""
+        for f, emb in entries:
+            self.embedded += 1
+            for d in self.embedding_detectors:
+                d.observe(f, emb)
 
     def raw(self) -> np.ndarray:
         return np.array([d.score() for d in self.detectors])
@@ -108,53 +129,99 @@ class AccountMonitor:
         members = self.linker.members(root)
         merged = sorted((item for a in members if a in self.accounts for item in self.accounts[a].history),
                         key=lambda fe: fe[0].ts)
+        for a in members:  # linked accounts are suspects: no more deferring their embeddings
+            if a in self.accounts:
+                self.accounts[a].active = True
         pooled = _Stream(self.classes, self.context, root, self.config.history)
         for f, emb in merged[-self.config.history:]:
             pooled.observe(f, emb)
         self.clusters[root] = pooled
 
     # ---- observing ----
-    def _wants_embedding(self, f: Features, seen: dict[str, int], taken: dict[str, int]) -> bool:
-        """Which prompts to embed (MiniLM is most of the cost): not the follow-up turns of a
-        conversation (unless configured), and after an account's first ``window`` embedded
-        prompts only 1 request in ``embed_every``; the embedding tests run on that sample.
-        ``seen``/``taken``: this batch's requests and embeddings so far, per account."""
-        if not self.needs_embeddings or (f.continues and not self.config.embed_followups):
-            return False
-        stream = self.accounts.get(f.account)
-        n = (stream.n if stream else 0) + seen.get(f.account, 0)
-        done = (stream.embedded if stream else 0) + taken.get(f.account, 0)
-        seen[f.account] = seen.get(f.account, 0) + 1
-        take = done < self.config.window or n % self.config.embed_every == 0
-        if take:
-            taken[f.account] = taken.get(f.account, 0) + 1
-        return take
+    SKIP, DEFER, EMBED, ACTIVATE = range(4)
+
+    def _plan(self, feats: Sequence[Features]) -> list[int]:
+        """What to do with each request's prompt (MiniLM is most of the cost). The embedding
+        budget (DetectConfig):
+
+        - follow-up turns are not embedded (unless ``embed_followups``): a conversation stays on
+          its first turn's topic;
+        - an account's first ``embed_after - 1`` embeddable prompts are deferred (DEFER): the
+          embedding detectors are silent below ``min_prompts`` anyway, and most accounts never send
+          that many; the backlog is embedded when the account reaches ``embed_after`` (ACTIVATE) or
+          is linked to another account, so no score changes, only the cost of light users goes;
+        - after the first ``window`` embedded prompts, 1 request in ``embed_every``; once the account
+          is flagged, 1 in ``embed_every_flagged`` (the evidence is in; the reasons stay fresh).
+        """
+        cfg = self.config
+        plan: list[int] = []
+        state: dict[str, list] = {}   # account -> [requests, embeddable, embedded, active], as of this request
+        for f in feats:
+            st = state.get(f.account)
+            if st is None:
+                s = self.accounts.get(f.account)
+                st = state[f.account] = ([s.n, s.embeddable, s.embedded, s.active] if s else [0, 0, 0, False])
+            st[0] += 1
+            if not self.needs_embeddings or (f.continues and not cfg.embed_followups):
+                plan.append(self.SKIP)
+                continue
+            st[1] += 1
+            if not st[3] and self.linker.cluster_size(f.account) == 1 and st[1] < cfg.embed_after:
+                plan.append(self.DEFER)
+            elif not st[3]:
+                st[2], st[3] = st[1], True          # the backlog and this prompt
+                plan.append(self.ACTIVATE)
+            else:
+                s = self.accounts.get(f.account)
+                every = cfg.embed_every_flagged if s is not None and s.flagged else cfg.embed_every
+                take = st[2] < cfg.window or st[0] % every == 0
+                st[2] += take
+                plan.append(self.EMBED if take else self.SKIP)
+        return plan
 
     def step_batch(self, feats: Sequence[Features]) -> Iterator[tuple[_Stream, _Stream | None]]:
         """Observe features (time order), embedding their prompts in one batch; yields, right after
         each request is observed, the account's stream and its cluster's (None when alone).
 
         A generator on purpose: read each stream's scores before asking for the next request."""
-        seen: dict[str, int] = {}
-        taken: dict[str, int] = {}
-        want = [self._wants_embedding(f, seen, taken) for f in feats]
-        embs: list[np.ndarray | None] = [None] * len(feats)
-        idx = [i for i, w in enumerate(want) if w]
-        if idx:
-            vecs = self.embedder.embed([feats[i].prompt for i in idx])
-            for j, i in enumerate(idx):
-                embs[i] = vecs[j]
-        for f, emb in zip(feats, embs):
+        plan = self._plan(feats)
+        activated = {f.account for f, a in zip(feats, plan) if a == self.ACTIVATE}
+        texts = [f.prompt for f, a in zip(feats, plan)
+                 if a in (self.EMBED, self.ACTIVATE) or (a == self.DEFER and f.account in activated)]
+        texts += [e[0].prompt for a in activated if a in self.accounts for e in self.accounts[a].deferred]
+        lookup = dict(zip(texts, self.embedder.embed(texts))) if texts else {}   # one batch; the cache dedups
+        for f, action in zip(feats, plan):
             stream = self.accounts.get(f.account)
             if stream is None:
                 stream = self.accounts[f.account] = _Stream(self.classes, self.context, f.account, self.config.history)
             self.linker.observe(f)          # may merge clusters (and replay their histories)
-            stream.observe(f, emb)
             root = self.linker.find(f.account)
             pooled = self.clusters.get(root) if self.linker.cluster_size(f.account) > 1 else None
+            if action == self.ACTIVATE or (stream.active and stream.deferred):
+                self._flush(stream, pooled, lookup)
+            if action == self.DEFER and stream.active:   # linked within this batch: embed it after all
+                action = self.EMBED
+            emb = None
+            if action in (self.EMBED, self.ACTIVATE):
+                emb = lookup.get(f.prompt)
+                if emb is None:
+                    emb = lookup[f.prompt] = self.embedder.embed([f.prompt])[0]
+            stream.observe(f, emb, embeddable=action != self.SKIP, deferred=action == self.DEFER)
             if pooled is not None and pooled.history and pooled.history[-1][0] is not f:
                 pooled.observe(f, emb)
             yield stream, pooled
+
+    def _flush(self, stream: _Stream, pooled: _Stream | None, lookup: dict) -> None:
+        """Embed an account's deferred backlog; its (and its cluster's) embedding detectors see it."""
+        entries, stream.deferred, stream.active = stream.deferred, [], True
+        missing = [e[0].prompt for e in entries if e[0].prompt not in lookup]
+        if missing:
+            lookup.update(zip(missing, self.embedder.embed(missing)))
+        for e in entries:
+            e[1] = lookup[e[0].prompt]
+        stream.catch_up(entries)
+        if pooled is not None:
+            pooled.catch_up(entries)
 
     def combined(self, raw: np.ndarray) -> tuple[float, list[float]]:
         """Fisher's combination -2 Σ ln p_d of the detectors' benign tail probabilities."""
@@ -170,6 +237,7 @@ class AccountMonitor:
             if pscore > score:
                 score, ps, source = pscore, pps, pooled
         level = "flag" if score > cal.threshold else "watch" if score > cal.watch_threshold else "ok"
+        stream.flagged = stream.flagged or level == "flag"   # sticky: thins its embeddings from now on
         reasons: tuple[str, ...] = ()
         if level != "ok":
             order = sorted(range(len(ps)), key=lambda i: ps[i])

@@ -1,7 +1,9 @@
 """The statistics behind the detectors, as pure functions tested on inputs with known answers.
 
 - ``mmd_test``: kernel two-sample test (Gretton et al., JMLR 2012) with a Gaussian kernel on
-  embeddings, median-heuristic bandwidth, permutation p-value.
+  embeddings, median-heuristic bandwidth, permutation p-value; ``mmd2_to_reference``: the
+  statistic alone against a fixed reference (what the online detector uses: its benign
+  distribution comes from calibration, so no permutations are needed per window).
 - ``ks_greater``: one-sided two-sample Kolmogorov-Smirnov (scipy) for PRADA-style distance tests.
 - ``normalized_entropy``: evenness of a histogram (topic coverage).
 - ``EmpiricalTail``: tail probability of a score under the benign distribution, the common
@@ -74,6 +76,20 @@ def mmd_test(X: np.ndarray, Y: np.ndarray, *, permutations: int = 200, rng: np.r
     syy = total - sxx - 2.0 * sxy
     stat = sxx / (m * (m - 1)) + syy / (n * (n - 1)) - 2.0 * sxy / (m * n)
     return observed, (1.0 + int((stat >= observed - 1e-12).sum())) / (1.0 + permutations)
+
+
+def mmd2_to_reference(X: np.ndarray, Y: np.ndarray, bandwidth: float, kyy_mean: float) -> float:
+    """Unbiased MMD² of a window X (m, D) against a fixed reference Y (n, D), Gaussian kernel
+    exp(-|x-y|² / bandwidth); ``kyy_mean`` is the reference's off-diagonal kernel mean, computed
+    once. Equals ``mmd2_unbiased`` on the joint kernel matrix, at the cost of the (m, m) and
+    (m, n) blocks only (float32: the online scorer runs it every ``stride`` prompts)."""
+    m = len(X)
+    X32, Y32 = X.astype(np.float32), Y.astype(np.float32)
+    xx, yy = np.einsum("nd,nd->n", X32, X32), np.einsum("nd,nd->n", Y32, Y32)
+    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X32 @ X32.T, 0) / bandwidth)   # (m, m)
+    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X32 @ Y32.T, 0) / bandwidth)   # (m, n)
+    return float((Kxx.sum(dtype=np.float64) - np.trace(Kxx)) / (m * (m - 1)) + kyy_mean
+                 - 2.0 * Kxy.mean(dtype=np.float64))
 
 
 def ks_greater(sample: np.ndarray, reference: np.ndarray) -> float:
