@@ -9,7 +9,11 @@ Traffic from the arena (``distillguard.arena.traffic``), three disjoint parts:
   with one system prompt, offices behind one NAT);
 - campaigns: each kind generated alone (its own attack-pool text) and scored *mixed with the
   evaluation benign traffic*, one kind at a time (so two campaigns sharing the attack pool do
-  not link each other and flatter the numbers).
+  not link each other and flatter the numbers). Per kind ``--attackers`` independent campaigns
+  of one account each (their own random streams: addresses, parameters, prompt order, topics),
+  hydra as 2 campaigns of 20 accounts; attackers of one kind draw on the same public recipes
+  (templates, Evol-Instruct prompts), so they may link to each other: ``linked_attackers``
+  says how many did.
 
 Per kind: TPR at the calibrated threshold (per account; hydra also per cluster), ROC AUC of
 account scores (campaign accounts vs evaluation benign accounts, scikit-learn), median
@@ -66,6 +70,8 @@ def main() -> None:
     ap.add_argument("--days", type=float, default=3.0)
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--attackers", type=int, default=5, help="independent one-account campaigns per kind")
+    ap.add_argument("--hydras", type=int, default=2, help="hydra campaigns (20 accounts each)")
     ap.add_argument("--quick", action="store_true", help="smaller campaigns (for a smoke run)")
     ap.add_argument("--out", default=str(RESULTS / "detect_eval.json"))
     args = ap.parse_args()
@@ -78,7 +84,7 @@ def main() -> None:
 
     cal_records = generate_traffic(TrafficConfig(benign_accounts=args.cal_accounts, pool="calibration",
                                                  days=args.days, seed=101))
-    prog, step = progress_bar("calibrating", 2 * len(cal_records))
+    prog, step = progress_bar("calibrating", len(cal_records))
     with prog:
         cal = calibrate(cal_records, config=DetectConfig(target_fpr=args.target_fpr), embedder=embedder, progress=step)
     console.print(f"calibrated in {time.time() - t0:.0f} s: threshold {cal.threshold:.2f}, {cal.stats}")
@@ -104,11 +110,13 @@ def main() -> None:
     benign_scores: dict[str, float] | None = None
     benign_flag_days: set = set()
     curves = {}
+    from scipy.stats import beta
     from sklearn.metrics import roc_auc_score, roc_curve
 
     for n, kind in enumerate(kinds):
-        spec = f"{kind}:1:300" if args.quick and kind not in ("hydra", "slowlow") else kind
-        camp = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=(spec,), days=args.days, seed=300 + n))
+        spec = f"{kind}:1:300" if args.quick and kind not in ("hydra", "slowlow") else f"{kind}:1"
+        specs = ("hydra",) * args.hydras if kind == "hydra" else (spec,) * args.attackers
+        camp = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=specs, days=args.days, seed=300 + n))
         records = benign + camp
         prog, step = progress_bar(f"scoring {kind}", len(records))
         with prog:
@@ -125,9 +133,19 @@ def main() -> None:
         curves[kind] = (fpr, tpr)
         q = [rows[a].flagged_at_request for a in attack]
         q_all = sorted(x if x is not None else np.inf for x in q)
+        flagged_n = sum(rows[a].flagged for a in attack)
+        campaign_of = {r["account"]: r.get("campaign") for r in camp}
+        by_campaign = defaultdict(list)
+        for a in attack:
+            by_campaign[campaign_of[a]].append(a)
         entry = {
-            "accounts": len(attack), "requests_per_account": round(len(camp) / len(attack), 1),
-            "tpr": float(np.mean([rows[a].flagged for a in attack])),
+            "accounts": len(attack), "campaigns": len(by_campaign),
+            "requests_per_account": round(len(camp) / len(attack), 1),
+            "tpr": float(flagged_n / len(attack)),
+            # one-sided 95% lower bound (Clopper-Pearson) on the per-account TPR
+            "tpr_lower95": float(beta.ppf(0.05, flagged_n, len(attack) - flagged_n + 1)) if flagged_n else 0.0,
+            "tpr_per_campaign": float(np.mean([any(rows[a].flagged for a in acc) for acc in by_campaign.values()])),
+            "linked_attackers": sum(rows[a].cluster is not None for a in attack),
             "roc_auc": float(roc_auc_score(y, s)),
             # unflagged accounts count as never (inf); null when the quantile itself is "never"
             "median_queries_to_detect": _quantile(q_all, 0.5),

@@ -47,10 +47,34 @@ def test_shape_fires_on_harvest_shape_not_on_chat():
     rng = random.Random(2)
     harvest = run("shape", bulk_account(rng, "b", 100))
     chat = run("shape", benign_account(rng, "p", days=3))
-    assert harvest.score() > 3.0        # logprobs, large max_tokens, no continuation, CoT
+    assert harvest.score() > 2.5        # logprobs, large max_tokens, no continuation
     assert chat.score() < 1.5
     reasons = harvest.reasons()[0]
-    assert "logprobs 100%" in reasons and "chain-of-thought 100%" in reasons
+    assert "logprobs 100%" in reasons and "large max_tokens 100%" in reasons
+
+
+SUBJECTS_ = ("the ocean", "black holes", "a lost dog", "jazz", "the Roman Empire", "coffee", "volcanoes", "DNA")
+
+
+def test_template_fires_on_a_sweep_of_refilled_skeletons_not_on_a_person():
+    rng = random.Random(8)
+    skeletons = ("Write a {} about {}.", "Explain {} to a {}.", "Give me {} facts about {}.")
+    sweep = [record("t", T0 + 5 * i, rng.choice(skeletons).format(rng.choice(("poem", "story", "five", "child")),
+                                                                  rng.choice(SUBJECTS_))) for i in range(80)]
+    det = run("template", sweep)
+    person = run("template", benign_account(rng, "p", days=3))
+    habit = run("template", [record("h", T0 + 60 * i, f"Translate this into French: {w}") for i, w in
+                             enumerate(rng.choices(WORDS_, k=40))])      # one skeleton, a habit
+    assert det.score() > 1.5 and max(person.score(), habit.score()) < det.score() / 2   # (synth people repeat one skeleton)
+    assert "skeleton" in det.reasons()[0]
+    assert run("template", sweep[:1]).score() == 0.0
+
+
+def test_cot_fires_on_reasoning_requests_not_on_an_occasional_one():
+    harvest = [record("r", T0 + 3 * i, f"Solve {i} + {i}. Let's think step by step.") for i in range(40)]
+    person = [record("p", T0 + 60 * i, f"question {i}" + (" step by step" if i % 10 == 0 else "")) for i in range(40)]
+    assert run("cot", harvest).score() > 0.8 > 0.2 > run("cot", person).score()
+    assert "chain of thought" in run("cot", harvest).reasons()[0]
 
 
 def test_shape_researcher_with_logprobs_alone_scores_at_most_one_trait():
@@ -148,7 +172,7 @@ def test_plugins_register_like_builtins_and_unknown_names_are_rejected():
             return [f"{self.n} requests"]
 
     assert detectors()["test-always"] is Always
-    assert {"volume", "timing", "shape", "mmd", "prada", "coverage", "linking"} <= set(detectors())
+    assert {"volume", "timing", "shape", "template", "cot", "mmd", "prada", "coverage", "linking"} <= set(detectors())
     assert select(["test-always"]) == [Always]
     with pytest.raises(ConfigError, match="unknown detector"):
         select(["nope"])

@@ -88,12 +88,23 @@ def test_empirical_tail_is_conformal():
     tail = EmpiricalTail(np.arange(1, 100))          # 1..99
     assert tail.pvalue(99) == 2 / 100 and tail.pvalue(98.5) == 2 / 100   # conformal inside the data
     assert tail.pvalue(1e9) == 1 / 100                # floor 1/(n+1): one detector cannot claim more
-    pot = EmpiricalTail(np.arange(1, 100), max_extrapolation=100)
-    assert 1 / 100 / 100 < pot.pvalue(101) < 1 / 100  # exponential tail beyond the data
+    quantiles = -np.log(1 - np.arange(1, 100) / 100)  # exponential quantiles (a uniform's tail ends at its max)
+    pot = EmpiricalTail(quantiles, max_extrapolation=100)
+    assert 1 / 100 / 100 < pot.pvalue(quantiles[-1] + 0.5) < 1 / 100  # fitted tail beyond the data
     assert pot.pvalue(1e9) == 1 / 100 / 100           # down to its floor
+    assert EmpiricalTail(np.arange(1, 100), max_extrapolation=100, floor=1e-3).pvalue(1e9) == 1e-3
     assert tail.pvalue(0) == 1.0
     assert tail.pvalue(99) == 2 / 100
     # under H0 (a new benign score from the same distribution) P(p ≤ a) ≤ a
     rng = np.random.default_rng(4)
     draws = [EmpiricalTail(rng.normal(size=99)).pvalue(rng.normal()) for _ in range(2000)]
     assert np.mean(np.array(draws) <= 0.1) <= 0.1 + 3 * math.sqrt(0.09 / 2000)
+
+
+def test_gpd_tail_extrapolates_the_tail_probability_of_a_known_distribution():
+    """Peaks over threshold on 2,000 exponential samples: beyond the largest sample (where the
+    conformal p-value is stuck at 1/2001) the fitted tail tracks the true P(S ≥ s) = e^-s."""
+    rng = np.random.default_rng(9)
+    tail = EmpiricalTail(rng.exponential(size=2000), max_extrapolation=1e6)
+    for s in (10.0, 12.0, 14.0):                          # true tails 4.5e-5, 6.1e-6, 8.3e-7
+        assert s > tail.sorted[-1] and 0.2 < tail.pvalue(s) / math.exp(-s) < 10   # vs 1/2001 ≈ 5e-4 conformal

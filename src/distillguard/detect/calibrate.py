@@ -10,12 +10,21 @@ detector; Fisher needs several independent kinds of evidence at once, and with t
 p_d no single detector can carry it. A classifier would need attack data, and we calibrate on
 benign traffic only (an isolation forest could, but gives no p-values to explain a flag).
 
-Threshold. The combined score of each benign calibration account-day is its maximum over the
-day's requests (a flag on any request flags the day). The threshold is the larger of the
-empirical (1 - target FPR) quantile of those maxima and chi²_{2D} at the target level (the
-Fisher null under independence), so a small calibration set cannot give a threshold below what
-the target allows. The held-out benign accounts, disjoint from the reference and calibration
-accounts, give the empirical FPR that the report states.
+Tails. Beyond the largest benign score a detector's tail is extrapolated (peaks over threshold,
+a generalised Pareto fit: ``stats.EmpiricalTail``), so that evidence stronger than anything seen
+in benign traffic counts for more than 1/(n+1); but no detector's p goes below the floor
+exp(-0.45 chi²_{2D}(target)), so one detector alone adds at most 90% of the Fisher-null
+threshold: a flag needs several kinds of evidence.
+
+Threshold, cross-fitted. The combined score of each benign calibration account-day is its
+maximum over the day's requests (a flag on any request flags the day). Those scores are
+computed with tails fitted on the *other* folds of calibration accounts (5 folds by account),
+so each day is scored as an unseen benign day would be, extrapolated tails included; scoring
+days with tails that contain them would understate the benign tail exactly where the threshold
+sits. The threshold is the larger of the empirical (1 - target FPR) quantile of those scores and
+chi²_{2D} at the target level (the Fisher null under independence). The held-out benign
+accounts, disjoint from the reference and calibration accounts, give the empirical FPR that the
+report states, with its one-sided 95% upper bound.
 
 Splits, by account: reference (embedding sample, topics, PRADA distances), calibration
 (detector tails, threshold), held-out (empirical FPR).
@@ -88,7 +97,8 @@ class Calibration:
             reference = Reference(embeddings=z["ref.embeddings"], centers=z["ref.centers"],
                                   distances=z["ref.distances"])
         config = DetectConfig.from_dict(meta["config"])
-        tails = {k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation) for k in meta["detectors"]}
+        floor = tail_floor(config.target_fpr, len(meta["detectors"]))
+        tails = {k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation, floor) for k in meta["detectors"]}
         return cls(config=config, reference=reference, tails=tails,
                    threshold=meta["threshold"], watch_threshold=meta["watch_threshold"],
                    embedder=meta["embedder"], common=frozenset(meta["common"]), stats=meta["stats"])
@@ -115,22 +125,6 @@ def _run(monitor: AccountMonitor, feats: list[Features], batch: int = 256, progr
             progress(len(chunk))
 
 
-def day_maxima(monitor: AccountMonitor, feats: list[Features], progress=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per (account, day): the maximum raw score of each detector (own or pooled stream).
-
-    Returns (maxima (N_days, D), keys). Raw scores only: no calibration needed yet.
-    """
-    best: dict[tuple[str, int], np.ndarray] = {}
-    for f, s, p in _run(monitor, feats, progress=progress):
-        raw = s.raw()
-        if p is not None:
-            raw = np.maximum(raw, p.raw())
-        key = (f.account, int(f.ts // DAY))
-        best[key] = np.maximum(best[key], raw) if key in best else raw
-    keys = list(best)
-    return (np.stack([best[k] for k in keys]) if keys else np.empty((0, len(monitor.names)))), keys
-
-
 def flagged_days(calibration: Calibration, feats: list[Features], embedder=None, progress=None) -> tuple[int, int]:
     """(flagged benign account-days, account-days) when ``feats`` are scored with ``calibration``."""
     monitor = AccountMonitor(calibration, embedder=embedder)
@@ -143,10 +137,45 @@ def flagged_days(calibration: Calibration, feats: list[Features], embedder=None,
     return len(flagged), len(days)
 
 
+def tail_floor(target_fpr: float, detectors: int) -> float:
+    """The smallest benign tail probability one detector may claim: -2 ln of it is 90% of the
+    Fisher-null threshold chi²_{2D}(target), so no detector can flag an account alone."""
+    return math.exp(-0.45 * float(stats.chi2.isf(target_fpr, 2 * detectors)))
+
+
+def _raw_scores(monitor: AccountMonitor, feats: list[Features], progress=None):
+    """Per request: (account-day key, own raw scores (D,), pooled raw scores (D,) or None)."""
+    for f, s, p in _run(monitor, feats, progress=progress):
+        yield (f.account, int(f.ts // DAY)), s.raw(), (p.raw() if p is not None else None)
+
+
+def _day_fisher(rows, tails: list[EmpiricalTail]) -> dict[tuple[str, int], float]:
+    """Per account-day: the max over its requests of Fisher's -2 Σ ln p_d (own or pooled stream)."""
+    keys = [k for k, _, _ in rows]
+    own = np.stack([r for _, r, _ in rows])                                           # (N, D)
+    logp = np.stack([np.log(t.pvalues(own[:, j])) for j, t in enumerate(tails)], axis=1)
+    score = -2.0 * logp.sum(axis=1)                                                   # (N,)
+    pooled_idx = [i for i, (_, _, p) in enumerate(rows) if p is not None]
+    if pooled_idx:
+        pooled = np.stack([rows[i][2] for i in pooled_idx])
+        plogp = np.stack([np.log(t.pvalues(pooled[:, j])) for j, t in enumerate(tails)], axis=1)
+        score[pooled_idx] = np.maximum(score[pooled_idx], -2.0 * plogp.sum(axis=1))
+    best: dict[tuple[str, int], float] = {}
+    for k, v in zip(keys, score.tolist()):
+        if v > best.get(k, -1.0):
+            best[k] = v
+    return best
+
+
 def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, embedder=None,
-              reference_share: float = 0.25, holdout_share: float = 0.25, seed: int = 0,
-              progress=None) -> Calibration:
-    """Calibrate on benign traffic records (labels, if any, are ignored: all must be benign)."""
+              reference_share: float = 0.25, max_reference_accounts: int = 120, holdout_share: float = 0.25,
+              folds: int = 5, seed: int = 0, progress=None) -> Calibration:
+    """Calibrate on benign traffic records (labels, if any, are ignored: all must be benign).
+
+    Accounts are split into reference (``reference_share``, at most ``max_reference_accounts``:
+    the reference needs a few hundred prompts, the tails need every day they can get), held-out
+    (``holdout_share``) and calibration (the rest, in ``folds`` folds for the cross-fitted
+    threshold)."""
     config = config or DetectConfig()
     accounts = group_by_account(extract(r) for r in records)
     names = sorted(accounts)
@@ -155,7 +184,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
                           "thousands give a threshold that means something at a 0.1% FPR")
     rng = np.random.default_rng(seed)
     rng.shuffle(names)
-    n_ref = max(1, int(len(names) * reference_share))
+    n_ref = max(1, min(int(len(names) * reference_share), max_reference_accounts))
     n_hold = max(1, int(len(names) * holdout_share))
     ref_names, hold_names, cal_names = names[:n_ref], names[n_ref:n_ref + n_hold], names[n_ref + n_hold:]
 
@@ -175,31 +204,45 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
 
     common = common_items(accounts[a] for a in ref_names)
     monitor = AccountMonitor(config=config, reference=reference, common=common, embedder=embedder)
-    maxima, _ = day_maxima(monitor, _in_time_order(accounts, cal_names), progress=progress)
-    tails = {n: EmpiricalTail(maxima[:, j], config.tail_extrapolation) for j, n in enumerate(monitor.names)}
+    rows = list(_raw_scores(monitor, _in_time_order(accounts, cal_names), progress=progress))
+    if not rows:
+        raise ConfigError("the calibration accounts sent no requests")
+    D = len(monitor.names)
+    floor = tail_floor(config.target_fpr, D)
+    maxima: dict[tuple[str, int], np.ndarray] = {}
+    for k, own, pooled in rows:
+        raw = own if pooled is None else np.maximum(own, pooled)
+        maxima[k] = np.maximum(maxima[k], raw) if k in maxima else raw
+    day_keys = list(maxima)
+    M = np.stack([maxima[k] for k in day_keys])                                       # (days, D)
+
+    def fit(mask: np.ndarray) -> list[EmpiricalTail]:
+        return [EmpiricalTail(M[mask, j], config.tail_extrapolation, floor) for j in range(D)]
+
+    # cross-fitted day scores: each fold's days scored with tails fitted on the other folds
+    fold_of = {a: i % folds for i, a in enumerate(cal_names)}
+    day_fold = np.array([fold_of[a] for a, _ in day_keys])
+    day_scores_map: dict[tuple[str, int], float] = {}
+    for i in range(folds if len(cal_names) >= 2 * folds else 0):
+        fold_rows = [r for r in rows if fold_of[r[0][0]] == i]
+        if fold_rows:
+            day_scores_map |= _day_fisher(fold_rows, fit(day_fold != i))
+    tails = dict(zip(monitor.names, fit(np.ones(len(day_keys), dtype=bool))))
+    if not day_scores_map:  # too few accounts to cross-fit: in-sample (optimistic; said in the stats)
+        day_scores_map = _day_fisher(rows, list(tails.values()))
     cal = Calibration(config=config, reference=reference, tails=tails, threshold=math.inf, watch_threshold=math.inf,
                       embedder=embedder.signature if embedder is not None and reference is not None else None,
                       common=common)
-    # combined score per account-day: the max over its requests of Fisher's statistic, which is
-    # monotone in each raw score, so the per-day max of the combination ≤ combination of maxima;
-    # replay to get it exactly.
-    scorer = AccountMonitor(cal, embedder=embedder)
-    best: dict[tuple[str, int], float] = {}
-    for f, s, p in _run(scorer, _in_time_order(accounts, cal_names)):
-        score = scorer.combined(s.raw())[0]
-        if p is not None:
-            score = max(score, scorer.combined(p.raw())[0])
-        key = (f.account, int(f.ts // DAY))
-        best[key] = max(best.get(key, -1.0), score)
-    day_scores = np.sort(np.fromiter(best.values(), dtype=np.float64))[::-1]
+    day_scores = np.sort(np.fromiter(day_scores_map.values(), dtype=np.float64))[::-1]
     n = len(day_scores)
     k = int(math.floor(config.target_fpr * n))           # days allowed above the threshold
     empirical = float(day_scores[min(k, n - 1)])
-    analytic = float(stats.chi2.isf(config.target_fpr, 2 * len(tails)))
+    analytic = float(stats.chi2.isf(config.target_fpr, 2 * D))
     cal.threshold = max(empirical, analytic)
     cal.watch_threshold = min(cal.threshold, float(day_scores[min(int(0.01 * n), n - 1)]))
     cal.stats = {"reference_accounts": len(ref_names), "calibration_accounts": len(cal_names),
-                 "calibration_account_days": n, "threshold_empirical": empirical, "threshold_fisher_null": analytic,
+                 "calibration_account_days": n, "cross_fitted_folds": folds if len(cal_names) >= 2 * folds else 0,
+                 "threshold_empirical": empirical, "threshold_fisher_null": analytic, "tail_floor": floor,
                  "calibration_fpr": float((day_scores > cal.threshold).mean()), "heldout_accounts": len(hold_names)}
     fl, days = flagged_days(cal, _in_time_order(accounts, hold_names), embedder=embedder, progress=progress)
     cal.stats |= {"heldout_account_days": days, "heldout_flagged_days": fl,

@@ -22,7 +22,7 @@ class DetectConfig:
     embed_after: int = 16           # defer an account's prompts until it has sent this many (<= min_prompts: no score changes)
     embed_every_flagged: int = 32   # embed 1 in k prompts of a flagged account (the evidence is in)
     embed_followups: bool = False   # embed follow-up turns too (a conversation stays on its first turn's topic)
-    tail_extrapolation: float = 1.0  # let a benign tail p-value fall this far below 1/(n+1) (stats.EmpiricalTail)
+    tail_extrapolation: float = 1e4  # a fitted benign tail may fall this far below 1/(n+1) (stats.EmpiricalTail; 1 = off)
     extra: dict = field(default_factory=dict)  # per-detector options of plugins
 
     def __post_init__(self):

@@ -2,21 +2,18 @@
 
 Traits, each as the fraction of the account's requests that show it: logprob harvesting
 (``logprobs``/``top_logprobs``), large ``max_tokens``, ``n > 1``, no conversation
-continuation (every request a fresh single turn), template reuse (requests whose template
-signature the account already used: a templated sweep repeats a dozen skeletons, people rarely
-repeat one), chain-of-thought elicitation. The score adds the fractions, shrunk towards 0 for
+continuation (every request a fresh single turn). (Template reuse and chain-of-thought
+elicitation are detectors of their own: ``template.py``, ``reasoning.py``.) The score adds the fractions, shrunk towards 0 for
 short histories (k/(k+8)): one trait alone (a researcher who always asks for logprobs) gives
 at most 1; a harvester shows several at once.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
 from distillguard.detect.features import LARGE_MAX_TOKENS
 from distillguard.detect.registry import Detector, register
 
-TRAITS = ("logprobs", "large max_tokens", "n>1", "no continuation", "template reuse", "chain-of-thought")
+TRAITS = ("logprobs", "large max_tokens", "n>1", "no continuation")
 
 
 @register
@@ -27,7 +24,6 @@ class ShapeDetector(Detector):
         super().__init__(context)
         self._k = 0
         self._counts = dict.fromkeys(TRAITS, 0)
-        self._templates: Counter[str] = Counter()
 
     def observe(self, f, embedding) -> None:
         self._k += 1
@@ -36,10 +32,6 @@ class ShapeDetector(Detector):
         c["large max_tokens"] += (f.max_tokens or 0) >= LARGE_MAX_TOKENS
         c["n>1"] += f.n > 1
         c["no continuation"] += not f.continues
-        c["chain-of-thought"] += f.cot
-        if f.template is not None:
-            c["template reuse"] += self._templates[f.template] > 0
-            self._templates[f.template] += 1
 
     def fractions(self) -> dict[str, float]:
         k = max(self._k, 1)

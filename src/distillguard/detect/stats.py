@@ -109,35 +109,62 @@ def normalized_entropy(counts: np.ndarray) -> float:
 
 class EmpiricalTail:
     """P(S ≥ s) for a benign score S, from benign samples: conformal inside the data, a fitted
-    exponential tail beyond it, and a floor.
+    generalised Pareto tail beyond it (peaks over threshold), and a floor.
 
     - up to the largest benign score: ``(1 + #{benign ≥ s}) / (1 + n)`` (conformal, exact);
-    - beyond it: ``1/(n+1) · exp(-(s - max) / β)``, β the mean excess of the top 10% over their
-      threshold (peaks over threshold with an exponential tail, the GPD with shape 0; a shape
-      estimate needs more tail data than a few hundred benign account-days give);
-    - never below ``1/(n+1) / max_extrapolation``: one detector alone can add at most
-      ``-2 ln`` of that to Fisher's statistic, less than any threshold of a few hundred
-      account-days (a heavy user or a logprob researcher resembles an attacker in one respect;
-      flags need several kinds of evidence).
+    - beyond it: ``k/(n+1) · GPD.sf(s - u)``, u the score that the top k = max(20, 10%) samples
+      exceed, the GPD (shape ξ, scale σ) fitted to their excesses by maximum likelihood
+      (``scipy.stats.genpareto``; Pickands-Balkema-de Haan: exceedances over a high threshold are
+      GPD), capped at the conformal value 1/(n+1);
+    - never below ``floor`` (if given) nor ``1/(n+1) / max_extrapolation``: calibration sets the
+      floor so that one detector alone cannot reach the Fisher threshold (a heavy user or a
+      logprob researcher resembles an attacker in one respect; flags need several kinds of
+      evidence).
 
-    ``max_extrapolation=1`` (the default) keeps the plain conformal floor. Measured on the arena
-    (bench/detect_eval.py, 400 calibration users): 100 halves queries-to-detect for reasoning and
-    logprob harvesting but flagged 3 of 370 evaluation benign account-days (0.8%), against 0 of
-    370 without; the floor is what keeps the FPR at target.
+    ``max_extrapolation=1`` keeps the plain conformal floor. With a few hundred samples the
+    tail fit is rough; calibration therefore sets its threshold on benign days scored by tails
+    fitted *without* them (cross-fitting), so whatever the extrapolation does to unseen benign
+    days is in the threshold.
     """
 
-    def __init__(self, samples: np.ndarray, max_extrapolation: float = 1.0):
+    MIN_EXCEEDANCES = 20
+
+    def __init__(self, samples: np.ndarray, max_extrapolation: float = 1.0, floor: float = 0.0):
         self.max_extrapolation = max_extrapolation
         self.sorted = np.sort(np.asarray(samples, dtype=np.float64))
+        self.floor = floor
         n = len(self.sorted)
-        top = self.sorted[int(0.9 * n):] if n else self.sorted
-        excess = top - top[0] if len(top) else top
-        self.beta = float(excess.mean()) if len(excess) and excess.mean() > 0 else 0.0
+        self.gpd: tuple[float, float, float, int] | None = None   # (u, ξ, σ, k)
+        k = max(self.MIN_EXCEEDANCES, n // 10)
+        if max_extrapolation > 1 and n >= 2 * self.MIN_EXCEEDANCES:
+            u = float(self.sorted[n - k - 1])
+            excess = self.sorted[n - k:] - u
+            if excess.max() > 0:
+                with np.errstate(all="ignore"):
+                    xi, _, sigma = stats.genpareto.fit(excess, floc=0.0)
+                if np.isfinite(xi) and np.isfinite(sigma) and sigma > 0:
+                    self.gpd = (u, float(min(xi, 1.0)), float(sigma), k)   # ξ ≥ 1: no finite mean; cap it
+
+    def pvalues(self, s: np.ndarray) -> np.ndarray:
+        """``pvalue`` of every score in ``s`` (N,), vectorised (calibration scores ~10⁵ requests)."""
+        s = np.asarray(s, dtype=np.float64)
+        n = len(self.sorted)
+        greater_eq = n - np.searchsorted(self.sorted, s, side="left")
+        p = (1.0 + greater_eq) / (1.0 + n)
+        if self.gpd is not None:
+            u, xi, sigma, k = self.gpd
+            beyond = greater_eq == 0
+            if beyond.any():
+                tail = k / (n + 1.0) * stats.genpareto.sf(s[beyond] - u, xi, scale=sigma)
+                p[beyond] = np.maximum(np.minimum(p[beyond], tail), p[beyond] / self.max_extrapolation)
+        return np.maximum(p, self.floor)
 
     def pvalue(self, s: float) -> float:
         n = len(self.sorted)
         greater_eq = n - int(np.searchsorted(self.sorted, s, side="left"))
         p = (1.0 + greater_eq) / (1.0 + n)
-        if greater_eq == 0 and n and self.beta > 0 and self.max_extrapolation > 1:
-            p *= max(math.exp(-(s - self.sorted[-1]) / self.beta), 1.0 / self.max_extrapolation)
-        return p
+        if greater_eq == 0 and self.gpd is not None:
+            u, xi, sigma, k = self.gpd
+            tail = k / (n + 1.0) * float(stats.genpareto.sf(s - u, xi, scale=sigma))
+            p = max(min(p, tail), p / self.max_extrapolation)
+        return max(p, self.floor)
