@@ -73,7 +73,13 @@ def main() -> None:
     ap.add_argument("--attackers", type=int, default=5, help="independent one-account campaigns per kind")
     ap.add_argument("--hydras", type=int, default=2, help="hydra campaigns (20 accounts each)")
     ap.add_argument("--quick", action="store_true", help="smaller campaigns (for a smoke run)")
+    ap.add_argument("--budget", choices=("default", "eager"), default="default",
+                    help="embedding budget: the default (DetectConfig) or eager (every prompt of the first window, "
+                         "then 1 in 4, flagged accounts too: the budget before the deferral and thinning)")
+    ap.add_argument("--campaign-requests", type=int, default=None,
+                    help="requests per attacker account of bulk/template/reasoning/logprobs (default: the kind's)")
     ap.add_argument("--out", default=str(RESULTS / "detect_eval.json"))
+    ap.add_argument("--plot", default=str(RESULTS / "detect_roc.png"))
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     t0 = time.time()
@@ -86,7 +92,10 @@ def main() -> None:
                                                  days=args.days, seed=101))
     prog, step = progress_bar("calibrating", len(cal_records))
     with prog:
-        cal = calibrate(cal_records, config=DetectConfig(target_fpr=args.target_fpr), embedder=embedder, progress=step)
+        config = DetectConfig(target_fpr=args.target_fpr)
+        if args.budget == "eager":
+            config = DetectConfig(target_fpr=args.target_fpr, embed_after=1, embed_every=4, embed_every_flagged=4)
+        cal = calibrate(cal_records, config=config, embedder=embedder, progress=step)
     console.print(f"calibrated in {time.time() - t0:.0f} s: threshold {cal.threshold:.2f}, {cal.stats}")
     RESULTS.mkdir(exist_ok=True)
     embedder.save_cache(cache)
@@ -106,7 +115,9 @@ def main() -> None:
 
     out: dict = {"calibration": {"threshold": cal.threshold, "target_fpr": cal.target_fpr, **cal.stats},
                  "sizes": {"calibration_accounts": args.cal_accounts, "eval_benign_accounts": args.eval_accounts,
-                           "days": args.days}, "kinds": {}}
+                           "days": args.days, "attackers_per_kind": args.attackers, "hydra_campaigns": args.hydras,
+                           "campaign_requests": 300 if args.quick else args.campaign_requests},
+                 "config": cal.config.to_dict(), "kinds": {}}
     benign_scores: dict[str, float] | None = None
     benign_flag_days: set = set()
     curves = {}
@@ -114,7 +125,8 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     for n, kind in enumerate(kinds):
-        spec = f"{kind}:1:300" if args.quick and kind not in ("hydra", "slowlow") else f"{kind}:1"
+        cap = 300 if args.quick else args.campaign_requests
+        spec = f"{kind}:1:{cap}" if cap and kind not in ("hydra", "slowlow") else f"{kind}:1"
         specs = ("hydra",) * args.hydras if kind == "hydra" else (spec,) * args.attackers
         camp = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=specs, days=args.days, seed=300 + n))
         records = benign + camp
@@ -146,6 +158,11 @@ def main() -> None:
             "tpr_lower95": float(beta.ppf(0.05, flagged_n, len(attack) - flagged_n + 1)) if flagged_n else 0.0,
             "tpr_per_campaign": float(np.mean([any(rows[a].flagged for a in acc) for acc in by_campaign.values()])),
             "linked_attackers": sum(rows[a].cluster is not None for a in attack),
+            # each attacker on its own requests, linking evidence dropped (attackers of one kind
+            # share public recipes and pool text and may link to each other, which helps them get caught)
+            "solo_tpr": float(np.mean([rows[a].solo_flagged_at_request is not None for a in attack])),
+            "solo_median_queries_to_detect": _quantile(sorted(rows[a].solo_flagged_at_request or np.inf
+                                                              for a in attack), 0.5),
             "roc_auc": float(roc_auc_score(y, s)),
             # unflagged accounts count as never (inf); null when the quantile itself is "never"
             "median_queries_to_detect": _quantile(q_all, 0.5),
@@ -189,8 +206,8 @@ def main() -> None:
     ax.set_title("distillguard detect: per-account ROC by campaign kind")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "detect_roc.png", dpi=120)
-    console.print(f"wrote {args.out} and {RESULTS / 'detect_roc.png'}")
+    fig.savefig(args.plot, dpi=120)
+    console.print(f"wrote {args.out} and {args.plot}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from distillguard.detect.calibrate import Calibration
 from distillguard.detect.features import extract
 from distillguard.detect.monitor import AccountMonitor
@@ -25,6 +27,10 @@ class AccountResult:
     cluster: str | None = None
     requests: int = 0
     label: str | None = None   # ground truth from the log, for evaluation only (detectors never see it)
+    # evaluation only: the account scored on its own requests, linking evidence dropped (what it
+    # would score if no other account of its actor, or of another actor, were linked to it)
+    solo_score: float = 0.0
+    solo_flagged_at_request: int | None = None
 
     def to_dict(self) -> dict:
         return {"account": self.account, "score": round(self.score, 4), "flagged": self.flagged,
@@ -37,6 +43,7 @@ def detect(records: Iterable[dict], calibration: Calibration, *, embedder=None, 
     """Score a traffic log; returns the report dict plus ``"results"`` (AccountResult objects)."""
     feats_records = sorted(((extract(r), r) for r in records), key=lambda fr: fr[0].ts)
     monitor = AccountMonitor(calibration, embedder=embedder)
+    linking = monitor.names.index("linking") if "linking" in monitor.names else None
     results: dict[str, AccountResult] = {}
     for i in range(0, len(feats_records), batch):
         chunk = feats_records[i:i + batch]
@@ -54,6 +61,13 @@ def detect(records: Iterable[dict], calibration: Calibration, *, embedder=None, 
                 res.reasons = list(v.reasons)
             if v.flagged and not res.flagged:
                 res.flagged, res.flagged_at_request = True, v.request
+            raw = s.raw()
+            if linking is not None:
+                raw[linking] = -np.inf          # p = 1: no linking evidence
+            solo = monitor.combined(raw)[0]
+            res.solo_score = max(res.solo_score, solo)
+            if res.solo_flagged_at_request is None and solo > calibration.threshold:
+                res.solo_flagged_at_request = s.n
         if progress is not None:
             progress(len(chunk))
     for a, res in results.items():
