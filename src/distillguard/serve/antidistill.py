@@ -41,6 +41,9 @@ from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel
 
 
+CHUNK = 512  # positions per slice of the gradient computation
+
+
 @dataclass(frozen=True)
 class AntidistillDirection:
     """``G`` (V x d): the downstream loss's gradient with respect to the output embedding, scaled."""
@@ -48,7 +51,7 @@ class AntidistillDirection:
     gradient: torch.Tensor  # (V, d) float32
     loss: float  # the downstream loss L at the teacher's own W (mean nats per token)
     tokens: int  # positions it was computed on
-    scale: float  # the factor applied so that h·G has unit RMS over those positions
+    scale: float  # the factor applied so that Δ has unit spread under the teacher (see build_direction)
 
     def delta(self, hidden: torch.Tensor) -> torch.Tensor:
         """Δ up to a per-row constant (which the softmax ignores): (B, d) -> (B, V)."""
@@ -60,7 +63,8 @@ def _pairs_from_sharegpt(limit: int) -> list[tuple[str, str]]:
 
     pairs = []
     for conv in iter_conversations():
-        if conv.first_prompt and conv.first_answer and len(conv.first_answer) > 40:
+        # short prompts: the direction is about the answers, and long prompts only cost time
+        if conv.first_prompt and len(conv.first_prompt) <= 600 and conv.first_answer and len(conv.first_answer) > 40:
             pairs.append((conv.first_prompt, conv.first_answer))
             if len(pairs) >= limit:
                 break
@@ -126,22 +130,36 @@ def _hidden_and_targets(lm: LoadedModel, pairs: Iterable[tuple[str, str]], max_a
     return torch.cat(hs), torch.cat(ys)
 
 
-def build_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_answer_tokens: int = 256
+def build_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_answer_tokens: int = 128
                     ) -> AntidistillDirection:
     """Compute ``G = ∇_W L`` for the teacher's output embedding ``W`` (autograd on ``W`` only)."""
     hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
     weight = lm.model.get_output_embeddings().weight.detach().float().cpu().clone().requires_grad_(True)
     bias = getattr(lm.model.get_output_embeddings(), "bias", None)
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias.detach().float().cpu()
-    loss = torch.nn.functional.cross_entropy(logits, targets)
-    (grad,) = torch.autograd.grad(loss, weight)
+    bias = bias.detach().float().cpu() if bias is not None else None
+    n = len(targets)
+    chunks = list(zip(hidden.split(CHUNK), targets.split(CHUNK)))
+    total = 0.0
+    for h, y in chunks:  # in chunks: the logits of every position at once would take gigabytes
+        logits = h @ weight.T if bias is None else h @ weight.T + bias
+        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum") / n
+        loss.backward()  # accumulates the gradient of the mean loss into weight.grad
+        total += float(loss.detach())
+    grad = weight.grad
     with torch.no_grad():
-        rms = float((hidden @ grad.T).pow(2).mean().sqrt())  # Δ's typical size, before scaling
+        # Δ's typical spread among the tokens the teacher would actually choose: its standard
+        # deviation under the teacher's distribution at each position, root-mean-squared over
+        # positions (over the whole vocabulary it would be dominated by tokens never sampled).
+        var_sum = 0.0
+        for h, _ in chunks:
+            logits = h @ weight.T if bias is None else h @ weight.T + bias
+            probs = torch.softmax(logits, dim=-1)
+            d = h @ grad.T
+            var_sum += float(((probs * d * d).sum(-1) - (probs * d).sum(-1).pow(2)).clamp(min=0).sum())
+        rms = (var_sum / n) ** 0.5
         scale = 1.0 / rms if rms > 0 else 1.0
         gradient = (grad * scale).to(lm.device)
-    return AntidistillDirection(gradient=gradient, loss=float(loss.detach()), tokens=len(targets), scale=scale)
+    return AntidistillDirection(gradient=gradient, loss=total, tokens=n, scale=scale)
 
 
 class HiddenTap:

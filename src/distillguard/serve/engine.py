@@ -174,6 +174,9 @@ class Engine:
         self._stopped = True
         self._queue.put(None)
         self._thread.join(timeout=30)
+        if self._tap is not None:  # the model may outlive the engine (and be copied): unhook it
+            self._tap.close()
+            self._tap = None
 
     def enable_antidistill(self, direction) -> None:
         """Allow rows with ``GenParams.antidistill > 0`` (see ``distillguard.serve.antidistill``)."""
