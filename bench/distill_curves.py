@@ -73,9 +73,15 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def prompts_split(args, n_train: int):
-    from distillguard.distill.prompts import load_prompts
+def prompts_split(args, n_train: int, work: Path):
+    from distillguard.distill.prompts import Prompt, load_prompts
 
+    cache = work / f"prompts-{args.max_prompt_chars}.json"  # parsing the bundled ShareGPT takes a minute or more
+    if cache.is_file():
+        unique = [Prompt(p["id"], tuple(map(tuple, p["messages"]))) for p in json.loads(cache.read_text())]
+        need = n_train + args.eval_prompts
+        if len(unique) >= need:
+            return unique[:n_train], unique[-args.eval_prompts:]
     seen, unique = set(), []
     for p in load_prompts("sharegpt", max_chars=args.max_prompt_chars):
         text = " ".join(c for _, c in p.messages).strip().lower()
@@ -85,6 +91,7 @@ def prompts_split(args, n_train: int):
     need = n_train + args.eval_prompts
     if len(unique) < need:
         raise SystemExit(f"only {len(unique)} ShareGPT prompts of <= {args.max_prompt_chars} chars; need {need}")
+    cache.write_text(json.dumps([{"id": p.id, "messages": p.messages} for p in unique]))
     return unique[:n_train], unique[-args.eval_prompts:]  # held-out prompts from the other end
 
 
@@ -94,9 +101,11 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
     from distillguard.distill.store import ResponseStore
 
     store = ResponseStore(work / "harvest" / "store.sqlite")
+    # A long timeout: a CPU teacher on a busy machine takes minutes per batch, and a client that
+    # gives up and resends only queues the same work again behind what the server still computes.
     config = HarvestConfig(teacher="http://127.0.0.1:0/v1", model=args.teacher, concurrency=args.concurrency,
                            max_tokens=args.max_tokens, temperature=args.temperature, top_logprobs=args.top_logprobs,
-                           seed=0)
+                           seed=0, timeout_s=3600)
     todo = len(prompts) - len(store.done() & {fingerprint_of(config, p) for p in prompts})
     seconds = 0.0
     if todo and args.teacher_url:
@@ -233,7 +242,7 @@ def main() -> None:
     if args.report_only:
         return write_report(args, work, [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))],
                             json.loads((work / "teacher_eval.json").read_text()))
-    train_prompts, eval_prompts = prompts_split(args, max(sizes))
+    train_prompts, eval_prompts = prompts_split(args, max(sizes), work)
     rows = harvest_all(args, train_prompts, work)
     console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
     eval_messages = [p.as_messages() for p in eval_prompts]
@@ -279,6 +288,27 @@ def main() -> None:
     write_report(args, work, points, ref)
 
 
+def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (1000, 4000)) -> list[dict]:
+    """Per (depth, loss): ``nll(n) = floor + B * n**-alpha`` fitted by least squares in log-log space
+    to the trained points (floor = the teacher's own NLL, which no student can beat on average),
+    and its extrapolation to ``at`` queries. Two points fit exactly: an extrapolation, not a result."""
+    import numpy as np
+
+    fits = []
+    for depth, loss in sorted({(p["depth"], p["loss"]) for p in points if p["queries"] > 0}):
+        pts = sorted((p for p in points if p["depth"] == depth and p["loss"] == loss and p["queries"] > 0),
+                     key=lambda p: p["queries"])
+        if len(pts) < 2 or any(p["nll"] <= floor for p in pts):
+            continue
+        x = np.log([p["queries"] for p in pts])
+        y = np.log([p["nll"] - floor for p in pts])
+        slope, intercept = np.polyfit(x, y, 1)
+        fits.append({"depth": depth, "loss": loss, "form": "nll = teacher_nll + B * queries^-alpha",
+                     "B": float(np.exp(intercept)), "alpha": float(-slope), "fitted_on": [p["queries"] for p in pts],
+                     "extrapolated_nll": {str(n): float(floor + np.exp(intercept) * n ** slope) for n in at}})
+    return fits
+
+
 def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
     report = {
         "bench": "distill_curves", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
@@ -287,6 +317,7 @@ def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
         "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
                     "parameters": ref["parameters"]},
         "points": sorted(points, key=lambda p: (p["depth"], p["loss"], p["queries"])),
+        "fits": power_law_fits(points, ref["nll"]),
     }
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
     plot(report, args.results / "distill_curves.png")
@@ -314,6 +345,11 @@ def plot(report: dict, path: Path) -> None:
             ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], label=label)
         if depth in untrained:
             ax_rouge.axhline(untrained[depth]["rouge_l"], color="grey", lw=0.5, ls=":")
+    for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
+        import numpy as np
+
+        xs = np.geomspace(min(fit["fitted_on"]), max(int(n) for n in fit["extrapolated_nll"]), 50)
+        ax_nll.plot(xs, report["teacher"]["nll"] + fit["B"] * xs ** -fit["alpha"], ":", color="grey", lw=0.8)
     t = report["teacher"]
     ax_nll.axhline(t["nll"], color="black", lw=1, label=f"teacher itself ({t['nll']:.2f})")
     ax_nll.axhline(2.0, color="red", lw=1, ls="--", label="target 2.0")
