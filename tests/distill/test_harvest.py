@@ -64,10 +64,11 @@ def test_unit_pieces():
     assert fingerprint(body) == fingerprint(dict(reversed(list(body.items()))))
     assert content_bytes(body) == len("héllo".encode())
     budget = _Budget(HarvestConfig(teacher="http://x", budget_tokens=5000, max_tokens=5), 0, 0.0)
-    assert budget.prompt_bound(body) == 6 + _Budget.INITIAL_OVERHEAD  # unknown template: generous
-    budget.observe(body, 31)  # the teacher's template added 25 tokens to 6 content bytes
-    budget.observe(body, 20)
-    assert budget.prompt_bound(body) == 6 + 25
+    size = content_bytes(body)
+    assert budget.prompt_bound(size) == 6 + _Budget.INITIAL_OVERHEAD  # unknown template: generous
+    budget.observe(size, 31)  # the teacher's template added 25 tokens to 6 content bytes
+    budget.observe(size, 20)
+    assert budget.prompt_bound(size) == 6 + 25
     assert budget.reserve(4996) is None and budget.reserve(4995) is not None  # + 5 completion tokens
     ok = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
     assert classify(ok, 1) == "ok"
@@ -89,6 +90,12 @@ def test_group_commit_is_one_transaction(tmp_path):
     store.put_many(rows)
     store.put("fp0", "p0", {"q": 0}, {"a": 0}, "ok", prompt_tokens=3, completion_tokens=4, cost_usd=0.0)  # no twin
     assert ResponseStore(tmp_path / "store.sqlite").totals()["responses"] == 3
+    # The teacher's raw answer (bytes or text) is stored as it came and reads back as the same object.
+    raw = b'{"choices": [{"message": {"content": "h\\u00e9llo \xc3\xa9"}}], "usage": {"prompt_tokens": 3}}'
+    store.put_many([("fp7", "p7", {"q": "é"}, raw, "ok", 3, 4, 0.0), ("fp8", "p8", {"q": 8}, raw.decode(), "ok", 3, 4, 0.0)])
+    got = {r["fingerprint"]: r for r in store.records()}
+    assert got["fp7"]["response"] == got["fp8"]["response"] == json.loads(raw)
+    assert got["fp7"]["response"]["choices"][0]["message"]["content"] == "héllo é" and got["fp7"]["request"] == {"q": "é"}
 
 
 def test_prompt_sources(tmp_path):
@@ -115,8 +122,10 @@ def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path
     config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=4, max_tokens=400,
                            temperature=1.0, top_logprobs=2, seed=0)
     store = ResponseStore(tmp_path / "store.sqlite")
-    report = asyncio.run(harvest(config, prompts, store))
+    seen = []  # progress is throttled, but its last call sees the final counts
+    report = asyncio.run(harvest(config, prompts, store, on_progress=lambda r, b: seen.append(r.stored_ok)))
     assert report.sent == 8 and report.stored_ok + sum(report.malformed.values()) == 8 and not report.failed
+    assert 1 <= len(seen) <= 9 and seen[-1] == report.stored_ok
     assert store.totals()["responses"] == 8
     data = tmp_path / "data.jsonl"
     n_rows = store.export_jsonl(data)
