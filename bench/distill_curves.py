@@ -288,7 +288,7 @@ def main() -> None:
     write_report(args, work, points, ref)
 
 
-def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (1000, 4000)) -> list[dict]:
+def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250, 1000, 4000)) -> list[dict]:
     """Per (depth, loss): ``nll(n) = floor + B * n**-alpha`` fitted by least squares in log-log space
     to the trained points (floor = the teacher's own NLL, which no student can beat on average),
     and its extrapolation to ``at`` queries. Two points fit exactly: an extrapolation, not a result."""
