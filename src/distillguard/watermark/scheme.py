@@ -51,9 +51,10 @@ class WatermarkParams:
 
     scheme: Literal["keyed-hash", "lefthash-ref"] = "keyed-hash"
     gamma: float = 0.25
-    # δ=2.25 with min_entropy=1.25: chosen on held-out ShareGPT prompts (bench/watermark_quality.py
-    # --skip 96) to meet ">= 95% of 64-token answers detected by the entropy-aware detector at
-    # <= 35% perplexity cost" with room on both sides; see the README for the measured numbers.
+    # δ=2.25 with min_entropy=1.25: chosen on 32 held-out ShareGPT prompts (bench/watermark_quality.py
+    # --skip 96) for ">= 95% of 64-token answers detected by the entropy-aware detector at <= 35%
+    # perplexity cost". At the issue's size (96 prompts, --grid) it reaches 88% at +50%: the target
+    # is not met; SynthID (watermark.synthid) did better there. See the README for the numbers.
     delta: float = 2.25
     context_width: int = 1
     # keyed-hash embedding biases each row's `candidates` most likely tokens (all when >= |V|):
