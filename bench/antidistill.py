@@ -46,7 +46,7 @@ from _engine_jobs import run_jobs, sharegpt_prompts  # noqa: E402
 from distillguard.distill.evaluate import answer_nll  # noqa: E402
 from distillguard.distill.train import prune_layers  # noqa: E402
 from distillguard.models.loader import load_model  # noqa: E402
-from distillguard.serve.antidistill import build_direction, downstream_pairs  # noqa: E402
+from distillguard.serve.antidistill import build_direction, downstream_pairs, random_direction  # noqa: E402
 from distillguard.serve.engine import Engine, GenParams  # noqa: E402
 
 console = Console(stderr=True)
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--downstream-test", type=int, default=24, help="held-out real answers: the student's downstream task")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--lambdas", default="0,1,2")
+    ap.add_argument("--random-lambdas", default="", help="control: a random direction of the same spread at these λ")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8, help="student depth (prune:K)")
     ap.add_argument("--steps", type=int, default=24)
@@ -144,22 +145,30 @@ def main() -> None:
         direction = build_direction(lm, down_train)
     prompts = sharegpt_prompts(lm, args.prompts + args.eval_prompts, skip=200, max_prompt_tokens=200)
     train_prompts, eval_prompts = prompts[:args.prompts], prompts[args.prompts:]
-    engine = Engine(lm, max_batch_rows=16, batch_wait_s=0.01)
-    engine.enable_antidistill(direction)
-    engine.start()
-    answers: dict[float, dict[int, list[dict]]] = {}
-    try:
-        with Progress(console=console) as progress:
-            task = progress.add_task("generating", total=len(lambdas) * args.seeds + 1)
-            held_out = generate(lm, engine, eval_prompts, 0.0, args.tokens, seed=999)
-            progress.advance(task)
-            for lam in lambdas:
-                answers[lam] = {}
-                for seed in range(args.seeds):
-                    answers[lam][seed] = generate(lm, engine, train_prompts, lam, args.tokens, seed)
+    conditions = [(str(lam), direction, lam) for lam in lambdas]
+    if args.random_lambdas:
+        with console.status("a random control direction ..."):
+            control = random_direction(lm, down_train, seed=1)
+        conditions += [(f"random:{lam}", control, float(lam)) for lam in args.random_lambdas.split(",")]
+    answers: dict[str, dict[int, list[dict]]] = {}
+    with Progress(console=console) as progress:
+        task = progress.add_task("generating", total=len(conditions) * args.seeds + 1)
+        held_out = None
+        for name, direc, lam in conditions:
+            engine = Engine(lm, max_batch_rows=16, batch_wait_s=0.01)
+            engine.enable_antidistill(direc)
+            engine.start()
+            try:
+                if held_out is None:
+                    held_out = generate(lm, engine, eval_prompts, 0.0, args.tokens, seed=999)
                     progress.advance(task)
-    finally:
-        engine.stop()
+                answers[name] = {}
+                for seed in range(args.seeds):
+                    answers[name][seed] = generate(lm, engine, train_prompts, lam, args.tokens, seed)
+                    progress.advance(task)
+                    console.print(f"generated {name} seed {seed}")
+            finally:
+                engine.stop()
     eval_msgs = [[{"role": "user", "content": a["prompt"]}] for a in held_out]
     eval_ids = [a["ids"] for a in held_out]
     down_msgs = [[{"role": "user", "content": p}] for p, _ in down_test]
@@ -171,11 +180,11 @@ def main() -> None:
                           "heldout_teacher_nll": answer_nll(lm, eval_msgs, eval_ids)},
               "lambdas": {}}
     with Progress(console=console) as progress:
-        task = progress.add_task("fine-tuning students", total=len(lambdas) * args.seeds)
-        for lam in lambdas:
+        task = progress.add_task("fine-tuning students", total=len(conditions) * args.seeds)
+        for name, _direc, _lam in conditions:
             rows = []
             for seed in range(args.seeds):
-                ans = answers[lam][seed]
+                ans = answers[name][seed]
                 student = finetune(lm, ans, layers=args.layers, steps=args.steps, lr=args.lr, seed=seed)
                 rows.append({
                     "perplexity": perplexity(lm, ans),
@@ -187,8 +196,9 @@ def main() -> None:
                 progress.advance(task)
             summary = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
             summary["runs"] = rows
-            summary["sample"] = answers[lam][0][0]["text"][:300]
-            report["lambdas"][str(lam)] = summary
+            summary["sample"] = answers[name][0][0]["text"][:300]
+            report["lambdas"][name] = summary
+            console.print(f"{name}: {({k: round(v, 3) for k, v in summary.items() if isinstance(v, float)})}")
     base = report["lambdas"]["0.0"]
     for lam, s in report["lambdas"].items():
         s["perplexity_cost"] = s["perplexity"] / base["perplexity"] - 1

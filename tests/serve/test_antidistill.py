@@ -147,3 +147,19 @@ def test_gateway_serves_suspects_antidistilled_answers(tmp_path):
         assert ask("olga") == olga  # an account in good standing gets the teacher's answer, reproducibly
         assert [r.policy_action for r in ledger_rows(db, "sam")] == ["suspect:log,antidistill"]
         assert [r.policy_action for r in ledger_rows(db, "olga")] == [None, None]
+
+
+def test_random_control_has_the_same_spread_but_no_aim(tiny_lm, direction):
+    from distillguard.serve.antidistill import random_direction
+
+    control = random_direction(tiny_lm, PAIRS, seed=3)
+    assert control.gradient.shape == direction.gradient.shape and control.tokens == direction.tokens
+    h, _ = hidden_and_logits(tiny_lm, tiny_lm.chat_ids([{"role": "user", "content": PAIRS[0][0]}]))
+    w = tiny_lm.model.get_output_embeddings().weight.detach().float()
+    cos = torch.nn.functional.cosine_similarity(control.gradient.flatten(), direction.gradient.flatten(), dim=0)
+    assert abs(float(cos)) < 0.2  # unrelated to the downstream gradient
+    for g in (control.gradient, direction.gradient):  # both have spread of order one here too
+        d = h @ g.T
+        p = torch.softmax(h @ w.T, dim=-1)
+        spread = float(((p * d * d).sum(-1) - (p * d).sum(-1) ** 2).mean().sqrt())
+        assert 0.1 < spread < 10

@@ -145,21 +145,37 @@ def build_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_an
         loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum") / n
         loss.backward()  # accumulates the gradient of the mean loss into weight.grad
         total += float(loss.detach())
-    grad = weight.grad
+    gradient, scale = _unit_spread(hidden, weight.detach(), bias, weight.grad)
+    return AntidistillDirection(gradient=gradient.to(lm.device), loss=total, tokens=n, scale=scale)
+
+
+def _unit_spread(hidden, weight, bias, grad) -> tuple[torch.Tensor, float]:
+    """``grad`` scaled so that Δ = h·G has unit spread among the tokens the teacher would choose:
+    its standard deviation under the teacher's distribution at each position, root-mean-squared
+    over positions (over the whole vocabulary it would be dominated by tokens never sampled)."""
+    var_sum = 0.0
     with torch.no_grad():
-        # Δ's typical spread among the tokens the teacher would actually choose: its standard
-        # deviation under the teacher's distribution at each position, root-mean-squared over
-        # positions (over the whole vocabulary it would be dominated by tokens never sampled).
-        var_sum = 0.0
-        for h, _ in chunks:
+        for h in hidden.split(CHUNK):
             logits = h @ weight.T if bias is None else h @ weight.T + bias
             probs = torch.softmax(logits, dim=-1)
             d = h @ grad.T
             var_sum += float(((probs * d * d).sum(-1) - (probs * d).sum(-1).pow(2)).clamp(min=0).sum())
-        rms = (var_sum / n) ** 0.5
-        scale = 1.0 / rms if rms > 0 else 1.0
-        gradient = (grad * scale).to(lm.device)
-    return AntidistillDirection(gradient=gradient, loss=total, tokens=n, scale=scale)
+    rms = (var_sum / len(hidden)) ** 0.5
+    scale = 1.0 / rms if rms > 0 else 1.0
+    return grad * scale, scale
+
+
+def random_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, seed: int = 0,
+                     max_answer_tokens: int = 128) -> AntidistillDirection:
+    """A control: a random ``G`` with the same spread as :func:`build_direction`'s (a perturbation
+    of the same size that is not aimed at any loss), for measuring what the aim adds."""
+    hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
+    weight = lm.model.get_output_embeddings().weight.detach().float().cpu()
+    bias = getattr(lm.model.get_output_embeddings(), "bias", None)
+    bias = bias.detach().float().cpu() if bias is not None else None
+    g = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
+    gradient, scale = _unit_spread(hidden, weight, bias, g)
+    return AntidistillDirection(gradient=gradient.to(lm.device), loss=float("nan"), tokens=len(targets), scale=scale)
 
 
 class HiddenTap:
@@ -189,4 +205,5 @@ def apply_antidistill(logits: torch.Tensor, hidden: torch.Tensor, direction: Ant
     return out
 
 
-__all__ = ["AntidistillDirection", "HiddenTap", "apply_antidistill", "build_direction", "downstream_pairs"]
+__all__ = ["AntidistillDirection", "HiddenTap", "apply_antidistill", "build_direction", "downstream_pairs",
+           "random_direction"]
