@@ -19,7 +19,9 @@ temperature 0.7, one seed per prompt). Then:
 The student here is small and the data tiny (a 2-core machine), so the student numbers are a
 first look, with their spread over ``--seeds``; the paper's effect was shown on GPU-sized runs.
 
-    python bench/antidistill.py --prompts 48 --tokens 48 --lambdas 0,1,2 --seeds 2
+    python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 \
+        --tokens 48 --lambdas 0,0.5,1 --seeds 2 --steps 16
+    python bench/antidistill.py ... --lambdas 0 --random-lambdas 1 --out bench/results/antidistill_control.json
 
 Progress goes to stderr, one JSON object to stdout (and ``bench/results/antidistill.json``).
 """
@@ -120,7 +122,7 @@ def main() -> None:
     ap.add_argument("--downstream", type=int, default=64, help="ShareGPT answers the direction is computed on")
     ap.add_argument("--downstream-test", type=int, default=24, help="held-out real answers: the student's downstream task")
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--lambdas", default="0,1,2")
+    ap.add_argument("--lambdas", default="0,0.5,1")
     ap.add_argument("--random-lambdas", default="", help="control: a random direction of the same spread at these λ")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--layers", type=int, default=8, help="student depth (prune:K)")
