@@ -134,19 +134,28 @@ def build_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_an
                     ) -> AntidistillDirection:
     """Compute ``G = ∇_W L`` for the teacher's output embedding ``W`` (autograd on ``W`` only)."""
     hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
-    weight = lm.model.get_output_embeddings().weight.detach().float().cpu().clone().requires_grad_(True)
-    bias = getattr(lm.model.get_output_embeddings(), "bias", None)
-    bias = bias.detach().float().cpu() if bias is not None else None
+    weight, bias = _output_layer(lm)
+    weight = weight.clone().requires_grad_(True)
     n = len(targets)
     chunks = list(zip(hidden.split(CHUNK), targets.split(CHUNK)))
     total = 0.0
     for h, y in chunks:  # in chunks: the logits of every position at once would take gigabytes
-        logits = h @ weight.T if bias is None else h @ weight.T + bias
-        loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum") / n
+        loss = torch.nn.functional.cross_entropy(_logits(h, weight, bias), y, reduction="sum") / n
         loss.backward()  # accumulates the gradient of the mean loss into weight.grad
         total += float(loss.detach())
     gradient, scale = _unit_spread(hidden, weight.detach(), bias, weight.grad)
     return AntidistillDirection(gradient=gradient.to(lm.device), loss=total, tokens=n, scale=scale)
+
+
+def _output_layer(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output embedding ``W`` (V x d) and its bias, if any, as float32 on the CPU (detached)."""
+    head = lm.model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return head.weight.detach().float().cpu(), (bias.detach().float().cpu() if bias is not None else None)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return h @ weight.T if bias is None else h @ weight.T + bias
 
 
 def _unit_spread(hidden, weight, bias, grad) -> tuple[torch.Tensor, float]:
@@ -156,8 +165,7 @@ def _unit_spread(hidden, weight, bias, grad) -> tuple[torch.Tensor, float]:
     var_sum = 0.0
     with torch.no_grad():
         for h in hidden.split(CHUNK):
-            logits = h @ weight.T if bias is None else h @ weight.T + bias
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(_logits(h, weight, bias), dim=-1)
             d = h @ grad.T
             var_sum += float(((probs * d * d).sum(-1) - (probs * d).sum(-1).pow(2)).clamp(min=0).sum())
     rms = (var_sum / len(hidden)) ** 0.5
@@ -170,9 +178,7 @@ def random_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, seed:
     """A control: a random ``G`` with the same spread as :func:`build_direction`'s (a perturbation
     of the same size that is not aimed at any loss), for measuring what the aim adds."""
     hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
-    weight = lm.model.get_output_embeddings().weight.detach().float().cpu()
-    bias = getattr(lm.model.get_output_embeddings(), "bias", None)
-    bias = bias.detach().float().cpu() if bias is not None else None
+    weight, bias = _output_layer(lm)
     g = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
     gradient, scale = _unit_spread(hidden, weight, bias, g)
     return AntidistillDirection(gradient=gradient.to(lm.device), loss=float("nan"), tokens=len(targets), scale=scale)

@@ -170,7 +170,7 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                 watermark = guard.watermark_for(log.key, boost) if backend.supports_watermark else None
                 log.watermark_key_id = watermark.key_id if watermark else None
                 extra = {}
-                if decision is not None and decision.antidistill > 0 and getattr(backend, "supports_antidistill", False):
+                if decision is not None and decision.antidistill > 0 and backend.supports_antidistill:
                     extra["antidistill"] = decision.antidistill
                     applied.append("antidistill")
                     log.policy_action = decision.label(applied)

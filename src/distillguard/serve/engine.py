@@ -32,7 +32,7 @@ except ImportError:  # older transformers: no layered caches, no prefix reuse
     DynamicLayer = None
 
 from distillguard.models import LoadedModel
-from distillguard.serve.antidistill import apply_antidistill
+from distillguard.serve.antidistill import HiddenTap, apply_antidistill
 from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
 from distillguard.watermark import WatermarkKey, apply_watermark
 
@@ -180,8 +180,6 @@ class Engine:
 
     def enable_antidistill(self, direction) -> None:
         """Allow rows with ``GenParams.antidistill > 0`` (see ``distillguard.serve.antidistill``)."""
-        from distillguard.serve.antidistill import HiddenTap
-
         if self._tap is None:
             self._tap = HiddenTap(self.lm)
         self.antidistill = direction
