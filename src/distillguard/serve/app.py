@@ -178,7 +178,8 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                 if req.stream:
                     chunks = await backend.stream(req, watermark=watermark, **extra)
                 else:
-                    response = await backend.complete(req, watermark=watermark, **extra)
+                    response = await unless_disconnected(
+                        request, backend.complete(req, watermark=watermark, **extra))
             if not req.stream:
                 log.add_response(response)
         except APIError as exc:
@@ -190,6 +191,11 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             log.status, log.error_code = 499, "client_closed"
             guard.abandon(log)
             raise
+        except ClientGone:  # a non-streaming client hung up: its generation was stopped
+            log.status, log.error_code = 499, "client_closed"
+            await guard.settle(lease, 0)
+            guard.abandon(log)
+            return Response(status_code=499)
         if not req.stream:
             await guard.settle(lease, log.total_tokens)
             await guard.finish(log)  # the ledger row is committed before the response leaves
@@ -202,6 +208,42 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
 
 
 MAX_IDEMPOTENCY_KEY = 128
+
+
+class ClientGone(Exception):
+    """The client closed its connection before a non-streaming answer was ready."""
+
+
+async def unless_disconnected(request: Request, work):
+    """Await ``work`` (a coroutine), cancelling it if the client disconnects first.
+
+    Starlette keeps running a handler whose client went away; for a non-streaming completion
+    that means generating an answer nobody will read, holding a batch slot. With the body read,
+    the next ASGI message can only be ``http.disconnect``, so one task waits for it.
+    (Streams need none of this: the server stops iterating them when a send fails.)
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:
+        task.cancel()  # runs the backend's cleanup: the engine job is cancelled
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - its answer is not wanted
+            pass
+        raise ClientGone
+    return task.result()
 
 
 def canary(req: ChatCompletionRequest, log, guard, backend):
