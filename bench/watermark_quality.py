@@ -97,7 +97,15 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 
 from distillguard.models.loader import load_model  # noqa: E402
 from distillguard.watermark.processor import WatermarkLogitsProcessor  # noqa: E402
-from distillguard.watermark.synthid import SynthIDParams, SynthIDTopK, detect_synthid, position_weights, processor_for  # noqa: E402
+from distillguard.watermark.synthid import (  # noqa: E402
+    SynthIDParams,
+    SynthIDTopK,
+    depth_weights,
+    detect_synthid,
+    layer_weights,
+    position_weights,
+    processor_for,
+)
 from distillguard.watermark import WatermarkParams, account_key, detect_tokens, reference_key  # noqa: E402
 from distillguard.watermark.entropy import PositionStats, position_stats, teacher_stats, teacher_weights  # noqa: E402
 
@@ -310,7 +318,15 @@ def generate(lm, prompts, configs, args) -> dict:
 def detector_specs(args) -> list[tuple[str, dict]]:
     specs = [("plain", {}), ("teacher-llr", {"kind": "llr"})]
     specs += [(f"sweet-H>={t:g}", {"kind": "sweet", "threshold": t}) for t in args.sweet]
+    # SynthID only: weights per (position, tournament layer), synthid.depth_weights (by layer,
+    # no teacher) and synthid.layer_weights (the teacher's expected lift of each layer)
+    specs += [("layers", {"kind": "layers", "synthid_only": True}),
+              ("teacher-layers", {"kind": "teacher-layers", "synthid_only": True})]
     return specs
+
+
+def specs_for(specs, sid) -> list[tuple[str, dict]]:
+    return [(n, s) for n, s in specs if sid is not None or not s.get("synthid_only")]
 
 
 _WEIGHTS: dict[tuple, list[int] | None] = {}
@@ -348,6 +364,13 @@ def detect_one(key, answer: dict, prompt_ids, length: int, spec: dict, args, syn
         w = None
         if spec.get("kind") == "sweet":
             w = [[int(h >= spec["threshold"]) for h in answer["entropy"][:length]]]
+        elif spec.get("kind") == "layers":
+            w = [depth_weights(len(toks), synthid.depth, args.levels)]
+        elif spec.get("kind") == "teacher-layers":
+            ck = (id(answer), "synthid-layers", args.layer_levels, synthid.depth)
+            if ck not in _WEIGHTS:
+                _WEIGHTS[ck] = layer_weights(torch.tensor(answer["collision"]), synthid.depth, args.layer_levels)
+            w = [_WEIGHTS[ck][:length]]
         elif spec.get("kind") is not None:
             ck = (id(answer), "synthid", args.levels)
             if ck not in _WEIGHTS:
@@ -391,7 +414,7 @@ def analyse(data: dict, prompts, configs, args) -> dict:
             row["detected_64_among_answers_reaching_64"] = {}
             row["median_log10_p_64"] = {}
             row["mean_scored_64"] = {}
-            for name, spec in specs:
+            for name, spec in specs_for(specs, sid):
                 rates = {}
                 for n in lengths:
                     dets = [detect_one(key, a, prompts[i].ids, n, spec, args, sid) for i, a in enumerate(answers)]
@@ -427,7 +450,7 @@ def false_positives(data: dict, prompts, configs, args) -> dict:
             families.append((c.name, sk))
     for family, keys in families:
         fam = {"tests_per_detector": len(keys) * len(answers), "keys": len(keys), "answers": len(answers)}
-        for name, spec in specs:
+        for name, spec in specs_for(specs, keys[0][1]):
             ps = [detect_one(k, a, prompts[i].ids, 64, spec, args, sid).p_value
                   for k, sid in keys for i, a in enumerate(answers)]
             fam[name] = {f"p<{a:g}": round(sum(p < a for p in ps) / len(ps), 5) for a in (0.1, 0.05, 0.01, 1e-3)}
@@ -462,8 +485,12 @@ def sharegpt_false_positives(lm, args) -> dict:
     sid = SynthIDParams(depth=args.fpr_synthid_depth) if args.fpr_scheme == "synthid" else None
     progress = Progress(TextColumn("teacher pass over ShareGPT answers"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, disable=not console.is_terminal)
-    weights = []
+    weights, layered = [], []
     detectors = (("plain", False),) if args.fpr_plain_only else (("plain", False), ("teacher-llr", True))
+    if sid:
+        detectors += (("layers", "layers"),) + (() if args.fpr_plain_only else (("teacher-layers", "teacher-layers"),))
+    if args.fpr_detectors:
+        detectors = tuple(d for d in detectors if d[0] in args.fpr_detectors.split(","))
     with progress if not args.fpr_plain_only else contextlib.nullcontext():
         task = progress.add_task("fpr", total=len(texts))
         for start in range(0, len(texts) if not args.fpr_plain_only else 0, 16):
@@ -471,6 +498,8 @@ def sharegpt_false_positives(lm, args) -> dict:
                                   temperature=TEMPERATURE, pad_id=lm.tokenizer.pad_token_id or 0, batch_size=16)
             weights += [position_weights(st.collision, args.levels) if sid else
                         teacher_weights(params, st, temperature=TEMPERATURE, levels=args.levels) for st in stats]
+            if sid:
+                layered += [layer_weights(st.collision, sid.depth, args.layer_levels) for st in stats]
             progress.advance(task, len(stats))
             if not console.is_terminal and (start // 16) % 16 == 15:
                 console.print(f"teacher pass: {start + 16}/{len(texts)} ShareGPT answers")
@@ -480,8 +509,10 @@ def sharegpt_false_positives(lm, args) -> dict:
     for name, use_w in detectors:
         if sid:
             procs = {k.hash_key: processor_for(k.hash_key, sid) for k in keys}
+            ws = (layered if use_w == "teacher-layers" else [depth_weights(len(t), sid.depth, args.levels) for t in texts]
+                  if use_w == "layers" else weights)
             dets = [[detect_synthid(k, [t], [p], params=sid, weights=[w] if use_w else None, proc=procs[k.hash_key])
-                     for t, p, w in zip(texts, prompts, weights)] for k in keys]
+                     for t, p, w in zip(texts, prompts, ws)] for k in keys]
         else:
             dets = [[detect_tokens(k, [t], prompt_seqs=[p], vocab_size=args.vocab, weights=[w] if use_w else None)
                      for t, p, w in zip(texts, prompts, weights)] for k in keys]
@@ -612,6 +643,7 @@ def main() -> None:
     ap.add_argument("--sweet", type=lambda s: [float(x) for x in s.split(",") if x], default=[],
                     help="entropy thresholds (nats) of SWEET-style detectors, comma separated (empty: none)")
     ap.add_argument("--levels", type=int, default=8, help="weight levels of the teacher-llr detector")
+    ap.add_argument("--layer-levels", type=int, default=16, help="weight levels of SynthID's teacher-layers detector")
     ap.add_argument("--no-ungated", action="store_true",
                     help="leave out the extra keyed-hash δ=2 configuration with min_entropy=0 (every position biased)")
     ap.add_argument("--null-keys", type=int, default=200, help="extra random keys for the false-positive check")
@@ -624,6 +656,8 @@ def main() -> None:
     ap.add_argument("--fpr-scheme", choices=("keyed-hash", "synthid"), default="keyed-hash",
                     help="the scheme whose keys the ShareGPT answers are tested against")
     ap.add_argument("--fpr-synthid-depth", type=int, default=30)
+    ap.add_argument("--fpr-detectors", default=None,
+                    help="ShareGPT check: only these detectors (comma separated, e.g. plain,teacher-layers)")
     ap.add_argument("--fpr-plain-only", action="store_true", help="ShareGPT check: the plain detector only (no teacher pass)")
     ap.add_argument("--grid", action="store_true", help="the issue-4 comparison (see grid_configs) instead of --schemes")
     ap.add_argument("--keyed-deltas", type=floats, default=[2.0, 2.25, 2.5])
@@ -708,7 +742,7 @@ def main() -> None:
     if default is not None:
         cost = default["perplexity_cost_pct"]
         for name in names:
-            rate = default["detected"][name].get("64")
+            rate = default["detected"].get(name, {}).get("64")
             targets[name] = {"detected_64": rate, "perplexity_cost_pct": cost,
                              "met": rate is not None and rate >= 0.95 and cost <= 35}
     result = {
@@ -731,7 +765,7 @@ def main() -> None:
         "target": "the default: >= 95% of 64-token answers detected at p < 1e-3, perplexity cost <= 35%",
         "target_by_detector": targets,
         "configs_meeting_target": {name: [c for c, r in results.items() if "detected" in r
-                                          and r["detected"][name].get("64", 0) >= 0.95 and r["perplexity_cost_pct"] <= 35]
+                                          and r["detected"].get(name, {}).get("64", 0) >= 0.95 and r["perplexity_cost_pct"] <= 35]
                                    for name in names},
         "generation_s_per_config": data.get("generation_s_per_config"),
         "generation_wall_s": data.get("generation_wall_s"),

@@ -14,8 +14,10 @@ from distillguard.watermark import WatermarkParams, account_key
 from distillguard.watermark.synthid import (
     SynthIDParams,
     SynthIDTopK,
+    depth_weights,
     detect_synthid,
     layer_keys,
+    layer_weights,
     position_weights,
     processor_for,
     synthid_units,
@@ -118,3 +120,69 @@ def test_detects_watermarked_sampling_and_not_other_keys():
 
 def test_position_weights():
     assert position_weights(torch.tensor([1.0, 0.5, 0.125])) == [0, 4, 7]
+
+
+def test_layer_weights_follow_the_fitted_lift():
+    """4·lift of layer l at spread s is s·exp(-(0.03 + 0.07(1-s))·(l-1)), in 16 levels; a sure
+    position weighs nothing; depth_weights (no teacher) decay by layer only, never to 0."""
+    w = layer_weights(torch.tensor([0.0, 0.5, 1.0]), depth=30)
+    assert w[0][:3] == [16, round(16 * math.exp(-0.03)), round(16 * math.exp(-0.06))]
+    assert w[1][0] == 8 and w[1][29] == round(8 * math.exp(-(0.03 + 0.035) * 29))
+    assert w[2] == [0] * 30
+    assert all(a >= b for a, b in zip(w[0], w[0][1:]))  # later layers never weigh more
+    d = depth_weights(5, depth=30)
+    assert len(d) == 5 and d[0][0] == 8 and d[0][-1] == max(1, round(8 * math.exp(-0.055 * 29))) and min(d[0]) >= 1
+
+
+def test_units_keep_the_largest_layer_weight_per_index():
+    proc = processor_for(key(0).hash_key, P)
+    ans = [5, 6, 7, 8, 9, 10]
+    per_layer = [[i + 1] * P.depth for i in range(len(ans))]  # position i weighs i + 1 in every layer
+    g, w = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size, [per_layer])
+    g1, w1 = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size)
+    assert len(g) == len(g1) and set(w1.tolist()) == {1}
+    assert sorted(set(w.tolist())) == list(range(1, len(ans) + 1))
+    # one layer weighted 0 everywhere drops its indices from the test
+    zero_first = [[0] + [1] * (P.depth - 1) for _ in ans]
+    d0 = detect_synthid(key(0), [ans], [[1, 2, 3, 4]], params=P, weights=[zero_first])
+    assert d0.scored < len(g1)
+
+
+def test_layered_null_is_exact_over_many_keys():
+    """Key-independent per-layer weights keep the test exact: on texts independent of the key the
+    false-positive rate at α = 1e-2 and 5e-2 over 30 texts x 40 keys stays within 3σ of α."""
+    g = torch.Generator().manual_seed(4)
+    texts = [torch.randint(0, V, (40,), generator=g).tolist() for _ in range(30)]
+    prompts = [torch.randint(0, V, (8,), generator=g).tolist() for _ in range(30)]
+    weights = [layer_weights(torch.rand(40, generator=g), P.depth) for _ in range(30)]
+    ps = []
+    for k in range(40):
+        proc = processor_for(key(k).hash_key, P)
+        ps += [detect_synthid(key(k), [t], [pr], params=P, weights=[w], proc=proc).p_value
+               for t, pr, w in zip(texts, prompts, weights)]
+    n = len(ps)
+    for alpha in (1e-2, 5e-2):
+        assert sum(p < alpha for p in ps) / n <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
+    assert sum(p < 0.5 for p in ps) / n > 0.4  # not a test that never fires
+
+
+def test_params_scheme_synthid_dispatches_detection():
+    """WatermarkParams(scheme="synthid") is the one object the server and the detectors share:
+    detect_tokens and trace test its keys with the tournament's detector."""
+    from distillguard.watermark import detect_tokens, trace
+
+    params = WatermarkParams(scheme="synthid", gamma=0.25, synthid=P)
+    assert params.gamma == 0.5 and params.context_width == P.ngram_len - 1
+    k0, k1 = (account_key(SECRET, f"acct-{i}", params) for i in range(2))
+    torch.manual_seed(2)
+    table = torch.randn(V, V) * 2.0
+    proc = SynthIDTopK(k0.hash_key, P)
+    ids = torch.randint(0, V, (1, 4))
+    prompt = ids[0].tolist()
+    for _ in range(80):
+        ids = torch.cat([ids, torch.multinomial(proc(ids, table[ids[:, -1]]).softmax(-1), 1)], dim=1)
+    ans = ids[0, 4:].tolist()
+    d = detect_tokens(k0, [ans], prompt_seqs=[prompt], vocab_size=V)
+    assert d == detect_synthid(k0, [ans], [prompt], params=P) and d.p_value < 1e-4
+    t = trace([k0, k1], [ans], vocab_size=V, prompt_seqs=[prompt])
+    assert t.accounts == ["acct-0"]

@@ -75,7 +75,7 @@ def detect(
         None, help="entropy-aware detection: run this teacher (model spec, e.g. smollm2) over each answer and "
                    "weight every token by the evidence it can carry (more power; the test stays exact)"),
     secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET", help="master secret (default: the server's file)"),
-    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (as the server used)"),
+    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref | synthid (as the server used)"),
     gamma: Optional[float] = typer.Option(None, help="green fraction (as the server used; default: the scheme's)"),
     delta: Optional[float] = typer.Option(None, help="green bias (as the server used; --teacher only; default: the scheme's)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
@@ -130,17 +130,23 @@ def detect(
         tok = load_tokenizer(model)
         vocab = len(tok)
         answers = tokenize(tok, [r.text for r in records])
+        if params.scheme == "synthid":  # weight the tournament's layers by their mean lift (no teacher needed)
+            from distillguard.watermark.synthid import depth_weights
+
+            weights = [depth_weights(len(a), params.synthid.depth) for a in answers]
     result = trace(keys, answers, prompt_seqs=tokenize(tok, prompts), vocab_size=vocab, alpha=alpha, weights=weights)
+    detector = ("teacher-layers" if params.scheme == "synthid" else "teacher-llr") if teacher else (
+        "layers" if params.scheme == "synthid" else "plain")
     if as_json:
-        print(json.dumps({**result.to_dict(), "detector": "teacher-llr" if teacher else "plain"}))
+        print(json.dumps({**result.to_dict(), "detector": detector}))
         return
     table = Table("account", "key id", "scored", "green", "z", "log10 p", "p (Holm)")
     for r, p in sorted(zip(result.results, result.adjusted_p), key=lambda x: x[0].log10_p):
         table.add_row(r.account or "-", r.key_id, str(r.scored), str(r.green), f"{r.z:.2f}", f"{r.log10_p:.1f}",
                       f"{p:.2e}", style="bold red" if p < alpha else None)
     console.print(table)
-    console.print(f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}"
-                  f"{', entropy-aware with ' + teacher if teacher else ''})")
+    console.print(f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}, detector {detector}"
+                  f"{' with ' + teacher if teacher else ''})")
 
 
 def _teacher_weights(lm, params, records: list[Record], prompts: list[str], answers: list[list[int]],

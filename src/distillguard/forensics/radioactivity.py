@@ -368,6 +368,9 @@ def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, promp
     params = keys[0].params
     if any(k.params != params for k in keys):
         raise ConfigError("open_test needs keys of one scheme (the same WatermarkParams)")
+    if params.scheme == "synthid":
+        raise ConfigError("open mode is not implemented for the synthid scheme (its statistic would be the "
+                          "suspect's probability mass on g = 1 per tournament layer); use --mode closed")
     width = params.context_width
     tok = lm.tokenizer
     excl_texts = list(exclude) + (list(answers) if exclude_text_pairs else [])

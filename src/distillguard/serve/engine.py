@@ -35,6 +35,7 @@ from distillguard.models import LoadedModel
 from distillguard.serve.antidistill import HiddenTap, apply_antidistill
 from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
 from distillguard.watermark import WatermarkKey, apply_watermark
+from distillguard.watermark.synthid import apply_synthid
 
 log = logging.getLogger(__name__)
 
@@ -393,14 +394,19 @@ class Engine:
             # Perturb the teacher's distribution first; the watermark then biases the result, so
             # its detector sees the same green-list shift as on any other answer.
             logits = apply_antidistill(logits, self._tap.last, self.antidistill, [p.antidistill for p in params])
-        if any(p.watermark is not None for p in params):
-            # Before temperature and top-p, as in the reference: the returned logprobs are those
+        if any(p.watermark is not None and p.watermark.params.scheme != "synthid" for p in params):
+            # Green lists: before temperature and top-p, as in the reference: the returned logprobs are those
             # of the watermarked distribution the token is actually drawn from.
             width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
             logits = apply_watermark(logits, self._contexts(rows, width), [p.watermark for p in params])
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
+        if any(p.watermark is not None and p.watermark.params.scheme == "synthid" for p in params):
+            # SynthID's tournament acts on the distribution each row samples from (after
+            # temperature and top-p); the logprobs returned are the tournament's.
+            width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
+            logprobs = apply_synthid(logprobs, self._contexts(rows, width), [p.watermark for p in params])
         chosen = sample_rows(logprobs, temperature, [r.generator for r in rows])  # (B,)
         k = max((p.top_logprobs or 0) for p in params)
         top_vals = top_ids = None

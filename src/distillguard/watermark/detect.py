@@ -160,9 +160,15 @@ def detect_tokens(key: WatermarkKey, token_seqs: Sequence[Sequence[int]], *,
 
     ``weights`` (optional, one non-negative integer per token, e.g. from
     :mod:`distillguard.watermark.entropy`) must not depend on the key: then the test stays
-    exact. 0/1 weights select the pairs scored by the plain binomial test; larger ones count a
+    exact. A ``synthid`` key is tested by ``synthid.detect_synthid`` (its weights may give one
+    integer per tournament layer for each token; pass one prompt per text to give each answer
+    its context). 0/1 weights select the pairs scored by the plain binomial test; larger ones count a
     green pair that many times, tested exactly by :func:`weighted_binomial_test`.
     """
+    if key.params.scheme == "synthid":  # tournament g-values over table indices, not green pairs
+        from distillguard.watermark.synthid import detect_synthid
+
+        return detect_synthid(key, token_seqs, prompt_seqs, weights=weights)
     pairs = weighted_pairs(token_seqs, key.params.context_width, prompt_seqs, weights)
     return _test(key, *pairs, vocab_size)
 
@@ -220,6 +226,9 @@ def trace(keys: Sequence[WatermarkKey], token_seqs: Sequence[Sequence[int]], *, 
     by_width: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     results = []
     for key in keys:
+        if key.params.scheme == "synthid":
+            results.append(detect_tokens(key, token_seqs, prompt_seqs=prompt_seqs, vocab_size=vocab_size, weights=weights))
+            continue
         width = key.params.context_width
         if width not in by_width:
             by_width[width] = weighted_pairs(token_seqs, width, prompt_seqs, weights)

@@ -120,7 +120,12 @@ def llr_weights(posterior: torch.Tensor, gamma: float, *, levels: int = 8, max_w
 def teacher_weights(params: WatermarkParams, stats: PositionStats, *, temperature: float = 1.0,
                     levels: int = 8) -> list[int]:
     """Integer weight of each answer token for :func:`detect_tokens`: the quantised LLR weight
-    of its green posterior, 0 where the scheme's embedder left the position alone."""
+    of its green posterior, 0 where the scheme's embedder left the position alone. SynthID: one
+    weight per tournament layer, its expected g-lift (``synthid.layer_weights``, 16 levels)."""
+    if params.scheme == "synthid":
+        from distillguard.watermark.synthid import layer_weights
+
+        return layer_weights(stats.collision, params.synthid.depth)
     post = green_posterior(stats.token_prob, stats.collision, gamma=params.gamma, delta=params.delta,
                            temperature=temperature)
     w = llr_weights(post, params.gamma, levels=levels,

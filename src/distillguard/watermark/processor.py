@@ -17,7 +17,7 @@ def apply_watermark(logits: torch.Tensor, contexts: torch.Tensor, keys: list[Wat
     vocab = logits.shape[-1]
     groups: dict[object, list[int]] = {}
     for b, key in enumerate(keys):
-        if key is not None and key.params.delta > 0:
+        if key is not None and key.params.delta > 0 and key.params.scheme != "synthid":  # synthid: apply_synthid
             groups.setdefault(key.params, []).append(b)
     for params, rows in groups.items():
         idx = torch.tensor(rows, device=logits.device)

@@ -46,10 +46,34 @@ KEYED_MIN_ENTROPY = 1.25  # keyed-hash's default min_entropy (nats)
 
 
 @dataclass(frozen=True)
-class WatermarkParams:
-    """The scheme: shared, unchanged, by the embedder and the detector."""
+class SynthIDParams:
+    """SynthID-Text's tournament (``watermark.synthid``): the part of :class:`WatermarkParams` that
+    only ``scheme="synthid"`` reads."""
 
-    scheme: Literal["keyed-hash", "lefthash-ref"] = "keyed-hash"
+    depth: int = 30  # tournament layers (g-functions)
+    ngram_len: int = 5  # context = the previous ngram_len - 1 tokens
+    top_k: int = 256  # the tournament runs over each row's top_k tokens (the tail keeps its mass)
+    table_size: int = 1 << 16  # entries of the keyed g-value table
+
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.ngram_len < 2 or self.top_k < 2 or self.table_size < 2:
+            raise ConfigError(f"bad SynthID parameters {self}: depth >= 1, ngram_len >= 2, top_k >= 2, table_size >= 2")
+
+
+SCHEMES = ("keyed-hash", "lefthash-ref", "synthid")
+
+
+@dataclass(frozen=True)
+class WatermarkParams:
+    """The scheme: shared, unchanged, by the embedder and the detector.
+
+    ``synthid`` (SynthID-Text tournament sampling, ``watermark.synthid``) reads ``synthid`` only:
+    its g-values are fair coins, so ``gamma`` is set to 1/2 (the detector's null rate) and
+    ``context_width`` to ``synthid.ngram_len - 1``; ``delta``, ``candidates`` and ``min_entropy``
+    do not apply.
+    """
+
+    scheme: Literal["keyed-hash", "lefthash-ref", "synthid"] = "keyed-hash"
     gamma: float = 0.25
     # δ=2.25 with min_entropy=1.25: chosen on 32 held-out ShareGPT prompts (bench/watermark_quality.py
     # --skip 96) for ">= 95% of 64-token answers detected by the entropy-aware detector at <= 35%
@@ -72,12 +96,17 @@ class WatermarkParams:
     # little dilution). None: the scheme's default, 1.25 for keyed-hash, 0 (every position, as
     # the reference) for lefthash-ref.
     min_entropy: float | None = None
+    synthid: SynthIDParams = SynthIDParams()  # scheme="synthid" only
 
     def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"unknown watermark scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
         if self.min_entropy is None:
             object.__setattr__(self, "min_entropy", KEYED_MIN_ENTROPY if self.scheme == "keyed-hash" else 0.0)
-        if self.scheme not in ("keyed-hash", "lefthash-ref"):
-            raise ConfigError(f"unknown watermark scheme {self.scheme!r}; use keyed-hash or lefthash-ref")
+        if self.scheme == "synthid":
+            # g-values are fair coins: 1/2 is the rate every detector tests against.
+            object.__setattr__(self, "gamma", 0.5)
+            object.__setattr__(self, "context_width", self.synthid.ngram_len - 1)
         if not 0 < self.gamma < 1:
             raise ConfigError(f"watermark gamma={self.gamma} must be between 0 and 1 (exclusive)")
         if self.delta < 0:

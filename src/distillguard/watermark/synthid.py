@@ -29,27 +29,14 @@ move the choice). No trained detector, and no approximation in the null.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, SynthIDTextWatermarkLogitsProcessor
 
-from distillguard.errors import ConfigError
 from distillguard.watermark.detect import Detection, binomial_test, weighted_binomial_test
-from distillguard.watermark.scheme import WatermarkKey, mix64_int
-
-
-@dataclass(frozen=True)
-class SynthIDParams:
-    depth: int = 30  # tournament layers (g-functions)
-    ngram_len: int = 5  # context = the previous ngram_len - 1 tokens
-    top_k: int = 256  # the tournament runs over each row's top_k tokens (the tail keeps its mass)
-    table_size: int = 1 << 16  # entries of the keyed g-value table
-
-    def __post_init__(self) -> None:
-        if self.depth < 1 or self.ngram_len < 2 or self.top_k < 2 or self.table_size < 2:
-            raise ConfigError(f"bad SynthID parameters {self}: depth >= 1, ngram_len >= 2, top_k >= 2, table_size >= 2")
+from distillguard.watermark.scheme import SynthIDParams, WatermarkKey, mix64_int
 
 
 def layer_keys(hash_key: int, params: SynthIDParams) -> tuple[list[int], int]:
@@ -62,7 +49,10 @@ def layer_keys(hash_key: int, params: SynthIDParams) -> tuple[list[int], int]:
     return out[:-1], out[-1]
 
 
+@functools.lru_cache(maxsize=256)
 def processor_for(hash_key: int, params: SynthIDParams, device="cpu") -> SynthIDTextWatermarkLogitsProcessor:
+    """transformers' processor for one account's key (cached: the server keeps one per key; it is
+    only read, never updated, here: the context comes from the rows, not its state)."""
     keys, table_seed = layer_keys(hash_key, params)
     return SynthIDTextWatermarkLogitsProcessor(
         ngram_len=params.ngram_len, keys=keys, sampling_table_size=params.table_size,
@@ -78,54 +68,89 @@ class SynthIDTopK(LogitsProcessor):
         self.proc = processor_for(hash_key, params)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        k = min(self.params.top_k, scores.shape[-1])
-        logp = scores.float().log_softmax(dim=-1)
-        top_lp, top_ids = logp.topk(k, dim=-1)  # (B, k)
-        mass = top_lp.logsumexp(dim=-1, keepdim=True)  # log of the top-k's total probability
-        context = input_ids[:, -(self.params.ngram_len - 1):]
-        ngram_keys, _ = self.proc._compute_keys(context, top_ids)  # (B, k, depth)
-        g = self.proc.sample_g_values(ngram_keys)
-        tournament = self.proc.update_scores(top_lp - mass, g)  # log probs over the top k, renormalised
-        return logp.scatter(1, top_ids, tournament + mass)
+        return tournament(self.proc, self.params, scores.float().log_softmax(dim=-1),
+                          input_ids[:, -(self.params.ngram_len - 1):])
+
+
+def tournament(proc: SynthIDTextWatermarkLogitsProcessor, params: SynthIDParams, logp: torch.Tensor,
+               context: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities after the tournament over each row's top k; the tail keeps its mass.
+    logp (B, V) normalised log-probabilities (-inf allowed: filtered tokens stay impossible);
+    context (B, ngram_len - 1) the previous tokens -> (B, V)."""
+    k = min(params.top_k, logp.shape[-1])
+    top_lp, top_ids = logp.topk(k, dim=-1)  # (B, k)
+    mass = top_lp.logsumexp(dim=-1, keepdim=True)  # log of the top-k's total probability
+    ngram_keys, _ = proc._compute_keys(context, top_ids)  # (B, k, depth)
+    g = proc.sample_g_values(ngram_keys)
+    out = proc.update_scores(top_lp - mass, g)  # log probs over the top k, renormalised
+    # update_scores turns log 0 into the float minimum; keep impossible tokens at -inf
+    out = torch.where(torch.isfinite(top_lp), out + mass, top_lp)
+    # renormalise: the tournament's float32 products can sum to 1 ± 1e-7 (a logprob just above 0)
+    return logp.scatter(1, top_ids, out).log_softmax(dim=-1)
+
+
+def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[WatermarkKey | None]) -> torch.Tensor:
+    """The tournament on every SynthID row of a batch, each with its account's key (rows grouped
+    by key: one cached processor per key); other rows are returned bitwise as they were.
+    logp (B, V) the log-probabilities each row samples from; contexts (B, h >= ngram_len - 1)
+    each row's last tokens (prompt, then answer) -> (B, V)."""
+    groups: dict[tuple[int, SynthIDParams], list[int]] = {}
+    for b, key in enumerate(keys):
+        if key is not None and key.params.scheme == "synthid":
+            groups.setdefault((key.hash_key, key.params.synthid), []).append(b)
+    if not groups:
+        return logp
+    out = logp.clone()
+    for (hash_key, params), rows in groups.items():
+        idx = torch.tensor(rows, device=logp.device)
+        ctx = contexts[idx, contexts.shape[1] - (params.ngram_len - 1):]
+        out[idx] = tournament(processor_for(hash_key, params, str(logp.device)), params, logp[idx], ctx)
+    return out
 
 
 def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[Sequence[int]],
                   prompts: Sequence[Sequence[int]], table_size: int,
-                  weights: Sequence[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct table indices an answer's n-grams (after its prompt's last tokens) look up,
-    with their g-values and weights (largest weight when an index is hit twice). Each answer's
-    n-grams are deduplicated across all answers and those present in the prompts are skipped.
+                  weights: Sequence[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct table indices an answer's n-grams (after its prompt's last tokens, when there
+    is one prompt per answer) look up,
+    with their g-values and weights. Each answer's n-grams are deduplicated across all answers
+    and those present in the prompts are skipped. ``weights``: one per answer token, an int (every
+    layer alike) or ``depth`` ints (one per layer, :func:`layer_weights`); an n-gram seen twice
+    keeps the larger weight of each layer, and a table index touched by several (n-gram, layer)
+    pairs keeps the largest (a rule that does not look at the key's g-values).
     Returns g (N,) and weights (N,) int64."""
-    n = proc.ngram_len
+    n, depth = proc.ngram_len, len(proc.keys)
     excluded = {tuple(p[i - n + 1:i + 1]) for p in prompts for i in range(n - 1, len(p))}
-    seen: dict[tuple[int, ...], int] = {}
-    for b, (ans, prm) in enumerate(zip(answers, prompts)):
-        seq = list(prm[-(n - 1):]) + list(ans)
+    seen: dict[tuple[int, ...], torch.Tensor] = {}
+    aligned = len(prompts) == len(answers)
+    for b, ans in enumerate(answers):
+        seq = (list(prompts[b][-(n - 1):]) if aligned else []) + list(ans)
         off = len(seq) - len(ans)
         for i in range(len(ans)):
             gram = tuple(seq[off + i - n + 1: off + i + 1])
             if len(gram) < n or gram in excluded:
                 continue
-            w = 1 if weights is None else int(weights[b][i])
-            if w > seen.get(gram, 0):
-                seen[gram] = w
+            w = torch.ones(depth, dtype=torch.long) if weights is None else torch.as_tensor(weights[b][i]).long()
+            w = w.expand(depth)
+            found = seen.get(gram)
+            seen[gram] = w if found is None else torch.maximum(found, w)
     if not seen:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     grams = torch.tensor(list(seen), dtype=torch.long)  # (N, n)
-    w = torch.tensor(list(seen.values()), dtype=torch.long)
+    w = torch.stack(list(seen.values()))  # (N, depth)
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
-    idx = keys.reshape(-1)
-    wide = w[:, None].expand_as(keys).reshape(-1)
-    uniq, inv = idx.unique(return_inverse=True)
-    best = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, wide, reduce="amax")
+    uniq, inv = keys.reshape(-1).unique(return_inverse=True)
+    best = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, w.reshape(-1), reduce="amax")
     return proc.sampling_table[uniq].long(), best
 
 
 def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]], *,
-                   params: SynthIDParams = SynthIDParams(), weights: Sequence[Sequence[int]] | None = None,
+                   params: SynthIDParams | None = None, weights: Sequence[Sequence] | None = None,
                    proc: SynthIDTextWatermarkLogitsProcessor | None = None) -> Detection:
     """Exact test of answers against a SynthID key: the number of g = 1 among the distinct table
-    indices they touch is Binomial(N, 1/2) under the null (weighted: the exact weighted test)."""
+    indices they touch is Binomial(N, 1/2) under the null (weighted: the exact weighted test).
+    ``params``: default the key's own (``key.params.synthid``)."""
+    params = params or key.params.synthid
     proc = proc or processor_for(key.hash_key, params)
     g, w = synthid_units(proc, answers, prompts, params.table_size, weights)
     if weights is not None:
@@ -146,5 +171,37 @@ def position_weights(collision: torch.Tensor, levels: int = 8) -> list[int]:
     return (levels * (1 - collision.double())).round().clamp(0, levels).long().tolist()
 
 
-__all__ = ["SynthIDParams", "SynthIDTopK", "detect_synthid", "layer_keys", "position_weights", "processor_for",
-           "synthid_units"]
+# How fast the g-lift of successive layers decays: each layer concentrates the distribution,
+# and a concentrated one leaves the next layers little to tilt. Measured on the teacher's own
+# answers to 32 held-out ShareGPT prompts (not the quality bench's), T=0.7, by running the
+# tournament on each position's top-256 distribution with random g-values
+# (bench/watermark_synthid_layers.py -> bench/results/watermark_synthid_layers.json): the lift of
+# layer l (1-based) at a position of spread s = 1 - Σp² is close to
+#     s/4 · exp(-λ(s)·(l - 1)),   λ(s) = 0.03 + 0.07·(1 - s)
+# (layer 1 exact; the fit over 10 bins of s by least squares, weighted by positions). Over all
+# positions the mean lift falls from 0.109 (layer 1) to 0.022 (layer 30): ~exp(-0.055·(l-1)).
+LAYER_DECAY = (0.03, 0.07)
+MEAN_LAYER_DECAY = 0.055
+
+
+def layer_weights(collision: torch.Tensor, depth: int, levels: int = 16) -> list[list[int]]:
+    """Key-independent weights of every (answer position, tournament layer) for
+    :func:`detect_synthid`: the quantised expected g-lift ``levels·4·lift`` of that layer under
+    the teacher's tempered distribution (``LAYER_DECAY``). The most powerful test of
+    Bernoulli(1/2 + l) against Bernoulli(1/2) weights a success by logit(1/2 + l) ≈ 4l for the
+    small lifts here (Neyman-Pearson). collision (L,) Σp² per position -> L lists of depth ints."""
+    spread = (1 - collision.double()).clamp(0, 1)[:, None]  # (L, 1)
+    lam = LAYER_DECAY[0] + LAYER_DECAY[1] * (1 - spread)
+    lift4 = spread * torch.exp(-lam * torch.arange(depth, dtype=torch.float64)[None, :])  # (L, depth) = 4·lift
+    return (levels * lift4).round().clamp(0, levels).long().tolist()
+
+
+def depth_weights(length: int, depth: int, levels: int = 8) -> list[list[int]]:
+    """Weights by layer only, for detection without the teacher: ``levels·exp(-0.055·(l-1))``
+    (the mean decay over all positions), the same for every position."""
+    row = [max(1, round(levels * float(torch.exp(torch.tensor(-MEAN_LAYER_DECAY * i))))) for i in range(depth)]
+    return [row] * length
+
+
+__all__ = ["LAYER_DECAY", "SynthIDParams", "SynthIDTopK", "apply_synthid", "depth_weights", "detect_synthid",
+           "layer_keys", "layer_weights", "position_weights", "processor_for", "synthid_units", "tournament"]
