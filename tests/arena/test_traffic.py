@@ -125,6 +125,33 @@ def test_benign_users_hold_multi_turn_conversations_with_human_gaps(traffic):
     assert counts[-1] > 8 * statistics.median(counts)  # a few heavy users
 
 
+def test_benign_users_return_to_a_few_subjects_over_days(traffic):
+    """Users come back to their own subjects (FOCUS_SHARE of conversations), not to everything
+    under a broad topic: a user's two most frequent subjects hold most of their conversations,
+    while a topic sweep (slowlow) spreads over many."""
+    from distillguard.arena.pools import focus_of, topic_of
+
+    def subjects(recs):
+        firsts = [r["request"]["messages"][-1]["content"] for r in recs
+                  if not any(m["role"] == "assistant" for m in r["request"]["messages"])]
+        return [(topic_of(p), focus_of(p, topic_of(p))) for p in firsts]
+
+    accounts = _by_account(traffic)
+    shares = []
+    for recs in accounts.values():
+        if recs[0]["label"] != "benign":
+            continue
+        subj = [s for s in subjects(recs) if s[1] is not None]
+        if len(subj) >= 8:
+            top2 = sum(sorted((subj.count(x) for x in set(subj)), reverse=True)[:2])
+            shares.append(top2 / len(subj))
+    assert len(shares) >= 5
+    assert statistics.median(shares) >= 0.5
+    sweep = [s for recs in accounts.values() if recs[0]["label"] == "slowlow" for s in subjects(recs) if s[1]]
+    top2 = sum(sorted((sweep.count(x) for x in set(sweep)), reverse=True)[:2]) / len(sweep)
+    assert top2 < statistics.median(shares) - 0.2
+
+
 def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
     accounts = _by_account([r for r in traffic if r["label"] == "benign"])
     researchers = {a for a, recs in accounts.items() if any(r["request"].get("logprobs") for r in recs)}

@@ -94,6 +94,7 @@ class Thread:
     base_id: str
     topic: str
     turns: tuple[str, ...]
+    focus: str | None = None  # finer subject inside the topic (focus_of), None when it has none
 
     @property
     def user_turns(self) -> tuple[str, ...]:
@@ -115,6 +116,22 @@ def pool_of(conversation_id: str) -> PoolName:
     return "calibration" if bucket < _SPLIT[0] else "eval" if bucket < _SPLIT[1] else "attack"
 
 
+def _keyword_hits(sample: str) -> dict[tuple[str, str], int]:
+    """(topic, keyword) -> how many words of ``sample`` (lower case) the keyword starts (phrases: 1)."""
+    hits: dict[tuple[str, str], int] = defaultdict(int)
+    for word in _WORD.findall(sample):
+        for end in range(min(len(word), 12), 1, -1):  # the longest keyword that starts the word
+            topic = _WORD_KEYS.get(word[:end])
+            # keywords of <= 4 letters match whole words (or plurals) only: "cat" not "category"
+            if topic is not None and (end > 4 or len(word) - end <= (word[-1] == "s")):
+                hits[topic, word[:end]] += 1
+                break
+    for phrase, topic in _PHRASES:
+        if phrase in sample:
+            hits[topic, phrase] += 1
+    return hits
+
+
 def topic_of(text: str) -> str:
     """Coarse topic of a prompt (see the module docstring): the topic whose keywords start the
     most words; "non-english" when under 60% of the characters are ASCII."""
@@ -122,18 +139,20 @@ def topic_of(text: str) -> str:
     if not sample or len(sample.encode("ascii", "ignore")) < 0.6 * len(sample):
         return "non-english" if sample else "other"
     hits: dict[str, int] = defaultdict(int)
-    for word in _WORD.findall(sample):
-        for end in range(min(len(word), 12), 1, -1):  # the longest keyword that starts the word
-            topic = _WORD_KEYS.get(word[:end])
-            # keywords of <= 4 letters match whole words (or plurals) only: "cat" not "category"
-            if topic is not None and (end > 4 or len(word) - end <= (word[-1] == "s")):
-                hits[topic] += 1
-                break
-    for phrase, topic in _PHRASES:
-        if phrase in sample:
-            hits[topic] += 1
+    for (topic, _), n in _keyword_hits(sample).items():
+        hits[topic] += n
     # ties go to the topic listed first (dict order of TOPIC_KEYWORDS), so the result is stable
     return max(TOPIC_KEYWORDS, key=lambda t: hits.get(t, 0)) if hits else "other"
+
+
+def focus_of(text: str, topic: str) -> str | None:
+    """A finer subject inside ``topic``: its keyword that starts the most words of the prompt
+    ("python", "sql", "resume", "recipe"); None for "other", "non-english" or no hit. Benign users
+    return to a few of these (``arena.benign``): a Python programmer asks about Python all week."""
+    if topic not in TOPIC_KEYWORDS:
+        return None
+    hits = {kw: n for (t, kw), n in _keyword_hits(text[:600].lower()).items() if t == topic}
+    return max(sorted(hits), key=lambda kw: hits[kw]) if hits else None
 
 
 def _clean_turns(turns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
@@ -159,9 +178,10 @@ def load_pools() -> dict[PoolName, tuple[Thread, ...]]:
         turns = _clean_turns(conv.turns)
         if not turns:
             continue
-        raw[pool_of(conv.id)].append(Thread(
-            id=conv.id, base_id=conv.id.rsplit("_", 1)[0],
-            topic=topic_of(turns[0] + " " + (turns[1][:300] if len(turns) > 1 else "")), turns=turns))
+        opening = turns[0] + " " + (turns[1][:300] if len(turns) > 1 else "")
+        topic = topic_of(opening)
+        raw[pool_of(conv.id)].append(Thread(id=conv.id, base_id=conv.id.rsplit("_", 1)[0], topic=topic,
+                                            turns=turns, focus=focus_of(opening, topic)))
     calibration = tuple(raw["calibration"])
     cal_firsts = {normalise(t.turns[0]) for t in calibration}
     evaluation = tuple(t for t in raw["eval"] if normalise(t.turns[0]) not in cal_firsts)
@@ -174,5 +194,5 @@ def load_pools() -> dict[PoolName, tuple[Thread, ...]]:
                 break
             keep = 2 * k + 2
         if keep:
-            attack.append(Thread(t.id, t.base_id, t.topic, t.turns[:keep]))
+            attack.append(Thread(t.id, t.base_id, t.topic, t.turns[:keep], t.focus))
     return {"calibration": calibration, "eval": evaluation, "attack": tuple(attack)}
