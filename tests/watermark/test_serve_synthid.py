@@ -62,7 +62,7 @@ def test_engine_tournament_per_row_key_and_untouched_rows(tiny_engine):
     for r in (0, 2, 3):
         key = keys[r]
         ctx = torch.tensor([rows[r].job.prompt_ids[-4:]])
-        want = tournament(processor_for(key.hash_key, SYNTHID.synthid), SYNTHID.synthid, base[r:r + 1], ctx)[0]
+        want = tournament([processor_for(key.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r:r + 1], ctx)[0]
         entry = rows[r].entries[0][2]
         tok = int(chosen[r])
         assert entry["logprob"] == pytest.approx(max(float(want[tok]), -9999.0), abs=1e-5)
@@ -72,7 +72,7 @@ def test_engine_tournament_per_row_key_and_untouched_rows(tiny_engine):
         assert float(want[tok]) > -float("inf")  # never a token top-p ruled out
         # another key gives another distribution
         other = b if key is a else a
-        alt = tournament(processor_for(other.hash_key, SYNTHID.synthid), SYNTHID.synthid, base[r:r + 1], ctx)[0]
+        alt = tournament([processor_for(other.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r:r + 1], ctx)[0]
         assert not torch.allclose(alt, want)
     # top-p's impossible tokens stay impossible after the tournament
     assert bool(torch.isinf(base[0]).any())

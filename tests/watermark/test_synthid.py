@@ -186,3 +186,22 @@ def test_params_scheme_synthid_dispatches_detection():
     assert d == detect_synthid(k0, [ans], [prompt], params=P) and d.p_value < 1e-4
     t = trace([k0, k1], [ans], vocab_size=V, prompt_seqs=[prompt])
     assert t.accounts == ["acct-0"]
+
+
+def test_batched_hashing_is_transformers_own():
+    """tournament() hashes rows with different keys in one pass: the same n-gram keys and the
+    same result as transformers' own _compute_keys / update_scores, key by key."""
+    from distillguard.watermark.synthid import tournament
+
+    torch.manual_seed(5)
+    logp = (torch.randn(3, V) * 2).log_softmax(-1)
+    ctx = torch.randint(0, V, (3, P.ngram_len - 1))
+    procs = [processor_for(key(i).hash_key, P) for i in range(3)]
+    got = tournament(procs, P, logp, ctx)
+    for b, proc in enumerate(procs):
+        top_lp, top_ids = logp[b:b + 1].topk(P.top_k, dim=-1)
+        mass = top_lp.logsumexp(dim=-1, keepdim=True)
+        g = proc.sample_g_values(proc._compute_keys(ctx[b:b + 1], top_ids)[0])
+        want = logp[b:b + 1].scatter(1, top_ids, proc.update_scores(top_lp - mass, g) + mass)
+        assert torch.allclose(got[b], want[0], atol=1e-5)
+        assert not torch.allclose(got[b], got[(b + 1) % 3], atol=1e-3)
