@@ -50,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="250,1000", help="teacher queries per point, comma-separated")
     p.add_argument("--depths", default="8,15", help="student depths K (prune:K of the teacher's 30 layers)")
+    p.add_argument("--inits", default="influence", help="how prune:K chooses its layers: influence, even (comma-separated)")
     p.add_argument("--losses", default="sft,topk-kd,kd", help="sft, topk-kd, kd, gkd")
     p.add_argument("--teacher", default="smollm2")
     p.add_argument("--teacher-url", default=None, help="harvest from this running server (its model must be "
@@ -225,6 +226,7 @@ def main() -> None:
     args = parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     depths = [int(d) for d in args.depths.split(",")]
+    inits = args.inits.split(",")
     losses = args.losses.split(",")
     work = args.work
     (work / "harvest").mkdir(parents=True, exist_ok=True)
@@ -251,33 +253,36 @@ def main() -> None:
     console.print(f"teacher: NLL {ref['nll']:.3f} nats/token, {ref['tokens_per_s']:.1f} tok/s")
 
     points = []
-    grid = [(0, d, "untrained") for d in depths] + [(n, d, loss) for n in sizes for d in depths for loss in losses]
-    for i, (n, depth, loss) in enumerate(grid, 1):
-        path = work / "points" / f"{loss}-prune{depth}-n{n}.json"
+    grid = [(0, d, init, "untrained") for d in depths for init in inits]
+    grid += [(n, d, init, loss) for n in sizes for d in depths for init in inits for loss in losses]
+    for i, (n, depth, init, loss) in enumerate(grid, 1):
+        name = point_name(loss, depth, init, n)
+        path = work / "points" / f"{name}.json"
         if path.is_file():
             points.append(json.loads(path.read_text()))
             continue
-        console.rule(f"[{i}/{len(grid)}] {loss}, prune:{depth}, {n} queries")
+        spec = f"prune:{depth}:{init}"
+        console.rule(f"[{i}/{len(grid)}] {loss}, {spec}, {n} queries")
         t0 = time.perf_counter()
         if n == 0:
-            student = load_student(f"prune:{depth}", teacher)
+            student = load_student(spec, teacher)
             summary = {"steps": 0, "examples": 0}
         else:
             data = work / "data" / f"n{n}"
             if not (data / "dataset_dict.json").is_file():
                 save_dataset(rows[:n], [], data)
-            out = work / "students" / f"{loss}-prune{depth}-n{n}"
-            summary = train(TrainConfig(data=str(data), out=str(out), student=f"prune:{depth}", teacher=args.teacher,
+            out = work / "students" / name
+            summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
                                         loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                         max_length=256, seed=0))
             student = load_model(str(out), device="cpu")
         train_s = time.perf_counter() - t0
-        result = {"queries": n, "depth": depth, "loss": loss, "train_seconds": train_s,
+        result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "train_seconds": train_s,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, eval_messages, ref, args.max_tokens)}
         result["eval_seconds"] = time.perf_counter() - t0 - train_s
         if n:
-            shutil.rmtree(work / "students" / f"{loss}-prune{depth}-n{n}", ignore_errors=True)  # 200+ MB each
+            shutil.rmtree(work / "students" / name, ignore_errors=True)  # 200+ MB each
         path.write_text(json.dumps(result, indent=2))
         points.append(result)
         console.print(f"NLL {result['nll']:.3f} (teacher {ref['nll']:.3f}), ROUGE-L {result['rouge_l']:.3f}, "
@@ -288,6 +293,15 @@ def main() -> None:
     write_report(args, work, points, ref)
 
 
+def point_name(loss: str, depth: int, init: str, n: int) -> str:
+    # evenly spaced layers were the only choice before: their cached points keep the old names
+    return f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
+
+
+def student_of(p: dict) -> tuple[int, str]:
+    return p["depth"], p.get("init", "even")
+
+
 def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250, 1000, 4000)) -> list[dict]:
     """Per (depth, loss): ``nll(n) = floor + B * n**-alpha`` fitted by least squares in log-log space
     to the trained points (floor = the teacher's own NLL, which no student can beat on average),
@@ -295,15 +309,15 @@ def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250,
     import numpy as np
 
     fits = []
-    for depth, loss in sorted({(p["depth"], p["loss"]) for p in points if p["queries"] > 0}):
-        pts = sorted((p for p in points if p["depth"] == depth and p["loss"] == loss and p["queries"] > 0),
+    for student, loss in sorted({(student_of(p), p["loss"]) for p in points if p["queries"] > 0}):
+        pts = sorted((p for p in points if student_of(p) == student and p["loss"] == loss and p["queries"] > 0),
                      key=lambda p: p["queries"])
         if len(pts) < 2 or any(p["nll"] <= floor for p in pts):
             continue
         x = np.log([p["queries"] for p in pts])
         y = np.log([p["nll"] - floor for p in pts])
         slope, intercept = np.polyfit(x, y, 1)
-        fits.append({"depth": depth, "loss": loss, "form": "nll = teacher_nll + B * queries^-alpha",
+        fits.append({"depth": student[0], "init": student[1], "loss": loss, "form": "nll = teacher_nll + B * queries^-alpha",
                      "B": float(np.exp(intercept)), "alpha": float(-slope), "fitted_on": [p["queries"] for p in pts],
                      "extrapolated_nll": {str(n): float(floor + np.exp(intercept) * n ** slope) for n in at}})
     return fits
@@ -316,7 +330,7 @@ def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
         "harvest": json.loads((work / "harvest" / "meta.json").read_text()),
         "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
                     "parameters": ref["parameters"]},
-        "points": sorted(points, key=lambda p: (p["depth"], p["loss"], p["queries"])),
+        "points": sorted(points, key=lambda p: (*student_of(p), p["loss"], p["queries"])),
         "fits": power_law_fits(points, ref["nll"]),
     }
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
@@ -332,19 +346,19 @@ def plot(report: dict, path: Path) -> None:
 
     fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"sft": "o-", "topk-kd": "s--", "kd": "^-.", "gkd": "d:"}
-    untrained = {p["depth"]: p for p in report["points"] if p["loss"] == "untrained"}
-    for depth in sorted({p["depth"] for p in report["points"]}):
+    untrained = {student_of(p): p for p in report["points"] if p["loss"] == "untrained"}
+    for student in sorted({student_of(p) for p in report["points"]}):
         for loss in styles:
-            pts = sorted((p for p in report["points"] if p["depth"] == depth and p["loss"] == loss),
+            pts = sorted((p for p in report["points"] if student_of(p) == student and p["loss"] == loss),
                          key=lambda p: p["queries"])
             if not pts:
                 continue
-            label = f"{loss}, prune:{depth}"
+            label = f"{loss}, prune:{student[0]}:{student[1]}"
             xs = [p["queries"] for p in pts]
             ax_nll.plot(xs, [p["nll"] for p in pts], styles[loss], label=label)
             ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], label=label)
-        if depth in untrained:
-            ax_rouge.axhline(untrained[depth]["rouge_l"], color="grey", lw=0.5, ls=":")
+        if student in untrained:
+            ax_rouge.axhline(untrained[student]["rouge_l"], color="grey", lw=0.5, ls=":")
     for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
         import numpy as np
 

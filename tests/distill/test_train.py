@@ -10,8 +10,8 @@ import torch
 
 from distillguard.distill.curate import save_dataset
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
-from distillguard.distill.train import (IGNORE, TrainConfig, collate, kd_example, prune_layers, sft_example, train,
-                                        _byte_index)
+from distillguard.distill.train import (IGNORE, TrainConfig, _byte_index, block_influence, collate, kd_example,
+                                        load_student, prune_layers, sft_example, train)
 from distillguard.errors import ConfigError
 from distillguard.models import load_model
 
@@ -81,7 +81,7 @@ def test_sft_loss_mask_covers_exactly_the_answer_and_its_end():
 
 def test_prune_keeps_evenly_spaced_layers_and_generates():
     lm = load_model("tiny:layers=6")
-    small = prune_layers(lm, 3)
+    small = prune_layers(lm, 3, "even")
     assert small.model.config.num_hidden_layers == 3
     kept = [id(layer) for layer in small.model.model.layers]
     assert len(set(kept)) == 3
@@ -92,6 +92,34 @@ def test_prune_keeps_evenly_spaced_layers_and_generates():
     assert out.shape[1] == ids.shape[1] + 5 or int(out[0, -1]) in small.eos_token_ids
     with pytest.raises(ConfigError, match="keep between"):
         prune_layers(lm, 7)
+    with pytest.raises(ConfigError, match="unknown layer choice"):
+        prune_layers(lm, 3, "random")
+
+
+def test_prune_by_influence_drops_the_layer_that_does_nothing():
+    """A layer whose output projections are zero leaves the residual stream as it was (Block
+    Influence 0): influence pruning drops it, where evenly spaced layers would keep it."""
+    lm = load_model("tiny:layers=6")
+    idle = lm.model.model.layers[2]
+    with torch.no_grad():
+        idle.self_attn.o_proj.weight.zero_()
+        idle.mlp.down_proj.weight.zero_()
+    pairs = [("What is the capital of France?", "Paris is the capital and largest city of France.")] * 2
+    influence = block_influence(lm, pairs)
+    assert float(influence[2]) < 1e-6 < float(influence[1:5].max())
+    by_influence = prune_layers(lm, 5, pairs=pairs)
+    assert [id(x) for x in by_influence.model.model.layers] != [id(x) for x in lm.model.model.layers]
+    assert not any(torch.equal(x.mlp.down_proj.weight, idle.mlp.down_proj.weight)
+                   for x in by_influence.model.model.layers)
+    evenly = prune_layers(lm, 5, "even")  # layers 0, 1, 2, 4, 5
+    assert any(torch.equal(x.mlp.down_proj.weight, idle.mlp.down_proj.weight) for x in evenly.model.model.layers)
+    # The untrained student made by influence is the same model minus an identity: same logits.
+    ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "hi"}])])
+    with torch.inference_mode():
+        assert torch.allclose(by_influence.model(ids).logits, lm.model(ids).logits, atol=1e-5)
+    with pytest.raises(ConfigError, match="prune:K"):
+        load_student("prune:5:even:x", lm)
+    assert load_student("prune:5:even", lm).model.config.num_hidden_layers == 5
 
 
 def test_sparse_logits_are_the_full_logits_at_the_answer():

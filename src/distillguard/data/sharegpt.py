@@ -69,3 +69,16 @@ def iter_conversations(limit: int | None = None) -> Iterator[Conversation]:
                       if t.get("from") in _ROLES)
         yield Conversation(id=str(obj.get("id")), turns=turns)
         n += 1
+
+
+def first_turn_pairs(limit: int, *, max_prompt_chars: int = 600, min_answer_chars: int = 40) -> list[tuple[str, str]]:
+    """The first ``limit`` (prompt, answer) first turns in file order: real human prompts (short
+    ones: ``max_prompt_chars``) with real ChatGPT answers (at least ``min_answer_chars``)."""
+    pairs = []
+    for conv in iter_conversations():
+        prompt, answer = conv.first_prompt, conv.first_answer
+        if prompt and len(prompt) <= max_prompt_chars and answer and len(answer) >= min_answer_chars:
+            pairs.append((prompt, answer))
+            if len(pairs) >= limit:
+                break
+    return pairs

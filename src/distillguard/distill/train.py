@@ -12,7 +12,8 @@ Losses:
   loss is the generalised JSD (``beta=0.5`` by default); otherwise the harvested answers are used.
 
 ``kd`` and ``gkd`` need the teacher's exact tokenizer (refused otherwise). Students: any ``load_model`` spec, ``prune:K`` (K
-evenly spaced layers of the teacher, a smaller initialisation that keeps its knowledge), and
+of the teacher's layers, chosen by Block Influence on real text, or ``prune:K:even``; a smaller
+initialisation that keeps its knowledge), and
 LoRA adapters through PEFT. Built on ``transformers.Trainer``, so accelerate, FSDP and
 DeepSpeed work unchanged on GPUs.
 """
@@ -79,37 +80,94 @@ class TrainConfig:
 
 # ---- students ------------------------------------------------------------------------------
 
-def prune_layers(lm: LoadedModel, keep: int) -> LoadedModel:
-    """A student made of ``keep`` evenly spaced decoder layers of ``lm`` (first and last kept)."""
+PRUNE_METHODS = ("influence", "even")
+
+
+def layer_subset(lm: LoadedModel, idx: list[int]) -> torch.nn.Module:
+    """A deep copy of ``lm.model`` with only the decoder layers ``idx`` (only those are copied)."""
     layers = lm.model.model.layers
-    n = len(layers)
-    if not 1 <= keep <= n:
-        raise ConfigError(f"prune:{keep}: the teacher has {n} layers; keep between 1 and {n}")
-    idx = sorted({round(i * (n - 1) / max(keep - 1, 1)) for i in range(keep)}) if keep > 1 else [0]
-    # Copy only the kept layers: swap them in for the copy, then put the teacher's back.
     lm.model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
     try:
         model = copy.deepcopy(lm.model)
     finally:
-        lm.model.model.layers = layers
+        lm.model.model.layers = layers  # swap the teacher's back
     for new, layer in enumerate(model.model.layers):  # the KV cache is indexed by layer_idx
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new
     model.config.num_hidden_layers = len(idx)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in idx]
-    return LoadedModel(spec=f"{lm.spec}:prune{len(idx)}", model=model, tokenizer=lm.tokenizer, device=lm.device,
-                       context_length=lm.context_length, eos_token_ids=lm.eos_token_ids)
+    return model
+
+
+@torch.inference_mode()
+def block_influence(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
+                    max_answer_tokens: int = 96) -> torch.Tensor:
+    """Block Influence of every decoder layer (ShortGPT, Men et al. 2024): 1 - cos(h_in, h_out)
+    averaged over the tokens of real conversations (the bundled ShareGPT first turns by
+    default: no teacher query is spent). A layer that barely turns the residual stream can go.
+
+    Hand-written: a forward pass with ``output_hidden_states`` and a cosine; no pruning library
+    in our dependencies computes it for a Hugging Face decoder.
+    """
+    if pairs is None:
+        from distillguard.data.sharegpt import first_turn_pairs
+
+        pairs = first_turn_pairs(24)
+    n = len(lm.model.model.layers)
+    total = torch.zeros(n, dtype=torch.float64)
+    for prompt, answer in pairs:
+        prompt_ids = lm.chat_ids([{"role": "user", "content": prompt}])
+        answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
+        ids = torch.tensor([(prompt_ids + answer_ids)[-lm.context_length:]], device=lm.device)
+        hidden = lm.model(ids, output_hidden_states=True).hidden_states  # n + 1 states
+        for i in range(n):  # every position, the chat template's included, as ShortGPT does
+            cos = torch.nn.functional.cosine_similarity(hidden[i][0].float(), hidden[i + 1][0].float(), dim=-1)
+            total[i] += float((1 - cos).mean())
+    return total / max(len(pairs), 1)
+
+
+def prune_layers(lm: LoadedModel, keep: int, how: str = "influence",
+                 pairs: list[tuple[str, str]] | None = None) -> LoadedModel:
+    """A student made of ``keep`` decoder layers of ``lm`` (first and last always kept).
+
+    ``influence`` (default): the layers with the largest Block Influence on real text
+    (:func:`block_influence`). Measured on SmolLM2-135M-Instruct (``bench/distill_curves.py``,
+    README): untrained, 15 of its 30 layers chosen this way give 5.2 nats/token on held-out
+    teacher answers where 15 evenly spaced layers give 12.8 (8 layers: 9.7 vs 16.9): the middle
+    layers turn the residual stream least. ``even``: evenly spaced layers.
+    """
+    layers = lm.model.model.layers
+    n = len(layers)
+    if not 1 <= keep <= n:
+        raise ConfigError(f"prune:{keep}: the teacher has {n} layers; keep between 1 and {n}")
+    if how not in PRUNE_METHODS:
+        raise ConfigError(f"prune:{keep}:{how}: unknown layer choice; use one of {', '.join(PRUNE_METHODS)}")
+    if keep == 1:
+        idx = [0]
+    elif how == "even" or keep == n:
+        idx = sorted({round(i * (n - 1) / (keep - 1)) for i in range(keep)})
+    else:
+        influence = block_influence(lm, pairs)
+        middle = sorted(range(1, n - 1), key=lambda i: -float(influence[i]))[:keep - 2]
+        idx = sorted([0, n - 1, *middle])
+    return LoadedModel(spec=f"{lm.spec}:prune{len(idx)}", model=layer_subset(lm, idx), tokenizer=lm.tokenizer,
+                       device=lm.device, context_length=lm.context_length, eos_token_ids=lm.eos_token_ids)
 
 
 def load_student(spec: str, teacher: str | LoadedModel) -> LoadedModel:
-    """``spec`` as a student; ``prune:K`` copies K layers of ``teacher`` (a spec or a loaded model)."""
+    """``spec`` as a student; ``prune:K[:how]`` copies K layers of ``teacher`` (a spec or a loaded
+    model), chosen by ``how`` (``influence``, the default, or ``even``)."""
     if spec.startswith("prune:"):
+        _, keep, *how = spec.split(":")
         try:
-            keep = int(spec.split(":", 1)[1])
+            keep = int(keep)
         except ValueError:
-            raise ConfigError(f"--student {spec!r}: use prune:K with an integer K") from None
-        return prune_layers(teacher if isinstance(teacher, LoadedModel) else load_model(teacher, device="cpu"), keep)
+            raise ConfigError(f"--student {spec!r}: use prune:K[:{'|'.join(PRUNE_METHODS)}] with an integer K") from None
+        if len(how) > 1:
+            raise ConfigError(f"--student {spec!r}: use prune:K[:{'|'.join(PRUNE_METHODS)}]")
+        lm = teacher if isinstance(teacher, LoadedModel) else load_model(teacher, device="cpu")
+        return prune_layers(lm, keep, *how)
     return load_model(spec, device="cpu")
 
 

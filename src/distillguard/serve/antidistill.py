@@ -59,16 +59,10 @@ class AntidistillDirection:
 
 
 def _pairs_from_sharegpt(limit: int) -> list[tuple[str, str]]:
-    from distillguard.data.sharegpt import iter_conversations
+    from distillguard.data.sharegpt import first_turn_pairs
 
-    pairs = []
-    for conv in iter_conversations():
-        # short prompts: the direction is about the answers, and long prompts only cost time
-        if conv.first_prompt and len(conv.first_prompt) <= 600 and conv.first_answer and len(conv.first_answer) > 40:
-            pairs.append((conv.first_prompt, conv.first_answer))
-            if len(pairs) >= limit:
-                break
-    return pairs
+    # short prompts: the direction is about the answers, and long prompts only cost time
+    return first_turn_pairs(limit, max_prompt_chars=600, min_answer_chars=41)
 
 
 def downstream_pairs(source: str | None = None, limit: int = 64) -> list[tuple[str, str]]:
