@@ -80,6 +80,7 @@ def main() -> None:
                     help="requests per attacker account of bulk/template/reasoning/logprobs (default: the kind's)")
     ap.add_argument("--out", default=str(RESULTS / "detect_eval.json"))
     ap.add_argument("--plot", default=str(RESULTS / "detect_roc.png"))
+    ap.add_argument("--save-calibration", default=None, help="also save the calibration (.npz) here")
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     t0 = time.time()
@@ -99,6 +100,8 @@ def main() -> None:
     console.print(f"calibrated in {time.time() - t0:.0f} s: threshold {cal.threshold:.2f}, {cal.stats}")
     RESULTS.mkdir(exist_ok=True)
     embedder.save_cache(cache)
+    if args.save_calibration:
+        cal.save(args.save_calibration)
 
     benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
     benign_accounts = sorted({r["account"] for r in benign})
@@ -120,6 +123,7 @@ def main() -> None:
                  "config": cal.config.to_dict(), "kinds": {}}
     benign_scores: dict[str, float] | None = None
     benign_flag_days: set = set()
+    benign_flagged_examples: list = []
     curves = {}
     from scipy.stats import beta
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -138,6 +142,10 @@ def main() -> None:
             benign_scores = {a: rows[a].score for a in benign_accounts}
             benign_flag_days = {(a, day_of_flag(benign, a, rows[a].flagged_at_request))
                                 for a in benign_accounts if rows[a].flagged}
+            # why they were flagged: what a reviewer of the false positives would read
+            benign_flagged_examples = [{"account": a, "requests": rows[a].requests,
+                                        "flagged_at_request": rows[a].flagged_at_request, "reasons": rows[a].reasons[:5]}
+                                       for a in benign_accounts if rows[a].flagged][:10]
         attack = sorted({r["account"] for r in camp})
         y = np.r_[np.zeros(len(benign_accounts)), np.ones(len(attack))]
         s = np.r_[[rows[a].score for a in benign_accounts], [rows[a].score for a in attack]]
@@ -185,7 +193,8 @@ def main() -> None:
                      "flagged_account_days": len(benign_flag_days),
                      "fpr_per_account_day": len(benign_flag_days) / len(benign_days),
                      "lookalikes": {name: {"accounts": len(acc), "flagged": sum(a in {x for x, _ in benign_flag_days} for a in acc)}
-                                    for name, acc in lookalike.items()}}
+                                    for name, acc in lookalike.items()},
+                     "flagged_examples": benign_flagged_examples}
     out["seconds"] = round(time.time() - t0, 1)
     RESULTS.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

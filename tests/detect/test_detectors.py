@@ -4,6 +4,7 @@ topic centres (truth known, no model needed)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -51,6 +52,29 @@ def test_shape_fires_on_harvest_shape_not_on_chat():
     assert chat.score() < 1.5
     reasons = harvest.reasons()[0]
     assert "logprobs 100%" in reasons and "large max_tokens 100%" in reasons
+
+
+def test_fresh_counts_conversations_opened_over_the_whole_life_discounted_by_follow_ups():
+    rng = random.Random(3)
+    # 150 single-turn prompts over 3 days: P(Bin(150, 1/2) >= 150) = 2^-150
+    sweep = [record("s", T0 + i * 1700.0, f"question {i}") for i in range(150)]
+    assert run("fresh", sweep).score() == pytest.approx(150 * math.log10(2.0))
+    # 9 fresh of 10: P(X >= 9) = 11/1024
+    nine = [record("n", T0 + i * 600.0, f"q {i}", history=int(i == 5)) for i in range(10)]
+    assert run("fresh", nine).score() == pytest.approx(-math.log10(11 / 1024))
+    # 40 conversations of 3 turns each (40 fresh of 120): a person who follows up, however many
+    chat = [record("p", T0 + (3 * c + k) * 600.0, f"topic {c}", history=k) for c in range(40) for k in range(3)]
+    det = run("fresh", chat)
+    assert det.score() == 0.0
+    assert "opened 40 conversations" in det.reasons()[0] and "continued 80 times" in det.reasons()[0]
+    # it accumulates: the same sweep over more days only grows (no window forgets the first days)
+    scores = []
+    det = detectors()["fresh"](Context(DetectConfig(), None))
+    for r in sweep:
+        det.observe(extract(r), None)
+        scores.append(det.score())
+    assert scores == sorted(scores) and scores[-1] > scores[49] + 20 and scores[49] > scores[9] + 10
+    assert run("fresh", benign_account(rng, "q", days=3)).score() < run("fresh", sweep).score() - 1.0
 
 
 SUBJECTS_ = ("the ocean", "black holes", "a lost dog", "jazz", "the Roman Empire", "coffee", "volcanoes", "DNA")
@@ -172,7 +196,7 @@ def test_plugins_register_like_builtins_and_unknown_names_are_rejected():
             return [f"{self.n} requests"]
 
     assert detectors()["test-always"] is Always
-    assert {"volume", "timing", "shape", "template", "cot", "mmd", "prada", "coverage", "linking"} <= set(detectors())
+    assert {"volume", "timing", "shape", "template", "cot", "mmd", "prada", "coverage", "fresh", "linking"} <= set(detectors())
     assert select(["test-always"]) == [Always]
     with pytest.raises(ConfigError, match="unknown detector"):
         select(["nope"])

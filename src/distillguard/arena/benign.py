@@ -47,7 +47,7 @@ SYSTEM_PROMPT_SHARE = 0.15
 # Share of a user's conversations on one of their own subjects (1-2 per favourite topic); the rest
 # anywhere in the favourite topic. Without it a user whose favourite is "code" (a third of ShareGPT)
 # asked about everything from React to Rust: over 3 days a heavy user's first turns covered 27 of 32
-# embedding topics, as many as a sweep (measured on the eval pool; see README "Evaluation traffic").
+# embedding topics, as many as a sweep (measured on the eval pool; README "Extraction detection").
 FOCUS_SHARE = 0.8
 # Relative activity by local hour 0..23: night trough, morning and afternoon peaks, evening bump.
 DIURNAL = (0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 1.0, 1.4, 1.6, 1.5,

@@ -61,7 +61,7 @@ def detect_command(
                                                         "(the gateway loads it)"),
     target_fpr: float = typer.Option(0.001, help="false-positive rate per benign account-day to calibrate to"),
     detectors: Optional[str] = typer.Option(None, help="comma-separated detectors to calibrate with (default: all "
-                                                       "registered: volume,timing,shape,template,cot,mmd,prada,coverage,linking)"),
+                                                       "registered: volume,timing,shape,template,cot,mmd,prada,coverage,fresh,linking)"),
     as_json: bool = typer.Option(False, "--json", help="print the detection report as JSON"),
     plot: Optional[str] = typer.Option(None, "--plot", help="save a plot of account scores vs the threshold (PNG)"),
     top: int = typer.Option(30, help="rows of the table (most suspicious first)"),

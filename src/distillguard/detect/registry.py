@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 GROUP = "distillguard.detectors"
 # The built-ins' modules, also listed as entry points in pyproject.toml; imported directly as
 # well so that a stale editable install (metadata from before a detector was added) still works.
-BUILTIN_MODULES = ("volume", "timing", "shape", "template", "reasoning", "distribution", "coverage", "linking")
+BUILTIN_MODULES = ("volume", "timing", "shape", "template", "reasoning", "distribution", "coverage", "fresh", "linking")
 
 
 @dataclass
