@@ -3,7 +3,8 @@ an exact detector for it.
 
 Embedding uses transformers' ``SynthIDTextWatermarkLogitsProcessor`` for what is hard to get
 right (its n-gram hashing, the keyed table of g-values, and ``update_scores``, the tournament
-over ``depth`` layers). Two changes, both in :class:`SynthIDTopK`:
+over ``depth`` layers). Three changes, all in :func:`tournament` (which the server's engine,
+through :func:`apply_synthid`, and :class:`SynthIDTopK` for ``generate`` both call):
 
 - the tournament runs over the ``top_k`` most likely tokens of each row (g-values of a whole
   batch x 49k vocabulary x 30 layers are ~0.5 GB of int64 per step on a CPU); their total
@@ -11,7 +12,8 @@ over ``depth`` layers). Two changes, both in :class:`SynthIDTopK`:
   expectation over keys;
 - the context is each row's real previous ``ngram_len - 1`` tokens (prompt included), read
   from ``input_ids``, instead of the processor's own state (which starts from zeros), so that
-  the detector needs only the text and its prompt.
+  the detector needs only the text and its prompt;
+- rows with different keys (a server batches accounts) are hashed in one pass.
 
 Keys: the account's 40-bit hash key (``scheme.account_key``) is expanded by SplitMix64 into
 ``depth`` layer keys and, separately, the seed of the g-value table, so every account has its
@@ -23,8 +25,9 @@ under the null hypothesis (text independent of the key), the g-values at *distin
 indices* are independent Bernoulli(1/2): the detector counts each distinct index once (n-grams
 repeated in the text or present in the prompt are skipped first) and the mean score test is an
 exact binomial test with γ = 1/2 (``detect.binomial_test``), or the exact weighted test when
-positions carry key-independent weights (the teacher's view of how much the tournament could
-move the choice). No trained detector, and no approximation in the null.
+the (position, layer) pairs carry key-independent weights: :func:`depth_weights` (later layers
+lift E[g] less) and :func:`layer_weights` (the teacher's expected lift of each layer at each
+position). No trained detector, and no approximation in the null.
 """
 
 from __future__ import annotations
