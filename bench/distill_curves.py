@@ -69,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves",
                    help="cache directory (harvest store, teacher answers, one JSON per point)")
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--harvest-only", action="store_true",
+                   help="harvest (resumably) the largest size and stop: e.g. while another run trains on smaller ones")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report every point cached under --work (e.g. after several partial grids)")
     return p.parse_args()
@@ -247,6 +249,8 @@ def main() -> None:
     train_prompts, eval_prompts = prompts_split(args, max(sizes), work)
     rows = harvest_all(args, train_prompts, work)
     console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
+    if args.harvest_only:
+        return
     eval_messages = [p.as_messages() for p in eval_prompts]
     teacher = load_model(args.teacher, device="cpu")
     ref = teacher_reference(args, teacher, eval_messages, work)
