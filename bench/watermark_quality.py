@@ -586,12 +586,17 @@ def plot(results: dict, detectors: list[str], path: Path) -> None:
     rows = {n: r for n, r in results.items() if "detected" in r}
     for ax, det in zip(axes, detectors):
         for name, row in rows.items():
-            rates = row["detected"][det]
-            xs = [int(n) for n in rates]
-            default = "(served)" in name
-            ax.plot(xs, [100 * rates[str(x)] for x in xs], "-" if default or row["scheme"] != "keyed-hash" else ":",
-                    marker="o", ms=3, lw=2.5 if default else 1, color=colors.get(_family(row), "tab:purple"),
-                    label=f"{name} (ppl {row['perplexity_cost_pct']:+.0f}%)")
+            served = "(served)" in name
+            # SynthID rows: the layer-weighted detector (the served one) bold, the unweighted thin
+            variants = [(det, False)] + ([(LAYERED[det], True)] if LAYERED.get(det) in row["detected"] else [])
+            for d, layered in variants:
+                rates = row["detected"][d]
+                xs = [int(n) for n in rates]
+                bold = served and (layered or len(variants) == 1)
+                ax.plot(xs, [100 * rates[str(x)] for x in xs], "-" if bold or row["scheme"] != "keyed-hash" else ":",
+                        marker="o", ms=3, lw=2.5 if bold else 1, color=colors.get(_family(row), "tab:purple"),
+                        alpha=1 if bold or row["scheme"] != "synthid" else 0.5,
+                        label=f"{name}{' ' + d if layered else ''} (ppl {row['perplexity_cost_pct']:+.0f}%)")
         ax.axhline(95, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.set_xticks([16, 32, 64, 128], labels=["16", "32", "64", "128"])
@@ -604,7 +609,8 @@ def plot(results: dict, detectors: list[str], path: Path) -> None:
     ax = axes[-1]
     for name, row in rows.items():
         for det, marker in zip(detectors, ("o", "s")):
-            y = 100 * row["detected"][det].get("64", float("nan"))
+            shown = LAYERED[det] if LAYERED.get(det) in row["detected"] else det  # SynthID: the served detectors
+            y = 100 * row["detected"][shown].get("64", float("nan"))
             ax.scatter(row["perplexity_cost_pct"], y, marker=marker, s=40 if "(served)" in name else 18,
                        facecolors=colors.get(_family(row), "tab:purple") if det != "plain" else "none",
                        edgecolors=colors.get(_family(row), "tab:purple"))
@@ -612,6 +618,7 @@ def plot(results: dict, detectors: list[str], path: Path) -> None:
         ax.scatter([], [], color=c, label=fam)
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="gray", label="plain detector")
     ax.scatter([], [], marker="s", color="gray", label="entropy-aware detector")
+    ax.scatter([], [], marker="", color="none", label="(synthid: its layer-weighted detectors)")
     ref = sorted(ISSUE_REFERENCE.items())
     base = ISSUE_REFERENCE_BASELINE
     ax.plot([100 * (p / base - 1) for _, (p, _) in ref], [100 * d for _, (_, d) in ref], "x--", color="gray",
@@ -630,6 +637,9 @@ def plot(results: dict, detectors: list[str], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+LAYERED = {"plain": "layers", "teacher-llr": "teacher-layers"}  # SynthID's layer-weighted counterparts
 
 
 def floats(text: str) -> list[float]:
@@ -685,7 +695,11 @@ def main() -> None:
     ap.add_argument("--from-dump", type=Path, default=None, help="score saved generations instead of generating")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "watermark_quality.json")
     ap.add_argument("--plot", type=Path, default=HERE / "results" / "watermark_detection.png")
+    ap.add_argument("--plot-only", type=Path, default=None, help="redraw --plot from this result JSON and exit")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text())["results"], ["plain", "teacher-llr"], args.plot)
+        return
     if args.quick:
         args.prompts, args.max_new_tokens, args.null_keys, args.fpr_texts = 16, 64, 50, 100
         args.check_stats = min(args.check_stats, 4)
