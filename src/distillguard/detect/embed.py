@@ -2,8 +2,16 @@
 
 Cheap per request by construction: prompts are embedded in batches, truncated to a short
 ``max_seq_length`` (the topic of a prompt is in its first few dozen tokens), cached by prompt
-hash (repeated prompts cost nothing). (int8 dynamic quantisation was ~1.5x faster on CPU,
-but torch deprecates it and warns on every use; not worth a torchao dependency here.)
+hash (repeated prompts cost nothing). ~12-15 ms of CPU a prompt on one thread, batched (16 or
+more a call; one at a time costs ~2x), on this 2-core machine.
+
+Cheaper encoders were measured and not taken (``bench/detect_embed_cost.py``, CPU time vs this
+fp32 model, cosine to its embeddings on 512 real prompts): torch's int8 ``quantize_dynamic``
+0.66x the CPU but cosine down to 0.82 (median 0.94); ONNX Runtime int8 0.75x, cosine 1st
+percentile 0.978; ORT int8 with the feed-forward layers kept fp32 agrees to >= 0.99 but costs
+1.09x; ORT fp32 1.26x. An encoder the detector switches to must agree to >= 0.99 (the
+calibration's reference, topics and tails describe these embeddings), and none that does is
+cheaper here (AVX2, no VNNI: int8 GEMMs gain little).
 """
 
 from __future__ import annotations
