@@ -12,9 +12,9 @@ offline report agree, and a 3-day benign history is calibrated the same way): of
 open a conversation; the score is -log10 P(Bin(n, 1/2) >= f), how unlikely that many fresh
 requests are for someone who continues a conversation as often as they start one (ShareGPT users
 send ~3 turns a conversation, so 1/2 is generous). It grows with the count only while nearly
-every request is fresh: a heavy user who follows up stays near 0 however much they send (the
-first version, f·f/n, grew with volume for them too, and volume is a detector of its own, so
-Fisher counted one heavy user twice: 3 of 8 heavy evaluation users flagged in a 500-user run).
+every request is fresh: a heavy user who follows up stays at 0 however much they send (a count
+such as f·f/n would grow with volume for them too, and volume is a detector of its own: Fisher
+assumes independent evidence and would count one heavy user twice).
 Its benign distribution (account-day maxima: one-shot users, heavy users over 3 days) comes from
 calibration like every detector's; it cannot flag alone (calibrate.tail_floor).
 
