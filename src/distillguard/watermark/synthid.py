@@ -133,7 +133,7 @@ def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[Wat
         return logp
     out = logp
     for params, rows in groups.items():
-        procs = [processor_for(keys[b].hash_key, params) for b in rows]
+        procs = [processor_for(keys[b].hash_key, params, str(logp.device)) for b in rows]
         ctx = contexts[:, contexts.shape[1] - (params.ngram_len - 1):]
         if len(rows) == len(logp):  # every row: no gather, no scatter
             return tournament(procs, params, logp, ctx)
