@@ -77,6 +77,18 @@ def test_fresh_counts_conversations_opened_over_the_whole_life_discounted_by_fol
     assert run("fresh", benign_account(rng, "q", days=3)).score() < run("fresh", sweep).score() - 1.0
 
 
+def test_fresh_binomial_evidence_matches_scipy_and_its_bound_where_the_tail_underflows():
+    from scipy import stats
+
+    from distillguard.detect.fresh import binomial_evidence
+
+    for f, n in [(9, 10), (60, 100), (51, 100), (150, 150), (1400, 1500)]:
+        assert binomial_evidence(f, n) == pytest.approx(-stats.binom.logsf(f - 1, n, 0.5) / math.log(10), rel=1e-9)
+    assert binomial_evidence(50, 100) == binomial_evidence(3, 10) == 0.0
+    # 2^-1500 underflows: the Chernoff bound n·KL(1 || 1/2) = n·log10(2) is exact for f = n
+    assert binomial_evidence(1500, 1500) == pytest.approx(1500 * math.log10(2.0))
+
+
 SUBJECTS_ = ("the ocean", "black holes", "a lost dog", "jazz", "the Roman Empire", "coffee", "volcanoes", "DNA")
 
 

@@ -27,9 +27,24 @@ from __future__ import annotations
 
 import math
 
-from scipy import stats
+from scipy import special
 
 from distillguard.detect.registry import Detector, register
+
+
+def binomial_evidence(f: int, n: int) -> float:
+    """-log10 P(Bin(n, 1/2) >= f); 0 when f <= n/2 (no evidence). scipy's ``bdtrc`` (a C ufunc,
+    ~1 us; ``stats.binom.logsf`` took 1.6 ms, as much as the rest of a request); where the tail
+    underflows (n beyond ~1,000) the Chernoff bound n·KL(f/n || 1/2), which is within
+    O(log n) of it."""
+    if 2 * f <= n:
+        return 0.0
+    p = float(special.bdtrc(f - 1, n, 0.5))     # P(X > f - 1)
+    if p > 0.0:
+        return -math.log10(p)
+    q = f / n
+    kl = q * math.log(2 * q) + ((1 - q) * math.log(2 * (1 - q)) if q < 1 else 0.0)
+    return n * kl / math.log(10)
 
 
 @register
@@ -40,16 +55,15 @@ class FreshDetector(Detector):
         super().__init__(context)
         self._n = 0        # requests
         self._fresh = 0    # ... that open a conversation (no earlier turns)
+        self._score = 0.0  # of the counts above (score() is read after every request)
 
     def observe(self, f, embedding) -> None:
         self._n += 1
         self._fresh += not f.continues
+        self._score = binomial_evidence(self._fresh, self._n)
 
     def score(self) -> float:
-        n, f = self._n, self._fresh
-        if 2 * f <= n:   # at most half fresh: P >= 1/2, no evidence (and no scipy call per request)
-            return 0.0
-        return float(-stats.binom.logsf(f - 1, n, 0.5) / math.log(10))   # -log10 P(X >= f)
+        return self._score
 
     def reasons(self) -> list[str]:
         if not self._fresh:
