@@ -1,0 +1,70 @@
+"""Inference cost of pruned students relative to the teacher: greedy generation, interleaved.
+
+Each round generates the same number of tokens (batch 1, greedy, end-of-turn not allowed to stop
+it early) with the teacher and with ``prune:K`` students of several depths, in alternating order,
+and the cost is the median ratio of CPU seconds per token (CPU time: what a shared machine
+disturbs least). The layer choice does not change the cost, only the depth does, so students are
+made with evenly spaced layers (no calibration pass).
+
+    nice -n 10 python bench/student_cost.py --depths 8,11,15 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="smollm2")
+    p.add_argument("--depths", default="8,11,15")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "student_cost.json")
+    args = p.parse_args()
+
+    import torch
+    from rich.console import Console
+
+    from distillguard.distill.train import prune_layers
+    from distillguard.models import load_model
+
+    console = Console(stderr=True)
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.teacher, device="cpu")
+    models = {"teacher": lm.model} | {f"prune:{k}": prune_layers(lm, int(k), "even").model
+                                      for k in args.depths.split(",")}
+    ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "Tell me about the history of Rome."}])])
+    per_token: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(args.rounds):
+        order = list(models.items()) if r % 2 == 0 else list(models.items())[::-1]
+        for name, model in order:
+            t = time.process_time()
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+            per_token[name].append((time.process_time() - t) / args.tokens)
+        console.print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{n} {1 / v[-1]:.1f} tok/CPU-s" for n, v in per_token.items()))
+    ratios = {name: statistics.median(s / t for s, t in zip(v, per_token["teacher"])) for name, v in per_token.items()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    report = {"bench": "student_cost", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+              "load": os.getloadavg(), "config": {k: str(v) for k, v in vars(args).items()},
+              "students": {name: {"cost_vs_teacher": round(ratios[name], 3), "parameters": params[name],
+                                  "params_vs_teacher": round(params[name] / params["teacher"], 3),
+                                  "tokens_per_cpu_s": round(1 / statistics.median(per_token[name]), 2)}
+                           for name in models}}
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
