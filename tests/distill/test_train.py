@@ -179,7 +179,7 @@ def test_full_logit_kd_refuses_a_different_tokenizer(tmp_path):
                               teacher="tiny", loss=loss))
     with pytest.raises(ConfigError, match="--beta"):
         TrainConfig(data="d", out="o", loss="kd", beta=2.0)
-    with pytest.raises(ConfigError, match="use one of sft, topk-kd, kd, gkd"):
+    with pytest.raises(ConfigError, match="use one of auto, sft, topk-kd, kd, gkd"):
         TrainConfig(data="d", out="o", loss="distill")
 
 
@@ -222,6 +222,21 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(tmp_path, loss):
     student = load_model(str(tmp_path / "student"))
     assert student.context_length == 512
     assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["loss"] == loss
+
+
+def test_auto_loss_is_topk_kd_where_the_data_allows_it(tmp_path):
+    lm = load_model("tiny")
+    rows = _records(lm, 4)
+    save_dataset(rows, [], tmp_path / "with")
+    save_dataset([{**r, "logprobs": None} for r in rows], [], tmp_path / "without")
+    common = dict(student="tiny", teacher="tiny", epochs=1, batch_size=4, seed=0)
+    assert TrainConfig(data="d", out="o").loss == "auto"
+    summary = train(TrainConfig(data=str(tmp_path / "with"), out=str(tmp_path / "a"), **common))
+    assert summary["loss"] == "topk-kd" and summary["requested_loss"] == "auto"
+    summary = train(TrainConfig(data=str(tmp_path / "without"), out=str(tmp_path / "b"), **common))
+    assert summary["loss"] == "sft"
+    with pytest.raises(ConfigError, match="needs harvested logprobs"):
+        train(TrainConfig(data=str(tmp_path / "without"), out=str(tmp_path / "c"), loss="topk-kd", **common))
 
 
 def test_eval_many_students_share_one_teacher_run(tmp_path):

@@ -131,7 +131,8 @@ def train_cmd(
     out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
     student: str = typer.Option("prune:8", help="prune:K (K of the teacher's layers) | tiny | HF id | DIR | FILE.gguf"),
     teacher: str = typer.Option("smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"),
-    loss: str = typer.Option("sft", help="sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
+    loss: str = typer.Option("auto", help="auto (topk-kd where the data has top-k logprobs the student can read, "
+                                          "else sft) | sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
                                          "--teacher) | gkd (on-policy: the student answers, the teacher scores); "
                                          "the KD losses need the teacher's tokenizer"),
     beta: Optional[float] = typer.Option(None, help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "

@@ -2,6 +2,8 @@
 
 Losses:
 
+* ``auto`` (default): ``topk-kd`` when the harvested data carries top-k logprobs in the student's
+  vocabulary, ``sft`` otherwise (top-k KD led SFT at every measured point: README);
 * ``sft``: cross-entropy on the assistant's tokens only, rendered with the student's chat template;
 * ``topk-kd``: sparse KD from the API's top-k logprobs (teacher and student must share a
   tokenizer, checked token by token);
@@ -35,7 +37,7 @@ from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel, load_model
 
 IGNORE = -100
-LOSSES = ("sft", "topk-kd", "kd", "gkd")
+LOSSES = ("auto", "sft", "topk-kd", "kd", "gkd")
 LOCAL_TEACHER_LOSSES = ("kd", "gkd")  # need the teacher's logits, computed here
 
 
@@ -45,7 +47,7 @@ class TrainConfig:
     out: str
     student: str = "prune:8"
     teacher: str = "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
-    loss: str = "sft"
+    loss: str = "auto"  # topk-kd where the data has top-k logprobs the student can read, else sft
     lora: bool = False
     lora_r: int = 16
     epochs: float = 2.0
@@ -204,6 +206,17 @@ def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length
     return {"input_ids": ids, "labels": labels[:len(ids)], "prompt_len": len(prompt)}
 
 
+def topk_examples(lm: LoadedModel, rows: list[dict], max_length: int) -> list[dict | None]:
+    """Top-k KD examples of harvested rows; ConfigError when they carry no top-k logprobs or
+    tokens the student's vocabulary does not have."""
+    byte_to_id = _byte_index(lm)
+    k = max((len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")), default=0)
+    if k == 0:
+        raise ConfigError("--loss topk-kd needs harvested logprobs: harvest with --top-logprobs K")
+    return [kd_example(lm, byte_to_id, r["messages"], json.loads(r["logprobs"]), max_length, k)
+            for r in rows if r["logprobs"]]
+
+
 def kd_example(lm: LoadedModel, byte_to_id: dict[bytes, int], messages: list[dict], entries: list[dict],
                max_length: int, k: int) -> dict | None:
     """Teacher's own token sequence with its top-k distribution at every answer position."""
@@ -277,14 +290,18 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         require_same_tokenizer(teacher, student, config.loss)
     tok = student.tokenizer
     rows = list(ds["train"])[: config.max_train]
-    if config.loss == "topk-kd":
-        byte_to_id = _byte_index(student)
-        k = max((len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")), default=0)
-        if k == 0:
-            raise ConfigError("--loss topk-kd needs harvested logprobs: harvest with --top-logprobs K")
-        examples = [kd_example(student, byte_to_id, r["messages"], json.loads(r["logprobs"]), config.max_length, k)
-                    for r in rows if r["logprobs"]]
-    else:
+    loss = config.loss
+    examples = None
+    if loss in ("topk-kd", "auto"):
+        try:
+            examples = topk_examples(student, rows, config.max_length)
+            loss = "topk-kd"
+        except ConfigError:
+            if loss == "topk-kd":
+                raise
+            # auto: no top-k logprobs, or not in the student's vocabulary: plain SFT
+    if examples is None:
+        loss = "sft" if loss == "auto" else loss
         examples = [sft_example(student, r["messages"], r["response"], config.max_length) for r in rows]
     examples = [e for e in examples if e is not None]
     if not examples:
@@ -312,7 +329,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
             sparse_logits=config.sparse_logits, model=model, args=args, train_dataset=examples,
             data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True), callbacks=list(callbacks))
     else:
-        trainer_cls = KDTrainer if config.loss == "topk-kd" else SFTTrainer
+        trainer_cls = KDTrainer if loss == "topk-kd" else SFTTrainer
         trainer = trainer_cls(model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
                               data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
     result = trainer.train()
@@ -322,7 +339,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     history = [h for h in trainer.state.log_history if "loss" in h]
-    summary = {"student": config.student, "loss": config.loss, "examples": len(examples),
+    summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
                "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
