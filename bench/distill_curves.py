@@ -347,6 +347,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"sft": "o-", "topk-kd": "s--", "kd": "^-.", "gkd": "d:"}
@@ -373,6 +374,7 @@ def plot(report: dict, path: Path) -> None:
     ax_nll.axhline(2.0, color="red", lw=1, ls="--", label="target 2.0")
     for ax, name in ((ax_nll, "held-out NLL of teacher answers (nats/token)"), (ax_rouge, "ROUGE-L vs teacher greedy")):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # 2x10^1, 3x10^1, ... overlap
         ax.set_xlabel("teacher queries")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

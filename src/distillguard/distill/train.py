@@ -45,7 +45,7 @@ LOCAL_TEACHER_LOSSES = ("kd", "gkd")  # need the teacher's logits, computed here
 class TrainConfig:
     data: str
     out: str
-    student: str = "prune:8"
+    student: str = "prune:11"  # the deepest prune within half the teacher's cost (README)
     teacher: str = "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
     loss: str = "auto"  # topk-kd where the data has top-k logprobs the student can read, else sft
     lora: bool = False
