@@ -181,3 +181,17 @@ def test_idempotency_key_answers_a_retry_once(gateway):
     rows = export(gateway, "--account", "grace")
     generated = [r for r in rows if r["response"]["status"] == 200 and r["response"].get("usage", {}).get("completion_tokens")]
     assert len(generated) == 1  # the teacher answered once; the retry was a replay
+
+
+def test_nul_in_a_prompt_is_served_and_recorded(gateway):
+    """A NUL in a prompt (PostgreSQL stores none in text or jsonb) is answered, streamed or not,
+    and the ledger records it as U+FFFD; before the fix the row was refused with a 503."""
+    key = new_key(gateway, "nul-sender")
+    assert chat(gateway, key, "a\x00b").status_code == 200
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "c\x00d"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{gateway[0]}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    prompts = {rec["request"]["messages"][0]["content"] for rec in export(gateway, "--account", "nul-sender")}
+    assert prompts == {"a\ufffdb", "c\ufffdd"}

@@ -114,3 +114,27 @@ def test_bad_traffic_lines_name_the_line(engine, line, fragment):
     with pytest.raises(ConfigError) as info:
         import_traffic(engine, [good + "\n", line + "\n"], source="t.jsonl")
     assert "t.jsonl:2" in str(info.value) and fragment in str(info.value)
+
+
+def test_nul_characters_are_stored_and_fail_no_batch_mate(engine):
+    """PostgreSQL refuses NUL in text and jsonb; a model can generate one and a client can send
+    one. Such a row is stored with U+FFFD in place of each NUL, and the rows committed with it in
+    the same group commit are not failed."""
+    async def main():
+        ledger = Ledger(engine, retries=1)
+        ledger.start()
+        rows = [_row(i) for i in range(20)]
+        rows[7]["response_text"] = "bad\x00answer"
+        rows[7]["request_body"]["messages"][0]["content"] = "q\x00"
+        rows[7]["request_body"]["\x00key"] = 1
+        await asyncio.gather(*(ledger.record(r) for r in rows))
+        await ledger.close()
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        got = {r.request_id: r for r in conn.execute(select(LedgerRow))}
+    assert len(got) == 20
+    assert got["req-7"].response_text == "bad\ufffdanswer"
+    assert got["req-7"].request_body["messages"][0]["content"] == "q\ufffd"
+    assert got["req-7"].request_body["\ufffdkey"] == 1
+    assert got["req-3"].response_text == "answer 3"

@@ -21,7 +21,8 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = {"DISTILLGUARD_WATERMARK_SECRET": SECRET, "DISTILLGUARD_ADMIN_KEY": ADMIN}
     texts: dict[str, list[str]] = {"acct-a": [], "acct-b": []}
-    with serve_process("--model", "tiny", "--db", db, "--watermark-delta", "4", env=env) as url:
+    with serve_process("--model", "tiny", "--db", db, "--watermark-scheme", "keyed-hash", "--watermark-delta", "4",
+                       env=env) as url:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         keys = {a: httpx.post(f"{url}/admin/keys", json={"account": a}, headers=admin).json()["key"] for a in texts}
         for account, key in keys.items():
@@ -48,7 +49,7 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     out = tmp_path / "a.jsonl"
     assert run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode == 0
     detect = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
-                     "--model", "tiny", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+                     "--scheme", "keyed-hash", "--model", "tiny", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
     assert detect.returncode == 0, detect.stderr
     result = json.loads(detect.stdout)
     assert result["traced"] == ["acct-a"]
@@ -61,7 +62,7 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     # unsure everywhere, so the weights are near-uniform here: the gain in power is measured
     # on the real teacher in bench/watermark_quality.py.)
     aware = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
-                    "--teacher", "tiny", "--delta", "4", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+                    "--scheme", "keyed-hash", "--teacher", "tiny", "--delta", "4", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
     assert aware.returncode == 0, aware.stderr
     aware_result = json.loads(aware.stdout)
     assert aware_result["detector"] == "teacher-llr" and aware_result["traced"] == ["acct-a"]
@@ -70,6 +71,7 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     assert aware_keys["acct-a"]["scored"] > 100
 
     # The same texts, tokenised in-process, fail under the wrong secret: the key is the secret.
-    wrong = run_cli("watermark", "detect", "--file", str(out), "--account", "acct-a", "--model", "tiny", "--json",
+    wrong = run_cli("watermark", "detect", "--file", str(out), "--account", "acct-a", "--scheme", "keyed-hash", "--model", "tiny",
+                   "--json",
                     env={"DISTILLGUARD_WATERMARK_SECRET": "not-the-secret"})
     assert json.loads(wrong.stdout)["traced"] == []

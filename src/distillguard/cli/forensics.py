@@ -59,7 +59,7 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     limit: int = typer.Option(100, help="number of prompts used"),
     skip: int = typer.Option(0, help="skip this many prompts first (e.g. those the suspect may have trained on)"),
     tokenizer: str = typer.Option("smollm2", "--tokenizer", help="model spec of the teacher whose vocabulary the watermark uses"),
-    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref (as the server used)"),
+    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref | synthid (as the server used)"),
     gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
     max_tokens: int = typer.Option(64, help="tokens per answer of the suspect"),
@@ -77,7 +77,8 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
 
     closed (a URL): the suspect's API answers the prompts; its text is tested per key.
 
-    open (weights): the suspect answers the prompts itself; its probability mass on green tokens is tested per key.
+    open (weights): the suspect answers the prompts itself; its probability mass on green tokens
+    (synthid: its expected g-value over the tournament's layers) is tested per key.
 
     Holm over the keys names the accounts it traces to. Exit code 0 either way; the verdict is in the output.
 
@@ -86,6 +87,8 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
       distillguard forensics radioactivity --suspect http://suspect:8000/v1 --api-key $KEY --accounts all
 
       distillguard forensics radioactivity --suspect ./student --mode open --accounts acme,globex --json
+
+      distillguard forensics radioactivity --suspect ./student --mode open --scheme synthid --accounts all
 
       DISTILLGUARD_WATERMARK_SECRET=... distillguard forensics radioactivity -s ./student --prompts held_out.txt
     """

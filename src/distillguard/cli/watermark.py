@@ -75,7 +75,7 @@ def detect(
         None, help="entropy-aware detection: run this teacher (model spec, e.g. smollm2) over each answer and "
                    "weight every token by the evidence it can carry (more power; the test stays exact)"),
     secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET", help="master secret (default: the server's file)"),
-    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref | synthid (as the server used)"),
+    scheme: str = typer.Option("synthid", help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)"),
     gamma: Optional[float] = typer.Option(None, help="green fraction (as the server used; default: the scheme's)"),
     delta: Optional[float] = typer.Option(None, help="green bias (as the server used; --teacher only; default: the scheme's)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),

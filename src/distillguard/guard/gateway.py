@@ -33,7 +33,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from distillguard.errors import APIError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
-from distillguard.guard.ledger import Ledger, to_traffic
+from distillguard.guard.ledger import Ledger, to_traffic, without_nul
 from distillguard.guard.limits import Lease, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.policy import Decision, Level, PolicyConfig
@@ -56,7 +56,7 @@ class GuardConfig(BaseSettings):
     key_cache_ttl_s: float = Field(2.0, ge=0, description="how long a key lookup is trusted (revocation delay across replicas)")
     watermark: bool = Field(True, description="watermark every account's responses with its own key")
     watermark_secret: SecretStr | None = Field(None, description="master secret of the per-account keys (default: a file in the data dir)")
-    watermark_scheme: str = Field("keyed-hash", description="keyed-hash | lefthash-ref")
+    watermark_scheme: str = Field("synthid", description="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref")
     watermark_gamma: float = Field(0.25, description="fraction of the vocabulary that is green")
     watermark_delta: float = Field(2.25, description="logit bias added to green tokens")
     policy_file: str | None = Field(None, description="YAML/JSON policy ladder (default: guard/policy.py's DEFAULT_LADDER)")
@@ -353,7 +353,7 @@ class Guard:
         level = Level.parse(level)
         previous = self._load_level(account)
         row = {"ts": time.time(), "account_id": account, "level": int(level), "score": score,
-               "reasons": list(reasons or []), "source": source, "request_id": request_id}
+               "reasons": without_nul(list(reasons or [])), "source": source, "request_id": request_id}
         with self.engine.begin() as conn:
             row["id"] = conn.execute(Verdict.__table__.insert().values(**row)).inserted_primary_key[0]
         self._levels[account] = (level, time.monotonic() + self.config.verdict_cache_ttl_s)

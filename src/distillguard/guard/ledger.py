@@ -24,7 +24,7 @@ from typing import IO
 
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from distillguard.errors import APIError, ConfigError
 from distillguard.guard.schema import IdempotentResponse, LedgerRow
@@ -76,7 +76,7 @@ class Ledger:
             raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.put(_Pending(row, fut, loop, idempotent))
+        self._queue.put(_Pending(without_nul(row), fut, loop, without_nul(idempotent)))
         return fut
 
     async def record(self, row: dict, *, idempotent: dict | None = None) -> None:
@@ -104,9 +104,9 @@ class Ledger:
 
     def _write(self, batch: list[_Pending]) -> None:
         error = self._commit(batch)
-        if isinstance(error, IntegrityError) and len(batch) > 1:
-            # One bad row (a duplicate id or idempotency key) must not fail its batch-mates:
-            # write them one by one so only the offender fails.
+        if isinstance(error, (IntegrityError, DataError)) and len(batch) > 1:
+            # One bad row (a duplicate id or idempotency key, a value the database will not
+            # store) must not fail its batch-mates: write them one by one so only it fails.
             for p in batch:
                 self._answer([p], self._commit([p]))
             return
@@ -125,7 +125,8 @@ class Ledger:
                 self.batches += 1
                 self.rows_written += len(batch)
                 return None
-            except IntegrityError as exc:
+            except (IntegrityError, DataError) as exc:
+                self._disconnect()
                 return exc  # retrying cannot help
             except SQLAlchemyError as exc:
                 self._disconnect()  # retry on a fresh connection (the database may have restarted)
@@ -150,6 +151,8 @@ class Ledger:
             self._conn = None
 
     def _answer(self, batch: list[_Pending], error: BaseException | None) -> None:
+        if error is not None:  # the clients get a 503; the operator needs the database's reason
+            log.error("ledger refused %d row(s): %s", len(batch), error)
         for p in batch:
             if error is None:
                 p.loop.call_soon_threadsafe(_resolve, p.future, None)
@@ -157,6 +160,23 @@ class Ledger:
                 p.loop.call_soon_threadsafe(_resolve, p.future, LedgerUnavailable(
                     "the request ledger is unavailable, so the response was withheld; retry later",
                     code="ledger_unavailable"))
+
+
+def without_nul(value):
+    """``value`` with every NUL character in its strings (dict keys included) replaced by U+FFFD.
+
+    PostgreSQL stores no NUL in ``text`` or ``jsonb`` (SQLite does), yet a model can generate
+    one (a byte-level token) and a client can send ``"\\u0000"``: without this, such a row is
+    refused and, in a group commit, fails its batch-mates too. The replacement is the one
+    Unicode prescribes for a character that cannot be represented; nothing else changes, on
+    every backend alike, so the ledger reads the same whichever database holds it."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nul(v) for v in value]
+    return value
 
 
 def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:

@@ -303,7 +303,11 @@ async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):
         await guard.settle(lease, log.total_tokens)
         lease = None
         finished = True
-        await guard.finish(log)
+        try:
+            await guard.finish(log)
+        except APIError as exc:  # the ledger refused the row: no [DONE], the client must not count it
+            yield f"data: {json.dumps(exc.to_dict())}\n\n"
+            return
         if error is not None:
             yield f"data: {json.dumps(error.to_dict())}\n\n"
         yield "data: [DONE]\n\n"
