@@ -45,6 +45,16 @@ correction over the keys tested (so a suspect traces back to the accounts that l
     p-value (the true key is one more draw of the same kind under H0), resolution 1/(K+1).
     Sander et al.'s top-1 binomial test is reported beside them for comparison.
 
+    **SynthID** (the served scheme): the same statistic with the tournament's g-values in place
+    of the green bits, summed over its layers, S(key) = Σ_c Σ_v p̄(v | c) Σ_l λ_l · g_l(c, v),
+    the suspect's expected g mass (λ_l = exp(-0.055·(l-1)), the mean lift decay of later layers,
+    ``synthid.MEAN_LAYER_DECAY``: key-independent weights). The g-values are entries of a keyed
+    table, so the independent units are the distinct *table indices*, as in ``synthid_units``:
+    S = Σ_i W_i·g_i with W_i the total weight on index i, g_i fair coins under H0, and the same
+    Chernoff bound with γ = 1/2, the wrong-key empirical p, and the top-1 binomial test over the
+    distinct indices the top-1 n-grams touch. Context = the previous ``ngram_len - 1`` tokens
+    (the prompt's included, as served); n-grams of the prompts (and ``exclude``) are out.
+
     The text the suspect is scored on must not depend on the key under H0: its own
     generations (``open_radioactivity`` does this), unwatermarked text, or prompts. Watermarked
     text (the leaked answers themselves) makes every good language model look radioactive, since
@@ -126,11 +136,13 @@ def _holm_from_log10(log10_ps: Sequence[float]) -> list[float]:
 
 def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.7,
                      batch_size: int = 16, seed: int = 0, logits_processors: Sequence = (),
-                     progress: bool = True) -> list[str]:
+                     after_temperature: Sequence = (), progress: bool = True) -> list[str]:
     """Answers of a local model to chat prompts: batched ``model.generate``, left-padded.
 
     ``logits_processors`` (e.g. a :class:`~distillguard.watermark.WatermarkLogitsProcessor`) act on the
-    raw logits, before the temperature, as in the server. Sorted by prompt length within the
+    raw logits, before the temperature, as in the server; ``after_temperature`` ones (e.g.
+    :class:`~distillguard.watermark.synthid.SynthIDTopK`, whose tournament acts on the distribution
+    that is sampled) after it. Sorted by prompt length within the
     call so that batches waste little padding; returned in the prompts' order.
     """
     from rich.progress import Progress
@@ -145,6 +157,7 @@ def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, te
     processors = LogitsProcessorList(list(logits_processors))
     if temperature > 0:
         processors.append(TemperatureLogitsWarper(temperature))
+    processors.extend(after_temperature)
     out: list[str] = [""] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
     model = lm.model.eval()
@@ -241,7 +254,7 @@ def closed_radioactivity(url: str, keys: Sequence[WatermarkKey], prompts: Sequen
 
 def chernoff_log_p(score: float, weights: np.ndarray, gamma: float) -> float:
     """Natural log of a valid upper bound on P(Σ w_i·g_i >= score), g_i independent Bernoulli(γ),
-    w_i in [0, 1]: min over t >= 0 of -t·score + Σ log(1 - γ + γ·e^{t·w_i}) (Chernoff).
+    w_i >= 0: min over t >= 0 of -t·score + Σ log(1 - γ + γ·e^{t·w_i}) (Chernoff).
 
     0 when the score is at or below the mean; log Π_{w>0} γ at the maximum possible score.
     """
@@ -350,11 +363,53 @@ def _green_topk(params: WatermarkParams, hash_keys: Sequence[int], contexts: tor
     return torch.stack(out)
 
 
+def _synthid_setup(params: WatermarkParams, ctx: _Contexts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-independent parts of the SynthID statistic: the n-gram hash of every (context,
+    candidate) and its weight per layer, p̄(v | c) x the layer's mean lift decay
+    (``synthid.MEAN_LAYER_DECAY``: later layers tilt the distribution less). -> (N, k), (N, k, depth)."""
+    from distillguard.watermark.synthid import MEAN_LAYER_DECAY, candidate_hashes
+
+    depth = params.synthid.depth
+    layer_w = torch.exp(-MEAN_LAYER_DECAY * torch.arange(depth, dtype=torch.float64))  # (depth,)
+    return candidate_hashes(ctx.contexts, ctx.top_ids), ctx.weights[:, :, None] * layer_w  # (N, k), (N, k, depth)
+
+
+def _synthid_key(params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w: torch.Tensor, units: bool):
+    """One SynthID key: (score, weights of the distinct table indices, top-1 g-values at distinct
+    indices) or (score, None, None) when ``units`` is False (wrong keys need the score only).
+
+    The score Σ w·g is the suspect's expected g mass. Grouped by table index it is Σ_i W_i·g_i
+    with W_i the total weight on index i: the g_i of distinct indices are independent fair coins
+    under H0 (the table is drawn from the key's table seed, the indices from its layer keys, as
+    ``synthid_units`` assumes), and the W_i depend on the suspect, the text and the layer keys,
+    not on the table. So the Chernoff bound over the W_i is valid, as for the green lists."""
+    from distillguard.watermark.synthid import _small_table, processor_for, table_indices
+
+    # the accounts' processors are cached (as the server caches them); wrong keys are built and dropped
+    proc = processor_for(hash_key, params.synthid) if units else processor_for.__wrapped__(hash_key, params.synthid)
+    idx = table_indices(hashes, proc.keys, params.synthid.table_size)  # (N, k, depth)
+    table = _small_table(proc)
+    score = float((torch.take(table, idx).double() * w).sum())
+    if not units:
+        return score, None, None
+    unit_w = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=params.synthid.table_size)
+    keep = w[:, 0, 0] > 0  # contexts whose top-1 pair is not excluded
+    top1 = torch.take(table, idx[keep, 0, :].unique())  # g of the distinct indices the top-1 n-grams touch
+    return score, unit_w[unit_w > 0].numpy(), top1
+
+
+def _greenlist_key(params: WatermarkParams, hash_keys: Sequence[int], ctx: _Contexts, vocab_size: int):
+    """Green-list keys: (scores (K,), green bits (K, N, k))."""
+    green = _green_topk(params, hash_keys, ctx.contexts, ctx.top_ids, vocab_size)  # (K, N, k)
+    return torch.einsum("knj,nj->k", green.double(), ctx.weights).numpy(), green
+
+
 def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, prompts: Sequence[str] | None = None,
               exclude: Sequence[str] = (), exclude_text_pairs: bool = False, top_k: int = 64, null_keys: int = 200,
               alpha: float = 1e-3, batch_size: int = 4, seed: int = 0, progress: bool = True) -> RadioactivityResult:
-    """The suspect's green probability mass on ``answers`` (each after its chat prompt
-    ``prompts[i]``, or as raw text when ``prompts`` is None), per key; see the module docstring.
+    """The suspect's green probability mass (SynthID: its expected g mass over the tournament's
+    layers) on ``answers`` (each after its chat prompt ``prompts[i]``, or as raw text when
+    ``prompts`` is None), per key; see the module docstring.
 
     ``exclude``: further texts whose (context, token) pairs get weight 0 (e.g. watermarked
     prompts). ``exclude_text_pairs``: also those of the answers (needed when the answers
@@ -368,52 +423,52 @@ def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, promp
     params = keys[0].params
     if any(k.params != params for k in keys):
         raise ConfigError("open_test needs keys of one scheme (the same WatermarkParams)")
-    if params.scheme == "synthid":
-        raise ConfigError("open mode is not implemented for the synthid scheme (its statistic would be the "
-                          "suspect's probability mass on g = 1 per tournament layer); use --mode closed")
-    width = params.context_width
+    synthid = params.scheme == "synthid"
+    width = params.context_width  # synthid: ngram_len - 1
     tok = lm.tokenizer
     excl_texts = list(exclude) + (list(answers) if exclude_text_pairs else [])
     excluded = {tuple(s[i - width:i + 1]) for s in _tokenize(tok, excl_texts) for i in range(width, len(s))}
     ctx = _suspect_contexts(lm, answers, prompts, width, min(top_k, lm.vocab_size), excluded, batch_size, progress)
-    w = ctx.weights  # (N, k)
-    total = float(w.sum())
     rng = random.Random(seed)
     wrong = [rng.getrandbits(40) | 1 for _ in range(null_keys)]  # drawn as account_key draws hash keys
-    true = [k.hash_key for k in keys]
-    green = _green_topk(params, true, ctx.contexts, ctx.top_ids, lm.vocab_size)  # (K, N, k)
-    scores = torch.einsum("knj,nj->k", green.double(), w)  # (K,)
-    null_scores = np.zeros(0)
-    for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
-        g = _green_topk(params, wrong[start:start + 64], ctx.contexts, ctx.top_ids, lm.vocab_size)
-        null_scores = np.concatenate([null_scores, torch.einsum("knj,nj->k", g.double(), w).numpy()])
-    scores = scores.numpy()
-    weights = w.flatten().numpy()
-    sd = math.sqrt(params.gamma * (1 - params.gamma) * float((weights ** 2).sum())) or 1.0
-    # Sander et al.'s reading-mode test: the top-1 prediction of each context, binomial.
-    top1_keep = w[:, 0] > 0
+    # per true key: (score, weights of the independent units, top-1 indicators at distinct units)
+    stats: list[tuple[float, np.ndarray, torch.Tensor]] = []
+    if synthid:
+        hashes, w = _synthid_setup(params, ctx)
+        stats = [_synthid_key(params, k.hash_key, hashes, w, units=True) for k in keys]
+        null_scores = np.array([_synthid_key(params, hk, hashes, w, units=False)[0] for hk in wrong])
+    else:
+        w = ctx.weights  # (N, k)
+        scores, green = _greenlist_key(params, [k.hash_key for k in keys], ctx, lm.vocab_size)
+        top1_keep = w[:, 0] > 0  # Sander et al.'s reading mode: the top-1 prediction of each context
+        stats = [(float(scores[i]), w.flatten().numpy(), green[i, :, 0][top1_keep]) for i in range(len(keys))]
+        null_scores = np.zeros(0)
+        for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
+            null_scores = np.concatenate([null_scores, _greenlist_key(params, wrong[start:start + 64], ctx,
+                                                                      lm.vocab_size)[0]])
+    total = float(w.sum())
     log10_ps, evidence = [], []
-    for i, key in enumerate(keys):
-        s = float(scores[i])
-        log_p = chernoff_log_p(s, weights, params.gamma)
-        g1 = green[i, :, 0][top1_keep]
-        _, _, top1_log10 = binomial_test(int(g1.sum()), int(top1_keep.sum()), params.gamma)
-        extra = {"top1_log10_p": top1_log10, "top1_green_fraction": float(g1.float().mean()) if len(g1) else float("nan")}
+    for key, (s, units, top1) in zip(keys, stats):
+        log_p = chernoff_log_p(s, units, params.gamma)
+        _, _, top1_log10 = binomial_test(int(top1.sum()), len(top1), params.gamma)
+        extra = {"top1_log10_p": top1_log10, "top1_green_fraction": float(top1.float().mean()) if len(top1) else float("nan"),
+                 "top1_scored": len(top1)}
         if null_keys:
             extra["empirical_p"] = (1 + int((null_scores >= s).sum())) / (1 + null_keys)
+        sd = math.sqrt(params.gamma * (1 - params.gamma) * float((units ** 2).sum())) or 1.0
         log10_ps.append(log_p / math.log(10))
-        evidence.append((key, s, log_p, extra))
+        evidence.append((key, s, log_p, sd, extra))
     adjusted = _holm_from_log10(log10_ps)
     out = [KeyEvidence(account=key.account, key_id=key.key_id, p_value=math.exp(log_p), log10_p=log_p / math.log(10),
                        p_holm=p_h, z=(s - params.gamma * total) / sd, green_fraction=s / total, extra=extra)
-           for (key, s, log_p, extra), p_h in zip(evidence, adjusted)]
+           for (key, s, log_p, sd, extra), p_h in zip(evidence, adjusted)]
     null = None
     if null_keys:
         frac = null_scores / total
         null = {"keys": null_keys, "green_fraction_mean": float(frac.mean()), "green_fraction_sd": float(frac.std()),
                 "resolution": 1 / (1 + null_keys)}
-    return RadioactivityResult(mode="open", test="green-mass-chernoff", alpha=alpha, texts=len(answers),
-                               scored=len(ctx.contexts), gamma=params.gamma, keys=out, null=null)
+    return RadioactivityResult(mode="open", test="g-mass-chernoff" if synthid else "green-mass-chernoff", alpha=alpha,
+                               texts=len(answers), scored=len(ctx.contexts), gamma=params.gamma, keys=out, null=null)
 
 
 def open_radioactivity(lm, keys: Sequence[WatermarkKey], prompts: Sequence[str], *, max_new_tokens: int = 64,

@@ -90,22 +90,34 @@ def tournament(procs: Sequence[SynthIDTextWatermarkLogitsProcessor], params: Syn
     k = min(params.top_k, logp.shape[-1])
     top_lp, top_ids = logp.topk(k, dim=-1)  # (B, k)
     mass = top_lp.logsumexp(dim=-1, keepdim=True)  # log of the top-k's total probability
-    h = torch.ones(len(logp), dtype=torch.long, device=logp.device)
-    for j in range(context.shape[1]):  # accumulate_hash over the context
-        h = (h + context[:, j]) * _LCG_MUL + 1
-    h = (h[:, None] + top_ids) * _LCG_MUL + 1  # (B, k) with each candidate
+    h = candidate_hashes(context, top_ids)  # (B, k)
     if all(p is procs[0] for p in procs):
         layer = procs[0].keys[None, None, :]  # (1, 1, depth)
     else:
         layer = torch.stack([p.keys for p in procs])[:, None, :]  # (B, 1, depth)
-    h = (h[:, :, None] + layer) * _LCG_MUL + 1  # (B, k, depth) n-gram keys
-    idx = h % params.table_size
+    idx = table_indices(h, layer, params.table_size)  # (B, k, depth)
     g = torch.stack([torch.take(_small_table(p), idx[b]) for b, p in enumerate(procs)])  # (B, k, depth)
     out = procs[0].update_scores(top_lp - mass, g)  # log probs over the top k, renormalised
     # update_scores turns log 0 into the float minimum; keep impossible tokens at -inf
     out = torch.where(torch.isfinite(top_lp), out + mass, top_lp)
     # the tournament's float32 products can sum to 1 ± 1e-7: no logprob above 0
     return logp.scatter(1, top_ids, out.clamp(max=0.0))
+
+
+def candidate_hashes(context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The key-independent part of transformers' n-gram hash (its ``accumulate_hash`` LCG over the
+    context, then each candidate token): context (B, ngram_len - 1), candidates (B, k) -> (B, k).
+    :func:`table_indices` finishes it with the layer keys."""
+    h = torch.ones(len(context), dtype=torch.long, device=context.device)
+    for j in range(context.shape[1]):  # accumulate_hash over the context
+        h = (h + context[:, j]) * _LCG_MUL + 1
+    return (h[:, None] + candidates) * _LCG_MUL + 1  # (B, k) with each candidate
+
+
+def table_indices(hashes: torch.Tensor, layer_keys: torch.Tensor, table_size: int) -> torch.Tensor:
+    """The g-value table index of every (n-gram, layer): hashes (...,) from :func:`candidate_hashes`,
+    layer_keys (depth,) (or anything that broadcasts against (..., 1)) -> (..., depth)."""
+    return ((hashes[..., None] + layer_keys) * _LCG_MUL + 1) % table_size
 
 
 def _small_table(proc: SynthIDTextWatermarkLogitsProcessor) -> torch.Tensor:
@@ -239,5 +251,6 @@ def depth_weights(length: int, depth: int, levels: int = 8) -> list[list[int]]:
     return [row] * length
 
 
-__all__ = ["LAYER_DECAY", "SynthIDParams", "SynthIDTopK", "apply_synthid", "depth_weights", "detect_synthid",
-           "layer_keys", "layer_weights", "position_weights", "processor_for", "synthid_units", "tournament"]
+__all__ = ["LAYER_DECAY", "SynthIDParams", "SynthIDTopK", "apply_synthid", "candidate_hashes", "depth_weights",
+           "detect_synthid", "layer_keys", "layer_weights", "position_weights", "processor_for", "synthid_units",
+           "table_indices", "tournament"]
