@@ -12,7 +12,9 @@ on the same records:
                      flagged; follow-up turns not embedded),
 - ``all-eager``      every detector, the previous budget (no deferral, 1 in 4 after the window, flagged
                      accounts too),
-- ``no-embeddings``  volume, timing, shape, linking only (the cost of everything but MiniLM).
+- ``no-embeddings``  volume, timing, shape, linking only (the cost of everything but MiniLM),
+- ``all-N-workers``  ``all`` with MiniLM's forward pass split across ``--embed-workers`` threads
+                     (``Embedder(workers=N)``; each slice on one torch thread, on its own core).
 
 Each reports wall and CPU seconds (the process's, all threads), their ratio (``cores_used``:
 how much of a second core the scorer kept busy), requests/s, the ratio to
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--benign-accounts", type=int, default=100,
                     help="benign users in the day of traffic (100: attack-heavy, the campaigns send ~90%% of the first 1,500 requests)")
+    ap.add_argument("--embed-workers", type=int, default=2,
+                    help="also run 'all' with MiniLM's forward split across this many threads (1: skip)")
     ap.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/detect_throughput.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -69,7 +73,7 @@ def main() -> None:
     traffic = generate_traffic(TrafficConfig(benign_accounts=args.benign_accounts, days=1, seed=12, campaigns=(
         "bulk:1:600", "template:1:400", "reasoning:1:400", "logprobs:1:400", "hydra:10:60", "slowlow:1:60")))
     records = traffic[: args.requests]
-    out = {"threads": args.threads, "benign_accounts": args.benign_accounts,
+    out = {"threads": args.threads, "embed_workers": args.embed_workers, "benign_accounts": args.benign_accounts,
            "share_of_requests_from_campaigns": round(sum(r["label"] != "benign" for r in records) / len(records), 3), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "configs": {}}
     base = DetectConfig()
     # one calibration with embeddings, reused with the other embedding policy (its numbers do not
@@ -80,9 +84,14 @@ def main() -> None:
     configs = {"all": cal_all,
                "all-eager": replace(cal_all, config=replace(base, embed_after=1, embed_every=4, embed_every_flagged=4)),
                "no-embeddings": cal_none}
+    embedders = {}
+    if args.embed_workers > 1:  # the same scorer, MiniLM's forward split across threads
+        configs[f"all-{args.embed_workers}-workers"] = cal_all
+        embedders[f"all-{args.embed_workers}-workers"] = Embedder(workers=args.embed_workers)
     for name, cal in configs.items():
-        emb = embedder if cal.reference is not None else None
-        embedder._cache.clear()  # every prompt embedded anew: the worst case
+        emb = embedders.get(name, embedder) if cal.reference is not None else None
+        if emb is not None:
+            emb._cache.clear()  # every prompt embedded anew: the worst case
         out["configs"][name] = run(cal, records, args.batch, emb)
         print(name, json.dumps(out["configs"][name]), flush=True)
     out["load_avg_1m_after"] = os.getloadavg()[0]

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ import numpy as np
 from distillguard.errors import ConfigError
 
 DIM = 384
+MIN_SPLIT = 16  # rows per worker below which splitting a batch costs more than it saves
 
 
 def minilm_path() -> Path:
@@ -42,7 +45,7 @@ class Embedder:
     """Batched, cached, L2-normalised sentence embeddings: ``embed(texts) -> (N, 384) float32``."""
 
     def __init__(self, *, max_seq_length: int = 32, cache_size: int = 200_000,
-                 batch_size: int = 128, device: str = "cpu"):
+                 batch_size: int = 128, device: str = "cpu", workers: int = 1):
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(minilm_path()), device=device, local_files_only=True)
@@ -53,6 +56,11 @@ class Embedder:
         self._cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()  # the gateway may embed from a worker thread
+        if workers < 1:
+            raise ConfigError(f"embedding workers must be >= 1, not {workers}")
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="distillguard-embed") if workers > 1 else None
+        self._tokenize_lock = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
 
     @property
     def signature(self) -> str:
@@ -73,8 +81,12 @@ class Embedder:
                     todo.setdefault(k, []).append(i)
         if todo:
             uniq = list(todo)
-            vecs = self.model.encode([texts[todo[k][0]] or " " for k in uniq], batch_size=self.batch_size,
-                                     normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            batch = [texts[todo[k][0]] or " " for k in uniq]
+            if self._pool is not None and len(batch) >= 2 * MIN_SPLIT:
+                vecs = self._encode_split(batch)
+            else:
+                vecs = self.model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                                         convert_to_numpy=True, show_progress_bar=False)
             with self._lock:
                 for k, v in zip(uniq, vecs):
                     for i in todo[k]:
@@ -84,6 +96,28 @@ class Embedder:
                     self._cache.popitem(last=False)
         return out
 
+
+    def _encode_split(self, batch: list[str]) -> np.ndarray:
+        """``encode`` with the forward pass split across ``workers`` threads, each a slice of the
+        rows on torch's own threads (set one: torch releases the GIL inside its kernels, so
+        the slices run on separate cores). sentence-transformers' multi-process pool would copy
+        the model into each process and pickle every batch; torch's intra-op threads spin-wait
+        for a busy core on a shared machine (measured in ``bench/detect_embed_cost.py``), which
+        independent slices do not. Tokenised once, here: padding to the batch's longest prompt
+        and the mean pooling's mask give the same vectors as ``encode`` (tested, cosine 1 - 1e-6)."""
+        import torch
+
+        with self._tokenize_lock:
+            features = self.model.preprocess(batch)
+        tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
+        bounds = np.linspace(0, len(batch), min(self.workers, len(batch) // MIN_SPLIT) + 1).astype(int)
+
+        def forward(lo: int, hi: int):
+            with torch.inference_mode():
+                return self.model({k: v[lo:hi] for k, v in tensors.items()})["sentence_embedding"]
+
+        parts = list(self._pool.map(forward, bounds[:-1], bounds[1:]))
+        return torch.nn.functional.normalize(torch.cat(parts), dim=-1).numpy()
 
     def save_cache(self, path: str | Path) -> None:
         """Write the embedding cache (prompt hash -> vector) to an .npz, e.g. across restarts."""
@@ -108,7 +142,10 @@ _shared: dict[tuple, Embedder] = {}
 
 
 def shared_embedder(**kwargs) -> Embedder:
-    """One embedder per setting per process (loading MiniLM takes seconds)."""
+    """One embedder per setting per process (loading MiniLM takes seconds). ``workers`` defaults
+    to ``DISTILLGUARD_EMBED_WORKERS`` (1): set 2 where the scorer has a second core to itself."""
+    if "workers" not in kwargs:
+        kwargs["workers"] = int(os.environ.get("DISTILLGUARD_EMBED_WORKERS", "1"))
     key = tuple(sorted(kwargs.items()))
     if key not in _shared:
         _shared[key] = Embedder(**kwargs)
