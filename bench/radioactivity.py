@@ -17,10 +17,19 @@ answers reveal the key, in closed mode (its text) and open mode (its probabiliti
    is tested against the leaking account's key and ``--accounts``-1 other accounts' keys:
    - closed: the exact binomial test on its answers (dedup across answers, prompt n-grams out),
    - open: the green probability mass on its own answers (Chernoff-bounded p, empirical p from
-     ``--null-keys`` wrong keys, and Sander et al.'s top-1 test for comparison).
+     ``--null-keys`` wrong keys, and Sander et al.'s top-1 test for comparison); with
+     ``--scheme synthid`` (the served scheme: the tournament acts on the tempered distribution)
+     the expected g mass over the tournament's layers, units = distinct table indices.
+   The controls (teacher, untrained student, ρ=0 student) are also tested against ``--fpr-keys``
+   keys of accounts that leaked nothing: their false-positive rates. Each student's NLL on (up
+   to) 48 of its training answers, and the teacher's and the untrained student's on the
+   watermarked ones, show how much it memorised.
 
     nice -n 10 python bench/radioactivity.py                        # ~1 h on 2 very busy cores
     nice -n 10 python bench/radioactivity.py --train 64 --eval 16 --rhos 0,1 --epochs 1   # smoke run
+    nice -n 10 python bench/radioactivity.py --scheme synthid --train 96 --eval 16 --leaked-prompts 24
+        --epochs 3 --student prune:8 --lr 5e-4 --batch-size 4 --null-keys 200 --top-k 32
+        --out bench/results/radioactivity_synthid.json                 # the README's run, ~50 min
 
 Progress goes to stderr; one JSON object to stdout and to ``--out``.
 """
@@ -59,7 +68,7 @@ def prompts_for(lm, n: int, skip: int, max_prompt_tokens: int) -> list[str]:
     return out[skip:]
 
 
-def cached_answers(path: Path, lm, prompts: list[str], args, processors=(), label: str = "") -> list[str]:
+def cached_answers(path: Path, lm, prompts: list[str], args, processors=(), label: str = "", after=()) -> list[str]:
     """Answers generated chunk by chunk and saved after each chunk (a killed run resumes)."""
     from distillguard.forensics import generate_answers
 
@@ -70,7 +79,7 @@ def cached_answers(path: Path, lm, prompts: list[str], args, processors=(), labe
         part = prompts[len(done):len(done) + chunk]
         done += generate_answers(lm, part, max_new_tokens=args.max_new_tokens, temperature=0.7,
                                  seed=args.seed + len(done), batch_size=16, logits_processors=processors,
-                                 progress=False)
+                                 after_temperature=after, progress=False)
         path.write_text(json.dumps(done))
         toks = sum(len(lm.tokenizer.encode(a)) for a in done[-len(part):])
         err.log(f"{label}: {len(done)}/{len(prompts)} answers ({toks / (time.time() - t0):.0f} tok/s)")
@@ -91,12 +100,50 @@ def train_student(args, rho: float, prompts: list[str], wm: list[str], clean: li
     DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(data))
     t0 = time.time()
     summary = train(TrainConfig(data=str(data), out=str(out), student=args.student, teacher="smollm2",
-                                lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=8, max_length=args.max_prompt_tokens
+                                lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_prompt_tokens
                                 + args.max_new_tokens + 8, seed=args.seed))
     summary["seconds"] = time.time() - t0
     summary["watermarked_answers"] = n_wm
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def answer_nll(lm, prompts: list[str], answers: list[str], max_length: int) -> float:
+    """Mean NLL (nats per answer token) of ``lm`` on (prompt, answer) pairs, the trainer's own
+    masking: how well a student learned (memorised) its training answers."""
+    import torch
+
+    from distillguard.distill.train import collate, sft_example
+
+    total, tokens = 0.0, 0
+    examples = [e for e in (sft_example(lm, [{"role": "user", "content": p}], a, max_length)
+                            for p, a in zip(prompts, answers)) if e is not None]
+    model = lm.model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), 8):
+            batch = collate(examples[start:start + 8], lm.tokenizer.pad_token_id or 0)
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            tokens += n
+    return total / max(tokens, 1)
+
+
+def wrong_key_fpr(lm, answers: list[str], prompts: list[str], params, args) -> dict:
+    """Rates of p <= 1e-3 / 1e-2 / 5e-2 over ``--fpr-keys`` keys of accounts that leaked nothing,
+    closed and open (Chernoff, top-1), on one suspect's answers: the controls' false positives."""
+    import numpy as np
+
+    from distillguard.forensics import closed_test, open_test
+    from distillguard.watermark import account_key
+
+    keys = [account_key(b"bench-radioactivity-wrong", f"wrong-{i}", params) for i in range(args.fpr_keys)]
+    closed = closed_test(keys, answers, lm.tokenizer, prompts=prompts)
+    opened = open_test(lm, keys, answers, prompts=prompts, exclude=prompts, top_k=args.top_k, null_keys=0,
+                       progress=False)
+    tests = {"closed": [k.log10_p for k in closed.keys], "open": [k.log10_p for k in opened.keys],
+             "open_top1": [k.extra["top1_log10_p"] for k in opened.keys]}
+    return {"keys": args.fpr_keys, **{name: {str(a): float((np.array(lp) <= np.log10(a)).mean()) for a in (1e-3, 1e-2, 5e-2)}
+                                      for name, lp in tests.items()}}
 
 
 def score(lm, answers: list[str], prompts: list[str], keys, args) -> dict:
@@ -120,7 +167,8 @@ def score(lm, answers: list[str], prompts: list[str], keys, args) -> dict:
     }
 
 
-def test_suspect(name: str, lm, sets: dict[str, tuple[list[str], list[str] | None]], keys, args) -> dict:
+def test_suspect(name: str, lm, sets: dict[str, tuple[list[str], list[str] | None]], keys, args,
+                 fpr: bool = False) -> dict:
     """``sets``: name -> (prompts, the suspect's answers or None to generate them). Two sets:
     ``held_out`` prompts nobody trained on (does the student generalise the watermark?) and
     ``leaked_prompts``, the prompts the leaking account sent (an investigator has them in the
@@ -134,6 +182,8 @@ def test_suspect(name: str, lm, sets: dict[str, tuple[list[str], list[str] | Non
             answers = generate_answers(lm, prompts, max_new_tokens=args.max_new_tokens, temperature=0.7,
                                        seed=args.seed + 10_000, batch_size=16)
         row[set_name] = score(lm, answers, prompts, keys, args)
+        if fpr and args.fpr_keys:
+            row[set_name]["wrong_key_fpr"] = wrong_key_fpr(lm, answers, prompts, keys[0].params, args)
         row[set_name]["seconds"] = time.time() - t0
         c, o = row[set_name]["closed"], row[set_name]["open"]
         err.log(f"{name} / {set_name}: closed green {c['green_fraction']:.3f} log10 p {c['log10_p']:.1f} | open mass "
@@ -183,13 +233,16 @@ def main() -> None:
     ap.add_argument("--lora", action="store_true", help="train LoRA adapters (merged after) instead of all weights")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--delta", type=float, default=3.0, help="watermark bias of the leaking account's answers")
-    ap.add_argument("--scheme", default="keyed-hash")
+    ap.add_argument("--scheme", default="keyed-hash", help="keyed-hash | lefthash-ref | synthid (served: 30 layers)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--accounts", type=int, default=20, help="keys tested (the leaker's and others')")
     ap.add_argument("--null-keys", type=int, default=1000)
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument("--fpr-keys", type=int, default=100,
+                    help="keys of accounts that leaked nothing, tested on the controls' answers (false-positive rates)")
     ap.add_argument("--alpha", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "distillguard" / "bench-radioactivity"),
@@ -198,6 +251,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: least spin-waiting on a busy machine)")
     ap.add_argument("--plot-from", help="only draw the plot of a results JSON")
     ap.add_argument("--skip-controls", action="store_true", help="test the students only")
+    ap.add_argument("--teacher-only", action="store_true", help="only generate (and cache) the teacher's answers")
     args = ap.parse_args()
     if args.plot_from:
         plot(json.loads(Path(args.plot_from).read_text()), Path(args.plot_from).with_suffix(".png"))
@@ -208,25 +262,38 @@ def main() -> None:
     from distillguard.distill.train import load_student
     from distillguard.models import load_model
     from distillguard.watermark import WatermarkLogitsProcessor, WatermarkParams, account_key
+    from distillguard.watermark.synthid import SynthIDTopK
 
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     params = WatermarkParams(scheme=args.scheme, delta=args.delta)
+    if args.scheme == "synthid":  # the served configuration (30 layers); δ does not apply
+        params = WatermarkParams(scheme="synthid")
     keys = [account_key(SECRET, LEAKER, params)] + [account_key(SECRET, f"acct-{i:02d}", params)
                                                      for i in range(args.accounts - 1)]
-    tag = f"{args.scheme}-d{args.delta}-n{args.train}-t{args.max_new_tokens}"
+    tag = (f"synthid-n{args.train}-t{args.max_new_tokens}" if args.scheme == "synthid"
+           else f"{args.scheme}-d{args.delta}-n{args.train}-t{args.max_new_tokens}")
     teacher = load_model("smollm2", device="cpu")
     train_prompts = prompts_for(teacher, args.train, 0, args.max_prompt_tokens)
     eval_prompts = prompts_for(teacher, args.eval, args.train, args.max_prompt_tokens)
     t0 = time.time()
-    wm = cached_answers(cache / f"train-wm-{tag}.json", teacher, train_prompts, args,
-                        [WatermarkLogitsProcessor(keys[0])], "teacher watermarked")
+    if args.scheme == "synthid":  # the tournament acts on the sampled (tempered) distribution, as served
+        before, after = (), [SynthIDTopK(keys[0].hash_key, params.synthid)]
+    else:  # the green-list bias acts on the raw logits, as served
+        before, after = [WatermarkLogitsProcessor(keys[0])], ()
+    wm = cached_answers(cache / f"train-wm-{tag}.json", teacher, train_prompts, args, before, "teacher watermarked",
+                        after)
     def clean_answers() -> list[str]:  # only when a student or a check needs them (ρ=1 does not)
         return cached_answers(cache / f"train-clean-n{args.train}-t{args.max_new_tokens}.json", teacher, train_prompts,
                               args, (), "teacher clean")
 
     gen_s = time.time() - t0
+    if args.teacher_only:
+        clean_answers()
+        cached_answers(cache / f"eval-teacher-n{args.eval}-s{args.train}-t{args.max_new_tokens}.json",
+                       teacher, eval_prompts, args, (), "teacher eval")
+        return
     # The training data as a detector sees it: the watermark in the leaked answers themselves.
     from distillguard.forensics import closed_test
 
@@ -236,14 +303,22 @@ def main() -> None:
     results = {"config": {**{k: v for k, v in vars(args).items()}, "params": dataclasses.asdict(params)},
                "teacher_generation_s": gen_s, "training_data_log10_p": data_check, "students": [], "controls": []}
     leaked = train_prompts[:args.leaked_prompts]
+    max_len = args.max_prompt_tokens + args.max_new_tokens + 8
     for rho in [float(r) for r in args.rhos.split(",")]:
         out = cache / (f"student-{args.student.replace(':', '')}{'-lora' if args.lora else ''}-rho{rho}-e{args.epochs}"
-                       f"-lr{args.lr}-{tag}")
+                       f"-lr{args.lr}{f'-b{args.batch_size}' if args.batch_size != 8 else ''}-{tag}")
         err.log(f"training the student at rho={rho} ...")
         summary = train_student(args, rho, train_prompts, wm, clean_answers() if rho < 1 else wm, out)
+        n_wm = summary["watermarked_answers"]
+        train_data = wm[:n_wm] + (clean_answers()[n_wm:] if rho < 1 else [])
         student = load_model(str(out), device="cpu")
         row = test_suspect(f"student rho={rho}", student, {"held_out": (eval_prompts, None),
-                                                            "leaked_prompts": (leaked, None)}, keys, args)
+                                                            "leaked_prompts": (leaked, None)}, keys, args,
+                           fpr=rho == 0)  # the clean-trained student is a control
+        # did it learn its training answers? NLL per answer token on (up to) 48 of them, the
+        # watermarked ones first; the untrained student's and the teacher's NLL are the references
+        n_nll = min(48, len(train_prompts))
+        row["train_answers_nll"] = answer_nll(student, train_prompts[:n_nll], train_data[:n_nll], max_len)
         row.update(rho=rho, watermarked_answers=summary["watermarked_answers"], train_seconds=summary.get("seconds"),
                    final_loss=summary.get("final_loss"), steps=summary.get("steps"))
         results["students"].append(row)
@@ -255,12 +330,14 @@ def main() -> None:
                                       teacher, eval_prompts, args, (), "teacher eval")
         results["controls"].append(test_suspect("teacher", teacher, {"held_out": (eval_prompts, teacher_eval),
                                                                      "leaked_prompts": (leaked, clean_answers()[:len(leaked)])},
-                                                keys, args))
+                                                keys, args, fpr=True))
+        results["controls"][-1]["train_answers_nll"] = answer_nll(teacher, train_prompts[:48], wm[:48], max_len)
     if not args.skip_controls and args.student != "smollm2":  # else the untrained student is the teacher
         untrained = load_student(args.student, "smollm2")
         results["controls"].append(test_suspect(f"untrained {args.student}", untrained,
                                                 {"held_out": (eval_prompts, None), "leaked_prompts": (leaked, None)},
-                                                keys, args))
+                                                keys, args, fpr=True))
+        results["controls"][-1]["train_answers_nll"] = answer_nll(untrained, train_prompts[:48], wm[:48], max_len)
         del untrained
     print(json.dumps(results, indent=2))
     Path(args.out).write_text(json.dumps(results, indent=2))
