@@ -188,6 +188,7 @@ def test_closed_mode_over_http_from_the_cli(world, tmp_path):
     with server_process("--model", str(student_dir), "--no-guard", "--no-watermark", env=ONE_THREAD) as server:
         out = run_cli("forensics", "radioactivity", "--suspect", server.url + "/v1", "--accounts", ",".join(ACCOUNTS),
                       "--prompts", str(prompts), "--tokenizer", "tiny", "--max-tokens", "48", "--json",
+                      "--scheme", "keyed-hash",
                       env={"DISTILLGUARD_WATERMARK_SECRET": SECRET, **ONE_THREAD}, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -206,7 +207,8 @@ def test_cli_open_mode_and_errors(world, tmp_path):
     secret_file.write_text(SECRET + "\n")
     out = run_cli("forensics", "radioactivity", "--suspect", str(student_dir), "--secret-file", str(secret_file),
                   "--accounts", ",".join(ACCOUNTS), "--prompts", str(prompts), "--tokenizer", "tiny",
-                  "--max-tokens", "48", "--null-keys", "50", "--device", "cpu", env=ONE_THREAD, timeout=300)
+                  "--max-tokens", "48", "--null-keys", "50", "--device", "cpu", "--scheme", "keyed-hash",
+                  env=ONE_THREAD, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "traced to: acct-03, acct-11" in out.stdout and SECRET not in out.stdout + out.stderr
     bad = run_cli("forensics", "radioactivity", "--suspect", str(student_dir), "--mode", "closed",

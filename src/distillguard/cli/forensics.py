@@ -59,7 +59,7 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     limit: int = typer.Option(100, help="number of prompts used"),
     skip: int = typer.Option(0, help="skip this many prompts first (e.g. those the suspect may have trained on)"),
     tokenizer: str = typer.Option("smollm2", "--tokenizer", help="model spec of the teacher whose vocabulary the watermark uses"),
-    scheme: str = typer.Option("keyed-hash", help="keyed-hash | lefthash-ref | synthid (as the server used)"),
+    scheme: str = typer.Option("synthid", help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)"),
     gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
     max_tokens: int = typer.Option(64, help="tokens per answer of the suspect"),
