@@ -13,7 +13,7 @@ from collections import defaultdict
 import pytest
 from pydantic import ValidationError
 
-from distillguard.arena import CampaignSpec, TrafficConfig, generate_traffic, load_pools
+from distillguard.arena import CampaignSpec, TrafficConfig, benign, generate_traffic, load_pools
 from distillguard.arena.pools import normalise, pool_of
 from distillguard.arena.traffic import campaign_kinds
 from distillguard.errors import ConfigError
@@ -80,8 +80,37 @@ def test_pools_are_disjoint_by_id_and_by_text():
     assert not benign & attack
     firsts = {name: {normalise(t.turns[0]) for t in pools[name]} for name in ("calibration", "eval")}
     assert not firsts["calibration"] & firsts["eval"]
-    # the split is not degenerate: every pool holds thousands of conversations
-    assert all(len(threads) > 3000 for threads in pools.values())
+    # the split is not degenerate: every pool holds thousands of conversations, 10,000+ user turns
+    assert all(len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000 for threads in pools.values())
+
+
+def test_parts_of_a_long_conversation_are_one_thread_with_its_history():
+    """ShareGPT's ``abc_1`` continues ``abc_0``: its user turns are follow-ups, so the benign
+    user who asks them must send the earlier turns as history, not open a new conversation."""
+    from distillguard.data.sharegpt import iter_conversations
+
+    threads = {t.base_id: t for name in ("calibration", "eval") for t in load_pools()[name]}
+    checked, asked_in_part_0 = 0, set()
+    for conv in iter_conversations():
+        base, _, part = conv.id.rpartition("_")
+        first_user = next((text for role, text in conv.turns if role == "user" and text.strip()), None)
+        if part == "0" and first_user is not None:
+            asked_in_part_0.add(base)
+        if part != "1" or base not in threads or base not in asked_in_part_0 or first_user is None:
+            continue
+        thread = threads[base]
+        users = [normalise(u) for u in thread.user_turns]
+        if normalise(first_user[:6000]) not in users:
+            continue  # the thread ends before this part (an empty turn cut it)
+        k = users.index(normalise(first_user[:6000]))
+        assert k > 0  # a follow-up, not the opening of a conversation
+        history = benign.conversation_messages(None, thread, k)
+        assert len(history) == 2 * k + 1 or sum(len(m["content"]) for m in history) > benign.HISTORY_CHARS / 2
+        assert history[-1]["content"] == thread.user_turns[k]
+        checked += 1
+        if checked == 50:
+            break
+    assert checked == 50
 
 
 def test_benign_users_draw_only_on_their_pool_and_attackers_only_on_the_attack_pool(traffic):
@@ -168,7 +197,8 @@ def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
             ips[r["ip"]].add(a)
     assert any(len(v) > 1 for v in ips.values())  # an office NAT
     per_user = [len({r["ip"] for r in recs}) for recs in accounts.values()]
-    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) > 0.2 * len(per_user)  # home, work, phone
+    # home, work, phone: half the users have a second address, used in ~15-20% of their sessions
+    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) >= 0.15 * len(per_user)
     systems = defaultdict(set)
     for a, recs in accounts.items():
         for r in recs:

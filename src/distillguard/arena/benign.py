@@ -171,16 +171,11 @@ class _ThreadSupply:
     replacement, so two users do not replay the same conversation while the pool lasts: a subject
     that runs out falls back to its topic, a topic that runs out lends from the topic with the
     most left; only when the whole pool is used up are conversations handed out again (counted
-    in ``replayed``). Parts of one ShareGPT conversation (``abc_0``, ``abc_1``) go to one user,
-    in order."""
+    in ``replayed``). A pool's threads are whole conversations (``pools`` joins ShareGPT's parts
+    ``abc_0``, ``abc_1``, ...)."""
 
     def __init__(self, threads: tuple[Thread, ...], rng):
-        by_base: dict[str, list[Thread]] = defaultdict(list)
-        for t in threads:
-            by_base[t.base_id].append(t)
-        groups = sorted(by_base.values(), key=lambda g: g[0].id)
-        for g in groups:
-            g.sort(key=lambda t: int(t.id.rsplit("_", 1)[1]) if t.id.rsplit("_", 1)[1].isdigit() else 0)
+        groups = sorted(([t] for t in threads), key=lambda g: g[0].id)
         rng.shuffle(groups)
         self._fresh: dict[str, deque[list[Thread]]] = defaultdict(deque)
         self._fresh_focus: dict[tuple[str, str], deque[list[Thread]]] = defaultdict(deque)

@@ -6,9 +6,9 @@
     benign-eval          35%   benign users of an evaluation file (held-out accounts)
     attack               25%   seed material of attack campaigns
 
-A conversation's pool is a hash of its *base* id (ShareGPT cuts long conversations into parts
-``abc_0``, ``abc_1``, ...; all parts stay in one pool), so the split does not depend on the
-seed, the order of the file or the number of accounts. Hashing ids alone is not enough: the
+ShareGPT cuts long conversations into parts ``abc_0``, ``abc_1``, ...; they are joined back into
+one conversation (``_whole_conversations``). A conversation's pool is a hash of its base id, so
+the split does not depend on the seed, the order of the file or the number of accounts. Hashing ids alone is not enough: the
 same text recurs under different ids ("hi" 50 times, "Explain quantum computing in simple
 terms" 43 times). So, by text (normalised: case and whitespace folded):
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -111,7 +112,7 @@ def normalise(text: str) -> str:
 
 def pool_of(conversation_id: str) -> PoolName:
     """The pool a ShareGPT conversation id hashes to (before the text rules; deterministic)."""
-    base = conversation_id.rsplit("_", 1)[0]
+    base = base_id(conversation_id)
     bucket = int.from_bytes(hashlib.sha256(_SALT + base.encode()).digest()[:8], "big") % 100
     return "calibration" if bucket < _SPLIT[0] else "eval" if bucket < _SPLIT[1] else "attack"
 
@@ -170,18 +171,50 @@ def _clean_turns(turns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def base_id(conversation_id: str) -> str:
+    """``abc`` for a part ``abc_3`` of a long ShareGPT conversation; the id itself otherwise."""
+    base, _, part = conversation_id.rpartition("_")
+    return base if base and part.isdigit() else conversation_id
+
+
+def _whole_conversations() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
+    """(base id, turns) of every ShareGPT conversation with its parts joined in order.
+
+    ShareGPT cuts a long conversation into parts ``abc_0``, ``abc_1``, ... (10.7k of the 17.6k
+    objects are such parts, of 2.5k conversations). Replayed one by one, every later part would
+    open a *new* conversation with a follow-up question and no history: benign users would look
+    like clients that never continue a conversation. Joined, a follow-up carries its history. At
+    6.3k of the 8.2k joins a part ends and the next begins with the assistant (the answer spans
+    the cut): adjacent turns of one role are joined into one turn.
+    """
+    parts: dict[str, list[tuple[int, tuple[tuple[str, str], ...]]]] = {}
+    for conv in iter_conversations():
+        base = base_id(conv.id)
+        index = int(conv.id.rpartition("_")[2]) if base != conv.id else 0
+        parts.setdefault(base, []).append((index, conv.turns))  # dict order: file order of first parts
+    for base, pieces in parts.items():
+        turns: list[tuple[str, str]] = []
+        for _, piece in sorted(pieces, key=lambda x: x[0]):
+            for role, text in piece:
+                if turns and turns[-1][0] == role and turns[-1][1].strip() and text.strip():
+                    turns[-1] = (role, turns[-1][1].rstrip() + "\n\n" + text.lstrip())
+                else:
+                    turns.append((role, text))
+        yield base, tuple(turns)
+
+
 @lru_cache(maxsize=1)
 def load_pools() -> dict[PoolName, tuple[Thread, ...]]:
     """The three pools, each in file order (deterministic). Cached for the process."""
     raw: dict[PoolName, list[Thread]] = defaultdict(list)
-    for conv in iter_conversations():
-        turns = _clean_turns(conv.turns)
+    for base, turns in _whole_conversations():
+        turns = _clean_turns(turns)
         if not turns:
             continue
         opening = turns[0] + " " + (turns[1][:300] if len(turns) > 1 else "")
         topic = topic_of(opening)
-        raw[pool_of(conv.id)].append(Thread(id=conv.id, base_id=conv.id.rsplit("_", 1)[0], topic=topic,
-                                            turns=turns, focus=focus_of(opening, topic)))
+        raw[pool_of(base)].append(Thread(id=base, base_id=base, topic=topic, turns=turns,
+                                         focus=focus_of(opening, topic)))
     calibration = tuple(raw["calibration"])
     cal_firsts = {normalise(t.turns[0]) for t in calibration}
     evaluation = tuple(t for t in raw["eval"] if normalise(t.turns[0]) not in cal_firsts)

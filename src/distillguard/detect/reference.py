@@ -64,7 +64,9 @@ class Reference:
         rng = np.random.default_rng(seed)
         allemb = np.concatenate([e for _, e in streams if len(e)])
         pick = rng.choice(len(allemb), size=min(size, len(allemb)), replace=False)
-        k = min(topics, len(allemb))
+        # no more topics than distinct prompts (a small benign sample repeats "hi"): k-means would
+        # warn and return duplicate centres
+        k = min(topics, len(np.unique(allemb, axis=0)))
         km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(allemb)
         centers = km.cluster_centers_ / np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True)
         dists = [nn_distances(e) for _, e in streams]
