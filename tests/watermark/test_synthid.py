@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binom
@@ -85,16 +86,43 @@ def test_null_is_binomial_half_over_many_keys():
     assert abs(sum(zs) / n) < 3 / math.sqrt(n) * 1.5  # mean z about 0 (loose: texts repeat across keys)
 
 
-def test_units_count_each_table_index_once_and_skip_prompt_ngrams():
+def test_units_count_each_ngram_once_and_skip_prompt_ngrams():
     proc = processor_for(key(0).hash_key, P)
     ans = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9]
+    n = P.ngram_len
+    distinct = {tuple(([1, 2, 3, 4] + ans)[i - n + 1:i + 1]) for i in range(4, 4 + len(ans))}
     g1, w1 = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size)
     g2, w2 = synthid_units(proc, [ans[:5]], [[1, 2, 3, 4]], P.table_size)
-    # the repeat of [5..9] adds only the n-grams that span the seam, and no index twice
-    assert len(g1) <= (len(ans)) * P.depth and len(g1) > len(g2)
+    # the repeat of [5..9] adds only the n-grams that span the seam: one pair per distinct n-gram and layer
+    assert int(w1.sum()) == len(distinct) * P.depth < len(ans) * P.depth and int(w2.sum()) == 5 * P.depth
     g3, _ = synthid_units(proc, [ans], [[1, 2, 3, 4] + ans], P.table_size)  # all its n-grams in the prompt
     assert len(g3) == 0
-    assert set(w1.tolist()) == {1}
+
+
+def test_pairs_on_one_table_index_add_up_and_the_weighted_tail_is_exact():
+    """A small table: many (n-gram, layer) pairs share an index, whose weight is their number;
+    the p-value is the exact tail of Σ W_i·g_i (checked against a sum over scipy binomials)."""
+    small = SynthIDParams(depth=12, top_k=64, table_size=64)
+    proc = processor_for(key(0).hash_key, small)
+    g = torch.Generator().manual_seed(3)
+    texts = [torch.randint(0, V, (40,), generator=g).tolist() for _ in range(4)]
+    prompts = [[1, 2, 3, 4]] * 4
+    gs, ws = synthid_units(proc, texts, prompts, small.table_size)
+    assert len(gs) <= 64 and int(ws.max()) > 1 and int(ws.sum()) > 4 * 36 * 12 * 0.95  # ~all 160 x 12 pairs
+    d = detect_synthid(key(0), texts, prompts, params=small, proc=proc)
+    assert math.isclose(d.p_value, exact_tail(gs, ws), rel_tol=1e-6)
+
+
+def exact_tail(gs: torch.Tensor, ws: torch.Tensor) -> float:
+    """P(Σ W_i·g_i >= observed) for fair coins g_i, by direct convolution with binomials of
+    scipy, one class of equal weights at a time (a reference for the detector's tilted FFT)."""
+    score = int((gs * ws).sum())
+    pmf = np.ones(1)
+    for wv, count in zip(*np.unique(ws.numpy(), return_counts=True)):
+        cls = np.zeros(int(wv) * int(count) + 1)
+        cls[::int(wv)] = binom.pmf(np.arange(count + 1), count, 0.5)
+        pmf = np.convolve(pmf, cls)
+    return float(pmf[score:].sum())
 
 
 def test_detects_watermarked_sampling_and_not_other_keys():
@@ -114,8 +142,13 @@ def test_detects_watermarked_sampling_and_not_other_keys():
     assert own.p_value < 1e-6
     others = [detect_synthid(key(k), seqs, prompts, params=P).p_value for k in range(1, 6)]
     assert min(others) > 1e-3
-    # the exact tail agrees with scipy's binomial
-    assert math.isclose(own.log10_p, float(binom.logsf(own.green - 1, own.scored, 0.5)) / math.log(10), rel_tol=1e-9)
+    # the exact tail agrees with a direct sum over scipy's binomials (the pairs that share a
+    # table index count once each: the weighted tail), down to ~1e-300 where floats end
+    gs, ws = synthid_units(processor_for(key(0).hash_key, P), seqs, prompts, P.table_size)
+    if own.p_value > 1e-290:
+        assert math.isclose(own.p_value, exact_tail(gs, ws), rel_tol=1e-6)
+    else:
+        assert own.log10_p < -290 and exact_tail(gs, ws) < 1e-280
 
 
 def test_position_weights():

@@ -164,9 +164,16 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     with their g-values and weights. Each answer's n-grams are deduplicated across all answers
     and those present in the prompts are skipped. ``weights``: one per answer token, an int (every
     layer alike) or ``depth`` ints (one per layer, :func:`layer_weights`); an n-gram seen twice
-    keeps the larger weight of each layer, and a table index touched by several (n-gram, layer)
-    pairs keeps the largest (a rule that does not look at the key's g-values).
-    Returns g (N,) and weights (N,) int64."""
+    keeps the larger weight of each layer (a repeat is the same evidence), and a table index
+    touched by several distinct (n-gram, layer) pairs gets the sum of their weights.
+
+    Why the sum: each such pair is separate evidence (the tournament lifted g at that pair), and
+    with many answers the pairs outnumber the table (96 answers x 64 tokens x 30 layers = 184k
+    pairs on 65,536 entries), so keeping one weight per index threw most of it away (keeping the
+    largest gave z = 10.8 on 96 watermarked answers, fewer than on 24: 14.2; the sum gives 24.4).
+    The test stays exact: the weights depend on the text and the layer keys, not on the table's
+    g-values (drawn from the key's own table seed), so under H0 the g of distinct indices are
+    independent fair coins whatever the weights. Returns g (N,) and weights (N,) int64."""
     n, depth = proc.ngram_len, len(proc.keys)
     excluded = {tuple(p[i - n + 1:i + 1]) for p in prompts for i in range(n - 1, len(p))}
     seen: dict[tuple[int, ...], torch.Tensor] = {}
@@ -188,24 +195,25 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     w = torch.stack(list(seen.values()))  # (N, depth)
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
     uniq, inv = keys.reshape(-1).unique(return_inverse=True)
-    best = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, w.reshape(-1), reduce="amax")
-    return proc.sampling_table[uniq].long(), best
+    total = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, w.reshape(-1))
+    return proc.sampling_table[uniq].long(), total
 
 
 def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]], *,
                    params: SynthIDParams | None = None, weights: Sequence[Sequence] | None = None,
                    proc: SynthIDTextWatermarkLogitsProcessor | None = None) -> Detection:
-    """Exact test of answers against a SynthID key: the number of g = 1 among the distinct table
-    indices they touch is Binomial(N, 1/2) under the null (weighted: the exact weighted test).
+    """Exact test of answers against a SynthID key: S = Σ W_i·g_i over the distinct table indices
+    they touch (W_i: the pairs on index i, weighted by ``weights`` when given; see
+    :func:`synthid_units`), with the g_i independent fair coins under the null: the exact
+    weighted tail, or the binomial tail when every W_i is 1. ``green``/``scored`` count indices.
     ``params``: default the key's own (``key.params.synthid``)."""
     params = params or key.params.synthid
     proc = proc or processor_for(key.hash_key, params)
     g, w = synthid_units(proc, answers, prompts, params.table_size, weights)
-    if weights is not None:
-        keep = w > 0
-        g, w = g[keep], w[keep]
+    keep = w > 0
+    g, w = g[keep], w[keep]
     ones = int(g.sum())
-    if weights is not None and len(w) and int(w.max()) > 1:
+    if len(w) and int(w.max()) > 1:
         z, p, log10_p = weighted_binomial_test(int((g * w).sum()), w.tolist(), 0.5)
     else:
         z, p, log10_p = binomial_test(ones, len(g), 0.5)
