@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor, SynthIDTextWatermarkLogitsProcessor
 
+from distillguard.errors import ConfigError
 from distillguard.watermark.detect import Detection, binomial_test, weighted_binomial_test
 from distillguard.watermark.scheme import SynthIDParams, WatermarkKey, mix64_int
 
@@ -158,7 +159,7 @@ def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[Wat
 
 def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[Sequence[int]],
                   prompts: Sequence[Sequence[int]], table_size: int,
-                  weights: Sequence[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  weights: Sequence[Sequence] | None = None, reduce: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct table indices an answer's n-grams (after its prompt's last tokens, when there
     is one prompt per answer) look up,
     with their g-values and weights. Each answer's n-grams are deduplicated across all answers
@@ -173,7 +174,8 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     largest gave z = 10.8 on 96 watermarked answers, fewer than on 24: 14.2; the sum gives 24.4).
     The test stays exact: the weights depend on the text and the layer keys, not on the table's
     g-values (drawn from the key's own table seed), so under H0 the g of distinct indices are
-    independent fair coins whatever the weights. Returns g (N,) and weights (N,) int64."""
+    independent fair coins whatever the weights. ``reduce="amax"`` is the former rule, kept for
+    ``bench/synthid_saturation.py``. Returns g (N,) and weights (N,) int64."""
     n, depth = proc.ngram_len, len(proc.keys)
     excluded = {tuple(p[i - n + 1:i + 1]) for p in prompts for i in range(n - 1, len(p))}
     seen: dict[tuple[int, ...], torch.Tensor] = {}
@@ -195,13 +197,15 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     w = torch.stack(list(seen.values()))  # (N, depth)
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
     uniq, inv = keys.reshape(-1).unique(return_inverse=True)
-    total = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, w.reshape(-1))
+    if reduce not in ("sum", "amax"):
+        raise ConfigError(f"reduce must be 'sum' or 'amax', not {reduce!r}")
+    total = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, w.reshape(-1), reduce=reduce)
     return proc.sampling_table[uniq].long(), total
 
 
 def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]], *,
                    params: SynthIDParams | None = None, weights: Sequence[Sequence] | None = None,
-                   proc: SynthIDTextWatermarkLogitsProcessor | None = None) -> Detection:
+                   proc: SynthIDTextWatermarkLogitsProcessor | None = None, reduce: str = "sum") -> Detection:
     """Exact test of answers against a SynthID key: S = Σ W_i·g_i over the distinct table indices
     they touch (W_i: the pairs on index i, weighted by ``weights`` when given; see
     :func:`synthid_units`), with the g_i independent fair coins under the null: the exact
@@ -209,7 +213,7 @@ def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts:
     ``params``: default the key's own (``key.params.synthid``)."""
     params = params or key.params.synthid
     proc = proc or processor_for(key.hash_key, params)
-    g, w = synthid_units(proc, answers, prompts, params.table_size, weights)
+    g, w = synthid_units(proc, answers, prompts, params.table_size, weights, reduce)
     keep = w > 0
     g, w = g[keep], w[keep]
     ones = int(g.sum())
