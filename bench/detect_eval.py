@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--attackers", type=int, default=5, help="independent one-account campaigns per kind")
     ap.add_argument("--hydras", type=int, default=2, help="hydra campaigns (20 accounts each)")
+    ap.add_argument("--benign-seed", type=int, default=202,
+                    help="seed of the evaluation users (another seed: other users drawn from the same pool)")
     ap.add_argument("--quick", action="store_true", help="smaller campaigns (for a smoke run)")
     ap.add_argument("--budget", choices=("default", "eager"), default="default",
                     help="embedding budget: the default (DetectConfig) or eager (every prompt of the first window, "
@@ -103,7 +105,8 @@ def main() -> None:
     if args.save_calibration:
         cal.save(args.save_calibration)
 
-    benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
+    benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days,
+                                            seed=args.benign_seed))
     benign_accounts = sorted({r["account"] for r in benign})
     benign_days = {(r["account"], int(r["ts"] // 86400)) for r in benign}
     lookalike = {  # the one-respect look-alikes, recognised from their traffic

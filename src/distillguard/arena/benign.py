@@ -87,6 +87,7 @@ class Profile:
     p_active: float  # chance of using the API on a given day
     sessions: float  # mean extra sessions on an active day (1 + Poisson)
     conversations: float  # mean conversations a session (geometric)
+    session_minutes: float  # median length of a session: a long conversation is left for the next one
     read_speed: float  # answer tokens read per second (skimmers read faster)
     stream: bool
     temperature: float | None
@@ -163,7 +164,7 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), focus=_interests(config, i, tuple(favourites), supply), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5), conversations=conversations,
-        read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
+        session_minutes=rng.uniform(40.0, 90.0) if heavy else rng.uniform(15.0, 45.0), read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
 
 
 class _ThreadSupply:
@@ -256,7 +257,8 @@ def _request(p: Profile, rng, config: TrafficConfig, messages: list[dict]) -> di
 
 def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply) -> Iterator[Call]:
     rng = stream_rng(config.seed, f"benign-{i}")
-    pending: deque[Thread] = deque()  # later parts of the conversation the user is in
+    # conversations the user is in: (thread, next user turn, turns it will ask before it stops)
+    pending: deque[tuple[Thread, int, int]] = deque()
     busy_until = config.start
     days = math.ceil(config.days)
     active = [rng.random() < p.p_active for _ in range(days)]
@@ -270,21 +272,30 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                         for _ in range(1 + _poisson(rng, p.sessions)))
         for t in starts:
             t = max(t, busy_until + rng.uniform(600, 3600))
+            # people stop after a while: a session ends after its time (median session_minutes), and
+            # a conversation still going is taken up in the next session, with its history
+            session_end = t + 60.0 * p.session_minutes * rng.lognormvariate(0.0, 0.5)
             ip = p.ips[0] if rng.random() < 0.7 else rng.choice(p.ips)  # mostly from home (or the office)
             conversations = 1
             while rng.random() < 1 - 1 / p.conversations:
                 conversations += 1
             for _ in range(conversations):
+                if t > session_end:
+                    break
                 if not pending:
                     topic = rng.choice(p.topics)
                     subjects = p.focus.get(topic, ())
                     focus = rng.choice(subjects) if subjects and rng.random() < FOCUS_SHARE else None
-                    pending.extend(supply.take(topic, focus))
-                thread = pending.popleft()
-                n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
-                if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
-                    n_turns = rng.randint(2, n_turns)  # gives up part-way
-                for k in range(n_turns):
+                    for thread in supply.take(topic, focus):
+                        n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
+                        if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
+                            n_turns = rng.randint(2, n_turns)  # gives up part-way
+                        pending.append((thread, 0, n_turns))
+                thread, first, n_turns = pending.popleft()
+                for k in range(first, n_turns):
+                    if k > first and t > session_end:
+                        pending.appendleft((thread, k, n_turns))  # later
+                        break
                     req = _request(p, rng, config, conversation_messages(p.system, thread, k))
                     answer = thread.answer(k)
                     out = estimate_tokens(answer) if answer else int(rng.lognormvariate(math.log(250), 0.8))
