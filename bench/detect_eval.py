@@ -6,7 +6,10 @@ Traffic from the arena (``distillguard.arena.traffic``), three disjoint parts:
   calibration splits them by account into reference / calibration / held-out;
 - evaluation benign: ``--eval-accounts`` benign users from the disjoint *eval* pool (their
   tricky users included: heavy users, researchers asking for logprobs, long outputs, n>1, apps
-  with one system prompt, offices behind one NAT);
+  with one system prompt, offices behind one NAT). Keep it within the pool (~400 users over 3
+  days): beyond, conversations are replayed by a second user, and accounts that send the same
+  conversation are rightly linked as one actor. For more benign days, rerun with another
+  ``--benign-seed`` (other users drawn from the same pool);
 - campaigns: each kind generated alone (its own attack-pool text) and scored *mixed with the
   evaluation benign traffic*, one kind at a time (so two campaigns sharing the attack pool do
   not link each other and flatter the numbers). Per kind ``--attackers`` independent campaigns

@@ -128,15 +128,18 @@ def answer_nll(lm, prompts: list[str], answers: list[str], max_length: int) -> f
     return total / max(tokens, 1)
 
 
-def wrong_key_fpr(lm, answers: list[str], prompts: list[str], params, args) -> dict:
+def wrong_key_fpr(lm, answers: list[str], prompts: list[str], params, args, tag: str) -> dict:
     """Rates of p <= 1e-3 / 1e-2 / 5e-2 over ``--fpr-keys`` keys of accounts that leaked nothing,
-    closed and open (Chernoff, top-1), on one suspect's answers: the controls' false positives."""
+    closed and open (Chernoff, top-1), on one suspect's answers: the controls' false positives.
+    Each answer set (``tag``) gets its own keys: with the same keys on every set, one key that
+    happens to favour this model's common n-grams fires on all of them, and the pooled rate is
+    that of a few keys, not of independent tests."""
     import numpy as np
 
     from distillguard.forensics import closed_test, open_test
     from distillguard.watermark import account_key
 
-    keys = [account_key(b"bench-radioactivity-wrong", f"wrong-{i}", params) for i in range(args.fpr_keys)]
+    keys = [account_key(b"bench-radioactivity-wrong", f"wrong-{tag}-{i}", params) for i in range(args.fpr_keys)]
     closed = closed_test(keys, answers, lm.tokenizer, prompts=prompts)
     opened = open_test(lm, keys, answers, prompts=prompts, exclude=prompts, top_k=args.top_k, null_keys=0,
                        progress=False)
@@ -183,7 +186,8 @@ def test_suspect(name: str, lm, sets: dict[str, tuple[list[str], list[str] | Non
                                        seed=args.seed + 10_000, batch_size=16)
         row[set_name] = score(lm, answers, prompts, keys, args)
         if fpr and args.fpr_keys:
-            row[set_name]["wrong_key_fpr"] = wrong_key_fpr(lm, answers, prompts, keys[0].params, args)
+            row[set_name]["wrong_key_fpr"] = wrong_key_fpr(lm, answers, prompts, keys[0].params, args,
+                                                           tag=f"{name}/{set_name}")
         row[set_name]["seconds"] = time.time() - t0
         c, o = row[set_name]["closed"], row[set_name]["open"]
         err.log(f"{name} / {set_name}: closed green {c['green_fraction']:.3f} log10 p {c['log10_p']:.1f} | open mass "

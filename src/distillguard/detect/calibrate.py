@@ -44,7 +44,6 @@ from scipy import stats
 
 from distillguard.detect.config import DetectConfig
 from distillguard.detect.features import Features, extract
-from distillguard.detect.linking import MINHASH_SCHEME, public_prompts
 from distillguard.detect.monitor import AccountMonitor
 from distillguard.detect.reference import Reference, common_items
 from distillguard.detect.registry import select
@@ -64,7 +63,6 @@ class Calibration:
     watch_threshold: float
     embedder: str | None
     common: frozenset[str] = frozenset()       # reference.common_items: shared by benign users, no link
-    public: np.ndarray | None = None           # linking.public_prompts: MinHash signatures (P, 64), no link
     stats: dict = field(default_factory=dict)  # account-day counts, held-out FPR, ...
 
     @property
@@ -77,9 +75,6 @@ class Calibration:
                 "watch_threshold": self.watch_threshold, "embedder": self.embedder, "stats": self.stats,
                 "detectors": list(self.tails), "common": sorted(self.common)}
         arrays = {f"tail.{k}": t.sorted for k, t in self.tails.items()}
-        if self.public is not None:
-            arrays["public.minhash"] = self.public
-            meta["public_minhash_scheme"] = MINHASH_SCHEME
         if self.reference is not None:
             arrays |= {"ref.embeddings": self.reference.embeddings, "ref.centers": self.reference.centers,
                        "ref.distances": self.reference.distances}
@@ -101,16 +96,12 @@ class Calibration:
         if "ref.embeddings" in z:
             reference = Reference(embeddings=z["ref.embeddings"], centers=z["ref.centers"],
                                   distances=z["ref.distances"])
-        if "public.minhash" in z and meta.get("public_minhash_scheme") != MINHASH_SCHEME:
-            raise ConfigError(f"{path}: its public-prompt signatures use MinHash scheme "
-                              f"{meta.get('public_minhash_scheme')!r}, this datasketch {MINHASH_SCHEME!r}: recalibrate")
         config = DetectConfig.from_dict(meta["config"])
         floor = tail_floor(config.target_fpr, len(meta["detectors"]))
         tails = {k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation, floor) for k in meta["detectors"]}
         return cls(config=config, reference=reference, tails=tails,
                    threshold=meta["threshold"], watch_threshold=meta["watch_threshold"],
-                   embedder=meta["embedder"], common=frozenset(meta["common"]),
-                   public=z["public.minhash"] if "public.minhash" in z else None, stats=meta["stats"])
+                   embedder=meta["embedder"], common=frozenset(meta["common"]), stats=meta["stats"])
 
 
 def group_by_account(feats: Iterable[Features]) -> dict[str, list[Features]]:
@@ -212,9 +203,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
         reference = Reference.build(streams, size=config.reference_size, topics=config.topics, seed=seed)
 
     common = common_items(accounts[a] for a in ref_names)
-    # prompts two benign accounts both sent (held-out accounts left out: they measure the FPR)
-    public = public_prompts((a, (f.prompt for f in accounts[a])) for a in (*ref_names, *cal_names))
-    monitor = AccountMonitor(config=config, reference=reference, common=common, public=public, embedder=embedder)
+    monitor = AccountMonitor(config=config, reference=reference, common=common, embedder=embedder)
     rows = list(_raw_scores(monitor, _in_time_order(accounts, cal_names), progress=progress))
     if not rows:
         raise ConfigError("the calibration accounts sent no requests")
@@ -243,7 +232,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
         day_scores_map = _day_fisher(rows, list(tails.values()))
     cal = Calibration(config=config, reference=reference, tails=tails, threshold=math.inf, watch_threshold=math.inf,
                       embedder=embedder.signature if embedder is not None and reference is not None else None,
-                      common=common, public=public)
+                      common=common)
     day_scores = np.sort(np.fromiter(day_scores_map.values(), dtype=np.float64))[::-1]
     n = len(day_scores)
     k = int(math.floor(config.target_fpr * n))           # days allowed above the threshold
@@ -251,7 +240,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
     analytic = float(stats.chi2.isf(config.target_fpr, 2 * D))
     cal.threshold = max(empirical, analytic)
     cal.watch_threshold = min(cal.threshold, float(day_scores[min(int(0.01 * n), n - 1)]))
-    cal.stats = {"reference_accounts": len(ref_names), "calibration_accounts": len(cal_names), "public_prompts": len(public),
+    cal.stats = {"reference_accounts": len(ref_names), "calibration_accounts": len(cal_names),
                  "calibration_account_days": n, "cross_fitted_folds": folds if len(cal_names) >= 2 * folds else 0,
                  "threshold_empirical": empirical, "threshold_fisher_null": analytic, "tail_floor": floor,
                  "calibration_fpr": float((day_scores > cal.threshold).mean()), "heldout_accounts": len(hold_names)}

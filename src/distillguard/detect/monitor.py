@@ -108,7 +108,7 @@ class AccountMonitor:
     """
 
     def __init__(self, calibration=None, *, config: DetectConfig | None = None, reference: Reference | None = None,
-                 common: frozenset[str] = frozenset(), public: np.ndarray | None = None, embedder=None):
+                 common: frozenset[str] = frozenset(), embedder=None):
         self.calibration = calibration
         self.config = calibration.config if calibration is not None else (config or DetectConfig())
         reference = calibration.reference if calibration is not None else reference
@@ -126,8 +126,8 @@ class AccountMonitor:
                               f"{embedder.signature}; recalibrate with this embedder")
         self.embedder = embedder
         if calibration is not None:
-            common, public = calibration.common, calibration.public
-        self.linker = Linker(min_evidence=self.config.link_min_evidence, common=frozenset(common), public=public,
+            common = calibration.common
+        self.linker = Linker(min_evidence=self.config.link_min_evidence, common=frozenset(common),
                              on_merge=self._merged)
         self.context = Context(self.config, reference, self.linker)
         self.accounts: dict[str, _Stream] = {}
