@@ -77,6 +77,8 @@ def main() -> None:
     ap.add_argument("--hydras", type=int, default=2, help="hydra campaigns (20 accounts each)")
     ap.add_argument("--benign-seed", type=int, default=202,
                     help="seed of the evaluation users (another seed: other users drawn from the same pool)")
+    ap.add_argument("--whole-conversations", action="store_true",
+                    help="benign users replay ShareGPT's long conversations whole (TrafficConfig.whole_conversations)")
     ap.add_argument("--quick", action="store_true", help="smaller campaigns (for a smoke run)")
     ap.add_argument("--budget", choices=("default", "eager"), default="default",
                     help="embedding budget: the default (DetectConfig) or eager (every prompt of the first window, "
@@ -95,7 +97,7 @@ def main() -> None:
         console.print(f"loaded {embedder.load_cache(cache)} cached embeddings")
 
     cal_records = generate_traffic(TrafficConfig(benign_accounts=args.cal_accounts, pool="calibration",
-                                                 days=args.days, seed=101))
+                                                 days=args.days, seed=101, whole_conversations=args.whole_conversations))
     prog, step = progress_bar("calibrating", len(cal_records))
     with prog:
         config = DetectConfig(target_fpr=args.target_fpr)
@@ -109,7 +111,7 @@ def main() -> None:
         cal.save(args.save_calibration)
 
     benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days,
-                                            seed=args.benign_seed))
+                                            seed=args.benign_seed, whole_conversations=args.whole_conversations))
     benign_accounts = sorted({r["account"] for r in benign})
     benign_days = {(r["account"], int(r["ts"] // 86400)) for r in benign}
     lookalike = {  # the one-respect look-alikes, recognised from their traffic
@@ -125,7 +127,8 @@ def main() -> None:
     out: dict = {"calibration": {"threshold": cal.threshold, "target_fpr": cal.target_fpr, **cal.stats},
                  "sizes": {"calibration_accounts": args.cal_accounts, "eval_benign_accounts": args.eval_accounts,
                            "days": args.days, "attackers_per_kind": args.attackers, "hydra_campaigns": args.hydras,
-                           "campaign_requests": 300 if args.quick else args.campaign_requests},
+                           "campaign_requests": 300 if args.quick else args.campaign_requests,
+                           "whole_conversations": args.whole_conversations},
                  "config": cal.config.to_dict(), "kinds": {}}
     benign_scores: dict[str, float] | None = None
     benign_flag_days: set = set()

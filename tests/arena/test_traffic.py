@@ -84,12 +84,23 @@ def test_pools_are_disjoint_by_id_and_by_text():
     assert all(len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000 for threads in pools.values())
 
 
+def test_whole_conversations_traffic_keeps_the_contract_and_carries_history():
+    """With ``whole_conversations`` benign users replay ShareGPT's long conversations whole: more of
+    their requests are follow-ups with history than when each part opens a conversation."""
+    def follow_up_share(whole: bool) -> float:
+        recs = generate_traffic(TrafficConfig(benign_accounts=40, seed=5, whole_conversations=whole))
+        assert recs and all(ChatCompletionRequest.model_validate(r["request"]) for r in recs)
+        return sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs) / len(recs)
+
+    assert follow_up_share(True) > follow_up_share(False)
+
+
 def test_parts_of_a_long_conversation_are_one_thread_with_its_history():
     """ShareGPT's ``abc_1`` continues ``abc_0``: its user turns are follow-ups, so the benign
     user who asks them must send the earlier turns as history, not open a new conversation."""
     from distillguard.data.sharegpt import iter_conversations
 
-    threads = {t.base_id: t for name in ("calibration", "eval") for t in load_pools()[name]}
+    threads = {t.base_id: t for name in ("calibration", "eval") for t in load_pools(whole=True)[name]}
     checked, asked_in_part_0 = 0, set()
     for conv in iter_conversations():
         base, _, part = conv.id.rpartition("_")

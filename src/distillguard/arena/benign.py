@@ -164,7 +164,8 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
         tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
         topics=tuple(favourites), focus=_interests(config, i, tuple(favourites), supply), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
         sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5), conversations=conversations,
-        session_minutes=rng.uniform(40.0, 90.0) if heavy else rng.uniform(15.0, 45.0), read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
+        session_minutes=(rng.uniform(40.0, 90.0) if heavy else rng.uniform(15.0, 45.0)) if config.whole_conversations
+        else math.inf, read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
 
 
 class _ThreadSupply:
@@ -172,11 +173,16 @@ class _ThreadSupply:
     replacement, so two users do not replay the same conversation while the pool lasts: a subject
     that runs out falls back to its topic, a topic that runs out lends from the topic with the
     most left; only when the whole pool is used up are conversations handed out again (counted
-    in ``replayed``). A pool's threads are whole conversations (``pools`` joins ShareGPT's parts
-    ``abc_0``, ``abc_1``, ...)."""
+    in ``replayed``). Parts of one ShareGPT conversation (``abc_0``, ``abc_1``) go to one user,
+    in order (with ``whole_conversations`` a thread is already the whole conversation)."""
 
     def __init__(self, threads: tuple[Thread, ...], rng):
-        groups = sorted(([t] for t in threads), key=lambda g: g[0].id)
+        by_base: dict[str, list[Thread]] = defaultdict(list)
+        for t in threads:
+            by_base[t.base_id].append(t)
+        groups = sorted(by_base.values(), key=lambda g: g[0].id)
+        for g in groups:
+            g.sort(key=lambda t: int(t.id.rpartition("_")[2]) if t.id.rpartition("_")[2].isdigit() else 0)
         rng.shuffle(groups)
         self._fresh: dict[str, deque[list[Thread]]] = defaultdict(deque)
         self._fresh_focus: dict[tuple[str, str], deque[list[Thread]]] = defaultdict(deque)
@@ -258,7 +264,7 @@ def _request(p: Profile, rng, config: TrafficConfig, messages: list[dict]) -> di
 def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply) -> Iterator[Call]:
     rng = stream_rng(config.seed, f"benign-{i}")
     # conversations the user is in: (thread, next user turn, turns it will ask before it stops)
-    pending: deque[tuple[Thread, int, int]] = deque()
+    pending: deque[tuple[Thread, int, int | None]] = deque()
     busy_until = config.start
     days = math.ceil(config.days)
     active = [rng.random() < p.p_active for _ in range(days)]
@@ -274,7 +280,8 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
             t = max(t, busy_until + rng.uniform(600, 3600))
             # people stop after a while: a session ends after its time (median session_minutes), and
             # a conversation still going is taken up in the next session, with its history
-            session_end = t + 60.0 * p.session_minutes * rng.lognormvariate(0.0, 0.5)
+            session_end = (t + 60.0 * p.session_minutes * rng.lognormvariate(0.0, 0.5) if config.whole_conversations
+                           else math.inf)
             ip = p.ips[0] if rng.random() < 0.7 else rng.choice(p.ips)  # mostly from home (or the office)
             conversations = 1
             while rng.random() < 1 - 1 / p.conversations:
@@ -286,12 +293,12 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                     topic = rng.choice(p.topics)
                     subjects = p.focus.get(topic, ())
                     focus = rng.choice(subjects) if subjects and rng.random() < FOCUS_SHARE else None
-                    for thread in supply.take(topic, focus):
-                        n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
-                        if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
-                            n_turns = rng.randint(2, n_turns)  # gives up part-way
-                        pending.append((thread, 0, n_turns))
+                    pending.extend((thread, 0, None) for thread in supply.take(topic, focus))
                 thread, first, n_turns = pending.popleft()
+                if n_turns is None:  # how far the user will go, decided when the conversation starts
+                    n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
+                    if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
+                        n_turns = rng.randint(2, n_turns)  # gives up part-way
                 for k in range(first, n_turns):
                     if k > first and t > session_end:
                         pending.appendleft((thread, k, n_turns))  # later

@@ -6,9 +6,10 @@
     benign-eval          35%   benign users of an evaluation file (held-out accounts)
     attack               25%   seed material of attack campaigns
 
-ShareGPT cuts long conversations into parts ``abc_0``, ``abc_1``, ...; they are joined back into
-one conversation (``_whole_conversations``). A conversation's pool is a hash of its base id, so
-the split does not depend on the seed, the order of the file or the number of accounts. Hashing ids alone is not enough: the
+ShareGPT cuts long conversations into parts ``abc_0``, ``abc_1``, ...; with ``whole=True`` they
+are joined back into one conversation (``_whole_conversations``). A conversation's pool is a hash
+of its base id, so the split does not depend on the seed, the order of the file or the number of
+accounts, and all parts stay in one pool. Hashing ids alone is not enough: the
 same text recurs under different ids ("hi" 50 times, "Explain quantum computing in simple
 terms" 43 times). So, by text (normalised: case and whitespace folded):
 
@@ -172,9 +173,8 @@ def _clean_turns(turns: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
 
 
 def base_id(conversation_id: str) -> str:
-    """``abc`` for a part ``abc_3`` of a long ShareGPT conversation; the id itself otherwise."""
-    base, _, part = conversation_id.rpartition("_")
-    return base if base and part.isdigit() else conversation_id
+    """``abc`` for a part ``abc_3`` of a long ShareGPT conversation (ShareGPT's ids end in ``_N``)."""
+    return conversation_id.rsplit("_", 1)[0]
 
 
 def _whole_conversations() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
@@ -190,7 +190,8 @@ def _whole_conversations() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
     parts: dict[str, list[tuple[int, tuple[tuple[str, str], ...]]]] = {}
     for conv in iter_conversations():
         base = base_id(conv.id)
-        index = int(conv.id.rpartition("_")[2]) if base != conv.id else 0
+        part = conv.id.rpartition("_")[2]
+        index = int(part) if base != conv.id and part.isdigit() else 0
         parts.setdefault(base, []).append((index, conv.turns))  # dict order: file order of first parts
     for base, pieces in parts.items():
         turns: list[tuple[str, str]] = []
@@ -203,17 +204,25 @@ def _whole_conversations() -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
         yield base, tuple(turns)
 
 
-@lru_cache(maxsize=1)
-def load_pools() -> dict[PoolName, tuple[Thread, ...]]:
-    """The three pools, each in file order (deterministic). Cached for the process."""
+@lru_cache(maxsize=2)
+def load_pools(whole: bool = False) -> dict[PoolName, tuple[Thread, ...]]:
+    """The three pools, each in file order (deterministic). Cached for the process.
+
+    ``whole``: ShareGPT's parts joined into whole conversations (``_whole_conversations``);
+    otherwise each part is a thread of its own (``abc_1`` starts without ``abc_0``'s history), as
+    the README's detection numbers were measured: see ``TrafficConfig.whole_conversations``."""
     raw: dict[PoolName, list[Thread]] = defaultdict(list)
-    for base, turns in _whole_conversations():
+    if whole:
+        source = ((base, base, turns) for base, turns in _whole_conversations())
+    else:
+        source = ((conv.id, base_id(conv.id), conv.turns) for conv in iter_conversations())
+    for cid, base, turns in source:
         turns = _clean_turns(turns)
         if not turns:
             continue
         opening = turns[0] + " " + (turns[1][:300] if len(turns) > 1 else "")
         topic = topic_of(opening)
-        raw[pool_of(base)].append(Thread(id=base, base_id=base, topic=topic, turns=turns,
+        raw[pool_of(base)].append(Thread(id=cid, base_id=base, topic=topic, turns=turns,
                                          focus=focus_of(opening, topic)))
     calibration = tuple(raw["calibration"])
     cal_firsts = {normalise(t.turns[0]) for t in calibration}

@@ -97,6 +97,12 @@ class TrafficConfig(BaseModel):
         20, description="the gateway's per-account requests per minute: campaigns that stay under "
                         "limits (hydra) keep every account below it in every 60 s window")
 
+    whole_conversations: bool = Field(
+        False, description="benign users replay ShareGPT's long conversations whole (its parts abc_0, abc_1, ... "
+                           "joined, so follow-ups carry their history) in sessions that end after their time. "
+                           "More realistic, but the pools then last ~450 (calibration) and ~400 (eval) users over "
+                           "3 days; off, each part is a conversation of its own and sessions run to the end of "
+                           "their conversations, as the README's detection numbers were measured")
     decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.5, description="share of a hydra key's requests that are benign-looking conversations "
                          "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)")
@@ -258,7 +264,7 @@ def generate_traffic(config: TrafficConfig) -> list[dict]:
     from distillguard.arena.benign import benign_calls
     from distillguard.arena.pools import load_pools
 
-    pools = load_pools()
+    pools = load_pools(config.whole_conversations)
     records: list[dict] = []
     for call in benign_calls(config, pools[config.pool]):
         if config.start <= call.ts < config.end:

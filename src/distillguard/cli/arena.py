@@ -29,6 +29,9 @@ def traffic(
     model: str = typer.Option("smollm2", help="model id in every request"),
     rpm_limit: int = typer.Option(20, help="per-account requests/minute that hydra keys stay under"),
     decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that look benign (conversations)"),
+    whole_conversations: bool = typer.Option(
+        False, help="replay ShareGPT's long conversations whole (parts joined) in sessions that end after their "
+                    "time: more realistic, but a pool then lasts ~400 users over 3 days"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
     plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
@@ -69,7 +72,8 @@ def traffic(
     extra = {} if start is None else {"start": start}
     try:
         config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
-                               model=model, rpm_limit=rpm_limit, decoy_share=decoy_share, **extra)
+                               model=model, rpm_limit=rpm_limit, decoy_share=decoy_share,
+                               whole_conversations=whole_conversations, **extra)
     except ValidationError as exc:  # name the option, not the config field
         err = exc.errors(include_url=False)[0]
         msg = err["msg"].removeprefix("Value error, ")
