@@ -100,7 +100,7 @@ class TrafficConfig(BaseModel):
     whole_conversations: bool = Field(
         False, description="benign users replay ShareGPT's long conversations whole (its parts abc_0, abc_1, ... "
                            "joined, so follow-ups carry their history) in sessions that end after their time. "
-                           "More realistic, but the pools then last ~450 (calibration) and ~400 (eval) users over "
+                           "More realistic, but the pools then last ~500 (calibration) and ~400 (eval) users over "
                            "3 days; off, each part is a conversation of its own and sessions run to the end of "
                            "their conversations, as the README's detection numbers were measured")
     decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(

@@ -169,13 +169,16 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     touched by several distinct (n-gram, layer) pairs gets the sum of their weights.
 
     Why the sum: each such pair is separate evidence (the tournament lifted g at that pair), and
-    with many answers the pairs outnumber the table (96 answers x 64 tokens x 30 layers = 184k
-    pairs on 65,536 entries), so keeping one weight per index threw most of it away (keeping the
-    largest gave z = 10.8 on 96 watermarked answers, fewer than on 24: 14.2; the sum gives 24.4).
+    with many answers the pairs outnumber the table (96 answers x 48 tokens x 30 layers = 138k
+    pairs on 65,536 entries), so keeping one weight per index threw most of it away
+    (``bench/synthid_saturation.py``: keeping the largest gave z = 9.8 on 96 watermarked answers,
+    less than on 24: 12.8; the sum gives 22.5 and 14.9).
     The test stays exact: the weights depend on the text and the layer keys, not on the table's
     g-values (drawn from the key's own table seed), so under H0 the g of distinct indices are
     independent fair coins whatever the weights. ``reduce="amax"`` is the former rule, kept for
     ``bench/synthid_saturation.py``. Returns g (N,) and weights (N,) int64."""
+    if reduce not in ("sum", "amax"):
+        raise ConfigError(f"reduce must be 'sum' or 'amax', not {reduce!r}")
     n, depth = proc.ngram_len, len(proc.keys)
     excluded = {tuple(p[i - n + 1:i + 1]) for p in prompts for i in range(n - 1, len(p))}
     seen: dict[tuple[int, ...], torch.Tensor] = {}
@@ -197,8 +200,6 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     w = torch.stack(list(seen.values()))  # (N, depth)
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
     uniq, inv = keys.reshape(-1).unique(return_inverse=True)
-    if reduce not in ("sum", "amax"):
-        raise ConfigError(f"reduce must be 'sum' or 'amax', not {reduce!r}")
     total = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, w.reshape(-1), reduce=reduce)
     return proc.sampling_table[uniq].long(), total
 
