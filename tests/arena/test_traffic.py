@@ -80,8 +80,11 @@ def test_pools_are_disjoint_by_id_and_by_text():
     assert not benign & attack
     firsts = {name: {normalise(t.turns[0]) for t in pools[name]} for name in ("calibration", "eval")}
     assert not firsts["calibration"] & firsts["eval"]
-    # the split is not degenerate: every pool holds thousands of conversations, 10,000+ user turns
-    assert all(len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000 for threads in pools.values())
+    # the split is not degenerate: every pool holds thousands of conversations (parts counted apart)
+    assert all(len(threads) > 3000 for threads in pools.values())
+    # ... and thousands of whole ones, 10,000+ user turns each
+    assert all(len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000
+               for threads in load_pools(whole=True).values())
 
 
 def test_whole_conversations_traffic_keeps_the_contract_and_carries_history():
@@ -208,8 +211,7 @@ def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
             ips[r["ip"]].add(a)
     assert any(len(v) > 1 for v in ips.values())  # an office NAT
     per_user = [len({r["ip"] for r in recs}) for recs in accounts.values()]
-    # home, work, phone: half the users have a second address, used in ~15-20% of their sessions
-    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) >= 0.15 * len(per_user)
+    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) > 0.2 * len(per_user)  # home, work, phone
     systems = defaultdict(set)
     for a, recs in accounts.items():
         for r in recs:
