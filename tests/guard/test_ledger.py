@@ -138,3 +138,31 @@ def test_nul_characters_are_stored_and_fail_no_batch_mate(engine):
     assert got["req-7"].request_body["messages"][0]["content"] == "q\ufffd"
     assert got["req-7"].request_body["\ufffdkey"] == 1
     assert got["req-3"].response_text == "answer 3"
+
+
+def test_an_idempotent_replay_returns_a_nul_exactly_as_it_was_sent(engine, db_url):
+    """A model can generate NUL (the tiny random model did, once, in CI); the ledger row keeps
+    U+FFFD in its place, but the response replayed under an Idempotency-Key must be the one the
+    client was sent, on PostgreSQL as on SQLite."""
+    from distillguard.guard.gateway import Guard, GuardConfig, RequestLog
+
+    async def main():
+        guard = Guard(GuardConfig(db=db_url, watermark=False))
+        await guard.start()
+        key, _ = guard.keys.create("nul-acct")
+        sent = {"id": "chatcmpl-1", "object": "chat.completion", "model": "tiny",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "<\x00D\ufffdU\x00"},
+                             "finish_reason": "length"}], "usage": {"prompt_tokens": 3, "completion_tokens": 6}}
+        first = RequestLog(client_ip="127.0.0.1", key=key, idempotency_key="k1", request_hash="h1")
+        first.add_response(sent)
+        await guard.finish(first)
+        again = RequestLog(client_ip="127.0.0.1", key=key, idempotency_key="k1", request_hash="h1")
+        replayed = await guard.replay(again)
+        await guard.close()
+        return sent, replayed
+
+    sent, replayed = asyncio.run(main())
+    assert replayed == sent
+    with engine.connect() as conn:
+        row = conn.execute(select(LedgerRow).where(LedgerRow.account_id == "nul-acct")).one()
+    assert row.response_text == "<\ufffdD\ufffdU\ufffd"

@@ -459,7 +459,7 @@ class Guard:
         idempotent = None
         if log.idempotency_key is not None and log.status == 200 and log.response_body is not None:
             idempotent = {"account_id": log.key.account, "key": log.idempotency_key, "request_hash": log.request_hash,
-                          "request_id": log.request_id, "response": log.response_body, "created_at": log.ts}
+                          "request_id": log.request_id, "response": _stored(log.response_body), "created_at": log.ts}
         row = log.row()
         await self.ledger.record(row, idempotent=idempotent)
         if self.monitor is not None and log.status == 200:
@@ -483,7 +483,7 @@ class Guard:
             raise IdempotencyConflict(
                 "this Idempotency-Key was already used with a different request body; use a new key",
                 param="Idempotency-Key", code="idempotency_key_reused")
-        return found.response
+        return _unstored(found.response)
 
     def abandon(self, log: RequestLog) -> None:
         """Record a request whose client went away, without waiting (we may be cancelled)."""
@@ -495,3 +495,20 @@ class Guard:
         self.metrics.observe(status=log.status, account=log.key.account if log.key else None,
                              prompt_tokens=log.prompt_tokens, completion_tokens=log.completion_tokens,
                              seconds=time.perf_counter() - log.t0)
+
+
+# A replayed response must be the one the client was sent, character for character. The ledger
+# stores NUL as U+FFFD (PostgreSQL refuses NUL in text and jsonb; see ``without_nul``), so the
+# response kept under an Idempotency-Key is stored as its JSON text, in which json.dumps writes
+# each NUL as the six ASCII characters ``\\u0000``: nothing for the database to refuse, and lossless.
+_SENT = "sent_json"
+
+
+def _stored(body: dict) -> dict:
+    return {_SENT: json.dumps(body, ensure_ascii=False)}
+
+
+def _unstored(stored: dict) -> dict:
+    if set(stored) == {_SENT} and isinstance(stored[_SENT], str):
+        return json.loads(stored[_SENT])
+    return stored  # a row written before responses were stored as text
