@@ -8,6 +8,8 @@ sizes are prefixes of the same answers. For every (queries, student depth, loss)
 - **NLL**: nats per token of the teacher's greedy answers under the student (the teacher's own
   NLL is the floor; a uniform guess over SmolLM2's 49,152 tokens is 10.8 nats),
 - **ROUGE-L** of the student's greedy answer against the teacher's,
+- **coherence** of the student's own greedy answers: their NLL under the teacher and the share of
+  repeated 4-grams (``rep4``), next to the teacher's values on its own answers,
 - parameters and greedy tokens/s of student and teacher (the inference-cost ratio).
 
 Losses: ``sft`` (teacher's sampled answers), ``topk-kd`` (those answers plus the API's top-k
@@ -71,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--harvest-only", action="store_true",
                    help="harvest (resumably) the largest size and stop: e.g. while another run trains on smaller ones")
+    p.add_argument("--keep-students", action="store_true",
+                   help="keep each trained student under --work/students (200+ MB each) instead of deleting it")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure again every cached point whose student is kept under --work/students")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report every point cached under --work (e.g. after several partial grids)")
     return p.parse_args()
@@ -206,10 +212,10 @@ def teacher_reference(args, teacher, eval_messages, work: Path) -> dict:
     return ref
 
 
-def measure(student, eval_messages, ref, max_tokens: int) -> dict:
+def measure(student, teacher, eval_messages, ref, max_tokens: int) -> dict:
     from rouge_score import rouge_scorer
 
-    from distillguard.distill.evaluate import answer_nll, greedy_answers
+    from distillguard.distill.evaluate import answer_nll, greedy_answers, repeated_ngrams
 
     student.model.eval()
     answers, tps = greedy_answers(student, eval_messages, max_tokens)
@@ -217,6 +223,7 @@ def measure(student, eval_messages, ref, max_tokens: int) -> dict:
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     rouge = [1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure for t, s in zip(ref["texts"], texts)]
     return {"nll": answer_nll(student, eval_messages, ref["answers"]), "rouge_l": sum(rouge) / len(rouge),
+            "nll_under_teacher": answer_nll(teacher, eval_messages, answers), "rep4": repeated_ngrams(answers),
             "tokens_per_s": tps, "parameters": sum(p.numel() for p in student.model.parameters()),
             "samples": [{"teacher": t, "student": s} for t, s in list(zip(ref["texts"], texts))[:3]]}
 
@@ -262,6 +269,17 @@ def main() -> None:
     for i, (n, depth, init, loss) in enumerate(grid, 1):
         name = point_name(loss, depth, init, n)
         path = work / "points" / f"{name}.json"
+        kept = work / "students" / name
+        if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
+            point = json.loads(path.read_text())
+            t0 = time.perf_counter()
+            point.update(measure(load_model(str(kept), device="cpu"), teacher, eval_messages, ref, args.max_tokens))
+            point["eval_seconds"] = time.perf_counter() - t0
+            path.write_text(json.dumps(point, indent=2))
+            console.print(f"{name} measured again: NLL {point['nll']:.3f}, under the teacher {point['nll_under_teacher']:.3f}, "
+                          f"rep4 {point['rep4']:.3f}")
+            points.append(point)
+            continue
         if path.is_file():
             points.append(json.loads(path.read_text()))
             continue
@@ -283,9 +301,9 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "train_seconds": train_s,
                   "examples": summary["examples"], "steps": summary["steps"],
-                  **measure(student, eval_messages, ref, args.max_tokens)}
+                  **measure(student, teacher, eval_messages, ref, args.max_tokens)}
         result["eval_seconds"] = time.perf_counter() - t0 - train_s
-        if n:
+        if n and not args.keep_students:
             shutil.rmtree(work / "students" / name, ignore_errors=True)  # 200+ MB each
         path.write_text(json.dumps(result, indent=2))
         points.append(result)
@@ -328,12 +346,15 @@ def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250,
 
 
 def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
+    from distillguard.distill.evaluate import repeated_ngrams
+
     report = {
         "bench": "distill_curves", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "harvest": json.loads((work / "harvest" / "meta.json").read_text()),
         "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
-                    "parameters": ref["parameters"]},
+                    "parameters": ref["parameters"], "rep4": repeated_ngrams(ref["answers"]),
+                    "nll_under_teacher": ref["nll"]},  # its own greedy answers: the coherence reference
         "points": sorted(points, key=lambda p: (*student_of(p), p["loss"], p["queries"])),
         "fits": power_law_fits(points, ref["nll"]),
     }

@@ -263,6 +263,21 @@ def test_eval_reports_teacher_floor_and_student_agreement():
     other = evaluate(teacher, load_model("tiny:seed=7"), prompts, max_new_tokens=12, baseline=load_model("tiny:seed=8"))
     assert other.student.nll > other.teacher.nll and other.student.exact_match < 1.0
     assert other.gap_closed is not None
+    # coherence: the teacher as its own student scores the same; another model's answers are less
+    # plausible to the teacher than its own greedy answers
+    assert same.student.nll_under_teacher == pytest.approx(same.teacher.nll_under_teacher, rel=1e-5)
+    assert same.student.rep4 == same.teacher.rep4
+    assert other.student.nll_under_teacher > other.teacher.nll_under_teacher
+
+
+def test_repeated_ngrams_counts_loops_within_an_answer_only():
+    from distillguard.distill.evaluate import repeated_ngrams
+
+    assert repeated_ngrams([[1, 2, 3, 4, 5, 6]]) == 0.0
+    assert repeated_ngrams([[1, 2, 3, 4, 1, 2, 3, 4]]) == pytest.approx(1 / 5)  # (1,2,3,4) again at the end
+    assert repeated_ngrams([[7] * 10]) == pytest.approx(6 / 7)  # a loop: every 4-gram but the first repeats
+    assert repeated_ngrams([[1, 2, 3, 4], [1, 2, 3, 4]]) == 0.0  # across answers is not repetition
+    assert repeated_ngrams([[1, 2], []]) == 0.0
 
 
 def test_cli_trains_on_policy_end_to_end(tmp_path):

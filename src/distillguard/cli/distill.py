@@ -202,7 +202,8 @@ def eval_cmd(
     plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the training "
                                                    "examples in each student's train_summary.json)"),
 ) -> None:
-    """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed.
+    """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed, and the
+    coherence of its own answers (their NLL under the teacher, repeated 4-grams).
 
     Examples:
 
@@ -235,14 +236,17 @@ def eval_cmd(
         reports = evaluate_many(load_model(teacher, device="cpu"), [load_model(s, device="cpu") for s in student],
                                 messages, max_new_tokens=max_new_tokens,
                                 baseline=load_student(baseline, teacher) if baseline else None)
-    table = Table("model", "queries", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact")
+    table = Table("model", "queries", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact",
+                  "own answers' NLL under teacher", "rep4")
     rows_out = [("teacher", None, reports[0].teacher), ("baseline", 0, reports[0].baseline)]
     rows_out += [(spec, q, r.student) for spec, q, r in zip(student, queries, reports)]
     for name, q, r in rows_out:
         if r is not None:
             table.add_row(name, "-" if q is None else f"{q:,}", f"{r.parameters:,}", f"{r.nll:.3f}",
                           f"{r.tokens_per_s:.1f}", "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
-                          "-" if r.exact_match is None else f"{r.exact_match:.2f}")
+                          "-" if r.exact_match is None else f"{r.exact_match:.2f}",
+                          "-" if r.nll_under_teacher is None else f"{r.nll_under_teacher:.3f}",
+                          "-" if r.rep4 is None else f"{r.rep4:.3f}")
     console.print(table)
     if plot is not None:
         learning_curve_plot(reports, queries, plot)

@@ -2,7 +2,11 @@
 size and speed, side by side on held-out prompts.
 
 Headline numbers are the student's NLL on the teacher's answers next to the teacher's own NLL
-(the floor), and ROUGE-L / exact match against the teacher's greedy answers. "Gap closed"
+(the floor), and ROUGE-L / exact match against the teacher's greedy answers. Two coherence
+measures read the student's own greedy answers, next to the teacher's values on its own:
+their NLL under the teacher (text the teacher finds implausible is not fluent) and the share of
+repeated 4-grams within an answer (``rep4``, Welleck et al. 2019: a looping answer has a low
+NLL but a high rep4, so the two are read together). "Gap closed"
 against an untrained student is reported but flatters any student (a pruned, untrained
 student is worse than uniform), so it is not the headline.
 """
@@ -26,6 +30,8 @@ class ModelReport:
     tokens_per_s: float  # greedy generation, batched, measured in the same run as the others
     rouge_l: float | None = None  # vs the teacher's greedy answers (None for the teacher itself)
     exact_match: float | None = None
+    nll_under_teacher: float | None = None  # its own greedy answers scored by the teacher (nats/token)
+    rep4: float | None = None  # share of 4-grams in its greedy answers that repeat one earlier in the answer
 
 
 @dataclass
@@ -80,6 +86,20 @@ def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[in
     return total / max(count, 1)
 
 
+def repeated_ngrams(answers: list[list[int]], n: int = 4) -> float:
+    """Share of the n-grams (token ids) within each answer that already occurred earlier in that
+    answer, pooled over answers ("seq-rep-n" of Welleck et al. 2019). 0 for no repetition."""
+    repeated = total = 0
+    for answer in answers:
+        seen = set()
+        for i in range(len(answer) - n + 1):
+            gram = tuple(answer[i:i + n])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else 0.0
+
+
 def evaluate(teacher: LoadedModel, student: LoadedModel, prompts: list[list[dict]], *, max_new_tokens: int = 128,
              baseline: LoadedModel | None = None) -> EvalReport:
     return evaluate_many(teacher, [student], prompts, max_new_tokens=max_new_tokens, baseline=baseline)[0]
@@ -102,7 +122,9 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
     def params(lm: LoadedModel) -> int:
         return sum(p.numel() for p in lm.model.parameters())
 
-    t_report = ModelReport(teacher.spec, params(teacher), answer_nll(teacher, prompts, teacher_answers), teacher_tps)
+    teacher_nll = answer_nll(teacher, prompts, teacher_answers)
+    t_report = ModelReport(teacher.spec, params(teacher), teacher_nll, teacher_tps,
+                           nll_under_teacher=teacher_nll, rep4=repeated_ngrams(teacher_answers))
     b_report = None
     if baseline is not None:
         b_report = ModelReport(baseline.spec, params(baseline), answer_nll(baseline, prompts, teacher_answers),
@@ -116,7 +138,9 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
                     for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
         exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
         s_report = ModelReport(student.spec, params(student), answer_nll(student, prompts, teacher_answers),
-                               student_tps, rouge_l=rouge, exact_match=exact)
+                               student_tps, rouge_l=rouge, exact_match=exact,
+                               nll_under_teacher=answer_nll(teacher, prompts, student_answers),
+                               rep4=repeated_ngrams(student_answers))
         report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report,
                             baseline=b_report)
         if b_report is not None:
