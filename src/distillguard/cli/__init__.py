@@ -58,8 +58,12 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     metrics_account_labels: bool = typer.Option(False, help="label Prometheus series by account (cardinality!)"),
     no_watermark: bool = typer.Option(False, "--no-watermark", help="do not watermark responses"),
     watermark_scheme: str = typer.Option("synthid", envvar="DISTILLGUARD_WATERMARK_SCHEME", help="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref (the reference scheme)"),
-    watermark_gamma: float = typer.Option(0.25, help="fraction of the vocabulary that is green (green-list schemes)"),
-    watermark_delta: float = typer.Option(2.25, help="logit bias added to green tokens (green-list schemes)"),
+    watermark_gamma: Optional[float] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_GAMMA",
+                                                    help="fraction of the vocabulary that is green (green-list "
+                                                         "schemes; default: WatermarkParams.gamma)"),
+    watermark_delta: Optional[float] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_DELTA",
+                                                    help="logit bias added to green tokens (green-list schemes; "
+                                                         "default: WatermarkParams.delta)"),
     policy: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_POLICY_FILE",
                                          help="YAML policy ladder: actions per verdict level (see docs)"),
     detect: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DETECT_CALIBRATION",
@@ -130,10 +134,12 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
 
             with err_console.status(f"loading detection calibration {detect} ..."):
                 monitor = OnlineDetection.from_calibration(detect, extracting_after=extracting_after)
+        # γ and δ left unset take GuardConfig's defaults, which are the scheme's (WatermarkParams)
+        scheme_params = {k: v for k, v in (("watermark_gamma", watermark_gamma), ("watermark_delta", watermark_delta))
+                         if v is not None}
         guard = Guard(GuardConfig(
             db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
-            watermark_scheme=watermark_scheme, watermark_gamma=watermark_gamma, watermark_delta=watermark_delta,
-            policy_file=policy), monitor=monitor)
+            watermark_scheme=watermark_scheme, policy_file=policy, **scheme_params), monitor=monitor)
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
         if "antidistill" in guard.policy.uses:

@@ -57,8 +57,8 @@ class GuardConfig(BaseSettings):
     watermark: bool = Field(True, description="watermark every account's responses with its own key")
     watermark_secret: SecretStr | None = Field(None, description="master secret of the per-account keys (default: a file in the data dir)")
     watermark_scheme: str = Field("synthid", description="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref")
-    watermark_gamma: float = Field(0.25, description="fraction of the vocabulary that is green")
-    watermark_delta: float = Field(2.25, description="logit bias added to green tokens")
+    watermark_gamma: float = Field(WatermarkParams.gamma, description="fraction of the vocabulary that is green")
+    watermark_delta: float = Field(WatermarkParams.delta, description="logit bias added to green tokens")
     policy_file: str | None = Field(None, description="YAML/JSON policy ladder (default: guard/policy.py's DEFAULT_LADDER)")
     verdict_cache_ttl_s: float = Field(2.0, ge=0, description="how long an account's verdict level is trusted (delay across replicas)")
 
