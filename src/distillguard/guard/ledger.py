@@ -170,13 +170,23 @@ def without_nul(value):
     refused and, in a group commit, fails its batch-mates too. The replacement is the one
     Unicode prescribes for a character that cannot be represented; nothing else changes, on
     every backend alike, so the ledger reads the same whichever database holds it."""
+    if not _has_nul(value):
+        return value  # the common case: no copy of the row
     if isinstance(value, str):
-        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+        return value.replace("\x00", "\ufffd")
     if isinstance(value, dict):
         return {without_nul(k): without_nul(v) for k, v in value.items()}
+    return [without_nul(v) for v in value]
+
+
+def _has_nul(value) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
-        return [without_nul(v) for v in value]
-    return value
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
