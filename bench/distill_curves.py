@@ -364,32 +364,44 @@ def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
+    """NLL and ROUGE-L vs teacher queries: colour = student depth, line style = loss; students with
+    evenly spaced layers (the earlier choice) faint; the stated power-law fits dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    import numpy as np
 
-    fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(11, 4.4))
     styles = {"sft": "o-", "topk-kd": "s--", "kd": "^-.", "gkd": "d:"}
-    untrained = {student_of(p): p for p in report["points"] if p["loss"] == "untrained"}
+    depths = sorted({p["depth"] for p in report["points"]})
+    colours = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
+    cost_file = ROOT / "bench" / "results" / "student_cost.json"  # bench/student_cost.py, measured side by side
+    costs = json.loads(cost_file.read_text())["students"] if cost_file.is_file() else {}
+
+    def name(depth: int) -> str:
+        cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
+        return f"prune:{depth}" + (f" ({cost:.2f}x cost)" if cost else "")
     for student in sorted({student_of(p) for p in report["points"]}):
+        faint = student[1] == "even"
         for loss in styles:
             pts = sorted((p for p in report["points"] if student_of(p) == student and p["loss"] == loss),
                          key=lambda p: p["queries"])
             if not pts:
                 continue
-            label = f"{loss}, prune:{student[0]}:{student[1]}"
+            kw = {"color": colours[student[0]], "alpha": 0.3 if faint else 1.0, "lw": 1 if faint else 1.6,
+                  "label": None if faint else f"{name(student[0])}, {loss}"}
             xs = [p["queries"] for p in pts]
-            ax_nll.plot(xs, [p["nll"] for p in pts], styles[loss], label=label)
-            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], label=label)
-        if student in untrained:
-            ax_rouge.axhline(untrained[student]["rouge_l"], color="grey", lw=0.5, ls=":")
+            ax_nll.plot(xs, [p["nll"] for p in pts], styles[loss], **kw)
+            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], **kw)
     for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
-        import numpy as np
-
-        xs = np.geomspace(min(fit["fitted_on"]), max(int(n) for n in fit["extrapolated_nll"]), 50)
-        ax_nll.plot(xs, report["teacher"]["nll"] + fit["B"] * xs ** -fit["alpha"], ":", color="grey", lw=0.8)
+        if fit["init"] == "even":
+            continue
+        xs = np.geomspace(max(fit["fitted_on"]), max(int(n) for n in fit["extrapolated_nll"]), 50)
+        if xs[-1] > xs[0]:
+            ax_nll.plot(xs, report["teacher"]["nll"] + fit["B"] * xs ** -fit["alpha"], ":", color=colours[fit["depth"]],
+                        lw=0.8)
     t = report["teacher"]
     ax_nll.axhline(t["nll"], color="black", lw=1, label=f"teacher itself ({t['nll']:.2f})")
     ax_nll.axhline(2.0, color="red", lw=1, ls="--", label="target 2.0")
@@ -400,7 +412,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_nll.legend(fontsize=7)
-    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API", fontsize=10)
+    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API; faint: evenly spaced "
+                 "layers; dotted: fitted power law beyond the last point", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
