@@ -280,6 +280,17 @@ def test_repeated_ngrams_counts_loops_within_an_answer_only():
     assert repeated_ngrams([[1, 2], []]) == 0.0
 
 
+def test_greedy_answers_pass_decoding_options_to_generate():
+    from distillguard.distill.evaluate import greedy_answers, repeated_ngrams
+
+    lm = load_model("tiny")
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    plain, _ = greedy_answers(lm, prompts, 24)
+    blocked, _ = greedy_answers(lm, prompts, 24, no_repeat_ngram_size=2)
+    assert repeated_ngrams(plain, n=2) > 0  # the tiny random model loops under greedy decoding
+    assert repeated_ngrams(blocked, n=2) == 0.0
+
+
 def test_cli_trains_on_policy_end_to_end(tmp_path):
     from tests.servers import run_cli
 

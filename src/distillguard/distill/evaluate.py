@@ -48,9 +48,10 @@ class EvalReport:
 
 
 @torch.inference_mode()
-def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16
-                   ) -> tuple[list[list[int]], float]:
-    """Greedy answers (token ids, end-of-turn excluded) and generated tokens per second."""
+def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
+                   **generate_kwargs) -> tuple[list[list[int]], float]:
+    """Greedy answers (token ids, end-of-turn excluded) and generated tokens per second.
+    ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``no_repeat_ngram_size``)."""
     tok = lm.tokenizer
     answers: list[list[int]] = []
     generated, seconds = 0, 0.0
@@ -61,7 +62,8 @@ def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: i
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=lm.device)
         t0 = time.perf_counter()
         out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=sorted(lm.eos_token_ids), pad_token_id=tok.pad_token_id)
+                                eos_token_id=sorted(lm.eos_token_ids), pad_token_id=tok.pad_token_id,
+                                **generate_kwargs)
         seconds += time.perf_counter() - t0
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in lm.eos_token_ids), len(row))
