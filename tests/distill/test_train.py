@@ -315,3 +315,91 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     res = run_cli("distill", "eval", "--student", "tiny", "--teacher", "tiny", "--prompts", str(heldout),
                   "--plot", str(tmp_path / "x.png"))
     assert res.returncode == 2 and "--plot needs students from `distill train`" in res.stderr
+
+
+class _Crash(Exception):
+    pass
+
+
+def _weights(path) -> dict:
+    return {k: v.clone() for k, v in load_model(str(path)).model.state_dict().items()}
+
+
+@pytest.mark.parametrize("loss", ["sft", "gkd"])
+def test_a_crashed_run_resumes_from_its_last_whole_checkpoint_and_ends_where_an_unbroken_one_does(tmp_path, loss):
+    from transformers import TrainerCallback
+
+    lm = load_model("tiny")
+    save_dataset(_records(lm), [], tmp_path / "data")
+    common = dict(data=str(tmp_path / "data"), student="tiny", teacher="tiny:layers=3,seed=5", loss=loss, epochs=6,
+                  lr=3e-3, batch_size=8, seed=0, lmbda=0.5, gen_max_new_tokens=8)
+    unbroken = train(TrainConfig(out=str(tmp_path / "unbroken"), save_steps=0, **common))
+    assert not (tmp_path / "unbroken" / "checkpoints").exists()
+
+    class CrashAtStep12(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 12:
+                raise _Crash
+
+    # Checkpoints on the loss log's boundaries (every 5 steps), so the logged means cover the same steps.
+    config = TrainConfig(out=str(tmp_path / "resumed"), save_steps=5, **common)
+    with pytest.raises(_Crash):
+        train(config, callbacks=[CrashAtStep12()])
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert sorted(d.name for d in checkpoints.iterdir()) == ["checkpoint-10"]  # step 5's went once 10 was whole
+    # A checkpoint cut off while being written (no mark): skipped and removed, not resumed from.
+    (checkpoints / "checkpoint-15").mkdir()
+    (checkpoints / "checkpoint-15" / "model.safetensors").write_bytes(b"\0" * 10)
+
+    with pytest.raises(ConfigError, match="different training run"):
+        train(TrainConfig(out=str(tmp_path / "resumed"), save_steps=5, **{**common, "lr": 1e-3}))
+    resumed = train(config)
+    assert resumed["resumed_from_step"] == 10 and resumed["steps"] == unbroken["steps"] == 18
+    assert not checkpoints.exists()  # deleted once the student is saved
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in unbroken["history"]], rel=1e-4)
+    if loss == "gkd":  # the on-policy draws depend on the step, not on whether the run stopped
+        assert resumed["on_policy_batches"] == unbroken["on_policy_batches"] > 0
+    a, b = _weights(tmp_path / "unbroken"), _weights(tmp_path / "resumed")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    # --no-resume: a crashed run's checkpoint is deleted and training starts over.
+    with pytest.raises(_Crash):
+        train(config, callbacks=[CrashAtStep12()])
+    again = train(TrainConfig(out=str(tmp_path / "resumed"), save_steps=5, resume=False, **common))
+    assert again["resumed_from_step"] == 0 and again["steps"] == 18
+
+
+def test_train_killed_mid_run_continues_from_its_checkpoint(tmp_path):
+    """A real crash: ``kill -9`` of the CLI while it trains, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servers import run_cli
+
+    lm = load_model("tiny")
+    save_dataset(_records(lm), [], tmp_path / "data")
+    args = ["distill", "train", "--data", str(tmp_path / "data"), "--student", "tiny", "--teacher", "tiny",
+            "--loss", "sft", "--epochs", "30", "--batch-size", "8", "--lr", "1e-3", "--save-steps", "3"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distillguard.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("checkpoints/checkpoint-*/distillguard_checkpoint.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train_summary.json").exists()
+
+    res = run_cli(*args, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_step"] >= 3 and summary["steps"] == 90
+    unbroken = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "unbroken"), student="tiny",
+                                 teacher="tiny", loss="sft", epochs=30, batch_size=8, lr=1e-3, seed=0, save_steps=0))
+    assert summary["final_loss"] == pytest.approx(unbroken["final_loss"], rel=1e-4)
+    a, b = _weights(tmp_path / "unbroken"), _weights(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -146,8 +146,13 @@ def train_cmd(
     max_length: int = typer.Option(512, help="tokens per example at most"),
     max_train: Optional[int] = typer.Option(None, help="use at most this many training examples"),
     seed: int = typer.Option(0, help="random seed"),
+    save_steps: int = typer.Option(100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint of this "
+                                                                  "same run in OUT/checkpoints (after a crash)"),
 ) -> None:
     """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
+
+    After a crash, the same command continues from the last checkpoint (every --save-steps).
 
     Examples:
 
@@ -165,7 +170,8 @@ def train_cmd(
 
     config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
-                         seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens)
+                         seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens,
+                         save_steps=save_steps, resume=resume)
 
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:

@@ -18,19 +18,29 @@ of the teacher's layers, chosen by Block Influence on real text, or ``prune:K:ev
 initialisation that keeps its knowledge), and
 LoRA adapters through PEFT. Built on ``transformers.Trainer``, so accelerate, FSDP and
 DeepSpeed work unchanged on GPUs.
+
+Resumable: every ``save_steps`` optimiser steps a checkpoint (weights, optimiser, scheduler, RNG
+states, data position) lands in ``OUT/checkpoints``; rerunning the same command after a crash
+continues from the last complete one, refuses one written by a different run (other data or
+settings), and deletes them once the student is saved.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import os
 import random
-from dataclasses import dataclass
+import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
 from distillguard.errors import ConfigError
@@ -62,6 +72,8 @@ class TrainConfig:
     gen_max_new_tokens: int = 64  # gkd: length of the student's own answers
     gen_temperature: float = 1.0  # gkd: sampling temperature of the student's answers
     # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
+    save_steps: int = 100  # checkpoint every this many optimiser steps (0: never); a rerun resumes from it
+    resume: bool = True  # continue from OUT/checkpoints when it holds this run's checkpoint; False starts over
     group_by_length: bool = True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
     sparse_logits: bool = True  # output layer only where a loss is taken (the answer), not over the prompt
 
@@ -74,6 +86,8 @@ class TrainConfig:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
         if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
             raise ConfigError("--gen-max-new-tokens must be at least 1 and --gen-temperature above 0")
+        if self.save_steps < 0:
+            raise ConfigError(f"--save-steps {self.save_steps}: use 0 (no checkpoints) or more")
 
     @property
     def jsd_beta(self) -> float:
@@ -313,12 +327,16 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
 
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
+    checkpoints = Path(config.out) / "checkpoints"
+    fingerprint = run_fingerprint(config, examples)
+    resume_from, mark = resume_point(checkpoints, fingerprint, config.resume) if config.save_steps else (None, {})
     args = TrainingArguments(
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        output_dir=str(Path(config.out) / "checkpoints"), num_train_epochs=config.epochs,
+        output_dir=str(checkpoints), num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr, lr_scheduler_type="cosine", warmup_steps=max(1, len(examples) // (10 * config.batch_size)),
-        logging_steps=5, save_strategy="no", report_to=[], disable_tqdm=True, seed=config.seed,
+        logging_steps=5, report_to=[], disable_tqdm=True, seed=config.seed,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
     )
     if config.loss in LOCAL_TEACHER_LOSSES:
@@ -332,25 +350,97 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         trainer_cls = KDTrainer if loss == "topk-kd" else SFTTrainer
         trainer = trainer_cls(model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
                               data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
-    result = trainer.train()
+    if isinstance(trainer, LogitKDTrainer):
+        trainer.on_policy_batches = mark.get("on_policy_batches", 0)
+    trainer.add_callback(CheckpointMarks(fingerprint, trainer, mark.get("train_seconds", 0.0)))
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if config.lora:
         model = model.merge_and_unload()
     out = Path(config.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the student is saved; a checkpoint is 3x its size
     history = [h for h in trainer.state.log_history if "loss" in h]
+    runtime, start_step = result.metrics["train_runtime"], mark.get("step", 0)
+    share_this_run = (result.global_step - start_step) / max(result.global_step, 1)
     summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
                "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
-               # Non-padding tokens through the student per second of training (the on-policy answers of
-               # gkd not counted): the speed bench's metric.
-               "train_seconds": result.metrics["train_runtime"],
-               "tokens_per_s": config.epochs * sum(len(e["input_ids"]) for e in examples) / result.metrics["train_runtime"],
+               "resumed_from_step": start_step,
+               # Over every run that made this student (a resumed run adds its time to the earlier ones').
+               "train_seconds": mark.get("train_seconds", 0.0) + runtime,
+               # Non-padding tokens through the student per second of training, this run only (the
+               # on-policy answers of gkd not counted): the speed bench's metric.
+               "tokens_per_s": share_this_run * config.epochs * sum(len(e["input_ids"]) for e in examples) / runtime,
                "train_loss": result.training_loss, "history": history,
                "final_loss": history[-1]["loss"] if history else math.nan}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+CHECKPOINT_MARK = "distillguard_checkpoint.json"
+
+
+def run_fingerprint(config: TrainConfig, examples: list[dict]) -> str:
+    """What makes two runs the same run: every setting but where things are, and the exact examples."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    digest.update(json.dumps(examples).encode())
+    return digest.hexdigest()
+
+
+def resume_point(directory: Path, fingerprint: str, resume: bool) -> tuple[Path | None, dict]:
+    """The last complete checkpoint of this run under ``directory`` and its mark, or ``(None, {})``.
+
+    Checkpoints without a mark were cut off while being written and are deleted; with ``resume``
+    off every checkpoint is. A checkpoint of another run is refused rather than silently mixed in.
+    """
+    if not directory.is_dir():
+        return None, {}
+    if not resume:
+        shutil.rmtree(directory)
+        return None, {}
+    complete = []
+    for d in directory.glob("checkpoint-*"):
+        if (d / CHECKPOINT_MARK).is_file():
+            complete.append(d)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    if not complete:
+        return None, {}
+    last = max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1]))
+    mark = json.loads((last / CHECKPOINT_MARK).read_text())
+    if mark.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{directory} holds a checkpoint of a different training run (other data or settings); "
+                          "rerun with the original settings to continue it, or with --no-resume to start over")
+    return last, mark
+
+
+class CheckpointMarks(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it, then deletes the older ones.
+
+    The Trainer's own rotation (``save_total_limit``) deletes the previous checkpoint as soon as the
+    new one is written, so nothing tells a whole checkpoint from one cut off by a crash; the mark,
+    written last and atomically, does. It also carries what the Trainer's state does not: the run's
+    fingerprint, the training seconds so far and gkd's count of on-policy batches.
+    """
+
+    def __init__(self, fingerprint: str, trainer: Trainer, seconds_before: float):
+        self.fingerprint, self.trainer, self.seconds_before = fingerprint, trainer, seconds_before
+        self.started = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        here = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        mark = {"fingerprint": self.fingerprint, "step": state.global_step,
+                "train_seconds": self.seconds_before + time.perf_counter() - self.started,
+                "on_policy_batches": getattr(self.trainer, "on_policy_batches", None)}
+        tmp = here / (CHECKPOINT_MARK + ".tmp")
+        tmp.write_text(json.dumps(mark))
+        os.replace(tmp, here / CHECKPOINT_MARK)
+        for old in here.parent.glob("checkpoint-*"):
+            if old != here:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def _byte_index(lm: LoadedModel) -> dict[bytes, int]:
@@ -403,6 +493,30 @@ class _MeanLossTrainer(Trainer):
         self.sparse_logits = sparse_logits
         self.model_accepts_loss_kwargs = False
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed)
+        return sampler
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """HF's length-grouped order, drawn from a generator seeded by (seed, epoch).
+
+    HF's sampler draws each epoch's order from the global RNG, whose state at the start of an epoch
+    a resumed run cannot have (a checkpoint holds the state at the step it was saved), so a run
+    resumed mid-training would see other batches than one that never stopped. The Trainer calls
+    ``set_epoch`` at every epoch's start, before the order is drawn.
+    """
+
+    def __init__(self, batch_size: int, *, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+
 
 class SFTTrainer(_MeanLossTrainer):
     """Cross-entropy on the labelled (answer) tokens: the model's own causal-LM loss, with the
@@ -450,8 +564,16 @@ class LogitKDTrainer(_MeanLossTrainer):
         self.beta, self.lmbda, self.vocab = beta, lmbda, vocab
         self.eos_token_ids, self.pad_token_id = eos_token_ids, pad_token_id
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.on_policy_batches = 0
+        self._draws: tuple[int, int] = (-1, 0)  # (optimiser step, draws within it)
+
+    def on_policy_now(self) -> bool:
+        """Whether this batch is answered by the student: a draw seeded by the optimiser step, so a
+        run resumed from a checkpoint makes the same choices as one that never stopped."""
+        step, n = self._draws
+        self._draws = (self.state.global_step, n + 1 if step == self.state.global_step else 0)
+        return random.Random(f"{self.seed}:{self._draws[0]}:{self._draws[1]}").random() < self.lmbda
 
     @torch.no_grad()
     def student_answers(self, model, inputs: dict) -> dict:
@@ -473,7 +595,7 @@ class LogitKDTrainer(_MeanLossTrainer):
                 "labels": torch.cat([torch.full_like(prompt_ids, IGNORE), labels], dim=1)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.lmbda > 0 and model.training and self.rng.random() < self.lmbda:
+        if self.lmbda > 0 and model.training and self.on_policy_now():
             inputs = self.student_answers(model, inputs)
             self.on_policy_batches += 1
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]  # (B, T)
