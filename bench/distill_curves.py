@@ -20,8 +20,9 @@ Answers are capped at ``--max-tokens``; a capped answer is a prefix of what the 
 say, and it is kept for training (the held-out greedy answers are capped the same way), unlike
 ``distill curate``, which drops truncated answers from a dataset meant for use.
 
-Everything is cached under ``--work`` (harvest store, teacher answers, one JSON per point), so
-an interrupted run continues and a larger grid reuses the smaller one.
+Everything is cached under ``--work`` (harvest store, teacher answers, one JSON per point, and
+the checkpoints of the point in training), so an interrupted run continues, mid-point included,
+and a larger grid reuses the smaller one.
 
     nice -n 10 python bench/distill_curves.py                               # 250, 1000 queries; prune:8, prune:15
     nice -n 10 python bench/distill_curves.py --sizes 250,1000,4000 --losses sft,topk-kd,kd,gkd
@@ -73,6 +74,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--harvest-only", action="store_true",
                    help="harvest (resumably) the largest size and stop: e.g. while another run trains on smaller ones")
+    p.add_argument("--save-steps", type=int, default=25, help="checkpoint every this many steps: an interrupted "
+                                                              "point continues from there on the next run")
     p.add_argument("--keep-students", action="store_true",
                    help="keep each trained student under --work/students (200+ MB each) instead of deleting it")
     p.add_argument("--remeasure", action="store_true",
@@ -296,7 +299,7 @@ def main() -> None:
             out = work / "students" / name
             summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
                                         loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                        max_length=256, seed=0))
+                                        max_length=256, seed=0, save_steps=args.save_steps))
             student = load_model(str(out), device="cpu")
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "train_seconds": train_s,
