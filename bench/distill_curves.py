@@ -363,7 +363,45 @@ def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
     }
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
     plot(report, args.results / "distill_curves.png")
+    (args.results / "distill_curves.md").write_text(grid_markdown(report, student_costs()))
     print(json.dumps(report))
+
+
+def student_costs() -> dict:
+    cost_file = ROOT / "bench" / "results" / "student_cost.json"  # bench/student_cost.py, measured side by side
+    return json.loads(cost_file.read_text())["students"] if cost_file.is_file() else {}
+
+
+def grid_markdown(report: dict, costs: dict) -> str:
+    """The README's tables: held-out NLL (ROUGE-L) per student and loss against teacher queries, and
+    the coherence of every point measured for it (rep4 and the own answers' NLL under the teacher)."""
+    points = report["points"]
+    sizes = sorted({p["queries"] for p in points})  # 0: the untrained pruned student
+    losses = ["untrained", "sft", "topk-kd", "kd", "gkd"]
+    lines = ["| student (cost vs teacher) | loss | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for depth, init in sorted({student_of(p) for p in points}, key=lambda s: (-s[0], s[1] != "influence")):
+        cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
+        label = f"`prune:{depth}{':even' if init == 'even' else ''}`" + (f" ({cost:.2f})" if cost else "")
+        for loss in losses:
+            mine = {p["queries"]: p for p in points if student_of(p) == (depth, init) and p["loss"] == loss}
+            if not mine:
+                continue
+            cells = [f"{mine[n]['nll']:.2f} ({mine[n]['rouge_l']:.2f})" if n in mine else "" for n in sizes]
+            lines.append(f"| {label} | {loss} | " + " | ".join(cells) + " |")
+            label = ""
+    t = report["teacher"]
+    lines.append(f"| teacher (1) | - | {t['nll']:.2f} (1) |" + " |" * (len(sizes) - 1))
+    lines.append("")
+    lines.append("Cells: held-out NLL of the teacher's greedy answers, nats/token (ROUGE-L of the student's greedy "
+                 "answers against them); columns: teacher queries (0: the untrained pruned student).")
+    coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], p["loss"], p["queries"]))
+    lines += ["", "| student | loss | teacher queries | held-out NLL | own answers' NLL under the teacher | rep4 |",
+              "|---|---|---|---|---|---|",
+              f"| teacher, its own greedy answers | - | - | {t['nll']:.2f} | {t['nll_under_teacher']:.2f} | {t['rep4']:.3f} |"]
+    lines += [f"| `prune:{p['depth']}{':even' if p.get('init', 'even') == 'even' else ''}` | {p['loss']} | {p['queries']:,} | "
+              f"{p['nll']:.2f} | {p['nll_under_teacher']:.2f} | {p['rep4']:.3f} |" for p in coherent]
+    return "\n".join(lines) + "\n"
 
 
 def plot(report: dict, path: Path) -> None:
@@ -380,8 +418,7 @@ def plot(report: dict, path: Path) -> None:
     styles = {"sft": "o-", "topk-kd": "s--", "kd": "^-.", "gkd": "d:"}
     depths = sorted({p["depth"] for p in report["points"]})
     colours = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
-    cost_file = ROOT / "bench" / "results" / "student_cost.json"  # bench/student_cost.py, measured side by side
-    costs = json.loads(cost_file.read_text())["students"] if cost_file.is_file() else {}
+    costs = student_costs()
 
     def name(depth: int) -> str:
         cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
