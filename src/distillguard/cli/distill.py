@@ -1,4 +1,4 @@
-"""``distillguard distill``: harvest a teacher through its API (curate, train and eval to come)."""
+"""``distillguard distill``: self-instruct, harvest, curate, train, eval and run (all of them)."""
 
 from __future__ import annotations
 
@@ -85,6 +85,72 @@ def harvest_cmd(
     err_console.print(f"stored {report.stored_ok} new answers ({report.skipped_done} from earlier runs), "
                       f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
                       f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
+    print(json.dumps(summary))
+
+
+@distill_app.command("self-instruct")
+def self_instruct_cmd(
+    teacher: str = typer.Option(..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
+    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"),
+    out: Path = typer.Option(..., help="output directory: OUT/prompts.jsonl, OUT/store.sqlite (reruns resume)"),
+    n: int = typer.Option(100, help="new tasks wanted"),
+    seeds: Optional[str] = typer.Option(None, help="seed tasks (any prompt source: FILE.jsonl | FILE.csv | ... | "
+                                                   "sharegpt with --seed-limit); default: 24 built-in tasks"),
+    seed_limit: int = typer.Option(24, help="use at most this many seed tasks from --seeds"),
+    model: str = typer.Option("smollm2", help="model id to request"),
+    requests_per_round: int = typer.Option(16, help="requests per round (the pool grows between rounds)"),
+    max_rounds: int = typer.Option(100, help="stop after this many rounds"),
+    novelty: float = typer.Option(0.7, help="drop a task whose ROUGE-L F1 to any task in the pool exceeds this"),
+    concurrency: int = typer.Option(8, help="requests in flight at once"),
+    max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
+    temperature: float = typer.Option(1.0, help="sampling temperature"),
+    budget_tokens: Optional[int] = typer.Option(None, help="never spend more tokens than this (all runs together)"),
+    budget_usd: Optional[float] = typer.Option(None, help="never spend more USD than this (needs --price-in/--price-out)"),
+    price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
+    price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
+    seed: int = typer.Option(0, help="seed of the rounds' task sampling"),
+) -> None:
+    """Bootstrap new prompts from seed tasks through the teacher itself (Self-Instruct, Alpaca).
+
+    Writes OUT/prompts.jsonl for `distill harvest --prompts`. Rerun the same command to resume:
+    stored answers rebuild the pool, nothing already answered is sent again.
+
+    Examples:
+
+      distillguard distill self-instruct --teacher http://127.0.0.1:8000/v1 --api-key $KEY --out runs/si --n 500
+
+      distillguard distill harvest --teacher http://127.0.0.1:8000/v1 --api-key $KEY --prompts runs/si/prompts.jsonl --out runs/h1
+    """
+    from distillguard.distill import HarvestConfig, ResponseStore, load_prompts
+    from distillguard.distill.selfinstruct import SEED_TASKS, SelfInstructConfig, self_instruct, write_prompts
+
+    seed_tasks = SEED_TASKS
+    if seeds:
+        seed_tasks = tuple("\n".join(c for r, c in p.messages if r == "user") for p in load_prompts(seeds, limit=seed_limit))
+    config = SelfInstructConfig(n=n, seeds=seed_tasks, requests_per_round=requests_per_round, max_rounds=max_rounds,
+                                novelty=novelty, seed=seed)
+    hconfig = HarvestConfig(teacher=teacher, api_key=api_key, model=model, concurrency=concurrency,
+                            max_tokens=max_tokens, temperature=temperature, budget_tokens=budget_tokens,
+                            budget_usd=budget_usd, price_in=price_in, price_out=price_out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = ResponseStore(out / "store.sqlite")
+    columns = [TextColumn("[bold]self-instruct"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("round {task.fields[round]}  {task.fields[requests]} answers  {task.fields[candidates]} "
+                          "candidates"), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err_console) as progress:
+        task = progress.add_task("self-instruct", total=n, round=0, requests=0, candidates=0)
+
+        def on_round(report, tasks) -> None:
+            progress.update(task, completed=len(tasks), round=report.rounds, requests=report.requests,
+                            candidates=report.candidates)
+
+        tasks, report = asyncio.run(self_instruct(config, hconfig, store, on_round=on_round))
+    write_prompts(tasks, out / "prompts.jsonl")
+    summary = {**report.to_dict(), "store": store.totals()}
+    (out / "report.json").write_text(json.dumps(summary, indent=2))
+    store.close()
+    err_console.print(f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
+                      f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})")
     print(json.dumps(summary))
 
 

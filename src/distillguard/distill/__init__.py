@@ -1,4 +1,5 @@
-"""The distiller's side: prompts, harvest a teacher through its API, (curate, train, evaluate)."""
+"""The distiller's side: prompts (files, ShareGPT, self-instruct), harvest a teacher through its API,
+curate, train, evaluate, and ``run`` them all from one config."""
 
 from distillguard.distill.harvest import HarvestConfig, HarvestReport, harvest
 from distillguard.distill.prompts import Prompt, load_prompts

@@ -96,6 +96,18 @@ class ResponseStore:
             yield {"fingerprint": fp, "prompt_id": pid, "request": orjson.loads(req),
                    "response": orjson.loads(resp) if resp else None, "status": status}
 
+    def get_many(self, fingerprints: list[str]) -> dict[str, dict]:
+        """Stored records (any status) of these fingerprints, by fingerprint; absent ones left out."""
+        found = {}
+        for i in range(0, len(fingerprints), 500):  # SQLite's bound-parameter limit
+            chunk = fingerprints[i:i + 500]
+            rows = self.conn.execute("SELECT fingerprint, prompt_id, request, response, status FROM responses "
+                                     f"WHERE fingerprint IN ({','.join('?' * len(chunk))})", chunk)
+            for fp, pid, req, resp, status in rows:
+                found[fp] = {"fingerprint": fp, "prompt_id": pid, "request": orjson.loads(req),
+                             "response": orjson.loads(resp) if resp else None, "status": status}
+        return found
+
     def export_jsonl(self, path: str | Path) -> int:
         """The usable data: one line per (prompt, choice) with messages, answer, usage, logprobs."""
         n = 0

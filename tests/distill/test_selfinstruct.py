@@ -1,0 +1,143 @@
+"""Self-Instruct prompt generation through a real teacher server: parsing, filters, novelty, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+from rouge_score import rouge_scorer
+
+from distillguard.distill import HarvestConfig, ResponseStore
+from distillguard.distill.selfinstruct import (SEED_TASKS, NoveltyPool, SelfInstructConfig, answer_tasks,
+                                               reject_reason, round_prompts, self_instruct, split_tasks)
+from distillguard.errors import ConfigError
+from tests.distill.test_harvest import ADMIN, generations, make_key
+from tests.servers import run_cli, serve_process
+
+
+
+def test_split_tasks_reads_a_continued_numbered_list():
+    text = ("Write a limerick about a cat.\nTask 8: Name three rivers in Africa.\n  Here are three: Nile ...\n"
+            "9. Convert 5 miles to kilometres.\n**Task 10:** Explain recursion")
+    assert split_tasks(text) == ["Write a limerick about a cat.", "Name three rivers in Africa.",
+                                 "Convert 5 miles to kilometres.", "Explain recursion"]
+    assert split_tasks("") == [] and split_tasks("Task 3:") == []
+    # An answer cut off at max_tokens loses its last task, which may be cut mid-sentence.
+    record = {"response": {"choices": [{"message": {"content": "Say hi.\nTask 8: Describe the"},
+                                        "finish_reason": "length"}]}}
+    assert answer_tasks(record) == ["Say hi."]
+    record["response"]["choices"][0]["finish_reason"] = "stop"
+    assert answer_tasks(record) == ["Say hi.", "Describe the"]
+
+
+def test_filters_drop_what_self_instruct_drops():
+    config = SelfInstructConfig()
+    assert reject_reason("Write a poem about autumn leaves.", config) is None
+    assert reject_reason("Hi there", config) == "length"
+    assert reject_reason(" ".join(["word"] * 151), config) == "length"
+    assert reject_reason("Draw a picture of a horse.", config) == "blocked_word"
+    assert reject_reason("Summarise the attached file for me.", config) == "blocked_word"
+    assert reject_reason("Explain the profile of a good manager.", config) is None  # 'file' inside a word is fine
+    assert reject_reason("- Write a poem about rain.", config) == "not_a_task_start"
+    assert reject_reason("Écris un poème sur la pluie.", config) == "not_a_task_start"
+    assert reject_reason("Write 水 水 水 水 水 水 水 水 水 水 水 水 水 水", config) == "non_english"
+    with pytest.raises(ConfigError):
+        SelfInstructConfig(novelty=0)
+    with pytest.raises(ConfigError):
+        SelfInstructConfig(seeds=())
+
+
+def test_novelty_pool_agrees_with_rouge_l_on_every_pair():
+    """The bag-of-words shortcut skips only pairs rouge_score would not have flagged."""
+    rng = random.Random(0)
+    words = "the a cat dog sat on mat write poem about rain list three rivers explain why sky blue".split()
+    sentences = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) for _ in range(120)]
+    sentences += [s + " today" for s in sentences[:20]]  # near-duplicates
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pool = NoveltyPool(0.7)
+    flagged = 0
+    for s in sentences:
+        expected = any(scorer.score(o, s)["rougeL"].fmeasure > 0.7 for o in pool.tasks)
+        assert pool.too_close(s) == expected, s
+        flagged += expected
+        pool.add(s)
+    assert flagged >= 20  # the near-duplicates at least, so the check above saw both answers
+
+
+def test_round_prompts_are_deterministic_and_mix_seeds_with_generated_tasks():
+    config = SelfInstructConfig(requests_per_round=4)
+    machine = ["Name a colour.", "Count to five.", "Spell 'cat'."]
+    a, b = round_prompts(config, machine, 3), round_prompts(config, machine, 3)
+    assert [p.messages for p in a] == [p.messages for p in b]
+    assert [p.messages for p in a] != [p.messages for p in round_prompts(config, machine, 4)]
+    text = a[0].messages[0][1]
+    assert text.startswith("Come up with a series of tasks:") and text.endswith("Task 9:")
+    assert sum(t in text for t in SEED_TASKS) == 6 and sum(t in text for t in machine) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    db = f"sqlite:///{tmp_path_factory.mktemp('teacher') / 'ledger.db'}"
+    with serve_process("--model", "tiny", "--db", db, "--no-watermark", env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+        yield url, db
+
+
+def _run(config, hconfig, path):
+    store = ResponseStore(path)
+    try:
+        return asyncio.run(self_instruct(config, hconfig, store))
+    finally:
+        store.close()
+
+
+def test_a_rerun_sends_nothing_already_answered_and_rebuilds_the_same_pool(tiny_teacher, tmp_path):
+    """The tiny random model writes bytes, so most candidates fail the filters: the test is about the
+    rounds and the requests. Its ledger is the teacher's own count of what it answered."""
+    url, db = tiny_teacher
+    key = make_key(tiny_teacher, "self-instruct")
+    seeds = ("a b c", "d e f", "g h i")  # short seeds the random answers can echo past the filters
+    config = SelfInstructConfig(n=10_000, seeds=seeds, requests_per_round=4, max_rounds=2, min_words=1,
+                                human_per_prompt=2, machine_per_prompt=1)
+    hconfig = HarvestConfig(teacher=url, api_key=key, model="tiny", max_tokens=24, temperature=1.0, concurrency=4)
+    tasks2, report2 = _run(config, hconfig, tmp_path / "store.sqlite")
+    assert report2.rounds == 2 and report2.stopped == "max_rounds" and report2.harvest["sent"] == 8
+    assert sum(generations(db, "self-instruct").values()) == 8
+    longer = SelfInstructConfig(**{**config.__dict__, "max_rounds": 3})
+    tasks3, report3 = _run(longer, hconfig, tmp_path / "store.sqlite")
+    assert report3.harvest["skipped_done"] == 8 and report3.harvest["sent"] == 4  # only round 3 went out
+    assert sum(generations(db, "self-instruct").values()) == 12
+    assert tasks3[:len(tasks2)] == tasks2  # the first two rounds rebuilt from the store, identically
+    again, _ = _run(longer, hconfig, tmp_path / "store.sqlite")
+    assert again == tasks3 and sum(generations(db, "self-instruct").values()) == 12
+
+
+def test_budget_stops_the_rounds(tiny_teacher, tmp_path):
+    url, _ = tiny_teacher
+    key = make_key(tiny_teacher, "self-instruct-budget")
+    config = SelfInstructConfig(n=10_000, requests_per_round=4, max_rounds=50)
+    hconfig = HarvestConfig(teacher=url, api_key=key, model="tiny", max_tokens=16, budget_tokens=6000, concurrency=2)
+    _, report = _run(config, hconfig, tmp_path / "store.sqlite")
+    assert report.stopped == "budget" and report.rounds < 50
+    assert report.harvest["prompt_tokens"] + report.harvest["completion_tokens"] <= 6000
+
+
+@pytest.mark.slow
+def test_the_bundled_teacher_writes_new_tasks_through_the_cli(tmp_path):
+    with serve_process("--no-guard", "--no-watermark", "--threads", "1") as url:
+        res = run_cli("distill", "self-instruct", "--teacher", url, "--out", str(tmp_path / "si"), "--n", "6",
+                      "--requests-per-round", "8", "--max-tokens", "64", "--max-rounds", "3", timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    tasks = [json.loads(line)["prompt"] for line in (tmp_path / "si" / "prompts.jsonl").read_text().splitlines()]
+    assert summary["stopped"] == "done" and len(tasks) == 6, summary
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pool = list(SEED_TASKS)
+    for t in tasks:  # novel against the seeds and each other, and past the filters
+        assert reject_reason(t, SelfInstructConfig()) is None
+        assert max(scorer.score(o, t)["rougeL"].fmeasure for o in pool) <= 0.7, t
+        pool.append(t)
+    # The prompt file is a harvest source as it is.
+    from distillguard.distill import load_prompts
+    assert [p.messages[0][1] for p in load_prompts(str(tmp_path / "si" / "prompts.jsonl"))] == tasks
