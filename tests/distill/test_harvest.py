@@ -216,3 +216,6 @@ eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
     bad.write_text("out: x\nharvest: {}\nextra: 1\n")
     with pytest.raises(ConfigError, match="unknown sections"):
         load_config(bad)
+    bad.write_text("out: x\nharvest: {prompts: self-instruct}\n")
+    with pytest.raises(ConfigError, match="needs a `self_instruct:` section"):
+        load_config(bad)

@@ -123,21 +123,45 @@ def test_budget_stops_the_rounds(tiny_teacher, tmp_path):
     assert report.harvest["prompt_tokens"] + report.harvest["completion_tokens"] <= 6000
 
 
-@pytest.mark.slow
-def test_the_bundled_teacher_writes_new_tasks_through_the_cli(tmp_path):
-    with serve_process("--no-guard", "--no-watermark", "--threads", "1") as url:
-        res = run_cli("distill", "self-instruct", "--teacher", url, "--out", str(tmp_path / "si"), "--n", "6",
-                      "--requests-per-round", "8", "--max-tokens", "64", "--max-rounds", "3", timeout=600)
+def test_cli_writes_a_prompt_file_and_report(tiny_teacher, tmp_path):
+    url, _ = tiny_teacher
+    seeds = tmp_path / "seeds.jsonl"  # short: the tiny model's context is 512 tokens of bytes
+    seeds.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")))
+    res = run_cli("distill", "self-instruct", "--teacher", url, "--api-key", make_key(tiny_teacher, "si-cli"),
+                  "--model", "tiny", "--out", str(tmp_path / "si"), "--n", "3", "--requests-per-round", "2",
+                  "--max-rounds", "2", "--max-tokens", "16", "--seeds", str(seeds))
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    tasks = [json.loads(line)["prompt"] for line in (tmp_path / "si" / "prompts.jsonl").read_text().splitlines()]
-    assert summary["stopped"] == "done" and len(tasks) == 6, summary
+    assert summary["rounds"] == 2 and summary["store"]["responses"] == 4
+    assert (tmp_path / "si" / "prompts.jsonl").is_file() and json.loads((tmp_path / "si" / "report.json").read_text())
+    res = run_cli("distill", "self-instruct", "--teacher", url, "--out", str(tmp_path / "x"), "--novelty", "0")
+    assert res.returncode == 2 and "--novelty" in res.stderr
+
+
+@pytest.mark.slow
+def test_the_bundled_teacher_writes_new_tasks_that_a_run_then_harvests(tmp_path):
+    """``distill run`` with a ``self_instruct:`` section against the embedded teacher."""
+    with serve_process("--no-guard", "--no-watermark", "--threads", "1") as url:
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(f"""
+out: {tmp_path / 'run'}
+self_instruct: {{n: 6, requests_per_round: 8, max_tokens: 64, max_rounds: 3}}
+harvest: {{teacher: "{url}", prompts: self-instruct, max_tokens: 256, concurrency: 6}}
+curate: {{eval_fraction: 0.0, min_chars: 1, drop_refusals: false, near_dup_threshold: null}}
+""")
+        res = run_cli("distill", "run", str(cfg), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "run"
+    report = json.loads((out / "self_instruct" / "report.json").read_text())
+    tasks = [json.loads(line)["prompt"] for line in (out / "self_instruct" / "prompts.jsonl").read_text().splitlines()]
+    assert report["stopped"] == "done" and len(tasks) == 6, report
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     pool = list(SEED_TASKS)
     for t in tasks:  # novel against the seeds and each other, and past the filters
         assert reject_reason(t, SelfInstructConfig()) is None
         assert max(scorer.score(o, t)["rougeL"].fmeasure for o in pool) <= 0.7, t
         pool.append(t)
-    # The prompt file is a harvest source as it is.
-    from distillguard.distill import load_prompts
-    assert [p.messages[0][1] for p in load_prompts(str(tmp_path / "si" / "prompts.jsonl"))] == tasks
+    store = ResponseStore(out / "harvest" / "store.sqlite")
+    asked = sorted(r["request"]["messages"][0]["content"] for r in store.records(only_ok=False))
+    store.close()
+    assert asked == sorted(tasks)  # the harvest asked exactly the new tasks

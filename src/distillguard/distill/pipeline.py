@@ -1,4 +1,4 @@
-"""``distill run CONFIG.yaml``: harvest → curate → train → eval, each stage cached.
+"""``distill run CONFIG.yaml``: [self-instruct →] harvest → curate → train → eval, each stage cached.
 
 A stage is skipped when its output directory holds a ``stage.json`` whose config hash matches
 the stage's configuration and its inputs' hashes; change anything upstream and every stage
@@ -13,6 +13,11 @@ Example config::
     curate: {eval_fraction: 0.1}
     train: {student: prune:8, loss: sft, epochs: 2}
     eval: {limit: 64, max_new_tokens: 128}
+
+An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rounds``, ``novelty``,
+``seed``, ``seeds`` (a prompt source) with ``seed_limit``, and the requests' ``max_tokens`` and
+``temperature``) first grows new prompts through the same teacher and key as ``harvest``; use
+them with ``harvest: {prompts: self-instruct, ...}``. Like harvest it resumes by itself.
 
 ``train`` takes every :class:`~distillguard.distill.train.TrainConfig` field: ``loss: topk-kd``
 uses the harvested logprobs; ``loss: kd`` (full logits) and ``loss: gkd`` (on-policy, with
@@ -42,9 +47,11 @@ def load_config(path: str | Path) -> dict:
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict) or "out" not in config or "harvest" not in config:
         raise ConfigError(f"{path}: needs at least `out:` and a `harvest:` section")
-    unknown = set(config) - {"out", *STAGES}
+    unknown = set(config) - {"out", "self_instruct", *STAGES}
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use out, {', '.join(STAGES)}")
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use out, self_instruct, {', '.join(STAGES)}")
+    if (config["harvest"] or {}).get("prompts") == "self-instruct" and "self_instruct" not in config:
+        raise ConfigError(f"{path}: `prompts: self-instruct` needs a `self_instruct:` section")
     return config
 
 
@@ -76,6 +83,11 @@ def run(config: dict, *, log=print) -> dict:
     key_env = h.pop("api_key_env", None)
     if key_env:
         h["api_key"] = os.environ.get(key_env) or _missing(key_env)
+    if "self_instruct" in config:
+        tasks = _self_instruct(dict(config["self_instruct"] or {}), h, out / "self_instruct", log)
+        if source == "self-instruct":
+            source = str(tasks)
+        results["self_instruct"] = json.loads((out / "self_instruct" / "report.json").read_text())
     hdir = out / "harvest"
     hdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(hdir / "store.sqlite")
@@ -132,6 +144,30 @@ def run(config: dict, *, log=print) -> dict:
             results["eval"] = json.loads((edir / "stage.json").read_text())["result"]
     (out / "run.json").write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
+    """Run the self-instruct stage (resumable by itself); the path of its prompt file."""
+    from distillguard.distill.harvest import HarvestConfig
+    from distillguard.distill.prompts import load_prompts
+    from distillguard.distill.selfinstruct import SelfInstructConfig, self_instruct, write_prompts
+    from distillguard.distill.store import ResponseStore
+
+    seeds, seed_limit = s.pop("seeds", None), s.pop("seed_limit", 24)
+    if seeds:
+        s["seeds"] = tuple("\n".join(c for r, c in p.messages if r == "user") for p in load_prompts(seeds, limit=seed_limit))
+    shared = {k: h[k] for k in ("teacher", "api_key", "model", "concurrency", "timeout_s", "max_retries") if k in h}
+    hconfig = HarvestConfig(**shared, max_tokens=s.pop("max_tokens", 256), temperature=s.pop("temperature", 1.0))
+    sdir.mkdir(parents=True, exist_ok=True)
+    store = ResponseStore(sdir / "store.sqlite")
+    try:
+        tasks, report = asyncio.run(self_instruct(SelfInstructConfig(**s), hconfig, store))
+    finally:
+        store.close()
+    write_prompts(tasks, sdir / "prompts.jsonl")
+    (sdir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    log(f"self-instruct: {len(tasks)} tasks after {report.rounds} rounds (stopped: {report.stopped})")
+    return sdir / "prompts.jsonl"
 
 
 def _file_hash(path: Path) -> str:
