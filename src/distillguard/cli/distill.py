@@ -97,6 +97,7 @@ def self_instruct_cmd(
     seeds: Optional[str] = typer.Option(None, help="seed tasks (any prompt source: FILE.jsonl | FILE.csv | ... | "
                                                    "sharegpt with --seed-limit); default: 24 built-in tasks"),
     seed_limit: int = typer.Option(24, help="use at most this many seed tasks from --seeds"),
+    seed_max_chars: int = typer.Option(300, help="use only seed tasks up to this long (a listing shows 8 tasks)"),
     model: str = typer.Option("smollm2", help="model id to request"),
     requests_per_round: int = typer.Option(16, help="requests per round (the pool grows between rounds)"),
     max_rounds: int = typer.Option(100, help="stop after this many rounds"),
@@ -121,12 +122,11 @@ def self_instruct_cmd(
 
       distillguard distill harvest --teacher http://127.0.0.1:8000/v1 --api-key $KEY --prompts runs/si/prompts.jsonl --out runs/h1
     """
-    from distillguard.distill import HarvestConfig, ResponseStore, load_prompts
-    from distillguard.distill.selfinstruct import SEED_TASKS, SelfInstructConfig, self_instruct, write_prompts
+    from distillguard.distill import HarvestConfig, ResponseStore
+    from distillguard.distill.selfinstruct import (SEED_TASKS, SelfInstructConfig, load_seed_tasks, self_instruct,
+                                                   write_prompts)
 
-    seed_tasks = SEED_TASKS
-    if seeds:
-        seed_tasks = tuple("\n".join(c for r, c in p.messages if r == "user") for p in load_prompts(seeds, limit=seed_limit))
+    seed_tasks = load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars) if seeds else SEED_TASKS
     config = SelfInstructConfig(n=n, seeds=seed_tasks, requests_per_round=requests_per_round, max_rounds=max_rounds,
                                 novelty=novelty, seed=seed)
     hconfig = HarvestConfig(teacher=teacher, api_key=api_key, model=model, concurrency=concurrency,

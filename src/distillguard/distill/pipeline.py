@@ -15,8 +15,8 @@ Example config::
     eval: {limit: 64, max_new_tokens: 128}
 
 An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rounds``, ``novelty``,
-``seed``, ``seeds`` (a prompt source) with ``seed_limit``, and the requests' ``max_tokens`` and
-``temperature``) first grows new prompts through the same teacher and key as ``harvest``; use
+``seed``, ``seeds`` (a prompt source) with ``seed_limit`` and ``seed_max_chars``, and the
+requests' ``max_tokens`` and ``temperature``) first grows new prompts through the same teacher and key as ``harvest``; use
 them with ``harvest: {prompts: self-instruct, ...}``. Like harvest it resumes by itself.
 
 ``train`` takes every :class:`~distillguard.distill.train.TrainConfig` field: ``loss: topk-kd``
@@ -149,13 +149,12 @@ def run(config: dict, *, log=print) -> dict:
 def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     """Run the self-instruct stage (resumable by itself); the path of its prompt file."""
     from distillguard.distill.harvest import HarvestConfig
-    from distillguard.distill.prompts import load_prompts
-    from distillguard.distill.selfinstruct import SelfInstructConfig, self_instruct, write_prompts
+    from distillguard.distill.selfinstruct import SelfInstructConfig, load_seed_tasks, self_instruct, write_prompts
     from distillguard.distill.store import ResponseStore
 
-    seeds, seed_limit = s.pop("seeds", None), s.pop("seed_limit", 24)
+    seeds, seed_limit, seed_max_chars = s.pop("seeds", None), s.pop("seed_limit", 24), s.pop("seed_max_chars", 300)
     if seeds:
-        s["seeds"] = tuple("\n".join(c for r, c in p.messages if r == "user") for p in load_prompts(seeds, limit=seed_limit))
+        s["seeds"] = load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars)
     shared = {k: h[k] for k in ("teacher", "api_key", "model", "concurrency", "timeout_s", "max_retries") if k in h}
     hconfig = HarvestConfig(**shared, max_tokens=s.pop("max_tokens", 256), temperature=s.pop("temperature", 1.0))
     sdir.mkdir(parents=True, exist_ok=True)

@@ -248,6 +248,18 @@ async def self_instruct(config: SelfInstructConfig, harvest_config: HarvestConfi
     return machine, report
 
 
+def load_seed_tasks(source: str, *, limit: int = 24, max_chars: int = 300) -> tuple[str, ...]:
+    """Seed tasks from any prompt source: each prompt's user turns, short ones only (a listing
+    shows eight tasks and must fit the teacher's context with room for its answer)."""
+    from distillguard.distill.prompts import load_prompts
+
+    seeds = tuple("\n".join(c for r, c in p.messages if r == "user")
+                  for p in load_prompts(source, limit=limit, max_chars=max_chars))
+    if not seeds:
+        raise ConfigError(f"no seed tasks of at most {max_chars} characters in {source}")
+    return seeds
+
+
 def write_prompts(tasks: list[str], path: str | Path) -> None:
     """The tasks as a prompt file ``distill harvest --prompts`` reads."""
     with open(path, "w", encoding="utf-8") as fh:
