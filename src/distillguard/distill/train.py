@@ -71,9 +71,9 @@ class TrainConfig:
     lmbda: float = 0.5  # gkd: share of batches whose answers the student samples itself (on-policy)
     gen_max_new_tokens: int = 64  # gkd: length of the student's own answers
     gen_temperature: float = 1.0  # gkd: sampling temperature of the student's answers
-    # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
     save_steps: int = 100  # checkpoint every this many optimiser steps (0: never); a rerun resumes from it
     resume: bool = True  # continue from OUT/checkpoints when it holds this run's checkpoint; False starts over
+    # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
     group_by_length: bool = True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
     sparse_logits: bool = True  # output layer only where a loss is taken (the answer), not over the prompt
 
