@@ -47,6 +47,11 @@ from rich.console import Console
 
 console = Console(stderr=True)
 ROOT = Path(__file__).resolve().parent.parent
+EPOCHS, LR = 2.0, 5e-4  # the grid's settings; a point trained otherwise is named and tabled as a variant
+# Settings every point of a report shares (the harvest and the measurement): a committed report
+# measured with other values is not merged into the cache (see merge_committed).
+SHARED_SETTINGS = ("teacher", "max_tokens", "top_logprobs", "temperature", "max_prompt_chars", "eval_prompts",
+                   "batch_size")
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,9 +67,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-logprobs", type=int, default=5)
     p.add_argument("--temperature", type=float, default=0.7, help="harvest sampling temperature")
     p.add_argument("--max-prompt-chars", type=int, default=300, help="use ShareGPT prompts up to this length")
-    p.add_argument("--eval-prompts", type=int, default=48)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=EPOCHS)
+    p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (serve and training); 1 avoids stalls "
@@ -105,6 +110,12 @@ def prompts_split(args, n_train: int, work: Path):
         raise SystemExit(f"only {len(unique)} ShareGPT prompts of <= {args.max_prompt_chars} chars; need {need}")
     cache.write_text(json.dumps([{"id": p.id, "messages": p.messages} for p in unique]))
     return unique[:n_train], unique[-args.eval_prompts:]  # held-out prompts from the other end
+
+
+def held_out_messages(prompts_file: Path, n: int) -> list[list[dict]]:
+    """The held-out prompts of a prompt cache written by ``prompts_split`` (its last ``n``), as chat
+    messages: for the benches that measure students the way the curves do."""
+    return [[{"role": r, "content": c} for r, c in q["messages"]] for q in json.loads(prompts_file.read_text())[-n:]]
 
 
 def harvest_all(args, prompts, work: Path) -> list[dict]:
@@ -250,12 +261,22 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from distillguard.distill.curate import save_dataset
-    from distillguard.distill.train import TrainConfig, load_student, train
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from distillguard.distill.train import ProgressCallback, TrainConfig, load_student, train
     from distillguard.models import load_model
 
+    committed = merge_committed(args, work)
     if args.report_only:
+        ref_path = work / "teacher_eval.json"
+        if ref_path.is_file():
+            ref = json.loads(ref_path.read_text())
+        elif committed:
+            ref = committed["teacher"]
+        else:
+            raise SystemExit(f"nothing to report: {work} has no measured teacher and {args.results} no report")
         return write_report(args, work, [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))],
-                            json.loads((work / "teacher_eval.json").read_text()))
+                            ref, committed)
     train_prompts, eval_prompts = prompts_split(args, max(sizes), work)
     rows = harvest_all(args, train_prompts, work)
     console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
@@ -270,7 +291,7 @@ def main() -> None:
     grid = [(0, d, init, "untrained") for d in depths for init in inits]
     grid += [(n, d, init, loss) for n in sizes for d in depths for init in inits for loss in losses]
     for i, (n, depth, init, loss) in enumerate(grid, 1):
-        name = point_name(loss, depth, init, n)
+        name = point_name(loss, depth, init, n, args.epochs, args.lr)
         path = work / "points" / f"{name}.json"
         kept = work / "students" / name
         if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
@@ -297,12 +318,17 @@ def main() -> None:
             if not (data / "dataset_dict.json").is_file():
                 save_dataset(rows[:n], [], data)
             out = work / "students" / name
-            summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
-                                        loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                        max_length=256, seed=0, save_steps=args.save_steps))
+            with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                          console=console) as progress:
+                summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
+                                            loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                            max_length=256, seed=0, save_steps=args.save_steps),
+                                callbacks=[ProgressCallback(progress)])
             student = load_model(str(out), device="cpu")
         train_s = time.perf_counter() - t0
-        result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "train_seconds": train_s,
+        result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "epochs": args.epochs,
+                  "train_seconds": train_s,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, teacher, eval_messages, ref, args.max_tokens)}
         result["eval_seconds"] = time.perf_counter() - t0 - train_s
@@ -315,12 +341,57 @@ def main() -> None:
         del student
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-    write_report(args, work, points, ref)
+    # points of other settings (e.g. an --epochs variant measured by an earlier run) stay in the report
+    others = [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))]
+    names = {point_name_of(p) for p in points}
+    write_report(args, work, points + [p for p in others if point_name_of(p) not in names], ref, committed)
 
 
-def point_name(loss: str, depth: int, init: str, n: int) -> str:
+def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR) -> str:
     # evenly spaced layers were the only choice before: their cached points keep the old names
-    return f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
+    name = f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
+    if n and epochs != EPOCHS:
+        name += f"-e{epochs:g}"
+    if n and lr != LR:
+        name += f"-lr{lr:g}"
+    return name
+
+
+def point_name_of(p: dict) -> str:
+    return point_name(p["loss"], p["depth"], p.get("init", "even"), p["queries"], p.get("epochs", EPOCHS),
+                      p.get("lr", LR))
+
+
+def variant(p: dict) -> str:
+    """The loss, plus the training settings where they differ from the grid's: 'topk-kd, 4 epochs'."""
+    extra = ([f"{p['epochs']:g} epochs"] if p.get("epochs", EPOCHS) != EPOCHS else []) + \
+            ([f"lr {p['lr']:g}"] if p["queries"] and p.get("lr", LR) != LR else [])
+    return ", ".join([p["loss"], *extra])
+
+
+def merge_committed(args, work: Path) -> dict | None:
+    """The committed report (``--results``/distill_curves.json), its points copied into the cache
+    where the cache lacks them. The cache lives on one machine, and a fresh one (every session of
+    this project starts on one) would otherwise write a report without every point measured
+    before. None when there is no report or it was measured with other shared settings."""
+    path = args.results / "distill_curves.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    theirs = report.get("config", {})
+    differ = [k for k in SHARED_SETTINGS if str(theirs.get(k)) != str(getattr(args, k))]
+    if differ:
+        console.print(f"[yellow]not merging {path}: measured with other {', '.join(differ)}")
+        return None
+    merged = 0
+    for p in report["points"]:
+        target = work / "points" / f"{point_name_of(p)}.json"
+        if not target.exists():
+            target.write_text(json.dumps({**p, "merged_from": path.name}, indent=2))
+            merged += 1
+    if merged:
+        console.print(f"{merged} points merged from {path} (measured on an earlier machine)")
+    return report
 
 
 def student_of(p: dict) -> tuple[int, str]:
@@ -334,8 +405,8 @@ def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250,
     import numpy as np
 
     fits = []
-    for student, loss in sorted({(student_of(p), p["loss"]) for p in points if p["queries"] > 0}):
-        pts = sorted((p for p in points if student_of(p) == student and p["loss"] == loss and p["queries"] > 0),
+    for student, loss in sorted({(student_of(p), variant(p)) for p in points if p["queries"] > 0}):
+        pts = sorted((p for p in points if student_of(p) == student and variant(p) == loss and p["queries"] > 0),
                      key=lambda p: p["queries"])
         if len(pts) < 2 or any(p["nll"] <= floor for p in pts):
             continue
@@ -348,17 +419,20 @@ def power_law_fits(points: list[dict], floor: float, at: tuple[int, ...] = (250,
     return fits
 
 
-def write_report(args, work: Path, points: list[dict], ref: dict) -> None:
+def write_report(args, work: Path, points: list[dict], ref: dict, committed: dict | None = None) -> None:
+    """``ref``: the teacher's cached measurement, or the committed report's teacher block."""
     from distillguard.distill.evaluate import repeated_ngrams
 
+    meta = work / "harvest" / "meta.json"
     report = {
         "bench": "distill_curves", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "harvest": json.loads((work / "harvest" / "meta.json").read_text()),
+        "harvest": json.loads(meta.read_text()) if meta.is_file() else (committed or {}).get("harvest", {}),
         "teacher": {"spec": args.teacher, "nll": ref["nll"], "tokens_per_s": ref["tokens_per_s"],
-                    "parameters": ref["parameters"], "rep4": repeated_ngrams(ref["answers"]),
+                    "parameters": ref["parameters"],
+                    "rep4": ref["rep4"] if "rep4" in ref else repeated_ngrams(ref["answers"]),
                     "nll_under_teacher": ref["nll"]},  # its own greedy answers: the coherence reference
-        "points": sorted(points, key=lambda p: (*student_of(p), p["loss"], p["queries"])),
+        "points": sorted(points, key=lambda p: (*student_of(p), variant(p), p["queries"])),
         "fits": power_law_fits(points, ref["nll"]),
     }
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
@@ -383,8 +457,9 @@ def grid_markdown(report: dict, costs: dict) -> str:
     for depth, init in sorted({student_of(p) for p in points}, key=lambda s: (-s[0], s[1] != "influence")):
         cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
         label = f"`prune:{depth}{':even' if init == 'even' else ''}`" + (f" ({cost:.2f})" if cost else "")
-        for loss in losses:
-            mine = {p["queries"]: p for p in points if student_of(p) == (depth, init) and p["loss"] == loss}
+        present = {variant(p) for p in points if student_of(p) == (depth, init)}
+        for loss in sorted(present, key=lambda v: (losses.index(v.split(",")[0]), v)):
+            mine = {p["queries"]: p for p in points if student_of(p) == (depth, init) and variant(p) == loss}
             if not mine:
                 continue
             cells = [f"{mine[n]['nll']:.2f} ({mine[n]['rouge_l']:.2f})" if n in mine else "" for n in sizes]
@@ -395,11 +470,11 @@ def grid_markdown(report: dict, costs: dict) -> str:
     lines.append("")
     lines.append("Cells: held-out NLL of the teacher's greedy answers, nats/token (ROUGE-L of the student's greedy "
                  "answers against them); columns: teacher queries (0: the untrained pruned student).")
-    coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], p["loss"], p["queries"]))
+    coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], variant(p), p["queries"]))
     lines += ["", "| student | loss | teacher queries | held-out NLL | own answers' NLL under the teacher | rep4 |",
               "|---|---|---|---|---|---|",
               f"| teacher, its own greedy answers | - | - | {t['nll']:.2f} | {t['nll_under_teacher']:.2f} | {t['rep4']:.3f} |"]
-    lines += [f"| `prune:{p['depth']}{':even' if p.get('init', 'even') == 'even' else ''}` | {p['loss']} | {p['queries']:,} | "
+    lines += [f"| `prune:{p['depth']}{':even' if p.get('init', 'even') == 'even' else ''}` | {variant(p)} | {p['queries']:,} | "
               f"{p['nll']:.2f} | {p['nll_under_teacher']:.2f} | {p['rep4']:.3f} |" for p in coherent]
     return "\n".join(lines) + "\n"
 
@@ -425,16 +500,19 @@ def plot(report: dict, path: Path) -> None:
         return f"prune:{depth}" + (f" ({cost:.2f}x cost)" if cost else "")
     for student in sorted({student_of(p) for p in report["points"]}):
         faint = student[1] == "even"
-        for loss in styles:
-            pts = sorted((p for p in report["points"] if student_of(p) == student and p["loss"] == loss),
+        for loss in sorted({variant(p) for p in report["points"] if student_of(p) == student}):
+            pts = sorted((p for p in report["points"] if student_of(p) == student and variant(p) == loss),
                          key=lambda p: p["queries"])
-            if not pts:
+            base = loss.split(",")[0]
+            if base not in styles:
                 continue
             kw = {"color": colours[student[0]], "alpha": 0.3 if faint else 1.0, "lw": 1 if faint else 1.6,
                   "label": None if faint else f"{name(student[0])}, {loss}"}
+            if loss != base:  # a variant of the grid's training settings: hollow markers
+                kw["markerfacecolor"] = "none"
             xs = [p["queries"] for p in pts]
-            ax_nll.plot(xs, [p["nll"] for p in pts], styles[loss], **kw)
-            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[loss], **kw)
+            ax_nll.plot(xs, [p["nll"] for p in pts], styles[base], **kw)
+            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[base], **kw)
     for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
         if fit["init"] == "even":
             continue

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -45,12 +46,14 @@ def main() -> None:
     import torch
     from rouge_score import rouge_scorer
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distill_curves import held_out_messages
+
     from distillguard.distill.evaluate import answer_nll, greedy_answers, repeated_ngrams
     from distillguard.models import load_model
 
     torch.set_num_threads(args.threads)
-    held_out = json.loads(args.prompts.read_text())[-args.eval_prompts:]
-    messages = [[{"role": r, "content": c} for r, c in p["messages"]] for p in held_out]
+    messages = held_out_messages(args.prompts, args.eval_prompts)
     teacher = load_model(args.teacher, device="cpu")
     models = {"teacher": teacher, **{Path(s).name: load_model(s, device="cpu") for s in args.student}}
     scorer = rouge_scorer.RougeScorer(["rougeL"])

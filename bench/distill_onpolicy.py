@@ -62,13 +62,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).parent))
-    from distill_curves import measure  # the curves' own measurement, so the numbers compare
+    from distill_curves import held_out_messages, measure  # the curves' own measurement, so the numbers compare
 
-    from distillguard.distill.train import TrainConfig, train
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from distillguard.distill.train import ProgressCallback, TrainConfig, train
     from distillguard.models import load_model
 
-    held_out = json.loads(sorted(args.work.glob("prompts-*.json"))[0].read_text())[-args.eval_prompts:]
-    messages = [[{"role": r, "content": c} for r, c in q["messages"]] for q in held_out]
+    messages = held_out_messages(sorted(args.work.glob("prompts-*.json"))[0], args.eval_prompts)
     ref = json.loads((args.work / "teacher_eval.json").read_text())  # the teacher on the curves' held-out prompts
     if len(ref["answers"]) < args.eval_prompts:
         raise SystemExit(f"the cached teacher answers cover {len(ref['answers'])} held-out prompts, not {args.eval_prompts}")
@@ -84,11 +85,13 @@ def main() -> None:
     if (out / "train_summary.json").is_file():
         summary = json.loads((out / "train_summary.json").read_text())
     else:
-        summary = train(TrainConfig(data=str(args.work / "data" / f"n{args.queries}"), out=str(out),
-                                    student=str(args.student), teacher=args.teacher, loss="gkd", lmbda=args.lmbda,
-                                    beta=args.beta, lr=args.lr, epochs=args.epochs, max_train=args.max_train,
-                                    gen_max_new_tokens=args.gen_max_new_tokens, max_length=256, seed=0,
-                                    save_steps=args.save_steps), callbacks=[progress_callback()])
+        with Progress(TextColumn("[bold]gkd"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                      TimeRemainingColumn(), console=console) as progress:
+            summary = train(TrainConfig(data=str(args.work / "data" / f"n{args.queries}"), out=str(out),
+                                        student=str(args.student), teacher=args.teacher, loss="gkd", lmbda=args.lmbda,
+                                        beta=args.beta, lr=args.lr, epochs=args.epochs, max_train=args.max_train,
+                                        gen_max_new_tokens=args.gen_max_new_tokens, max_length=256, seed=0,
+                                        save_steps=args.save_steps), callbacks=[ProgressCallback(progress, "gkd")])
     console.print(f"trained {summary['steps']} steps ({summary['on_policy_batches']} on-policy) in "
                   f"{summary['train_seconds']:.0f} s")
     after = measure(load_model(str(out), device="cpu"), teacher, messages, ref, args.max_tokens)
@@ -100,31 +103,6 @@ def main() -> None:
               "train": {k: v for k, v in summary.items() if k != "history"}, "history": summary.get("history", [])}
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("before", "after")}))
-
-
-def progress_callback():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from transformers import TrainerCallback
-
-    progress = Progress(TextColumn("[bold]gkd"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                        TimeRemainingColumn(), console=console)
-
-    class RichProgress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            progress.start()
-            self.task = progress.add_task("gkd", total=state.max_steps, completed=state.global_step, loss="-")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                progress.update(self.task, loss=f"{logs['loss']:.3f}")
-
-        def on_train_end(self, args, state, control, **kwargs):
-            progress.stop()
-
-    return RichProgress()
 
 
 if __name__ == "__main__":

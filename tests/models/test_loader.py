@@ -111,3 +111,32 @@ def test_bundled_teacher_loads_from_gguf_and_path():
     by_path = load_model(str(bundled_gguf_path()))
     ids_t = torch.tensor([ids])
     assert torch.allclose(lm.model(ids_t).logits, by_path.model(ids_t).logits)
+
+
+def test_a_converted_model_cached_by_another_process_first_is_not_an_error(tmp_path, caplog):
+    """Two processes converting the bundled GGUF at once (a server and a bench, say) both save the
+    cache; the loser's rename finds the winner's directory, which is the cache it wanted."""
+    from distillguard.models.loader import _save_cache
+
+    lm = load_model("tiny")
+    target = tmp_path / "gguf" / "model-key"
+    target.parent.mkdir()
+    _save_cache(lm.model, lm.tokenizer, target)
+    with caplog.at_level("WARNING"):
+        _save_cache(lm.model, lm.tokenizer, target)
+    assert not [r for r in caplog.records if "could not cache" in r.getMessage()]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model-key"]  # no temporary directory left
+    again = load_model(str(target))
+    for a, b in zip(lm.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, caplog):
+    from distillguard.models.loader import _save_cache
+
+    lm = load_model("tiny")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with caplog.at_level("WARNING"):
+        _save_cache(lm.model, lm.tokenizer, blocker / "model-key")
+    assert [r for r in caplog.records if "could not cache" in r.getMessage()]

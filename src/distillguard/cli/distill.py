@@ -230,9 +230,7 @@ def train_cmd(
 
       distillguard distill train --data runs/c1 --out runs/s4 --student prune:8 --loss gkd --lmbda 0.5 --beta 0.5
     """
-    from transformers import TrainerCallback
-
-    from distillguard.distill.train import TrainConfig, train
+    from distillguard.distill.train import ProgressCallback, TrainConfig, train
 
     config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
@@ -241,20 +239,7 @@ def train_cmd(
 
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
-        task = progress.add_task("train", total=None, loss="-")
-
-        class RichProgress(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                progress.update(task, total=state.max_steps)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                progress.update(task, completed=state.global_step)
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    progress.update(task, loss=f"{logs['loss']:.3f}")
-
-        summary = train(config, callbacks=[RichProgress()])
+        summary = train(config, callbacks=[ProgressCallback(progress)])
     err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
                       f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))

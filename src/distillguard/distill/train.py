@@ -443,6 +443,26 @@ class CheckpointMarks(TrainerCallback):
                 shutil.rmtree(old, ignore_errors=True)
 
 
+class ProgressCallback(TrainerCallback):
+    """Drives a rich ``Progress`` from the Trainer: one task over the run's optimiser steps (starting
+    where a resumed run starts) with the latest logged loss in its ``loss`` field; the caller owns
+    the Progress and its columns, e.g. ``TextColumn("loss {task.fields[loss]}")``."""
+
+    def __init__(self, progress, description: str = "train"):
+        self.progress, self.description, self.task = progress, description, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
+                                           loss="-")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.progress.update(self.task, loss=f"{logs['loss']:.3f}")
+
+
 def _byte_index(lm: LoadedModel) -> dict[bytes, int]:
     """Token bytes -> id. Ordinary tokens first; special tokens (e.g. ``<|im_end|>``, which the API
     lists among the top-k alternatives near the end of an answer) only where no ordinary token

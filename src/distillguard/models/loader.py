@@ -205,6 +205,8 @@ def _save_cache(model, tok, target: Path) -> None:
         tok.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: readers see a whole cache or none
     except (OSError, ValueError, RuntimeError) as exc:
+        if (target / "config.json").is_file():
+            return  # another process converting at the same time cached it first: nothing is lost
         log.warning("could not cache converted model at %s: %s", target, exc)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
