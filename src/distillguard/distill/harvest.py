@@ -107,9 +107,11 @@ class HarvestReport:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
+    # each prompt's request fingerprint, in the prompts' order: the keys of its answers in the store
+    fingerprints: list[str] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "fingerprints"}
 
 
 class _Budget:
@@ -195,6 +197,7 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
     for prompt in prompts:
         body = config.request(prompt)
         fp = fingerprint(body)
+        report.fingerprints.append(fp)
         if fp in done:
             report.skipped_done += 1
         else:

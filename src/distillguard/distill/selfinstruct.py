@@ -29,7 +29,7 @@ from pathlib import Path
 
 from distillguard.distill.harvest import HarvestConfig, HarvestReport, harvest
 from distillguard.distill.prompts import Prompt
-from distillguard.distill.store import ResponseStore, fingerprint
+from distillguard.distill.store import ResponseStore
 from distillguard.errors import ConfigError
 
 # Written for distillguard: varied kinds of task (open writing, rewriting, classification,
@@ -224,10 +224,9 @@ async def self_instruct(config: SelfInstructConfig, harvest_config: HarvestConfi
             setattr(totals, key, getattr(totals, key) + getattr(got, key))
         for key, value in [*got.malformed.items(), *((f"failed:{k}", v) for k, v in got.failed.items())]:
             totals.malformed[key] = totals.malformed.get(key, 0) + value
-        fps = [fingerprint(hconfig.request(p)) for p in prompts]
-        answers = store.get_many(fps)
+        answers = store.get_many(got.fingerprints)
         report.rounds += 1
-        for fp in fps:  # in the round's order, so a rerun rebuilds the same pool
+        for fp in got.fingerprints:  # in the round's order, so a rerun rebuilds the same pool
             record = answers.get(fp)
             if len(machine) >= config.n or record is None or record["status"] not in USABLE:
                 continue
