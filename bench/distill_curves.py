@@ -22,7 +22,10 @@ say, and it is kept for training (the held-out greedy answers are capped the sam
 
 Everything is cached under ``--work`` (harvest store, teacher answers, one JSON per point, and
 the checkpoints of the point in training), so an interrupted run continues, mid-point included,
-and a larger grid reuses the smaller one.
+and a larger grid reuses the smaller one. The committed report's points are merged into the cache
+first (``merge_committed``), so a fresh machine continues the grid instead of forgetting it.
+Training settings other than the grid's (``--epochs``, ``--lr``) make a separate point, named and
+tabled as a variant of its loss (e.g. "topk-kd, 4 epochs").
 
     nice -n 10 python bench/distill_curves.py                               # 250, 1000 queries; prune:8, prune:15
     nice -n 10 python bench/distill_curves.py --sizes 250,1000,4000 --losses sft,topk-kd,kd,gkd
