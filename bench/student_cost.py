@@ -44,17 +44,8 @@ def main() -> None:
     models = {"teacher": lm.model} | {f"prune:{k}": prune_layers(lm, int(k), "even").model
                                       for k in args.depths.split(",")}
     ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "Tell me about the history of Rome."}])])
-    per_token: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        order = list(models.items()) if r % 2 == 0 else list(models.items())[::-1]
-        for name, model in order:
-            t = time.process_time()
-            with torch.inference_mode():
-                model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
-            per_token[name].append((time.process_time() - t) / args.tokens)
-        console.print(f"round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{n} {1 / v[-1]:.1f} tok/CPU-s" for n, v in per_token.items()))
-    ratios = {name: statistics.median(s / t for s, t in zip(v, per_token["teacher"])) for name, v in per_token.items()}
+    per_token = cpu_seconds_per_token(models, ids, args.rounds, args.tokens, console)
+    ratios = cost_vs_teacher(per_token)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     report = {"bench": "student_cost", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "load": os.getloadavg(), "config": {k: str(v) for k, v in vars(args).items()},
@@ -64,6 +55,29 @@ def main() -> None:
                            for name in models}}
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
+
+
+def cpu_seconds_per_token(models: dict, ids, rounds: int, tokens: int, console) -> dict[str, list[float]]:
+    """Greedy generation of exactly ``tokens`` tokens (batch 1) by each model, in alternating order
+    round by round; CPU seconds per token, one value per round and model."""
+    import torch
+
+    per_token: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        order = list(models.items()) if r % 2 == 0 else list(models.items())[::-1]
+        for name, model in order:
+            t = time.process_time()
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            per_token[name].append((time.process_time() - t) / tokens)
+        console.print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {1 / v[-1]:.1f} tok/CPU-s" for n, v in per_token.items()))
+    return per_token
+
+
+def cost_vs_teacher(per_token: dict[str, list[float]]) -> dict[str, float]:
+    """Median over rounds of each model's CPU per token over the teacher's in the same round."""
+    return {name: statistics.median(s / t for s, t in zip(v, per_token["teacher"])) for name, v in per_token.items()}
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +41,7 @@ def main() -> None:
 
     import torch
     from rich.console import Console
+    from student_cost import cost_vs_teacher, cpu_seconds_per_token  # the same interleaved timing
 
     from distillguard.distill.evaluate import answer_nll, greedy_answers
     from distillguard.distill.train import prune_layers
@@ -76,16 +75,8 @@ def main() -> None:
     models = {"teacher": lm.model, "prune:15": prune_layers(lm, 15, "even").model,
               f"prune:15, rank-{args.rank_for_cost} head": low, "prune:11": prune_layers(lm, 11, "even").model}
     ids = torch.tensor([lm.chat_ids(messages[0])])
-    per_token: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        for name, model in list(models.items())[::1 if r % 2 == 0 else -1]:
-            t = time.process_time()
-            with torch.inference_mode():
-                model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
-            per_token[name].append((time.process_time() - t) / args.tokens)
-        console.print(f"round {r + 1}/{args.rounds}")
-    cost = {name: round(statistics.median(x / t for x, t in zip(v, per_token["teacher"])), 3)
-            for name, v in per_token.items()}
+    per_token = cpu_seconds_per_token(models, ids, args.rounds, args.tokens, console)
+    cost = {name: round(ratio, 3) for name, ratio in cost_vs_teacher(per_token).items()}
     report = {"bench": "student_head_rank", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "load": os.getloadavg(), "config": {k: str(v) for k, v in vars(args).items()},
               "teacher_nll_by_head_rank": quality, "cost_vs_teacher": cost}
