@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="250,1000", help="teacher queries per point, comma-separated")
     p.add_argument("--depths", default="8,15", help="student depths K (prune:K of the teacher's 30 layers)")
-    p.add_argument("--inits", default="influence", help="how prune:K chooses its layers: influence, even (comma-separated)")
+    p.add_argument("--inits", default="influence", help="how prune:K chooses its layers: influence, block, even (comma-separated)")
     p.add_argument("--losses", default="sft,topk-kd,kd", help="sft, topk-kd, kd, gkd")
     p.add_argument("--teacher", default="smollm2")
     p.add_argument("--teacher-url", default=None, help="harvest from this running server (its model must be "
@@ -397,6 +397,11 @@ def merge_committed(args, work: Path) -> dict | None:
     return report
 
 
+def student_label(depth: int, init: str) -> str:
+    """``prune:K`` for the default layer choice (influence), ``prune:K:even`` / ``prune:K:block`` otherwise."""
+    return f"prune:{depth}" + ("" if init == "influence" else f":{init}")
+
+
 def student_of(p: dict) -> tuple[int, str]:
     return p["depth"], p.get("init", "even")
 
@@ -459,7 +464,7 @@ def grid_markdown(report: dict, costs: dict) -> str:
              "|---|---|" + "---|" * len(sizes)]
     for depth, init in sorted({student_of(p) for p in points}, key=lambda s: (-s[0], s[1] != "influence")):
         cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
-        label = f"`prune:{depth}{':even' if init == 'even' else ''}`" + (f" ({cost:.2f})" if cost else "")
+        label = f"`{student_label(depth, init)}`" + (f" ({cost:.2f})" if cost else "")
         present = {variant(p) for p in points if student_of(p) == (depth, init)}
         for loss in sorted(present, key=lambda v: (losses.index(v.split(",")[0]), v)):
             mine = {p["queries"]: p for p in points if student_of(p) == (depth, init) and variant(p) == loss}
@@ -473,11 +478,11 @@ def grid_markdown(report: dict, costs: dict) -> str:
     lines.append("")
     lines.append("Cells: held-out NLL of the teacher's greedy answers, nats/token (ROUGE-L of the student's greedy "
                  "answers against them); columns: teacher queries (0: the untrained pruned student).")
-    coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], variant(p), p["queries"]))
+    coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], student_of(p)[1] != "influence", variant(p), p["queries"]))
     lines += ["", "| student | loss | teacher queries | held-out NLL | own answers' NLL under the teacher | rep4 |",
               "|---|---|---|---|---|---|",
               f"| teacher, its own greedy answers | - | - | {t['nll']:.2f} | {t['nll_under_teacher']:.2f} | {t['rep4']:.3f} |"]
-    lines += [f"| `prune:{p['depth']}{':even' if p.get('init', 'even') == 'even' else ''}` | {variant(p)} | {p['queries']:,} | "
+    lines += [f"| `{student_label(*student_of(p))}` | {variant(p)} | {p['queries']:,} | "
               f"{p['nll']:.2f} | {p['nll_under_teacher']:.2f} | {p['rep4']:.3f} |" for p in coherent]
     return "\n".join(lines) + "\n"
 
@@ -498,11 +503,11 @@ def plot(report: dict, path: Path) -> None:
     colours = {d: plt.get_cmap("viridis")(i / max(len(depths) - 1, 1) * 0.85) for i, d in enumerate(depths)}
     costs = student_costs()
 
-    def name(depth: int) -> str:
+    def name(depth: int, init: str) -> str:
         cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
-        return f"prune:{depth}" + (f" ({cost:.2f}x cost)" if cost else "")
+        return student_label(depth, init) + (f" ({cost:.2f}x cost)" if cost else "")
     for student in sorted({student_of(p) for p in report["points"]}):
-        faint = student[1] == "even"
+        faint = student[1] != "influence"  # the other layer choices
         for loss in sorted({variant(p) for p in report["points"] if student_of(p) == student}):
             pts = sorted((p for p in report["points"] if student_of(p) == student and variant(p) == loss),
                          key=lambda p: p["queries"])
@@ -510,14 +515,14 @@ def plot(report: dict, path: Path) -> None:
             if base not in styles:
                 continue
             kw = {"color": colours[student[0]], "alpha": 0.3 if faint else 1.0, "lw": 1 if faint else 1.6,
-                  "label": None if faint else f"{name(student[0])}, {loss}"}
+                  "label": None if student[1] == "even" else f"{name(*student)}, {loss}"}
             if loss != base:  # a variant of the grid's training settings: hollow markers
                 kw["markerfacecolor"] = "none"
             xs = [p["queries"] for p in pts]
             ax_nll.plot(xs, [p["nll"] for p in pts], styles[base], **kw)
             ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[base], **kw)
     for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
-        if fit["init"] == "even":
+        if fit["init"] != "influence":
             continue
         xs = np.geomspace(max(fit["fitted_on"]), max(int(n) for n in fit["extrapolated_nll"]), 50)
         if xs[-1] > xs[0]:
@@ -533,8 +538,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_nll.legend(fontsize=7)
-    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API; faint: evenly spaced "
-                 "layers; dotted: fitted power law beyond the last point", fontsize=9)
+    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API; faint: other layer "
+                 "choices (evenly spaced, a contiguous block); dotted: fitted power law beyond the last point", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

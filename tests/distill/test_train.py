@@ -122,6 +122,32 @@ def test_prune_by_influence_drops_the_layer_that_does_nothing():
     assert load_student("prune:5:even", lm).model.config.num_hidden_layers == 5
 
 
+def test_prune_by_block_drops_the_contiguous_block_that_does_nothing():
+    """Two adjacent layers with zero output projections leave the stream as it was: their block's
+    angular distance is 0, the smallest of all, and ``block`` pruning drops exactly them, so the
+    untrained student has the full model's logits."""
+    from distillguard.distill.train import block_distance
+
+    lm = load_model("tiny:layers=6")
+    with torch.no_grad():
+        for i in (3, 4):
+            lm.model.model.layers[i].self_attn.o_proj.weight.zero_()
+            lm.model.model.layers[i].mlp.down_proj.weight.zero_()
+    pairs = [("What is the capital of France?", "Paris is the capital and largest city of France.")] * 2
+    distance = block_distance(lm, 2, pairs)
+    assert len(distance) == 5 and int(distance.argmin()) == 3
+    assert float(distance[3]) < 1e-3 < float(distance[[0, 1, 2, 4]].min())
+    student = prune_layers(lm, 4, "block", pairs=pairs)
+    kept = [id(x) for x in student.model.model.layers]
+    originals = [lm.model.model.layers[i] for i in (0, 1, 2, 5)]
+    assert all(torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)
+               for a, b in zip(student.model.model.layers, originals)) and len(kept) == 4
+    ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "hi"}])])
+    with torch.inference_mode():
+        assert torch.allclose(student.model(ids).logits, lm.model(ids).logits, atol=1e-5)
+    assert load_student("prune:4:block", lm).model.config.num_hidden_layers == 4
+
+
 def test_sparse_logits_are_the_full_logits_at_the_answer():
     """The output layer on the answer positions only gives the same logits and the same SFT loss."""
     from distillguard.distill.train import answer_logits, shifted
