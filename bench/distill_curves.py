@@ -489,7 +489,8 @@ def grid_markdown(report: dict, costs: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """NLL and ROUGE-L vs teacher queries: colour = student depth, line style = loss; students with
-    evenly spaced layers (the earlier choice) faint; the stated power-law fits dotted."""
+    another layer choice than the default (evenly spaced, a block) faint; the stated power-law fits
+    dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
