@@ -23,7 +23,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -48,20 +47,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-@contextmanager
-def only_layers(lm, idx: list[int]):
-    """``lm`` with only the decoder layers ``idx`` for the duration (no copy: for forward passes
-    without a KV cache, which is what indexes layers)."""
-    import torch
-
-    layers = lm.model.model.layers
-    lm.model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
-    try:
-        yield lm
-    finally:
-        lm.model.model.layers = layers
-
-
 def calibration_logprobs(lm, seqs) -> list:
     import torch
 
@@ -74,6 +59,8 @@ def greedy_search(teacher, keep: int, seqs, progress: Progress) -> tuple[list[in
     """Drop, one at a time, the layer (never the first or last) whose removal gives the smallest
     KL(teacher || student) on ``seqs``. Hand-written: no library searches layer subsets of a
     Hugging Face decoder."""
+    from distillguard.distill.train import only_layers
+
     ref = calibration_logprobs(teacher, seqs)
     tokens = sum(len(r) for r in ref)
 
@@ -101,7 +88,7 @@ def main() -> None:
 
     from distillguard.data.sharegpt import first_turn_pairs
     from distillguard.distill.evaluate import answer_nll
-    from distillguard.distill.train import block_distance, prune_layers
+    from distillguard.distill.train import block_distance, only_layers, prune_layers
     from distillguard.models import load_model
 
     args = parse_args()

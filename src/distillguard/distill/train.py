@@ -28,6 +28,7 @@ settings), and deletes them once the student is saved.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -100,14 +101,22 @@ class TrainConfig:
 PRUNE_METHODS = ("influence", "block", "even")
 
 
-def layer_subset(lm: LoadedModel, idx: list[int]) -> torch.nn.Module:
-    """A deep copy of ``lm.model`` with only the decoder layers ``idx`` (only those are copied)."""
+@contextlib.contextmanager
+def only_layers(lm: LoadedModel, idx: list[int]):
+    """``lm`` with only the decoder layers ``idx`` for the duration, the teacher's own swapped back
+    after (no copy: fine for forward passes without a KV cache, which is what indexes layers)."""
     layers = lm.model.model.layers
     lm.model.model.layers = torch.nn.ModuleList([layers[i] for i in idx])
     try:
-        model = copy.deepcopy(lm.model)
+        yield lm
     finally:
-        lm.model.model.layers = layers  # swap the teacher's back
+        lm.model.model.layers = layers
+
+
+def layer_subset(lm: LoadedModel, idx: list[int]) -> torch.nn.Module:
+    """A deep copy of ``lm.model`` with only the decoder layers ``idx`` (only those are copied)."""
+    with only_layers(lm, idx):
+        model = copy.deepcopy(lm.model)
     for new, layer in enumerate(model.model.layers):  # the KV cache is indexed by layer_idx
         if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new
