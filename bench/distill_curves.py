@@ -88,6 +88,12 @@ def parse_args() -> argparse.Namespace:
                    help="keep each trained student under --work/students (200+ MB each) instead of deleting it")
     p.add_argument("--remeasure", action="store_true",
                    help="measure again every cached point whose student is kept under --work/students")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the students and the teacher are measured, in float32 either way (load_model would "
+                        "pick bfloat16 on a GPU). Training uses a GPU whenever there is one (the HF Trainer's choice)")
+    p.add_argument("--tf32", action="store_true",
+                   help="on a GPU, let float32 matrix products use TF32 (about 8x faster on Hopper; the points "
+                        "record it, and a CPU point rerun this way measures what it changes)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report every point cached under --work (e.g. after several partial grids)")
     return p.parse_args()
@@ -283,10 +289,20 @@ def main() -> None:
     train_prompts, eval_prompts = prompts_split(args, max(sizes), work)
     rows = harvest_all(args, train_prompts, work)
     console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
+    for n in sizes:  # before any training: several runs (one point each) can then share the cache
+        if not (work / "data" / f"n{n}" / "dataset_dict.json").is_file():
+            save_dataset(rows[:n], [], work / "data" / f"n{n}")
     if args.harvest_only:
         return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here")
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    hardware = {"trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "measured_on": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                "tf32": bool(args.tf32 and torch.cuda.is_available())}
     eval_messages = [p.as_messages() for p in eval_prompts]
-    teacher = load_model(args.teacher, device="cpu")
+    teacher = on_device(load_model(args.teacher, device="cpu"), args.device)
     ref = teacher_reference(args, teacher, eval_messages, work)
     console.print(f"teacher: NLL {ref['nll']:.3f} nats/token, {ref['tokens_per_s']:.1f} tok/s")
 
@@ -300,7 +316,8 @@ def main() -> None:
         if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
             point = json.loads(path.read_text())
             t0 = time.perf_counter()
-            point.update(measure(load_model(str(kept), device="cpu"), teacher, eval_messages, ref, args.max_tokens))
+            point.update(measure(on_device(load_model(str(kept), device="cpu"), args.device), teacher, eval_messages,
+                                 ref, args.max_tokens), measured_on=hardware["measured_on"])
             point["eval_seconds"] = time.perf_counter() - t0
             path.write_text(json.dumps(point, indent=2))
             console.print(f"{name} measured again: NLL {point['nll']:.3f}, under the teacher {point['nll_under_teacher']:.3f}, "
@@ -314,12 +331,11 @@ def main() -> None:
         console.rule(f"[{i}/{len(grid)}] {loss}, {spec}, {n} queries")
         t0 = time.perf_counter()
         if n == 0:
-            student = load_student(spec, teacher)
+            # layers chosen on the CPU, as train() chooses them: a GPU's rounding could reorder near ties
+            student = on_device(load_student(spec, teacher if args.device == "cpu" else args.teacher), args.device)
             summary = {"steps": 0, "examples": 0}
         else:
             data = work / "data" / f"n{n}"
-            if not (data / "dataset_dict.json").is_file():
-                save_dataset(rows[:n], [], data)
             out = work / "students" / name
             with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -328,10 +344,10 @@ def main() -> None:
                                             loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                             max_length=256, seed=0, save_steps=args.save_steps),
                                 callbacks=[ProgressCallback(progress)])
-            student = load_model(str(out), device="cpu")
+            student = on_device(load_model(str(out), device="cpu"), args.device)
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "epochs": args.epochs,
-                  "train_seconds": train_s,
+                  "train_seconds": train_s, **hardware,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, teacher, eval_messages, ref, args.max_tokens)}
         result["eval_seconds"] = time.perf_counter() - t0 - train_s
@@ -348,6 +364,19 @@ def main() -> None:
     others = [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))]
     names = {point_name_of(p) for p in points}
     write_report(args, work, points + [p for p in others if point_name_of(p) not in names], ref, committed)
+
+
+def on_device(lm, device: str):
+    """``lm`` (loaded in float32 on the CPU) moved to ``device`` as it is: measured in float32 there
+    too, so that a point measured on a GPU compares with the CPU's."""
+    import dataclasses
+
+    import torch
+
+    if device == "cpu":
+        return lm
+    lm.model.to(device)
+    return dataclasses.replace(lm, device=torch.device(device))
 
 
 def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR) -> str:
@@ -470,21 +499,28 @@ def grid_markdown(report: dict, costs: dict) -> str:
             mine = {p["queries"]: p for p in points if student_of(p) == (depth, init) and variant(p) == loss}
             if not mine:
                 continue
-            cells = [f"{mine[n]['nll']:.2f} ({mine[n]['rouge_l']:.2f})" if n in mine else "" for n in sizes]
+            cells = [f"{mine[n]['nll']:.2f} ({mine[n]['rouge_l']:.2f}){gpu_mark(mine[n])}" if n in mine else ""
+                     for n in sizes]
             lines.append(f"| {label} | {loss} | " + " | ".join(cells) + " |")
             label = ""
     t = report["teacher"]
     lines.append(f"| teacher (1) | - | {t['nll']:.2f} (1) |" + " |" * (len(sizes) - 1))
     lines.append("")
     lines.append("Cells: held-out NLL of the teacher's greedy answers, nats/token (ROUGE-L of the student's greedy "
-                 "answers against them); columns: teacher queries (0: the untrained pruned student).")
+                 "answers against them); columns: teacher queries (0: the untrained pruned student)."
+                 + (" †: trained and measured on a GPU (float32; the point records which GPU and whether TF32 "
+                    "products were on), every other point on 2 CPU cores." if any(gpu_mark(p) for p in points) else ""))
     coherent = sorted((p for p in points if "rep4" in p and p["queries"]), key=lambda p: (-p["depth"], student_of(p)[1] != "influence", variant(p), p["queries"]))
     lines += ["", "| student | loss | teacher queries | held-out NLL | own answers' NLL under the teacher | rep4 |",
               "|---|---|---|---|---|---|",
               f"| teacher, its own greedy answers | - | - | {t['nll']:.2f} | {t['nll_under_teacher']:.2f} | {t['rep4']:.3f} |"]
-    lines += [f"| `{student_label(*student_of(p))}` | {variant(p)} | {p['queries']:,} | "
+    lines += [f"| `{student_label(*student_of(p))}` | {variant(p)} | {p['queries']:,}{gpu_mark(p)} | "
               f"{p['nll']:.2f} | {p['nll_under_teacher']:.2f} | {p['rep4']:.3f} |" for p in coherent]
     return "\n".join(lines) + "\n"
+
+
+def gpu_mark(p: dict) -> str:
+    return "†" if p.get("trained_on", "cpu") != "cpu" else ""
 
 
 def plot(report: dict, path: Path) -> None:
@@ -522,6 +558,10 @@ def plot(report: dict, path: Path) -> None:
             xs = [p["queries"] for p in pts]
             ax_nll.plot(xs, [p["nll"] for p in pts], styles[base], **kw)
             ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[base], **kw)
+            gpu = [p for p in pts if gpu_mark(p)]
+            for ax, key in ((ax_nll, "nll"), (ax_rouge, "rouge_l")):  # ringed: trained on a GPU
+                ax.scatter([p["queries"] for p in gpu], [p[key] for p in gpu], s=110, facecolors="none",
+                           edgecolors="black", lw=0.8, zorder=3)
     for fit in report["fits"]:  # the stated fit, extrapolated (dotted) to the largest size it names
         if fit["init"] != "influence":
             continue
@@ -539,8 +579,9 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_nll.legend(fontsize=7)
-    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API; faint: other layer "
-                 "choices (evenly spaced, a contiguous block); dotted: fitted power law beyond the last point", fontsize=9)
+    fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API\nfaint: other layer "
+                 "choices (evenly spaced, a contiguous block); dotted: fitted power law beyond the last point"
+                 + ("; ringed: trained on a GPU" if any(gpu_mark(p) for p in report["points"]) else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
