@@ -133,7 +133,6 @@ def main() -> None:
     report["untrained"] = measure(student, teacher, messages, ref, 64)
     console.print(f"untrained: NLL {report['untrained']['nll']:.2f}")
     if args.queries:
-        train_module.load_student = lambda spec, teacher_: student  # train this student, not a fresh prune:K
         out = args.work / "students" / f"factored-r{args.rank}-prune{args.depth}-{args.loss}-n{args.queries}"
         started = time.perf_counter()
         with Progress(console=console) as progress:
@@ -141,7 +140,7 @@ def main() -> None:
                 train_module.TrainConfig(data=str(args.work / "data" / f"n{args.queries}"), out=str(out),
                                          student=f"prune:{args.depth}", teacher=args.teacher, loss=args.loss,
                                          epochs=2.0, lr=5e-4, batch_size=8, max_length=256, seed=0, save_steps=0),
-                callbacks=[train_module.ProgressCallback(progress)])
+                callbacks=[train_module.ProgressCallback(progress)], student=student)  # not a fresh prune:K
         report["train_seconds"] = time.perf_counter() - started
         report["steps"] = summary["steps"]
         report["trained"] = measure(student, teacher, messages, ref, 64)

@@ -11,7 +11,7 @@ import torch
 from distillguard.distill.curate import save_dataset
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
 from distillguard.distill.train import (IGNORE, TrainConfig, _byte_index, block_influence, collate, kd_example,
-                                        load_student, prune_layers, sft_example, train)
+                                        load_student, prune_layers, run_fingerprint, sft_example, train)
 from distillguard.errors import ConfigError
 from distillguard.models import load_model
 
@@ -248,6 +248,47 @@ def test_training_lowers_the_loss_and_saves_a_loadable_student(tmp_path, loss):
     student = load_model(str(tmp_path / "student"))
     assert student.context_length == 512
     assert json.loads((tmp_path / "student" / "train_summary.json").read_text())["loss"] == loss
+
+
+def test_bf16_mixed_precision_trains_and_keeps_float32_weights(tmp_path):
+    lm = load_model("tiny")
+    save_dataset(_records(lm), [], tmp_path / "data")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / precision), student="tiny",
+                                            teacher="tiny", loss="topk-kd", epochs=6, lr=3e-3, batch_size=8, seed=0,
+                                            precision=precision))
+    fp32, bf16 = ([h["loss"] for h in runs[p]["history"]] for p in ("fp32", "bf16"))
+    assert bf16[-1] < bf16[0] * 0.8, bf16
+    assert bf16 != fp32  # the same run but for the setting: autocast did change the arithmetic
+    assert runs["bf16"]["precision"] == "bf16"
+    saved = load_model(str(tmp_path / "bf16"), device="cpu")
+    assert {p.dtype for p in saved.model.parameters()} == {torch.float32}  # master weights stay float32
+
+
+def test_precision_is_refused_where_it_cannot_run(tmp_path):
+    with pytest.raises(ConfigError, match="precision 'fp8'"):
+        TrainConfig(data="d", out="o", precision="fp8")
+    if not torch.cuda.is_available():  # CI: always; on a GPU machine TF32 is allowed
+        with pytest.raises(ConfigError, match="needs an NVIDIA GPU"):
+            train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "o"), precision="tf32"))
+
+
+def test_train_takes_a_student_built_by_the_caller(tmp_path):
+    lm = load_model("tiny")
+    save_dataset(_records(lm), [], tmp_path / "data")
+    built = load_model("tiny:layers=1,seed=3", device="cpu")  # e.g. a student whose layers or head were changed
+    config = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "s"), student="tiny", teacher="tiny",
+                         loss="sft", epochs=1, batch_size=8, seed=0)
+    summary = train(config, student=built)
+    assert summary["student_given"] and summary["steps"] == 3
+    assert load_model(str(tmp_path / "s"), device="cpu").model.config.num_hidden_layers == 1  # not config.student's 2
+    # A checkpoint is resumed only by the same starting weights: the fingerprint reads them.
+    examples = [{"input_ids": [1, 2, 3]}]
+    other = load_model("tiny:layers=1,seed=4", device="cpu")
+    prints = {run_fingerprint(config, examples), run_fingerprint(config, examples, other.model),
+              run_fingerprint(config, examples, load_model("tiny:layers=1,seed=4", device="cpu").model)}
+    assert len(prints) == 2
 
 
 def test_auto_loss_is_topk_kd_where_the_data_allows_it(tmp_path):

@@ -215,6 +215,8 @@ def train_cmd(
     save_steps: int = typer.Option(100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint of this "
                                                                   "same run in OUT/checkpoints (after a crash)"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (mixed precision, float32 master weights) | tf32 "
+                                               "(float32 with TF32 matrix products; NVIDIA Ampere or newer)"),
 ) -> None:
     """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
 
@@ -235,7 +237,7 @@ def train_cmd(
     config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
                          seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens,
-                         save_steps=save_steps, resume=resume)
+                         save_steps=save_steps, resume=resume, precision=precision)
 
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:

@@ -53,6 +53,9 @@ LOSSES = ("auto", "sft", "topk-kd", "kd", "gkd")
 LOCAL_TEACHER_LOSSES = ("kd", "gkd")  # need the teacher's logits, computed here
 
 
+PRECISIONS = ("fp32", "bf16", "tf32")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data: str
@@ -78,6 +81,10 @@ class TrainConfig:
     # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
     group_by_length: bool = True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
     sparse_logits: bool = True  # output layer only where a loss is taken (the answer), not over the prompt
+    # fp32 | bf16 (the HF Trainer's mixed precision: autocast, float32 master weights) | tf32 (float32
+    # with TF32 matrix products: NVIDIA Ampere or newer). The README's curves: fp32 on CPUs, tf32 on
+    # an H200, which reproduced a CPU point to 0.01 nats (bench/results/distill_curves_gpu.json).
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -88,6 +95,8 @@ class TrainConfig:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
         if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
             raise ConfigError("--gen-max-new-tokens must be at least 1 and --gen-temperature above 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.save_steps < 0:
             raise ConfigError(f"--save-steps {self.save_steps}: use 0 (no checkpoints) or more")
 
@@ -334,19 +343,28 @@ def collate(batch: list[dict], pad_id: int, *, prompts: bool = False) -> dict:
 
 # ---- training -------------------------------------------------------------------------------
 
-def train(config: TrainConfig, *, callbacks=()) -> dict:
-    """Train and save the student to ``config.out``; returns a summary (losses, sizes, steps)."""
+def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = None) -> dict:
+    """Train and save the student to ``config.out``; returns a summary (losses, sizes, steps).
+
+    ``student``: a model built by the caller (e.g. one whose layers or head were changed) to train
+    instead of loading ``config.student``, which then only names it. Its starting weights are part
+    of the run's fingerprint, so a checkpoint of another starting point is never resumed.
+    """
     from datasets import load_from_disk
 
+    if config.precision == "tf32" and not torch.cuda.is_available():
+        raise ConfigError("--precision tf32 needs an NVIDIA GPU (Ampere or newer); use fp32 or bf16 here")
     torch.manual_seed(config.seed)
     data_dir = Path(config.data)
     if not (data_dir / "dataset_dict.json").is_file():
         raise ConfigError(f"{data_dir} is not a curated dataset directory (run `distillguard distill curate`)")
     ds = load_from_disk(str(data_dir))
     teacher = None
-    if config.loss in LOCAL_TEACHER_LOSSES or config.student.startswith("prune:"):
+    if config.loss in LOCAL_TEACHER_LOSSES or (student is None and config.student.startswith("prune:")):
         teacher = load_model(config.teacher, device="cpu")
-    student = load_student(config.student, teacher or config.teacher)
+    given = student is not None
+    if not given:
+        student = load_student(config.student, teacher or config.teacher)
     if config.loss in LOCAL_TEACHER_LOSSES:
         require_same_tokenizer(teacher, student, config.loss)
     tok = student.tokenizer
@@ -375,7 +393,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     checkpoints = Path(config.out) / "checkpoints"
-    fingerprint = run_fingerprint(config, examples)
+    fingerprint = run_fingerprint(config, examples, model if given else None)
     resume_from, mark = resume_point(checkpoints, fingerprint, config.resume) if config.save_steps else (None, {})
     args = TrainingArguments(
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
@@ -385,6 +403,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
         logging_steps=5, report_to=[], disable_tqdm=True, seed=config.seed,
         save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
         remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        bf16=config.precision == "bf16", tf32=True if config.precision == "tf32" else None,
     )
     if config.loss in LOCAL_TEACHER_LOSSES:
         trainer = LogitKDTrainer(
@@ -411,6 +430,7 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
     runtime, start_step = result.metrics["train_runtime"], mark.get("step", 0)
     share_this_run = (result.global_step - start_step) / max(result.global_step, 1)
     summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
+               "precision": config.precision, "student_given": given,
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
                "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
@@ -429,11 +449,18 @@ def train(config: TrainConfig, *, callbacks=()) -> dict:
 CHECKPOINT_MARK = "distillguard_checkpoint.json"
 
 
-def run_fingerprint(config: TrainConfig, examples: list[dict]) -> str:
-    """What makes two runs the same run: every setting but where things are, and the exact examples."""
+def run_fingerprint(config: TrainConfig, examples: list[dict], given_student: torch.nn.Module | None = None) -> str:
+    """What makes two runs the same run: every setting but where things are, the exact examples,
+    and the starting weights of a student the caller built (``train(student=...)``)."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")}
+    if settings["precision"] == "fp32":  # the setting's default: checkpoints from before it existed still resume
+        del settings["precision"]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(examples).encode())
+    if given_student is not None:
+        for name, tensor in given_student.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -560,6 +587,16 @@ class _MeanLossTrainer(Trainer):
         self.sparse_logits = sparse_logits
         self.model_accepts_loss_kwargs = False
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The sparse output layer (answer_logits) calls the decoder and the head directly, around the
+        # forward that accelerate wraps in autocast, so mixed precision (--precision bf16) is entered
+        # here: without this it silently trained in float32 (tested). A no-op in float32.
+        with self.accelerator.autocast():
+            return self.loss_of(model, inputs, return_outputs)
+
+    def loss_of(self, model, inputs, return_outputs: bool):
+        raise NotImplementedError
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
@@ -589,7 +626,7 @@ class SFTTrainer(_MeanLossTrainer):
     """Cross-entropy on the labelled (answer) tokens: the model's own causal-LM loss, with the
     output layer applied only where a label is (see :func:`answer_logits`)."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def loss_of(self, model, inputs, return_outputs: bool):
         labels = inputs["labels"]  # (B, T)
         select = shifted(labels)
         logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], select,
@@ -601,7 +638,7 @@ class SFTTrainer(_MeanLossTrainer):
 class KDTrainer(_MeanLossTrainer):
     """Trainer whose loss is the sparse top-k KL to the teacher at every answer position."""
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def loss_of(self, model, inputs, return_outputs: bool):
         topk_ids, topk_lps, kd_mask = inputs["topk_ids"], inputs["topk_logprobs"], inputs["kd_mask"]  # (B, T, K), (B, T)
         logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], kd_mask,
                                sparse=self.sparse_logits)  # (N, V)
@@ -661,7 +698,7 @@ class LogitKDTrainer(_MeanLossTrainer):
         return {"input_ids": seqs, "attention_mask": torch.cat([prompt_mask, answer_mask], dim=1),
                 "labels": torch.cat([torch.full_like(prompt_ids, IGNORE), labels], dim=1)}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def loss_of(self, model, inputs, return_outputs: bool):
         if self.lmbda > 0 and model.training and self.on_policy_now():
             inputs = self.student_answers(model, inputs)
             self.on_policy_batches += 1
