@@ -475,7 +475,33 @@ def write_report(args, work: Path, points: list[dict], ref: dict, committed: dic
     (args.results / "distill_curves.json").write_text(json.dumps(report, indent=2))
     plot(report, args.results / "distill_curves.png")
     (args.results / "distill_curves.md").write_text(grid_markdown(report, student_costs()))
+    (args.results / "distill_curves_samples.md").write_text(samples_markdown(report))
     print(json.dumps(report))
+
+
+def samples_markdown(report: dict) -> str:
+    """The first held-out answers of the teacher and of every student trained on the most queries
+    its loss got, side by side: what "coherent" means is read here, the table's numbers only point."""
+    best = {}
+    for p in report["points"]:
+        key = (*student_of(p), variant(p))
+        if p["queries"] and p.get("samples") and p["queries"] >= best.get(key, {"queries": 0})["queries"]:
+            best[key] = p
+    if not best:
+        return ""
+    first = next(iter(best.values()))["samples"]
+    lines = ["# Greedy answers to the first held-out prompts", "",
+             "Written by `bench/distill_curves.py` from its points: the teacher's answer, then each student's "
+             "(its largest number of teacher queries, per loss), capped at 64 tokens.", ""]
+    for i, sample in enumerate(first):
+        lines += [f"## Prompt {i + 1}", "", f"- **teacher**: {sample['teacher']!r}"]
+        for key in sorted(best, key=lambda k: (-k[0], k[1] != "influence", k[2])):
+            p = best[key]
+            if i < len(p["samples"]):
+                lines.append(f"- **`{student_label(*key[:2])}` {key[2]}, {p['queries']:,} queries{gpu_mark(p)}**"
+                             + (f" (rep4 {p['rep4']:.2f})" if "rep4" in p else "") + f": {p['samples'][i]['student']!r}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def student_costs() -> dict:
