@@ -94,6 +94,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tf32", action="store_true",
                    help="on a GPU, let float32 matrix products use TF32 (about 8x faster on Hopper; the points "
                         "record it, and a CPU point rerun this way measures what it changes)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
+                   help="training precision (TrainConfig.precision); a point trained otherwise than fp32 is a "
+                        "variant, named and tabled as such (measurement stays float32)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: report every point cached under --work (e.g. after several partial grids)")
     return p.parse_args()
@@ -310,7 +313,7 @@ def main() -> None:
     grid = [(0, d, init, "untrained") for d in depths for init in inits]
     grid += [(n, d, init, loss) for n in sizes for d in depths for init in inits for loss in losses]
     for i, (n, depth, init, loss) in enumerate(grid, 1):
-        name = point_name(loss, depth, init, n, args.epochs, args.lr)
+        name = point_name(loss, depth, init, n, args.epochs, args.lr, args.precision)
         path = work / "points" / f"{name}.json"
         kept = work / "students" / name
         if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
@@ -342,11 +345,13 @@ def main() -> None:
                           console=console) as progress:
                 summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
                                             loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                            max_length=256, seed=0, save_steps=args.save_steps),
+                                            max_length=256, seed=0, save_steps=args.save_steps,
+                                            precision=args.precision),
                                 callbacks=[ProgressCallback(progress)])
             student = on_device(load_model(str(out), device="cpu"), args.device)
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "epochs": args.epochs,
+                  **({"precision": args.precision} if n else {}),
                   "train_seconds": train_s, **hardware,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, teacher, eval_messages, ref, args.max_tokens)}
@@ -379,9 +384,12 @@ def on_device(lm, device: str):
     return dataclasses.replace(lm, device=torch.device(device))
 
 
-def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR) -> str:
+def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR,
+               precision: str = "fp32") -> str:
     # evenly spaced layers were the only choice before: their cached points keep the old names
     name = f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
+    if n and precision != "fp32":
+        name += f"-{precision}"
     if n and epochs != EPOCHS:
         name += f"-e{epochs:g}"
     if n and lr != LR:
@@ -391,13 +399,14 @@ def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS,
 
 def point_name_of(p: dict) -> str:
     return point_name(p["loss"], p["depth"], p.get("init", "even"), p["queries"], p.get("epochs", EPOCHS),
-                      p.get("lr", LR))
+                      p.get("lr", LR), p.get("precision", "fp32"))
 
 
 def variant(p: dict) -> str:
     """The loss, plus the training settings where they differ from the grid's: 'topk-kd, 4 epochs'."""
     extra = ([f"{p['epochs']:g} epochs"] if p.get("epochs", EPOCHS) != EPOCHS else []) + \
-            ([f"lr {p['lr']:g}"] if p["queries"] and p.get("lr", LR) != LR else [])
+            ([f"lr {p['lr']:g}"] if p["queries"] and p.get("lr", LR) != LR else []) + \
+            ([p["precision"]] if p["queries"] and p.get("precision", "fp32") != "fp32" else [])
     return ", ".join([p["loss"], *extra])
 
 
