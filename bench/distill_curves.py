@@ -99,6 +99,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tf32", action="store_true",
                    help="on a GPU, let float32 matrix products use TF32 (about 8x faster on Hopper; the points "
                         "record it, and a CPU point rerun this way measures what it changes)")
+    p.add_argument("--answers-per-query", type=int, default=1,
+                   help="n of each API request: the teacher's answers per query (more tokens bought, not more "
+                        "queries); a point with n > 1 is a variant, trained on every answer")
     p.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
                    help="training precision (TrainConfig.precision); a point trained otherwise than fp32 is a "
                         "variant, named and tabled as such (measurement stays float32)")
@@ -145,7 +148,7 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
     # gives up and resends only queues the same work again behind what the server still computes.
     config = HarvestConfig(teacher="http://127.0.0.1:0/v1", model=args.teacher, concurrency=args.concurrency,
                            max_tokens=args.max_tokens, temperature=args.temperature, top_logprobs=args.top_logprobs,
-                           seed=0, timeout_s=3600)
+                           seed=0, timeout_s=3600, n=args.answers_per_query)
     todo = len(prompts) - len(store.done() & {fingerprint_of(config, p) for p in prompts})
     seconds = 0.0
     if todo and args.teacher_url:
@@ -185,16 +188,19 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
             server.wait(timeout=30)
     by_prompt = {}
     for rec in store.records(only_ok=False):
+        if rec["request"].get("n", 1) != args.answers_per_query:  # the store holds requests of other n too
+            continue
         if rec["status"] in ("ok", "malformed:truncated"):  # a capped answer is still the teacher's prefix
-            choice = rec["response"]["choices"][0]
-            by_prompt[rec["prompt_id"]] = {
-                "id": rec["prompt_id"], "prompt_id": rec["prompt_id"], "messages": rec["request"]["messages"],
-                "response": choice["message"]["content"], "logprobs": (choice.get("logprobs") or {}).get("content"),
-                "completion_tokens": rec["response"]["usage"]["completion_tokens"]}
+            choices = rec["response"]["choices"]
+            by_prompt[rec["prompt_id"]] = [{
+                # one answer per query keeps the id it always had (the datasets of earlier runs stay valid)
+                "id": rec["prompt_id"] + (f"#{k}" if len(choices) > 1 else ""), "prompt_id": rec["prompt_id"],
+                "messages": rec["request"]["messages"], "response": choice["message"]["content"],
+                "logprobs": (choice.get("logprobs") or {}).get("content")} for k, choice in enumerate(choices)]
     meta = {"harvest_seconds_this_run": seconds, **store.totals()}
     (work / "harvest" / "meta.json").write_text(json.dumps(meta, indent=2))
     store.close()
-    return [by_prompt[p.id] for p in prompts if p.id in by_prompt]
+    return [by_prompt[p.id] for p in prompts if p.id in by_prompt]  # per query: its answers
 
 
 def free_port() -> int:
@@ -295,11 +301,12 @@ def main() -> None:
         return write_report(args, work, [json.loads(f.read_text()) for f in sorted((work / "points").glob("*.json"))],
                             ref, committed)
     train_prompts, eval_prompts = prompts_split(args, max(sizes), work)
-    rows = harvest_all(args, train_prompts, work)
-    console.print(f"{len(rows)} usable teacher answers for {len(train_prompts)} training prompts")
+    answered = harvest_all(args, train_prompts, work)
+    console.print(f"{sum(map(len, answered))} usable teacher answers to {len(answered)} of {len(train_prompts)} "
+                  f"training prompts")
     for n in sizes:  # before any training: several runs (one point each) can then share the cache
-        if not (work / "data" / f"n{n}" / "dataset_dict.json").is_file():
-            save_dataset(rows[:n], [], work / "data" / f"n{n}")
+        if not (data_dir(work, n, args.answers_per_query) / "dataset_dict.json").is_file():
+            save_dataset([r for rows in answered[:n] for r in rows], [], data_dir(work, n, args.answers_per_query))
     if args.harvest_only:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -318,7 +325,7 @@ def main() -> None:
     grid = [(0, d, init, "untrained") for d in depths for init in inits]
     grid += [(n, d, init, loss) for n in sizes for d in depths for init in inits for loss in losses]
     for i, (n, depth, init, loss) in enumerate(grid, 1):
-        name = point_name(loss, depth, init, n, args.epochs, args.lr, args.precision)
+        name = point_name(loss, depth, init, n, args.epochs, args.lr, args.precision, args.answers_per_query)
         path = work / "points" / f"{name}.json"
         kept = work / "students" / name
         if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
@@ -343,7 +350,7 @@ def main() -> None:
             student = on_device(load_student(spec, teacher if args.device == "cpu" else args.teacher), args.device)
             summary = {"steps": 0, "examples": 0}
         else:
-            data = work / "data" / f"n{n}"
+            data = data_dir(work, n, args.answers_per_query)
             out = work / "students" / name
             with Progress(TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(),
                           TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -356,7 +363,7 @@ def main() -> None:
             student = on_device(load_model(str(out), device="cpu"), args.device)
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "epochs": args.epochs,
-                  **({"precision": args.precision} if n else {}),
+                  **({"precision": args.precision, "answers_per_query": args.answers_per_query} if n else {}),
                   "train_seconds": train_s, **hardware,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, teacher, eval_messages, ref, args.max_tokens)}
@@ -389,10 +396,16 @@ def on_device(lm, device: str):
     return dataclasses.replace(lm, device=torch.device(device))
 
 
+def data_dir(work: Path, n: int, answers_per_query: int = 1) -> Path:
+    return work / "data" / (f"n{n}" if answers_per_query == 1 else f"n{n}x{answers_per_query}")
+
+
 def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR,
-               precision: str = "fp32") -> str:
+               precision: str = "fp32", answers_per_query: int = 1) -> str:
     # evenly spaced layers were the only choice before: their cached points keep the old names
     name = f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
+    if n and answers_per_query != 1:
+        name += f"x{answers_per_query}"
     if n and precision != "fp32":
         name += f"-{precision}"
     if n and epochs != EPOCHS:
@@ -404,14 +417,15 @@ def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS,
 
 def point_name_of(p: dict) -> str:
     return point_name(p["loss"], p["depth"], p.get("init", "even"), p["queries"], p.get("epochs", EPOCHS),
-                      p.get("lr", LR), p.get("precision", "fp32"))
+                      p.get("lr", LR), p.get("precision", "fp32"), p.get("answers_per_query", 1))
 
 
 def variant(p: dict) -> str:
     """The loss, plus the training settings where they differ from the grid's: 'topk-kd, 4 epochs'."""
     extra = ([f"{p['epochs']:g} epochs"] if p.get("epochs", EPOCHS) != EPOCHS else []) + \
             ([f"lr {p['lr']:g}"] if p["queries"] and p.get("lr", LR) != LR else []) + \
-            ([p["precision"]] if p["queries"] and p.get("precision", "fp32") != "fp32" else [])
+            ([p["precision"]] if p["queries"] and p.get("precision", "fp32") != "fp32" else []) + \
+            ([f"{p['answers_per_query']} answers/query"] if p["queries"] and p.get("answers_per_query", 1) != 1 else [])
     return ", ".join([p["loss"], *extra])
 
 
