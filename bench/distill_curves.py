@@ -632,7 +632,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("teacher queries")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    ax_nll.legend(fontsize=7)
+    ax_nll.legend(fontsize=6, loc="upper right")
     fig.suptitle(f"Distilling {t['spec']} ({t['parameters'] / 1e6:.0f}M) through its API\nfaint: other layer "
                  "choices (evenly spaced, a contiguous block); dotted: fitted power law beyond the last point"
                  + ("; ringed: trained on a GPU" if any(gpu_mark(p) for p in report["points"]) else ""), fontsize=9)
