@@ -315,7 +315,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     hardware = {"trained_on": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "measured_on": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                "tf32": bool(args.tf32 and torch.cuda.is_available())}
+                # either switch turns TF32 on: --tf32 here, or --precision tf32 through the Trainer
+                "tf32": bool((args.tf32 or args.precision == "tf32") and torch.cuda.is_available())}
     eval_messages = [p.as_messages() for p in eval_prompts]
     teacher = on_device(load_model(args.teacher, device="cpu"), args.device)
     ref = teacher_reference(args, teacher, eval_messages, work)

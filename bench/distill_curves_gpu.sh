@@ -33,7 +33,12 @@ for job in "${jobs[@]}"; do
     > "$LOGS/$loss-$depth.log" 2>&1 &
   pids+=($!)
 done
+# GPU use every 30 s (the 90-99% above was read this way)
+( while sleep 30; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader; done ) \
+  > "$LOGS/gpu-use.log" 2>&1 &
+monitor=$!
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+kill "$monitor"
 grep -h "^NLL" "$LOGS"/*.log
 exit $status
