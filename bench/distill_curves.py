@@ -144,7 +144,7 @@ def held_out_messages(prompts_file: Path, n: int) -> list[list[dict]]:
 def harvest_all(args, prompts, work: Path) -> list[dict]:
     """Teacher answers (with top-k logprobs) for ``prompts`` through the API; cached in a store."""
     from distillguard.distill.harvest import HarvestConfig, harvest
-    from distillguard.distill.store import ResponseStore
+    from distillguard.distill.store import ResponseStore, classify_choice
 
     store = ResponseStore(work / "harvest" / "store.sqlite")
     # A long timeout: a CPU teacher on a busy machine takes minutes per batch, and a client that
@@ -199,7 +199,9 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
                 # one answer per query keeps the id it always had (the datasets of earlier runs stay valid)
                 "id": rec["prompt_id"] + (f"#{k}" if len(choices) > 1 else ""), "prompt_id": rec["prompt_id"],
                 "messages": rec["request"]["messages"], "response": choice["message"]["content"],
-                "logprobs": (choice.get("logprobs") or {}).get("content")} for k, choice in enumerate(choices)]
+                "logprobs": (choice.get("logprobs") or {}).get("content")} for k, choice in enumerate(choices)
+                # an empty choice is no answer; a capped one is kept, as above
+                if classify_choice(choice) in ("ok", "malformed:truncated")]
     meta = {"harvest_seconds_this_run": seconds, **store.totals()}
     (work / "harvest" / "meta.json").write_text(json.dumps(meta, indent=2))
     store.close()

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
-from distillguard.distill.harvest import _Budget, classify, content_bytes
+from distillguard.distill.harvest import _Budget, classify, classify_choice, content_bytes
 from distillguard.distill.store import fingerprint
 from distillguard.errors import ConfigError
 from distillguard.guard.db import make_engine
@@ -75,6 +75,38 @@ def test_unit_pieces():
     assert classify({"choices": [{"message": {"content": " "}, "finish_reason": "stop"}]}, 1) == "malformed:empty"
     assert classify({"choices": [{"message": {"content": "x"}, "finish_reason": "length"}]}, 1) == "malformed:truncated"
     assert classify({"choices": []}, 1) == "malformed:invalid" and classify([1], 1) == "malformed:invalid"
+    # n > 1: one usable choice makes the response usable; otherwise a cut-off choice names it
+    cut = {"message": {"content": "x"}, "finish_reason": "length"}
+    empty = {"message": {"content": ""}, "finish_reason": "stop"}
+    assert classify({"choices": [cut, empty, ok["choices"][0]]}, 3) == "ok"
+    assert classify({"choices": [empty, cut]}, 2) == classify({"choices": [cut, empty]}, 2) == "malformed:truncated"
+    assert classify({"choices": [empty, empty]}, 2) == "malformed:empty"
+    assert classify({"choices": [ok["choices"][0], {"message": {}}]}, 2) == "malformed:invalid"
+    assert classify({"choices": [ok["choices"][0]]}, 2) == "malformed:invalid"  # fewer choices than asked
+
+
+def test_export_keeps_each_usable_choice(tmp_path):
+    """Usability is judged per choice: a cut-off or empty choice does not take its paid siblings
+    with it, also in a response stored under the older all-or-nothing status."""
+    def choice(i, content, finish="stop"):
+        return {"index": i, "message": {"content": content}, "finish_reason": finish,
+                "logprobs": {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": []}]}}
+
+    mixed = {"choices": [choice(0, "cut", "length"), choice(1, "  "), choice(2, "whole answer")], "usage": {}}
+    old_status = {"choices": [choice(0, "cut", "length"), choice(1, "kept too")], "usage": {}}
+    dead = {"choices": [choice(0, "cut", "length"), choice(1, "")], "usage": {}}
+    store = ResponseStore(tmp_path / "store.sqlite")
+    req = {"messages": [{"role": "user", "content": "q"}], "n": 3}
+    store.put_many([("f1", "p1", req, mixed, classify(mixed, 3), 1, 1, 0.0),
+                    ("f2", "p2", req, old_status, "malformed:truncated", 1, 1, 0.0),
+                    ("f3", "p3", req, dead, classify(dead, 2), 1, 1, 0.0),
+                    ("f4", "p4", req, None, "malformed:invalid", 1, 0, 0.0)])
+    assert classify(mixed, 3) == "ok" and classify(dead, 2) == "malformed:truncated"
+    out = tmp_path / "data.jsonl"
+    assert store.export_jsonl(out) == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["response"]) for r in rows] == [("p1#2", "whole answer"), ("p2#1", "kept too")]
+    assert all(r["finish_reason"] == "stop" and r["logprobs"] for r in rows)
     with pytest.raises(ConfigError, match="needs --price-in"):
         HarvestConfig(teacher="http://x", budget_usd=1.0)
     with pytest.raises(ConfigError, match="--commit-window"):
@@ -136,6 +168,24 @@ def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path
     again = asyncio.run(harvest(config, prompts, store))
     assert again.skipped_done == 8 and again.sent == 0
     assert set(generations(teacher[1], "harvester").values()) == {1}
+
+
+def test_several_answers_per_request_are_counted_and_exported_one_by_one(teacher, tmp_path):
+    key = make_key(teacher, "plural")
+    prompts = load_prompts(str(prompts_file(tmp_path, 6, "plural")))
+    config = HarvestConfig(teacher=teacher[0], api_key=key, model="tiny", concurrency=3, n=3, max_tokens=48,
+                           temperature=1.0, seed=1)
+    store = ResponseStore(tmp_path / "store.sqlite")
+    report = asyncio.run(harvest(config, prompts, store))
+    assert report.stored_ok + sum(report.malformed.values()) == 6 and not report.failed
+    # every stored response accounts for its 3 choices, and exactly the usable ones are exported
+    assert report.answers_ok + sum(report.answers_malformed.values()) == 18
+    data = tmp_path / "data.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()] if store.export_jsonl(data) else []
+    assert len(rows) == report.answers_ok
+    statuses = [classify_choice(c) for r in store.records(only_ok=False) for c in r["response"]["choices"]]
+    assert statuses.count("ok") == report.answers_ok
+    assert {r["prompt_id"] for r in rows} == {r["prompt_id"] for r in store.records()}  # the 'ok' responses
 
 
 def test_budget_is_never_exceeded(teacher, tmp_path):

@@ -82,7 +82,8 @@ def harvest_cmd(
     summary = {**report.to_dict(), "store": store.totals(), "data_rows": rows}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     store.close()
-    err_console.print(f"stored {report.stored_ok} new answers ({report.skipped_done} from earlier runs), "
+    answers = f" ({report.answers_ok} usable answers of {config.n} each)" if config.n > 1 else ""
+    err_console.print(f"stored {report.stored_ok} new answers{answers} ({report.skipped_done} from earlier runs), "
                       f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
                       f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
     print(json.dumps(summary))

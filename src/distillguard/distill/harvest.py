@@ -14,7 +14,8 @@
 * **Retries** on 429, 5xx, timeouts and broken connections: exponential backoff with full
   jitter, at least the server's ``Retry-After``.
 * **Malformed answers** (no choices, empty, truncated at max_tokens, not JSON) are counted and
-  stored as such (they were paid for) but kept out of the data.
+  stored as such (they were paid for) but kept out of the data. With ``n`` > 1 that is decided
+  per choice: a response is 'ok' when any of its choices is usable, and only those are exported.
 * **Cheap client.** HTTP goes through aiohttp: on a small machine httpx's async client costs
   about ten times the CPU per request and capped the harvest at ~10% of what a bare aiohttp client
   gets from the same server (``bench/harvest_throughput.py``). Answers are parsed with orjson and
@@ -36,7 +37,7 @@ import aiohttp
 import orjson
 
 from distillguard.distill.prompts import Prompt
-from distillguard.distill.store import ResponseStore, fingerprint
+from distillguard.distill.store import ResponseStore, classify, classify_choice, fingerprint
 from distillguard.errors import ConfigError
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -99,7 +100,9 @@ class HarvestReport:
     skipped_done: int = 0  # already in the store from an earlier run
     sent: int = 0
     stored_ok: int = 0
-    malformed: dict[str, int] = field(default_factory=dict)
+    malformed: dict[str, int] = field(default_factory=dict)  # responses with no usable answer, by why
+    answers_ok: int = 0  # usable answers (choices) among the stored responses: n per response at most
+    answers_malformed: dict[str, int] = field(default_factory=dict)  # unusable choices, by why
     failed: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     budget_stopped: int = 0  # not sent: the budget could not cover their worst case
@@ -169,19 +172,17 @@ def content_bytes(body: dict) -> int:
     return sum(len(str(m.get("content", "")).encode()) for m in body["messages"])
 
 
-def classify(response: object, n: int) -> str:
-    """'ok' or 'malformed:<why>' for a parsed teacher answer."""
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list) or len(response["choices"]) != n:
-        return "malformed:invalid"
+def count_answers(report: HarvestReport, response: object, status: str, n: int) -> None:
+    """Add one stored response's choices to the per-answer counts."""
+    if status == "malformed:invalid":
+        report.answers_malformed[status] = report.answers_malformed.get(status, 0) + n
+        return
     for choice in response["choices"]:
-        content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
-        if not isinstance(content, str):
-            return "malformed:invalid"
-        if not content.strip():
-            return "malformed:empty"
-        if choice.get("finish_reason") == "length":
-            return "malformed:truncated"
-    return "ok"
+        why = classify_choice(choice)
+        if why == "ok":
+            report.answers_ok += 1
+        else:
+            report.answers_malformed[why] = report.answers_malformed.get(why, 0) + 1
 
 
 async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseStore, *,
@@ -275,6 +276,7 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
                 report.prompt_tokens += p
                 report.completion_tokens += c
                 report.cost_usd += usd
+                count_answers(report, response, status, config.n)
                 if status == "ok":
                     report.stored_ok += 1
                 else:

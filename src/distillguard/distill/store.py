@@ -49,6 +49,35 @@ def _json_text(value: dict | str | bytes | None) -> str | None:
     return orjson.dumps(value).decode()
 
 
+def classify_choice(choice: object) -> str:
+    """'ok' or 'malformed:<why>' for one of an answer's choices."""
+    content = (choice.get("message") or {}).get("content") if isinstance(choice, dict) else None
+    if not isinstance(content, str):
+        return "malformed:invalid"
+    if not content.strip():
+        return "malformed:empty"
+    if choice.get("finish_reason") == "length":
+        return "malformed:truncated"
+    return "ok"
+
+
+def classify(response: object, n: int) -> str:
+    """'ok' or 'malformed:<why>' for a parsed teacher answer of ``n`` choices.
+
+    'ok' when at least one choice is usable: with ``n`` > 1 one choice cut at max_tokens must not
+    throw away the others, which were paid for too (the export keeps the usable choices only). A
+    response whose choices are all unusable is 'malformed:truncated' if any was cut off (a prefix
+    some consumers still read, e.g. self-instruct), else 'malformed:empty'.
+    """
+    if not isinstance(response, dict) or not isinstance(response.get("choices"), list) or len(response["choices"]) != n:
+        return "malformed:invalid"
+    statuses = {classify_choice(choice) for choice in response["choices"]}
+    for status in ("malformed:invalid", "ok", "malformed:truncated"):
+        if status in statuses:
+            return status
+    return "malformed:empty"
+
+
 class ResponseStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -109,11 +138,22 @@ class ResponseStore:
         return found
 
     def export_jsonl(self, path: str | Path) -> int:
-        """The usable data: one line per (prompt, choice) with messages, answer, usage, logprobs."""
+        """The usable data: one line per (prompt, usable choice) with messages, answer, usage, logprobs.
+
+        Usability is judged per choice, over every stored response: a response of ``n`` choices
+        is 'ok' when any of them is usable, and one stored before that rule (all of its choices
+        judged together) still gives up its usable choices here.
+        """
         n = 0
         with open(path, "w", encoding="utf-8") as fh:
-            for rec in self.records():
-                for choice in rec["response"]["choices"]:
+            for rec in self.records(only_ok=False):
+                response = rec["response"]
+                choices = response.get("choices") if isinstance(response, dict) else None
+                if not isinstance(choices, list) or classify(response, len(choices)) == "malformed:invalid":
+                    continue
+                for choice in choices:
+                    if classify_choice(choice) != "ok":
+                        continue
                     fh.write(json.dumps({
                         "id": f"{rec['prompt_id']}#{choice.get('index', 0)}", "prompt_id": rec["prompt_id"],
                         "messages": rec["request"]["messages"], "response": choice["message"]["content"],
