@@ -43,6 +43,21 @@ def test_filters_dedup_and_decontamination():
     assert len(train) == len(QUESTIONS) and evaluation == [] and report.read == len(records)
 
 
+def test_answers_of_one_request_are_siblings_not_duplicates():
+    """``n`` answers to one prompt id share their prompt; deduplicating on the prompt keeps them all
+    and still drops the same question asked under another id (exactly or nearly)."""
+    records = [{**rec(f"p{i}", q, f"answer {k} about item {i}"), "id": f"p{i}#{k}"}
+               for i, q in enumerate(QUESTIONS[:4]) for k in range(3)]
+    records += [rec("again", QUESTIONS[0], "asked twice"), rec("near", QUESTIONS[1] + " please", "nearly twice")]
+    train, _, report = curate(records, CurateConfig(eval_fraction=0.0))
+    assert len(train) == 12 and report.removed == {"duplicate": 1, "near_duplicate": 1}
+    # on responses, a sibling that repeats an answer word for word is a duplicate all the same
+    twins = [{**rec("p0", QUESTIONS[0], "same answer"), "id": f"p0#{k}"} for k in range(2)]
+    train, _, report = curate(twins + [rec("p1", QUESTIONS[1], "other")],
+                              CurateConfig(eval_fraction=0.0, dedup_on="response"))
+    assert len(train) == 2 and report.removed == {"duplicate": 1}
+
+
 def test_verifier_hook_and_split_by_prompt(tmp_path, monkeypatch):
     (tmp_path / "checks.py").write_text("def even(record):\n    return int(record['response']) % 2 == 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -249,7 +249,7 @@ def test_pipeline_runs_all_stages_then_caches_them(teacher, tmp_path, monkeypatc
     cfg.write_text(f"""
 out: {tmp_path / 'run'}
 harvest: {{teacher: "{teacher[0]}", api_key_env: DG_TEST_KEY, model: tiny, prompts: "{path}", max_tokens: 400,
-          temperature: 1.0, concurrency: 4, seed: 1}}
+          temperature: 1.0, concurrency: 4, seed: 1, n: 2}}
 curate: {{eval_fraction: 0.3, near_dup_threshold: null, min_chars: 1, drop_refusals: false}}
 train: {{student: tiny, teacher: tiny, epochs: 1, batch_size: 4}}
 eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
@@ -257,6 +257,9 @@ eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
     first = run(load_config(cfg), log=lambda *_: None)
     assert first["harvest"]["sent"] == 10 and first["train"]["steps"] >= 1
     assert first["eval"]["student"]["nll"] > 0
+    # both answers of a request come through: harvest -> data rows -> curated rows, none lost
+    assert first["harvest"]["data_rows"] == first["harvest"]["answers_ok"] > 10
+    assert first["curate"]["train"] + first["curate"]["eval"] == first["harvest"]["data_rows"]
     marks = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("stage.json")}
     assert len(marks) == 3
     second = run(load_config(cfg), log=lambda *_: None)

@@ -2,7 +2,8 @@
 
 Order: malformed rows out, length and refusal filters, the optional verifier, decontamination
 against the evaluation prompts, exact then near-duplicate removal (MinHash LSH from datasketch
-over word 3-shingles), and a train/eval split by prompt (every answer to one prompt lands on
+over word 3-shingles; on the prompt, the several answers of one request are kept together), and
+a train/eval split by prompt (every answer to one prompt lands on
 the same side, so the evaluation never sees a training question). Writes an HF ``datasets``
 directory (``load_from_disk``) and a report of how many rows each step removed.
 """
@@ -112,7 +113,7 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
         eval_exact.add(" ".join(WORD.findall(text.lower())))
         contam.insert(f"e{i}", _minhash(text, config.num_perm))
     near = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm) if config.near_dup_threshold else None
-    seen_exact: set[str] = set()
+    key_owner: dict[str, str | None] = {}  # dedup key -> the prompt id that brought it (prompt dedup)
     train: list[dict] = []
     evaluation: list[dict] = []
     for record in records:
@@ -140,17 +141,22 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
             continue
         key_text = {"prompt": prompt, "response": response, "both": prompt + "\n" + response}[config.dedup_on]
         exact = hashlib.sha256(" ".join(WORD.findall(key_text.lower())).encode()).hexdigest()
-        if exact in seen_exact:
-            report.drop("duplicate")
-            continue
-        if near is not None:
+        pid = str(record.get("prompt_id") or record.get("id") or exact)
+        # Deduplicating on the prompt, the answers of one request (the API's n > 1) share it:
+        # siblings, not duplicates. A prompt key belongs to the prompt id that brought it first and
+        # only another prompt id's copy goes. On responses, a repeated answer goes whoever asked.
+        owner = pid if config.dedup_on == "prompt" else None
+        if exact in key_owner:
+            if owner is None or key_owner[exact] != owner:
+                report.drop("duplicate")
+                continue
+        elif near is not None:
             mh = _minhash(key_text, config.num_perm)
-            if near.query(mh):
+            if any(owner is None or key_owner[hit] != owner for hit in near.query(mh)):
                 report.drop("near_duplicate")
                 continue
             near.insert(exact, mh)
-        seen_exact.add(exact)
-        pid = str(record.get("prompt_id") or record.get("id") or exact)
+        key_owner.setdefault(exact, owner)
         (evaluation if in_eval_split(pid, config.eval_fraction, config.seed) else train).append(record)
     report.train, report.eval = len(train), len(evaluation)
     return train, evaluation, report
