@@ -347,6 +347,15 @@ def test_repeated_ngrams_counts_loops_within_an_answer_only():
     assert repeated_ngrams([[1, 2], []]) == 0.0
 
 
+def test_distinct_prompts_evaluates_a_prompt_once_however_many_answers_it_has():
+    from distillguard.distill.evaluate import distinct_prompts
+
+    q = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    rows = [{"messages": q[0], "response": "a"}, {"messages": q[1], "response": "b"},
+            {"messages": q[0], "response": "c"}, {"messages": q[2], "response": "d"}]
+    assert distinct_prompts(rows) == [q[0], q[1], q[2]]
+
+
 def test_greedy_answers_pass_decoding_options_to_generate():
     from distillguard.distill.evaluate import greedy_answers, repeated_ngrams
 
@@ -362,13 +371,17 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     from tests.servers import run_cli
 
     lm = load_model("tiny")
-    save_dataset(_records(lm, 8), [], tmp_path / "data")
+    # two answers to each of 4 prompts (the API's n=2): 8 examples, 4 teacher queries
+    records = [{**r, "prompt_id": f"p{i // 2}", "messages": [{"role": "user", "content": f"question {i // 2}?"}]}
+               for i, r in enumerate(_records(lm, 8))]
+    save_dataset(records, [], tmp_path / "data")
     res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "student"),
                   "--student", "tiny", "--teacher", "tiny:seed=3", "--loss", "gkd", "--lmbda", "1",
                   "--gen-max-new-tokens", "8", "--epochs", "1", "--batch-size", "4")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["loss"] == "gkd" and summary["beta"] == 0.5 and summary["on_policy_batches"] == summary["steps"] == 2
+    assert summary["examples"] == 8 and summary["queries"] == 4
     assert load_model(str(tmp_path / "student")).model.config.num_hidden_layers == 2
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"prompt": f"held-out question {i}?"}) + "\n" for i in range(3)))
@@ -377,7 +390,7 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
                   "--plot", str(tmp_path / "curve.png"))
     assert res.returncode == 0, res.stderr[-2000:]
     reports = json.loads(res.stdout.strip().splitlines()[-1])
-    assert [r["queries"] for r in reports] == [8, 8] and reports[0]["student"]["nll"] == reports[1]["student"]["nll"]
+    assert [r["queries"] for r in reports] == [4, 4] and reports[0]["student"]["nll"] == reports[1]["student"]["nll"]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     res = run_cli("distill", "eval", "--student", "tiny", "--teacher", "tiny", "--prompts", str(heldout),
                   "--plot", str(tmp_path / "x.png"))

@@ -259,8 +259,8 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(128, help="greedy answer length"),
     baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:8), for 'gap closed'"),
     out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
-    plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the training "
-                                                   "examples in each student's train_summary.json)"),
+    plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the distinct "
+                                                   "training prompts in each student's train_summary.json)"),
 ) -> None:
     """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed, and the
     coherence of its own answers (their NLL under the teacher, repeated 4-grams).
@@ -273,7 +273,7 @@ def eval_cmd(
     """
     from rich.table import Table
 
-    from distillguard.distill.evaluate import evaluate_many, learning_curve_plot
+    from distillguard.distill.evaluate import distinct_prompts, evaluate_many, learning_curve_plot
     from distillguard.distill.prompts import load_prompts
     from distillguard.distill.train import load_student
     from distillguard.models import load_model
@@ -281,14 +281,17 @@ def eval_cmd(
     if Path(prompts).is_dir() and (Path(prompts) / "dataset_dict.json").is_file():
         from datasets import load_from_disk
 
-        rows = list(load_from_disk(prompts)["eval"])[skip:skip + limit]
-        messages = [r["messages"] for r in rows]
+        messages = distinct_prompts(load_from_disk(prompts)["eval"])[skip:skip + limit]
     else:
         messages = [p.as_messages() for p in load_prompts(prompts, limit=limit, skip=skip)]
     queries = []
     for spec in student:
         summary = Path(spec) / "train_summary.json"
-        queries.append(json.loads(summary.read_text())["examples"] if summary.is_file() else None)
+        if summary.is_file():  # students of earlier versions recorded only their examples
+            trained = json.loads(summary.read_text())
+            queries.append(trained.get("queries", trained["examples"]))
+        else:
+            queries.append(None)
     if plot is not None and None in queries:
         raise ConfigError(f"--plot needs students from `distill train` (no train_summary.json in "
                           f"{student[queries.index(None)]})")

@@ -47,6 +47,21 @@ class EvalReport:
         return asdict(self)
 
 
+def distinct_prompts(rows) -> list[list[dict]]:
+    """The chat prompts of dataset rows, each once, in order: the ``n`` answers of one request (or
+    one question asked twice) are one prompt to evaluate on, not ``n``."""
+    import json
+
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        key = json.dumps(row["messages"], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(row["messages"])
+    return out
+
+
 @torch.inference_mode()
 def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
                    **generate_kwargs) -> tuple[list[list[int]], float]:
@@ -168,7 +183,7 @@ def learning_curve_plot(reports: list[EvalReport], queries: list[int], path) -> 
     for i in order:
         ax_nll.annotate(reports[i].student.spec.rsplit("/", 1)[-1], (queries[i], reports[i].student.nll), fontsize=7)
     for ax, name in ((ax_nll, "NLL of teacher answers (nats/token)"), (ax_rouge, "ROUGE-L vs teacher greedy")):
-        ax.set_xlabel("teacher queries (training examples)")
+        ax.set_xlabel("teacher queries (distinct training prompts)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     ax_nll.legend(fontsize=8)

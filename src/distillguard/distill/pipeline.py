@@ -128,14 +128,14 @@ def run(config: dict, *, log=print) -> dict:
             if not _cached(edir, key):
                 from datasets import load_from_disk
 
-                from distillguard.distill.evaluate import evaluate
+                from distillguard.distill.evaluate import distinct_prompts, evaluate
                 from distillguard.distill.train import load_student
                 from distillguard.models import load_model
 
                 teacher = e.pop("teacher", (config.get("train") or {}).get("teacher", "smollm2"))
                 n = e.pop("limit", 64)
                 baseline = e.pop("baseline", None)
-                messages = [r["messages"] for r in list(load_from_disk(str(cdir))["eval"])[:n]]
+                messages = distinct_prompts(load_from_disk(str(cdir))["eval"])[:n]
                 ereport = evaluate(load_model(teacher, device="cpu"), load_model(str(tdir), device="cpu"), messages,
                                    baseline=load_student(baseline, teacher) if baseline else None, **e)
                 _mark(edir, key, ereport.to_dict())

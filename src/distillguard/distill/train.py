@@ -382,6 +382,7 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     if examples is None:
         loss = "sft" if loss == "auto" else loss
         examples = [sft_example(student, r["messages"], r["response"], config.max_length) for r in rows]
+    kept = [r for r, e in zip(rows, examples) if e is not None]
     examples = [e for e in examples if e is not None]
     if not examples:
         raise ConfigError(f"no usable training examples in {data_dir}")
@@ -430,6 +431,8 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     runtime, start_step = result.metrics["train_runtime"], mark.get("step", 0)
     share_this_run = (result.global_step - start_step) / max(result.global_step, 1)
     summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
+               # teacher queries behind them: distinct prompts (the n answers of one request share one)
+               "queries": len({json.dumps(r["messages"], sort_keys=True) for r in kept}),
                "precision": config.precision, "student_given": given,
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
