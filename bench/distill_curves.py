@@ -82,7 +82,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--serve-batch-rows", type=int, default=16,
                    help="the teacher server's --max-batch-rows; with --answers-per-query N, concurrency x N rows "
-                        "can be decoded together (on this 2-core CPU 64 rows decode ~2x the tokens/s of 16)")
+                        "can be decoded together")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (serve and training); 1 avoids stalls "
                                                           "on a machine busy with other work")
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves",
