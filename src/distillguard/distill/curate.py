@@ -3,9 +3,9 @@
 Order: malformed rows out, length and refusal filters, the optional verifier, decontamination
 against the evaluation prompts, exact then near-duplicate removal (MinHash LSH from datasketch
 over word 3-shingles; on the prompt, the several answers of one request are kept together), and
-a train/eval split by prompt (every answer to one prompt lands on
-the same side, so the evaluation never sees a training question). Writes an HF ``datasets``
-directory (``load_from_disk``) and a report of how many rows each step removed.
+a train/eval split by prompt (every answer to one prompt lands on the same side, so the
+evaluation never sees a training question). Writes an HF ``datasets`` directory
+(``load_from_disk``) and a report of how many rows each step removed.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ student is worse than uniform), so it is not the headline.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -50,8 +51,6 @@ class EvalReport:
 def distinct_prompts(rows) -> list[list[dict]]:
     """The chat prompts of dataset rows, each once, in order: the ``n`` answers of one request (or
     one question asked twice) are one prompt to evaluate on, not ``n``."""
-    import json
-
     seen: set[str] = set()
     out = []
     for row in rows:
