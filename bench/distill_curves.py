@@ -583,6 +583,9 @@ def gpu_mark(p: dict) -> str:
     return "†" if p.get("trained_on", "cpu") != "cpu" else ""
 
 
+VARIANT_MARKERS = "DvP*XhH<>p"  # hollow markers of the variant points, one per variant line
+
+
 def plot(report: dict, path: Path) -> None:
     """NLL and ROUGE-L vs teacher queries: colour = student depth, line style = loss; students with
     another layer choice than the default (evenly spaced, a block) faint; the stated power-law fits
@@ -603,6 +606,7 @@ def plot(report: dict, path: Path) -> None:
     def name(depth: int, init: str) -> str:
         cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
         return student_label(depth, init) + (f" ({cost:.2f}x cost)" if cost else "")
+    variants_seen = 0
     for student in sorted({student_of(p) for p in report["points"]}):
         faint = student[1] != "influence"  # the other layer choices
         for loss in sorted({variant(p) for p in report["points"] if student_of(p) == student}):
@@ -613,11 +617,14 @@ def plot(report: dict, path: Path) -> None:
                 continue
             kw = {"color": colours[student[0]], "alpha": 0.3 if faint else 1.0, "lw": 1 if faint else 1.6,
                   "label": None if student[1] == "even" else f"{name(*student)}, {loss}"}
-            if loss != base:  # a variant of the grid's training settings: hollow markers
+            fmt = styles[base]
+            if loss != base:  # a variant of the grid's training settings: hollow, a marker of its own
                 kw["markerfacecolor"] = "none"
+                fmt = VARIANT_MARKERS[variants_seen % len(VARIANT_MARKERS)] + fmt[1:]
+                variants_seen += 1
             xs = [p["queries"] for p in pts]
-            ax_nll.plot(xs, [p["nll"] for p in pts], styles[base], **kw)
-            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], styles[base], **kw)
+            ax_nll.plot(xs, [p["nll"] for p in pts], fmt, **kw)
+            ax_rouge.plot(xs, [p["rouge_l"] for p in pts], fmt, **kw)
             gpu = [p for p in pts if gpu_mark(p)]
             for ax, key in ((ax_nll, "nll"), (ax_rouge, "rouge_l")):  # ringed: trained on a GPU
                 ax.scatter([p["queries"] for p in gpu], [p[key] for p in gpu], s=110, facecolors="none",
