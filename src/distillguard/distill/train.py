@@ -44,6 +44,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from distillguard.distill.evaluate import distinct_prompts
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
 from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel, load_model
@@ -432,7 +433,7 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     share_this_run = (result.global_step - start_step) / max(result.global_step, 1)
     summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
                # teacher queries behind them: distinct prompts (the n answers of one request share one)
-               "queries": len({json.dumps(r["messages"], sort_keys=True) for r in kept}),
+               "queries": len(distinct_prompts(kept)),
                "precision": config.precision, "student_given": given,
                "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
                "on_policy_batches": getattr(trainer, "on_policy_batches", None),
