@@ -190,9 +190,25 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
             server.terminate()
             server.wait(timeout=30)
     by_prompt = {}
+    # Per-answer counts for the README (how many of the paid answers are whole, capped or empty, and how
+    # many a rule that judged a request by all its answers at once would have kept): recorded in meta.json
+    # so those numbers come from this command, not from queries by hand.
+    counts = {"requests": 0, "answers": {}, "whole_answers_in_all_whole_requests": 0, "requests_all_whole": 0,
+              "whole_answers_in_mixed_requests": 0, "requests_mixed": 0}
     for rec in store.records(only_ok=False):
         if rec["request"].get("n", 1) != args.answers_per_query:  # the store holds requests of other n too
             continue
+        kinds = [classify_choice(c) for c in ((rec["response"] or {}).get("choices") or [])]
+        counts["requests"] += 1
+        for kind in kinds:
+            counts["answers"][kind] = counts["answers"].get(kind, 0) + 1
+        whole = kinds.count("ok")
+        if kinds and whole == len(kinds):
+            counts["requests_all_whole"] += 1
+            counts["whole_answers_in_all_whole_requests"] += whole
+        elif whole:
+            counts["requests_mixed"] += 1
+            counts["whole_answers_in_mixed_requests"] += whole
         if rec["status"] in ("ok", "malformed:truncated"):  # a capped answer is still the teacher's prefix
             choices = rec["response"]["choices"]
             by_prompt[rec["prompt_id"]] = [{
@@ -202,8 +218,16 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
                 "logprobs": (choice.get("logprobs") or {}).get("content")} for k, choice in enumerate(choices)
                 # an empty choice is no answer; a capped one is kept, as above
                 if classify_choice(choice) in ("ok", "malformed:truncated")]
-    meta = {"harvest_seconds_this_run": seconds, **store.totals()}
-    (work / "harvest" / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta_path = work / "harvest" / "meta.json"
+    runs = json.loads(meta_path.read_text()).get("runs", []) if meta_path.is_file() else []
+    if todo:  # every run that harvested, kept across reruns (a resumed harvest is several runs)
+        stored = report.stored_ok + sum(report.malformed.values())
+        runs.append({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "n": args.answers_per_query,
+                     "seconds": round(seconds, 1), "requests_stored": stored,
+                     "requests_per_minute": round(60 * stored / seconds, 1) if seconds else None})
+    meta = {"harvest_seconds_this_run": seconds, "runs": runs, f"n={args.answers_per_query}": counts,
+            **store.totals()}
+    meta_path.write_text(json.dumps(meta, indent=2))
     store.close()
     return [by_prompt[p.id] for p in prompts if p.id in by_prompt]  # per query: its answers
 
