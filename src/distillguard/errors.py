@@ -5,6 +5,7 @@
     DistillguardError                 anything distillguard raises on purpose
     ├── ConfigError                   a bad option or setting (names the value and the fix)
     ├── ModelLoadError                a model spec that cannot be loaded (names the spec)
+    ├── IncompleteError               a stage that ran but left work undone (a rerun resumes it); exit 1
     └── APIError                      maps to an HTTP response in OpenAI's error shape
         ├── InvalidRequestError       400 invalid_request_error
         │   └── ContextLengthExceeded 400 code=context_length_exceeded
@@ -27,6 +28,12 @@ class DistillguardError(Exception):
 
 class ConfigError(DistillguardError):
     """An option, setting or spec is invalid; the message names the value and the fix."""
+
+
+class IncompleteError(DistillguardError):
+    """A stage ran but left work undone (e.g. teacher requests that failed); rerunning resumes it."""
+
+    exit_code = 1
 
 
 class ModelLoadError(DistillguardError):

@@ -211,6 +211,40 @@ def test_retries_honour_429(teacher, tmp_path):
     assert report.stored_ok + sum(report.malformed.values()) == 6
 
 
+def test_failed_requests_make_the_cli_exit_1_and_stop_the_pipeline_before_curate(teacher, tmp_path, monkeypatch):
+    """A key allowed 3 requests a minute, no retries: 3 answers, then 3 real 429s from the gateway."""
+    from distillguard.distill.pipeline import load_config, run
+    from distillguard.errors import IncompleteError
+
+    path = prompts_file(tmp_path, 6, "rationed")
+    cmd = [sys.executable, "-m", "distillguard.cli", "distill", "harvest", "--teacher", teacher[0] + "/v1",
+           "--prompts", str(path), "--out", str(tmp_path / "cli"), "--model", "tiny", "--concurrency", "1",
+           "--max-tokens", "8", "--max-retries", "0"]
+    env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": make_key(teacher, "rationed-cli", rpm=3)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert "3 of 6 teacher requests failed" in " ".join(done.stderr.split())  # rich wraps long lines
+    summary = json.loads(done.stdout.splitlines()[-1])  # everything is still written before the exit
+    assert summary["failed"] == {"http_429": 3} and summary["store"]["responses"] == 3
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["failed"] == {"http_429": 3}
+
+    monkeypatch.setenv("DG_RATIONED_KEY", make_key(teacher, "rationed-run", rpm=3))
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "run"
+    harvest_cfg = (f'teacher: "{teacher[0]}", api_key_env: DG_RATIONED_KEY, model: tiny, prompts: "{path}", '
+                   "max_tokens: 400, temperature: 1.0, seed: 1, concurrency: 1, max_retries: 0")
+    cfg.write_text(f"out: {out}\nharvest: {{{harvest_cfg}}}\n"
+                   "curate: {eval_fraction: 0.34, near_dup_threshold: null, min_chars: 1, drop_refusals: false}\n")
+    with pytest.raises(IncompleteError, match="3 of 6 teacher requests failed"):
+        run(load_config(cfg), log=lambda *_: None)
+    assert not (out / "curate").exists()  # nothing downstream of the partial harvest
+    assert json.loads((out / "run.json").read_text())["harvest"]["failed"] == {"http_429": 3}
+    cfg.write_text(cfg.read_text().replace("max_retries: 0", "max_retries: 0, allow_failures: true"))
+    result = run(load_config(cfg), log=lambda *_: None)  # the window is still full: 3 more 429s, then curate
+    assert result["harvest"]["failed"] == {"http_429": 3} and result["harvest"]["skipped_done"] == 3
+    assert result["curate"]["train"] + result["curate"]["eval"] == result["harvest"]["data_rows"] > 0
+
+
 def test_kill_mid_run_then_rerun_answers_each_prompt_exactly_once(teacher, tmp_path):
     key = make_key(teacher, "crashy")
     path = prompts_file(tmp_path, 30, "crash")

@@ -1,7 +1,8 @@
 """The ``distillguard`` command line (typer + rich).
 
-Domain errors (:class:`DistillguardError`) become a one-line message and exit code 2 here,
-in one place; anything else is a bug and keeps its traceback.
+Domain errors (:class:`DistillguardError`) become a one-line message and exit code 2 here (1 for
+:class:`IncompleteError`: the command did its work but a rerun must finish it), in one place;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def main() -> None:
         app()
     except DistillguardError as exc:
         err_console.print(f"[red]error:[/] {exc}")
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
     except ValidationError as exc:  # a config value out of range, e.g. --port 70000
         err_console.print(f"[red]error:[/] {exc.errors(include_url=False)[0]['loc']}: {exc.errors()[0]['msg']}")
         sys.exit(2)

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from distillguard.cli import console, err_console
-from distillguard.errors import ConfigError
+from distillguard.errors import ConfigError, IncompleteError
 
 distill_app = typer.Typer(help="Distil a teacher into a student: harvest, ...", no_args_is_help=True)
 
@@ -45,7 +45,8 @@ def harvest_cmd(
     """Collect teacher answers: async, resumable after a crash, never over budget.
 
     Writes OUT/store.sqlite (every paid answer, keyed by request fingerprint), OUT/data.jsonl
-    (the usable answers) and OUT/report.json. Rerun the same command to resume.
+    (the usable answers) and OUT/report.json. Rerun the same command to resume. Exits 1 when
+    requests failed after their retries (the rest is stored): rerun to send just those.
 
     Examples:
 
@@ -87,6 +88,8 @@ def harvest_cmd(
                       f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
                       f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
     print(json.dumps(summary))
+    if report.unfinished():  # exit 1, after everything above is written: a script must not take this as done
+        raise IncompleteError(report.unfinished())
 
 
 @distill_app.command("self-instruct")

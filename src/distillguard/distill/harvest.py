@@ -116,6 +116,15 @@ class HarvestReport:
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "fingerprints"}
 
+    def unfinished(self) -> str | None:
+        """Why a rerun is needed (requests that failed after their retries), or None."""
+        if not self.failed:
+            return None
+        why = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()))
+        return (f"{sum(self.failed.values())} of {self.planned} teacher requests failed after "
+                f"{self.retries} retries in all ({why}); every answer received is stored, and rerunning "
+                f"the same command sends only the failed ones")
+
 
 class _Budget:
     """Reserve-then-settle accounting; all calls happen on one event loop (no awaits inside).

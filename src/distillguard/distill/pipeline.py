@@ -3,7 +3,9 @@
 A stage is skipped when its output directory holds a ``stage.json`` whose config hash matches
 the stage's configuration and its inputs' hashes; change anything upstream and every stage
 after it runs again. Harvest is always called (it resumes by itself and sends nothing already
-answered), so an interrupted run simply continues.
+answered), so an interrupted run simply continues. Teacher requests that still fail after their
+retries stop the run before curate (exit 1, ``run.json`` says how many): rerun it, or set
+``allow_failures: true`` under ``harvest:`` to go on with the answers received.
 
 Example config::
 
@@ -33,7 +35,7 @@ import json
 import os
 from pathlib import Path
 
-from distillguard.errors import ConfigError
+from distillguard.errors import ConfigError, IncompleteError
 
 STAGES = ("harvest", "curate", "train", "eval")
 
@@ -80,6 +82,7 @@ def run(config: dict, *, log=print) -> dict:
     # harvest (resumable by itself)
     h = dict(config["harvest"])
     source, limit, skip = h.pop("prompts"), h.pop("limit", None), h.pop("skip", 0)
+    allow_failures = bool(h.pop("allow_failures", False))
     key_env = h.pop("api_key_env", None)
     if key_env:
         h["api_key"] = os.environ.get(key_env) or _missing(key_env)
@@ -96,6 +99,12 @@ def run(config: dict, *, log=print) -> dict:
     store.close()
     results["harvest"] = {**report.to_dict(), "data_rows": rows}
     log(f"harvest: {report.stored_ok} new, {report.skipped_done} cached, {rows} rows")
+    if report.unfinished() and not allow_failures:
+        # Curating and training on what a passing outage left would cost hours for a student of the
+        # wrong data; a rerun fills the gap, then every later stage runs once on the whole harvest.
+        (out / "run.json").write_text(json.dumps(results, indent=2, default=str))
+        raise IncompleteError(f"harvest: {report.unfinished()}; the later stages did not run "
+                              "(set `allow_failures: true` under harvest: to go on with the answers you have)")
     upstream = _file_hash(hdir / "data.jsonl")
     # curate
     c = dict(config.get("curate") or {})
