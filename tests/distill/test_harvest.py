@@ -146,6 +146,11 @@ def test_prompt_sources(tmp_path):
         load_prompts(str(bad))
     with pytest.raises(ConfigError, match="no such prompt source"):
         load_prompts(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="no prompts in .*empty.jsonl$"):
+        load_prompts(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ConfigError, match=r"no prompts in .*p.csv \(skip 2\)"):  # sliced past the end
+        load_prompts(str(csv_path), skip=2)
 
 
 def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path):

@@ -335,6 +335,8 @@ def test_eval_reports_teacher_floor_and_student_agreement():
     assert same.student.nll_under_teacher == pytest.approx(same.teacher.nll_under_teacher, rel=1e-5)
     assert same.student.rep4 == same.teacher.rep4
     assert other.student.nll_under_teacher > other.teacher.nll_under_teacher
+    with pytest.raises(ConfigError, match="no prompts to evaluate on"):  # not a table of zeros
+        evaluate(teacher, load_model("tiny"), [], max_new_tokens=12)
 
 
 def test_repeated_ngrams_counts_loops_within_an_answer_only():

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel
 
 
@@ -126,10 +127,12 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
     """One report per student against the same teacher answers (the teacher generates once)."""
     from rouge_score import rouge_scorer
 
+    if not prompts:  # every number below would be a mean over nothing
+        raise ConfigError("no prompts to evaluate on (an empty file, an empty eval split, or --skip past the end)")
     for student in students:
         if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
             # NLL of teacher tokens under the student needs the same token ids; compare texts instead.
-            raise ValueError(f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined")
+            raise ConfigError(f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined")
     teacher_answers, teacher_tps = greedy_answers(teacher, prompts, max_new_tokens)
     decode = teacher.tokenizer.decode
     t_text = [decode(a, skip_special_tokens=True).strip() for a in teacher_answers]

@@ -49,6 +49,10 @@ def load_prompts(source: str, *, limit: int | None = None, skip: int = 0, max_ch
     prompts = prompts[skip:]
     if limit is not None:
         prompts = prompts[:limit]
+    if not prompts:
+        slice_ = ", ".join(f"{k} {v}" for k, v in (("skip", skip or None), ("limit", limit), ("max_chars", max_chars))
+                           if v is not None)
+        raise ConfigError(f"no prompts in {source}" + (f" ({slice_})" if slice_ else ""))
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"prompt ids in {source} are not unique")
