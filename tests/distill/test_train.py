@@ -207,6 +207,11 @@ def test_full_logit_kd_refuses_a_different_tokenizer(tmp_path):
         TrainConfig(data="d", out="o", loss="kd", beta=2.0)
     with pytest.raises(ConfigError, match="use one of auto, sft, topk-kd, kd, gkd"):
         TrainConfig(data="d", out="o", loss="distill")
+    # settings that would train nothing, or crash deep inside the Trainer, are refused up front
+    for bad, match in [({"epochs": -1}, "--epochs -1"), ({"lr": 0.0}, "--lr 0.0"), ({"batch_size": 0}, "--batch-size 0"),
+                       ({"grad_accum": 0}, "--grad-accum 0"), ({"max_train": 0}, "--max-train 0")]:
+        with pytest.raises(ConfigError, match=match):
+            TrainConfig(data="d", out="o", **bad)
 
 
 def test_on_policy_batch_labels_the_students_answer_up_to_its_end():
@@ -384,6 +389,11 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["loss"] == "gkd" and summary["beta"] == 0.5 and summary["on_policy_batches"] == summary["steps"] == 2
     assert summary["examples"] == 8 and summary["queries"] == 4
+    # fewer steps than the logging interval: the run's mean loss, not NaN (which is not JSON)
+    assert summary["final_loss"] == summary["train_loss"] > 0
+    res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "never"),
+                  "--student", "tiny", "--teacher", "tiny:seed=3", "--batch-size", "0")
+    assert res.returncode == 2 and "--batch-size 0: use 1 or more" in res.stderr and "Traceback" not in res.stderr
     assert load_model(str(tmp_path / "student")).model.config.num_hidden_layers == 2
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"prompt": f"held-out question {i}?"}) + "\n" for i in range(3)))

@@ -100,6 +100,13 @@ class TrainConfig:
             raise ConfigError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.save_steps < 0:
             raise ConfigError(f"--save-steps {self.save_steps}: use 0 (no checkpoints) or more")
+        if not self.epochs > 0 or not self.lr > 0:
+            raise ConfigError(f"--epochs {self.epochs} and --lr {self.lr}: both must be above 0")
+        for name in ("batch_size", "grad_accum", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"--max-train {self.max_train}: use 1 or more (or leave it out for all examples)")
 
     @property
     def jsd_beta(self) -> float:
@@ -445,7 +452,8 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
                # on-policy answers of gkd not counted): the speed bench's metric.
                "tokens_per_s": share_this_run * config.epochs * sum(len(e["input_ids"]) for e in examples) / runtime,
                "train_loss": result.training_loss, "history": history,
-               "final_loss": history[-1]["loss"] if history else math.nan}
+               # the last logged loss (every 5 steps); a run shorter than that has only its mean
+               "final_loss": history[-1]["loss"] if history else result.training_loss}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
