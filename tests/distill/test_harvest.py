@@ -111,6 +111,11 @@ def test_export_keeps_each_usable_choice(tmp_path):
         HarvestConfig(teacher="http://x", budget_usd=1.0)
     with pytest.raises(ConfigError, match="--commit-window"):
         HarvestConfig(teacher="http://x", commit_window_s=-1)
+    # each of these used to be accepted: 400s from the teacher, a harvest that sent nothing, ...
+    for bad, match in [({"temperature": -1.0}, "--temperature -1.0"), ({"timeout_s": 0}, "--timeout 0"),
+                       ({"max_retries": -1}, "--max-retries -1"), ({"budget_tokens": -5}, "cannot be negative")]:
+        with pytest.raises(ConfigError, match=match):
+            HarvestConfig(teacher="http://x", **bad)
 
 
 def test_group_commit_is_one_transaction(tmp_path):
@@ -151,6 +156,8 @@ def test_prompt_sources(tmp_path):
         load_prompts(str(tmp_path / "empty.jsonl"))
     with pytest.raises(ConfigError, match=r"no prompts in .*p.csv \(skip 2\)"):  # sliced past the end
         load_prompts(str(csv_path), skip=2)
+    with pytest.raises(ConfigError, match="--skip -1"):  # not the last prompt, as a Python slice would give
+        load_prompts(str(csv_path), skip=-1)
 
 
 def test_harvest_stores_every_answer_with_logprobs_and_resumes(teacher, tmp_path):

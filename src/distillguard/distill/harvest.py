@@ -74,6 +74,13 @@ class HarvestConfig:
             raise ConfigError("--commit-window must be >= 0 seconds and the commit batch at least 1")
         if (self.budget_usd is not None) and not (self.price_in or self.price_out):
             raise ConfigError("--budget-usd needs --price-in and/or --price-out (USD per million tokens)")
+        if not 0.0 <= self.temperature <= 2.0:  # OpenAI's range; a teacher would answer 400 to every request
+            raise ConfigError(f"--temperature {self.temperature} must be between 0 and 2")
+        if not self.timeout_s > 0 or self.max_retries < 0 or self.backoff_s < 0:
+            raise ConfigError(f"--timeout {self.timeout_s} must be above 0 seconds and --max-retries "
+                              f"{self.max_retries} at least 0 (0: one attempt, no retry)")
+        if min(self.price_in, self.price_out) < 0 or min(self.budget_usd or 0, self.budget_tokens or 0) < 0:
+            raise ConfigError("prices and budgets cannot be negative")
 
     @property
     def base_url(self) -> str:
