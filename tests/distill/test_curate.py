@@ -73,6 +73,14 @@ def test_verifier_hook_and_split_by_prompt(tmp_path, monkeypatch):
     sys.modules.pop("checks", None)
 
 
+def test_settings_that_cannot_mean_anything_are_refused():
+    for bad, match in [({"near_dup_threshold": 5.0}, "--near-dup 5.0"), ({"eval_fraction": 1.0}, "--eval-fraction"),
+                       ({"decontam_threshold": 0.0}, "decontam_threshold 0.0"),
+                       ({"min_chars": 10, "max_chars": 5}, "--max-chars 5 is below --min-chars 10")]:
+        with pytest.raises(ConfigError, match=match):
+            CurateConfig(**bad)
+
+
 def test_shingles():
     assert shingles("a b c d") == {"a b c", "b c d"} and shingles("Hi") == {"hi"} and shingles("") == set()
 

@@ -184,7 +184,7 @@ def curate_cmd(
     from distillguard.distill.prompts import load_prompts
 
     config = CurateConfig(min_chars=min_chars, max_chars=max_chars, drop_refusals=not keep_refusals,
-                          verifier=verifier, near_dup_threshold=None if near_dup >= 1 else near_dup,
+                          verifier=verifier, near_dup_threshold=None if near_dup == 1 else near_dup,
                           dedup_on=dedup_on, eval_fraction=eval_fraction, seed=seed)
     evals = ["\n".join(c for r, c in p.messages if r != "system") for p in load_prompts(eval_prompts)] if eval_prompts else []
     with err_console.status("curating ..."):

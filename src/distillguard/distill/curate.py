@@ -46,6 +46,10 @@ class CurateConfig:
             raise ConfigError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
         if self.near_dup_threshold is not None and not 0 < self.near_dup_threshold <= 1:
             raise ConfigError(f"--near-dup {self.near_dup_threshold} must be in (0, 1]")
+        if not 0 < self.decontam_threshold <= 1:
+            raise ConfigError(f"decontam_threshold {self.decontam_threshold} must be in (0, 1]")
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ConfigError(f"--max-chars {self.max_chars} is below --min-chars {self.min_chars}: nothing would pass")
 
 
 @dataclass
