@@ -342,6 +342,8 @@ def test_eval_reports_teacher_floor_and_student_agreement():
     assert other.student.nll_under_teacher > other.teacher.nll_under_teacher
     with pytest.raises(ConfigError, match="no prompts to evaluate on"):  # not a table of zeros
         evaluate(teacher, load_model("tiny"), [], max_new_tokens=12)
+    with pytest.raises(ConfigError, match="--max-new-tokens 0"):  # not transformers' traceback
+        evaluate(teacher, load_model("tiny"), prompts, max_new_tokens=0)
 
 
 def test_repeated_ngrams_counts_loops_within_an_answer_only():

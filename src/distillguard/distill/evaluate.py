@@ -127,6 +127,8 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
     """One report per student against the same teacher answers (the teacher generates once)."""
     from rouge_score import rouge_scorer
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: use 1 or more")
     if not prompts:  # every number below would be a mean over nothing
         raise ConfigError("no prompts to evaluate on (an empty file, an empty eval split, or --skip past the end)")
     for student in students:

@@ -42,8 +42,9 @@ def load_prompts(source: str, *, limit: int | None = None, skip: int = 0, max_ch
     ``skip`` and ``limit`` select a deterministic slice (e.g. to keep a held-out split apart);
     ``max_chars`` drops prompts longer than that.
     """
-    if skip < 0 or (limit is not None and limit < 0):  # a negative skip would slice from the end
-        raise ConfigError(f"--skip {skip} and --limit {limit} cannot be negative")
+    for name, value in (("--skip", skip), ("--limit", limit)):  # a negative skip would slice from the end
+        if value is not None and value < 0:
+            raise ConfigError(f"{name} {value} cannot be negative")
     # Stop reading early only when no length filter can drop prompts from the slice.
     prompts = _load(source, skip + limit if limit is not None and max_chars is None else None)
     if max_chars is not None:
