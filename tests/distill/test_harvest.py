@@ -60,6 +60,13 @@ def generations(db: str, account: str) -> collections.Counter:
 
 
 def test_unit_pieces():
+    from distillguard.distill.harvest import HarvestReport
+
+    assert HarvestReport(planned=3).unfinished() is None
+    mixed = HarvestReport(planned=9, failed={"http_400": 2, "http_503": 1, "timeout": 1})
+    assert mixed.transient_failures() == 2
+    assert "(2 of them may succeed then)" in mixed.unfinished() and "2 the teacher refused" in mixed.unfinished()
+    assert "may succeed" not in HarvestReport(planned=1, failed={"http_401": 1}).unfinished()  # a bad key stays bad
     body = {"model": "m", "messages": [{"role": "user", "content": "héllo"}], "max_tokens": 5}
     assert fingerprint(body) == fingerprint(dict(reversed(list(body.items()))))
     assert content_bytes(body) == len("héllo".encode())

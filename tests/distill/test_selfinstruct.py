@@ -123,6 +123,30 @@ def test_budget_stops_the_rounds(tiny_teacher, tmp_path):
     assert report.harvest["prompt_tokens"] + report.harvest["completion_tokens"] <= 6000
 
 
+def test_a_round_with_failed_requests_stops_the_rounds_and_the_cli_exits_1(tiny_teacher, tmp_path):
+    """A key allowed 3 requests a minute, no retries: round 1 gets 3 answers and one real 429. Before,
+    the rounds went on (against a teacher that is down: max_rounds rounds of retries for nothing)."""
+    url, db = tiny_teacher
+    config = SelfInstructConfig(n=10_000, seeds=("a b c", "d e f", "g h i"), requests_per_round=4, max_rounds=5,
+                                min_words=1, human_per_prompt=2, machine_per_prompt=1)  # listings within 512 tokens
+    hconfig = HarvestConfig(teacher=url, api_key=make_key(tiny_teacher, "si-rationed", rpm=3), model="tiny",
+                            max_tokens=16, concurrency=1, max_retries=0)
+    _, report = _run(config, hconfig, tmp_path / "store.sqlite")
+    assert report.stopped == "failed" and report.rounds == 1
+    assert "1 of 4 teacher requests failed (http_429 1)" in report.unfinished and "1 of them may succeed" in report.unfinished
+    assert report.harvest["stored_ok"] + sum(v for k, v in report.harvest["malformed"].items()
+                                             if not k.startswith("failed:")) == 3
+    assert sum(generations(db, "si-rationed").values()) == 3
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")))
+    res = run_cli("distill", "self-instruct", "--teacher", url, "--api-key", make_key(tiny_teacher, "si-rat-cli", rpm=3),
+                  "--model", "tiny", "--out", str(tmp_path / "si"), "--n", "50", "--requests-per-round", "4",
+                  "--max-rounds", "5", "--max-tokens", "16", "--concurrency", "1", "--max-retries", "0",
+                  "--seeds", str(seeds))
+    assert res.returncode == 1 and "round 1: 1 of 4 teacher requests failed" in " ".join(res.stderr.split())
+    assert json.loads(res.stdout.strip().splitlines()[-1])["stopped"] == "failed"  # the report is still written
+
+
 def test_cli_writes_a_prompt_file_and_report(tiny_teacher, tmp_path):
     url, _ = tiny_teacher
     seeds = tmp_path / "seeds.jsonl"  # short: the tiny model's context is 512 tokens of bytes

@@ -114,11 +114,14 @@ def self_instruct_cmd(
     price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
     price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
     seed: int = typer.Option(0, help="seed of the rounds' task sampling"),
+    timeout: float = typer.Option(120.0, help="seconds per request"),
+    max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
 ) -> None:
     """Bootstrap new prompts from seed tasks through the teacher itself (Self-Instruct, Alpaca).
 
     Writes OUT/prompts.jsonl for `distill harvest --prompts`. Rerun the same command to resume:
-    stored answers rebuild the pool, nothing already answered is sent again.
+    stored answers rebuild the pool, nothing already answered is sent again. A round whose
+    requests failed after their retries ends the run with exit 1 (stopped: failed): rerun.
 
     Examples:
 
@@ -135,7 +138,8 @@ def self_instruct_cmd(
                                 novelty=novelty, seed=seed)
     hconfig = HarvestConfig(teacher=teacher, api_key=api_key, model=model, concurrency=concurrency,
                             max_tokens=max_tokens, temperature=temperature, budget_tokens=budget_tokens,
-                            budget_usd=budget_usd, price_in=price_in, price_out=price_out)
+                            budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout,
+                            max_retries=max_retries)
     out.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(out / "store.sqlite")
     columns = [TextColumn("[bold]self-instruct"), BarColumn(), MofNCompleteColumn(),
@@ -156,6 +160,8 @@ def self_instruct_cmd(
     err_console.print(f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
                       f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})")
     print(json.dumps(summary))
+    if report.stopped == "failed":
+        raise IncompleteError(f"round {report.rounds}: {report.unfinished}")
 
 
 @distill_app.command("curate")

@@ -123,14 +123,28 @@ class HarvestReport:
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "fingerprints"}
 
+    def transient_failures(self) -> int:
+        """Failed requests a rerun may still get answered (429, 5xx, timeouts, connection errors
+        after their retries), as opposed to those the teacher refused (e.g. 400: prompt too long)."""
+        return sum(count for reason, count in self.failed.items() if is_transient(reason))
+
     def unfinished(self) -> str | None:
-        """Why a rerun is needed (requests that failed after their retries), or None."""
+        """What failed and whether a rerun can help, or None when nothing failed."""
         if not self.failed:
             return None
         why = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()))
-        return (f"{sum(self.failed.values())} of {self.planned} teacher requests failed after "
-                f"{self.retries} retries in all ({why}); every answer received is stored, and rerunning "
-                f"the same command sends only the failed ones")
+        transient = self.transient_failures()
+        refused = sum(self.failed.values()) - transient
+        return (f"{sum(self.failed.values())} of {self.planned} teacher requests failed ({why}); every answer "
+                "received is stored"
+                + (f"; a rerun sends only the failed ones ({transient} of them may succeed then)" if transient else "")
+                + (f"; {refused} the teacher refused, which a rerun gets again: read its error in the "
+                   "teacher's log or ledger" if refused else ""))
+
+
+def is_transient(reason: str) -> bool:
+    """Whether a failure reason in :attr:`HarvestReport.failed` is one that retrying can cure."""
+    return reason in ("timeout", "connection") or (reason.startswith("http_") and int(reason[5:]) in RETRY_STATUS)
 
 
 class _Budget:

@@ -175,6 +175,8 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     write_prompts(tasks, sdir / "prompts.jsonl")
     (sdir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     log(f"self-instruct: {len(tasks)} tasks after {report.rounds} rounds (stopped: {report.stopped})")
+    if report.stopped == "failed":  # the harvest would run on a pool a rerun cannot rebuild
+        raise IncompleteError(f"self-instruct round {report.rounds}: {report.unfinished}; the later stages did not run")
     return sdir / "prompts.jsonl"
 
 

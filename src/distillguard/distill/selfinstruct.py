@@ -97,7 +97,8 @@ class SelfInstructReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     harvest: dict = field(default_factory=dict)  # summed over the rounds of this run
-    stopped: str = ""
+    stopped: str = ""  # done | max_rounds | budget | failed (requests failed after their retries: rerun)
+    unfinished: str | None = None  # with 'failed': what failed
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -243,6 +244,15 @@ async def self_instruct(config: SelfInstructConfig, harvest_config: HarvestConfi
             break
         if got.budget_stopped:
             report.stopped = "budget"
+            break
+        if got.transient_failures():
+            # Requests that failed after their retries: going on would build the next rounds on a pool
+            # a rerun cannot rebuild (it resends them and may get other tasks), and against a teacher
+            # that is down, every round would spend its retries on nothing for up to max_rounds rounds.
+            # (A request the teacher refused, e.g. 400 for a listing past its context, gets the same
+            # answer on a rerun, so the rounds go on without it.)
+            report.stopped = "failed"
+            report.unfinished = got.unfinished()
             break
     return machine, report
 
