@@ -322,6 +322,18 @@ eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
     bad.write_text("out: x\nharvest: {}\nextra: 1\n")
     with pytest.raises(ConfigError, match="unknown sections"):
         load_config(bad)
-    bad.write_text("out: x\nharvest: {prompts: self-instruct}\n")
+    bad.write_text("out: x\nharvest: {teacher: t, prompts: self-instruct}\n")
     with pytest.raises(ConfigError, match="needs a `self_instruct:` section"):
         load_config(bad)
+    # each of these was a traceback (TypeError, KeyError, AttributeError), some only after the harvest
+    for text, match in [("harvest: {teacher: t, prompts: p, bogus: 1}", r"unknown `harvest` settings \['bogus'\]"),
+                        ("harvest: [1, 2]", "`harvest:` must be a mapping"),
+                        ("harvest: {teacher: t}", "`harvest:` needs prompts"),
+                        ("harvest: {teacher: t, prompts: p}\neval: {limit: 3}", "needs a `train:` section"),
+                        ("harvest: {teacher: t, prompts: p}\ntrain: {lr: 0}", "`train:` --epochs 2.0 and --lr 0"),
+                        ("harvest: {teacher: t, prompts: p, n: abc}", "`harvest:` a setting has the wrong type"),
+                        ("harvest: {teacher: t, prompts: p}\ncurate: {near_dup: 0.5}", "unknown `curate` settings"),
+                        (": : :", "not valid YAML")]:
+        bad.write_text(f"out: x\n{text}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(bad)

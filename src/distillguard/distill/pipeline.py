@@ -46,15 +46,73 @@ def load_config(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such config file: {path}")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(config, dict) or "out" not in config or "harvest" not in config:
         raise ConfigError(f"{path}: needs at least `out:` and a `harvest:` section")
     unknown = set(config) - {"out", "self_instruct", *STAGES}
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use out, self_instruct, {', '.join(STAGES)}")
-    if (config["harvest"] or {}).get("prompts") == "self-instruct" and "self_instruct" not in config:
+    for name, allowed in _section_keys().items():
+        section = config.get(name)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: `{name}:` must be a mapping of settings, not {type(section).__name__}")
+        if set(section) - allowed:  # caught here, not as a TypeError after the harvest has run
+            raise ConfigError(f"{path}: unknown `{name}` settings {sorted(set(section) - allowed)}; "
+                              f"use {', '.join(sorted(allowed))}")
+    missing = [k for k in ("teacher", "prompts") if k not in (config["harvest"] or {})]
+    if missing:
+        raise ConfigError(f"{path}: `harvest:` needs {' and '.join(missing)}")
+    if config["harvest"]["prompts"] == "self-instruct" and "self_instruct" not in config:
         raise ConfigError(f"{path}: `prompts: self-instruct` needs a `self_instruct:` section")
+    if "eval" in config and "train" not in config:
+        raise ConfigError(f"{path}: `eval:` evaluates the trained student, so it needs a `train:` section")
+    _check_values(path, config)
     return config
+
+
+def _check_values(path: Path, config: dict) -> None:
+    """Build each stage's config once now, so a bad value fails before hours of harvest, not after."""
+    from distillguard.distill.curate import CurateConfig
+    from distillguard.distill.harvest import HarvestConfig
+    from distillguard.distill.train import TrainConfig
+
+    pipeline_only = {"prompts", "limit", "skip", "api_key_env", "allow_failures"}
+    checks = [("harvest", lambda: HarvestConfig(**{k: v for k, v in config["harvest"].items() if k not in pipeline_only})),
+              ("curate", lambda: CurateConfig(**{k: v for k, v in (config.get("curate") or {}).items()
+                                                 if k != "eval_prompts"}))]
+    if "train" in config:
+        checks.append(("train", lambda: TrainConfig(data="", out="", **(config["train"] or {}))))
+    for section, build in checks:
+        try:
+            build()
+        except ConfigError as exc:  # the message names the CLI flag; the YAML key is the same with underscores
+            raise ConfigError(f"{path}: `{section}:` {exc}") from None
+        except TypeError as exc:  # e.g. a string where a number belongs
+            raise ConfigError(f"{path}: `{section}:` a setting has the wrong type ({exc})") from None
+
+
+def _section_keys() -> dict[str, set[str]]:
+    """The settings each section takes: its config class's fields plus what the pipeline reads itself."""
+    from dataclasses import fields
+
+    from distillguard.distill.curate import CurateConfig
+    from distillguard.distill.harvest import HarvestConfig
+    from distillguard.distill.selfinstruct import SelfInstructConfig
+    from distillguard.distill.train import TrainConfig
+
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    return {"harvest": names(HarvestConfig) | {"prompts", "limit", "skip", "api_key_env", "allow_failures"},
+            "self_instruct": names(SelfInstructConfig) | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
+            "curate": names(CurateConfig) | {"eval_prompts"},
+            "train": names(TrainConfig) - {"data", "out"},
+            "eval": {"teacher", "limit", "baseline", "max_new_tokens"}}
 
 
 def _hash(obj) -> str:
