@@ -156,6 +156,14 @@ def test_prompt_sources(tmp_path):
     bad.write_text('{"nothing": 1}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
         load_prompts(str(bad))
+    parts = tmp_path / "parts.jsonl"  # OpenAI's content parts, as exported chat logs have them
+    parts.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a "},
+                                                                            {"type": "text", "text": "b"}]}]}) + "\n")
+    assert load_prompts(str(parts))[0].messages == (("user", "a b"),)
+    for content in (None, 5, [{"type": "image_url", "image_url": {"url": "x"}}]):  # were sent as 'None', '5', "[{'type'..."
+        bad.write_text(json.dumps({"messages": [{"role": "user", "content": content}]}) + "\n")
+        with pytest.raises(ConfigError, match="bad.jsonl:1: a message's 'content' must be a string"):
+            load_prompts(str(bad))
     with pytest.raises(ConfigError, match="no such prompt source"):
         load_prompts(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty.jsonl").write_text("")

@@ -23,10 +23,7 @@ class Prompt:
 def _from_record(rec: dict, index: int, where: str) -> Prompt:
     pid = str(rec.get("id", index))
     if isinstance(rec.get("messages"), list):
-        try:
-            msgs = tuple((str(m["role"]), str(m["content"])) for m in rec["messages"])
-        except (KeyError, TypeError):
-            raise ConfigError(f"{where}: each message needs 'role' and 'content'") from None
+        msgs = tuple(_message(m, where) for m in rec["messages"])
         if not msgs:
             raise ConfigError(f"{where}: 'messages' is empty")
         return Prompt(pid, msgs)
@@ -34,6 +31,21 @@ def _from_record(rec: dict, index: int, where: str) -> Prompt:
         if isinstance(rec.get(field), str) and rec[field].strip():
             return Prompt(pid, (("user", rec[field]),))
     raise ConfigError(f"{where}: no 'messages' list or 'prompt'/'instruction'/'question'/'text' string")
+
+
+def _message(m: object, where: str) -> tuple[str, str]:
+    """(role, text) of one chat message; OpenAI's content parts (``[{"type": "text", "text": ...}]``)
+    are joined. Anything else is refused: ``str()`` of it would send the teacher 'None' or '[{...'."""
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+        raise ConfigError(f"{where}: each message needs a 'role' string and 'content'")
+    content = m["content"]
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        content = "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise ConfigError(f"{where}: a message's 'content' must be a string or a list of text parts "
+                          f"(got {type(content).__name__}{'' if not isinstance(content, list) else ' with non-text parts'})")
+    return m["role"], content
 
 
 def load_prompts(source: str, *, limit: int | None = None, skip: int = 0, max_chars: int | None = None) -> list[Prompt]:
