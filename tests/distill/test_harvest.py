@@ -125,6 +125,19 @@ def test_export_keeps_each_usable_choice(tmp_path):
             HarvestConfig(teacher="http://x", **bad)
 
 
+def test_a_store_that_is_not_ours_is_refused_and_left_as_it_was(tmp_path):
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database at all")
+    with pytest.raises(ConfigError, match="garbage.sqlite is not a readable response store"):
+        ResponseStore(garbage)
+    assert garbage.read_bytes() == b"not a database at all"  # it may hold paid answers: never touched
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE responses (id INTEGER, body TEXT)")
+    with pytest.raises(ConfigError, match="not a distillguard response store"):
+        ResponseStore(foreign)
+
+
 def test_group_commit_is_one_transaction(tmp_path):
     store = ResponseStore(tmp_path / "store.sqlite")
     rows = [(f"fp{i}", f"p{i}", {"q": i}, {"a": i}, "ok", 3, 4, 0.0) for i in range(3)]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import orjson
 
+from distillguard.errors import ConfigError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     fingerprint TEXT PRIMARY KEY,
@@ -30,6 +32,10 @@ CREATE TABLE IF NOT EXISTS responses (
     created REAL NOT NULL
 );
 """
+
+
+COLUMNS = ["fingerprint", "prompt_id", "request", "response", "status", "prompt_tokens", "completion_tokens",
+           "cost_usd", "created"]
 
 
 def fingerprint(request: dict) -> str:
@@ -83,9 +89,20 @@ class ResponseStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process
+            self.conn.executescript(SCHEMA)
+            columns = [row[1] for row in self.conn.execute("PRAGMA table_info(responses)")]
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            # Never replaced or repaired here: it may hold answers that were paid for.
+            raise ConfigError(f"{self.path} is not a readable response store ({exc}); move it aside "
+                              "(or use another --out) to start a new one") from None
+        if columns != COLUMNS:
+            self.conn.close()
+            raise ConfigError(f"{self.path} holds a 'responses' table that is not a distillguard response "
+                              f"store (columns {columns}); use another --out")
 
     def close(self) -> None:
         self.conn.close()
