@@ -32,13 +32,15 @@ def test_filters_dedup_and_decontamination():
         rec("empty", "Say nothing", "   "),                                             # too short
         rec("cut", "Long story", "Once upon a time", finish_reason="length"),           # truncated
         {"id": "bad", "messages": [], "response": None},                                # malformed
+        {"id": "no-prompt", "response": "An answer to nothing."},                      # malformed (was a KeyError)
+        {"id": "str-prompt", "messages": "hi", "response": "An answer to a string."},  # malformed
         rec("contam", "What is the boiling point of water at sea level in Celsius?", "100 C."),
         rec("long", "Tell me", "x" * 5000),
     ]
     train, evaluation, report = curate(
         records, CurateConfig(max_chars=1000, eval_fraction=0.0),
         eval_prompts=["What is the boiling point of water at sea level, in Celsius?"])
-    assert report.removed == {"duplicate": 1, "near_duplicate": 1, "refusal": 1, "too_short": 1, "malformed": 2,
+    assert report.removed == {"duplicate": 1, "near_duplicate": 1, "refusal": 1, "too_short": 1, "malformed": 4,
                               "contaminated": 1, "too_long": 1}
     assert len(train) == len(QUESTIONS) and evaluation == [] and report.read == len(records)
 

@@ -66,6 +66,12 @@ class CurateReport:
         return asdict(self)
 
 
+def _chat(messages: object) -> bool:
+    """A non-empty list of {'role': str, 'content': str}: what training renders with the chat template."""
+    return isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+
+
 def prompt_text(record: dict) -> str:
     return "\n".join(m.get("content", "") for m in record.get("messages", []) if m.get("role") != "system")
 
@@ -123,7 +129,7 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
     for record in records:
         report.read += 1
         response = record.get("response")
-        if not isinstance(response, str) or record.get("finish_reason") == "length":
+        if not isinstance(response, str) or record.get("finish_reason") == "length" or not _chat(record.get("messages")):
             report.drop("malformed")
             continue
         if len(response.strip()) < config.min_chars:
