@@ -335,6 +335,14 @@ def test_eval_reports_teacher_floor_and_student_agreement():
     other = evaluate(teacher, load_model("tiny:seed=7"), prompts, max_new_tokens=12, baseline=load_model("tiny:seed=8"))
     assert other.student.nll > other.teacher.nll and other.student.exact_match < 1.0
     assert other.gap_closed is not None
+    # reproducible: which prompts exactly, and what scored them; strict JSON (the baseline's speed is
+    # not measured: None, where it was NaN, which json.loads in other languages rejects)
+    from distillguard.distill.evaluate import prompts_digest
+
+    assert same.prompts_sha256 == other.prompts_sha256 == prompts_digest(prompts) != prompts_digest(prompts[:3])
+    assert set(same.versions) >= {"distillguard", "torch", "transformers"}
+    strict = json.loads(json.dumps(other.to_dict(), allow_nan=False))
+    assert strict["baseline"]["tokens_per_s"] is None and strict["gap_closed"] == other.gap_closed
     # coherence: the teacher as its own student scores the same; another model's answers are less
     # plausible to the teacher than its own greedy answers
     assert same.student.nll_under_teacher == pytest.approx(same.teacher.nll_under_teacher, rel=1e-5)
@@ -405,6 +413,7 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     reports = json.loads(res.stdout.strip().splitlines()[-1])
     assert [r["queries"] for r in reports] == [4, 4] and reports[0]["student"]["nll"] == reports[1]["student"]["nll"]
+    assert reports[0]["source"] == {"prompts": str(heldout), "skip": 0, "limit": 64} and reports[0]["prompts_sha256"]
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     res = run_cli("distill", "eval", "--student", "tiny", "--teacher", "tiny", "--prompts", str(heldout),
                   "--plot", str(tmp_path / "x.png"))

@@ -323,7 +323,9 @@ def eval_cmd(
     if plot is not None:
         learning_curve_plot(reports, queries, plot)
         err_console.print(f"learning curve in {plot}")
-    result = reports[0].to_dict() if len(reports) == 1 else [dict(r.to_dict(), queries=q) for r, q in zip(reports, queries)]
+    source = {"prompts": prompts, "skip": skip, "limit": limit}  # with prompts_sha256: which prompts, exactly
+    result = (dict(reports[0].to_dict(), source=source) if len(reports) == 1
+              else [dict(r.to_dict(), queries=q, source=source) for r, q in zip(reports, queries)])
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))

@@ -13,10 +13,11 @@ student is worse than uniform), so it is not the headline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -44,9 +45,37 @@ class EvalReport:
     student: ModelReport
     baseline: ModelReport | None = None
     gap_closed: float | None = None  # (baseline NLL - student NLL) / (baseline NLL - teacher NLL)
+    # What it takes to reproduce the numbers: the exact prompts (SHA-256 of their JSON) and the
+    # versions that generated and scored the answers.
+    prompts_sha256: str = ""
+    versions: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON-able data; an undefined number (NaN) is None, since NaN is not JSON."""
+        def clean(value):
+            if isinstance(value, float) and math.isnan(value):
+                return None
+            if isinstance(value, dict):
+                return {k: clean(v) for k, v in value.items()}
+            return value
+
+        return clean(asdict(self))
+
+
+def prompts_digest(prompts: list[list[dict]]) -> str:
+    """SHA-256 of the prompts' canonical JSON: two evaluations used the same prompts iff it matches."""
+    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def versions() -> dict:
+    import platform
+
+    import transformers
+
+    from distillguard import __version__
+
+    return {"distillguard": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
 
 
 def distinct_prompts(rows) -> list[list[dict]]:
@@ -151,6 +180,7 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
         b_report = ModelReport(baseline.spec, params(baseline), answer_nll(baseline, prompts, teacher_answers),
                                float("nan"))
     reports = []
+    digest, setup = prompts_digest(prompts), versions()
     for student in students:
         student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens)
         s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
@@ -163,7 +193,7 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
                                nll_under_teacher=answer_nll(teacher, prompts, student_answers),
                                rep4=repeated_ngrams(student_answers))
         report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report,
-                            baseline=b_report)
+                            baseline=b_report, prompts_sha256=digest, versions=setup)
         if b_report is not None:
             denom = b_report.nll - t_report.nll
             report.gap_closed = (b_report.nll - s_report.nll) / denom if denom > 0 else math.nan
