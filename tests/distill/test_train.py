@@ -399,6 +399,8 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["loss"] == "gkd" and summary["beta"] == 0.5 and summary["on_policy_batches"] == summary["steps"] == 2
     assert summary["examples"] == 8 and summary["queries"] == 4
+    assert summary["config"]["lmbda"] == 1.0 and summary["config"]["batch_size"] == 4 and len(summary["run_fingerprint"]) == 64
+    assert summary["versions"]["torch"]
     # fewer steps than the logging interval: the run's mean loss, not NaN (which is not JSON)
     assert summary["final_loss"] == summary["train_loss"] > 0
     res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "never"),

@@ -44,7 +44,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from distillguard.distill.evaluate import distinct_prompts
+from distillguard.distill.evaluate import distinct_prompts, versions
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
 from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel, load_model
@@ -451,7 +451,11 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
                # Non-padding tokens through the student per second of training, this run only (the
                # on-policy answers of gkd not counted): the speed bench's metric.
                "tokens_per_s": share_this_run * config.epochs * sum(len(e["input_ids"]) for e in examples) / runtime,
-               "train_loss": result.training_loss, "history": history,
+               "train_loss": result.training_loss,
+               # to reproduce it: every setting, the run's fingerprint (settings, exact examples, a given
+               # student's starting weights: what a resumed checkpoint must match) and the versions
+               "config": asdict(config), "run_fingerprint": fingerprint, "versions": versions(),
+               "history": history,
                # the last logged loss (every 5 steps); a run shorter than that has only its mean
                "final_loss": history[-1]["loss"] if history else result.training_loss}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
