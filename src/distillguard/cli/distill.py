@@ -234,13 +234,13 @@ def train_cmd(
 
     Examples:
 
-      distillguard distill train --data runs/c1 --out runs/s1 --student prune:8
+      distillguard distill train --data runs/c1 --out runs/s1 --student prune:11
 
       distillguard distill train --data runs/c1 --out runs/s2 --student prune:12 --loss topk-kd --epochs 3
 
-      distillguard distill train --data runs/c1 --out runs/s3 --student prune:8 --loss kd --teacher smollm2
+      distillguard distill train --data runs/c1 --out runs/s3 --student prune:11 --loss kd --teacher smollm2
 
-      distillguard distill train --data runs/c1 --out runs/s4 --student prune:8 --loss gkd --lmbda 0.5 --beta 0.5
+      distillguard distill train --data runs/c1 --out runs/s4 --student prune:11 --loss gkd --lmbda 0.5 --beta 0.5
     """
     from distillguard.distill.train import ProgressCallback, TrainConfig, train
 
@@ -266,7 +266,7 @@ def eval_cmd(
     limit: int = typer.Option(64, help="prompts to use"),
     skip: int = typer.Option(0, help="skip this many prompts first (keep training prompts out)"),
     max_new_tokens: int = typer.Option(128, help="greedy answer length"),
-    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:8), for 'gap closed'"),
+    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:11), for 'gap closed'"),
     out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the distinct "
                                                    "training prompts in each student's train_summary.json)"),
@@ -276,7 +276,7 @@ def eval_cmd(
 
     Examples:
 
-      distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:8
+      distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:11
 
       distillguard distill eval --student runs/n250 --student runs/n1000 --prompts runs/c1 --plot curve.png
     """
@@ -340,7 +340,7 @@ def run_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see `distill
       out: runs/demo
       harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000}
       curate: {eval_fraction: 0.1}
-      train: {student: "prune:8", loss: sft, epochs: 2}   # or loss: topk-kd | kd | gkd (teacher: smollm2)
+      train: {student: "prune:11", epochs: 2}   # loss auto (top-k KD | sft); or kd | gkd (teacher: smollm2)
       eval: {limit: 64, max_new_tokens: 128}
     """
     from distillguard.distill.pipeline import load_config, run

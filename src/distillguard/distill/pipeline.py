@@ -13,7 +13,7 @@ Example config::
     harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000,
               max_tokens: 256, top_logprobs: 5}
     curate: {eval_fraction: 0.1}
-    train: {student: prune:8, loss: sft, epochs: 2}
+    train: {student: prune:11, epochs: 2}   # loss auto: top-k KD from the harvested logprobs
     eval: {limit: 64, max_new_tokens: 128}
 
 An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rounds``, ``novelty``,
@@ -24,7 +24,7 @@ them with ``harvest: {prompts: self-instruct, ...}``. Like harvest it resumes by
 ``train`` takes every :class:`~distillguard.distill.train.TrainConfig` field: ``loss: topk-kd``
 uses the harvested logprobs; ``loss: kd`` (full logits) and ``loss: gkd`` (on-policy, with
 ``lmbda``, ``beta``, ``gen_max_new_tokens``) load ``teacher:`` locally, e.g.
-``train: {student: prune:8, loss: gkd, teacher: smollm2, lmbda: 0.5}``.
+``train: {student: prune:11, loss: gkd, teacher: smollm2, lmbda: 0.5}``.
 """
 
 from __future__ import annotations
