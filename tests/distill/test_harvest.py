@@ -354,6 +354,8 @@ eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
                         ("harvest: {teacher: t, prompts: p}\ntrain: {lr: 0}", "`train:` --epochs 2.0 and --lr 0"),
                         ("harvest: {teacher: t, prompts: p, n: abc}", "`harvest:` a setting has the wrong type"),
                         ("harvest: {teacher: t, prompts: p}\ncurate: {near_dup: 0.5}", "unknown `curate` settings"),
+                        ("harvest: {teacher: t, prompts: self-instruct}\nself_instruct: {novelty: 0}",
+                         "`self_instruct:` --novelty 0"),
                         (": : :", "not valid YAML")]:
         bad.write_text(f"out: x\n{text}\n")
         with pytest.raises(ConfigError, match=match):

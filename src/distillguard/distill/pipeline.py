@@ -87,6 +87,12 @@ def _check_values(path: Path, config: dict) -> None:
                                                  if k != "eval_prompts"}))]
     if "train" in config:
         checks.append(("train", lambda: TrainConfig(data="", out="", **(config["train"] or {}))))
+    if config.get("self_instruct"):
+        from distillguard.distill.selfinstruct import SelfInstructConfig
+
+        own = {f for f in SelfInstructConfig.__dataclass_fields__ if f != "seeds"}  # seeds: a prompt source here
+        checks.append(("self_instruct", lambda: SelfInstructConfig(
+            **{k: v for k, v in config["self_instruct"].items() if k in own})))
     for section, build in checks:
         try:
             build()
