@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -55,6 +54,7 @@ def harvest_cmd(
       distillguard distill harvest --teacher $URL --prompts prompts.jsonl --out runs/h2 --top-logprobs 5 --budget-usd 5 --price-in 0.15 --price-out 0.6
     """
     from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
+    from distillguard.distill.harvest import run_stoppable
 
     config = HarvestConfig(
         teacher=teacher, api_key=api_key, model=model, n=n, concurrency=concurrency, max_tokens=max_tokens,
@@ -78,7 +78,7 @@ def harvest_cmd(
             progress.update(task, completed=finished, tokens=budget.tokens, usd=budget.usd,
                             rate=(finished - report.skipped_done) / elapsed)
 
-        report = asyncio.run(harvest(config, items, store, on_progress=on_progress))
+        report = run_stoppable(harvest(config, items, store, on_progress=on_progress))
     rows = store.export_jsonl(out / "data.jsonl")
     summary = {**report.to_dict(), "store": store.totals(), "data_rows": rows}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
@@ -130,6 +130,7 @@ def self_instruct_cmd(
       distillguard distill harvest --teacher http://127.0.0.1:8000/v1 --api-key $KEY --prompts runs/si/prompts.jsonl --out runs/h1
     """
     from distillguard.distill import HarvestConfig, ResponseStore
+    from distillguard.distill.harvest import run_stoppable
     from distillguard.distill.selfinstruct import (SEED_TASKS, SelfInstructConfig, load_seed_tasks, self_instruct,
                                                    write_prompts)
 
@@ -152,7 +153,7 @@ def self_instruct_cmd(
             progress.update(task, completed=len(tasks), round=report.rounds, requests=report.requests,
                             candidates=report.candidates)
 
-        tasks, report = asyncio.run(self_instruct(config, hconfig, store, on_round=on_round))
+        tasks, report = run_stoppable(self_instruct(config, hconfig, store, on_round=on_round))
     write_prompts(tasks, out / "prompts.jsonl")
     summary = {**report.to_dict(), "store": store.totals()}
     (out / "report.json").write_text(json.dumps(summary, indent=2))

@@ -38,7 +38,7 @@ import orjson
 
 from distillguard.distill.prompts import Prompt
 from distillguard.distill.store import ResponseStore, classify, classify_choice, fingerprint
-from distillguard.errors import ConfigError
+from distillguard.errors import ConfigError, IncompleteError
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -324,6 +324,49 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
             await session.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def run_stoppable(coro):
+    """``asyncio.run(coro)``, where SIGTERM stops it the way Ctrl-C does: the main task is cancelled,
+    so its ``finally`` blocks run (the harvest's last group commit: answers received in the commit
+    window are stored, not lost with the process). Raises :class:`IncompleteError` when stopped.
+
+    asyncio.Runner already turns SIGINT into a cancellation; SIGTERM (``kill``, a container stop,
+    ``timeout``) would otherwise end the process at once.
+    """
+    import signal
+
+    with asyncio.Runner() as runner:
+        loop = runner.get_loop()
+        main: list[asyncio.Task] = []
+
+        async def wrapper():
+            main.append(asyncio.current_task())
+            return await coro
+
+        stopped = []
+
+        def on_term() -> None:
+            stopped.append(True)
+            if main:
+                main[0].cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, on_term)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            pass
+        try:
+            return runner.run(wrapper())
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+            raise IncompleteError("stopped by SIGTERM; every answer received is stored, and rerunning the same "
+                                  "command continues where it stopped") from None
+        finally:
+            try:
+                loop.remove_signal_handler(signal.SIGTERM)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
 
 
 async def _send(session: aiohttp.ClientSession, config: HarvestConfig, body: dict, fp: str,

@@ -29,7 +29,6 @@ uses the harvested logprobs; ``loss: kd`` (full logits) and ``loss: gkd`` (on-po
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -136,7 +135,7 @@ def _mark(stage_dir: Path, key: str, result: dict) -> None:
 
 def run(config: dict, *, log=print) -> dict:
     from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
-    from distillguard.distill.harvest import HarvestConfig, harvest
+    from distillguard.distill.harvest import HarvestConfig, harvest, run_stoppable
     from distillguard.distill.prompts import load_prompts
     from distillguard.distill.store import ResponseStore
     from distillguard.distill.train import TrainConfig, train
@@ -158,7 +157,7 @@ def run(config: dict, *, log=print) -> dict:
     hdir = out / "harvest"
     hdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(hdir / "store.sqlite")
-    report = asyncio.run(harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store))
+    report = run_stoppable(harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store))
     rows = store.export_jsonl(hdir / "data.jsonl")
     store.close()
     results["harvest"] = {**report.to_dict(), "data_rows": rows}
@@ -221,7 +220,7 @@ def run(config: dict, *, log=print) -> dict:
 
 def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     """Run the self-instruct stage (resumable by itself); the path of its prompt file."""
-    from distillguard.distill.harvest import HarvestConfig
+    from distillguard.distill.harvest import HarvestConfig, run_stoppable
     from distillguard.distill.selfinstruct import SelfInstructConfig, load_seed_tasks, self_instruct, write_prompts
     from distillguard.distill.store import ResponseStore
 
@@ -233,7 +232,7 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     sdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(sdir / "store.sqlite")
     try:
-        tasks, report = asyncio.run(self_instruct(SelfInstructConfig(**s), hconfig, store))
+        tasks, report = run_stoppable(self_instruct(SelfInstructConfig(**s), hconfig, store))
     finally:
         store.close()
     write_prompts(tasks, sdir / "prompts.jsonl")
