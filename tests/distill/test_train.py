@@ -401,6 +401,13 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
     assert summary["examples"] == 8 and summary["queries"] == 4
     assert summary["config"]["lmbda"] == 1.0 and summary["config"]["batch_size"] == 4 and len(summary["run_fingerprint"]) == 64
     assert summary["versions"]["torch"]
+    weights = (tmp_path / "student" / "model.safetensors").stat().st_mtime_ns
+    res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "student"),
+                  "--student", "tiny", "--teacher", "tiny:seed=3", "--loss", "gkd", "--lmbda", "1",
+                  "--gen-max-new-tokens", "8", "--epochs", "1", "--batch-size", "4")  # the same command again
+    assert res.returncode == 0 and "already holds this run's student" in " ".join(res.stderr.split())
+    assert json.loads(res.stdout.strip().splitlines()[-1])["already_trained"] is True
+    assert (tmp_path / "student" / "model.safetensors").stat().st_mtime_ns == weights  # not trained again
     # fewer steps than the logging interval: the run's mean loss, not NaN (which is not JSON)
     assert summary["final_loss"] == summary["train_loss"] > 0
     res = run_cli("distill", "train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "never"),
@@ -467,9 +474,12 @@ def test_a_crashed_run_resumes_from_its_last_whole_checkpoint_and_ends_where_an_
     a, b = _weights(tmp_path / "unbroken"), _weights(tmp_path / "resumed")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
+    # The same run again once its student is saved: nothing to do.
+    assert train(config, callbacks=[CrashAtStep12()])["already_trained"] is True
     # --no-resume: a crashed run's checkpoint is deleted and training starts over.
     with pytest.raises(_Crash):
-        train(config, callbacks=[CrashAtStep12()])
+        train(TrainConfig(out=str(tmp_path / "resumed"), save_steps=5, resume=False, **common),
+              callbacks=[CrashAtStep12()])
     again = train(TrainConfig(out=str(tmp_path / "resumed"), save_steps=5, resume=False, **common))
     assert again["resumed_from_step"] == 0 and again["steps"] == 18
 

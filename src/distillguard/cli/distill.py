@@ -225,13 +225,15 @@ def train_cmd(
     seed: int = typer.Option(0, help="random seed"),
     save_steps: int = typer.Option(100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint of this "
-                                                                  "same run in OUT/checkpoints (after a crash)"),
+                                                                  "same run in OUT/checkpoints (after a crash), or "
+                                                                  "do nothing when OUT holds its finished student"),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (mixed precision, float32 master weights) | tf32 "
                                                "(float32 with TF32 matrix products; NVIDIA Ampere or newer)"),
 ) -> None:
     """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
 
-    After a crash, the same command continues from the last checkpoint (every --save-steps).
+    After a crash, the same command continues from the last checkpoint (every --save-steps); once
+    the student is saved, the same command does nothing.
 
     Examples:
 
@@ -253,8 +255,12 @@ def train_cmd(
     with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
         summary = train(config, callbacks=[ProgressCallback(progress)])
-    err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
-                      f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
+    if summary.get("already_trained"):
+        err_console.print(f"{out} already holds this run's student (same settings, data and starting point); "
+                          "nothing to do (--no-resume trains it again)")
+    else:
+        err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
+                          f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 

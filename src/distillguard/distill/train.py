@@ -403,6 +403,12 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     checkpoints = Path(config.out) / "checkpoints"
     fingerprint = run_fingerprint(config, examples, model if given else None)
+    finished = Path(config.out) / "train_summary.json"
+    if config.resume and finished.is_file() and (out_summary := json.loads(finished.read_text())).get(
+            "run_fingerprint") == fingerprint and (Path(config.out) / "config.json").is_file():
+        # The same run already finished here (same settings, examples, starting point): rerunning a
+        # command, or a pipeline, must not spend hours to write the same student again.
+        return {**out_summary, "already_trained": True}
     resume_from, mark = resume_point(checkpoints, fingerprint, config.resume) if config.save_steps else (None, {})
     args = TrainingArguments(
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
