@@ -484,6 +484,46 @@ def test_a_crashed_run_resumes_from_its_last_whole_checkpoint_and_ends_where_an_
     assert again["resumed_from_step"] == 0 and again["steps"] == 18
 
 
+def test_sigterm_stops_training_with_a_checkpoint_of_that_step_and_the_rerun_ends_as_an_unbroken_run(tmp_path):
+    """With checkpoints every 100 steps a SIGTERM at step 7 used to lose all 7; now the Trainer saves
+    that step and stops, and the rerun ends with an unbroken run's weights."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from distillguard.errors import IncompleteError
+
+    lm = load_model("tiny")
+    save_dataset(_records(lm), [], tmp_path / "data")
+    common = dict(data=str(tmp_path / "data"), student="tiny", loss="sft", epochs=6, lr=3e-3, batch_size=8, seed=0)
+    unbroken = train(TrainConfig(out=str(tmp_path / "unbroken"), save_steps=0, **common))
+
+    class TermAtStep7(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` would
+
+    def not_handled(signum, frame):  # what the signal does if train() does not take it over: fail, not die
+        raise _Crash("SIGTERM reached the test's handler")
+
+    config = TrainConfig(out=str(tmp_path / "stopped"), save_steps=100, **common)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        with pytest.raises(IncompleteError, match="stopped by SIGTERM after step 7 of 18"):
+            train(config, callbacks=[TermAtStep7()])
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # train() put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    checkpoints = tmp_path / "stopped" / "checkpoints"
+    assert sorted(d.name for d in checkpoints.iterdir()) == ["checkpoint-7"]
+    assert not (tmp_path / "stopped" / "config.json").exists()  # no half-trained student passed off as done
+    resumed = train(config)
+    assert resumed["resumed_from_step"] == 7 and resumed["steps"] == unbroken["steps"] == 18
+    a, b = _weights(tmp_path / "unbroken"), _weights(tmp_path / "stopped")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_train_killed_mid_run_continues_from_its_checkpoint(tmp_path):
     """A real crash: ``kill -9`` of the CLI while it trains, then the same command again."""
     import os

@@ -46,7 +46,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distillguard.distill.evaluate import distinct_prompts, versions
 from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
-from distillguard.errors import ConfigError
+from distillguard.errors import ConfigError, IncompleteError
 from distillguard.models import LoadedModel, load_model
 
 IGNORE = -100
@@ -434,7 +434,13 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     if isinstance(trainer, LogitKDTrainer):
         trainer.on_policy_batches = mark.get("on_policy_batches", 0)
     trainer.add_callback(CheckpointMarks(fingerprint, trainer, mark.get("train_seconds", 0.0)))
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    stop = StopOnSigterm()
+    trainer.add_callback(stop)
+    with stop.installed(enabled=bool(config.save_steps)):  # without checkpoints there is nothing to resume
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if stop.stopped_at is not None:  # the checkpoint is saved; the student is not finished
+        raise IncompleteError(f"stopped by SIGTERM after step {stop.stopped_at} of {trainer.state.max_steps}; its "
+                              f"checkpoint is in {checkpoints}, and the same command continues from it")
     if config.lora:
         model = model.merge_and_unload()
     out = Path(config.out)
@@ -537,6 +543,39 @@ class CheckpointMarks(TrainerCallback):
         for old in here.parent.glob("checkpoint-*"):
             if old != here:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+class StopOnSigterm(TrainerCallback):
+    """SIGTERM (``kill``, a container stop, a cluster's pre-emption notice) ends training at the end
+    of the current optimiser step with a checkpoint, instead of losing the steps since the last
+    ``--save-steps`` with the process. The HF Trainer has no such switch; its control flags do it."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool = True):
+        import signal
+        import threading
+
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._request)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested and self.stopped_at is None:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
 
 class ProgressCallback(TrainerCallback):
