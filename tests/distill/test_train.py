@@ -317,7 +317,11 @@ def test_eval_many_students_share_one_teacher_run(tmp_path):
     teacher = load_model("tiny")
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
     students = [load_model("tiny:seed=7"), load_model("tiny")]
-    reports = evaluate_many(teacher, students, prompts, max_new_tokens=8)
+    seen = []
+    reports = evaluate_many(teacher, students, prompts, max_new_tokens=8, on_progress=lambda *a: seen.append(a))
+    # the progress runs over every pass, prompt by prompt, to its total: teacher 2 passes, each student 3
+    assert seen[-1][1:] == (3 * (2 + 3 * 2),) * 2 and [d for _, d, _ in seen] == sorted(d for _, d, _ in seen)
+    assert {w for w, _, _ in seen} >= {"teacher answers", "teacher NLL", "tiny: under the teacher"}
     assert reports[1].student.nll == pytest.approx(reports[1].teacher.nll, rel=1e-5)  # the teacher as a student
     assert reports[0].student.nll == pytest.approx(evaluate(teacher, students[0], prompts, max_new_tokens=8).student.nll)
     learning_curve_plot(reports, [100, 400], tmp_path / "curve.png")

@@ -311,10 +311,18 @@ def eval_cmd(
     if plot is not None and None in queries:
         raise ConfigError(f"--plot needs students from `distill train` (no train_summary.json in "
                           f"{student[queries.index(None)]})")
-    with err_console.status("evaluating ..."):
-        reports = evaluate_many(load_model(teacher, device="cpu"), [load_model(s, device="cpu") for s in student],
-                                messages, max_new_tokens=max_new_tokens,
-                                baseline=load_student(baseline, teacher) if baseline else None)
+    with err_console.status("loading the models ..."):
+        models = (load_model(teacher, device="cpu"), [load_model(s, device="cpu") for s in student],
+                  load_student(baseline, teacher) if baseline else None)
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        task = progress.add_task("eval", total=None, what="")
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total, what=what)
+
+        reports = evaluate_many(models[0], models[1], messages, max_new_tokens=max_new_tokens, baseline=models[2],
+                                on_progress=on_progress)
     table = Table("model", "queries", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact",
                   "own answers' NLL under teacher", "rep4")
     rows_out = [("teacher", None, reports[0].teacher), ("baseline", 0, reports[0].baseline)]

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -93,9 +94,10 @@ def distinct_prompts(rows) -> list[list[dict]]:
 
 @torch.inference_mode()
 def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
-                   **generate_kwargs) -> tuple[list[list[int]], float]:
+                   advance: Callable[[int], None] | None = None, **generate_kwargs) -> tuple[list[list[int]], float]:
     """Greedy answers (token ids, end-of-turn excluded) and generated tokens per second.
-    ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``no_repeat_ngram_size``)."""
+    ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``no_repeat_ngram_size``);
+    ``advance(k)`` is called after each batch of ``k`` prompts (a progress bar)."""
     tok = lm.tokenizer
     answers: list[list[int]] = []
     generated, seconds = 0, 0.0
@@ -113,14 +115,19 @@ def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: i
             cut = next((i for i, t in enumerate(row) if t in lm.eos_token_ids), len(row))
             answers.append(row[:cut])
             generated += cut
+        if advance is not None:
+            advance(len(chunk))
     return answers, generated / max(seconds, 1e-9)
 
 
 @torch.inference_mode()
-def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[int]]) -> float:
+def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[int]],
+               advance: Callable[[int], None] | None = None) -> float:
     """Mean negative log-likelihood (nats/token) of ``answers`` (token ids) given their prompts."""
     total, count = 0.0, 0
     for messages, answer in zip(prompts, answers):
+        if advance is not None:
+            advance(1)
         if not answer:
             continue
         prompt = lm.chat_ids(messages)
@@ -152,8 +159,13 @@ def evaluate(teacher: LoadedModel, student: LoadedModel, prompts: list[list[dict
 
 
 def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: list[list[dict]], *,
-                  max_new_tokens: int = 128, baseline: LoadedModel | None = None) -> list[EvalReport]:
-    """One report per student against the same teacher answers (the teacher generates once)."""
+                  max_new_tokens: int = 128, baseline: LoadedModel | None = None,
+                  on_progress: Callable[[str, int, int], None] | None = None) -> list[EvalReport]:
+    """One report per student against the same teacher answers (the teacher generates once).
+
+    ``on_progress(what, done, total)``: after each batch of work, counted in prompts over all the
+    passes (the teacher's answers and their NLL, the baseline's NLL, per student its answers, the
+    teacher's answers' NLL under it and its answers' NLL under the teacher)."""
     from rouge_score import rouge_scorer
 
     if max_new_tokens < 1:
@@ -164,7 +176,18 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
         if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
             # NLL of teacher tokens under the student needs the same token ids; compare texts instead.
             raise ConfigError(f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined")
-    teacher_answers, teacher_tps = greedy_answers(teacher, prompts, max_new_tokens)
+    total = len(prompts) * (2 + (baseline is not None) + 3 * len(students))
+    done = 0
+
+    def step(what: str):
+        def advance(k: int) -> None:
+            nonlocal done
+            done += k
+            if on_progress is not None:
+                on_progress(what, done, total)
+        return advance
+
+    teacher_answers, teacher_tps = greedy_answers(teacher, prompts, max_new_tokens, advance=step("teacher answers"))
     decode = teacher.tokenizer.decode
     t_text = [decode(a, skip_special_tokens=True).strip() for a in teacher_answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -172,25 +195,29 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
     def params(lm: LoadedModel) -> int:
         return sum(p.numel() for p in lm.model.parameters())
 
-    teacher_nll = answer_nll(teacher, prompts, teacher_answers)
+    teacher_nll = answer_nll(teacher, prompts, teacher_answers, advance=step("teacher NLL"))
     t_report = ModelReport(teacher.spec, params(teacher), teacher_nll, teacher_tps,
                            nll_under_teacher=teacher_nll, rep4=repeated_ngrams(teacher_answers))
     b_report = None
     if baseline is not None:
-        b_report = ModelReport(baseline.spec, params(baseline), answer_nll(baseline, prompts, teacher_answers),
+        b_report = ModelReport(baseline.spec, params(baseline),
+                               answer_nll(baseline, prompts, teacher_answers, advance=step("baseline NLL")),
                                float("nan"))
     reports = []
     digest, setup = prompts_digest(prompts), versions()
     for student in students:
-        student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens)
+        student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens,
+                                                      advance=step(f"{student.spec}: answers"))
         s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
         # Identical answers agree fully even when ROUGE's word tokenizer finds no words in them.
         rouge = sum(1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure
                     for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
         exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
-        s_report = ModelReport(student.spec, params(student), answer_nll(student, prompts, teacher_answers),
+        s_report = ModelReport(student.spec, params(student),
+                               answer_nll(student, prompts, teacher_answers, advance=step(f"{student.spec}: NLL")),
                                student_tps, rouge_l=rouge, exact_match=exact,
-                               nll_under_teacher=answer_nll(teacher, prompts, student_answers),
+                               nll_under_teacher=answer_nll(teacher, prompts, student_answers,
+                                                            advance=step(f"{student.spec}: under the teacher")),
                                rep4=repeated_ngrams(student_answers))
         report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report,
                             baseline=b_report, prompts_sha256=digest, versions=setup)
