@@ -37,6 +37,8 @@ from pathlib import Path
 from distillguard.errors import ConfigError, IncompleteError
 
 STAGES = ("harvest", "curate", "train", "eval")
+# harvest: settings the pipeline reads itself; the rest are HarvestConfig's
+HARVEST_PIPELINE_KEYS = {"prompts", "limit", "skip", "api_key_env", "allow_failures"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -80,8 +82,8 @@ def _check_values(path: Path, config: dict) -> None:
     from distillguard.distill.harvest import HarvestConfig
     from distillguard.distill.train import TrainConfig
 
-    pipeline_only = {"prompts", "limit", "skip", "api_key_env", "allow_failures"}
-    checks = [("harvest", lambda: HarvestConfig(**{k: v for k, v in config["harvest"].items() if k not in pipeline_only})),
+    checks = [("harvest", lambda: HarvestConfig(**{k: v for k, v in config["harvest"].items()
+                                                   if k not in HARVEST_PIPELINE_KEYS})),
               ("curate", lambda: CurateConfig(**{k: v for k, v in (config.get("curate") or {}).items()
                                                  if k != "eval_prompts"}))]
     if "train" in config:
@@ -113,7 +115,7 @@ def _section_keys() -> dict[str, set[str]]:
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
-    return {"harvest": names(HarvestConfig) | {"prompts", "limit", "skip", "api_key_env", "allow_failures"},
+    return {"harvest": names(HarvestConfig) | HARVEST_PIPELINE_KEYS,
             "self_instruct": names(SelfInstructConfig) | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
             "curate": names(CurateConfig) | {"eval_prompts"},
             "train": names(TrainConfig) - {"data", "out"},
