@@ -169,6 +169,7 @@ def version() -> None:
 
 def _register_groups() -> None:
     from distillguard.cli.arena import arena_app
+    from distillguard.cli.demo import demo_command
     from distillguard.cli.detect import detect_command
     from distillguard.cli.distill import distill_app
     from distillguard.cli.forensics import forensics_app
@@ -183,6 +184,7 @@ def _register_groups() -> None:
     app.add_typer(arena_app, name="arena")
     app.add_typer(forensics_app, name="forensics")
     app.command("detect")(detect_command)
+    app.command("demo")(demo_command)
 
 
 _register_groups()
