@@ -413,7 +413,7 @@ def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
                     callbacks=train_callbacks)
     master = (cfg.out / "watermark.secret").read_text().strip().encode()
     result = {"curated_rows": len(rows), "curate": creport.to_dict(), "train": {k: summary.get(k) for k in
-                                                                      ("steps", "final_loss", "seconds")}}
+                                                                      ("steps", "final_loss", "train_seconds")}}
     for name, lm in (("student", load_model(str(student_dir))),
                      ("untrained_student", load_student(cfg.student, cfg.model))):
         test = canary_test(lm, master, served, decoys=49, seed=cfg.seed)

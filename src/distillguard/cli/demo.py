@@ -64,7 +64,9 @@ def demo_command(
 
       distillguard demo
 
-      distillguard demo --model tiny --student none --cal-accounts 40 -o /tmp/demo   # a quick look
+      distillguard demo --model tiny --student prune:1 --max-tokens 32 --max-prompt-chars 200 -o /tmp/demo
+
+      distillguard demo --student none --json > demo.json      # acts 1-3 only
     """
     from distillguard.arena.demo import DemoConfig, DemoHooks, run_demo
     from distillguard.distill.train import ProgressCallback
