@@ -403,11 +403,12 @@ def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
     if not served:
         return {"skipped": "no canaries were served (the distiller never reached 'extracting')"}
     rows, _, creport = curate(read_jsonl(cfg.out / "harvest" / "data.jsonl"), CurateConfig(eval_fraction=0.0))
-    data_dir = cfg.out / "curated"
+    data_dir, student_dir = cfg.out / "curated", cfg.out / "student"
+    for stale in (data_dir, student_dir):  # a rerun trains on its own harvest, from scratch
+        shutil.rmtree(stale, ignore_errors=True)
     save_dataset(rows, [], data_dir)
     say(f"training {cfg.student} on {len(rows)} curated answers of the distiller "
         f"({sum(1 for c in served if c.account == DISTILLER)} of them canaries) ...")
-    student_dir = cfg.out / "student"
     summary = train(TrainConfig(data=str(data_dir), out=str(student_dir), student=cfg.student, teacher=cfg.model,
                                 loss="sft", epochs=cfg.epochs, lr=5e-4, batch_size=4, seed=cfg.seed),
                     callbacks=train_callbacks)
