@@ -70,13 +70,13 @@ class DemoConfig:
     user_requests: int = 3
     extract: int = 96
     max_tokens: int = 128  # at 64 most SmolLM2 answers are capped, and the dataset keeps finished ones
-    extracting_after: int = 20
+    extracting_after: int = 10
     concurrency: int = 4
     threads: int = 0
     max_prompt_chars: int = 600  # live prompts longer than this are skipped (a small model's context)
     # act 4
     student: str | None = "prune:8"
-    epochs: float = 3.0
+    epochs: float = 6.0  # enough passes over ~30 rows for the student to take in the canaries
     seed: int = 0
     startup_timeout_s: float = 300.0
 

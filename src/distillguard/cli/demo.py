@@ -35,14 +35,14 @@ def demo_command(
     user_requests: int = typer.Option(3, help="questions each of them asks"),
     extract: int = typer.Option(96, help="requests the distiller sends"),
     max_tokens: int = typer.Option(128, help="answer length cap of every live request"),
-    extracting_after: int = typer.Option(20, help="flagged requests before the distiller is 'extracting' "
+    extracting_after: int = typer.Option(10, help="flagged requests before the distiller is 'extracting' "
                                                   "(canaries from then on)"),
     concurrency: int = typer.Option(4, help="the distiller's requests in flight"),
     threads: int = typer.Option(0, help="the gateway's torch CPU threads (0: one per core)"),
     max_prompt_chars: int = typer.Option(600, help="live prompts longer than this are skipped"),
     student: str = typer.Option("prune:8", help="student trained on the harvest for act 4 (model spec, "
                                                 "prune:K); 'none' skips act 4"),
-    epochs: float = typer.Option(3.0, help="the student's training epochs"),
+    epochs: float = typer.Option(6.0, help="the student's training epochs"),
     seed: int = typer.Option(0, help="random seed of the traffic and the training"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
