@@ -178,8 +178,7 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
                 task = progress.add_task(f"harvest {todo} answers", total=len(prompts))
 
                 def on_progress(report, budget):
-                    progress.update(task, completed=report.skipped_done + report.stored_ok + sum(report.malformed.values())
-                                    + sum(report.failed.values()))
+                    progress.update(task, completed=report.finished())
 
                 t0 = time.perf_counter()
                 report = asyncio.run(harvest(config, prompts, store, on_progress=on_progress))

@@ -90,8 +90,7 @@ def demo_command(
         nonlocal harvest_task
         if harvest_task is None:
             harvest_task = progress.add_task("distiller harvesting", total=report.planned, extra="")
-        done = report.stored_ok + sum(report.malformed.values()) + sum(report.failed.values())
-        progress.update(harvest_task, completed=done, extra=f"{report.completion_tokens} tokens")
+        progress.update(harvest_task, completed=report.finished(), extra=f"{report.completion_tokens} tokens")
 
     train_progress = ProgressCallback(progress, "training the student")
     hooks = DemoHooks(say=lambda text: progress.console.print(text), progress=bar, harvest_progress=on_harvest,

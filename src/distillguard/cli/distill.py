@@ -72,8 +72,7 @@ def harvest_cmd(
         t0 = time.perf_counter()
 
         def on_progress(report, budget) -> None:
-            finished = (report.skipped_done + report.stored_ok + sum(report.malformed.values())
-                        + sum(report.failed.values()) + report.budget_stopped)
+            finished = report.finished()
             elapsed = max(time.perf_counter() - t0, 1e-9)
             progress.update(task, completed=finished, tokens=budget.tokens, usd=budget.usd,
                             rate=(finished - report.skipped_done) / elapsed)

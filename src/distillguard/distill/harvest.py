@@ -123,6 +123,11 @@ class HarvestReport:
     def to_dict(self) -> dict:
         return {k: v for k, v in vars(self).items() if k != "fingerprints"}
 
+    def finished(self) -> int:
+        """Prompts accounted for so far: answered now or before, malformed, failed or over budget."""
+        return (self.skipped_done + self.stored_ok + sum(self.malformed.values()) + sum(self.failed.values())
+                + self.budget_stopped)
+
     def transient_failures(self) -> int:
         """Failed requests a rerun may still get answered (429, 5xx, timeouts, connection errors
         after their retries), as opposed to those the teacher refused (e.g. 400: prompt too long)."""
