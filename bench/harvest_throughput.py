@@ -34,12 +34,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -135,35 +136,19 @@ def worker(args) -> None:
 
 # ---- driver ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def started_server(kind: str) -> Iterator[tuple[str, str]]:
+    """The server under test, healthy: (its /v1 URL, the model name to ask for); stopped after."""
+    from distillguard.serve.process import free_port, process_until_healthy, serve_subprocess
 
-
-def start_server(kind: str) -> tuple[subprocess.Popen, str, str]:
-    import httpx
-
-    port = free_port()
     if kind == "stub":
-        cmd, model = [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)], "stub"
+        port = free_port()
+        started = process_until_healthy([sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
+                                        f"http://127.0.0.1:{port}", port=port, timeout_s=180, poll_s=0.2)
     else:
-        cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", kind, "--port", str(port), "--no-guard",
-               "--no-watermark"]
-        model = kind
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server {cmd} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1", model
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server not healthy in time")
+        started = serve_subprocess("--model", kind, "--no-guard", "--no-watermark", timeout_s=180, poll_s=0.2)
+    with started as server:
+        yield f"{server.url}/v1", "stub" if kind == "stub" else kind
 
 
 def main() -> None:
@@ -188,9 +173,8 @@ def main() -> None:
 
     console = Console(stderr=True)
     clients = args.clients.split(",")
-    proc, url, model = start_server(args.server)
     results: dict = {}
-    try:
+    with started_server(args.server) as (url, model):
         for conc in [int(c) for c in args.concurrency.split(",")]:
             runs: dict[str, list[dict]] = {c: [] for c in clients}
             for rep in range(args.repeats):
@@ -224,9 +208,6 @@ def main() -> None:
                         cell[f"pairs_vs_{base}"] = {"throughput": [round(x, 3) for x in speed],
                                                     "cpu": [round(x, 3) for x in cpu]}
             results[str(conc)] = cell
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
     table = Table("concurrency", "client", "req/s (median)", "tok/s", "client CPU ms/req", "runs (req/s)")
     for conc, cell in results.items():

@@ -1,79 +1,39 @@
 """Real ``distillguard serve`` subprocesses on loopback for the tests.
 
 :func:`server_process` starts one on a free port, waits for ``/healthz`` and yields a
-:class:`Server` (URL and process, so tests can SIGKILL it); the server's stderr goes to a file
-(a pipe nobody reads could fill and block the server) and is quoted when it fails to start.
+:class:`~distillguard.serve.process.ServerProcess` (URL and process, so tests can SIGKILL it). It is the package's own
+:func:`distillguard.serve.process.serve_subprocess`, which the demo and the benches use too.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
 
-import httpx
 import pytest
 
-STARTUP_TIMEOUT_S = 120.0  # generous: CI machines with 2 busy cores start slowly
+from distillguard.errors import ServerStartError
+from distillguard.serve.process import STARTUP_TIMEOUT_S, ServerProcess, free_port, serve_subprocess
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it, so parallel runs do not clash)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    port: int
+__all__ = ["STARTUP_TIMEOUT_S", "free_port", "run_cli", "serve_process", "server_process"]
 
 
 @contextmanager
 def server_process(*args: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict | None = None,
-                   port: int | None = None) -> Iterator[Server]:
-    """Run ``distillguard serve ARGS`` on loopback; yield once ``/healthz`` answers; stop it after."""
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    base_url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as stderr:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                   port: int | None = None) -> Iterator[ServerProcess]:
+    """Run ``distillguard serve ARGS`` on loopback; yield once ``/healthz`` answers; stop it after.
 
-        def server_stderr() -> str:
-            stderr.seek(0)
-            return stderr.read().decode("utf-8", "replace")[-4000:]
-
+    The package's own :func:`~distillguard.serve.process.serve_subprocess`; a server that does
+    not start fails the test with the end of its log."""
+    with ExitStack() as stack:
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"`{' '.join(cmd[2:])}` exited with {proc.returncode}:\n{server_stderr()}")
-                try:
-                    if httpx.get(f"{base_url}/healthz", timeout=1.0).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"`{' '.join(cmd[2:])}` not healthy after {timeout_s:.0f} s:\n{server_stderr()}")
-                time.sleep(0.1)
-            yield Server(url=base_url, proc=proc, port=port)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            server = stack.enter_context(serve_subprocess(*args, port=port, env=env, timeout_s=timeout_s))
+        except ServerStartError as exc:
+            pytest.fail(str(exc))
+        yield server
 
 
 @contextmanager

@@ -6,6 +6,7 @@
     ├── ConfigError                   a bad option or setting (names the value and the fix)
     ├── ModelLoadError                a model spec that cannot be loaded (names the spec)
     ├── IncompleteError               a stage that ran but left work undone (a rerun resumes it); exit 1
+    ├── ServerStartError              a server subprocess that exited or never became healthy; exit 1
     └── APIError                      maps to an HTTP response in OpenAI's error shape
         ├── InvalidRequestError       400 invalid_request_error
         │   └── ContextLengthExceeded 400 code=context_length_exceeded
@@ -32,6 +33,12 @@ class ConfigError(DistillguardError):
 
 class IncompleteError(DistillguardError):
     """A stage ran but left work undone (e.g. teacher requests that failed); rerunning resumes it."""
+
+    exit_code = 1
+
+
+class ServerStartError(DistillguardError):
+    """A server started in a subprocess exited or did not become healthy; the message quotes its log."""
 
     exit_code = 1
 

@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -176,48 +172,17 @@ def _plot_scores(scores: list[tuple[str, float]], threshold: float, path: Path) 
 
 # ---- act 2: the live gateway, a distiller and benign users ----------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def gateway(cfg: DemoConfig, env: dict[str, str]) -> Iterator[str]:
     """``distillguard serve`` on a free loopback port; yields its base URL once /healthz answers."""
-    import httpx
+    from distillguard.serve.process import serve_subprocess
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", cfg.model, "--host", "127.0.0.1",
-           "--port", str(port), "--db", f"sqlite:///{cfg.out / 'ledger.db'}", "--detect",
-           str(cfg.out / "calibration.npz"), "--policy", str(cfg.out / "policy.yaml"),
-           "--extracting-after", str(cfg.extracting_after), "--threads", str(cfg.threads)]
-    url = f"http://127.0.0.1:{port}"
-    with open(cfg.out / "server.log", "wb") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"})
-        try:
-            deadline = time.monotonic() + cfg.startup_timeout_s
-            while True:
-                if proc.poll() is not None:
-                    raise ConfigError(f"the gateway exited with {proc.returncode}; its log: {cfg.out / 'server.log'}")
-                try:
-                    if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise ConfigError(f"the gateway did not answer within {cfg.startup_timeout_s:.0f} s; "
-                                      f"its log: {cfg.out / 'server.log'}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_subprocess("--model", cfg.model, "--db", f"sqlite:///{cfg.out / 'ledger.db'}", "--detect",
+                          str(cfg.out / "calibration.npz"), "--policy", str(cfg.out / "policy.yaml"),
+                          "--extracting-after", str(cfg.extracting_after), "--threads", str(cfg.threads),
+                          log_path=cfg.out / "server.log", env=env, timeout_s=cfg.startup_timeout_s,
+                          poll_s=0.2) as server:
+        yield server.url
 
 
 async def _user(client, model: str, prompts: list[str], max_tokens: int, rng: random.Random) -> list[int]:
