@@ -17,8 +17,12 @@ logprobs), ``kd`` (those answers with the full logits of a local copy of the tea
 (on-policy) can be added with ``--losses``. 0 queries is the untrained pruned student.
 
 Answers are capped at ``--max-tokens``; a capped answer is a prefix of what the teacher would
-say, and it is kept for training (the held-out greedy answers are capped the same way), unlike
-``distill curate``, which drops truncated answers from a dataset meant for use.
+say, and it is kept for training (the held-out greedy answers are capped the same way), as
+``distill harvest --keep-capped`` and ``distill curate --keep-capped`` would keep it. Unlike
+``distill train`` on such data, this bench's datasets do not mark capped answers, so its SFT
+points learned an end-of-turn where the cap fell (one label per capped answer; top-k KD never
+trains the end position, and full-logit KD's target there is the teacher's own next token).
+Kept so that the cached points stay comparable.
 
 Everything is cached under ``--work`` (harvest store, teacher answers, one JSON per point, and
 the checkpoints of the point in training), so an interrupted run continues, mid-point included,
@@ -46,7 +50,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -163,17 +166,14 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
         console.print(f"harvest: {report.stored_ok} ok, malformed {report.malformed}, failed {report.failed}, "
                       f"{report.completion_tokens} completion tokens in {seconds:.0f} s")
     elif todo:
-        port = free_port()
-        config = HarvestConfig(**{**vars(config), "teacher": f"http://127.0.0.1:{port}/v1"})
-        log = open(work / "harvest" / "serve.log", "ab")
-        server = subprocess.Popen([sys.executable, "-m", "distillguard.cli", "serve", "--model", args.teacher,
-                                   "--port", str(port), "--no-guard", "--no-watermark",
-                                   "--threads", str(args.threads), "--max-batch-rows", str(args.serve_batch_rows)],
-                                  stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            wait_healthy(port, server)
-            from rich.progress import Progress
+        from rich.progress import Progress
 
+        from distillguard.serve.process import serve_subprocess
+
+        with serve_subprocess("--model", args.teacher, "--no-guard", "--no-watermark", "--threads", str(args.threads),
+                              "--max-batch-rows", str(args.serve_batch_rows), log_path=work / "harvest" / "serve.log",
+                              timeout_s=300, poll_s=0.5, stop_timeout_s=30) as server:
+            config = HarvestConfig(**{**vars(config), "teacher": f"{server.url}/v1"})
             with Progress(console=console) as progress:
                 task = progress.add_task(f"harvest {todo} answers", total=len(prompts))
 
@@ -185,9 +185,6 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
                 seconds = time.perf_counter() - t0
             console.print(f"harvest: {report.stored_ok} ok, malformed {report.malformed}, failed {report.failed}, "
                           f"{report.completion_tokens} completion tokens in {seconds:.0f} s")
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
     by_prompt = {}
     # Per-answer counts for the README (how many of the paid answers are whole, capped or empty, and how
     # many a rule that judged a request by all its answers at once would have kept): recorded in meta.json
@@ -231,34 +228,10 @@ def harvest_all(args, prompts, work: Path) -> list[dict]:
     return [by_prompt[p.id] for p in prompts if p.id in by_prompt]  # per query: its answers
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fingerprint_of(config, prompt) -> str:
     from distillguard.distill.store import fingerprint
 
     return fingerprint(config.request(prompt))
-
-
-def wait_healthy(port: int, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"teacher server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("teacher server not healthy in time")
 
 
 def teacher_reference(args, teacher, eval_messages, work: Path) -> dict:

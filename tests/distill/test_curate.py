@@ -40,9 +40,14 @@ def test_filters_dedup_and_decontamination():
     train, evaluation, report = curate(
         records, CurateConfig(max_chars=1000, eval_fraction=0.0),
         eval_prompts=["What is the boiling point of water at sea level, in Celsius?"])
-    assert report.removed == {"duplicate": 1, "near_duplicate": 1, "refusal": 1, "too_short": 1, "malformed": 4,
-                              "contaminated": 1, "too_long": 1}
+    assert report.removed == {"duplicate": 1, "near_duplicate": 1, "refusal": 1, "too_short": 1, "malformed": 3,
+                              "capped": 1, "contaminated": 1, "too_long": 1}
     assert len(train) == len(QUESTIONS) and evaluation == [] and report.read == len(records)
+    # keep_capped keeps the answer cut at max_tokens, and only it, marked for training without an end
+    train, _, report = curate(records, CurateConfig(max_chars=1000, eval_fraction=0.0, keep_capped=True),
+                              eval_prompts=["What is the boiling point of water at sea level, in Celsius?"])
+    assert "capped" not in report.removed and len(train) == len(QUESTIONS) + 1
+    assert [r["finish_reason"] for r in train if r["prompt_id"] == "cut"] == ["length"]
 
 
 def test_answers_of_one_request_are_siblings_not_duplicates():

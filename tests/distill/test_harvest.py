@@ -114,6 +114,11 @@ def test_export_keeps_each_usable_choice(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["response"]) for r in rows] == [("p1#2", "whole answer"), ("p2#1", "kept too")]
     assert all(r["finish_reason"] == "stop" and r["logprobs"] for r in rows)
+    # keep_capped adds the non-empty answers cut at max_tokens, marked; empty and unparsable stay out
+    assert store.export_jsonl(out, keep_capped=True) == 5
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["id"], r["finish_reason"]) for r in rows) == [
+        ("p1#0", "length"), ("p1#2", "stop"), ("p2#0", "length"), ("p2#1", "stop"), ("p3#0", "length")]
     with pytest.raises(ConfigError, match="needs --price-in"):
         HarvestConfig(teacher="http://x", budget_usd=1.0)
     with pytest.raises(ConfigError, match="--commit-window"):
@@ -340,6 +345,38 @@ def test_sigterm_stores_the_answers_waiting_for_their_group_commit(teacher, tmp_
     # (the rerun gets those from the gateway's Idempotency-Key replay, without a second generation)
     assert sum(answered.values()) - 4 <= stored <= sum(answered.values())
     assert stored >= 8
+
+
+def test_capped_answers_are_kept_only_when_asked_and_trained_without_an_end(teacher, tmp_path, monkeypatch):
+    """Answers cut at max_tokens: `harvest: {keep_capped: true}` carries them through harvest,
+    curate and train, marked 'length'; the curate CLI drops them unless --keep-capped."""
+    from datasets import load_from_disk
+
+    from distillguard.distill.pipeline import load_config, run
+    from tests.servers import run_cli
+
+    monkeypatch.setenv("DG_TEST_KEY", make_key(teacher, "capped"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"""
+out: {tmp_path / 'run'}
+harvest: {{teacher: "{teacher[0]}", api_key_env: DG_TEST_KEY, model: tiny, prompts: "{prompts_file(tmp_path, 6, 'capped')}",
+          max_tokens: 3, temperature: 1.0, seed: 2, keep_capped: true}}
+curate: {{eval_fraction: 0.0, near_dup_threshold: null, drop_refusals: false}}
+train: {{student: tiny, teacher: tiny, epochs: 1, batch_size: 2, loss: sft}}
+""")
+    result = run(load_config(cfg), log=lambda *_: None)
+    data = tmp_path / "run" / "harvest" / "data.jsonl"
+    reasons = [json.loads(line)["finish_reason"] for line in data.read_text().splitlines()]
+    capped = reasons.count("length")
+    assert len(reasons) == result["harvest"]["data_rows"] == 6 and capped >= 4  # 3 random tokens rarely end
+    assert result["curate"]["train"] == 6 and result["train"]["steps"] >= 1
+    assert sorted(load_from_disk(str(tmp_path / "run" / "curate"))["train"]["finish_reason"]) == sorted(reasons)
+    for flags, kept in [((), 6 - capped), (("--keep-capped",), 6)]:
+        out = tmp_path / f"c{len(flags)}"
+        res = run_cli("distill", "curate", "--data", str(data), "--out", str(out), "--eval-fraction", "0", *flags)
+        assert res.returncode == 0, res.stderr
+        report = json.loads((out / "curate_report.json").read_text())
+        assert report["train"] == kept and report["removed"].get("capped", 0) == 6 - kept
 
 
 def test_pipeline_runs_all_stages_then_caches_them(teacher, tmp_path, monkeypatch):

@@ -77,6 +77,10 @@ def test_sft_loss_mask_covers_exactly_the_answer_and_its_end():
     prompt = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab == IGNORE]
     assert lm.tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
     assert sft_example(lm, messages, "four", max_length=len(lm.chat_ids(messages))) is None
+    # an answer cut at max_tokens did not end there: the same tokens, no end-of-turn to learn
+    cut = sft_example(lm, messages, "four", max_length=512, capped=True)
+    assert lm.tokenizer.decode([t for t, lab in zip(cut["input_ids"], cut["labels"]) if lab != IGNORE]) == "four"
+    assert cut["input_ids"] == ex["input_ids"][:-1]
 
 
 def test_prune_keeps_evenly_spaced_layers_and_generates():

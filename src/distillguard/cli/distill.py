@@ -40,6 +40,8 @@ def harvest_cmd(
     commit_window: float = typer.Option(0.05, help="group-commit answers to the store at most this many seconds "
                                                    "apart; 0 commits each on arrival (for teachers without "
                                                    "Idempotency-Key replay, where kill -9 could lose a window)"),
+    keep_capped: bool = typer.Option(False, "--keep-capped", help="also write answers cut at --max-tokens to "
+                                     "data.jsonl (finish_reason 'length'; `distill curate --keep-capped` keeps them)"),
 ) -> None:
     """Collect teacher answers: async, resumable after a crash, never over budget.
 
@@ -78,7 +80,7 @@ def harvest_cmd(
                             rate=(finished - report.skipped_done) / elapsed)
 
         report = run_stoppable(harvest(config, items, store, on_progress=on_progress))
-    rows = store.export_jsonl(out / "data.jsonl")
+    rows = store.export_jsonl(out / "data.jsonl", keep_capped=keep_capped)
     summary = {**report.to_dict(), "store": store.totals(), "data_rows": rows}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     store.close()
@@ -174,6 +176,8 @@ def curate_cmd(
     min_chars: int = typer.Option(1, help="drop answers shorter than this"),
     max_chars: Optional[int] = typer.Option(None, help="drop answers longer than this"),
     keep_refusals: bool = typer.Option(False, "--keep-refusals", help="keep answers that look like refusals"),
+    keep_capped: bool = typer.Option(False, "--keep-capped", help="keep answers cut at the harvest's --max-tokens "
+                                     "(a prefix of the teacher's answer; trained without an end-of-turn)"),
     verifier: Optional[str] = typer.Option(None, help="module:function called with each record; keep if true"),
     eval_fraction: float = typer.Option(0.1, help="share of prompts held out for evaluation"),
     seed: int = typer.Option(0, help="split seed"),
@@ -191,7 +195,7 @@ def curate_cmd(
 
     config = CurateConfig(min_chars=min_chars, max_chars=max_chars, drop_refusals=not keep_refusals,
                           verifier=verifier, near_dup_threshold=None if near_dup == 1 else near_dup,
-                          dedup_on=dedup_on, eval_fraction=eval_fraction, seed=seed)
+                          dedup_on=dedup_on, eval_fraction=eval_fraction, seed=seed, keep_capped=keep_capped)
     evals = ["\n".join(c for r, c in p.messages if r != "system") for p in load_prompts(eval_prompts)] if eval_prompts else []
     with err_console.status("curating ..."):
         train, evaluation, report = curate(read_jsonl(data), config, eval_prompts=evals)

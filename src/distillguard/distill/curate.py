@@ -37,6 +37,10 @@ class CurateConfig:
     decontam_threshold: float = 0.5  # drop a record whose prompt is this similar to an eval prompt
     eval_fraction: float = 0.1
     seed: int = 0
+    # Keep answers cut at the harvest's max_tokens (finish_reason "length"): a prefix of what the
+    # teacher would say, trained without an end-of-turn (see train.sft_example). Off by default: a
+    # dataset of whole answers teaches a student when to stop.
+    keep_capped: bool = False
     num_perm: int = 128
 
     def __post_init__(self) -> None:
@@ -129,8 +133,11 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
     for record in records:
         report.read += 1
         response = record.get("response")
-        if not isinstance(response, str) or record.get("finish_reason") == "length" or not _chat(record.get("messages")):
+        if not isinstance(response, str) or not _chat(record.get("messages")):
             report.drop("malformed")
+            continue
+        if record.get("finish_reason") == "length" and not config.keep_capped:
+            report.drop("capped")
             continue
         if len(response.strip()) < config.min_chars:
             report.drop("too_short")
@@ -194,7 +201,7 @@ def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> 
     features = Features({
         "id": Value("string"), "prompt_id": Value("string"),
         "messages": List({"role": Value("string"), "content": Value("string")}),
-        "response": Value("string"), "logprobs": Value("string"),
+        "response": Value("string"), "logprobs": Value("string"), "finish_reason": Value("string"),
     })
 
     def rows(records: list[dict]) -> Dataset:
@@ -205,6 +212,8 @@ def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> 
             "response": [r["response"] for r in records],
             # top-k logprobs per token as JSON (ragged, optional): kept for sparse KD
             "logprobs": [json.dumps(r.get("logprobs")) if r.get("logprobs") else "" for r in records],
+            # "length" marks an answer cut at max_tokens (kept with keep_capped): trained without an end
+            "finish_reason": [str(r.get("finish_reason") or "") for r in records],
         }, features=features)
 
     # One shard per split at least: datasets cannot reload an empty split saved with zero shards.

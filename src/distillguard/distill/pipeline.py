@@ -21,6 +21,9 @@ An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rou
 requests' ``max_tokens`` and ``temperature``) first grows new prompts through the same teacher and key as ``harvest``; use
 them with ``harvest: {prompts: self-instruct, ...}``. Like harvest it resumes by itself.
 
+``harvest: {keep_capped: true}`` also keeps the answers cut at ``max_tokens`` (curate keeps them
+unless ``curate: {keep_capped: false}``; training leaves out their end-of-turn).
+
 ``train`` takes every :class:`~distillguard.distill.train.TrainConfig` field: ``loss: topk-kd``
 uses the harvested logprobs; ``loss: kd`` (full logits) and ``loss: gkd`` (on-policy, with
 ``lmbda``, ``beta``, ``gen_max_new_tokens``) load ``teacher:`` locally, e.g.
@@ -38,7 +41,7 @@ from distillguard.errors import ConfigError, IncompleteError
 
 STAGES = ("harvest", "curate", "train", "eval")
 # harvest: settings the pipeline reads itself; the rest are HarvestConfig's
-HARVEST_PIPELINE_KEYS = {"prompts", "limit", "skip", "api_key_env", "allow_failures"}
+HARVEST_PIPELINE_KEYS = {"prompts", "limit", "skip", "api_key_env", "allow_failures", "keep_capped"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -148,6 +151,7 @@ def run(config: dict, *, log=print) -> dict:
     h = dict(config["harvest"])
     source, limit, skip = h.pop("prompts"), h.pop("limit", None), h.pop("skip", 0)
     allow_failures = bool(h.pop("allow_failures", False))
+    keep_capped = bool(h.pop("keep_capped", False))
     key_env = h.pop("api_key_env", None)
     if key_env:
         h["api_key"] = os.environ.get(key_env) or _missing(key_env)
@@ -160,7 +164,7 @@ def run(config: dict, *, log=print) -> dict:
     hdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(hdir / "store.sqlite")
     report = run_stoppable(harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store))
-    rows = store.export_jsonl(hdir / "data.jsonl")
+    rows = store.export_jsonl(hdir / "data.jsonl", keep_capped=keep_capped)
     store.close()
     results["harvest"] = {**report.to_dict(), "data_rows": rows}
     log(f"harvest: {report.stored_ok} new, {report.skipped_done} cached, {rows} rows")
@@ -173,6 +177,8 @@ def run(config: dict, *, log=print) -> dict:
     upstream = _file_hash(hdir / "data.jsonl")
     # curate
     c = dict(config.get("curate") or {})
+    if keep_capped:  # harvested to be used: curate keeps them too unless its own section says otherwise
+        c.setdefault("keep_capped", True)
     cdir = out / "curate"
     key = _hash({"curate": c, "input": upstream})
     if not _cached(cdir, key):

@@ -154,13 +154,16 @@ class ResponseStore:
                              "response": orjson.loads(resp) if resp else None, "status": status}
         return found
 
-    def export_jsonl(self, path: str | Path) -> int:
+    def export_jsonl(self, path: str | Path, *, keep_capped: bool = False) -> int:
         """The usable data: one line per (prompt, usable choice) with messages, answer, usage, logprobs.
 
         Usability is judged per choice, over every stored response: a response of ``n`` choices
         is 'ok' when any of them is usable, and one stored before that rule (all of its choices
-        judged together) still gives up its usable choices here.
+        judged together) still gives up its usable choices here. ``keep_capped`` also exports the
+        non-empty choices cut at max_tokens (their ``finish_reason`` "length" says so, and
+        ``distill curate`` drops them unless told to keep them).
         """
+        usable = ("ok", "malformed:truncated") if keep_capped else ("ok",)
         n = 0
         with open(path, "w", encoding="utf-8") as fh:
             for rec in self.records(only_ok=False):
@@ -169,7 +172,7 @@ class ResponseStore:
                 if not isinstance(choices, list) or classify(response, len(choices)) == "malformed:invalid":
                     continue
                 for choice in choices:
-                    if classify_choice(choice) != "ok":
+                    if classify_choice(choice) not in usable:
                         continue
                     fh.write(json.dumps({
                         "id": f"{rec['prompt_id']}#{choice.get('index', 0)}", "prompt_id": rec["prompt_id"],

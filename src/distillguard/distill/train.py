@@ -264,8 +264,13 @@ def require_same_tokenizer(teacher: LoadedModel, student: LoadedModel, loss: str
 
 # ---- examples --------------------------------------------------------------------------------
 
-def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length: int) -> dict | None:
-    """input_ids of prompt + answer in the chat template, labels only on the answer (and its end)."""
+def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length: int, *,
+                capped: bool = False) -> dict | None:
+    """input_ids of prompt + answer in the chat template, labels only on the answer (and its end).
+
+    ``capped``: the answer was cut at the harvest's max_tokens (``finish_reason: length``), so it
+    did not end there, and its end-of-turn is left out: a student taught to stop where the cap
+    fell would stop mid-sentence."""
     prompt = lm.chat_ids(messages)
     full = lm.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
     full = list(full["input_ids"] if hasattr(full, "keys") else full)
@@ -277,6 +282,8 @@ def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length
     while end > len(prompt) and full[end - 1] not in lm.eos_token_ids:
         end -= 1
     end = end if end > len(prompt) else len(full)
+    if capped and end > len(prompt) and full[end - 1] in lm.eos_token_ids:
+        end -= 1
     ids = full[:end][:max_length]
     if len(ids) <= len(prompt):
         return None  # no answer token fits
@@ -389,7 +396,8 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
             # auto: no top-k logprobs, or not in the student's vocabulary: plain SFT
     if examples is None:
         loss = "sft" if loss == "auto" else loss
-        examples = [sft_example(student, r["messages"], r["response"], config.max_length) for r in rows]
+        examples = [sft_example(student, r["messages"], r["response"], config.max_length,
+                                capped=r.get("finish_reason") == "length") for r in rows]
     kept = [r for r, e in zip(rows, examples) if e is not None]
     examples = [e for e in examples if e is not None]
     if not examples:
