@@ -457,8 +457,15 @@ def merge_committed(args, work: Path) -> dict | None:
 
 
 def student_label(depth: int, init: str) -> str:
-    """``prune:K`` for the default layer choice (influence), ``prune:K:even`` / ``prune:K:block`` otherwise."""
-    return f"prune:{depth}" + ("" if init == "influence" else f":{init}")
+    """``prune:K`` for the default layer choice (influence), ``prune:K:even`` / ``prune:K:block`` otherwise;
+    ``prune:K:mlpW`` with MLPs cut to W neurons (``--inits influence:mlpW``)."""
+    return f"prune:{depth}" + ("" if init == "influence" else f":{init.removeprefix('influence:')}")
+
+
+def cost_key(depth: int, init: str) -> str:
+    """The student's name in bench/student_cost.json: depth and MLP width set the cost, the layer choice does not."""
+    width = next((part for part in init.split(":") if part.startswith("mlp")), None)
+    return f"prune:{depth}" + (f":{width}" if width else "")
 
 
 def student_of(p: dict) -> tuple[int, str]:
@@ -535,8 +542,14 @@ def samples_markdown(report: dict) -> str:
 
 
 def student_costs() -> dict:
-    cost_file = ROOT / "bench" / "results" / "student_cost.json"  # bench/student_cost.py, measured side by side
-    return json.loads(cost_file.read_text())["students"] if cost_file.is_file() else {}
+    """Each student's cost vs the teacher (bench/student_cost.py, measured side by side): the depths
+    from student_cost.json, the MLP-width students from student_cost_width.json."""
+    costs = {}
+    for name in ("student_cost_width.json", "student_cost.json"):
+        cost_file = ROOT / "bench" / "results" / name
+        if cost_file.is_file():
+            costs |= json.loads(cost_file.read_text())["students"]
+    return costs
 
 
 def grid_markdown(report: dict, costs: dict) -> str:
@@ -548,7 +561,7 @@ def grid_markdown(report: dict, costs: dict) -> str:
     lines = ["| student (cost vs teacher) | loss | " + " | ".join(f"{n:,}" for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
     for depth, init in sorted({student_of(p) for p in points}, key=lambda s: (-s[0], s[1] != "influence")):
-        cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
+        cost = costs.get(cost_key(depth, init), {}).get("cost_vs_teacher")
         label = f"`{student_label(depth, init)}`" + (f" ({cost:.2f})" if cost else "")
         present = {variant(p) for p in points if student_of(p) == (depth, init)}
         for loss in sorted(present, key=lambda v: (losses.index(v.split(",")[0]), v)):
@@ -600,7 +613,7 @@ def plot(report: dict, path: Path) -> None:
     costs = student_costs()
 
     def name(depth: int, init: str) -> str:
-        cost = costs.get(f"prune:{depth}", {}).get("cost_vs_teacher")
+        cost = costs.get(cost_key(depth, init), {}).get("cost_vs_teacher")
         return student_label(depth, init) + (f" ({cost:.2f}x cost)" if cost else "")
     variants_seen = 0
     for student in sorted({student_of(p) for p in report["points"]}):

@@ -4,9 +4,12 @@ Each round generates the same number of tokens (batch 1, greedy, end-of-turn not
 it early) with the teacher and with ``prune:K`` students of several depths, in alternating order,
 and the cost is the median ratio of CPU seconds per token (CPU time: what a shared machine
 disturbs least). The layer choice does not change the cost, only the depth does, so students are
-made with evenly spaced layers (no calibration pass).
+made with evenly spaced layers (no calibration pass). ``--students`` adds any ``prune:`` specs as
+``distill train`` builds them (e.g. ``prune:15:mlp768``, 15 layers with their MLPs cut to 768 of
+1,536 neurons; the width changes the cost, so those are built exactly).
 
     nice -n 10 python bench/student_cost.py --depths 8,11,15 --rounds 5
+    nice -n 10 python bench/student_cost.py --depths 11 --students prune:15:mlp768,prune:20:mlp512
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default="smollm2")
     p.add_argument("--depths", default="8,11,15")
+    p.add_argument("--students", default="", help="more student specs (prune:K[:how][:mlpW]), comma-separated")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
@@ -35,14 +39,15 @@ def main() -> None:
     import torch
     from rich.console import Console
 
-    from distillguard.distill.train import prune_layers
+    from distillguard.distill.train import load_student, prune_layers
     from distillguard.models import load_model
 
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     lm = load_model(args.teacher, device="cpu")
     models = {"teacher": lm.model} | {f"prune:{k}": prune_layers(lm, int(k), "even").model
-                                      for k in args.depths.split(",")}
+                                      for k in args.depths.split(",") if k}
+    models |= {spec: load_student(spec, lm).model for spec in args.students.split(",") if spec}
     ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "Tell me about the history of Rome."}])])
     per_token = cpu_seconds_per_token(models, ids, args.rounds, args.tokens, console)
     ratios = cost_vs_teacher(per_token)

@@ -126,6 +126,46 @@ def test_prune_by_influence_drops_the_layer_that_does_nothing():
     assert load_student("prune:5:even", lm).model.config.num_hidden_layers == 5
 
 
+def test_mlp_width_pruning_drops_the_neurons_that_never_fire(tmp_path):
+    """Neurons whose gate rows are zero never activate (importance 0): ``prune:K:mlpW`` keeps the
+    others, so the width-pruned student has the depth-pruned one's logits, saves and reloads."""
+    from transformers import AutoModelForCausalLM
+
+    from distillguard.distill.train import mlp_importance, parse_prune_spec
+
+    lm = load_model("tiny:layers=4")
+    full = lm.model.config.intermediate_size
+    idle = torch.arange(0, full, 2)  # every other neuron
+    with torch.no_grad():
+        for layer in lm.model.model.layers:
+            layer.mlp.gate_proj.weight[idle] = 0
+    pairs = [("What is the capital of France?", "Paris is the capital and largest city of France.")] * 2
+    importance = mlp_importance(lm, pairs)
+    assert all(float(s[idle].max()) == 0 < float(s[1::2].min()) for s in importance)
+    deep = load_student("prune:3:even", lm)
+    narrow = load_student(f"prune:3:even:mlp{full // 2}", lm)
+    assert narrow.model.config.intermediate_size == full // 2 and narrow.spec.endswith(f":mlp{full // 2}")
+    assert all(x.mlp.down_proj.weight.shape[1] == full // 2 for x in narrow.model.model.layers)
+    assert lm.model.config.intermediate_size == full  # the teacher is not touched
+    ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "hi"}])])
+    with torch.inference_mode():
+        assert torch.allclose(narrow.model(ids).logits, deep.model(ids).logits, atol=1e-5)
+        # a quarter of the width must cut live neurons: the logits move
+        quarter = load_student(f"prune:3:even:mlp{full // 4}", lm)
+        assert not torch.allclose(quarter.model(ids).logits, deep.model(ids).logits, atol=1e-3)
+    narrow.model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)  # the config's width rebuilds the shapes
+    with torch.inference_mode():
+        assert torch.allclose(again(ids).logits, narrow.model(ids).logits, atol=1e-5)
+    assert parse_prune_spec("prune:15:mlp768") == (15, "influence", 768)
+    assert parse_prune_spec("prune:15:block:mlp768") == (15, "block", 768)
+    for bad in ("prune:3:mlp", "prune:3:mlp8:even", "prune:3:even:mlp8:x", "prune:x:mlp8"):
+        with pytest.raises(ConfigError, match="prune:K"):
+            parse_prune_spec(bad)
+    with pytest.raises(ConfigError, match="keep between 1 and"):
+        load_student(f"prune:3:even:mlp{full + 1}", lm)
+
+
 def test_prune_by_block_drops_the_contiguous_block_that_does_nothing():
     """Two adjacent layers with zero output projections leave the stream as it was: their block's
     angular distance is 0, the smallest of all, and ``block`` pruning drops exactly them, so the

@@ -209,7 +209,8 @@ def curate_cmd(
 def train_cmd(
     data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
     out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
-    student: str = typer.Option("prune:11", help="prune:K[:influence|block|even] (K of the teacher's layers) | tiny | HF id | DIR | FILE.gguf"),
+    student: str = typer.Option("prune:11", help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
+                                 "MLPs cut to their W most active neurons) | tiny | HF id | DIR | FILE.gguf"),
     teacher: str = typer.Option("smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"),
     loss: str = typer.Option("auto", help="auto (topk-kd where the data has top-k logprobs the student can read, "
                                           "else sft) | sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
