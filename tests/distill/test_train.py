@@ -164,6 +164,8 @@ def test_mlp_width_pruning_drops_the_neurons_that_never_fire(tmp_path):
             parse_prune_spec(bad)
     with pytest.raises(ConfigError, match="keep between 1 and"):
         load_student(f"prune:3:even:mlp{full + 1}", lm)
+    with pytest.raises(ConfigError, match="prune:K"):
+        TrainConfig(data="d", out="o", student="prune:11:mlp")
 
 
 def test_prune_by_block_drops_the_contiguous_block_that_does_nothing():

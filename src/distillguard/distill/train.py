@@ -107,6 +107,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"--max-train {self.max_train}: use 1 or more (or leave it out for all examples)")
+        if self.student.startswith("prune:"):
+            parse_prune_spec(self.student)  # a typo fails here, not after the teacher is loaded (or harvested)
 
     @property
     def jsd_beta(self) -> float:
