@@ -209,7 +209,7 @@ def curate_cmd(
 def train_cmd(
     data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
     out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
-    student: str = typer.Option("prune:11", help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
+    student: str = typer.Option("prune:15:mlp896", help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
                                  "MLPs cut to their W most active neurons) | tiny | HF id | DIR | FILE.gguf"),
     teacher: str = typer.Option("smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"),
     loss: str = typer.Option("auto", help="auto (topk-kd where the data has top-k logprobs the student can read, "
@@ -241,7 +241,7 @@ def train_cmd(
 
     Examples:
 
-      distillguard distill train --data runs/c1 --out runs/s1 --student prune:11
+      distillguard distill train --data runs/c1 --out runs/s1 --student prune:15:mlp896
 
       distillguard distill train --data runs/c1 --out runs/s2 --student prune:12 --loss topk-kd --epochs 3
 
@@ -277,7 +277,7 @@ def eval_cmd(
     limit: int = typer.Option(64, help="prompts to use"),
     skip: int = typer.Option(0, help="skip this many prompts first (keep training prompts out)"),
     max_new_tokens: int = typer.Option(128, help="greedy answer length"),
-    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:11), for 'gap closed'"),
+    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:15:mlp896), for 'gap closed'"),
     out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the distinct "
                                                    "training prompts in each student's train_summary.json)"),
@@ -287,7 +287,7 @@ def eval_cmd(
 
     Examples:
 
-      distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:11
+      distillguard distill eval --student runs/s1 --prompts runs/c1 --baseline prune:15:mlp896
 
       distillguard distill eval --student runs/n250 --student runs/n1000 --prompts runs/c1 --plot curve.png
     """
@@ -359,7 +359,7 @@ def run_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see `distill
       out: runs/demo
       harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000}
       curate: {eval_fraction: 0.1}
-      train: {student: "prune:11", epochs: 2}   # loss auto (top-k KD | sft); or kd | gkd (teacher: smollm2)
+      train: {student: "prune:15:mlp896", epochs: 2}   # loss auto (top-k KD | sft); or kd | gkd (teacher: smollm2)
       eval: {limit: 64, max_new_tokens: 128}
     """
     from distillguard.distill.pipeline import load_config, run

@@ -13,7 +13,7 @@ Example config::
     harvest: {teacher: http://127.0.0.1:8000/v1, api_key_env: DG_KEY, prompts: sharegpt, limit: 1000,
               max_tokens: 256, top_logprobs: 5}
     curate: {eval_fraction: 0.1}
-    train: {student: prune:11, epochs: 2}   # loss auto: top-k KD from the harvested logprobs
+    train: {student: prune:15:mlp896, epochs: 2}   # loss auto: top-k KD from the harvested logprobs
     eval: {limit: 64, max_new_tokens: 128}
 
 An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rounds``, ``novelty``,
