@@ -61,8 +61,8 @@ PRECISIONS = ("fp32", "bf16", "tf32")
 class TrainConfig:
     data: str
     out: str
-    # 15 of the teacher's 30 layers, their MLPs cut to 896 of 1,536 neurons: 0.46 of its CPU per token,
-    # 0.13-0.22 nats better than 11 whole layers at the same cost (README, bench/distill_curves.py)
+    # 15 of the teacher's 30 layers, their MLPs cut to 896 of 1,536 neurons: 0.46-0.49 of its CPU per token,
+    # 0.13-0.22 nats better than 11 whole layers at about the same cost (README, bench/distill_curves.py)
     student: str = "prune:15:mlp896"
     teacher: str = "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
     loss: str = "auto"  # topk-kd where the data has top-k logprobs the student can read, else sft
