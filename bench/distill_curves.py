@@ -456,16 +456,16 @@ def merge_committed(args, work: Path) -> dict | None:
     return report
 
 
-def student_label(depth: int, init: str) -> str:
-    """``prune:K`` for the default layer choice (influence), ``prune:K:even`` / ``prune:K:block`` otherwise;
-    ``prune:K:mlpW`` with MLPs cut to W neurons (``--inits influence:mlpW``)."""
-    return f"prune:{depth}" + ("" if init == "influence" else f":{init.removeprefix('influence:')}")
+def student_label(depth: int, init: str, *, layer_choice: bool = True) -> str:
+    """The student's spec as a person writes it: ``prune:K`` for the default layer choice
+    (influence), ``prune:K:even`` / ``prune:K:block`` otherwise, then ``:mlpW`` with MLPs cut to W
+    neurons (``--inits influence:mlpW``). Without ``layer_choice``: its name in student_cost.json,
+    where depth and width set the cost and the layer choice does not."""
+    from distillguard.distill.train import parse_prune_spec
 
-
-def cost_key(depth: int, init: str) -> str:
-    """The student's name in bench/student_cost.json: depth and MLP width set the cost, the layer choice does not."""
-    width = next((part for part in init.split(":") if part.startswith("mlp")), None)
-    return f"prune:{depth}" + (f":{width}" if width else "")
+    _, how, width = parse_prune_spec(f"prune:{depth}:{init}")
+    return (f"prune:{depth}" + (f":{how}" if layer_choice and how != "influence" else "")
+            + (f":mlp{width}" if width is not None else ""))
 
 
 def student_of(p: dict) -> tuple[int, str]:
@@ -561,7 +561,7 @@ def grid_markdown(report: dict, costs: dict) -> str:
     lines = ["| student (cost vs teacher) | loss | " + " | ".join(f"{n:,}" for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]
     for depth, init in sorted({student_of(p) for p in points}, key=lambda s: (-s[0], s[1] != "influence")):
-        cost = costs.get(cost_key(depth, init), {}).get("cost_vs_teacher")
+        cost = costs.get(student_label(depth, init, layer_choice=False), {}).get("cost_vs_teacher")
         label = f"`{student_label(depth, init)}`" + (f" ({cost:.2f})" if cost else "")
         present = {variant(p) for p in points if student_of(p) == (depth, init)}
         for loss in sorted(present, key=lambda v: (losses.index(v.split(",")[0]), v)):
@@ -613,7 +613,7 @@ def plot(report: dict, path: Path) -> None:
     costs = student_costs()
 
     def name(depth: int, init: str) -> str:
-        cost = costs.get(cost_key(depth, init), {}).get("cost_vs_teacher")
+        cost = costs.get(student_label(depth, init, layer_choice=False), {}).get("cost_vs_teacher")
         return student_label(depth, init) + (f" ({cost:.2f}x cost)" if cost else "")
     variants_seen = 0
     for student in sorted({student_of(p) for p in report["points"]}):

@@ -148,7 +148,7 @@ def started_server(kind: str) -> Iterator[tuple[str, str]]:
     else:
         started = serve_subprocess("--model", kind, "--no-guard", "--no-watermark", timeout_s=180, poll_s=0.2)
     with started as server:
-        yield f"{server.url}/v1", "stub" if kind == "stub" else kind
+        yield f"{server.url}/v1", kind  # the stub answers to the model name "stub"
 
 
 def main() -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import pytest
 
 from distillguard.errors import ServerStartError
-from distillguard.serve.process import STARTUP_TIMEOUT_S, ServerProcess, free_port, serve_subprocess
+from distillguard.serve.process import (STARTUP_TIMEOUT_S, ServerProcess, distillguard_command, free_port,
+                                        serve_subprocess)
 
 __all__ = ["STARTUP_TIMEOUT_S", "free_port", "run_cli", "serve_process", "server_process"]
 
@@ -45,5 +45,5 @@ def serve_process(*args: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict | 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """``distillguard ARGS`` in a subprocess (the real CLI boundary)."""
-    return subprocess.run([sys.executable, "-m", "distillguard.cli", *args], capture_output=True, text=True,
+    return subprocess.run(distillguard_command(*args), capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

@@ -44,7 +44,6 @@ class ServerProcess:
     port: int
     proc: subprocess.Popen
     log: IO[bytes]
-    log_path: Path | None
 
     def log_tail(self, chars: int = 4000) -> str:
         """The last ``chars`` characters the server wrote (stdout and stderr together)."""
@@ -80,21 +79,24 @@ def process_until_healthy(cmd: Sequence[str], url: str, *, port: int, log_path: 
         # cleanly on SIGINT), and a server never outlives a killed test run.
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        server = ServerProcess(url=url, port=port, proc=proc, log=log, log_path=Path(log_path) if log_path else None)
+        server = ServerProcess(url=url, port=port, proc=proc, log=log)
+
+        def failed(why: str) -> ServerStartError:
+            where = f" (its log: {log_path})" if log_path else ""
+            return ServerStartError(f"`{name}` {why}{where}:\n{server.log_tail()}")
+
         try:
             deadline = time.monotonic() + timeout_s
             while True:
                 if proc.poll() is not None:
-                    raise ServerStartError(f"`{name}` exited with {proc.returncode}"
-                                           + (f" (its log: {log_path})" if log_path else "") + f":\n{server.log_tail()}")
+                    raise failed(f"exited with {proc.returncode}")
                 try:
                     if httpx.get(url + health_path, timeout=1.0).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise ServerStartError(f"`{name}` did not answer {health_path} within {timeout_s:.0f} s"
-                                           + (f" (its log: {log_path})" if log_path else "") + f":\n{server.log_tail()}")
+                    raise failed(f"did not answer {health_path} within {timeout_s:.0f} s")
                 time.sleep(poll_s)
             yield server
         finally:
