@@ -7,7 +7,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
@@ -19,6 +18,7 @@ from distillguard.arena.traffic import campaign_kinds
 from distillguard.errors import ConfigError
 from distillguard.guard.ledger import read_traffic
 from distillguard.serve.schemas import ChatCompletionRequest
+from distillguard.serve.process import distillguard_command
 
 CAMPAIGNS = ("bulk:1:400", "template:1:300", "reasoning:1:300", "logprobs:1:300", "hydra:8:60", "slowlow:1:90")
 RPM = 4  # low, so that hydra's spacing has to hold it back
@@ -252,7 +252,7 @@ def test_config_validates_with_clear_messages():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     # rich wraps stderr at 80 columns when it is not a terminal; a wide one shows the real lines
     env = {**os.environ, "COLUMNS": "300"}
-    return subprocess.run([sys.executable, "-m", "distillguard.cli", "arena", "traffic", *args],
+    return subprocess.run(distillguard_command("arena", "traffic", *args),
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -7,16 +7,16 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 
+from distillguard.serve.process import distillguard_command
 from tests.detect.synth import benign_account, bulk_account
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     # wide columns: rich wraps messages at the terminal width, and we count lines
-    return subprocess.run([sys.executable, "-m", "distillguard.cli", "detect", *args], capture_output=True,
+    return subprocess.run(distillguard_command("detect", *args), capture_output=True,
                           text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
 
 

@@ -9,7 +9,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 
@@ -23,6 +22,7 @@ from distillguard.distill.store import fingerprint
 from distillguard.errors import ConfigError
 from distillguard.guard.db import make_engine
 from distillguard.guard.schema import LedgerRow
+from distillguard.serve.process import distillguard_command
 from tests.servers import serve_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
@@ -262,9 +262,9 @@ def test_failed_requests_make_the_cli_exit_1_and_stop_the_pipeline_before_curate
     from distillguard.errors import IncompleteError
 
     path = prompts_file(tmp_path, 6, "rationed")
-    cmd = [sys.executable, "-m", "distillguard.cli", "distill", "harvest", "--teacher", teacher[0] + "/v1",
-           "--prompts", str(path), "--out", str(tmp_path / "cli"), "--model", "tiny", "--concurrency", "1",
-           "--max-tokens", "8", "--max-retries", "0"]
+    cmd = distillguard_command("distill", "harvest", "--teacher", teacher[0] + "/v1", "--prompts", str(path),
+                               "--out", str(tmp_path / "cli"), "--model", "tiny", "--concurrency", "1",
+                               "--max-tokens", "8", "--max-retries", "0")
     env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": make_key(teacher, "rationed-cli", rpm=3)}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr
@@ -294,8 +294,8 @@ def test_kill_mid_run_then_rerun_answers_each_prompt_exactly_once(teacher, tmp_p
     key = make_key(teacher, "crashy")
     path = prompts_file(tmp_path, 30, "crash")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "distillguard.cli", "distill", "harvest", "--teacher", teacher[0] + "/v1",
-           "--prompts", str(path), "--out", str(out), "--model", "tiny", "--concurrency", "4", "--max-tokens", "64"]
+    cmd = distillguard_command("distill", "harvest", "--teacher", teacher[0] + "/v1", "--prompts", str(path),
+                               "--out", str(out), "--model", "tiny", "--concurrency", "4", "--max-tokens", "64")
     env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": key}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -325,9 +325,9 @@ def test_sigterm_stores_the_answers_waiting_for_their_group_commit(teacher, tmp_
     process took them with it."""
     path = prompts_file(tmp_path, 300, "sigterm")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "distillguard.cli", "distill", "harvest", "--teacher", teacher[0] + "/v1",
-           "--prompts", str(path), "--out", str(out), "--model", "tiny", "--concurrency", "4", "--max-tokens", "64",
-           "--commit-window", "30"]
+    cmd = distillguard_command("distill", "harvest", "--teacher", teacher[0] + "/v1", "--prompts", str(path),
+                               "--out", str(out), "--model", "tiny", "--concurrency", "4", "--max-tokens", "64",
+                               "--commit-window", "30")
     env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": make_key(teacher, "terminated")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,6 +15,7 @@ from distillguard.distill.train import (IGNORE, TrainConfig, _byte_index, block_
                                         load_student, prune_layers, run_fingerprint, sft_example, train)
 from distillguard.errors import ConfigError
 from distillguard.models import load_model
+from distillguard.serve.process import distillguard_command
 
 
 def test_topk_kd_loss_known_answers():
@@ -283,6 +285,50 @@ def test_on_policy_batch_labels_the_students_answer_up_to_its_end():
             cut = next((i + 1 for i, t in enumerate(answer) if t in lm.eos_token_ids), len(answer))
             assert labels[width:width + cut].tolist() == answer[:cut]  # the answer and its end are learned
             assert (labels[width + cut:] == IGNORE).all() and mask[width + cut:].sum() == 0  # nothing after it
+
+
+def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_path):
+    """ce_weight 1 is the SFT loss on the answer tokens (not their end: top-k KD has no top-k
+    there), 0 the top-k KL alone, and anything between the straight mix of the two."""
+    from transformers import TrainingArguments
+
+    from distillguard.distill.train import KDTrainer, SFTTrainer, answer_logits, shifted
+
+    lm = load_model("tiny")
+    rows = _records(lm, 3)
+    examples = [kd_example(lm, _byte_index(lm), r["messages"], r["logprobs"], 512, 2) for r in rows]
+    batch = collate(examples, lm.tokenizer.pad_token_id)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+
+    def loss(w):
+        trainer = KDTrainer(model=lm.model, args=args, train_dataset=[1], ce_weight=w)
+        with torch.no_grad():
+            return trainer.loss_of(lm.model, batch, return_outputs=False).item()
+
+    kl, ce, half = loss(0.0), loss(1.0), loss(0.5)
+    # SFT without the end-of-turn step: cross-entropy of the answer tokens, which are the teacher's own
+    select = shifted(batch["labels"])
+    select[torch.arange(len(examples)), [len(e["input_ids"]) - 2 for e in examples]] = False
+    assert select.sum() == batch["kd_mask"].sum()
+    with torch.no_grad():
+        logits = answer_logits(lm.model, batch["input_ids"], batch["attention_mask"], select)
+    sft = torch.nn.functional.cross_entropy(logits, batch["labels"][:, 1:][select[:, :-1]]).item()
+    assert ce == pytest.approx(sft, rel=1e-5)
+    assert kl != pytest.approx(ce, rel=1e-2)
+    assert half == pytest.approx((kl + ce) / 2, rel=1e-5)
+    with torch.no_grad():  # and the SFT trainer's own loss, end included, is another number
+        assert SFTTrainer(model=lm.model, args=args, train_dataset=[1]).loss_of(lm.model, batch, False).item() != \
+            pytest.approx(ce, rel=1e-4)
+    with pytest.raises(ConfigError, match="ce-weight 1.5"):
+        TrainConfig(data="d", out="o", ce_weight=1.5)
+    with pytest.raises(ConfigError, match="not kd"):
+        TrainConfig(data="d", out="o", loss="kd", ce_weight=0.3)
+    # At its default the setting leaves a run's fingerprint what it was before the setting existed
+    # (this digest is the one the code before ce_weight computed), so older checkpoints still resume.
+    examples = [{"input_ids": [1, 2, 3]}]
+    base = TrainConfig(data="d", out="o", precision="bf16", student="prune:11")
+    assert run_fingerprint(base, examples) == "7aad3a1f06e3e0e29446de14afe8fd4b682c5c242c52ea35855bade7c9b4ccc1"
+    assert run_fingerprint(dataclasses.replace(base, ce_weight=0.5), examples) != run_fingerprint(base, examples)
 
 
 @pytest.mark.parametrize("loss", ["sft", "topk-kd", "kd", "gkd"])
@@ -579,7 +625,6 @@ def test_train_killed_mid_run_continues_from_its_checkpoint(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from tests.servers import run_cli
@@ -589,7 +634,7 @@ def test_train_killed_mid_run_continues_from_its_checkpoint(tmp_path):
     args = ["distill", "train", "--data", str(tmp_path / "data"), "--student", "tiny", "--teacher", "tiny",
             "--loss", "sft", "--epochs", "30", "--batch-size", "8", "--lr", "1e-3", "--save-steps", "3"]
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "distillguard.cli", *args, "--out", str(out)],
+    proc = subprocess.Popen(distillguard_command(*args, "--out", str(out)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(out.glob("checkpoints/checkpoint-*/distillguard_checkpoint.json")):

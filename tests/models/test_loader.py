@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from distillguard.errors import ModelLoadError
 from distillguard.models import TinySpec, bundled_gguf_path, load_model
+from distillguard.serve.process import distillguard_command
 
 
 def test_tiny_is_deterministic_and_small():
@@ -90,7 +90,7 @@ def test_unreachable_hub_id_is_one_clear_line():
     """Offline, a Hub id fails with a message naming the spec, not a stack trace (CLI boundary)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "distillguard.cli", "serve", "--model", "no-such-org/no-such-model", "--port", "0"],
+        distillguard_command("serve", "--model", "no-such-org/no-such-model", "--port", "0"),
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert proc.returncode == 2

@@ -66,6 +66,10 @@ class TrainConfig:
     student: str = "prune:15:mlp896"
     teacher: str = "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
     loss: str = "auto"  # topk-kd where the data has top-k logprobs the student can read, else sft
+    # topk-kd: the share of the loss that is plain cross-entropy on the teacher's own (sampled) tokens,
+    # the rest the top-k KL (DistillKit's alpha, the other way round). The API's top-k leaves the
+    # rest of the distribution lumped in one tail bucket; the sampled token says where some of it went.
+    ce_weight: float = 0.0
     lora: bool = False
     lora_r: int = 16
     epochs: float = 2.0
@@ -94,6 +98,10 @@ class TrainConfig:
             raise ConfigError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.beta is not None and not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"--beta {self.beta}: use a value in [0, 1] (0 forward KL, 1 reverse KL)")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise ConfigError(f"--ce-weight {self.ce_weight}: use a share in [0, 1] (0 top-k KD only, 1 SFT only)")
+        if self.ce_weight and self.loss in LOCAL_TEACHER_LOSSES:
+            raise ConfigError(f"--ce-weight mixes cross-entropy into --loss topk-kd (or auto), not {self.loss}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
         if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
@@ -518,9 +526,10 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
             sparse_logits=config.sparse_logits, model=model, args=args, train_dataset=examples,
             data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True), callbacks=list(callbacks))
     else:
-        trainer_cls = KDTrainer if loss == "topk-kd" else SFTTrainer
-        trainer = trainer_cls(model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
-                              data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks))
+        kwargs = {"ce_weight": config.ce_weight} if loss == "topk-kd" else {}
+        trainer = (KDTrainer if loss == "topk-kd" else SFTTrainer)(
+            model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
+            data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks), **kwargs)
     if isinstance(trainer, LogitKDTrainer):
         trainer.on_policy_batches = mark.get("on_policy_batches", 0)
     trainer.add_callback(CheckpointMarks(fingerprint, trainer, mark.get("train_seconds", 0.0)))
@@ -571,8 +580,9 @@ def run_fingerprint(config: TrainConfig, examples: list[dict], given_student: to
     """What makes two runs the same run: every setting but where things are, the exact examples,
     and the starting weights of a student the caller built (``train(student=...)``)."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")}
-    if settings["precision"] == "fp32":  # the setting's default: checkpoints from before it existed still resume
-        del settings["precision"]
+    for name, default in (("precision", "fp32"), ("ce_weight", 0.0)):
+        if settings[name] == default:  # a later setting at its default: checkpoints from before it still resume
+            del settings[name]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(examples).encode())
     if given_student is not None:
@@ -787,13 +797,22 @@ class SFTTrainer(_MeanLossTrainer):
 
 
 class KDTrainer(_MeanLossTrainer):
-    """Trainer whose loss is the sparse top-k KL to the teacher at every answer position."""
+    """Trainer whose loss is the sparse top-k KL to the teacher at every answer position, mixed with
+    ``ce_weight`` of cross-entropy on the teacher's sampled tokens at the same positions."""
+
+    def __init__(self, *args, ce_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ce_weight = ce_weight
 
     def loss_of(self, model, inputs, return_outputs: bool):
         topk_ids, topk_lps, kd_mask = inputs["topk_ids"], inputs["topk_logprobs"], inputs["kd_mask"]  # (B, T, K), (B, T)
         logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], kd_mask,
                                sparse=self.sparse_logits)  # (N, V)
         loss = topk_kd_loss(logits, topk_ids[kd_mask], topk_lps[kd_mask])
+        if self.ce_weight:
+            targets = inputs["input_ids"].roll(-1, dims=1)[kd_mask]  # (N,) position t predicts token t+1
+            ce = torch.nn.functional.cross_entropy(logits.float(), targets)
+            loss = (1 - self.ce_weight) * loss + self.ce_weight * ce
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
