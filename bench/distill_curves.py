@@ -426,16 +426,18 @@ def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS,
 
 def point_name_of(p: dict) -> str:
     return point_name(p["loss"], p["depth"], p.get("init", "even"), p["queries"], p.get("epochs", EPOCHS),
-                      p.get("lr", LR), p.get("precision", "fp32"), p.get("answers_per_query", 1), p.get("ce_weight", 0.0))
+                      p.get("lr", LR), p.get("precision", "fp32"), p.get("answers_per_query", 1),
+                      p.get("ce_weight", 0.0))
 
 
 def variant(p: dict) -> str:
     """The loss, plus the training settings where they differ from the grid's: 'topk-kd, 4 epochs'."""
+    trained = bool(p["queries"])  # an untrained point has no training settings
     extra = ([f"{p['epochs']:g} epochs"] if p.get("epochs", EPOCHS) != EPOCHS else []) + \
-            ([f"lr {p['lr']:g}"] if p["queries"] and p.get("lr", LR) != LR else []) + \
-            ([p["precision"]] if p["queries"] and p.get("precision", "fp32") != "fp32" else []) + \
-            ([f"{p['answers_per_query']} answers/query"] if p["queries"] and p.get("answers_per_query", 1) != 1 else []) + \
-            ([f"{p['ce_weight']:g} CE"] if p["queries"] and p.get("ce_weight") else [])
+            ([f"lr {p['lr']:g}"] if trained and p.get("lr", LR) != LR else []) + \
+            ([p["precision"]] if trained and p.get("precision", "fp32") != "fp32" else []) + \
+            ([f"{p['answers_per_query']} answers/query"] if trained and p.get("answers_per_query", 1) != 1 else []) + \
+            ([f"{p['ce_weight']:g} CE"] if trained and p.get("ce_weight") else [])
     return ", ".join([p["loss"], *extra])
 
 

@@ -321,8 +321,9 @@ def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_p
             pytest.approx(ce, rel=1e-4)
     with pytest.raises(ConfigError, match="ce-weight 1.5"):
         TrainConfig(data="d", out="o", ce_weight=1.5)
-    with pytest.raises(ConfigError, match="not kd"):
-        TrainConfig(data="d", out="o", loss="kd", ce_weight=0.3)
+    for loss in ("kd", "gkd", "sft"):  # mixing is for top-k KD; SFT is all cross-entropy already
+        with pytest.raises(ConfigError, match=f"not {loss}"):
+            TrainConfig(data="d", out="o", loss=loss, ce_weight=0.3)
     # At its default the setting leaves a run's fingerprint what it was before the setting existed
     # (this digest is the one the code before ce_weight computed), so older checkpoints still resume.
     examples = [{"input_ids": [1, 2, 3]}]

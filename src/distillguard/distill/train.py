@@ -100,7 +100,7 @@ class TrainConfig:
             raise ConfigError(f"--beta {self.beta}: use a value in [0, 1] (0 forward KL, 1 reverse KL)")
         if not 0.0 <= self.ce_weight <= 1.0:
             raise ConfigError(f"--ce-weight {self.ce_weight}: use a share in [0, 1] (0 top-k KD only, 1 SFT only)")
-        if self.ce_weight and self.loss in LOCAL_TEACHER_LOSSES:
+        if self.ce_weight and self.loss not in ("topk-kd", "auto"):
             raise ConfigError(f"--ce-weight mixes cross-entropy into --loss topk-kd (or auto), not {self.loss}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
