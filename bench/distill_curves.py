@@ -111,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ce-weight", type=float, default=0.0,
                    help="topk-kd: share of the loss that is cross-entropy on the teacher's sampled tokens "
                         "(TrainConfig.ce_weight); a point trained with it is a variant (\"topk-kd, 0.5 CE\")")
+    p.add_argument("--unlikelihood", type=float, default=0.0,
+                   help="sft/topk-kd: weight of token-level unlikelihood (TrainConfig.unlikelihood); a point "
+                        "trained with it is a variant (\"topk-kd, UL 1\")")
     p.add_argument("--precision", choices=("fp32", "bf16", "tf32"), default="fp32",
                    help="training precision (TrainConfig.precision); a point trained otherwise than fp32 is a "
                         "variant, named and tabled as such (measurement stays float32)")
@@ -331,7 +334,8 @@ def main() -> None:
     grid += [(n, d, init, loss) for n in sizes for d in depths for init in inits for loss in losses]
     for i, (n, depth, init, loss) in enumerate(grid, 1):
         ce = args.ce_weight if loss == "topk-kd" else 0.0
-        name = point_name(loss, depth, init, n, args.epochs, args.lr, args.precision, args.answers_per_query, ce)
+        ul = args.unlikelihood if loss in ("sft", "topk-kd") else 0.0
+        name = point_name(loss, depth, init, n, args.epochs, args.lr, args.precision, args.answers_per_query, ce, ul)
         path = work / "points" / f"{name}.json"
         kept = work / "students" / name
         if path.is_file() and args.remeasure and n and (kept / "train_summary.json").is_file():
@@ -364,13 +368,14 @@ def main() -> None:
                 summary = train(TrainConfig(data=str(data), out=str(out), student=spec, teacher=args.teacher,
                                             loss=loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                             max_length=256, seed=0, save_steps=args.save_steps,
-                                            precision=args.precision, ce_weight=ce),
+                                            precision=args.precision, ce_weight=ce,
+                                            unlikelihood=ul),
                                 callbacks=[ProgressCallback(progress)])
             student = on_device(load_model(str(out), device="cpu"), args.device)
         train_s = time.perf_counter() - t0
         result = {"queries": n, "depth": depth, "init": init, "loss": loss, "lr": args.lr, "epochs": args.epochs,
                   **({"precision": args.precision, "answers_per_query": args.answers_per_query} if n else {}),
-                  **({"ce_weight": ce} if n and ce else {}),
+                  **({"ce_weight": ce} if n and ce else {}), **({"unlikelihood": ul} if n and ul else {}),
                   "train_seconds": train_s, **hardware,
                   "examples": summary["examples"], "steps": summary["steps"],
                   **measure(student, teacher, eval_messages, ref, args.max_tokens)}
@@ -408,7 +413,8 @@ def data_dir(work: Path, n: int, answers_per_query: int = 1) -> Path:
 
 
 def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS, lr: float = LR,
-               precision: str = "fp32", answers_per_query: int = 1, ce_weight: float = 0.0) -> str:
+               precision: str = "fp32", answers_per_query: int = 1, ce_weight: float = 0.0,
+               unlikelihood: float = 0.0) -> str:
     # evenly spaced layers were the only choice before: their cached points keep the old names
     name = f"{loss}-prune{depth}{'' if init == 'even' else '-' + init}-n{n}"
     if n and answers_per_query != 1:
@@ -421,13 +427,15 @@ def point_name(loss: str, depth: int, init: str, n: int, epochs: float = EPOCHS,
         name += f"-lr{lr:g}"
     if n and ce_weight:
         name += f"-ce{ce_weight:g}"
+    if n and unlikelihood:
+        name += f"-ul{unlikelihood:g}"
     return name
 
 
 def point_name_of(p: dict) -> str:
     return point_name(p["loss"], p["depth"], p.get("init", "even"), p["queries"], p.get("epochs", EPOCHS),
                       p.get("lr", LR), p.get("precision", "fp32"), p.get("answers_per_query", 1),
-                      p.get("ce_weight", 0.0))
+                      p.get("ce_weight", 0.0), p.get("unlikelihood", 0.0))
 
 
 def variant(p: dict) -> str:
@@ -437,7 +445,8 @@ def variant(p: dict) -> str:
             ([f"lr {p['lr']:g}"] if trained and p.get("lr", LR) != LR else []) + \
             ([p["precision"]] if trained and p.get("precision", "fp32") != "fp32" else []) + \
             ([f"{p['answers_per_query']} answers/query"] if trained and p.get("answers_per_query", 1) != 1 else []) + \
-            ([f"{p['ce_weight']:g} CE"] if trained and p.get("ce_weight") else [])
+            ([f"{p['ce_weight']:g} CE"] if trained and p.get("ce_weight") else []) + \
+            ([f"UL {p['unlikelihood']:g}"] if trained and p.get("unlikelihood") else [])
     return ", ".join([p["loss"], *extra])
 
 

@@ -287,6 +287,69 @@ def test_on_policy_batch_labels_the_students_answer_up_to_its_end():
             assert (labels[width + cut:] == IGNORE).all() and mask[width + cut:].sum() == 0  # nothing after it
 
 
+def test_unlikelihood_candidates_and_loss_known_answers():
+    from distillguard.distill.losses import previous_token_candidates, unlikelihood_loss
+
+    cands = previous_token_candidates([torch.tensor([5, 7, 5, 9]), torch.tensor([1, 1])], 10)
+    # each position's negatives: what its answer wrote before it, less its own token; nothing across answers
+    assert [torch.nonzero(row).flatten().tolist() for row in cands] == [[], [5], [7], [5, 7], [], []]
+    uniform = torch.zeros(6, 10)  # p = 0.1 everywhere: each candidate costs -log(0.9)
+    assert unlikelihood_loss(uniform, cands).item() == pytest.approx(-4 / 6 * math.log(0.9), rel=1e-6)
+    confident = torch.full((1, 10), -30.0)
+    confident[0, 5] = 30.0  # all the mass on a token already written: the term is large
+    assert unlikelihood_loss(confident, cands[1:2]).item() > 10
+    assert unlikelihood_loss(confident, cands[2:3]).item() == pytest.approx(0.0, abs=1e-6)
+    assert unlikelihood_loss(uniform[:0], cands[:0]).item() == 0.0
+
+
+@pytest.mark.parametrize("loss", ["sft", "topk-kd"])
+def test_unlikelihood_is_added_at_the_answer_positions_and_lowers_the_mass_on_repeats(tmp_path, loss):
+    from transformers import TrainingArguments
+
+    from distillguard.distill.losses import previous_token_candidates, unlikelihood_loss
+    from distillguard.distill.train import KDTrainer, SFTTrainer, answer_logits, shifted
+
+    lm = load_model("tiny")
+    rows = _records(lm)
+    examples = [kd_example(lm, _byte_index(lm), r["messages"], r["logprobs"], 512, 2) if loss == "topk-kd"
+                else sft_example(lm, r["messages"], r["response"], 512) for r in rows[:3]]
+    batch = collate(examples, lm.tokenizer.pad_token_id)
+    select = batch["kd_mask"] if loss == "topk-kd" else shifted(batch["labels"])
+    with torch.no_grad():
+        logits = answer_logits(lm.model, batch["input_ids"], batch["attention_mask"], select)
+    targets = batch["input_ids"].roll(-1, dims=1)[select]
+    answers = targets.split(select.sum(dim=1).tolist())
+    assert all(a.tolist() == e["input_ids"][len(e["input_ids"]) - len(a) - (loss == "topk-kd"):][:len(a)]
+               for a, e in zip(answers, examples))  # each sequence's own answer tokens, in order
+    ul = unlikelihood_loss(logits, previous_token_candidates(answers, logits.shape[-1])).item()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    cls = KDTrainer if loss == "topk-kd" else SFTTrainer
+    with torch.no_grad():
+        plain, plus = (cls(model=lm.model, args=args, train_dataset=[1], unlikelihood=w).loss_of(lm.model, batch, False)
+                       .item() for w in (0.0, 2.0))
+    assert ul > 0 and plus - plain == pytest.approx(2.0 * ul, rel=1e-4)
+
+    # Trained with it, a student puts less of its mass on what the answer already wrote.
+    save_dataset(rows, [], tmp_path / "data")
+
+    def mass_on_repeats(student_dir):
+        student = load_model(str(student_dir), device="cpu")
+        with torch.no_grad():
+            probs = answer_logits(student.model, batch["input_ids"], batch["attention_mask"], select).softmax(-1)
+        return (probs * previous_token_candidates(answers, probs.shape[-1])).sum(-1).mean().item()
+
+    masses = []
+    for w in (0.0, 1.0):
+        train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / f"ul{w}"), student="tiny", teacher="tiny",
+                          loss=loss, epochs=4, lr=3e-3, batch_size=8, seed=0, unlikelihood=w))
+        masses.append(mass_on_repeats(tmp_path / f"ul{w}"))
+    assert masses[1] < 0.9 * masses[0], masses
+    with pytest.raises(ConfigError, match="not kd"):
+        TrainConfig(data="d", out="o", loss="kd", unlikelihood=1.0)
+    with pytest.raises(ConfigError, match="unlikelihood -1"):
+        TrainConfig(data="d", out="o", unlikelihood=-1)
+
+
 def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_path):
     """ce_weight 1 is the SFT loss on the answer tokens (not their end: top-k KD has no top-k
     there), 0 the top-k KL alone, and anything between the straight mix of the two."""

@@ -218,6 +218,8 @@ def train_cmd(
                                          "the KD losses need the teacher's tokenizer"),
     ce_weight: float = typer.Option(0.0, help="topk-kd: share of the loss that is cross-entropy on the teacher's "
                                               "sampled tokens (the rest the top-k KL); 0 top-k KL only"),
+    unlikelihood: float = typer.Option(0.0, help="sft/topk-kd: weight of token-level unlikelihood on the tokens the "
+                                                 "answer already wrote (against loops; Welleck et al. 2019); 0 off"),
     beta: Optional[float] = typer.Option(None, help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
                                                     "(default: kd 0, gkd 0.5)"),
     lmbda: float = typer.Option(0.5, help="gkd: share of batches answered by the student itself (on-policy)"),
@@ -254,7 +256,7 @@ def train_cmd(
     from distillguard.distill.train import ProgressCallback, TrainConfig, train
 
     config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
-                         ce_weight=ce_weight,
+                         ce_weight=ce_weight, unlikelihood=unlikelihood,
                          epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
                          seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens,
                          save_steps=save_steps, resume=resume, precision=precision)

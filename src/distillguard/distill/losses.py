@@ -64,3 +64,36 @@ def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
         m = torch.logsumexp(torch.stack([t + b.log(), s + torch.log1p(-b)]), dim=0)  # log M, (N, V)
         div = beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
     return div.mean()
+
+
+def previous_token_candidates(answers: list[torch.Tensor], vocab: int) -> torch.Tensor:
+    """Token-level unlikelihood's negative candidates (Welleck et al. 2019, "Neural Text Generation
+    with Unlikelihood Training", Eq. 4): at each answer position, the tokens the answer already
+    wrote before it, less the one it writes there.
+
+    answers: per answer, the token written at each of its positions, (n_i,) each. Returns (N, V)
+    bool with N = sum(n_i), rows in the answers' order (the order of the positions' logits).
+    """
+    rows = []
+    for a in answers:
+        n = a.numel()
+        earlier = torch.ones((n, n), dtype=torch.int32, device=a.device).tril(-1)  # [j, i]: i < j
+        seen = torch.zeros((n, vocab), dtype=torch.int32, device=a.device)
+        seen.scatter_add_(1, a.view(1, n).expand(n, n), earlier)  # seen[j, a[i]] += 1 for i < j
+        seen = seen > 0
+        seen[torch.arange(n, device=a.device), a] = False  # the position's own token is not a negative
+        rows.append(seen)
+    return torch.cat(rows) if rows else torch.zeros((0, vocab), dtype=torch.bool)
+
+
+def unlikelihood_loss(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood: mean over positions of -sum_c log(1 - p(c)) over the candidates c.
+
+    A model that loops puts its mass on what it already wrote; this term pushes that mass down
+    where the training answer did not repeat. No library we use implements it (TRL has none), so
+    it is written here, as a pure function like the others. logits (N, V), candidates (N, V) bool.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    p = logits.float().softmax(dim=-1)
+    return -(torch.log1p(-p.clamp(max=1 - 1e-6)) * candidates).sum(dim=-1).mean()

@@ -45,7 +45,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distillguard.distill.evaluate import distinct_prompts, versions
-from distillguard.distill.losses import generalized_jsd_loss, topk_kd_loss
+from distillguard.distill.losses import (generalized_jsd_loss, previous_token_candidates, topk_kd_loss,
+                                        unlikelihood_loss)
 from distillguard.errors import ConfigError, IncompleteError
 from distillguard.models import LoadedModel, load_model
 
@@ -70,6 +71,9 @@ class TrainConfig:
     # the rest the top-k KL (DistillKit's alpha, the other way round). The API's top-k leaves the
     # rest of the distribution lumped in one tail bucket; the sampled token says where some of it went.
     ce_weight: float = 0.0
+    # sft/topk-kd: weight of token-level unlikelihood (Welleck et al. 2019): at each answer position the
+    # mass on tokens the answer already wrote, less the one it writes there, is pushed down (anti-loop)
+    unlikelihood: float = 0.0
     lora: bool = False
     lora_r: int = 16
     epochs: float = 2.0
@@ -102,6 +106,10 @@ class TrainConfig:
             raise ConfigError(f"--ce-weight {self.ce_weight}: use a share in [0, 1] (0 top-k KD only, 1 SFT only)")
         if self.ce_weight and self.loss not in ("topk-kd", "auto"):
             raise ConfigError(f"--ce-weight mixes cross-entropy into --loss topk-kd (or auto), not {self.loss}")
+        if self.unlikelihood < 0:
+            raise ConfigError(f"--unlikelihood {self.unlikelihood}: use a weight of 0 (off) or more")
+        if self.unlikelihood and self.loss in LOCAL_TEACHER_LOSSES:
+            raise ConfigError(f"--unlikelihood is added to --loss sft or topk-kd (or auto), not {self.loss}")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
         if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
@@ -529,6 +537,7 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
         kwargs = {"ce_weight": config.ce_weight} if loss == "topk-kd" else {}
         trainer = (KDTrainer if loss == "topk-kd" else SFTTrainer)(
             model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
+            unlikelihood=config.unlikelihood,
             data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks), **kwargs)
     if isinstance(trainer, LogitKDTrainer):
         trainer.on_policy_batches = mark.get("on_policy_batches", 0)
@@ -580,7 +589,7 @@ def run_fingerprint(config: TrainConfig, examples: list[dict], given_student: to
     """What makes two runs the same run: every setting but where things are, the exact examples,
     and the starting weights of a student the caller built (``train(student=...)``)."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")}
-    for name, default in (("precision", "fp32"), ("ce_weight", 0.0)):
+    for name, default in (("precision", "fp32"), ("ce_weight", 0.0), ("unlikelihood", 0.0)):
         if settings[name] == default:  # a later setting at its default: checkpoints from before it still resume
             del settings[name]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
@@ -743,10 +752,19 @@ class _MeanLossTrainer(Trainer):
     """Base of our trainers: ``compute_loss`` returns the batch mean, so the Trainer must scale it
     for gradient accumulation itself (it skips that when the model accepts ``num_items_in_batch``)."""
 
-    def __init__(self, *args, sparse_logits: bool = True, **kwargs):
+    def __init__(self, *args, sparse_logits: bool = True, unlikelihood: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.sparse_logits = sparse_logits
+        self.unlikelihood = unlikelihood
         self.model_accepts_loss_kwargs = False
+
+    def plus_unlikelihood(self, loss, logits, targets, select):
+        """``loss`` plus the token-level unlikelihood term at the selected positions: ``targets``
+        (N,) are the tokens written there, in the row order of ``logits`` (N, V) and ``select``."""
+        if not self.unlikelihood:
+            return loss
+        answers = targets.split(select.sum(dim=1).tolist())  # per sequence, its answer's tokens in order
+        return loss + self.unlikelihood * unlikelihood_loss(logits, previous_token_candidates(answers, logits.shape[-1]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The sparse output layer (answer_logits) calls the decoder and the head directly, around the
@@ -792,7 +810,9 @@ class SFTTrainer(_MeanLossTrainer):
         select = shifted(labels)
         logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], select,
                                sparse=self.sparse_logits)  # (N, V)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][select[:, :-1]])
+        targets = labels[:, 1:][select[:, :-1]]
+        loss = self.plus_unlikelihood(torch.nn.functional.cross_entropy(logits.float(), targets), logits, targets,
+                                      select)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -809,10 +829,11 @@ class KDTrainer(_MeanLossTrainer):
         logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], kd_mask,
                                sparse=self.sparse_logits)  # (N, V)
         loss = topk_kd_loss(logits, topk_ids[kd_mask], topk_lps[kd_mask])
+        targets = inputs["input_ids"].roll(-1, dims=1)[kd_mask]  # (N,) position t predicts token t+1
         if self.ce_weight:
-            targets = inputs["input_ids"].roll(-1, dims=1)[kd_mask]  # (N,) position t predicts token t+1
             ce = torch.nn.functional.cross_entropy(logits.float(), targets)
             loss = (1 - self.ce_weight) * loss + self.ce_weight * ce
+        loss = self.plus_unlikelihood(loss, logits, targets, kd_mask)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
