@@ -101,7 +101,8 @@ def train_student(args, rho: float, prompts: list[str], wm: list[str], clean: li
     t0 = time.time()
     summary = train(TrainConfig(data=str(data), out=str(out), student=args.student, teacher="smollm2",
                                 lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_prompt_tokens
-                                + args.max_new_tokens + 8, seed=args.seed))
+                                + args.max_new_tokens + 8, seed=args.seed,
+                                unlikelihood=0.0))  # the measured configuration (plain SFT)
     summary["seconds"] = time.time() - t0
     summary["watermarked_answers"] = n_wm
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))

@@ -139,7 +139,8 @@ def main() -> None:
             summary = train_module.train(
                 train_module.TrainConfig(data=str(args.work / "data" / f"n{args.queries}"), out=str(out),
                                          student=f"prune:{args.depth}", teacher=args.teacher, loss=args.loss,
-                                         epochs=2.0, lr=5e-4, batch_size=8, max_length=256, seed=0, save_steps=0),
+                                         epochs=2.0, lr=5e-4, batch_size=8, max_length=256, seed=0, save_steps=0,
+                                         unlikelihood=0.0),  # as the grid's points it is compared with
                 callbacks=[train_module.ProgressCallback(progress)], student=student)  # not a fresh prune:K
         report["train_seconds"] = time.perf_counter() - started
         report["steps"] = summary["steps"]

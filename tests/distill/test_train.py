@@ -348,6 +348,13 @@ def test_unlikelihood_is_added_at_the_answer_positions_and_lowers_the_mass_on_re
         TrainConfig(data="d", out="o", loss="kd", unlikelihood=1.0)
     with pytest.raises(ConfigError, match="unlikelihood -1"):
         TrainConfig(data="d", out="o", unlikelihood=-1)
+    # the default: 1 where it applies (the measured setting), 0 for the local-teacher losses; a run
+    # with the default is the same run as one that spells it out
+    assert TrainConfig(data="d", out="o").unlikelihood_weight == 1.0
+    assert TrainConfig(data="d", out="o", loss="kd").unlikelihood_weight == 0.0
+    examples = [{"input_ids": [1, 2, 3]}]
+    assert run_fingerprint(TrainConfig(data="d", out="o"), examples) == \
+        run_fingerprint(TrainConfig(data="d", out="o", unlikelihood=1.0), examples)
 
 
 def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_path):
@@ -390,7 +397,7 @@ def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_p
     # At its default the setting leaves a run's fingerprint what it was before the setting existed
     # (this digest is the one the code before ce_weight computed), so older checkpoints still resume.
     examples = [{"input_ids": [1, 2, 3]}]
-    base = TrainConfig(data="d", out="o", precision="bf16", student="prune:11")
+    base = TrainConfig(data="d", out="o", precision="bf16", student="prune:11", unlikelihood=0.0)
     assert run_fingerprint(base, examples) == "7aad3a1f06e3e0e29446de14afe8fd4b682c5c242c52ea35855bade7c9b4ccc1"
     assert run_fingerprint(dataclasses.replace(base, ce_weight=0.5), examples) != run_fingerprint(base, examples)
 

@@ -375,7 +375,8 @@ def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
     say(f"training {cfg.student} on {len(rows)} curated answers of the distiller "
         f"({sum(1 for c in served if c.account == DISTILLER)} of them canaries) ...")
     summary = train(TrainConfig(data=str(data_dir), out=str(student_dir), student=cfg.student, teacher=cfg.model,
-                                loss="sft", epochs=cfg.epochs, lr=5e-4, batch_size=4, seed=cfg.seed),
+                                loss="sft", epochs=cfg.epochs, lr=5e-4, batch_size=4, seed=cfg.seed,
+                                unlikelihood=0.0),  # a canary carrier, not a good student: plain SFT
                     callbacks=train_callbacks)
     master = (cfg.out / "watermark.secret").read_text().strip().encode()
     result = {"curated_rows": len(rows), "curate": creport.to_dict(), "train": {k: summary.get(k) for k in

@@ -218,8 +218,9 @@ def train_cmd(
                                          "the KD losses need the teacher's tokenizer"),
     ce_weight: float = typer.Option(0.0, help="topk-kd: share of the loss that is cross-entropy on the teacher's "
                                               "sampled tokens (the rest the top-k KL); 0 top-k KL only"),
-    unlikelihood: float = typer.Option(0.0, help="sft/topk-kd: weight of token-level unlikelihood on the tokens the "
-                                                 "answer already wrote (against loops; Welleck et al. 2019); 0 off"),
+    unlikelihood: Optional[float] = typer.Option(None, help="sft/topk-kd: weight of token-level unlikelihood on the "
+                                                           "tokens the answer already wrote (against loops; Welleck "
+                                                           "et al. 2019); default 1 (0 for kd/gkd); 0 off"),
     beta: Optional[float] = typer.Option(None, help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
                                                     "(default: kd 0, gkd 0.5)"),
     lmbda: float = typer.Option(0.5, help="gkd: share of batches answered by the student itself (on-policy)"),
