@@ -10,6 +10,8 @@ answers, and three sample answers. It measures decoding, not learning: a student
 repetition control still learned less than its teacher.
 
     nice -n 5 python bench/distill_decoding.py --student ~/.cache/distillguard/bench/distill_curves/students/topk-kd-prune11-influence-n4000
+
+``--decodings greedy --samples 32`` keeps every held-out answer (and its rep4) of every model, to read.
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--decodings", default=",".join(DECODINGS), help="which of them, comma-separated")
+    p.add_argument("--samples", type=int, default=3, help="answers kept per (model, decoding) in the report; "
+                                                          "--samples 32 keeps every held-out answer, to read")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill_decoding.json")
     args = p.parse_args()
+    decodings = {d: DECODINGS[d] for d in args.decodings.split(",")}
+    if "greedy" not in decodings:
+        raise SystemExit("--decodings must include greedy (the teacher's greedy answers are the ROUGE-L reference)")
 
     import torch
     from rouge_score import rouge_scorer
@@ -60,9 +68,9 @@ def main() -> None:
     reference: list[str] = []
     rows = []
     with Progress(console=console) as progress:
-        task = progress.add_task("decode", total=len(models) * len(DECODINGS))
+        task = progress.add_task("decode", total=len(models) * len(decodings))
         for name, lm in models.items():
-            for decoding, kwargs in DECODINGS.items():
+            for decoding, kwargs in decodings.items():
                 answers, tps = greedy_answers(lm, messages, args.max_tokens, **kwargs)
                 texts = [lm.tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
                 if name == "teacher" and decoding == "greedy":
@@ -71,7 +79,8 @@ def main() -> None:
                 rows.append({"model": name, "decoding": decoding, "rep4": repeated_ngrams(answers),
                              "nll_under_teacher": answer_nll(teacher, messages, answers),
                              "rouge_l_vs_teacher_greedy": sum(rouge) / len(rouge), "tokens_per_s": tps,
-                             "samples": texts[:3]})
+                             "samples": texts[:args.samples],
+                             "rep4_per_answer": [repeated_ngrams([a]) for a in answers[:args.samples]]})
                 progress.advance(task)
     report = {"bench": "distill_decoding", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
