@@ -74,16 +74,16 @@ def previous_token_candidates(answers: list[torch.Tensor], vocab: int) -> torch.
     answers: per answer, the token written at each of its positions, (n_i,) each. Returns (N, V)
     bool with N = sum(n_i), rows in the answers' order (the order of the positions' logits).
     """
-    rows = []
+    device = answers[0].device if answers else None
+    seen = torch.zeros((sum(a.numel() for a in answers), vocab), dtype=torch.bool, device=device)
+    start = 0
     for a in answers:
         n = a.numel()
-        earlier = torch.ones((n, n), dtype=torch.int32, device=a.device).tril(-1)  # [j, i]: i < j
-        seen = torch.zeros((n, vocab), dtype=torch.int32, device=a.device)
-        seen.scatter_add_(1, a.view(1, n).expand(n, n), earlier)  # seen[j, a[i]] += 1 for i < j
-        seen = seen > 0
-        seen[torch.arange(n, device=a.device), a] = False  # the position's own token is not a negative
-        rows.append(seen)
-    return torch.cat(rows) if rows else torch.zeros((0, vocab), dtype=torch.bool)
+        j, i = torch.tril_indices(n, n, offset=-1, device=a.device)  # every pair of positions i < j
+        seen[start + j, a[i]] = True  # position j has seen token a[i]
+        seen[start + torch.arange(n, device=a.device), a] = False  # the position's own token is not a negative
+        start += n
+    return seen
 
 
 def unlikelihood_loss(logits: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
