@@ -76,18 +76,23 @@ def main() -> None:
                 if name == "teacher" and decoding == "greedy":
                     reference = texts
                 rouge = [1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure for t, s in zip(reference, texts)]
+                per_answer = [repeated_ngrams([a]) for a in answers]
                 rows.append({"model": name, "decoding": decoding, "rep4": repeated_ngrams(answers),
+                             # how many answers loop, a little and much (the README's reading of rep4)
+                             "answers_rep4_over": {str(t): sum(r > t for r in per_answer) for t in (0.25, 0.4)},
                              "nll_under_teacher": answer_nll(teacher, messages, answers),
                              "rouge_l_vs_teacher_greedy": sum(rouge) / len(rouge), "tokens_per_s": tps,
                              "samples": texts[:args.samples],
-                             "rep4_per_answer": [repeated_ngrams([a]) for a in answers[:args.samples]]})
+                             "rep4_per_answer": per_answer[:args.samples]})
                 progress.advance(task)
     report = {"bench": "distill_decoding", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
               "config": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2))
     for r in rows:
+        over = r["answers_rep4_over"]
         console.print(f"{r['model']:40s} {r['decoding']:24s} rep4 {r['rep4']:.3f}  NLL under teacher "
-                      f"{r['nll_under_teacher']:.3f}  ROUGE-L {r['rouge_l_vs_teacher_greedy']:.3f}")
+                      f"{r['nll_under_teacher']:.3f}  ROUGE-L {r['rouge_l_vs_teacher_greedy']:.3f}  answers with "
+                      f"rep4 > 0.25: {over['0.25']}, > 0.4: {over['0.4']} of {len(messages)}")
     print(json.dumps(report))
 
 
