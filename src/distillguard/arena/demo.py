@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distillguard.errors import ConfigError
+from distillguard.watermark.secret import write_secret
 
 KINDS = ("bulk", "template", "reasoning", "logprobs", "hydra", "slowlow")
 DISTILLER = "distiller"
@@ -241,7 +242,7 @@ def act_live(cfg: DemoConfig, say: Say, on_harvest_progress=None) -> dict:
     (cfg.out / "harvest").mkdir()
     (cfg.out / "policy.yaml").write_text(json.dumps(POLICY, indent=2) + "\n")  # JSON is YAML
     secret = secrets.token_hex(32)
-    (cfg.out / "watermark.secret").write_text(secret + "\n")
+    write_secret(cfg.out / "watermark.secret", secret)  # 0600: whoever reads it can trace and forge watermarks
     admin = "admin-" + secrets.token_hex(16)
     env = {"DISTILLGUARD_WATERMARK_SECRET": secret, "DISTILLGUARD_ADMIN_KEY": admin}
     accounts = [DISTILLER] + [f"user-{i + 1}" for i in range(cfg.users)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from distillguard.errors import ConfigError
@@ -14,10 +14,15 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def default_db_url() -> str:
-    """``sqlite:///`` under the user's data directory (``$XDG_DATA_HOME/distillguard/ledger.db``)."""
+    """``sqlite:///`` under the user's data directory (``$XDG_DATA_HOME/distillguard/ledger.db``).
+
+    The folder is ours alone, so it is made 0700 even when an older version created it 0755: it
+    holds the ledger (every prompt, answer, IP and account) and the watermark secret.
+    """
     root = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     path = Path(root) / "distillguard" / "ledger.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     return f"sqlite:///{path}"
 
 
@@ -34,6 +39,7 @@ def make_engine(url: str | None) -> Engine:
     url = normalize_url(url)
     try:
         if url.startswith("sqlite"):
+            _create_private_sqlite(url)
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
@@ -42,6 +48,25 @@ def make_engine(url: str | None) -> Engine:
         raise ConfigError(f"invalid database URL {url!r}: {exc}; use a path, sqlite:///FILE or "
                           "postgresql+psycopg://USER@HOST/DB") from None
     return engine
+
+
+def _create_private_sqlite(url: str) -> None:
+    """Create a new SQLite ledger file 0600 (its folder 0700 when we create that too) before
+    SQLite opens it. SQLite gives the -wal and -shm files it creates later the database file's
+    permissions, so all three stay private; no umask (process-wide, racy across threads) is
+    touched. Existing files and folders keep the permissions their owner chose."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    if path.exists():
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty database
+    except FileExistsError:  # another process created it first
+        pass
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -20,22 +20,39 @@ def default_secret_path() -> Path:
     return Path(root) / "distillguard" / "watermark.secret"
 
 
+def write_secret(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write ``text`` (and a newline) to ``path``, readable and writable by its owner only (0600).
+
+    Every secret file distillguard writes goes through here: the file is created 0600 (never
+    briefly world-readable), an existing one is truncated and made 0600 too, and a missing folder
+    is created 0700. ``exclusive`` raises :class:`FileExistsError` rather than replace a file (two
+    replicas generating the default secret at once keep the first one's).
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)  # os.open's mode applies to new files only
+        fh.write(text + "\n")
+
+
 def load_secret(value: str | None = None, path: Path | None = None, *, create: bool = True) -> bytes:
     if value:
         return value.encode()
-    path = path or default_secret_path()
+    if path is None:
+        path = default_secret_path()
+        if path.parent.exists():  # ours alone (it holds the ledger too): private even if made 0755 before
+            path.parent.chmod(0o700)
     if not path.exists():
         if not create:
             raise ConfigError(f"no watermark secret: set DISTILLGUARD_WATERMARK_SECRET or pass --secret "
                               f"(the server keeps its generated one in {path})")
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_secret(path, secrets.token_hex(32), exclusive=True)
         except FileExistsError:  # another replica created it first
             pass
-        else:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32))
     text = path.read_text().strip()
     if not text:
         raise ConfigError(f"watermark secret file {path} is empty; delete it to generate a new one")
