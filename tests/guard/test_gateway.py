@@ -150,7 +150,7 @@ def test_rate_limit_exact_under_concurrency(gateway):
     limited = next(r for r in results if r.status_code == 429)
     assert int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-    metrics = httpx.get(f"{gateway[0]}/metrics").text
+    metrics = admin(gateway, "GET", "/metrics").text  # behind the admin key by default (--metrics-auth)
     assert 'distillguard_requests_total{status="429"}' in metrics
     assert "erin" not in metrics  # no account labels unless enabled
 

@@ -45,3 +45,60 @@ def test_a_healthy_server_is_yielded_then_stopped():
         assert httpx.get(f"{server.url}/healthz").status_code == 200
         assert server.url == f"http://127.0.0.1:{server.port}" and server.proc.poll() is None
     assert server.proc.returncode is not None
+
+
+# ---- hostile connections (issue 24, item 11): header size, header and body read timeouts ----
+
+@pytest.fixture(scope="module")
+def strict_server():
+    """A tiny server that gives a request head 1 s and a request body 1 s to arrive."""
+    with serve_subprocess("--model", "tiny", "--no-guard", "--header-timeout", "1", "--body-timeout", "1") as server:
+        yield server
+
+
+def exchange(server, *parts: bytes, pause_s: float = 0.0, wait_s: float = 30.0) -> bytes:
+    """Send ``parts`` on one raw connection (``pause_s`` apart), then read until the server closes
+    it; what it answered (b"" when it closed or reset without a word). A server that keeps the
+    connection open past ``wait_s`` fails the test."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait_s) as s:
+        try:
+            for part in parts:
+                s.sendall(part)
+                time.sleep(pause_s)
+        except (BrokenPipeError, ConnectionResetError):  # closed on us mid-way: read what it said
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            pytest.fail(f"the server still held the connection after {wait_s} s (answered {got[:80]!r})")
+        return got
+
+
+def test_an_oversized_header_is_refused_and_others_are_still_served(strict_server):
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    answer = exchange(strict_server, head)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert httpx.get(f"{strict_server.url}/healthz").status_code == 200
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(strict_server):
+    slow = [bytes([b]) for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200]
+    answer = exchange(strict_server, *slow, pause_s=0.05)  # 11 s at this pace; the server allows 1 s
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert exchange(strict_server) in (b"", b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+    assert httpx.get(f"{strict_server.url}/healthz").status_code == 200
+
+
+def test_a_body_that_never_arrives_is_cut_off(strict_server):
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    answer = exchange(strict_server, head, b'{"model": "tiny", ')
+    assert b" 200 " not in answer.split(b"\r\n", 1)[0]
+    assert httpx.get(f"{strict_server.url}/healthz").status_code == 200

@@ -74,6 +74,27 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     antidistill_data: str = typer.Option("sharegpt", help="JSONL of {prompt, answer} whose loss antidistillation "
                                          "sampling keeps high for students (policy action 'antidistill'); "
                                          "default: 64 real ShareGPT answers"),
+    forwarded_allow_ips: Optional[str] = typer.Option(
+        None, envvar="DISTILLGUARD_FORWARDED_ALLOW_IPS",
+        help="comma-separated proxies (IPs, networks, or *) whose X-Forwarded-For the ledger believes; "
+             "default: none, the client address is the connection's"),
+    max_header_bytes: int = typer.Option(16 * 1024, help="request line + headers larger than this get 431"),
+    header_timeout: float = typer.Option(10.0, help="seconds a client has to send a request's headers"),
+    body_timeout: float = typer.Option(60.0, help="seconds a client has to send a request's body, after its headers"),
+    keep_alive_timeout: int = typer.Option(5, help="seconds an idle keep-alive connection stays open"),
+    limit_concurrency: Optional[int] = typer.Option(None, help="open connections + requests beyond this get 503 "
+                                                             "(default: unbounded)"),
+    docs: bool = typer.Option(False, "--docs", help="serve /docs, /redoc and /openapi.json (to anyone)"),
+    metrics_auth: str = typer.Option("admin", envvar="DISTILLGUARD_METRICS_AUTH",
+                                     help="admin: /metrics needs the admin key (Prometheus: "
+                                          "authorization.credentials) | none: open to anyone who can connect"),
+    ledger_content: str = typer.Option("full", envvar="DISTILLGUARD_LEDGER_CONTENT",
+                                       help="what the ledger keeps of prompts and answers: full | hashes "
+                                            "(SHA-256 + length of each) | off (lengths only); see "
+                                            "distillguard.guard.privacy for what each costs detection"),
+    redact: Optional[list[str]] = typer.Option(None, "--redact", envvar="DISTILLGUARD_REDACT",
+                                               help="regex whose matches are stored as [REDACTED] (full mode; "
+                                                    "repeatable)"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -95,8 +116,6 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     -H "Authorization: Bearer $KEY"
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}]}'
     """
-    import uvicorn
-
     from distillguard.serve.app import create_app
     from distillguard.serve.config import ServeConfig
 
@@ -104,6 +123,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         model=model, host=host, port=port, upstream=upstream, upstream_api_key=upstream_api_key,
         upstream_timeout_s=upstream_timeout, served_model_name=served_model_name, device=device,
         max_batch_rows=max_batch_rows, default_max_tokens=default_max_tokens,
+        forwarded_allow_ips=tuple(p.strip() for p in (forwarded_allow_ips or "").split(",") if p.strip()),
+        max_header_bytes=max_header_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
+        keep_alive_timeout_s=keep_alive_timeout, limit_concurrency=limit_concurrency, docs=docs,
     )
     if upstream:
         from distillguard.serve.upstream import UpstreamBackend
@@ -140,7 +162,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                          if v is not None}
         guard = Guard(GuardConfig(
             db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
-            watermark_scheme=watermark_scheme, policy_file=policy, **scheme_params), monitor=monitor)
+            watermark_scheme=watermark_scheme, policy_file=policy, metrics_auth=metrics_auth,
+            ledger_content=ledger_content, redact=tuple(redact or ()), **scheme_params), monitor=monitor)
         err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
                           + (f", limits shared in {redis}" if redis else ""))
         if "antidistill" in guard.policy.uses:
@@ -155,8 +178,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                 backend.enable_antidistill(direction)
                 err_console.print(f"[bold]distillguard[/] antidistillation sampling ready ({direction.tokens} "
                                   f"answer tokens, downstream loss {direction.loss:.2f} nats/token)")
-    uvicorn.run(create_app(backend, config, guard), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5)
+    from distillguard.serve.server import run
+
+    run(create_app(backend, config, guard), config)
 
 
 @app.command()
@@ -173,11 +197,12 @@ def _register_groups() -> None:
     from distillguard.cli.detect import detect_command
     from distillguard.cli.distill import distill_app
     from distillguard.cli.forensics import forensics_app
-    from distillguard.cli.keys import keys_app
+    from distillguard.cli.keys import accounts_app, keys_app
     from distillguard.cli.ledger import ledger_app
     from distillguard.cli.watermark import watermark_app
 
     app.add_typer(keys_app, name="keys")
+    app.add_typer(accounts_app, name="accounts")
     app.add_typer(ledger_app, name="ledger")
     app.add_typer(watermark_app, name="watermark")
     app.add_typer(distill_app, name="distill")

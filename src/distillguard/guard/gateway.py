@@ -23,20 +23,21 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Protocol
+from typing import Literal, Protocol
 
 from fastapi import Request
 from sqlalchemy import select
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from distillguard.errors import APIError
+from distillguard.errors import APIError, NotFoundError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
 from distillguard.guard.ledger import Ledger, to_traffic, without_nul
-from distillguard.guard.limits import Lease, RateLimited, make_limiter
+from distillguard.guard.limits import Lease, Price, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.policy import Decision, Level, PolicyConfig
+from distillguard.guard.privacy import LedgerContent, LedgerPrivacy
 from distillguard.guard.schema import IdempotentResponse, Verdict
 from distillguard.watermark import WatermarkKey, WatermarkParams, account_key
 from distillguard.watermark.secret import load_secret
@@ -61,6 +62,15 @@ class GuardConfig(BaseSettings):
     watermark_delta: float = Field(WatermarkParams.delta, description="logit bias added to green tokens")
     policy_file: str | None = Field(None, description="YAML/JSON policy ladder (default: guard/policy.py's DEFAULT_LADDER)")
     verdict_cache_ttl_s: float = Field(2.0, ge=0, description="how long an account's verdict level is trusted (delay across replicas)")
+    metrics_auth: Literal["admin", "none"] = Field(
+        "admin", description="admin: /metrics needs the admin key (what it counts is the operator's business; "
+                             "Prometheus sends it as authorization.credentials) | none: open to anyone")
+    ledger_content: LedgerContent = Field("full", description="full | hashes | off: what the ledger keeps of "
+                                                              "prompts and answers (guard/privacy.py)")
+    redact: tuple[str, ...] = Field((), description="regexes whose matches the ledger stores as [REDACTED] (full)")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="model id -> {prompt, completion} USD per 1M tokens, for daily_usd "
+                                          "budgets ('*': every other model); JSON in DISTILLGUARD_PRICES")
 
 
 class Monitor(Protocol):
@@ -78,6 +88,20 @@ def _redis_errors() -> type[BaseException]:
     except ImportError:  # pragma: no cover - redis is a dependency, but only needed with --redis
         return OSError
     return RedisError
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A request's reservation (the limiter's lease over its key and account) and the price it
+    was reserved at, so that settling prices the tokens actually used the same way."""
+
+    lease: Lease
+    price: Price | None = None
+
+
+def key_scope(key: KeyRecord) -> str:
+    """The limiter's scope of one key: within its account's (see guard/limits.py)."""
+    return f"{key.account}/{key.id}"
 
 
 class LimiterUnavailable(APIError):
@@ -194,10 +218,11 @@ class NullGuard:
     async def authenticate(self, request: Request) -> KeyRecord | None:
         return None
 
-    async def admit(self, key: KeyRecord | None, budget: int, decision: Decision | None = None) -> Lease | None:
+    async def admit(self, key: KeyRecord | None, budget: int, decision: Decision | None = None, *,
+                    model: str | None = None, prompt_tokens: int | None = None) -> Admission | None:
         return None
 
-    async def settle(self, lease: Lease | None, actual_tokens: int) -> None: ...
+    async def settle(self, lease: Admission | None, actual_tokens: int, prompt_tokens: int | None = None) -> None: ...
 
     def watermark_for(self, key: KeyRecord | None, delta: float | None = None) -> WatermarkKey | None:
         return None
@@ -222,6 +247,7 @@ class Guard:
         self.engine = make_engine(config.db)
         self.keys = KeyStore(self.engine)
         self.ledger = Ledger(self.engine)
+        self.privacy = LedgerPrivacy(config.ledger_content, config.redact)
         self.limiter = make_limiter(config.redis)
         self.metrics = Metrics(account_labels=config.metrics_account_labels)
         self._key_cache: dict[str, tuple[KeyRecord | None, float]] = {}
@@ -271,11 +297,19 @@ class Guard:
             self._key_cache[digest] = (record, time.monotonic() + self.config.key_cache_ttl_s)
         if record is None:
             raise AuthError("Incorrect or revoked API key provided.", code="invalid_api_key")
+        if record.expired():  # checked on every request: a cached record expires on time too
+            at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.expires_at))
+            raise AuthError(f"API key {record.id} ({record.prefix}...) expired at {at}. Use the key that "
+                            "replaced it, or ask the provider for a new one.", code="expired_api_key")
         return record
 
     def forget_key(self, key_id: str) -> None:
         """Drop a key from the lookup cache (after revocation through this replica)."""
         self._key_cache = {d: v for d, v in self._key_cache.items() if v[0] is None or v[0].id != key_id}
+
+    def forget_account(self, account: str) -> None:
+        """Drop an account's keys from the lookup cache (after its limits changed here)."""
+        self._key_cache = {d: v for d, v in self._key_cache.items() if v[0] is None or v[0].account != account}
 
     def is_admin(self, request: Request) -> bool:
         secret = bearer(request)
@@ -283,10 +317,35 @@ class Guard:
         return bool(secret and admin and hmac.compare_digest(secret.encode(), admin.encode()))
 
     # ---- limits -------------------------------------------------------------------------
-    async def admit(self, key: KeyRecord, budget: int, decision: Decision | None = None) -> Lease:
-        limits = decision.limits(key.limits) if decision is not None else key.limits
+    async def admit(self, key: KeyRecord, budget: int, decision: Decision | None = None, *,
+                    model: str | None = None, prompt_tokens: int | None = None) -> Admission:
+        """Reserve ``budget`` tokens (prompt + max completion), and their price, against the
+        key's limits and its account's at once: an account's keys share its limits, so ten keys
+        get the account's budget, not ten times it. A throttling verdict tightens both."""
+        if model is not None and not key.allows(model):
+            # OpenAI answers 404 for a model a key cannot see, with this message: a key learns
+            # nothing about which models exist beyond its own, and SDKs raise NotFoundError.
+            raise NotFoundError(f"The model `{model}` does not exist or you do not have access to it.",
+                                param="model", code="model_not_found")
+        key_limits, account_limits = key.limits, key.account_limits
+        if decision is not None:
+            key_limits, account_limits = decision.limits(key_limits), decision.limits(account_limits)
+        price = self.price_of(model)
+        if price is None and (key_limits.daily_usd is not None or account_limits.daily_usd is not None):
+            # Fail closed: a budget in dollars cannot hold over a model without a price.
+            raise PermissionDenied(
+                f"model {model!r} has no price on this server and account {key.account!r} has a daily USD "
+                "budget, so it cannot be served; the operator must add the model (or '*') to "
+                "DISTILLGUARD_PRICES", param="model", code="model_not_priced")
+        usd = 0.0
+        if price is not None:
+            prompt = budget if prompt_tokens is None else min(prompt_tokens, budget)
+            # Without the split, every token is priced at the dearer rate (an upper bound).
+            usd = (price.usd(prompt, budget - prompt) if prompt_tokens is not None
+                   else budget * max(price.prompt, price.completion) / 1_000_000)
+        scopes = {key_scope(key): key_limits, key.account: account_limits}
         try:
-            return await self.limiter.acquire(key.id, limits, budget)
+            return Admission(await self.limiter.acquire(scopes, budget, usd=usd), price)
         except RateLimited as exc:
             self.metrics.rate_limited.labels(limit=exc.limit).inc()
             raise
@@ -295,14 +354,26 @@ class Guard:
             raise LimiterUnavailable(f"the rate limiter is unavailable ({exc.__class__.__name__}); retry later",
                                      code="limiter_unavailable") from None
 
-    async def settle(self, lease: Lease | None, actual_tokens: int) -> None:
+    def price_of(self, model: str | None) -> Price | None:
+        prices = self.config.prices
+        return prices.get(model) if model in prices else prices.get("*")
+
+    async def settle(self, lease: Admission | None, actual_tokens: int, prompt_tokens: int | None = None) -> None:
+        """Settle the reservation to the tokens used (``prompt_tokens`` of them the prompt's,
+        which prices them; without it the reserved dollars stay charged: never less than spent)."""
         if lease is None:
             return
+        usd = None
+        if lease.price is not None and prompt_tokens is not None:
+            prompt = min(prompt_tokens, actual_tokens)
+            usd = lease.price.usd(prompt, actual_tokens - prompt)
+        elif lease.price is None or actual_tokens == 0:
+            usd = 0.0
         try:
-            await self.limiter.release(lease, actual_tokens)
+            await self.limiter.release(lease.lease, actual_tokens, usd)
         except (OSError, _redis_errors()):
             # The lease expires by itself (its TTL); the answer already went out.
-            log.warning("could not settle lease %s; it will expire", lease.lease_id)
+            log.warning("could not settle lease %s; it will expire", lease.lease.lease_id)
 
     # ---- watermark ------------------------------------------------------------------------
     def watermark_for(self, key: KeyRecord | None, delta: float | None = None) -> WatermarkKey | None:
@@ -461,7 +532,7 @@ class Guard:
             idempotent = {"account_id": log.key.account, "key": log.idempotency_key, "request_hash": log.request_hash,
                           "request_id": log.request_id, "response": _stored(log.response_body), "created_at": log.ts}
         row = log.row()
-        await self.ledger.record(row, idempotent=idempotent)
+        await self.ledger.record(self._ledger_row(log, row), idempotent=idempotent)
         if self.monitor is not None and log.status == 200:
             self._monitor_queue.put(row)
 
@@ -486,10 +557,21 @@ class Guard:
         return _unstored(found.response)
 
     def abandon(self, log: RequestLog) -> None:
-        """Record a request whose client went away, without waiting (we may be cancelled)."""
+        """Record a request whose client went away, without waiting (we may be cancelled).
+
+        One that got tokens goes to online detection too: a harvester that always hangs up a
+        token early must not be invisible to it."""
         self._observe(log)
         if log.key is not None:
-            self.ledger.submit(log.row())
+            row = log.row()
+            self.ledger.submit(self._ledger_row(log, row))
+            if self.monitor is not None and log.completion_tokens:
+                self._monitor_queue.put(row)
+
+    def _ledger_row(self, log: RequestLog, row: dict) -> dict:
+        """``row`` as the ledger stores it (``--ledger-content``, ``--redact``: guard/privacy.py).
+        Online detection is fed ``row`` itself, in memory: what it sees does not depend on this."""
+        return self.privacy.row(row, [log.texts[i] for i in sorted(log.texts)])
 
     def _observe(self, log: RequestLog) -> None:
         self.metrics.observe(status=log.status, account=log.key.account if log.key else None,

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
-from distillguard.serve.backend import Backend, now
+from distillguard.serve.backend import Backend, Usage, now
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest, parse_chat_request
 
@@ -86,7 +86,9 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             await backend.close()
             await guard.close()
 
-    app = FastAPI(title="distillguard", version="0.1.0", lifespan=lifespan)
+    # The API docs describe every route, admin ones included: off unless asked for (``--docs``).
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="distillguard", version="0.1.0", lifespan=lifespan, **docs)
     app.state.backend = backend
     app.state.config = config
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
@@ -101,7 +103,19 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
         app.include_router(admin_router(guard))
 
         @app.get("/metrics")
-        async def metrics():
+        async def metrics(request: Request):
+            # Request counts, statuses and (with account labels) who uses the service: the
+            # operator's, so behind the admin key unless --metrics-auth none.
+            if guard.config.metrics_auth == "admin" and not guard.is_admin(request):
+                from distillguard.guard.gateway import PermissionDenied
+
+                if guard.config.admin_key is None:
+                    raise PermissionDenied("/metrics needs the admin key and the server has none: set "
+                                           "DISTILLGUARD_ADMIN_KEY, or serve with --metrics-auth none",
+                                           code="admin_disabled")
+                await guard.authenticate(request)  # 401 for a missing or unknown key
+                raise PermissionDenied("/metrics needs the admin key (or serve with --metrics-auth none)",
+                                       code="admin_only")
             return Response(guard.metrics.render(), media_type=guard.metrics.content_type)
 
     @app.exception_handler(RequestValidationError)
@@ -141,6 +155,7 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
     async def chat_completions(request: Request):
         log = RequestLog(client_ip=request.client.host if request.client else None)
         lease = None
+        used = Usage()  # kept current by the backend: what a request cut short is charged
         try:
             log.key = await guard.authenticate(request)
             try:
@@ -160,7 +175,9 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                     log.policy_action = "idempotent_replay"
                     await guard.finish(log)
                     return JSONResponse(replayed, headers={"Idempotent-Replayed": "true"})
-            lease = await guard.admit(log.key, backend.budget(req), decision)
+            budget = await backend.budget(req)  # tokenizes the prompt: prompt_tokens is cheap after it
+            lease = await guard.admit(log.key, budget, decision, model=req.model,
+                                      prompt_tokens=backend.prompt_tokens(req))
             if decision is not None and decision.is_canary(log.request_id):
                 applied.append("canary")
                 log.policy_action = decision.label(applied)
@@ -176,32 +193,36 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                     log.policy_action = decision.label(applied)
                     guard.metrics.policy_actions.labels(action="antidistill").inc()
                 if req.stream:
-                    chunks = await backend.stream(req, watermark=watermark, **extra)
+                    chunks = await backend.stream(req, watermark=watermark, usage=used, **extra)
                 else:
                     response = await unless_disconnected(
-                        request, backend.complete(req, watermark=watermark, **extra))
+                        request, backend.complete(req, watermark=watermark, usage=used, **extra))
             if not req.stream:
                 log.add_response(response)
         except APIError as exc:
             log.fail(exc)
-            await guard.settle(lease, log.total_tokens)
+            await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             await guard.finish(log)
             raise
         except asyncio.CancelledError:
             log.status, log.error_code = 499, "client_closed"
+            charge_so_far(log, used)
+            if lease is not None:  # cancelled: no await here; the settlement runs on its own
+                asyncio.ensure_future(guard.settle(lease, log.total_tokens, log.prompt_tokens))
             guard.abandon(log)
             raise
         except ClientGone:  # a non-streaming client hung up: its generation was stopped
             log.status, log.error_code = 499, "client_closed"
-            await guard.settle(lease, 0)
+            charge_so_far(log, used)
+            await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             guard.abandon(log)
             return Response(status_code=499)
         if not req.stream:
-            await guard.settle(lease, log.total_tokens)
+            await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             await guard.finish(log)  # the ledger row is committed before the response leaves
             return JSONResponse(response)
         return StreamingResponse(
-            sse(chunks, req, log, lease, guard), media_type="text/event-stream",
+            sse(chunks, req, log, lease, guard, used), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
@@ -212,6 +233,14 @@ MAX_IDEMPOTENCY_KEY = 128
 
 class ClientGone(Exception):
     """The client closed its connection before a non-streaming answer was ready."""
+
+
+def charge_so_far(log, used: Usage) -> None:
+    """Give a request cut short (client gone, or an error mid-stream) the tokens it consumed (prompt + completion so far, from the
+    backend's running count) unless a final usage already arrived: the limits, ``/v1/usage``
+    and the ledger row then all see them, and a client cannot escape its quota by hanging up."""
+    if log.completion_tokens is None and (used.prompt_tokens or used.completion_tokens):
+        log.set_usage(used.as_dict())
 
 
 async def unless_disconnected(request: Request, work):
@@ -280,7 +309,7 @@ def idempotency_key(request: Request, req: ChatCompletionRequest, log) -> bool:
     return True
 
 
-async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):
+async def sse(chunks, req: ChatCompletionRequest, log, lease, guard, used: Usage | None = None):
     """Server-sent events in OpenAI's framing, ending with ``[DONE]`` once the ledger has the row.
 
     Backends always end with a usage chunk (the ledger and the token limits need it); it is
@@ -300,7 +329,9 @@ async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):
         except APIError as exc:
             log.fail(exc)
             error = exc
-        await guard.settle(lease, log.total_tokens)
+        if used is not None:  # cut short by an error: charged what was sent
+            charge_so_far(log, used)
+        await guard.settle(lease, log.total_tokens, log.prompt_tokens)
         lease = None
         finished = True
         try:
@@ -314,6 +345,8 @@ async def sse(chunks, req: ChatCompletionRequest, log, lease, guard):
     finally:
         if not finished:  # the client went away mid-stream
             log.status, log.error_code = 499, "client_closed"
+            if used is not None:
+                charge_so_far(log, used)
             guard.abandon(log)
             if lease is not None:
-                asyncio.ensure_future(guard.settle(lease, log.total_tokens))
+                asyncio.ensure_future(guard.settle(lease, log.total_tokens, log.prompt_tokens))

@@ -1,0 +1,152 @@
+"""Run the API app under uvicorn with the limits a public endpoint needs (issue 24, items 9 and 11).
+
+What is bounded, per connection, with the defaults of :class:`ServeConfig`:
+
+- the request head (request line + headers): 16 KiB (``max_header_bytes``), else 431 and close;
+- the time to send a head: 10 s from its first byte, or from the connection's start for the
+  first request (``header_timeout_s``), else 408 and close. A client sending one byte a second
+  (slowloris) holds a connection 10 s, not forever;
+- the time to send a body: 60 s after its head, in all (``body_timeout_s``), else the connection
+  is closed (the handler sees a disconnect: a 499 in the ledger);
+- its size: 4 MiB (``max_body_bytes``, the app's own middleware: 413);
+- idle time between requests: 5 s (``keep_alive_timeout_s``, uvicorn's own).
+
+What is not bounded by default: the number of connections (``limit_concurrency`` answers 503
+beyond it; otherwise the OS's file-descriptor limit), and the time a client takes to *read* a
+response (a slow reader holds its stream; the engine stops generating for a client that is
+gone, not for one that is slow). Put a reverse proxy in front for per-IP connection limits.
+
+uvicorn's default HTTP parser (httptools) has neither a head-size limit nor any read timeout
+before a request is complete; its h11 parser has the size limit (``h11_max_incomplete_event_size``)
+but no timeout, and costs ~15% more CPU a request. So :func:`protocol_class` extends uvicorn's
+httptools protocol with both, through uvicorn's documented ``http=`` (a protocol class).
+
+Proxy headers: uvicorn trusts ``X-Forwarded-For`` from 127.0.0.1 by default (or from
+``$FORWARDED_ALLOW_IPS``), so any local process, or a proxy that passes the header through, could
+choose the address the ledger records and account linking reads. Here no proxy is trusted
+unless ``forwarded_allow_ips`` names it, and then only it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from distillguard.serve.config import ServeConfig
+
+_CLOSE = b"\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with a head-size limit and head and body read timeouts.
+
+    The limits are class attributes, set by :func:`protocol_class` (uvicorn builds one protocol
+    per connection from the class it is given)."""
+
+    max_head_bytes = 16 * 1024
+    head_timeout_s = 10.0
+    body_timeout_s = 60.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._reading_head = True  # from the connection's start and after each complete request
+        self._head_bytes = 0
+        self._heads = 0  # heads parsed on this connection
+        self._deadline: asyncio.TimerHandle | None = None
+        self._arm(self.head_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_head:
+            room = self.max_head_bytes - self._head_bytes
+            if len(data) > room:
+                # Parse only what the limit allows: the head may end within it.
+                head, rest = data[:room], data[room:]
+                heads = self._heads
+                self._head_bytes += len(head)
+                super().data_received(head)
+                if self._heads == heads:
+                    self._refuse(b"HTTP/1.1 431 Request Header Fields Too Large")
+                elif not self.transport.is_closing():
+                    self.data_received(rest)  # a body, or the next pipelined request's head
+                return
+            self._head_bytes += len(data)
+        super().data_received(data)
+
+    # httptools parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:  # a later request on a kept-alive connection: its own deadline
+            self._arm(self.head_timeout_s, self._head_timed_out)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head, self._heads = False, self._heads + 1
+        self._arm(self.body_timeout_s, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        self._reading_head, self._head_bytes = True, 0
+        super().on_message_complete()
+
+    # deadlines
+    def _arm(self, seconds: float, callback) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # no response of ours is being written
+            self._refuse(b"HTTP/1.1 408 Request Timeout")
+        elif not self.transport.is_closing():
+            self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        # The app may be answering already (a 401 before reading the body): no bytes of ours may
+        # interleave with its response, so the connection just closes.
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self, status_line: bytes) -> None:
+        self._disarm()
+        if not self.transport.is_closing():
+            self.transport.write(status_line + _CLOSE)
+            self.transport.close()
+
+
+def protocol_class(config: ServeConfig) -> type[LimitedHttpToolsProtocol]:
+    """The protocol class uvicorn should build connections from, with ``config``'s limits."""
+    return type("DistillguardHttpProtocol", (LimitedHttpToolsProtocol,), {
+        "max_head_bytes": config.max_header_bytes, "head_timeout_s": config.header_timeout_s,
+        "body_timeout_s": config.body_timeout_s})
+
+
+def uvicorn_options(config: ServeConfig) -> dict:
+    """Keyword arguments of ``uvicorn.run``/``uvicorn.Config`` for ``config``."""
+    proxies = list(config.forwarded_allow_ips)
+    return {
+        "host": config.host, "port": config.port, "http": protocol_class(config),
+        # Without trusted proxies the middleware is not installed at all: uvicorn would otherwise
+        # fall back to $FORWARDED_ALLOW_IPS or 127.0.0.1.
+        "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None,
+        "timeout_keep_alive": config.keep_alive_timeout_s, "limit_concurrency": config.limit_concurrency,
+        "h11_max_incomplete_event_size": config.max_header_bytes,  # if someone swaps in http="h11"
+        "log_level": "warning", "timeout_graceful_shutdown": 5,
+    }
+
+
+def run(app, config: ServeConfig) -> None:
+    """Serve ``app`` until interrupted (``distillguard serve``)."""
+    import uvicorn
+
+    uvicorn.run(app, **uvicorn_options(config))
