@@ -35,4 +35,11 @@ def test_schema_pinned(db_url):
     assert indexes["ix_requests_key_ts"] == ["key_id", "ts"]
     assert indexes["ix_requests_ts"] == ["ts"]
     assert "key" not in {c["name"] for c in insp.get_columns("api_keys")}  # only the hash is stored
+    assert [c["name"] for c in insp.get_columns("accounts")] == [
+        "id", "created_at", "disabled", "rpm", "tpm", "max_concurrent", "daily_tokens", "daily_usd",
+    ]
+    assert [c["name"] for c in insp.get_columns("api_keys")] == [
+        "id", "account_id", "key_hash", "prefix", "name", "created_at", "revoked_at", "rpm", "tpm",
+        "max_concurrent", "daily_tokens", "daily_usd", "expires_at", "models", "rotated_from",
+    ]
     engine.dispose()

@@ -28,6 +28,12 @@ class Account(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     created_at: Mapped[float] = mapped_column(Double, nullable=False)
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # Limits over all the account's keys together (NULL: unlimited); see guard/limits.py.
+    rpm: Mapped[int | None] = mapped_column(Integer)
+    tpm: Mapped[int | None] = mapped_column(Integer)
+    max_concurrent: Mapped[int | None] = mapped_column(Integer)
+    daily_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    daily_usd: Mapped[float | None] = mapped_column(Double)
 
 
 class ApiKey(Base):
@@ -45,6 +51,13 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer)
     max_concurrent: Mapped[int | None] = mapped_column(Integer)
     daily_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    daily_usd: Mapped[float | None] = mapped_column(Double)
+    # After this time the key answers 401 expired_api_key (a rotated key's grace period ends).
+    expires_at: Mapped[float | None] = mapped_column(Double)
+    # The model ids this key may use (NULL: all); a JSON list of strings.
+    models: Mapped[list | None] = mapped_column(JSONType)
+    # The key this one replaced (``keys rotate``), for the audit trail.
+    rotated_from: Mapped[str | None] = mapped_column(String(32))
 
 
 class LedgerRow(Base):
