@@ -9,7 +9,8 @@ import json
 import pytest
 
 from distillguard.errors import ConfigError
-from distillguard.guard.privacy import LedgerPrivacy, compile_redactions, digest, private_texts, private_value
+from distillguard.guard.privacy import (LedgerPrivacy, compile_redactions, digest, parse_age, private_texts,
+                                        private_value)
 
 SHA_HI = hashlib.sha256(b"hi").hexdigest()
 BODY = {"model": "tiny", "max_tokens": 5, "logprobs": True, "temperature": 0.5, "user": "alice@example.com",
@@ -74,3 +75,63 @@ def test_bad_settings_name_the_value():
         LedgerPrivacy(redact=("(unclosed",))
     with pytest.raises(ConfigError, match="--ledger-content 'some': use one of full, hashes, off"):
         LedgerPrivacy("some")  # type: ignore[arg-type]
+
+
+def test_ages_parse_or_name_the_fix():
+    assert parse_age("30d") == 30 * 86400 and parse_age("12h") == 43200 and parse_age("1.5m") == 90
+    assert parse_age("2w") == 14 * 86400 and parse_age("45s") == 45
+    with pytest.raises(ConfigError, match=r"--older-than '30 days': give a number and a unit, e.g. 30d"):
+        parse_age("30 days")
+
+
+def test_ledger_prune_deletes_old_rows_and_idempotent_responses(tmp_path):
+    import time
+
+    from sqlalchemy import insert, select
+
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.schema import IdempotentResponse, LedgerRow, Verdict
+    from tests.servers import run_cli
+
+    db = str(tmp_path / "ledger.db")
+    engine = make_engine(db)
+    migrate(engine)
+    now, day = time.time(), 86400.0
+    ages = {"r-40d": 40 * day, "r-31d": 31 * day, "r-29d": 29 * day, "r-now": 0.0}
+    with engine.begin() as conn:
+        conn.execute(insert(LedgerRow), [{"request_id": rid, "ts": now - age, "account_id": "a", "status": 200,
+                                          "stream": False, "request_body": {"messages": []}} for rid, age in ages.items()])
+        conn.execute(insert(IdempotentResponse), [
+            {"account_id": "a", "key": k, "request_hash": "h", "request_id": k, "response": {}, "created_at": now - age}
+            for k, age in (("old", 35 * day), ("new", day))])
+        conn.execute(insert(Verdict), [{"ts": now - 60 * day, "account_id": "a", "level": 1, "source": "admin"}])
+    out = run_cli("ledger", "prune", "--older-than", "30d", "--db", db)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("deleted 2 requests and 1 idempotent responses from before ")
+    with engine.connect() as conn:
+        assert sorted(conn.execute(select(LedgerRow.request_id)).scalars()) == ["r-29d", "r-now"]
+        assert list(conn.execute(select(IdempotentResponse.key)).scalars()) == ["new"]
+        assert len(conn.execute(select(Verdict.id)).all()) == 1  # the audit trail stays
+    again = run_cli("ledger", "prune", "--older-than", "30d", "--db", db)
+    assert again.stdout.startswith("deleted 0 requests and 0 idempotent responses")
+    bad = run_cli("ledger", "prune", "--older-than", "a month", "--db", db)
+    assert bad.returncode == 2 and "give a number and a unit" in bad.stderr and "Traceback" not in bad.stderr
+    engine.dispose()
+
+
+def test_prune_deletes_in_batches(tmp_path):
+    from sqlalchemy import func, insert, select
+
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.privacy import prune
+    from distillguard.guard.schema import LedgerRow
+
+    engine = make_engine(str(tmp_path / "ledger.db"))
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(LedgerRow), [{"request_id": f"r{i}", "ts": float(i), "status": 200, "stream": False}
+                                         for i in range(25)])
+    assert prune(engine, before=20.0, batch=7) == {"requests": 20, "idempotent_responses": 0}
+    with engine.connect() as conn:
+        assert conn.execute(select(func.min(LedgerRow.ts))).scalar() == 20.0
+    engine.dispose()

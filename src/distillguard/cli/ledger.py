@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 
-from distillguard.cli import DB_HELP, err_console
+from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
-ledger_app = typer.Typer(help="Export and import the request ledger (traffic-log JSONL).", no_args_is_help=True)
+ledger_app = typer.Typer(help="Export, import and prune the request ledger (traffic-log JSONL).", no_args_is_help=True)
 
 
 def _since(value: str | None) -> float | None:
@@ -79,3 +79,30 @@ def import_(
         with open(file, encoding="utf-8") as fh:
             n = import_traffic(engine, fh, source=str(file))
     err_console.print(f"read {n} requests")
+
+
+@ledger_app.command("prune")
+def prune(
+    older_than: str = typer.Option(..., "--older-than", help="delete what is older than this: 30d, 12h, 90m, 45s, 2w"),
+    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+) -> None:
+    """Delete ledger rows and stored idempotent responses older than an age (retention).
+
+    Safe while the gateway runs (it deletes in small transactions). Verdicts are kept.
+
+    Example: distillguard ledger prune --older-than 30d --db ledger.db
+    """
+    import time
+
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.privacy import parse_age
+    from distillguard.guard.privacy import prune as prune_ledger
+
+    before = time.time() - parse_age(older_than)
+    engine = make_engine(db)
+    migrate(engine)
+    counts = prune_ledger(engine, before)
+    engine.dispose()
+    cutoff = datetime.fromtimestamp(before, timezone.utc).isoformat(timespec="seconds")
+    console.print(f"deleted {counts['requests']} requests and {counts['idempotent_responses']} idempotent "
+                      f"responses from before {cutoff}")

@@ -139,3 +139,51 @@ class LedgerPrivacy:
         body = row.get("request_body")
         return {**row, "request_body": None if body is None else private_value(body, self.content, self._pattern),
                 "response_text": private_texts(texts, self.content, self._pattern)}
+
+
+# ---- retention ------------------------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(text: str) -> float:
+    """Seconds in an age such as ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    if match is None:
+        raise ConfigError(f"--older-than {text!r}: give a number and a unit, e.g. 30d, 12h, 90m, 45s or 2w")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def prune(engine, before: float, *, batch: int = 10_000) -> dict[str, int]:
+    """Delete ledger rows (``ts``) and idempotent responses (``created_at``) older than ``before``
+    (epoch seconds); returns how many of each went. Verdicts stay: they are the audit trail of how
+    accounts were judged, and hold no prompt or answer.
+
+    Rows go in batches of ``batch``, each its own transaction, so a running gateway's ledger
+    writer waits at most one batch. On SQLite, ``secure_delete`` overwrites the deleted content
+    and a WAL checkpoint truncates the log that still held it; PostgreSQL keeps the old tuples
+    until its next VACUUM (autovacuum, or ``VACUUM`` by hand)."""
+    from sqlalchemy import delete, select, text
+
+    from distillguard.guard.schema import IdempotentResponse, LedgerRow
+
+    sqlite = engine.dialect.name == "sqlite"
+    counts = {"requests": 0, "idempotent_responses": 0}
+    with engine.connect() as conn:
+        if sqlite:
+            conn.execute(text("PRAGMA secure_delete=ON"))  # this connection's deletes zero their pages
+            conn.commit()
+        while True:
+            with conn.begin():
+                ids = select(LedgerRow.id).where(LedgerRow.ts < before).limit(batch).scalar_subquery()
+                gone = conn.execute(delete(LedgerRow).where(LedgerRow.id.in_(ids))).rowcount
+            counts["requests"] += gone
+            if gone < batch:
+                break
+        with conn.begin():
+            counts["idempotent_responses"] = conn.execute(
+                delete(IdempotentResponse).where(IdempotentResponse.created_at < before)).rowcount
+        if sqlite:
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+            conn.commit()
+    return counts
