@@ -5,9 +5,11 @@ item 8). Real ``distillguard serve`` on SQLite and PostgreSQL, raw HTTP."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
+import openai
 import pytest
 from sqlalchemy import insert
 
@@ -148,3 +150,101 @@ def test_bad_account_name_is_refused_by_the_cli(gateway):
     assert proc.returncode == 2 and "1000000000" in proc.stderr
     assert json.loads(run_cli("keys", "create", "--account", "ok-name", "--db", gateway[1], "--json").stdout)[
         "account"] == "ok-name"
+
+
+# --- key expiry, rotation, model allowlists ------------------------------------------------------
+
+
+def new_key(gw, account: str, **fields) -> dict:
+    made = admin(gw, "POST", "/admin/keys", json={"account": account, **fields})
+    assert made.status_code == 201, made.text
+    return made.json()
+
+
+def chat(gw, key: str, model: str = "tiny") -> httpx.Response:
+    return httpx.post(f"{gw[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+
+
+def test_rotation_keeps_both_keys_working_for_the_grace_period_then_only_the_new(gateway):
+    old = new_key(gateway, "rotor", rpm=100, models=["tiny"], name="ci")
+    assert chat(gateway, old["key"]).status_code == 200
+    rotated = admin(gateway, "POST", f"/admin/keys/{old['id']}/rotate", json={"grace_s": 3600})
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()
+    assert (new["account"], new["rpm"], new["models"], new["name"], new["rotated_from"]) == (
+        "rotor", 100, ["tiny"], "ci", old["id"])
+    assert new["replaces"]["id"] == old["id"] and new["replaces"]["expires_at"] is not None
+    assert chat(gateway, old["key"]).status_code == 200 and chat(gateway, new["key"]).status_code == 200
+    # ending the grace period now: the old key is refused with a clear reason
+    ended = admin(gateway, "POST", f"/admin/keys/{old['id']}/rotate", json={"grace_s": 0})
+    assert ended.status_code == 201
+    err = error_of(chat(gateway, old["key"]), 401)
+    assert err["code"] == "expired_api_key" and old["id"] in err["message"] and "expired at" in err["message"]
+    assert chat(gateway, new["key"]).status_code == 200
+    with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=old["key"], max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError, match="expired"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+    listed = {k["id"]: k for k in admin(gateway, "GET", "/admin/keys", params={"account": "rotor"}).json()["data"]}
+    assert listed[old["id"]]["expired"] is True and listed[ended.json()["id"]]["expired"] is False
+
+
+def test_a_key_created_with_an_expiry_stops_at_it(gateway):
+    key = new_key(gateway, "brief", expires_in_s=1)
+    assert key["expires_at"] is not None and key["expired"] is False
+    assert chat(gateway, key["key"]).status_code == 200
+    deadline = time.monotonic() + 30
+    while (resp := chat(gateway, key["key"])).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert error_of(resp, 401)["code"] == "expired_api_key"
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/admin/keys/key_nope/rotate", {}, 404, "key_id"),
+    ("/admin/keys/{id}/rotate", {"grace_s": 10**12}, 400, "grace_s"),
+    ("/admin/keys/{id}/rotate", {"grace_s": -1}, 400, "grace_s"),
+    ("/admin/keys/{id}/rotate", {"grace": 5}, 400, "grace"),
+    ("/admin/keys", {"account": "t", "expires_in_s": 0}, 400, "expires_in_s"),
+    ("/admin/keys", {"account": "t", "models": []}, 400, "models"),
+    ("/admin/keys", {"account": "t", "models": ["x" * 300]}, 400, "models"),
+])
+def test_bad_rotation_and_expiry_requests_are_4xx(gateway, path, body, status, param):
+    key = new_key(gateway, "spinner")
+    err = error_of(admin(gateway, "POST", path.format(id=key["id"]), json=body), status)
+    assert err["param"] is not None and err["param"].startswith(param)
+
+
+def test_a_revoked_key_cannot_be_rotated(gateway):
+    key = new_key(gateway, "gone")
+    admin(gateway, "DELETE", f"/admin/keys/{key['id']}")
+    err = error_of(admin(gateway, "POST", f"/admin/keys/{key['id']}/rotate", json={}))
+    assert "revoked" in err["message"]
+
+
+def test_a_key_restricted_to_other_models_gets_404_model_not_found(gateway):
+    allowed = new_key(gateway, "narrow", models=["tiny"])
+    assert chat(gateway, allowed["key"]).status_code == 200
+    elsewhere = new_key(gateway, "narrow", models=["gpt-4o", "other"])
+    err = error_of(chat(gateway, elsewhere["key"]), 404)
+    assert (err["code"], err["param"], err["type"]) == ("model_not_found", "model", "invalid_request_error")
+    assert err["message"] == "The model `tiny` does not exist or you do not have access to it."
+    with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=elsewhere["key"], max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+    usage = admin(gateway, "GET", "/admin/accounts/narrow/usage").json()
+    assert {k["id"]: k["live"]["requests"] for k in usage["keys"]}[elsewhere["id"]] == 0  # nothing reserved
+
+
+def test_cli_rotates_and_lists_expiry(gateway):
+    made = json.loads(run_cli("keys", "create", "--account", "clirot", "--model", "tiny", "--db", gateway[1],
+                              "--json").stdout)
+    proc = run_cli("keys", "rotate", made["id"], "--grace", "0", "--db", gateway[1], "--json")
+    assert proc.returncode == 0, proc.stderr
+    new = json.loads(proc.stdout)
+    assert new["rotated_from"] == made["id"] and new["models"] == ["tiny"] and "stops working" in proc.stderr
+    assert chat(gateway, new["key"]).status_code == 200
+    listed = [json.loads(line) for line in run_cli("keys", "list", "--account", "clirot", "--db", gateway[1],
+                                                   "--json").stdout.splitlines()]
+    assert [k["expired"] for k in listed] == [True, False]
+    bad = run_cli("keys", "rotate", new["id"], "--grace", "1y", "--db", gateway[1])
+    assert bad.returncode == 2 and "--grace '1y' is not a duration" in bad.stderr
