@@ -165,7 +165,8 @@ class KeyStore:
             return Limits()
         return _limits(found)
 
-    def rotate(self, key_id: str, *, grace_s: float, expires_at: float | None = None) -> tuple[KeyRecord, str, KeyRecord]:
+    def rotate(self, key_id: str, *, grace_s: float,
+               expires_at: float | None = None) -> tuple[KeyRecord, str, KeyRecord]:
         """A new key for the same account, limits, name and models; the old key expires after
         ``grace_s`` seconds (or keeps an earlier expiry). Returns (new record, its secret, old
         record). The new key expires at ``expires_at`` (default: never)."""
