@@ -13,6 +13,7 @@
         ├── NotFoundError             404 (e.g. model_not_found)
         ├── PayloadTooLarge           413
         ├── RateLimited               429 type=requests|tokens, code=rate_limit_exceeded, Retry-After
+        ├── ServiceUnavailable        503 a part the gateway needs (ledger, limiter) cannot serve now
         ├── UpstreamError             502 the upstream server failed or is unreachable
         └── UpstreamTimeout           504 the upstream server did not answer in time
 
@@ -112,6 +113,20 @@ class RateLimited(APIError):
         self.type = kind
         self.retry_after = max(1, int(retry_after))
         self.headers = {"Retry-After": str(self.retry_after)}
+
+
+class ServiceUnavailable(APIError):
+    """503: the gateway cannot answer safely right now (e.g. the ledger cannot commit); retry later.
+
+    Refusing at once beats accepting work whose record cannot be kept, or leaving clients hanging.
+    """
+
+    status_code = 503
+    type = "server_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: int = 5):
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(max(1, int(retry_after)))}
 
 
 class UpstreamError(APIError):

@@ -66,6 +66,73 @@ def test_failed_write_is_reported_not_acknowledged(engine):
     assert _count(engine) == 1
 
 
+def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine):
+    """Before: a row whose write raised anything but a SQLAlchemyError (a lone surrogate:
+    UnicodeEncodeError in the driver) killed the writer thread, and every later request hung.
+    Now each such row fails alone (its client gets a 503), a stub row records the refusal, its
+    batch-mates and every later row commit."""
+    from distillguard.guard.ledger import LedgerUnavailable
+
+    async def main():
+        ledger = Ledger(engine, retries=1)
+        ledger.start()
+        rows = [_row(i) for i in range(12)]
+        rows[3]["response_text"] = "lone \ud800 surrogate"  # no UTF-8 encoder takes it
+        rows[8]["request_body"]["bad"] = object()  # json cannot serialise it
+        results = await asyncio.gather(*(ledger.record(r) for r in rows), return_exceptions=True)
+        later = await asyncio.gather(*(ledger.record(_row(i)) for i in range(100, 110)))
+        alive = ledger.problem()
+        await ledger.close()
+        return ledger, results, later, alive
+
+    ledger, results, later, alive = asyncio.run(main())
+    assert [i for i, r in enumerate(results) if isinstance(r, LedgerUnavailable)] == [3, 8]
+    assert all(r is None for i, r in enumerate(results) if i not in (3, 8)) and later == [None] * 10
+    assert alive is None and ledger.rows_refused == 2
+    with engine.connect() as conn:
+        got = {r.request_id: r for r in conn.execute(select(LedgerRow))}
+    assert len(got) == 22
+    for bad in ("req-3", "req-8"):  # the request is on record, without the content that was refused
+        assert (got[bad].status, got[bad].error_code, got[bad].response_text) == (503, "ledger_refused", None)
+        assert set(got[bad].request_body) == {"_unstorable"}
+    assert got["req-4"].response_text == "answer 4" and got["req-104"].status == 200
+
+
+def test_a_wedged_ledger_answers_503_in_bounded_time_and_fails_the_health_check(tmp_path):
+    """A writer that cannot commit (here: another process holds SQLite's write lock) makes
+    ``record`` give up after ``wait_s`` with a 503 instead of hanging, and ``problem`` report it
+    once a row has waited ``wedged_s``; when the lock goes, the rows commit and it clears."""
+    import sqlite3
+
+    from distillguard.guard.ledger import LedgerUnavailable
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    migrate(engine)
+    locker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+
+    async def main():
+        ledger = Ledger(engine, wait_s=0.5, wedged_s=0.2)
+        ledger.start()
+        assert ledger.problem() is None
+        locker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(LedgerUnavailable, match="did not commit within 0.5 s"):
+            await ledger.record(_row(1))
+        wedged = ledger.problem()
+        locker.execute("ROLLBACK")
+        await ledger.record(_row(2))  # the writer recovers by itself
+        recovered = ledger.problem()
+        await ledger.close()
+        return wedged, recovered, ledger.problem()
+
+    wedged, recovered, closed = asyncio.run(main())
+    locker.close()
+    assert wedged is not None and "has not committed a row queued" in wedged
+    assert recovered is None
+    assert closed == "the ledger writer is not running"
+    assert _count(engine) == 2  # the row that timed out was still written once the lock went
+    engine.dispose()
+
+
 def test_unknown_columns_are_rejected(engine):
     async def main():
         ledger = Ledger(engine)

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 from typing import Literal, Protocol
 
 from fastapi import Request
+from pydantic_core import from_json
 from sqlalchemy import select
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,7 +34,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from distillguard.errors import APIError, NotFoundError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
-from distillguard.guard.ledger import Ledger, to_traffic, without_nul
+from distillguard.guard.ledger import Ledger, LedgerUnavailable, to_traffic, without_nul
 from distillguard.guard.limits import Lease, Price, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.policy import Decision, Level, PolicyConfig
@@ -68,6 +69,10 @@ class GuardConfig(BaseSettings):
     ledger_content: LedgerContent = Field("full", description="full | hashes | off: what the ledger keeps of "
                                                               "prompts and answers (guard/privacy.py)")
     redact: tuple[str, ...] = Field((), description="regexes whose matches the ledger stores as [REDACTED] (full)")
+    ledger_wait_s: float = Field(30.0, gt=0, description="longest a request waits for its ledger row to commit "
+                                                         "before it is answered 503 ledger_unavailable")
+    ledger_wedged_s: float = Field(30.0, gt=0, description="a ledger row queued this long uncommitted makes "
+                                                           "/healthz fail and new requests get 503 at once")
     prices: dict[str, Price] = Field(
         default_factory=dict, description="model id -> {prompt, completion} USD per 1M tokens, for daily_usd "
                                           "budgets ('*': every other model); JSON in DISTILLGUARD_PRICES")
@@ -152,12 +157,21 @@ class RequestLog:
     response_body: dict | None = None  # kept only for idempotent requests
 
     def set_body(self, raw: bytes) -> None:
+        """Keep the body for the ledger. Never raises: a body that is not an object the database
+        can store (not JSON, nested past the parser's limit of 200, lone surrogates, numbers with
+        thousands of digits or past a double's range) is kept as text under ``_invalid``."""
         try:
-            body = json.loads(raw)
-            self.body = body if isinstance(body, dict) else {"_invalid": raw[:MAX_LOGGED_INVALID_BODY].decode("utf-8", "replace")}
-        except ValueError:
-            self.body = {"_invalid": raw[:MAX_LOGGED_INVALID_BODY].decode("utf-8", "replace")}
-        self.stream = bool(self.body.get("stream") is True)
+            # pydantic-core's parser, as the schema's: bounded depth (json.loads recursed until a
+            # RecursionError, a 500), and strict Unicode (json.loads accepts lone surrogates, which
+            # no database stores: they killed the ledger writer).
+            body = from_json(raw, allow_inf_nan=False)
+            if not isinstance(body, dict):
+                raise ValueError("not a JSON object")
+            json.dumps(body, allow_nan=False)  # 1e999 parses as inf, which jsonb refuses
+        except Exception:  # noqa: BLE001 - whatever the body, the request is still recorded
+            body = {"_invalid": raw[:MAX_LOGGED_INVALID_BODY].decode("utf-8", "replace")}
+        self.body = body
+        self.stream = bool(body.get("stream") is True)
 
     def fail(self, exc: APIError) -> None:
         self.status, self.error_code = exc.status_code, exc.code
@@ -189,7 +203,8 @@ class RequestLog:
         return {
             "request_id": self.request_id, "ts": self.ts,
             "account_id": self.key.account if self.key else None, "key_id": self.key.id if self.key else None,
-            "client_ip": self.client_ip, "model": (self.body or {}).get("model") if isinstance((self.body or {}).get("model"), str) else None,
+            # clipped to their columns (PostgreSQL refuses longer strings); the body keeps the whole
+            "client_ip": _clip(self.client_ip, 64), "model": _clip((self.body or {}).get("model"), 256),
             "request_body": self.body,
             # One choice: its text. n > 1: a JSON list of the choices' texts.
             "response_text": (texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False)) if texts else None,
@@ -198,6 +213,10 @@ class RequestLog:
             "error_code": self.error_code, "stream": self.stream, "policy_action": self.policy_action,
             "watermark_key_id": self.watermark_key_id,
         }
+
+
+def _clip(value, n: int) -> str | None:
+    return value[:n] if isinstance(value, str) else None
 
 
 def bearer(request: Request) -> str | None:
@@ -233,6 +252,9 @@ class NullGuard:
     def canary_secret(self) -> bytes | None:
         return None
 
+    def unavailable(self) -> APIError | None:
+        return None
+
     async def replay(self, log: RequestLog) -> dict | None:
         return None
 
@@ -246,7 +268,7 @@ class Guard:
         self.config = config
         self.engine = make_engine(config.db)
         self.keys = KeyStore(self.engine)
-        self.ledger = Ledger(self.engine)
+        self.ledger = Ledger(self.engine, wait_s=config.ledger_wait_s, wedged_s=config.ledger_wedged_s)
         self.privacy = LedgerPrivacy(config.ledger_content, config.redact)
         self.limiter = make_limiter(config.redis)
         self.metrics = Metrics(account_labels=config.metrics_account_labels)
@@ -518,6 +540,13 @@ class Guard:
         return req, decision, applied
 
     # ---- ledger ---------------------------------------------------------------------------
+    def unavailable(self) -> APIError | None:
+        """The 503 to answer every request with while the ledger cannot take rows, else None:
+        refusing at once beats running a generation whose record would hang or be lost."""
+        problem = self.ledger.problem()
+        return None if problem is None else LedgerUnavailable(f"{problem}; the gateway refuses requests until it "
+                                                              "recovers (see the server log)")
+
     async def finish(self, log: RequestLog) -> None:
         """Commit the request's ledger row; only then may its response complete.
 

@@ -8,6 +8,12 @@ request cut off mid-way may or may not be.
 Writes are batched: one writer thread takes every row waiting in the queue and inserts them
 in a single transaction (group commit), so the commit cost is shared by concurrent requests
 and the event loop never blocks on the database.
+
+The writer must outlive any row: a row the database (or its driver) refuses fails alone, is
+logged and is replaced by a stub row that records the refusal, and no exception ends the
+thread. If the writer is dead anyway, or wedged (a queued row waits longer than ``wedged_s``),
+:meth:`Ledger.problem` says so: ``/healthz`` fails and the gateway refuses new requests with a
+503 instead of letting them hang; :meth:`Ledger.record` waits at most ``wait_s``.
 """
 
 from __future__ import annotations
@@ -19,26 +25,26 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO
 
 from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from distillguard.errors import APIError, ConfigError
+from distillguard.errors import ConfigError, ServiceUnavailable
 from distillguard.guard.schema import IdempotentResponse, LedgerRow
 
 log = logging.getLogger(__name__)
 
 COLUMNS = frozenset(c.name for c in LedgerRow.__table__.columns) - {"id"}
 _INSERT_ROW = insert(LedgerRow)
-_INSERT_IDEMPOTENT = insert(IdempotentResponse)
+_IDEMPOTENT = IdempotentResponse.__table__
 
 
-class LedgerUnavailable(APIError):
-    status_code = 503
-    type = "server_error"
+class LedgerUnavailable(ServiceUnavailable):
+    def __init__(self, message: str = "the request ledger is unavailable, so the response was withheld; retry later"):
+        super().__init__(message, code="ledger_unavailable")
 
 
 @dataclass
@@ -46,19 +52,29 @@ class _Pending:
     row: dict
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    idempotent: dict | None = None  # an IdempotentResponse row, committed with the ledger row
+    # The Idempotency-Key claim this request holds (account_id, key, request_id): with a
+    # "response", stored under it; with response None, released. Same transaction as the row.
+    idempotent: dict | None = None
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 class Ledger:
-    def __init__(self, engine: Engine, *, max_batch: int = 512, retries: int = 3):
+    def __init__(self, engine: Engine, *, max_batch: int = 512, retries: int = 3, wait_s: float = 30.0,
+                 wedged_s: float = 30.0):
         self.engine = engine
         self.max_batch = max_batch
         self.retries = retries
+        self.wait_s = wait_s
+        self.wedged_s = wedged_s
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="distillguard-ledger", daemon=True)
         self._conn: Connection | None = None  # the writer thread's own, kept between batches
+        self._writing_since: float | None = None  # queued_at of the oldest row being written
         self.batches = 0  # commits made, for tests and metrics
         self.rows_written = 0
+        self.rows_refused = 0  # rows the database would not store (each answered with a 503)
+        self.last_commit: float | None = None  # time.monotonic() of the last successful commit
+        self.last_error: str | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -76,12 +92,29 @@ class Ledger:
             raise ValueError(f"unknown ledger columns: {sorted(unknown)}")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        fut.add_done_callback(_retrieve)  # abandoned requests never await theirs
         self._queue.put(_Pending(without_nul(row), fut, loop, without_nul(idempotent)))
         return fut
 
     async def record(self, row: dict, *, idempotent: dict | None = None) -> None:
-        """Queue ``row`` and wait until it is durably committed."""
-        await self.submit(row, idempotent=idempotent)
+        """Queue ``row`` and wait until it is durably committed, at most ``wait_s``: a client
+        gets a 503 rather than a response that hangs (the row may still commit later)."""
+        fut = self.submit(row, idempotent=idempotent)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
+        except asyncio.TimeoutError:
+            raise LedgerUnavailable(f"the request ledger did not commit within {self.wait_s:g} s, so the response "
+                                    "was withheld; retry later") from None
+
+    def problem(self) -> str | None:
+        """Why the ledger cannot take rows now (its writer is dead or wedged), or None."""
+        if not self._thread.is_alive():
+            return "the ledger writer is not running"
+        since = self._writing_since
+        if since is not None and time.monotonic() - since > self.wedged_s:
+            return (f"the ledger has not committed a row queued {time.monotonic() - since:.0f} s ago "
+                    f"(last error: {self.last_error or 'none'})")
+        return None
 
     def _run(self) -> None:
         stopping = False
@@ -99,18 +132,37 @@ class Ledger:
                     stopping = True
                     break
                 batch.append(item)
-            self._write(batch)
+            self._writing_since = first.queued_at
+            try:
+                self._write(batch)
+            except Exception as exc:  # noqa: BLE001 - a bug here fails this batch, never the writer
+                log.exception("ledger writer failed on %d row(s)", len(batch))
+                self._answer(batch, exc)
+            finally:
+                self._writing_since = None
         self._disconnect()
 
     def _write(self, batch: list[_Pending]) -> None:
         error = self._commit(batch)
-        if isinstance(error, (IntegrityError, DataError)) and len(batch) > 1:
-            # One bad row (a duplicate id or idempotency key, a value the database will not
-            # store) must not fail its batch-mates: write them one by one so only it fails.
-            for p in batch:
-                self._answer([p], self._commit([p]))
-            return
+        if error is not None and not _transient(error):
+            if len(batch) > 1:
+                # One bad row (a duplicate id or idempotency key, a value the database or its
+                # driver will not take) must not fail its batch-mates: one by one, only it fails.
+                for p in batch:
+                    self._write([p])
+                return
+            self._refused(batch[0], error)
         self._answer(batch, error)
+
+    def _refused(self, p: _Pending, error: BaseException) -> None:
+        """Keep a trace of a row the database refused: the request happened (and may have been
+        charged), so the ledger gets a stub without the content, saying its client got a 503."""
+        self.rows_refused += 1
+        stub = {**p.row, "model": None, "response_text": None, "status": 503, "error_code": "ledger_refused",
+                "request_body": {"_unstorable": describe(error)}}
+        release = None if p.idempotent is None else {**p.idempotent, "response": None}
+        if self._commit([_Pending(stub, p.future, p.loop, release)]) is not None:
+            log.error("ledger could not record even the stub of request %s", p.row.get("request_id"))
 
     def _commit(self, batch: list[_Pending]) -> BaseException | None:
         error: BaseException | None = None
@@ -119,19 +171,20 @@ class Ledger:
                 conn = self._connection()
                 with conn.begin():
                     conn.execute(_INSERT_ROW, [p.row for p in batch])
-                    idempotent = [p.idempotent for p in batch if p.idempotent is not None]
-                    if idempotent:
-                        conn.execute(_INSERT_IDEMPOTENT, idempotent)
+                    for p in batch:
+                        if p.idempotent is not None:
+                            _settle_claim(conn, p.idempotent)
                 self.batches += 1
                 self.rows_written += len(batch)
+                self.last_commit = time.monotonic()
                 return None
-            except (IntegrityError, DataError) as exc:
-                self._disconnect()
-                return exc  # retrying cannot help
-            except SQLAlchemyError as exc:
-                self._disconnect()  # retry on a fresh connection (the database may have restarted)
+            except Exception as exc:  # noqa: BLE001 - any failure is this batch's, the writer goes on
+                self._disconnect()  # a fresh connection next time (the database may have restarted)
                 error = exc
-                log.warning("ledger write failed (attempt %d/%d): %s", attempt + 1, self.retries, exc)
+                self.last_error = describe(exc)
+                if not _transient(exc):
+                    return exc  # the rows themselves: retrying cannot help
+                log.warning("ledger write failed (attempt %d/%d): %s", attempt + 1, self.retries, self.last_error)
                 time.sleep(0.05 * 2**attempt)
         return error
 
@@ -146,20 +199,59 @@ class Ledger:
         if self._conn is not None:
             try:
                 self._conn.close()
-            except SQLAlchemyError:
-                pass  # a broken connection: the pool discards it
+            except Exception:  # noqa: BLE001 - a broken connection: the pool discards it
+                pass
             self._conn = None
 
     def _answer(self, batch: list[_Pending], error: BaseException | None) -> None:
-        if error is not None:  # the clients get a 503; the operator needs the database's reason
-            log.error("ledger refused %d row(s): %s", len(batch), error)
+        if error is not None:  # the clients get a 503; the operator needs the reason (never the content)
+            log.error("ledger refused %d row(s) (%s): %s", len(batch),
+                      ", ".join(str(p.row.get("request_id")) for p in batch[:5]), describe(error))
         for p in batch:
-            if error is None:
-                p.loop.call_soon_threadsafe(_resolve, p.future, None)
-            else:
-                p.loop.call_soon_threadsafe(_resolve, p.future, LedgerUnavailable(
-                    "the request ledger is unavailable, so the response was withheld; retry later",
-                    code="ledger_unavailable"))
+            try:
+                p.loop.call_soon_threadsafe(_resolve, p.future, None if error is None else LedgerUnavailable())
+            except RuntimeError:  # the event loop is closed: nobody is waiting
+                pass
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure of the connection or the server, worth retrying, rather than of the rows."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(getattr(exc, "connection_invalidated", False))
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, for the log: the driver's first line, never the statement's parameters
+    (they hold prompts, answers and idempotency keys). ASCII, so a log handler cannot choke on it."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        text = f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if str(exc.orig) else ''}"
+    elif isinstance(exc, SQLAlchemyError):
+        text = f"{type(exc).__name__}" + (f" ({type(exc.__cause__).__name__})" if exc.__cause__ else "")
+    elif isinstance(exc, UnicodeError):
+        text = f"{type(exc).__name__}: {getattr(exc, 'reason', '')}"
+    else:
+        text = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return ascii(text)[1:-1]
+
+
+def _settle_claim(conn: Connection, claim: dict) -> None:
+    """Store the response under the Idempotency-Key this request claimed, or release the claim."""
+    mine = ((_IDEMPOTENT.c.account_id == claim["account_id"]) & (_IDEMPOTENT.c.key == claim["key"])
+            & (_IDEMPOTENT.c.request_id == claim["request_id"]))
+    if claim.get("response") is None:
+        conn.execute(_IDEMPOTENT.delete().where(mine & _IDEMPOTENT.c.response.is_(None)))
+        return
+    stored = conn.execute(_IDEMPOTENT.update().where(mine).values(
+        response=claim["response"], request_hash=claim["request_hash"], created_at=claim["created_at"]))
+    if stored.rowcount == 0:
+        # No claim of ours (written directly, or taken over after it went stale): store the
+        # response unless another request holds the key, which then answers its retries.
+        dialect = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[conn.dialect.name]
+        conn.execute(dialect(_IDEMPOTENT).values(**claim).on_conflict_do_nothing())
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def without_nul(value):

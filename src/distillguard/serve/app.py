@@ -138,7 +138,8 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok"}
+        down = guard.unavailable()
+        return {"status": "ok"} if down is None else error_response(down)
 
     @app.get("/v1/models")
     async def models():
@@ -157,6 +158,9 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
         lease = None
         used = Usage()  # kept current by the backend: what a request cut short is charged
         try:
+            down = guard.unavailable()  # a dead or wedged ledger: refuse now rather than hang later
+            if down is not None:
+                raise down
             log.key = await guard.authenticate(request)
             try:
                 raw = await request.body()
@@ -217,6 +221,12 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             guard.abandon(log)
             return Response(status_code=499)
+        except Exception:  # a bug (the handler answers 500): its lease and its ledger row must not leak
+            log.status, log.error_code = 500, "internal_error"
+            charge_so_far(log, used)
+            await guard.settle(lease, log.total_tokens, log.prompt_tokens)
+            await guard.finish(log)
+            raise
         if not req.stream:
             await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             await guard.finish(log)  # the ledger row is committed before the response leaves

@@ -6,6 +6,8 @@ out-of-range values are rejected with the offending ``param`` named, as OpenAI d
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +17,9 @@ from distillguard.errors import InvalidRequestError
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
 MAX_STOP = 4
+# A token id as OpenAI writes it: ASCII digits only. ``str.isdigit`` also passes "²" and "١٢",
+# which ``int()`` then refuses (a 500), and an unbounded run of digits overflows the engine.
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 # OpenAI parameters this server understands but does not implement: named in the error.
 UNSUPPORTED = frozenset({
@@ -90,9 +95,10 @@ class ChatCompletionRequest(_Strict):
                 "max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
                 param="max_tokens", code="invalid_value")
         for key in self.logit_bias or {}:
-            if not key.isdigit():
+            if not TOKEN_ID.fullmatch(key):
                 raise InvalidRequestError(
-                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias", code="invalid_value")
+                    f"logit_bias keys must be token ids written as 1-10 ASCII digits, got {_short(key)}",
+                    param="logit_bias", code="invalid_value")
         if isinstance(self.stop, list) and any(not s for s in self.stop):
             raise InvalidRequestError("stop sequences must be non-empty", param="stop", code="invalid_value")
 
@@ -102,9 +108,47 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     try:
         req = ChatCompletionRequest.model_validate_json(body)
     except ValidationError as exc:
-        raise validation_to_api_error(exc) from None
+        raise validation_to_api_error(exc, body) from None
     req.check()
     return req
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate written as its JSON escape: printable, and encodable as UTF-8."""
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def find_lone_surrogate(body: bytes) -> tuple[str, str] | None:
+    """(parameter path, the surrogate escaped) of the first string or key in ``body`` holding a
+    lone UTF-16 surrogate (a ``"\\ud800"`` escape with no pair), or None.
+
+    Such a string is valid JSON but not Unicode: no database or UTF-8 encoder stores it. Only
+    Python's own decoder accepts it, so it is used here, on the error path only, to name the field.
+    """
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[str, object]] = [("", value)]  # iterative: the body may nest deeply
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return path, escape_surrogates(found.group())
+        elif isinstance(item, dict):
+            named = [(f"{path}.{escape_surrogates(k)}" if path else escape_surrogates(k), k, v) for k, v in item.items()]
+            for sub, k, _ in named:
+                found = _SURROGATE.search(k)
+                if found:
+                    return sub, escape_surrogates(found.group())
+            stack.extend((sub, v) for sub, _, v in reversed(named))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _param(loc: tuple) -> str | None:
@@ -121,7 +165,7 @@ def _param(loc: tuple) -> str | None:
     return "".join(parts) or None
 
 
-def validation_to_api_error(exc: ValidationError) -> InvalidRequestError:
+def validation_to_api_error(exc: ValidationError, body: bytes | None = None) -> InvalidRequestError:
     errors = exc.errors(include_url=False)
     # A union reports one error per branch. The informative one is the branch whose type
     # matched but whose value did not (a 5-item ``stop`` list is "too long", not "not a
@@ -131,6 +175,13 @@ def validation_to_api_error(exc: ValidationError) -> InvalidRequestError:
     loc = tuple(err.get("loc", ()))
     param = _param(loc)
     if kind == "json_invalid":
+        found = find_lone_surrogate(body) if body is not None and b"\\u" in body else None
+        if found is not None:
+            where, char = found
+            return InvalidRequestError(
+                f"Invalid value for '{where}': it holds the lone surrogate {char}, which is not Unicode text; "
+                "write a character outside the Basic Multilingual Plane as a surrogate pair (e.g. \\ud83d\\ude00) "
+                "or as UTF-8", param=where, code="invalid_unicode")
         return InvalidRequestError(
             f"the request body is not valid JSON: {err.get('msg', '')}", param=None, code="invalid_json")
     if kind in ("model_type", "model_attributes_type") and not loc:
