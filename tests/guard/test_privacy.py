@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
@@ -135,3 +136,126 @@ def test_prune_deletes_in_batches(tmp_path):
     with engine.connect() as conn:
         assert conn.execute(select(func.min(LedgerRow.ts))).scalar() == 20.0
     engine.dispose()
+
+
+# ---- detection on what a private ledger keeps ------------------------------------------------
+
+def hashed_record(account: str, ts: float, prompt: str, mode: str = "hashes", system: str | None = None) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return {"ts": ts, "account": account, "ip": None,
+            "request": private_value({"model": "m", "messages": messages, "max_tokens": 64}, mode)}
+
+
+def test_features_of_a_hashed_prompt_identify_it_without_its_text():
+    from distillguard.detect.features import extract, without_text
+
+    a, b, c = (extract(hashed_record("x", 1.0, p, system="sys")) for p in ("same words here", "same words here", "other"))
+    assert not a.has_text and a.prompt == "" and a.template is None and not a.cot and a.max_tokens == 64
+    assert a.prompt_hash == b.prompt_hash != c.prompt_hash
+    assert a.system_hash == SHA_SYS[:16] and without_text(hashed_record("x", 1.0, "p"))
+    off = extract(hashed_record("x", 1.0, "same words here", "off", system="sys"))
+    assert not off.has_text and off.prompt_hash == "" and off.system_hash is None
+    full = {"ts": 1.0, "account": "x", "request": {"messages": [{"role": "user", "content": "hello"}]}}
+    assert extract(full).has_text and not without_text(full)
+
+
+SHA_SYS = hashlib.sha256(b"sys").hexdigest()
+
+
+def test_linking_still_sees_identical_prompts_in_a_hashed_ledger():
+    from distillguard.detect.features import extract
+    from distillguard.detect.linking import Linker
+
+    linker = Linker(min_evidence=3)
+    shared = [f"extract the teacher, item {i}" for i in range(3)]
+    for i, p in enumerate(shared):
+        linker.observe(extract(hashed_record("bot-1", float(i), p)))
+        linker.observe(extract(hashed_record("bot-2", float(i), p)))
+        linker.observe(extract(hashed_record("person", float(i), f"my own question {i}")))
+    assert linker.find("bot-1") == linker.find("bot-2") != linker.find("person")
+    assert linker.why("bot-1")["identical prompts (hashed)"] == 3
+    off = Linker(min_evidence=1)
+    for account in ("a", "b"):  # lengths only: nothing to link by
+        off.observe(extract(hashed_record(account, 1.0, "same prompt", "off")))
+    assert off.cluster_size("a") == 1
+
+
+@pytest.fixture(scope="module", params=["hashes", "off", "full-redacted"])
+def private_gateway(request, tmp_path_factory):
+    from tests.servers import serve_process
+
+    db = f"sqlite:///{tmp_path_factory.mktemp('private') / 'ledger.db'}"
+    mode = request.param.split("-")[0]  # "full-redacted": full, with two --redact patterns
+    extra = ("--redact", r"secret-\w+", "--redact", r"\d{3}-\d{4}") if mode == "full" else ()
+    with serve_process("--model", "tiny", "--db", db, "--ledger-content", mode, *extra,
+                       env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+        yield url, db, mode
+
+
+ADMIN = "admin-privacy-test"
+
+
+def test_the_ledger_keeps_what_its_mode_says(private_gateway):
+    import httpx
+    from sqlalchemy import select
+
+    from distillguard.guard.db import make_engine
+    from distillguard.guard.schema import LedgerRow
+
+    url, db, mode = private_gateway
+    key = httpx.post(f"{url}/admin/keys", json={"account": "p"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
+    prompt = "call secret-abc at 555-1234 please"
+    auth = {"Authorization": f"Bearer {key}"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 6, "seed": 1,
+            "user": "alice"}
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60).json()
+    text = answer["choices"][0]["message"]["content"]
+    streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=auth, timeout=60)
+    assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        rows = conn.execute(select(*LedgerRow.__table__.columns).where(LedgerRow.account_id == "p")
+                            .order_by(LedgerRow.id)).all()
+    engine.dispose()
+    assert len(rows) == 2 and all(r.prompt_tokens and r.completion_tokens for r in rows)
+    assert [r.request_body["messages"][0]["role"] for r in rows] == ["user", "user"]
+    stored = rows[0].request_body["messages"][0]["content"]
+    if mode == "full":
+        assert stored == "call [REDACTED] at [REDACTED] please" and rows[0].request_body["user"] == "alice"
+        assert rows[0].response_text == text  # nothing in the tiny model's answer matches
+    elif mode == "hashes":
+        assert stored == {"sha256": hashlib.sha256(prompt.encode()).hexdigest(), "chars": len(prompt)}
+        assert json.loads(rows[0].response_text) == digest(text, "hashes")
+        assert rows[0].request_body["user"]["chars"] == 5
+    else:
+        assert stored == {"chars": len(prompt)} and rows[0].response_text is None and rows[1].response_text is None
+    everything = json.dumps([[r.request_body, r.response_text] for r in rows])
+    assert "secret-abc" not in everything and "555-1234" not in everything
+    if mode != "full":
+        assert "alice" not in everything and (not text.strip() or json.dumps(text)[1:-1] not in everything)
+
+
+@pytest.mark.parametrize("private_gateway", ["hashes", "off"], indirect=True)
+def test_detect_runs_on_a_private_ledger_and_says_what_it_cannot_see(private_gateway, tmp_path):
+    import random
+
+    from tests.detect.synth import benign_account
+    from tests.servers import run_cli
+
+    import httpx
+
+    url, db, mode = private_gateway
+    key = httpx.post(f"{url}/admin/keys", json={"account": "q"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
+    sent = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3})
+    assert sent.status_code == 200
+    rng = random.Random(0)
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps(r) + "\n" for i in range(40) for r in benign_account(rng, f"b{i}", days=2)))
+    out = run_cli("detect", "--ledger", db, "--calibrate", str(benign), "--target-fpr", "0.05", "--json",
+                  env={"COLUMNS": "400"}, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"(\d+) of \1 requests to score carry no prompt text", out.stderr), out.stderr
+    assert "template, cot, mmd, prada and coverage" in out.stderr
+    report = json.loads(out.stdout)
+    assert "q" in {a["account"] for a in report["accounts"]}

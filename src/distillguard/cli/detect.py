@@ -42,6 +42,21 @@ def ledger_records(db: str) -> list[dict]:
     return [json.loads(line) for line in buf.getvalue().splitlines() if line]
 
 
+TEXT_DETECTORS = "template, cot, mmd, prada and coverage"
+
+
+def warn_without_text(records: list[dict], what: str) -> None:
+    """Say how many requests the text detectors cannot read (a ledger kept as hashes or lengths)."""
+    from distillguard.detect.features import without_text
+
+    n = sum(map(without_text, records))
+    if n:
+        err_console.print(f"[yellow]warning:[/] {n} of {len(records)} {what} carry no prompt text (a ledger kept "
+                          f"with --ledger-content hashes or off): {TEXT_DETECTORS} learn nothing from them, "
+                          "linking sees only identical prompts (hashes); volume, timing, shape and fresh "
+                          "are unaffected")
+
+
 def _progress(label: str, total: int):
     prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err_console, transient=True, disable=not err_console.is_terminal)
@@ -86,8 +101,10 @@ def detect_command(
     records = read_records(traffic) if traffic is not None else ledger_records(ledger)
     if not records:
         raise ConfigError("no requests to score")
+    warn_without_text(records, "requests to score")
     if calibrate_file is not None:
         benign = read_records(calibrate_file)
+        warn_without_text(benign, "calibration requests")
         prog, step = _progress("calibrating", len(benign) * 2)
         with prog:
             names = tuple(n.strip() for n in detectors.split(",") if n.strip()) if detectors else ()

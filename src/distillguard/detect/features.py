@@ -37,11 +37,29 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8", "replace"), digest_size=8).hexdigest()
 
 
+def _stored_digest(content) -> str | None:
+    """For a content a ledger kept without its text (``--ledger-content hashes``: ``{"sha256",
+    "chars"}``; ``off``: ``{"chars"}``; guard/privacy.py), an id equal for equal texts (from the
+    SHA-256), or "" when nothing identifies the text; None for a content with text."""
+    if isinstance(content, dict) and "chars" in content:
+        sha = content.get("sha256")
+        return sha[:16] if isinstance(sha, str) else ""
+    return None
+
+
 # Function words kept in a template signature; every run of other words becomes one slot.
 _FUNCTION = frozenset("""a an the of to in on for with about and or but as at by from into than then that this these
 those is are was were be been it its i me my you your we our they their he she his her what which who whom whose
 how why when where can could would should will shall do does did not no in exactly each every some any all
 please give list write explain describe create generate compare summarize make tell show""".split())
+
+
+def without_text(record: dict) -> bool:
+    """True when a traffic record's prompt was stored without its text (``--ledger-content
+    hashes`` or ``off``), so the text detectors can say what they could not see."""
+    messages = (record.get("request") or {}).get("messages")
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(messages, list) else []
+    return bool(users) and _stored_digest(users[-1].get("content")) is not None
 
 
 def template_signature(prompt: str) -> str | None:
@@ -83,6 +101,9 @@ class Features:
     cot: bool                   # chain-of-thought elicitation markers in the prompt or system prompt
     prompt_tokens: int | None
     completion_tokens: int | None
+    # False when the ledger kept no prompt text (hashes/off): ``prompt`` is "" then, and the
+    # detectors that read text (template, cot, embeddings, near-duplicates) learn nothing from it
+    has_text: bool = True
 
     @property
     def tokens(self) -> int:
@@ -107,14 +128,15 @@ def extract(record: dict) -> Features:
     if not isinstance(messages, list):
         messages = [{"role": "user", "content": req.get("prompt", "")}]  # completions-style request
     prompt, system, continues = "", "", False
+    prompt_stored = system_stored = None  # digests of contents kept without text
     for m in messages:
         if not isinstance(m, dict):
             raise ConfigError(f"request.messages holds a non-object: {m!r:.60}")
         role = m.get("role")
         if role == "user":
-            prompt = _text(m.get("content"))
+            prompt, prompt_stored = _text(m.get("content")), _stored_digest(m.get("content"))
         elif role == "system" or role == "developer":
-            system = _text(m.get("content"))
+            system, system_stored = _text(m.get("content")), _stored_digest(m.get("content"))
         elif role == "assistant":
             continues = True
     usage = (record.get("response") or {}).get("usage") or {}
@@ -122,11 +144,13 @@ def extract(record: dict) -> Features:
     temp = req.get("temperature")
     return Features(
         account=record["account"], ts=float(record["ts"]), ip=record.get("ip"), prompt=prompt,
-        prompt_hash=_digest(prompt), continues=continues, system_hash=_digest(system) if system.strip() else None,
+        prompt_hash=_digest(prompt) if prompt_stored is None else prompt_stored, continues=continues,
+        system_hash=(_digest(system) if system.strip() else None) if system_stored is None else (system_stored or None),
         template=template_signature(prompt), logprobs=bool(req.get("logprobs")) or top > 0, top_logprobs=top,
         max_tokens=_int(req.get("max_completion_tokens", req.get("max_tokens")), "max_tokens", None),
         n=_int(req.get("n"), "n", 1) or 1, temperature=float(temp) if isinstance(temp, (int, float)) else None,
         cot=bool(COT_MARKERS.search(prompt) or (system and COT_MARKERS.search(system))),
         prompt_tokens=_int(usage.get("prompt_tokens"), "usage.prompt_tokens", None),
         completion_tokens=_int(usage.get("completion_tokens"), "usage.completion_tokens", None),
+        has_text=prompt_stored is None,
     )

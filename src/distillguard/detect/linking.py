@@ -57,6 +57,7 @@ class Linker:
         self._seen_pairs: set[tuple[str, str, str]] = set()
         self._item_users: dict[str, Counter[str]] = defaultdict(Counter)
         self._net_users: dict[str, set[str]] = defaultdict(set)
+        self._prompt_users: dict[str, set[str]] = {}  # hashed prompt -> accounts (ledgers without text)
         self._parent: dict[str, str] = {}
         self._size: Counter[str] = Counter()
         self._perm = MinHash(num_perm=NUM_PERM, seed=1)  # shared permutations: building hashes is cheap
@@ -124,6 +125,14 @@ class Linker:
                     self._add(a, other, "near-duplicate prompts")
             self._seq += 1
             self._lsh.insert(f"{a}\x00{self._seq}", m)
+        if not f.has_text and f.prompt_hash:
+            # a ledger that kept only hashes: exact duplicates are still evidence (near ones are not)
+            sharers = self._prompt_users.setdefault(f.prompt_hash, set())
+            if a not in sharers and len(sharers) <= MAX_SHARERS:
+                for other in sharers:
+                    self._add(a, other, "identical prompts (hashed)")
+            if len(sharers) <= MAX_SHARERS:
+                sharers.add(a)
         for item, kind, need in ((f.template, "shared template", 3), (f.system_hash, "shared system prompt", 1)):
             if item is None or item in self.common:
                 continue

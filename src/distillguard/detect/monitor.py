@@ -175,7 +175,7 @@ class AccountMonitor:
                 s = self.accounts.get(f.account)
                 st = state[f.account] = ([s.n, s.embeddable, s.embedded, s.active] if s else [0, 0, 0, False])
             st[0] += 1
-            if not self.needs_embeddings or (f.continues and not cfg.embed_followups):
+            if not self.needs_embeddings or not f.has_text or (f.continues and not cfg.embed_followups):
                 plan.append(self.SKIP)
                 continue
             st[1] += 1
