@@ -92,7 +92,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                                        help="what the ledger keeps of prompts and answers: full | hashes "
                                             "(SHA-256 + length of each) | off (lengths only); see "
                                             "distillguard.guard.privacy for what each costs detection"),
-    redact: Optional[list[str]] = typer.Option(None, "--redact", envvar="DISTILLGUARD_REDACT",
+    redact: Optional[list[str]] = typer.Option(None, "--redact",
                                                help="regex whose matches are stored as [REDACTED] (full mode; "
                                                     "repeatable)"),
 ) -> None:
@@ -100,7 +100,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
 
     By default the guard is on: requests need an API key (`distillguard keys create`), limits
     apply, every request goes to the ledger, /metrics serves Prometheus and /admin the admin
-    API (authorised by DISTILLGUARD_ADMIN_KEY).
+    API (both authorised by DISTILLGUARD_ADMIN_KEY). X-Forwarded-For is ignored unless
+    --forwarded-allow-ips names the proxy; /docs and /openapi.json are off unless --docs.
 
     Examples:
 
