@@ -55,3 +55,51 @@ def test_hanging_up_stops_generation_and_is_recorded(gateway):
                     json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert ok.status_code == 200
     assert [r["response"]["status"] for r in rows(db, "quitter")] == [499, 200]
+
+
+def make_key(url: str, account: str, **limits) -> str:
+    resp = httpx.post(f"{url}/admin/keys", json={"account": account, **limits},
+                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["key"]
+
+
+def wait_rows(db: str, account: str, n: int) -> list[dict]:
+    deadline = time.monotonic() + 60
+    while len(found := rows(db, account)) < n and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert len(found) == n
+    return found
+
+
+def test_stream_hung_up_after_k_tokens_is_charged_k_tokens(gateway):
+    """Issue 24 #2: a client that closes a stream early was charged nothing (row 499, NULL
+    tokens, tokens_today 0): hanging up a token before the end escaped every limit."""
+    url, db = gateway
+    tok = load_model("tiny", device="cpu").tokenizer
+    banned = {str(i): -100 for i in set(tok.all_special_ids) | {tok.eos_token_id}}
+    key = make_key(url, "hangup", tpm=100_000, daily_tokens=100_000)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "count to a thousand"}],
+            "max_tokens": 4000, "logit_bias": banned, "stream": True, "logprobs": True}
+    k, read = 20, 0  # content events read; with logprobs each carries exactly the tokens it covers
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                read += len((choice.get("logprobs") or {}).get("content") or [])
+            if read >= k:
+                break  # hang up: the with-block closes the connection
+    (row,) = wait_rows(db, "hangup", 1)
+    usage = row["response"]["usage"]
+    assert row["response"]["status"] == 499
+    # Charged what it was sent: at least what it read; any more is what was in flight when it
+    # hung up (a few events on loopback), nowhere near the 4,000 it asked for.
+    assert k <= usage["completion_tokens"] <= k + 10, usage
+    assert usage["prompt_tokens"] > 0
+    charged = usage["prompt_tokens"] + usage["completion_tokens"]
+    own = httpx.get(f"{url}/v1/usage", headers=headers, timeout=30).json()
+    assert own["total_tokens"] == charged
+    live = own["keys"][0]["live"]
+    assert live["tokens_today"] == charged and live["in_flight"] == 0

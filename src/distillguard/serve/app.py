@@ -246,9 +246,10 @@ class ClientGone(Exception):
 
 
 def charge_so_far(log, used: Usage) -> None:
-    """Give a request cut short (client gone, or an error mid-stream) the tokens it consumed (prompt + completion so far, from the
-    backend's running count) unless a final usage already arrived: the limits, ``/v1/usage``
-    and the ledger row then all see them, and a client cannot escape its quota by hanging up."""
+    """Give a request cut short (client gone, or an error mid-stream) the tokens it consumed:
+    prompt + completion so far, from the backend's running count, unless a final usage already
+    arrived. The limits, ``/v1/usage`` and the ledger row then all see them: a client cannot
+    escape its quota by hanging up."""
     if log.completion_tokens is None and (used.prompt_tokens or used.completion_tokens):
         log.set_usage(used.as_dict())
 

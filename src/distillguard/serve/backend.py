@@ -4,6 +4,10 @@ A backend turns a validated :class:`ChatCompletionRequest` into an OpenAI respon
 (``complete``) or an async iterator of OpenAI chunk objects (``stream``). Both raise
 :class:`~distillguard.errors.APIError` *before* producing anything when the request cannot
 be served, so the HTTP layer can still answer with a 4xx/5xx status.
+
+Both take a :class:`Usage` that the backend keeps current while it answers: a request cut
+short (the client hung up mid-stream, or before a non-streaming answer was ready) is charged
+and ledgered for what it consumed, not for nothing.
 """
 
 from __future__ import annotations
@@ -11,9 +15,26 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from distillguard.serve.schemas import ChatCompletionRequest
+
+
+@dataclass
+class Usage:
+    """Tokens a request has used so far, updated by the backend as it answers.
+
+    Streams count the tokens of the chunks handed to the HTTP layer (what the client was sent);
+    a non-streaming answer counts the tokens generated, since they were paid for even if the
+    client left before reading them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 class Backend(Protocol):
@@ -23,12 +44,16 @@ class Backend(Protocol):
 
     async def model_ids(self) -> list[str]: ...
 
-    def budget(self, req: ChatCompletionRequest) -> int:
-        """Upper bound of prompt + completion tokens, reserved against token limits."""
+    async def budget(self, req: ChatCompletionRequest) -> int:
+        """Upper bound of prompt + completion tokens, reserved against token limits.
+
+        Async because it may tokenize the prompt, which for a few megabytes takes seconds: that
+        work runs off the event loop, and a local backend keeps the ids for the generation."""
         ...
 
     def prompt_tokens(self, req: ChatCompletionRequest) -> int:
-        """Tokens of the prompt (exact, or an upper bound where the tokenizer is remote)."""
+        """Tokens of the prompt (exact, or an upper bound where the tokenizer is remote); cheap
+        after :meth:`budget` has seen ``req``."""
         ...
 
     def count_tokens(self, text: str) -> int:
@@ -39,10 +64,11 @@ class Backend(Protocol):
     # whether ``antidistill=λ`` is applied (a local model whose engine has a direction) or ignored
     supports_antidistill: bool
 
-    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0) -> dict: ...
+    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
+                       usage: Usage | None = None) -> dict: ...
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark=None,
-                     antidistill: float = 0.0) -> AsyncIterator[dict]: ...
+    async def stream(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
+                     usage: Usage | None = None) -> AsyncIterator[dict]: ...
 
 
 def completion_id() -> str:

@@ -7,6 +7,15 @@ parameters and random generator, streams the new text to the job, and drops fini
 Requests arriving together are therefore generated together, and a request never waits for
 a whole batch to drain. A job with ``n`` choices occupies ``n`` rows.
 
+A prompt longer than ``prefill_chunk`` tokens is prefilled on its own, a chunk per step, in a
+cache of its own, and joins the batch when its prompt is in: one long prompt would otherwise
+hold every row for its whole prefill (and pad every prompt admitted with it to its length).
+While other rows are decoding, its chunks get at most ``PREFILL_SHARE`` seconds per second of
+decoding, so those rows' requests take at most about 1 + PREFILL_SHARE times as long.
+A job whose client is gone (``Job.cancelled``) leaves at the next step: a row's cache is
+dropped after its next token, a long prefill stops before its next chunk, and a job still
+waiting is never prefilled.
+
 Shapes: B rows, T cached positions, V vocabulary. The cache is left-padded: row ``b`` holds
 real tokens in its last ``mask[b].sum()`` positions.
 """
@@ -41,6 +50,10 @@ log = logging.getLogger(__name__)
 
 # JSON has no -inf; OpenAI reports impossible tokens with this value.
 LOGPROB_FLOOR = -9999.0
+
+# Seconds of long-prompt prefill allowed per second of decoding the running rows: a short
+# request running beside a long prefill takes at most ~1.5x as long (issue 24 asks <= 2x).
+PREFILL_SHARE = 0.5
 
 
 if DynamicLayer is not None:
@@ -102,6 +115,7 @@ class Event:
     finish_reason: str | None = None
     usage: dict | None = None
     error: BaseException | None = None
+    tokens: int = 0  # delta: the job's completion tokens so far (all choices), this delta's included
 
 
 @dataclass
@@ -113,6 +127,16 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     remaining: int = 0
     completion_tokens: int = 0
+
+
+@dataclass
+class _Chunked:
+    """A long prompt being prefilled a chunk per step, in a cache of its own (batch of one)."""
+
+    job: Job
+    rows: list[Row]
+    done: int = 0  # prompt tokens already in the cache
+    cache: object = None
 
 
 class Row:
@@ -140,8 +164,10 @@ class Row:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, max_batch_rows: int = 16, batch_wait_s: float = 0.005):
+    def __init__(self, lm: LoadedModel, *, max_batch_rows: int = 16, batch_wait_s: float = 0.005,
+                 prefill_chunk: int | None = 512):
         self.lm = lm
+        self.prefill_chunk = prefill_chunk
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -165,6 +191,9 @@ class Engine:
         self._prefix_cache = None  # None: not computed yet; False: the cache type can't be reused
         self.antidistill = None  # AntidistillDirection, set by enable_antidistill
         self._tap = None
+        self._chunked: _Chunked | None = None
+        self._credit = 0.0  # seconds of decoding not yet matched by prefill (see PREFILL_SHARE)
+        self._chunk_s = 0.0  # duration of the last chunk
         self._reset()
 
     # ---- public API -------------------------------------------------------------------
@@ -198,7 +227,7 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopped:
-            if not self.rows and not self._waiting:
+            if not self.rows and not self._waiting and self._chunked is None:
                 job = self._queue.get()  # idle: block until work arrives
                 if job is None:
                     return
@@ -227,15 +256,11 @@ class Engine:
     @torch.inference_mode()
     def _step(self) -> None:
         if self.rows:
+            t0 = time.perf_counter()
             self._decode()
-        admitted: list[Job] = []
-        free = self.max_batch_rows - len(self.rows)
-        while self._waiting and (self._waiting[0].n <= free or not self.rows and not admitted):
-            job = self._waiting.popleft()
-            if job.cancelled.is_set():
-                continue
-            admitted.append(job)
-            free -= job.n
+            if self._chunked is not None:
+                self._credit += time.perf_counter() - t0
+        admitted = self._admit()
         if admitted:
             try:
                 self._prefill(admitted)
@@ -245,7 +270,46 @@ class Engine:
                 for job in admitted:
                     job.sink(Event("error", error=exc))
                 raise
+        # A chunk runs once decoding has paid for it in advance (its cost guessed from the last
+        # chunk's), so the rows never wait for more than their share, plus one chunk in flight.
+        if self._chunked is not None and (not self.rows or self._credit >= self._chunk_s / PREFILL_SHARE):
+            busy, t0 = bool(self.rows), time.perf_counter()
+            self._prefill_chunk()
+            self._chunk_s = time.perf_counter() - t0
+            # With nobody waiting on it, prefill runs flat out and owes nothing.
+            self._credit = self._credit - self._chunk_s / PREFILL_SHARE if busy else 0.0
+        if self._chunked is None:
+            self._credit = self._chunk_s = 0.0
         self._prune()
+
+    def _admit(self) -> list[Job]:
+        """Take waiting jobs, first come first served, while their rows fit: short prompts to
+        prefill together now, a long one (one at a time) to prefill a chunk per step. Later
+        short prompts may pass a long one waiting for the chunked slot; cancelled jobs go."""
+        chunked = self._chunked
+        free = self.max_batch_rows - len(self.rows) - (chunked.job.n if chunked else 0)
+        admitted: list[Job] = []
+        kept: deque[Job] = deque()
+        blocked = False
+        for job in self._waiting:
+            if job.cancelled.is_set():
+                continue  # its client is gone: never prefilled
+            long = self.prefill_chunk is not None and len(job.prompt_ids) > self.prefill_chunk
+            if blocked or (long and self._chunked is not None):
+                kept.append(job)
+                continue
+            # A job with more choices than the batch has rows runs when it would be alone.
+            if not (job.n <= free or not self.rows and not admitted and self._chunked is None):
+                kept.append(job)
+                blocked = True
+                continue
+            if long:
+                self._chunked = _Chunked(job, self._new_rows(job))
+            else:
+                admitted.append(job)
+            free -= job.n
+        self._waiting = kept
+        return admitted
 
     def _decode(self) -> None:
         dev = self.lm.device
@@ -270,16 +334,7 @@ class Engine:
         shares; rows share the layout the cache has anyway: pads, then real tokens.
         """
         dev = self.lm.device
-        rows: list[Row] = []
-        for job in jobs:
-            for i in range(job.n):
-                gen = torch.Generator(device=dev)
-                if job.params.seed is None:
-                    gen.seed()
-                else:
-                    # n choices of one seeded request differ from each other, and each is fixed.
-                    gen.manual_seed((job.params.seed * 1_000_003 + i) % (2**63))
-                rows.append(Row(job, i, gen))
+        rows = [row for job in jobs for row in self._new_rows(job)]
         prompts = [r.job.prompt_ids for r in rows]
         width = max(len(p) for p in prompts)
         past = None
@@ -307,14 +362,72 @@ class Engine:
         out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             **({self._cache_key: past} if past is not None else {}), **self._last_logits)
         next_ids = self._choose(rows, out.logits[:, -1, :])
+        self._join(rows, out[self._cache_key], mask, next_ids)
+
+    def _new_rows(self, job: Job) -> list[Row]:
+        rows = []
+        for i in range(job.n):
+            gen = torch.Generator(device=self.lm.device)
+            if job.params.seed is None:
+                gen.seed()
+            else:
+                # n choices of one seeded request differ from each other, and each is fixed.
+                gen.manual_seed((job.params.seed * 1_000_003 + i) % (2**63))
+            rows.append(Row(job, i, gen))
+        return rows
+
+    def _join(self, rows: list[Row], cache, mask: torch.Tensor, next_ids: torch.Tensor) -> None:
+        """Make freshly prefilled rows the batch, or merge them into the running one."""
         if not self.rows:
-            cache = out[self._cache_key]
             for layer in getattr(cache, "layers", ()):
                 if DynamicLayer is not None and type(layer) is DynamicLayer:
                     layer.__class__ = _RoomyLayer  # same state; decoding appends without copying
             self.rows, self.cache, self.mask, self.next_ids = rows, cache, mask, next_ids
         else:
-            self._merge(rows, out[self._cache_key], mask, next_ids)
+            self._merge(rows, cache, mask, next_ids)
+
+    def _prefill_chunk(self) -> None:
+        """Feed the next ``prefill_chunk`` tokens of the long prompt; once all are in, choose its
+        first tokens and join the batch. A failure fails that job alone: the batch's own cache
+        was not touched."""
+        c = self._chunked
+        job, prompt, dev = c.job, c.job.prompt_ids, self.lm.device
+        if job.cancelled.is_set():
+            self._chunked = None  # its cache goes with it
+            return
+        try:
+            if c.done == 0 and self._prefix and (prefix_cache := self._get_prefix_cache()):
+                # The template's opening is cached already: start after it (at least one token
+                # must be fed, for the logits of the last one).
+                c.done = min(_shared_len(prompt, self._prefix), len(prompt) - 1)
+                if c.done:
+                    c.cache = _copy_cache(prefix_cache)
+                    for layer in c.cache.layers:
+                        layer.keys, layer.values = layer.keys[:, :, :c.done], layer.values[:, :, :c.done]
+            end = min(len(prompt), c.done + self.prefill_chunk)
+            past = {self._cache_key: c.cache} if c.cache is not None else {}
+            out = self.lm.model(
+                input_ids=torch.tensor([prompt[c.done:end]], device=dev),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=dev),
+                position_ids=torch.arange(c.done, end, device=dev)[None, :],
+                use_cache=True, **past, **self._last_logits)
+            c.cache, c.done = out[self._cache_key], end
+            if end < len(prompt):
+                return
+            self._chunked = None
+            n = len(c.rows)
+            logits = out.logits[:, -1, :].expand(n, -1)
+            if n > 1:
+                c.cache.batch_repeat_interleave(n)
+                if self._tap is not None:
+                    self._tap.last = self._tap.last.expand(n, -1)
+            next_ids = self._choose(c.rows, logits)
+        except Exception as exc:
+            log.exception("prefill of a %d-token prompt failed", len(prompt))
+            self._chunked = None
+            job.sink(Event("error", error=exc))
+            return
+        self._join(c.rows, c.cache, torch.ones((n, len(prompt)), dtype=torch.long, device=dev), next_ids)
 
     def _get_prefix_cache(self):
         """KV cache of the template prefix (batch of one), computed on first use; False when the
@@ -475,7 +588,8 @@ class Engine:
             new_entries.append(entry)
             row.sent_entries += 1
         if upto > row.emitted or new_entries:
-            row.job.sink(Event("delta", index=row.index, text=row.text[row.emitted:upto], logprobs=new_entries))
+            row.job.sink(Event("delta", index=row.index, text=row.text[row.emitted:upto], logprobs=new_entries,
+                               tokens=row.job.completion_tokens))
             row.emitted = max(row.emitted, upto)
 
     def _finish(self, row: Row, reason: str, *, flush: bool = True) -> None:

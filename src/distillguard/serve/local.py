@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import weakref
 from collections.abc import AsyncIterator
 
 from distillguard.errors import APIError, ContextLengthExceeded, InvalidRequestError, NotFoundError
 from distillguard.models import LoadedModel
-from distillguard.serve.backend import completion_id, now
+from distillguard.serve.backend import Usage, completion_id, now
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.engine import Engine, Event, GenParams, Job
 from distillguard.serve.schemas import ChatCompletionRequest
@@ -21,7 +22,12 @@ class LocalBackend:
         self.config = config
         self.model_id = config.model_id
         self.fingerprint = "fp_" + hashlib.sha256(lm.spec.encode()).hexdigest()[:10]
-        self.engine = Engine(lm, max_batch_rows=config.max_batch_rows, batch_wait_s=config.batch_wait_ms / 1000)
+        self.engine = Engine(lm, max_batch_rows=config.max_batch_rows, batch_wait_s=config.batch_wait_ms / 1000,
+                             prefill_chunk=config.prefill_chunk)
+        self.max_prompt_tokens = min(config.max_prompt_tokens or lm.context_length, lm.context_length)
+        # Prompt ids of the requests in flight, by id(request): tokenized once, by budget() (in a
+        # worker thread), and reused by the generation; an entry goes when its request does.
+        self._prompts: dict[int, list[int]] = {}
 
     async def start(self) -> None:
         self.engine.start()
@@ -32,18 +38,44 @@ class LocalBackend:
     async def model_ids(self) -> list[str]:
         return [self.model_id]
 
-    def budget(self, req: ChatCompletionRequest) -> int:
+    async def budget(self, req: ChatCompletionRequest) -> int:
         """Most tokens (prompt + all completions) this request can use: what limits reserve."""
         max_new = req.requested_max_tokens or self.config.default_max_tokens
-        return self.prompt_tokens(req) + req.n * max_new
+        return len(await self._prompt_ids(req)) + req.n * max_new
 
     def prompt_tokens(self, req: ChatCompletionRequest) -> int:
+        ids = self._prompts.get(id(req))
+        return len(ids) if ids is not None else len(self._tokenize(req))
+
+    async def _prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt's token ids, tokenized once per request and off the event loop (a 4 MB
+        prompt takes seconds, during which every other client would wait)."""
+        ids = self._prompts.get(id(req))
+        if ids is None:
+            ids = await asyncio.to_thread(self._tokenize, req)
+            self._prompts[id(req)] = ids
+            weakref.finalize(req, self._prompts.pop, id(req), None)
+        return ids
+
+    def _tokenize(self, req: ChatCompletionRequest) -> list[int]:
+        if req.model != self.model_id:  # before the tokenizer's work, which is then wasted
+            raise NotFoundError(
+                f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
+                param="model", code="model_not_found")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
         try:
-            return len(self.lm.chat_ids(messages))
-        except Exception:  # the template rejects these messages; _job reports it properly
-            return sum(len(m["content"].encode()) for m in messages)
+            ids = self.lm.chat_ids(messages)
+        except Exception as exc:  # jinja2 raises TemplateError subclasses for messages a template rejects
+            raise InvalidRequestError(
+                f"the model's chat template rejected these messages: {exc}", param="messages",
+                code="invalid_value") from None
+        if len(ids) > self.max_prompt_tokens:
+            raise ContextLengthExceeded(
+                f"The messages are {len(ids)} tokens; this server accepts prompts of at most "
+                f"{self.max_prompt_tokens} tokens (max_prompt_tokens; the model's context is "
+                f"{self.lm.context_length}). Please shorten the messages.", param="messages")
+        return ids
 
     def count_tokens(self, text: str) -> int:
         return len(self.lm.tokenizer.encode(text, add_special_tokens=False))
@@ -60,20 +92,9 @@ class LocalBackend:
         """Serve antidistillation sampling (policy ``antidistill``) along ``direction``."""
         self.engine.enable_antidistill(direction)
 
-    def _job(self, req: ChatCompletionRequest, watermark: WatermarkKey | None = None,
-             antidistill: float = 0.0) -> tuple[Job, asyncio.Queue]:
-        if req.model != self.model_id:
-            raise NotFoundError(
-                f"The model {req.model!r} does not exist; this server serves {self.model_id!r}",
-                param="model", code="model_not_found")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
-        try:
-            prompt_ids = self.lm.chat_ids(messages)
-        except Exception as exc:  # jinja2 raises TemplateError subclasses for messages a template rejects
-            raise InvalidRequestError(
-                f"the model's chat template rejected these messages: {exc}", param="messages",
-                code="invalid_value") from None
+    async def _job(self, req: ChatCompletionRequest, watermark: WatermarkKey | None = None,
+                   antidistill: float = 0.0) -> tuple[Job, asyncio.Queue]:
+        prompt_ids = await self._prompt_ids(req)
         ctx = self.lm.context_length
         max_new = req.requested_max_tokens
         if max_new is None:
@@ -107,8 +128,10 @@ class LocalBackend:
 
     # ---- responses --------------------------------------------------------------------
     async def complete(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None,
-                       antidistill: float = 0.0) -> dict:
-        job, events = self._job(req, watermark, antidistill)
+                       antidistill: float = 0.0, usage: Usage | None = None) -> dict:
+        job, events = await self._job(req, watermark, antidistill)
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(job.prompt_ids)
         texts = [""] * req.n
         entries: list[list[dict]] = [[] for _ in range(req.n)]
         reasons: list[str | None] = [None] * req.n
@@ -124,10 +147,11 @@ class LocalBackend:
                 elif ev.kind == "error":
                     raise _api_error(ev.error)
                 elif ev.kind == "done":
-                    usage = ev.usage
                     break
         finally:
             job.cancelled.set()  # no-op when finished; stops generation if the client went away
+            # Every token generated is charged, read or not: the client that left made us make them.
+            usage.completion_tokens = job.completion_tokens
         return {
             "id": completion_id(), "object": "chat.completion", "created": now(), "model": self.model_id,
             "system_fingerprint": self.fingerprint,
@@ -137,16 +161,19 @@ class LocalBackend:
                 "logprobs": {"content": entries[i], "refusal": None} if req.logprobs else None,
                 "finish_reason": reasons[i],
             } for i in range(req.n)],
-            "usage": usage,
+            "usage": ev.usage,
         }
 
     async def stream(self, req: ChatCompletionRequest, *, watermark: WatermarkKey | None = None,
-                     antidistill: float = 0.0) -> AsyncIterator[dict]:
-        job, events = self._job(req, watermark, antidistill)  # raises before anything is streamed
+                     antidistill: float = 0.0, usage: Usage | None = None) -> AsyncIterator[dict]:
+        job, events = await self._job(req, watermark, antidistill)  # raises before anything is streamed
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = len(job.prompt_ids)
         self.engine.submit(job)
-        return self._chunks(req, job, events)
+        return self._chunks(req, job, events, usage)
 
-    async def _chunks(self, req: ChatCompletionRequest, job: Job, events: asyncio.Queue) -> AsyncIterator[dict]:
+    async def _chunks(self, req: ChatCompletionRequest, job: Job, events: asyncio.Queue,
+                      usage: Usage) -> AsyncIterator[dict]:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         base = {"id": completion_id(), "object": "chat.completion.chunk", "created": now(),
                 "model": self.model_id, "system_fingerprint": self.fingerprint}
@@ -163,12 +190,15 @@ class LocalBackend:
             while True:
                 ev = await events.get()
                 if ev.kind == "delta":
+                    # Counted as it is handed on: what a client that hangs up now was sent.
+                    usage.completion_tokens = ev.tokens
                     yield chunk(ev.index, {"content": ev.text}, ev.logprobs)
                 elif ev.kind == "finish":
                     yield chunk(ev.index, {}, None, ev.finish_reason)
                 elif ev.kind == "error":
                     raise _api_error(ev.error)
                 elif ev.kind == "done":
+                    usage.completion_tokens = ev.usage["completion_tokens"]
                     # Always sent: the HTTP layer needs usage for the ledger and the token
                     # limits, and drops this chunk unless the client asked for it.
                     yield {**base, "choices": [], "usage": ev.usage}

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from distillguard.errors import APIError, UpstreamError, UpstreamTimeout
+from distillguard.serve.backend import Usage
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest
 
@@ -82,7 +83,7 @@ class UpstreamBackend:
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             return [self.config.served_model_name] if self.config.served_model_name else []
 
-    def budget(self, req: ChatCompletionRequest) -> int:
+    async def budget(self, req: ChatCompletionRequest) -> int:
         """An upper bound of the tokens this request can use, without the upstream's tokenizer:
         every token of a byte-level or SentencePiece vocabulary covers at least one byte, and
         each message adds at most a few template tokens."""
@@ -105,7 +106,12 @@ class UpstreamBackend:
     supports_watermark = False
     supports_antidistill = False  # the upstream's logits never reach us
 
-    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0) -> dict:
+    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
+                       usage: Usage | None = None) -> dict:
+        if usage is not None:
+            # A client gone before the answer is charged the prompt (an upper bound, as above)
+            # and no completion: what the upstream generated before we hung up is unknown.
+            usage.prompt_tokens = self.prompt_tokens(req)
         try:
             async with self._request("POST", "chat/completions", json=self._body(req)) as resp:
                 status, content = resp.status, await resp.read()
@@ -119,8 +125,10 @@ class UpstreamBackend:
         except ValueError:
             raise UpstreamError("the upstream server answered with invalid JSON", code="upstream_bad_response") from None
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark=None,
-                     antidistill: float = 0.0) -> AsyncIterator[dict]:
+    async def stream(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
+                     usage: Usage | None = None) -> AsyncIterator[dict]:
+        usage = usage if usage is not None else Usage()
+        usage.prompt_tokens = self.prompt_tokens(req)  # an upper bound until the upstream's usage chunk
         try:
             resp = await self._request("POST", "chat/completions", json=self._body(req))
             if resp.status >= 400:
@@ -133,7 +141,7 @@ class UpstreamBackend:
             raise self._timed_out(exc) from None
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from None
-        return self._events(resp)
+        return self._events(resp, usage)
 
     def _timed_out(self, exc: BaseException) -> UpstreamTimeout:
         return UpstreamTimeout(f"the upstream server {self.base_url} did not answer in time ({exc.__class__.__name__})",
@@ -143,7 +151,7 @@ class UpstreamBackend:
         return UpstreamError(f"the upstream server {self.base_url} is unreachable: {exc.__class__.__name__}: {exc}",
                              code="upstream_unavailable")
 
-    async def _events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
+    async def _events(self, resp: aiohttp.ClientResponse, usage: Usage) -> AsyncIterator[dict]:
         finished = False
         try:
             async for line in _lines(resp.content):
@@ -154,10 +162,12 @@ class UpstreamBackend:
                     finished = True
                     return
                 try:
-                    yield json.loads(data)
+                    chunk = json.loads(data)
                 except ValueError:
                     raise UpstreamError("the upstream server sent an invalid stream event",
                                         code="upstream_bad_response") from None
+                _count(chunk, usage)
+                yield chunk
             finished = True
         except TimeoutError:
             raise UpstreamTimeout("the upstream server stopped sending in the middle of a stream",
@@ -184,6 +194,32 @@ class UpstreamBackend:
             raise UpstreamError(f"the upstream server failed with HTTP {status}: {err.get('message') or body}",
                                 code="upstream_error")
         raise PassThroughError(status, body)
+
+
+def _count(chunk, usage: Usage) -> None:
+    """Keep ``usage`` current from one upstream chunk, for a stream cut short before the
+    upstream's own usage chunk (which, when it comes, is exact and wins).
+
+    Without the upstream's tokenizer the deltas' tokens are estimated: a chunk with logprobs
+    has one entry per token (exact); otherwise each chunk with content counts as one token, as
+    vLLM, TGI, llama.cpp and OpenAI send one chunk per generated token (a server that merges
+    several tokens into a chunk is undercounted by the difference)."""
+    if not isinstance(chunk, dict):
+        return
+    final = chunk.get("usage")
+    if isinstance(final, dict) and isinstance(final.get("completion_tokens"), int):
+        usage.completion_tokens = final["completion_tokens"]
+        if isinstance(final.get("prompt_tokens"), int):
+            usage.prompt_tokens = final["prompt_tokens"]
+        return
+    for choice in chunk.get("choices") or ():
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if isinstance(entries, list) and entries:
+            usage.completion_tokens += len(entries)
+        elif isinstance(delta, dict) and delta.get("content"):
+            usage.completion_tokens += 1
 
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
