@@ -67,3 +67,18 @@ def test_write_secret_makes_an_existing_file_private(tmp_path):
     path.chmod(0o644)
     write_secret(path, "new")
     assert path.read_text() == "new\n" and oct(mode(path)) == "0o600"
+
+
+def test_a_ledger_export_is_as_private_as_the_ledger(tmp_path):
+    from tests.servers import run_cli
+
+    db, out = tmp_path / "ledger.db", tmp_path / "traffic.jsonl"
+    engine = make_engine(str(db))
+    migrate(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(LedgerRow), [{"request_id": "r1", "ts": 1.0, "account_id": "a", "status": 200,
+                                          "stream": False, "request_body": {"messages": []}}])
+    engine.dispose()
+    done = run_cli("ledger", "export", "--db", str(db), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert oct(mode(out)) == "0o600" and '"account": "a"' in out.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,7 +53,9 @@ def export(
     if out == "-":
         n = export_traffic(engine, sys.stdout, since=_since(since), account=account)
     else:
-        with open(out, "w", encoding="utf-8") as fh:
+        # as private as the ledger it copies (a new file: 0600; an existing one keeps its mode)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8") as fh:
             n = export_traffic(engine, fh, since=_since(since), account=account)
     err_console.print(f"exported {n} requests")
 
