@@ -50,6 +50,12 @@ def test_hanging_up_stops_generation_and_is_recorded(gateway):
         time.sleep(0.5)
     assert len(found) == 1
     assert found[0]["response"]["status"] == 499  # not a 200 with 8,000 tokens generated for nobody
+    # Charged for the tokens generated before it hung up (about a second's worth), not for none.
+    usage = found[0]["response"]["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] < LONG
+    own = httpx.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert own["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert own["keys"][0]["live"]["tokens_today"] == own["total_tokens"]
     # The server is free again: a short request is answered (the long one no longer runs).
     ok = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                     json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})

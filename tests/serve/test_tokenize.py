@@ -1,0 +1,61 @@
+"""A huge prompt is tokenized once, off the event loop, and capped (issue 24 #3).
+
+Before, a 4 MB prompt was tokenized twice on the event loop (for the limits' budget, then for
+the engine): every other client, ``/healthz`` included, waited ~7 s."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from distillguard.errors import ContextLengthExceeded
+from distillguard.serve.config import ServeConfig
+from distillguard.serve.local import LocalBackend
+from distillguard.serve.schemas import parse_chat_request
+
+HUGE = 3_500_000  # characters: under the 4 MiB body limit, seconds of tokenizing
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(tiny_server):
+    order: list[str] = []
+    answer: dict = {}
+
+    def huge() -> None:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}], "max_tokens": 1}
+        resp = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=120)
+        order.append("huge")
+        answer.update(status=resp.status_code, body=resp.json())
+
+    sender = threading.Thread(target=huge)
+    sender.start()
+    # Let the body arrive (milliseconds on loopback) and its tokenizing (seconds) start.
+    time.sleep(1.0)
+    health = httpx.get(f"{tiny_server}/healthz", timeout=120)
+    order.append("healthz")
+    sender.join(120)
+    assert health.status_code == 200
+    assert order == ["healthz", "huge"]
+    # The cap in tokens (default: the model's context) refuses it, in OpenAI's shape.
+    assert answer["status"] == 400
+    assert answer["body"]["error"]["code"] == "context_length_exceeded"
+    assert answer["body"]["error"]["param"] == "messages"
+
+
+def test_max_prompt_tokens_caps_prompts_below_the_context(tiny_lm):
+    backend = LocalBackend(tiny_lm, ServeConfig(model="tiny", max_prompt_tokens=40))
+
+    def request(text: str):
+        return parse_chat_request(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}],
+                                              "max_tokens": 5}).encode())
+
+    short = request("hi")
+    budget = asyncio.run(backend.budget(short))
+    assert budget == backend.prompt_tokens(short) + 5 <= 40 + 5
+    with pytest.raises(ContextLengthExceeded, match="at most 40 tokens") as err:
+        asyncio.run(backend.budget(request("a fairly long question " * 10)))
+    assert err.value.status_code == 400 and err.value.param == "messages"
