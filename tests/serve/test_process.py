@@ -102,3 +102,10 @@ def test_a_body_that_never_arrives_is_cut_off(strict_server):
     answer = exchange(strict_server, head, b'{"model": "tiny", ')
     assert b" 200 " not in answer.split(b"\r\n", 1)[0]
     assert httpx.get(f"{strict_server.url}/healthz").status_code == 200
+
+
+def test_each_request_on_a_kept_alive_connection_has_its_own_head_deadline(strict_server):
+    first, second = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    answer = exchange(strict_server, first, second, pause_s=0.2)  # the second head never ends
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 2, answer
+    assert answer.endswith(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")

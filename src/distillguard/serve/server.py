@@ -141,6 +141,7 @@ def uvicorn_options(config: ServeConfig) -> dict:
         "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None,
         "timeout_keep_alive": config.keep_alive_timeout_s, "limit_concurrency": config.limit_concurrency,
         "h11_max_incomplete_event_size": config.max_header_bytes,  # if someone swaps in http="h11"
+        "ws": "none",  # no WebSocket routes: an Upgrade request is answered as plain HTTP
         "log_level": "warning", "timeout_graceful_shutdown": 5,
     }
 
