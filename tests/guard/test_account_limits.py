@@ -121,3 +121,73 @@ def test_bad_account_limits_are_a_400(priced, body, param):
     assert resp.json()["error"]["param"] == param
     bad_name = admin(priced, "PUT", "/admin/accounts/a%00b/limits", json={"rpm": 5})
     assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "account"
+
+
+# --- the guard's admission, in process -----------------------------------------------------------
+
+
+def guarded(tmp_path, **config):
+    from distillguard.guard.gateway import Guard, GuardConfig
+
+    return Guard(GuardConfig(db=f"sqlite:///{tmp_path / 'g.db'}", watermark=False, verdict_cache_ttl_s=0,
+                             **config))
+
+
+def test_a_model_without_a_price_is_refused_only_where_a_dollar_budget_applies(tmp_path):
+    from distillguard.errors import APIError
+    from distillguard.guard.limits import Limits, Price
+
+    async def scenario():
+        guard = guarded(tmp_path, prices={"tiny": Price(prompt=1000, completion=2000)})
+        await guard.start()
+        try:
+            budgeted, _ = guard.keys.create("budgeted")
+            guard.keys.set_account_limits("budgeted", Limits(daily_usd=1.0))
+            budgeted = guard.keys.get(budgeted.id)
+            free, _ = guard.keys.create("free")
+            with pytest.raises(APIError) as e:
+                await guard.admit(budgeted, 10, model="unpriced", prompt_tokens=4)
+            assert (e.value.status_code, e.value.code) == (403, "model_not_priced")
+            assert "'unpriced'" in e.value.message and "DISTILLGUARD_PRICES" in e.value.message
+            await guard.settle(await guard.admit(free, 10, model="unpriced", prompt_tokens=4), 10, 4)
+
+            # priced: 4 prompt tokens at $0.001 and 6 completion tokens at $0.002 reserved, then
+            # settled to what was used (or kept as reserved when the split is unknown)
+            lease = await guard.admit(budgeted, 10, model="tiny", prompt_tokens=4)
+            assert lease.lease.reserved_usd == pytest.approx(0.016)
+            await guard.settle(lease, 7, 4)
+            assert (await guard.limiter.usage("budgeted"))["usd_today"] == pytest.approx(0.010)
+            lease = await guard.admit(budgeted, 10, model="tiny", prompt_tokens=4)
+            await guard.settle(lease, 7)
+            assert (await guard.limiter.usage("budgeted"))["usd_today"] == pytest.approx(0.026)
+        finally:
+            await guard.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_throttling_verdict_tightens_the_account_not_only_each_key(tmp_path):
+    """Under 'suspect' each key gets throttle_rpm; without the account scope throttled too, ten
+    keys would get ten times it."""
+    from distillguard.errors import RateLimited
+
+    async def scenario():
+        guard = guarded(tmp_path)
+        await guard.start()
+        try:
+            keys = [guard.keys.create("suspicious")[0] for _ in range(10)]
+            await asyncio.to_thread(guard.record_verdict, "suspicious", "suspect", source="admin")
+            decision = await guard.decide(keys[0])
+            admitted = 0
+            for i in range(100):
+                try:
+                    await guard.admit(keys[i % 10], 1, decision)
+                    admitted += 1
+                except RateLimited:
+                    pass
+            return admitted, decision.throttle_rpm
+        finally:
+            await guard.close()
+
+    admitted, throttle_rpm = asyncio.run(scenario())
+    assert admitted == throttle_rpm
