@@ -9,7 +9,9 @@ Idempotency-Key each ran a generation and all but one got a 503.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import uuid
 
 import httpx
@@ -17,6 +19,7 @@ import pytest
 from sqlalchemy import select
 
 from distillguard.guard.db import make_engine
+from distillguard.guard.gateway import Guard, GuardConfig, IdempotencyInProgress, RequestLog
 from distillguard.guard.schema import LedgerRow
 from tests.servers import server_process
 
@@ -26,7 +29,7 @@ MESSAGES = '[{"role": "user", "content": "hi"}]'
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def gateway(request, tmp_path_factory):
-    """(base URL, SQLAlchemy engine on its ledger) of `distillguard serve --model tiny` with the guard on."""
+    """(base URL, SQLAlchemy engine on its ledger, its URL) of `distillguard serve --model tiny` with the guard on."""
     if request.param == "sqlite":
         db = f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'ledger.db'}"
     else:
@@ -39,7 +42,7 @@ def gateway(request, tmp_path_factory):
         db = f"postgresql+psycopg://{user}@{host}:{port}/{name}"
     with server_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as server:
         engine = make_engine(db)
-        yield server.url, engine
+        yield server.url, engine, db
         engine.dispose()
 
 
@@ -157,7 +160,6 @@ def test_strings_the_database_columns_cannot_hold_still_get_their_own_answer(gat
     assert_still_serving(gateway)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24 item 7: Idempotency-Key claims are being added")
 def test_concurrent_retries_with_one_idempotency_key_generate_once(gateway):
     """Eight copies of one request, sent at once under one Idempotency-Key: one generation; the
     others wait for it (409 idempotency_in_progress with Retry-After) or get its stored answer."""
@@ -180,7 +182,7 @@ def test_concurrent_retries_with_one_idempotency_key_generate_once(gateway):
     replayed = [r for r in answers if r.status_code == 200 and "idempotent-replayed" in r.headers]
     waiting = [r for r in answers if r.status_code == 409]
     assert len(generated) == 1 and len(generated) + len(replayed) + len(waiting) == 8, \
-        [(r.status_code, r.text[:120]) for r in answers]
+        [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]
     assert all(r.json() == generated[0].json() for r in replayed)
     for r in waiting:
         assert_openai_error(r, 409, "idempotency_in_progress", "Idempotency-Key")
@@ -192,3 +194,77 @@ def test_concurrent_retries_with_one_idempotency_key_generate_once(gateway):
     assert sum(1 for r in rows(gateway, account) if r.status == 200 and r.completion_tokens
                and r.policy_action != "idempotent_replay") == 1
     assert_still_serving(gateway)
+
+
+def test_concurrent_retries_across_two_replicas_generate_once(gateway):
+    """The claim is a row under the table's primary key, so it holds across replicas too."""
+    key, account = new_key(gateway)
+    raw = b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 200, "seed": 2}'
+    headers = {"Idempotency-Key": "replicas-" + uuid.uuid4().hex}
+    with server_process("--model", "tiny", "--db", gateway[2], env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as second:
+        start = threading.Barrier(8)
+        answers: list[httpx.Response] = []
+
+        def send(url):
+            start.wait()
+            answers.append(httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=120, headers={
+                "Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers}))
+
+        threads = [threading.Thread(target=send, args=(url,)) for url in [gateway[0], second.url] * 4]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(answers) == 8 and all(r.status_code in (200, 409) for r in answers), \
+        [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]
+    assert sum(1 for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers) == 1
+    assert sum(1 for r in rows(gateway, account) if r.status == 200 and r.completion_tokens) == 1
+
+
+def _guard_log(guard: Guard, key, idem: str = "k1", request_hash: str = "h1") -> RequestLog:
+    return RequestLog(client_ip="127.0.0.1", key=key, idempotency_key=idem, request_hash=request_hash)
+
+
+def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_url):
+    """A failed request releases its claim (the retry generates); a running one keeps renewing its
+    claim, so it is never taken over; one whose replica died (never renewed) is taken over after
+    ``idempotency_claim_ttl_s``, so a crash does not block the key forever."""
+    from sqlalchemy import insert, null
+
+    from distillguard.guard.schema import IdempotentResponse
+
+    async def main():
+        guard = Guard(GuardConfig(db=db_url, watermark=False, idempotency_claim_ttl_s=1.5))
+        await guard.start()
+        key, _ = guard.keys.create("claims")
+        first = _guard_log(guard, key)
+        assert await guard.replay(first) is None  # claimed
+        with pytest.raises(IdempotencyInProgress):
+            await guard.replay(_guard_log(guard, key))
+        first.status, first.error_code = 429, "rate_limit_exceeded"
+        await guard.finish(first)  # failed: the claim is released with its ledger row
+        running = _guard_log(guard, key)
+        assert await guard.replay(running) is None
+        await asyncio.sleep(4.5)  # three times the claim's lifetime: renewed meanwhile
+        with pytest.raises(IdempotencyInProgress):
+            await guard.replay(_guard_log(guard, key))
+        guard.abandon(running)  # the client went away: released too
+        await asyncio.sleep(0)
+        # a claim left by a replica that crashed: never renewed, taken over once stale
+        with guard.engine.begin() as conn:
+            conn.execute(insert(IdempotentResponse).values(
+                account_id="claims", key="k2", request_hash="h1", request_id="req-dead", response=null(),
+                created_at=time.time() - 60))
+        orphan = _guard_log(guard, key, "k2")
+        assert await guard.replay(orphan) is None
+        orphan.add_response({"choices": [{"index": 0, "message": {"content": "answer"}}], "usage": {}})
+        await guard.finish(orphan)
+        replayed = await guard.replay(_guard_log(guard, key, "k2"))
+        retried = _guard_log(guard, key)
+        retried_claimed = await guard.replay(retried)
+        await guard.close()
+        return replayed, retried_claimed
+
+    replayed, retried_claimed = asyncio.run(main())
+    assert replayed["choices"][0]["message"]["content"] == "answer"
+    assert retried_claimed is None  # the abandoned request's claim was released

@@ -27,14 +27,16 @@ from typing import Literal, Protocol
 
 from fastapi import Request
 from pydantic_core import from_json
-from sqlalchemy import select
+from sqlalchemy import null, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillguard.errors import APIError, NotFoundError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyRecord, KeyStore, hash_key
-from distillguard.guard.ledger import Ledger, LedgerUnavailable, to_traffic, without_nul
+from distillguard.guard.ledger import Ledger, LedgerUnavailable, describe, to_traffic, without_nul
 from distillguard.guard.limits import Lease, Price, RateLimited, make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.policy import Decision, Level, PolicyConfig
@@ -69,6 +71,9 @@ class GuardConfig(BaseSettings):
     ledger_content: LedgerContent = Field("full", description="full | hashes | off: what the ledger keeps of "
                                                               "prompts and answers (guard/privacy.py)")
     redact: tuple[str, ...] = Field((), description="regexes whose matches the ledger stores as [REDACTED] (full)")
+    idempotency_claim_ttl_s: float = Field(
+        30.0, gt=0, description="an Idempotency-Key claim not renewed for this long (its replica died mid-request) "
+                                "is taken over by a retry; live holders renew it every third of this")
     ledger_wait_s: float = Field(30.0, gt=0, description="longest a request waits for its ledger row to commit "
                                                          "before it is answered 503 ledger_unavailable")
     ledger_wedged_s: float = Field(30.0, gt=0, description="a ledger row queued this long uncommitted makes "
@@ -117,6 +122,14 @@ class LimiterUnavailable(APIError):
 class IdempotencyConflict(APIError):
     status_code = 409
     type = "invalid_request_error"
+
+
+class IdempotencyInProgress(IdempotencyConflict):
+    def __init__(self, retry_after: int = 2):
+        super().__init__("a request with this Idempotency-Key is still being answered; retry after Retry-After "
+                         "seconds to get its answer (no second generation is run)",
+                         param="Idempotency-Key", code="idempotency_in_progress")
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class AuthError(APIError):
@@ -285,15 +298,20 @@ class Guard:
         self._monitor_queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self._monitor_thread: threading.Thread | None = None
         self.monitor_errors = 0
+        self._claims: dict[str, tuple[str, str]] = {}  # request id -> (account, Idempotency-Key) it holds
+        self._renewer: asyncio.Task | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
         self.ledger.start()
+        self._renewer = asyncio.ensure_future(self._renew_claims())
         if self.monitor is not None:
             self._monitor_thread = threading.Thread(target=self._monitor_loop, name="distillguard-monitor", daemon=True)
             self._monitor_thread.start()
 
     async def close(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._monitor_thread is not None:
             self._monitor_queue.put(None)
             await asyncio.to_thread(self._monitor_thread.join, 30)
@@ -556,34 +574,98 @@ class Guard:
         self._observe(log)
         if log.key is None:
             return
-        idempotent = None
-        if log.idempotency_key is not None and log.status == 200 and log.response_body is not None:
-            idempotent = {"account_id": log.key.account, "key": log.idempotency_key, "request_hash": log.request_hash,
-                          "request_id": log.request_id, "response": _stored(log.response_body), "created_at": log.ts}
         row = log.row()
-        await self.ledger.record(self._ledger_row(log, row), idempotent=idempotent)
+        await self.ledger.record(self._ledger_row(log, row), idempotent=self._settle_claim(log))
         if self.monitor is not None and log.status == 200:
             self._monitor_queue.put(row)
 
     async def replay(self, log: RequestLog) -> dict | None:
-        """The stored response to this account's earlier request with the same Idempotency-Key.
+        """Claim this account's Idempotency-Key for this request, or answer from the request that
+        claimed it first.
 
-        Raises 409 when the key was used with a different request body (a client bug that
-        would otherwise silently return the answer to another question)."""
-        def lookup():
-            with self.engine.connect() as conn:
-                return conn.execute(select(IdempotentResponse.request_hash, IdempotentResponse.response).where(
-                    IdempotentResponse.account_id == log.key.account,
-                    IdempotentResponse.key == log.idempotency_key)).first()
+        Returns that request's stored response (a replay), or None: the key is now this
+        request's, and ``finish``/``abandon`` store its response under it or release it.
+        Raises 409 ``idempotency_key_reused`` when the key came with another request body (a
+        client bug that would otherwise return the answer to another question), 409
+        ``idempotency_in_progress`` while the first request still runs: a retry must never start
+        a second generation.
 
-        found = await asyncio.to_thread(lookup)
+        The claim is a row in the database, not a set in memory, so it holds across replicas:
+        the insert of the pending row (``response`` NULL) is atomic under the table's primary key
+        (account, key), whichever replica gets there first. Its holder renews it while it runs
+        (``_renew_claims``); one left unrenewed for ``idempotency_claim_ttl_s`` belonged to a
+        replica that died mid-request and is taken over, so a crash blocks a key for seconds,
+        not forever.
+        """
+        found = await asyncio.to_thread(self._claim, log)
         if found is None:
+            self._claims[log.request_id] = (log.key.account, log.idempotency_key)
+        return found
+
+    def _claim(self, log: RequestLog) -> dict | None:
+        t = IdempotentResponse.__table__
+        here = (t.c.account_id == log.key.account) & (t.c.key == log.idempotency_key)
+        dialect_insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[self.engine.dialect.name]
+        for _ in range(3):  # the row may go between our insert and our read (its claim released)
+            now = time.time()
+            with self.engine.begin() as conn:
+                claimed = conn.execute(dialect_insert(t).values(
+                    account_id=log.key.account, key=log.idempotency_key, request_hash=log.request_hash,
+                    request_id=log.request_id, response=null(), created_at=now)
+                    .on_conflict_do_nothing().returning(t.c.request_id))
+                if claimed.first() is not None:  # (rowcount is -1 here on psycopg)
+                    return None
+                found = conn.execute(select(t.c.request_hash, t.c.request_id, t.c.response, t.c.created_at)
+                                     .where(here)).first()
+                if found is None:
+                    continue
+                if found.request_hash != log.request_hash:
+                    raise IdempotencyConflict(
+                        "this Idempotency-Key was already used with a different request body; use a new key",
+                        param="Idempotency-Key", code="idempotency_key_reused")
+                if found.response is not None:
+                    return _unstored(found.response)
+                if now - found.created_at <= self.config.idempotency_claim_ttl_s:
+                    raise IdempotencyInProgress()
+                taken = conn.execute(t.update().where(here & (t.c.request_id == found.request_id)
+                                                      & t.c.response.is_(None))
+                                     .values(request_id=log.request_id, created_at=now))
+                if taken.rowcount == 1:
+                    logging.getLogger(__name__).warning("took over the stale Idempotency-Key claim of request %s (not renewed for %.0f s)",
+                                 found.request_id, now - found.created_at)
+                    return None
+        raise IdempotencyInProgress()
+
+    def _settle_claim(self, log: RequestLog) -> dict | None:
+        """What the ledger does with this request's Idempotency-Key in the row's transaction:
+        store a 200's response under it, release a claim this request holds otherwise."""
+        if log.idempotency_key is None or log.key is None:
             return None
-        if found.request_hash != log.request_hash:
-            raise IdempotencyConflict(
-                "this Idempotency-Key was already used with a different request body; use a new key",
-                param="Idempotency-Key", code="idempotency_key_reused")
-        return _unstored(found.response)
+        held = self._claims.pop(log.request_id, None) is not None
+        claim = {"account_id": log.key.account, "key": log.idempotency_key, "request_id": log.request_id}
+        if log.status == 200 and log.response_body is not None:
+            return {**claim, "request_hash": log.request_hash, "response": _stored(log.response_body),
+                    "created_at": log.ts}
+        return {**claim, "response": None} if held else None
+
+    async def _renew_claims(self) -> None:
+        """Keep this replica's claims fresh, so no other replica takes over a request still running."""
+        while True:
+            await asyncio.sleep(self.config.idempotency_claim_ttl_s / 3)
+            held = dict(self._claims)
+            if not held:
+                continue
+            try:
+                await asyncio.to_thread(self._touch_claims, held)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup: the next round renews them
+                log.warning("could not renew %d Idempotency-Key claim(s): %s", len(held), describe(exc))
+
+    def _touch_claims(self, held: dict[str, tuple[str, str]]) -> None:
+        t = IdempotentResponse.__table__
+        with self.engine.begin() as conn:
+            conn.execute(t.update().where(tuple_(t.c.account_id, t.c.key).in_(list(held.values()))
+                                          & t.c.request_id.in_(list(held)) & t.c.response.is_(None))
+                         .values(created_at=time.time()))
 
     def abandon(self, log: RequestLog) -> None:
         """Record a request whose client went away, without waiting (we may be cancelled).
@@ -593,7 +675,7 @@ class Guard:
         self._observe(log)
         if log.key is not None:
             row = log.row()
-            self.ledger.submit(self._ledger_row(log, row))
+            self.ledger.submit(self._ledger_row(log, row), idempotent=self._settle_claim(log))
             if self.monitor is not None and log.completion_tokens:
                 self._monitor_queue.put(row)
 

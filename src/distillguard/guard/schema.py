@@ -94,8 +94,11 @@ class LedgerRow(Base):
 class IdempotentResponse(Base):
     """The response to a request sent with an ``Idempotency-Key``, so a retry is answered once.
 
-    Written in the same transaction as the request's ledger row (see ``Ledger``); a client that
-    resends the key after a crash gets this response back instead of a second generation.
+    The row is first a claim (``response`` NULL), inserted before generating: a concurrent retry
+    finds it and waits, on any replica. Its holder renews ``created_at`` while it runs, then
+    stores the response in the same transaction as the request's ledger row (see ``Ledger``),
+    or deletes the claim if the request failed. A client that resends the key after a crash gets
+    this response back instead of a second generation.
     """
 
     __tablename__ = "idempotency_keys"
@@ -105,7 +108,8 @@ class IdempotentResponse(Base):
     key: Mapped[str] = mapped_column(String(128))
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     request_id: Mapped[str] = mapped_column(String(64), nullable=False)
-    response: Mapped[dict] = mapped_column(JSONType, nullable=False)
+    response: Mapped[dict | None] = mapped_column(JSONType, nullable=True)  # NULL: claimed, still running
+    # when the response was stored; while a claim, when its holder last renewed it
     created_at: Mapped[float] = mapped_column(Double, nullable=False)
 
 
