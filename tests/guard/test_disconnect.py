@@ -6,6 +6,7 @@ engine would generate the whole answer for nobody and the ledger would record a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,6 +14,7 @@ import uuid
 import httpx
 import pytest
 
+from distillguard.guard.gateway import Guard, GuardConfig, RequestLog
 from distillguard.models import load_model
 from tests.servers import run_cli, serve_process
 
@@ -111,3 +113,37 @@ def test_stream_hung_up_after_k_tokens_is_charged_k_tokens(gateway):
     assert own["total_tokens"] == charged
     live = own["keys"][0]["live"]
     assert live["tokens_today"] == charged and live["in_flight"] == 0
+
+
+class _Recorder:
+    """A monitor that only records what it is fed (tests what reaches detection, not detection)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def observe(self, record: dict):
+        self.records.append(record)
+
+
+def test_abandoned_requests_with_tokens_reach_online_detection(tmp_path):
+    """Issue 24 #2: only status-200 rows went to the monitor, so a harvester that always hangs
+    up a token early was never scored."""
+    recorder = _Recorder()
+    guard = Guard(GuardConfig(db=f"sqlite:///{tmp_path / 'ledger.db'}", watermark=False), monitor=recorder)
+
+    async def scenario() -> None:
+        await guard.start()
+        try:
+            key, _ = await asyncio.to_thread(guard.keys.create, "harvester")
+            for completion in (None, 37):  # gone before any token, gone after 37
+                log = RequestLog(client_ip="127.0.0.1", key=key, body={"model": "tiny", "messages": []})
+                log.status, log.error_code = 499, "client_closed"
+                if completion is not None:
+                    log.set_usage({"prompt_tokens": 12, "completion_tokens": completion})
+                guard.abandon(log)
+        finally:
+            await guard.close()  # drains the monitor's queue
+
+    asyncio.run(scenario())
+    assert [(r["response"]["status"], r["response"].get("usage")) for r in recorder.records] == [
+        (499, {"prompt_tokens": 12, "completion_tokens": 37})]
