@@ -259,3 +259,48 @@ def test_detect_runs_on_a_private_ledger_and_says_what_it_cannot_see(private_gat
     assert "template, cot, mmd, prada and coverage" in out.stderr
     report = json.loads(out.stdout)
     assert "q" in {a["account"] for a in report["accounts"]}
+
+
+def test_online_detection_sees_the_request_as_sent_while_the_ledger_keeps_hashes(tmp_path):
+    """The monitor is fed in memory before the row is made private: what the gateway detects live
+    does not depend on what it stores."""
+    import asyncio
+    import threading
+
+    from sqlalchemy import select
+
+    from distillguard.guard.gateway import Guard, GuardConfig, RequestLog
+    from distillguard.guard.schema import LedgerRow
+
+    class Recorder:  # a Monitor (gateway.Monitor): records what it is given
+        def __init__(self):
+            self.records, self.seen = [], threading.Event()
+
+        def observe(self, record):
+            self.records.append(record)
+            self.seen.set()
+
+    monitor = Recorder()
+    guard = Guard(GuardConfig(db=str(tmp_path / "ledger.db"), ledger_content="hashes", watermark=False),
+                  monitor=monitor)
+
+    async def main():
+        await guard.start()
+        try:
+            key, _ = await asyncio.to_thread(guard.keys.create, "acct")
+            log = RequestLog(client_ip="127.0.0.1", key=key)
+            log.set_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "the question"}]}).encode())
+            log.add_response({"choices": [{"index": 0, "message": {"content": "the answer"}}],
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+            await guard.finish(log)
+        finally:
+            await guard.close()
+
+    asyncio.run(main())
+    assert monitor.seen.is_set()
+    assert monitor.records[0]["request"]["messages"][0]["content"] == "the question"
+    assert monitor.records[0]["response"]["text"] == "the answer"
+    with guard.engine.connect() as conn:
+        stored = conn.execute(select(LedgerRow.request_body, LedgerRow.response_text)).one()
+    assert stored.request_body["messages"][0]["content"]["sha256"] == hashlib.sha256(b"the question").hexdigest()
+    assert json.loads(stored.response_text) == digest("the answer", "hashes")

@@ -54,7 +54,8 @@ def warn_without_text(records: list[dict], what: str) -> None:
         err_console.print(f"[yellow]warning:[/] {n} of {len(records)} {what} carry no prompt text (a ledger kept "
                           f"with --ledger-content hashes or off): {TEXT_DETECTORS} learn nothing from them, "
                           "linking sees only identical prompts (hashes); volume, timing, shape and fresh "
-                          "are unaffected")
+                          "are unaffected. Calibrate on traffic kept the same way: a calibration made on text "
+                          "sets the threshold too high for it (bench/ledger_privacy.py)")
 
 
 def _progress(label: str, total: int):
