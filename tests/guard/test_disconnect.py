@@ -147,3 +147,41 @@ def test_abandoned_requests_with_tokens_reach_online_detection(tmp_path):
     asyncio.run(scenario())
     assert [(r["response"]["status"], r["response"].get("usage")) for r in recorder.records] == [
         (499, {"prompt_tokens": 12, "completion_tokens": 37})]
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    """(url, db) of a gateway whose backend is the upstream proxy, in front of a tiny server."""
+    db = f"sqlite:///{tmp_path_factory.mktemp('proxied') / 'ledger.db'}"
+    with serve_process("--model", MODEL, "--no-guard") as upstream, \
+            serve_process("--upstream", upstream, "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+        yield url, db
+
+
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_proxied_stream_hung_up_is_charged_the_deltas_received(proxied, logprobs):
+    """The upstream backend has no tokenizer: it counts the tokens of the deltas it relayed
+    (logprobs entries when there are some, else one per content chunk, as vLLM, TGI, llama.cpp
+    and OpenAI send a chunk per token)."""
+    url, db = proxied
+    tok = load_model("tiny", device="cpu").tokenizer
+    banned = {str(i): -100 for i in set(tok.all_special_ids) | {tok.eos_token_id}}
+    account = f"proxied-{logprobs}".lower()
+    key = make_key(url, account)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 4000,
+            "logit_bias": banned, "stream": True, "logprobs": logprobs}
+    k, read = 20, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choices = json.loads(line[6:])["choices"]
+                read += bool(choices and choices[0]["delta"].get("content"))
+            if read >= k:
+                break
+    (row,) = wait_rows(db, account, 1)
+    usage = row["response"]["usage"]
+    assert row["response"]["status"] == 499
+    assert k <= usage["completion_tokens"] <= k + 10, usage
+    assert usage["prompt_tokens"] >= len("count")  # the upper bound the budget reserved
