@@ -1,7 +1,9 @@
 """A huge prompt is tokenized once, off the event loop, and capped (issue 24 #3).
 
 Before, a 4 MB prompt was tokenized twice on the event loop (for the limits' budget, then for
-the engine): every other client, ``/healthz`` included, waited ~7 s."""
+the engine): every other client, ``/healthz`` included, waited ~7 s. Now one with more bytes
+than the cap's tokens can cover is refused without tokenizing, and one that must be tokenized
+to tell is tokenized in a worker thread."""
 
 from __future__ import annotations
 
@@ -21,13 +23,24 @@ from distillguard.serve.schemas import parse_chat_request
 HUGE = 3_500_000  # characters: under the 4 MiB body limit, seconds of tokenizing
 
 
-def test_health_answers_while_a_huge_prompt_is_tokenized(tiny_server):
+# tiny's tokens cover at most 13 bytes (its special tokens written out): with this context,
+# HUGE bytes pass the quick bound (HUGE / 13 tokens at least) and only tokenizing tells.
+HUGE_CTX = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def roomy_server(serve) -> str:
+    return serve("--model", f"tiny:ctx={HUGE_CTX}", "--no-guard")
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenized(roomy_server):
     order: list[str] = []
     answer: dict = {}
 
     def huge() -> None:
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}], "max_tokens": 1}
-        resp = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=120)
+        body = {"model": f"tiny:ctx={HUGE_CTX}", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}],
+                "max_tokens": 1}
+        resp = httpx.post(f"{roomy_server}/v1/chat/completions", json=body, timeout=120)
         order.append("huge")
         answer.update(status=resp.status_code, body=resp.json())
 
@@ -35,7 +48,7 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(tiny_server):
     sender.start()
     # Let the body arrive (milliseconds on loopback) and its tokenizing (seconds) start.
     time.sleep(1.0)
-    health = httpx.get(f"{tiny_server}/healthz", timeout=120)
+    health = httpx.get(f"{roomy_server}/healthz", timeout=120)
     order.append("healthz")
     sender.join(120)
     assert health.status_code == 200
@@ -44,6 +57,16 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(tiny_server):
     assert answer["status"] == 400
     assert answer["body"]["error"]["code"] == "context_length_exceeded"
     assert answer["body"]["error"]["param"] == "messages"
+    assert f"are {HUGE + 19} tokens" in answer["body"]["error"]["message"]  # counted (+ the template), so tokenized
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_at_once(tiny_server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}], "max_tokens": 1}
+    resp = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=120)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert f"at least {HUGE // 13} tokens" in error["message"] and "at most 512 tokens" in error["message"]
 
 
 def test_max_prompt_tokens_caps_prompts_below_the_context(tiny_lm):

@@ -25,6 +25,10 @@ class LocalBackend:
         self.engine = Engine(lm, max_batch_rows=config.max_batch_rows, batch_wait_s=config.batch_wait_ms / 1000,
                              prefill_chunk=config.prefill_chunk)
         self.max_prompt_tokens = min(config.max_prompt_tokens or lm.context_length, lm.context_length)
+        # No token covers more bytes than this (special tokens written out included), so a prompt of
+        # B bytes has at least B / this many tokens: enough to refuse a huge one without tokenizing it.
+        self._max_token_bytes = max([len(b) for b in self.engine._token_bytes]
+                                    + [len(t.encode()) for t in lm.tokenizer.all_special_tokens] + [1])
         # Prompt ids of the requests in flight, by id(request): tokenized once, by budget() (in a
         # worker thread), and reused by the generation; an entry goes when its request does.
         self._prompts: dict[int, list[int]] = {}
@@ -64,6 +68,9 @@ class LocalBackend:
                 param="model", code="model_not_found")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
+        at_least = sum(len(m["content"].encode()) for m in messages) // self._max_token_bytes
+        if at_least > self.max_prompt_tokens:
+            raise self._too_long(f"at least {at_least}")
         try:
             ids = self.lm.chat_ids(messages)
         except Exception as exc:  # jinja2 raises TemplateError subclasses for messages a template rejects
@@ -71,11 +78,14 @@ class LocalBackend:
                 f"the model's chat template rejected these messages: {exc}", param="messages",
                 code="invalid_value") from None
         if len(ids) > self.max_prompt_tokens:
-            raise ContextLengthExceeded(
-                f"The messages are {len(ids)} tokens; this server accepts prompts of at most "
-                f"{self.max_prompt_tokens} tokens (max_prompt_tokens; the model's context is "
-                f"{self.lm.context_length}). Please shorten the messages.", param="messages")
+            raise self._too_long(str(len(ids)))
         return ids
+
+    def _too_long(self, tokens: str) -> ContextLengthExceeded:
+        return ContextLengthExceeded(
+            f"The messages are {tokens} tokens; this server accepts prompts of at most "
+            f"{self.max_prompt_tokens} tokens (max_prompt_tokens; the model's context is "
+            f"{self.lm.context_length}). Please shorten the messages.", param="messages")
 
     def count_tokens(self, text: str) -> int:
         return len(self.lm.tokenizer.encode(text, add_special_tokens=False))
