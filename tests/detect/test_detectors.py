@@ -169,16 +169,24 @@ def test_embedding_detectors_are_silent_below_min_prompts(space):
 
 def test_linking_joins_accounts_that_share_templates_system_prompt_and_network():
     linker = Linker(min_evidence=3)
+    rng = random.Random(9)
+    for j in range(40):  # people: their own networks, some their own system prompt, one common habit
+        system = f"You are my assistant number {j}." if j % 3 == 0 else None
+        for i in range(6):
+            linker.observe(extract(record(f"p{j}", T0 + i, f"how do I fix my {rng.choice(WORDS_)}",
+                                          ip=f"10.{j}.0.1", **({"system": system} if system else {}))))
     for i in range(6):
         for acct, last in (("x1", 2), ("x2", 3)):
             linker.observe(extract(record(acct, T0 + i, f"Write a poem about the {WORDS_[i]} for a {last}-year-old.",
                                           system="You are GenBot v7.", ip=f"45.83.17.{last}")))
-    for i in range(6):  # an unrelated person
-        linker.observe(extract(record("p", T0 + i, f"how do I fix my {WORDS_[i]}", ip="10.0.0.1")))
     assert linker.cluster_id("x1") == linker.cluster_id("x2") is not None
-    assert linker.cluster_size("x1") == 2 and linker.cluster_size("p") == 1
-    why = linker.why("x1")
-    assert why["shared system prompt"] == 1 and why["shared template"] >= 1
+    assert linker.cluster_size("x1") == 2 and linker.cluster_size("p1") == 1
+    [(other, link)] = linker.links("x1")
+    assert other == "x2" and link.shared["system"] == 1 and link.shared["network"] == 1 and link.shared["template"] == 1
+    # each kind weighed by its rarity among 42 accounts; the kinds combined make the link
+    assert min(link.by_kind["network"], link.by_kind["system"], link.by_kind["template"]) > 1.0
+    assert link.weight > max(link.by_kind.values()) and "same network ×1" in linker.describe(link)
+    assert "45.83.17.0/24" in linker.describe(link)
 
 
 WORDS_ = ("ocean", "moon", "forest", "city", "desert", "river")

@@ -144,22 +144,31 @@ def tail_floor(target_fpr: float, detectors: int) -> float:
 
 
 def _raw_scores(monitor: AccountMonitor, feats: list[Features], progress=None):
-    """Per request: (account-day key, own raw scores (D,), pooled raw scores (D,) or None)."""
+    """Per request: (account-day key, own raw scores (D,), pooled raw scores (D,) or None, the
+    account's share of its cluster's behaviour)."""
     for f, s, p in _run(monitor, feats, progress=progress):
-        yield (f.account, int(f.ts // DAY)), s.raw(), (p.raw() if p is not None else None)
+        yield ((f.account, int(f.ts // DAY)), s.raw(), (p.raw() if p is not None else None),
+               monitor.linker.share(f.account) if p is not None else 0.0)
+
+
+def _attributed(own: np.ndarray, pooled: np.ndarray, share) -> np.ndarray:
+    """Own scores raised towards the cluster's by the account's share (AccountMonitor._verdict)."""
+    return own + share * np.maximum(pooled - own, 0.0)
 
 
 def _day_fisher(rows, tails: list[EmpiricalTail]) -> dict[tuple[str, int], float]:
-    """Per account-day: the max over its requests of Fisher's -2 Σ ln p_d (own or pooled stream)."""
-    keys = [k for k, _, _ in rows]
-    own = np.stack([r for _, r, _ in rows])                                           # (N, D)
+    """Per account-day: the max over its requests of Fisher's -2 Σ ln p_d (own stream, raised
+    towards the pooled stream's by the account's share)."""
+    keys = [k for k, _, _, _ in rows]
+    own = np.stack([r for _, r, _, _ in rows])                                        # (N, D)
     logp = np.stack([np.log(t.pvalues(own[:, j])) for j, t in enumerate(tails)], axis=1)
     score = -2.0 * logp.sum(axis=1)                                                   # (N,)
-    pooled_idx = [i for i, (_, _, p) in enumerate(rows) if p is not None]
+    pooled_idx = [i for i, (_, _, p, s) in enumerate(rows) if p is not None and s > 0]
     if pooled_idx:
         pooled = np.stack([rows[i][2] for i in pooled_idx])
+        share = np.array([rows[i][3] for i in pooled_idx])
         plogp = np.stack([np.log(t.pvalues(pooled[:, j])) for j, t in enumerate(tails)], axis=1)
-        score[pooled_idx] = np.maximum(score[pooled_idx], -2.0 * plogp.sum(axis=1))
+        score[pooled_idx] = _attributed(score[pooled_idx], -2.0 * plogp.sum(axis=1), share)
     best: dict[tuple[str, int], float] = {}
     for k, v in zip(keys, score.tolist()):
         if v > best.get(k, -1.0):
@@ -210,8 +219,8 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
     D = len(monitor.names)
     floor = tail_floor(config.target_fpr, D)
     maxima: dict[tuple[str, int], np.ndarray] = {}
-    for k, own, pooled in rows:
-        raw = own if pooled is None else np.maximum(own, pooled)
+    for k, own, pooled, share in rows:
+        raw = own if pooled is None else _attributed(own, pooled, share)
         maxima[k] = np.maximum(maxima[k], raw) if k in maxima else raw
     day_keys = list(maxima)
     M = np.stack([maxima[k] for k in day_keys])                                       # (days, D)

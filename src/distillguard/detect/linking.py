@@ -1,33 +1,71 @@
-"""Cross-account linking: accounts that share prompts, templates, system prompts or networks.
+"""Cross-account linking as weighed evidence (issue 23), not transitive closure.
 
-Evidence between two accounts, one count each:
-- a near-duplicate prompt (MinHash LSH on word 3-shingles, Jaccard ≥ 0.6; datasketch), unless its
-  template is common among benign users or more than 50 accounts sent it,
-- a template signature both used at least 3 times,
-- a system prompt both sent,
-- the same /24 network (IPv4) or /48 (IPv6), once per pair.
-Templates and system prompts that several benign reference accounts share are not evidence.
-Two accounts with ``link_min_evidence`` counts are linked; linked components (union-find)
-are clusters, scored as one actor by pooling their streams (``monitor.py``). The
-``linking`` detector scores an account by the size of its cluster.
+Items. Every account holds sets of items of four kinds:
+
+- ``prompt``: a near-duplicate group (MinHash LSH on word 3-shingles, Jaccard ≥ 0.6; datasketch),
+  or, for a ledger kept as hashes, an identical-prompt hash;
+- ``template``: a template signature the account used at least 3 times;
+- ``system``: a system-prompt hash;
+- ``network``: the /24 (IPv4) or /48 (IPv6) the account sent from.
+
+Templates and system prompts that several benign reference accounts share (``common``) are no
+evidence; an item held by more than ``MAX_SHARERS`` accounts stops making pairs (it carries almost
+no evidence, and each new holder would cost O(holders)).
+
+Pair significance. The null hypothesis: two accounts choose their items independently of each
+other, each account's n distinct items of a kind being n draws from the population's popularity,
+where one draw is item i with probability r_i = (d_i' + 1) / (D' + U): d_i' accounts *other than
+the pair* hold i, D' = D - n_a - n_b is the kind's incidences outside the pair, U its distinct
+items (add-one: an item nobody else holds is not impossible). Then P(b holds i) ≤ n_b r_i, and
+the count K of a's items that b also holds has mean at most
+
+    λ(a→b) = n_b Σ_{i∈A} r_i = n_b (R_a - K) / (D' + U),      R_a = Σ_{i∈A} d_i,
+
+a Poisson-binomial that Le Cam's theorem puts close to Poisson(λ) (error ≤ Σ π_i²); the tail
+p = P(Poisson(λ) ≥ K) with the linear upper bound on λ is conservative. So a popular item raises
+λ for everyone who holds it (a prompt many people send proves little: its evidence, -log10 of the
+chance b holds it, is an IDF), and a big account raises it for all its partners (a sweeper over a
+public prompt set is expected to meet people who type the same prompts). Both directions are
+tested and the larger p kept; the kinds both accounts hold combine by Fisher's method (χ² with 2k
+degrees of freedom). A pair's weight is w = -log10 p; pairs under ``EDGE_MIN`` are no edge.
+
+Communities. Leiden with the constant Potts model (Traag, Van Dooren, Nesterov 2011; Traag,
+Waltman, van Eck 2019; ``leidenalg``) at resolution ``EDGE_MIN``: a community needs a mean pairwise
+weight of at least ``EDGE_MIN`` among all its pairs. A hub linked to many accounts that are not
+linked to each other (a star of L leaves has density 2w/(L+1)) does not merge them; a campaign
+whose keys all share evidence is one community. Recomputed per connected component when its
+edges change.
+
+Attribution. A member's own evidence is E_m = Σ_{j∈C} w_mj over its community. Its share of the
+community's pooled behaviour is s_m = clip((E_m - E_0) / ``FULL_DIGITS``, 0, 1) with E_0 =
+log10(pairs of accounts seen): the weight the best of all pairs reaches by chance (Bonferroni), so
+a member whose evidence is at chance level gets nothing of the cluster's volume or shape, and one
+at a family-wise 10^-3 gets all of it (``AccountMonitor._verdict``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from datasketch import MinHash, MinHashLSH
+from scipy import stats
 
 from distillguard.detect.registry import Detector, register
 
 _WORD = re.compile(r"\w+")
 NUM_PERM = 64
-MAX_WORDS = 96   # words of a prompt that are shingled
-MAX_SHARERS = 50  # near-duplicates across more accounts than this are a popular prompt
+MAX_WORDS = 96    # words of a prompt that are shingled
+MAX_SHARERS = 50  # an item held by more accounts makes no more pairs
+EDGE_MIN = 2.0    # -log10 p of a pair to be an edge; also the Potts resolution (mean weight in a community)
+FULL_DIGITS = 3.0  # evidence beyond chance (log10) at which a cluster's behaviour is wholly a member's
+KINDS = ("prompt", "template", "system", "network")
+_NAMES = {"prompt": "near-duplicate prompts", "template": "shared templates", "system": "shared system prompt",
+          "network": "same network"}
 
 
 @lru_cache(maxsize=65536)
@@ -42,113 +80,232 @@ def _network(ip: str | None) -> str | None:
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
 
 
+def poisson_evidence(k: int, lam: float) -> float:
+    """-log10 P(Poisson(lam) ≥ k): the evidence of k shared items where lam were expected."""
+    if k <= 0:
+        return 0.0
+    if lam <= 0:
+        return math.inf
+    return -float(stats.poisson.logsf(k - 1, lam)) / math.log(10)
+
+
+def fisher_evidence(digits: list[float]) -> float:
+    """-log10 of Fisher's combined p of independent tests, each given as -log10 p."""
+    if not digits:
+        return 0.0
+    x = 2.0 * math.log(10) * sum(digits)       # -2 Σ ln p
+    return -float(stats.chi2.logsf(x, 2 * len(digits))) / math.log(10)
+
+
+def kind_evidence(k: int, n_a: int, n_b: int, r_a: int, r_b: int, incidences: int, distinct: int) -> float:
+    """Evidence (-log10 p) that accounts a and b share k items of one kind by more than chance.
+
+    n_*: the accounts' distinct items, r_*: the sums of their items' holder counts, incidences:
+    Σ n over all accounts, distinct: items of the kind. The larger p of the two directions."""
+    denom = max(incidences - n_a - n_b, 0) + distinct
+    lam_ab = n_b * (r_a - k) / denom
+    lam_ba = n_a * (r_b - k) / denom
+    return min(poisson_evidence(k, lam_ab), poisson_evidence(k, lam_ba))
+
+
+def communities(edges: dict[tuple[str, str], float], resolution: float = EDGE_MIN) -> list[frozenset[str]]:
+    """Leiden communities under the constant Potts model of a weighted graph ({(a, b): weight}):
+    each community's mean weight over all its pairs is at least ``resolution`` (up to Leiden's
+    local optimum), so a hub does not join accounts it links to that are not linked to each other."""
+    import igraph as ig
+    import leidenalg as la
+
+    nodes = sorted({x for pair in edges for x in pair})
+    index = {x: i for i, x in enumerate(nodes)}
+    g = ig.Graph(n=len(nodes), edges=[(index[a], index[b]) for a, b in edges])
+    g.es["weight"] = list(edges.values())
+    part = la.find_partition(g, la.CPMVertexPartition, weights="weight", resolution_parameter=resolution, seed=0)
+    return [frozenset(nodes[i] for i in members) for members in part]
+
+
+def attributed_share(evidence: float, chance: float) -> float:
+    """s = clip((E - E_0) / FULL_DIGITS, 0, 1): nothing at chance level, all at 10^-FULL_DIGITS beyond it."""
+    return min(1.0, max(0.0, (evidence - chance) / FULL_DIGITS))
+
+
+@dataclass
+class Link:
+    """What two accounts share, and how much it proves."""
+    shared: Counter = field(default_factory=Counter)                  # kind -> K
+    examples: dict = field(default_factory=lambda: defaultdict(list))  # kind -> a few shared items
+    weight: float = 0.0                                               # -log10 p of the pair
+    by_kind: dict = field(default_factory=dict)                       # kind -> -log10 p
+
+
 class Linker:
-    """Incremental account linking over the whole request stream of a monitor."""
+    """Incremental account linking over the whole request stream of a monitor (one implementation
+    for the online monitor, the offline report and the calibration)."""
 
-    def __init__(self, *, min_evidence: int = 3, common: frozenset[str] = frozenset(),
-                 on_merge: Callable[[str, str], None] | None = None):
-        self.min_evidence = min_evidence
+    def __init__(self, *, min_evidence: int = 3, common: frozenset[str] = frozenset()):
+        self.min_evidence = min_evidence   # shared items before a pair is tested at all
         self.common = common
-        self.on_merge = on_merge
         self._lsh = MinHashLSH(threshold=0.6, num_perm=NUM_PERM)
-        self._seq = 0
-        self._evidence: Counter[tuple[str, str]] = Counter()
-        self._why: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-        self._seen_pairs: set[tuple[str, str, str]] = set()
-        self._item_users: dict[str, Counter[str]] = defaultdict(Counter)
-        self._net_users: dict[str, set[str]] = defaultdict(set)
-        self._prompt_users: dict[str, set[str]] = {}  # hashed prompt -> accounts (ledgers without text)
-        self._parent: dict[str, str] = {}
-        self._size: Counter[str] = Counter()
         self._perm = MinHash(num_perm=NUM_PERM, seed=1)  # shared permutations: building hashes is cheap
+        self._seq = 0
+        self._group: dict[str, int] = {}                 # LSH key -> near-duplicate group
+        self._label: dict[tuple[str, object], str] = {}  # item -> words for the reasons
+        self._items: dict[str, dict[str, set]] = {k: defaultdict(set) for k in KINDS}    # kind -> account -> items
+        self._holders: dict[tuple[str, object], list[str]] = defaultdict(list)           # (kind, item) -> accounts
+        self._r: dict[str, Counter] = {k: Counter() for k in KINDS}                      # kind -> account -> R_a
+        self._incidences: Counter[str] = Counter()     # kind -> D (Σ accounts' distinct items)
+        self._distinct: Counter[str] = Counter()       # kind -> U (items held by anyone)
+        self._template_uses: dict[str, Counter] = defaultdict(Counter)
+        self._links: dict[tuple[str, str], Link] = {}
+        self._adj: dict[str, dict[str, float]] = defaultdict(dict)   # edges (w ≥ EDGE_MIN)
+        self._community: dict[str, frozenset[str]] = {}
+        self._dirty: set[str] = set()                                 # accounts whose edges changed
+        self._accounts: set[str] = set()
 
-    # ---- union-find ----
-    def find(self, a: str) -> str:
-        p = self._parent.setdefault(a, a)
-        if p != a:
-            p = self._parent[a] = self.find(p)
-        return p
-
-    def cluster_size(self, a: str) -> int:
-        return self._size.get(self.find(a), 1)
-
-    def members(self, root: str) -> list[str]:
-        return sorted(a for a in self._parent if self.find(a) == root)
-
-    def cluster_id(self, a: str) -> str | None:
-        """The account's cluster, named after its root account; None when alone."""
-        root = self.find(a)
-        return f"cluster:{root}" if self._size.get(root, 1) > 1 else None
-
-    def why(self, a: str) -> Counter[str]:
-        out: Counter[str] = Counter()
-        for (x, y), c in self._why.items():
-            if a in (x, y):
-                out.update(c)
-        return out
-
-    def _add(self, a: str, b: str, kind: str, item: str = "") -> None:
-        if a == b:
+    # ---- evidence ----
+    def _hold(self, a: str, kind: str, item, label: str) -> None:
+        """Account a holds an item (once): update popularity and the pairs that now share it."""
+        items = self._items[kind][a]
+        if item in items:
             return
-        pair = (a, b) if a < b else (b, a)
-        if item:
-            key = (pair[0], pair[1], kind + item)
-            if key in self._seen_pairs:
-                return
-            self._seen_pairs.add(key)
-        self._evidence[pair] += 1
-        self._why[pair][kind] += 1
-        if self._evidence[pair] >= self.min_evidence:
-            ra, rb = self.find(a), self.find(b)
-            if ra != rb:
-                sa, sb = self._size.get(ra, 1), self._size.get(rb, 1)
-                if sa < sb:
-                    ra, rb = rb, ra
-                self._parent[rb] = ra
-                self._size[ra] = sa + sb
-                self._size.pop(rb, None)
-                if self.on_merge is not None:
-                    self.on_merge(ra, rb)
+        items.add(item)
+        key = (kind, item)
+        holders = self._holders[key]
+        self._incidences[kind] += 1
+        if not holders:
+            self._distinct[kind] += 1
+            self._label[key] = label
+        if len(holders) > MAX_SHARERS:   # popular: d capped at MAX_SHARERS + 1 in R (no pairs from it)
+            self._r[kind][a] += len(holders)
+            return
+        holders.append(a)
+        d = len(holders)
+        r = self._r[kind]
+        r[a] += d
+        for b in holders[:-1]:
+            r[b] += 1
+        for b in holders[:-1]:
+            pair = (a, b) if a < b else (b, a)
+            link = self._links.get(pair)
+            if link is None:
+                link = self._links[pair] = Link()
+            link.shared[kind] += 1
+            if len(link.examples[kind]) < 3:
+                link.examples[kind].append(key)
+            if sum(link.shared.values()) >= self.min_evidence:
+                self._weigh(pair, link)
+
+    def _kind_weight(self, a: str, b: str, kind: str, k: int) -> float:
+        items = self._items[kind]
+        return kind_evidence(k, len(items[a]), len(items[b]), self._r[kind][a], self._r[kind][b],
+                             self._incidences[kind], self._distinct[kind])
+
+    def _weigh(self, pair: tuple[str, str], link: Link) -> None:
+        a, b = pair
+        held = [k for k in KINDS if self._items[k].get(a) and self._items[k].get(b)]
+        link.by_kind = {k: self._kind_weight(a, b, k, link.shared[k]) for k in held}
+        link.weight = fisher_evidence(list(link.by_kind.values()))
+        was = b in self._adj[a]
+        if link.weight >= EDGE_MIN:
+            self._adj[a][b] = self._adj[b][a] = link.weight
+        elif was:
+            del self._adj[a][b], self._adj[b][a]
+        else:
+            return
+        self._dirty.update(pair)
 
     def observe(self, f) -> None:
         a = f.account
-        self.find(a)
+        self._accounts.add(a)
         # the first MAX_WORDS words: near-duplicates share their openings, and hashing the shingles of
         # a 4,000-character prompt was the linker's main cost
         words = _WORD.findall(f.prompt[:8 * MAX_WORDS].lower())[:MAX_WORDS]
         if len(words) >= 8 and f.template not in self.common:  # formulaic prompts people share: no evidence
             m = MinHash(num_perm=NUM_PERM, permutations=self._perm.permutations, scheme=self._perm.scheme)
             m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)])
-            others = {key.split("\x00", 1)[0] for key in self._lsh.query(m)} - {a}
-            if len(others) <= MAX_SHARERS:  # a prompt half the world sends is not a campaign's signature
-                for other in others:
-                    self._add(a, other, "near-duplicate prompts")
+            near = self._lsh.query(m)
             self._seq += 1
-            self._lsh.insert(f"{a}\x00{self._seq}", m)
+            group = min((self._group[k] for k in near), default=self._seq)
+            key = f"{a}\x00{self._seq}"
+            self._lsh.insert(key, m)
+            self._group[key] = group
+            self._hold(a, "prompt", ("g", group), " ".join(words[:8]))
         if not f.has_text and f.prompt_hash:
             # a ledger that kept only hashes: exact duplicates are still evidence (near ones are not)
-            sharers = self._prompt_users.setdefault(f.prompt_hash, set())
-            if a not in sharers and len(sharers) <= MAX_SHARERS:
-                for other in sharers:
-                    self._add(a, other, "identical prompts (hashed)")
-            if len(sharers) <= MAX_SHARERS:
-                sharers.add(a)
-        for item, kind, need in ((f.template, "shared template", 3), (f.system_hash, "shared system prompt", 1)):
-            if item is None or item in self.common:
-                continue
-            users = self._item_users[item]
-            users[a] += 1
-            if users[a] == need:
-                for other, c in users.items():
-                    if other != a and c >= need:
-                        self._add(a, other, kind, item)
+            self._hold(a, "prompt", ("h", f.prompt_hash), f"prompt sha256 {f.prompt_hash[:8]}")
+        if f.template is not None and f.template not in self.common:
+            uses = self._template_uses[a]
+            uses[f.template] += 1
+            if uses[f.template] == 3:
+                self._hold(a, "template", f.template, f"template {f.template[:8]}")
+        if f.system_hash is not None and f.system_hash not in self.common:
+            self._hold(a, "system", f.system_hash, f"system prompt {f.system_hash[:8]}")
         net = _network(f.ip)
         if net is not None:
-            users = self._net_users[net]
-            if a not in users:
-                for other in users:
-                    self._add(a, other, "same network " + net, net)
-                users.add(a)
+            self._hold(a, "network", net, net)
+
+    # ---- communities ----
+    def community(self, a: str) -> frozenset[str] | None:
+        """The accounts scored as one actor with ``a`` (itself included); None when alone."""
+        if a in self._dirty:
+            self._recompute(a)
+        c = self._community.get(a)
+        return c if c is not None and len(c) > 1 else None
+
+    def _recompute(self, a: str) -> None:
+        seen, todo = {a}, [a]
+        while todo:
+            for b in self._adj[todo.pop()]:
+                if b not in seen:
+                    seen.add(b)
+                    todo.append(b)
+        nodes = sorted(seen)
+        self._dirty -= seen
+        if len(nodes) == 1:
+            self._community.pop(a, None)
+            return
+        for c in communities({(x, y): w for x in nodes for y, w in self._adj[x].items() if x < y}):
+            for x in c:
+                self._community[x] = c
+
+    def cluster_size(self, a: str) -> int:
+        c = self.community(a)
+        return len(c) if c else 1
+
+    def cluster_id(self, a: str) -> str | None:
+        """The account's community, named after its first member; None when alone."""
+        c = self.community(a)
+        return f"cluster:{min(c)}" if c else None
+
+    def evidence(self, a: str) -> float:
+        """E_a: the account's own link evidence inside its community (Σ -log10 p of its links)."""
+        c = self.community(a)
+        return sum(w for b, w in self._adj[a].items() if b in c) if c else 0.0
+
+    def chance_level(self) -> float:
+        """E_0 = log10(pairs of accounts seen): the weight the best pair reaches by chance."""
+        n = len(self._accounts)
+        return math.log10(max(n * (n - 1) / 2, 1.0))
+
+    def share(self, a: str) -> float:
+        """s_a ∈ [0, 1]: how much of its community's pooled behaviour is attributed to ``a``."""
+        e = self.evidence(a)
+        return attributed_share(e, self.chance_level()) if e else 0.0
+
+    def links(self, a: str) -> list[tuple[str, Link]]:
+        """``a``'s links inside its community, strongest first."""
+        c = self.community(a) or frozenset()
+        out = [(b, self._links[(a, b) if a < b else (b, a)]) for b in self._adj[a] if b in c]
+        return sorted(out, key=lambda bl: -bl[1].weight)
+
+    def describe(self, link: Link) -> str:
+        parts = []
+        for kind, w in sorted(link.by_kind.items(), key=lambda kw: -kw[1]):
+            k = link.shared[kind]
+            if not k:
+                continue
+            shown = "; ".join(self._label[key][:40] for key in link.examples[kind][:2])
+            parts.append(f"{_NAMES[kind]} ×{k} (10^-{w:.1f}: {shown})")
+        return ", ".join(parts)
 
 
 @register
@@ -166,14 +323,20 @@ class LinkingDetector(Detector):
 
     def score(self) -> float:
         linker = self._linker()
-        return float(linker.cluster_size(self._account) - 1) if linker is not None else 0.0
+        return linker.evidence(self._account) if linker is not None else 0.0
 
     def reasons(self) -> list[str]:
         linker = self._linker()
-        if linker is None or linker.cluster_size(self._account) < 2:
+        if linker is None:
             return []
-        why = ", ".join(f"{k} ×{v}" for k, v in linker.why(self._account).most_common(3))
-        return [f"linked with {linker.cluster_size(self._account) - 1} other account(s): {why}"]
+        links = linker.links(self._account)
+        if not links:
+            return []
+        shown = "; ".join(f"{b} w={link.weight:.1f} [{linker.describe(link)}]" for b, link in links[:3])
+        return [f"own link evidence {linker.evidence(self._account):.1f} (chance level "
+                f"{linker.chance_level():.1f}, share of cluster behaviour {linker.share(self._account):.0%}) "
+                f"over {len(links)} link(s): {shown}"]
 
 
-__all__ = ["Linker", "LinkingDetector"]
+__all__ = ["Link", "Linker", "LinkingDetector", "attributed_share", "communities", "fisher_evidence", "kind_evidence",
+           "poisson_evidence"]

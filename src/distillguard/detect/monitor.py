@@ -3,7 +3,8 @@
 One monitor follows every account of a gateway (or of a traffic file): it keeps each
 account's detectors, embeds prompts in batches (``observe_batch``), links accounts, and pools
 the streams of linked accounts so that a campaign spread over many keys is scored as one
-actor. An account's score is the larger of its own and its cluster's.
+actor. An account's score is its own, raised towards its cluster's only in proportion to its
+own link evidence (``Linker.share``; linking.py).
 
 Cost per request: features, a cached MiniLM embedding (batched), O(1) detector updates, and
 every ``stride`` prompts an MMD permutation test on a 64 x 256 window (~ms). The gateway calls
@@ -127,28 +128,35 @@ class AccountMonitor:
         self.embedder = embedder
         if calibration is not None:
             common = calibration.common
-        self.linker = Linker(min_evidence=self.config.link_min_evidence, common=frozenset(common),
-                             on_merge=self._merged)
+        self.linker = Linker(min_evidence=self.config.link_min_evidence, common=frozenset(common))
         self.context = Context(self.config, reference, self.linker)
         self.accounts: dict[str, _Stream] = {}
-        self.clusters: dict[str, _Stream] = {}   # union-find root -> pooled stream
+        self.clusters: dict[frozenset[str], _Stream] = {}   # community -> pooled stream
         if calibration is not None:
             self._tails = [calibration.tails[n] for n in self.names]
 
     # ---- cluster pooling ----
-    def _merged(self, root: str, other: str) -> None:
-        self.clusters.pop(other, None)
-        self.clusters.pop(root, None)
-        members = self.linker.members(root)
+    def _pooled(self, account: str) -> _Stream | None:
+        """The pooled stream of the account's community (None when alone), rebuilt from its
+        members' histories when the community changed."""
+        members = self.linker.community(account)
+        if members is None:
+            return None
+        pooled = self.clusters.get(members)
+        if pooled is not None:
+            return pooled
+        for old in [c for c in self.clusters if c & members]:   # communities these accounts left
+            del self.clusters[old]
         merged = sorted((item for a in members if a in self.accounts for item in self.accounts[a].history),
                         key=lambda fe: fe[0].ts)
         for a in members:  # linked accounts are suspects: no more deferring their embeddings
             if a in self.accounts:
                 self.accounts[a].active = True
-        pooled = _Stream(self.classes, self.context, root, self.config.history)
+        pooled = _Stream(self.classes, self.context, min(members), self.config.history)
         for f, emb in merged[-self.config.history:]:
             pooled.observe(f, emb)
-        self.clusters[root] = pooled
+        self.clusters[members] = pooled
+        return pooled
 
     # ---- observing ----
     SKIP, DEFER, EMBED, ACTIVATE = range(4)
@@ -208,9 +216,8 @@ class AccountMonitor:
             if stream is None:
                 stream = self.accounts[f.account] = _Stream(self.classes, self.context, f.account, self.config.history)
             with _one_blas_thread():
-                self.linker.observe(f)          # may merge clusters (and replay their histories)
-                root = self.linker.find(f.account)
-                pooled = self.clusters.get(root) if self.linker.cluster_size(f.account) > 1 else None
+                self.linker.observe(f)
+                pooled = self._pooled(f.account)   # may rebuild a community's stream from its members
                 if action == self.ACTIVATE or (stream.active and stream.deferred):
                     self._flush(stream, pooled, lookup)
                 if action == self.DEFER and stream.active:   # linked within this batch: embed it after all
@@ -247,16 +254,23 @@ class AccountMonitor:
         score, ps = self.combined(stream.raw())
         source = stream
         if pooled is not None:
+            # the cluster's behaviour counts for this account only as far as its own links prove
+            # it one actor with the others (linking.py, "Attribution")
             pscore, pps = self.combined(pooled.raw())
-            if pscore > score:
-                score, ps, source = pscore, pps, pooled
+            share = self.linker.share(f.account)
+            if pscore > score and share > 0:
+                score, ps, source = score + share * (pscore - score), pps, pooled
         level = "flag" if score > cal.threshold else "watch" if score > cal.watch_threshold else "ok"
         stream.flagged = stream.flagged or level == "flag"   # sticky: thins its embeddings from now on
         reasons: tuple[str, ...] = ()
         if level != "ok":
             order = sorted(range(len(ps)), key=lambda i: ps[i])
+            # the linking detector speaks for the account itself: its own links, with their weights
             reasons = tuple(f"{self.names[i]}: {r} (benign p≈{ps[i]:.2g})" for i in order if ps[i] <= 0.05
-                            for r in source.detectors[i].reasons())
+                            for r in (stream if self.names[i] == "linking" else source).detectors[i].reasons())
+            if source is pooled:
+                reasons += (f"cluster {self.linker.cluster_id(f.account)} of {self.linker.cluster_size(f.account)} "
+                            f"accounts: its pooled score {pscore:.1f} counts {share:.0%} for this account",)
         return Verdict(account=f.account, level=level, score=score, reasons=reasons,
                        cluster=self.linker.cluster_id(f.account) if pooled is not None else None, request=stream.n)
 
