@@ -166,18 +166,20 @@ def test_linking_still_sees_identical_prompts_in_a_hashed_ledger():
     from distillguard.detect.features import extract
     from distillguard.detect.linking import Linker
 
-    linker = Linker(min_evidence=3)
-    shared = [f"extract the teacher, item {i}" for i in range(3)]
-    for i, p in enumerate(shared):
-        linker.observe(extract(hashed_record("bot-1", float(i), p)))
-        linker.observe(extract(hashed_record("bot-2", float(i), p)))
-        linker.observe(extract(hashed_record("person", float(i), f"my own question {i}")))
-    assert linker.find("bot-1") == linker.find("bot-2") != linker.find("person")
-    assert linker.why("bot-1")["identical prompts (hashed)"] == 3
-    off = Linker(min_evidence=1)
-    for account in ("a", "b"):  # lengths only: nothing to link by
-        off.observe(extract(hashed_record(account, 1.0, "same prompt", "off")))
-    assert off.cluster_size("a") == 1
+    def linker_over(mode: str) -> Linker:
+        linker = Linker()
+        for i in range(20):  # two keys of one campaign send the same 20 prompts; five people their own
+            for bot in ("bot-1", "bot-2"):
+                linker.observe(extract(hashed_record(bot, float(i), f"extract the teacher, item {i}", mode)))
+            for p in range(5):
+                linker.observe(extract(hashed_record(f"person-{p}", float(i), f"question {i} of person {p}", mode)))
+        return linker
+
+    hashed = linker_over("hashes")
+    assert hashed.cluster_id("bot-1") is not None and hashed.cluster_id("bot-1") == hashed.cluster_id("bot-2")
+    assert all(hashed.cluster_size(f"person-{p}") == 1 for p in range(5))
+    lengths = linker_over("off")  # lengths only: nothing to link by
+    assert lengths.cluster_size("bot-1") == 1
 
 
 @pytest.fixture(scope="module", params=["hashes", "off", "full-redacted"])
