@@ -101,11 +101,18 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_and_the_gateway_keeps_servin
     key, account = new_key(gateway)
     resp = post(gateway, key, raw.encode())
     assert_openai_error(resp, 400, "invalid_unicode", param)
-    assert "\\ud" in resp.json()["error"]["message"] or "\\udc00" in resp.json()["error"]["message"] \
-        or "\\udfff" in resp.json()["error"]["message"]
+    assert f"'{param}'" in resp.json()["error"]["message"]  # printable: the surrogate written as its escape
     [row] = rows(gateway, account)
     assert (row.status, row.error_code) == (400, "invalid_unicode")
     assert_still_serving(gateway)
+
+
+def test_a_surrogate_pair_is_ordinary_text(gateway):
+    key, account = new_key(gateway)
+    resp = post(gateway, key, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], '
+                              b'"max_tokens": 2}')
+    assert resp.status_code == 200, resp.text
+    assert rows(gateway, account)[0].request_body["messages"][0]["content"] == "\U0001f600"
 
 
 @pytest.mark.parametrize("token", ["²", "١٢", "5" * 5000, "+1", " 1", "12345678901"])
@@ -268,3 +275,65 @@ def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_ur
     replayed, retried_claimed = asyncio.run(main())
     assert replayed["choices"][0]["message"]["content"] == "answer"
     assert retried_claimed is None  # the abandoned request's claim was released
+
+
+class _BuggyBackend:
+    """A backend with a bug: ``complete`` raises something that is not an APIError. No real
+    backend does so on demand, which is why this one is a stand-in."""
+
+    supports_watermark = False
+    supports_antidistill = False
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def model_ids(self) -> list[str]:
+        return ["tiny"]
+
+    async def budget(self, req) -> int:
+        return 10
+
+    def prompt_tokens(self, req) -> int:
+        return 3
+
+    def count_tokens(self, text: str) -> int:
+        return len(text)
+
+    async def complete(self, req, **kwargs) -> dict:
+        raise RuntimeError("a bug in the backend")
+
+    async def stream(self, req, **kwargs):
+        raise RuntimeError("a bug in the backend")
+
+
+def test_an_unexpected_error_after_admission_settles_the_lease_and_is_ledgered(tmp_path):
+    """Before: only APIError settled the lease and wrote the row, so a bug (like int('²') in the
+    backend) left a 500 with no ledger row and the key's concurrency slot taken for 600 s."""
+    from distillguard.guard.limits import Limits
+    from distillguard.serve.app import create_app
+    from distillguard.serve.config import ServeConfig
+
+    db = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    async def main():
+        guard = Guard(GuardConfig(db=db, watermark=False))
+        app = create_app(_BuggyBackend(), ServeConfig(model="tiny"), guard)
+        await guard.start()
+        _, secret = guard.keys.create("buggy", limits=Limits(max_concurrent=1))
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            answers = [await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
+                                         json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+                       for _ in range(2)]
+        await guard.close()
+        return answers
+
+    answers = asyncio.run(main())
+    for resp in answers:  # the second is a 500 too, not a 429 "in flight"
+        assert_openai_error(resp, 500, "internal_error", None)
+    engine = make_engine(db)
+    with engine.connect() as conn:
+        statuses = [(r.status, r.error_code) for r in conn.execute(select(LedgerRow).where(LedgerRow.account_id == "buggy"))]
+    engine.dispose()
+    assert statuses == [(500, "internal_error")] * 2

@@ -66,7 +66,7 @@ def test_failed_write_is_reported_not_acknowledged(engine):
     assert _count(engine) == 1
 
 
-def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine):
+def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine, caplog):
     """Before: a row whose write raised anything but a SQLAlchemyError (a lone surrogate:
     UnicodeEncodeError in the driver) killed the writer thread, and every later request hung.
     Now each such row fails alone (its client gets a 503), a stub row records the refusal, its
@@ -77,7 +77,7 @@ def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine):
         ledger = Ledger(engine, retries=1)
         ledger.start()
         rows = [_row(i) for i in range(12)]
-        rows[3]["response_text"] = "lone \ud800 surrogate"  # no UTF-8 encoder takes it
+        rows[3]["response_text"] = "private answer \ud800"  # no UTF-8 encoder takes a lone surrogate
         rows[8]["request_body"]["bad"] = object()  # json cannot serialise it
         results = await asyncio.gather(*(ledger.record(r) for r in rows), return_exceptions=True)
         later = await asyncio.gather(*(ledger.record(_row(i)) for i in range(100, 110)))
@@ -96,6 +96,7 @@ def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine):
         assert (got[bad].status, got[bad].error_code, got[bad].response_text) == (503, "ledger_refused", None)
         assert set(got[bad].request_body) == {"_unstorable"}
     assert got["req-4"].response_text == "answer 4" and got["req-104"].status == 200
+    assert "req-3" in caplog.text and "private answer" not in caplog.text  # the log names rows, not content
 
 
 def test_a_wedged_ledger_answers_503_in_bounded_time_and_fails_the_health_check(tmp_path):
