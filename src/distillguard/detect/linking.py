@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from datasketch import MinHash, MinHashLSH
-from scipy import stats
+from scipy import special
 
 from distillguard.detect.registry import Detector, register
 
@@ -86,15 +86,19 @@ def poisson_evidence(k: int, lam: float) -> float:
         return 0.0
     if lam <= 0:
         return math.inf
-    return -float(stats.poisson.logsf(k - 1, lam)) / math.log(10)
+    # special.pdtrc is scipy.stats.poisson.sf without the distribution machinery (~50x faster: it
+    # runs per pair update); below 1e-300 the evidence is capped, far beyond any threshold
+    return -math.log10(max(float(special.pdtrc(k - 1, lam)), 1e-300))
 
 
 def fisher_evidence(digits: list[float]) -> float:
     """-log10 of Fisher's combined p of independent tests, each given as -log10 p."""
     if not digits:
         return 0.0
+    if math.isinf(sum(digits)):
+        return math.inf
     x = 2.0 * math.log(10) * sum(digits)       # -2 Σ ln p
-    return -float(stats.chi2.logsf(x, 2 * len(digits))) / math.log(10)
+    return -math.log10(max(float(special.chdtrc(2 * len(digits), x)), 1e-300))
 
 
 def kind_evidence(k: int, n_a: int, n_b: int, r_a: int, r_b: int, incidences: int, distinct: int) -> float:
