@@ -457,3 +457,37 @@ def test_no_single_account_feature_gives_hydra_keys_away(traffic):
     for name in feats[hydra[0]]:
         auc = _auc([feats[a][name] for a in hydra], [feats[a][name] for a in benign])
         assert 0.02 < auc < 0.98, f"{name} alone separates hydra keys from benign users (AUC {auc:.3f})"
+
+
+def test_popular_public_prompts_are_sent_by_many_users_and_by_the_sweeps():
+    """With ``popular_prompts`` benign users open some conversations with prompts of a public set,
+    Zipf-popular (the head sent by many accounts, never twice by one), the same set the sweeping
+    campaigns draw on; ``apps`` users share their app's system prompt. Off by default: unchanged."""
+    from collections import Counter
+
+    from distillguard.arena.pools import public_prompts
+
+    base = TrafficConfig(benign_accounts=120, seed=5, days=2, campaigns=["bulk:1:2000"])
+    assert generate_traffic(base.model_copy(update={"campaigns": ()})) == [
+        r for r in generate_traffic(base) if r["label"] == "benign"]
+    recs = generate_traffic(base.model_copy(update={"popular_prompts": 300, "popular_share": 0.3,
+                                                    "app_share": 0.1, "apps": 5}))
+    public = {text for text, _ in public_prompts(300)}
+    by_prompt: dict[str, list[str]] = defaultdict(list)
+    for r in recs:
+        text = r["request"]["messages"][-1]["content"]
+        if r["label"] == "benign" and text in public:
+            by_prompt[text].append(r["account"])
+    senders = sorted((len(set(a)) for a in by_prompt.values()), reverse=True)
+    assert senders[0] >= 10 and senders[-1] == 1                            # a popular head, a long tail
+    assert all(len(a) == len(set(a)) for a in by_prompt.values())          # never twice by one user
+    swept = {r["request"]["messages"][-1]["content"] for r in recs if r["label"] == "bulk"}
+    assert len(swept & set(by_prompt)) >= 10                               # the sweep meets the users
+    apps = Counter(r["request"]["messages"][0]["content"] for r in recs if r["label"] == "benign"
+                   and r["request"]["messages"][0]["role"] == "system")
+    app_users = defaultdict(set)
+    for r in recs:
+        m = r["request"]["messages"][0]
+        if r["label"] == "benign" and m["role"] == "system" and ("App0" in m["content"] or "HelpDesk" in m["content"]):
+            app_users[m["content"]].add(r["account"])
+    assert apps and sum(len(v) for v in app_users.values()) >= 4

@@ -17,11 +17,18 @@ long-output     4%      ``max_tokens`` 4,096-16,384
 multi-choice    3%      ``n`` 2-4
 app             3%      an integration: one system-prompt template for every request (three
                         apps, so several keys share a template, like customers of one
-                        open-source front end: a hard case for linking by template)
+                        open-source front end: a hard case for linking by template);
+                        ``TrafficConfig.app_share`` and ``apps`` vary both
 shared-ip       6%      behind one office NAT with 1-3 other users (everyone has 1-3 addresses)
 one-shot        5%      never a follow-up: one question per conversation (but few topics)
 (any)           15%     a personal system prompt (not exclusive)
 ==============  ======  =====================================================================
+
+With ``TrafficConfig.popular_prompts`` every user also opens ``popular_share`` of their
+conversations with a prompt of a public set (``pools.public_prompts``: attack-pool text, which
+the sweeping campaigns send too), drawn Zipf-popular, never the same one twice: the popular
+prompts are sent by many users, near-duplicates across accounts that prove nothing about who
+is one actor (issue 23).
 
 The timing numbers (think, read and typing times in ``_user_calls``; sessions a day and active
 days in ``_profile``) are plausible human values, not fitted to a log: we know of no public
@@ -36,7 +43,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from distillguard.arena.pools import Thread
+from distillguard.arena.pools import Thread, public_prompts
 from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, random_ip, stream_rng
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,16 @@ APP_TEMPLATES = (
 )
 
 
+def app_templates(apps: int) -> tuple[str, ...]:
+    """The system prompts of ``apps`` apps built on the API: the three above, then made-up ones."""
+    if apps <= len(APP_TEMPLATES):
+        return APP_TEMPLATES[:apps]
+    kinds = ("support assistant", "tutor", "shopping assistant", "travel planner", "recipe helper", "legal FAQ bot")
+    extra = tuple(f"You are the {kinds[j % len(kinds)]} of App{j:04d}. Answer in a friendly tone, stay on topic, "
+                  f"and keep answers under 200 words." for j in range(apps - len(APP_TEMPLATES)))
+    return APP_TEMPLATES + extra
+
+
 @dataclass(frozen=True)
 class Profile:
     account: str
@@ -110,6 +127,7 @@ def _traits(config: TrafficConfig) -> dict[int, str]:
     stream_rng(config.seed, "benign-traits").shuffle(order)
     traits, pos = {}, 0
     for name, share in TRAITS:
+        share = config.app_share if name == "app" else share
         count = max(1, round(share * n)) if n >= 20 else round(share * n)
         for i in order[pos:pos + count]:
             traits[i] = name
@@ -139,7 +157,7 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     heavy = trait == "heavy"
     system = None
     if trait == "app":
-        system = rng.choice(APP_TEMPLATES)
+        system = rng.choice(app_templates(config.apps))
     elif rng.random() < SYSTEM_PROMPT_SHARE:
         system = rng.choice(SYSTEM_PROMPTS)
     favourites: list[str] = []
@@ -263,6 +281,10 @@ def _request(p: Profile, rng, config: TrafficConfig, messages: list[dict]) -> di
 
 def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply) -> Iterator[Call]:
     rng = stream_rng(config.seed, f"benign-{i}")
+    public = public_prompts(config.popular_prompts, config.whole_conversations) if config.popular_prompts else ()
+    popular = stream_rng(config.seed, f"benign-popular-{i}")  # its own stream: off, nothing else changes
+    zipf = [1.0 / (r + 1) ** config.popular_zipf for r in range(len(public))]
+    sent_public: set[int] = set()
     # conversations the user is in: (thread, next user turn, turns it will ask before it stops)
     pending: deque[tuple[Thread, int, int | None]] = deque()
     busy_until = config.start
@@ -289,6 +311,17 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
             for _ in range(conversations):
                 if t > session_end:
                     break
+                if public and not pending and popular.random() < config.popular_share:
+                    r = popular.choices(range(len(public)), zipf)[0]
+                    if r not in sent_public:  # a public prompt, asked once, as its own conversation
+                        sent_public.add(r)
+                        text, answer = public[r]
+                        head = [{"role": "system", "content": p.system}] if p.system else []
+                        req = _request(p, popular, config, [*head, {"role": "user", "content": text}])
+                        out = estimate_tokens(answer) if answer else int(popular.lognormvariate(math.log(250), 0.8))
+                        yield Call(t, p.account, ip, req, out)
+                        t += 0.5 + min(out, req.get("max_tokens") or out) / 40.0 + popular.lognormvariate(math.log(90), 0.8)
+                        continue
                 if not pending:
                     topic = rng.choice(p.topics)
                     subjects = p.focus.get(topic, ())

@@ -238,3 +238,21 @@ def load_pools(whole: bool = False) -> dict[PoolName, tuple[Thread, ...]]:
         if keep:
             attack.append(Thread(t.id, t.base_id, t.topic, t.turns[:keep], t.focus))
     return {"calibration": calibration, "eval": evaluation, "attack": tuple(attack)}
+
+
+@lru_cache(maxsize=8)
+def public_prompts(size: int, whole: bool = False) -> tuple[tuple[str, str | None], ...]:
+    """A public prompt set of ``size`` prompts, most popular first: (prompt, its answer) of
+    attack-pool first turns of 8-60 words, in file order. Benign users draw on it Zipf-popular
+    (``TrafficConfig.popular_prompts``) and the sweeping campaigns cover the same pool, so a sweep
+    meets people who typed the same prompts, as a sweep over a public prompt set does."""
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    for t in load_pools(whole)["attack"]:
+        text = t.turns[0]
+        if 8 <= len(text.split()) <= 60 and normalise(text) not in seen:
+            seen.add(normalise(text))
+            out.append((text, t.answer(0)))
+            if len(out) == size:
+                break
+    return tuple(out)

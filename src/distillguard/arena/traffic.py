@@ -103,6 +103,18 @@ class TrafficConfig(BaseModel):
                            "More realistic, but the pools then last ~500 (calibration) and ~400 (eval) users over "
                            "3 days; off, each part is a conversation of its own and sessions run to the end of "
                            "their conversations, as the README's detection numbers were measured")
+    popular_prompts: Annotated[int, Field(ge=0, le=100_000)] = Field(
+        0, description="size of a public prompt set (attack-pool first turns, which the sweeping campaigns "
+                       "also send) that benign users open conversations with, drawn Zipf-popular: many users "
+                       "send the popular ones. 0: off (the README's detection numbers)")
+    popular_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2, description="share of a benign user's conversations opened with a public prompt (with popular_prompts)")
+    popular_zipf: Annotated[float, Field(ge=0, le=4)] = Field(
+        1.0, description="Zipf exponent of the public prompts' popularity: rank r drawn with weight r^-s")
+    app_share: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        0.03, description="share of benign users that are apps built on the API: one app's system prompt on "
+                          "every request, shared with the other users of that app")
+    apps: Annotated[int, Field(ge=1, le=10_000)] = Field(3, description="distinct apps the app users belong to")
     decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.5, description="share of a hydra key's requests that are benign-looking conversations "
                          "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)")
