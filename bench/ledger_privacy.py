@@ -41,6 +41,17 @@ def stored(records: list[dict], mode: str) -> list[dict]:
     return [{**r, "request": private_value(r["request"], mode)} for r in records]
 
 
+def _code_version() -> str:
+    """The commit measured, marked dirty when the working tree differs from it (detection code moves)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root,
+                           capture_output=True, text=True).stdout.strip()
+    return head + (" (dirty)" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cal-accounts", type=int, default=150)
@@ -64,7 +75,7 @@ def main() -> None:
                 "hashes": ("hashes", "hashes"), "off": ("off", "off")}
     benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
     benign_accounts = sorted({r["account"] for r in benign})
-    out: dict = {"sizes": vars(args) | {"kinds": KINDS},
+    out: dict = {"code": _code_version(), "sizes": vars(args) | {"kinds": KINDS},
                  "thresholds": {m: cals[m].threshold for m in cals}, "kinds": {}}
     for n, kind in enumerate(KINDS):
         spec = f"{kind}:1:{args.campaign_requests}" if kind not in ("hydra", "slowlow") else f"{kind}:1"
