@@ -69,9 +69,10 @@ def sweeper(start: float, name: str = "acct-sweeper") -> list[dict]:
     return out
 
 
-def _benign(pool: str, accounts: int, seed: int) -> tuple[list[dict], list[str]]:
-    records = generate_traffic(TrafficConfig(benign_accounts=accounts, seed=seed, days=2, pool=pool))
-    opened = Counter(r["account"] for r in records if _is_first_turn(r))
+def _benign(pool: str, accounts: int, seed: int, campaigns=()) -> tuple[list[dict], list[str]]:
+    records = generate_traffic(TrafficConfig(benign_accounts=accounts, seed=seed, days=2, pool=pool,
+                                             campaigns=campaigns))
+    opened = Counter(r["account"] for r in records if _is_first_turn(r) and r["label"] == "benign")
     users = random.Random(seed).sample(sorted(a for a, n in opened.items() if n >= 5), 50)
     return with_public_prompts(records, users, seed), users
 
@@ -80,7 +81,7 @@ def _benign(pool: str, accounts: int, seed: int) -> tuple[list[dict], list[str]]
 def sweep_report():
     cal_records, _ = _benign("calibration", 240, seed=21)
     cal = calibrate(cal_records, config=DetectConfig(target_fpr=0.001, detectors=NO_EMBEDDINGS))
-    records, users = _benign("eval", 160, seed=22)
+    records, users = _benign("eval", 160, seed=22, campaigns=["hydra:8:60"])  # (benign users unchanged by it)
     report = detect(records + sweeper(min(r["ts"] for r in records)), cal)
     public = set(public_prompts())
     shared = Counter(r["account"] for r in records if r["request"]["messages"][-1]["content"] in public)
@@ -91,10 +92,25 @@ def test_a_sweeper_over_prompts_50_benign_users_also_send_flags_none_of_them(swe
     report, users, shared = sweep_report
     rows = {r.account: r for r in report["results"]}
     # the case is real: most of the 50 send the sweeper 3+ of its prompts (enough to link them before)
-    assert all(shared[u] >= 1 for u in users) and sum(shared[u] >= 3 for u in users) >= 25, sorted(shared[u] for u in users)
+    counts = sorted(shared[u] for u in users)
+    assert counts[0] >= 1 and sum(c >= 3 for c in counts) >= 25, counts
     flagged = [u for u in users if rows[u].flagged]
     assert flagged == [], [(u, rows[u].score, rows[u].reasons) for u in flagged]
     assert rows["acct-sweeper"].flagged
+
+
+def test_a_hydra_campaign_among_them_is_still_one_actor_with_reasons_that_weigh_its_links(sweep_report):
+    report, _, _ = sweep_report
+    hydra = [r for r in report["results"] if r.label == "hydra"]
+    assert len(hydra) == 8 and sum(r.flagged for r in hydra) >= 7
+    # its keys' communities (at most one per proxy /24 it uses) hold no one else
+    clusters = {r.cluster for r in hydra} - {None}
+    assert 1 <= len(clusters) <= 3
+    assert not [r.account for r in report["results"] if r.label != "hydra" and r.cluster in clusters]
+    key = next(r for r in hydra if r.flagged and r.cluster is not None)
+    linking = next(x for x in key.reasons if x.startswith("linking: own link evidence"))
+    assert " w=" in linking and "10^-" in linking          # each link with its weight, each kind with its p
+    assert any(x.startswith(f"cluster {key.cluster} of ") and "counts" in x for x in key.reasons)
 
 
 # ---- the statistics on tiny inputs with known answers ----

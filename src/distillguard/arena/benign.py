@@ -320,7 +320,8 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                         req = _request(p, popular, config, [*head, {"role": "user", "content": text}])
                         out = estimate_tokens(answer) if answer else int(popular.lognormvariate(math.log(250), 0.8))
                         yield Call(t, p.account, ip, req, out)
-                        t += 0.5 + min(out, req.get("max_tokens") or out) / 40.0 + popular.lognormvariate(math.log(90), 0.8)
+                        t += 0.5 + min(out, req.get("max_tokens") or out) / 40.0  # generation, then reading
+                        t += popular.lognormvariate(math.log(90), 0.8)
                         continue
                 if not pending:
                     topic = rng.choice(p.topics)
