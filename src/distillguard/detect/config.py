@@ -17,7 +17,7 @@ class DetectConfig:
     reference_size: int = 256       # benign prompts the MMD test compares a window with
     topics: int = 32                # k-means topic clusters of the benign reference (coverage)
     history: int = 256              # features kept per account (replayed when accounts are linked)
-    link_min_evidence: int = 3      # shared items (near-duplicate prompts, templates, /24, system prompt) to link two accounts
+    link_min_evidence: int = 3      # shared items (near-duplicate prompts, templates, /24, system prompt) before a pair is weighed (linking.py)
     embed_every: int = 8            # embed 1 in k prompts of an account after its first `window` (throughput)
     embed_after: int = 16           # defer an account's prompts until it has sent this many (<= min_prompts: no score changes)
     embed_every_flagged: int = 32   # embed 1 in k prompts of a flagged account (the evidence is in)
