@@ -48,7 +48,7 @@ class Verdict:
     level: str                  # "ok" | "watch" | "flag" (the policy ladder keys on it)
     score: float                # combined evidence (Fisher's -2 Σ ln p over detectors), larger = worse
     reasons: tuple[str, ...]
-    cluster: str | None         # linked accounts scored as one actor, None when alone
+    cluster: str | None         # the community whose pooled score counted for this account (share > 0), else None
     request: int                # 1-based index of this request within the account
 
     @property
@@ -252,27 +252,30 @@ class AccountMonitor:
     def _verdict(self, f: Features, stream: _Stream, pooled: _Stream | None) -> Verdict:
         cal = self.calibration
         score, ps = self.combined(stream.raw())
-        source = stream
+        own, source, share = score, stream, 0.0
         if pooled is not None:
             # the cluster's behaviour counts for this account only as far as its own links prove
             # it one actor with the others (linking.py, "Attribution")
             pscore, pps = self.combined(pooled.raw())
-            share = self.linker.share(f.account)
-            if pscore > score and share > 0:
-                score, ps, source = score + share * (pscore - score), pps, pooled
+            share = self.linker.share(f.account) if pscore > score else 0.0
+            if share > 0:
+                score = score + share * (pscore - score)
+                if share >= 1:   # wholly its own: the cluster's detectors explain it
+                    ps, source = pps, pooled
         level = "flag" if score > cal.threshold else "watch" if score > cal.watch_threshold else "ok"
         stream.flagged = stream.flagged or level == "flag"   # sticky: thins its embeddings from now on
         reasons: tuple[str, ...] = ()
+        cluster = self.linker.cluster_id(f.account) if share > 0 else None
         if level != "ok":
             order = sorted(range(len(ps)), key=lambda i: ps[i])
             # the linking detector speaks for the account itself: its own links, with their weights
             reasons = tuple(f"{self.names[i]}: {r} (benign p≈{ps[i]:.2g})" for i in order if ps[i] <= 0.05
                             for r in (stream if self.names[i] == "linking" else source).detectors[i].reasons())
-            if source is pooled:
-                reasons += (f"cluster {self.linker.cluster_id(f.account)} of {self.linker.cluster_size(f.account)} "
-                            f"accounts: its pooled score {pscore:.1f} counts {share:.0%} for this account",)
-        return Verdict(account=f.account, level=level, score=score, reasons=reasons,
-                       cluster=self.linker.cluster_id(f.account) if pooled is not None else None, request=stream.n)
+            if cluster is not None:
+                reasons += (f"cluster {cluster} of {self.linker.cluster_size(f.account)} accounts: its pooled "
+                            f"score {pscore:.1f} counts {share:.0%} for this account (own score {own:.1f})",)
+        return Verdict(account=f.account, level=level, score=score, reasons=reasons, cluster=cluster,
+                       request=stream.n)
 
     def observe_batch(self, records: Sequence[dict]) -> list[Verdict]:
         """Verdicts for traffic records in time order; their prompts are embedded in one batch."""
