@@ -32,6 +32,12 @@ def traffic(
     whole_conversations: bool = typer.Option(
         False, help="replay ShareGPT's long conversations whole (parts joined) in sessions that end after their "
                     "time: more realistic, but a pool then lasts ~400 users over 3 days"),
+    popular_prompts: int = typer.Option(
+        0, help="benign users also send prompts of a public set of this size (attack-pool text the sweeps send "
+                "too), Zipf-popular: many users send the popular ones (0: off)"),
+    popular_share: float = typer.Option(0.2, help="share of a user's conversations opened with a public prompt"),
+    app_share: float = typer.Option(0.03, help="share of benign users that are apps (one app's system prompt, shared)"),
+    apps: int = typer.Option(3, help="distinct apps those users belong to"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
     plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
@@ -73,7 +79,8 @@ def traffic(
     try:
         config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
                                model=model, rpm_limit=rpm_limit, decoy_share=decoy_share,
-                               whole_conversations=whole_conversations, **extra)
+                               whole_conversations=whole_conversations, popular_prompts=popular_prompts,
+                               popular_share=popular_share, app_share=app_share, apps=apps, **extra)
     except ValidationError as exc:  # name the option, not the config field
         err = exc.errors(include_url=False)[0]
         msg = err["msg"].removeprefix("Value error, ")
