@@ -1,6 +1,6 @@
-"""Linking on traffic where people share prompts (issue 23): benign users that open some of their
-conversations with Zipf-popular prompts of a public set (which the sweeping campaigns send too)
-and app users sharing an app's system prompt, against two hydra campaigns, a logprob sweep, a bulk
+"""Linking on traffic where people share prompts and networks (issue 23): benign users that open
+some of their conversations with Zipf-popular prompts of a public set (which the sweeping
+campaigns send too), app users sharing an app's system prompt and users behind large NATs, against two hydra campaigns, a logprob sweep, a bulk
 harvester and a low-and-slow account. Calibrated on the calibration pool with the same benign
 kinds (other seed), scored with the detectors that need no embeddings (the linking question does
 not depend on MiniLM, and this runs in about a minute on 2 cores).
@@ -33,13 +33,15 @@ def main() -> None:
     ap.add_argument("--popular-share", type=float, default=0.3)
     ap.add_argument("--app-share", type=float, default=0.05)
     ap.add_argument("--apps", type=int, default=5)
+    ap.add_argument("--nat-share", type=float, default=0.2, help="benign users behind large NATs")
+    ap.add_argument("--nat-size", type=int, default=100)
     ap.add_argument("--days", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=51)
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     kinds = dict(popular_prompts=args.popular_prompts, popular_share=args.popular_share, app_share=args.app_share,
-                 apps=args.apps, days=args.days)
+                 apps=args.apps, nat_share=args.nat_share, nat_size=args.nat_size, days=args.days)
     t0 = time.perf_counter()
     cal = calibrate(generate_traffic(TrafficConfig(benign_accounts=args.calibration_accounts, seed=args.seed,
                                                    pool="calibration", **kinds)),

@@ -491,3 +491,14 @@ def test_popular_public_prompts_are_sent_by_many_users_and_by_the_sweeps():
         if r["label"] == "benign" and m["role"] == "system" and ("App0" in m["content"] or "HelpDesk" in m["content"]):
             app_users[m["content"]].add(r["account"])
     assert apps and sum(len(v) for v in app_users.values()) >= 4
+
+
+def test_large_nats_put_many_users_in_one_network_and_change_nothing_when_off():
+    base = TrafficConfig(benign_accounts=80, seed=6, days=1)
+    assert generate_traffic(base.model_copy(update={"nat_share": 0.0})) == generate_traffic(base)
+    recs = generate_traffic(base.model_copy(update={"nat_share": 0.5, "nat_size": 30}))
+    nets = defaultdict(set)
+    for r in recs:
+        nets[r["ip"].rsplit(".", 1)[0]].add(r["account"])
+    sizes = sorted((len(v) for v in nets.values()), reverse=True)
+    assert sizes[0] >= 15 and sizes[0] <= 30 and sizes[1] >= 10      # NATs of up to 30 users each

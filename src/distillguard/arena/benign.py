@@ -19,7 +19,8 @@ app             3%      an integration: one system-prompt template for every req
                         apps, so several keys share a template, like customers of one
                         open-source front end: a hard case for linking by template);
                         ``TrafficConfig.app_share`` and ``apps`` vary both
-shared-ip       6%      behind one office NAT with 1-3 other users (everyone has 1-3 addresses)
+shared-ip       6%      behind one office NAT with 1-3 other users (everyone has 1-3 addresses);
+                        ``TrafficConfig.nat_share`` also puts users behind large NATs (one /24)
 one-shot        5%      never a follow-up: one question per conversation (but few topics)
 (any)           15%     a personal system prompt (not exclusive)
 ==============  ======  =====================================================================
@@ -360,8 +361,15 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
     traits = _traits(config)
     nat = stream_rng(config.seed, "benign-nat")
     office_ip, office_left = None, 0
+    big_nat = stream_rng(config.seed, "benign-big-nat")  # its own stream: off, nothing else changes
+    nat_prefix, nat_left = "", 0
     for i in range(config.benign_accounts):
         p = _profile(config, i, traits.get(i), supply.topics, supply.sizes, supply)
+        if config.nat_share and big_nat.random() < config.nat_share:
+            if nat_left == 0:  # the next NAT: one /24 for all its users
+                nat_prefix, nat_left = random_ip(big_nat).rsplit(".", 1)[0], config.nat_size
+            p = replace(p, ips=(random_ip(big_nat, nat_prefix), *p.ips[1:]))
+            nat_left -= 1
         if p.trait == "shared-ip":
             if office_left == 0:
                 office_ip, office_left = random_ip(nat), nat.randint(2, 4)

@@ -115,6 +115,10 @@ class TrafficConfig(BaseModel):
         0.03, description="share of benign users that are apps built on the API: one app's system prompt on "
                           "every request, shared with the other users of that app")
     apps: Annotated[int, Field(ge=1, le=10_000)] = Field(3, description="distinct apps the app users belong to")
+    nat_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0, description="share of benign users behind a large NAT (a university, a company VPN): their home "
+                         "address is in the NAT's /24, shared with up to nat_size others (0: off)")
+    nat_size: Annotated[int, Field(ge=2, le=1_000_000)] = Field(200, description="users behind one large NAT")
     decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(
         0.5, description="share of a hydra key's requests that are benign-looking conversations "
                          "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)")

@@ -38,6 +38,8 @@ def traffic(
     popular_share: float = typer.Option(0.2, help="share of a user's conversations opened with a public prompt"),
     app_share: float = typer.Option(0.03, help="share of benign users that are apps (one app's system prompt, shared)"),
     apps: int = typer.Option(3, help="distinct apps those users belong to"),
+    nat_share: float = typer.Option(0.0, help="share of benign users behind large NATs (one /24 each)"),
+    nat_size: int = typer.Option(200, help="users behind one large NAT"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
     plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
@@ -80,7 +82,8 @@ def traffic(
         config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
                                model=model, rpm_limit=rpm_limit, decoy_share=decoy_share,
                                whole_conversations=whole_conversations, popular_prompts=popular_prompts,
-                               popular_share=popular_share, app_share=app_share, apps=apps, **extra)
+                               popular_share=popular_share, app_share=app_share, apps=apps, nat_share=nat_share,
+                               nat_size=nat_size, **extra)
     except ValidationError as exc:  # name the option, not the config field
         err = exc.errors(include_url=False)[0]
         msg = err["msg"].removeprefix("Value error, ")
