@@ -74,7 +74,7 @@ def test_chunked_prefill_gives_the_unchunked_output(tiny_lm, no_specials):
         chunked.stop()
 
 
-def latency(eng: Engine, prompt: list[int], bias, n_tokens: int = 30) -> float:
+def latency(eng: Engine, prompt: list[int], bias, n_tokens: int = 50) -> float:
     sink = Sink("short")
     t0 = time.perf_counter()
     submit(eng, prompt, sink, max_new_tokens=n_tokens, logit_bias=bias)
@@ -86,22 +86,25 @@ def latency(eng: Engine, prompt: list[int], bias, n_tokens: int = 30) -> float:
 def test_short_requests_keep_their_latency_while_a_long_prompt_is_prefilled(long_lm, no_specials_long):
     # Small chunks: a request arriving mid-chunk waits for that chunk, which must stay small
     # next to the short request's own latency for the ratio to measure the scheduling.
-    eng = make_engine(long_lm, prefill_chunk=64)
+    eng = make_engine(long_lm, prefill_chunk=32)
     long_prompt = chat(long_lm, "Describe the course of the Danube from the Black Forest to the sea. " * 100)
     assert len(long_prompt) > 6000  # issue 24: ShareGPT prompts of up to ~7,000 tokens wedged the engine
     short = chat(long_lm, "Hi")
     try:
-        alone = min(latency(eng, short, no_specials_long) for _ in range(3))
-        during, overlapped = [], []
-        for _ in range(3):  # the best of three, as alone is (the machine is shared)
+        ratios, overlapped = [], []
+        # Three pairs, each measured back to back (the machine is shared: its load drifts
+        # between measurements seconds apart far more than within a pair); the best pair counts.
+        for _ in range(3):
+            alone = latency(eng, short, no_specials_long)
             long_sink = Sink("long")
             long_job = submit(eng, long_prompt, long_sink, max_new_tokens=1, logit_bias=no_specials_long)
             time.sleep(0.1)  # let its prefill begin
             assert not long_sink.events  # the premise: the short one arrives during the long prefill
-            during.append(latency(eng, short, no_specials_long))
+            beside = latency(eng, short, no_specials_long)
             overlapped.append(not long_sink.events)  # ... and was done before that prefill was
             long_job.cancelled.set()  # the rest of its prefill is not needed (and not run)
-        assert min(during) / alone < 2.0, f"short request: {alone:.3f} s alone, {during} s beside a long prefill"
+            ratios.append((beside / alone, alone, beside))
+        assert min(ratios)[0] < 2.0, f"(beside / alone, alone s, beside s) per pair: {ratios}"
         assert all(overlapped)
     finally:
         eng.stop()
