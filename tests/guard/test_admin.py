@@ -248,3 +248,20 @@ def test_cli_rotates_and_lists_expiry(gateway):
     assert [k["expired"] for k in listed] == [True, False]
     bad = run_cli("keys", "rotate", new["id"], "--grace", "1y", "--db", gateway[1])
     assert bad.returncode == 2 and "--grace '1y' is not a duration" in bad.stderr
+
+
+def test_a_restricted_key_cannot_replay_a_sibling_keys_idempotent_answer(gateway):
+    # Idempotency-Keys are scoped to the account, so a sibling key's stored answer is there to
+    # replay: the model allowlist must refuse before the replay, as it does before a generation.
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    wide, narrow = new_key(gateway, "siblings"), new_key(gateway, "siblings", models=["other"])
+
+    def send(key: str) -> httpx.Response:
+        return httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "shared-1"})
+
+    assert send(wide["key"]).status_code == 200
+    assert send(wide["key"]).headers.get("Idempotent-Replayed") == "true"
+    refused = send(narrow["key"])
+    assert "Idempotent-Replayed" not in refused.headers
+    assert error_of(refused, 404)["code"] == "model_not_found"

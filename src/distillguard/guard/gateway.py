@@ -362,11 +362,6 @@ class Guard:
         """Reserve ``budget`` tokens (prompt + max completion), and their price, against the
         key's limits and its account's at once: an account's keys share its limits, so ten keys
         get the account's budget, not ten times it. A throttling verdict tightens both."""
-        if model is not None and not key.allows(model):
-            # OpenAI answers 404 for a model a key cannot see, with this message: a key learns
-            # nothing about which models exist beyond its own, and SDKs raise NotFoundError.
-            raise NotFoundError(f"The model `{model}` does not exist or you do not have access to it.",
-                                param="model", code="model_not_found")
         key_limits, account_limits = key.limits, key.account_limits
         if decision is not None:
             key_limits, account_limits = decision.limits(key_limits), decision.limits(account_limits)
@@ -536,7 +531,15 @@ class Guard:
         """Apply the account's decision to a request: block it, or the changed request.
 
         Returns (request, decision, actions applied so far); ``log.policy_action`` is set.
+        A model outside the key's allowlist is refused here, first: before an idempotent replay
+        (Idempotency-Keys are per account, so a sibling key's stored answer could be replayed)
+        and before anything is reserved.
         """
+        if not key.allows(req.model):
+            # OpenAI answers 404 for a model a key cannot see, with this message: a key learns
+            # nothing about which models exist beyond its own, and SDKs raise NotFoundError.
+            raise NotFoundError(f"The model `{req.model}` does not exist or you do not have access to it.",
+                                param="model", code="model_not_found")
         decision = await self.decide(key)
         applied = [a for a in ("log", "throttle", "watermark_boost") if a in decision.actions]
         if decision.block:
