@@ -8,8 +8,9 @@ surrogates escaped and as invalid UTF-8, 10,000+ levels of nesting, 10^400, 5,00
 ``1e999``, unicode digits in ``logit_bias``), raw bodies, odd headers (Content-Types,
 Idempotency-Keys, forwarding headers, huge and many headers), bad keys, admin routes without the
 admin key, unknown routes, admin inputs with the admin key, and malformed HTTP framing.
-1,000 requests in the fast part, 16,000 more in the slow part (with the stateful test's 4,000:
-the issue's 20,000).
+The fast part sends 1,000 generated requests and 100 admin inputs; the slow part 18,000 and
+1,000, which with the stateful test's slow part (at least 1,000, ``test_hostile_stateful.py``)
+make the issue's 20,000. Each test asserts the number it sent.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.guard.hostile import (BASE, CHAT, TIMEOUT_S, Probe, Raw, Request, adm
 from tests.servers import server_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
-WORKERS = 8  # requests of a batch in flight together
+WORKERS = 8  # requests in flight together
+BATCH = 50  # requests between two checks that the gateway still serves everyone
 
 
 @pytest.fixture(scope="module")
@@ -91,28 +93,44 @@ def ledger_rows(engine, account: str) -> Counter:
                                          .group_by(LedgerRow.status)).all()))
 
 
-@pytest.mark.parametrize("batches,batch", [
-    pytest.param(40, 25, id="1000"),
-    pytest.param(320, 50, id="16000", marks=pytest.mark.slow),
+@pytest.mark.parametrize("examples", [
+    pytest.param(1000, id="1000"),
+    pytest.param(18_000, id="18000", marks=pytest.mark.slow),
 ])
-def test_hostile_requests_keep_every_invariant(fuzz_gateway, batches, batch):
+def test_hostile_requests_keep_every_invariant(fuzz_gateway, examples):
     url, keys, probe, engine = fuzz_gateway
     before = sum(probe.sent.values())
     rows_before = ledger_rows(engine, "alice")
     expected_before = Counter({status: n for (account, status), n in probe.ledgered.items() if account == "alice"})
+    # One example is one request, sent by a pool while the next ones are drawn; after every
+    # BATCH the answers are checked and the gateway must still serve. (A whole batch as one
+    # example would overrun hypothesis's budget for one example and be silently dropped.)
+    pool, in_flight = ThreadPoolExecutor(WORKERS), []
 
-    def send_batch(requests: list[Request]) -> None:
-        with ThreadPoolExecutor(WORKERS) as pool:
-            list(pool.map(lambda r: probe.send(r, "request"), requests))
+    def check_batch() -> None:
+        for future in in_flight:
+            future.result()  # a failed invariant raises here, naming its request
+        in_flight.clear()
         still_serving(url, keys)
 
-    send_batch(issue_probes(keys))  # the issue's probes, whatever the generator draws
-    # Shrinking is off: a failure names the exact request, and a wedged gateway would make every
-    # shrinking step wait out the timeout.
-    settings(max_examples=batches, deadline=None, database=None, derandomize=True,
-             phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(
-        given(st.lists(hostile_request(keys, ADMIN), min_size=batch, max_size=batch))(send_batch))()
-    assert sum(probe.sent.values()) - before == batches * batch + len(issue_probes(keys))
+    def send(request: Request) -> None:
+        in_flight.append(pool.submit(probe.send, request, "request"))
+        if len(in_flight) >= BATCH:
+            check_batch()
+
+    try:
+        for request in issue_probes(keys):  # the issue's probes, whatever the generator draws
+            send(request)
+        check_batch()
+        # Shrinking is off: a failure names the exact request, and a wedged gateway would make
+        # every shrinking step wait out the timeout.
+        settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(
+            given(hostile_request(keys, ADMIN))(send))()
+        check_batch()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    assert sum(probe.sent.values()) - before == examples + len(issue_probes(keys))
     assert {200, 400, 401, 403, 404} <= set(probe.statuses), probe.statuses  # every kind of answer reached
     # Every chat request answered with alice's key has its row, with the status its client got
     # (all but those refused before the key is read: hostile.has_row): nothing generated unrecorded.
@@ -121,6 +139,18 @@ def test_hostile_requests_keep_every_invariant(fuzz_gateway, batches, batch):
     # The address recorded is the peer's: forwarding headers from an untrusted client are ignored.
     with engine.connect() as conn:
         assert {ip for (ip,) in conn.execute(select(LedgerRow.client_ip).distinct())} == {"127.0.0.1"}
+
+
+@pytest.mark.xfail(strict=True, reason="fuzz finding, unowned: a float32-subnormal temperature makes the sampler's "
+                                      "probabilities nan (engine RuntimeError), failing every request in its batch")
+def test_a_subnormal_temperature_fails_no_request(fuzz_gateway):
+    url, keys, probe, _ = fuzz_gateway
+    odd = Request("POST", CHAT, {"Authorization": f"Bearer {keys['alice']}"}, encode(BASE | {"temperature": 1e-38}),
+                  "alice")
+    normal = Request("POST", CHAT, {"Authorization": f"Bearer {keys['bob']}"}, encode(BASE), "bob")
+    with ThreadPoolExecutor(WORKERS) as pool:
+        answers = list(pool.map(lambda r: probe.send(r, "request"), [odd, normal, normal, normal] * 4))
+    assert all(a.status_code == 200 for a in answers[1::4]), [a.status_code for a in answers]
 
 
 @pytest.mark.parametrize("examples", [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.slow)])
@@ -147,9 +177,11 @@ def test_hostile_admin_inputs(fuzz_gateway, examples):
                  {"account": "a/b"}):
         assert send(Request("POST", "/admin/keys", {}, encode(body))) == 400, body
     assert send(Request("POST", "/admin/accounts/fuzz/verdict", {}, b'{"level": "ok", "score": 1e999}')) == 400
+    before = probe.sent["admin"]
     settings(max_examples=examples, deadline=None, database=None, derandomize=True,
              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))(
         given(admin_request())(send_one))()
+    assert probe.sent["admin"] - before == examples
     still_serving(url, keys)
 
 
