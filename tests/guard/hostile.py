@@ -147,11 +147,12 @@ logit_bias = st.dictionaries(
 
 # ---- whole bodies ----------------------------------------------------------------------------
 
-# OPEN (found by this fuzzer, unowned): a temperature that is subnormal as a float32 (about 1e-45 to
-# 1.2e-38) makes the sampler's probabilities nan: a 500 for that request and for every request
-# batched with it. Kept out of generation so the fuzzer stays green; test_fuzz.py's strict xfail
-# reproduces it. Remove this once it is fixed.
-FLOAT32_SUBNORMAL = (1e-46, 1.2e-38)
+# OPEN (found by this fuzzer, unowned): a temperature so small that logits / temperature overflow
+# float32 (1e-38 with the tiny model's logits; anything below float32's smallest normal, and larger
+# ones for larger logits) makes the sampler's probabilities nan (serve/sampling.py): a 500 for that
+# request and for every request batched with it. Kept out of generation so the fuzzer stays green;
+# test_fuzz.py's strict xfail reproduces it. Remove this once it is fixed.
+TINY_TEMPERATURES = (1e-46, 1e-30)
 
 
 def capped(body):
@@ -160,7 +161,7 @@ def capped(body):
     if not isinstance(body, dict):
         return body
     temperature = body.get("temperature")
-    if isinstance(temperature, float) and FLOAT32_SUBNORMAL[0] <= temperature <= FLOAT32_SUBNORMAL[1]:
+    if isinstance(temperature, float) and TINY_TEMPERATURES[0] <= temperature <= TINY_TEMPERATURES[1]:
         body["temperature"] = 0.0
     caps = [name for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
     for name in caps:

@@ -7,7 +7,7 @@ verdicts) and bursts of hostile bodies. After every step: no 5xx and no hang (ea
 own answers), ``/healthz`` is 200, and the ledger holds exactly one row per chat request answered
 with a valid key. At the end of a run: no 60 s window held more than ``rpm`` admitted requests of
 the limited key, and nothing holds a concurrency lease (the ``max_concurrent 1`` key is served).
-The slow part sends at least 1,000 requests (with ``test_fuzz.py``'s slow part: 20,000).
+The slow part sends at least 400 requests (with ``test_fuzz.py``'s slow part: over 20,000).
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class HostileClient(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("runs,steps,least", [
     pytest.param(6, 10, 60, id="fast"),
-    pytest.param(15, 20, 1000, id="slow", marks=pytest.mark.slow),
+    pytest.param(15, 20, 400, id="slow", marks=pytest.mark.slow),
 ])
 def test_hostile_client_state_machine(gateway, runs, steps, least):
     url, probe, engine = gateway
