@@ -147,22 +147,11 @@ logit_bias = st.dictionaries(
 
 # ---- whole bodies ----------------------------------------------------------------------------
 
-# OPEN (found by this fuzzer, unowned): a temperature so small that logits / temperature overflow
-# float32 (1e-38 with the tiny model's logits; anything below float32's smallest normal, and larger
-# ones for larger logits) makes the sampler's probabilities nan (serve/sampling.py): a 500 for that
-# request and for every request batched with it. Kept out of generation so the fuzzer stays green;
-# test_fuzz.py's strict xfail reproduces it. Remove this once it is fixed.
-TINY_TEMPERATURES = (1e-46, 1e-30)
-
-
 def capped(body):
     """``body`` with its completion cap at most 2 tokens (set when absent or null): a request that
     is valid after hostile edits still generates next to nothing (else 1,024 tokens by default)."""
     if not isinstance(body, dict):
         return body
-    temperature = body.get("temperature")
-    if isinstance(temperature, float) and TINY_TEMPERATURES[0] <= temperature <= TINY_TEMPERATURES[1]:
-        body["temperature"] = 0.0
     caps = [name for name in ("max_tokens", "max_completion_tokens") if body.get(name) is not None]
     for name in caps:
         if type(body[name]) is int:

@@ -141,9 +141,6 @@ def test_hostile_requests_keep_every_invariant(fuzz_gateway, examples):
         assert {ip for (ip,) in conn.execute(select(LedgerRow.client_ip).distinct())} == {"127.0.0.1"}
 
 
-@pytest.mark.xfail(strict=True, reason="fuzz finding, unowned: temperature 1e-38 overflows logits / temperature in "
-                                      "float32, the sampler's probabilities are nan (engine RuntimeError) and every "
-                                      "request in its batch fails")
 def test_a_tiny_temperature_fails_no_request(fuzz_gateway):
     url, keys, probe, _ = fuzz_gateway
     odd = Request("POST", CHAT, {"Authorization": f"Bearer {keys['alice']}"}, encode(BASE | {"temperature": 1e-38}),
@@ -151,7 +148,9 @@ def test_a_tiny_temperature_fails_no_request(fuzz_gateway):
     normal = Request("POST", CHAT, {"Authorization": f"Bearer {keys['bob']}"}, encode(BASE), "bob")
     with ThreadPoolExecutor(WORKERS) as pool:
         answers = list(pool.map(lambda r: probe.send(r, "request"), [odd, normal, normal, normal] * 4))
-    assert all(a.status_code == 200 for a in answers[1::4]), [a.status_code for a in answers]
+    # Fixed in serve/sampling.py (1e-38 overflowed float32: NaN probabilities, a 500 for the batch):
+    # the odd request is served too, greedily.
+    assert all(a.status_code == 200 for a in answers), [a.status_code for a in answers]
 
 
 @pytest.mark.parametrize("examples", [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.slow)])

@@ -71,9 +71,26 @@ def test_top_p_candidate_path_matches_full_sort():
 
 
 def test_temperature_divides_each_row_and_leaves_greedy_rows():
+    # Sampled rows are shifted to a maximum of 0 before the division (softmax ignores it).
     logits = torch.tensor([[1.0, 2.0, -4.0], [1.0, 2.0, -4.0], [1.0, 2.0, -4.0]])
     out = apply_temperature(logits, torch.tensor([2.0, 0.0, 0.5]))
-    assert out.tolist() == [[0.5, 1.0, -2.0], [1.0, 2.0, -4.0], [2.0, 4.0, -8.0]]
+    assert out.tolist() == [[-0.5, 0.0, -3.0], [1.0, 2.0, -4.0], [-2.0, 0.0, -12.0]]
+    assert torch.allclose(out.log_softmax(-1)[0], (logits[0] / 2).log_softmax(-1))
+
+
+@pytest.mark.parametrize("t", [1e-38, 1e-45, 1e-30, 5e-324])
+def test_a_tiny_temperature_is_the_greedy_limit_not_nan(t):
+    # 1e-38 overflowed float32 (logits / t = inf, then inf - inf = NaN): a 500 for its batch.
+    logits = torch.tensor([[5.0, 10.0, -3.0, 9.99], [1.0, 2.0, 3.0, 4.0]])
+    temperature = torch.tensor([t, 1.0])
+    lp = sampling_logprobs(logits, temperature, torch.tensor([1.0, 0.9]))
+    assert not lp.isnan().any()
+    assert lp[0].argmax() == 1
+    if temperature[0] > 0:  # 5e-324 is 0 in float32: a greedy row, reported untempered
+        assert lp[0, 1] == 0.0  # all the mass on the largest logit
+    assert torch.allclose(lp[1], sampling_logprobs(logits[1:], torch.tensor([1.0]), torch.tensor([0.9]))[0])
+    gen = torch.Generator().manual_seed(0)
+    assert sample_rows(lp, temperature, [gen, torch.Generator().manual_seed(1)])[0] == 1
 
 
 def test_penalties_follow_openai_formula():

@@ -21,9 +21,17 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
 
 
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """Divide each row by its temperature; rows with temperature 0 (greedy) are left as they are."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    return logits / t[:, None]
+    """Divide each row by its temperature; rows with temperature 0 (greedy) are left as they are.
+
+    Sampled rows are shifted to a maximum of 0 first (softmax does not see the shift): a tiny
+    temperature (1e-38 is a valid request) then sends the other tokens to -inf, which is the
+    limit it means, instead of overflowing float32 to +inf, whose inf - inf is NaN in the
+    softmax of every row sampled with it (a 500 for the whole batch, all accounts).
+    """
+    sampled = temperature > 0
+    t = torch.where(sampled, temperature, torch.ones_like(temperature))
+    shift = torch.where(sampled[:, None], logits.amax(dim=-1, keepdim=True), torch.zeros_like(logits[:, :1]))
+    return (logits - shift) / t[:, None]
 
 
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
