@@ -459,7 +459,7 @@ def has_row(status: int) -> bool:
 
 
 # A head over the size limit (431) or too slow (408) is refused by the HTTP server before the app
-# sees it: an empty body and a closed connection, not an OpenAI-shaped error.
+# sees it (serve/server.py): OpenAI's error shape all the same, but no ledger row.
 PROTOCOL_REFUSALS = (408, 431)
 
 
@@ -468,9 +468,6 @@ def check_answer(resp: httpx.Response, text: bytes, request: Request) -> None:
     assert resp.status_code < 500, where
     if request.method == "HEAD":
         return
-    if resp.status_code in PROTOCOL_REFUSALS and not resp.headers.get("content-type") \
-            and resp.headers.get("connection") == "close":
-        return  # the HTTP server's refusal of a head it will not read (serve/server.py): no app answer
     if resp.status_code >= 400:
         try:
             error = json.loads(text)["error"]

@@ -30,12 +30,21 @@ unless ``forwarded_allow_ips`` names it, and then only it.
 from __future__ import annotations
 
 import asyncio
+import json
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from distillguard.serve.config import ServeConfig
 
-_CLOSE = b"\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+
+
+def refusal(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP response refusing a request the app never sees, with OpenAI's error body
+    (clients parse errors the same way whichever layer refused them), closing the connection."""
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                 "code": code}}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -70,7 +79,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_bytes += len(head)
                 super().data_received(head)
                 if self._heads == heads:
-                    self._refuse(b"HTTP/1.1 431 Request Header Fields Too Large")
+                    self._refuse(refusal(
+                        431, "Request Header Fields Too Large",
+                        f"the request line and headers are larger than the limit of {self.max_head_bytes} bytes",
+                        "request_header_too_large"))
                 elif not self.transport.is_closing():
                     self.data_received(rest)  # a body, or the next pipelined request's head
                 return
@@ -106,7 +118,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._deadline = None
         if self.cycle is None or self.cycle.response_complete:  # no response of ours is being written
-            self._refuse(b"HTTP/1.1 408 Request Timeout")
+            self._refuse(refusal(
+                408, "Request Timeout", f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
+                "request_timeout"))
         elif not self.transport.is_closing():
             self.transport.close()
 
@@ -117,10 +131,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
 
-    def _refuse(self, status_line: bytes) -> None:
+    def _refuse(self, response: bytes) -> None:
         self._disarm()
         if not self.transport.is_closing():
-            self.transport.write(status_line + _CLOSE)
+            self.transport.write(response)
             self.transport.close()
 
 
