@@ -13,12 +13,10 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
-import uuid
 
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, new_postgres_database
 
 
 def _pg_bindir() -> str | None:
@@ -64,21 +62,7 @@ def postgres_server():
 @pytest.fixture
 def postgres_url(postgres_server) -> str:
     """SQLAlchemy URL of a fresh, empty database on the session's PostgreSQL server."""
-    import psycopg
-
-    host, port, user = postgres_server
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{name}"')
-            break
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    return new_postgres_database(postgres_server)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

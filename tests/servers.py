@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -47,3 +49,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
     """``distillguard ARGS`` in a subprocess (the real CLI boundary)."""
     return subprocess.run(distillguard_command(*args), capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def new_postgres_database(server: tuple[str, int, str]) -> str:
+    """SQLAlchemy URL of a fresh, empty database on ``server`` ((host, port, user), the session's
+    ``postgres_server``); retried for 30 s while the server is still starting."""
+    import psycopg
+
+    host, port, user = server
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+            return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def ledger_db_url(request, tmp_path_factory) -> str:
+    """A ledger for a module's server fixture parametrised ``["sqlite", "postgresql"]``: a SQLite
+    file, or a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.db'}"
+    return new_postgres_database(request.getfixturevalue("postgres_server"))

@@ -15,7 +15,7 @@ from sqlalchemy import insert
 
 from distillguard.guard.db import make_engine
 from distillguard.guard.schema import Verdict
-from tests.servers import run_cli, server_process
+from tests.servers import ledger_db_url, run_cli, server_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
 
@@ -23,16 +23,7 @@ ADMIN = "admin-" + uuid.uuid4().hex
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def gateway(request, tmp_path_factory):
     """(base URL, db URL) of `distillguard serve --model tiny` with an admin key."""
-    if request.param == "sqlite":
-        db = f"sqlite:///{tmp_path_factory.mktemp('admin') / 'ledger.db'}"
-    else:
-        import psycopg
-
-        host, port, user = request.getfixturevalue("postgres_server")
-        name = f"adm_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        db = f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    db = ledger_db_url(request, tmp_path_factory)
     with server_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as server:
         yield server.url, db
 

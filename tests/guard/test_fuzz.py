@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select
 
 from distillguard.guard.schema import LedgerRow

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from distillguard.guard.ledger import without_nul
-from tests.servers import run_cli, serve_process
+from tests.servers import ledger_db_url, run_cli, serve_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
 
@@ -20,16 +20,7 @@ ADMIN = "admin-" + uuid.uuid4().hex
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def gateway(request, tmp_path_factory):
     """(base URL, db URL) of `distillguard serve --model tiny` with the guard on."""
-    if request.param == "sqlite":
-        db = f"sqlite:///{tmp_path_factory.mktemp('gw') / 'ledger.db'}"
-    else:
-        import psycopg
-
-        host, port, user = request.getfixturevalue("postgres_server")
-        name = f"gw_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        db = f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    db = ledger_db_url(request, tmp_path_factory)
     with serve_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
         yield url, db
 

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from distillguard.guard.db import make_engine
 from distillguard.guard.gateway import Guard, GuardConfig, IdempotencyInProgress, RequestLog
 from distillguard.guard.schema import LedgerRow
-from tests.servers import server_process
+from tests.servers import ledger_db_url, server_process
 
 ADMIN = "admin-" + uuid.uuid4().hex
 MESSAGES = '[{"role": "user", "content": "hi"}]'
@@ -30,16 +30,7 @@ MESSAGES = '[{"role": "user", "content": "hi"}]'
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def gateway(request, tmp_path_factory):
     """(base URL, SQLAlchemy engine on its ledger, its URL) of `distillguard serve --model tiny` with the guard on."""
-    if request.param == "sqlite":
-        db = f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'ledger.db'}"
-    else:
-        import psycopg
-
-        host, port, user = request.getfixturevalue("postgres_server")
-        name = f"hostile_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        db = f"postgresql+psycopg://{user}@{host}:{port}/{name}"
+    db = ledger_db_url(request, tmp_path_factory)
     with server_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as server:
         engine = make_engine(db)
         yield server.url, engine, db

@@ -13,11 +13,9 @@ The slow part sends at least 400 requests (with ``test_fuzz.py``'s slow part: ov
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import time
 import uuid
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 

@@ -7,7 +7,6 @@ timed bound."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
