@@ -233,7 +233,7 @@ class HostileClient(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("runs,steps,least", [
     pytest.param(6, 10, 60, id="fast"),
-    pytest.param(15, 20, 400, id="slow", marks=pytest.mark.slow),
+    pytest.param(40, 25, 400, id="slow", marks=pytest.mark.slow),  # ~1,000 sent; 364 at 15 x 20
 ])
 def test_hostile_client_state_machine(gateway, runs, steps, least):
     url, probe, engine = gateway
