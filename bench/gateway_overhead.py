@@ -60,6 +60,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
+
 console = Console(stderr=True)
 if not console.is_terminal:  # piped or redirected: rich's 80 columns would cut the table's names
     console = Console(stderr=True, width=120)
@@ -378,15 +380,6 @@ def ledger_rows(db: Path) -> int | None:
             return conn.execute("SELECT count(*) FROM requests").fetchone()[0]
     except sqlite3.Error:
         return None
-
-
-def code_version() -> str:
-    """The commit measured, marked dirty when src/ differs from it."""
-    root = HERE.parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()
-    return (head or "unknown") + (" (dirty)" if dirty else "")
 
 
 def versions() -> dict:

@@ -30,6 +30,8 @@ from distillguard.detect import DetectConfig, calibrate, detect
 from distillguard.detect.embed import shared_embedder
 from distillguard.guard.privacy import private_value
 
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
+
 RESULTS = Path(__file__).with_name("results")
 KINDS = ("bulk", "template", "reasoning", "logprobs", "slowlow", "hydra")
 
@@ -39,17 +41,6 @@ def stored(records: list[dict], mode: str) -> list[dict]:
     if mode == "full":
         return records
     return [{**r, "request": private_value(r["request"], mode)} for r in records]
-
-
-def _code_version() -> str:
-    """The commit measured, marked dirty when the working tree differs from it (detection code moves)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root,
-                           capture_output=True, text=True).stdout.strip()
-    return head + (" (dirty)" if dirty else "")
 
 
 def main() -> None:
@@ -75,7 +66,7 @@ def main() -> None:
                 "hashes": ("hashes", "hashes"), "off": ("off", "off")}
     benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
     benign_accounts = sorted({r["account"] for r in benign})
-    out: dict = {"code": _code_version(), "sizes": vars(args) | {"kinds": KINDS},
+    out: dict = {"code": code_version(), "sizes": vars(args) | {"kinds": KINDS},
                  "thresholds": {m: cals[m].threshold for m in cals}, "kinds": {}}
     for n, kind in enumerate(KINDS):
         spec = f"{kind}:1:{args.campaign_requests}" if kind not in ("hydra", "slowlow") else f"{kind}:1"

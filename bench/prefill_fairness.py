@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,6 +31,8 @@ import torch
 from distillguard.distill.prompts import load_prompts
 from distillguard.models import load_model
 from distillguard.serve.engine import PREFILL_SHARE, Engine, Event, GenParams, Job
+
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,10 +114,9 @@ def main() -> None:
         chunk = None if value.strip() == "none" else int(value)
         rows.append(measure(lm, chunk, short, long, args, bias))
         print(json.dumps(rows[-1]), flush=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"model": args.model, "long_prompt_tokens": len(long), "short_tokens": args.short_tokens,
               "rounds": args.rounds, "prefill_share": PREFILL_SHARE, "torch_threads": torch.get_num_threads(),
-              "commit": head, "results": rows}
+              "commit": code_version(), "results": rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
