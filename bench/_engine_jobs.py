@@ -24,8 +24,9 @@ class Prompt:
     ids: tuple[int, ...]  # chat-template token ids, ending with the assistant cue
 
 
-def sharegpt_prompts(lm: LoadedModel, n: int, *, skip: int = 0, max_prompt_tokens: int = 256,
-                     max_chars: int = 2000) -> list[Prompt]:
+def sharegpt_prompts(
+    lm: LoadedModel, n: int, *, skip: int = 0, max_prompt_tokens: int = 256, max_chars: int = 2000
+) -> list[Prompt]:
     """The first ``n`` usable ShareGPT first prompts in file order, after the first ``skip`` usable
     ones: deterministic. Very long prompts (over ``max_chars`` characters or ``max_prompt_tokens``
     tokens with the template) and exact duplicates are skipped."""
@@ -47,7 +48,9 @@ def sharegpt_prompts(lm: LoadedModel, n: int, *, skip: int = 0, max_prompt_token
         if len(out) == n:
             break
     if len(out) < n:
-        raise SystemExit(f"only {len(out)} usable ShareGPT prompts after skipping {skip}; ask for fewer")
+        raise SystemExit(
+            f"only {len(out)} usable ShareGPT prompts after skipping {skip}; ask for fewer"
+        )
     return out
 
 
@@ -60,8 +63,9 @@ class Result:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def run_jobs(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[GenParams],
-             on_done=None) -> tuple[list[Result], list[Job]]:
+def run_jobs(
+    engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[GenParams], on_done=None
+) -> tuple[list[Result], list[Job]]:
     """Submit one job per prompt (all at once, so the engine batches them) and wait for all.
     ``on_done(i)`` is called from the engine thread as job ``i`` finishes."""
     results = [Result() for _ in prompts]
@@ -82,9 +86,13 @@ def run_jobs(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence[
                 res.done.set()
                 if on_done is not None:
                     on_done(i)
+
         return sink
 
-    jobs = [Job(prompt_ids=list(p), params=gp, n=1, sink=sink_for(i)) for i, (p, gp) in enumerate(zip(prompts, params))]
+    jobs = [
+        Job(prompt_ids=list(p), params=gp, n=1, sink=sink_for(i))
+        for i, (p, gp) in enumerate(zip(prompts, params))
+    ]
     for job in jobs:
         engine.submit(job)
     for res in results:

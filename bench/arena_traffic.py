@@ -36,7 +36,9 @@ def main() -> None:
     _seed_prompts(pools["attack"])
     load_s = time.process_time() - t0
 
-    config = TrafficConfig(benign_accounts=args.benign, campaigns=args.campaigns, days=args.days, seed=1)
+    config = TrafficConfig(
+        benign_accounts=args.benign, campaigns=args.campaigns, days=args.days, seed=1
+    )
     best_gen = best_enc = float("inf")
     n = size = 0
     for _ in range(args.repeat):
@@ -49,16 +51,29 @@ def main() -> None:
             buf.write(json.dumps(r, ensure_ascii=False) + "\n")
         best_enc = min(best_enc, time.process_time() - t)
         n, size = len(records), len(buf.getvalue().encode())
-    print(json.dumps({
-        "requests": n, "benign_accounts": args.benign, "campaigns": args.campaigns, "days": args.days,
-        "pool_load_cpu_s": round(load_s, 2),
-        "generate_cpu_s": round(best_gen, 3), "generate_req_per_s": round(n / best_gen),
-        "json_cpu_s": round(best_enc, 3), "json_req_per_s": round(n / best_enc),
-        "end_to_end_req_per_s": round(n / (best_gen + best_enc)),
-        "mb_per_1000_requests": round(size / n / 1000, 2),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_avg_1m": round(os.getloadavg()[0], 2)},
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "requests": n,
+                "benign_accounts": args.benign,
+                "campaigns": args.campaigns,
+                "days": args.days,
+                "pool_load_cpu_s": round(load_s, 2),
+                "generate_cpu_s": round(best_gen, 3),
+                "generate_req_per_s": round(n / best_gen),
+                "json_cpu_s": round(best_enc, 3),
+                "json_req_per_s": round(n / best_enc),
+                "end_to_end_req_per_s": round(n / (best_gen + best_enc)),
+                "mb_per_1000_requests": round(size / n / 1000, 2),
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpus": os.cpu_count(),
+                    "load_avg_1m": round(os.getloadavg()[0], 2),
+                },
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

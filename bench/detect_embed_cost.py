@@ -44,8 +44,11 @@ def cpu_ms(fn, n: int) -> tuple[float, np.ndarray]:
 
 def agreement(x: np.ndarray, ref: np.ndarray) -> dict:
     cos = (x * ref).sum(axis=1)
-    return {"cos_min": round(float(cos.min()), 4), "cos_p1": round(float(np.quantile(cos, 0.01)), 4),
-            "cos_median": round(float(np.median(cos)), 4)}
+    return {
+        "cos_min": round(float(cos.min()), 4),
+        "cos_p1": round(float(np.quantile(cos, 0.01)), 4),
+        "cos_median": round(float(np.median(cos)), 4),
+    }
 
 
 def onnx_variants(model, tok, tmp: Path, max_len: int):
@@ -57,31 +60,53 @@ def onnx_variants(model, tok, tmp: Path, max_len: int):
     except ImportError:
         return []
 
-    class Bert(torch.nn.Module):   # positional inputs for the exporter
+    class Bert(torch.nn.Module):  # positional inputs for the exporter
         def __init__(self, m):
             super().__init__()
             self.m = m
 
         def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
+            return self.m(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            ).last_hidden_state
 
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    enc = tok(["a short prompt", "a somewhat longer prompt about something else"], padding=True,
-              return_tensors="pt")
+    enc = tok(
+        ["a short prompt", "a somewhat longer prompt about something else"],
+        padding=True,
+        return_tensors="pt",
+    )
     fp32 = tmp / "minilm.onnx"
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated and says so
         warnings.simplefilter("ignore")
-        torch.onnx.export(Bert(model[0].auto_model).eval(), tuple(enc[k] for k in names), str(fp32),
-                          input_names=names, output_names=["h"], opset_version=17, dynamo=False,
-                          dynamic_axes={k: {0: "b", 1: "t"} for k in [*names, "h"]})
+        torch.onnx.export(
+            Bert(model[0].auto_model).eval(),
+            tuple(enc[k] for k in names),
+            str(fp32),
+            input_names=names,
+            output_names=["h"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={k: {0: "b", 1: "t"} for k in [*names, "h"]},
+        )
     matmuls = [n.name for n in onnx.load(str(fp32)).graph.node if n.op_type == "MatMul"]
-    ffn = [n for n in matmuls if "intermediate" in n or ("output/dense" in n and "attention" not in n)]
+    ffn = [
+        n for n in matmuls if "intermediate" in n or ("output/dense" in n and "attention" not in n)
+    ]
     files = {"onnxruntime fp32": fp32}
-    for name, exclude in (("onnxruntime int8 (all weight MatMuls)", []), ("onnxruntime int8 (feed-forward kept fp32)", ffn)):
+    for name, exclude in (
+        ("onnxruntime int8 (all weight MatMuls)", []),
+        ("onnxruntime int8 (feed-forward kept fp32)", ffn),
+    ):
         out = tmp / f"{len(files)}.onnx"
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            str(fp32),
+            str(out),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=exclude,
+            extra_options={"MatMulConstBOnly": True},
+        )
         files[name] = out
 
     def encoder(path):
@@ -92,12 +117,19 @@ def onnx_variants(model, tok, tmp: Path, max_len: int):
         def encode(texts, bs=64):
             out = []
             for i in range(0, len(texts), bs):
-                e = tok(texts[i:i + bs], padding=True, truncation=True, max_length=max_len, return_tensors="np")
-                h = sess.run(None, {k: e[k].astype(np.int64) for k in names})[0]       # (B, T, 384)
-                m = e["attention_mask"][..., None].astype(np.float32)                   # (B, T, 1)
-                v = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)                         # mean pooling
+                e = tok(
+                    texts[i : i + bs],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_len,
+                    return_tensors="np",
+                )
+                h = sess.run(None, {k: e[k].astype(np.int64) for k in names})[0]  # (B, T, 384)
+                m = e["attention_mask"][..., None].astype(np.float32)  # (B, T, 1)
+                v = (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)  # mean pooling
                 out.append(v / np.linalg.norm(v, axis=1, keepdims=True))
             return np.concatenate(out)
+
         encode(texts_warm)
         return encode
 
@@ -116,13 +148,20 @@ def main() -> None:
     torch.set_num_threads(1)
     pools = load_pools()
     half = args.prompts // 2
-    texts = [t.user_turns[0] for t in pools["attack"][:half]] + [t.user_turns[0] for t in pools["calibration"][:half]]
+    texts = [t.user_turns[0] for t in pools["attack"][:half]] + [
+        t.user_turns[0] for t in pools["calibration"][:half]
+    ]
     emb = Embedder()
     model, tok = emb.model, emb.model[0].tokenizer
 
     def st(m, bs=64):
-        return lambda ts: m.encode(ts, batch_size=bs, normalize_embeddings=True, convert_to_numpy=True,
-                                   show_progress_bar=False)
+        return lambda ts: m.encode(
+            ts,
+            batch_size=bs,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
 
     with warnings.catch_warnings():  # torch deprecates quantize_dynamic (torchao) and says so
         warnings.simplefilter("ignore")
@@ -132,19 +171,36 @@ def main() -> None:
         q[0].model = quantize_dynamic(q[0].model, {torch.nn.Linear}, dtype=torch.qint8)
     ref = st(model)(texts)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = [("torch fp32", st(model)), ("torch int8 (quantize_dynamic)", st(q)),
-                    *onnx_variants(model, tok, Path(tmp), emb.max_seq_length)]
-        out = {"prompts": len(texts), "max_seq_length": emb.max_seq_length, "threads": 1,
-               "load_avg_1m_before": round(os.getloadavg()[0], 2), "batch_size": {}, "variants": {}}
-        for bs in (1, 16, 64, 256):   # batching, fp32 only
+        variants = [
+            ("torch fp32", st(model)),
+            ("torch int8 (quantize_dynamic)", st(q)),
+            *onnx_variants(model, tok, Path(tmp), emb.max_seq_length),
+        ]
+        out = {
+            "prompts": len(texts),
+            "max_seq_length": emb.max_seq_length,
+            "threads": 1,
+            "load_avg_1m_before": round(os.getloadavg()[0], 2),
+            "batch_size": {},
+            "variants": {},
+        }
+        for bs in (1, 16, 64, 256):  # batching, fp32 only
             n = 64 if bs == 1 else len(texts)
-            out["batch_size"][bs] = round(min(cpu_ms(lambda: st(model, bs)(texts[:n]), n)[0]
-                                              for _ in range(args.rounds)), 2)
+            out["batch_size"][bs] = round(
+                min(
+                    cpu_ms(lambda bs=bs, n=n: st(model, bs)(texts[:n]), n)[0]
+                    for _ in range(args.rounds)
+                ),
+                2,
+            )
         for name, enc in variants:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                runs = [cpu_ms(lambda: enc(texts), len(texts)) for _ in range(args.rounds)]
-            out["variants"][name] = {"cpu_ms_per_prompt": [round(ms, 2) for ms, _ in runs], **agreement(runs[0][1], ref)}
+                runs = [cpu_ms(lambda enc=enc: enc(texts), len(texts)) for _ in range(args.rounds)]
+            out["variants"][name] = {
+                "cpu_ms_per_prompt": [round(ms, 2) for ms, _ in runs],
+                **agreement(runs[0][1], ref),
+            }
             print(name, json.dumps(out["variants"][name]), flush=True)
     base = min(out["variants"]["torch fp32"]["cpu_ms_per_prompt"])
     for r in out["variants"].values():

@@ -47,14 +47,20 @@ def run(cal, records, batch: int, embedder) -> dict:
     embedded = 0
     for i in range(0, len(records), batch):
         before = len(embedder._cache) if embedder is not None else 0
-        monitor.observe_batch(records[i:i + batch])
+        monitor.observe_batch(records[i : i + batch])
         embedded += (len(embedder._cache) - before) if embedder is not None else 0
     dt, dcpu = time.perf_counter() - t, time.process_time() - cpu
-    return {"requests": len(records), "seconds": round(dt, 2), "cpu_seconds": round(dcpu, 2),
-            "requests_per_s": round(len(records) / dt, 1), "requests_per_cpu_s": round(len(records) / dcpu, 1),
-            "prompts_embedded": embedded, "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
-            # > 1: the scorer kept more than one core busy (torch's intra-op threads in MiniLM)
-            "cores_used": round(dcpu / dt, 2)}
+    return {
+        "requests": len(records),
+        "seconds": round(dt, 2),
+        "cpu_seconds": round(dcpu, 2),
+        "requests_per_s": round(len(records) / dt, 1),
+        "requests_per_cpu_s": round(len(records) / dcpu, 1),
+        "prompts_embedded": embedded,
+        "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)],
+        # > 1: the scorer kept more than one core busy (torch's intra-op threads in MiniLM)
+        "cores_used": round(dcpu / dt, 2),
+    }
 
 
 def main() -> None:
@@ -62,28 +68,70 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--benign-accounts", type=int, default=100,
-                    help="benign users in the day of traffic (100: attack-heavy, the campaigns send ~90%% of the first 1,500 requests)")
-    ap.add_argument("--embed-workers", type=int, default=2,
-                    help="also run 'all' with MiniLM's forward split across this many threads (1: skip)")
-    ap.add_argument("--out", default=None, help="also write the JSON here (e.g. bench/results/detect_throughput.json)")
+    ap.add_argument(
+        "--benign-accounts",
+        type=int,
+        default=100,
+        help="benign users in the day of traffic (100: attack-heavy, the campaigns send ~90%% of the first 1,500 requests)",
+    )
+    ap.add_argument(
+        "--embed-workers",
+        type=int,
+        default=2,
+        help="also run 'all' with MiniLM's forward split across this many threads (1: skip)",
+    )
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="also write the JSON here (e.g. bench/results/detect_throughput.json)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cal_records = generate_traffic(TrafficConfig(benign_accounts=40, pool="calibration", days=1, seed=11))
-    traffic = generate_traffic(TrafficConfig(benign_accounts=args.benign_accounts, days=1, seed=12, campaigns=(
-        "bulk:1:600", "template:1:400", "reasoning:1:400", "logprobs:1:400", "hydra:10:60", "slowlow:1:60")))
+    cal_records = generate_traffic(
+        TrafficConfig(benign_accounts=40, pool="calibration", days=1, seed=11)
+    )
+    traffic = generate_traffic(
+        TrafficConfig(
+            benign_accounts=args.benign_accounts,
+            days=1,
+            seed=12,
+            campaigns=(
+                "bulk:1:600",
+                "template:1:400",
+                "reasoning:1:400",
+                "logprobs:1:400",
+                "hydra:10:60",
+                "slowlow:1:60",
+            ),
+        )
+    )
     records = traffic[: args.requests]
-    out = {"threads": args.threads, "embed_workers": args.embed_workers, "benign_accounts": args.benign_accounts,
-           "share_of_requests_from_campaigns": round(sum(r["label"] != "benign" for r in records) / len(records), 3), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "configs": {}}
+    out = {
+        "threads": args.threads,
+        "embed_workers": args.embed_workers,
+        "benign_accounts": args.benign_accounts,
+        "share_of_requests_from_campaigns": round(
+            sum(r["label"] != "benign" for r in records) / len(records), 3
+        ),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "configs": {},
+    }
     base = DetectConfig()
     # one calibration with embeddings, reused with the other embedding policy (its numbers do not
     # change the cost), one without
     embedder = Embedder()
     cal_all = calibrate(cal_records, config=base, embedder=embedder)
-    cal_none = calibrate(cal_records, config=replace(base, detectors=("volume", "timing", "shape", "linking")))
-    configs = {"all": cal_all,
-               "all-eager": replace(cal_all, config=replace(base, embed_after=1, embed_every=4, embed_every_flagged=4)),
-               "no-embeddings": cal_none}
+    cal_none = calibrate(
+        cal_records, config=replace(base, detectors=("volume", "timing", "shape", "linking"))
+    )
+    configs = {
+        "all": cal_all,
+        "all-eager": replace(
+            cal_all, config=replace(base, embed_after=1, embed_every=4, embed_every_flagged=4)
+        ),
+        "no-embeddings": cal_none,
+    }
     embedders = {}
     if args.embed_workers > 1:  # the same scorer, MiniLM's forward split across threads
         configs[f"all-{args.embed_workers}-workers"] = cal_all
@@ -96,7 +144,7 @@ def main() -> None:
         print(name, json.dumps(out["configs"][name]), flush=True)
     out["load_avg_1m_after"] = os.getloadavg()[0]
     ref = out["configs"]["no-embeddings"]
-    for name, r in out["configs"].items():
+    for _name, r in out["configs"].items():
         r["throughput_vs_no_embeddings"] = round(r["requests_per_s"] / ref["requests_per_s"], 3)
         r["cpu_vs_no_embeddings"] = round(r["cpu_seconds"] / ref["cpu_seconds"], 3)
     print(json.dumps(out, indent=2))

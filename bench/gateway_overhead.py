@@ -56,11 +56,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 
 console = Console(stderr=True)
 if not console.is_terminal:  # piped or redirected: rich's 80 columns would cut the table's names
@@ -69,9 +68,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gateway_overhead.json"
 
 MODEL = "stub"  # the stub's model id; LiteLLM's model_name for it too
-BODY = {"model": MODEL, "messages": [
-    {"role": "system", "content": "You are a helpful assistant."},
-    {"role": "user", "content": "What is the capital of France? Answer in one sentence."}], "max_tokens": 32}
+BODY = {
+    "model": MODEL,
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France? Answer in one sentence."},
+    ],
+    "max_tokens": 32,
+}
 LITELLM_MASTER_KEY = "sk-bench-master-key"
 TARGETS = ("direct", "distillguard", "litellm")
 
@@ -139,12 +143,28 @@ class Server:
             return ""
 
 
-def start(name: str, cmd: list[str], url: str, health: str, workdir: Path, *, key: str | None = None,
-          env: dict | None = None, timeout: float = 120.0) -> Server:
+def start(
+    name: str,
+    cmd: list[str],
+    url: str,
+    health: str,
+    workdir: Path,
+    *,
+    key: str | None = None,
+    env: dict | None = None,
+    timeout: float = 120.0,
+) -> Server:
     log_path = workdir / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=workdir, env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
     server = Server(name, proc, url, key, log_path)
     deadline = time.monotonic() + timeout
     while True:
@@ -156,16 +176,25 @@ def start(name: str, cmd: list[str], url: str, health: str, workdir: Path, *, ke
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             server.stop()
-            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout:.0f} s"
+            why = (
+                f"exited with {proc.returncode}"
+                if proc.poll() is not None
+                else f"not healthy after {timeout:.0f} s"
+            )
             raise Skip(f"{name} {why}; last log lines:\n{server.log_tail()}")
         time.sleep(0.2)
 
 
 def ask(server: Server, timeout: float = 60) -> float:
     """One chat completion by hand; the seconds it took. It must be the stub's answer."""
-    req = urllib.request.Request(server.url + "/v1/chat/completions", data=json.dumps(BODY).encode(),
-                                 headers={"Content-Type": "application/json",
-                                          **({"Authorization": f"Bearer {server.key}"} if server.key else {})})
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=json.dumps(BODY).encode(),
+        headers={
+            "Content-Type": "application/json",
+            **({"Authorization": f"Bearer {server.key}"} if server.key else {}),
+        },
+    )
     started = time.perf_counter()
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -197,10 +226,17 @@ def drain(server: Server, limit_s: float = 120.0) -> None:
 
 # ---- the three targets ------------------------------------------------------------------------
 
+
 def start_stub(workdir: Path) -> Server:
     port = free_port()
-    server = start("stub", [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
-                   f"http://127.0.0.1:{port}", "/healthz", workdir, timeout=30)
+    server = start(
+        "stub",
+        [sys.executable, str(HERE / "stub_upstream.py"), "--port", str(port)],
+        f"http://127.0.0.1:{port}",
+        "/healthz",
+        workdir,
+        timeout=30,
+    )
     check_answer(server)
     return server
 
@@ -209,21 +245,49 @@ def distillguard_cli() -> list[str]:
     return [sys.executable, "-c", "from distillguard.cli import main; main()"]
 
 
-def start_distillguard(stub: Server, workdir: Path, serve_args: list[str], name: str = "distillguard",
-                       src: Path | None = None) -> Server:
+def start_distillguard(
+    stub: Server,
+    workdir: Path,
+    serve_args: list[str],
+    name: str = "distillguard",
+    src: Path | None = None,
+) -> Server:
     """``distillguard serve`` in front of the stub, from this environment or, for a comparison,
     from the package under ``src`` (put first on PYTHONPATH)."""
     db = workdir / f"{name}.db"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))} \
-        if src else None
-    created = subprocess.run([*distillguard_cli(), "keys", "create", "--account", "bench", "--db", str(db), "--json"],
-                             capture_output=True, text=True, check=False, env=env)
+    env = (
+        {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")])),
+        }
+        if src
+        else None
+    )
+    created = subprocess.run(
+        [*distillguard_cli(), "keys", "create", "--account", "bench", "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     if created.returncode != 0:
         raise Skip(f"distillguard keys create failed: {created.stderr.strip()[-500:]}")
     key = json.loads(created.stdout)["key"]
     port = free_port()
-    cmd = [*distillguard_cli(), "serve", "--upstream", stub.url, "--db", str(db), "--port", str(port), *serve_args]
-    server = start(name, cmd, f"http://127.0.0.1:{port}", "/healthz", workdir, key=key, env=env, timeout=60)
+    cmd = [
+        *distillguard_cli(),
+        "serve",
+        "--upstream",
+        stub.url,
+        "--db",
+        str(db),
+        "--port",
+        str(port),
+        *serve_args,
+    ]
+    server = start(
+        name, cmd, f"http://127.0.0.1:{port}", "/healthz", workdir, key=key, env=env, timeout=60
+    )
     check_answer(server)
     return server
 
@@ -234,19 +298,32 @@ def ensure_litellm(venv: Path) -> tuple[Path, str]:
     if not exe.exists():
         with console.status(f"installing litellm[proxy] into {venv} (once; a few minutes) ..."):
             if not python.exists():
-                made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+                made = subprocess.run(
+                    [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True
+                )
                 if made.returncode != 0:
-                    raise Skip(f"could not create the virtualenv {venv}: {made.stderr.strip()[-500:]}")
+                    raise Skip(
+                        f"could not create the virtualenv {venv}: {made.stderr.strip()[-500:]}"
+                    )
             try:
-                pip = subprocess.run([str(python), "-m", "pip", "install", "-q", "litellm[proxy]"],
-                                     capture_output=True, text=True, timeout=1800)
+                pip = subprocess.run(
+                    [str(python), "-m", "pip", "install", "-q", "litellm[proxy]"],
+                    capture_output=True,
+                    text=True,
+                    timeout=1800,
+                )
             except subprocess.TimeoutExpired:
                 raise Skip("pip install 'litellm[proxy]' took over 30 minutes") from None
             if pip.returncode != 0 or not exe.exists():
-                errors = [ln for ln in pip.stderr.splitlines() if not ln.startswith("WARNING: Location")]
+                errors = [
+                    ln for ln in pip.stderr.splitlines() if not ln.startswith("WARNING: Location")
+                ]
                 raise Skip("pip install 'litellm[proxy]' failed: " + "\n".join(errors[-10:]))
-    version = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-                             capture_output=True, text=True)
+    version = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True,
+        text=True,
+    )
     return exe, version.stdout.strip() or "unknown"
 
 
@@ -261,50 +338,98 @@ def start_litellm(stub: Server, workdir: Path, venv: Path) -> tuple[Server, str]
         f"      api_base: {stub.url}/v1\n"
         "      api_key: sk-stub\n"
         "general_settings:\n"
-        f"  master_key: {LITELLM_MASTER_KEY}\n")
+        f"  master_key: {LITELLM_MASTER_KEY}\n"
+    )
     port = free_port()
-    cmd = [str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"]
+    cmd = [
+        str(exe),
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        "1",
+    ]
     env = {"LITELLM_MASTER_KEY": LITELLM_MASTER_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     with console.status("starting LiteLLM's proxy ..."):
-        server = start("litellm", cmd, f"http://127.0.0.1:{port}", "/health/liveliness", workdir,
-                       key=LITELLM_MASTER_KEY, env=env, timeout=180)
+        server = start(
+            "litellm",
+            cmd,
+            f"http://127.0.0.1:{port}",
+            "/health/liveliness",
+            workdir,
+            key=LITELLM_MASTER_KEY,
+            env=env,
+            timeout=180,
+        )
     check_answer(server)
     return server, version
 
 
 # ---- load -------------------------------------------------------------------------------------
 
-def run_wrk(server: Server, clients: int, duration: int, args: argparse.Namespace, workdir: Path) -> dict:
+
+def run_wrk(
+    server: Server, clients: int, duration: int, args: argparse.Namespace, workdir: Path
+) -> dict:
     script = workdir / f"wrk-{server.name}.lua"
     auth = f'wrk.headers["Authorization"] = "Bearer {server.key}"' if server.key else ""
     script.write_text(WRK_SCRIPT.format(body=lua_string(json.dumps(BODY)), auth=auth))
-    cmd = ["wrk", "-t", str(min(args.wrk_threads, clients)), "-c", str(clients), "-d", f"{duration}s",
-           "--timeout", f"{args.timeout:g}s", "--latency", "-s", str(script),
-           server.url + "/v1/chat/completions"]
+    cmd = [
+        "wrk",
+        "-t",
+        str(min(args.wrk_threads, clients)),
+        "-c",
+        str(clients),
+        "-d",
+        f"{duration}s",
+        "--timeout",
+        f"{args.timeout:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        server.url + "/v1/chat/completions",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + args.timeout + 30)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
     if out.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}")
-    raw = json.loads(line[len("WRKJSON "):])
+        raise RuntimeError(
+            f"wrk failed ({out.returncode}): {out.stderr.strip() or out.stdout.strip()}"
+        )
+    raw = json.loads(line[len("WRKJSON ") :])
     seconds = raw["duration_us"] / 1e6
     ok = raw["requests"] - raw["non_2xx"]
     return {
         "requests_per_s": round(ok / seconds, 1),
-        "p50_ms": raw["p50_us"] / 1000, "p90_ms": raw["p90_us"] / 1000, "p99_ms": raw["p99_us"] / 1000,
-        "mean_ms": round(raw["mean_us"] / 1000, 3), "max_ms": raw["max_us"] / 1000,
-        "requests": raw["requests"], "non_2xx": raw["non_2xx"], "timeouts": raw["timeouts"],
+        "p50_ms": raw["p50_us"] / 1000,
+        "p90_ms": raw["p90_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "mean_ms": round(raw["mean_us"] / 1000, 3),
+        "max_ms": raw["max_us"] / 1000,
+        "requests": raw["requests"],
+        "non_2xx": raw["non_2xx"],
+        "timeouts": raw["timeouts"],
         "socket_errors": raw["connect_errors"] + raw["read_errors"] + raw["write_errors"],
         "seconds": round(seconds, 2),
     }
 
 
-def measure(servers: dict[str, Server], levels: list[int], args: argparse.Namespace, workdir: Path) -> dict:
+def measure(
+    servers: dict[str, Server], levels: list[int], args: argparse.Namespace, workdir: Path
+) -> dict:
     """Every (client count, target) cell, interleaved so that slow drifts of a shared machine hit
     every target alike. Proxies not under measurement are paused."""
     results: dict[str, dict[str, dict]] = {name: {} for name in servers}
     proxies = [s for name, s in servers.items() if name != "direct"]
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=console)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
     with progress:
         task = progress.add_task("", total=len(levels) * len(servers))
         for clients in levels:
@@ -324,10 +449,14 @@ def measure(servers: dict[str, Server], levels: list[int], args: argparse.Namesp
                 results[name][str(clients)] = cell
                 progress.console.print(
                     f"{name:>12} x{clients:<3} {cell['requests_per_s']:>9.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  "
-                    f"p99 {cell['p99_ms']:8.2f} ms" + (f"  [red]{cell['non_2xx']} non-2xx, {cell['timeouts']} "
-                                                       f"timeouts, {cell['socket_errors']} socket errors[/]"
-                                                       if cell["non_2xx"] or cell["timeouts"] or cell["socket_errors"]
-                                                       else ""))
+                    f"p99 {cell['p99_ms']:8.2f} ms"
+                    + (
+                        f"  [red]{cell['non_2xx']} non-2xx, {cell['timeouts']} "
+                        f"timeouts, {cell['socket_errors']} socket errors[/]"
+                        if cell["non_2xx"] or cell["timeouts"] or cell["socket_errors"]
+                        else ""
+                    )
+                )
                 progress.advance(task)
     return results
 
@@ -338,27 +467,54 @@ def summarise(results: dict, levels: list[int]) -> tuple[dict, dict]:
     for name, cells in results.items():
         if name == "direct":
             continue
-        overhead[name] = {str(c): {
-            "added_p50_ms": round(cells[str(c)]["p50_ms"] - direct[str(c)]["p50_ms"], 3),
-            "added_p99_ms": round(cells[str(c)]["p99_ms"] - direct[str(c)]["p99_ms"], 3),
-            "requests_per_s": cells[str(c)]["requests_per_s"],
-            "requests_per_s_vs_direct": round(cells[str(c)]["requests_per_s"] / direct[str(c)]["requests_per_s"], 4),
-        } for c in levels}
+        overhead[name] = {
+            str(c): {
+                "added_p50_ms": round(cells[str(c)]["p50_ms"] - direct[str(c)]["p50_ms"], 3),
+                "added_p99_ms": round(cells[str(c)]["p99_ms"] - direct[str(c)]["p99_ms"], 3),
+                "requests_per_s": cells[str(c)]["requests_per_s"],
+                "requests_per_s_vs_direct": round(
+                    cells[str(c)]["requests_per_s"] / direct[str(c)]["requests_per_s"], 4
+                ),
+            }
+            for c in levels
+        }
     targets: dict[str, dict] = {}
     if "distillguard" in overhead and "1" in overhead["distillguard"]:
         added = overhead["distillguard"]["1"]["added_p50_ms"]
-        targets["distillguard_added_p50_ms_at_1_client"] = {"value": added, "target": "<= 2.0", "met": added <= 2.0}
-        added = overhead["distillguard"]["1"]["added_p99_ms"]  # issue 24: the tail, with the ledger's promise kept
-        targets["distillguard_added_p99_ms_at_1_client"] = {"value": added, "target": "<= 10.0", "met": added <= 10.0}
+        targets["distillguard_added_p50_ms_at_1_client"] = {
+            "value": added,
+            "target": "<= 2.0",
+            "met": added <= 2.0,
+        }
+        added = overhead["distillguard"]["1"][
+            "added_p99_ms"
+        ]  # issue 24: the tail, with the ledger's promise kept
+        targets["distillguard_added_p99_ms_at_1_client"] = {
+            "value": added,
+            "target": "<= 10.0",
+            "met": added <= 10.0,
+        }
     if "litellm" in results:
-        ratios = {name: {str(c): round(cells[str(c)]["requests_per_s"]
-                                       / max(results["litellm"][str(c)]["requests_per_s"], 1e-9), 2) for c in levels}
-                  for name, cells in results.items() if name not in ("direct", "litellm")}
+        ratios = {
+            name: {
+                str(c): round(
+                    cells[str(c)]["requests_per_s"]
+                    / max(results["litellm"][str(c)]["requests_per_s"], 1e-9),
+                    2,
+                )
+                for c in levels
+            }
+            for name, cells in results.items()
+            if name not in ("direct", "litellm")
+        }
         overhead["requests_per_s_vs_litellm"] = ratios
         if "64" in ratios.get("distillguard", {}):
             ratio = ratios["distillguard"]["64"]
             targets["distillguard_vs_litellm_requests_per_s_at_64_clients"] = {
-                "value": ratio, "target": ">= 10", "met": ratio >= 10}
+                "value": ratio,
+                "target": ">= 10",
+                "met": ratio >= 10,
+            }
     return overhead, targets
 
 
@@ -369,8 +525,15 @@ def print_table(results: dict, overhead: dict, levels: list[int]) -> None:
     for name, cells in results.items():
         for c in levels:
             cell, extra = cells[str(c)], overhead.get(name, {}).get(str(c), {})
-            table.add_row(name, str(c), f"{cell['requests_per_s']:.1f}", f"{cell['p50_ms']:.2f}", f"{cell['p99_ms']:.2f}",
-                          f"{extra['added_p50_ms']:.2f}" if extra else "-", f"{extra['added_p99_ms']:.2f}" if extra else "-")
+            table.add_row(
+                name,
+                str(c),
+                f"{cell['requests_per_s']:.1f}",
+                f"{cell['p50_ms']:.2f}",
+                f"{cell['p99_ms']:.2f}",
+                f"{extra['added_p50_ms']:.2f}" if extra else "-",
+                f"{extra['added_p99_ms']:.2f}" if extra else "-",
+            )
     console.print(table)
 
 
@@ -397,28 +560,65 @@ def versions() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5, help="measured seconds per cell (default 5; wrk takes whole seconds)")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured seconds before each cell (default 1, 0: none)")
-    parser.add_argument("--concurrency", default="1,16,64", help="client counts, comma-separated (default 1,16,64)")
-    parser.add_argument("--wrk-threads", type=int, default=1,
-                        help="wrk threads (default 1: leaves the cores to the servers; one is plenty here)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds")
-    parser.add_argument("--litellm-venv", type=Path, default=Path(tempfile.gettempdir()) / "litellm-venv",
-                        help="virtualenv with litellm[proxy] (created and installed if missing)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=5,
+        help="measured seconds per cell (default 5; wrk takes whole seconds)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured seconds before each cell (default 1, 0: none)",
+    )
+    parser.add_argument(
+        "--concurrency", default="1,16,64", help="client counts, comma-separated (default 1,16,64)"
+    )
+    parser.add_argument(
+        "--wrk-threads",
+        type=int,
+        default=1,
+        help="wrk threads (default 1: leaves the cores to the servers; one is plenty here)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="wrk's per-request timeout in seconds"
+    )
+    parser.add_argument(
+        "--litellm-venv",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "litellm-venv",
+        help="virtualenv with litellm[proxy] (created and installed if missing)",
+    )
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
-    parser.add_argument("--serve-args", default="", help="extra arguments for `distillguard serve` (quoted)")
-    parser.add_argument("--compare", action="append", default=[], metavar="NAME=SRC",
-                        help="also measure distillguard from another source tree (e.g. a checkout's src/ "
-                             "before a change), as target NAME, in the same run; repeatable")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep logs, ledger and scripts here")
-    parser.add_argument("--out", default=str(RESULTS),
-                        help=f"write the report here (default {RESULTS.relative_to(HERE.parent)}; '-': stdout only)")
+    parser.add_argument(
+        "--serve-args", default="", help="extra arguments for `distillguard serve` (quoted)"
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=SRC",
+        help="also measure distillguard from another source tree (e.g. a checkout's src/ "
+        "before a change), as target NAME, in the same run; repeatable",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep logs, ledger and scripts here"
+    )
+    parser.add_argument(
+        "--out",
+        default=str(RESULTS),
+        help=f"write the report here (default {RESULTS.relative_to(HERE.parent)}; '-': stdout only)",
+    )
     args = parser.parse_args()
     for spec in args.compare:
         if "=" not in spec or spec.split("=", 1)[0] in TARGETS:
-            parser.error(f"--compare {spec!r}: use NAME=SRC with a NAME other than {', '.join(TARGETS)}")
+            parser.error(
+                f"--compare {spec!r}: use NAME=SRC with a NAME other than {', '.join(TARGETS)}"
+            )
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if shutil.which("wrk") is None:
         sys.exit("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install -y wrk)")
@@ -434,15 +634,22 @@ def main() -> None:
         variants = [("distillguard", None)] + [tuple(c.split("=", 1)) for c in args.compare]
         for name, src in variants:
             try:
-                servers[name] = start_distillguard(servers["direct"], workdir, shlex.split(args.serve_args), name,
-                                                   Path(src).resolve() if src else None)
+                servers[name] = start_distillguard(
+                    servers["direct"],
+                    workdir,
+                    shlex.split(args.serve_args),
+                    name,
+                    Path(src).resolve() if src else None,
+                )
             except Skip as exc:
                 skipped[name] = str(exc)
         if args.no_litellm:
             skipped["litellm"] = "--no-litellm"
         else:
             try:
-                servers["litellm"], litellm_version = start_litellm(servers["direct"], workdir, args.litellm_venv)
+                servers["litellm"], litellm_version = start_litellm(
+                    servers["direct"], workdir, args.litellm_venv
+                )
             except Skip as exc:
                 skipped["litellm"] = str(exc)
         for name, why in skipped.items():
@@ -456,21 +663,32 @@ def main() -> None:
     console.print(f"logs, ledger and wrk scripts in {workdir}")
     report = {
         "bench": "gateway_overhead",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    # other work on a shared machine skews everything: 1-minute load at start and end
-                    "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
-        "config": {"duration_s": args.duration, "warmup_s": args.warmup, "concurrency": levels,
-                   "wrk_threads": args.wrk_threads, "body": BODY,
-                   "distillguard_serve_args": shlex.split(args.serve_args), "compare": args.compare,
-                   "distillguard_guard": "on: API key without limits, SQLite ledger, metrics",
-                   "litellm": "proxy, master key, LITELLM_LOCAL_MODEL_COST_MAP=True, --num_workers 1"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            # other work on a shared machine skews everything: 1-minute load at start and end
+            "loadavg_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "config": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": levels,
+            "wrk_threads": args.wrk_threads,
+            "body": BODY,
+            "distillguard_serve_args": shlex.split(args.serve_args),
+            "compare": args.compare,
+            "distillguard_guard": "on: API key without limits, SQLite ledger, metrics",
+            "litellm": "proxy, master key, LITELLM_LOCAL_MODEL_COST_MAP=True, --num_workers 1",
+        },
         "versions": {**versions(), "litellm": litellm_version, "commit": code_version()},
         "results": results,
         "overhead_vs_direct": overhead,
         "targets": targets,
         "skipped": skipped,
-        "distillguard_ledger_rows": {name: ledger_rows(workdir / f"{name}.db") for name, _ in variants
-                                     if name in servers},
+        "distillguard_ledger_rows": {
+            name: ledger_rows(workdir / f"{name}.db") for name, _ in variants if name in servers
+        },
         "wall_s": round(time.time() - started, 1),
     }
     if args.out != "-":

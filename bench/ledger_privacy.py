@@ -23,14 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 from sklearn.metrics import roc_auc_score
 
 from distillguard.arena.traffic import TrafficConfig, generate_traffic
 from distillguard.detect import DetectConfig, calibrate, detect
 from distillguard.detect.embed import shared_embedder
 from distillguard.guard.privacy import private_value
-
-from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 
 RESULTS = Path(__file__).with_name("results")
 KINDS = ("bulk", "template", "reasoning", "logprobs", "slowlow", "hydra")
@@ -54,32 +53,63 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "ledger_privacy.json"))
     args = ap.parse_args()
     embedder = shared_embedder()
-    cal_records = generate_traffic(TrafficConfig(benign_accounts=args.cal_accounts, pool="calibration",
-                                                 days=args.days, seed=101))
+    cal_records = generate_traffic(
+        TrafficConfig(
+            benign_accounts=args.cal_accounts, pool="calibration", days=args.days, seed=101
+        )
+    )
     config = DetectConfig(target_fpr=args.target_fpr)
     cals = {}
     for mode in ("full", "hashes", "off"):
         t0 = time.time()
         cals[mode] = calibrate(stored(cal_records, mode), config=config, embedder=embedder)
-        print(f"calibrated on {mode} in {time.time() - t0:.0f} s: threshold {cals[mode].threshold:.1f}", flush=True)
-    settings = {"full": ("full", "full"), "hashes, text calibration": ("full", "hashes"),
-                "hashes": ("hashes", "hashes"), "off": ("off", "off")}
-    benign = generate_traffic(TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202))
+        print(
+            f"calibrated on {mode} in {time.time() - t0:.0f} s: threshold {cals[mode].threshold:.1f}",
+            flush=True,
+        )
+    settings = {
+        "full": ("full", "full"),
+        "hashes, text calibration": ("full", "hashes"),
+        "hashes": ("hashes", "hashes"),
+        "off": ("off", "off"),
+    }
+    benign = generate_traffic(
+        TrafficConfig(benign_accounts=args.eval_accounts, pool="eval", days=args.days, seed=202)
+    )
     benign_accounts = sorted({r["account"] for r in benign})
-    out: dict = {"code": code_version(), "sizes": vars(args) | {"kinds": KINDS},
-                 "thresholds": {m: cals[m].threshold for m in cals}, "kinds": {}}
+    out: dict = {
+        "code": code_version(),
+        "sizes": vars(args) | {"kinds": KINDS},
+        "thresholds": {m: cals[m].threshold for m in cals},
+        "kinds": {},
+    }
     for n, kind in enumerate(KINDS):
-        spec = f"{kind}:1:{args.campaign_requests}" if kind not in ("hydra", "slowlow") else f"{kind}:1"
+        spec = (
+            f"{kind}:1:{args.campaign_requests}"
+            if kind not in ("hydra", "slowlow")
+            else f"{kind}:1"
+        )
         specs = ("hydra",) if kind == "hydra" else (spec,) * args.attackers
-        camp = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=specs, days=args.days, seed=300 + n))
+        camp = generate_traffic(
+            TrafficConfig(benign_accounts=0, campaigns=specs, days=args.days, seed=300 + n)
+        )
         attack = sorted({r["account"] for r in camp})
         for name, (cal_mode, mode) in settings.items():
-            rows = {r.account: r for r in detect(stored(benign + camp, mode), cals[cal_mode], embedder=embedder)["results"]}
+            rows = {
+                r.account: r
+                for r in detect(stored(benign + camp, mode), cals[cal_mode], embedder=embedder)[
+                    "results"
+                ]
+            }
             y = np.r_[np.zeros(len(benign_accounts)), np.ones(len(attack))]
             s = np.r_[[rows[a].score for a in benign_accounts], [rows[a].score for a in attack]]
-            res = {"attackers": len(attack), "attackers_flagged": sum(rows[a].flagged for a in attack),
-                   "benign": len(benign_accounts), "benign_flagged": sum(rows[a].flagged for a in benign_accounts),
-                   "auc": round(float(roc_auc_score(y, s)), 4)}
+            res = {
+                "attackers": len(attack),
+                "attackers_flagged": sum(rows[a].flagged for a in attack),
+                "benign": len(benign_accounts),
+                "benign_flagged": sum(rows[a].flagged for a in benign_accounts),
+                "auc": round(float(roc_auc_score(y, s)), 4),
+            }
             out["kinds"].setdefault(kind, {})[name] = res
             print(kind, name, res, flush=True)
     RESULTS.mkdir(exist_ok=True)

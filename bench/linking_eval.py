@@ -40,14 +40,32 @@ def main() -> None:
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    kinds = dict(popular_prompts=args.popular_prompts, popular_share=args.popular_share, app_share=args.app_share,
-                 apps=args.apps, nat_share=args.nat_share, nat_size=args.nat_size, days=args.days)
+    kinds = dict(
+        popular_prompts=args.popular_prompts,
+        popular_share=args.popular_share,
+        app_share=args.app_share,
+        apps=args.apps,
+        nat_share=args.nat_share,
+        nat_size=args.nat_size,
+        days=args.days,
+    )
     t0 = time.perf_counter()
-    cal = calibrate(generate_traffic(TrafficConfig(benign_accounts=args.calibration_accounts, seed=args.seed,
-                                                   pool="calibration", **kinds)),
-                    config=DetectConfig(target_fpr=args.target_fpr, detectors=DETECTORS))
-    records = generate_traffic(TrafficConfig(benign_accounts=args.benign_accounts, seed=args.seed + 1,
-                                             campaigns=CAMPAIGNS, **kinds))
+    cal = calibrate(
+        generate_traffic(
+            TrafficConfig(
+                benign_accounts=args.calibration_accounts,
+                seed=args.seed,
+                pool="calibration",
+                **kinds,
+            )
+        ),
+        config=DetectConfig(target_fpr=args.target_fpr, detectors=DETECTORS),
+    )
+    records = generate_traffic(
+        TrafficConfig(
+            benign_accounts=args.benign_accounts, seed=args.seed + 1, campaigns=CAMPAIGNS, **kinds
+        )
+    )
     report = detect(records, cal)
     labels: dict[str, dict] = {}
     for r in report["results"]:
@@ -55,15 +73,38 @@ def main() -> None:
         row["accounts"] += 1
         row["flagged"] += r.flagged
         row["clustered"] += r.cluster is not None
-    out = {"config": vars(args) | {"out": str(args.out) if args.out else None, "campaigns": CAMPAIGNS,
-                                   "detectors": DETECTORS},
-           "threshold": cal.threshold, "labels": labels,
-           "benign_flagged": [{"account": r.account, "cluster": r.cluster, "score": round(r.score, 1),
-                               "reasons": r.reasons} for r in report["results"] if r.label == "benign" and r.flagged],
-           "attack_missed": [{"account": r.account, "label": r.label, "cluster": r.cluster, "requests": r.requests,
-                              "score": round(r.score, 1)} for r in report["results"]
-                             if r.label != "benign" and not r.flagged],
-           "seconds": round(time.perf_counter() - t0, 1)}
+    out = {
+        "config": vars(args)
+        | {
+            "out": str(args.out) if args.out else None,
+            "campaigns": CAMPAIGNS,
+            "detectors": DETECTORS,
+        },
+        "threshold": cal.threshold,
+        "labels": labels,
+        "benign_flagged": [
+            {
+                "account": r.account,
+                "cluster": r.cluster,
+                "score": round(r.score, 1),
+                "reasons": r.reasons,
+            }
+            for r in report["results"]
+            if r.label == "benign" and r.flagged
+        ],
+        "attack_missed": [
+            {
+                "account": r.account,
+                "label": r.label,
+                "cluster": r.cluster,
+                "requests": r.requests,
+                "score": round(r.score, 1),
+            }
+            for r in report["results"]
+            if r.label != "benign" and not r.flagged
+        ],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     text = json.dumps(out, indent=1)
     print(text)
     if args.out is not None:

@@ -63,7 +63,9 @@ async def refused_share(records: list[dict], limits: Limits) -> float:
         clock.now = r["ts"]
         prompt, completion = tokens_of(r)
         req = r["request"]
-        budget = prompt + (req.get("n") or 1) * (req.get("max_tokens") or req.get("max_completion_tokens") or 1024)
+        budget = prompt + (req.get("n") or 1) * (
+            req.get("max_tokens") or req.get("max_completion_tokens") or 1024
+        )
         budget = min(budget, limits.tpm or budget)  # a request larger than tpm is refused anyway
         try:
             lease = await limiter.acquire("k", limits, budget)
@@ -76,23 +78,32 @@ async def refused_share(records: list[dict], limits: Limits) -> float:
 
 def summary(values: list[float]) -> dict:
     values = sorted(values)
-    return {"mean": round(statistics.fmean(values), 4), "median": round(values[len(values) // 2], 4),
-            "p95": round(values[int(0.95 * (len(values) - 1))], 4), "max": round(values[-1], 4),
-            "accounts_with_any": round(sum(v > 0 for v in values) / len(values), 4)}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "median": round(values[len(values) // 2], 4),
+        "p95": round(values[int(0.95 * (len(values) - 1))], 4),
+        "max": round(values[-1], 4),
+        "accounts_with_any": round(sum(v > 0 for v in values) / len(values), 4),
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    policy = PolicyConfig(**({"throttle_tpm": args.throttle_tpm} if args.throttle_tpm else {}),
-                          **({"throttle_rpm": args.throttle_rpm} if args.throttle_rpm else {}))
+    policy = PolicyConfig(
+        **({"throttle_tpm": args.throttle_tpm} if args.throttle_tpm else {}),
+        **({"throttle_rpm": args.throttle_rpm} if args.throttle_rpm else {}),
+    )
     decision = policy.decide(Level.SUSPECT)
-    records = generate_traffic(TrafficConfig(benign_accounts=args.accounts, days=args.days, seed=args.seed,
-                                             pool="eval"))
+    records = generate_traffic(
+        TrafficConfig(benign_accounts=args.accounts, days=args.days, seed=args.seed, pool="eval")
+    )
     by_account: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         by_account[r["account"]].append(r)
     typical = Limits(rpm=args.rpm, tpm=args.tpm)
     throttled_none, throttled_typical, unthrottled_typical = [], [], []
-    for account in track(sorted(by_account), description="replaying benign accounts", console=console):
+    for account in track(
+        sorted(by_account), description="replaying benign accounts", console=console
+    ):
         rs = sorted(by_account[account], key=lambda r: r["ts"])
         throttled_none.append(await refused_share(rs, decision.limits(Limits())))
         throttled_typical.append(await refused_share(rs, decision.limits(typical)))
@@ -105,8 +116,16 @@ async def main_async(args: argparse.Namespace) -> dict:
         "benign_requests": len(records),
         "requests_per_account_day": round(per_day, 2),
         "days": args.days,
-        "policy": policy.model_dump(include={"throttle_factor", "throttle_rpm", "throttle_tpm", "logprobs_cap",
-                                             "canary_rate", "watermark_boost_delta"}),
+        "policy": policy.model_dump(
+            include={
+                "throttle_factor",
+                "throttle_rpm",
+                "throttle_tpm",
+                "logprobs_cap",
+                "canary_rate",
+                "watermark_boost_delta",
+            }
+        ),
         "throttle": {
             "refused_share_keys_without_limits": summary(throttled_none),
             f"refused_share_keys_rpm{args.rpm}_tpm{args.tpm}": summary(throttled_typical),
@@ -125,8 +144,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--rpm", type=int, default=60, help="typical key limit for the comparison")
     ap.add_argument("--tpm", type=int, default=40_000, help="typical key limit for the comparison")
-    ap.add_argument("--throttle-rpm", type=int, default=0, help="override the ladder's throttle_rpm")
-    ap.add_argument("--throttle-tpm", type=int, default=0, help="override the ladder's throttle_tpm")
+    ap.add_argument(
+        "--throttle-rpm", type=int, default=0, help="override the ladder's throttle_rpm"
+    )
+    ap.add_argument(
+        "--throttle-tpm", type=int, default=0, help="override the ladder's throttle_tpm"
+    )
     args = ap.parse_args()
     print(json.dumps(asyncio.run(main_async(args)), indent=2))
 

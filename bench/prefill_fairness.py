@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 
 from distillguard.distill.prompts import load_prompts
 from distillguard.models import load_model
 from distillguard.serve.engine import PREFILL_SHARE, Engine, Event, GenParams, Job
-
-from _provenance import code_version  # noqa: E402 - bench/ is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +49,12 @@ class _Sink:
 
 def _run(eng: Engine, prompt: list[int], tokens: int, bias) -> tuple[Job, _Sink]:
     sink = _Sink()
-    job = Job(prompt_ids=prompt, n=1, sink=sink,
-              params=GenParams(max_new_tokens=tokens, temperature=0.0, logit_bias=bias))
+    job = Job(
+        prompt_ids=prompt,
+        n=1,
+        sink=sink,
+        params=GenParams(max_new_tokens=tokens, temperature=0.0, logit_bias=bias),
+    )
     eng.submit(job)
     return job, sink
 
@@ -85,8 +88,13 @@ def measure(lm, chunk: int | None, short: list[int], long: list[int], args, bias
             _, sink = _run(eng, long, 1, bias)
             _wait(sink)
             first.append(sink.first - t0)
-        return {"prefill_chunk": chunk, "short_alone_s": min(alone), "short_beside_long_s": min(beside),
-                "ratio": min(beside) / min(alone), "long_first_token_s": min(first)}
+        return {
+            "prefill_chunk": chunk,
+            "short_alone_s": min(alone),
+            "short_beside_long_s": min(beside),
+            "ratio": min(beside) / min(alone),
+            "long_first_token_s": min(first),
+        }
     finally:
         eng.stop()
 
@@ -94,7 +102,9 @@ def measure(lm, chunk: int | None, short: list[int], long: list[int], args, bias
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--chunks", default="512,none", help="comma-separated prefill_chunk values; none: unchunked")
+    ap.add_argument(
+        "--chunks", default="512,none", help="comma-separated prefill_chunk values; none: unchunked"
+    )
     ap.add_argument("--long-tokens", type=int, default=3000, help="longest long prompt to take")
     ap.add_argument("--short-tokens", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
@@ -106,17 +116,28 @@ def main() -> None:
     lm = load_model(args.model, device="cpu")
     bias = tuple((i, -100.0) for i in sorted(set(lm.tokenizer.all_special_ids) | lm.eos_token_ids))
     short = lm.chat_ids([{"role": "user", "content": "Hi"}])
-    candidates = [lm.chat_ids([{"role": r, "content": c} for r, c in p.messages])
-                  for p in load_prompts("sharegpt", limit=600)]
-    long = max((c for c in candidates if len(c) <= min(args.long_tokens, lm.context_length - 8)), key=len)
+    candidates = [
+        lm.chat_ids([{"role": r, "content": c} for r, c in p.messages])
+        for p in load_prompts("sharegpt", limit=600)
+    ]
+    long = max(
+        (c for c in candidates if len(c) <= min(args.long_tokens, lm.context_length - 8)), key=len
+    )
     rows = []
     for value in args.chunks.split(","):
         chunk = None if value.strip() == "none" else int(value)
         rows.append(measure(lm, chunk, short, long, args, bias))
         print(json.dumps(rows[-1]), flush=True)
-    result = {"model": args.model, "long_prompt_tokens": len(long), "short_tokens": args.short_tokens,
-              "rounds": args.rounds, "prefill_share": PREFILL_SHARE, "torch_threads": torch.get_num_threads(),
-              "commit": code_version(), "results": rows}
+    result = {
+        "model": args.model,
+        "long_prompt_tokens": len(long),
+        "short_tokens": args.short_tokens,
+        "rounds": args.rounds,
+        "prefill_share": PREFILL_SHARE,
+        "torch_threads": torch.get_num_threads(),
+        "commit": code_version(),
+        "results": rows,
+    }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

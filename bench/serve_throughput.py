@@ -97,8 +97,16 @@ def client_params(client: int, request: int, max_tokens: int, model: str) -> dic
     }
 
 
-async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_tokens: int,
-                    model: str, progress: Progress, label: str, req_offset: int) -> dict:
+async def run_phase(
+    http: httpx.AsyncClient,
+    clients: int,
+    duration: float,
+    max_tokens: int,
+    model: str,
+    progress: Progress,
+    label: str,
+    req_offset: int,
+) -> dict:
     """``clients`` closed-loop streaming clients for ``duration`` seconds; requests still running
     at the end are cut off (the server cancels them) and credited with the tokens they streamed."""
     tokens = 0  # completion tokens generated within the phase
@@ -112,8 +120,11 @@ async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_
         nonlocal tokens, cut
         r = req_offset
         while True:
-            body = {**client_params(c, r, max_tokens, model), "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                **client_params(c, r, max_tokens, model),
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             t0 = time.perf_counter()
             streamed = 0
             usage = None
@@ -158,7 +169,9 @@ async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_
     await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.perf_counter() - start
     rate = tokens / elapsed
-    progress.update(task, completed=duration, tok=f"{tokens} tok, {len(done)} req, {rate:.1f} tok/s")
+    progress.update(
+        task, completed=duration, tok=f"{tokens} tok, {len(done)} req, {rate:.1f} tok/s"
+    )
     return {
         "clients": clients,
         "completed_requests": len(done),
@@ -173,17 +186,35 @@ async def run_phase(http: httpx.AsyncClient, clients: int, duration: float, max_
 
 
 def start_server(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distillguard.cli", "serve", "--model", args.model,
-           "--host", "127.0.0.1", "--port", str(port), "--max-batch-rows", str(args.max_batch_rows),
-           "--no-guard", "--threads", str(args.threads)]  # the local backend alone: no keys, limits, ledger
+    cmd = [
+        sys.executable,
+        "-m",
+        "distillguard.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-rows",
+        str(args.max_batch_rows),
+        "--no-guard",
+        "--threads",
+        str(args.threads),
+    ]  # the local backend alone: no keys, limits, ledger
     env = dict(os.environ)
     if args.threads:  # torch's intra-op threads in the server (its default: one per core)
         env["OMP_NUM_THREADS"] = str(args.threads)
     log = open(log_path, "wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
-async def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout: float, log_path: str | None) -> float:
+async def wait_healthy(
+    base_url: str, proc: subprocess.Popen | None, timeout: float, log_path: str | None
+) -> float:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
         with console.status("waiting for the server's /healthz (first model load takes ~40 s) ..."):
@@ -212,26 +243,49 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-async def bench(args: argparse.Namespace, base_url: str, server_pid: int | None = None) -> list[dict]:
-    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+async def bench(
+    args: argparse.Namespace, base_url: str, server_pid: int | None = None
+) -> list[dict]:
+    limits = httpx.Limits(
+        max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4
+    )
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
         with console.status("warming up (one request, then a batch) ..."):
             warm = {**client_params(0, 0, 8, args.model)}
             (await http.post("/v1/chat/completions", json=warm)).raise_for_status()
-            rs = await asyncio.gather(*(http.post("/v1/chat/completions", json=client_params(c, 0, 8, args.model))
-                                        for c in range(args.clients)))
+            rs = await asyncio.gather(
+                *(
+                    http.post("/v1/chat/completions", json=client_params(c, 0, 8, args.model))
+                    for c in range(args.clients)
+                )
+            )
             for r in rs:
                 r.raise_for_status()
         phases = []
-        with Progress(TextColumn("{task.description:<22}"), BarColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[tok]}"), console=console) as progress:
+        with Progress(
+            TextColumn("{task.description:<22}"),
+            BarColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[tok]}"),
+            console=console,
+        ) as progress:
             for rnd in range(args.rounds):
-                order = (1, args.clients) if rnd % 2 == 0 else (args.clients, 1)  # ABBA: no order bias
+                order = (
+                    (1, args.clients) if rnd % 2 == 0 else (args.clients, 1)
+                )  # ABBA: no order bias
                 for n in order:
                     label = f"round {rnd + 1}: {n} client{'s' if n > 1 else ''}"
                     cpu0 = cpu_seconds(server_pid)
-                    res = await run_phase(http, n, args.duration, args.max_tokens, args.model, progress,
-                                          label, req_offset=100 * rnd)
+                    res = await run_phase(
+                        http,
+                        n,
+                        args.duration,
+                        args.max_tokens,
+                        args.model,
+                        progress,
+                        label,
+                        req_offset=100 * rnd,
+                    )
                     cpu1 = cpu_seconds(server_pid)
                     if cpu0 is not None and cpu1 is not None:
                         res["server_cpu_s"] = round(cpu1 - cpu0, 2)
@@ -250,14 +304,19 @@ def summarise(phases: list[dict], clients: int) -> dict:
     # per CPU-second of the server process compare the batching itself, whatever that share.
     per_cpu = {}
     if all("server_cpu_s" in p for p in phases):
+
         def pooled_cpu(n: int) -> float:
             sel = [p for p in phases if p["clients"] == n]
-            return sum(p["completion_tokens"] for p in sel) / max(1e-9, sum(p["server_cpu_s"] for p in sel))
+            return sum(p["completion_tokens"] for p in sel) / max(
+                1e-9, sum(p["server_cpu_s"] for p in sel)
+            )
 
         c1, cn = pooled_cpu(1), pooled_cpu(clients)
-        per_cpu = {"tokens_per_server_cpu_s_1_client": round(c1, 2),
-                   f"tokens_per_server_cpu_s_{clients}_clients": round(cn, 2),
-                   "ratio_per_server_cpu_s": round(cn / c1, 2)}
+        per_cpu = {
+            "tokens_per_server_cpu_s_1_client": round(c1, 2),
+            f"tokens_per_server_cpu_s_{clients}_clients": round(cn, 2),
+            "ratio_per_server_cpu_s": round(cn / c1, 2),
+        }
     per_round = []
     for rnd in sorted({p["round"] for p in phases}):
         a = next(p for p in phases if p["round"] == rnd and p["clients"] == 1)
@@ -274,16 +333,28 @@ def summarise(phases: list[dict], clients: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2", help="model spec passed to `distillguard serve --model`")
+    ap.add_argument(
+        "--model", default="smollm2", help="model spec passed to `distillguard serve --model`"
+    )
     ap.add_argument("--duration", type=float, default=40.0, help="seconds each phase lasts")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
-    ap.add_argument("--clients", type=int, default=16, help="concurrent clients of the second phase")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of (1 client, N clients), alternating order")
+    ap.add_argument(
+        "--clients", type=int, default=16, help="concurrent clients of the second phase"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="rounds of (1 client, N clients), alternating order"
+    )
     ap.add_argument("--max-batch-rows", type=int, default=16, help="server's --max-batch-rows")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a busy "
-                         "machine 1 avoids stalls of threads waiting for each other")
-    ap.add_argument("--base-url", default=None, help="bench an already running server instead of starting one")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of the server (OMP_NUM_THREADS; 0: torch's default). On a busy "
+        "machine 1 avoids stalls of threads waiting for each other",
+    )
+    ap.add_argument(
+        "--base-url", default=None, help="bench an already running server instead of starting one"
+    )
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     args = ap.parse_args()
 
@@ -294,7 +365,9 @@ def main() -> None:
     else:
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        with tempfile.NamedTemporaryFile(prefix="distillguard-serve-", suffix=".log", delete=False) as f:
+        with tempfile.NamedTemporaryFile(
+            prefix="distillguard-serve-", suffix=".log", delete=False
+        ) as f:
             log_path = f.name
         proc = start_server(args, port, log_path)
     load_before = os.getloadavg()[0]

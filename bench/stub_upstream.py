@@ -20,22 +20,51 @@ import signal
 
 MODEL = "stub"
 
-COMPLETION = json.dumps({
-    "id": "chatcmpl-stub", "object": "chat.completion", "created": 1732800000, "model": MODEL,
-    "system_fingerprint": "fp_stub",
-    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                 "message": {"role": "assistant", "content": "Paris is the capital of France."}}],
-    "usage": {"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22},
-}).encode()
-MODELS = json.dumps({"object": "list", "data": [
-    {"id": MODEL, "object": "model", "created": 1732800000, "owned_by": "stub"}]}).encode()
-NOT_FOUND = json.dumps({"error": {"message": "not found", "type": "invalid_request_error",
-                                  "param": None, "code": "not_found"}}).encode()
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 1732800000,
+        "model": MODEL,
+        "system_fingerprint": "fp_stub",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "logprobs": None,
+                "message": {"role": "assistant", "content": "Paris is the capital of France."},
+            }
+        ],
+        "usage": {"prompt_tokens": 14, "completion_tokens": 8, "total_tokens": 22},
+    }
+).encode()
+MODELS = json.dumps(
+    {
+        "object": "list",
+        "data": [{"id": MODEL, "object": "model", "created": 1732800000, "owned_by": "stub"}],
+    }
+).encode()
+NOT_FOUND = json.dumps(
+    {
+        "error": {
+            "message": "not found",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "not_found",
+        }
+    }
+).encode()
 
 
 def response(status: bytes, body: bytes) -> bytes:
-    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 ANSWERS = {
@@ -71,7 +100,7 @@ class StubProtocol(asyncio.Protocol):
             method, _, rest = head.partition(b" ")
             path = rest.partition(b" ")[0].partition(b"?")[0]
             out.append(ANSWERS.get((method, path), MISSING))
-            self.buf = self.buf[end + 4 + length:]
+            self.buf = self.buf[end + 4 + length :]
         if out:
             self.transport.write(b"".join(out))
 

@@ -38,13 +38,27 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=144)
     p.add_argument("--depth", type=int, default=15, help="K of prune:K (influence)")
-    p.add_argument("--queries", type=int, default=1000, help="train on data/nN of the curves' cache; 0: untrained only")
+    p.add_argument(
+        "--queries",
+        type=int,
+        default=1000,
+        help="train on data/nN of the curves' cache; 0: untrained only",
+    )
     p.add_argument("--loss", default="topk-kd")
-    p.add_argument("--fit-steps", type=int, default=600, help="Adam steps of the head's KL fit (256 positions each)")
+    p.add_argument(
+        "--fit-steps",
+        type=int,
+        default=600,
+        help="Adam steps of the head's KL fit (256 positions each)",
+    )
     p.add_argument("--fit-conversations", type=int, default=300)
     p.add_argument("--teacher", default="smollm2")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=Path.home() / ".cache" / "distillguard" / "bench" / "distill_curves",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     return p.parse_args()
 
@@ -60,8 +74,10 @@ def fit_head(teacher, rank: int, steps: int, conversations: int, progress: Progr
     hidden = []
     with torch.inference_mode():
         for prompt, answer in first_turn_pairs(conversations + 100)[:conversations]:
-            ids = (teacher.chat_ids([{"role": "user", "content": prompt}])[-96:]
-                   + teacher.tokenizer(answer, add_special_tokens=False)["input_ids"][:96])
+            ids = (
+                teacher.chat_ids([{"role": "user", "content": prompt}])[-96:]
+                + teacher.tokenizer(answer, add_special_tokens=False)["input_ids"][:96]
+            )
             hidden.append(teacher.model.model(torch.tensor([ids])).last_hidden_state[0])
     hidden = torch.cat(hidden).clone()
     weight = teacher.model.lm_head.weight.detach().clone()  # V x d
@@ -82,7 +98,13 @@ def fit_head(teacher, rank: int, steps: int, conversations: int, progress: Progr
         opt.step()
         kl = float(loss.detach())
         progress.update(task, advance=1, description=f"rank-{rank} head, KL {kl:.3f}")
-    return {"A": a.detach(), "B": b.detach(), "bias": bias.detach(), "kl": kl, "positions": len(hidden)}
+    return {
+        "A": a.detach(),
+        "B": b.detach(),
+        "bias": bias.detach(),
+        "kl": kl,
+        "positions": len(hidden),
+    }
 
 
 def install_head(lm, head: dict) -> None:
@@ -90,7 +112,9 @@ def install_head(lm, head: dict) -> None:
 
     rank, vocab = head["B"].shape
     lm.token_bytes  # noqa: B018 - cached while the head still has a .weight (LoadedModel reads the vocabulary there)
-    layer = torch.nn.Sequential(torch.nn.Linear(head["A"].shape[0], rank, bias=False), torch.nn.Linear(rank, vocab))
+    layer = torch.nn.Sequential(
+        torch.nn.Linear(head["A"].shape[0], rank, bias=False), torch.nn.Linear(rank, vocab)
+    )
     with torch.no_grad():
         layer[0].weight.copy_(head["A"].T)
         layer[1].weight.copy_(head["B"].T)
@@ -123,31 +147,59 @@ def main() -> None:
     student = train_module.prune_layers(teacher, args.depth)
     install_head(student, head)
     compute = sum(p.numel() for n, p in student.model.named_parameters() if "embed_tokens" not in n)
-    teacher_compute = sum(p.numel() for p in teacher.model.parameters())  # tied: the head is the embedding
-    report = {"bench": "student_factored_head", "machine": f"{platform.machine()}, threads {args.threads}",
-              "config": {k: str(v) for k, v in vars(args).items()}, "fit_kl": head["kl"], "fit_seconds": fit_seconds,
-              "compute_parameters": compute, "teacher_compute_parameters": teacher_compute,
-              "compute_ratio": compute / teacher_compute}
-    console.print(f"prune:{args.depth} + rank-{args.rank} head: {compute / 1e6:.1f}M parameters per token "
-                  f"({report['compute_ratio']:.2f} of the teacher)")
+    teacher_compute = sum(
+        p.numel() for p in teacher.model.parameters()
+    )  # tied: the head is the embedding
+    report = {
+        "bench": "student_factored_head",
+        "machine": f"{platform.machine()}, threads {args.threads}",
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "fit_kl": head["kl"],
+        "fit_seconds": fit_seconds,
+        "compute_parameters": compute,
+        "teacher_compute_parameters": teacher_compute,
+        "compute_ratio": compute / teacher_compute,
+    }
+    console.print(
+        f"prune:{args.depth} + rank-{args.rank} head: {compute / 1e6:.1f}M parameters per token "
+        f"({report['compute_ratio']:.2f} of the teacher)"
+    )
     report["untrained"] = measure(student, teacher, messages, ref, 64)
     console.print(f"untrained: NLL {report['untrained']['nll']:.2f}")
     if args.queries:
-        out = args.work / "students" / f"factored-r{args.rank}-prune{args.depth}-{args.loss}-n{args.queries}"
+        out = (
+            args.work
+            / "students"
+            / f"factored-r{args.rank}-prune{args.depth}-{args.loss}-n{args.queries}"
+        )
         started = time.perf_counter()
         with Progress(console=console) as progress:
             summary = train_module.train(
-                train_module.TrainConfig(data=str(args.work / "data" / f"n{args.queries}"), out=str(out),
-                                         student=f"prune:{args.depth}", teacher=args.teacher, loss=args.loss,
-                                         epochs=2.0, lr=5e-4, batch_size=8, max_length=256, seed=0, save_steps=0,
-                                         unlikelihood=0.0),  # as the grid's points it is compared with
-                callbacks=[train_module.ProgressCallback(progress)], student=student)  # not a fresh prune:K
+                train_module.TrainConfig(
+                    data=str(args.work / "data" / f"n{args.queries}"),
+                    out=str(out),
+                    student=f"prune:{args.depth}",
+                    teacher=args.teacher,
+                    loss=args.loss,
+                    epochs=2.0,
+                    lr=5e-4,
+                    batch_size=8,
+                    max_length=256,
+                    seed=0,
+                    save_steps=0,
+                    unlikelihood=0.0,
+                ),  # as the grid's points it is compared with
+                callbacks=[train_module.ProgressCallback(progress)],
+                student=student,
+            )  # not a fresh prune:K
         report["train_seconds"] = time.perf_counter() - started
         report["steps"] = summary["steps"]
         report["trained"] = measure(student, teacher, messages, ref, 64)
         t = report["trained"]
-        console.print(f"trained: NLL {t['nll']:.2f}, ROUGE-L {t['rouge_l']:.3f}, rep4 {t['rep4']:.3f}, "
-                      f"under the teacher {t['nll_under_teacher']:.2f}")
+        console.print(
+            f"trained: NLL {t['nll']:.2f}, ROUGE-L {t['rouge_l']:.3f}, rep4 {t['rep4']:.3f}, "
+            f"under the teacher {t['nll_under_teacher']:.2f}"
+        )
     args.results.mkdir(parents=True, exist_ok=True)
     name = f"student_factored_head_r{args.rank}_prune{args.depth}_{args.loss}_n{args.queries}.json"
     (args.results / name).write_text(json.dumps(report, indent=1))

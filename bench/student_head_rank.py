@@ -22,10 +22,16 @@ import platform
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROMPTS = ["Tell me about the history of Rome.", "How do I sort a list in Python?", "Write a short poem about the sea.",
-           "What are the benefits of exercise?", "Explain photosynthesis to a child.",
-           "Give me three tips for a job interview.", "What is the capital of Australia and why?",
-           "How does a car engine work?"]
+PROMPTS = [
+    "Tell me about the history of Rome.",
+    "How do I sort a list in Python?",
+    "Write a short poem about the sea.",
+    "What are the benefits of exercise?",
+    "Explain photosynthesis to a child.",
+    "Give me three tips for a job interview.",
+    "What is the capital of Australia and why?",
+    "How does a car engine work?",
+]
 
 
 def main() -> None:
@@ -36,7 +42,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "student_head_rank.json")
+    p.add_argument(
+        "--out", type=Path, default=ROOT / "bench" / "results" / "student_head_rank.json"
+    )
     args = p.parse_args()
 
     import torch
@@ -66,20 +74,31 @@ def main() -> None:
     for rank in (int(r) for r in args.ranks.split(",")):
         lm.model.lm_head = factored(rank)
         quality[str(rank)] = answer_nll(lm, messages, answers)
-        console.print(f"teacher with a rank-{rank} head: NLL of its own answers {quality[str(rank)]:.2f} "
-                      f"(full head {quality['full']:.2f})")
+        console.print(
+            f"teacher with a rank-{rank} head: NLL of its own answers {quality[str(rank)]:.2f} "
+            f"(full head {quality['full']:.2f})"
+        )
     lm.model.lm_head = full_head
 
     low = prune_layers(lm, 15, "even").model
     low.lm_head = factored(args.rank_for_cost)
-    models = {"teacher": lm.model, "prune:15": prune_layers(lm, 15, "even").model,
-              f"prune:15, rank-{args.rank_for_cost} head": low, "prune:11": prune_layers(lm, 11, "even").model}
+    models = {
+        "teacher": lm.model,
+        "prune:15": prune_layers(lm, 15, "even").model,
+        f"prune:15, rank-{args.rank_for_cost} head": low,
+        "prune:11": prune_layers(lm, 11, "even").model,
+    }
     ids = torch.tensor([lm.chat_ids(messages[0])])
     per_token = cpu_seconds_per_token(models, ids, args.rounds, args.tokens, console)
     cost = {name: round(ratio, 3) for name, ratio in cost_vs_teacher(per_token).items()}
-    report = {"bench": "student_head_rank", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-              "load": os.getloadavg(), "config": {k: str(v) for k, v in vars(args).items()},
-              "teacher_nll_by_head_rank": quality, "cost_vs_teacher": cost}
+    report = {
+        "bench": "student_head_rank",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "load": os.getloadavg(),
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "teacher_nll_by_head_rank": quality,
+        "cost_vs_teacher": cost,
+    }
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
 

@@ -99,7 +99,10 @@ class WatermarkTimer:
 
 def time_batch(engine: Engine, prompts, keys, tokens: int, seed: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) to generate ``tokens`` tokens for every prompt."""
-    params = [GenParams(max_new_tokens=tokens, temperature=0.7, seed=seed + i, watermark=k) for i, k in enumerate(keys)]
+    params = [
+        GenParams(max_new_tokens=tokens, temperature=0.7, seed=seed + i, watermark=k)
+        for i, k in enumerate(keys)
+    ]
     t0, c0 = time.perf_counter(), time.process_time()
     results, _ = run_jobs(engine, prompts, params)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -111,8 +114,12 @@ def time_batch(engine: Engine, prompts, keys, tokens: int, seed: int) -> tuple[f
 def summarise(times: dict[str, list[float]], tokens: int, rows: int, conditions=CONDITIONS) -> dict:
     """Per condition: median seconds, and the watermarked/unwatermarked ratio of each round."""
     base = times["none"]
-    out = {"median_s": {c: round(statistics.median(v), 3) for c, v in times.items()},
-           "tokens_per_s_median": {c: round(rows * tokens / statistics.median(v), 2) for c, v in times.items()}}
+    out = {
+        "median_s": {c: round(statistics.median(v), 3) for c, v in times.items()},
+        "tokens_per_s_median": {
+            c: round(rows * tokens / statistics.median(v), 2) for c, v in times.items()
+        },
+    }
     for c in conditions[1:]:
         ratios = [w / b for w, b in zip(times[c], base)]
         out[f"{c}_ratio_per_round"] = [round(r, 4) for r in ratios]
@@ -126,14 +133,25 @@ def summarise(times: dict[str, list[float]], tokens: int, rows: int, conditions=
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--rounds", type=int, default=4, help="measured rounds per batch size (after one warm-up)")
+    ap.add_argument(
+        "--rounds", type=int, default=4, help="measured rounds per batch size (after one warm-up)"
+    )
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per job")
     ap.add_argument("--sizes", default="16,1", help="batch sizes to measure, comma separated")
-    ap.add_argument("--max-prompt-tokens", type=int, default=128,
-                    help="skip longer prompts: a long prefill would hide the per-token cost being measured")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--conditions", default=",".join(CONDITIONS),
-                    help=f"conditions to time, comma separated; none first (default: {','.join(CONDITIONS)})")
+    ap.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=128,
+        help="skip longer prompts: a long prefill would hide the per-token cost being measured",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    ap.add_argument(
+        "--conditions",
+        default=",".join(CONDITIONS),
+        help=f"conditions to time, comma separated; none first (default: {','.join(CONDITIONS)})",
+    )
     args = ap.parse_args()
     conditions = tuple(args.conditions.split(","))
     if conditions[0] != "none" or not set(conditions) <= set(CONDITIONS):
@@ -146,7 +164,9 @@ def main() -> None:
     lm = load_model(args.model)
     # No end-of-sequence ids: every row generates exactly --tokens tokens in every condition.
     timing_lm = dataclasses.replace(lm, eos_token_ids=frozenset())
-    prompts = [p.ids for p in sharegpt_prompts(lm, max(sizes), max_prompt_tokens=args.max_prompt_tokens)]
+    prompts = [
+        p.ids for p in sharegpt_prompts(lm, max(sizes), max_prompt_tokens=args.max_prompt_tokens)
+    ]
     timer = WatermarkTimer
     # the engine looks the names up at each call
     engine_module.apply_watermark = WatermarkTimer("apply_watermark")
@@ -166,21 +186,30 @@ def main() -> None:
                 for c in order:
                     # Same seeds for every condition within a round: the same sampling noise.
                     timer.seconds = 0.0
-                    wall, cpu = time_batch(engine, prompts[:size], keys[c], args.tokens, seed=1000 * rnd)
+                    wall, cpu = time_batch(
+                        engine, prompts[:size], keys[c], args.tokens, seed=1000 * rnd
+                    )
                     if rnd:
                         walls[c].append(wall)
                         cpus[c].append(cpu)
                         if c != "none":
                             shares[c].append(timer.seconds / cpu)
-                    console.print(f"batch {size:2d} round {rnd}{' (warm-up)' if not rnd else ''} {c:18s} "
-                                  f"{wall:7.2f} s wall {cpu:7.2f} s CPU  {size * args.tokens / wall:6.1f} tok/s")
-            out[f"batch_{size}"] = {"rows": size, "tokens_per_row": args.tokens, "rounds": args.rounds,
-                                    "in_engine_watermark_cpu_share_pct": {
-                                        c: round(100 * statistics.median(v), 2) for c, v in shares.items()},
-                                    "cpu": summarise(cpus, args.tokens, size, conditions),
-                                    "wall": summarise(walls, args.tokens, size, conditions),
-                                    "cpu_seconds": {c: [round(x, 3) for x in v] for c, v in cpus.items()},
-                                    "wall_seconds": {c: [round(x, 3) for x in v] for c, v in walls.items()}}
+                    console.print(
+                        f"batch {size:2d} round {rnd}{' (warm-up)' if not rnd else ''} {c:18s} "
+                        f"{wall:7.2f} s wall {cpu:7.2f} s CPU  {size * args.tokens / wall:6.1f} tok/s"
+                    )
+            out[f"batch_{size}"] = {
+                "rows": size,
+                "tokens_per_row": args.tokens,
+                "rounds": args.rounds,
+                "in_engine_watermark_cpu_share_pct": {
+                    c: round(100 * statistics.median(v), 2) for c, v in shares.items()
+                },
+                "cpu": summarise(cpus, args.tokens, size, conditions),
+                "wall": summarise(walls, args.tokens, size, conditions),
+                "cpu_seconds": {c: [round(x, 3) for x in v] for c, v in cpus.items()},
+                "wall_seconds": {c: [round(x, 3) for x in v] for c, v in walls.items()},
+            }
     finally:
         engine.stop()
     result = {
@@ -191,11 +220,25 @@ def main() -> None:
         "prompt_tokens": [len(p) for p in prompts],
         **out,
         "target": f"{DEFAULT} (the default) adds <= 10% generation time",
-        **({"target_met_in_engine_share": {
-            f"batch_{s}": out[f"batch_{s}"]["in_engine_watermark_cpu_share_pct"][DEFAULT] <= 10 for s in sizes},
-            "target_met_cpu": {f"batch_{s}": out[f"batch_{s}"]["cpu"][f"{DEFAULT}_added_pct_median"] <= 10 for s in sizes},
-            "target_met_wall": {f"batch_{s}": out[f"batch_{s}"]["wall"][f"{DEFAULT}_added_pct_median"] <= 10
-                                for s in sizes}} if DEFAULT in conditions else {}),
+        **(
+            {
+                "target_met_in_engine_share": {
+                    f"batch_{s}": out[f"batch_{s}"]["in_engine_watermark_cpu_share_pct"][DEFAULT]
+                    <= 10
+                    for s in sizes
+                },
+                "target_met_cpu": {
+                    f"batch_{s}": out[f"batch_{s}"]["cpu"][f"{DEFAULT}_added_pct_median"] <= 10
+                    for s in sizes
+                },
+                "target_met_wall": {
+                    f"batch_{s}": out[f"batch_{s}"]["wall"][f"{DEFAULT}_added_pct_median"] <= 10
+                    for s in sizes
+                },
+            }
+            if DEFAULT in conditions
+            else {}
+        ),
         "bench_wall_s": round(time.perf_counter() - t_start, 1),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),

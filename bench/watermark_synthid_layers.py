@@ -69,7 +69,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--skip", type=int, default=96, help="past the quality bench's evaluation prompts")
+    ap.add_argument(
+        "--skip", type=int, default=96, help="past the quality bench's evaluation prompts"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--bins", type=int, default=10)
@@ -87,41 +89,66 @@ def main() -> None:
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p.ids):] = torch.tensor(p.ids)
-        mask[b, width - len(p.ids):] = 1
+        ids[b, width - len(p.ids) :] = torch.tensor(p.ids)
+        mask[b, width - len(p.ids) :] = 1
     rec = TopKRecorder(sp.top_k)
     torch.manual_seed(0)
-    console.print(f"generating {len(prompts)} x {args.max_new_tokens} tokens (held-out prompts, skip {args.skip})")
+    console.print(
+        f"generating {len(prompts)} x {args.max_new_tokens} tokens (held-out prompts, skip {args.skip})"
+    )
     with torch.inference_mode():
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                max_new_tokens=args.max_new_tokens,
-                                logits_processor=LogitsProcessorList([TemperatureLogitsWarper(TEMPERATURE), rec]),
-                                pad_token_id=pad, eos_token_id=sorted(lm.eos_token_ids))
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=args.max_new_tokens,
+            logits_processor=LogitsProcessorList([TemperatureLogitsWarper(TEMPERATURE), rec]),
+            pad_token_id=pad,
+            eos_token_id=sorted(lm.eos_token_ids),
+        )
     gen = out[:, width:]
     live = torch.ones_like(gen, dtype=torch.bool)
     for b in range(len(gen)):  # steps after a row's end-of-turn are not answer positions
         ends = [i for i, t in enumerate(gen[b].tolist()) if t in lm.eos_token_ids]
         if ends:
-            live[b, ends[0] + 1:] = False
-    probs = torch.stack(rec.steps, dim=1)[live[:, :len(rec.steps)]]  # (N, k)
+            live[b, ends[0] + 1 :] = False
+    probs = torch.stack(rec.steps, dim=1)[live[:, : len(rec.steps)]]  # (N, k)
     console.print(f"{len(probs)} positions; simulating the tournament ({args.draws} draws)")
     lifts = layer_lifts(probs, sp.depth, args.draws, torch.Generator().manual_seed(1))  # (N, depth)
     full = probs.double() / probs.sum(dim=-1, keepdim=True).double()
-    spread = 1 - (full ** 2).sum(dim=-1)  # 1 - Σp² of the top-k distribution
+    spread = 1 - (full**2).sum(dim=-1)  # 1 - Σp² of the top-k distribution
     edges = torch.linspace(0, 1, args.bins + 1, dtype=torch.float64)
     table = []
     for i in range(args.bins):
         sel = (spread >= edges[i]) & (spread < edges[i + 1] if i < args.bins - 1 else spread <= 1)
         n = int(sel.sum())
-        table.append({"spread_lo": round(float(edges[i]), 3), "spread_hi": round(float(edges[i + 1]), 3), "positions": n,
-                      "lift": [round(float(x), 5) for x in lifts[sel].mean(dim=0)] if n else None})
+        table.append(
+            {
+                "spread_lo": round(float(edges[i]), 3),
+                "spread_hi": round(float(edges[i + 1]), 3),
+                "positions": n,
+                "lift": [round(float(x), 5) for x in lifts[sel].mean(dim=0)] if n else None,
+            }
+        )
     check = (lifts[:, 0] - spread * mass_lift(probs)).mean().abs() if len(probs) else 0.0
-    result = {"bench": "watermark_synthid_layers", "model": args.model, "temperature": TEMPERATURE,
-              "prompts": len(prompts), "skip": args.skip, "positions": len(probs), "draws": args.draws,
-              "depth": sp.depth, "top_k": sp.top_k,
-              "layer1_vs_formula_mean_diff": round(float(check), 4),
-              "mean_lift_per_layer": [round(float(x), 5) for x in lifts.mean(dim=0)],
-              "bins": table, "wall_s": round(time.perf_counter() - t0, 1)}
+    result = {
+        "bench": "watermark_synthid_layers",
+        "model": args.model,
+        "temperature": TEMPERATURE,
+        "prompts": len(prompts),
+        "skip": args.skip,
+        "positions": len(probs),
+        "draws": args.draws,
+        "depth": sp.depth,
+        "top_k": sp.top_k,
+        "layer1_vs_formula_mean_diff": round(float(check), 4),
+        "mean_lift_per_layer": [round(float(x), 5) for x in lifts.mean(dim=0)],
+        "bins": table,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

@@ -20,7 +20,9 @@ from tests.servers import free_port, new_postgres_database
 
 
 def _pg_bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
+    )
     if found:
         return os.path.dirname(found[-1])
     initdb = shutil.which("initdb")
@@ -32,8 +34,10 @@ def postgres_server():
     """(host, port, user) of a PostgreSQL server that lives for the test session."""
     bindir = _pg_bindir()
     if bindir is None:
-        pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` "
-                    "package (.ci/run does)")
+        pytest.fail(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's `postgresql` "
+            "package (.ci/run does)"
+        )
     base = tempfile.mkdtemp(prefix="dg-pg-")
     os.chmod(base, 0o755)
     run_as: list[str] = []
@@ -43,19 +47,39 @@ def postgres_server():
         run_as = ["runuser", "-u", "postgres", "--"]
     data, log = os.path.join(base, "data"), os.path.join(base, "server.log")
     port = free_port()
-    subprocess.run([*run_as, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "dg", "--no-sync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*run_as, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "dg", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     start = subprocess.run(
-        [*run_as, f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "start",
-         "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200"],
-        capture_output=True, text=True)
+        [
+            *run_as,
+            f"{bindir}/pg_ctl",
+            "-D",
+            data,
+            "-l",
+            log,
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c max_connections=200",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if start.returncode != 0:
         detail = open(log).read()[-2000:] if os.path.exists(log) else start.stderr
         pytest.fail(f"PostgreSQL did not start: {detail}")
     try:
         yield ("127.0.0.1", port, "dg")
     finally:
-        subprocess.run([*run_as, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run(
+            [*run_as, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"],
+            capture_output=True,
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 

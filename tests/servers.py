@@ -17,38 +17,58 @@ from contextlib import ExitStack, contextmanager
 import pytest
 
 from distillguard.errors import ServerStartError
-from distillguard.serve.process import (STARTUP_TIMEOUT_S, ServerProcess, distillguard_command, free_port,
-                                        serve_subprocess)
+from distillguard.serve.process import (
+    STARTUP_TIMEOUT_S,
+    ServerProcess,
+    distillguard_command,
+    free_port,
+    serve_subprocess,
+)
 
 __all__ = ["STARTUP_TIMEOUT_S", "free_port", "run_cli", "serve_process", "server_process"]
 
 
 @contextmanager
-def server_process(*args: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict | None = None,
-                   port: int | None = None) -> Iterator[ServerProcess]:
+def server_process(
+    *args: str,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+    env: dict | None = None,
+    port: int | None = None,
+) -> Iterator[ServerProcess]:
     """Run ``distillguard serve ARGS`` on loopback; yield once ``/healthz`` answers; stop it after.
 
     The package's own :func:`~distillguard.serve.process.serve_subprocess`; a server that does
     not start fails the test with the end of its log."""
     with ExitStack() as stack:
         try:
-            server = stack.enter_context(serve_subprocess(*args, port=port, env=env, timeout_s=timeout_s))
+            server = stack.enter_context(
+                serve_subprocess(*args, port=port, env=env, timeout_s=timeout_s)
+            )
         except ServerStartError as exc:
             pytest.fail(str(exc))
         yield server
 
 
 @contextmanager
-def serve_process(*args: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict | None = None) -> Iterator[str]:
+def serve_process(
+    *args: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict | None = None
+) -> Iterator[str]:
     """Like :func:`server_process`, yielding only the base URL."""
     with server_process(*args, timeout_s=timeout_s, env=env) as server:
         yield server.url
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``distillguard ARGS`` in a subprocess (the real CLI boundary)."""
-    return subprocess.run(distillguard_command(*args), capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        distillguard_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def new_postgres_database(server: tuple[str, int, str]) -> str:
@@ -61,7 +81,9 @@ def new_postgres_database(server: tuple[str, int, str]) -> str:
     deadline = time.monotonic() + 30
     while True:
         try:
-            with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as conn:
+            with psycopg.connect(
+                host=host, port=port, user=user, dbname="postgres", autocommit=True
+            ) as conn:
                 conn.execute(f'CREATE DATABASE "{name}"')
             return f"postgresql+psycopg://{user}@{host}:{port}/{name}"
         except psycopg.OperationalError:

@@ -14,8 +14,19 @@ from distillguard.arena.demo import DISTILLER, KINDS, DemoConfig, run_demo
 from distillguard.errors import ConfigError
 from tests.servers import run_cli
 
-SMALL = dict(model="tiny", cal_accounts=40, eval_accounts=20, campaign_requests=150, users=3, user_requests=2,
-             extract=96, max_tokens=32, max_prompt_chars=200, student="prune:1", epochs=3.0)
+SMALL = dict(
+    model="tiny",
+    cal_accounts=40,
+    eval_accounts=20,
+    campaign_requests=150,
+    users=3,
+    user_requests=2,
+    extract=96,
+    max_tokens=32,
+    max_prompt_chars=200,
+    student="prune:1",
+    epochs=3.0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +55,11 @@ def test_live_act_escalates_the_distiller_and_never_touches_users(report):
         if name != DISTILLER:
             assert e["requests"] == SMALL["user_requests"]
             assert e["statuses"] == {200: SMALL["user_requests"]}
-            assert (e["suspect_from_request"], e["extracting_from_request"], e["canary_requests"]) == (None, None, 0)
+            assert (
+                e["suspect_from_request"],
+                e["extracting_from_request"],
+                e["canary_requests"],
+            ) == (None, None, 0)
     levels = {(v["account_id"], v["level"]) for v in report["live"]["verdicts"]["data"]}
     assert {a for a, _ in levels} == {DISTILLER}
     assert report["live"]["harvest"]["failed"] == {}

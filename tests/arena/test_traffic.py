@@ -17,10 +17,17 @@ from distillguard.arena.pools import normalise, pool_of
 from distillguard.arena.traffic import campaign_kinds
 from distillguard.errors import ConfigError
 from distillguard.guard.ledger import read_traffic
-from distillguard.serve.schemas import ChatCompletionRequest
 from distillguard.serve.process import distillguard_command
+from distillguard.serve.schemas import ChatCompletionRequest
 
-CAMPAIGNS = ("bulk:1:400", "template:1:300", "reasoning:1:300", "logprobs:1:300", "hydra:8:60", "slowlow:1:90")
+CAMPAIGNS = (
+    "bulk:1:400",
+    "template:1:300",
+    "reasoning:1:300",
+    "logprobs:1:300",
+    "hydra:8:60",
+    "slowlow:1:90",
+)
 RPM = 4  # low, so that hydra's spacing has to hold it back
 CONFIG = TrafficConfig(benign_accounts=60, campaigns=CAMPAIGNS, seed=7, days=3, rpm_limit=RPM)
 
@@ -75,25 +82,36 @@ def test_pools_are_disjoint_by_id_and_by_text():
     assert not ids["calibration"] & ids["eval"] and not ids["calibration"] & ids["attack"]
     assert not ids["eval"] & ids["attack"]
     assert all(pool_of(t.id) == name for name, threads in pools.items() for t in threads)
-    benign = {normalise(u) for name in ("calibration", "eval") for t in pools[name] for u in t.user_turns}
+    benign = {
+        normalise(u) for name in ("calibration", "eval") for t in pools[name] for u in t.user_turns
+    }
     attack = {normalise(u) for t in pools["attack"] for u in t.user_turns}
     assert not benign & attack
-    firsts = {name: {normalise(t.turns[0]) for t in pools[name]} for name in ("calibration", "eval")}
+    firsts = {
+        name: {normalise(t.turns[0]) for t in pools[name]} for name in ("calibration", "eval")
+    }
     assert not firsts["calibration"] & firsts["eval"]
     # the split is not degenerate: every pool holds thousands of conversations (parts counted apart)
     assert all(len(threads) > 3000 for threads in pools.values())
     # ... and thousands of whole ones, 10,000+ user turns each
-    assert all(len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000
-               for threads in load_pools(whole=True).values())
+    assert all(
+        len(threads) > 2000 and sum(len(t.user_turns) for t in threads) > 10_000
+        for threads in load_pools(whole=True).values()
+    )
 
 
 def test_whole_conversations_traffic_keeps_the_contract_and_carries_history():
     """With ``whole_conversations`` benign users replay ShareGPT's long conversations whole: more of
     their requests are follow-ups with history than when each part opens a conversation."""
+
     def follow_up_share(whole: bool) -> float:
-        recs = generate_traffic(TrafficConfig(benign_accounts=40, seed=5, whole_conversations=whole))
+        recs = generate_traffic(
+            TrafficConfig(benign_accounts=40, seed=5, whole_conversations=whole)
+        )
         assert recs and all(ChatCompletionRequest.model_validate(r["request"]) for r in recs)
-        return sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs) / len(recs)
+        return sum(
+            any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs
+        ) / len(recs)
 
     assert follow_up_share(True) > follow_up_share(False)
 
@@ -103,11 +121,15 @@ def test_parts_of_a_long_conversation_are_one_thread_with_its_history():
     user who asks them must send the earlier turns as history, not open a new conversation."""
     from distillguard.data.sharegpt import iter_conversations
 
-    threads = {t.base_id: t for name in ("calibration", "eval") for t in load_pools(whole=True)[name]}
+    threads = {
+        t.base_id: t for name in ("calibration", "eval") for t in load_pools(whole=True)[name]
+    }
     checked, asked_in_part_0 = 0, set()
     for conv in iter_conversations():
         base, _, part = conv.id.rpartition("_")
-        first_user = next((text for role, text in conv.turns if role == "user" and text.strip()), None)
+        first_user = next(
+            (text for role, text in conv.turns if role == "user" and text.strip()), None
+        )
         if part == "0" and first_user is not None:
             asked_in_part_0.add(base)
         if part != "1" or base not in threads or base not in asked_in_part_0 or first_user is None:
@@ -119,7 +141,10 @@ def test_parts_of_a_long_conversation_are_one_thread_with_its_history():
         k = users.index(normalise(first_user[:6000]))
         assert k > 0  # a follow-up, not the opening of a conversation
         history = benign.conversation_messages(None, thread, k)
-        assert len(history) == 2 * k + 1 or sum(len(m["content"]) for m in history) > benign.HISTORY_CHARS / 2
+        assert (
+            len(history) == 2 * k + 1
+            or sum(len(m["content"]) for m in history) > benign.HISTORY_CHARS / 2
+        )
         assert history[-1]["content"] == thread.user_turns[k]
         checked += 1
         if checked == 50:
@@ -153,8 +178,12 @@ def test_benign_users_draw_only_on_their_pool_and_attackers_only_on_the_attack_p
 def test_benign_users_hold_multi_turn_conversations_with_human_gaps(traffic):
     accounts = _by_account([r for r in traffic if r["label"] == "benign"])
     assert len(accounts) == 60  # every user shows up at least once
-    multi = [r for r in traffic if r["label"] == "benign"
-             if sum(m["role"] == "assistant" for m in r["request"]["messages"]) >= 1]
+    multi = [
+        r
+        for r in traffic
+        if r["label"] == "benign"
+        if sum(m["role"] == "assistant" for m in r["request"]["messages"]) >= 1
+    ]
     assert len(multi) > 0.4 * sum(r["label"] == "benign" for r in traffic)
     for r in multi[:200]:  # follow-ups carry the conversation: roles alternate, last is the user
         roles = [m["role"] for m in r["request"]["messages"] if m["role"] != "system"]
@@ -162,7 +191,9 @@ def test_benign_users_hold_multi_turn_conversations_with_human_gaps(traffic):
     gaps = [b["ts"] - a["ts"] for recs in accounts.values() for a, b in zip(recs, recs[1:])]
     assert statistics.median(gaps) > 20  # people read and type between turns
     assert min(gaps) > 0.5
-    per_day = [len({int((r["ts"] - CONFIG.start) // 86400) for r in recs}) for recs in accounts.values()]
+    per_day = [
+        len({int((r["ts"] - CONFIG.start) // 86400) for r in recs}) for recs in accounts.values()
+    ]
     assert sum(d < 3 for d in per_day) > 0.3 * len(per_day)  # idle days are common
     counts = sorted(len(recs) for recs in accounts.values())
     assert counts[-1] > 8 * statistics.median(counts)  # a few heavy users
@@ -175,8 +206,11 @@ def test_benign_users_return_to_a_few_subjects_over_days(traffic):
     from distillguard.arena.pools import focus_of, topic_of
 
     def subjects(recs):
-        firsts = [r["request"]["messages"][-1]["content"] for r in recs
-                  if not any(m["role"] == "assistant" for m in r["request"]["messages"])]
+        firsts = [
+            r["request"]["messages"][-1]["content"]
+            for r in recs
+            if not any(m["role"] == "assistant" for m in r["request"]["messages"])
+        ]
         return [(topic_of(p), focus_of(p, topic_of(p))) for p in firsts]
 
     accounts = _by_account(traffic)
@@ -190,28 +224,46 @@ def test_benign_users_return_to_a_few_subjects_over_days(traffic):
             shares.append(top2 / len(subj))
     assert len(shares) >= 5
     assert statistics.median(shares) >= 0.5
-    sweep = [s for recs in accounts.values() if recs[0]["label"] == "slowlow" for s in subjects(recs) if s[1]]
+    sweep = [
+        s
+        for recs in accounts.values()
+        if recs[0]["label"] == "slowlow"
+        for s in subjects(recs)
+        if s[1]
+    ]
     top2 = sum(sorted((sweep.count(x) for x in set(sweep)), reverse=True)[:2]) / len(sweep)
     assert top2 < statistics.median(shares) - 0.2
 
 
 def test_benign_users_resemble_attackers_in_one_respect_at_most(traffic):
     accounts = _by_account([r for r in traffic if r["label"] == "benign"])
-    researchers = {a for a, recs in accounts.items() if any(r["request"].get("logprobs") for r in recs)}
-    long_out = {a for a, recs in accounts.items() if any(r["request"].get("max_tokens", 0) >= 4096 for r in recs)}
+    researchers = {
+        a for a, recs in accounts.items() if any(r["request"].get("logprobs") for r in recs)
+    }
+    long_out = {
+        a
+        for a, recs in accounts.items()
+        if any(r["request"].get("max_tokens", 0) >= 4096 for r in recs)
+    }
     multi_n = {a for a, recs in accounts.items() if any(r["request"].get("n", 1) > 1 for r in recs)}
-    one_shot = {a for a, recs in accounts.items()
-                if len(recs) >= 5 and not any(m["role"] == "assistant" for r in recs for m in r["request"]["messages"])}
+    one_shot = {
+        a
+        for a, recs in accounts.items()
+        if len(recs) >= 5
+        and not any(m["role"] == "assistant" for r in recs for m in r["request"]["messages"])
+    }
     groups = [researchers, long_out, multi_n, one_shot]
     assert all(groups)
-    assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
+    assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1 :])
     ips = defaultdict(set)
     for a, recs in accounts.items():
         for r in recs:
             ips[r["ip"]].add(a)
     assert any(len(v) > 1 for v in ips.values())  # an office NAT
     per_user = [len({r["ip"] for r in recs}) for recs in accounts.values()]
-    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) > 0.2 * len(per_user)  # home, work, phone
+    assert max(per_user) <= 3 and sum(n > 1 for n in per_user) > 0.2 * len(
+        per_user
+    )  # home, work, phone
     systems = defaultdict(set)
     for a, recs in accounts.items():
         for r in recs:
@@ -229,12 +281,15 @@ def test_bulk_is_one_fast_single_turn_account(traffic):
     assert len(bulk) / span_min > 20  # well over a human's rate
 
 
-@pytest.mark.parametrize("text, message", [
-    ("nosuch", "unknown campaign kind 'nosuch'"),
-    ("bulk:0", "ACCOUNTS must be a positive integer"),
-    ("bulk:x", "ACCOUNTS must be a positive integer"),
-    ("hydra:2:3:4", "expected KIND[:ACCOUNTS[:REQUESTS]]"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("nosuch", "unknown campaign kind 'nosuch'"),
+        ("bulk:0", "ACCOUNTS must be a positive integer"),
+        ("bulk:x", "ACCOUNTS must be a positive integer"),
+        ("hydra:2:3:4", "expected KIND[:ACCOUNTS[:REQUESTS]]"),
+    ],
+)
 def test_bad_campaign_specs_name_the_problem(text, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         CampaignSpec.parse(text)
@@ -252,24 +307,45 @@ def test_config_validates_with_clear_messages():
 def _cli(*args: str) -> subprocess.CompletedProcess:
     # rich wraps stderr at 80 columns when it is not a terminal; a wide one shows the real lines
     env = {**os.environ, "COLUMNS": "300"}
-    return subprocess.run(distillguard_command("arena", "traffic", *args),
-                          capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        distillguard_command("arena", "traffic", *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
 
 
 def test_cli_writes_a_traffic_file(tmp_path):
     out = tmp_path / "t.jsonl"
-    proc = _cli("--benign-accounts", "5", "--campaign", "bulk:1:30", "--seed", "3", "--days", "1", "-o", str(out))
+    proc = _cli(
+        "--benign-accounts",
+        "5",
+        "--campaign",
+        "bulk:1:30",
+        "--seed",
+        "3",
+        "--days",
+        "1",
+        "-o",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sum(r["label"] == "bulk" for r in records) == 30
     assert len({r["account"] for r in records if r["label"] == "benign"}) == 5
-    assert records == generate_traffic(TrafficConfig(benign_accounts=5, campaigns=["bulk:1:30"], seed=3, days=1))
+    assert records == generate_traffic(
+        TrafficConfig(benign_accounts=5, campaigns=["bulk:1:30"], seed=3, days=1)
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--campaign", "bulkk"), "unknown campaign kind 'bulkk'"),
-    (("--days", "0"), "--days: Input should be greater than 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--campaign", "bulkk"), "unknown campaign kind 'bulkk'"),
+        (("--days", "0"), "--days: Input should be greater than 0"),
+    ],
+)
 def test_cli_rejects_bad_options_in_one_line(tmp_path, args, message):
     proc = _cli(*args, "-o", str(tmp_path / "t.jsonl"))
     assert proc.returncode == 2
@@ -283,7 +359,9 @@ def _label(traffic, label):
 
 
 def _user_text(r) -> str:
-    return "\n".join(m["content"] for m in r["request"]["messages"] if m["role"] in ("user", "system"))
+    return "\n".join(
+        m["content"] for m in r["request"]["messages"] if m["role"] in ("user", "system")
+    )
 
 
 def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffic):
@@ -297,11 +375,17 @@ def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffi
         assert max(sum(1 for u in ts[i:] if u - t < 60.0) for i, t in enumerate(ts)) <= RPM
     prefixes = {r["ip"].rsplit(".", 1)[0] for recs in hydra.values() for r in recs}
     assert len(prefixes) <= 3  # proxy ranges shared by all keys
-    systems = {r["request"]["messages"][0]["content"] for recs in hydra.values() for r in recs
-               if r["request"]["messages"][0]["role"] == "system"}
+    systems = {
+        r["request"]["messages"][0]["content"]
+        for recs in hydra.values()
+        for r in recs
+        if r["request"]["messages"][0]["role"] == "system"
+    }
     assert len(systems) == 1  # one template system prompt
     for recs in hydra.values():  # each key mixes benign-looking conversations into the extraction
-        follow_ups = sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs)
+        follow_ups = sum(
+            any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs
+        )
         templated = sum(r["request"]["messages"][0]["role"] == "system" for r in recs)
         assert follow_ups > 0 and 0.35 < templated / len(recs) < 0.65  # decoy_share 0.5
     # the scheduler starts every key's sessions within minutes of each other
@@ -310,7 +394,9 @@ def test_hydra_accounts_share_an_actor_and_each_stays_under_the_rpm_limit(traffi
 
 
 def test_hydra_decoy_share_sets_how_much_of_each_key_looks_benign():
-    recs = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=["hydra:4:100"], decoy_share=0.9))
+    recs = generate_traffic(
+        TrafficConfig(benign_accounts=0, campaigns=["hydra:4:100"], decoy_share=0.9)
+    )
     for account_recs in _by_account(recs).values():
         templated = sum(r["request"]["messages"][0]["role"] == "system" for r in account_recs)
         assert 0.05 <= templated / len(account_recs) <= 0.15
@@ -337,7 +423,9 @@ def test_reasoning_campaign_asks_for_the_reasoning_every_time(traffic):
     assert all(any(c in _user_text(r).lower() for c in cues) for r in recs)
     assert all(r["request"]["max_tokens"] >= 4096 for r in recs)
     usage = statistics.median(r["response"]["usage"]["completion_tokens"] for r in recs)
-    assert usage > 2 * statistics.median(r["response"]["usage"]["completion_tokens"] for r in _label(traffic, "benign"))
+    assert usage > 2 * statistics.median(
+        r["response"]["usage"]["completion_tokens"] for r in _label(traffic, "benign")
+    )
 
 
 def test_template_campaign_is_templated(traffic):
@@ -345,9 +433,18 @@ def test_template_campaign_is_templated(traffic):
 
     from distillguard.arena.campaigns import TEMPLATES
 
-    patterns = [re.compile(re.escape(t).replace(r"\{genre\}", ".+").replace(r"\{subject\}", ".+")
-                           .replace(r"\{subject2\}", ".+").replace(r"\{k\}", r"\d+")
-                           .replace(r"\{audience\}", ".+").replace(r"\{author\}", ".+")) for t in TEMPLATES]
+    patterns = [
+        re.compile(
+            re.escape(t)
+            .replace(r"\{genre\}", ".+")
+            .replace(r"\{subject\}", ".+")
+            .replace(r"\{subject2\}", ".+")
+            .replace(r"\{k\}", r"\d+")
+            .replace(r"\{audience\}", ".+")
+            .replace(r"\{author\}", ".+")
+        )
+        for t in TEMPLATES
+    ]
     recs = _label(traffic, "template")
     kinds = {"template": 0, "evol": 0, "self-instruct": 0}
     for r in recs:
@@ -359,7 +456,9 @@ def test_template_campaign_is_templated(traffic):
         elif text.startswith("Come up with a series of tasks"):
             kinds["self-instruct"] += 1
     assert sum(kinds.values()) == len(recs) and all(kinds.values())
-    assert len({r["request"]["messages"][-1]["content"] for r in recs}) > 0.9 * len(recs)  # a sweep, not a loop
+    assert len({r["request"]["messages"][-1]["content"] for r in recs}) > 0.9 * len(
+        recs
+    )  # a sweep, not a loop
 
 
 def test_slowlow_is_human_paced_single_turn_and_sweeps_topics(traffic):
@@ -383,10 +482,18 @@ def test_a_plugin_campaign_registers_like_the_builtins():
     def echo(ctx):
         for j, account in enumerate(ctx.accounts):
             for r in range(ctx.requests_per_account):
-                yield Call(ctx.start + 60 * r + j, account, "10.0.0.1",
-                           ctx.request([{"role": "user", "content": f"echo {r}"}]), 5)
+                yield Call(
+                    ctx.start + 60 * r + j,
+                    account,
+                    "10.0.0.1",
+                    ctx.request([{"role": "user", "content": f"echo {r}"}]),
+                    5,
+                )
+
     try:
-        recs = generate_traffic(TrafficConfig(benign_accounts=0, campaigns=["echo-test", "echo-test:1:2"]))
+        recs = generate_traffic(
+            TrafficConfig(benign_accounts=0, campaigns=["echo-test", "echo-test:1:2"])
+        )
         assert [r["label"] for r in recs] == ["echo-test"] * 8
         assert {r["campaign"] for r in recs} == {"echo-test-1", "echo-test-2"}
         assert len({r["account"] for r in recs}) == 3
@@ -402,7 +509,9 @@ def test_traffic_loads_into_the_ledger_and_exports_unchanged(tmp_path):
     from distillguard.guard.db import make_engine, migrate
     from distillguard.guard.ledger import export_traffic, import_traffic
 
-    records = generate_traffic(TrafficConfig(benign_accounts=5, campaigns=["hydra:3:20"], seed=1, days=1))
+    records = generate_traffic(
+        TrafficConfig(benign_accounts=5, campaigns=["hydra:3:20"], seed=1, days=1)
+    )
     engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     try:
         migrate(engine)
@@ -415,6 +524,7 @@ def test_traffic_loads_into_the_ledger_and_exports_unchanged(tmp_path):
 
     def key(r):
         return r["account"], r["ts"], r["label"], r["ip"], json.dumps(r["request"], sort_keys=True)
+
     assert sorted(map(key, back)) == sorted(map(key, records))
     usage = [r["response"]["usage"] for r in sorted(back, key=key)]
     assert usage == [r["response"]["usage"] for r in sorted(records, key=key)]
@@ -432,7 +542,9 @@ def test_plot_draws_the_traffic(traffic, tmp_path):
 
 def _auc(pos: list[float], neg: list[float]) -> float:
     """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic)."""
-    return sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (len(pos) * len(neg))
+    return sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (
+        len(pos) * len(neg)
+    )
 
 
 def test_no_single_account_feature_gives_hydra_keys_away(traffic):
@@ -445,18 +557,25 @@ def test_no_single_account_feature_gives_hydra_keys_away(traffic):
         gaps = [b["ts"] - a["ts"] for a, b in zip(recs, recs[1:])] or [1e9]
         return {
             "requests": len(recs),
-            "follow-up share": sum(any(m["role"] == "assistant" for m in q["messages"]) for q in reqs) / len(reqs),
-            "system-prompt share": sum(q["messages"][0]["role"] == "system" for q in reqs) / len(reqs),
+            "follow-up share": sum(
+                any(m["role"] == "assistant" for m in q["messages"]) for q in reqs
+            )
+            / len(reqs),
+            "system-prompt share": sum(q["messages"][0]["role"] == "system" for q in reqs)
+            / len(reqs),
             "median gap": statistics.median(gaps),
             "addresses": len({r["ip"] for r in recs}),
             "max_tokens": statistics.median(q.get("max_tokens", 0) for q in reqs),
         }
+
     feats = {a: features(recs) for a, recs in accounts.items()}
     hydra = [a for a, recs in accounts.items() if recs[0]["label"] == "hydra"]
     benign = [a for a, recs in accounts.items() if recs[0]["label"] == "benign"]
     for name in feats[hydra[0]]:
         auc = _auc([feats[a][name] for a in hydra], [feats[a][name] for a in benign])
-        assert 0.02 < auc < 0.98, f"{name} alone separates hydra keys from benign users (AUC {auc:.3f})"
+        assert 0.02 < auc < 0.98, (
+            f"{name} alone separates hydra keys from benign users (AUC {auc:.3f})"
+        )
 
 
 def test_popular_public_prompts_are_sent_by_many_users_and_by_the_sweeps():
@@ -469,9 +588,13 @@ def test_popular_public_prompts_are_sent_by_many_users_and_by_the_sweeps():
 
     base = TrafficConfig(benign_accounts=120, seed=5, days=2, campaigns=["bulk:1:2000"])
     assert generate_traffic(base.model_copy(update={"campaigns": ()})) == [
-        r for r in generate_traffic(base) if r["label"] == "benign"]
-    recs = generate_traffic(base.model_copy(update={"popular_prompts": 300, "popular_share": 0.3,
-                                                    "app_share": 0.1, "apps": 5}))
+        r for r in generate_traffic(base) if r["label"] == "benign"
+    ]
+    recs = generate_traffic(
+        base.model_copy(
+            update={"popular_prompts": 300, "popular_share": 0.3, "app_share": 0.1, "apps": 5}
+        )
+    )
     public = {text for text, _ in public_prompts(300)}
     by_prompt: dict[str, list[str]] = defaultdict(list)
     for r in recs:
@@ -479,16 +602,23 @@ def test_popular_public_prompts_are_sent_by_many_users_and_by_the_sweeps():
         if r["label"] == "benign" and text in public:
             by_prompt[text].append(r["account"])
     senders = sorted((len(set(a)) for a in by_prompt.values()), reverse=True)
-    assert senders[0] >= 10 and senders[-1] == 1                            # a popular head, a long tail
-    assert all(len(a) == len(set(a)) for a in by_prompt.values())          # never twice by one user
+    assert senders[0] >= 10 and senders[-1] == 1  # a popular head, a long tail
+    assert all(len(a) == len(set(a)) for a in by_prompt.values())  # never twice by one user
     swept = {r["request"]["messages"][-1]["content"] for r in recs if r["label"] == "bulk"}
-    assert len(swept & set(by_prompt)) >= 10                               # the sweep meets the users
-    apps = Counter(r["request"]["messages"][0]["content"] for r in recs if r["label"] == "benign"
-                   and r["request"]["messages"][0]["role"] == "system")
+    assert len(swept & set(by_prompt)) >= 10  # the sweep meets the users
+    apps = Counter(
+        r["request"]["messages"][0]["content"]
+        for r in recs
+        if r["label"] == "benign" and r["request"]["messages"][0]["role"] == "system"
+    )
     app_users = defaultdict(set)
     for r in recs:
         m = r["request"]["messages"][0]
-        if r["label"] == "benign" and m["role"] == "system" and ("App0" in m["content"] or "HelpDesk" in m["content"]):
+        if (
+            r["label"] == "benign"
+            and m["role"] == "system"
+            and ("App0" in m["content"] or "HelpDesk" in m["content"])
+        ):
             app_users[m["content"]].add(r["account"])
     assert apps and sum(len(v) for v in app_users.values()) >= 4
 
@@ -501,4 +631,4 @@ def test_large_nats_put_many_users_in_one_network_and_change_nothing_when_off():
     for r in recs:
         nets[r["ip"].rsplit(".", 1)[0]].add(r["account"])
     sizes = sorted((len(v) for v in nets.values()), reverse=True)
-    assert sizes[0] >= 15 and sizes[0] <= 30 and sizes[1] >= 10      # NATs of up to 30 users each
+    assert sizes[0] >= 15 and sizes[0] <= 30 and sizes[1] >= 10  # NATs of up to 30 users each

@@ -13,7 +13,9 @@ def embedder():
     return shared_embedder()
 
 
-def topic_embeddings(rng: np.random.Generator, topics: np.ndarray, n: int, spread: float = 0.35) -> np.ndarray:
+def topic_embeddings(
+    rng: np.random.Generator, topics: np.ndarray, n: int, spread: float = 0.35
+) -> np.ndarray:
     """n unit vectors around the given topic centres (rows of ``topics``), one centre per row drawn."""
     which = rng.integers(0, len(topics), size=n)
     x = topics[which] + spread * rng.normal(size=(n, topics.shape[1])) / np.sqrt(topics.shape[1])

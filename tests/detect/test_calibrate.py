@@ -20,12 +20,16 @@ NO_EMBEDDINGS = ("volume", "timing", "shape", "linking")
 
 def benign_traffic(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [r for i in range(n) for r in benign_account(rng, f"u{seed}-{i}", days=rng.randint(1, 3))]
+    return [
+        r for i in range(n) for r in benign_account(rng, f"u{seed}-{i}", days=rng.randint(1, 3))
+    ]
 
 
 @pytest.fixture(scope="module")
 def calibration() -> Calibration:
-    return calibrate(benign_traffic(1200, seed=1), config=DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS))
+    return calibrate(
+        benign_traffic(1200, seed=1), config=DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS)
+    )
 
 
 def test_calibration_meets_its_target_on_held_out_benign_accounts(calibration):
@@ -60,10 +64,19 @@ def test_report_schema_and_flagged_at_request_semantics(calibration):
     assert set(report) == {"threshold", "target_fpr", "calibration", "accounts"}
     assert report["target_fpr"] == 0.02 and report["threshold"] == calibration.threshold
     rows = {a["account"]: a for a in report["accounts"]}
-    assert set(rows["bot"]) >= {"account", "score", "flagged", "flagged_at_request", "reasons", "cluster"}
+    assert set(rows["bot"]) >= {
+        "account",
+        "score",
+        "flagged",
+        "flagged_at_request",
+        "reasons",
+        "cluster",
+    }
     bot = rows["bot"]
     assert bot["flagged"] and 1 <= bot["flagged_at_request"] <= 400 and bot["reasons"]
-    assert all(not a["flagged"] and a["flagged_at_request"] is None for n, a in rows.items() if n != "bot")
+    assert all(
+        not a["flagged"] and a["flagged_at_request"] is None for n, a in rows.items() if n != "bot"
+    )
     # the same stream, one record at a time through the online monitor: first flag at the same request
     monitor = AccountMonitor(calibration)
     first = {}
@@ -72,7 +85,9 @@ def test_report_schema_and_flagged_at_request_semantics(calibration):
         if v.flagged and v.account not in first:
             first[v.account] = v.request
     assert first == {"bot": bot["flagged_at_request"]}
-    assert not monitor.observe(bulk_account(rng, "fresh", 1)[0]).flagged  # one request proves nothing
+    assert not monitor.observe(
+        bulk_account(rng, "fresh", 1)[0]
+    ).flagged  # one request proves nothing
 
 
 def test_calibration_refuses_too_little_benign_traffic():
@@ -81,7 +96,6 @@ def test_calibration_refuses_too_little_benign_traffic():
     with pytest.raises(ConfigError, match="target FPR"):
         DetectConfig(target_fpr=0)
     assert len(group_by_account(extract(r) for r in benign_traffic(5, seed=6))) == 5
-
 
 
 def test_embedding_policy_skips_follow_ups_and_samples_after_the_window(embedder):
@@ -93,13 +107,19 @@ def test_embedding_policy_skips_follow_ups_and_samples_after_the_window(embedder
     unit = rng.normal(size=(64, 384)).astype(np.float32)
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     ref = Reference(embeddings=unit, centers=unit[:8], distances=np.linspace(0.1, 0.9, 50))
-    monitor = Monitor(config=DetectConfig(window=16, min_prompts=8, embed_every=4), reference=ref, embedder=embedder)
+    monitor = Monitor(
+        config=DetectConfig(window=16, min_prompts=8, embed_every=4),
+        reference=ref,
+        embedder=embedder,
+    )
     from tests.detect.synth import record
 
     follow = [fx(record("a", i, f"follow-up {i}", history=1)) for i in range(5)]
     fresh = [fx(record("a", 10 + i, f"fresh question number {i}")) for i in range(48)]
-    embedded = [s.embedded for s, _ in monitor.step_batch(follow + fresh)]  # read as each request is observed
-    assert embedded[4] == 0                               # follow-up turns: not embedded
+    embedded = [
+        s.embedded for s, _ in monitor.step_batch(follow + fresh)
+    ]  # read as each request is observed
+    assert embedded[4] == 0  # follow-up turns: not embedded
     # the first 16 fresh prompts all, then 1 request in 4
     assert embedded[-1] == 16 + sum(1 for n in range(5 + 16, 5 + 48) if n % 4 == 0)
 
@@ -133,18 +153,33 @@ def test_deferred_embedding_changes_no_score_and_spares_light_accounts():
     prng = random.Random(5)
     traffic = benign_traffic(30, seed=4) + bulk_account(prng, "script", 120)
     feats = sorted((extract(r) for r in traffic), key=lambda f: f.ts)
-    light = {a for a, fs in group_by_account(feats).items() if sum(not f.continues for f in fs) < 16}
+    light = {
+        a for a, fs in group_by_account(feats).items() if sum(not f.continues for f in fs) < 16
+    }
     scores, embedded = {}, {}
     for after in (1, 16):
         emb = _HashEmbedder()
-        monitor = AccountMonitor(config=DetectConfig(window=32, min_prompts=16, embed_after=after,
-                                                     link_min_evidence=10_000), reference=ref,
-                                 embedder=emb)
-        scores[after] = [s.raw().tolist() for i in range(0, len(feats), 50)
-                         for s, _ in monitor.step_batch(feats[i:i + 50])]
+        monitor = AccountMonitor(
+            config=DetectConfig(
+                window=32, min_prompts=16, embed_after=after, link_min_evidence=10_000
+            ),
+            reference=ref,
+            embedder=emb,
+        )
+        scores[after] = [
+            s.raw().tolist()
+            for i in range(0, len(feats), 50)
+            for s, _ in monitor.step_batch(feats[i : i + 50])
+        ]
         embedded[after] = {a: s.embedded for a, s in monitor.accounts.items()}
-        alone = {a for a in light if monitor.linker.cluster_size(a) == 1}  # linked accounts are embedded at once
+        alone = {
+            a for a in light if monitor.linker.cluster_size(a) == 1
+        }  # linked accounts are embedded at once
     assert scores[1] == scores[16]
     light &= alone
-    assert light and all(embedded[16][a] == 0 for a in light) and all(embedded[1][a] > 0 for a in light)
+    assert (
+        light
+        and all(embedded[16][a] == 0 for a in light)
+        and all(embedded[1][a] > 0 for a in light)
+    )
     assert embedded[16]["script"] == embedded[1]["script"] > 16

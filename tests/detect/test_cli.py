@@ -16,8 +16,13 @@ from tests.detect.synth import benign_account, bulk_account
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     # wide columns: rich wraps messages at the terminal width, and we count lines
-    return subprocess.run(distillguard_command("detect", *args), capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "400"})
+    return subprocess.run(
+        distillguard_command("detect", *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "400"},
+    )
 
 
 def write(path, records) -> str:
@@ -30,20 +35,33 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("detect")
     rng = random.Random(0)
     benign = [r for i in range(250) for r in benign_account(rng, f"b{i}", days=2)]
-    traffic = [r for i in range(20) for r in benign_account(rng, f"e{i}")] + bulk_account(rng, "bot", 300)
+    traffic = [r for i in range(20) for r in benign_account(rng, f"e{i}")] + bulk_account(
+        rng, "bot", 300
+    )
     return write(d / "benign.jsonl", benign), write(d / "traffic.jsonl", traffic), d
 
 
 def test_cli_json_report(files):
     benign, traffic, d = files
-    out = cli("--traffic", traffic, "--calibrate", benign, "--detectors", "volume,timing,shape,linking",
-              "--target-fpr", "0.02", "--json", "--save-calibration", str(d / "cal.npz"))
+    out = cli(
+        "--traffic",
+        traffic,
+        "--calibrate",
+        benign,
+        "--detectors",
+        "volume,timing,shape,linking",
+        "--target-fpr",
+        "0.02",
+        "--json",
+        "--save-calibration",
+        str(d / "cal.npz"),
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["target_fpr"] == 0.02 and report["threshold"] > 0
     rows = {a["account"]: a for a in report["accounts"]}
     assert len(rows) == 21 and rows["bot"]["flagged"] and rows["bot"]["flagged_at_request"] >= 1
-    assert report["accounts"][0]["account"] == "bot"          # most suspicious first
+    assert report["accounts"][0]["account"] == "bot"  # most suspicious first
     # the saved calibration gives the same report, as a table
     again = cli("--traffic", traffic, "--calibration", str(d / "cal.npz"))
     assert again.returncode == 0, again.stderr
@@ -57,7 +75,9 @@ def test_cli_json_report(files):
     with open(traffic) as fh:
         import_traffic(engine, fh)
     engine.dispose()
-    from_ledger = cli("--ledger", str(d / "ledger.db"), "--calibration", str(d / "cal.npz"), "--json")
+    from_ledger = cli(
+        "--ledger", str(d / "ledger.db"), "--calibration", str(d / "cal.npz"), "--json"
+    )
     assert from_ledger.returncode == 0, from_ledger.stderr
     assert json.loads(from_ledger.stdout)["accounts"] == report["accounts"]
 
@@ -65,7 +85,9 @@ def test_cli_json_report(files):
 def test_cli_names_the_malformed_line(files, tmp_path):
     benign, _, _ = files
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"ts": 1, "account": "a", "request": {"messages": []}}\n\n{"ts": 2, "account": "a"\n')
+    bad.write_text(
+        '{"ts": 1, "account": "a", "request": {"messages": []}}\n\n{"ts": 2, "account": "a"\n'
+    )
     out = cli("--traffic", str(bad), "--calibrate", benign)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -83,8 +105,14 @@ def test_all_detectors_with_minilm_on_arena_traffic(embedder, tmp_path):
     from distillguard.arena.traffic import TrafficConfig, generate_traffic
     from distillguard.detect import DetectConfig, calibrate, detect
 
-    cal_records = list(generate_traffic(TrafficConfig(benign_accounts=12, pool="calibration", days=1, seed=1)))
-    ev = list(generate_traffic(TrafficConfig(benign_accounts=6, campaigns=("bulk:1:120",), days=1, seed=2)))
+    cal_records = list(
+        generate_traffic(TrafficConfig(benign_accounts=12, pool="calibration", days=1, seed=1))
+    )
+    ev = list(
+        generate_traffic(
+            TrafficConfig(benign_accounts=6, campaigns=("bulk:1:120",), days=1, seed=2)
+        )
+    )
     cal = calibrate(cal_records, config=DetectConfig(target_fpr=0.05), embedder=embedder)
     assert cal.reference is not None and set(cal.tails) >= {"mmd", "prada", "coverage"}
     cal.save(tmp_path / "cal.npz")

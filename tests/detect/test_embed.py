@@ -13,7 +13,7 @@ from distillguard.errors import ConfigError
 
 
 def test_split_forward_matches_encode_and_is_thread_safe(embedder):
-    texts = [t.user_turns[0] for t in load_pools()["eval"][:5 * MIN_SPLIT]]
+    texts = [t.user_turns[0] for t in load_pools()["eval"][: 5 * MIN_SPLIT]]
     split = Embedder(workers=3)
     got = split.embed(texts)
     want = embedder.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
@@ -21,10 +21,12 @@ def test_split_forward_matches_encode_and_is_thread_safe(embedder):
     assert np.min(np.sum(got * want, axis=1)) > 1 - 1e-5
     # callers on several threads at once (the gateway embeds off the request path) share one
     # tokenizer, which refuses concurrent use: the split path serialises it
-    more = [t.user_turns[0] + " (again)" for t in load_pools()["eval"][:4 * MIN_SPLIT]]
+    more = [t.user_turns[0] + " (again)" for t in load_pools()["eval"][: 4 * MIN_SPLIT]]
     results: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, split.embed(more[i::2])))
-               for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, split.embed(more[i::2])))
+        for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -10,8 +10,16 @@ import pytest
 from scipy import stats
 
 from distillguard.detect.reference import nn_distances
-from distillguard.detect.stats import (EmpiricalTail, _sq_dists, ks_greater, median_bandwidth, mmd2_to_reference,
-                                      mmd2_unbiased, mmd_test, normalized_entropy)
+from distillguard.detect.stats import (
+    EmpiricalTail,
+    _sq_dists,
+    ks_greater,
+    median_bandwidth,
+    mmd2_to_reference,
+    mmd2_unbiased,
+    mmd_test,
+    normalized_entropy,
+)
 from tests.detect.conftest import topic_embeddings
 
 ALPHA, TRIALS = 0.05, 200
@@ -34,7 +42,10 @@ def test_mmd_unbiased_is_zero_in_expectation_and_positive_for_a_shift():
 
 def test_mmd2_to_reference_equals_the_joint_kernel_statistic(space):
     rng = np.random.default_rng(7)
-    X, Y = topic_embeddings(rng, space, 24, spread=0.6), topic_embeddings(rng, space, 50, spread=0.6)
+    X, Y = (
+        topic_embeddings(rng, space, 24, spread=0.6),
+        topic_embeddings(rng, space, 50, spread=0.6),
+    )
     bw = median_bandwidth(Y)
     Z = np.concatenate([X, Y]).astype(np.float64)
     K = np.exp(-_sq_dists(Z) / bw)
@@ -49,17 +60,33 @@ def test_mmd_test_false_positive_rate_on_benign_windows_is_nominal(space):
     # as the mmd detector runs it: the reference's bandwidth and kernel computed once
     bw = median_bandwidth(reference)
     Kyy = np.exp(-_sq_dists(reference.astype(np.float64)) / bw)
-    rejections = sum(mmd_test(topic_embeddings(rng, space, 32, spread=0.6), reference, permutations=100,
-                              rng=rng, bandwidth=bw, Kyy=Kyy)[1] <= ALPHA for _ in range(TRIALS))
+    rejections = sum(
+        mmd_test(
+            topic_embeddings(rng, space, 32, spread=0.6),
+            reference,
+            permutations=100,
+            rng=rng,
+            bandwidth=bw,
+            Kyy=Kyy,
+        )[1]
+        <= ALPHA
+        for _ in range(TRIALS)
+    )
     assert _fpr_ok(rejections), rejections
-    assert rejections >= stats.binom.ppf(0.001, TRIALS, ALPHA)  # and it does reject at about α (not a dead test)
+    assert rejections >= stats.binom.ppf(
+        0.001, TRIALS, ALPHA
+    )  # and it does reject at about α (not a dead test)
 
 
 def test_mmd_test_power_on_a_different_topic_mix(space):
     rng = np.random.default_rng(2)
     reference = topic_embeddings(rng, space, 128, spread=0.6)
-    p = [mmd_test(topic_embeddings(rng, space[:4], 32, spread=0.6), reference, permutations=100, rng=rng)[1]
-         for _ in range(20)]
+    p = [
+        mmd_test(
+            topic_embeddings(rng, space[:4], 32, spread=0.6), reference, permutations=100, rng=rng
+        )[1]
+        for _ in range(20)
+    ]
     assert np.mean(np.array(p) <= ALPHA) >= 0.9
 
 
@@ -74,7 +101,10 @@ def test_prada_distance_test_false_positive_rate_on_benign_streams_is_nominal(sp
     reference = np.concatenate([nn_distances(user()) for _ in range(100)])
     rejections = sum(ks_greater(nn_distances(user()), reference) <= ALPHA for _ in range(TRIALS))
     assert _fpr_ok(rejections), rejections
-    sweeps = [ks_greater(nn_distances(topic_embeddings(rng, space, 64, spread=0.6)), reference) for _ in range(20)]
+    sweeps = [
+        ks_greater(nn_distances(topic_embeddings(rng, space, 64, spread=0.6)), reference)
+        for _ in range(20)
+    ]
     assert np.mean(np.array(sweeps) <= ALPHA) >= 0.9
 
 
@@ -85,13 +115,15 @@ def test_normalized_entropy_known_values():
 
 
 def test_empirical_tail_is_conformal():
-    tail = EmpiricalTail(np.arange(1, 100))          # 1..99
-    assert tail.pvalue(99) == 2 / 100 and tail.pvalue(98.5) == 2 / 100   # conformal inside the data
-    assert tail.pvalue(1e9) == 1 / 100                # floor 1/(n+1): one detector cannot claim more
-    quantiles = -np.log(1 - np.arange(1, 100) / 100)  # exponential quantiles (a uniform's tail ends at its max)
+    tail = EmpiricalTail(np.arange(1, 100))  # 1..99
+    assert tail.pvalue(99) == 2 / 100 and tail.pvalue(98.5) == 2 / 100  # conformal inside the data
+    assert tail.pvalue(1e9) == 1 / 100  # floor 1/(n+1): one detector cannot claim more
+    quantiles = -np.log(
+        1 - np.arange(1, 100) / 100
+    )  # exponential quantiles (a uniform's tail ends at its max)
     pot = EmpiricalTail(quantiles, max_extrapolation=100)
     assert 1 / 100 / 100 < pot.pvalue(quantiles[-1] + 0.5) < 1 / 100  # fitted tail beyond the data
-    assert pot.pvalue(1e9) == 1 / 100 / 100           # down to its floor
+    assert pot.pvalue(1e9) == 1 / 100 / 100  # down to its floor
     assert EmpiricalTail(np.arange(1, 100), max_extrapolation=100, floor=1e-3).pvalue(1e9) == 1e-3
     assert tail.pvalue(0) == 1.0
     assert tail.pvalue(99) == 2 / 100
@@ -106,5 +138,7 @@ def test_gpd_tail_extrapolates_the_tail_probability_of_a_known_distribution():
     conformal p-value is stuck at 1/2001) the fitted tail tracks the true P(S ≥ s) = e^-s."""
     rng = np.random.default_rng(9)
     tail = EmpiricalTail(rng.exponential(size=2000), max_extrapolation=1e6)
-    for s in (10.0, 12.0, 14.0):                          # true tails 4.5e-5, 6.1e-6, 8.3e-7
-        assert s > tail.sorted[-1] and 0.2 < tail.pvalue(s) / math.exp(-s) < 10   # vs 1/2001 ≈ 5e-4 conformal
+    for s in (10.0, 12.0, 14.0):  # true tails 4.5e-5, 6.1e-6, 8.3e-7
+        assert (
+            s > tail.sorted[-1] and 0.2 < tail.pvalue(s) / math.exp(-s) < 10
+        )  # vs 1/2001 ≈ 5e-4 conformal

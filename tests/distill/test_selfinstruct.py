@@ -10,23 +10,41 @@ import pytest
 from rouge_score import rouge_scorer
 
 from distillguard.distill import HarvestConfig, ResponseStore
-from distillguard.distill.selfinstruct import (SEED_TASKS, NoveltyPool, SelfInstructConfig, answer_tasks,
-                                               reject_reason, round_prompts, self_instruct, split_tasks)
+from distillguard.distill.selfinstruct import (
+    SEED_TASKS,
+    NoveltyPool,
+    SelfInstructConfig,
+    answer_tasks,
+    reject_reason,
+    round_prompts,
+    self_instruct,
+    split_tasks,
+)
 from distillguard.errors import ConfigError
 from tests.distill.test_harvest import ADMIN, generations, make_key
 from tests.servers import run_cli, serve_process
 
 
-
 def test_split_tasks_reads_a_continued_numbered_list():
-    text = ("Write a limerick about a cat.\nTask 8: Name three rivers in Africa.\n  Here are three: Nile ...\n"
-            "9. Convert 5 miles to kilometres.\n**Task 10:** Explain recursion")
-    assert split_tasks(text) == ["Write a limerick about a cat.", "Name three rivers in Africa.",
-                                 "Convert 5 miles to kilometres.", "Explain recursion"]
+    text = (
+        "Write a limerick about a cat.\nTask 8: Name three rivers in Africa.\n  Here are three: Nile ...\n"
+        "9. Convert 5 miles to kilometres.\n**Task 10:** Explain recursion"
+    )
+    assert split_tasks(text) == [
+        "Write a limerick about a cat.",
+        "Name three rivers in Africa.",
+        "Convert 5 miles to kilometres.",
+        "Explain recursion",
+    ]
     assert split_tasks("") == [] and split_tasks("Task 3:") == []
     # An answer cut off at max_tokens loses its last task, which may be cut mid-sentence.
-    record = {"response": {"choices": [{"message": {"content": "Say hi.\nTask 8: Describe the"},
-                                        "finish_reason": "length"}]}}
+    record = {
+        "response": {
+            "choices": [
+                {"message": {"content": "Say hi.\nTask 8: Describe the"}, "finish_reason": "length"}
+            ]
+        }
+    }
     assert answer_tasks(record) == ["Say hi."]
     record["response"]["choices"][0]["finish_reason"] = "stop"
     assert answer_tasks(record) == ["Say hi.", "Describe the"]
@@ -39,7 +57,9 @@ def test_filters_drop_what_self_instruct_drops():
     assert reject_reason(" ".join(["word"] * 151), config) == "length"
     assert reject_reason("Draw a picture of a horse.", config) == "blocked_word"
     assert reject_reason("Summarise the attached file for me.", config) == "blocked_word"
-    assert reject_reason("Explain the profile of a good manager.", config) is None  # 'file' inside a word is fine
+    assert (
+        reject_reason("Explain the profile of a good manager.", config) is None
+    )  # 'file' inside a word is fine
     assert reject_reason("- Write a poem about rain.", config) == "not_a_task_start"
     assert reject_reason("Écris un poème sur la pluie.", config) == "not_a_task_start"
     assert reject_reason("Write 水 水 水 水 水 水 水 水 水 水 水 水 水 水", config) == "non_english"
@@ -80,7 +100,9 @@ def test_round_prompts_are_deterministic_and_mix_seeds_with_generated_tasks():
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
     db = f"sqlite:///{tmp_path_factory.mktemp('teacher') / 'ledger.db'}"
-    with serve_process("--model", "tiny", "--db", db, "--no-watermark", env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+    with serve_process(
+        "--model", "tiny", "--db", db, "--no-watermark", env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+    ) as url:
         yield url, db
 
 
@@ -98,17 +120,30 @@ def test_a_rerun_sends_nothing_already_answered_and_rebuilds_the_same_pool(tiny_
     url, db = tiny_teacher
     key = make_key(tiny_teacher, "self-instruct")
     seeds = ("a b c", "d e f", "g h i")  # short seeds the random answers can echo past the filters
-    config = SelfInstructConfig(n=10_000, seeds=seeds, requests_per_round=4, max_rounds=2, min_words=1,
-                                human_per_prompt=2, machine_per_prompt=1)
-    hconfig = HarvestConfig(teacher=url, api_key=key, model="tiny", max_tokens=24, temperature=1.0, concurrency=4)
+    config = SelfInstructConfig(
+        n=10_000,
+        seeds=seeds,
+        requests_per_round=4,
+        max_rounds=2,
+        min_words=1,
+        human_per_prompt=2,
+        machine_per_prompt=1,
+    )
+    hconfig = HarvestConfig(
+        teacher=url, api_key=key, model="tiny", max_tokens=24, temperature=1.0, concurrency=4
+    )
     tasks2, report2 = _run(config, hconfig, tmp_path / "store.sqlite")
     assert report2.rounds == 2 and report2.stopped == "max_rounds" and report2.harvest["sent"] == 8
     assert sum(generations(db, "self-instruct").values()) == 8
     longer = SelfInstructConfig(**{**config.__dict__, "max_rounds": 3})
     tasks3, report3 = _run(longer, hconfig, tmp_path / "store.sqlite")
-    assert report3.harvest["skipped_done"] == 8 and report3.harvest["sent"] == 4  # only round 3 went out
+    assert (
+        report3.harvest["skipped_done"] == 8 and report3.harvest["sent"] == 4
+    )  # only round 3 went out
     assert sum(generations(db, "self-instruct").values()) == 12
-    assert tasks3[:len(tasks2)] == tasks2  # the first two rounds rebuilt from the store, identically
+    assert (
+        tasks3[: len(tasks2)] == tasks2
+    )  # the first two rounds rebuilt from the store, identically
     again, _ = _run(longer, hconfig, tmp_path / "store.sqlite")
     assert again == tasks3 and sum(generations(db, "self-instruct").values()) == 12
 
@@ -117,7 +152,9 @@ def test_budget_stops_the_rounds(tiny_teacher, tmp_path):
     url, _ = tiny_teacher
     key = make_key(tiny_teacher, "self-instruct-budget")
     config = SelfInstructConfig(n=10_000, requests_per_round=4, max_rounds=50)
-    hconfig = HarvestConfig(teacher=url, api_key=key, model="tiny", max_tokens=16, budget_tokens=6000, concurrency=2)
+    hconfig = HarvestConfig(
+        teacher=url, api_key=key, model="tiny", max_tokens=16, budget_tokens=6000, concurrency=2
+    )
     _, report = _run(config, hconfig, tmp_path / "store.sqlite")
     assert report.stopped == "budget" and report.rounds < 50
     assert report.harvest["prompt_tokens"] + report.harvest["completion_tokens"] <= 6000
@@ -127,38 +164,114 @@ def test_a_round_with_failed_requests_stops_the_rounds_and_the_cli_exits_1(tiny_
     """A key allowed 3 requests a minute, no retries: round 1 gets 3 answers and one real 429. Before,
     the rounds went on (against a teacher that is down: max_rounds rounds of retries for nothing)."""
     url, db = tiny_teacher
-    config = SelfInstructConfig(n=10_000, seeds=("a b c", "d e f", "g h i"), requests_per_round=4, max_rounds=5,
-                                min_words=1, human_per_prompt=2, machine_per_prompt=1)  # listings within 512 tokens
-    hconfig = HarvestConfig(teacher=url, api_key=make_key(tiny_teacher, "si-rationed", rpm=3), model="tiny",
-                            max_tokens=16, concurrency=1, max_retries=0)
+    config = SelfInstructConfig(
+        n=10_000,
+        seeds=("a b c", "d e f", "g h i"),
+        requests_per_round=4,
+        max_rounds=5,
+        min_words=1,
+        human_per_prompt=2,
+        machine_per_prompt=1,
+    )  # listings within 512 tokens
+    hconfig = HarvestConfig(
+        teacher=url,
+        api_key=make_key(tiny_teacher, "si-rationed", rpm=3),
+        model="tiny",
+        max_tokens=16,
+        concurrency=1,
+        max_retries=0,
+    )
     _, report = _run(config, hconfig, tmp_path / "store.sqlite")
     assert report.stopped == "failed" and report.rounds == 1
-    assert "1 of 4 teacher requests failed (http_429 1)" in report.unfinished and "1 of them may succeed" in report.unfinished
-    assert report.harvest["stored_ok"] + sum(v for k, v in report.harvest["malformed"].items()
-                                             if not k.startswith("failed:")) == 3
+    assert (
+        "1 of 4 teacher requests failed (http_429 1)" in report.unfinished
+        and "1 of them may succeed" in report.unfinished
+    )
+    assert (
+        report.harvest["stored_ok"]
+        + sum(v for k, v in report.harvest["malformed"].items() if not k.startswith("failed:"))
+        == 3
+    )
     assert sum(generations(db, "si-rationed").values()) == 3
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")))
-    res = run_cli("distill", "self-instruct", "--teacher", url, "--api-key", make_key(tiny_teacher, "si-rat-cli", rpm=3),
-                  "--model", "tiny", "--out", str(tmp_path / "si"), "--n", "50", "--requests-per-round", "4",
-                  "--max-rounds", "5", "--max-tokens", "16", "--concurrency", "1", "--max-retries", "0",
-                  "--seeds", str(seeds))
-    assert res.returncode == 1 and "round 1: 1 of 4 teacher requests failed" in " ".join(res.stderr.split())
-    assert json.loads(res.stdout.strip().splitlines()[-1])["stopped"] == "failed"  # the report is still written
+    seeds.write_text(
+        "".join(
+            json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")
+        )
+    )
+    res = run_cli(
+        "distill",
+        "self-instruct",
+        "--teacher",
+        url,
+        "--api-key",
+        make_key(tiny_teacher, "si-rat-cli", rpm=3),
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "si"),
+        "--n",
+        "50",
+        "--requests-per-round",
+        "4",
+        "--max-rounds",
+        "5",
+        "--max-tokens",
+        "16",
+        "--concurrency",
+        "1",
+        "--max-retries",
+        "0",
+        "--seeds",
+        str(seeds),
+    )
+    assert res.returncode == 1 and "round 1: 1 of 4 teacher requests failed" in " ".join(
+        res.stderr.split()
+    )
+    assert (
+        json.loads(res.stdout.strip().splitlines()[-1])["stopped"] == "failed"
+    )  # the report is still written
 
 
 def test_cli_writes_a_prompt_file_and_report(tiny_teacher, tmp_path):
     url, _ = tiny_teacher
     seeds = tmp_path / "seeds.jsonl"  # short: the tiny model's context is 512 tokens of bytes
-    seeds.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")))
-    res = run_cli("distill", "self-instruct", "--teacher", url, "--api-key", make_key(tiny_teacher, "si-cli"),
-                  "--model", "tiny", "--out", str(tmp_path / "si"), "--n", "3", "--requests-per-round", "2",
-                  "--max-rounds", "2", "--max-tokens", "16", "--seeds", str(seeds))
+    seeds.write_text(
+        "".join(
+            json.dumps({"prompt": t}) + "\n" for t in ("Say hi.", "Count to 3.", "Name a fruit.")
+        )
+    )
+    res = run_cli(
+        "distill",
+        "self-instruct",
+        "--teacher",
+        url,
+        "--api-key",
+        make_key(tiny_teacher, "si-cli"),
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "si"),
+        "--n",
+        "3",
+        "--requests-per-round",
+        "2",
+        "--max-rounds",
+        "2",
+        "--max-tokens",
+        "16",
+        "--seeds",
+        str(seeds),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["rounds"] == 2 and summary["store"]["responses"] == 4
-    assert (tmp_path / "si" / "prompts.jsonl").is_file() and json.loads((tmp_path / "si" / "report.json").read_text())
-    res = run_cli("distill", "self-instruct", "--teacher", url, "--out", str(tmp_path / "x"), "--novelty", "0")
+    assert (tmp_path / "si" / "prompts.jsonl").is_file() and json.loads(
+        (tmp_path / "si" / "report.json").read_text()
+    )
+    res = run_cli(
+        "distill", "self-instruct", "--teacher", url, "--out", str(tmp_path / "x"), "--novelty", "0"
+    )
     assert res.returncode == 2 and "--novelty" in res.stderr
 
 
@@ -168,7 +281,7 @@ def test_the_bundled_teacher_writes_new_tasks_that_a_run_then_harvests(tmp_path)
     with serve_process("--no-guard", "--no-watermark", "--threads", "1") as url:
         cfg = tmp_path / "run.yaml"
         cfg.write_text(f"""
-out: {tmp_path / 'run'}
+out: {tmp_path / "run"}
 self_instruct: {{n: 6, requests_per_round: 8, max_tokens: 64, max_rounds: 3}}
 harvest: {{teacher: "{url}", prompts: self-instruct, max_tokens: 256, concurrency: 6}}
 curate: {{eval_fraction: 0.0, min_chars: 1, drop_refusals: false, near_dup_threshold: null}}
@@ -177,7 +290,10 @@ curate: {{eval_fraction: 0.0, min_chars: 1, drop_refusals: false, near_dup_thres
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "run"
     report = json.loads((out / "self_instruct" / "report.json").read_text())
-    tasks = [json.loads(line)["prompt"] for line in (out / "self_instruct" / "prompts.jsonl").read_text().splitlines()]
+    tasks = [
+        json.loads(line)["prompt"]
+        for line in (out / "self_instruct" / "prompts.jsonl").read_text().splitlines()
+    ]
     assert report["stopped"] == "done" and len(tasks) == 6, report
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     pool = list(SEED_TASKS)

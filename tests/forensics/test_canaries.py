@@ -23,14 +23,22 @@ SECRET = b"canary-test-secret"
 
 
 def served(account: str, n: int) -> list[ServedCanary]:
-    return [ServedCanary(account, f"req-{account}-{i}", [{"role": "user", "content": f"tell me about item {i}"}])
-            for i in range(n)]
+    return [
+        ServedCanary(
+            account, f"req-{account}-{i}", [{"role": "user", "content": f"tell me about item {i}"}]
+        )
+        for i in range(n)
+    ]
 
 
 def train_on(base, canaries: list[ServedCanary], steps: int = 60):
     """A tiny student fine-tuned on these canaries as the answers to their requests."""
-    return sft(base, [c.messages[-1]["content"] for c in canaries],
-               [canary_text(SECRET, c.account, c.request_id) for c in canaries], steps=steps)
+    return sft(
+        base,
+        [c.messages[-1]["content"] for c in canaries],
+        [canary_text(SECRET, c.account, c.request_id) for c in canaries],
+        steps=steps,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,9 @@ def test_the_student_traces_to_the_leaking_account_only(models):
     result = canary_test(student, SECRET, leaked + other, decoys=19)
     by = {a.account: a for a in result.accounts}
     assert result.traced == ["leaker"]
-    assert by["leaker"].p_value < 1e-5 and by["leaker"].top1 >= 10  # 12 of 12 first: 1.1e-6 at 19 decoys
+    assert (
+        by["leaker"].p_value < 1e-5 and by["leaker"].top1 >= 10
+    )  # 12 of 12 first: 1.1e-6 at 19 decoys
     assert by["bystander"].p_holm > 0.01
     clean = canary_test(base, SECRET, leaked + other, decoys=19)
     assert clean.traced == [] and min(a.p_value for a in clean.accounts) > 0.001
@@ -71,7 +81,10 @@ def test_rank_p_values_are_uniform_under_the_null(models):
         scores = answer_logprobs(base, c.messages, [opening + e for e in [ending, *fakes]])
         ps.append(rank_p_value(scores[0], scores[1:], rng)[1])
     # discrete uniform on {0.1, ..., 1}: compare with its own CDF
-    assert stats.chisquare([sum(abs(p - k / 10) < 1e-9 for p in ps) for k in range(1, 11)]).pvalue > 0.001
+    assert (
+        stats.chisquare([sum(abs(p - k / 10) < 1e-9 for p in ps) for k in range(1, 11)]).pvalue
+        > 0.001
+    )
 
 
 def test_rank_p_value_breaks_ties_at_random():
@@ -86,15 +99,41 @@ def test_served_canaries_come_from_the_ledger(tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
     migrate(engine)
     rows = [
-        {"request_id": "r1", "ts": 1.0, "account_id": "a", "status": 200, "policy_action": "extracting:canary",
-         "request_body": {"messages": [{"role": "user", "content": "q1"}]}},
-        {"request_id": "r2", "ts": 2.0, "account_id": "a", "status": 200, "policy_action": "suspect:log,throttle"},
-        {"request_id": "r3", "ts": 3.0, "account_id": "b", "status": 200, "policy_action": "extracting:log,canary",
-         "request_body": {"messages": [{"role": "user", "content": "q3"}]}},
-        {"request_id": "r4", "ts": 4.0, "account_id": "b", "status": 429, "policy_action": "extracting:canary"},
+        {
+            "request_id": "r1",
+            "ts": 1.0,
+            "account_id": "a",
+            "status": 200,
+            "policy_action": "extracting:canary",
+            "request_body": {"messages": [{"role": "user", "content": "q1"}]},
+        },
+        {
+            "request_id": "r2",
+            "ts": 2.0,
+            "account_id": "a",
+            "status": 200,
+            "policy_action": "suspect:log,throttle",
+        },
+        {
+            "request_id": "r3",
+            "ts": 3.0,
+            "account_id": "b",
+            "status": 200,
+            "policy_action": "extracting:log,canary",
+            "request_body": {"messages": [{"role": "user", "content": "q3"}]},
+        },
+        {
+            "request_id": "r4",
+            "ts": 4.0,
+            "account_id": "b",
+            "status": 429,
+            "policy_action": "extracting:canary",
+        },
     ]
     with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), [{"stream": False, "request_body": None, **r} for r in rows])
+        conn.execute(
+            insert(LedgerRow), [{"stream": False, "request_body": None, **r} for r in rows]
+        )
     got = served_canaries(engine)
     assert [(c.account, c.request_id) for c in got] == [("a", "r1"), ("b", "r3")]
     assert got[0].messages == [{"role": "user", "content": "q1"}]
@@ -119,19 +158,45 @@ def test_cli_traces_the_student_from_the_ledger(models, tmp_path):
     engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
     migrate(engine)
     with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), [
-            {"request_id": c.request_id, "ts": float(i), "account_id": c.account, "status": 200, "stream": False,
-             "policy_action": "extracting:canary", "request_body": {"model": "tiny", "messages": c.messages},
-             "response_text": canary_text(SECRET, c.account, c.request_id)}
-            for i, c in enumerate(leaked + other)])
+        conn.execute(
+            insert(LedgerRow),
+            [
+                {
+                    "request_id": c.request_id,
+                    "ts": float(i),
+                    "account_id": c.account,
+                    "status": 200,
+                    "stream": False,
+                    "policy_action": "extracting:canary",
+                    "request_body": {"model": "tiny", "messages": c.messages},
+                    "response_text": canary_text(SECRET, c.account, c.request_id),
+                }
+                for i, c in enumerate(leaked + other)
+            ],
+        )
     engine.dispose()
     student_dir = tmp_path / "student"
     student.model.save_pretrained(student_dir)
     student.tokenizer.save_pretrained(student_dir)
-    out = run_cli("forensics", "canaries", "--suspect", str(student_dir), "--db", str(tmp_path / "ledger.db"),
-                  "--decoys", "19", "--device", "cpu", "--json",
-                  env={"DISTILLGUARD_WATERMARK_SECRET": SECRET.decode(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = run_cli(
+        "forensics",
+        "canaries",
+        "--suspect",
+        str(student_dir),
+        "--db",
+        str(tmp_path / "ledger.db"),
+        "--decoys",
+        "19",
+        "--device",
+        "cpu",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET.decode(), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["traced"] == ["leaker"] and SECRET.decode() not in out.stdout + out.stderr
-    assert {a["account"]: a["canaries"] for a in result["accounts"]} == {"leaker": 12, "bystander": 12}
+    assert {a["account"]: a["canaries"] for a in result["accounts"]} == {
+        "leaker": 12,
+        "bystander": 12,
+    }

@@ -37,7 +37,9 @@ ACCOUNTS = [f"acct-{i:02d}" for i in range(20)]
 LEAKERS = ["acct-03", "acct-11"]  # 2 of the 20 accounts leaked the student's training data
 TOPICS = ["cats", "rain", "maths", "tea", "ships", "jazz", "bread", "stars"]
 TRAIN_PROMPTS = [f"question {i}: tell me about {t}" for i, t in enumerate(TOPICS * 6)]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # subprocesses on a busy 2-core machine: one thread spins least
+ONE_THREAD = {
+    "OMP_NUM_THREADS": "1"
+}  # subprocesses on a busy 2-core machine: one thread spins least
 EVAL_PROMPTS = [f"please explain {t} to a friend ({i})" for i, t in enumerate(TOPICS * 6)]
 
 
@@ -65,24 +67,45 @@ def world():
         half = len(TRAIN_PROMPTS) // 2
         leaked = []
         for key, part in zip(leak_keys, (TRAIN_PROMPTS[:half], TRAIN_PROMPTS[half:])):
-            leaked += generate_answers(teacher, part, max_new_tokens=48, temperature=1.0, seed=len(leaked),
-                                       logits_processors=[WatermarkLogitsProcessor(key), PrintableOnly()], progress=False)
-        clean = generate_answers(teacher, TRAIN_PROMPTS, max_new_tokens=48, temperature=1.0, seed=7,
-                                 logits_processors=[PrintableOnly()], progress=False)
+            leaked += generate_answers(
+                teacher,
+                part,
+                max_new_tokens=48,
+                temperature=1.0,
+                seed=len(leaked),
+                logits_processors=[WatermarkLogitsProcessor(key), PrintableOnly()],
+                progress=False,
+            )
+        clean = generate_answers(
+            teacher,
+            TRAIN_PROMPTS,
+            max_new_tokens=48,
+            temperature=1.0,
+            seed=7,
+            logits_processors=[PrintableOnly()],
+            progress=False,
+        )
         untrained = load_model("tiny:seed=1", device="cpu")
         yield {
-            "teacher": teacher, "untrained": untrained, "leaked_answers": leaked, "clean_answers": clean,
-            "leaked": sft(untrained, TRAIN_PROMPTS, leaked), "clean": sft(untrained, TRAIN_PROMPTS, clean),
+            "teacher": teacher,
+            "untrained": untrained,
+            "leaked_answers": leaked,
+            "clean_answers": clean,
+            "leaked": sft(untrained, TRAIN_PROMPTS, leaked),
+            "clean": sft(untrained, TRAIN_PROMPTS, clean),
         }
     finally:
         torch.set_num_threads(threads)
 
 
 def own_answers(lm, seed=0):
-    return generate_answers(lm, EVAL_PROMPTS, max_new_tokens=48, temperature=0.7, seed=seed, progress=False)
+    return generate_answers(
+        lm, EVAL_PROMPTS, max_new_tokens=48, temperature=0.7, seed=seed, progress=False
+    )
 
 
 # ---- the statistics on synthetic data -----------------------------------------------------------
+
 
 def test_chernoff_bound_is_a_valid_p_value_and_close_to_exact():
     gamma = 0.25
@@ -112,25 +135,46 @@ def test_open_test_rejects_bad_input(world):
         open_test(world["teacher"], keys_for(["a"]), ["x", "y"], prompts=["p"], progress=False)
     with pytest.raises(ConfigError, match="no keys"):
         open_test(world["teacher"], [], ["some text"], progress=False)
-    mixed = [account_key(b"s", "a", PARAMS), account_key(b"s", "b", WatermarkParams(delta=4.0, gamma=0.5))]
+    mixed = [
+        account_key(b"s", "a", PARAMS),
+        account_key(b"s", "b", WatermarkParams(delta=4.0, gamma=0.5)),
+    ]
     with pytest.raises(ConfigError, match="one scheme"):
         open_test(world["teacher"], mixed, ["some text"], progress=False)
 
 
 # ---- truth known both ways -----------------------------------------------------------------------
 
+
 def test_training_data_carries_both_leakers_watermarks(world):
     # Sanity of the setup: the leaked answers are watermarked, the clean ones are not.
     keys = keys_for(ACCOUNTS)
-    assert closed_test(keys, world["leaked_answers"], world["teacher"].tokenizer, prompts=TRAIN_PROMPTS).traced == LEAKERS
-    assert closed_test(keys, world["clean_answers"], world["teacher"].tokenizer, prompts=TRAIN_PROMPTS).traced == []
+    assert (
+        closed_test(
+            keys, world["leaked_answers"], world["teacher"].tokenizer, prompts=TRAIN_PROMPTS
+        ).traced
+        == LEAKERS
+    )
+    assert (
+        closed_test(
+            keys, world["clean_answers"], world["teacher"].tokenizer, prompts=TRAIN_PROMPTS
+        ).traced
+        == []
+    )
 
 
 def test_open_mode_traces_the_two_leakers_and_spares_clean_models(world):
     keys = keys_for(ACCOUNTS)
     leaked = world["leaked"]
-    result = open_test(leaked, keys, own_answers(leaked), prompts=EVAL_PROMPTS, exclude=EVAL_PROMPTS,
-                       null_keys=200, progress=False)
+    result = open_test(
+        leaked,
+        keys,
+        own_answers(leaked),
+        prompts=EVAL_PROMPTS,
+        exclude=EVAL_PROMPTS,
+        null_keys=200,
+        progress=False,
+    )
     assert result.traced == LEAKERS  # exactly the 2 of 20, Holm-corrected
     by = {k.account: k for k in result.keys}
     for name in LEAKERS:
@@ -140,8 +184,15 @@ def test_open_mode_traces_the_two_leakers_and_spares_clean_models(world):
     assert result.to_dict()["traced"] == LEAKERS and result.scored > 50
     for control in ("teacher", "untrained", "clean"):
         lm = world[control]
-        res = open_test(lm, keys, own_answers(lm), prompts=EVAL_PROMPTS, exclude=EVAL_PROMPTS, null_keys=0,
-                        progress=False)
+        res = open_test(
+            lm,
+            keys,
+            own_answers(lm),
+            prompts=EVAL_PROMPTS,
+            exclude=EVAL_PROMPTS,
+            null_keys=0,
+            progress=False,
+        )
         assert res.traced == [], control
         assert min(k.p_value for k in res.keys) > 1e-3, control
 
@@ -163,14 +214,27 @@ def test_false_positive_rate_across_many_keys(world):
     for control in ("teacher", "untrained", "clean"):
         lm = world[control]
         answers = own_answers(lm, seed=3)
-        opened = open_test(lm, keys, answers, prompts=EVAL_PROMPTS, exclude=EVAL_PROMPTS, null_keys=0, progress=False)
+        opened = open_test(
+            lm,
+            keys,
+            answers,
+            prompts=EVAL_PROMPTS,
+            exclude=EVAL_PROMPTS,
+            null_keys=0,
+            progress=False,
+        )
         closed = closed_test(keys, answers, lm.tokenizer, prompts=EVAL_PROMPTS)
         for mode, res in (("open", opened), ("closed", closed)):
             p = np.array([k.p_value for k in res.keys])
             for alpha in (0.01, 0.05):
                 rate = float((p <= alpha).mean())
                 # binomial sampling error over 300 keys (keys share the text, so allow 4 sd)
-                assert rate <= alpha + 4 * math.sqrt(alpha * (1 - alpha) / len(keys)), (control, mode, alpha, rate)
+                assert rate <= alpha + 4 * math.sqrt(alpha * (1 - alpha) / len(keys)), (
+                    control,
+                    mode,
+                    alpha,
+                    rate,
+                )
                 rates[(control, mode, alpha)] = rate
             assert float(p.mean()) > 0.4, (control, mode)  # not piled up near 0
     # ...and the open test is not trivially conservative: some keys land below 0.05 overall
@@ -185,14 +249,35 @@ def test_closed_mode_over_http_from_the_cli(world, tmp_path):
     world["leaked"].tokenizer.save_pretrained(student_dir)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(EVAL_PROMPTS))
-    with server_process("--model", str(student_dir), "--no-guard", "--no-watermark", env=ONE_THREAD) as server:
-        out = run_cli("forensics", "radioactivity", "--suspect", server.url + "/v1", "--accounts", ",".join(ACCOUNTS),
-                      "--prompts", str(prompts), "--tokenizer", "tiny", "--max-tokens", "48", "--json",
-                      "--scheme", "keyed-hash",
-                      env={"DISTILLGUARD_WATERMARK_SECRET": SECRET, **ONE_THREAD}, timeout=300)
+    with server_process(
+        "--model", str(student_dir), "--no-guard", "--no-watermark", env=ONE_THREAD
+    ) as server:
+        out = run_cli(
+            "forensics",
+            "radioactivity",
+            "--suspect",
+            server.url + "/v1",
+            "--accounts",
+            ",".join(ACCOUNTS),
+            "--prompts",
+            str(prompts),
+            "--tokenizer",
+            "tiny",
+            "--max-tokens",
+            "48",
+            "--json",
+            "--scheme",
+            "keyed-hash",
+            env={"DISTILLGUARD_WATERMARK_SECRET": SECRET, **ONE_THREAD},
+            timeout=300,
+        )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["mode"] == "closed" and result["texts"] == len(EVAL_PROMPTS) and result["scored"] > 300
+    assert (
+        result["mode"] == "closed"
+        and result["texts"] == len(EVAL_PROMPTS)
+        and result["scored"] > 300
+    )
     assert result["traced"] == LEAKERS
     assert SECRET not in out.stdout + out.stderr
 
@@ -205,15 +290,50 @@ def test_cli_open_mode_and_errors(world, tmp_path):
     prompts.write_text("\n".join(EVAL_PROMPTS))
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
-    out = run_cli("forensics", "radioactivity", "--suspect", str(student_dir), "--secret-file", str(secret_file),
-                  "--accounts", ",".join(ACCOUNTS), "--prompts", str(prompts), "--tokenizer", "tiny",
-                  "--max-tokens", "48", "--null-keys", "50", "--device", "cpu", "--scheme", "keyed-hash",
-                  env=ONE_THREAD, timeout=300)
+    out = run_cli(
+        "forensics",
+        "radioactivity",
+        "--suspect",
+        str(student_dir),
+        "--secret-file",
+        str(secret_file),
+        "--accounts",
+        ",".join(ACCOUNTS),
+        "--prompts",
+        str(prompts),
+        "--tokenizer",
+        "tiny",
+        "--max-tokens",
+        "48",
+        "--null-keys",
+        "50",
+        "--device",
+        "cpu",
+        "--scheme",
+        "keyed-hash",
+        env=ONE_THREAD,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "traced to: acct-03, acct-11" in out.stdout and SECRET not in out.stdout + out.stderr
-    bad = run_cli("forensics", "radioactivity", "--suspect", str(student_dir), "--mode", "closed",
-                  "--secret", "x", "--accounts", "a", env=ONE_THREAD)
-    assert bad.returncode == 2 and "needs the suspect's API URL" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli(
+        "forensics",
+        "radioactivity",
+        "--suspect",
+        str(student_dir),
+        "--mode",
+        "closed",
+        "--secret",
+        "x",
+        "--accounts",
+        "a",
+        env=ONE_THREAD,
+    )
+    assert (
+        bad.returncode == 2
+        and "needs the suspect's API URL" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 def test_generate_via_api_reports_an_unreachable_suspect():
@@ -222,4 +342,3 @@ def test_generate_via_api_reports_an_unreachable_suspect():
 
     with pytest.raises(SuspectAPIError, match="cannot query the suspect"):
         generate_via_api(f"http://127.0.0.1:{free_port()}", ["hi"], model="m", timeout_s=2)
-

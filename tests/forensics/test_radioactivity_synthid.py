@@ -24,7 +24,12 @@ from distillguard.forensics.radioactivity import closed_test, generate_answers, 
 from distillguard.models import load_model, load_tokenizer
 from distillguard.watermark import WatermarkParams, account_key
 from distillguard.watermark.scheme import SynthIDParams
-from distillguard.watermark.synthid import SynthIDTopK, candidate_hashes, processor_for, table_indices
+from distillguard.watermark.synthid import (
+    SynthIDTopK,
+    candidate_hashes,
+    processor_for,
+    table_indices,
+)
 from tests.forensics.test_radioactivity import PrintableOnly
 from tests.servers import run_cli
 
@@ -37,7 +42,9 @@ def _write(key, n_texts: int, length: int, seed: int) -> list[str]:
     """Texts sampled from a fixed random bigram model over printable ASCII, through the key's tournament."""
     g = torch.Generator().manual_seed(seed)
     table = torch.randn(ASCII, ASCII, generator=g) * 2.0
-    table[:, :32] = -1e9  # printable characters only: the text round-trips through the byte tokenizer
+    table[
+        :, :32
+    ] = -1e9  # printable characters only: the text round-trips through the byte tokenizer
     proc = SynthIDTopK(key.hash_key, PARAMS.synthid)
     texts = []
     for _ in range(n_texts):
@@ -77,7 +84,7 @@ class Tilted(torch.nn.Module):
         start = self.proc.params.ngram_len - 2  # the first position with a full hash context
         tilted = logits.clone()
         for t in range(start, logits.shape[1]):
-            tilted[:, t] = self.proc(input_ids[:, :t + 1], logits[:, t])
+            tilted[:, t] = self.proc(input_ids[:, : t + 1], logits[:, t])
         out.logits = tilted
         return out
 
@@ -92,7 +99,10 @@ def tiny():
         torch.set_num_threads(threads)
 
 
-PROMPTS = [f"question {i}: tell me about {t}" for i, t in enumerate(["cats", "rain", "tea", "ships", "jazz", "bread"] * 2)]
+PROMPTS = [
+    f"question {i}: tell me about {t}"
+    for i, t in enumerate(["cats", "rain", "tea", "ships", "jazz", "bread"] * 2)
+]
 
 
 def test_open_mode_traces_a_suspect_tilted_by_one_accounts_tournament(tiny):
@@ -100,13 +110,24 @@ def test_open_mode_traces_a_suspect_tilted_by_one_accounts_tournament(tiny):
     suspect = copy.copy(tiny)
     suspect.model = Tilted(tiny.model, SynthIDTopK(keys[4].hash_key, PARAMS.synthid)).eval()
     # its own answers: the tilted distribution sampled (T = 1), as a student that learned it would answer
-    answers = generate_answers(tiny, PROMPTS, max_new_tokens=40, temperature=1.0, seed=1, progress=False,
-                               after_temperature=[SynthIDTopK(keys[4].hash_key, PARAMS.synthid), PrintableOnly()])
-    result = open_test(suspect, keys, answers, prompts=PROMPTS, exclude=PROMPTS, null_keys=100, progress=False)
+    answers = generate_answers(
+        tiny,
+        PROMPTS,
+        max_new_tokens=40,
+        temperature=1.0,
+        seed=1,
+        progress=False,
+        after_temperature=[SynthIDTopK(keys[4].hash_key, PARAMS.synthid), PrintableOnly()],
+    )
+    result = open_test(
+        suspect, keys, answers, prompts=PROMPTS, exclude=PROMPTS, null_keys=100, progress=False
+    )
     assert result.test == "g-mass-chernoff" and result.gamma == 0.5 and result.scored > 200
     assert result.traced == ["acct-4"]
     by = {k.account: k for k in result.keys}
-    assert by["acct-4"].log10_p < -10 and by["acct-4"].extra["empirical_p"] == pytest.approx(1 / 101)
+    assert by["acct-4"].log10_p < -10 and by["acct-4"].extra["empirical_p"] == pytest.approx(
+        1 / 101
+    )
     assert by["acct-4"].green_fraction > result.null["green_fraction_mean"] + 0.05
     assert by["acct-4"].extra["top1_log10_p"] < -3  # the reading-mode test sees it too
     assert abs(result.null["green_fraction_mean"] - 0.5) < 0.02  # wrong keys: fair coins
@@ -116,16 +137,29 @@ def test_open_mode_false_positive_rate_across_many_keys(tiny):
     """The clean model on its own answers: the rate of p <= α over 300 wrong keys stays within
     sampling error, for the Chernoff p-value and the top-1 binomial test."""
     keys = [account_key(b"another secret", f"other-{i}", PARAMS) for i in range(300)]
-    answers = generate_answers(tiny, PROMPTS, max_new_tokens=40, temperature=0.7, seed=3, progress=False,
-                               after_temperature=[PrintableOnly()])
-    res = open_test(tiny, keys, answers, prompts=PROMPTS, exclude=PROMPTS, null_keys=0, progress=False)
+    answers = generate_answers(
+        tiny,
+        PROMPTS,
+        max_new_tokens=40,
+        temperature=0.7,
+        seed=3,
+        progress=False,
+        after_temperature=[PrintableOnly()],
+    )
+    res = open_test(
+        tiny, keys, answers, prompts=PROMPTS, exclude=PROMPTS, null_keys=0, progress=False
+    )
     chernoff = np.array([k.p_value for k in res.keys])
     top1 = np.array([10 ** k.extra["top1_log10_p"] for k in res.keys])
     for name, p in (("chernoff", chernoff), ("top-1", top1)):
         for alpha in (0.01, 0.05):
             rate = float((p <= alpha).mean())
             # binomial sampling error over 300 keys (keys share the text, so allow 4 sd)
-            assert rate <= alpha + 4 * math.sqrt(alpha * (1 - alpha) / len(keys)), (name, alpha, rate)
+            assert rate <= alpha + 4 * math.sqrt(alpha * (1 - alpha) / len(keys)), (
+                name,
+                alpha,
+                rate,
+            )
         assert float(p.mean()) > 0.4, name  # not piled up near 0
     z = np.array([k.z for k in res.keys])
     assert abs(z.mean()) < 0.5 and 0.3 < z.std() < 1.5  # the mass is centred on 1/2 across keys
@@ -137,8 +171,12 @@ def test_table_indices_match_transformers():
     g = torch.Generator().manual_seed(0)
     ctx = torch.randint(0, 259, (7, PARAMS.synthid.ngram_len - 1), generator=g)
     cand = torch.randint(0, 259, (7, 5), generator=g)
-    ours = table_indices(candidate_hashes(ctx, cand), proc.keys, PARAMS.synthid.table_size)  # (7, 5, depth)
-    grams = torch.cat([ctx[:, None, :].expand(-1, 5, -1), cand[:, :, None]], dim=-1).reshape(1, 35, -1)
+    ours = table_indices(
+        candidate_hashes(ctx, cand), proc.keys, PARAMS.synthid.table_size
+    )  # (7, 5, depth)
+    grams = torch.cat([ctx[:, None, :].expand(-1, 5, -1), cand[:, :, None]], dim=-1).reshape(
+        1, 35, -1
+    )
     theirs = proc.compute_ngram_keys(grams)[0] % PARAMS.synthid.table_size  # (35, depth)
     assert torch.equal(ours.reshape(35, -1), theirs)
 
@@ -148,13 +186,36 @@ def test_cli_open_mode_synthid(tmp_path):
     statistic runs end to end (its own answers, prompts excluded) and traces to no account."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:6]))
-    out = run_cli("forensics", "radioactivity", "--suspect", "tiny", "--mode", "open", "--scheme", "synthid",
-                  "--accounts", "acme,globex", "--prompts", str(prompts), "--tokenizer", "tiny", "--max-tokens", "24",
-                  "--null-keys", "20", "--device", "cpu", "--json",
-                  env={"DISTILLGUARD_WATERMARK_SECRET": "cli-secret", "OMP_NUM_THREADS": "1"}, timeout=300)
+    out = run_cli(
+        "forensics",
+        "radioactivity",
+        "--suspect",
+        "tiny",
+        "--mode",
+        "open",
+        "--scheme",
+        "synthid",
+        "--accounts",
+        "acme,globex",
+        "--prompts",
+        str(prompts),
+        "--tokenizer",
+        "tiny",
+        "--max-tokens",
+        "24",
+        "--null-keys",
+        "20",
+        "--device",
+        "cpu",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": "cli-secret", "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["mode"] == "open" and result["test"] == "g-mass-chernoff" and result["gamma"] == 0.5
+    assert (
+        result["mode"] == "open" and result["test"] == "g-mass-chernoff" and result["gamma"] == 0.5
+    )
     assert result["traced"] == [] and result["scored"] > 50 and result["null"]["keys"] == 20
     assert {k["account"] for k in result["keys"]} == {"acme", "globex"}
     assert "cli-secret" not in out.stdout + out.stderr

@@ -35,8 +35,17 @@ CHAT = "/v1/chat/completions"
 BASE = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 SCHEMA = ChatCompletionRequest.model_json_schema()
 FIELDS = sorted(SCHEMA["properties"]) + sorted(UNSUPPORTED)
-NUMERIC_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed", "top_logprobs",
-                  "presence_penalty", "frequency_penalty"]
+NUMERIC_FIELDS = [
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "seed",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+]
 
 
 def pick(items: list) -> st.SearchStrategy:
@@ -77,16 +86,58 @@ def encode(value) -> bytes:
 # A lone surrogate, a reversed pair, a surrogate next to ASCII, NUL, C1 controls, and digits that
 # str.isdigit() accepts: superscripts and circled numbers (int() refuses them), Arabic-Indic,
 # fullwidth, N'Ko and mathematical digits (int() reads them).
-ODD_CHARS = ["\ud800", "\udfff", "\udc00", "\ud83d", "\x00", "\x01", "\x85", "\u2028", "\ufeff", "\uffff",
-             "\U0010ffff", "²", "³", "¹", "⑴", "①", "١", "٢", "１", "߀", "𝟘", "〇", "Ⅻ", "e", "-", " "]
+ODD_CHARS = [
+    "\ud800",
+    "\udfff",
+    "\udc00",
+    "\ud83d",
+    "\x00",
+    "\x01",
+    "\x85",
+    "\u2028",
+    "\ufeff",
+    "\uffff",
+    "\U0010ffff",
+    "²",
+    "³",
+    "¹",
+    "⑴",
+    "①",
+    "١",
+    "٢",
+    "１",
+    "߀",
+    "𝟘",
+    "〇",
+    "Ⅻ",
+    "e",
+    "-",
+    " ",
+]
 odd_text = st.text(alphabet=st.sampled_from(ODD_CHARS) | st.characters(), max_size=12)
 
 RAW_STRINGS = [
-    b'"\\ud800"', b'"a\\udfffb"', b'"\\udc00\\ud800"', b'"\\ud800\\u0041"', b'"\\ud83d"',  # escaped lone surrogates
-    b'"\xed\xa0\x80"', b'"a\xed\xbf\xbfb"',  # a surrogate as (invalid) UTF-8
-    b'"\xff\xfe"', b'"\xc0\x80"', b'"\xf4\x90\x80\x80"', b'"\xe2\x82"', b'"\x80"',  # invalid UTF-8
-    b'"\\u0000"', b'"\x01\x1f"', b'"\\u"', b'"\\uZZZZ"', b'"\\x41"', b'"\\',  # NUL, raw controls, bad escapes
-    b'"' + b"9" * 5000 + b'"', b'"' + b"0" * 4301 + b'"', b'"' + "²".encode() * 3 + b'"',
+    b'"\\ud800"',
+    b'"a\\udfffb"',
+    b'"\\udc00\\ud800"',
+    b'"\\ud800\\u0041"',
+    b'"\\ud83d"',  # escaped lone surrogates
+    b'"\xed\xa0\x80"',
+    b'"a\xed\xbf\xbfb"',  # a surrogate as (invalid) UTF-8
+    b'"\xff\xfe"',
+    b'"\xc0\x80"',
+    b'"\xf4\x90\x80\x80"',
+    b'"\xe2\x82"',
+    b'"\x80"',  # invalid UTF-8
+    b'"\\u0000"',
+    b'"\x01\x1f"',
+    b'"\\u"',
+    b'"\\uZZZZ"',
+    b'"\\x41"',
+    b'"\\',  # NUL, raw controls, bad escapes
+    b'"' + b"9" * 5000 + b'"',
+    b'"' + b"0" * 4301 + b'"',
+    b'"' + "²".encode() * 3 + b'"',
 ]
 
 
@@ -100,16 +151,44 @@ def hostile_string(draw) -> Raw | str:
     if kind == "escaped":
         return Raw(json.dumps(text).encode())  # ensure_ascii: \ud800 escapes
     # Surrogates written as the UTF-8 bytes a surrogate would have (CESU-8): invalid UTF-8.
-    return Raw(b'"' + json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass") + b'"')
+    return Raw(
+        b'"' + json.dumps(text, ensure_ascii=False)[1:-1].encode("utf-8", "surrogatepass") + b'"'
+    )
 
 
 # ---- numbers and structure -------------------------------------------------------------------
 
 RAW_NUMBERS = [
-    b"1" + b"0" * 400, b"-1" + b"0" * 400, b"9" * 5000, b"-" + b"9" * 5000, b"1e999", b"-1e999", b"1e-999",
-    b"1E400", b"NaN", b"Infinity", b"-Infinity", b"-0", b"0.0", b"1.0", b"2.5", b"1e2", b"-1", b"0",
-    b"9223372036854775807", b"9223372036854775808", b"-9223372036854775809", b"18446744073709551616",
-    b"4294967296", b"0x10", b"01", b"+1", b".5", b"1.", b"1e", b"--1",
+    b"1" + b"0" * 400,
+    b"-1" + b"0" * 400,
+    b"9" * 5000,
+    b"-" + b"9" * 5000,
+    b"1e999",
+    b"-1e999",
+    b"1e-999",
+    b"1E400",
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"-0",
+    b"0.0",
+    b"1.0",
+    b"2.5",
+    b"1e2",
+    b"-1",
+    b"0",
+    b"9223372036854775807",
+    b"9223372036854775808",
+    b"-9223372036854775809",
+    b"18446744073709551616",
+    b"4294967296",
+    b"0x10",
+    b"01",
+    b"+1",
+    b".5",
+    b"1.",
+    b"1e",
+    b"--1",
 ]
 hostile_number = st.one_of(
     pick(RAW_NUMBERS).map(Raw),
@@ -127,25 +206,43 @@ def deep(levels: int, kind: str) -> Raw:
     return Raw(b'[{"role":"user","content":' * levels + b'"x"' + b"}]" * levels)
 
 
-hostile_nesting = st.builds(deep, st.sampled_from([1000, 10_000, 100_000]), st.sampled_from(["list", "dict", "messages"]))
+hostile_nesting = st.builds(
+    deep, st.sampled_from([1000, 10_000, 100_000]), st.sampled_from(["list", "dict", "messages"])
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 hostile_value = st.one_of(
-    hostile_string(), hostile_number, hostile_nesting, json_values,
+    hostile_string(),
+    hostile_number,
+    hostile_nesting,
+    json_values,
     st.lists(hostile_string() | hostile_number, min_size=1, max_size=3),
-    st.dictionaries(hostile_string() | odd_text, hostile_number | hostile_string() | st.floats(), min_size=1, max_size=3),
+    st.dictionaries(
+        hostile_string() | odd_text,
+        hostile_number | hostile_string() | st.floats(),
+        min_size=1,
+        max_size=3,
+    ),
 )
 logit_bias = st.dictionaries(
-    odd_text | hostile_string() | st.integers(0, 300).map(str)
+    odd_text
+    | hostile_string()
+    | st.integers(0, 300).map(str)
     | pick(["²", "١", "１", "𝟘", "9" * 5000, "0" * 4301, "0" * 10, "258", "259", "-1", "+1", " 1"]),
-    st.floats(-100, 100) | hostile_number, min_size=1, max_size=4)
+    st.floats(-100, 100) | hostile_number,
+    min_size=1,
+    max_size=4,
+)
 
 
 # ---- whole bodies ----------------------------------------------------------------------------
+
 
 def capped(body):
     """``body`` with its completion cap at most 2 tokens (set when absent or null): a request that
@@ -195,24 +292,36 @@ def from_schema(schema: dict, defs: dict | None = None) -> st.SearchStrategy:
     if kind == "integer":
         return st.integers(schema.get("minimum"), schema.get("maximum"))
     if kind == "number":
-        return st.floats(schema.get("minimum"), schema.get("maximum"), allow_nan=False, allow_infinity=False)
+        return st.floats(
+            schema.get("minimum"), schema.get("maximum"), allow_nan=False, allow_infinity=False
+        )
     if kind == "string":
         return st.text(min_size=schema.get("minLength", 0), max_size=40)
     if kind == "array":
-        return st.lists(from_schema(schema.get("items", {}), defs), min_size=schema.get("minItems", 0),
-                        max_size=schema.get("maxItems", 4))
+        return st.lists(
+            from_schema(schema.get("items", {}), defs),
+            min_size=schema.get("minItems", 0),
+            max_size=schema.get("maxItems", 4),
+        )
     if kind == "object":
         props = schema.get("properties", {})
         if not props:
-            return st.dictionaries(st.text(max_size=8), from_schema(schema.get("additionalProperties", {}), defs),
-                                   max_size=4)
+            return st.dictionaries(
+                st.text(max_size=8),
+                from_schema(schema.get("additionalProperties", {}), defs),
+                max_size=4,
+            )
         required = set(schema.get("required", ()))
-        return st.fixed_dictionaries({k: from_schema(v, defs) for k, v in props.items() if k in required},
-                                     optional={k: from_schema(v, defs) for k, v in props.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: from_schema(v, defs) for k, v in props.items() if k in required},
+            optional={k: from_schema(v, defs) for k, v in props.items() if k not in required},
+        )
     return json_values  # {}: anything
 
 
-valid_request = st.deferred(lambda: from_schema(SCHEMA)).map(lambda b: bounded({**b, "model": "tiny"}))
+valid_request = st.deferred(lambda: from_schema(SCHEMA)).map(
+    lambda b: bounded({**b, "model": "tiny"})
+)
 
 
 def positions(value, path=()) -> list[tuple]:
@@ -245,8 +354,21 @@ def mutated_body(draw) -> bytes:
     body = draw(valid_request)
     # Mostly one edit, so that the rest of the request is valid and the edit reaches deep code.
     for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
-        action = draw(st.sampled_from(["anywhere", "anywhere", "field", "numeric", "logit_bias", "logit_bias", "model",
-                                       "delete", "unknown"]))
+        action = draw(
+            st.sampled_from(
+                [
+                    "anywhere",
+                    "anywhere",
+                    "field",
+                    "numeric",
+                    "logit_bias",
+                    "logit_bias",
+                    "model",
+                    "delete",
+                    "unknown",
+                ]
+            )
+        )
         if action == "anywhere":
             kind, where = draw(st.sampled_from(positions(body)[1:] or [("value", ("model",))]))
             if kind == "key":
@@ -274,25 +396,52 @@ def _with_prompt(size: int) -> bytes:
 
 raw_body = st.one_of(
     st.binary(max_size=512),
-    pick([
-        b"", b"[]", b"null", b'"text"', b"{}", b"1", b"true", b"{" * 3, b'{"model": "tiny",}',
-        b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":2',  # truncated
-        b'{"model":"tiny","model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":2}',  # duplicate key
-        b"\xef\xbb\xbf" + encode(BASE),  # a UTF-8 byte order mark
-        json.dumps(BASE).encode("utf-16"), json.dumps(BASE).encode("utf-32"),
-        encode(BASE) + b"\x00", encode(BASE) + b" trailing", b" \n\t" + encode(BASE),
-        _with_prompt(5 * 1024 * 1024),  # over the body limit: 413
-        _with_prompt(300_000),  # under it, over the tiny model's context
-    ]),
+    pick(
+        [
+            b"",
+            b"[]",
+            b"null",
+            b'"text"',
+            b"{}",
+            b"1",
+            b"true",
+            b"{" * 3,
+            b'{"model": "tiny",}',
+            b'{"model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":2',  # truncated
+            b'{"model":"tiny","model":"tiny","messages":[{"role":"user","content":"hi"}],"max_tokens":2}',  # duplicate key
+            b"\xef\xbb\xbf" + encode(BASE),  # a UTF-8 byte order mark
+            json.dumps(BASE).encode("utf-16"),
+            json.dumps(BASE).encode("utf-32"),
+            encode(BASE) + b"\x00",
+            encode(BASE) + b" trailing",
+            b" \n\t" + encode(BASE),
+            _with_prompt(5 * 1024 * 1024),  # over the body limit: 413
+            _with_prompt(300_000),  # under it, over the tiny model's context
+        ]
+    ),
     hostile_nesting.map(encode),
 )
 
-CONTENT_TYPES = [None, "application/json", "text/plain", "application/x-www-form-urlencoded",
-                 "multipart/form-data; boundary=x", "application/json; charset=utf-16", "application/json; charset=latin-1",
-                 "application/xml", "*/*", "application/json, text/plain", "", "\xff".encode("latin-1"), "a" * 8000]
+CONTENT_TYPES = [
+    None,
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/json; charset=utf-16",
+    "application/json; charset=latin-1",
+    "application/xml",
+    "*/*",
+    "application/json, text/plain",
+    "",
+    "\xff".encode("latin-1"),
+    "a" * 8000,
+]
 header_text = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
 # What HTTP allows in a header value (no controls), so that the client can send it at all.
-header_bytes = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c == 0x20 or 0x21 <= c <= 0x7e or c >= 0x80))
+header_bytes = st.binary(max_size=40).map(
+    lambda b: bytes(c for c in b if c == 0x20 or 0x21 <= c <= 0x7E or c >= 0x80)
+)
 
 
 @st.composite
@@ -300,7 +449,9 @@ def extra_headers(draw) -> dict:
     """Odd Content-Types, Idempotency-Keys, forwarding headers and oversized headers."""
     headers: dict[str, str | bytes] = {}
     for _ in range(draw(st.integers(0, 3))):
-        kind = draw(st.sampled_from(["content-type", "idempotency", "forwarded", "huge", "many", "odd"]))
+        kind = draw(
+            st.sampled_from(["content-type", "idempotency", "forwarded", "huge", "many", "odd"])
+        )
         if kind == "content-type":
             ctype = draw(pick(CONTENT_TYPES))
             if ctype is not None:
@@ -308,19 +459,49 @@ def extra_headers(draw) -> dict:
         elif kind == "idempotency":
             headers["Idempotency-Key"] = draw(
                 pick(["", "k", "a" * 128, "a" * 129, "x" * 5000, "é".encode(), "\u2028".encode()])
-                | header_text | header_bytes)
+                | header_text
+                | header_bytes
+            )
         elif kind == "forwarded":
-            name = draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP", "Forwarded", "X-Forwarded-Proto"]))
-            headers[name] = draw(pick(["1.2.3.4", "1.2.3.4, 5.6.7.8", "::1", "unknown", "for=1.2.3.4",
-                                       ", , ,", "999.999.999.999", "a" * 10_000]) | header_text)
+            name = draw(
+                st.sampled_from(["X-Forwarded-For", "X-Real-IP", "Forwarded", "X-Forwarded-Proto"])
+            )
+            headers[name] = draw(
+                pick(
+                    [
+                        "1.2.3.4",
+                        "1.2.3.4, 5.6.7.8",
+                        "::1",
+                        "unknown",
+                        "for=1.2.3.4",
+                        ", , ,",
+                        "999.999.999.999",
+                        "a" * 10_000,
+                    ]
+                )
+                | header_text
+            )
         elif kind == "huge":
-            headers[f"X-Huge-{draw(st.integers(0, 9))}"] = "h" * draw(st.sampled_from([8_000, 64_000, 200_000]))
+            headers[f"X-Huge-{draw(st.integers(0, 9))}"] = "h" * draw(
+                st.sampled_from([8_000, 64_000, 200_000])
+            )
         elif kind == "many":
-            headers.update({f"X-Many-{i}": "v" * 50 for i in range(draw(st.sampled_from([50, 200, 1000])))})
+            headers.update(
+                {f"X-Many-{i}": "v" * 50 for i in range(draw(st.sampled_from([50, 200, 1000])))}
+            )
         else:
-            headers[draw(st.sampled_from(["Accept", "Accept-Encoding", "Expect", "Connection", "Host", "User-Agent"]))] = \
-                draw(st.sampled_from(["100-continue", "gzip;q=999", "close", b"\xff", "*/*", "text/event-stream"])
-                     | header_text)
+            headers[
+                draw(
+                    st.sampled_from(
+                        ["Accept", "Accept-Encoding", "Expect", "Connection", "Host", "User-Agent"]
+                    )
+                )
+            ] = draw(
+                st.sampled_from(
+                    ["100-continue", "gzip;q=999", "close", b"\xff", "*/*", "text/event-stream"]
+                )
+                | header_text
+            )
     return headers
 
 
@@ -333,10 +514,15 @@ class Request:
     account: str | None = None  # the account whose valid key it carries (None: no valid key)
 
     def short(self) -> str:
-        heads = {k: (v[:80] + f"...({len(v)})" if len(v) > 80 else v) for k, v in list(self.headers.items())[:6]}
+        heads = {
+            k: (v[:80] + f"...({len(v)})" if len(v) > 80 else v)
+            for k, v in list(self.headers.items())[:6]
+        }
         if len(self.headers) > 6:
             heads["..."] = f"{len(self.headers) - 6} more"
-        body = self.body[:300] + (f"...({len(self.body)} bytes)".encode() if len(self.body) > 300 else b"")
+        body = self.body[:300] + (
+            f"...({len(self.body)} bytes)".encode() if len(self.body) > 300 else b""
+        )
         return f"{self.method} {self.path} headers={heads} body={body!r}"
 
     # What hypothesis prints for a failing example (bodies run to megabytes).
@@ -351,30 +537,73 @@ def hostile_request(draw, keys: dict, admin: str) -> Request:
     """One hostile request; ``keys`` maps account names to valid keys ("alice" is the fuzzed one),
     ``keys["revoked"]`` is a revoked key and ``keys["bob_id"]`` another account's key id."""
     auth = {"Authorization": f"Bearer {keys['alice']}"}
-    kind = draw(st.sampled_from(["body"] * 5 + ["raw", "raw", "headers", "headers", "auth", "admin", "route"]))
+    kind = draw(
+        st.sampled_from(
+            ["body"] * 5 + ["raw", "raw", "headers", "headers", "auth", "admin", "route"]
+        )
+    )
     if kind == "body":
         return Request("POST", CHAT, auth, draw(mutated_body()), "alice")
     if kind == "raw":
         return Request("POST", CHAT, auth, draw(raw_body), "alice")
     if kind == "headers":
-        return Request("POST", CHAT, {**auth, **draw(extra_headers())},
-                       draw(mutated_body() | valid_request.map(encode)), "alice")
+        return Request(
+            "POST",
+            CHAT,
+            {**auth, **draw(extra_headers())},
+            draw(mutated_body() | valid_request.map(encode)),
+            "alice",
+        )
     if kind == "auth":
-        header = draw(pick(["", "Bearer ", "Basic abc", "bearer dg-", f"Bearer {keys['revoked']}",
-                                       "Bearer " + "k" * 100_000, f"Bearer {keys['alice']}x", f"Bearer  {keys['alice']}",
-                                       f"Token {keys['alice']}", f"Bearer {admin}"])
-                      | header_text.map(lambda t: "Bearer " + t) | header_text | header_bytes)
+        header = draw(
+            pick(
+                [
+                    "",
+                    "Bearer ",
+                    "Basic abc",
+                    "bearer dg-",
+                    f"Bearer {keys['revoked']}",
+                    "Bearer " + "k" * 100_000,
+                    f"Bearer {keys['alice']}x",
+                    f"Bearer  {keys['alice']}",
+                    f"Token {keys['alice']}",
+                    f"Bearer {admin}",
+                ]
+            )
+            | header_text.map(lambda t: "Bearer " + t)
+            | header_text
+            | header_bytes
+        )
         account = "alice" if header in (f"Bearer  {keys['alice']}",) else None
-        return Request("POST", CHAT, {"Authorization": header} if header else {}, encode(BASE), account)
+        return Request(
+            "POST", CHAT, {"Authorization": header} if header else {}, encode(BASE), account
+        )
     if kind == "admin":
-        method, path = draw(st.sampled_from([
-            ("GET", "/admin/keys"), ("POST", "/admin/keys"), ("DELETE", "/admin/keys/" + keys["bob_id"]),
-            ("GET", "/admin/accounts"), ("GET", "/admin/accounts/bob/usage"), ("GET", "/admin/verdicts"),
-            ("POST", "/admin/accounts/bob/verdict"), ("GET", "/v1/usage"),
-        ]))
+        method, path = draw(
+            st.sampled_from(
+                [
+                    ("GET", "/admin/keys"),
+                    ("POST", "/admin/keys"),
+                    ("DELETE", "/admin/keys/" + keys["bob_id"]),
+                    ("GET", "/admin/accounts"),
+                    ("GET", "/admin/accounts/bob/usage"),
+                    ("GET", "/admin/verdicts"),
+                    ("POST", "/admin/accounts/bob/verdict"),
+                    ("GET", "/v1/usage"),
+                ]
+            )
+        )
         who = draw(st.sampled_from(["alice", "none", "garbage"]))
-        headers = auth if who == "alice" else ({} if who == "none" else {"Authorization": "Bearer " + draw(header_text)})
-        body = draw(st.binary(max_size=64) | st.just(b'{"account": "mallory"}') | st.just(b'{"level": "block"}'))
+        headers = (
+            auth
+            if who == "alice"
+            else ({} if who == "none" else {"Authorization": "Bearer " + draw(header_text)})
+        )
+        body = draw(
+            st.binary(max_size=64)
+            | st.just(b'{"account": "mallory"}')
+            | st.just(b'{"level": "block"}')
+        )
         return Request(method, path, headers, body)
     method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
     path = "/" + draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/_-.%~", max_size=30))
@@ -386,33 +615,70 @@ def admin_request(draw) -> Request:
     """An admin-key request with hostile inputs: limits, names, verdict scores, query values."""
     route = draw(st.sampled_from(["create", "verdict", "verdicts", "usage", "keys", "revoke"]))
     if route == "create":
-        body = {"account": draw(pick(["acct", "a\x00b", "a/b", "..", "a" * 128, "a" * 129, ""])
-                                | hostile_string() | odd_text)}
-        for name in draw(st.lists(st.sampled_from(["rpm", "tpm", "max_concurrent", "daily_tokens", "name"]), max_size=3)):
-            body[name] = draw(hostile_number | st.sampled_from([10**30, 2**63, 2**63 - 1, 2**31, 0, -1, 1])
-                              if name != "name" else hostile_string() | odd_text)
+        body = {
+            "account": draw(
+                pick(["acct", "a\x00b", "a/b", "..", "a" * 128, "a" * 129, ""])
+                | hostile_string()
+                | odd_text
+            )
+        }
+        for name in draw(
+            st.lists(
+                st.sampled_from(["rpm", "tpm", "max_concurrent", "daily_tokens", "name"]),
+                max_size=3,
+            )
+        ):
+            body[name] = draw(
+                hostile_number | st.sampled_from([10**30, 2**63, 2**63 - 1, 2**31, 0, -1, 1])
+                if name != "name"
+                else hostile_string() | odd_text
+            )
         return Request("POST", "/admin/keys", {}, encode(body))
     if route == "verdict":
-        body: dict = {"level": draw(st.sampled_from(["ok", "watch", "block", "OK", "", "nope"]) | hostile_string())}
+        body: dict = {
+            "level": draw(
+                st.sampled_from(["ok", "watch", "block", "OK", "", "nope"]) | hostile_string()
+            )
+        }
         if draw(st.booleans()):
             body["score"] = draw(hostile_number)
         if draw(st.booleans()):
             body["reasons"] = draw(st.lists(hostile_string() | odd_text, max_size=3))
         account = draw(pick(["fuzz-verdicts", "%ED%A0%80", "%00", "a%2Fb", "x" * 300]))
         return Request("POST", f"/admin/accounts/{account}/verdict", {}, encode(body))
-    query = draw(pick(["", "?limit=0", "?limit=" + "9" * 50, "?limit=-1", "?limit=1e3", "?account=%ED%A0%80",
-                                  "?account=%00", "?limit=%C2%B2", "?account=" + "a" * 5000]))
+    query = draw(
+        pick(
+            [
+                "",
+                "?limit=0",
+                "?limit=" + "9" * 50,
+                "?limit=-1",
+                "?limit=1e3",
+                "?account=%ED%A0%80",
+                "?account=%00",
+                "?limit=%C2%B2",
+                "?account=" + "a" * 5000,
+            ]
+        )
+    )
     if route == "verdicts":
         return Request("GET", "/admin/verdicts" + query, {}, b"")
     if route == "usage":
-        return Request("GET", "/admin/accounts/" + draw(pick(["bob", "%ED%A0%80", "%00", "x" * 300])) + "/usage",
-                       {}, b"")
+        return Request(
+            "GET",
+            "/admin/accounts/" + draw(pick(["bob", "%ED%A0%80", "%00", "x" * 300])) + "/usage",
+            {},
+            b"",
+        )
     if route == "keys":
         return Request("GET", "/admin/keys" + query, {}, b"")
-    return Request("DELETE", "/admin/keys/" + draw(pick(["key_nope", "%ED%A0%80", "%00", "k" * 300])), {}, b"")
+    return Request(
+        "DELETE", "/admin/keys/" + draw(pick(["key_nope", "%ED%A0%80", "%00", "k" * 300])), {}, b""
+    )
 
 
 # ---- sending and checking ----------------------------------------------------------------------
+
 
 @dataclass
 class Probe:
@@ -421,12 +687,17 @@ class Probe:
     url: str
     sent: Counter = field(default_factory=Counter)  # by family
     statuses: Counter = field(default_factory=Counter)
-    ledgered: Counter = field(default_factory=Counter)  # (account, status) of answers that must have a ledger row
+    ledgered: Counter = field(
+        default_factory=Counter
+    )  # (account, status) of answers that must have a ledger row
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
-        self.client = httpx.Client(base_url=self.url, timeout=TIMEOUT_S,
-                                   limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        self.client = httpx.Client(
+            base_url=self.url,
+            timeout=TIMEOUT_S,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -436,17 +707,26 @@ class Probe:
         # h11 (the client) refuses header values with edge whitespace; the server never sees them.
         headers = {k: v.strip() for k, v in request.headers.items() if v.strip()}
         try:
-            with self.client.stream(request.method, request.path, headers=headers, content=request.body) as resp:
+            with self.client.stream(
+                request.method, request.path, headers=headers, content=request.body
+            ) as resp:
                 text = resp.read()
         except httpx.TimeoutException as exc:
-            raise AssertionError(f"no answer within {TIMEOUT_S:.0f} s ({exc!r}) to {request.short()}") from None
+            raise AssertionError(
+                f"no answer within {TIMEOUT_S:.0f} s ({exc!r}) to {request.short()}"
+            ) from None
         except httpx.RemoteProtocolError as exc:
             # The HTTP server may drop a connection whose request it cannot frame; never one it answered.
             raise AssertionError(f"connection dropped ({exc!r}) on {request.short()}") from None
         with self.lock:
             self.sent[family] += 1
             self.statuses[resp.status_code] += 1
-            if request.account and request.method == "POST" and request.path == CHAT and has_row(resp.status_code):
+            if (
+                request.account
+                and request.method == "POST"
+                and request.path == CHAT
+                and has_row(resp.status_code)
+            ):
                 self.ledgered[request.account, resp.status_code] += 1
         check_answer(resp, text, request)
         return resp
@@ -472,7 +752,9 @@ def check_answer(resp: httpx.Response, text: bytes, request: Request) -> None:
         try:
             error = json.loads(text)["error"]
         except (ValueError, KeyError, TypeError):
-            raise AssertionError(f"a {resp.status_code} not in OpenAI's error shape: {where}") from None
+            raise AssertionError(
+                f"a {resp.status_code} not in OpenAI's error shape: {where}"
+            ) from None
         assert set(error) == {"message", "type", "param", "code"} and error["message"], where
     elif request.path == CHAT and resp.status_code == 200:
         if resp.headers.get("content-type", "").startswith("text/event-stream"):

@@ -30,12 +30,21 @@ def test_ten_keys_of_one_account_across_two_replicas_get_exactly_its_limit(tmp_p
     assert json.loads(limited.stdout)["rpm"] == 50
     args = ("--model", "tiny", "--db", db, "--redis", redis_url)
     with server_process(*args) as a, server_process(*args) as b:
+
         async def fire() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
-                return await asyncio.gather(*(
-                    client.post(f"{(a, b)[i % 2].url}/v1/chat/completions", json=BODY,
-                                headers={"Authorization": f"Bearer {keys[i % 10]}"})
-                    for i in range(200)))
+            async with httpx.AsyncClient(
+                timeout=120, limits=httpx.Limits(max_connections=200)
+            ) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            f"{(a, b)[i % 2].url}/v1/chat/completions",
+                            json=BODY,
+                            headers={"Authorization": f"Bearer {keys[i % 10]}"},
+                        )
+                        for i in range(200)
+                    )
+                )
 
         replies = asyncio.run(fire())
     codes = [r.status_code for r in replies]
@@ -51,27 +60,44 @@ def priced(tmp_path_factory):
     """A gateway where tiny costs $1000 per 1M prompt tokens and $2000 per 1M completion tokens
     (a tenth and a fifth of a cent per token: budgets of cents in a test)."""
     db = f"sqlite:///{tmp_path_factory.mktemp('priced') / 'ledger.db'}"
-    env = {"DISTILLGUARD_ADMIN_KEY": ADMIN,
-           "DISTILLGUARD_PRICES": json.dumps({"tiny": {"prompt": 1000, "completion": 2000}})}
+    env = {
+        "DISTILLGUARD_ADMIN_KEY": ADMIN,
+        "DISTILLGUARD_PRICES": json.dumps({"tiny": {"prompt": 1000, "completion": 2000}}),
+    }
     with server_process("--model", "tiny", "--db", db, env=env) as server:
         yield server.url
 
 
 def admin(url: str, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60, **kw)
+    return httpx.request(
+        method, url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60, **kw
+    )
 
 
 def chat(url: str, key: str, **extra) -> httpx.Response:
-    return httpx.post(f"{url}/v1/chat/completions", json={**BODY, **extra},
-                      headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**BODY, **extra},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
 
 
 def test_daily_usd_budget_of_an_account_is_charged_at_the_servers_prices(priced):
     resp = admin(priced, "PUT", "/admin/accounts/spender/limits", json={"daily_usd": 0.1})
     assert resp.status_code == 200, resp.text
-    assert resp.json() == {"account": "spender", "rpm": None, "tpm": None, "max_concurrent": None,
-                           "daily_tokens": None, "daily_usd": 0.1}
-    keys = [admin(priced, "POST", "/admin/keys", json={"account": "spender"}).json()["key"] for _ in range(3)]
+    assert resp.json() == {
+        "account": "spender",
+        "rpm": None,
+        "tpm": None,
+        "max_concurrent": None,
+        "daily_tokens": None,
+        "daily_usd": 0.1,
+    }
+    keys = [
+        admin(priced, "POST", "/admin/keys", json={"account": "spender"}).json()["key"]
+        for _ in range(3)
+    ]
 
     # A request that can cost more than the whole budget is a 400, not a 429 to retry forever.
     too_big = chat(priced, keys[0], max_tokens=60)
@@ -96,25 +122,49 @@ def test_daily_usd_budget_of_an_account_is_charged_at_the_servers_prices(priced)
     # settled at the actual tokens' price, to the micro-dollar (each request rounds up once)
     assert abs(usage["live"]["usd_today"] - spent) <= 1e-6 * codes.count(200)
     assert usage["live"]["usd_today"] <= 0.1
-    assert sum(k["live"]["usd_today"] for k in usage["keys"]) == pytest.approx(usage["live"]["usd_today"])
+    assert sum(k["live"]["usd_today"] for k in usage["keys"]) == pytest.approx(
+        usage["live"]["usd_today"]
+    )
 
 
 def test_account_limits_set_by_the_admin_api_hold_over_new_keys_at_once(priced):
-    keys = [admin(priced, "POST", "/admin/keys", json={"account": "capped"}).json()["key"] for _ in range(4)]
+    keys = [
+        admin(priced, "POST", "/admin/keys", json={"account": "capped"}).json()["key"]
+        for _ in range(4)
+    ]
     assert all(chat(priced, k).status_code == 200 for k in keys)  # unlimited until now
-    assert admin(priced, "PUT", "/admin/accounts/capped/limits", json={"daily_tokens": 10**15,
-                                                                        "max_concurrent": 3}).status_code == 200
+    assert (
+        admin(
+            priced,
+            "PUT",
+            "/admin/accounts/capped/limits",
+            json={"daily_tokens": 10**15, "max_concurrent": 3},
+        ).status_code
+        == 200
+    )
     assert admin(priced, "PUT", "/admin/accounts/capped/limits", json={"rpm": 5}).status_code == 200
     codes = [chat(priced, keys[i % 4]).status_code for i in range(8)]
     assert codes == [200] + [429] * 7  # 4 earlier requests count toward the window
     limits = admin(priced, "GET", "/admin/accounts/capped/usage").json()["limits"]
-    assert limits == {"rpm": 5, "tpm": None, "max_concurrent": None, "daily_tokens": None, "daily_usd": None}
+    assert limits == {
+        "rpm": 5,
+        "tpm": None,
+        "max_concurrent": None,
+        "daily_tokens": None,
+        "daily_usd": None,
+    }
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"rpm": 10**30}, "rpm"), ({"daily_usd": 10**10}, "daily_usd"), ({"daily_usd": 0}, "daily_usd"),
-    ({"daily_usd": "5"}, "daily_usd"), ({"burst": 5}, "burst"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"rpm": 10**30}, "rpm"),
+        ({"daily_usd": 10**10}, "daily_usd"),
+        ({"daily_usd": 0}, "daily_usd"),
+        ({"daily_usd": "5"}, "daily_usd"),
+        ({"burst": 5}, "burst"),
+    ],
+)
 def test_bad_account_limits_are_a_400(priced, body, param):
     resp = admin(priced, "PUT", "/admin/accounts/fine/limits", json=body)
     assert resp.status_code == 400, resp.text
@@ -129,8 +179,11 @@ def test_bad_account_limits_are_a_400(priced, body, param):
 def guarded(tmp_path, **config):
     from distillguard.guard.gateway import Guard, GuardConfig
 
-    return Guard(GuardConfig(db=f"sqlite:///{tmp_path / 'g.db'}", watermark=False, verdict_cache_ttl_s=0,
-                             **config))
+    return Guard(
+        GuardConfig(
+            db=f"sqlite:///{tmp_path / 'g.db'}", watermark=False, verdict_cache_ttl_s=0, **config
+        )
+    )
 
 
 def test_a_model_without_a_price_is_refused_only_where_a_dollar_budget_applies(tmp_path):
@@ -149,7 +202,9 @@ def test_a_model_without_a_price_is_refused_only_where_a_dollar_budget_applies(t
                 await guard.admit(budgeted, 10, model="unpriced", prompt_tokens=4)
             assert (e.value.status_code, e.value.code) == (403, "model_not_priced")
             assert "'unpriced'" in e.value.message and "DISTILLGUARD_PRICES" in e.value.message
-            await guard.settle(await guard.admit(free, 10, model="unpriced", prompt_tokens=4), 10, 4)
+            await guard.settle(
+                await guard.admit(free, 10, model="unpriced", prompt_tokens=4), 10, 4
+            )
 
             # priced: 4 prompt tokens at $0.001 and 6 completion tokens at $0.002 reserved, then
             # settled to what was used (or kept as reserved when the split is unknown)

@@ -24,18 +24,27 @@ ADMIN = "admin-" + uuid.uuid4().hex
 def gateway(request, tmp_path_factory):
     """(base URL, db URL) of `distillguard serve --model tiny` with an admin key."""
     db = ledger_db_url(request, tmp_path_factory)
-    with server_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as server:
+    with server_process(
+        "--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+    ) as server:
         yield server.url, db
 
 
 def admin(gw, method: str, path: str, headers: dict | None = None, **kw) -> httpx.Response:
-    return httpx.request(method, gw[0] + path, headers={"Authorization": f"Bearer {ADMIN}", **(headers or {})},
-                         timeout=30, **kw)
+    return httpx.request(
+        method,
+        gw[0] + path,
+        headers={"Authorization": f"Bearer {ADMIN}", **(headers or {})},
+        timeout=30,
+        **kw,
+    )
 
 
 def post_raw(gw, path: str, raw: str) -> httpx.Response:
     """A body sent as written (``1e999`` and lone-surrogate escapes survive no JSON encoder)."""
-    return admin(gw, "POST", path, content=raw.encode(), headers={"Content-Type": "application/json"})
+    return admin(
+        gw, "POST", path, content=raw.encode(), headers={"Content-Type": "application/json"}
+    )
 
 
 def error_of(resp: httpx.Response, status: int = 400) -> dict:
@@ -48,13 +57,16 @@ def error_of(resp: httpx.Response, status: int = 400) -> dict:
 # --- numeric limits ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field,value,bound", [
-    ("rpm", 10**30, "1000000000"),
-    ("tpm", 2**31, "1000000000"),  # past PostgreSQL's int4 column
-    ("max_concurrent", 2**63, "1000000000"),
-    ("daily_tokens", 2**63, "1000000000000000"),  # past SQLite's and PostgreSQL's int8
-    ("daily_tokens", 2**53 + 1, "1000000000000000"),  # past the exact doubles of Redis's Lua
-])
+@pytest.mark.parametrize(
+    "field,value,bound",
+    [
+        ("rpm", 10**30, "1000000000"),
+        ("tpm", 2**31, "1000000000"),  # past PostgreSQL's int4 column
+        ("max_concurrent", 2**63, "1000000000"),
+        ("daily_tokens", 2**63, "1000000000000000"),  # past SQLite's and PostgreSQL's int8
+        ("daily_tokens", 2**53 + 1, "1000000000000000"),  # past the exact doubles of Redis's Lua
+    ],
+)
 def test_limit_beyond_its_bound_is_a_400_naming_the_bound(gateway, field, value, bound):
     err = error_of(admin(gateway, "POST", "/admin/keys", json={"account": "big", field: value}))
     assert err["param"] == field and err["code"] == "invalid_value"
@@ -76,10 +88,14 @@ def test_limits_at_their_bounds_are_accepted(gateway):
 
 @pytest.mark.parametrize("raw_score", ["1e999", "-1e999", "NaN", "Infinity", "-Infinity"])
 def test_non_finite_verdict_score_is_a_400(gateway, raw_score):
-    resp = post_raw(gateway, "/admin/accounts/scored/verdict", f'{{"level": "watch", "score": {raw_score}}}')
+    resp = post_raw(
+        gateway, "/admin/accounts/scored/verdict", f'{{"level": "watch", "score": {raw_score}}}'
+    )
     err = error_of(resp)
     assert err["param"] == "score"
-    assert admin(gateway, "GET", "/admin/verdicts", params={"account": "scored"}).json()["data"] == []
+    assert (
+        admin(gateway, "GET", "/admin/verdicts", params={"account": "scored"}).json()["data"] == []
+    )
 
 
 def test_verdict_listing_survives_a_non_finite_score_already_stored(gateway):
@@ -89,8 +105,16 @@ def test_verdict_listing_survives_a_non_finite_score_already_stored(gateway):
     try:
         with engine.begin() as conn:
             for score in (float("inf"), float("-inf"), float("nan")):
-                conn.execute(insert(Verdict).values(ts=1.0, account_id="overflowed", level=1, score=score,
-                                                    reasons=["old row"], source="offline"))
+                conn.execute(
+                    insert(Verdict).values(
+                        ts=1.0,
+                        account_id="overflowed",
+                        level=1,
+                        score=score,
+                        reasons=["old row"],
+                        source="offline",
+                    )
+                )
     finally:
         engine.dispose()
     for params in ({"account": "overflowed"}, {}):
@@ -98,13 +122,25 @@ def test_verdict_listing_survives_a_non_finite_score_already_stored(gateway):
         assert resp.status_code == 200, resp.text
     rows = admin(gateway, "GET", "/admin/verdicts", params={"account": "overflowed"}).json()["data"]
     assert [r["score"] for r in rows] == [None, None, None]
-    ok = admin(gateway, "POST", "/admin/accounts/overflowed/verdict", json={"level": "ok", "score": 0.5})
+    ok = admin(
+        gateway, "POST", "/admin/accounts/overflowed/verdict", json={"level": "ok", "score": 0.5}
+    )
     assert ok.status_code == 201 and ok.json()["score"] == 0.5
 
 
 # --- account names -------------------------------------------------------------------------------
 
-BAD_NAMES = ["a\u0000b", "a/b", "tab\there", "bell\u0007", "new\nline", " padded", "", "x" * 129, "é"]
+BAD_NAMES = [
+    "a\u0000b",
+    "a/b",
+    "tab\there",
+    "bell\u0007",
+    "new\nline",
+    " padded",
+    "",
+    "x" * 129,
+    "é",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -122,7 +158,9 @@ def test_a_lone_surrogate_account_name_is_refused(gateway):
 
 @pytest.mark.parametrize("name", ["a%00b", "tab%09", "%20padded", "x" * 129])
 def test_bad_account_names_in_paths_are_refused(gateway, name):
-    err = error_of(admin(gateway, "POST", f"/admin/accounts/{name}/verdict", json={"level": "watch"}))
+    err = error_of(
+        admin(gateway, "POST", f"/admin/accounts/{name}/verdict", json={"level": "watch"})
+    )
     assert err["param"] == "account"
 
 
@@ -137,10 +175,16 @@ def test_bad_account_name_is_refused_by_the_cli(gateway):
     proc = run_cli("keys", "create", "--account", "a/b", "--db", gateway[1])
     assert proc.returncode == 2
     assert "'a/b'" in proc.stderr and "[A-Za-z0-9._@:+-]" in proc.stderr
-    proc = run_cli("keys", "create", "--account", "ok-name", "--rpm", str(10**30), "--db", gateway[1], "--json")
+    proc = run_cli(
+        "keys", "create", "--account", "ok-name", "--rpm", str(10**30), "--db", gateway[1], "--json"
+    )
     assert proc.returncode == 2 and "1000000000" in proc.stderr
-    assert json.loads(run_cli("keys", "create", "--account", "ok-name", "--db", gateway[1], "--json").stdout)[
-        "account"] == "ok-name"
+    assert (
+        json.loads(
+            run_cli("keys", "create", "--account", "ok-name", "--db", gateway[1], "--json").stdout
+        )["account"]
+        == "ok-name"
+    )
 
 
 # --- key expiry, rotation, model allowlists ------------------------------------------------------
@@ -153,8 +197,12 @@ def new_key(gw, account: str, **fields) -> dict:
 
 
 def chat(gw, key: str, model: str = "tiny") -> httpx.Response:
-    return httpx.post(f"{gw[0]}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    return httpx.post(
+        f"{gw[0]}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    )
 
 
 def test_rotation_keeps_both_keys_working_for_the_grace_period_then_only_the_new(gateway):
@@ -164,19 +212,36 @@ def test_rotation_keeps_both_keys_working_for_the_grace_period_then_only_the_new
     assert rotated.status_code == 201, rotated.text
     new = rotated.json()
     assert (new["account"], new["rpm"], new["models"], new["name"], new["rotated_from"]) == (
-        "rotor", 100, ["tiny"], "ci", old["id"])
+        "rotor",
+        100,
+        ["tiny"],
+        "ci",
+        old["id"],
+    )
     assert new["replaces"]["id"] == old["id"] and new["replaces"]["expires_at"] is not None
-    assert chat(gateway, old["key"]).status_code == 200 and chat(gateway, new["key"]).status_code == 200
+    assert (
+        chat(gateway, old["key"]).status_code == 200
+        and chat(gateway, new["key"]).status_code == 200
+    )
     # ending the grace period now: the old key is refused with a clear reason
     ended = admin(gateway, "POST", f"/admin/keys/{old['id']}/rotate", json={"grace_s": 0})
     assert ended.status_code == 201
     err = error_of(chat(gateway, old["key"]), 401)
-    assert err["code"] == "expired_api_key" and old["id"] in err["message"] and "expired at" in err["message"]
+    assert (
+        err["code"] == "expired_api_key"
+        and old["id"] in err["message"]
+        and "expired at" in err["message"]
+    )
     assert chat(gateway, new["key"]).status_code == 200
     with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=old["key"], max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError, match="expired"):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
-    listed = {k["id"]: k for k in admin(gateway, "GET", "/admin/keys", params={"account": "rotor"}).json()["data"]}
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
+    listed = {
+        k["id"]: k
+        for k in admin(gateway, "GET", "/admin/keys", params={"account": "rotor"}).json()["data"]
+    }
     assert listed[old["id"]]["expired"] is True and listed[ended.json()["id"]]["expired"] is False
 
 
@@ -190,15 +255,18 @@ def test_a_key_created_with_an_expiry_stops_at_it(gateway):
     assert error_of(resp, 401)["code"] == "expired_api_key"
 
 
-@pytest.mark.parametrize("path,body,status,param", [
-    ("/admin/keys/key_nope/rotate", {}, 404, "key_id"),
-    ("/admin/keys/{id}/rotate", {"grace_s": 10**12}, 400, "grace_s"),
-    ("/admin/keys/{id}/rotate", {"grace_s": -1}, 400, "grace_s"),
-    ("/admin/keys/{id}/rotate", {"grace": 5}, 400, "grace"),
-    ("/admin/keys", {"account": "t", "expires_in_s": 0}, 400, "expires_in_s"),
-    ("/admin/keys", {"account": "t", "models": []}, 400, "models"),
-    ("/admin/keys", {"account": "t", "models": ["x" * 300]}, 400, "models"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,param",
+    [
+        ("/admin/keys/key_nope/rotate", {}, 404, "key_id"),
+        ("/admin/keys/{id}/rotate", {"grace_s": 10**12}, 400, "grace_s"),
+        ("/admin/keys/{id}/rotate", {"grace_s": -1}, 400, "grace_s"),
+        ("/admin/keys/{id}/rotate", {"grace": 5}, 400, "grace"),
+        ("/admin/keys", {"account": "t", "expires_in_s": 0}, 400, "expires_in_s"),
+        ("/admin/keys", {"account": "t", "models": []}, 400, "models"),
+        ("/admin/keys", {"account": "t", "models": ["x" * 300]}, 400, "models"),
+    ],
+)
 def test_bad_rotation_and_expiry_requests_are_4xx(gateway, path, body, status, param):
     key = new_key(gateway, "spinner")
     err = error_of(admin(gateway, "POST", path.format(id=key["id"]), json=body), status)
@@ -217,25 +285,46 @@ def test_a_key_restricted_to_other_models_gets_404_model_not_found(gateway):
     assert chat(gateway, allowed["key"]).status_code == 200
     elsewhere = new_key(gateway, "narrow", models=["gpt-4o", "other"])
     err = error_of(chat(gateway, elsewhere["key"]), 404)
-    assert (err["code"], err["param"], err["type"]) == ("model_not_found", "model", "invalid_request_error")
+    assert (err["code"], err["param"], err["type"]) == (
+        "model_not_found",
+        "model",
+        "invalid_request_error",
+    )
     assert err["message"] == "The model `tiny` does not exist or you do not have access to it."
-    with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=elsewhere["key"], max_retries=0) as client:
+    with openai.OpenAI(
+        base_url=gateway[0] + "/v1", api_key=elsewhere["key"], max_retries=0
+    ) as client:
         with pytest.raises(openai.NotFoundError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
     usage = admin(gateway, "GET", "/admin/accounts/narrow/usage").json()
-    assert {k["id"]: k["live"]["requests"] for k in usage["keys"]}[elsewhere["id"]] == 0  # nothing reserved
+    assert {k["id"]: k["live"]["requests"] for k in usage["keys"]}[
+        elsewhere["id"]
+    ] == 0  # nothing reserved
 
 
 def test_cli_rotates_and_lists_expiry(gateway):
-    made = json.loads(run_cli("keys", "create", "--account", "clirot", "--model", "tiny", "--db", gateway[1],
-                              "--json").stdout)
+    made = json.loads(
+        run_cli(
+            "keys", "create", "--account", "clirot", "--model", "tiny", "--db", gateway[1], "--json"
+        ).stdout
+    )
     proc = run_cli("keys", "rotate", made["id"], "--grace", "0", "--db", gateway[1], "--json")
     assert proc.returncode == 0, proc.stderr
     new = json.loads(proc.stdout)
-    assert new["rotated_from"] == made["id"] and new["models"] == ["tiny"] and "stops working" in proc.stderr
+    assert (
+        new["rotated_from"] == made["id"]
+        and new["models"] == ["tiny"]
+        and "stops working" in proc.stderr
+    )
     assert chat(gateway, new["key"]).status_code == 200
-    listed = [json.loads(line) for line in run_cli("keys", "list", "--account", "clirot", "--db", gateway[1],
-                                                   "--json").stdout.splitlines()]
+    listed = [
+        json.loads(line)
+        for line in run_cli(
+            "keys", "list", "--account", "clirot", "--db", gateway[1], "--json"
+        ).stdout.splitlines()
+    ]
     assert [k["expired"] for k in listed] == [True, False]
     bad = run_cli("keys", "rotate", new["id"], "--grace", "1y", "--db", gateway[1])
     assert bad.returncode == 2 and "--grace '1y' is not a duration" in bad.stderr
@@ -248,8 +337,12 @@ def test_a_restricted_key_cannot_replay_a_sibling_keys_idempotent_answer(gateway
     wide, narrow = new_key(gateway, "siblings"), new_key(gateway, "siblings", models=["other"])
 
     def send(key: str) -> httpx.Response:
-        return httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, timeout=60,
-                          headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "shared-1"})
+        return httpx.post(
+            f"{gateway[0]}/v1/chat/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "shared-1"},
+        )
 
     assert send(wide["key"]).status_code == 200
     assert send(wide["key"]).headers.get("Idempotent-Replayed") == "true"

@@ -23,12 +23,19 @@ KILL_AFTER_COMPLETED = 40
 
 def _one_request(url: str, key: str, marker: str, stream: bool) -> bool:
     """Send one request; True only if its complete response arrived."""
-    body = {"model": "tiny", "messages": [{"role": "user", "content": marker}], "max_tokens": 8, "stream": stream}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": marker}],
+        "max_tokens": 8,
+        "stream": stream,
+    }
     headers = {"Authorization": f"Bearer {key}"}
     if not stream:
         r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30)
         return r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=30
+    ) as r:
         if r.status_code != 200:
             return False
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
@@ -45,6 +52,7 @@ def test_sigkill_under_load_loses_no_acknowledged_request(db_url):
     stop = threading.Event()
 
     with server_process("--model", "tiny", "--db", db_url) as server:
+
         def worker(w: int) -> None:
             i = 0
             while not stop.is_set():
@@ -78,11 +86,17 @@ def test_sigkill_under_load_loses_no_acknowledged_request(db_url):
     assert len(attempted) > len(completed)  # some requests were cut off by the kill
     engine = make_engine(db_url)
     with engine.connect() as conn:
-        logged = {row.request_body["messages"][0]["content"]
-                  for row in conn.execute(select(LedgerRow.request_body).where(LedgerRow.account_id == "load"))}
+        logged = {
+            row.request_body["messages"][0]["content"]
+            for row in conn.execute(
+                select(LedgerRow.request_body).where(LedgerRow.account_id == "load")
+            )
+        }
     engine.dispose()
     missing = [m for m in completed if m not in logged]
-    assert missing == [], f"{len(missing)} acknowledged requests are not in the ledger: {missing[:5]}"
+    assert missing == [], (
+        f"{len(missing)} acknowledged requests are not in the ledger: {missing[:5]}"
+    )
 
     # The gateway restarts on the same database and serves again.
     with server_process("--model", "tiny", "--db", db_url) as server:

@@ -41,14 +41,31 @@ def test_hanging_up_stops_generation_and_is_recorded(gateway):
     tok = load_model("tiny", device="cpu").tokenizer
     banned = {str(i): -100 for i in set(tok.all_special_ids) | {tok.eos_token_id}}
     key = make_key(url, "quitter")
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "write forever"}],
-            "max_tokens": LONG, "logit_bias": banned}
-    warm = make_key(url, "warmup")  # a fresh server's first forward passes are slow: not in the second below
-    assert httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {warm}"}, timeout=60,
-                      json={**body, "max_tokens": 4}).status_code == 200
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "write forever"}],
+        "max_tokens": LONG,
+        "logit_bias": banned,
+    }
+    warm = make_key(
+        url, "warmup"
+    )  # a fresh server's first forward passes are slow: not in the second below
+    assert (
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {warm}"},
+            timeout=60,
+            json={**body, "max_tokens": 4},
+        ).status_code
+        == 200
+    )
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                   timeout=httpx.Timeout(30, read=2.0))
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=httpx.Timeout(30, read=2.0),
+        )
     deadline = time.monotonic() + 120
     while not (found := rows(db, "quitter")) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -57,19 +74,29 @@ def test_hanging_up_stops_generation_and_is_recorded(gateway):
     # Charged for the tokens generated before it hung up (about a second's worth), not for none.
     usage = found[0]["response"]["usage"]
     assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] < LONG
-    own = httpx.get(f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    own = httpx.get(
+        f"{url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    ).json()
     assert own["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert own["keys"][0]["live"]["tokens_today"] == own["total_tokens"]
     # The server is free again: a short request is answered (the long one no longer runs).
-    ok = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    ok = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert ok.status_code == 200
     assert [r["response"]["status"] for r in rows(db, "quitter")] == [499, 200]
 
 
 def make_key(url: str, account: str, **limits) -> str:
-    resp = httpx.post(f"{url}/admin/keys", json={"account": account, **limits},
-                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    resp = httpx.post(
+        f"{url}/admin/keys",
+        json={"account": account, **limits},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=30,
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()["key"]
 
@@ -90,10 +117,18 @@ def test_stream_hung_up_after_k_tokens_is_charged_k_tokens(gateway):
     banned = {str(i): -100 for i in set(tok.all_special_ids) | {tok.eos_token_id}}
     key = make_key(url, "hangup", tpm=100_000, daily_tokens=100_000)
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "count to a thousand"}],
-            "max_tokens": 4000, "logit_bias": banned, "stream": True, "logprobs": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "count to a thousand"}],
+        "max_tokens": 4000,
+        "logit_bias": banned,
+        "stream": True,
+        "logprobs": True,
+    }
     k, read = 20, 0  # content events read; with logprobs each carries exactly the tokens it covers
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as resp:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -129,14 +164,18 @@ def test_abandoned_requests_with_tokens_reach_online_detection(tmp_path):
     """Issue 24 #2: only status-200 rows went to the monitor, so a harvester that always hangs
     up a token early was never scored."""
     recorder = _Recorder()
-    guard = Guard(GuardConfig(db=f"sqlite:///{tmp_path / 'ledger.db'}", watermark=False), monitor=recorder)
+    guard = Guard(
+        GuardConfig(db=f"sqlite:///{tmp_path / 'ledger.db'}", watermark=False), monitor=recorder
+    )
 
     async def scenario() -> None:
         await guard.start()
         try:
             key, _ = await asyncio.to_thread(guard.keys.create, "harvester")
             for completion in (None, 37):  # gone before any token, gone after 37
-                log = RequestLog(client_ip="127.0.0.1", key=key, body={"model": "tiny", "messages": []})
+                log = RequestLog(
+                    client_ip="127.0.0.1", key=key, body={"model": "tiny", "messages": []}
+                )
                 log.status, log.error_code = 499, "client_closed"
                 if completion is not None:
                     log.set_usage({"prompt_tokens": 12, "completion_tokens": completion})
@@ -146,15 +185,20 @@ def test_abandoned_requests_with_tokens_reach_online_detection(tmp_path):
 
     asyncio.run(scenario())
     assert [(r["response"]["status"], r["response"].get("usage")) for r in recorder.records] == [
-        (499, {"prompt_tokens": 12, "completion_tokens": 37})]
+        (499, {"prompt_tokens": 12, "completion_tokens": 37})
+    ]
 
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory):
     """(url, db) of a gateway whose backend is the upstream proxy, in front of a tiny server."""
     db = f"sqlite:///{tmp_path_factory.mktemp('proxied') / 'ledger.db'}"
-    with serve_process("--model", MODEL, "--no-guard") as upstream, \
-            serve_process("--upstream", upstream, "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+    with (
+        serve_process("--model", MODEL, "--no-guard") as upstream,
+        serve_process(
+            "--upstream", upstream, "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+        ) as url,
+    ):
         yield url, db
 
 
@@ -168,11 +212,22 @@ def test_proxied_stream_hung_up_is_charged_the_deltas_received(proxied, logprobs
     banned = {str(i): -100 for i in set(tok.all_special_ids) | {tok.eos_token_id}}
     account = f"proxied-{logprobs}".lower()
     key = make_key(url, account)
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "count"}], "max_tokens": 4000,
-            "logit_bias": banned, "stream": True, "logprobs": logprobs}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": 4000,
+        "logit_bias": banned,
+        "stream": True,
+        "logprobs": logprobs,
+    }
     k, read = 20, 0
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {key}"}) as resp:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as resp:
         assert resp.status_code == 200
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":

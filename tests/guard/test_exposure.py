@@ -23,9 +23,14 @@ def gateway(request, tmp_path_factory):
     """(base URL, db URL, setting) of a guarded tiny server: with the defaults, or behind a proxy on
     loopback that it trusts (``--forwarded-allow-ips 127.0.0.1``), metrics open and docs on."""
     db = f"sqlite:///{tmp_path_factory.mktemp('exposure') / 'ledger.db'}"
-    extra = () if request.param == "defaults" else (
-        "--forwarded-allow-ips", "127.0.0.1", "--metrics-auth", "none", "--docs")
-    with serve_process("--model", "tiny", "--db", db, *extra, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+    extra = (
+        ()
+        if request.param == "defaults"
+        else ("--forwarded-allow-ips", "127.0.0.1", "--metrics-auth", "none", "--docs")
+    )
+    with serve_process(
+        "--model", "tiny", "--db", db, *extra, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+    ) as url:
         yield url, db, request.param
 
 
@@ -38,14 +43,20 @@ def test_x_forwarded_for_is_honoured_only_from_a_configured_proxy(gateway):
     made = httpx.post(f"{url}/admin/keys", json={"account": f"xff-{setting}"}, headers=as_admin())
     key = made.json()["key"]
     marker = uuid.uuid4().hex
-    resp = httpx.post(f"{url}/v1/chat/completions", timeout=60,
-                      headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": SPOOFED},
-                      json={"model": "tiny", "messages": [{"role": "user", "content": marker}], "max_tokens": 2})
+    resp = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        headers={"Authorization": f"Bearer {key}", "X-Forwarded-For": SPOOFED},
+        json={"model": "tiny", "messages": [{"role": "user", "content": marker}], "max_tokens": 2},
+    )
     assert resp.status_code == 200, resp.text
     engine = make_engine(db)
     with engine.connect() as conn:
-        ips = [r.client_ip for r in conn.execute(select(LedgerRow.client_ip, LedgerRow.request_body))
-               if marker in str(r.request_body)]
+        ips = [
+            r.client_ip
+            for r in conn.execute(select(LedgerRow.client_ip, LedgerRow.request_body))
+            if marker in str(r.request_body)
+        ]
     engine.dispose()
     assert ips == (["127.0.0.1"] if setting == "defaults" else [SPOOFED])
 
@@ -54,7 +65,9 @@ def test_metrics_need_the_admin_key_by_default(gateway):
     url, _, setting = gateway
     anonymous = httpx.get(f"{url}/metrics")
     if setting == "defaults":
-        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
+        assert (
+            anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "missing_api_key"
+        )
         wrong = httpx.get(f"{url}/metrics", headers=as_admin("dg-not-the-admin"))
         assert wrong.status_code == 401
     else:

@@ -23,7 +23,9 @@ def test_a_new_sqlite_ledger_and_its_wal_and_shm_are_private(tmp_path):
     migrate(engine)
     with engine.connect() as conn:  # held open: the -wal and -shm files exist while it is
         with conn.begin():
-            conn.execute(insert(LedgerRow), [{"request_id": "r1", "ts": 1.0, "status": 200, "stream": False}])
+            conn.execute(
+                insert(LedgerRow), [{"request_id": "r1", "ts": 1.0, "status": 200, "stream": False}]
+            )
         files = [folder / "ledger.db", folder / "ledger.db-wal", folder / "ledger.db-shm"]
         assert all(f.exists() for f in files)
         assert {f.name: oct(mode(f)) for f in files} == {f.name: "0o600" for f in files}
@@ -76,8 +78,19 @@ def test_a_ledger_export_is_as_private_as_the_ledger(tmp_path):
     engine = make_engine(str(db))
     migrate(engine)
     with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), [{"request_id": "r1", "ts": 1.0, "account_id": "a", "status": 200,
-                                          "stream": False, "request_body": {"messages": []}}])
+        conn.execute(
+            insert(LedgerRow),
+            [
+                {
+                    "request_id": "r1",
+                    "ts": 1.0,
+                    "account_id": "a",
+                    "status": 200,
+                    "stream": False,
+                    "request_body": {"messages": []},
+                }
+            ],
+        )
     engine.dispose()
     done = run_cli("ledger", "export", "--db", str(db), "-o", str(out))
     assert done.returncode == 0, done.stderr

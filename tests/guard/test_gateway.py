@@ -26,7 +26,9 @@ def gateway(request, tmp_path_factory):
 
 
 def admin(gw, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, gw[0] + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw)
+    return httpx.request(
+        method, gw[0] + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw
+    )
 
 
 def new_key(gw, account: str, **limits) -> str:
@@ -40,7 +42,12 @@ cli = run_cli
 
 def chat(gw, key: str | None, content: str = "hi", **extra) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        **extra,
+    }
     return httpx.post(f"{gw[0]}/v1/chat/completions", json=body, headers=headers, timeout=60)
 
 
@@ -56,12 +63,15 @@ def test_keys_are_required_and_checked(gateway):
     assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"
     key = new_key(gateway, "alice")
     with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=key, max_retries=0) as client:
-        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
-                                           max_tokens=5, seed=1)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, seed=1
+        )
         assert r.usage.completion_tokens >= 1
     with openai.OpenAI(base_url=gateway[0] + "/v1", api_key="dg-wrong", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
 
 
 def test_ledger_holds_every_request_and_never_the_key(gateway):
@@ -69,24 +79,44 @@ def test_ledger_holds_every_request_and_never_the_key(gateway):
     marker = uuid.uuid4().hex
     with openai.OpenAI(base_url=gateway[0] + "/v1", api_key=key, max_retries=0) as client:
         plain = client.chat.completions.create(
-            model="tiny", messages=[{"role": "system", "content": "s"}, {"role": "user", "content": f"plain {marker}"}],
-            max_tokens=6, seed=3, logprobs=True, top_logprobs=2)
+            model="tiny",
+            messages=[
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": f"plain {marker}"},
+            ],
+            max_tokens=6,
+            seed=3,
+            logprobs=True,
+            top_logprobs=2,
+        )
         streamed = "".join(
-            c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": f"stream {marker}"}], max_tokens=6, seed=4,
-                stream=True) if c.choices)
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="tiny",
+                messages=[{"role": "user", "content": f"stream {marker}"}],
+                max_tokens=6,
+                seed=4,
+                stream=True,
+            )
+            if c.choices
+        )
         with pytest.raises(openai.BadRequestError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"bad {marker}"}],
-                                           temperature=5)
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"bad {marker}"}], temperature=5
+            )
     rows = [r for r in export(gateway, "--account", "bob") if marker in json.dumps(r["request"])]
     by_kind = {r["request"]["messages"][-1]["content"].split()[0]: r for r in rows}
     assert set(by_kind) == {"plain", "stream", "bad"}
     # the ledger stores a NUL the tiny model may generate as U+FFFD (PostgreSQL stores none)
     assert by_kind["plain"]["response"]["text"] == without_nul(plain.choices[0].message.content)
-    assert by_kind["plain"]["response"]["usage"]["completion_tokens"] == plain.usage.completion_tokens
+    assert (
+        by_kind["plain"]["response"]["usage"]["completion_tokens"] == plain.usage.completion_tokens
+    )
     assert by_kind["plain"]["request"]["top_logprobs"] == 2  # the full request body
     assert by_kind["stream"]["response"]["text"] == without_nul(streamed)
-    assert by_kind["stream"]["response"]["usage"]["prompt_tokens"] > 0  # usage kept though not asked for
+    assert (
+        by_kind["stream"]["response"]["usage"]["prompt_tokens"] > 0
+    )  # usage kept though not asked for
     assert by_kind["bad"]["response"]["status"] == 400
     assert all(r["account"] == "bob" and r["ip"] == "127.0.0.1" for r in rows)
     everything = cli("ledger", "export", "--db", gateway[1]).stdout
@@ -102,8 +132,14 @@ def test_admin_api_and_own_usage(gateway):
     assert own["keys"][0]["live"]["requests"] == 1
     forbidden = [
         httpx.get(f"{gateway[0]}/admin/keys", headers={"Authorization": f"Bearer {alice}"}),
-        httpx.get(f"{gateway[0]}/admin/accounts/dave/usage", headers={"Authorization": f"Bearer {alice}"}),
-        httpx.post(f"{gateway[0]}/admin/keys", json={"account": "carol"}, headers={"Authorization": f"Bearer {alice}"}),
+        httpx.get(
+            f"{gateway[0]}/admin/accounts/dave/usage", headers={"Authorization": f"Bearer {alice}"}
+        ),
+        httpx.post(
+            f"{gateway[0]}/admin/keys",
+            json={"account": "carol"},
+            headers={"Authorization": f"Bearer {alice}"},
+        ),
         httpx.delete(f"{gateway[0]}/admin/keys/x", headers={"Authorization": f"Bearer {dave}"}),
     ]
     assert [r.status_code for r in forbidden] == [403, 403, 403, 403]
@@ -141,18 +177,25 @@ def test_rate_limit_exact_under_concurrency(gateway):
     limited = next(r for r in results if r.status_code == 429)
     assert int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["code"] == "rate_limit_exceeded"
-    metrics = admin(gateway, "GET", "/metrics").text  # behind the admin key by default (--metrics-auth)
+    metrics = admin(
+        gateway, "GET", "/metrics"
+    ).text  # behind the admin key by default (--metrics-auth)
     assert 'distillguard_requests_total{status="429"}' in metrics
     assert "erin" not in metrics  # no account labels unless enabled
 
 
 def test_cli_keys_against_the_same_database(gateway):
-    made = cli("keys", "create", "--account", "frank", "--tpm", "1000", "--db", gateway[1], "--json")
+    made = cli(
+        "keys", "create", "--account", "frank", "--tpm", "1000", "--db", gateway[1], "--json"
+    )
     assert made.returncode == 0, made.stderr
     record = json.loads(made.stdout)
     assert chat(gateway, record["key"]).status_code == 200
     listed = cli("keys", "list", "--account", "frank", "--db", gateway[1], "--json")
-    assert json.loads(listed.stdout.splitlines()[0])["tpm"] == 1000 and record["key"] not in listed.stdout
+    assert (
+        json.loads(listed.stdout.splitlines()[0])["tpm"] == 1000
+        and record["key"] not in listed.stdout
+    )
     assert cli("keys", "revoke", record["id"], "--db", gateway[1]).returncode == 0
     bad = cli("keys", "revoke", "key_nope", "--db", gateway[1])
     assert bad.returncode == 2 and "no key with id" in bad.stderr and "Traceback" not in bad.stderr
@@ -161,18 +204,31 @@ def test_cli_keys_against_the_same_database(gateway):
 def test_idempotency_key_answers_a_retry_once(gateway):
     key = new_key(gateway, "grace")
     idem = {"Idempotency-Key": "harvest-" + uuid.uuid4().hex}
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "same question"}], "max_tokens": 6}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "same question"}],
+        "max_tokens": 6,
+    }
     headers = {"Authorization": f"Bearer {key}", **idem}
     first = httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, headers=headers, timeout=60)
     again = httpx.post(f"{gateway[0]}/v1/chat/completions", json=body, headers=headers, timeout=60)
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
-    other = httpx.post(f"{gateway[0]}/v1/chat/completions", json={**body, "max_tokens": 7}, headers=headers)
+    other = httpx.post(
+        f"{gateway[0]}/v1/chat/completions", json={**body, "max_tokens": 7}, headers=headers
+    )
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
-    streamed = httpx.post(f"{gateway[0]}/v1/chat/completions", json={**body, "stream": True}, headers=headers)
+    streamed = httpx.post(
+        f"{gateway[0]}/v1/chat/completions", json={**body, "stream": True}, headers=headers
+    )
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "Idempotency-Key"
     rows = export(gateway, "--account", "grace")
-    generated = [r for r in rows if r["response"]["status"] == 200 and r["response"].get("usage", {}).get("completion_tokens")]
+    generated = [
+        r
+        for r in rows
+        if r["response"]["status"] == 200
+        and r["response"].get("usage", {}).get("completion_tokens")
+    ]
     assert len(generated) == 1  # the teacher answered once; the retry was a replay
 
 
@@ -181,10 +237,23 @@ def test_nul_in_a_prompt_is_served_and_recorded(gateway):
     and the ledger records it as U+FFFD; before the fix the row was refused with a 503."""
     key = new_key(gateway, "nul-sender")
     assert chat(gateway, key, "a\x00b").status_code == 200
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "c\x00d"}], "max_tokens": 4, "stream": True}
-    with httpx.stream("POST", f"{gateway[0]}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}, timeout=60) as r:
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "c\x00d"}],
+        "max_tokens": 4,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST",
+        f"{gateway[0]}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]"
-    prompts = {rec["request"]["messages"][0]["content"] for rec in export(gateway, "--account", "nul-sender")}
+    prompts = {
+        rec["request"]["messages"][0]["content"]
+        for rec in export(gateway, "--account", "nul-sender")
+    }
     assert prompts == {"a\ufffdb", "c\ufffdd"}

@@ -31,7 +31,9 @@ MESSAGES = '[{"role": "user", "content": "hi"}]'
 def gateway(request, tmp_path_factory):
     """(base URL, SQLAlchemy engine on its ledger, its URL) of `distillguard serve --model tiny` with the guard on."""
     db = ledger_db_url(request, tmp_path_factory)
-    with server_process("--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as server:
+    with server_process(
+        "--model", "tiny", "--db", db, env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+    ) as server:
         engine = make_engine(db)
         yield server.url, engine, db
         engine.dispose()
@@ -40,21 +42,38 @@ def gateway(request, tmp_path_factory):
 def new_key(gw, account: str | None = None, **limits) -> tuple[str, str]:
     """(secret key, account) of a fresh account."""
     account = account or f"acct-{uuid.uuid4().hex[:10]}"
-    resp = httpx.post(f"{gw[0]}/admin/keys", json={"account": account, **limits},
-                      headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    resp = httpx.post(
+        f"{gw[0]}/admin/keys",
+        json={"account": account, **limits},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=30,
+    )
     assert resp.status_code == 201, resp.text
     return resp.json()["key"], account
 
 
-def post(gw, key: str, raw: bytes, headers: dict | None = None, timeout: float = 30) -> httpx.Response:
-    return httpx.post(f"{gw[0]}/v1/chat/completions", content=raw, timeout=timeout,
-                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                               **(headers or {})})
+def post(
+    gw, key: str, raw: bytes, headers: dict | None = None, timeout: float = 30
+) -> httpx.Response:
+    return httpx.post(
+        f"{gw[0]}/v1/chat/completions",
+        content=raw,
+        timeout=timeout,
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
+    )
 
 
 def rows(gw, account: str) -> list:
     with gw[1].connect() as conn:
-        return list(conn.execute(select(LedgerRow).where(LedgerRow.account_id == account).order_by(LedgerRow.id)))
+        return list(
+            conn.execute(
+                select(LedgerRow).where(LedgerRow.account_id == account).order_by(LedgerRow.id)
+            )
+        )
 
 
 def assert_openai_error(resp: httpx.Response, status: int, code: str, param: str | None) -> None:
@@ -67,7 +86,9 @@ def assert_openai_error(resp: httpx.Response, status: int, code: str, param: str
 def assert_still_serving(gw) -> None:
     """Another account's ordinary request succeeds and the health check passes."""
     other, _ = new_key(gw)
-    ok = post(gw, other, b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 2}')
+    ok = post(
+        gw, other, b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 2}'
+    )
     assert ok.status_code == 200, ok.text
     assert httpx.get(f"{gw[0]}/healthz", timeout=30).status_code == 200
 
@@ -75,24 +96,42 @@ def assert_still_serving(gw) -> None:
 # A lone surrogate as a JSON escape, in each place a string can be: (body, param named in the 400).
 SURROGATES = [
     ('{"model": "tiny\\ud800", "messages": %s}' % MESSAGES, "model"),
-    ('{"model": "tiny", "messages": [{"role": "user", "content": "a\\udc00b"}]}', "messages[0].content"),
-    ('{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
-     "messages[0].content[0].text"),
-    ('{"model": "tiny", "messages": [{"role": "user", "content": "x", "name": "\\ud800"}]}', "messages[0].name"),
+    (
+        '{"model": "tiny", "messages": [{"role": "user", "content": "a\\udc00b"}]}',
+        "messages[0].content",
+    ),
+    (
+        '{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+        "messages[0].content[0].text",
+    ),
+    (
+        '{"model": "tiny", "messages": [{"role": "user", "content": "x", "name": "\\ud800"}]}',
+        "messages[0].name",
+    ),
     ('{"model": "tiny", "messages": %s, "stop": ["ok", "\\udfff"]}' % MESSAGES, "stop[1]"),
     ('{"model": "tiny", "messages": %s, "user": "\\ud800"}' % MESSAGES, "user"),
-    ('{"model": "tiny", "messages": %s, "logit_bias": {"\\ud800": 1}}' % MESSAGES, "logit_bias.\\ud800"),
+    (
+        '{"model": "tiny", "messages": %s, "logit_bias": {"\\ud800": 1}}' % MESSAGES,
+        "logit_bias.\\ud800",
+    ),
     ('{"model": "tiny", "messages": %s, "\\ud800": 1}' % MESSAGES, "\\ud800"),
-    ('{"model": "tiny", "messages": %s, "metadata": {"k": ["\\ud800"]}}' % MESSAGES, "metadata.k[0]"),
+    (
+        '{"model": "tiny", "messages": %s, "metadata": {"k": ["\\ud800"]}}' % MESSAGES,
+        "metadata.k[0]",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("raw", "param"), SURROGATES, ids=[p for _, p in SURROGATES])
-def test_a_lone_surrogate_is_a_400_naming_the_field_and_the_gateway_keeps_serving(gateway, raw, param):
+def test_a_lone_surrogate_is_a_400_naming_the_field_and_the_gateway_keeps_serving(
+    gateway, raw, param
+):
     key, account = new_key(gateway)
     resp = post(gateway, key, raw.encode())
     assert_openai_error(resp, 400, "invalid_unicode", param)
-    assert f"'{param}'" in resp.json()["error"]["message"]  # printable: the surrogate written as its escape
+    assert (
+        f"'{param}'" in resp.json()["error"]["message"]
+    )  # printable: the surrogate written as its escape
     [row] = rows(gateway, account)
     assert (row.status, row.error_code) == (400, "invalid_unicode")
     assert_still_serving(gateway)
@@ -100,8 +139,12 @@ def test_a_lone_surrogate_is_a_400_naming_the_field_and_the_gateway_keeps_servin
 
 def test_a_surrogate_pair_is_ordinary_text(gateway):
     key, account = new_key(gateway)
-    resp = post(gateway, key, b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], '
-                              b'"max_tokens": 2}')
+    resp = post(
+        gateway,
+        key,
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud83d\\ude00"}], '
+        b'"max_tokens": 2}',
+    )
     assert resp.status_code == 200, resp.text
     assert rows(gateway, account)[0].request_body["messages"][0]["content"] == "\U0001f600"
 
@@ -109,12 +152,17 @@ def test_a_surrogate_pair_is_ordinary_text(gateway):
 @pytest.mark.parametrize("token", ["²", "١٢", "5" * 5000, "+1", " 1", "12345678901"])
 def test_a_logit_bias_key_that_is_not_an_ascii_token_id_is_a_400_and_leaks_no_lease(gateway, token):
     key, account = new_key(gateway, max_concurrent=1)
-    raw = ('{"model": "tiny", "messages": %s, "max_tokens": 2, "logit_bias": {"%s": 1}}' % (MESSAGES, token))
+    raw = '{"model": "tiny", "messages": %s, "max_tokens": 2, "logit_bias": {"%s": 1}}' % (
+        MESSAGES,
+        token,
+    )
     assert_openai_error(post(gateway, key, raw.encode()), 400, "invalid_value", "logit_bias")
     [row] = rows(gateway, account)
     assert row.status == 400
     # the one concurrency slot of the key is free again (before: 429 "in flight" for 600 s)
-    again = post(gateway, key, b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 2}')
+    again = post(
+        gateway, key, b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 2}'
+    )
     assert again.status_code == 200, again.text
     assert_still_serving(gateway)
 
@@ -122,20 +170,55 @@ def test_a_logit_bias_key_that_is_not_an_ascii_token_id_is_a_400_and_leaks_no_le
 NESTED = 10_000
 # (id, body, code, param)
 DEEP = [
-    ("nested list in an unknown field", ('{"model": "tiny", "messages": %s, "extra": %s%s}'
-                                         % (MESSAGES, "[" * NESTED, "]" * NESTED)).encode(), "invalid_json", None),
-    ("nested objects as the content", ('{"model": "tiny", "messages": [{"role": "user", "content": %s1%s}]}'
-                                       % ('{"a":' * NESTED, "}" * NESTED)).encode(), "invalid_json", None),
-    ("a 100,000-digit seed", ('{"model": "tiny", "messages": %s, "seed": %s}' % (MESSAGES, "9" * 100_000)).encode(),
-     "invalid_json", None),
-    ("a 5,000-digit max_tokens", ('{"model": "tiny", "messages": %s, "max_tokens": %s}'
-                                  % (MESSAGES, "1" * 5000)).encode(), "invalid_json", None),
+    (
+        "nested list in an unknown field",
+        (
+            '{"model": "tiny", "messages": %s, "extra": %s%s}'
+            % (MESSAGES, "[" * NESTED, "]" * NESTED)
+        ).encode(),
+        "invalid_json",
+        None,
+    ),
+    (
+        "nested objects as the content",
+        (
+            '{"model": "tiny", "messages": [{"role": "user", "content": %s1%s}]}'
+            % ('{"a":' * NESTED, "}" * NESTED)
+        ).encode(),
+        "invalid_json",
+        None,
+    ),
+    (
+        "a 100,000-digit seed",
+        ('{"model": "tiny", "messages": %s, "seed": %s}' % (MESSAGES, "9" * 100_000)).encode(),
+        "invalid_json",
+        None,
+    ),
+    (
+        "a 5,000-digit max_tokens",
+        ('{"model": "tiny", "messages": %s, "max_tokens": %s}' % (MESSAGES, "1" * 5000)).encode(),
+        "invalid_json",
+        None,
+    ),
     # not JSON numbers a database can store (PostgreSQL's jsonb refuses them)
-    ("1e999", ('{"model": "tiny", "messages": %s, "temperature": 1e999}' % MESSAGES).encode(),
-     "invalid_value", "temperature"),
-    ("NaN", ('{"model": "tiny", "messages": %s, "top_p": NaN}' % MESSAGES).encode(), "invalid_value", "top_p"),
-    ("-1e999 in an unknown field", ('{"model": "tiny", "messages": %s, "extra": [-1e999]}' % MESSAGES).encode(),
-     "unknown_parameter", "extra"),
+    (
+        "1e999",
+        ('{"model": "tiny", "messages": %s, "temperature": 1e999}' % MESSAGES).encode(),
+        "invalid_value",
+        "temperature",
+    ),
+    (
+        "NaN",
+        ('{"model": "tiny", "messages": %s, "top_p": NaN}' % MESSAGES).encode(),
+        "invalid_value",
+        "top_p",
+    ),
+    (
+        "-1e999 in an unknown field",
+        ('{"model": "tiny", "messages": %s, "extra": [-1e999]}' % MESSAGES).encode(),
+        "unknown_parameter",
+        "extra",
+    ),
 ]
 
 
@@ -176,11 +259,14 @@ def test_concurrent_retries_with_one_idempotency_key_generate_once(gateway):
         t.start()
     for t in threads:
         t.join()
-    generated = [r for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers]
+    generated = [
+        r for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers
+    ]
     replayed = [r for r in answers if r.status_code == 200 and "idempotent-replayed" in r.headers]
     waiting = [r for r in answers if r.status_code == 409]
-    assert len(generated) == 1 and len(generated) + len(replayed) + len(waiting) == 8, \
-        [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]
+    assert len(generated) == 1 and len(generated) + len(replayed) + len(waiting) == 8, [
+        (r.status_code, r.json().get("error", {}).get("code")) for r in answers
+    ]
     assert all(r.json() == generated[0].json() for r in replayed)
     for r in waiting:
         assert_openai_error(r, 409, "idempotency_in_progress", "Idempotency-Key")
@@ -189,8 +275,14 @@ def test_concurrent_retries_with_one_idempotency_key_generate_once(gateway):
     assert again.status_code == 200 and again.json() == generated[0].json()
     statuses = sorted(r.status for r in rows(gateway, account))
     assert statuses.count(200) == 1 + len(replayed) + 1 and statuses.count(409) == len(waiting)
-    assert sum(1 for r in rows(gateway, account) if r.status == 200 and r.completion_tokens
-               and r.policy_action != "idempotent_replay") == 1
+    assert (
+        sum(
+            1
+            for r in rows(gateway, account)
+            if r.status == 200 and r.completion_tokens and r.policy_action != "idempotent_replay"
+        )
+        == 1
+    )
     assert_still_serving(gateway)
 
 
@@ -199,28 +291,48 @@ def test_concurrent_retries_across_two_replicas_generate_once(gateway):
     key, account = new_key(gateway)
     raw = b'{"model": "tiny", "messages": ' + MESSAGES.encode() + b', "max_tokens": 200, "seed": 2}'
     headers = {"Idempotency-Key": "replicas-" + uuid.uuid4().hex}
-    with server_process("--model", "tiny", "--db", gateway[2], env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as second:
+    with server_process(
+        "--model", "tiny", "--db", gateway[2], env={"DISTILLGUARD_ADMIN_KEY": ADMIN}
+    ) as second:
         start = threading.Barrier(8)
         answers: list[httpx.Response] = []
 
         def send(url):
             start.wait()
-            answers.append(httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=120, headers={
-                "Authorization": f"Bearer {key}", "Content-Type": "application/json", **headers}))
+            answers.append(
+                httpx.post(
+                    f"{url}/v1/chat/completions",
+                    content=raw,
+                    timeout=120,
+                    headers={
+                        "Authorization": f"Bearer {key}",
+                        "Content-Type": "application/json",
+                        **headers,
+                    },
+                )
+            )
 
-        threads = [threading.Thread(target=send, args=(url,)) for url in [gateway[0], second.url] * 4]
+        threads = [
+            threading.Thread(target=send, args=(url,)) for url in [gateway[0], second.url] * 4
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    assert len(answers) == 8 and all(r.status_code in (200, 409) for r in answers), \
-        [(r.status_code, r.json().get("error", {}).get("code")) for r in answers]
-    assert sum(1 for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers) == 1
+    assert len(answers) == 8 and all(r.status_code in (200, 409) for r in answers), [
+        (r.status_code, r.json().get("error", {}).get("code")) for r in answers
+    ]
+    assert (
+        sum(1 for r in answers if r.status_code == 200 and "idempotent-replayed" not in r.headers)
+        == 1
+    )
     assert sum(1 for r in rows(gateway, account) if r.status == 200 and r.completion_tokens) == 1
 
 
 def _guard_log(guard: Guard, key, idem: str = "k1", request_hash: str = "h1") -> RequestLog:
-    return RequestLog(client_ip="127.0.0.1", key=key, idempotency_key=idem, request_hash=request_hash)
+    return RequestLog(
+        client_ip="127.0.0.1", key=key, idempotency_key=idem, request_hash=request_hash
+    )
 
 
 def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_url):
@@ -250,12 +362,21 @@ def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_ur
         await asyncio.sleep(0)
         # a claim left by a replica that crashed: never renewed, taken over once stale
         with guard.engine.begin() as conn:
-            conn.execute(insert(IdempotentResponse).values(
-                account_id="claims", key="k2", request_hash="h1", request_id="req-dead", response=null(),
-                created_at=time.time() - 60))
+            conn.execute(
+                insert(IdempotentResponse).values(
+                    account_id="claims",
+                    key="k2",
+                    request_hash="h1",
+                    request_id="req-dead",
+                    response=null(),
+                    created_at=time.time() - 60,
+                )
+            )
         orphan = _guard_log(guard, key, "k2")
         assert await guard.replay(orphan) is None
-        orphan.add_response({"choices": [{"index": 0, "message": {"content": "answer"}}], "usage": {}})
+        orphan.add_response(
+            {"choices": [{"index": 0, "message": {"content": "answer"}}], "usage": {}}
+        )
         await guard.finish(orphan)
         replayed = await guard.replay(_guard_log(guard, key, "k2"))
         retried = _guard_log(guard, key)
@@ -314,9 +435,14 @@ def test_an_unexpected_error_after_admission_settles_the_lease_and_is_ledgered(t
         _, secret = guard.keys.create("buggy", limits=Limits(max_concurrent=1))
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            answers = [await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {secret}"},
-                                         json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
-                       for _ in range(2)]
+            answers = [
+                await client.post(
+                    "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {secret}"},
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+                )
+                for _ in range(2)
+            ]
         await guard.close()
         return answers
 
@@ -325,6 +451,9 @@ def test_an_unexpected_error_after_admission_settles_the_lease_and_is_ledgered(t
         assert_openai_error(resp, 500, "internal_error", None)
     engine = make_engine(db)
     with engine.connect() as conn:
-        statuses = [(r.status, r.error_code) for r in conn.execute(select(LedgerRow).where(LedgerRow.account_id == "buggy"))]
+        statuses = [
+            (r.status, r.error_code)
+            for r in conn.execute(select(LedgerRow).where(LedgerRow.account_id == "buggy"))
+        ]
     engine.dispose()
     assert statuses == [(500, "internal_error")] * 2

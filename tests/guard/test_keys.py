@@ -47,12 +47,15 @@ def test_only_the_hash_is_stored(store):
     assert "key_hash" not in store.list()[0].public()
 
 
-@pytest.mark.parametrize("account,limits,fragment", [
-    ("", {}, "invalid account name"),
-    ("x" * 129, {}, "invalid account name"),
-    ("acme", {"rpm": 0}, "rpm=0 is invalid"),
-    ("acme", {"daily_tokens": -5}, "daily_tokens=-5 is invalid"),
-])
+@pytest.mark.parametrize(
+    "account,limits,fragment",
+    [
+        ("", {}, "invalid account name"),
+        ("x" * 129, {}, "invalid account name"),
+        ("acme", {"rpm": 0}, "rpm=0 is invalid"),
+        ("acme", {"daily_tokens": -5}, "daily_tokens=-5 is invalid"),
+    ],
+)
 def test_bad_key_requests(store, account, limits, fragment):
     with pytest.raises(ConfigError, match=fragment):
         store.create(account, limits=Limits(**limits))
@@ -69,10 +72,17 @@ def test_account_names_outside_the_pattern_are_refused(store, account):
 
 
 def test_rotate_keeps_account_limits_and_models_and_gives_the_old_key_a_grace_period(store):
-    old, old_secret = store.create("acme", limits=Limits(rpm=7, daily_usd=2.5), name="ci", models=["tiny", "big"])
+    old, old_secret = store.create(
+        "acme", limits=Limits(rpm=7, daily_usd=2.5), name="ci", models=["tiny", "big"]
+    )
     new, new_secret, replaced = store.rotate(old.id, grace_s=3600)
     assert (new.account, new.limits, new.name, new.models, new.rotated_from) == (
-        "acme", old.limits, "ci", ("tiny", "big"), old.id)
+        "acme",
+        old.limits,
+        "ci",
+        ("tiny", "big"),
+        old.id,
+    )
     assert new.expires_at is None and new_secret != old_secret
     assert replaced.expires_at == pytest.approx(time.time() + 3600, abs=60)
     assert not store.lookup(old_secret).expired() and store.lookup(new_secret) == new
@@ -95,10 +105,16 @@ def test_rotate_refuses_unknown_and_revoked_keys_and_unbounded_grace(store):
     assert len(store.list()) == 1
 
 
-@pytest.mark.parametrize("models,fragment", [
-    ([], "give 1-100 model ids"), ("tiny", "give 1-100 model ids"), (["x" * 257], "is invalid"),
-    (["a\nb"], "printable"), ([f"m{i}" for i in range(101)], "give 1-100"),
-])
+@pytest.mark.parametrize(
+    "models,fragment",
+    [
+        ([], "give 1-100 model ids"),
+        ("tiny", "give 1-100 model ids"),
+        (["x" * 257], "is invalid"),
+        (["a\nb"], "printable"),
+        ([f"m{i}" for i in range(101)], "give 1-100"),
+    ],
+)
 def test_bad_model_allowlists_are_refused(store, models, fragment):
     with pytest.raises(ConfigError, match=fragment):
         store.create("acme", models=models)

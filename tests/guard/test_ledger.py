@@ -24,11 +24,21 @@ def engine(db_url):
 
 
 def _row(i: int, account: str = "acct-1") -> dict:
-    return {"request_id": f"req-{i}", "ts": 1_700_000_000.0 + i, "account_id": account, "key_id": "key_x",
-            "client_ip": "127.0.0.1", "model": "tiny",
-            "request_body": {"model": "tiny", "messages": [{"role": "user", "content": f"q{i} é"}]},
-            "response_text": f"answer {i}", "prompt_tokens": 10 + i, "completion_tokens": 5, "latency_ms": 1.5,
-            "status": 200, "stream": False}
+    return {
+        "request_id": f"req-{i}",
+        "ts": 1_700_000_000.0 + i,
+        "account_id": account,
+        "key_id": "key_x",
+        "client_ip": "127.0.0.1",
+        "model": "tiny",
+        "request_body": {"model": "tiny", "messages": [{"role": "user", "content": f"q{i} é"}]},
+        "response_text": f"answer {i}",
+        "prompt_tokens": 10 + i,
+        "completion_tokens": 5,
+        "latency_ms": 1.5,
+        "status": 200,
+        "stream": False,
+    }
 
 
 def _count(engine) -> int:
@@ -77,7 +87,9 @@ def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine, 
         ledger = Ledger(engine, retries=1)
         ledger.start()
         rows = [_row(i) for i in range(12)]
-        rows[3]["response_text"] = "private answer \ud800"  # no UTF-8 encoder takes a lone surrogate
+        rows[3]["response_text"] = (
+            "private answer \ud800"  # no UTF-8 encoder takes a lone surrogate
+        )
         rows[8]["request_body"]["bad"] = object()  # json cannot serialise it
         results = await asyncio.gather(*(ledger.record(r) for r in rows), return_exceptions=True)
         later = await asyncio.gather(*(ledger.record(_row(i)) for i in range(100, 110)))
@@ -93,10 +105,16 @@ def test_a_row_that_raises_anything_fails_alone_and_the_writer_lives_on(engine, 
         got = {r.request_id: r for r in conn.execute(select(LedgerRow))}
     assert len(got) == 22
     for bad in ("req-3", "req-8"):  # the request is on record, without the content that was refused
-        assert (got[bad].status, got[bad].error_code, got[bad].response_text) == (503, "ledger_refused", None)
+        assert (got[bad].status, got[bad].error_code, got[bad].response_text) == (
+            503,
+            "ledger_refused",
+            None,
+        )
         assert set(got[bad].request_body) == {"_unstorable"}
     assert got["req-4"].response_text == "answer 4" and got["req-104"].status == 200
-    assert "req-3" in caplog.text and "private answer" not in caplog.text  # the log names rows, not content
+    assert (
+        "req-3" in caplog.text and "private answer" not in caplog.text
+    )  # the log names rows, not content
 
 
 def test_a_wedged_ledger_answers_503_in_bounded_time_and_fails_the_health_check(tmp_path):
@@ -145,11 +163,20 @@ def test_unknown_columns_are_rejected(engine):
 
 def test_export_import_round_trip_is_idempotent(engine, tmp_path):
     records = [
-        {"ts": 1732800000.25 + i, "account": f"acct-{i % 3}", "ip": "10.1.2.3",
-         "request": {"model": "m", "messages": [{"role": "user", "content": f"hello {i}"}], "max_tokens": 512,
-                     "logprobs": True, "top_logprobs": 5},
-         "response": {"usage": {"prompt_tokens": 31, "completion_tokens": 212}},
-         "label": "benign" if i % 2 else "attack"}
+        {
+            "ts": 1732800000.25 + i,
+            "account": f"acct-{i % 3}",
+            "ip": "10.1.2.3",
+            "request": {
+                "model": "m",
+                "messages": [{"role": "user", "content": f"hello {i}"}],
+                "max_tokens": 512,
+                "logprobs": True,
+                "top_logprobs": 5,
+            },
+            "response": {"usage": {"prompt_tokens": 31, "completion_tokens": 212}},
+            "label": "benign" if i % 2 else "attack",
+        }
         for i in range(50)
     ]
     lines = [json.dumps(r) + "\n" for r in records]
@@ -169,14 +196,17 @@ def test_export_import_round_trip_is_idempotent(engine, tmp_path):
     assert usage["acct-0"]["requests"] == 17 and usage["acct-0"]["total_tokens"] == 17 * 243
 
 
-@pytest.mark.parametrize("line,fragment", [
-    ("not json", "not valid JSON"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"account": "a", "request": {}}', "'ts'"),
-    ('{"ts": 1, "request": {}}', "'account'"),
-    ('{"ts": 1, "account": "a", "request": "hi"}', "'request'"),
-    ('{"ts": true, "account": "a", "request": {}}', "'ts'"),
-])
+@pytest.mark.parametrize(
+    "line,fragment",
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        ('{"account": "a", "request": {}}', "'ts'"),
+        ('{"ts": 1, "request": {}}', "'account'"),
+        ('{"ts": 1, "account": "a", "request": "hi"}', "'request'"),
+        ('{"ts": true, "account": "a", "request": {}}', "'ts'"),
+    ],
+)
 def test_bad_traffic_lines_name_the_line(engine, line, fragment):
     good = json.dumps({"ts": 1, "account": "a", "request": {}})
     with pytest.raises(ConfigError) as info:
@@ -188,6 +218,7 @@ def test_nul_characters_are_stored_and_fail_no_batch_mate(engine):
     """PostgreSQL refuses NUL in text and jsonb; a model can generate one and a client can send
     one. Such a row is stored with U+FFFD in place of each NUL, and the rows committed with it in
     the same group commit are not failed."""
+
     async def main():
         ledger = Ledger(engine, retries=1)
         ledger.start()
@@ -218,9 +249,19 @@ def test_an_idempotent_replay_returns_a_nul_exactly_as_it_was_sent(engine, db_ur
         guard = Guard(GuardConfig(db=db_url, watermark=False))
         await guard.start()
         key, _ = guard.keys.create("nul-acct")
-        sent = {"id": "chatcmpl-1", "object": "chat.completion", "model": "tiny",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "<\x00D\ufffdU\x00"},
-                             "finish_reason": "length"}], "usage": {"prompt_tokens": 3, "completion_tokens": 6}}
+        sent = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": "tiny",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "<\x00D\ufffdU\x00"},
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 6},
+        }
         first = RequestLog(client_ip="127.0.0.1", key=key, idempotency_key="k1", request_hash="h1")
         first.add_response(sent)
         await guard.finish(first)

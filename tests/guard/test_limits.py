@@ -175,8 +175,14 @@ async def test_two_replica_processes_admit_exactly_50_in_total(redis_url, key):
     env = {**os.environ, "PYTHONPATH": path}
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _REPLICA, redis_url, key, go,
-            stdout=asyncio.subprocess.PIPE, env=env,
+            sys.executable,
+            "-c",
+            _REPLICA,
+            redis_url,
+            key,
+            go,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
         )
         for _ in range(2)
     ]
@@ -211,7 +217,13 @@ async def test_release_settles_the_reservation(limiter, key):
         await limiter.acquire({key: limits}, 70)
     await limiter.release(lease, 30)
     usage = await limiter.usage(key)
-    assert usage == {"requests": 1, "tokens": 30, "tokens_today": 30, "usd_today": 0.0, "in_flight": 0}
+    assert usage == {
+        "requests": 1,
+        "tokens": 30,
+        "tokens_today": 30,
+        "usd_today": 0.0,
+        "in_flight": 0,
+    }
     await limiter.acquire({key: limits}, 70)  # 30 + 70 fits now
     usage = await limiter.usage(key)
     assert (usage["tokens"], usage["tokens_today"], usage["in_flight"]) == (100, 100, 1)
@@ -223,7 +235,13 @@ async def test_release_twice_is_a_no_op(limiter, key):
     await limiter.release(lease, 20)
     await limiter.release(lease, 5)
     usage = await limiter.usage(key)
-    assert usage == {"requests": 1, "tokens": 20, "tokens_today": 20, "usd_today": 0.0, "in_flight": 0}
+    assert usage == {
+        "requests": 1,
+        "tokens": 20,
+        "tokens_today": 20,
+        "usd_today": 0.0,
+        "in_flight": 0,
+    }
 
 
 @pytest.mark.asyncio
@@ -235,9 +253,11 @@ async def test_refused_request_records_nothing(limiter, key):
         with pytest.raises(RateLimited) as e:
             await limiter.acquire({key: limits}, 60)
         assert e.value.limit == "tpm"
-    assert await limiter.usage(key) == before == {
-        "requests": 1, "tokens": 60, "tokens_today": 60, "usd_today": 0.0, "in_flight": 1
-    }
+    assert (
+        await limiter.usage(key)
+        == before
+        == {"requests": 1, "tokens": 60, "tokens_today": 60, "usd_today": 0.0, "in_flight": 1}
+    )
     await limiter.acquire({key: limits}, 40)  # the refused requests did not use up the rpm
 
 
@@ -255,7 +275,11 @@ async def test_no_limits_means_unlimited_but_usage_is_counted(limiter, key):
     held = await asyncio.gather(*(limiter.acquire({key: Limits()}, 1_000) for _ in range(300)))
     assert len(held) == 300
     assert await limiter.usage(key) == {
-        "requests": 300, "tokens": 300_000, "tokens_today": 300_000, "usd_today": 0.0, "in_flight": 300
+        "requests": 300,
+        "tokens": 300_000,
+        "tokens_today": 300_000,
+        "usd_today": 0.0,
+        "in_flight": 300,
     }
 
 
@@ -328,21 +352,30 @@ def key_scopes(account: str, n: int = 10) -> list[str]:
     return [f"{account}/key_{i}" for i in range(n)]
 
 
-@pytest.mark.parametrize("name,value,tokens,usd", [
-    ("rpm", 50, 0, 0.0),
-    ("tpm", 5_000, 100, 0.0),
-    ("max_concurrent", 50, 0, 0.0),
-    ("daily_tokens", 5_000, 100, 0.0),
-    ("daily_usd", 0.5, 0, 0.01),
-])
+@pytest.mark.parametrize(
+    "name,value,tokens,usd",
+    [
+        ("rpm", 50, 0, 0.0),
+        ("tpm", 5_000, 100, 0.0),
+        ("max_concurrent", 50, 0, 0.0),
+        ("daily_tokens", 5_000, 100, 0.0),
+        ("daily_usd", 0.5, 0, 0.01),
+    ],
+)
 @pytest.mark.asyncio
-async def test_ten_keys_of_one_account_together_get_exactly_its_limit(limiter, key, name, value, tokens, usd):
+async def test_ten_keys_of_one_account_together_get_exactly_its_limit(
+    limiter, key, name, value, tokens, usd
+):
     """200 racing requests over ten keys, none of which is limited itself: 50 pass, whichever
     of the account's limits it is."""
     account = Limits(**{name: value})
-    results = await asyncio.gather(*(
-        attempt_scopes(limiter, {scope: Limits(), key: account}, tokens, usd)
-        for _ in range(20) for scope in key_scopes(key)))
+    results = await asyncio.gather(
+        *(
+            attempt_scopes(limiter, {scope: Limits(), key: account}, tokens, usd)
+            for _ in range(20)
+            for scope in key_scopes(key)
+        )
+    )
     assert len(leases(results)) == 50
     refused = [r for r in results if isinstance(r, RateLimited)]
     expected = "concurrency" if name == "max_concurrent" else name
@@ -359,9 +392,13 @@ async def test_ten_keys_of_one_account_together_get_exactly_its_limit(limiter, k
 @pytest.mark.asyncio
 async def test_key_limits_hold_within_the_account(limiter, key, account_rpm, admitted):
     scopes = key_scopes(key, 3)
-    results = await asyncio.gather(*(
-        attempt_scopes(limiter, {scope: Limits(rpm=10), key: Limits(rpm=account_rpm)}, 0)
-        for _ in range(20) for scope in scopes))
+    results = await asyncio.gather(
+        *(
+            attempt_scopes(limiter, {scope: Limits(rpm=10), key: Limits(rpm=account_rpm)}, 0)
+            for _ in range(20)
+            for scope in scopes
+        )
+    )
     assert len(leases(results)) == admitted  # whichever binds first: the account or each key
     counts = [(await limiter.usage(scope))["requests"] for scope in scopes]
     assert max(counts) <= 10 and sum(counts) == admitted == (await limiter.usage(key))["requests"]
@@ -390,7 +427,9 @@ async def test_release_settles_every_scope_in_tokens_and_dollars(limiter, key):
     assert (lease.scopes, lease.reserved_tokens, lease.reserved_usd) == ((k1, key), 500, 0.6)
     with pytest.raises(RateLimited) as e:
         await limiter.acquire(scopes, 1, usd=0.5)
-    assert e.value.limit == "daily_usd" and "US dollars per day (UTC): limit $1.00" in e.value.message
+    assert (
+        e.value.limit == "daily_usd" and "US dollars per day (UTC): limit $1.00" in e.value.message
+    )
     assert abs(e.value.retry_after - (DAY - time.time() % DAY)) <= 5
     await limiter.release(lease, 120, 0.15)
     for scope in (k1, key):
@@ -574,17 +613,20 @@ def test_limits_reject_non_positive_integers(bad):
         Limits(**bad)
 
 
-@pytest.mark.parametrize("bad,fragment", [
-    ({"rpm": 10**30}, "up to 1000000000,"),
-    ({"tpm": 2**31}, "up to 1000000000,"),
-    ({"max_concurrent": 10**9 + 1}, "up to 1000000000,"),
-    ({"daily_tokens": 2**63}, "up to 1000000000000000,"),
-    ({"daily_usd": float("inf")}, "daily_usd=inf"),
-    ({"daily_usd": float("nan")}, "daily_usd=nan"),
-    ({"daily_usd": 0}, "above 0"),
-    ({"daily_usd": 10**9 + 1}, "up to 1000000000"),
-    ({"daily_usd": "5"}, "daily_usd='5'"),
-])
+@pytest.mark.parametrize(
+    "bad,fragment",
+    [
+        ({"rpm": 10**30}, "up to 1000000000,"),
+        ({"tpm": 2**31}, "up to 1000000000,"),
+        ({"max_concurrent": 10**9 + 1}, "up to 1000000000,"),
+        ({"daily_tokens": 2**63}, "up to 1000000000000000,"),
+        ({"daily_usd": float("inf")}, "daily_usd=inf"),
+        ({"daily_usd": float("nan")}, "daily_usd=nan"),
+        ({"daily_usd": 0}, "above 0"),
+        ({"daily_usd": 10**9 + 1}, "up to 1000000000"),
+        ({"daily_usd": "5"}, "daily_usd='5'"),
+    ],
+)
 def test_limits_are_bounded(bad, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("$", r"\$")):
         Limits(**bad)

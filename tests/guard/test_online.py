@@ -35,17 +35,39 @@ def gateway(tmp_path_factory):
     calibration = calibrate(benign, config=DetectConfig(target_fpr=0.01, detectors=NO_EMBEDDINGS))
     calibration.save(root / "cal.npz")
     policy = root / "policy.yaml"
-    policy.write_text(json.dumps({"ladder": {"watch": ["log"], "suspect": ["log", "limit_logprobs"],
-                                            "extracting": ["block"]}}))
+    policy.write_text(
+        json.dumps(
+            {
+                "ladder": {
+                    "watch": ["log"],
+                    "suspect": ["log", "limit_logprobs"],
+                    "extracting": ["block"],
+                }
+            }
+        )
+    )
     env = {"DISTILLGUARD_ADMIN_KEY": ADMIN, "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0"}
-    with serve_process("--model", "tiny", "--db", f"sqlite:///{root / 'ledger.db'}", "--policy", str(policy),
-                       "--detect", str(root / "cal.npz"), "--extracting-after", "5", env=env,
-                       timeout_s=300) as url:
+    with serve_process(
+        "--model",
+        "tiny",
+        "--db",
+        f"sqlite:///{root / 'ledger.db'}",
+        "--policy",
+        str(policy),
+        "--detect",
+        str(root / "cal.npz"),
+        "--extracting-after",
+        "5",
+        env=env,
+        timeout_s=300,
+    ) as url:
         yield SimpleNamespace(url=url)
 
 
 def admin(gw, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, gw.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw)
+    return httpx.request(
+        method, gw.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw
+    )
 
 
 def new_key(gw, account: str) -> str:
@@ -57,23 +79,38 @@ def new_key(gw, account: str) -> str:
 def test_a_scripted_harvester_is_flagged_then_blocked_while_a_person_is_not(gateway):
     harvester, person = new_key(gateway, "harvester"), new_key(gateway, "person")
     with httpx.Client(base_url=gateway.url, timeout=60) as http:
+
         def ask(key: str, messages: list[dict], **params) -> httpx.Response:
-            return http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                             json={"model": "tiny", "messages": messages, "max_tokens": 2, **params})
+            return http.post(
+                "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "tiny", "messages": messages, "max_tokens": 2, **params},
+            )
 
         # a person: one conversation with follow-ups, a few requests
         history: list[dict] = []
-        for turn in ("how do I repot a fern?", "and how often should I water it?", "thanks! what soil?"):
+        for turn in (
+            "how do I repot a fern?",
+            "and how often should I water it?",
+            "thanks! what soil?",
+        ):
             history.append({"role": "user", "content": turn})
             r = ask(person, history)
             assert r.status_code == 200
-            history.append({"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]})
+            history.append(
+                {"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]}
+            )
 
         # a script: single-turn sweep over topics, top_logprobs=20, greedy, as fast as it can
         statuses, stripped_at = [], None
         for i in range(400):
-            r = ask(harvester, [{"role": "user", "content": f"Explain topic {i} step by step."}],
-                    logprobs=True, top_logprobs=20, temperature=0)
+            r = ask(
+                harvester,
+                [{"role": "user", "content": f"Explain topic {i} step by step."}],
+                logprobs=True,
+                top_logprobs=20,
+                temperature=0,
+            )
             statuses.append(r.status_code)
             if r.status_code == 403:
                 break
@@ -101,13 +138,29 @@ class _Scripted:
         self.levels = iter(levels)
 
     def observe_batch(self, records):
-        return [SimpleNamespace(account=r["account"], level=next(self.levels), score=1.0, reasons=("r",), cluster=None)
-                for r in records]
+        return [
+            SimpleNamespace(
+                account=r["account"],
+                level=next(self.levels),
+                score=1.0,
+                reasons=("r",),
+                cluster=None,
+            )
+            for r in records
+        ]
 
 
 def test_flags_become_suspect_then_extracting_after_n_more():
-    online = OnlineDetection(_Scripted(["ok", "watch", "flag", "flag", "flag", "flag"]), extracting_after=2)
+    online = OnlineDetection(
+        _Scripted(["ok", "watch", "flag", "flag", "flag", "flag"]), extracting_after=2
+    )
     got = [online.observe({"account": "a"}) for _ in range(6)]
     assert got[0] is None
-    assert [v.level for v in got[1:]] == [Level.WATCH, Level.SUSPECT, Level.SUSPECT, Level.EXTRACTING, Level.EXTRACTING]
+    assert [v.level for v in got[1:]] == [
+        Level.WATCH,
+        Level.SUSPECT,
+        Level.SUSPECT,
+        Level.EXTRACTING,
+        Level.EXTRACTING,
+    ]
     assert got[4].reasons[0].startswith("still flagged 2 requests")

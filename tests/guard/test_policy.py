@@ -29,6 +29,7 @@ SECRET = "policy-test-secret"
 
 # ---- pure parts ---------------------------------------------------------------------------
 
+
 def test_levels_parse_names_and_numbers():
     assert Level.parse("suspect") is Level.SUSPECT and Level.parse("EXTRACTING") is Level.EXTRACTING
     assert Level.parse(1) is Level.WATCH
@@ -37,11 +38,14 @@ def test_levels_parse_names_and_numbers():
             Level.parse(bad)
 
 
-@pytest.mark.parametrize("ladder,fragment", [
-    ({"suspect": ["throttle", "nuke"]}, "unknown action"),
-    ({"ok": ["log"]}, "takes no actions"),
-    ({"sometimes": ["log"]}, "unknown verdict level"),
-])
+@pytest.mark.parametrize(
+    "ladder,fragment",
+    [
+        ({"suspect": ["throttle", "nuke"]}, "unknown action"),
+        ({"ok": ["log"]}, "takes no actions"),
+        ({"sometimes": ["log"]}, "unknown verdict level"),
+    ],
+)
 def test_bad_ladders_are_refused(ladder, fragment):
     with pytest.raises(ValueError, match=fragment):
         PolicyConfig(ladder=ladder)
@@ -61,15 +65,23 @@ def test_policy_file_errors_name_the_field(tmp_path):
 def test_default_ladder_escalates():
     policy = PolicyConfig()
     assert policy.decide(Level.OK).actions == () and policy.decide(Level.OK).label([]) is None
-    assert set(policy.decide(Level.SUSPECT).actions) >= {"throttle", "limit_logprobs", "watermark_boost"}
+    assert set(policy.decide(Level.SUSPECT).actions) >= {
+        "throttle",
+        "limit_logprobs",
+        "watermark_boost",
+    }
     assert policy.decide(Level.EXTRACTING).block
     assert set(ACTIONS) >= {a for actions in policy.ladder.values() for a in actions}
 
 
 def test_throttle_tightens_limits_and_never_loosens():
     d = PolicyConfig(throttle_factor=0.25, throttle_rpm=6, throttle_tpm=900).decide(Level.SUSPECT)
-    assert d.limits(Limits(rpm=100, tpm=10_000, max_concurrent=3)) == Limits(rpm=25, tpm=2500, max_concurrent=3)
-    assert d.limits(Limits(rpm=2)) == Limits(rpm=1, tpm=900)  # floor of 1; a default tpm where none was set
+    assert d.limits(Limits(rpm=100, tpm=10_000, max_concurrent=3)) == Limits(
+        rpm=25, tpm=2500, max_concurrent=3
+    )
+    assert d.limits(Limits(rpm=2)) == Limits(
+        rpm=1, tpm=900
+    )  # floor of 1; a default tpm where none was set
     assert d.limits(Limits()) == Limits(rpm=6, tpm=900)
     assert Decision(level=Level.WATCH).limits(Limits(rpm=5)) == Limits(rpm=5)
 
@@ -85,7 +97,11 @@ def test_canary_share_is_close_to_the_rate_and_deterministic():
 def test_canaries_are_keyed_per_secret_account_and_request():
     a = canary_text(b"s1", "acct", "req-1")
     assert a == canary_text(b"s1", "acct", "req-1")
-    others = {canary_text(b"s2", "acct", "req-1"), canary_text(b"s1", "other", "req-1"), canary_text(b"s1", "acct", "req-2")}
+    others = {
+        canary_text(b"s2", "acct", "req-1"),
+        canary_text(b"s1", "other", "req-1"),
+        canary_text(b"s1", "acct", "req-2"),
+    }
     assert a not in others and len(others) == 3
     opening, continuation = canary(b"s1", "acct", "req-1")
     assert a == opening + continuation and continuation.endswith(".")
@@ -96,26 +112,39 @@ def test_canaries_are_keyed_per_secret_account_and_request():
 
 # ---- a real gateway ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     root = tmp_path_factory.mktemp("policy")
     db = f"sqlite:///{root / 'ledger.db'}"
     policy = root / "policy.yaml"
-    policy.write_text(json.dumps({
-        "ladder": {"watch": ["log"], "suspect": ["log", "throttle", "limit_logprobs", "watermark_boost"],
-                   "extracting": ["block"]},
-        "throttle_factor": 0.25,
-    }))
+    policy.write_text(
+        json.dumps(
+            {
+                "ladder": {
+                    "watch": ["log"],
+                    "suspect": ["log", "throttle", "limit_logprobs", "watermark_boost"],
+                    "extracting": ["block"],
+                },
+                "throttle_factor": 0.25,
+            }
+        )
+    )
     canary_policy = root / "canary.yaml"
     canary_policy.write_text(json.dumps({"ladder": {"extracting": ["canary"]}, "canary_rate": 1.0}))
-    env = {"DISTILLGUARD_ADMIN_KEY": ADMIN, "DISTILLGUARD_WATERMARK_SECRET": SECRET,
-           "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0"}
+    env = {
+        "DISTILLGUARD_ADMIN_KEY": ADMIN,
+        "DISTILLGUARD_WATERMARK_SECRET": SECRET,
+        "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0",
+    }
     with serve_process("--model", "tiny", "--db", db, "--policy", str(policy), env=env) as url:
         yield SimpleNamespace(url=url, db=db, root=root, canary_policy=canary_policy, env=env)
 
 
 def admin(gw, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, gw.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw)
+    return httpx.request(
+        method, gw.url + path, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30, **kw
+    )
 
 
 def new_key(gw, account: str, **limits) -> str:
@@ -125,8 +154,18 @@ def new_key(gw, account: str, **limits) -> str:
 
 
 def chat(url: str, key: str, **extra) -> httpx.Response:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
-    return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        **extra,
+    }
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
 
 
 def set_level(gw, account: str, level: str, **extra) -> httpx.Response:
@@ -137,10 +176,20 @@ def ledger_rows(db: str, account: str) -> list:
     engine = create_engine(db)
     try:
         with engine.connect() as conn:
-            return list(conn.execute(select(LedgerRow.request_id, LedgerRow.policy_action, LedgerRow.status,
-                                            LedgerRow.error_code, LedgerRow.response_text,
-                                            LedgerRow.watermark_key_id)
-                                     .where(LedgerRow.account_id == account).order_by(LedgerRow.id)))
+            return list(
+                conn.execute(
+                    select(
+                        LedgerRow.request_id,
+                        LedgerRow.policy_action,
+                        LedgerRow.status,
+                        LedgerRow.error_code,
+                        LedgerRow.response_text,
+                        LedgerRow.watermark_key_id,
+                    )
+                    .where(LedgerRow.account_id == account)
+                    .order_by(LedgerRow.id)
+                )
+            )
     finally:
         engine.dispose()
 
@@ -150,9 +199,13 @@ def test_levels_change_what_an_account_gets(gateway):
     ok = chat(gateway.url, key, logprobs=True, top_logprobs=3)
     assert ok.status_code == 200 and ok.json()["choices"][0]["logprobs"] is not None
 
-    assert set_level(gateway, "mallory", "suspect", reasons=["logprob harvesting"]).status_code == 201
+    assert (
+        set_level(gateway, "mallory", "suspect", reasons=["logprob harvesting"]).status_code == 201
+    )
     suspect = chat(gateway.url, key, logprobs=True, top_logprobs=3)
-    assert suspect.status_code == 200 and suspect.json()["choices"][0]["logprobs"] is None  # stripped
+    assert (
+        suspect.status_code == 200 and suspect.json()["choices"][0]["logprobs"] is None
+    )  # stripped
     # throttled: rpm 8 x 0.25 = 2 per minute, and three requests went out in this minute
     limited = chat(gateway.url, key)
     assert limited.status_code == 429, limited.text
@@ -161,7 +214,10 @@ def test_levels_change_what_an_account_gets(gateway):
     blocked = chat(gateway.url, key)
     assert blocked.status_code == 403 and blocked.json()["error"]["code"] == "account_blocked"
 
-    assert set_level(gateway, "mallory", "ok", reasons=["false positive, cleared by hand"]).status_code == 201
+    assert (
+        set_level(gateway, "mallory", "ok", reasons=["false positive, cleared by hand"]).status_code
+        == 201
+    )
     rows = ledger_rows(gateway.db, "mallory")
     actions = [r.policy_action for r in rows]
     assert actions[0] is None
@@ -179,10 +235,19 @@ def test_verdict_admin_api_rejects_bad_input(gateway):
     new_key(gateway, "victor")
     bad = set_level(gateway, "victor", "panic")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "level"
-    assert admin(gateway, "POST", "/admin/accounts/victor/verdict", json={"level": "ok", "x": 1}).status_code == 400
+    assert (
+        admin(
+            gateway, "POST", "/admin/accounts/victor/verdict", json={"level": "ok", "x": 1}
+        ).status_code
+        == 400
+    )
     key = new_key(gateway, "eve")
-    denied = httpx.post(f"{gateway.url}/admin/accounts/eve/verdict", json={"level": "ok"},
-                        headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    denied = httpx.post(
+        f"{gateway.url}/admin/accounts/eve/verdict",
+        json={"level": "ok"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=30,
+    )
     assert denied.status_code == 403
 
 
@@ -192,15 +257,24 @@ def test_watch_level_only_logs(gateway):
     set_level(gateway, "walter", "watch")
     after = chat(gateway.url, key, seed=5, logprobs=True, top_logprobs=2)
     assert after.status_code == 200
-    assert after.json()["choices"][0]["message"] == before.json()["choices"][0]["message"]  # same answer
+    assert (
+        after.json()["choices"][0]["message"] == before.json()["choices"][0]["message"]
+    )  # same answer
     assert [r.policy_action for r in ledger_rows(gateway.db, "walter")] == [None, "watch:log"]
 
 
 def test_canaries_are_served_and_recorded(gateway):
     """A second server on the same ledger with a canary-only ladder: every answer to the
     extracting account is its canary, recomputable from the secret and the ledger row."""
-    with serve_process("--model", "tiny", "--db", gateway.db, "--policy", str(gateway.canary_policy),
-                       env=gateway.env) as url:
+    with serve_process(
+        "--model",
+        "tiny",
+        "--db",
+        gateway.db,
+        "--policy",
+        str(gateway.canary_policy),
+        env=gateway.env,
+    ) as url:
         key = new_key(SimpleNamespace(url=url), "carol")
         set_level(SimpleNamespace(url=url), "carol", "extracting")
         plain = chat(url, key, n=2)
@@ -209,21 +283,33 @@ def test_canaries_are_served_and_recorded(gateway):
         texts = [c["message"]["content"] for c in body["choices"]]
         assert len(texts) == 2 and texts[0] == texts[1]
         assert body["usage"]["completion_tokens"] >= 2 and body["usage"]["prompt_tokens"] >= 1
-        streamed = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                              json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        streamed = httpx.post(
+            f"{url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        )
         events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
-        stream_text = "".join(c["choices"][0]["delta"].get("content") or ""
-                              for c in map(json.loads, events[:-1]) if c["choices"])
+        stream_text = "".join(
+            c["choices"][0]["delta"].get("content") or ""
+            for c in map(json.loads, events[:-1])
+            if c["choices"]
+        )
     rows = ledger_rows(gateway.db, "carol")
     assert [r.policy_action for r in rows] == ["extracting:canary", "extracting:canary"]
     assert json.loads(rows[0].response_text) == texts
     assert texts[0] == canary_text(SECRET.encode(), "carol", rows[0].request_id)
-    assert stream_text == canary_text(SECRET.encode(), "carol", rows[1].request_id) == rows[1].response_text
+    assert (
+        stream_text
+        == canary_text(SECRET.encode(), "carol", rows[1].request_id)
+        == rows[1].response_text
+    )
     assert rows[0].watermark_key_id is None  # no model output was served
 
 
 # ---- the online monitor --------------------------------------------------------------------
+
 
 class CountingMonitor:
     """A real (if simple) detector: an account is suspect after `after` requests with logprobs."""
@@ -236,7 +322,9 @@ class CountingMonitor:
             return None
         n = self.counts[record["account"]] = self.counts.get(record["account"], 0) + 1
         if n >= self.after:
-            return SimpleNamespace(level="suspect", score=float(n), reasons=[f"{n} requests asked for logprobs"])
+            return SimpleNamespace(
+                level="suspect", score=float(n), reasons=[f"{n} requests asked for logprobs"]
+            )
         return None
 
 
@@ -245,17 +333,32 @@ def test_online_monitor_escalates_off_the_request_path(tmp_path):
     from distillguard.guard.keys import KeyRecord
 
     async def scenario():
-        guard = Guard(GuardConfig(db=f"sqlite:///{tmp_path / 'l.db'}", watermark=False, verdict_cache_ttl_s=0),
-                      monitor=CountingMonitor(after=3))
+        guard = Guard(
+            GuardConfig(
+                db=f"sqlite:///{tmp_path / 'l.db'}", watermark=False, verdict_cache_ttl_s=0
+            ),
+            monitor=CountingMonitor(after=3),
+        )
         await guard.start()
-        key = KeyRecord(id="k1", account="acct", prefix="dg-", name=None, created_at=0.0, revoked_at=None,
-                        limits=Limits())
+        key = KeyRecord(
+            id="k1",
+            account="acct",
+            prefix="dg-",
+            name=None,
+            created_at=0.0,
+            revoked_at=None,
+            limits=Limits(),
+        )
         levels = []
         try:
             for i in range(5):
                 log = RequestLog(client_ip="10.0.0.1", key=key)
-                log.body = {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}],
-                            "logprobs": True, "top_logprobs": 5}
+                log.body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": f"q{i}"}],
+                    "logprobs": True,
+                    "top_logprobs": 5,
+                }
                 await guard.finish(log)
                 await asyncio.sleep(0.2)  # the monitor thread works behind the request
                 levels.append(await guard.level_of("acct"))

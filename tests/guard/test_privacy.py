@@ -10,14 +10,30 @@ import re
 import pytest
 
 from distillguard.errors import ConfigError
-from distillguard.guard.privacy import (LedgerPrivacy, compile_redactions, digest, parse_age, private_texts,
-                                        private_value)
+from distillguard.guard.privacy import (
+    LedgerPrivacy,
+    compile_redactions,
+    digest,
+    parse_age,
+    private_texts,
+    private_value,
+)
 
 SHA_HI = hashlib.sha256(b"hi").hexdigest()
-BODY = {"model": "tiny", "max_tokens": 5, "logprobs": True, "temperature": 0.5, "user": "alice@example.com",
-        "stop": ["END"], "metadata": {"ticket": "T-1"},
-        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                     {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+BODY = {
+    "model": "tiny",
+    "max_tokens": 5,
+    "logprobs": True,
+    "temperature": 0.5,
+    "user": "alice@example.com",
+    "stop": ["END"],
+    "metadata": {"ticket": "T-1"},
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ],
+}
 
 
 def test_digest_is_the_sha256_of_the_utf8_text_and_its_length():
@@ -30,13 +46,21 @@ def test_digest_is_the_sha256_of_the_utf8_text_and_its_length():
 
 def test_hashes_keep_structure_and_numbers_and_hash_every_string():
     out = private_value(BODY, "hashes")
-    assert {k: out[k] for k in ("model", "max_tokens", "logprobs", "temperature")} == \
-           {"model": "tiny", "max_tokens": 5, "logprobs": True, "temperature": 0.5}
+    assert {k: out[k] for k in ("model", "max_tokens", "logprobs", "temperature")} == {
+        "model": "tiny",
+        "max_tokens": 5,
+        "logprobs": True,
+        "temperature": 0.5,
+    }
     assert [m["role"] for m in out["messages"]] == ["system", "user", "user"]
     assert out["messages"][1]["content"] == {"sha256": SHA_HI, "chars": 2}
     parts = json.dumps([{"type": "text", "text": "hi"}], ensure_ascii=False, sort_keys=True)
     assert out["messages"][2]["content"] == digest(parts, "hashes")
-    assert out["user"]["chars"] == 17 and out["stop"][0]["chars"] == 3 and out["metadata"]["ticket"]["chars"] == 3
+    assert (
+        out["user"]["chars"] == 17
+        and out["stop"][0]["chars"] == 3
+        and out["metadata"]["ticket"]["chars"] == 3
+    )
     assert not any(s in json.dumps(out) for s in ("alice", "be brief", "END", "T-1", '"hi"'))
 
 
@@ -55,24 +79,40 @@ def test_redaction_in_full_mode_touches_text_not_structure():
 
 
 def test_answers_in_each_mode():
-    assert private_texts(["mail bob@x.org"], "full", compile_redactions([r"\S+@\S+"])) == "mail [REDACTED]"
-    assert private_texts(["a", "b"], "full") == '["a", "b"]'  # n > 1: a JSON list, as the gateway stores it
+    assert (
+        private_texts(["mail bob@x.org"], "full", compile_redactions([r"\S+@\S+"]))
+        == "mail [REDACTED]"
+    )
+    assert (
+        private_texts(["a", "b"], "full") == '["a", "b"]'
+    )  # n > 1: a JSON list, as the gateway stores it
     assert json.loads(private_texts(["hi"], "hashes")) == {"sha256": SHA_HI, "chars": 2}
     assert [d["chars"] for d in json.loads(private_texts(["hi", "abc"], "hashes"))] == [2, 3]
     assert private_texts(["hi"], "off") is None and private_texts([], "hashes") is None
 
 
 def test_a_row_is_transformed_in_one_place():
-    row = {"request_id": "r", "request_body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-           "response_text": "yo", "prompt_tokens": 3}
+    row = {
+        "request_id": "r",
+        "request_body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        "response_text": "yo",
+        "prompt_tokens": 3,
+    }
     assert LedgerPrivacy().row(row, ["yo"]) is row
     hashed = LedgerPrivacy("hashes").row(row, ["yo"])
-    assert hashed["prompt_tokens"] == 3 and hashed["request_body"]["messages"][0]["content"]["sha256"] == SHA_HI
-    assert json.loads(hashed["response_text"])["chars"] == 2 and row["response_text"] == "yo"  # not mutated
+    assert (
+        hashed["prompt_tokens"] == 3
+        and hashed["request_body"]["messages"][0]["content"]["sha256"] == SHA_HI
+    )
+    assert (
+        json.loads(hashed["response_text"])["chars"] == 2 and row["response_text"] == "yo"
+    )  # not mutated
 
 
 def test_bad_settings_name_the_value():
-    with pytest.raises(ConfigError, match=r"--redact '\(unclosed' is not a valid regular expression"):
+    with pytest.raises(
+        ConfigError, match=r"--redact '\(unclosed' is not a valid regular expression"
+    ):
         LedgerPrivacy(redact=("(unclosed",))
     with pytest.raises(ConfigError, match="--ledger-content 'some': use one of full, hashes, off"):
         LedgerPrivacy("some")  # type: ignore[arg-type]
@@ -81,7 +121,9 @@ def test_bad_settings_name_the_value():
 def test_ages_parse_or_name_the_fix():
     assert parse_age("30d") == 30 * 86400 and parse_age("12h") == 43200 and parse_age("1.5m") == 90
     assert parse_age("2w") == 14 * 86400 and parse_age("45s") == 45
-    with pytest.raises(ConfigError, match=r"--older-than '30 days': give a number and a unit, e.g. 30d"):
+    with pytest.raises(
+        ConfigError, match=r"--older-than '30 days': give a number and a unit, e.g. 30d"
+    ):
         parse_age("30 days")
 
 
@@ -100,12 +142,38 @@ def test_ledger_prune_deletes_old_rows_and_idempotent_responses(tmp_path):
     now, day = time.time(), 86400.0
     ages = {"r-40d": 40 * day, "r-31d": 31 * day, "r-29d": 29 * day, "r-now": 0.0}
     with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), [{"request_id": rid, "ts": now - age, "account_id": "a", "status": 200,
-                                          "stream": False, "request_body": {"messages": []}} for rid, age in ages.items()])
-        conn.execute(insert(IdempotentResponse), [
-            {"account_id": "a", "key": k, "request_hash": "h", "request_id": k, "response": {}, "created_at": now - age}
-            for k, age in (("old", 35 * day), ("new", day))])
-        conn.execute(insert(Verdict), [{"ts": now - 60 * day, "account_id": "a", "level": 1, "source": "admin"}])
+        conn.execute(
+            insert(LedgerRow),
+            [
+                {
+                    "request_id": rid,
+                    "ts": now - age,
+                    "account_id": "a",
+                    "status": 200,
+                    "stream": False,
+                    "request_body": {"messages": []},
+                }
+                for rid, age in ages.items()
+            ],
+        )
+        conn.execute(
+            insert(IdempotentResponse),
+            [
+                {
+                    "account_id": "a",
+                    "key": k,
+                    "request_hash": "h",
+                    "request_id": k,
+                    "response": {},
+                    "created_at": now - age,
+                }
+                for k, age in (("old", 35 * day), ("new", day))
+            ],
+        )
+        conn.execute(
+            insert(Verdict),
+            [{"ts": now - 60 * day, "account_id": "a", "level": 1, "source": "admin"}],
+        )
     out = run_cli("ledger", "prune", "--older-than", "30d", "--db", db)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("deleted 2 requests and 1 idempotent responses from before ")
@@ -116,7 +184,11 @@ def test_ledger_prune_deletes_old_rows_and_idempotent_responses(tmp_path):
     again = run_cli("ledger", "prune", "--older-than", "30d", "--db", db)
     assert again.stdout.startswith("deleted 0 requests and 0 idempotent responses")
     bad = run_cli("ledger", "prune", "--older-than", "a month", "--db", db)
-    assert bad.returncode == 2 and "give a number and a unit" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "give a number and a unit" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
     engine.dispose()
 
 
@@ -130,8 +202,13 @@ def test_prune_deletes_in_batches(tmp_path):
     engine = make_engine(str(tmp_path / "ledger.db"))
     migrate(engine)
     with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), [{"request_id": f"r{i}", "ts": float(i), "status": 200, "stream": False}
-                                         for i in range(25)])
+        conn.execute(
+            insert(LedgerRow),
+            [
+                {"request_id": f"r{i}", "ts": float(i), "status": 200, "stream": False}
+                for i in range(25)
+            ],
+        )
     assert prune(engine, before=20.0, batch=7) == {"requests": 20, "idempotent_responses": 0}
     with engine.connect() as conn:
         assert conn.execute(select(func.min(LedgerRow.ts))).scalar() == 20.0
@@ -140,22 +217,44 @@ def test_prune_deletes_in_batches(tmp_path):
 
 # ---- detection on what a private ledger keeps ------------------------------------------------
 
-def hashed_record(account: str, ts: float, prompt: str, mode: str = "hashes", system: str | None = None) -> dict:
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return {"ts": ts, "account": account, "ip": None,
-            "request": private_value({"model": "m", "messages": messages, "max_tokens": 64}, mode)}
+
+def hashed_record(
+    account: str, ts: float, prompt: str, mode: str = "hashes", system: str | None = None
+) -> dict:
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return {
+        "ts": ts,
+        "account": account,
+        "ip": None,
+        "request": private_value({"model": "m", "messages": messages, "max_tokens": 64}, mode),
+    }
 
 
 def test_features_of_a_hashed_prompt_identify_it_without_its_text():
     from distillguard.detect.features import extract, without_text
 
-    a, b, c = (extract(hashed_record("x", 1.0, p, system="sys")) for p in ("same words here", "same words here", "other"))
-    assert not a.has_text and a.prompt == "" and a.template is None and not a.cot and a.max_tokens == 64
+    a, b, c = (
+        extract(hashed_record("x", 1.0, p, system="sys"))
+        for p in ("same words here", "same words here", "other")
+    )
+    assert (
+        not a.has_text
+        and a.prompt == ""
+        and a.template is None
+        and not a.cot
+        and a.max_tokens == 64
+    )
     assert a.prompt_hash == b.prompt_hash != c.prompt_hash
     assert a.system_hash == SHA_SYS[:16] and without_text(hashed_record("x", 1.0, "p"))
     off = extract(hashed_record("x", 1.0, "same words here", "off", system="sys"))
     assert not off.has_text and off.prompt_hash == "" and off.system_hash is None
-    full = {"ts": 1.0, "account": "x", "request": {"messages": [{"role": "user", "content": "hello"}]}}
+    full = {
+        "ts": 1.0,
+        "account": "x",
+        "request": {"messages": [{"role": "user", "content": "hello"}]},
+    }
     assert extract(full).has_text and not without_text(full)
 
 
@@ -168,15 +267,25 @@ def test_linking_still_sees_identical_prompts_in_a_hashed_ledger():
 
     def linker_over(mode: str) -> Linker:
         linker = Linker()
-        for i in range(20):  # two keys of one campaign send the same 20 prompts; five people their own
+        for i in range(
+            20
+        ):  # two keys of one campaign send the same 20 prompts; five people their own
             for bot in ("bot-1", "bot-2"):
-                linker.observe(extract(hashed_record(bot, float(i), f"extract the teacher, item {i}", mode)))
+                linker.observe(
+                    extract(hashed_record(bot, float(i), f"extract the teacher, item {i}", mode))
+                )
             for p in range(5):
-                linker.observe(extract(hashed_record(f"person-{p}", float(i), f"question {i} of person {p}", mode)))
+                linker.observe(
+                    extract(
+                        hashed_record(f"person-{p}", float(i), f"question {i} of person {p}", mode)
+                    )
+                )
         return linker
 
     hashed = linker_over("hashes")
-    assert hashed.cluster_id("bot-1") is not None and hashed.cluster_id("bot-1") == hashed.cluster_id("bot-2")
+    assert hashed.cluster_id("bot-1") is not None and hashed.cluster_id(
+        "bot-1"
+    ) == hashed.cluster_id("bot-2")
     assert all(hashed.cluster_size(f"person-{p}") == 1 for p in range(5))
     lengths = linker_over("off")  # lengths only: nothing to link by
     assert lengths.cluster_size("bot-1") == 1
@@ -189,8 +298,16 @@ def private_gateway(request, tmp_path_factory):
     db = f"sqlite:///{tmp_path_factory.mktemp('private') / 'ledger.db'}"
     mode = request.param.split("-")[0]  # "full-redacted": full, with two --redact patterns
     extra = ("--redact", r"secret-\w+", "--redact", r"\d{3}-\d{4}") if mode == "full" else ()
-    with serve_process("--model", "tiny", "--db", db, "--ledger-content", mode, *extra,
-                       env={"DISTILLGUARD_ADMIN_KEY": ADMIN}) as url:
+    with serve_process(
+        "--model",
+        "tiny",
+        "--db",
+        db,
+        "--ledger-content",
+        mode,
+        *extra,
+        env={"DISTILLGUARD_ADMIN_KEY": ADMIN},
+    ) as url:
         yield url, db, mode
 
 
@@ -205,57 +322,105 @@ def test_the_ledger_keeps_what_its_mode_says(private_gateway):
     from distillguard.guard.schema import LedgerRow
 
     url, db, mode = private_gateway
-    key = httpx.post(f"{url}/admin/keys", json={"account": "p"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
+    key = httpx.post(
+        f"{url}/admin/keys", json={"account": "p"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    ).json()["key"]
     prompt = "call secret-abc at 555-1234 please"
     auth = {"Authorization": f"Bearer {key}"}
-    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 6, "seed": 1,
-            "user": "alice"}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 6,
+        "seed": 1,
+        "user": "alice",
+    }
     answer = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=60).json()
     text = answer["choices"][0]["message"]["content"]
-    streamed = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=auth, timeout=60)
+    streamed = httpx.post(
+        f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=auth, timeout=60
+    )
     assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
     engine = make_engine(db)
     with engine.connect() as conn:
-        rows = conn.execute(select(*LedgerRow.__table__.columns).where(LedgerRow.account_id == "p")
-                            .order_by(LedgerRow.id)).all()
+        rows = conn.execute(
+            select(*LedgerRow.__table__.columns)
+            .where(LedgerRow.account_id == "p")
+            .order_by(LedgerRow.id)
+        ).all()
     engine.dispose()
     assert len(rows) == 2 and all(r.prompt_tokens and r.completion_tokens for r in rows)
     assert [r.request_body["messages"][0]["role"] for r in rows] == ["user", "user"]
     stored = rows[0].request_body["messages"][0]["content"]
     if mode == "full":
-        assert stored == "call [REDACTED] at [REDACTED] please" and rows[0].request_body["user"] == "alice"
+        assert (
+            stored == "call [REDACTED] at [REDACTED] please"
+            and rows[0].request_body["user"] == "alice"
+        )
         assert rows[0].response_text == text  # nothing in the tiny model's answer matches
     elif mode == "hashes":
-        assert stored == {"sha256": hashlib.sha256(prompt.encode()).hexdigest(), "chars": len(prompt)}
+        assert stored == {
+            "sha256": hashlib.sha256(prompt.encode()).hexdigest(),
+            "chars": len(prompt),
+        }
         assert json.loads(rows[0].response_text) == digest(text, "hashes")
         assert rows[0].request_body["user"]["chars"] == 5
     else:
-        assert stored == {"chars": len(prompt)} and rows[0].response_text is None and rows[1].response_text is None
+        assert (
+            stored == {"chars": len(prompt)}
+            and rows[0].response_text is None
+            and rows[1].response_text is None
+        )
     everything = json.dumps([[r.request_body, r.response_text] for r in rows])
     assert "secret-abc" not in everything and "555-1234" not in everything
     if mode != "full":
-        assert "alice" not in everything and (not text.strip() or json.dumps(text)[1:-1] not in everything)
+        assert "alice" not in everything and (
+            not text.strip() or json.dumps(text)[1:-1] not in everything
+        )
 
 
 @pytest.mark.parametrize("private_gateway", ["hashes", "off"], indirect=True)
 def test_detect_runs_on_a_private_ledger_and_says_what_it_cannot_see(private_gateway, tmp_path):
     import random
 
+    import httpx
+
     from tests.detect.synth import benign_account
     from tests.servers import run_cli
 
-    import httpx
-
     url, db, mode = private_gateway
-    key = httpx.post(f"{url}/admin/keys", json={"account": "q"}, headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
-    sent = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                      json={"model": "tiny", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 3})
+    key = httpx.post(
+        f"{url}/admin/keys", json={"account": "q"}, headers={"Authorization": f"Bearer {ADMIN}"}
+    ).json()["key"]
+    sent = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+        json={
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 3,
+        },
+    )
     assert sent.status_code == 200
     rng = random.Random(0)
     benign = tmp_path / "benign.jsonl"
-    benign.write_text("".join(json.dumps(r) + "\n" for i in range(40) for r in benign_account(rng, f"b{i}", days=2)))
-    out = run_cli("detect", "--ledger", db, "--calibrate", str(benign), "--target-fpr", "0.05", "--json",
-                  env={"COLUMNS": "400"}, timeout=600)
+    benign.write_text(
+        "".join(
+            json.dumps(r) + "\n" for i in range(40) for r in benign_account(rng, f"b{i}", days=2)
+        )
+    )
+    out = run_cli(
+        "detect",
+        "--ledger",
+        db,
+        "--calibrate",
+        str(benign),
+        "--target-fpr",
+        "0.05",
+        "--json",
+        env={"COLUMNS": "400"},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     assert re.search(r"(\d+) of \1 requests to score carry no prompt text", out.stderr), out.stderr
     assert "template, cot, mmd, prada and coverage" in out.stderr
@@ -283,17 +448,27 @@ def test_online_detection_sees_the_request_as_sent_while_the_ledger_keeps_hashes
             self.seen.set()
 
     monitor = Recorder()
-    guard = Guard(GuardConfig(db=str(tmp_path / "ledger.db"), ledger_content="hashes", watermark=False),
-                  monitor=monitor)
+    guard = Guard(
+        GuardConfig(db=str(tmp_path / "ledger.db"), ledger_content="hashes", watermark=False),
+        monitor=monitor,
+    )
 
     async def main():
         await guard.start()
         try:
             key, _ = await asyncio.to_thread(guard.keys.create, "acct")
             log = RequestLog(client_ip="127.0.0.1", key=key)
-            log.set_body(json.dumps({"model": "m", "messages": [{"role": "user", "content": "the question"}]}).encode())
-            log.add_response({"choices": [{"index": 0, "message": {"content": "the answer"}}],
-                              "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+            log.set_body(
+                json.dumps(
+                    {"model": "m", "messages": [{"role": "user", "content": "the question"}]}
+                ).encode()
+            )
+            log.add_response(
+                {
+                    "choices": [{"index": 0, "message": {"content": "the answer"}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+                }
+            )
             await guard.finish(log)
         finally:
             await guard.close()
@@ -304,5 +479,8 @@ def test_online_detection_sees_the_request_as_sent_while_the_ledger_keeps_hashes
     assert monitor.records[0]["response"]["text"] == "the answer"
     with guard.engine.connect() as conn:
         stored = conn.execute(select(LedgerRow.request_body, LedgerRow.response_text)).one()
-    assert stored.request_body["messages"][0]["content"]["sha256"] == hashlib.sha256(b"the question").hexdigest()
+    assert (
+        stored.request_body["messages"][0]["content"]["sha256"]
+        == hashlib.sha256(b"the question").hexdigest()
+    )
     assert json.loads(stored.response_text) == digest("the answer", "hashes")

@@ -26,9 +26,24 @@ def test_schema_pinned(db_url):
     insp = inspect(engine)
     assert set(insp.get_table_names()) >= {"accounts", "api_keys", "requests", "alembic_version"}
     assert [c["name"] for c in insp.get_columns("requests")] == [
-        "id", "request_id", "ts", "account_id", "key_id", "client_ip", "model", "request_body",
-        "response_text", "prompt_tokens", "completion_tokens", "latency_ms", "status", "error_code",
-        "stream", "policy_action", "watermark_key_id", "label",
+        "id",
+        "request_id",
+        "ts",
+        "account_id",
+        "key_id",
+        "client_ip",
+        "model",
+        "request_body",
+        "response_text",
+        "prompt_tokens",
+        "completion_tokens",
+        "latency_ms",
+        "status",
+        "error_code",
+        "stream",
+        "policy_action",
+        "watermark_key_id",
+        "label",
     ]
     indexes = {ix["name"]: ix["column_names"] for ix in insp.get_indexes("requests")}
     assert indexes["ix_requests_account_ts"] == ["account_id", "ts"]
@@ -36,10 +51,30 @@ def test_schema_pinned(db_url):
     assert indexes["ix_requests_ts"] == ["ts"]
     assert "key" not in {c["name"] for c in insp.get_columns("api_keys")}  # only the hash is stored
     assert [c["name"] for c in insp.get_columns("accounts")] == [
-        "id", "created_at", "disabled", "rpm", "tpm", "max_concurrent", "daily_tokens", "daily_usd",
+        "id",
+        "created_at",
+        "disabled",
+        "rpm",
+        "tpm",
+        "max_concurrent",
+        "daily_tokens",
+        "daily_usd",
     ]
     assert [c["name"] for c in insp.get_columns("api_keys")] == [
-        "id", "account_id", "key_hash", "prefix", "name", "created_at", "revoked_at", "rpm", "tpm",
-        "max_concurrent", "daily_tokens", "daily_usd", "expires_at", "models", "rotated_from",
+        "id",
+        "account_id",
+        "key_hash",
+        "prefix",
+        "name",
+        "created_at",
+        "revoked_at",
+        "rpm",
+        "tpm",
+        "max_concurrent",
+        "daily_tokens",
+        "daily_usd",
+        "expires_at",
+        "models",
+        "rotated_from",
     ]
     engine.dispose()

@@ -31,9 +31,14 @@ def test_tiny_does_not_disturb_global_rng():
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("spec,arch,layers,ctx", [
-    ("tiny", "llama", 2, 512), ("tiny-gpt2", "gpt2", 2, 512), ("tiny:layers=3,ctx=128", "llama", 3, 128),
-])
+@pytest.mark.parametrize(
+    "spec,arch,layers,ctx",
+    [
+        ("tiny", "llama", 2, 512),
+        ("tiny-gpt2", "gpt2", 2, 512),
+        ("tiny:layers=3,ctx=128", "llama", 3, 128),
+    ],
+)
 def test_tiny_variants(spec, arch, layers, ctx):
     lm = load_model(spec)
     assert TinySpec.parse(spec).arch == arch
@@ -43,14 +48,17 @@ def test_tiny_variants(spec, arch, layers, ctx):
     assert lm.model(ids).logits.shape == (1, ids.shape[1], lm.vocab_size)
 
 
-@pytest.mark.parametrize("spec,fragment", [
-    ("tiny-bert", "unknown tiny architecture"),
-    ("tiny:layers=x", "needs an integer"),
-    ("tiny:depth=2", "bad option"),
-    ("tiny:hidden=30,heads=4", "multiple of heads"),
-    ("/nonexistent/model.gguf", "no such GGUF file"),
-    ("./no/such/dir", "no such directory"),
-])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("tiny-bert", "unknown tiny architecture"),
+        ("tiny:layers=x", "needs an integer"),
+        ("tiny:depth=2", "bad option"),
+        ("tiny:hidden=30,heads=4", "multiple of heads"),
+        ("/nonexistent/model.gguf", "no such GGUF file"),
+        ("./no/such/dir", "no such directory"),
+    ],
+)
 def test_bad_specs_name_the_spec(spec, fragment):
     with pytest.raises(ModelLoadError) as info:
         load_model(spec)
@@ -68,8 +76,12 @@ def test_tiny_tokenizer_bytes_round_trip():
 
 def test_chat_template_is_exposed():
     lm = load_model("tiny")
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
-                {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "again"},
+    ]
     text = lm.tokenizer.decode(lm.chat_ids(messages))
     assert text.endswith("<|im_start|>assistant\n")
     assert all(m["content"] in text for m in messages)
@@ -83,7 +95,9 @@ def test_local_checkpoint_directory(tmp_path):
     again = load_model(str(tmp_path))
     ids = torch.tensor([lm.chat_ids([{"role": "user", "content": "same weights?"}])])
     assert torch.allclose(lm.model(ids).logits, again.model(ids).logits)
-    assert again.chat_ids([{"role": "user", "content": "x"}]) == lm.chat_ids([{"role": "user", "content": "x"}])
+    assert again.chat_ids([{"role": "user", "content": "x"}]) == lm.chat_ids(
+        [{"role": "user", "content": "x"}]
+    )
 
 
 def test_unreachable_hub_id_is_one_clear_line():
@@ -91,7 +105,10 @@ def test_unreachable_hub_id_is_one_clear_line():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         distillguard_command("serve", "--model", "no-such-org/no-such-model", "--port", "0"),
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "no-such-org/no-such-model" in proc.stderr
@@ -125,7 +142,9 @@ def test_a_converted_model_cached_by_another_process_first_is_not_an_error(tmp_p
     with caplog.at_level("WARNING"):
         _save_cache(lm.model, lm.tokenizer, target)
     assert not [r for r in caplog.records if "could not cache" in r.getMessage()]
-    assert sorted(p.name for p in target.parent.iterdir()) == ["model-key"]  # no temporary directory left
+    assert sorted(p.name for p in target.parent.iterdir()) == [
+        "model-key"
+    ]  # no temporary directory left
     again = load_model(str(target))
     for a, b in zip(lm.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)

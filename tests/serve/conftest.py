@@ -17,11 +17,14 @@ import pytest
 from distillguard.models import LoadedModel, load_model
 from tests.servers import STARTUP_TIMEOUT_S, serve_process
 
+
 @pytest.fixture(scope="session")
 def serve() -> Iterator[Callable[..., str]]:
     """``serve("--model", "tiny", ...)`` → base URL of a server that lives until the session ends."""
     with ExitStack() as stack:
-        yield lambda *args, timeout_s=STARTUP_TIMEOUT_S: stack.enter_context(serve_process(*args, timeout_s=timeout_s))
+        yield lambda *args, timeout_s=STARTUP_TIMEOUT_S: stack.enter_context(
+            serve_process(*args, timeout_s=timeout_s)
+        )
 
 
 @pytest.fixture(scope="session")

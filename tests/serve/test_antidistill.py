@@ -16,9 +16,11 @@ from tests.guard.test_policy import ledger_rows
 from tests.serve.test_engine import Sink
 from tests.servers import serve_process
 
-PAIRS = [("What is the capital of France?", "The capital of France is Paris, a city on the Seine."),
-         ("Name three primary colours.", "Red, yellow and blue are the traditional primary colours."),
-         ("How do plants make food?", "Plants make food by photosynthesis, using light, water and CO2.")]
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine."),
+    ("Name three primary colours.", "Red, yellow and blue are the traditional primary colours."),
+    ("How do plants make food?", "Plants make food by photosynthesis, using light, water and CO2."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def test_direction_is_the_gradient_of_the_downstream_loss(tiny_lm, direction):
         p_ids = tiny_lm.chat_ids([{"role": "user", "content": prompt}])
         a_ids = tiny_lm.tokenizer.encode(answer, add_special_tokens=False)
         h, _ = hidden_and_logits(tiny_lm, p_ids + a_ids)
-        hs.append(h[len(p_ids) - 1:len(p_ids) + len(a_ids) - 1])
+        hs.append(h[len(p_ids) - 1 : len(p_ids) + len(a_ids) - 1])
         ys.append(torch.tensor(a_ids))
     h, y = torch.cat(hs), torch.cat(ys)
     w = tiny_lm.model.get_output_embeddings().weight.detach().float()
@@ -62,8 +64,10 @@ def test_delta_is_the_directional_derivative_of_the_token_logprob(tiny_lm, direc
     h = h[-1:]
     w = tiny_lm.model.get_output_embeddings().weight.detach().float()
     eps = 1e-3
-    fd = (torch.log_softmax(h @ (w + eps * direction.gradient).T, -1)
-          - torch.log_softmax(h @ (w - eps * direction.gradient).T, -1)) / (2 * eps)
+    fd = (
+        torch.log_softmax(h @ (w + eps * direction.gradient).T, -1)
+        - torch.log_softmax(h @ (w - eps * direction.gradient).T, -1)
+    ) / (2 * eps)
     delta = direction.delta(h)
     # equal up to the per-row constant E_p[h·G], which the softmax ignores
     torch.testing.assert_close(delta - delta.mean(), fd - fd.mean(), rtol=1e-2, atol=1e-3)
@@ -75,8 +79,9 @@ def test_rows_get_antidistillation_only_when_they_ask(tiny_lm, direction):
     plain = torch.log_softmax(logits[-1], -1)
     lam = 3.0
     perturbed = torch.log_softmax(logits[-1] + lam * direction.delta(h[-1:])[0], -1)
-    assert (perturbed.topk(5).indices != plain.topk(5).indices).any() or \
-        not torch.allclose(perturbed.topk(5).values, plain.topk(5).values, atol=1e-3)
+    assert (perturbed.topk(5).indices != plain.topk(5).indices).any() or not torch.allclose(
+        perturbed.topk(5).values, plain.topk(5).values, atol=1e-3
+    )
 
     engine = Engine(tiny_lm, max_batch_rows=4, batch_wait_s=0.05)
     engine.enable_antidistill(direction)
@@ -84,7 +89,9 @@ def test_rows_get_antidistillation_only_when_they_ask(tiny_lm, direction):
     try:
         sinks = {name: Sink(name) for name in ("plain", "anti")}
         for name, value in (("plain", 0.0), ("anti", lam)):  # one batch, two rows
-            params = GenParams(max_new_tokens=1, temperature=1.0, seed=1, top_logprobs=5, antidistill=value)
+            params = GenParams(
+                max_new_tokens=1, temperature=1.0, seed=1, top_logprobs=5, antidistill=value
+            )
             engine.submit(Job(prompt_ids=prompt, params=params, n=1, sink=sinks[name]))
         for sink in sinks.values():
             sink.wait()
@@ -120,31 +127,72 @@ def test_gateway_serves_suspects_antidistilled_answers(tmp_path):
     data = tmp_path / "downstream.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in PAIRS))
     policy = tmp_path / "policy.yaml"
-    policy.write_text(json.dumps({"ladder": {"suspect": ["log", "antidistill"]}, "antidistill_lambda": 6}))
+    policy.write_text(
+        json.dumps({"ladder": {"suspect": ["log", "antidistill"]}, "antidistill_lambda": 6})
+    )
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     admin_key = "adm-" + "x" * 20
-    env = {"DISTILLGUARD_ADMIN_KEY": admin_key, "DISTILLGUARD_WATERMARK_SECRET": "s" * 32,
-           "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0"}
-    with serve_process("--model", "tiny", "--db", db, "--policy", str(policy), "--no-watermark",
-                       "--antidistill-data", str(data), env=env) as url:
-        def admin(method, path, **kw):
-            return httpx.request(method, url + path, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30, **kw)
+    env = {
+        "DISTILLGUARD_ADMIN_KEY": admin_key,
+        "DISTILLGUARD_WATERMARK_SECRET": "s" * 32,
+        "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0",
+    }
+    with serve_process(
+        "--model",
+        "tiny",
+        "--db",
+        db,
+        "--policy",
+        str(policy),
+        "--no-watermark",
+        "--antidistill-data",
+        str(data),
+        env=env,
+    ) as url:
 
-        keys = {a: admin("POST", "/admin/keys", json={"account": a}).json()["key"] for a in ("olga", "sam")}
-        assert admin("POST", "/admin/accounts/sam/verdict", json={"level": "suspect"}).status_code == 201
+        def admin(method, path, **kw):
+            return httpx.request(
+                method,
+                url + path,
+                headers={"Authorization": f"Bearer {admin_key}"},
+                timeout=30,
+                **kw,
+            )
+
+        keys = {
+            a: admin("POST", "/admin/keys", json={"account": a}).json()["key"]
+            for a in ("olga", "sam")
+        }
+        assert (
+            admin("POST", "/admin/accounts/sam/verdict", json={"level": "suspect"}).status_code
+            == 201
+        )
 
         def ask(account):
-            body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
-                    "max_tokens": 24, "seed": 11, "temperature": 1.0, "logprobs": True, "top_logprobs": 3}
-            resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60,
-                              headers={"Authorization": f"Bearer {keys[account]}"})
+            body = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Tell me a story."}],
+                "max_tokens": 24,
+                "seed": 11,
+                "temperature": 1.0,
+                "logprobs": True,
+                "top_logprobs": 3,
+            }
+            resp = httpx.post(
+                f"{url}/v1/chat/completions",
+                json=body,
+                timeout=60,
+                headers={"Authorization": f"Bearer {keys[account]}"},
+            )
             assert resp.status_code == 200, resp.text
             return resp.json()["choices"][0]
 
         olga, sam = ask("olga"), ask("sam")
         first = [c["logprobs"]["content"][0]["top_logprobs"] for c in (olga, sam)]
         assert first[0] != first[1]  # the suspect's distribution is not the teacher's
-        assert ask("olga") == olga  # an account in good standing gets the teacher's answer, reproducibly
+        assert (
+            ask("olga") == olga
+        )  # an account in good standing gets the teacher's answer, reproducibly
         assert [r.policy_action for r in ledger_rows(db, "sam")] == ["suspect:log,antidistill"]
         assert [r.policy_action for r in ledger_rows(db, "olga")] == [None, None]
 
@@ -156,7 +204,9 @@ def test_random_control_has_the_same_spread_but_no_aim(tiny_lm, direction):
     assert control.gradient.shape == direction.gradient.shape and control.tokens == direction.tokens
     h, _ = hidden_and_logits(tiny_lm, tiny_lm.chat_ids([{"role": "user", "content": PAIRS[0][0]}]))
     w = tiny_lm.model.get_output_embeddings().weight.detach().float()
-    cos = torch.nn.functional.cosine_similarity(control.gradient.flatten(), direction.gradient.flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(
+        control.gradient.flatten(), direction.gradient.flatten(), dim=0
+    )
     assert abs(float(cos)) < 0.2  # unrelated to the downstream gradient
     for g in (control.gradient, direction.gradient):  # both have spread of order one here too
         d = h @ g.T

@@ -47,13 +47,17 @@ class Sink:
         return "".join(self.deltas(index))
 
     def finish_reason(self, index: int = 0) -> str | None:
-        return next((e.finish_reason for e in self.events if e.kind == "finish" and e.index == index), None)
+        return next(
+            (e.finish_reason for e in self.events if e.kind == "finish" and e.index == index), None
+        )
 
 
 @pytest.fixture(scope="module")
 def no_specials(tiny_lm) -> tuple[tuple[int, float], ...]:
     """logit_bias that rules out the special and end-of-generation tokens: exact lengths."""
-    return tuple((i, -100.0) for i in sorted(set(tiny_lm.tokenizer.all_special_ids) | tiny_lm.eos_token_ids))
+    return tuple(
+        (i, -100.0) for i in sorted(set(tiny_lm.tokenizer.all_special_ids) | tiny_lm.eos_token_ids)
+    )
 
 
 @pytest.fixture
@@ -71,7 +75,9 @@ def prompts(tiny_lm) -> dict[str, list[int]]:
 
     return {
         "target": ids("Where do rivers go?"),
-        "long": ids("Describe, in detail, the course of the Danube from the Black Forest to the sea. " * 2),
+        "long": ids(
+            "Describe, in detail, the course of the Danube from the Black Forest to the sea. " * 2
+        ),
         "short": ids("Hi"),
         "runner": ids("Tell me a long story."),
     }
@@ -92,7 +98,10 @@ def alone(engine: Engine, prompt: list[int], **params) -> Sink:
 
 def test_batch_of_different_lengths_matches_alone(engine, prompts, no_specials):
     names = ["target", "long", "short"]
-    expected = {n: alone(engine, prompts[n], max_new_tokens=30, logit_bias=no_specials).text() for n in names}
+    expected = {
+        n: alone(engine, prompts[n], max_new_tokens=30, logit_bias=no_specials).text()
+        for n in names
+    }
     sinks = {n: Sink(n) for n in names}
     for n in names:  # arrive together at an idle engine: one left-padded prefill
         submit(engine, prompts[n], sinks[n], max_new_tokens=30, logit_bias=no_specials)
@@ -104,11 +113,19 @@ def test_batch_of_different_lengths_matches_alone(engine, prompts, no_specials):
 
 def test_rows_spliced_into_a_running_batch_match_alone(engine, prompts, no_specials):
     lengths = {"runner": 80, "target": 30, "long": 25, "short": 35}
-    expected = {n: alone(engine, prompts[n], max_new_tokens=k, logit_bias=no_specials).text()
-                for n, k in lengths.items()}
+    expected = {
+        n: alone(engine, prompts[n], max_new_tokens=k, logit_bias=no_specials).text()
+        for n, k in lengths.items()
+    }
     log: list[tuple[str, str]] = []
     sinks = {n: Sink(n, log) for n in lengths}
-    submit(engine, prompts["runner"], sinks["runner"], max_new_tokens=lengths["runner"], logit_bias=no_specials)
+    submit(
+        engine,
+        prompts["runner"],
+        sinks["runner"],
+        max_new_tokens=lengths["runner"],
+        logit_bias=no_specials,
+    )
     assert sinks["runner"].started.wait(WAIT_S)
     for n in ("target", "long", "short"):  # arrive together while "runner" is mid-generation
         submit(engine, prompts[n], sinks[n], max_new_tokens=lengths[n], logit_bias=no_specials)
@@ -147,7 +164,7 @@ def reference(tiny_lm, prompts, no_specials) -> str:
 def pieces(text: str, size: int) -> Iterator[str]:
     """Substrings of whole characters (no U+FFFD, which stands for undecodable bytes)."""
     for k in range(len(text) // 4, len(text) - size):
-        piece = text[k:k + size]
+        piece = text[k : k + size]
         if "\ufffd" not in piece:
             yield piece
 
@@ -155,7 +172,7 @@ def pieces(text: str, size: int) -> Iterator[str]:
 def test_stop_string_never_leaks_into_deltas(engine, prompts, no_specials, reference):
     stop = next(pieces(reference, 3))
     sink = alone(engine, prompts["target"], max_new_tokens=40, logit_bias=no_specials, stop=(stop,))
-    expected = reference[:reference.index(stop)]
+    expected = reference[: reference.index(stop)]
     assert sink.text() == expected
     assert sink.finish_reason() == "stop"
     # Deltas only ever extend the text: a held-back prefix of the stop was never sent and taken back.
@@ -165,7 +182,9 @@ def test_stop_string_never_leaks_into_deltas(engine, prompts, no_specials, refer
         assert expected.startswith(sent)
 
 
-def test_held_back_text_is_released_when_the_stop_does_not_complete(engine, prompts, no_specials, reference):
+def test_held_back_text_is_released_when_the_stop_does_not_complete(
+    engine, prompts, no_specials, reference
+):
     piece = next(pieces(reference, 2))
     stop = piece + "\u2603"  # begins like the text, then a character the text does not have
     assert stop not in reference
@@ -178,14 +197,20 @@ def test_text_ends_at_the_earliest_of_several_stops(engine, prompts, no_specials
     # stop "abc" and its tail "bc": the text must end before "abc", not keep its "a"
     # because "bc" was checked first.
     stop = next(p for p in pieces(reference, 3) if reference.index(p[1:]) == reference.index(p) + 1)
-    sink = alone(engine, prompts["target"], max_new_tokens=40, logit_bias=no_specials, stop=(stop[1:], stop))
-    assert sink.text() == reference[:reference.index(stop)]
+    sink = alone(
+        engine, prompts["target"], max_new_tokens=40, logit_bias=no_specials, stop=(stop[1:], stop)
+    )
+    assert sink.text() == reference[: reference.index(stop)]
     assert sink.finish_reason() == "stop"
 
 
-def test_failed_prefill_fails_its_job_and_the_engine_carries_on(engine, tiny_lm, prompts, no_specials):
+def test_failed_prefill_fails_its_job_and_the_engine_carries_on(
+    engine, tiny_lm, prompts, no_specials
+):
     broken = Sink("broken")
-    submit(engine, [tiny_lm.vocab_size + 5], broken, max_new_tokens=5)  # a token id the model does not have
+    submit(
+        engine, [tiny_lm.vocab_size + 5], broken, max_new_tokens=5
+    )  # a token id the model does not have
     broken.wait(timeout_s=10)  # the job is told, rather than left waiting forever
     assert [e.kind for e in broken.events] == ["error"]
     assert isinstance(broken.events[0].error, IndexError)

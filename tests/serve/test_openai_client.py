@@ -22,7 +22,9 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def no_specials(tiny_lm) -> dict[str, int]:
     """logit_bias that makes the special and end-of-generation tokens impossible."""
-    return {str(i): -100 for i in sorted(set(tiny_lm.tokenizer.all_special_ids) | tiny_lm.eos_token_ids)}
+    return {
+        str(i): -100 for i in sorted(set(tiny_lm.tokenizer.all_special_ids) | tiny_lm.eos_token_ids)
+    }
 
 
 def chat(client, **kwargs):
@@ -67,7 +69,9 @@ def test_usage_counts_developer_messages_as_the_template_renders_them(client, ti
 
 
 def test_logprobs_are_consistent(client, tiny_lm, no_specials):
-    resp = chat(client, max_tokens=24, seed=5, logprobs=True, top_logprobs=5, logit_bias=no_specials)
+    resp = chat(
+        client, max_tokens=24, seed=5, logprobs=True, top_logprobs=5, logit_bias=no_specials
+    )
     choice = resp.choices[0]
     entries = choice.logprobs.content
     assert choice.finish_reason == "length"
@@ -88,13 +92,19 @@ def test_logprobs_are_consistent(client, tiny_lm, no_specials):
         assert e.token == bytes(e.bytes).decode("utf-8", errors="replace")
     # Every token is one byte of the text: the bytes reassemble it exactly.
     assert all(len(e.bytes) == 1 for e in entries)
-    assert b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace") == choice.message.content
+    assert (
+        b"".join(bytes(e.bytes) for e in entries).decode("utf-8", errors="replace")
+        == choice.message.content
+    )
 
 
 def test_logprobs_show_sampling_at_temperature_1(client, no_specials):
     # At temperature 1 some chosen tokens are not the most likely one (else this is greedy).
-    entries = chat(client, max_tokens=24, seed=5, logprobs=True, top_logprobs=1,
-                   logit_bias=no_specials).choices[0].logprobs.content
+    entries = (
+        chat(client, max_tokens=24, seed=5, logprobs=True, top_logprobs=1, logit_bias=no_specials)
+        .choices[0]
+        .logprobs.content
+    )
     assert any(e.logprob < e.top_logprobs[0].logprob for e in entries)
 
 
@@ -121,7 +131,10 @@ def test_n_choices_differ(client, no_specials):
     assert len(set(texts)) == 3, texts
     assert resp.usage.completion_tokens == 3 * 12
     # The same seeded request gives the same three choices again.
-    assert [c.message.content for c in chat(client, n=3, max_tokens=12, seed=4, logit_bias=no_specials).choices] == texts
+    assert [
+        c.message.content
+        for c in chat(client, n=3, max_tokens=12, seed=4, logit_bias=no_specials).choices
+    ] == texts
 
 
 def stop_from(text: str) -> str:
@@ -131,7 +144,7 @@ def stop_from(text: str) -> str:
     stop string cannot name.
     """
     for k in range(len(text) // 3, len(text) - 3):
-        piece = text[k:k + 3]
+        piece = text[k : k + 3]
         if "\ufffd" not in piece:
             return piece
     raise AssertionError(f"no stop string candidate in {text!r}; pick another seed")
@@ -144,7 +157,7 @@ def long_text(client, no_specials) -> str:
 
 def test_stop_sequence(client, no_specials, long_text):
     stop = stop_from(long_text)
-    expected = long_text[:long_text.index(stop)]
+    expected = long_text[: long_text.index(stop)]
     resp = chat(client, max_tokens=40, seed=21, logit_bias=no_specials, stop=stop)
     assert resp.choices[0].message.content == expected
     assert resp.choices[0].finish_reason == "stop"
@@ -154,7 +167,7 @@ def test_stop_sequence(client, no_specials, long_text):
 def test_stop_sequence_streamed(client, no_specials, long_text):
     stop = stop_from(long_text)
     text, chunks = streamed(client, max_tokens=40, seed=21, logit_bias=no_specials, stop=[stop])
-    assert text == long_text[:long_text.index(stop)]
+    assert text == long_text[: long_text.index(stop)]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
@@ -166,9 +179,15 @@ def test_streaming_matches_non_streaming(client, no_specials):
     assert {c.id for c in chunks} == {chunks[0].id}
     assert chunks[0].choices[0].delta.role == "assistant"
     # logprob entries arrive spread over the chunks, in order, and are the same.
-    streamed_entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    streamed_entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert [(e.token, e.logprob) for e in streamed_entries] == [
-        (e.token, e.logprob) for e in whole.choices[0].logprobs.content]
+        (e.token, e.logprob) for e in whole.choices[0].logprobs.content
+    ]
     # The last chunk carries only the usage; the one before, the finish reason.
     last, finishing = chunks[-1], chunks[-2]
     assert last.choices == [] and last.usage == whole.usage
@@ -199,10 +218,19 @@ def test_concurrent_requests_match_sequential(client, no_specials):
     # multinomial draw across a token boundary (rerun with temperature 0 if this ever flakes).
     def request(i: int) -> str:
         messages = [{"role": "user", "content": "Tell me a story. " * (i + 1)}]
-        return client.chat.completions.create(
-            model="tiny", messages=messages, max_tokens=24, seed=100 + i, logit_bias=no_specials,
-            temperature=[1.0, 0.0, 0.7, 1.3][i % 4], top_p=[1.0, 1.0, 0.9, 0.8][i % 4],
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="tiny",
+                messages=messages,
+                max_tokens=24,
+                seed=100 + i,
+                logit_bias=no_specials,
+                temperature=[1.0, 0.0, 0.7, 1.3][i % 4],
+                top_p=[1.0, 1.0, 0.9, 0.8][i % 4],
+            )
+            .choices[0]
+            .message.content
+        )
 
     alone = [request(i) for i in range(8)]
     barrier = threading.Barrier(8)

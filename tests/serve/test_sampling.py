@@ -29,15 +29,18 @@ def generators(*seeds: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-@pytest.mark.parametrize(("top_p", "expected"), [
-    (0.0, {1}),  # only the top token, always kept
-    (0.4, {1}),  # the top token alone reaches 0.4
-    (0.6, {1, 3}),  # 0.5 is not enough: add the 0.3 token
-    (0.75, {1, 3}),
-    (0.9, {1, 3, 0}),
-    (0.99, {1, 3, 0, 2}),
-    (1.0, {1, 3, 0, 2}),
-])
+@pytest.mark.parametrize(
+    ("top_p", "expected"),
+    [
+        (0.0, {1}),  # only the top token, always kept
+        (0.4, {1}),  # the top token alone reaches 0.4
+        (0.6, {1, 3}),  # 0.5 is not enough: add the 0.3 token
+        (0.75, {1, 3}),
+        (0.9, {1, 3, 0}),
+        (0.99, {1, 3, 0, 2}),
+        (1.0, {1, 3, 0, 2}),
+    ],
+)
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p, expected):
     out = apply_top_p(LOGITS[None, :], torch.tensor([top_p]))[0]
     assert kept(out) == expected
@@ -66,7 +69,9 @@ def test_top_p_candidate_path_matches_full_sort():
     rows = top_p < 1
     expected[rows] = _top_p_sorted(logits[rows], top_p[rows])
     assert torch.equal(out, expected)
-    assert kept(out[3]) and len(kept(out[3])) > TOP_P_CANDIDATES  # the flat row needed the full sort
+    assert (
+        kept(out[3]) and len(kept(out[3])) > TOP_P_CANDIDATES
+    )  # the flat row needed the full sort
     assert len(kept(out[0])) < TOP_P_CANDIDATES
 
 
@@ -88,7 +93,9 @@ def test_a_tiny_temperature_is_the_greedy_limit_not_nan(t):
     assert lp[0].argmax() == 1
     if temperature[0] > 0:  # 5e-324 is 0 in float32: a greedy row, reported untempered
         assert lp[0, 1] == 0.0  # all the mass on the largest logit
-    assert torch.allclose(lp[1], sampling_logprobs(logits[1:], torch.tensor([1.0]), torch.tensor([0.9]))[0])
+    assert torch.allclose(
+        lp[1], sampling_logprobs(logits[1:], torch.tensor([1.0]), torch.tensor([0.9]))[0]
+    )
     gen = torch.Generator().manual_seed(0)
     assert sample_rows(lp, temperature, [gen, torch.Generator().manual_seed(1)])[0] == 1
 
@@ -97,13 +104,17 @@ def test_penalties_follow_openai_formula():
     # l - frequency * count - presence * [count > 0], each row with its own pair.
     logits = torch.zeros(2, 3)
     counts = torch.tensor([[0.0, 1.0, 3.0], [2.0, 0.0, 1.0]])
-    out = apply_penalties(logits, counts, presence=torch.tensor([0.5, -1.0]), frequency=torch.tensor([0.25, 0.0]))
+    out = apply_penalties(
+        logits, counts, presence=torch.tensor([0.5, -1.0]), frequency=torch.tensor([0.25, 0.0])
+    )
     assert out.tolist() == [[0.0, -0.75, -1.25], [1.0, 0.0, 1.0]]
 
 
 def test_sampling_logprobs():
     logits = torch.stack([LOGITS * 2, LOGITS * 2, LOGITS * 2])
-    out = sampling_logprobs(logits, temperature=torch.tensor([2.0, 2.0, 0.0]), top_p=torch.tensor([1.0, 0.6, 0.6]))
+    out = sampling_logprobs(
+        logits, temperature=torch.tensor([2.0, 2.0, 0.0]), top_p=torch.tensor([1.0, 0.6, 0.6])
+    )
     # Temperature 2 undoes the doubling: the original distribution.
     torch.testing.assert_close(out[0].exp(), PROBS)
     # Top-p 0.6 keeps {1, 3} (0.5 and 0.3), renormalised to 5/8 and 3/8.
@@ -126,7 +137,7 @@ def test_seeded_rows_are_reproducible_and_independent_of_the_batch():
     def draws(batch_seeds: tuple[int, ...], steps: int = 50) -> list[list[int]]:
         gens = generators(*batch_seeds)
         batch = logprobs.expand(len(batch_seeds), -1)
-        return [sample_rows(batch, temp[:len(batch_seeds)], gens).tolist() for _ in range(steps)]
+        return [sample_rows(batch, temp[: len(batch_seeds)], gens).tolist() for _ in range(steps)]
 
     alone = [d[0] for d in draws((7,))]
     with_neighbour = [d[0] for d in draws((7, 8))]

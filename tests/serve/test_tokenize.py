@@ -38,8 +38,11 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(roomy_server):
     answer: dict = {}
 
     def huge() -> None:
-        body = {"model": f"tiny:ctx={HUGE_CTX}", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}],
-                "max_tokens": 1}
+        body = {
+            "model": f"tiny:ctx={HUGE_CTX}",
+            "messages": [{"role": "user", "content": "w " * (HUGE // 2)}],
+            "max_tokens": 1,
+        }
         resp = httpx.post(f"{roomy_server}/v1/chat/completions", json=body, timeout=120)
         order.append("huge")
         answer.update(status=resp.status_code, body=resp.json())
@@ -57,24 +60,36 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(roomy_server):
     assert answer["status"] == 400
     assert answer["body"]["error"]["code"] == "context_length_exceeded"
     assert answer["body"]["error"]["param"] == "messages"
-    assert f"are {HUGE + 19} tokens" in answer["body"]["error"]["message"]  # counted (+ the template), so tokenized
+    assert (
+        f"are {HUGE + 19} tokens" in answer["body"]["error"]["message"]
+    )  # counted (+ the template), so tokenized
 
 
 def test_a_prompt_too_long_for_any_tokenization_is_refused_at_once(tiny_server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "w " * (HUGE // 2)}], "max_tokens": 1}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "w " * (HUGE // 2)}],
+        "max_tokens": 1,
+    }
     resp = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=120)
     assert resp.status_code == 400
     error = resp.json()["error"]
     assert error["code"] == "context_length_exceeded"
-    assert f"at least {HUGE // 13} tokens" in error["message"] and "at most 512 tokens" in error["message"]
+    assert (
+        f"at least {HUGE // 13} tokens" in error["message"]
+        and "at most 512 tokens" in error["message"]
+    )
 
 
 def test_max_prompt_tokens_caps_prompts_below_the_context(tiny_lm):
     backend = LocalBackend(tiny_lm, ServeConfig(model="tiny", max_prompt_tokens=40))
 
     def request(text: str):
-        return parse_chat_request(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}],
-                                              "max_tokens": 5}).encode())
+        return parse_chat_request(
+            json.dumps(
+                {"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 5}
+            ).encode()
+        )
 
     short = request("hi")
     budget = asyncio.run(backend.budget(short))

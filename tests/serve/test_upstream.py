@@ -47,29 +47,46 @@ def test_completion_goes_through(gateway_client, client):
 def test_stream_goes_through(gateway_client, client):
     kw = dict(model="tiny", messages=MESSAGES, max_tokens=12, seed=4)
     direct = client.chat.completions.create(**kw)
-    chunks = list(gateway_client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.choices[0].message.content
+    chunks = list(
+        gateway_client.chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kw
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == direct.choices[0].message.content
+    )
     assert chunks[-1].usage == direct.usage
     assert chunks[-2].choices[0].finish_reason == direct.choices[0].finish_reason
 
 
 def test_stream_without_usage_sends_none(gateway_client):
-    chunks = list(gateway_client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, stream=True))
+    chunks = list(
+        gateway_client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=4, stream=True
+        )
+    )
     assert all(c.choices and c.usage is None for c in chunks)
 
 
 def test_upstream_4xx_passes_through(gateway):
     for stream in (False, True):
-        resp = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
-                          json={"model": "gpt-9", "messages": MESSAGES, "stream": stream})
+        resp = httpx.post(
+            f"{gateway}/v1/chat/completions",
+            timeout=30,
+            json={"model": "gpt-9", "messages": MESSAGES, "stream": stream},
+        )
         assert resp.status_code == 404
         assert resp.json()["error"]["code"] == "model_not_found"
         assert resp.json()["error"]["param"] == "model"
 
 
 def test_gateway_validates_before_forwarding(gateway):
-    resp = httpx.post(f"{gateway}/v1/chat/completions", timeout=30,
-                      json={"model": "tiny", "messages": MESSAGES, "temperature": 5})
+    resp = httpx.post(
+        f"{gateway}/v1/chat/completions",
+        timeout=30,
+        json={"model": "tiny", "messages": MESSAGES, "temperature": 5},
+    )
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "temperature"
 
@@ -138,15 +155,24 @@ def bad_upstream() -> Iterator[SlowUpstream]:
 @pytest.fixture(scope="module")
 def bad_gateway(serve, bad_upstream) -> str:
     """One gateway in front of the fake: slow while it runs, down once it is stopped."""
-    return serve("--upstream", f"http://127.0.0.1:{bad_upstream.port}", "--upstream-timeout", "1", "--no-guard")
+    return serve(
+        "--upstream",
+        f"http://127.0.0.1:{bad_upstream.port}",
+        "--upstream-timeout",
+        "1",
+        "--no-guard",
+    )
 
 
 def test_upstream_timeout_is_504(bad_gateway, bad_upstream):
     bad_upstream.start()
     for stream in (False, True):
         started = time.monotonic()
-        resp = httpx.post(f"{bad_gateway}/v1/chat/completions", timeout=30,
-                          json={"model": "tiny", "messages": MESSAGES, "stream": stream})
+        resp = httpx.post(
+            f"{bad_gateway}/v1/chat/completions",
+            timeout=30,
+            json={"model": "tiny", "messages": MESSAGES, "stream": stream},
+        )
         assert_upstream_error(resp, 504, "upstream_timeout")
         assert time.monotonic() - started < SLOW_S  # it gave up; it did not wait for the answer
 
@@ -154,6 +180,9 @@ def test_upstream_timeout_is_504(bad_gateway, bad_upstream):
 def test_upstream_down_is_502(bad_gateway, bad_upstream):
     bad_upstream.stop()  # nothing listens on the port now: connection refused
     for stream in (False, True):
-        resp = httpx.post(f"{bad_gateway}/v1/chat/completions", timeout=30,
-                          json={"model": "tiny", "messages": MESSAGES, "stream": stream})
+        resp = httpx.post(
+            f"{bad_gateway}/v1/chat/completions",
+            timeout=30,
+            json={"model": "tiny", "messages": MESSAGES, "stream": stream},
+        )
         assert_upstream_error(resp, 502, "upstream_unavailable")

@@ -7,12 +7,26 @@ import math
 import pytest
 import torch
 
-from distillguard.watermark import WatermarkParams, account_key, binomial_test, detect_tokens, holm, scored_pairs, trace
+from distillguard.watermark import (
+    WatermarkParams,
+    account_key,
+    binomial_test,
+    detect_tokens,
+    holm,
+    scored_pairs,
+    trace,
+)
 
 
 def test_binomial_test_known_answers():
-    z, p, log10_p = binomial_test(16, 16, 0.5)  # Kirchenbauer et al.: 16 green of 16 at γ=0.5 is z=4
-    assert z == pytest.approx(4.0) and p == pytest.approx(0.5**16) and log10_p == pytest.approx(16 * math.log10(0.5))
+    z, p, log10_p = binomial_test(
+        16, 16, 0.5
+    )  # Kirchenbauer et al.: 16 green of 16 at γ=0.5 is z=4
+    assert (
+        z == pytest.approx(4.0)
+        and p == pytest.approx(0.5**16)
+        and log10_p == pytest.approx(16 * math.log10(0.5))
+    )
     assert binomial_test(0, 0, 0.25) == (0.0, 1.0, 0.0)
     assert binomial_test(0, 10, 0.25)[1] == pytest.approx(1.0)
     _, p, log10_p = binomial_test(5000, 5000, 0.25)  # underflows as a float, not in log space
@@ -51,7 +65,9 @@ def test_watermarked_text_is_detected_and_traced_to_its_account():
     params = WatermarkParams(delta=3.0)
     keys = [account_key(b"master", f"acct-{i}", params) for i in range(20)]
     gen = torch.Generator().manual_seed(1)
-    leaked = [_sample_text(keys[3], 150, gen) for _ in range(3)] + [_sample_text(keys[11], 150, gen) for _ in range(3)]
+    leaked = [_sample_text(keys[3], 150, gen) for _ in range(3)] + [
+        _sample_text(keys[11], 150, gen) for _ in range(3)
+    ]
     clean = [_sample_text(None, 150, gen) for _ in range(6)]
     assert detect_tokens(keys[3], leaked[:3], vocab_size=5000).p_value < 1e-6
     assert detect_tokens(keys[3], clean, vocab_size=5000).p_value > 1e-3
@@ -73,7 +89,9 @@ def test_false_positive_rate_on_real_unwatermarked_text_across_many_keys():
     assert len(seqs) == 1000
     params = WatermarkParams()
     keys = [account_key(b"fpr-check", f"acct-{i}", params) for i in range(20)]
-    pvals = torch.tensor([detect_tokens(k, [s], vocab_size=49152).p_value for k in keys for s in seqs])
+    pvals = torch.tensor(
+        [detect_tokens(k, [s], vocab_size=49152).p_value for k in keys for s in seqs]
+    )
     n = len(pvals)
     for alpha in (1e-3, 1e-2, 5e-2):
         fpr = float((pvals < alpha).float().mean())

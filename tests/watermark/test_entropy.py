@@ -9,23 +9,41 @@ import pytest
 import torch
 
 from distillguard.errors import ConfigError
-from distillguard.watermark import WatermarkParams, account_key, apply_watermark, binomial_test, detect_tokens
+from distillguard.watermark import (
+    WatermarkParams,
+    account_key,
+    apply_watermark,
+    binomial_test,
+    detect_tokens,
+)
 from distillguard.watermark.detect import weighted_binomial_test, weighted_pairs
 from distillguard.watermark.entropy import (
-    PositionStats, detect_with_teacher, entropy, green_posterior, llr_weights, max_llr_weight, position_stats,
-    teacher_stats, teacher_weights,
+    PositionStats,
+    detect_with_teacher,
+    entropy,
+    green_posterior,
+    llr_weights,
+    max_llr_weight,
+    position_stats,
+    teacher_stats,
+    teacher_weights,
 )
 
 
 def test_entropy_known_answers():
-    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, -1e9, -1e9]])
-    assert entropy(logits).tolist() == pytest.approx([math.log(4), 0.0, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))],
-                                                     abs=1e-6)
+    logits = torch.tensor(
+        [[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, -1e9, -1e9]]
+    )
+    assert entropy(logits).tolist() == pytest.approx(
+        [math.log(4), 0.0, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))], abs=1e-6
+    )
 
 
 def _exact_posterior(logits, gamma, delta, lists=40_000, seed=0):
     """P(token green | token sampled under the watermark), averaged over random green lists."""
-    green = (torch.rand(lists, len(logits), generator=torch.Generator().manual_seed(seed)) < gamma).float()
+    green = (
+        torch.rand(lists, len(logits), generator=torch.Generator().manual_seed(seed)) < gamma
+    ).float()
     q = (logits + delta * green).softmax(dim=-1)  # (lists, V)
     return (q * green).mean(0) / q.mean(0), q.mean(0)
 
@@ -35,13 +53,19 @@ def test_green_posterior_limits_and_simulation():
     alpha = math.exp(delta)
     top = gamma * alpha / (gamma * alpha + 1 - gamma)
     # a sure token: γ; a surprising one: γα/(γα+1-γ), the largest possible
-    post = green_posterior(torch.tensor([1.0, 1e-9]), torch.tensor([1.0, 0.5]), gamma=gamma, delta=delta)
+    post = green_posterior(
+        torch.tensor([1.0, 1e-9]), torch.tensor([1.0, 0.5]), gamma=gamma, delta=delta
+    )
     assert post.tolist() == pytest.approx([gamma, top], abs=1e-6)
-    assert max_llr_weight(gamma, delta) == pytest.approx(math.log(top / (1 - top)) - math.log(gamma / (1 - gamma)))
+    assert max_llr_weight(gamma, delta) == pytest.approx(
+        math.log(top / (1 - top)) - math.log(gamma / (1 - gamma))
+    )
     # two equally likely tokens, exactly: P(x green | x chosen) = γ² + 2γ(1-γ)·α/(α+1); the
     # approximation's worst case (the rest of the distribution is one token, green or not)
     two = green_posterior(torch.tensor([0.5]), torch.tensor([0.5]), gamma=gamma, delta=delta)
-    assert float(two) == pytest.approx(gamma**2 + 2 * gamma * (1 - gamma) * alpha / (alpha + 1), abs=0.03)
+    assert float(two) == pytest.approx(
+        gamma**2 + 2 * gamma * (1 - gamma) * alpha / (alpha + 1), abs=0.03
+    )
     # against a simulation, on peaked and flat distributions
     gen = torch.Generator().manual_seed(1)
     for scale in (1.0, 2.0, 4.0):
@@ -49,17 +73,23 @@ def test_green_posterior_limits_and_simulation():
         exact, chosen = _exact_posterior(logits, gamma, delta)
         p = logits.softmax(-1)
         approx = green_posterior(p, (p * p).sum().expand(30), gamma=gamma, delta=delta)
-        assert float((chosen * (approx - exact).abs()).sum()) < 0.01  # mean error over chosen tokens
+        assert (
+            float((chosen * (approx - exact).abs()).sum()) < 0.01
+        )  # mean error over chosen tokens
     # δ acts through δ/T
     p, c = torch.tensor([0.3, 0.01]), torch.tensor([0.2, 0.1])
-    assert torch.allclose(green_posterior(p, c, gamma=gamma, delta=1.4, temperature=0.7),
-                          green_posterior(p, c, gamma=gamma, delta=2.0, temperature=1.0))
+    assert torch.allclose(
+        green_posterior(p, c, gamma=gamma, delta=1.4, temperature=0.7),
+        green_posterior(p, c, gamma=gamma, delta=2.0, temperature=1.0),
+    )
 
 
 def test_position_stats_known_answers():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3), 0.0, -1e9, -1e9]])
     s = position_stats(logits, torch.tensor([2, 1]), temperature=1.0)
-    assert s.entropy.tolist() == pytest.approx([math.log(4), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))], abs=1e-6)
+    assert s.entropy.tolist() == pytest.approx(
+        [math.log(4), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))], abs=1e-6
+    )
     assert s.nll.tolist() == pytest.approx([math.log(4), math.log(4)], abs=1e-6)
     assert s.token_prob.tolist() == pytest.approx([0.25, 0.25], abs=1e-6)
     assert s.collision.tolist() == pytest.approx([0.25, 0.625], abs=1e-6)
@@ -72,7 +102,9 @@ def test_llr_weights_known_answers():
     gamma, delta = 0.25, 2.0
     w_max = max_llr_weight(gamma, delta)
     top = gamma * math.exp(delta) / (gamma * math.exp(delta) + 1 - gamma)
-    half = 1 / (1 + math.exp(-(math.log(gamma / (1 - gamma)) + w_max / 2)))  # logit(q) - logit(γ) = w_max / 2
+    half = 1 / (
+        1 + math.exp(-(math.log(gamma / (1 - gamma)) + w_max / 2))
+    )  # logit(q) - logit(γ) = w_max / 2
     q = torch.tensor([0.25, 0.1, top, 0.999, half])
     assert llr_weights(q, gamma, levels=4, max_weight=w_max).tolist() == [0, 0, 4, 4, 2]
     with pytest.raises(ConfigError, match="levels"):
@@ -80,8 +112,12 @@ def test_llr_weights_known_answers():
 
 
 def test_teacher_weights_skip_positions_below_min_entropy():
-    stats = PositionStats(entropy=torch.tensor([0.2, 3.0, 3.0]), nll=torch.zeros(3),
-                          token_prob=torch.tensor([1e-6, 1e-6, 1.0]), collision=torch.tensor([0.9, 0.01, 1.0]))
+    stats = PositionStats(
+        entropy=torch.tensor([0.2, 3.0, 3.0]),
+        nll=torch.zeros(3),
+        token_prob=torch.tensor([1e-6, 1e-6, 1.0]),
+        collision=torch.tensor([0.9, 0.01, 1.0]),
+    )
     gated = WatermarkParams(min_entropy=1.0)
     assert teacher_weights(gated, stats, levels=8) == [0, 8, 0]
     assert teacher_weights(WatermarkParams(min_entropy=0.0), stats, levels=8) == [8, 8, 0]
@@ -95,10 +131,15 @@ def test_weighted_binomial_test_known_answers():
     # brute force over all 2^5 outcomes
     ws, g = [1, 2, 3, 1, 5], 0.3
     for score in range(0, 14):
-        exact = sum(math.prod(g if b else 1 - g for b in bits)
-                    for bits in itertools.product([0, 1], repeat=5) if sum(w * b for w, b in zip(ws, bits)) >= score)
+        exact = sum(
+            math.prod(g if b else 1 - g for b in bits)
+            for bits in itertools.product([0, 1], repeat=5)
+            if sum(w * b for w, b in zip(ws, bits)) >= score
+        )
         assert weighted_binomial_test(score, ws, g)[1] == pytest.approx(exact, abs=1e-12)
-    _, p, lp = weighted_binomial_test(3 * 5000, [3] * 5000, 0.25)  # underflows as a float, not in log space
+    _, p, lp = weighted_binomial_test(
+        3 * 5000, [3] * 5000, 0.25
+    )  # underflows as a float, not in log space
     assert p == 0.0 and lp == pytest.approx(5000 * math.log10(0.25))
     assert weighted_binomial_test(0, [], 0.25) == (0.0, 1.0, 0.0)
     with pytest.raises(ConfigError, match="positive"):
@@ -106,8 +147,12 @@ def test_weighted_binomial_test_known_answers():
 
 
 def test_weighted_pairs_keep_the_largest_weight_and_drop_zeros():
-    ctx, tok, w = weighted_pairs([[1, 2, 3, 1, 2], [1, 2, 9]], 1, prompt_seqs=[[7, 2, 3]],
-                                 weights=[[5, 1, 4, 2, 0], [0, 3, 0]])
+    ctx, tok, w = weighted_pairs(
+        [[1, 2, 3, 1, 2], [1, 2, 9]],
+        1,
+        prompt_seqs=[[7, 2, 3]],
+        weights=[[5, 1, 4, 2, 0], [0, 3, 0]],
+    )
     got = {(int(c[0]), int(t)): int(x) for c, t, x in zip(ctx, tok, w)}
     # (1,2) at weights 1 and 3 -> 3; (2,3) is in the prompt; (3,1) -> 2; (2,9) has weight 0
     assert got == {(1, 2): 3, (3, 1): 2}
@@ -125,7 +170,9 @@ def test_detect_tokens_with_weights():
     # 0/1 weights: the binomial test on the selected pairs only
     sel = [int(i % 2 == 0) for i in range(200)]
     sub = detect_tokens(key, [seq], vocab_size=500, weights=[sel])
-    assert sub.scored < plain.scored and sub.p_value == pytest.approx(binomial_test(sub.green, sub.scored, 0.25)[1])
+    assert sub.scored < plain.scored and sub.p_value == pytest.approx(
+        binomial_test(sub.green, sub.scored, 0.25)[1]
+    )
 
 
 def _bigram_text(key, length, gen, vocab=2000):
@@ -146,11 +193,18 @@ def test_weighted_detection_stays_exact_on_unwatermarked_text():
     texts = [_bigram_text(None, 60, gen) for _ in range(20)]
     weights = [[(t * 7) % 5 for t in s] for s in texts]  # any function of the text
     keys = [account_key(b"null", f"acct-{i}", WatermarkParams()) for i in range(50)]
-    pvals = torch.tensor([detect_tokens(k, [s], vocab_size=2000, weights=[w]).p_value
-                          for k in keys for s, w in zip(texts, weights)])
+    pvals = torch.tensor(
+        [
+            detect_tokens(k, [s], vocab_size=2000, weights=[w]).p_value
+            for k in keys
+            for s, w in zip(texts, weights)
+        ]
+    )
     n = len(pvals)
     for alpha in (0.01, 0.05, 0.2):
-        assert float((pvals < alpha).float().mean()) <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
+        assert float((pvals < alpha).float().mean()) <= alpha + 3 * math.sqrt(
+            alpha * (1 - alpha) / n
+        )
 
 
 def test_teacher_stats_match_a_plain_forward_pass():
@@ -166,7 +220,9 @@ def test_teacher_stats_match_a_plain_forward_pass():
         for p, a, s in zip(prompts, answers, stats):
             if not a:
                 continue
-            logits = lm.model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1:-1]  # the rows predicting a
+            logits = lm.model(input_ids=torch.tensor([p + a])).logits[
+                0, len(p) - 1 : -1
+            ]  # the rows predicting a
             want = position_stats(logits, torch.tensor(a), temperature=0.7)
             for name in ("entropy", "nll", "token_prob", "collision"):
                 assert torch.allclose(getattr(s, name), getattr(want, name), atol=1e-4), name
@@ -183,7 +239,7 @@ def _sample(lm, prompt, key, length, gen):
             if key is not None:
                 logits = apply_watermark(logits, torch.tensor([[seq[-1]]]), [key])
             seq.append(int(torch.multinomial((logits / 0.7).softmax(-1)[0], 1, generator=gen)))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_detect_with_teacher_end_to_end_on_a_tiny_model():
@@ -195,13 +251,20 @@ def test_detect_with_teacher_end_to_end_on_a_tiny_model():
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     marked = [_sample(lm, p, key, 40, gen) for p in prompts]
     clean = [_sample(lm, p, None, 40, gen) for p in prompts]
-    hit = detect_with_teacher(key, lm.model, prompts, marked, vocab_size=lm.vocab_size, temperature=0.7)
-    miss = detect_with_teacher(key, lm.model, prompts, clean, vocab_size=lm.vocab_size, temperature=0.7)
+    hit = detect_with_teacher(
+        key, lm.model, prompts, marked, vocab_size=lm.vocab_size, temperature=0.7
+    )
+    miss = detect_with_teacher(
+        key, lm.model, prompts, clean, vocab_size=lm.vocab_size, temperature=0.7
+    )
     assert hit.p_value < 1e-3 < miss.p_value
     # the same as detect_tokens with the teacher's weights
     stats = teacher_stats(lm.model, prompts, marked, temperature=0.7)
     weights = [teacher_weights(key.params, s, temperature=0.7) for s in stats]
-    assert detect_tokens(key, marked, prompt_seqs=prompts, vocab_size=lm.vocab_size, weights=weights) == hit
+    assert (
+        detect_tokens(key, marked, prompt_seqs=prompts, vocab_size=lm.vocab_size, weights=weights)
+        == hit
+    )
 
 
 def test_weights_must_match_the_texts():
@@ -218,7 +281,7 @@ def _direct_log_tail(score, weights, gamma):
     log_dist = np.zeros(1)
     for w in weights:
         new = np.full(len(log_dist) + w, -np.inf)
-        new[:len(log_dist)] = log_dist + math.log(1 - gamma)
+        new[: len(log_dist)] = log_dist + math.log(1 - gamma)
         new[w:] = np.logaddexp(new[w:], log_dist + math.log(gamma))
         log_dist = new
     return float(logsumexp(log_dist[score:]))
@@ -260,7 +323,11 @@ def test_teacher_llr_false_positive_rate_on_real_sharegpt_answers_across_many_ke
     from distillguard.models import load_model
 
     lm = load_model("smollm2")
-    pairs = [(c.first_prompt, c.first_answer) for c in iter_conversations(400) if c.first_prompt and c.first_answer]
+    pairs = [
+        (c.first_prompt, c.first_answer)
+        for c in iter_conversations(400)
+        if c.first_prompt and c.first_answer
+    ]
     prompts, answers = [], []
     for prompt, answer in pairs:
         ids = lm.tokenizer.encode(answer[:600], add_special_tokens=False)[:48]
@@ -271,16 +338,29 @@ def test_teacher_llr_false_positive_rate_on_real_sharegpt_answers_across_many_ke
             break
     assert len(answers) == 100
     params = WatermarkParams()
-    stats = teacher_stats(lm.model, prompts, answers, temperature=0.7, pad_id=lm.tokenizer.pad_token_id or 0,
-                          batch_size=16)
+    stats = teacher_stats(
+        lm.model,
+        prompts,
+        answers,
+        temperature=0.7,
+        pad_id=lm.tokenizer.pad_token_id or 0,
+        batch_size=16,
+    )
     weights = [teacher_weights(params, s, temperature=0.7) for s in stats]
     assert sum(map(sum, weights)) > 0
     keys = [account_key(b"fpr-llr", f"acct-{i}", params) for i in range(60)]
-    dets = [[detect_tokens(k, [a], prompt_seqs=[p], vocab_size=lm.vocab_size, weights=[w])
-             for a, p, w in zip(answers, prompts, weights)] for k in keys]
+    dets = [
+        [
+            detect_tokens(k, [a], prompt_seqs=[p], vocab_size=lm.vocab_size, weights=[w])
+            for a, p, w in zip(answers, prompts, weights)
+        ]
+        for k in keys
+    ]
     pvals = torch.tensor([d.p_value for row in dets for d in row])
     n = len(pvals)
     for alpha in (1e-3, 1e-2, 5e-2):
         fpr = float((pvals < alpha).float().mean())
         assert fpr <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n), (alpha, fpr)
-    assert 0.3 < float(pvals.median()) < 0.8  # a null distribution, not a trivially conservative test
+    assert (
+        0.3 < float(pvals.median()) < 0.8
+    )  # a null distribution, not a trivially conservative test

@@ -7,7 +7,13 @@ import torch
 
 from distillguard.errors import ConfigError
 from distillguard.watermark import (
-    REFERENCE_HASH_KEY, WatermarkParams, account_key, apply_watermark, green_mask, is_green, reference_key,
+    REFERENCE_HASH_KEY,
+    WatermarkParams,
+    account_key,
+    apply_watermark,
+    green_mask,
+    is_green,
+    reference_key,
 )
 from distillguard.watermark.scheme import mix64, mix64_int
 
@@ -19,7 +25,34 @@ def test_reference_lefthash_green_lists_known_values():
     these ids are what the reference implementation (simple_1 / LeftHash, width 1) produces."""
     mask = green_mask(REF, [REFERENCE_HASH_KEY], torch.tensor([[42]]), 100)[0]
     assert sorted(mask.nonzero().flatten().tolist()) == sorted(
-        [44, 41, 8, 72, 97, 26, 20, 56, 64, 54, 36, 18, 43, 21, 6, 33, 35, 17, 77, 52, 94, 96, 32, 59, 58])
+        [
+            44,
+            41,
+            8,
+            72,
+            97,
+            26,
+            20,
+            56,
+            64,
+            54,
+            36,
+            18,
+            43,
+            21,
+            6,
+            33,
+            35,
+            17,
+            77,
+            52,
+            94,
+            96,
+            32,
+            59,
+            58,
+        ]
+    )
     big = green_mask(REF, [REFERENCE_HASH_KEY], torch.tensor([[198]]), 49152)[0]
     assert int(big.sum()) == int(49152 * 0.25)
     assert all(big[i] for i in [22037, 17107, 9376, 19735, 34885, 34165, 33044, 47962])
@@ -50,11 +83,18 @@ def test_keyed_hash_green_rate_and_key_independence():
     assert abs(both - 0.0625) < 5 * (0.0625 * 0.9375 / 200_000) ** 0.5
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"gamma": 0}, "gamma"), ({"gamma": 1.2}, "gamma"), ({"delta": -1}, "delta"),
-    ({"scheme": "lefthash-ref", "context_width": 2}, "context_width"), ({"scheme": "nope"}, "unknown"),
-    ({"candidates": 0}, "candidates"), ({"min_entropy": -0.5}, "min_entropy"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"gamma": 0}, "gamma"),
+        ({"gamma": 1.2}, "gamma"),
+        ({"delta": -1}, "delta"),
+        ({"scheme": "lefthash-ref", "context_width": 2}, "context_width"),
+        ({"scheme": "nope"}, "unknown"),
+        ({"candidates": 0}, "candidates"),
+        ({"min_entropy": -0.5}, "min_entropy"),
+    ],
+)
 def test_params_validate(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         WatermarkParams(**kwargs)
@@ -70,7 +110,9 @@ def test_account_keys_are_derived_distinct_and_hidden():
     assert reference_key().hash_key == REFERENCE_HASH_KEY
 
 
-@pytest.mark.parametrize("params", [WatermarkParams(candidates=10_000), REF, WatermarkParams(context_width=3)])
+@pytest.mark.parametrize(
+    "params", [WatermarkParams(candidates=10_000), REF, WatermarkParams(context_width=3)]
+)
 def test_apply_watermark_adds_delta_to_green_logits_only(params):
     vocab = 1000
     logits = torch.randn(3, vocab)
@@ -79,7 +121,9 @@ def test_apply_watermark_adds_delta_to_green_logits_only(params):
     out = apply_watermark(logits, contexts, keys)
     assert torch.equal(out[1], logits[1])  # unwatermarked row untouched
     for b in (0, 2):
-        mask = green_mask(params, [keys[b].hash_key], contexts[b:b + 1, -params.context_width:], vocab)[0]
+        mask = green_mask(
+            params, [keys[b].hash_key], contexts[b : b + 1, -params.context_width :], vocab
+        )[0]
         assert torch.allclose(out[b] - logits[b], params.delta * mask.float())
 
 
@@ -104,7 +148,10 @@ def test_min_entropy_defaults_per_scheme():
     assert WatermarkParams(min_entropy=None) == WatermarkParams(min_entropy=1.25)
 
 
-@pytest.mark.parametrize("params", [WatermarkParams(min_entropy=1.0), WatermarkParams(min_entropy=1.0, candidates=10_000)])
+@pytest.mark.parametrize(
+    "params",
+    [WatermarkParams(min_entropy=1.0), WatermarkParams(min_entropy=1.0, candidates=10_000)],
+)
 def test_apply_watermark_leaves_low_entropy_rows_alone(params):
     vocab = 1000
     logits = torch.randn(2, vocab)

@@ -36,9 +36,18 @@ def tiny_engine():
 def _rows(engine: Engine, keys, *, temperature=0.8, top_p=0.9, seed=3) -> list[Row]:
     rows = []
     for i, key in enumerate(keys):
-        job = Job(prompt_ids=[5, 6, 7, 8, 9 + i], n=1, sink=lambda ev: None,
-                  params=GenParams(max_new_tokens=50, temperature=temperature, top_p=top_p, top_logprobs=5,
-                                   watermark=key))
+        job = Job(
+            prompt_ids=[5, 6, 7, 8, 9 + i],
+            n=1,
+            sink=lambda ev: None,
+            params=GenParams(
+                max_new_tokens=50,
+                temperature=temperature,
+                top_p=top_p,
+                top_logprobs=5,
+                watermark=key,
+            ),
+        )
         job.remaining = 1
         rows.append(Row(job, 0, torch.Generator().manual_seed(seed + i)))
     return rows
@@ -62,7 +71,9 @@ def test_engine_tournament_per_row_key_and_untouched_rows(tiny_engine):
     for r in (0, 2, 3):
         key = keys[r]
         ctx = torch.tensor([rows[r].job.prompt_ids[-4:]])
-        want = tournament([processor_for(key.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r:r + 1], ctx)[0]
+        want = tournament(
+            [processor_for(key.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r : r + 1], ctx
+        )[0]
         entry = rows[r].entries[0][2]
         tok = int(chosen[r])
         assert entry["logprob"] == pytest.approx(max(float(want[tok]), -9999.0), abs=1e-5)
@@ -72,7 +83,9 @@ def test_engine_tournament_per_row_key_and_untouched_rows(tiny_engine):
         assert float(want[tok]) > -float("inf")  # never a token top-p ruled out
         # another key gives another distribution
         other = b if key is a else a
-        alt = tournament([processor_for(other.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r:r + 1], ctx)[0]
+        alt = tournament(
+            [processor_for(other.hash_key, SYNTHID.synthid)], SYNTHID.synthid, base[r : r + 1], ctx
+        )[0]
         assert not torch.allclose(alt, want)
     # top-p's impossible tokens stay impossible after the tournament
     assert bool(torch.isinf(base[0]).any())
@@ -84,9 +97,14 @@ def test_served_synthid_traces_each_account_over_http(tmp_path):
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = {"DISTILLGUARD_WATERMARK_SECRET": SECRET, "DISTILLGUARD_ADMIN_KEY": ADMIN}
     texts: dict[str, list[str]] = {"acct-a": [], "acct-b": []}
-    with serve_process("--model", "tiny", "--db", db, "--watermark-scheme", "synthid", env=env) as url:
+    with serve_process(
+        "--model", "tiny", "--db", db, "--watermark-scheme", "synthid", env=env
+    ) as url:
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        keys = {a: httpx.post(f"{url}/admin/keys", json={"account": a}, headers=admin).json()["key"] for a in texts}
+        keys = {
+            a: httpx.post(f"{url}/admin/keys", json={"account": a}, headers=admin).json()["key"]
+            for a in texts
+        }
 
         # The tiny model draws random bytes: non-ASCII ones make invalid UTF-8, which does not
         # survive the round trip through text and would break the 5-grams the detector re-reads.
@@ -94,10 +112,21 @@ def test_served_synthid_traces_each_account_over_http(tmp_path):
         ascii_only = {str(i): -100 for i in range(len(tok)) if i >= 128 and i != tok.eos_token_id}
 
         def ask(account: str, i: int, **extra) -> httpx.Response:
-            body = {"model": "tiny", "messages": [{"role": "user", "content": f"tell me {i}"}], "max_tokens": 60,
-                    "seed": i, "temperature": 0.9, "logit_bias": ascii_only, **extra}
-            return httpx.post(f"{url}/v1/chat/completions", json=body,
-                              headers={"Authorization": f"Bearer {keys[account]}"}, timeout=120)
+            body = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": f"tell me {i}"}],
+                "max_tokens": 60,
+                "seed": i,
+                "temperature": 0.9,
+                "logit_bias": ascii_only,
+                **extra,
+            }
+            return httpx.post(
+                f"{url}/v1/chat/completions",
+                json=body,
+                headers={"Authorization": f"Bearer {keys[account]}"},
+                timeout=120,
+            )
 
         for account in texts:
             for i in range(4):
@@ -124,9 +153,24 @@ def test_served_synthid_traces_each_account_over_http(tmp_path):
     assert marks == {(a, account_key(SECRET.encode(), a, SYNTHID).key_id) for a in texts}
 
     out = tmp_path / "a.jsonl"
-    assert run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode == 0
-    detect = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
-                     "--scheme", "synthid", "--model", "tiny", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+    assert (
+        run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode
+        == 0
+    )
+    detect = run_cli(
+        "watermark",
+        "detect",
+        "--file",
+        str(out),
+        "--accounts",
+        "acct-a,acct-b,acct-c",
+        "--scheme",
+        "synthid",
+        "--model",
+        "tiny",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET},
+    )
     assert detect.returncode == 0, detect.stderr
     result = json.loads(detect.stdout)
     assert result["detector"] == "layers" and result["traced"] == ["acct-a"]
@@ -140,19 +184,54 @@ def test_bundled_teacher_answer_of_64_tokens_is_detected_under_its_account(tmp_p
     detected under its account by the entropy-aware detector, and not under another."""
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = {"DISTILLGUARD_WATERMARK_SECRET": SECRET, "DISTILLGUARD_ADMIN_KEY": ADMIN}
-    with serve_process("--model", "smollm2", "--db", db, "--watermark-scheme", "synthid", env=env,
-                       timeout_s=300) as url:
-        key = httpx.post(f"{url}/admin/keys", json={"account": "acct-a"},
-                         headers={"Authorization": f"Bearer {ADMIN}"}).json()["key"]
-        body = {"model": "smollm2", "max_tokens": 64, "temperature": 0.7, "seed": 11,
-                "messages": [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]}
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+    with serve_process(
+        "--model", "smollm2", "--db", db, "--watermark-scheme", "synthid", env=env, timeout_s=300
+    ) as url:
+        key = httpx.post(
+            f"{url}/admin/keys",
+            json={"account": "acct-a"},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        ).json()["key"]
+        body = {
+            "model": "smollm2",
+            "max_tokens": 64,
+            "temperature": 0.7,
+            "seed": 11,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": "Write a short story about a lighthouse keeper and a storm.",
+                }
+            ],
+        }
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=300,
+        )
         assert r.status_code == 200
         assert r.json()["usage"]["completion_tokens"] >= 48
     out = tmp_path / "a.jsonl"
-    assert run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode == 0
-    detect = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b", "--scheme", "synthid",
-                     "--teacher", "smollm2", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET}, timeout=300)
+    assert (
+        run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode
+        == 0
+    )
+    detect = run_cli(
+        "watermark",
+        "detect",
+        "--file",
+        str(out),
+        "--accounts",
+        "acct-a,acct-b",
+        "--scheme",
+        "synthid",
+        "--teacher",
+        "smollm2",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET},
+        timeout=300,
+    )
     assert detect.returncode == 0, detect.stderr
     result = json.loads(detect.stdout)
     assert result["detector"] == "teacher-layers" and result["traced"] == ["acct-a"]

@@ -21,16 +21,39 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     db = f"sqlite:///{tmp_path / 'ledger.db'}"
     env = {"DISTILLGUARD_WATERMARK_SECRET": SECRET, "DISTILLGUARD_ADMIN_KEY": ADMIN}
     texts: dict[str, list[str]] = {"acct-a": [], "acct-b": []}
-    with serve_process("--model", "tiny", "--db", db, "--watermark-scheme", "keyed-hash", "--watermark-delta", "4",
-                       env=env) as url:
+    with serve_process(
+        "--model",
+        "tiny",
+        "--db",
+        db,
+        "--watermark-scheme",
+        "keyed-hash",
+        "--watermark-delta",
+        "4",
+        env=env,
+    ) as url:
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        keys = {a: httpx.post(f"{url}/admin/keys", json={"account": a}, headers=admin).json()["key"] for a in texts}
+        keys = {
+            a: httpx.post(f"{url}/admin/keys", json={"account": a}, headers=admin).json()["key"]
+            for a in texts
+        }
         for account, key in keys.items():
             for i in range(6):
-                body = {"model": "tiny", "messages": [{"role": "user", "content": f"tell me {i}"}],
-                        "max_tokens": 80, "seed": i, "logprobs": True, "top_logprobs": 3, "stream": i % 2 == 1}
-                r = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"},
-                               timeout=60)
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": f"tell me {i}"}],
+                    "max_tokens": 80,
+                    "seed": i,
+                    "logprobs": True,
+                    "top_logprobs": 3,
+                    "stream": i % 2 == 1,
+                }
+                r = httpx.post(
+                    f"{url}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                )
                 assert r.status_code == 200
                 if i % 2 == 0:
                     choice = r.json()["choices"][0]
@@ -47,9 +70,24 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     assert all(SECRET not in (k or "") for _, k in marks)
 
     out = tmp_path / "a.jsonl"
-    assert run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode == 0
-    detect = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
-                     "--scheme", "keyed-hash", "--model", "tiny", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+    assert (
+        run_cli("ledger", "export", "--db", db, "--account", "acct-a", "-o", str(out)).returncode
+        == 0
+    )
+    detect = run_cli(
+        "watermark",
+        "detect",
+        "--file",
+        str(out),
+        "--accounts",
+        "acct-a,acct-b,acct-c",
+        "--scheme",
+        "keyed-hash",
+        "--model",
+        "tiny",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET},
+    )
     assert detect.returncode == 0, detect.stderr
     result = json.loads(detect.stdout)
     assert result["traced"] == ["acct-a"]
@@ -61,8 +99,22 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     # ledger's records) and weights the pairs; the same verdict. (The tiny random model is
     # unsure everywhere, so the weights are near-uniform here: the gain in power is measured
     # on the real teacher in bench/watermark_quality.py.)
-    aware = run_cli("watermark", "detect", "--file", str(out), "--accounts", "acct-a,acct-b,acct-c",
-                    "--scheme", "keyed-hash", "--teacher", "tiny", "--delta", "4", "--json", env={"DISTILLGUARD_WATERMARK_SECRET": SECRET})
+    aware = run_cli(
+        "watermark",
+        "detect",
+        "--file",
+        str(out),
+        "--accounts",
+        "acct-a,acct-b,acct-c",
+        "--scheme",
+        "keyed-hash",
+        "--teacher",
+        "tiny",
+        "--delta",
+        "4",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET},
+    )
     assert aware.returncode == 0, aware.stderr
     aware_result = json.loads(aware.stdout)
     assert aware_result["detector"] == "teacher-llr" and aware_result["traced"] == ["acct-a"]
@@ -71,7 +123,18 @@ def test_responses_carry_the_account_key_and_trace_back(tmp_path):
     assert aware_keys["acct-a"]["scored"] > 100
 
     # The same texts, tokenised in-process, fail under the wrong secret: the key is the secret.
-    wrong = run_cli("watermark", "detect", "--file", str(out), "--account", "acct-a", "--scheme", "keyed-hash", "--model", "tiny",
-                   "--json",
-                    env={"DISTILLGUARD_WATERMARK_SECRET": "not-the-secret"})
+    wrong = run_cli(
+        "watermark",
+        "detect",
+        "--file",
+        str(out),
+        "--account",
+        "acct-a",
+        "--scheme",
+        "keyed-hash",
+        "--model",
+        "tiny",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": "not-the-secret"},
+    )
     assert json.loads(wrong.stdout)["traced"] == []

@@ -83,19 +83,26 @@ def test_null_is_binomial_half_over_many_keys():
     n = len(ps)
     for alpha in (1e-2, 5e-2):
         assert sum(p < alpha for p in ps) / n <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
-    assert abs(sum(zs) / n) < 3 / math.sqrt(n) * 1.5  # mean z about 0 (loose: texts repeat across keys)
+    assert (
+        abs(sum(zs) / n) < 3 / math.sqrt(n) * 1.5
+    )  # mean z about 0 (loose: texts repeat across keys)
 
 
 def test_units_count_each_ngram_once_and_skip_prompt_ngrams():
     proc = processor_for(key(0).hash_key, P)
     ans = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9]
     n = P.ngram_len
-    distinct = {tuple(([1, 2, 3, 4] + ans)[i - n + 1:i + 1]) for i in range(4, 4 + len(ans))}
+    distinct = {tuple(([1, 2, 3, 4] + ans)[i - n + 1 : i + 1]) for i in range(4, 4 + len(ans))}
     g1, w1 = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size)
     g2, w2 = synthid_units(proc, [ans[:5]], [[1, 2, 3, 4]], P.table_size)
     # the repeat of [5..9] adds only the n-grams that span the seam: one pair per distinct n-gram and layer
-    assert int(w1.sum()) == len(distinct) * P.depth < len(ans) * P.depth and int(w2.sum()) == 5 * P.depth
-    g3, _ = synthid_units(proc, [ans], [[1, 2, 3, 4] + ans], P.table_size)  # all its n-grams in the prompt
+    assert (
+        int(w1.sum()) == len(distinct) * P.depth < len(ans) * P.depth
+        and int(w2.sum()) == 5 * P.depth
+    )
+    g3, _ = synthid_units(
+        proc, [ans], [[1, 2, 3, 4] + ans], P.table_size
+    )  # all its n-grams in the prompt
     assert len(g3) == 0
 
 
@@ -108,7 +115,9 @@ def test_pairs_on_one_table_index_add_up_and_the_weighted_tail_is_exact():
     texts = [torch.randint(0, V, (40,), generator=g).tolist() for _ in range(4)]
     prompts = [[1, 2, 3, 4]] * 4
     gs, ws = synthid_units(proc, texts, prompts, small.table_size)
-    assert len(gs) <= 64 and int(ws.max()) > 1 and int(ws.sum()) > 4 * 36 * 12 * 0.95  # most of the 4 x 40 n-grams x 12 layers
+    assert (
+        len(gs) <= 64 and int(ws.max()) > 1 and int(ws.sum()) > 4 * 36 * 12 * 0.95
+    )  # most of the 4 x 40 n-grams x 12 layers
     d = detect_synthid(key(0), texts, prompts, params=small, proc=proc)
     assert math.isclose(d.p_value, exact_tail(gs, ws), rel_tol=1e-6)
 
@@ -120,7 +129,7 @@ def exact_tail(gs: torch.Tensor, ws: torch.Tensor) -> float:
     pmf = np.ones(1)
     for wv, count in zip(*np.unique(ws.numpy(), return_counts=True)):
         cls = np.zeros(int(wv) * int(count) + 1)
-        cls[::int(wv)] = binom.pmf(np.arange(count + 1), count, 0.5)
+        cls[:: int(wv)] = binom.pmf(np.arange(count + 1), count, 0.5)
         pmf = np.convolve(pmf, cls)
     return float(pmf[score:].sum())
 
@@ -131,7 +140,7 @@ def test_detects_watermarked_sampling_and_not_other_keys():
     table = torch.randn(V, V) * 2.0  # next-token logits by previous token: a toy bigram model
     proc = SynthIDTopK(key(0).hash_key, P)
     seqs, prompts = [], []
-    for s in range(6):
+    for _ in range(6):
         ids = torch.randint(0, V, (1, 4))
         prompts.append(ids[0].tolist())
         for _ in range(60):
@@ -164,13 +173,20 @@ def test_layer_weights_follow_the_fitted_lift():
     assert w[2] == [0] * 30
     assert all(a >= b for a, b in zip(w[0], w[0][1:]))  # later layers never weigh more
     d = depth_weights(5, depth=30)
-    assert len(d) == 5 and d[0][0] == 8 and d[0][-1] == max(1, round(8 * math.exp(-0.055 * 29))) and min(d[0]) >= 1
+    assert (
+        len(d) == 5
+        and d[0][0] == 8
+        and d[0][-1] == max(1, round(8 * math.exp(-0.055 * 29)))
+        and min(d[0]) >= 1
+    )
 
 
 def test_units_keep_the_largest_layer_weight_per_index():
     proc = processor_for(key(0).hash_key, P)
     ans = [5, 6, 7, 8, 9, 10]
-    per_layer = [[i + 1] * P.depth for i in range(len(ans))]  # position i weighs i + 1 in every layer
+    per_layer = [
+        [i + 1] * P.depth for i in range(len(ans))
+    ]  # position i weighs i + 1 in every layer
     g, w = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size, [per_layer])
     g1, w1 = synthid_units(proc, [ans], [[1, 2, 3, 4]], P.table_size)
     assert len(g) == len(g1) and set(w1.tolist()) == {1}
@@ -191,8 +207,10 @@ def test_layered_null_is_exact_over_many_keys():
     ps = []
     for k in range(40):
         proc = processor_for(key(k).hash_key, P)
-        ps += [detect_synthid(key(k), [t], [pr], params=P, weights=[w], proc=proc).p_value
-               for t, pr, w in zip(texts, prompts, weights)]
+        ps += [
+            detect_synthid(key(k), [t], [pr], params=P, weights=[w], proc=proc).p_value
+            for t, pr, w in zip(texts, prompts, weights)
+        ]
     n = len(ps)
     for alpha in (1e-2, 5e-2):
         assert sum(p < alpha for p in ps) / n <= alpha + 3 * math.sqrt(alpha * (1 - alpha) / n)
@@ -213,7 +231,9 @@ def test_params_scheme_synthid_dispatches_detection():
     ids = torch.randint(0, V, (1, 4))
     prompt = ids[0].tolist()
     for _ in range(80):
-        ids = torch.cat([ids, torch.multinomial(proc(ids, table[ids[:, -1]]).softmax(-1), 1)], dim=1)
+        ids = torch.cat(
+            [ids, torch.multinomial(proc(ids, table[ids[:, -1]]).softmax(-1), 1)], dim=1
+        )
     ans = ids[0, 4:].tolist()
     d = detect_tokens(k0, [ans], prompt_seqs=[prompt], vocab_size=V)
     assert d == detect_synthid(k0, [ans], [prompt], params=P) and d.p_value < 1e-4
@@ -232,9 +252,9 @@ def test_batched_hashing_is_transformers_own():
     procs = [processor_for(key(i).hash_key, P) for i in range(3)]
     got = tournament(procs, P, logp, ctx)
     for b, proc in enumerate(procs):
-        top_lp, top_ids = logp[b:b + 1].topk(P.top_k, dim=-1)
+        top_lp, top_ids = logp[b : b + 1].topk(P.top_k, dim=-1)
         mass = top_lp.logsumexp(dim=-1, keepdim=True)
-        g = proc.sample_g_values(proc._compute_keys(ctx[b:b + 1], top_ids)[0])
-        want = logp[b:b + 1].scatter(1, top_ids, proc.update_scores(top_lp - mass, g) + mass)
+        g = proc.sample_g_values(proc._compute_keys(ctx[b : b + 1], top_ids)[0])
+        want = logp[b : b + 1].scatter(1, top_ids, proc.update_scores(top_lp - mass, g) + mass)
         assert torch.allclose(got[b], want[0], atol=1e-5)
         assert not torch.allclose(got[b], got[(b + 1) % 3], atol=1e-3)

@@ -19,6 +19,18 @@ from distillguard.arena.traffic import (
 )
 
 __all__ = [
-    "POOLS", "Call", "CampaignContext", "CampaignKind", "CampaignSpec", "TrafficConfig", "campaign_kinds",
-    "estimate_tokens", "generate_traffic", "iter_traffic", "load_pools", "pool_of", "register_campaign", "topic_of",
+    "POOLS",
+    "Call",
+    "CampaignContext",
+    "CampaignKind",
+    "CampaignSpec",
+    "TrafficConfig",
+    "campaign_kinds",
+    "estimate_tokens",
+    "generate_traffic",
+    "iter_traffic",
+    "load_pools",
+    "pool_of",
+    "register_campaign",
+    "topic_of",
 ]

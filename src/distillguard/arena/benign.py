@@ -45,12 +45,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from distillguard.arena.pools import Thread, public_prompts
-from distillguard.arena.traffic import Call, TrafficConfig, account_id, estimate_tokens, random_ip, stream_rng
+from distillguard.arena.traffic import (
+    Call,
+    TrafficConfig,
+    account_id,
+    estimate_tokens,
+    random_ip,
+    stream_rng,
+)
 
 log = logging.getLogger(__name__)
 
-TRAITS = (("heavy", 0.05), ("researcher", 0.04), ("long-output", 0.04), ("multi-choice", 0.03),
-          ("app", 0.03), ("shared-ip", 0.06), ("one-shot", 0.05))
+TRAITS = (
+    ("heavy", 0.05),
+    ("researcher", 0.04),
+    ("long-output", 0.04),
+    ("multi-choice", 0.03),
+    ("app", 0.03),
+    ("shared-ip", 0.06),
+    ("one-shot", 0.05),
+)
 SYSTEM_PROMPT_SHARE = 0.15
 # Share of a user's conversations on one of their own subjects (1-2 per favourite topic); the rest
 # anywhere in the favourite topic. Without it a user whose favourite is "code" (a third of ShareGPT)
@@ -58,9 +72,42 @@ SYSTEM_PROMPT_SHARE = 0.15
 # embedding topics, as many as a sweep (measured on the eval pool; README "Extraction detection").
 FOCUS_SHARE = 0.8
 # Relative activity by local hour 0..23: night trough, morning and afternoon peaks, evening bump.
-DIURNAL = (0.2, 0.1, 0.05, 0.05, 0.05, 0.1, 0.3, 0.6, 1.0, 1.4, 1.6, 1.5,
-           1.2, 1.4, 1.6, 1.6, 1.5, 1.3, 1.1, 1.2, 1.3, 1.1, 0.8, 0.4)
-TIMEZONES = ((-8, 3), (-5, 4), (0, 2), (1, 3), (2, 1), (5.5, 2), (8, 2), (9, 1))  # (UTC offset h, weight)
+DIURNAL = (
+    0.2,
+    0.1,
+    0.05,
+    0.05,
+    0.05,
+    0.1,
+    0.3,
+    0.6,
+    1.0,
+    1.4,
+    1.6,
+    1.5,
+    1.2,
+    1.4,
+    1.6,
+    1.6,
+    1.5,
+    1.3,
+    1.1,
+    1.2,
+    1.3,
+    1.1,
+    0.8,
+    0.4,
+)
+TIMEZONES = (
+    (-8, 3),
+    (-5, 4),
+    (0, 2),
+    (1, 3),
+    (2, 1),
+    (5.5, 2),
+    (8, 2),
+    (9, 1),
+)  # (UTC offset h, weight)
 HISTORY_CHARS = 12_000  # a chat client drops the oldest turns beyond this
 
 SYSTEM_PROMPTS = (
@@ -87,9 +134,19 @@ def app_templates(apps: int) -> tuple[str, ...]:
     """The system prompts of ``apps`` apps built on the API: the three above, then made-up ones."""
     if apps <= len(APP_TEMPLATES):
         return APP_TEMPLATES[:apps]
-    kinds = ("support assistant", "tutor", "shopping assistant", "travel planner", "recipe helper", "legal FAQ bot")
-    extra = tuple(f"You are the {kinds[j % len(kinds)]} of App{j:04d}. Answer in a friendly tone, stay on topic, "
-                  f"and keep answers under 200 words." for j in range(apps - len(APP_TEMPLATES)))
+    kinds = (
+        "support assistant",
+        "tutor",
+        "shopping assistant",
+        "travel planner",
+        "recipe helper",
+        "legal FAQ bot",
+    )
+    extra = tuple(
+        f"You are the {kinds[j % len(kinds)]} of App{j:04d}. Answer in a friendly tone, stay on topic, "
+        f"and keep answers under 200 words."
+        for j in range(apps - len(APP_TEMPLATES))
+    )
     return APP_TEMPLATES + extra
 
 
@@ -105,7 +162,9 @@ class Profile:
     p_active: float  # chance of using the API on a given day
     sessions: float  # mean extra sessions on an active day (1 + Poisson)
     conversations: float  # mean conversations a session (geometric)
-    session_minutes: float  # median length of a session: a long conversation is left for the next one
+    session_minutes: (
+        float  # median length of a session: a long conversation is left for the next one
+    )
     read_speed: float  # answer tokens read per second (skimmers read faster)
     stream: bool
     temperature: float | None
@@ -130,13 +189,15 @@ def _traits(config: TrafficConfig) -> dict[int, str]:
     for name, share in TRAITS:
         share = config.app_share if name == "app" else share
         count = max(1, round(share * n)) if n >= 20 else round(share * n)
-        for i in order[pos:pos + count]:
+        for i in order[pos : pos + count]:
             traits[i] = name
         pos += count
     return traits
 
 
-def _interests(config: TrafficConfig, i: int, topics: tuple[str, ...], supply: _ThreadSupply) -> dict[str, tuple[str, ...]]:
+def _interests(
+    config: TrafficConfig, i: int, topics: tuple[str, ...], supply: _ThreadSupply
+) -> dict[str, tuple[str, ...]]:
     """1-2 subjects per favourite topic, popular subjects more often (own random stream, so the
     other profile draws do not depend on it)."""
     rng = stream_rng(config.seed, f"benign-focus-{i}")
@@ -152,8 +213,14 @@ def _interests(config: TrafficConfig, i: int, topics: tuple[str, ...], supply: _
     return out
 
 
-def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str, ...],
-             weights: tuple[int, ...], supply: _ThreadSupply) -> Profile:
+def _profile(
+    config: TrafficConfig,
+    i: int,
+    trait: str | None,
+    topics: tuple[str, ...],
+    weights: tuple[int, ...],
+    supply: _ThreadSupply,
+) -> Profile:
     rng = stream_rng(config.seed, f"benign-profile-{i}")
     heavy = trait == "heavy"
     system = None
@@ -179,12 +246,24 @@ def _profile(config: TrafficConfig, i: int, trait: str | None, topics: tuple[str
     else:
         conversations = rng.uniform(1.0, 2.0)
     return Profile(
-        account=account_id(config.seed, f"benign-{config.pool}", i), ips=tuple(random_ip(rng) for _ in range(n_ips)),
-        tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0], trait=trait, system=system,
-        topics=tuple(favourites), focus=_interests(config, i, tuple(favourites), supply), p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
-        sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5), conversations=conversations,
-        session_minutes=(rng.uniform(40.0, 90.0) if heavy else rng.uniform(15.0, 45.0)) if config.whole_conversations
-        else math.inf, read_speed=rng.uniform(4.0, 20.0), stream=rng.random() < 0.4, temperature=temperature, max_tokens=max_tokens)
+        account=account_id(config.seed, f"benign-{config.pool}", i),
+        ips=tuple(random_ip(rng) for _ in range(n_ips)),
+        tz=rng.choices([t for t, _ in TIMEZONES], [w for _, w in TIMEZONES])[0],
+        trait=trait,
+        system=system,
+        topics=tuple(favourites),
+        focus=_interests(config, i, tuple(favourites), supply),
+        p_active=0.95 if heavy else rng.uniform(0.3, 0.8),
+        sessions=rng.uniform(5.0, 8.0) if heavy else rng.uniform(0.3, 1.5),
+        conversations=conversations,
+        session_minutes=(rng.uniform(40.0, 90.0) if heavy else rng.uniform(15.0, 45.0))
+        if config.whole_conversations
+        else math.inf,
+        read_speed=rng.uniform(4.0, 20.0),
+        stream=rng.random() < 0.4,
+        temperature=temperature,
+        max_tokens=max_tokens,
+    )
 
 
 class _ThreadSupply:
@@ -201,7 +280,11 @@ class _ThreadSupply:
             by_base[t.base_id].append(t)
         groups = sorted(by_base.values(), key=lambda g: g[0].id)
         for g in groups:
-            g.sort(key=lambda t: int(t.id.rpartition("_")[2]) if t.id.rpartition("_")[2].isdigit() else 0)
+            g.sort(
+                key=lambda t: (
+                    int(t.id.rpartition("_")[2]) if t.id.rpartition("_")[2].isdigit() else 0
+                )
+            )
         rng.shuffle(groups)
         self._fresh: dict[str, deque[list[Thread]]] = defaultdict(deque)
         self._fresh_focus: dict[tuple[str, str], deque[list[Thread]]] = defaultdict(deque)
@@ -282,8 +365,14 @@ def _request(p: Profile, rng, config: TrafficConfig, messages: list[dict]) -> di
 
 def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply) -> Iterator[Call]:
     rng = stream_rng(config.seed, f"benign-{i}")
-    public = public_prompts(config.popular_prompts, config.whole_conversations) if config.popular_prompts else ()
-    popular = stream_rng(config.seed, f"benign-popular-{i}")  # its own stream: off, nothing else changes
+    public = (
+        public_prompts(config.popular_prompts, config.whole_conversations)
+        if config.popular_prompts
+        else ()
+    )
+    popular = stream_rng(
+        config.seed, f"benign-popular-{i}"
+    )  # its own stream: off, nothing else changes
     zipf = [1.0 / (r + 1) ** config.popular_zipf for r in range(len(public))]
     sent_public: set[int] = set()
     # conversations the user is in: (thread, next user turn, turns it will ask before it stops)
@@ -297,15 +386,22 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
         if not active[day]:
             continue  # an idle day
         day0 = config.start + day * 86400.0
-        starts = sorted(day0 + (rng.choices(range(24), DIURNAL)[0] - p.tz) % 24 * 3600.0 + rng.uniform(0, 3600)
-                        for _ in range(1 + _poisson(rng, p.sessions)))
+        starts = sorted(
+            day0 + (rng.choices(range(24), DIURNAL)[0] - p.tz) % 24 * 3600.0 + rng.uniform(0, 3600)
+            for _ in range(1 + _poisson(rng, p.sessions))
+        )
         for t in starts:
             t = max(t, busy_until + rng.uniform(600, 3600))
             # people stop after a while: a session ends after its time (median session_minutes), and
             # a conversation still going is taken up in the next session, with its history
-            session_end = (t + 60.0 * p.session_minutes * rng.lognormvariate(0.0, 0.5) if config.whole_conversations
-                           else math.inf)
-            ip = p.ips[0] if rng.random() < 0.7 else rng.choice(p.ips)  # mostly from home (or the office)
+            session_end = (
+                t + 60.0 * p.session_minutes * rng.lognormvariate(0.0, 0.5)
+                if config.whole_conversations
+                else math.inf
+            )
+            ip = (
+                p.ips[0] if rng.random() < 0.7 else rng.choice(p.ips)
+            )  # mostly from home (or the office)
             conversations = 1
             while rng.random() < 1 - 1 / p.conversations:
                 conversations += 1
@@ -318,19 +414,31 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                         sent_public.add(r)
                         text, answer = public[r]
                         head = [{"role": "system", "content": p.system}] if p.system else []
-                        req = _request(p, popular, config, [*head, {"role": "user", "content": text}])
-                        out = estimate_tokens(answer) if answer else int(popular.lognormvariate(math.log(250), 0.8))
+                        req = _request(
+                            p, popular, config, [*head, {"role": "user", "content": text}]
+                        )
+                        out = (
+                            estimate_tokens(answer)
+                            if answer
+                            else int(popular.lognormvariate(math.log(250), 0.8))
+                        )
                         yield Call(t, p.account, ip, req, out)
-                        t += 0.5 + min(out, req.get("max_tokens") or out) / 40.0  # generation, then reading
+                        t += (
+                            0.5 + min(out, req.get("max_tokens") or out) / 40.0
+                        )  # generation, then reading
                         t += popular.lognormvariate(math.log(90), 0.8)
                         continue
                 if not pending:
                     topic = rng.choice(p.topics)
                     subjects = p.focus.get(topic, ())
-                    focus = rng.choice(subjects) if subjects and rng.random() < FOCUS_SHARE else None
+                    focus = (
+                        rng.choice(subjects) if subjects and rng.random() < FOCUS_SHARE else None
+                    )
                     pending.extend((thread, 0, None) for thread in supply.take(topic, focus))
                 thread, first, n_turns = pending.popleft()
-                if n_turns is None:  # how far the user will go, decided when the conversation starts
+                if (
+                    n_turns is None
+                ):  # how far the user will go, decided when the conversation starts
                     n_turns = 1 if p.trait == "one-shot" else len(thread.user_turns)
                     if p.trait != "heavy" and n_turns > 3 and rng.random() < 0.3:
                         n_turns = rng.randint(2, n_turns)  # gives up part-way
@@ -340,7 +448,11 @@ def _user_calls(config: TrafficConfig, i: int, p: Profile, supply: _ThreadSupply
                         break
                     req = _request(p, rng, config, conversation_messages(p.system, thread, k))
                     answer = thread.answer(k)
-                    out = estimate_tokens(answer) if answer else int(rng.lognormvariate(math.log(250), 0.8))
+                    out = (
+                        estimate_tokens(answer)
+                        if answer
+                        else int(rng.lognormvariate(math.log(250), 0.8))
+                    )
                     yield Call(t, p.account, ip, req, out)
                     shown = min(out, req.get("max_tokens") or out)
                     t += 0.5 + shown / 40.0  # generation (~40 tokens/s)
@@ -377,6 +489,9 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
             office_left -= 1
         yield from _user_calls(config, i, p, supply)
     if supply.replayed:
-        log.warning("the %s pool ran short: %d conversations were replayed by a second benign user (identical "
-                    "prompts across accounts); use fewer benign accounts or days for fully distinct users",
-                    config.pool, supply.replayed)
+        log.warning(
+            "the %s pool ran short: %d conversations were replayed by a second benign user (identical "
+            "prompts across accounts); use fewer benign accounts or days for fully distinct users",
+            config.pool,
+            supply.replayed,
+        )

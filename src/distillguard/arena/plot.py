@@ -39,7 +39,13 @@ def plot_traffic(records: list[dict], path: str | Path, *, title: str = "") -> P
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     for lab in labels:
-        ax1.plot([h / 24 for h in hours], [hourly[lab][h] for h in hours], label=lab, color=colours[lab], lw=1)
+        ax1.plot(
+            [h / 24 for h in hours],
+            [hourly[lab][h] for h in hours],
+            label=lab,
+            color=colours[lab],
+            lw=1,
+        )
     ax1.set(xlabel="day", ylabel="requests per hour", yscale="symlog", title="traffic over time")
     ax1.legend(fontsize=8)
     for lab in labels:
@@ -48,10 +54,17 @@ def plot_traffic(records: list[dict], path: str | Path, *, title: str = "") -> P
             if recs[0].get("label", "?") != lab:
                 continue
             xs.append(len(recs))
-            ys.append(sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs) / len(recs))
+            ys.append(
+                sum(any(m["role"] == "assistant" for m in r["request"]["messages"]) for r in recs)
+                / len(recs)
+            )
         ax2.scatter(xs, ys, s=12, alpha=0.7, color=colours[lab], label=lab)
-    ax2.set(xscale="log", xlabel="requests per account", ylabel="share of follow-up requests",
-            title="accounts")
+    ax2.set(
+        xscale="log",
+        xlabel="requests per account",
+        ylabel="share of follow-up requests",
+        title="accounts",
+    )
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -42,6 +42,7 @@ ENTRY_POINT_GROUP = "distillguard.campaigns"
 
 # ---- configuration -----------------------------------------------------------------------
 
+
 class CampaignSpec(BaseModel):
     """One campaign: a registered ``kind``, its number of accounts and requests per account."""
 
@@ -49,9 +50,11 @@ class CampaignSpec(BaseModel):
 
     kind: str = Field(description="a registered campaign kind (see campaign_kinds())")
     accounts: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
-        None, description="accounts the actor uses (default: the kind's, e.g. 20 for hydra)")
+        None, description="accounts the actor uses (default: the kind's, e.g. 20 for hydra)"
+    )
     requests: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
-        None, description="requests per account (default: the kind's)")
+        None, description="requests per account (default: the kind's)"
+    )
 
     @classmethod
     def parse(cls, text: str) -> CampaignSpec:
@@ -59,22 +62,33 @@ class CampaignSpec(BaseModel):
         parts = text.strip().split(":")
         kinds = campaign_kinds()
         if not parts[0] or len(parts) > 3:
-            raise ConfigError(f"bad campaign {text!r}: expected KIND[:ACCOUNTS[:REQUESTS]], e.g. hydra:20")
+            raise ConfigError(
+                f"bad campaign {text!r}: expected KIND[:ACCOUNTS[:REQUESTS]], e.g. hydra:20"
+            )
         if parts[0] not in kinds:
-            raise ConfigError(f"unknown campaign kind {parts[0]!r} in {text!r}; known kinds: {', '.join(kinds)}")
+            raise ConfigError(
+                f"unknown campaign kind {parts[0]!r} in {text!r}; known kinds: {', '.join(kinds)}"
+            )
         numbers = []
         for what, value in zip(("ACCOUNTS", "REQUESTS"), parts[1:]):
             if not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"bad campaign {text!r}: {what} must be a positive integer, got {value!r}")
+                raise ConfigError(
+                    f"bad campaign {text!r}: {what} must be a positive integer, got {value!r}"
+                )
             numbers.append(int(value))
-        return cls(kind=parts[0], accounts=numbers[0] if numbers else None,
-                   requests=numbers[1] if len(numbers) > 1 else None)
+        return cls(
+            kind=parts[0],
+            accounts=numbers[0] if numbers else None,
+            requests=numbers[1] if len(numbers) > 1 else None,
+        )
 
     @field_validator("kind")
     @classmethod
     def _known(cls, kind: str) -> str:
         if kind not in campaign_kinds():
-            raise ValueError(f"unknown campaign kind {kind!r}; known kinds: {', '.join(campaign_kinds())}")
+            raise ValueError(
+                f"unknown campaign kind {kind!r}; known kinds: {', '.join(campaign_kinds())}"
+            )
         return kind
 
 
@@ -84,44 +98,73 @@ class TrafficConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     benign_accounts: Annotated[int, Field(ge=0, le=1_000_000)] = Field(
-        100, description="benign users replayed from the ShareGPT pool")
-    campaigns: tuple[CampaignSpec, ...] = Field((), description="attack campaigns, each with its own accounts")
+        100, description="benign users replayed from the ShareGPT pool"
+    )
+    campaigns: tuple[CampaignSpec, ...] = Field(
+        (), description="attack campaigns, each with its own accounts"
+    )
     seed: int = Field(0, description="random seed: same seed, same traffic")
-    days: Annotated[float, Field(gt=0, le=366)] = Field(3.0, description="length of the traffic window in days")
+    days: Annotated[float, Field(gt=0, le=366)] = Field(
+        3.0, description="length of the traffic window in days"
+    )
     pool: Literal["calibration", "eval"] = Field(
-        "eval", description="which disjoint benign pool the benign users draw on: fit detectors on a "
-                            "'calibration' file, evaluate them on an 'eval' file")
+        "eval",
+        description="which disjoint benign pool the benign users draw on: fit detectors on a "
+        "'calibration' file, evaluate them on an 'eval' file",
+    )
     start: float = Field(DEFAULT_START, description="start of the window (unix seconds, UTC)")
-    model: Annotated[str, Field(min_length=1)] = Field("smollm2", description="model id every request names")
+    model: Annotated[str, Field(min_length=1)] = Field(
+        "smollm2", description="model id every request names"
+    )
     rpm_limit: Annotated[int, Field(ge=1, le=100_000)] = Field(
-        20, description="the gateway's per-account requests per minute: campaigns that stay under "
-                        "limits (hydra) keep every account below it in every 60 s window")
+        20,
+        description="the gateway's per-account requests per minute: campaigns that stay under "
+        "limits (hydra) keep every account below it in every 60 s window",
+    )
 
     whole_conversations: bool = Field(
-        False, description="benign users replay ShareGPT's long conversations whole (its parts abc_0, abc_1, ... "
-                           "joined, so follow-ups carry their history) in sessions that end after their time. "
-                           "More realistic, but the pools then last ~500 (calibration) and ~400 (eval) users over "
-                           "3 days; off, each part is a conversation of its own and sessions run to the end of "
-                           "their conversations, as the README's detection numbers were measured")
+        False,
+        description="benign users replay ShareGPT's long conversations whole (its parts abc_0, abc_1, ... "
+        "joined, so follow-ups carry their history) in sessions that end after their time. "
+        "More realistic, but the pools then last ~500 (calibration) and ~400 (eval) users over "
+        "3 days; off, each part is a conversation of its own and sessions run to the end of "
+        "their conversations, as the README's detection numbers were measured",
+    )
     popular_prompts: Annotated[int, Field(ge=0, le=100_000)] = Field(
-        0, description="size of a public prompt set (attack-pool first turns, which the sweeping campaigns "
-                       "also send) that benign users open conversations with, drawn Zipf-popular: many users "
-                       "send the popular ones. 0: off (the README's detection numbers)")
+        0,
+        description="size of a public prompt set (attack-pool first turns, which the sweeping campaigns "
+        "also send) that benign users open conversations with, drawn Zipf-popular: many users "
+        "send the popular ones. 0: off (the README's detection numbers)",
+    )
     popular_share: Annotated[float, Field(ge=0, le=1)] = Field(
-        0.2, description="share of a benign user's conversations opened with a public prompt (with popular_prompts)")
+        0.2,
+        description="share of a benign user's conversations opened with a public prompt (with popular_prompts)",
+    )
     popular_zipf: Annotated[float, Field(ge=0, le=4)] = Field(
-        1.0, description="Zipf exponent of the public prompts' popularity: rank r drawn with weight r^-s")
+        1.0,
+        description="Zipf exponent of the public prompts' popularity: rank r drawn with weight r^-s",
+    )
     app_share: Annotated[float, Field(ge=0, le=0.5)] = Field(
-        0.03, description="share of benign users that are apps built on the API: one app's system prompt on "
-                          "every request, shared with the other users of that app")
-    apps: Annotated[int, Field(ge=1, le=10_000)] = Field(3, description="distinct apps the app users belong to")
+        0.03,
+        description="share of benign users that are apps built on the API: one app's system prompt on "
+        "every request, shared with the other users of that app",
+    )
+    apps: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        3, description="distinct apps the app users belong to"
+    )
     nat_share: Annotated[float, Field(ge=0, le=1)] = Field(
-        0.0, description="share of benign users behind a large NAT (a university, a company VPN): their home "
-                         "address is in the NAT's /24, shared with up to nat_size others (0: off)")
-    nat_size: Annotated[int, Field(ge=2, le=1_000_000)] = Field(200, description="users behind one large NAT")
+        0.0,
+        description="share of benign users behind a large NAT (a university, a company VPN): their home "
+        "address is in the NAT's /24, shared with up to nat_size others (0: off)",
+    )
+    nat_size: Annotated[int, Field(ge=2, le=1_000_000)] = Field(
+        200, description="users behind one large NAT"
+    )
     decoy_share: Annotated[float, Field(ge=0, lt=1)] = Field(
-        0.5, description="share of a hydra key's requests that are benign-looking conversations "
-                         "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)")
+        0.5,
+        description="share of a hydra key's requests that are benign-looking conversations "
+        "(0.5-0.95 puts attackers at 5-50% of their own keys' traffic)",
+    )
 
     @field_validator("campaigns", mode="before")
     @classmethod
@@ -142,6 +185,7 @@ class TrafficConfig(BaseModel):
 
 
 # ---- the campaign registry (built-ins register the same way plugins do) ------------------
+
 
 class Call(NamedTuple):
     """One request a generator emits; :func:`generate_traffic` adds usage, label and campaign."""
@@ -171,7 +215,11 @@ class CampaignContext:
 
     def request(self, messages: list[dict], **params) -> dict:
         """An OpenAI chat request for this config's model (None-valued params left out)."""
-        return {"model": self.model, "messages": messages, **{k: v for k, v in params.items() if v is not None}}
+        return {
+            "model": self.model,
+            "messages": messages,
+            **{k: v for k, v in params.items() if v is not None},
+        }
 
 
 CampaignGenerator = Callable[[CampaignContext], Iterator[Call]]
@@ -190,20 +238,29 @@ _KINDS: dict[str, CampaignKind] = {}
 _loaded = False
 
 
-def register_campaign(name: str, *, default_accounts: int = 1, default_requests: int = 1000,
-                      description: str = "") -> Callable[[CampaignGenerator], CampaignGenerator]:
+def register_campaign(
+    name: str, *, default_accounts: int = 1, default_requests: int = 1000, description: str = ""
+) -> Callable[[CampaignGenerator], CampaignGenerator]:
     """Decorator: register ``fn(ctx) -> Iterator[Call]`` as campaign kind ``name``.
 
     Plugins register from a module named by an entry point in the ``distillguard.campaigns``
     group; the built-ins (``campaigns.py``) use this same decorator.
     """
     if not name or ":" in name or name == "benign":
-        raise ConfigError(f"campaign kind {name!r}: must be non-empty, without ':', and not 'benign'")
+        raise ConfigError(
+            f"campaign kind {name!r}: must be non-empty, without ':', and not 'benign'"
+        )
 
     def deco(fn: CampaignGenerator) -> CampaignGenerator:
-        _KINDS[name] = CampaignKind(name, fn, default_accounts, default_requests,
-                                    description or (fn.__doc__ or "").strip().split("\n")[0])
+        _KINDS[name] = CampaignKind(
+            name,
+            fn,
+            default_accounts,
+            default_requests,
+            description or (fn.__doc__ or "").strip().split("\n")[0],
+        )
         return fn
+
     return deco
 
 
@@ -220,6 +277,7 @@ def campaign_kinds() -> dict[str, CampaignKind]:
 
 
 # ---- records -------------------------------------------------------------------------------
+
 
 def estimate_tokens(text: str) -> int:
     """Cheap token estimate: ~4 ASCII characters a token, one token per other character."""
@@ -239,8 +297,36 @@ def account_id(seed: int, owner: str, index: int) -> str:
 
 # First octets of public ranges, residential and hosting alike: every generator draws from the same
 # list, so an address tells nothing by itself; only sharing (an office NAT, a proxy range) does.
-_FIRST_OCTETS = (5, 23, 24, 31, 34, 45, 46, 51, 62, 64, 73, 77, 81, 86, 91, 92, 98, 104, 109, 138, 151,
-                 159, 167, 176, 185, 188, 193, 195)
+_FIRST_OCTETS = (
+    5,
+    23,
+    24,
+    31,
+    34,
+    45,
+    46,
+    51,
+    62,
+    64,
+    73,
+    77,
+    81,
+    86,
+    91,
+    92,
+    98,
+    104,
+    109,
+    138,
+    151,
+    159,
+    167,
+    176,
+    185,
+    188,
+    193,
+    195,
+)
 
 
 def random_ip(rng: random.Random, prefix: str | None = None) -> str:
@@ -260,9 +346,17 @@ def _record(call: Call, label: str, campaign: str | None) -> dict:
     cap = req.get("max_completion_tokens") or req.get("max_tokens")
     per_choice = min(call.completion_tokens, cap) if cap else call.completion_tokens
     record = {
-        "ts": round(call.ts, 3), "account": call.account, "ip": call.ip, "request": req,
-        "response": {"status": 200, "usage": {"prompt_tokens": prompt_tokens(req["messages"]),
-                                              "completion_tokens": max(1, per_choice) * req.get("n", 1)}},
+        "ts": round(call.ts, 3),
+        "account": call.account,
+        "ip": call.ip,
+        "request": req,
+        "response": {
+            "status": 200,
+            "usage": {
+                "prompt_tokens": prompt_tokens(req["messages"]),
+                "completion_tokens": max(1, per_choice) * req.get("n", 1),
+            },
+        },
         "label": label,
     }
     if campaign is not None:
@@ -291,12 +385,18 @@ def generate_traffic(config: TrafficConfig) -> list[dict]:
         cid = f"{spec.kind}-{i}"
         n_accounts = spec.accounts or kind.default_accounts
         ctx = CampaignContext(
-            campaign_id=cid, kind=spec.kind,
+            campaign_id=cid,
+            kind=spec.kind,
             accounts=tuple(account_id(config.seed, cid, j) for j in range(n_accounts)),
             requests_per_account=spec.requests or kind.default_requests,
-            start=config.start, end=config.end, rpm_limit=config.rpm_limit, decoy_share=config.decoy_share,
+            start=config.start,
+            end=config.end,
+            rpm_limit=config.rpm_limit,
+            decoy_share=config.decoy_share,
             model=config.model,
-            rng=stream_rng(config.seed, cid), attack=pools["attack"])
+            rng=stream_rng(config.seed, cid),
+            attack=pools["attack"],
+        )
         for call in kind.generate(ctx):
             if config.start <= call.ts < config.end:
                 records.append(_record(call, spec.kind, cid))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -31,70 +30,133 @@ DB_HELP = "ledger database: a file path, sqlite:///FILE or postgresql+psycopg://
 
 
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="log debug messages")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log debug messages"),
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 @app.command()
 def serve(  # noqa: PLR0913 - one option per setting, as users expect of a server command
-    model: str = typer.Option("smollm2", "--model", "-m", help="model spec: smollm2 | tiny | HF id | DIR | FILE.gguf"),
+    model: str = typer.Option(
+        "smollm2", "--model", "-m", help="model spec: smollm2 | tiny | HF id | DIR | FILE.gguf"
+    ),
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
     port: int = typer.Option(8000, help="TCP port (0 picks a free one)"),
-    upstream: Optional[str] = typer.Option(None, help="proxy to this OpenAI-compatible URL instead of a local model"),
-    upstream_api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_UPSTREAM_API_KEY",
-                                                   help="bearer key for the upstream server"),
+    upstream: str | None = typer.Option(
+        None, help="proxy to this OpenAI-compatible URL instead of a local model"
+    ),
+    upstream_api_key: str | None = typer.Option(
+        None, envvar="DISTILLGUARD_UPSTREAM_API_KEY", help="bearer key for the upstream server"
+    ),
     upstream_timeout: float = typer.Option(120.0, help="seconds to wait for the upstream server"),
-    served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the spec)"),
+    served_model_name: str | None = typer.Option(
+        None, help="model id clients send (default: the spec)"
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     max_batch_rows: int = typer.Option(16, help="requests (choices) generated together at most"),
-    threads: int = typer.Option(0, help="torch CPU threads (0: one per core). On a machine busy with other "
-                                       "work, 1 avoids stalls of threads waiting for each other"),
+    threads: int = typer.Option(
+        0,
+        help="torch CPU threads (0: one per core). On a machine busy with other "
+        "work, 1 avoids stalls of threads waiting for each other",
+    ),
     default_max_tokens: int = typer.Option(1024, help="completion cap for requests that set none"),
-    no_guard: bool = typer.Option(False, "--no-guard", help="no API keys, limits, ledger or metrics"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
-    redis: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_REDIS",
-                                        help="redis://HOST:PORT/0 to share rate limits between replicas"),
-    metrics_account_labels: bool = typer.Option(False, help="label Prometheus series by account (cardinality!)"),
+    no_guard: bool = typer.Option(
+        False, "--no-guard", help="no API keys, limits, ledger or metrics"
+    ),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    redis: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_REDIS",
+        help="redis://HOST:PORT/0 to share rate limits between replicas",
+    ),
+    metrics_account_labels: bool = typer.Option(
+        False, help="label Prometheus series by account (cardinality!)"
+    ),
     no_watermark: bool = typer.Option(False, "--no-watermark", help="do not watermark responses"),
-    watermark_scheme: str = typer.Option("synthid", envvar="DISTILLGUARD_WATERMARK_SCHEME", help="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref (the reference scheme)"),
-    watermark_gamma: Optional[float] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_GAMMA",
-                                                    help="fraction of the vocabulary that is green (green-list "
-                                                         "schemes; default: WatermarkParams.gamma)"),
-    watermark_delta: Optional[float] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_DELTA",
-                                                    help="logit bias added to green tokens (green-list schemes; "
-                                                         "default: WatermarkParams.delta)"),
-    policy: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_POLICY_FILE",
-                                         help="YAML policy ladder: actions per verdict level (see docs)"),
-    detect: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DETECT_CALIBRATION",
-                                         help="calibration file (`distillguard detect --save-calibration`): "
-                                              "score every request online and act on verdicts"),
-    extracting_after: int = typer.Option(100, help="flagged requests before a suspect account is 'extracting'"),
-    antidistill_data: str = typer.Option("sharegpt", help="JSONL of {prompt, answer} whose loss antidistillation "
-                                         "sampling keeps high for students (policy action 'antidistill'); "
-                                         "default: 64 real ShareGPT answers"),
-    forwarded_allow_ips: Optional[str] = typer.Option(
-        None, envvar="DISTILLGUARD_FORWARDED_ALLOW_IPS",
+    watermark_scheme: str = typer.Option(
+        "synthid",
+        envvar="DISTILLGUARD_WATERMARK_SCHEME",
+        help="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref (the reference scheme)",
+    ),
+    watermark_gamma: float | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_WATERMARK_GAMMA",
+        help="fraction of the vocabulary that is green (green-list "
+        "schemes; default: WatermarkParams.gamma)",
+    ),
+    watermark_delta: float | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_WATERMARK_DELTA",
+        help="logit bias added to green tokens (green-list schemes; "
+        "default: WatermarkParams.delta)",
+    ),
+    policy: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_POLICY_FILE",
+        help="YAML policy ladder: actions per verdict level (see docs)",
+    ),
+    detect: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_DETECT_CALIBRATION",
+        help="calibration file (`distillguard detect --save-calibration`): "
+        "score every request online and act on verdicts",
+    ),
+    extracting_after: int = typer.Option(
+        100, help="flagged requests before a suspect account is 'extracting'"
+    ),
+    antidistill_data: str = typer.Option(
+        "sharegpt",
+        help="JSONL of {prompt, answer} whose loss antidistillation "
+        "sampling keeps high for students (policy action 'antidistill'); "
+        "default: 64 real ShareGPT answers",
+    ),
+    forwarded_allow_ips: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_FORWARDED_ALLOW_IPS",
         help="comma-separated proxies (IPs, networks, or *) whose X-Forwarded-For the ledger believes; "
-             "default: none, the client address is the connection's"),
-    max_header_bytes: int = typer.Option(16 * 1024, help="request line + headers larger than this get 431"),
-    header_timeout: float = typer.Option(10.0, help="seconds a client has to send a request's headers"),
-    body_timeout: float = typer.Option(60.0, help="seconds a client has to send a request's body, after its headers"),
-    keep_alive_timeout: int = typer.Option(5, help="seconds an idle keep-alive connection stays open"),
-    limit_concurrency: Optional[int] = typer.Option(None, help="open connections + requests beyond this get 503 "
-                                                             "(default: unbounded)"),
-    docs: bool = typer.Option(False, "--docs", help="serve /docs, /redoc and /openapi.json (to anyone)"),
-    metrics_auth: str = typer.Option("admin", envvar="DISTILLGUARD_METRICS_AUTH",
-                                     help="admin: /metrics needs the admin key (Prometheus: "
-                                          "authorization.credentials) | none: open to anyone who can connect"),
-    ledger_content: str = typer.Option("full", envvar="DISTILLGUARD_LEDGER_CONTENT",
-                                       help="what the ledger keeps of prompts and answers: full | hashes "
-                                            "(SHA-256 + length of each) | off (lengths only); see "
-                                            "distillguard.guard.privacy for what each costs detection"),
-    redact: Optional[list[str]] = typer.Option(None, "--redact",
-                                               help="regex whose matches are stored as [REDACTED] (full mode; "
-                                                    "repeatable)"),
+        "default: none, the client address is the connection's",
+    ),
+    max_header_bytes: int = typer.Option(
+        16 * 1024, help="request line + headers larger than this get 431"
+    ),
+    header_timeout: float = typer.Option(
+        10.0, help="seconds a client has to send a request's headers"
+    ),
+    body_timeout: float = typer.Option(
+        60.0, help="seconds a client has to send a request's body, after its headers"
+    ),
+    keep_alive_timeout: int = typer.Option(
+        5, help="seconds an idle keep-alive connection stays open"
+    ),
+    limit_concurrency: int | None = typer.Option(
+        None, help="open connections + requests beyond this get 503 (default: unbounded)"
+    ),
+    docs: bool = typer.Option(
+        False, "--docs", help="serve /docs, /redoc and /openapi.json (to anyone)"
+    ),
+    metrics_auth: str = typer.Option(
+        "admin",
+        envvar="DISTILLGUARD_METRICS_AUTH",
+        help="admin: /metrics needs the admin key (Prometheus: "
+        "authorization.credentials) | none: open to anyone who can connect",
+    ),
+    ledger_content: str = typer.Option(
+        "full",
+        envvar="DISTILLGUARD_LEDGER_CONTENT",
+        help="what the ledger keeps of prompts and answers: full | hashes "
+        "(SHA-256 + length of each) | off (lengths only); see "
+        "distillguard.guard.privacy for what each costs detection",
+    ),
+    redact: list[str] | None = typer.Option(
+        None,
+        "--redact",
+        help="regex whose matches are stored as [REDACTED] (full mode; repeatable)",
+    ),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -121,12 +183,25 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     from distillguard.serve.config import ServeConfig
 
     config = ServeConfig(
-        model=model, host=host, port=port, upstream=upstream, upstream_api_key=upstream_api_key,
-        upstream_timeout_s=upstream_timeout, served_model_name=served_model_name, device=device,
-        max_batch_rows=max_batch_rows, default_max_tokens=default_max_tokens,
-        forwarded_allow_ips=tuple(p.strip() for p in (forwarded_allow_ips or "").split(",") if p.strip()),
-        max_header_bytes=max_header_bytes, header_timeout_s=header_timeout, body_timeout_s=body_timeout,
-        keep_alive_timeout_s=keep_alive_timeout, limit_concurrency=limit_concurrency, docs=docs,
+        model=model,
+        host=host,
+        port=port,
+        upstream=upstream,
+        upstream_api_key=upstream_api_key,
+        upstream_timeout_s=upstream_timeout,
+        served_model_name=served_model_name,
+        device=device,
+        max_batch_rows=max_batch_rows,
+        default_max_tokens=default_max_tokens,
+        forwarded_allow_ips=tuple(
+            p.strip() for p in (forwarded_allow_ips or "").split(",") if p.strip()
+        ),
+        max_header_bytes=max_header_bytes,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        keep_alive_timeout_s=keep_alive_timeout,
+        limit_concurrency=limit_concurrency,
+        docs=docs,
     )
     if upstream:
         from distillguard.serve.upstream import UpstreamBackend
@@ -140,14 +215,18 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         from distillguard.serve.local import LocalBackend
 
         if threads < 0:
-            raise typer.BadParameter(f"--threads {threads}: give 0 (one per core) or a positive count")
+            raise typer.BadParameter(
+                f"--threads {threads}: give 0 (one per core) or a positive count"
+            )
         if threads:
             torch.set_num_threads(threads)
         with err_console.status(f"loading model {model!r} ..."):
             lm = load_model(model, device=device)
         backend = LocalBackend(lm, config)
-        err_console.print(f"[bold]distillguard[/] serving {config.model_id!r} on {lm.device} "
-                          f"(context {lm.context_length} tokens)")
+        err_console.print(
+            f"[bold]distillguard[/] serving {config.model_id!r} on {lm.device} "
+            f"(context {lm.context_length} tokens)"
+        )
     guard = None
     if not no_guard:
         from distillguard.guard.gateway import Guard, GuardConfig
@@ -157,28 +236,50 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
             from distillguard.guard.online import OnlineDetection
 
             with err_console.status(f"loading detection calibration {detect} ..."):
-                monitor = OnlineDetection.from_calibration(detect, extracting_after=extracting_after)
+                monitor = OnlineDetection.from_calibration(
+                    detect, extracting_after=extracting_after
+                )
         # γ and δ left unset take GuardConfig's defaults, which are the scheme's (WatermarkParams)
-        scheme_params = {k: v for k, v in (("watermark_gamma", watermark_gamma), ("watermark_delta", watermark_delta))
-                         if v is not None}
-        guard = Guard(GuardConfig(
-            db=db, redis=redis, metrics_account_labels=metrics_account_labels, watermark=not no_watermark,
-            watermark_scheme=watermark_scheme, policy_file=policy, metrics_auth=metrics_auth,
-            ledger_content=ledger_content, redact=tuple(redact or ()), **scheme_params), monitor=monitor)
-        err_console.print(f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
-                          + (f", limits shared in {redis}" if redis else ""))
+        scheme_params = {
+            k: v
+            for k, v in (("watermark_gamma", watermark_gamma), ("watermark_delta", watermark_delta))
+            if v is not None
+        }
+        guard = Guard(
+            GuardConfig(
+                db=db,
+                redis=redis,
+                metrics_account_labels=metrics_account_labels,
+                watermark=not no_watermark,
+                watermark_scheme=watermark_scheme,
+                policy_file=policy,
+                metrics_auth=metrics_auth,
+                ledger_content=ledger_content,
+                redact=tuple(redact or ()),
+                **scheme_params,
+            ),
+            monitor=monitor,
+        )
+        err_console.print(
+            f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
+            + (f", limits shared in {redis}" if redis else "")
+        )
         if "antidistill" in guard.policy.uses:
             if upstream:
-                err_console.print("[yellow]warning:[/] the policy uses 'antidistill', which needs a local model: "
-                                  "it will be recorded as not applied")
+                err_console.print(
+                    "[yellow]warning:[/] the policy uses 'antidistill', which needs a local model: "
+                    "it will be recorded as not applied"
+                )
             else:
                 from distillguard.serve.antidistill import build_direction, downstream_pairs
 
                 with err_console.status("computing the antidistillation direction ..."):
                     direction = build_direction(lm, downstream_pairs(antidistill_data))
                 backend.enable_antidistill(direction)
-                err_console.print(f"[bold]distillguard[/] antidistillation sampling ready ({direction.tokens} "
-                                  f"answer tokens, downstream loss {direction.loss:.2f} nats/token)")
+                err_console.print(
+                    f"[bold]distillguard[/] antidistillation sampling ready ({direction.tokens} "
+                    f"answer tokens, downstream loss {direction.loss:.2f} nats/token)"
+                )
     from distillguard.serve.server import run
 
     run(create_app(backend, config, guard), config)
@@ -223,7 +324,9 @@ def main() -> None:
         err_console.print(f"[red]error:[/] {exc}")
         sys.exit(getattr(exc, "exit_code", 2))
     except ValidationError as exc:  # a config value out of range, e.g. --port 70000
-        err_console.print(f"[red]error:[/] {exc.errors(include_url=False)[0]['loc']}: {exc.errors()[0]['msg']}")
+        err_console.print(
+            f"[red]error:[/] {exc.errors(include_url=False)[0]['loc']}: {exc.errors()[0]['msg']}"
+        )
         sys.exit(2)
 
 

@@ -6,7 +6,6 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -14,34 +13,64 @@ from rich.table import Table
 
 from distillguard.cli import console, err_console
 
-arena_app = typer.Typer(help="Benign users and extraction campaigns for evaluating detectors.", no_args_is_help=True)
+arena_app = typer.Typer(
+    help="Benign users and extraction campaigns for evaluating detectors.", no_args_is_help=True
+)
 
 
 @arena_app.command("traffic")
 def traffic(
-    benign_accounts: int = typer.Option(100, "--benign-accounts", "-b", help="benign users replayed from ShareGPT"),
-    campaign: Optional[list[str]] = typer.Option(
-        None, "--campaign", "-c", help="KIND[:ACCOUNTS[:REQUESTS]] (repeatable); REQUESTS is per account"),
+    benign_accounts: int = typer.Option(
+        100, "--benign-accounts", "-b", help="benign users replayed from ShareGPT"
+    ),
+    campaign: list[str] | None = typer.Option(
+        None,
+        "--campaign",
+        "-c",
+        help="KIND[:ACCOUNTS[:REQUESTS]] (repeatable); REQUESTS is per account",
+    ),
     seed: int = typer.Option(0, help="random seed: same seed and options, same file"),
     days: float = typer.Option(3.0, help="length of the traffic window in days"),
-    pool: str = typer.Option("eval", help="benign pool: calibration (fit detectors) | eval (held out)"),
-    start: Optional[float] = typer.Option(None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"),
+    pool: str = typer.Option(
+        "eval", help="benign pool: calibration (fit detectors) | eval (held out)"
+    ),
+    start: float | None = typer.Option(
+        None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"
+    ),
     model: str = typer.Option("smollm2", help="model id in every request"),
-    rpm_limit: int = typer.Option(20, help="per-account requests/minute that hydra keys stay under"),
-    decoy_share: float = typer.Option(0.5, help="share of a hydra key's requests that look benign (conversations)"),
+    rpm_limit: int = typer.Option(
+        20, help="per-account requests/minute that hydra keys stay under"
+    ),
+    decoy_share: float = typer.Option(
+        0.5, help="share of a hydra key's requests that look benign (conversations)"
+    ),
     whole_conversations: bool = typer.Option(
-        False, help="replay ShareGPT's long conversations whole (parts joined) in sessions that end after their "
-                    "time: more realistic, but a pool then lasts ~400 users over 3 days"),
+        False,
+        help="replay ShareGPT's long conversations whole (parts joined) in sessions that end after their "
+        "time: more realistic, but a pool then lasts ~400 users over 3 days",
+    ),
     popular_prompts: int = typer.Option(
-        0, help="benign users also send prompts of a public set of this size (attack-pool text the sweeps send "
-                "too), Zipf-popular: many users send the popular ones (0: off)"),
-    popular_share: float = typer.Option(0.2, help="share of a user's conversations opened with a public prompt"),
-    app_share: float = typer.Option(0.03, help="share of benign users that are apps (one app's system prompt, shared)"),
+        0,
+        help="benign users also send prompts of a public set of this size (attack-pool text the sweeps send "
+        "too), Zipf-popular: many users send the popular ones (0: off)",
+    ),
+    popular_share: float = typer.Option(
+        0.2, help="share of a user's conversations opened with a public prompt"
+    ),
+    app_share: float = typer.Option(
+        0.03, help="share of benign users that are apps (one app's system prompt, shared)"
+    ),
     apps: int = typer.Option(3, help="distinct apps those users belong to"),
-    nat_share: float = typer.Option(0.0, help="share of benign users behind large NATs (one /24 each)"),
+    nat_share: float = typer.Option(
+        0.0, help="share of benign users behind large NATs (one /24 each)"
+    ),
     nat_size: int = typer.Option(200, help="users behind one large NAT"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to write, - for standard output"),
-    plot: Optional[str] = typer.Option(None, help="also draw the traffic to this image file (needs matplotlib)"),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="JSONL file to write, - for standard output"
+    ),
+    plot: str | None = typer.Option(
+        None, help="also draw the traffic to this image file (needs matplotlib)"
+    ),
     list_kinds: bool = typer.Option(False, "--list-kinds", help="list the campaign kinds and exit"),
 ) -> None:
     """Write labelled traffic (DESIGN.md traffic log): benign users and attack campaigns.
@@ -63,13 +92,20 @@ def traffic(
 
       distillguard arena traffic -b 0 -c template:1:500 -o - | head
     """
-    from distillguard.arena.traffic import CampaignSpec, TrafficConfig, campaign_kinds, generate_traffic
+    from distillguard.arena.traffic import (
+        CampaignSpec,
+        TrafficConfig,
+        campaign_kinds,
+        generate_traffic,
+    )
     from distillguard.errors import ConfigError
 
     if list_kinds:
         table = Table("kind", "accounts", "requests/account", "what it does")
         for kind in campaign_kinds().values():
-            table.add_row(kind.name, str(kind.default_accounts), str(kind.default_requests), kind.description)
+            table.add_row(
+                kind.name, str(kind.default_accounts), str(kind.default_requests), kind.description
+            )
         console.print(table)
         return
     if output is None:
@@ -79,15 +115,30 @@ def traffic(
     specs = tuple(CampaignSpec.parse(c) for c in campaign or ())
     extra = {} if start is None else {"start": start}
     try:
-        config = TrafficConfig(benign_accounts=benign_accounts, campaigns=specs, seed=seed, days=days, pool=pool,
-                               model=model, rpm_limit=rpm_limit, decoy_share=decoy_share,
-                               whole_conversations=whole_conversations, popular_prompts=popular_prompts,
-                               popular_share=popular_share, app_share=app_share, apps=apps, nat_share=nat_share,
-                               nat_size=nat_size, **extra)
+        config = TrafficConfig(
+            benign_accounts=benign_accounts,
+            campaigns=specs,
+            seed=seed,
+            days=days,
+            pool=pool,
+            model=model,
+            rpm_limit=rpm_limit,
+            decoy_share=decoy_share,
+            whole_conversations=whole_conversations,
+            popular_prompts=popular_prompts,
+            popular_share=popular_share,
+            app_share=app_share,
+            apps=apps,
+            nat_share=nat_share,
+            nat_size=nat_size,
+            **extra,
+        )
     except ValidationError as exc:  # name the option, not the config field
         err = exc.errors(include_url=False)[0]
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg) from None
+        raise ConfigError(
+            f"--{str(err['loc'][0]).replace('_', '-')}: {msg}" if err["loc"] else msg
+        ) from None
     with err_console.status("generating traffic ..."):
         records = generate_traffic(config)
     out = sys.stdout if output == "-" else _open(Path(output))
@@ -109,7 +160,9 @@ def traffic(
     if plot:
         from distillguard.arena.plot import plot_traffic
 
-        err_console.print(f"plot: {plot_traffic(records, plot, title=f'{len(records)} requests, seed {seed}')}")
+        err_console.print(
+            f"plot: {plot_traffic(records, plot, title=f'{len(records)} requests, seed {seed}')}"
+        )
 
 
 def _open(path: Path):

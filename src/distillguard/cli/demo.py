@@ -6,7 +6,14 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -23,25 +30,36 @@ class _Extra(ProgressColumn):
 
 
 def demo_command(
-    out: Path = typer.Option(Path("distillguard-demo"), "--out", "-o",
-                             help="directory for the ledger, harvest, calibration, student, plot and demo.json "
-                                  "(a rerun starts its ledger and harvest afresh)"),
-    model: str = typer.Option("smollm2", "--model", "-m", help="teacher: smollm2 | tiny | HF id | DIR | FILE.gguf"),
+    out: Path = typer.Option(
+        Path("distillguard-demo"),
+        "--out",
+        "-o",
+        help="directory for the ledger, harvest, calibration, student, plot and demo.json "
+        "(a rerun starts its ledger and harvest afresh)",
+    ),
+    model: str = typer.Option(
+        "smollm2", "--model", "-m", help="teacher: smollm2 | tiny | HF id | DIR | FILE.gguf"
+    ),
     cal_accounts: int = typer.Option(80, help="benign users the detectors are calibrated on"),
     eval_accounts: int = typer.Option(40, help="held-out benign users mixed with each campaign"),
     campaign_requests: int = typer.Option(300, help="requests per one-account campaign"),
-    target_fpr: float = typer.Option(0.01, help="false-positive rate per benign account-day to calibrate to"),
+    target_fpr: float = typer.Option(
+        0.01, help="false-positive rate per benign account-day to calibrate to"
+    ),
     users: int = typer.Option(6, help="benign users calling the live gateway"),
     user_requests: int = typer.Option(3, help="questions each of them asks"),
     extract: int = typer.Option(96, help="requests the distiller sends"),
     max_tokens: int = typer.Option(128, help="answer length cap of every live request"),
-    extracting_after: int = typer.Option(10, help="flagged requests before the distiller is 'extracting' "
-                                                  "(canaries from then on)"),
+    extracting_after: int = typer.Option(
+        10, help="flagged requests before the distiller is 'extracting' (canaries from then on)"
+    ),
     concurrency: int = typer.Option(4, help="the distiller's requests in flight"),
     threads: int = typer.Option(0, help="the gateway's torch CPU threads (0: one per core)"),
     max_prompt_chars: int = typer.Option(600, help="live prompts longer than this are skipped"),
-    student: str = typer.Option("prune:8", help="student trained on the harvest for act 4 (model spec, "
-                                                "prune:K); 'none' skips act 4"),
+    student: str = typer.Option(
+        "prune:8",
+        help="student trained on the harvest for act 4 (model spec, prune:K); 'none' skips act 4",
+    ),
     epochs: float = typer.Option(6.0, help="the student's training epochs"),
     seed: int = typer.Option(0, help="random seed of the traffic and the training"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
@@ -71,14 +89,34 @@ def demo_command(
     from distillguard.arena.demo import DemoConfig, DemoHooks, run_demo
     from distillguard.distill.train import ProgressCallback
 
-    cfg = DemoConfig(out=out, model=model, cal_accounts=cal_accounts, eval_accounts=eval_accounts,
-                     campaign_requests=campaign_requests, target_fpr=target_fpr, users=users,
-                     user_requests=user_requests, extract=extract, max_tokens=max_tokens,
-                     extracting_after=extracting_after, concurrency=concurrency, threads=threads,
-                     max_prompt_chars=max_prompt_chars,
-                     student=None if student.lower() == "none" else student, epochs=epochs, seed=seed)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        _Extra(), console=err_console, transient=True)
+    cfg = DemoConfig(
+        out=out,
+        model=model,
+        cal_accounts=cal_accounts,
+        eval_accounts=eval_accounts,
+        campaign_requests=campaign_requests,
+        target_fpr=target_fpr,
+        users=users,
+        user_requests=user_requests,
+        extract=extract,
+        max_tokens=max_tokens,
+        extracting_after=extracting_after,
+        concurrency=concurrency,
+        threads=threads,
+        max_prompt_chars=max_prompt_chars,
+        student=None if student.lower() == "none" else student,
+        epochs=epochs,
+        seed=seed,
+    )
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        _Extra(),
+        console=err_console,
+        transient=True,
+    )
 
     def bar(label: str, total: int):
         task = progress.add_task(label, total=total, extra="")
@@ -90,35 +128,51 @@ def demo_command(
         nonlocal harvest_task
         if harvest_task is None:
             harvest_task = progress.add_task("distiller harvesting", total=report.planned, extra="")
-        progress.update(harvest_task, completed=report.finished(), extra=f"{report.completion_tokens} tokens")
+        progress.update(
+            harvest_task, completed=report.finished(), extra=f"{report.completion_tokens} tokens"
+        )
 
     train_progress = ProgressCallback(progress, "training the student")
-    hooks = DemoHooks(say=lambda text: progress.console.print(text), progress=bar, harvest_progress=on_harvest,
-                      train_callbacks=(train_progress,))
+    hooks = DemoHooks(
+        say=lambda text: progress.console.print(text),
+        progress=bar,
+        harvest_progress=on_harvest,
+        train_callbacks=(train_progress,),
+    )
     with progress:
         report = run_demo(cfg, hooks)
     if as_json:
         print(json.dumps(report, default=str))
         return
     show(report)
-    err_console.print(f"report: {out / 'demo.json'}; ledger: {out / 'ledger.db'}; plot: "
-                      f"{report['detection'].get('plot') or '-'} ({report['seconds']:.0f} s)")
+    err_console.print(
+        f"report: {out / 'demo.json'}; ledger: {out / 'ledger.db'}; plot: "
+        f"{report['detection'].get('plot') or '-'} ({report['seconds']:.0f} s)"
+    )
 
 
 def _p(log10_p: float | None) -> str:
-    return "-" if log10_p is None else f"1e{log10_p:.0f}" if log10_p < -3 else f"{10 ** log10_p:.2g}"
+    return "-" if log10_p is None else f"1e{log10_p:.0f}" if log10_p < -3 else f"{10**log10_p:.2g}"
 
 
 def show(report: dict) -> None:
     det = report["detection"]
-    table = Table(title=f"1. detection (calibrated on {det['calibration']['accounts']} benign users, target FPR "
-                        f"{det['calibration']['target_fpr']:g} per account-day)")
+    table = Table(
+        title=f"1. detection (calibrated on {det['calibration']['accounts']} benign users, target FPR "
+        f"{det['calibration']['target_fpr']:g} per account-day)"
+    )
     for col in ("traffic", "accounts", "flagged", "median requests to flag"):
         table.add_column(col, justify="left" if col == "traffic" else "right")
-    table.add_row("held-out benign users", str(det["benign"]["accounts"]), str(det["benign"]["flagged"]), "-")
+    table.add_row(
+        "held-out benign users", str(det["benign"]["accounts"]), str(det["benign"]["flagged"]), "-"
+    )
     for kind, k in det["campaigns"].items():
-        table.add_row(f"campaign {kind}", str(k["accounts"]), str(k["flagged"]),
-                      "-" if k["median_requests_to_flag"] is None else f"{k['median_requests_to_flag']:.0f}")
+        table.add_row(
+            f"campaign {kind}",
+            str(k["accounts"]),
+            str(k["flagged"]),
+            "-" if k["median_requests_to_flag"] is None else f"{k['median_requests_to_flag']:.0f}",
+        )
     console.print(table)
 
     live = report["live"]
@@ -126,24 +180,38 @@ def show(report: dict) -> None:
     for col in ("account", "requests", "statuses", "suspect from", "extracting from", "canaries"):
         table.add_column(col, justify="left" if col in ("account", "statuses") else "right")
     for name, e in live["ledger"].items():
-        table.add_row(name, str(e["requests"]), ", ".join(f"{s}: {n}" for s, n in sorted(e["statuses"].items())),
-                      str(e["suspect_from_request"] or "-"), str(e["extracting_from_request"] or "-"),
-                      str(e["canary_requests"]))
+        table.add_row(
+            name,
+            str(e["requests"]),
+            ", ".join(f"{s}: {n}" for s, n in sorted(e["statuses"].items())),
+            str(e["suspect_from_request"] or "-"),
+            str(e["extracting_from_request"] or "-"),
+            str(e["canary_requests"]),
+        )
     console.print(table)
     h = live["harvest"]
-    console.print(f"distiller: {h['stored_ok']} answers stored, {h['data_rows']} usable rows, "
-                  f"{h['completion_tokens']} completion tokens in {h['seconds']:.0f} s; failed {h['failed'] or 0}")
+    console.print(
+        f"distiller: {h['stored_ok']} answers stored, {h['data_rows']} usable rows, "
+        f"{h['completion_tokens']} completion tokens in {h['seconds']:.0f} s; failed {h['failed'] or 0}"
+    )
 
     tr = report["trace"]
     table = Table(title="3. whose watermark is in the text (exact p-values, Holm over accounts)")
     for col in ("texts", "n", "traced to", "p (distiller's key)"):
         table.add_column(col, justify="right" if col == "n" else "left")
-    rows = [("the distiller's dataset (finished answers)", tr["distiller_data"]),
-            ("every answer the distiller received", tr["distiller_received"])]
+    rows = [
+        ("the distiller's dataset (finished answers)", tr["distiller_data"]),
+        ("every answer the distiller received", tr["distiller_received"]),
+    ]
     rows += [(f"{name}'s answers", t) for name, t in tr["users"].items()]
     rows.append(("ShareGPT answers by another model", tr["other_model"]))
     for label, t in rows:
-        table.add_row(label, str(t["texts"]), ", ".join(t["traced"]) or "nobody", _p(t["log10_p"].get("distiller")))
+        table.add_row(
+            label,
+            str(t["texts"]),
+            ", ".join(t["traced"]) or "nobody",
+            _p(t["log10_p"].get("distiller")),
+        )
     console.print(table)
 
     st = report.get("student")
@@ -152,13 +220,29 @@ def show(report: dict) -> None:
     if "skipped" in st:
         console.print(f"4. student: skipped, {st['skipped']}")
         return
-    table = Table(title=f"4. canaries in the suspect model ({st['curated_rows']} training rows, "
-                        f"{st['train']['steps']} steps)")
-    for col in ("model", "account", "canaries", "ranked first", "mean rank (of 50)", "p (Holm)", "traced"):
+    table = Table(
+        title=f"4. canaries in the suspect model ({st['curated_rows']} training rows, "
+        f"{st['train']['steps']} steps)"
+    )
+    for col in (
+        "model",
+        "account",
+        "canaries",
+        "ranked first",
+        "mean rank (of 50)",
+        "p (Holm)",
+        "traced",
+    ):
         table.add_column(col)
     for name in ("student", "untrained_student"):
         for a in st[name]["accounts"]:
-            table.add_row(name.replace("_", " "), a["account"], str(a["canaries"]), str(a["top1"]),
-                          f"{a['mean_rank']:.1f}", f"{a['p_holm']:.1e}",
-                          "yes" if a["account"] in st[name]["traced"] else "no")
+            table.add_row(
+                name.replace("_", " "),
+                a["account"],
+                str(a["canaries"]),
+                str(a["top1"]),
+                f"{a['mean_rank']:.1f}",
+                f"{a['p_holm']:.1e}",
+                "yes" if a["account"] in st[name]["traced"] else "no",
+            )
     console.print(table)

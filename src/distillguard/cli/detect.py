@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -51,35 +50,59 @@ def warn_without_text(records: list[dict], what: str) -> None:
 
     n = sum(map(without_text, records))
     if n:
-        err_console.print(f"[yellow]warning:[/] {n} of {len(records)} {what} carry no prompt text (a ledger kept "
-                          f"with --ledger-content hashes or off): {TEXT_DETECTORS} learn nothing from them, "
-                          "linking sees only identical prompts (hashes); volume, timing, shape and fresh "
-                          "are unaffected. Calibrate on traffic kept the same way: a calibration made on text "
-                          "sets the threshold too high for it (bench/ledger_privacy.py)")
+        err_console.print(
+            f"[yellow]warning:[/] {n} of {len(records)} {what} carry no prompt text (a ledger kept "
+            f"with --ledger-content hashes or off): {TEXT_DETECTORS} learn nothing from them, "
+            "linking sees only identical prompts (hashes); volume, timing, shape and fresh "
+            "are unaffected. Calibrate on traffic kept the same way: a calibration made on text "
+            "sets the threshold too high for it (bench/ledger_privacy.py)"
+        )
 
 
 def _progress(label: str, total: int):
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True, disable=not err_console.is_terminal)
+    prog = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    )
     task = prog.add_task(label, total=total)
     return prog, lambda k: prog.advance(task, k)
 
 
 def detect_command(
-    traffic: Optional[str] = typer.Option(None, "--traffic", "-t", help="traffic-log JSONL to score (- for stdin)"),
-    ledger: Optional[str] = typer.Option(None, "--ledger", help="score the ledger instead; " + DB_HELP),
-    calibrate_file: Optional[str] = typer.Option(None, "--calibrate",
-                                                 help="benign traffic JSONL to calibrate on (benign accounts only)"),
-    calibration: Optional[str] = typer.Option(None, "--calibration", "-c",
-                                              help="a saved calibration (.npz) to use"),
-    save_calibration: Optional[str] = typer.Option(None, "--save-calibration",
-                                                   help="write the calibration made by --calibrate here "
-                                                        "(the gateway loads it)"),
-    target_fpr: float = typer.Option(0.001, help="false-positive rate per benign account-day to calibrate to"),
-    detectors: Optional[str] = typer.Option(None, help="comma-separated detectors to calibrate with (default: all "
-                                                       "registered: volume,timing,shape,template,cot,mmd,prada,coverage,fresh,linking)"),
+    traffic: str | None = typer.Option(
+        None, "--traffic", "-t", help="traffic-log JSONL to score (- for stdin)"
+    ),
+    ledger: str | None = typer.Option(
+        None, "--ledger", help="score the ledger instead; " + DB_HELP
+    ),
+    calibrate_file: str | None = typer.Option(
+        None, "--calibrate", help="benign traffic JSONL to calibrate on (benign accounts only)"
+    ),
+    calibration: str | None = typer.Option(
+        None, "--calibration", "-c", help="a saved calibration (.npz) to use"
+    ),
+    save_calibration: str | None = typer.Option(
+        None,
+        "--save-calibration",
+        help="write the calibration made by --calibrate here (the gateway loads it)",
+    ),
+    target_fpr: float = typer.Option(
+        0.001, help="false-positive rate per benign account-day to calibrate to"
+    ),
+    detectors: str | None = typer.Option(
+        None,
+        help="comma-separated detectors to calibrate with (default: all "
+        "registered: volume,timing,shape,template,cot,mmd,prada,coverage,fresh,linking)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the detection report as JSON"),
-    plot: Optional[str] = typer.Option(None, "--plot", help="save a plot of account scores vs the threshold (PNG)"),
+    plot: str | None = typer.Option(
+        None, "--plot", help="save a plot of account scores vs the threshold (PNG)"
+    ),
     top: int = typer.Option(30, help="rows of the table (most suspicious first)"),
 ) -> None:
     """Find the accounts that are extracting the model: per account a calibrated score, a flag,
@@ -109,17 +132,23 @@ def detect_command(
         prog, step = _progress("calibrating", len(benign) * 2)
         with prog:
             names = tuple(n.strip() for n in detectors.split(",") if n.strip()) if detectors else ()
-            cal = calibrate(benign, config=DetectConfig(target_fpr=target_fpr, detectors=names), progress=step)
+            cal = calibrate(
+                benign, config=DetectConfig(target_fpr=target_fpr, detectors=names), progress=step
+            )
         if save_calibration:
             cal.save(save_calibration)
             err_console.print(f"calibration saved to {save_calibration}")
     else:
         cal = Calibration.load(calibration)
         if detectors:
-            raise ConfigError("--detectors applies to --calibrate; a saved calibration fixes its detectors")
+            raise ConfigError(
+                "--detectors applies to --calibrate; a saved calibration fixes its detectors"
+            )
         if target_fpr != 0.001 and abs(target_fpr - cal.target_fpr) > 1e-12:
-            raise ConfigError(f"--target-fpr {target_fpr} differs from the calibration's {cal.target_fpr}; "
-                              "recalibrate with --calibrate to change it")
+            raise ConfigError(
+                f"--target-fpr {target_fpr} differs from the calibration's {cal.target_fpr}; "
+                "recalibrate with --calibrate to change it"
+            )
     prog, step = _progress("scoring", len(records))
     with prog:
         report = detect(records, cal, progress=step)
@@ -130,13 +159,21 @@ def detect_command(
         console.print_json(json.dumps(report))
         return
     s = cal.stats
-    table = Table(title=f"detection: threshold {cal.threshold:.1f} at target FPR {cal.target_fpr:g} per account-day "
-                        f"(held-out benign FPR {s.get('heldout_flagged_days', '?')}/{s.get('heldout_account_days', '?')})")
+    table = Table(
+        title=f"detection: threshold {cal.threshold:.1f} at target FPR {cal.target_fpr:g} per account-day "
+        f"(held-out benign FPR {s.get('heldout_flagged_days', '?')}/{s.get('heldout_account_days', '?')})"
+    )
     for col in ("account", "score", "flagged at", "requests", "cluster", "reasons"):
         table.add_column(col, overflow="fold")
     for r in results[:top]:
-        table.add_row(r.account, f"{r.score:.1f}", "[red]" + str(r.flagged_at_request) if r.flagged else "-",
-                      str(r.requests), r.cluster or "", "\n".join(r.reasons[:3]))
+        table.add_row(
+            r.account,
+            f"{r.score:.1f}",
+            "[red]" + str(r.flagged_at_request) if r.flagged else "-",
+            str(r.requests),
+            r.cluster or "",
+            "\n".join(r.reasons[:3]),
+        )
     console.print(table)
     console.print(f"{sum(r.flagged for r in results)} of {len(results)} accounts flagged")
 

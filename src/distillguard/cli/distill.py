@@ -5,43 +5,70 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from distillguard.cli import console, err_console
 from distillguard.errors import ConfigError, IncompleteError
 
-distill_app = typer.Typer(help="Distil a teacher into a student: harvest, ...", no_args_is_help=True)
+distill_app = typer.Typer(
+    help="Distil a teacher into a student: harvest, ...", no_args_is_help=True
+)
 
 
 @distill_app.command("harvest")
 def harvest_cmd(
-    teacher: str = typer.Option(..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
-    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"),
-    prompts: str = typer.Option(..., help="prompt source: FILE.jsonl | FILE.csv | FILE.parquet | DATASET_DIR | sharegpt"),
+    teacher: str = typer.Option(
+        ..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"
+    ),
+    prompts: str = typer.Option(
+        ..., help="prompt source: FILE.jsonl | FILE.csv | FILE.parquet | DATASET_DIR | sharegpt"
+    ),
     out: Path = typer.Option(..., help="output directory (the store makes reruns resume)"),
     model: str = typer.Option("smollm2", help="model id to request"),
-    limit: Optional[int] = typer.Option(None, help="use at most this many prompts"),
+    limit: int | None = typer.Option(None, help="use at most this many prompts"),
     skip: int = typer.Option(0, help="skip the first prompts (e.g. a held-out split)"),
     n: int = typer.Option(1, help="answers per prompt (the request's n)"),
     concurrency: int = typer.Option(8, help="requests in flight at once"),
     max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
     temperature: float = typer.Option(0.7, help="sampling temperature"),
-    top_logprobs: Optional[int] = typer.Option(None, help="also harvest the top-K logprobs per token (0-20)"),
-    seed: Optional[int] = typer.Option(None, help="request seed"),
-    budget_tokens: Optional[int] = typer.Option(None, help="never spend more tokens than this (all runs together)"),
-    budget_usd: Optional[float] = typer.Option(None, help="never spend more USD than this (needs --price-in/--price-out)"),
+    top_logprobs: int | None = typer.Option(
+        None, help="also harvest the top-K logprobs per token (0-20)"
+    ),
+    seed: int | None = typer.Option(None, help="request seed"),
+    budget_tokens: int | None = typer.Option(
+        None, help="never spend more tokens than this (all runs together)"
+    ),
+    budget_usd: float | None = typer.Option(
+        None, help="never spend more USD than this (needs --price-in/--price-out)"
+    ),
     price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
     price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
     timeout: float = typer.Option(120.0, help="seconds per request"),
     max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
-    commit_window: float = typer.Option(0.05, help="group-commit answers to the store at most this many seconds "
-                                                   "apart; 0 commits each on arrival (for teachers without "
-                                                   "Idempotency-Key replay, where kill -9 could lose a window)"),
-    keep_capped: bool = typer.Option(False, "--keep-capped", help="also write answers cut at --max-tokens to "
-                                     "data.jsonl (finish_reason 'length'; `distill curate --keep-capped` keeps them)"),
+    commit_window: float = typer.Option(
+        0.05,
+        help="group-commit answers to the store at most this many seconds "
+        "apart; 0 commits each on arrival (for teachers without "
+        "Idempotency-Key replay, where kill -9 could lose a window)",
+    ),
+    keep_capped: bool = typer.Option(
+        False,
+        "--keep-capped",
+        help="also write answers cut at --max-tokens to "
+        "data.jsonl (finish_reason 'length'; `distill curate --keep-capped` keeps them)",
+    ),
 ) -> None:
     """Collect teacher answers: async, resumable after a crash, never over budget.
 
@@ -59,16 +86,36 @@ def harvest_cmd(
     from distillguard.distill.harvest import run_stoppable
 
     config = HarvestConfig(
-        teacher=teacher, api_key=api_key, model=model, n=n, concurrency=concurrency, max_tokens=max_tokens,
-        temperature=temperature, top_logprobs=top_logprobs, seed=seed, budget_tokens=budget_tokens,
-        budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout, max_retries=max_retries,
-        commit_window_s=commit_window)
+        teacher=teacher,
+        api_key=api_key,
+        model=model,
+        n=n,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_logprobs=top_logprobs,
+        seed=seed,
+        budget_tokens=budget_tokens,
+        budget_usd=budget_usd,
+        price_in=price_in,
+        price_out=price_out,
+        timeout_s=timeout,
+        max_retries=max_retries,
+        commit_window_s=commit_window,
+    )
     items = load_prompts(prompts, limit=limit, skip=skip)
     out.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(out / "store.sqlite")
-    columns = [TextColumn("[bold]harvest"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[tokens]:,} tok  ${task.fields[usd]:.4f}  {task.fields[rate]:.1f} req/s"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]harvest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "{task.fields[tokens]:,} tok  ${task.fields[usd]:.4f}  {task.fields[rate]:.1f} req/s"
+        ),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err_console) as progress:
         task = progress.add_task("harvest", total=len(items), tokens=0, usd=0.0, rate=0.0)
         t0 = time.perf_counter()
@@ -76,8 +123,13 @@ def harvest_cmd(
         def on_progress(report, budget) -> None:
             finished = report.finished()
             elapsed = max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, completed=finished, tokens=budget.tokens, usd=budget.usd,
-                            rate=(finished - report.skipped_done) / elapsed)
+            progress.update(
+                task,
+                completed=finished,
+                tokens=budget.tokens,
+                usd=budget.usd,
+                rate=(finished - report.skipped_done) / elapsed,
+            )
 
         report = run_stoppable(harvest(config, items, store, on_progress=on_progress))
     rows = store.export_jsonl(out / "data.jsonl", keep_capped=keep_capped)
@@ -85,33 +137,56 @@ def harvest_cmd(
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     store.close()
     answers = f" ({report.answers_ok} usable answers of {config.n} each)" if config.n > 1 else ""
-    err_console.print(f"stored {report.stored_ok} new answers{answers} ({report.skipped_done} from earlier runs), "
-                      f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
-                      f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}")
+    err_console.print(
+        f"stored {report.stored_ok} new answers{answers} ({report.skipped_done} from earlier runs), "
+        f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
+        f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}"
+    )
     print(json.dumps(summary))
-    if report.unfinished():  # exit 1, after everything above is written: a script must not take this as done
+    if (
+        report.unfinished()
+    ):  # exit 1, after everything above is written: a script must not take this as done
         raise IncompleteError(report.unfinished())
 
 
 @distill_app.command("self-instruct")
 def self_instruct_cmd(
-    teacher: str = typer.Option(..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
-    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"),
-    out: Path = typer.Option(..., help="output directory: OUT/prompts.jsonl, OUT/store.sqlite (reruns resume)"),
+    teacher: str = typer.Option(
+        ..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
+    ),
+    api_key: str | None = typer.Option(
+        None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"
+    ),
+    out: Path = typer.Option(
+        ..., help="output directory: OUT/prompts.jsonl, OUT/store.sqlite (reruns resume)"
+    ),
     n: int = typer.Option(100, help="new tasks wanted"),
-    seeds: Optional[str] = typer.Option(None, help="seed tasks (any prompt source: FILE.jsonl | FILE.csv | ... | "
-                                                   "sharegpt with --seed-limit); default: 24 built-in tasks"),
+    seeds: str | None = typer.Option(
+        None,
+        help="seed tasks (any prompt source: FILE.jsonl | FILE.csv | ... | "
+        "sharegpt with --seed-limit); default: 24 built-in tasks",
+    ),
     seed_limit: int = typer.Option(24, help="use at most this many seed tasks from --seeds"),
-    seed_max_chars: int = typer.Option(300, help="use only seed tasks up to this long (a listing shows 8 tasks)"),
+    seed_max_chars: int = typer.Option(
+        300, help="use only seed tasks up to this long (a listing shows 8 tasks)"
+    ),
     model: str = typer.Option("smollm2", help="model id to request"),
-    requests_per_round: int = typer.Option(16, help="requests per round (the pool grows between rounds)"),
+    requests_per_round: int = typer.Option(
+        16, help="requests per round (the pool grows between rounds)"
+    ),
     max_rounds: int = typer.Option(100, help="stop after this many rounds"),
-    novelty: float = typer.Option(0.7, help="drop a task whose ROUGE-L F1 to any task in the pool exceeds this"),
+    novelty: float = typer.Option(
+        0.7, help="drop a task whose ROUGE-L F1 to any task in the pool exceeds this"
+    ),
     concurrency: int = typer.Option(8, help="requests in flight at once"),
     max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
-    budget_tokens: Optional[int] = typer.Option(None, help="never spend more tokens than this (all runs together)"),
-    budget_usd: Optional[float] = typer.Option(None, help="never spend more USD than this (needs --price-in/--price-out)"),
+    budget_tokens: int | None = typer.Option(
+        None, help="never spend more tokens than this (all runs together)"
+    ),
+    budget_usd: float | None = typer.Option(
+        None, help="never spend more USD than this (needs --price-in/--price-out)"
+    ),
     price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
     price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
     seed: int = typer.Option(0, help="seed of the rounds' task sampling"),
@@ -132,35 +207,73 @@ def self_instruct_cmd(
     """
     from distillguard.distill import HarvestConfig, ResponseStore
     from distillguard.distill.harvest import run_stoppable
-    from distillguard.distill.selfinstruct import (SEED_TASKS, SelfInstructConfig, load_seed_tasks, self_instruct,
-                                                   write_prompts)
+    from distillguard.distill.selfinstruct import (
+        SEED_TASKS,
+        SelfInstructConfig,
+        load_seed_tasks,
+        self_instruct,
+        write_prompts,
+    )
 
-    seed_tasks = load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars) if seeds else SEED_TASKS
-    config = SelfInstructConfig(n=n, seeds=seed_tasks, requests_per_round=requests_per_round, max_rounds=max_rounds,
-                                novelty=novelty, seed=seed)
-    hconfig = HarvestConfig(teacher=teacher, api_key=api_key, model=model, concurrency=concurrency,
-                            max_tokens=max_tokens, temperature=temperature, budget_tokens=budget_tokens,
-                            budget_usd=budget_usd, price_in=price_in, price_out=price_out, timeout_s=timeout,
-                            max_retries=max_retries)
+    seed_tasks = (
+        load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars) if seeds else SEED_TASKS
+    )
+    config = SelfInstructConfig(
+        n=n,
+        seeds=seed_tasks,
+        requests_per_round=requests_per_round,
+        max_rounds=max_rounds,
+        novelty=novelty,
+        seed=seed,
+    )
+    hconfig = HarvestConfig(
+        teacher=teacher,
+        api_key=api_key,
+        model=model,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        budget_tokens=budget_tokens,
+        budget_usd=budget_usd,
+        price_in=price_in,
+        price_out=price_out,
+        timeout_s=timeout,
+        max_retries=max_retries,
+    )
     out.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(out / "store.sqlite")
-    columns = [TextColumn("[bold]self-instruct"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("round {task.fields[round]}  {task.fields[requests]} answers  {task.fields[candidates]} "
-                          "candidates"), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]self-instruct"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "round {task.fields[round]}  {task.fields[requests]} answers  {task.fields[candidates]} "
+            "candidates"
+        ),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=err_console) as progress:
         task = progress.add_task("self-instruct", total=n, round=0, requests=0, candidates=0)
 
         def on_round(report, tasks) -> None:
-            progress.update(task, completed=len(tasks), round=report.rounds, requests=report.requests,
-                            candidates=report.candidates)
+            progress.update(
+                task,
+                completed=len(tasks),
+                round=report.rounds,
+                requests=report.requests,
+                candidates=report.candidates,
+            )
 
         tasks, report = run_stoppable(self_instruct(config, hconfig, store, on_round=on_round))
     write_prompts(tasks, out / "prompts.jsonl")
     summary = {**report.to_dict(), "store": store.totals()}
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     store.close()
-    err_console.print(f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
-                      f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})")
+    err_console.print(
+        f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
+        f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})"
+    )
     print(json.dumps(summary))
     if report.stopped == "failed":
         raise IncompleteError(f"round {report.rounds}: {report.unfinished}")
@@ -170,15 +283,27 @@ def self_instruct_cmd(
 def curate_cmd(
     data: Path = typer.Option(..., help="harvested data.jsonl (from `distill harvest`)"),
     out: Path = typer.Option(..., help="output directory: an HF datasets DatasetDict (train/eval)"),
-    eval_prompts: Optional[str] = typer.Option(None, help="evaluation prompts (any prompt source) to decontaminate against"),
-    near_dup: float = typer.Option(0.85, help="near-duplicate Jaccard threshold (MinHash); 1 keeps near-duplicates"),
+    eval_prompts: str | None = typer.Option(
+        None, help="evaluation prompts (any prompt source) to decontaminate against"
+    ),
+    near_dup: float = typer.Option(
+        0.85, help="near-duplicate Jaccard threshold (MinHash); 1 keeps near-duplicates"
+    ),
     dedup_on: str = typer.Option("prompt", help="prompt | response | both"),
     min_chars: int = typer.Option(1, help="drop answers shorter than this"),
-    max_chars: Optional[int] = typer.Option(None, help="drop answers longer than this"),
-    keep_refusals: bool = typer.Option(False, "--keep-refusals", help="keep answers that look like refusals"),
-    keep_capped: bool = typer.Option(False, "--keep-capped", help="keep answers cut at the harvest's --max-tokens "
-                                     "(a prefix of the teacher's answer; trained without an end-of-turn)"),
-    verifier: Optional[str] = typer.Option(None, help="module:function called with each record; keep if true"),
+    max_chars: int | None = typer.Option(None, help="drop answers longer than this"),
+    keep_refusals: bool = typer.Option(
+        False, "--keep-refusals", help="keep answers that look like refusals"
+    ),
+    keep_capped: bool = typer.Option(
+        False,
+        "--keep-capped",
+        help="keep answers cut at the harvest's --max-tokens "
+        "(a prefix of the teacher's answer; trained without an end-of-turn)",
+    ),
+    verifier: str | None = typer.Option(
+        None, help="module:function called with each record; keep if true"
+    ),
     eval_fraction: float = typer.Option(0.1, help="share of prompts held out for evaluation"),
     seed: int = typer.Option(0, help="split seed"),
 ) -> None:
@@ -193,15 +318,29 @@ def curate_cmd(
     from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
     from distillguard.distill.prompts import load_prompts
 
-    config = CurateConfig(min_chars=min_chars, max_chars=max_chars, drop_refusals=not keep_refusals,
-                          verifier=verifier, near_dup_threshold=None if near_dup == 1 else near_dup,
-                          dedup_on=dedup_on, eval_fraction=eval_fraction, seed=seed, keep_capped=keep_capped)
-    evals = ["\n".join(c for r, c in p.messages if r != "system") for p in load_prompts(eval_prompts)] if eval_prompts else []
+    config = CurateConfig(
+        min_chars=min_chars,
+        max_chars=max_chars,
+        drop_refusals=not keep_refusals,
+        verifier=verifier,
+        near_dup_threshold=None if near_dup == 1 else near_dup,
+        dedup_on=dedup_on,
+        eval_fraction=eval_fraction,
+        seed=seed,
+        keep_capped=keep_capped,
+    )
+    evals = (
+        ["\n".join(c for r, c in p.messages if r != "system") for p in load_prompts(eval_prompts)]
+        if eval_prompts
+        else []
+    )
     with err_console.status("curating ..."):
         train, evaluation, report = curate(read_jsonl(data), config, eval_prompts=evals)
         save_dataset(train, evaluation, out)
     (out / "curate_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    err_console.print(f"kept {report.train} train + {report.eval} eval of {report.read}; removed {report.removed}")
+    err_console.print(
+        f"kept {report.train} train + {report.eval} eval of {report.read}; removed {report.removed}"
+    )
     print(json.dumps(report.to_dict()))
 
 
@@ -209,35 +348,68 @@ def curate_cmd(
 def train_cmd(
     data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
     out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
-    student: str = typer.Option("prune:15:mlp896", help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
-                                 "MLPs cut to their W most active neurons) | tiny | HF id | DIR | FILE.gguf"),
-    teacher: str = typer.Option("smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"),
-    loss: str = typer.Option("auto", help="auto (topk-kd where the data has top-k logprobs the student can read, "
-                                          "else sft) | sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
-                                         "--teacher) | gkd (on-policy: the student answers, the teacher scores); "
-                                         "the KD losses need the teacher's tokenizer"),
-    ce_weight: float = typer.Option(0.0, help="topk-kd: share of the loss that is cross-entropy on the teacher's "
-                                              "sampled tokens (the rest the top-k KL); 0 top-k KL only"),
-    unlikelihood: Optional[float] = typer.Option(None, help="sft/topk-kd: weight of token-level unlikelihood on the "
-                                                           "tokens the answer already wrote (against loops; Welleck "
-                                                           "et al. 2019); default 1 (0 for kd/gkd); 0 off"),
-    beta: Optional[float] = typer.Option(None, help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
-                                                    "(default: kd 0, gkd 0.5)"),
-    lmbda: float = typer.Option(0.5, help="gkd: share of batches answered by the student itself (on-policy)"),
+    student: str = typer.Option(
+        "prune:15:mlp896",
+        help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
+        "MLPs cut to their W most active neurons) | tiny | HF id | DIR | FILE.gguf",
+    ),
+    teacher: str = typer.Option(
+        "smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"
+    ),
+    loss: str = typer.Option(
+        "auto",
+        help="auto (topk-kd where the data has top-k logprobs the student can read, "
+        "else sft) | sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
+        "--teacher) | gkd (on-policy: the student answers, the teacher scores); "
+        "the KD losses need the teacher's tokenizer",
+    ),
+    ce_weight: float = typer.Option(
+        0.0,
+        help="topk-kd: share of the loss that is cross-entropy on the teacher's "
+        "sampled tokens (the rest the top-k KL); 0 top-k KL only",
+    ),
+    unlikelihood: float | None = typer.Option(
+        None,
+        help="sft/topk-kd: weight of token-level unlikelihood on the "
+        "tokens the answer already wrote (against loops; Welleck "
+        "et al. 2019); default 1 (0 for kd/gkd); 0 off",
+    ),
+    beta: float | None = typer.Option(
+        None,
+        help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
+        "(default: kd 0, gkd 0.5)",
+    ),
+    lmbda: float = typer.Option(
+        0.5, help="gkd: share of batches answered by the student itself (on-policy)"
+    ),
     gen_max_new_tokens: int = typer.Option(64, help="gkd: length of the student's own answers"),
-    lora: bool = typer.Option(False, "--lora", help="train LoRA adapters (PEFT), merged into the saved model"),
+    lora: bool = typer.Option(
+        False, "--lora", help="train LoRA adapters (PEFT), merged into the saved model"
+    ),
     epochs: float = typer.Option(2.0, help="passes over the training set"),
-    lr: float = typer.Option(5e-4, help="peak learning rate (cosine schedule); 5e-4 is what the README's learning curves used"),
+    lr: float = typer.Option(
+        5e-4,
+        help="peak learning rate (cosine schedule); 5e-4 is what the README's learning curves used",
+    ),
     batch_size: int = typer.Option(8, help="examples per step"),
     max_length: int = typer.Option(512, help="tokens per example at most"),
-    max_train: Optional[int] = typer.Option(None, help="use at most this many training examples"),
+    max_train: int | None = typer.Option(None, help="use at most this many training examples"),
     seed: int = typer.Option(0, help="random seed"),
-    save_steps: int = typer.Option(100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="continue from the last checkpoint of this "
-                                                                  "same run in OUT/checkpoints (after a crash), or "
-                                                                  "do nothing when OUT holds its finished student"),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (mixed precision, float32 master weights) | tf32 "
-                                               "(float32 with TF32 matrix products; NVIDIA Ampere or newer)"),
+    save_steps: int = typer.Option(
+        100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"
+    ),
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="continue from the last checkpoint of this "
+        "same run in OUT/checkpoints (after a crash), or "
+        "do nothing when OUT holds its finished student",
+    ),
+    precision: str = typer.Option(
+        "fp32",
+        help="fp32 | bf16 (mixed precision, float32 master weights) | tf32 "
+        "(float32 with TF32 matrix products; NVIDIA Ampere or newer)",
+    ),
 ) -> None:
     """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
 
@@ -256,37 +428,78 @@ def train_cmd(
     """
     from distillguard.distill.train import ProgressCallback, TrainConfig, train
 
-    config = TrainConfig(data=str(data), out=str(out), student=student, teacher=teacher, loss=loss, lora=lora,
-                         ce_weight=ce_weight, unlikelihood=unlikelihood,
-                         epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
-                         seed=seed, beta=beta, lmbda=lmbda, gen_max_new_tokens=gen_max_new_tokens,
-                         save_steps=save_steps, resume=resume, precision=precision)
+    config = TrainConfig(
+        data=str(data),
+        out=str(out),
+        student=student,
+        teacher=teacher,
+        loss=loss,
+        lora=lora,
+        ce_weight=ce_weight,
+        unlikelihood=unlikelihood,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        max_length=max_length,
+        max_train=max_train,
+        seed=seed,
+        beta=beta,
+        lmbda=lmbda,
+        gen_max_new_tokens=gen_max_new_tokens,
+        save_steps=save_steps,
+        resume=resume,
+        precision=precision,
+    )
 
-    with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+    with Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    ) as progress:
         summary = train(config, callbacks=[ProgressCallback(progress)])
     if summary.get("already_trained"):
-        err_console.print(f"{out} already holds this run's student (same settings, data and starting point); "
-                          "nothing to do (--no-resume trains it again)")
+        err_console.print(
+            f"{out} already holds this run's student (same settings, data and starting point); "
+            "nothing to do (--no-resume trains it again)"
+        )
     else:
-        err_console.print(f"saved {summary['parameters']:,}-parameter student to {out} "
-                          f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})")
+        err_console.print(
+            f"saved {summary['parameters']:,}-parameter student to {out} "
+            f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})"
+        )
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
 
 @distill_app.command("eval")
 def eval_cmd(
-    student: list[str] = typer.Option(..., help="a trained student (a directory from `distill train`, or any spec); "
-                                                "repeat for several, e.g. one per number of teacher queries"),
-    teacher: str = typer.Option("smollm2", help="the teacher, loaded locally (same tokenizer as the student)"),
-    prompts: str = typer.Option(..., help="held-out prompts: FILE.jsonl | FILE.csv | DATASET_DIR (its eval split) | sharegpt"),
+    student: list[str] = typer.Option(
+        ...,
+        help="a trained student (a directory from `distill train`, or any spec); "
+        "repeat for several, e.g. one per number of teacher queries",
+    ),
+    teacher: str = typer.Option(
+        "smollm2", help="the teacher, loaded locally (same tokenizer as the student)"
+    ),
+    prompts: str = typer.Option(
+        ...,
+        help="held-out prompts: FILE.jsonl | FILE.csv | DATASET_DIR (its eval split) | sharegpt",
+    ),
     limit: int = typer.Option(64, help="prompts to use"),
     skip: int = typer.Option(0, help="skip this many prompts first (keep training prompts out)"),
     max_new_tokens: int = typer.Option(128, help="greedy answer length"),
-    baseline: Optional[str] = typer.Option(None, help="the untrained student spec (e.g. prune:15:mlp896), for 'gap closed'"),
-    out: Optional[Path] = typer.Option(None, help="write the report as JSON here"),
-    plot: Optional[Path] = typer.Option(None, help="learning-curve PNG: quality vs teacher queries (the distinct "
-                                                   "training prompts in each student's train_summary.json)"),
+    baseline: str | None = typer.Option(
+        None, help="the untrained student spec (e.g. prune:15:mlp896), for 'gap closed'"
+    ),
+    out: Path | None = typer.Option(None, help="write the report as JSON here"),
+    plot: Path | None = typer.Option(
+        None,
+        help="learning-curve PNG: quality vs teacher queries (the distinct "
+        "training prompts in each student's train_summary.json)",
+    ),
 ) -> None:
     """Measure what a student kept of its teacher: NLL of the teacher's answers, ROUGE-L, speed, and the
     coherence of its own answers (their NLL under the teacher, repeated 4-grams).
@@ -307,7 +520,7 @@ def eval_cmd(
     if Path(prompts).is_dir() and (Path(prompts) / "dataset_dict.json").is_file():
         from datasets import load_from_disk
 
-        messages = distinct_prompts(load_from_disk(prompts)["eval"])[skip:skip + limit]
+        messages = distinct_prompts(load_from_disk(prompts)["eval"])[skip : skip + limit]
     else:
         messages = [p.as_messages() for p in load_prompts(prompts, limit=limit, skip=skip)]
     queries = []
@@ -319,45 +532,87 @@ def eval_cmd(
         else:
             queries.append(None)
     if plot is not None and None in queries:
-        raise ConfigError(f"--plot needs students from `distill train` (no train_summary.json in "
-                          f"{student[queries.index(None)]})")
+        raise ConfigError(
+            f"--plot needs students from `distill train` (no train_summary.json in "
+            f"{student[queries.index(None)]})"
+        )
     with err_console.status("loading the models ..."):
-        models = (load_model(teacher, device="cpu"), [load_model(s, device="cpu") for s in student],
-                  load_student(baseline, teacher) if baseline else None)
-    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[what]}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console) as progress:
+        models = (
+            load_model(teacher, device="cpu"),
+            [load_model(s, device="cpu") for s in student],
+            load_student(baseline, teacher) if baseline else None,
+        )
+    with Progress(
+        TextColumn("[bold]eval"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[what]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    ) as progress:
         task = progress.add_task("eval", total=None, what="")
 
         def on_progress(what: str, done: int, total: int) -> None:
             progress.update(task, completed=done, total=total, what=what)
 
-        reports = evaluate_many(models[0], models[1], messages, max_new_tokens=max_new_tokens, baseline=models[2],
-                                on_progress=on_progress)
-    table = Table("model", "queries", "parameters", "NLL (nats/tok)", "tokens/s", "ROUGE-L", "exact",
-                  "own answers' NLL under teacher", "rep4")
+        reports = evaluate_many(
+            models[0],
+            models[1],
+            messages,
+            max_new_tokens=max_new_tokens,
+            baseline=models[2],
+            on_progress=on_progress,
+        )
+    table = Table(
+        "model",
+        "queries",
+        "parameters",
+        "NLL (nats/tok)",
+        "tokens/s",
+        "ROUGE-L",
+        "exact",
+        "own answers' NLL under teacher",
+        "rep4",
+    )
     rows_out = [("teacher", None, reports[0].teacher), ("baseline", 0, reports[0].baseline)]
     rows_out += [(spec, q, r.student) for spec, q, r in zip(student, queries, reports)]
     for name, q, r in rows_out:
         if r is not None:
-            table.add_row(name, "-" if q is None else f"{q:,}", f"{r.parameters:,}", f"{r.nll:.3f}",
-                          f"{r.tokens_per_s:.1f}", "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
-                          "-" if r.exact_match is None else f"{r.exact_match:.2f}",
-                          "-" if r.nll_under_teacher is None else f"{r.nll_under_teacher:.3f}",
-                          "-" if r.rep4 is None else f"{r.rep4:.3f}")
+            table.add_row(
+                name,
+                "-" if q is None else f"{q:,}",
+                f"{r.parameters:,}",
+                f"{r.nll:.3f}",
+                f"{r.tokens_per_s:.1f}",
+                "-" if r.rouge_l is None else f"{r.rouge_l:.3f}",
+                "-" if r.exact_match is None else f"{r.exact_match:.2f}",
+                "-" if r.nll_under_teacher is None else f"{r.nll_under_teacher:.3f}",
+                "-" if r.rep4 is None else f"{r.rep4:.3f}",
+            )
     console.print(table)
     if plot is not None:
         learning_curve_plot(reports, queries, plot)
         err_console.print(f"learning curve in {plot}")
-    source = {"prompts": prompts, "skip": skip, "limit": limit}  # with prompts_sha256: which prompts, exactly
-    result = (dict(reports[0].to_dict(), source=source) if len(reports) == 1
-              else [dict(r.to_dict(), queries=q, source=source) for r, q in zip(reports, queries)])
+    source = {
+        "prompts": prompts,
+        "skip": skip,
+        "limit": limit,
+    }  # with prompts_sha256: which prompts, exactly
+    result = (
+        dict(reports[0].to_dict(), source=source)
+        if len(reports) == 1
+        else [dict(r.to_dict(), queries=q, source=source) for r, q in zip(reports, queries)]
+    )
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
 
 
 @distill_app.command("run")
-def run_cmd(config: Path = typer.Argument(..., help="pipeline YAML (see `distillguard.distill.pipeline`)")) -> None:
+def run_cmd(
+    config: Path = typer.Argument(..., help="pipeline YAML (see `distillguard.distill.pipeline`)"),
+) -> None:
     """Run harvest → curate → train → eval from one YAML config; finished stages are cached.
 
     Example config:

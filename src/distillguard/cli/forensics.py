@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -12,8 +11,10 @@ from rich.table import Table
 from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
-forensics_app = typer.Typer(help="Investigate a suspect model: radioactivity of the per-account watermark.",
-                            no_args_is_help=True)
+forensics_app = typer.Typer(
+    help="Investigate a suspect model: radioactivity of the per-account watermark.",
+    no_args_is_help=True,
+)
 
 
 def read_prompts(source: str, limit: int | None) -> list[str]:
@@ -23,7 +24,9 @@ def read_prompts(source: str, limit: int | None) -> list[str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise ConfigError(f"no such prompt file: {source}")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [
+            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
     else:
         from distillguard.distill.prompts import load_prompts
 
@@ -39,7 +42,9 @@ def master_secret(secret: str | None, secret_file: Path | None) -> bytes:
     from distillguard.watermark.secret import load_secret
 
     if secret and secret_file:
-        raise ConfigError("pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both")
+        raise ConfigError(
+            "pass --secret (or DISTILLGUARD_WATERMARK_SECRET) or --secret-file, not both"
+        )
     if secret_file is not None and not secret_file.is_file():
         raise ConfigError(f"no such secret file: {secret_file}")
     return load_secret(secret, secret_file, create=False)
@@ -47,30 +52,61 @@ def master_secret(secret: str | None, secret_file: Path | None) -> bytes:
 
 @forensics_app.command("radioactivity")
 def radioactivity(  # noqa: PLR0913 - one option per setting of the test
-    suspect: str = typer.Option(..., "--suspect", "-s",
-                                help="the suspect: an OpenAI-compatible URL (closed mode) or a model spec/dir (open mode)"),
-    secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET",
-                                         help="master watermark secret (default: the server's secret file)"),
-    secret_file: Optional[Path] = typer.Option(None, help="file holding the master secret (as the server keeps it)"),
-    accounts: str = typer.Option("all", help="'all' (every account in the ledger) or comma-separated accounts"),
-    mode: Optional[str] = typer.Option(None, help="open (weights) | closed (API); default: closed for a URL, else open"),
-    prompts: str = typer.Option("sharegpt", help="prompts the suspect answers: FILE.txt (one per line), "
-                                                 ".jsonl/.csv/.parquet, a datasets dir, or sharegpt"),
+    suspect: str = typer.Option(
+        ...,
+        "--suspect",
+        "-s",
+        help="the suspect: an OpenAI-compatible URL (closed mode) or a model spec/dir (open mode)",
+    ),
+    secret: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_WATERMARK_SECRET",
+        help="master watermark secret (default: the server's secret file)",
+    ),
+    secret_file: Path | None = typer.Option(
+        None, help="file holding the master secret (as the server keeps it)"
+    ),
+    accounts: str = typer.Option(
+        "all", help="'all' (every account in the ledger) or comma-separated accounts"
+    ),
+    mode: str | None = typer.Option(
+        None, help="open (weights) | closed (API); default: closed for a URL, else open"
+    ),
+    prompts: str = typer.Option(
+        "sharegpt",
+        help="prompts the suspect answers: FILE.txt (one per line), "
+        ".jsonl/.csv/.parquet, a datasets dir, or sharegpt",
+    ),
     limit: int = typer.Option(100, help="number of prompts used"),
-    skip: int = typer.Option(0, help="skip this many prompts first (e.g. those the suspect may have trained on)"),
-    tokenizer: str = typer.Option("smollm2", "--tokenizer", help="model spec of the teacher whose vocabulary the watermark uses"),
-    scheme: str = typer.Option("synthid", help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)"),
+    skip: int = typer.Option(
+        0, help="skip this many prompts first (e.g. those the suspect may have trained on)"
+    ),
+    tokenizer: str = typer.Option(
+        "smollm2",
+        "--tokenizer",
+        help="model spec of the teacher whose vocabulary the watermark uses",
+    ),
+    scheme: str = typer.Option(
+        "synthid",
+        help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)",
+    ),
     gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
     max_tokens: int = typer.Option(64, help="tokens per answer of the suspect"),
     temperature: float = typer.Option(0.7, help="sampling temperature of the suspect's answers"),
-    api_key: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_SUSPECT_API_KEY", help="bearer key for the suspect's API"),
-    served_model: Optional[str] = typer.Option(None, help="model name at the suspect's API (default: the first listed)"),
-    null_keys: int = typer.Option(200, help="open mode: wrong keys for the empirical null (0: none)"),
+    api_key: str | None = typer.Option(
+        None, envvar="DISTILLGUARD_SUSPECT_API_KEY", help="bearer key for the suspect's API"
+    ),
+    served_model: str | None = typer.Option(
+        None, help="model name at the suspect's API (default: the first listed)"
+    ),
+    null_keys: int = typer.Option(
+        200, help="open mode: wrong keys for the empirical null (0: none)"
+    ),
     alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
     seed: int = typer.Option(0, help="sampling seed"),
     device: str = typer.Option("auto", help="open mode: auto | cpu | cuda | cuda:N"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Test whether a suspect model learned the per-account watermark, and trace it to accounts.
@@ -102,10 +138,18 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     if mode not in ("open", "closed"):
         raise ConfigError(f"--mode {mode!r}: use open (suspect weights) or closed (suspect API)")
     if mode == "closed" and not is_url:
-        raise ConfigError(f"--mode closed needs the suspect's API URL (http://...), got {suspect!r}")
+        raise ConfigError(
+            f"--mode closed needs the suspect's API URL (http://...), got {suspect!r}"
+        )
     if mode == "open" and is_url:
-        raise ConfigError("--mode open needs the suspect's weights (a model spec or directory), not a URL")
-    names = _ledger_accounts(db) if accounts == "all" else [a.strip() for a in accounts.split(",") if a.strip()]
+        raise ConfigError(
+            "--mode open needs the suspect's weights (a model spec or directory), not a URL"
+        )
+    names = (
+        _ledger_accounts(db)
+        if accounts == "all"
+        else [a.strip() for a in accounts.split(",") if a.strip()]
+    )
     if not names:
         raise ConfigError("no accounts to test: the ledger has none; pass --accounts A,B,...")
     master = master_secret(secret, secret_file)
@@ -115,48 +159,111 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     if mode == "closed":
         tok = load_tokenizer(tokenizer)
         with err_console.status(f"asking {suspect} {len(texts)} prompts ..."):
-            result = closed_radioactivity(suspect, keys, texts, tok, model=served_model, api_key=api_key,
-                                          max_tokens=max_tokens, temperature=temperature, seed=seed, alpha=alpha)
+            result = closed_radioactivity(
+                suspect,
+                keys,
+                texts,
+                tok,
+                model=served_model,
+                api_key=api_key,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                alpha=alpha,
+            )
     else:
         with err_console.status(f"loading {suspect!r} ..."):
             lm = load_model(suspect, device=device)
         teacher_vocab = len(load_tokenizer(tokenizer))
         if len(lm.tokenizer) != teacher_vocab:
-            raise ConfigError(f"the suspect's tokenizer has {len(lm.tokenizer)} tokens, the teacher's ({tokenizer}) "
-                              f"{teacher_vocab}: open mode needs a suspect with the teacher's tokenizer (use closed mode)")
-        result = open_radioactivity(lm, keys, texts, max_new_tokens=max_tokens, temperature=temperature, seed=seed,
-                                    null_keys=null_keys, alpha=alpha)
+            raise ConfigError(
+                f"the suspect's tokenizer has {len(lm.tokenizer)} tokens, the teacher's ({tokenizer}) "
+                f"{teacher_vocab}: open mode needs a suspect with the teacher's tokenizer (use closed mode)"
+            )
+        result = open_radioactivity(
+            lm,
+            keys,
+            texts,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            null_keys=null_keys,
+            alpha=alpha,
+        )
     if as_json:
         print(json.dumps(result.to_dict()))
         return
-    table = Table("account", "key id", "green", "z", "log10 p", "p (Holm)",
-                  *(["empirical p", "top-1 log10 p"] if mode == "open" else []))
+    table = Table(
+        "account",
+        "key id",
+        "green",
+        "z",
+        "log10 p",
+        "p (Holm)",
+        *(["empirical p", "top-1 log10 p"] if mode == "open" else []),
+    )
     for k in sorted(result.keys, key=lambda k: k.log10_p):
-        extra = [f"{k.extra['empirical_p']:.3g}" if "empirical_p" in k.extra else "-",
-                 f"{k.extra['top1_log10_p']:.1f}"] if mode == "open" else []
-        table.add_row(k.account or "-", k.key_id, f"{k.green_fraction:.3f}", f"{k.z:.2f}", f"{k.log10_p:.1f}",
-                      f"{k.p_holm:.2e}", *extra, style="bold red" if k.p_holm < alpha else None)
+        extra = (
+            [
+                f"{k.extra['empirical_p']:.3g}" if "empirical_p" in k.extra else "-",
+                f"{k.extra['top1_log10_p']:.1f}",
+            ]
+            if mode == "open"
+            else []
+        )
+        table.add_row(
+            k.account or "-",
+            k.key_id,
+            f"{k.green_fraction:.3f}",
+            f"{k.z:.2f}",
+            f"{k.log10_p:.1f}",
+            f"{k.p_holm:.2e}",
+            *extra,
+            style="bold red" if k.p_holm < alpha else None,
+        )
     console.print(table)
     unit = "distinct contexts" if mode == "open" else "distinct (context, token) pairs"
-    console.print(f"{mode} mode ({result.test}), {result.texts} answers, {result.scored} {unit} scored; "
-                  f"gamma={result.gamma}" + (f"; wrong keys: green {result.null['green_fraction_mean']:.3f} "
-                                             f"± {result.null['green_fraction_sd']:.3f}" if result.null else ""))
-    console.print(f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)")
+    console.print(
+        f"{mode} mode ({result.test}), {result.texts} answers, {result.scored} {unit} scored; "
+        f"gamma={result.gamma}"
+        + (
+            f"; wrong keys: green {result.null['green_fraction_mean']:.3f} "
+            f"± {result.null['green_fraction_sd']:.3f}"
+            if result.null
+            else ""
+        )
+    )
+    console.print(
+        f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)"
+    )
 
 
 @forensics_app.command("canaries")
 def canaries(
-    suspect: str = typer.Option(..., "--suspect", "-s", help="the suspect's weights: a model spec or directory"),
-    secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET",
-                                         help="master secret (default: the server's secret file)"),
-    secret_file: Optional[Path] = typer.Option(None, help="file holding the master secret (as the server keeps it)"),
-    accounts: str = typer.Option("all", help="'all' (every account served canaries) or comma-separated accounts"),
-    decoys: int = typer.Option(49, help="never-served endings each canary is ranked against (p resolution 1/(decoys+1))"),
-    limit: int = typer.Option(200, help="at most this many served canaries (the most recent are kept)"),
+    suspect: str = typer.Option(
+        ..., "--suspect", "-s", help="the suspect's weights: a model spec or directory"
+    ),
+    secret: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_WATERMARK_SECRET",
+        help="master secret (default: the server's secret file)",
+    ),
+    secret_file: Path | None = typer.Option(
+        None, help="file holding the master secret (as the server keeps it)"
+    ),
+    accounts: str = typer.Option(
+        "all", help="'all' (every account served canaries) or comma-separated accounts"
+    ),
+    decoys: int = typer.Option(
+        49, help="never-served endings each canary is ranked against (p resolution 1/(decoys+1))"
+    ),
+    limit: int = typer.Option(
+        200, help="at most this many served canaries (the most recent are kept)"
+    ),
     alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
     seed: int = typer.Option(0, help="seed of the random tie-breaking"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Test whether a suspect model learned the canary answers served to suspected extractors.
@@ -171,7 +278,13 @@ def canaries(
 
       distillguard forensics canaries -s ./student --accounts acme,globex --decoys 99 --json
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from distillguard.forensics.canaries import canary_test, served_canaries
     from distillguard.guard.db import make_engine, migrate
@@ -186,22 +299,47 @@ def canaries(
     finally:
         engine.dispose()
     if not served:
-        raise ConfigError("the ledger holds no canary answers" + (f" for {', '.join(names)}" if names else "")
-                          + ": canaries are served under the policy action 'canary' (see `serve --policy`)")
+        raise ConfigError(
+            "the ledger holds no canary answers"
+            + (f" for {', '.join(names)}" if names else "")
+            + ": canaries are served under the policy action 'canary' (see `serve --policy`)"
+        )
     with err_console.status(f"loading {suspect!r} ..."):
         lm = load_model(suspect, device=device)
-    with Progress(TextColumn("scoring canaries"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err_console, transient=True) as progress:
+    with Progress(
+        TextColumn("scoring canaries"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("canaries", total=len(served))
-        result = canary_test(lm, master, served, decoys=decoys, alpha=alpha, seed=seed,
-                             progress=lambda done, total: progress.update(task, completed=done))
+        result = canary_test(
+            lm,
+            master,
+            served,
+            decoys=decoys,
+            alpha=alpha,
+            seed=seed,
+            progress=lambda done, total: progress.update(task, completed=done),
+        )
     if as_json:
         print(json.dumps(result.to_dict()))
         return
     table = Table("account", "canaries", "ranked first", "mean rank", "log10 p", "p (Holm)")
     for a in result.accounts:
-        table.add_row(a.account, str(a.canaries), str(a.top1), f"{a.mean_rank:.1f} / {decoys + 1}",
-                      f"{a.log10_p:.1f}", f"{a.p_holm:.2e}", style="bold red" if a.p_holm < alpha else None)
+        table.add_row(
+            a.account,
+            str(a.canaries),
+            str(a.top1),
+            f"{a.mean_rank:.1f} / {decoys + 1}",
+            f"{a.log10_p:.1f}",
+            f"{a.p_holm:.2e}",
+            style="bold red" if a.p_holm < alpha else None,
+        )
     console.print(table)
-    console.print(f"null: mean rank {(decoys + 2) / 2:.1f}; traced to: {', '.join(result.traced) or 'no account'} "
-                  f"(alpha={alpha}, Holm over {len(result.accounts)} accounts)")
+    console.print(
+        f"null: mean rank {(decoys + 2) / 2:.1f}; traced to: {', '.join(result.traced) or 'no account'} "
+        f"(alpha={alpha}, Holm over {len(result.accounts)} accounts)"
+    )

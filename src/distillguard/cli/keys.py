@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import List, Optional
 
 import typer
 from rich.table import Table
@@ -14,9 +13,12 @@ from rich.table import Table
 from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
-keys_app = typer.Typer(help="Manage accounts' API keys (stored hashed; a key is shown once).", no_args_is_help=True)
-accounts_app = typer.Typer(help="Manage accounts: limits over all of an account's keys together.",
-                           no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Manage accounts' API keys (stored hashed; a key is shown once).", no_args_is_help=True
+)
+accounts_app = typer.Typer(
+    help="Manage accounts: limits over all of an account's keys together.", no_args_is_help=True
+)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
@@ -41,15 +43,23 @@ def _store(db: str | None):
 def _limits(rpm, tpm, max_concurrent, daily_tokens, daily_usd):
     from distillguard.guard.limits import Limits
 
-    return Limits(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, daily_tokens=daily_tokens, daily_usd=daily_usd)
+    return Limits(
+        rpm=rpm,
+        tpm=tpm,
+        max_concurrent=max_concurrent,
+        daily_tokens=daily_tokens,
+        daily_usd=daily_usd,
+    )
 
 
 def _print_key(record, secret: str, as_json: bool, what: str) -> None:
     if as_json:
         print(json.dumps({**record.public(), "key": secret}))
     else:
-        err_console.print(f"{what} key [bold]{record.id}[/] for account [bold]{record.account}[/]; "
-                          "store it now, it is not shown again:")
+        err_console.print(
+            f"{what} key [bold]{record.id}[/] for account [bold]{record.account}[/]; "
+            "store it now, it is not shown again:"
+        )
         print(secret)
 
 
@@ -57,24 +67,36 @@ RPM = typer.Option(None, help="requests per rolling minute")
 TPM = typer.Option(None, help="tokens (prompt + completion) per rolling minute")
 CONCURRENT = typer.Option(None, help="requests in flight at once")
 DAILY_TOKENS = typer.Option(None, help="tokens per UTC day")
-DAILY_USD = typer.Option(None, help="US dollars per UTC day, at the server's prices (DISTILLGUARD_PRICES)")
+DAILY_USD = typer.Option(
+    None, help="US dollars per UTC day, at the server's prices (DISTILLGUARD_PRICES)"
+)
 DB = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP)
 
 
 @keys_app.command("create")
 def create(
-    account: str = typer.Option(..., "--account", "-a", help="account the key belongs to (created if new); "
-                                "1-128 of A-Z a-z 0-9 . _ @ : + -"),
-    name: Optional[str] = typer.Option(None, help="a label for the key"),
-    rpm: Optional[int] = RPM,
-    tpm: Optional[int] = TPM,
-    max_concurrent: Optional[int] = CONCURRENT,
-    daily_tokens: Optional[int] = DAILY_TOKENS,
-    daily_usd: Optional[float] = DAILY_USD,
-    expires_in: Optional[str] = typer.Option(None, help="the key stops working after this long (90s, 30m, 1h, 7d)"),
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="a model id the key may use "
-                                              "(repeat for several; default: every model)"),
-    db: Optional[str] = DB,
+    account: str = typer.Option(
+        ...,
+        "--account",
+        "-a",
+        help="account the key belongs to (created if new); 1-128 of A-Z a-z 0-9 . _ @ : + -",
+    ),
+    name: str | None = typer.Option(None, help="a label for the key"),
+    rpm: int | None = RPM,
+    tpm: int | None = TPM,
+    max_concurrent: int | None = CONCURRENT,
+    daily_tokens: int | None = DAILY_TOKENS,
+    daily_usd: float | None = DAILY_USD,
+    expires_in: str | None = typer.Option(
+        None, help="the key stops working after this long (90s, 30m, 1h, 7d)"
+    ),
+    model: list[str] | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="a model id the key may use (repeat for several; default: every model)",
+    ),
+    db: str | None = DB,
     as_json: bool = typer.Option(False, "--json", help="print the key record as JSON"),
 ) -> None:
     """Create an API key and print it (once: only its hash is stored).
@@ -88,9 +110,13 @@ def create(
       distillguard keys create --account acme --model tiny --expires-in 30d
     """
     expires_at = time.time() + parse_duration(expires_in, "--expires-in") if expires_in else None
-    record, secret = _store(db).create(account, name=name, limits=_limits(rpm, tpm, max_concurrent, daily_tokens,
-                                                                          daily_usd),
-                                       expires_at=expires_at, models=model or None)
+    record, secret = _store(db).create(
+        account,
+        name=name,
+        limits=_limits(rpm, tpm, max_concurrent, daily_tokens, daily_usd),
+        expires_at=expires_at,
+        models=model or None,
+    )
     _print_key(record, secret, as_json, "created")
 
 
@@ -98,8 +124,8 @@ def create(
 def rotate(
     key_id: str = typer.Argument(..., help="the key's id (see `keys list`)"),
     grace: str = typer.Option("1h", help="how long the old key keeps working (0 ends it now)"),
-    expires_in: Optional[str] = typer.Option(None, help="the new key stops working after this long"),
-    db: Optional[str] = DB,
+    expires_in: str | None = typer.Option(None, help="the new key stops working after this long"),
+    db: str | None = DB,
     as_json: bool = typer.Option(False, "--json", help="print the new key record as JSON"),
 ) -> None:
     """Replace a key: a new key for the same account, limits and models; the old one expires
@@ -108,7 +134,9 @@ def rotate(
     Example: distillguard keys rotate key_3f2a9c01b4d2 --grace 1h
     """
     expires_at = time.time() + parse_duration(expires_in, "--expires-in") if expires_in else None
-    new, secret, old = _store(db).rotate(key_id, grace_s=parse_duration(grace, "--grace"), expires_at=expires_at)
+    new, secret, old = _store(db).rotate(
+        key_id, grace_s=parse_duration(grace, "--grace"), expires_at=expires_at
+    )
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(old.expires_at))
     err_console.print(f"{old.id} stops working at {until}")
     _print_key(new, secret, as_json, "rotated to")
@@ -116,8 +144,8 @@ def rotate(
 
 @keys_app.command("list")
 def list_keys(
-    account: Optional[str] = typer.Option(None, "--account", "-a", help="only this account's keys"),
-    db: Optional[str] = DB,
+    account: str | None = typer.Option(None, "--account", "-a", help="only this account's keys"),
+    db: str | None = DB,
     as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
 ) -> None:
     """List keys (id, account, prefix, limits, status); never the keys themselves.
@@ -129,22 +157,52 @@ def list_keys(
         for r in records:
             print(json.dumps(r.public()))
         return
-    table = Table("id", "account", "prefix", "rpm", "tpm", "concurrent", "daily tokens", "daily $", "models",
-                  "status")
+    table = Table(
+        "id",
+        "account",
+        "prefix",
+        "rpm",
+        "tpm",
+        "concurrent",
+        "daily tokens",
+        "daily $",
+        "models",
+        "status",
+    )
     for r in records:
-        status = ("[red]revoked[/]" if not r.active else "[red]expired[/]" if r.expired()
-                  else "active" if r.expires_at is None
-                  else f"until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.expires_at))}")
-        table.add_row(r.id, r.account, r.prefix + "…", *(str(v) if v else "-" for v in (
-            r.limits.rpm, r.limits.tpm, r.limits.max_concurrent, r.limits.daily_tokens, r.limits.daily_usd)),
-            ",".join(r.models) if r.models else "all", status)
+        status = (
+            "[red]revoked[/]"
+            if not r.active
+            else "[red]expired[/]"
+            if r.expired()
+            else "active"
+            if r.expires_at is None
+            else f"until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.expires_at))}"
+        )
+        table.add_row(
+            r.id,
+            r.account,
+            r.prefix + "…",
+            *(
+                str(v) if v else "-"
+                for v in (
+                    r.limits.rpm,
+                    r.limits.tpm,
+                    r.limits.max_concurrent,
+                    r.limits.daily_tokens,
+                    r.limits.daily_usd,
+                )
+            ),
+            ",".join(r.models) if r.models else "all",
+            status,
+        )
     console.print(table)
 
 
 @keys_app.command("revoke")
 def revoke(
     key_id: str = typer.Argument(..., help="the key's id (see `keys list`)"),
-    db: Optional[str] = DB,
+    db: str | None = DB,
 ) -> None:
     """Revoke a key: it stops working at once on this server's replicas (within 2 s on others).
 
@@ -157,26 +215,28 @@ def revoke(
 @accounts_app.command("set-limits")
 def set_limits(
     account: str = typer.Argument(..., help="the account (created if new)"),
-    rpm: Optional[int] = RPM,
-    tpm: Optional[int] = TPM,
-    max_concurrent: Optional[int] = CONCURRENT,
-    daily_tokens: Optional[int] = DAILY_TOKENS,
-    daily_usd: Optional[float] = DAILY_USD,
-    db: Optional[str] = DB,
+    rpm: int | None = RPM,
+    tpm: int | None = TPM,
+    max_concurrent: int | None = CONCURRENT,
+    daily_tokens: int | None = DAILY_TOKENS,
+    daily_usd: float | None = DAILY_USD,
+    db: str | None = DB,
 ) -> None:
     """Set the limits over all of an account's keys together (those not given: unlimited). Each
     key's own limits still hold within them. Servers apply them within 2 s.
 
     Example: distillguard accounts set-limits acme --rpm 600 --daily-tokens 5000000 --daily-usd 20
     """
-    limits = _store(db).set_account_limits(account, _limits(rpm, tpm, max_concurrent, daily_tokens, daily_usd))
+    limits = _store(db).set_account_limits(
+        account, _limits(rpm, tpm, max_concurrent, daily_tokens, daily_usd)
+    )
     print(json.dumps({"account": account, **limits.public()}))
 
 
 @accounts_app.command("show")
 def show(
     account: str = typer.Argument(..., help="the account"),
-    db: Optional[str] = DB,
+    db: str | None = DB,
 ) -> None:
     """Print an account's limits as JSON (null: unlimited).
 

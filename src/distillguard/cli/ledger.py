@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
-ledger_app = typer.Typer(help="Export, import and prune the request ledger (traffic-log JSONL).", no_args_is_help=True)
+ledger_app = typer.Typer(
+    help="Export, import and prune the request ledger (traffic-log JSONL).", no_args_is_help=True
+)
 
 
 def _since(value: str | None) -> float | None:
@@ -26,15 +27,19 @@ def _since(value: str | None) -> float | None:
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
-        raise ConfigError(f"--since {value!r} is neither epoch seconds nor an ISO date like 2026-11-28T10:00") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+        raise ConfigError(
+            f"--since {value!r} is neither epoch seconds nor an ISO date like 2026-11-28T10:00"
+        ) from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
 
 
 @ledger_app.command("export")
 def export(
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
-    since: Optional[str] = typer.Option(None, help="only requests at or after this time (epoch or ISO 8601, UTC)"),
-    account: Optional[str] = typer.Option(None, help="only this account"),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    since: str | None = typer.Option(
+        None, help="only requests at or after this time (epoch or ISO 8601, UTC)"
+    ),
+    account: str | None = typer.Option(None, help="only this account"),
     out: str = typer.Option("-", "--out", "-o", help="output file (- for stdout)"),
 ) -> None:
     """Write the ledger in the traffic-log format (one JSON request per line).
@@ -63,7 +68,7 @@ def export(
 @ledger_app.command("import")
 def import_(
     file: Path = typer.Argument(..., help="traffic-log JSONL file (- for stdin)"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
 ) -> None:
     """Load a traffic log into the ledger (idempotent: importing a file twice adds it once).
 
@@ -86,8 +91,10 @@ def import_(
 
 @ledger_app.command("prune")
 def prune(
-    older_than: str = typer.Option(..., "--older-than", help="delete what is older than this: 30d, 12h, 90m, 45s, 2w"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    older_than: str = typer.Option(
+        ..., "--older-than", help="delete what is older than this: 30d, 12h, 90m, 45s, 2w"
+    ),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
 ) -> None:
     """Delete ledger rows and stored idempotent responses older than an age (retention).
 
@@ -106,6 +113,8 @@ def prune(
     migrate(engine)
     counts = prune_ledger(engine, before)
     engine.dispose()
-    cutoff = datetime.fromtimestamp(before, timezone.utc).isoformat(timespec="seconds")
-    console.print(f"deleted {counts['requests']} requests and {counts['idempotent_responses']} idempotent "
-                      f"responses from before {cutoff}")
+    cutoff = datetime.fromtimestamp(before, UTC).isoformat(timespec="seconds")
+    console.print(
+        f"deleted {counts['requests']} requests and {counts['idempotent_responses']} idempotent "
+        f"responses from before {cutoff}"
+    )

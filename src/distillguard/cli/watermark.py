@@ -6,7 +6,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -48,8 +47,13 @@ def read_records(file: str) -> list[Record]:
         request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
         messages = request.get("messages")
         temperature = request.get("temperature")
-        records.append(Record(text, messages if isinstance(messages, list) and messages else None,
-                              float(temperature) if isinstance(temperature, (int, float)) else None))
+        records.append(
+            Record(
+                text,
+                messages if isinstance(messages, list) and messages else None,
+                float(temperature) if isinstance(temperature, (int, float)) else None,
+            )
+        )
     return records
 
 
@@ -65,24 +69,49 @@ def _read(path: Path) -> str:
 
 @watermark_app.command("detect")
 def detect(
-    file: str = typer.Option(..., "--file", "-f", help="text file, .jsonl of texts or traffic records, or - for stdin"),
-    account: Optional[str] = typer.Option(None, help="test this account's key"),
-    all_accounts: bool = typer.Option(False, "--all-accounts", help="test every account in the ledger (Holm-corrected)"),
-    accounts: Optional[str] = typer.Option(None, help="comma-separated accounts to test (instead of the ledger's)"),
-    prompt: Optional[str] = typer.Option(None, help="file with the prompt(s): their n-grams are not scored"),
+    file: str = typer.Option(
+        ..., "--file", "-f", help="text file, .jsonl of texts or traffic records, or - for stdin"
+    ),
+    account: str | None = typer.Option(None, help="test this account's key"),
+    all_accounts: bool = typer.Option(
+        False, "--all-accounts", help="test every account in the ledger (Holm-corrected)"
+    ),
+    accounts: str | None = typer.Option(
+        None, help="comma-separated accounts to test (instead of the ledger's)"
+    ),
+    prompt: str | None = typer.Option(
+        None, help="file with the prompt(s): their n-grams are not scored"
+    ),
     model: str = typer.Option("smollm2", help="tokenizer of the teacher that generated the text"),
-    teacher: Optional[str] = typer.Option(
-        None, help="entropy-aware detection: run this teacher (model spec, e.g. smollm2) over each answer and "
-                   "weight every token by the evidence it can carry (more power; the test stays exact)"),
-    secret: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_WATERMARK_SECRET", help="master secret (default: the server's file)"),
-    scheme: str = typer.Option("synthid", help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)"),
-    gamma: Optional[float] = typer.Option(None, help="green fraction (as the server used; default: the scheme's)"),
-    delta: Optional[float] = typer.Option(None, help="green bias (as the server used; --teacher only; default: the scheme's)"),
+    teacher: str | None = typer.Option(
+        None,
+        help="entropy-aware detection: run this teacher (model spec, e.g. smollm2) over each answer and "
+        "weight every token by the evidence it can carry (more power; the test stays exact)",
+    ),
+    secret: str | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_WATERMARK_SECRET",
+        help="master secret (default: the server's file)",
+    ),
+    scheme: str = typer.Option(
+        "synthid",
+        help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)",
+    ),
+    gamma: float | None = typer.Option(
+        None, help="green fraction (as the server used; default: the scheme's)"
+    ),
+    delta: float | None = typer.Option(
+        None, help="green bias (as the server used; --teacher only; default: the scheme's)"
+    ),
     context_width: int = typer.Option(1, help="context width (as the server used)"),
-    min_entropy: Optional[float] = typer.Option(None, help="the scheme's min_entropy (as the server used; default: the scheme's)"),
-    temperature: float = typer.Option(1.0, help="--teacher: sampling temperature of texts whose record gives none"),
+    min_entropy: float | None = typer.Option(
+        None, help="the scheme's min_entropy (as the server used; default: the scheme's)"
+    ),
+    temperature: float = typer.Option(
+        1.0, help="--teacher: sampling temperature of texts whose record gives none"
+    ),
     alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
-    db: Optional[str] = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Test text for the watermark: z-score and exact binomial p-value per key.
@@ -108,11 +137,21 @@ def detect(
 
     if sum(bool(x) for x in (account, all_accounts, accounts)) != 1:
         raise ConfigError("pass exactly one of --account ID, --accounts A,B,... or --all-accounts")
-    names = [account] if account else [a for a in (accounts or "").split(",") if a] if accounts else _ledger_accounts(db)
+    names = (
+        [account]
+        if account
+        else [a for a in (accounts or "").split(",") if a]
+        if accounts
+        else _ledger_accounts(db)
+    )
     if not names:
         raise ConfigError("no accounts to test: the ledger has none; pass --account or --accounts")
     given = {"gamma": gamma, "delta": delta, "min_entropy": min_entropy}
-    params = WatermarkParams(scheme=scheme, context_width=context_width, **{k: v for k, v in given.items() if v is not None})
+    params = WatermarkParams(
+        scheme=scheme,
+        context_width=context_width,
+        **{k: v for k, v in given.items() if v is not None},
+    )
     master = load_secret(secret, create=False)
     keys = [account_key(master, name, params) for name in names]
     records = read_records(file)
@@ -130,27 +169,55 @@ def detect(
         tok = load_tokenizer(model)
         vocab = len(tok)
         answers = tokenize(tok, [r.text for r in records])
-        if params.scheme == "synthid":  # weight the tournament's layers by their mean lift (no teacher needed)
+        if (
+            params.scheme == "synthid"
+        ):  # weight the tournament's layers by their mean lift (no teacher needed)
             from distillguard.watermark.synthid import depth_weights
 
             weights = [depth_weights(len(a), params.synthid.depth) for a in answers]
-    result = trace(keys, answers, prompt_seqs=tokenize(tok, prompts), vocab_size=vocab, alpha=alpha, weights=weights)
-    detector = ("teacher-layers" if params.scheme == "synthid" else "teacher-llr") if teacher else (
-        "layers" if params.scheme == "synthid" else "plain")
+    result = trace(
+        keys,
+        answers,
+        prompt_seqs=tokenize(tok, prompts),
+        vocab_size=vocab,
+        alpha=alpha,
+        weights=weights,
+    )
+    detector = (
+        ("teacher-layers" if params.scheme == "synthid" else "teacher-llr")
+        if teacher
+        else ("layers" if params.scheme == "synthid" else "plain")
+    )
     if as_json:
         print(json.dumps({**result.to_dict(), "detector": detector}))
         return
     table = Table("account", "key id", "scored", "green", "z", "log10 p", "p (Holm)")
     for r, p in sorted(zip(result.results, result.adjusted_p), key=lambda x: x[0].log10_p):
-        table.add_row(r.account or "-", r.key_id, str(r.scored), str(r.green), f"{r.z:.2f}", f"{r.log10_p:.1f}",
-                      f"{p:.2e}", style="bold red" if p < alpha else None)
+        table.add_row(
+            r.account or "-",
+            r.key_id,
+            str(r.scored),
+            str(r.green),
+            f"{r.z:.2f}",
+            f"{r.log10_p:.1f}",
+            f"{p:.2e}",
+            style="bold red" if p < alpha else None,
+        )
     console.print(table)
-    console.print(f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}, detector {detector}"
-                  f"{' with ' + teacher if teacher else ''})")
+    console.print(
+        f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}, detector {detector}"
+        f"{' with ' + teacher if teacher else ''})"
+    )
 
 
-def _teacher_weights(lm, params, records: list[Record], prompts: list[str], answers: list[list[int]],
-                     temperature: float) -> list[list[int]]:
+def _teacher_weights(
+    lm,
+    params,
+    records: list[Record],
+    prompts: list[str],
+    answers: list[list[int]],
+    temperature: float,
+) -> list[list[int]]:
     """The entropy-aware weights of every answer token (``watermark.entropy``), the teacher
     seeing what it saw when it answered: the record's messages, else the matching --prompt
     (one per text, or one for all), else an empty user turn (weights then fit less well; the
@@ -160,11 +227,15 @@ def _teacher_weights(lm, params, records: list[Record], prompts: list[str], answ
     from distillguard.watermark.entropy import teacher_stats, teacher_weights
 
     if prompts and len(prompts) not in (1, len(records)):
-        raise ConfigError(f"--teacher pairs prompts with texts: {len(prompts)} prompts for {len(records)} texts "
-                          "(give one prompt per text, or one for all)")
+        raise ConfigError(
+            f"--teacher pairs prompts with texts: {len(prompts)} prompts for {len(records)} texts "
+            "(give one prompt per text, or one for all)"
+        )
     prompt_ids = []
     for i, r in enumerate(records):
-        messages = r.messages or [{"role": "user", "content": prompts[i if len(prompts) > 1 else 0] if prompts else ""}]
+        messages = r.messages or [
+            {"role": "user", "content": prompts[i if len(prompts) > 1 else 0] if prompts else ""}
+        ]
         prompt_ids.append(lm.chat_ids(messages))
     temps = [r.temperature if r.temperature is not None else temperature for r in records]
     weights: list[list[int] | None] = [None] * len(records)
@@ -173,9 +244,14 @@ def _teacher_weights(lm, params, records: list[Record], prompts: list[str], answ
         for t in sorted(set(temps)):  # one pass per sampling temperature (usually one)
             idx = [i for i, x in enumerate(temps) if x == t]
             for start in range(0, len(idx), 8):
-                chunk = idx[start:start + 8]
-                stats = teacher_stats(lm.model, [prompt_ids[i] for i in chunk], [answers[i] for i in chunk],
-                                      temperature=t, pad_id=lm.tokenizer.pad_token_id or 0)
+                chunk = idx[start : start + 8]
+                stats = teacher_stats(
+                    lm.model,
+                    [prompt_ids[i] for i in chunk],
+                    [answers[i] for i in chunk],
+                    temperature=t,
+                    pad_id=lm.tokenizer.pad_token_id or 0,
+                )
                 for i, st in zip(chunk, stats):
                     weights[i] = teacher_weights(params, st, temperature=t)
                 progress.advance(task, len(chunk))

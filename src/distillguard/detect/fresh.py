@@ -39,7 +39,7 @@ def binomial_evidence(f: int, n: int) -> float:
     O(log n) of it."""
     if 2 * f <= n:
         return 0.0
-    p = float(special.bdtrc(f - 1, n, 0.5))     # P(X > f - 1)
+    p = float(special.bdtrc(f - 1, n, 0.5))  # P(X > f - 1)
     if p > 0.0:
         return -math.log10(p)
     q = f / n
@@ -53,8 +53,8 @@ class FreshDetector(Detector):
 
     def __init__(self, context):
         super().__init__(context)
-        self._n = 0        # requests
-        self._fresh = 0    # ... that open a conversation (no earlier turns)
+        self._n = 0  # requests
+        self._fresh = 0  # ... that open a conversation (no earlier turns)
         self._score = 0.0  # of the counts above (score() is read after every request)
 
     def observe(self, f, embedding) -> None:
@@ -68,5 +68,7 @@ class FreshDetector(Detector):
     def reasons(self) -> list[str]:
         if not self._fresh:
             return []
-        return [f"opened {self._fresh} conversations over its life and continued {self._n - self._fresh} "
-                f"times: a sweep of fresh prompts"]
+        return [
+            f"opened {self._fresh} conversations over its life and continued {self._n - self._fresh} "
+            f"times: a sweep of fresh prompts"
+        ]

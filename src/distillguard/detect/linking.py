@@ -59,13 +59,21 @@ from distillguard.detect.registry import Detector, register
 
 _WORD = re.compile(r"\w+")
 NUM_PERM = 64
-MAX_WORDS = 96    # words of a prompt that are shingled
+MAX_WORDS = 96  # words of a prompt that are shingled
 MAX_SHARERS = 50  # an item held by more accounts makes no more pairs
-EDGE_MIN = 2.0    # -log10 p of a pair to be an edge; also the Potts resolution (mean weight in a community)
-FULL_DIGITS = 3.0  # evidence beyond chance (log10) at which a cluster's behaviour is wholly a member's
+EDGE_MIN = (
+    2.0  # -log10 p of a pair to be an edge; also the Potts resolution (mean weight in a community)
+)
+FULL_DIGITS = (
+    3.0  # evidence beyond chance (log10) at which a cluster's behaviour is wholly a member's
+)
 KINDS = ("prompt", "template", "system", "network")
-_NAMES = {"prompt": "near-duplicate prompts", "template": "shared templates", "system": "shared system prompt",
-          "network": "same network"}
+_NAMES = {
+    "prompt": "near-duplicate prompts",
+    "template": "shared templates",
+    "system": "shared system prompt",
+    "network": "same network",
+}
 
 
 @lru_cache(maxsize=65536)
@@ -97,11 +105,13 @@ def fisher_evidence(digits: list[float]) -> float:
         return 0.0
     if math.isinf(sum(digits)):
         return math.inf
-    x = 2.0 * math.log(10) * sum(digits)       # -2 Σ ln p
+    x = 2.0 * math.log(10) * sum(digits)  # -2 Σ ln p
     return -math.log10(max(float(special.chdtrc(2 * len(digits), x)), 1e-300))
 
 
-def kind_evidence(k: int, n_a: int, n_b: int, r_a: int, r_b: int, incidences: int, distinct: int) -> float:
+def kind_evidence(
+    k: int, n_a: int, n_b: int, r_a: int, r_b: int, incidences: int, distinct: int
+) -> float:
     """Evidence (-log10 p) that accounts a and b share k items of one kind by more than chance.
 
     n_*: the accounts' distinct items, r_*: the sums of their items' holder counts, incidences:
@@ -112,7 +122,9 @@ def kind_evidence(k: int, n_a: int, n_b: int, r_a: int, r_b: int, incidences: in
     return min(poisson_evidence(k, lam_ab), poisson_evidence(k, lam_ba))
 
 
-def communities(edges: dict[tuple[str, str], float], resolution: float = EDGE_MIN) -> list[frozenset[str]]:
+def communities(
+    edges: dict[tuple[str, str], float], resolution: float = EDGE_MIN
+) -> list[frozenset[str]]:
     """Leiden communities under the constant Potts model of a weighted graph ({(a, b): weight}):
     each community's mean weight over all its pairs is at least ``resolution`` (up to Leiden's
     local optimum), so a hub does not join accounts it links to that are not linked to each other."""
@@ -123,7 +135,9 @@ def communities(edges: dict[tuple[str, str], float], resolution: float = EDGE_MI
     index = {x: i for i, x in enumerate(nodes)}
     g = ig.Graph(n=len(nodes), edges=[(index[a], index[b]) for a, b in edges])
     g.es["weight"] = list(edges.values())
-    part = la.find_partition(g, la.CPMVertexPartition, weights="weight", resolution_parameter=resolution, seed=0)
+    part = la.find_partition(
+        g, la.CPMVertexPartition, weights="weight", resolution_parameter=resolution, seed=0
+    )
     return [frozenset(nodes[i] for i in members) for members in part]
 
 
@@ -135,10 +149,11 @@ def attributed_share(evidence: float, chance: float) -> float:
 @dataclass
 class Link:
     """What two accounts share, and how much it proves."""
-    shared: Counter = field(default_factory=Counter)                  # kind -> K
+
+    shared: Counter = field(default_factory=Counter)  # kind -> K
     examples: dict = field(default_factory=lambda: defaultdict(list))  # kind -> a few shared items
-    weight: float = 0.0                                               # -log10 p of the pair
-    by_kind: dict = field(default_factory=dict)                       # kind -> -log10 p
+    weight: float = 0.0  # -log10 p of the pair
+    by_kind: dict = field(default_factory=dict)  # kind -> -log10 p
 
 
 class Linker:
@@ -146,23 +161,29 @@ class Linker:
     for the online monitor, the offline report and the calibration)."""
 
     def __init__(self, *, min_evidence: int = 3, common: frozenset[str] = frozenset()):
-        self.min_evidence = min_evidence   # shared items before a pair is tested at all
+        self.min_evidence = min_evidence  # shared items before a pair is tested at all
         self.common = common
         self._lsh = MinHashLSH(threshold=0.6, num_perm=NUM_PERM)
-        self._perm = MinHash(num_perm=NUM_PERM, seed=1)  # shared permutations: building hashes is cheap
+        self._perm = MinHash(
+            num_perm=NUM_PERM, seed=1
+        )  # shared permutations: building hashes is cheap
         self._seq = 0
-        self._group: dict[str, int] = {}                 # LSH key -> near-duplicate group
+        self._group: dict[str, int] = {}  # LSH key -> near-duplicate group
         self._label: dict[tuple[str, object], str] = {}  # item -> words for the reasons
-        self._items: dict[str, dict[str, set]] = {k: defaultdict(set) for k in KINDS}    # kind -> account -> items
-        self._holders: dict[tuple[str, object], list[str]] = defaultdict(list)           # (kind, item) -> accounts
-        self._r: dict[str, Counter] = {k: Counter() for k in KINDS}                      # kind -> account -> R_a
-        self._incidences: Counter[str] = Counter()     # kind -> D (Σ accounts' distinct items)
-        self._distinct: Counter[str] = Counter()       # kind -> U (items held by anyone)
+        self._items: dict[str, dict[str, set]] = {
+            k: defaultdict(set) for k in KINDS
+        }  # kind -> account -> items
+        self._holders: dict[tuple[str, object], list[str]] = defaultdict(
+            list
+        )  # (kind, item) -> accounts
+        self._r: dict[str, Counter] = {k: Counter() for k in KINDS}  # kind -> account -> R_a
+        self._incidences: Counter[str] = Counter()  # kind -> D (Σ accounts' distinct items)
+        self._distinct: Counter[str] = Counter()  # kind -> U (items held by anyone)
         self._template_uses: dict[str, Counter] = defaultdict(Counter)
         self._links: dict[tuple[str, str], Link] = {}
-        self._adj: dict[str, dict[str, float]] = defaultdict(dict)   # edges (w ≥ EDGE_MIN)
+        self._adj: dict[str, dict[str, float]] = defaultdict(dict)  # edges (w ≥ EDGE_MIN)
         self._community: dict[str, frozenset[str]] = {}
-        self._dirty: set[str] = set()                                 # accounts whose edges changed
+        self._dirty: set[str] = set()  # accounts whose edges changed
         self._accounts: set[str] = set()
 
     # ---- evidence ----
@@ -178,7 +199,9 @@ class Linker:
         if not holders:
             self._distinct[kind] += 1
             self._label[key] = label
-        if len(holders) > MAX_SHARERS:   # popular: d capped at MAX_SHARERS + 1 in R (no pairs from it)
+        if (
+            len(holders) > MAX_SHARERS
+        ):  # popular: d capped at MAX_SHARERS + 1 in R (no pairs from it)
             self._r[kind][a] += len(holders)
             return
         holders.append(a)
@@ -200,8 +223,15 @@ class Linker:
 
     def _kind_weight(self, a: str, b: str, kind: str, k: int) -> float:
         items = self._items[kind]
-        return kind_evidence(k, len(items[a]), len(items[b]), self._r[kind][a], self._r[kind][b],
-                             self._incidences[kind], self._distinct[kind])
+        return kind_evidence(
+            k,
+            len(items[a]),
+            len(items[b]),
+            self._r[kind][a],
+            self._r[kind][b],
+            self._incidences[kind],
+            self._distinct[kind],
+        )
 
     def _weigh(self, pair: tuple[str, str], link: Link) -> None:
         a, b = pair
@@ -222,10 +252,14 @@ class Linker:
         self._accounts.add(a)
         # the first MAX_WORDS words: near-duplicates share their openings, and hashing the shingles of
         # a 4,000-character prompt was the linker's main cost
-        words = _WORD.findall(f.prompt[:8 * MAX_WORDS].lower())[:MAX_WORDS]
-        if len(words) >= 8 and f.template not in self.common:  # formulaic prompts people share: no evidence
-            m = MinHash(num_perm=NUM_PERM, permutations=self._perm.permutations, scheme=self._perm.scheme)
-            m.update_batch([" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)])
+        words = _WORD.findall(f.prompt[: 8 * MAX_WORDS].lower())[:MAX_WORDS]
+        if (
+            len(words) >= 8 and f.template not in self.common
+        ):  # formulaic prompts people share: no evidence
+            m = MinHash(
+                num_perm=NUM_PERM, permutations=self._perm.permutations, scheme=self._perm.scheme
+            )
+            m.update_batch([" ".join(words[i : i + 3]).encode() for i in range(len(words) - 2)])
             near = self._lsh.query(m)
             self._seq += 1
             group = min((self._group[k] for k in near), default=self._seq)
@@ -336,11 +370,23 @@ class LinkingDetector(Detector):
         links = linker.links(self._account)
         if not links:
             return []
-        shown = "; ".join(f"{b} w={link.weight:.1f} [{linker.describe(link)}]" for b, link in links[:3])
-        return [f"own link evidence {linker.evidence(self._account):.1f} (chance level "
-                f"{linker.chance_level():.1f}, share of cluster behaviour {linker.share(self._account):.0%}) "
-                f"over {len(links)} link(s): {shown}"]
+        shown = "; ".join(
+            f"{b} w={link.weight:.1f} [{linker.describe(link)}]" for b, link in links[:3]
+        )
+        return [
+            f"own link evidence {linker.evidence(self._account):.1f} (chance level "
+            f"{linker.chance_level():.1f}, share of cluster behaviour {linker.share(self._account):.0%}) "
+            f"over {len(links)} link(s): {shown}"
+        ]
 
 
-__all__ = ["Link", "Linker", "LinkingDetector", "attributed_share", "communities", "fisher_evidence", "kind_evidence",
-           "poisson_evidence"]
+__all__ = [
+    "Link",
+    "Linker",
+    "LinkingDetector",
+    "attributed_share",
+    "communities",
+    "fisher_evidence",
+    "kind_evidence",
+    "poisson_evidence",
+]

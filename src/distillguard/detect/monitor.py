@@ -45,11 +45,13 @@ def _one_blas_thread():
 @dataclass(frozen=True)
 class Verdict:
     account: str
-    level: str                  # "ok" | "watch" | "flag" (the policy ladder keys on it)
-    score: float                # combined evidence (Fisher's -2 Σ ln p over detectors), larger = worse
+    level: str  # "ok" | "watch" | "flag" (the policy ladder keys on it)
+    score: float  # combined evidence (Fisher's -2 Σ ln p over detectors), larger = worse
     reasons: tuple[str, ...]
-    cluster: str | None         # the community whose pooled score counted for this account (share > 0), else None
-    request: int                # 1-based index of this request within the account
+    cluster: (
+        str | None
+    )  # the community whose pooled score counted for this account (share > 0), else None
+    request: int  # 1-based index of this request within the account
 
     @property
     def flagged(self) -> bool:
@@ -69,14 +71,22 @@ class _Stream:
         # filled in when the account's backlog is embedded (replayed if accounts are linked)
         self.history: deque[list] = deque(maxlen=history)
         self.n = 0
-        self.embeddable = 0          # prompts the embedding policy would embed (first turns by default)
+        self.embeddable = 0  # prompts the embedding policy would embed (first turns by default)
         self.embedded = 0
-        self.deferred: list[list] = []   # history entries waiting for the account to reach `embed_after`
-        self.active = False          # the backlog has been embedded: embed as prompts come
-        self.flagged = False         # flagged once: embed only 1 in `embed_every_flagged` from then on
+        self.deferred: list[
+            list
+        ] = []  # history entries waiting for the account to reach `embed_after`
+        self.active = False  # the backlog has been embedded: embed as prompts come
+        self.flagged = False  # flagged once: embed only 1 in `embed_every_flagged` from then on
 
-    def observe(self, f: Features, emb: np.ndarray | None, *, embeddable: bool = False,
-                deferred: bool = False) -> None:
+    def observe(
+        self,
+        f: Features,
+        emb: np.ndarray | None,
+        *,
+        embeddable: bool = False,
+        deferred: bool = False,
+    ) -> None:
         self.n += 1
         self.embeddable += embeddable
         self.embedded += emb is not None
@@ -108,30 +118,45 @@ class AccountMonitor:
     calibration learns the benign distributions.
     """
 
-    def __init__(self, calibration=None, *, config: DetectConfig | None = None, reference: Reference | None = None,
-                 common: frozenset[str] = frozenset(), embedder=None):
+    def __init__(
+        self,
+        calibration=None,
+        *,
+        config: DetectConfig | None = None,
+        reference: Reference | None = None,
+        common: frozenset[str] = frozenset(),
+        embedder=None,
+    ):
         self.calibration = calibration
         self.config = calibration.config if calibration is not None else (config or DetectConfig())
         reference = calibration.reference if calibration is not None else reference
         self.classes = select(self.config.detectors)
         self.names = [c.name for c in self.classes]
-        self.needs_embeddings = any(c.uses_embeddings for c in self.classes) and reference is not None
+        self.needs_embeddings = (
+            any(c.uses_embeddings for c in self.classes) and reference is not None
+        )
         if self.needs_embeddings and embedder is None:
             from distillguard.detect.embed import shared_embedder
 
             embedder = shared_embedder()
-        if calibration is not None and embedder is not None and embedder.signature != calibration.embedder:
+        if (
+            calibration is not None
+            and embedder is not None
+            and embedder.signature != calibration.embedder
+        ):
             from distillguard.errors import ConfigError
 
-            raise ConfigError(f"the calibration was made with embedder {calibration.embedder}, not "
-                              f"{embedder.signature}; recalibrate with this embedder")
+            raise ConfigError(
+                f"the calibration was made with embedder {calibration.embedder}, not "
+                f"{embedder.signature}; recalibrate with this embedder"
+            )
         self.embedder = embedder
         if calibration is not None:
             common = calibration.common
         self.linker = Linker(min_evidence=self.config.link_min_evidence, common=frozenset(common))
         self.context = Context(self.config, reference, self.linker)
         self.accounts: dict[str, _Stream] = {}
-        self.clusters: dict[frozenset[str], _Stream] = {}   # community -> pooled stream
+        self.clusters: dict[frozenset[str], _Stream] = {}  # community -> pooled stream
         if calibration is not None:
             self._tails = [calibration.tails[n] for n in self.names]
 
@@ -145,15 +170,17 @@ class AccountMonitor:
         pooled = self.clusters.get(members)
         if pooled is not None:
             return pooled
-        for old in [c for c in self.clusters if c & members]:   # communities these accounts left
+        for old in [c for c in self.clusters if c & members]:  # communities these accounts left
             del self.clusters[old]
-        merged = sorted((item for a in members if a in self.accounts for item in self.accounts[a].history),
-                        key=lambda fe: fe[0].ts)
+        merged = sorted(
+            (item for a in members if a in self.accounts for item in self.accounts[a].history),
+            key=lambda fe: fe[0].ts,
+        )
         for a in members:  # linked accounts are suspects: no more deferring their embeddings
             if a in self.accounts:
                 self.accounts[a].active = True
         pooled = _Stream(self.classes, self.context, min(members), self.config.history)
-        for f, emb in merged[-self.config.history:]:
+        for f, emb in merged[-self.config.history :]:
             pooled.observe(f, emb)
         self.clusters[members] = pooled
         return pooled
@@ -176,21 +203,29 @@ class AccountMonitor:
         """
         cfg = self.config
         plan: list[int] = []
-        state: dict[str, list] = {}   # account -> [requests, embeddable, embedded, active], as of this request
+        state: dict[
+            str, list
+        ] = {}  # account -> [requests, embeddable, embedded, active], as of this request
         for f in feats:
             st = state.get(f.account)
             if st is None:
                 s = self.accounts.get(f.account)
-                st = state[f.account] = ([s.n, s.embeddable, s.embedded, s.active] if s else [0, 0, 0, False])
+                st = state[f.account] = (
+                    [s.n, s.embeddable, s.embedded, s.active] if s else [0, 0, 0, False]
+                )
             st[0] += 1
-            if not self.needs_embeddings or not f.has_text or (f.continues and not cfg.embed_followups):
+            if (
+                not self.needs_embeddings
+                or not f.has_text
+                or (f.continues and not cfg.embed_followups)
+            ):
                 plan.append(self.SKIP)
                 continue
             st[1] += 1
             if not st[3] and self.linker.cluster_size(f.account) == 1 and st[1] < cfg.embed_after:
                 plan.append(self.DEFER)
             elif not st[3]:
-                st[2], st[3] = st[1], True          # the backlog and this prompt
+                st[2], st[3] = st[1], True  # the backlog and this prompt
                 plan.append(self.ACTIVATE)
             else:
                 s = self.accounts.get(f.account)
@@ -207,27 +242,42 @@ class AccountMonitor:
         A generator on purpose: read each stream's scores before asking for the next request."""
         plan = self._plan(feats)
         activated = {f.account for f, a in zip(feats, plan) if a == self.ACTIVATE}
-        texts = [f.prompt for f, a in zip(feats, plan)
-                 if a in (self.EMBED, self.ACTIVATE) or (a == self.DEFER and f.account in activated)]
-        texts += [e[0].prompt for a in activated if a in self.accounts for e in self.accounts[a].deferred]
-        lookup = dict(zip(texts, self.embedder.embed(texts))) if texts else {}   # one batch; the cache dedups
+        texts = [
+            f.prompt
+            for f, a in zip(feats, plan)
+            if a in (self.EMBED, self.ACTIVATE) or (a == self.DEFER and f.account in activated)
+        ]
+        texts += [
+            e[0].prompt for a in activated if a in self.accounts for e in self.accounts[a].deferred
+        ]
+        lookup = (
+            dict(zip(texts, self.embedder.embed(texts))) if texts else {}
+        )  # one batch; the cache dedups
         for f, action in zip(feats, plan):
             stream = self.accounts.get(f.account)
             if stream is None:
-                stream = self.accounts[f.account] = _Stream(self.classes, self.context, f.account, self.config.history)
+                stream = self.accounts[f.account] = _Stream(
+                    self.classes, self.context, f.account, self.config.history
+                )
             with _one_blas_thread():
                 self.linker.observe(f)
-                pooled = self._pooled(f.account)   # may rebuild a community's stream from its members
+                pooled = self._pooled(
+                    f.account
+                )  # may rebuild a community's stream from its members
                 if action == self.ACTIVATE or (stream.active and stream.deferred):
                     self._flush(stream, pooled, lookup)
-                if action == self.DEFER and stream.active:   # linked within this batch: embed it after all
+                if (
+                    action == self.DEFER and stream.active
+                ):  # linked within this batch: embed it after all
                     action = self.EMBED
                 emb = None
                 if action in (self.EMBED, self.ACTIVATE):
                     emb = lookup.get(f.prompt)
                     if emb is None:
                         emb = lookup[f.prompt] = self.embedder.embed([f.prompt])[0]
-                stream.observe(f, emb, embeddable=action != self.SKIP, deferred=action == self.DEFER)
+                stream.observe(
+                    f, emb, embeddable=action != self.SKIP, deferred=action == self.DEFER
+                )
                 if pooled is not None and pooled.history and pooled.history[-1][0] is not f:
                     pooled.observe(f, emb)
             yield stream, pooled
@@ -260,27 +310,45 @@ class AccountMonitor:
             share = self.linker.share(f.account) if pscore > score else 0.0
             if share > 0:
                 score = score + share * (pscore - score)
-                if share >= 1:   # wholly its own: the cluster's detectors explain it
+                if share >= 1:  # wholly its own: the cluster's detectors explain it
                     ps, source = pps, pooled
-        level = "flag" if score > cal.threshold else "watch" if score > cal.watch_threshold else "ok"
-        stream.flagged = stream.flagged or level == "flag"   # sticky: thins its embeddings from now on
+        level = (
+            "flag" if score > cal.threshold else "watch" if score > cal.watch_threshold else "ok"
+        )
+        stream.flagged = (
+            stream.flagged or level == "flag"
+        )  # sticky: thins its embeddings from now on
         reasons: tuple[str, ...] = ()
         cluster = self.linker.cluster_id(f.account) if share > 0 else None
         if level != "ok":
             order = sorted(range(len(ps)), key=lambda i: ps[i])
             # the linking detector speaks for the account itself: its own links, with their weights
-            reasons = tuple(f"{self.names[i]}: {r} (benign p≈{ps[i]:.2g})" for i in order if ps[i] <= 0.05
-                            for r in (stream if self.names[i] == "linking" else source).detectors[i].reasons())
+            reasons = tuple(
+                f"{self.names[i]}: {r} (benign p≈{ps[i]:.2g})"
+                for i in order
+                if ps[i] <= 0.05
+                for r in (stream if self.names[i] == "linking" else source).detectors[i].reasons()
+            )
             if cluster is not None:
-                reasons += (f"cluster {cluster} of {self.linker.cluster_size(f.account)} accounts: its pooled "
-                            f"score {pscore:.1f} counts {share:.0%} for this account (own score {own:.1f})",)
-        return Verdict(account=f.account, level=level, score=score, reasons=reasons, cluster=cluster,
-                       request=stream.n)
+                reasons += (
+                    f"cluster {cluster} of {self.linker.cluster_size(f.account)} accounts: its pooled "
+                    f"score {pscore:.1f} counts {share:.0%} for this account (own score {own:.1f})",
+                )
+        return Verdict(
+            account=f.account,
+            level=level,
+            score=score,
+            reasons=reasons,
+            cluster=cluster,
+            request=stream.n,
+        )
 
     def observe_batch(self, records: Sequence[dict]) -> list[Verdict]:
         """Verdicts for traffic records in time order; their prompts are embedded in one batch."""
         if self.calibration is None:
-            raise ValueError("verdicts need a calibration; without one use step_batch for raw scores")
+            raise ValueError(
+                "verdicts need a calibration; without one use step_batch for raw scores"
+            )
         feats = [extract(r) for r in records]
         return [self._verdict(f, s, p) for f, (s, p) in zip(feats, self.step_batch(feats))]
 

@@ -36,5 +36,7 @@ class ReasoningDetector(Detector):
     def reasons(self) -> list[str]:
         if not self._hits:
             return []
-        return [f"{self._hits} of its last {len(self._recent)} requests ask for the chain of thought "
-                "(step by step, show your reasoning, <think>)"]
+        return [
+            f"{self._hits} of its last {len(self._recent)} requests ask for the chain of thought "
+            "(step by step, show your reasoning, <think>)"
+        ]

@@ -26,10 +26,10 @@ def nn_distances(emb: np.ndarray, lag: int = PRADA_LAG) -> np.ndarray:
     """
     if len(emb) <= lag:
         return np.empty(0)
-    sims = emb @ emb.T                                     # (T, T)
+    sims = emb @ emb.T  # (T, T)
     out = np.empty(len(emb) - lag)
     for t in range(lag, len(emb)):
-        out[t - lag] = 1.0 - sims[t, t - lag:t].max()
+        out[t - lag] = 1.0 - sims[t, t - lag : t].max()
     return out
 
 
@@ -44,17 +44,20 @@ def common_items(accounts: Iterable[list]) -> frozenset[str]:
 
 @dataclass
 class Reference:
-    embeddings: np.ndarray      # (R, D) benign prompt embeddings, unit rows
-    centers: np.ndarray         # (K, D) k-means topic centres, unit rows
-    distances: np.ndarray       # (M,) PRADA distances of benign accounts
-    cache: dict = field(default_factory=dict, repr=False, compare=False)  # derived arrays (e.g. the MMD kernel)
+    embeddings: np.ndarray  # (R, D) benign prompt embeddings, unit rows
+    centers: np.ndarray  # (K, D) k-means topic centres, unit rows
+    distances: np.ndarray  # (M,) PRADA distances of benign accounts
+    cache: dict = field(
+        default_factory=dict, repr=False, compare=False
+    )  # derived arrays (e.g. the MMD kernel)
 
     def topic(self, emb: np.ndarray) -> int:
         return int(np.argmax(self.centers @ emb))
 
     @classmethod
-    def build(cls, streams: Iterable[tuple[list, np.ndarray]], *, size: int, topics: int,
-              seed: int = 0) -> Reference:
+    def build(
+        cls, streams: Iterable[tuple[list, np.ndarray]], *, size: int, topics: int, seed: int = 0
+    ) -> Reference:
         """streams: per benign account, (features in time order, (T, D) embeddings)."""
         from sklearn.cluster import KMeans
 
@@ -73,5 +76,8 @@ class Reference:
         distances = np.concatenate(dists) if any(len(d) for d in dists) else np.empty(0)
         if len(distances) < 50:  # few long benign streams: fall back to prompts in random order
             distances = nn_distances(allemb[rng.permutation(len(allemb))[:2000]])
-        return cls(embeddings=allemb[pick].astype(np.float32), centers=centers.astype(np.float32),
-                   distances=np.sort(distances))
+        return cls(
+            embeddings=allemb[pick].astype(np.float32),
+            centers=centers.astype(np.float32),
+            distances=np.sort(distances),
+        )

@@ -35,7 +35,17 @@ if TYPE_CHECKING:
 GROUP = "distillguard.detectors"
 # The built-ins' modules, also listed as entry points in pyproject.toml; imported directly as
 # well so that a stale editable install (metadata from before a detector was added) still works.
-BUILTIN_MODULES = ("volume", "timing", "shape", "template", "reasoning", "distribution", "coverage", "fresh", "linking")
+BUILTIN_MODULES = (
+    "volume",
+    "timing",
+    "shape",
+    "template",
+    "reasoning",
+    "distribution",
+    "coverage",
+    "fresh",
+    "linking",
+)
 
 
 @dataclass
@@ -73,7 +83,9 @@ def register(cls: type[Detector]) -> type[Detector]:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"detector class {cls.__qualname__} needs a class attribute `name`")
     if name in _registry and _registry[name] is not cls:
-        raise ConfigError(f"two detectors named {name!r}: {_registry[name].__qualname__} and {cls.__qualname__}")
+        raise ConfigError(
+            f"two detectors named {name!r}: {_registry[name].__qualname__} and {cls.__qualname__}"
+        )
     _registry[name] = cls
     return cls
 

@@ -26,27 +26,41 @@ class AccountResult:
     reasons: list[str] = field(default_factory=list)
     cluster: str | None = None
     requests: int = 0
-    label: str | None = None   # ground truth from the log, for evaluation only (detectors never see it)
+    label: str | None = (
+        None  # ground truth from the log, for evaluation only (detectors never see it)
+    )
     # evaluation only: the account scored on its own requests, linking evidence dropped (what it
     # would score if no other account of its actor, or of another actor, were linked to it)
     solo_score: float = 0.0
     solo_flagged_at_request: int | None = None
 
     def to_dict(self) -> dict:
-        return {"account": self.account, "score": round(self.score, 4), "flagged": self.flagged,
-                "flagged_at_request": self.flagged_at_request, "reasons": self.reasons, "cluster": self.cluster,
-                "requests": self.requests}
+        return {
+            "account": self.account,
+            "score": round(self.score, 4),
+            "flagged": self.flagged,
+            "flagged_at_request": self.flagged_at_request,
+            "reasons": self.reasons,
+            "cluster": self.cluster,
+            "requests": self.requests,
+        }
 
 
-def detect(records: Iterable[dict], calibration: Calibration, *, embedder=None, batch: int = 256,
-           progress=None) -> dict:
+def detect(
+    records: Iterable[dict],
+    calibration: Calibration,
+    *,
+    embedder=None,
+    batch: int = 256,
+    progress=None,
+) -> dict:
     """Score a traffic log; returns the report dict plus ``"results"`` (AccountResult objects)."""
     feats_records = sorted(((extract(r), r) for r in records), key=lambda fr: fr[0].ts)
     monitor = AccountMonitor(calibration, embedder=embedder)
     linking = monitor.names.index("linking") if "linking" in monitor.names else None
     results: dict[str, AccountResult] = {}
     for i in range(0, len(feats_records), batch):
-        chunk = feats_records[i:i + batch]
+        chunk = feats_records[i : i + batch]
         feats = [f for f, _ in chunk]
         for (f, rec), (s, p) in zip(chunk, monitor.step_batch(feats)):
             res = results.get(f.account)
@@ -63,7 +77,7 @@ def detect(records: Iterable[dict], calibration: Calibration, *, embedder=None, 
                 res.flagged, res.flagged_at_request = True, v.request
             raw = s.raw()
             if linking is not None:
-                raw[linking] = -np.inf          # p = 1: no linking evidence
+                raw[linking] = -np.inf  # p = 1: no linking evidence
             solo = monitor.combined(raw)[0]
             res.solo_score = max(res.solo_score, solo)
             if res.solo_flagged_at_request is None and solo > calibration.threshold:
@@ -73,5 +87,10 @@ def detect(records: Iterable[dict], calibration: Calibration, *, embedder=None, 
     for a, res in results.items():
         res.cluster = monitor.linker.cluster_id(a)
     ordered = sorted(results.values(), key=lambda r: -r.score)
-    return {"threshold": calibration.threshold, "target_fpr": calibration.target_fpr,
-            "calibration": calibration.stats, "accounts": [r.to_dict() for r in ordered], "results": ordered}
+    return {
+        "threshold": calibration.threshold,
+        "target_fpr": calibration.target_fpr,
+        "calibration": calibration.stats,
+        "accounts": [r.to_dict() for r in ordered],
+        "results": ordered,
+    }

@@ -30,8 +30,11 @@ def mmd2_unbiased(K: np.ndarray, m: int) -> float:
     """Unbiased MMD² from the joint kernel matrix of [X; Y], X the first m rows. K: (m+n, m+n)."""
     n = K.shape[0] - m
     Kxx, Kyy, Kxy = K[:m, :m], K[m:, m:], K[:m, m:]
-    return float((Kxx.sum() - np.trace(Kxx)) / (m * (m - 1)) + (Kyy.sum() - np.trace(Kyy)) / (n * (n - 1))
-                 - 2.0 * Kxy.mean())
+    return float(
+        (Kxx.sum() - np.trace(Kxx)) / (m * (m - 1))
+        + (Kyy.sum() - np.trace(Kyy)) / (n * (n - 1))
+        - 2.0 * Kxy.mean()
+    )
 
 
 def median_bandwidth(Y: np.ndarray) -> float:
@@ -40,8 +43,15 @@ def median_bandwidth(Y: np.ndarray) -> float:
     return float(np.median(D[~np.eye(len(Y), dtype=bool)])) or 1.0
 
 
-def mmd_test(X: np.ndarray, Y: np.ndarray, *, permutations: int = 200, rng: np.random.Generator | None = None,
-             bandwidth: float | None = None, Kyy: np.ndarray | None = None) -> tuple[float, float]:
+def mmd_test(
+    X: np.ndarray,
+    Y: np.ndarray,
+    *,
+    permutations: int = 200,
+    rng: np.random.Generator | None = None,
+    bandwidth: float | None = None,
+    Kyy: np.ndarray | None = None,
+) -> tuple[float, float]:
     """(MMD², permutation p-value) for H0: X and Y come from one distribution. X: (m, D), Y: (n, D).
 
     Gaussian kernel exp(-|x-y|² / bandwidth), bandwidth by the median heuristic on the pooled
@@ -57,11 +67,11 @@ def mmd_test(X: np.ndarray, Y: np.ndarray, *, permutations: int = 200, rng: np.r
     if bandwidth is None:
         bandwidth = median_bandwidth(np.concatenate([X64, Y64]))
     xx, yy = np.einsum("nd,nd->n", X64, X64), np.einsum("nd,nd->n", Y64, Y64)
-    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X64 @ X64.T, 0) / bandwidth)   # (m, m)
-    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X64 @ Y64.T, 0) / bandwidth)   # (m, n)
+    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X64 @ X64.T, 0) / bandwidth)  # (m, m)
+    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X64 @ Y64.T, 0) / bandwidth)  # (m, n)
     if Kyy is None:
         Kyy = np.exp(-np.maximum(yy[:, None] + yy[None, :] - 2 * Y64 @ Y64.T, 0) / bandwidth)
-    K = np.block([[Kxx, Kxy], [Kxy.T, Kyy]])                                                  # (N, N)
+    K = np.block([[Kxx, Kxy], [Kxy.T, Kyy]])  # (N, N)
     observed = mmd2_unbiased(K, m)
     rng = rng or np.random.default_rng(0)
     # Permutations, vectorised: only which m rows form "X" changes; the statistic follows from
@@ -70,8 +80,8 @@ def mmd_test(X: np.ndarray, Y: np.ndarray, *, permutations: int = 200, rng: np.r
     diag = np.diag(K)
     total = K.sum() - diag.sum()
     rowsum = K.sum(axis=1) - diag
-    idx = np.argsort(rng.random((permutations, N)), axis=1)[:, :m]                              # (P, m)
-    sxx = K[idx[:, :, None], idx[:, None, :]].sum(axis=(1, 2)) - diag[idx].sum(axis=1)          # (P,)
+    idx = np.argsort(rng.random((permutations, N)), axis=1)[:, :m]  # (P, m)
+    sxx = K[idx[:, :, None], idx[:, None, :]].sum(axis=(1, 2)) - diag[idx].sum(axis=1)  # (P,)
     sxy = rowsum[idx].sum(axis=1) - sxx
     syy = total - sxx - 2.0 * sxy
     stat = sxx / (m * (m - 1)) + syy / (n * (n - 1)) - 2.0 * sxy / (m * n)
@@ -86,10 +96,13 @@ def mmd2_to_reference(X: np.ndarray, Y: np.ndarray, bandwidth: float, kyy_mean: 
     m = len(X)
     X32, Y32 = X.astype(np.float32), Y.astype(np.float32)
     xx, yy = np.einsum("nd,nd->n", X32, X32), np.einsum("nd,nd->n", Y32, Y32)
-    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X32 @ X32.T, 0) / bandwidth)   # (m, m)
-    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X32 @ Y32.T, 0) / bandwidth)   # (m, n)
-    return float((Kxx.sum(dtype=np.float64) - np.trace(Kxx)) / (m * (m - 1)) + kyy_mean
-                 - 2.0 * Kxy.mean(dtype=np.float64))
+    Kxx = np.exp(-np.maximum(xx[:, None] + xx[None, :] - 2 * X32 @ X32.T, 0) / bandwidth)  # (m, m)
+    Kxy = np.exp(-np.maximum(xx[:, None] + yy[None, :] - 2 * X32 @ Y32.T, 0) / bandwidth)  # (m, n)
+    return float(
+        (Kxx.sum(dtype=np.float64) - np.trace(Kxx)) / (m * (m - 1))
+        + kyy_mean
+        - 2.0 * Kxy.mean(dtype=np.float64)
+    )
 
 
 def ks_greater(sample: np.ndarray, reference: np.ndarray) -> float:
@@ -134,16 +147,21 @@ class EmpiricalTail:
         self.sorted = np.sort(np.asarray(samples, dtype=np.float64))
         self.floor = floor
         n = len(self.sorted)
-        self.gpd: tuple[float, float, float, int] | None = None   # (u, ξ, σ, k)
+        self.gpd: tuple[float, float, float, int] | None = None  # (u, ξ, σ, k)
         k = max(self.MIN_EXCEEDANCES, n // 10)
         if max_extrapolation > 1 and n >= 2 * self.MIN_EXCEEDANCES:
             u = float(self.sorted[n - k - 1])
-            excess = self.sorted[n - k:] - u
+            excess = self.sorted[n - k :] - u
             if excess.max() > 0:
                 with np.errstate(all="ignore"):
                     xi, _, sigma = stats.genpareto.fit(excess, floc=0.0)
                 if np.isfinite(xi) and np.isfinite(sigma) and sigma > 0:
-                    self.gpd = (u, float(min(xi, 1.0)), float(sigma), k)   # ξ ≥ 1: no finite mean; cap it
+                    self.gpd = (
+                        u,
+                        float(min(xi, 1.0)),
+                        float(sigma),
+                        k,
+                    )  # ξ ≥ 1: no finite mean; cap it
 
     def pvalues(self, s: np.ndarray) -> np.ndarray:
         """``pvalue`` of every score in ``s`` (N,), vectorised (calibration scores ~10⁵ requests)."""
@@ -156,7 +174,9 @@ class EmpiricalTail:
             beyond = greater_eq == 0
             if beyond.any():
                 tail = k / (n + 1.0) * stats.genpareto.sf(s[beyond] - u, xi, scale=sigma)
-                p[beyond] = np.maximum(np.minimum(p[beyond], tail), p[beyond] / self.max_extrapolation)
+                p[beyond] = np.maximum(
+                    np.minimum(p[beyond], tail), p[beyond] / self.max_extrapolation
+                )
         return np.maximum(p, self.floor)
 
     def pvalue(self, s: float) -> float:

@@ -27,9 +27,9 @@ class TemplateDetector(Detector):
 
     def __init__(self, context):
         super().__init__(context)
-        self._k = 0                              # first-turn prompts
-        self._reused = 0                         # ... that reuse a skeleton with other words
-        self._fills: dict[str, str] = {}         # skeleton -> the first prompt hash sent with it
+        self._k = 0  # first-turn prompts
+        self._reused = 0  # ... that reuse a skeleton with other words
+        self._fills: dict[str, str] = {}  # skeleton -> the first prompt hash sent with it
         self._skeletons_reused: set[str] = set()
 
     def observe(self, f, embedding) -> None:
@@ -47,10 +47,18 @@ class TemplateDetector(Detector):
     def score(self) -> float:
         if not self._k:
             return 0.0
-        return self._k / (self._k + 16.0) * self._reused / self._k * (1.0 + math.log1p(len(self._skeletons_reused)))
+        return (
+            self._k
+            / (self._k + 16.0)
+            * self._reused
+            / self._k
+            * (1.0 + math.log1p(len(self._skeletons_reused)))
+        )
 
     def reasons(self) -> list[str]:
         if not self._reused:
             return []
-        return [f"{self._reused} of {self._k} fresh prompts refill a skeleton it already sent "
-                f"({len(self._skeletons_reused)} skeletons reused): a templated sweep"]
+        return [
+            f"{self._reused} of {self._k} fresh prompts refill a skeleton it already sent "
+            f"({len(self._skeletons_reused)} skeletons reused): a templated sweep"
+        ]

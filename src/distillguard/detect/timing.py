@@ -53,5 +53,7 @@ class TimingDetector(Detector):
         if self._cv is None:
             return []
         g = np.fromiter(self._gaps, dtype=np.float64)
-        return [f"regular timing: gap CV {self._cv:.2f} over {len(g)} gaps (median {np.median(g):.1f} s); "
-                "people pause and burst (CV > 1)"]
+        return [
+            f"regular timing: gap CV {self._cv:.2f} over {len(g)} gaps (median {np.median(g):.1f} s); "
+            "people pause and burst (CV > 1)"
+        ]

@@ -16,8 +16,8 @@ class VolumeDetector(Detector):
 
     def __init__(self, context):
         super().__init__(context)
-        self._day: deque[tuple[float, int]] = deque()   # (ts, tokens) within the last 24 h
-        self._burst: deque[float] = deque()              # ts within the last 10 min
+        self._day: deque[tuple[float, int]] = deque()  # (ts, tokens) within the last 24 h
+        self._burst: deque[float] = deque()  # ts within the last 10 min
         self._day_tokens = 0
         self._peak_burst = 0
 
@@ -34,8 +34,14 @@ class VolumeDetector(Detector):
 
     def score(self) -> float:
         # log scale: 10x more requests is one step; tokens per ~300-token exchange count alike
-        return max(math.log1p(len(self._day)), math.log1p(self._day_tokens / 300.0), math.log1p(4 * self._peak_burst))
+        return max(
+            math.log1p(len(self._day)),
+            math.log1p(self._day_tokens / 300.0),
+            math.log1p(4 * self._peak_burst),
+        )
 
     def reasons(self) -> list[str]:
-        return [f"{len(self._day)} requests and {self._day_tokens:,} tokens in 24 h, "
-                f"peak {self._peak_burst} requests in 10 min"]
+        return [
+            f"{len(self._day)} requests and {self._day_tokens:,} tokens in 24 h, "
+            f"peak {self._peak_burst} requests in 10 min"
+        ]

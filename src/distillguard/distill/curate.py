@@ -22,7 +22,9 @@ from distillguard.errors import ConfigError
 
 REFUSAL = re.compile(
     r"\b(as an ai (language )?model|i'?m sorry,? but|i (can(no|')t|am unable to|won'?t) (help|assist|provide|comply)"
-    r"|i apologi[sz]e,? but)", re.IGNORECASE)
+    r"|i apologi[sz]e,? but)",
+    re.IGNORECASE,
+)
 WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -53,7 +55,9 @@ class CurateConfig:
         if not 0 < self.decontam_threshold <= 1:
             raise ConfigError(f"decontam_threshold {self.decontam_threshold} must be in (0, 1]")
         if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ConfigError(f"--max-chars {self.max_chars} is below --min-chars {self.min_chars}: nothing would pass")
+            raise ConfigError(
+                f"--max-chars {self.max_chars} is below --min-chars {self.min_chars}: nothing would pass"
+            )
 
 
 @dataclass
@@ -72,19 +76,29 @@ class CurateReport:
 
 def _chat(messages: object) -> bool:
     """A non-empty list of {'role': str, 'content': str}: what training renders with the chat template."""
-    return isinstance(messages, list) and bool(messages) and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
 
 
 def prompt_text(record: dict) -> str:
-    return "\n".join(m.get("content", "") for m in record.get("messages", []) if m.get("role") != "system")
+    return "\n".join(
+        m.get("content", "") for m in record.get("messages", []) if m.get("role") != "system"
+    )
 
 
 def shingles(text: str, k: int = 3) -> set[str]:
     words = WORD.findall(text.lower())
     if len(words) < k:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+    return {" ".join(words[i : i + k]) for i in range(len(words) - k + 1)}
 
 
 def _minhash(text: str, num_perm: int):
@@ -99,7 +113,9 @@ def _minhash(text: str, num_perm: int):
 def load_verifier(spec: str) -> Callable[[dict], bool]:
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"--verifier {spec!r}: use module:function (e.g. mychecks:answer_is_correct)")
+        raise ConfigError(
+            f"--verifier {spec!r}: use module:function (e.g. mychecks:answer_is_correct)"
+        )
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
@@ -114,8 +130,13 @@ def in_eval_split(prompt_id: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Iterable[str] = (),
-           verifier: Callable[[dict], bool] | None = None) -> tuple[list[dict], list[dict], CurateReport]:
+def curate(
+    records: Iterable[dict],
+    config: CurateConfig,
+    *,
+    eval_prompts: Iterable[str] = (),
+    verifier: Callable[[dict], bool] | None = None,
+) -> tuple[list[dict], list[dict], CurateReport]:
     """Filter and split harvested records; returns (train, eval, report)."""
     from datasketch import MinHashLSH
 
@@ -126,8 +147,14 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
     for i, text in enumerate(eval_prompts):
         eval_exact.add(" ".join(WORD.findall(text.lower())))
         contam.insert(f"e{i}", _minhash(text, config.num_perm))
-    near = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm) if config.near_dup_threshold else None
-    key_owner: dict[str, str | None] = {}  # dedup key -> the prompt id that brought it (prompt dedup)
+    near = (
+        MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm)
+        if config.near_dup_threshold
+        else None
+    )
+    key_owner: dict[
+        str, str | None
+    ] = {}  # dedup key -> the prompt id that brought it (prompt dedup)
     train: list[dict] = []
     evaluation: list[dict] = []
     for record in records:
@@ -152,11 +179,15 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
             report.drop("verifier")
             continue
         prompt = prompt_text(record)
-        if eval_exact and (" ".join(WORD.findall(prompt.lower())) in eval_exact
-                           or contam.query(_minhash(prompt, config.num_perm))):
+        if eval_exact and (
+            " ".join(WORD.findall(prompt.lower())) in eval_exact
+            or contam.query(_minhash(prompt, config.num_perm))
+        ):
             report.drop("contaminated")
             continue
-        key_text = {"prompt": prompt, "response": response, "both": prompt + "\n" + response}[config.dedup_on]
+        key_text = {"prompt": prompt, "response": response, "both": prompt + "\n" + response}[
+            config.dedup_on
+        ]
         exact = hashlib.sha256(" ".join(WORD.findall(key_text.lower())).encode()).hexdigest()
         pid = str(record.get("prompt_id") or record.get("id") or exact)
         # Deduplicating on the prompt, the answers of one request (the API's n > 1) share it:
@@ -174,7 +205,9 @@ def curate(records: Iterable[dict], config: CurateConfig, *, eval_prompts: Itera
                 continue
             near.insert(exact, mh)
         key_owner.setdefault(exact, owner)
-        (evaluation if in_eval_split(pid, config.eval_fraction, config.seed) else train).append(record)
+        (evaluation if in_eval_split(pid, config.eval_fraction, config.seed) else train).append(
+            record
+        )
     report.train, report.eval = len(train), len(evaluation)
     return train, evaluation, report
 
@@ -198,24 +231,35 @@ def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> 
     from datasets import Dataset, DatasetDict, Features, List, Value
 
     # Explicit features: an empty split (e.g. no eval prompts) must still have the schema.
-    features = Features({
-        "id": Value("string"), "prompt_id": Value("string"),
-        "messages": List({"role": Value("string"), "content": Value("string")}),
-        "response": Value("string"), "logprobs": Value("string"), "finish_reason": Value("string"),
-    })
+    features = Features(
+        {
+            "id": Value("string"),
+            "prompt_id": Value("string"),
+            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "response": Value("string"),
+            "logprobs": Value("string"),
+            "finish_reason": Value("string"),
+        }
+    )
 
     def rows(records: list[dict]) -> Dataset:
-        return Dataset.from_dict({
-            "id": [str(r.get("id", i)) for i, r in enumerate(records)],
-            "prompt_id": [str(r.get("prompt_id", "")) for r in records],
-            "messages": [r["messages"] for r in records],
-            "response": [r["response"] for r in records],
-            # top-k logprobs per token as JSON (ragged, optional): kept for sparse KD
-            "logprobs": [json.dumps(r.get("logprobs")) if r.get("logprobs") else "" for r in records],
-            # "length" marks an answer cut at max_tokens (kept with keep_capped): trained without an end
-            "finish_reason": [str(r.get("finish_reason") or "") for r in records],
-        }, features=features)
+        return Dataset.from_dict(
+            {
+                "id": [str(r.get("id", i)) for i, r in enumerate(records)],
+                "prompt_id": [str(r.get("prompt_id", "")) for r in records],
+                "messages": [r["messages"] for r in records],
+                "response": [r["response"] for r in records],
+                # top-k logprobs per token as JSON (ragged, optional): kept for sparse KD
+                "logprobs": [
+                    json.dumps(r.get("logprobs")) if r.get("logprobs") else "" for r in records
+                ],
+                # "length" marks an answer cut at max_tokens (kept with keep_capped): trained without an end
+                "finish_reason": [str(r.get("finish_reason") or "") for r in records],
+            },
+            features=features,
+        )
 
     # One shard per split at least: datasets cannot reload an empty split saved with zero shards.
     DatasetDict({"train": rows(train), "eval": rows(evaluation)}).save_to_disk(
-        str(out), num_shards={"train": 1, "eval": 1})
+        str(out), num_shards={"train": 1, "eval": 1}
+    )

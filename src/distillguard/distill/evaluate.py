@@ -34,8 +34,12 @@ class ModelReport:
     tokens_per_s: float  # greedy generation, batched, measured in the same run as the others
     rouge_l: float | None = None  # vs the teacher's greedy answers (None for the teacher itself)
     exact_match: float | None = None
-    nll_under_teacher: float | None = None  # its own greedy answers scored by the teacher (nats/token)
-    rep4: float | None = None  # share of 4-grams in its greedy answers that repeat one earlier in the answer
+    nll_under_teacher: float | None = (
+        None  # its own greedy answers scored by the teacher (nats/token)
+    )
+    rep4: float | None = (
+        None  # share of 4-grams in its greedy answers that repeat one earlier in the answer
+    )
 
 
 @dataclass
@@ -53,6 +57,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """As JSON-able data; an undefined number (NaN) is None, since NaN is not JSON."""
+
         def clean(value):
             if isinstance(value, float) and math.isnan(value):
                 return None
@@ -65,7 +70,9 @@ class EvalReport:
 
 def prompts_digest(prompts: list[list[dict]]) -> str:
     """SHA-256 of the prompts' canonical JSON: two evaluations used the same prompts iff it matches."""
-    return hashlib.sha256(json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(prompts, sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def versions() -> dict:
@@ -75,8 +82,12 @@ def versions() -> dict:
 
     from distillguard import __version__
 
-    return {"distillguard": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "distillguard": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def distinct_prompts(rows) -> list[list[dict]]:
@@ -93,8 +104,14 @@ def distinct_prompts(rows) -> list[list[dict]]:
 
 
 @torch.inference_mode()
-def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: int, batch_size: int = 16,
-                   advance: Callable[[int], None] | None = None, **generate_kwargs) -> tuple[list[list[int]], float]:
+def greedy_answers(
+    lm: LoadedModel,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    advance: Callable[[int], None] | None = None,
+    **generate_kwargs,
+) -> tuple[list[list[int]], float]:
     """Greedy answers (token ids, end-of-turn excluded) and generated tokens per second.
     ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``no_repeat_ngram_size``);
     ``advance(k)`` is called after each batch of ``k`` prompts (a progress bar)."""
@@ -102,14 +119,24 @@ def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: i
     answers: list[list[int]] = []
     generated, seconds = 0, 0.0
     for start in range(0, len(prompts), batch_size):
-        chunk = [lm.chat_ids(m) for m in prompts[start:start + batch_size]]
+        chunk = [lm.chat_ids(m) for m in prompts[start : start + batch_size]]
         width = max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in chunk], device=lm.device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=lm.device)
+        ids = torch.tensor(
+            [[tok.pad_token_id] * (width - len(c)) + c for c in chunk], device=lm.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=lm.device
+        )
         t0 = time.perf_counter()
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=sorted(lm.eos_token_ids), pad_token_id=tok.pad_token_id,
-                                **generate_kwargs)
+        out = lm.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(lm.eos_token_ids),
+            pad_token_id=tok.pad_token_id,
+            **generate_kwargs,
+        )
         seconds += time.perf_counter() - t0
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in lm.eos_token_ids), len(row))
@@ -121,8 +148,12 @@ def greedy_answers(lm: LoadedModel, prompts: list[list[dict]], max_new_tokens: i
 
 
 @torch.inference_mode()
-def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[int]],
-               advance: Callable[[int], None] | None = None) -> float:
+def answer_nll(
+    lm: LoadedModel,
+    prompts: list[list[dict]],
+    answers: list[list[int]],
+    advance: Callable[[int], None] | None = None,
+) -> float:
     """Mean negative log-likelihood (nats/token) of ``answers`` (token ids) given their prompts."""
     total, count = 0.0, 0
     for messages, answer in zip(prompts, answers):
@@ -132,8 +163,12 @@ def answer_nll(lm: LoadedModel, prompts: list[list[dict]], answers: list[list[in
             continue
         prompt = lm.chat_ids(messages)
         ids = torch.tensor([prompt + answer], device=lm.device)
-        logits = lm.model(ids).logits[0, len(prompt) - 1:-1].float()  # positions predicting the answer
-        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(answer, device=lm.device), reduction="sum")
+        logits = (
+            lm.model(ids).logits[0, len(prompt) - 1 : -1].float()
+        )  # positions predicting the answer
+        nll = torch.nn.functional.cross_entropy(
+            logits, torch.tensor(answer, device=lm.device), reduction="sum"
+        )
         total += float(nll)
         count += len(answer)
     return total / max(count, 1)
@@ -146,21 +181,35 @@ def repeated_ngrams(answers: list[list[int]], n: int = 4) -> float:
     for answer in answers:
         seen = set()
         for i in range(len(answer) - n + 1):
-            gram = tuple(answer[i:i + n])
+            gram = tuple(answer[i : i + n])
             repeated += gram in seen
             seen.add(gram)
             total += 1
     return repeated / total if total else 0.0
 
 
-def evaluate(teacher: LoadedModel, student: LoadedModel, prompts: list[list[dict]], *, max_new_tokens: int = 128,
-             baseline: LoadedModel | None = None) -> EvalReport:
-    return evaluate_many(teacher, [student], prompts, max_new_tokens=max_new_tokens, baseline=baseline)[0]
+def evaluate(
+    teacher: LoadedModel,
+    student: LoadedModel,
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 128,
+    baseline: LoadedModel | None = None,
+) -> EvalReport:
+    return evaluate_many(
+        teacher, [student], prompts, max_new_tokens=max_new_tokens, baseline=baseline
+    )[0]
 
 
-def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: list[list[dict]], *,
-                  max_new_tokens: int = 128, baseline: LoadedModel | None = None,
-                  on_progress: Callable[[str, int, int], None] | None = None) -> list[EvalReport]:
+def evaluate_many(
+    teacher: LoadedModel,
+    students: list[LoadedModel],
+    prompts: list[list[dict]],
+    *,
+    max_new_tokens: int = 128,
+    baseline: LoadedModel | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> list[EvalReport]:
     """One report per student against the same teacher answers (the teacher generates once).
 
     ``on_progress(what, done, total)``: after each batch of work, counted in prompts over all the
@@ -171,11 +220,15 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: use 1 or more")
     if not prompts:  # every number below would be a mean over nothing
-        raise ConfigError("no prompts to evaluate on (an empty file, an empty eval split, or --skip past the end)")
+        raise ConfigError(
+            "no prompts to evaluate on (an empty file, an empty eval split, or --skip past the end)"
+        )
     for student in students:
         if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
             # NLL of teacher tokens under the student needs the same token ids; compare texts instead.
-            raise ConfigError(f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined")
+            raise ConfigError(
+                f"teacher and student {student.spec} tokenizers differ; token-level NLL is undefined"
+            )
     total = len(prompts) * (2 + (baseline is not None) + 3 * len(students))
     done = 0
 
@@ -185,9 +238,12 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
             done += k
             if on_progress is not None:
                 on_progress(what, done, total)
+
         return advance
 
-    teacher_answers, teacher_tps = greedy_answers(teacher, prompts, max_new_tokens, advance=step("teacher answers"))
+    teacher_answers, teacher_tps = greedy_answers(
+        teacher, prompts, max_new_tokens, advance=step("teacher answers")
+    )
     decode = teacher.tokenizer.decode
     t_text = [decode(a, skip_special_tokens=True).strip() for a in teacher_answers]
     scorer = rouge_scorer.RougeScorer(["rougeL"])
@@ -196,31 +252,58 @@ def evaluate_many(teacher: LoadedModel, students: list[LoadedModel], prompts: li
         return sum(p.numel() for p in lm.model.parameters())
 
     teacher_nll = answer_nll(teacher, prompts, teacher_answers, advance=step("teacher NLL"))
-    t_report = ModelReport(teacher.spec, params(teacher), teacher_nll, teacher_tps,
-                           nll_under_teacher=teacher_nll, rep4=repeated_ngrams(teacher_answers))
+    t_report = ModelReport(
+        teacher.spec,
+        params(teacher),
+        teacher_nll,
+        teacher_tps,
+        nll_under_teacher=teacher_nll,
+        rep4=repeated_ngrams(teacher_answers),
+    )
     b_report = None
     if baseline is not None:
-        b_report = ModelReport(baseline.spec, params(baseline),
-                               answer_nll(baseline, prompts, teacher_answers, advance=step("baseline NLL")),
-                               float("nan"))
+        b_report = ModelReport(
+            baseline.spec,
+            params(baseline),
+            answer_nll(baseline, prompts, teacher_answers, advance=step("baseline NLL")),
+            float("nan"),
+        )
     reports = []
     digest, setup = prompts_digest(prompts), versions()
     for student in students:
-        student_answers, student_tps = greedy_answers(student, prompts, max_new_tokens,
-                                                      advance=step(f"{student.spec}: answers"))
+        student_answers, student_tps = greedy_answers(
+            student, prompts, max_new_tokens, advance=step(f"{student.spec}: answers")
+        )
         s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
         # Identical answers agree fully even when ROUGE's word tokenizer finds no words in them.
-        rouge = sum(1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure
-                    for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
+        rouge = sum(
+            1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure for t, s in zip(t_text, s_text)
+        ) / max(len(prompts), 1)
         exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
-        s_report = ModelReport(student.spec, params(student),
-                               answer_nll(student, prompts, teacher_answers, advance=step(f"{student.spec}: NLL")),
-                               student_tps, rouge_l=rouge, exact_match=exact,
-                               nll_under_teacher=answer_nll(teacher, prompts, student_answers,
-                                                            advance=step(f"{student.spec}: under the teacher")),
-                               rep4=repeated_ngrams(student_answers))
-        report = EvalReport(prompts=len(prompts), max_new_tokens=max_new_tokens, teacher=t_report, student=s_report,
-                            baseline=b_report, prompts_sha256=digest, versions=setup)
+        s_report = ModelReport(
+            student.spec,
+            params(student),
+            answer_nll(student, prompts, teacher_answers, advance=step(f"{student.spec}: NLL")),
+            student_tps,
+            rouge_l=rouge,
+            exact_match=exact,
+            nll_under_teacher=answer_nll(
+                teacher,
+                prompts,
+                student_answers,
+                advance=step(f"{student.spec}: under the teacher"),
+            ),
+            rep4=repeated_ngrams(student_answers),
+        )
+        report = EvalReport(
+            prompts=len(prompts),
+            max_new_tokens=max_new_tokens,
+            teacher=t_report,
+            student=s_report,
+            baseline=b_report,
+            prompts_sha256=digest,
+            versions=setup,
+        )
         if b_report is not None:
             denom = b_report.nll - t_report.nll
             report.gap_closed = (b_report.nll - s_report.nll) / denom if denom > 0 else math.nan
@@ -239,11 +322,20 @@ def learning_curve_plot(reports: list[EvalReport], queries: list[int], path) -> 
     xs = [queries[i] for i in order]
     fig, (ax_nll, ax_rouge) = plt.subplots(1, 2, figsize=(10, 4))
     ax_nll.plot(xs, [reports[i].student.nll for i in order], "o-", label="student")
-    ax_nll.axhline(reports[0].teacher.nll, color="black", lw=1, label=f"teacher ({reports[0].teacher.nll:.2f})")
+    ax_nll.axhline(
+        reports[0].teacher.nll, color="black", lw=1, label=f"teacher ({reports[0].teacher.nll:.2f})"
+    )
     ax_rouge.plot(xs, [reports[i].student.rouge_l for i in order], "o-")
     for i in order:
-        ax_nll.annotate(reports[i].student.spec.rsplit("/", 1)[-1], (queries[i], reports[i].student.nll), fontsize=7)
-    for ax, name in ((ax_nll, "NLL of teacher answers (nats/token)"), (ax_rouge, "ROUGE-L vs teacher greedy")):
+        ax_nll.annotate(
+            reports[i].student.spec.rsplit("/", 1)[-1],
+            (queries[i], reports[i].student.nll),
+            fontsize=7,
+        )
+    for ax, name in (
+        (ax_nll, "NLL of teacher answers (nats/token)"),
+        (ax_rouge, "ROUGE-L vs teacher greedy"),
+    ):
         ax.set_xlabel("teacher queries (distinct training prompts)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -71,15 +71,26 @@ class HarvestConfig:
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"--top-logprobs {self.top_logprobs} must be between 0 and 20")
         if self.commit_window_s < 0 or self.commit_batch < 1:
-            raise ConfigError("--commit-window must be >= 0 seconds and the commit batch at least 1")
+            raise ConfigError(
+                "--commit-window must be >= 0 seconds and the commit batch at least 1"
+            )
         if (self.budget_usd is not None) and not (self.price_in or self.price_out):
-            raise ConfigError("--budget-usd needs --price-in and/or --price-out (USD per million tokens)")
-        if not 0.0 <= self.temperature <= 2.0:  # OpenAI's range; a teacher would answer 400 to every request
+            raise ConfigError(
+                "--budget-usd needs --price-in and/or --price-out (USD per million tokens)"
+            )
+        if (
+            not 0.0 <= self.temperature <= 2.0
+        ):  # OpenAI's range; a teacher would answer 400 to every request
             raise ConfigError(f"--temperature {self.temperature} must be between 0 and 2")
         if not self.timeout_s > 0 or self.max_retries < 0 or self.backoff_s < 0:
-            raise ConfigError(f"--timeout {self.timeout_s} must be above 0 seconds and --max-retries "
-                              f"{self.max_retries} at least 0 (0: one attempt, no retry)")
-        if min(self.price_in, self.price_out) < 0 or min(self.budget_usd or 0, self.budget_tokens or 0) < 0:
+            raise ConfigError(
+                f"--timeout {self.timeout_s} must be above 0 seconds and --max-retries "
+                f"{self.max_retries} at least 0 (0: one attempt, no retry)"
+            )
+        if (
+            min(self.price_in, self.price_out) < 0
+            or min(self.budget_usd or 0, self.budget_tokens or 0) < 0
+        ):
             raise ConfigError("prices and budgets cannot be negative")
 
     @property
@@ -88,8 +99,13 @@ class HarvestConfig:
         return url if url.endswith("/v1") or "/v1/" in url else url + "/v1"
 
     def request(self, prompt: Prompt) -> dict:
-        body = {"model": self.model, "messages": prompt.as_messages(), "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "n": self.n}
+        body = {
+            "model": self.model,
+            "messages": prompt.as_messages(),
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "n": self.n,
+        }
         if self.top_logprobs is not None:
             body["logprobs"] = True
             body["top_logprobs"] = self.top_logprobs
@@ -107,8 +123,12 @@ class HarvestReport:
     skipped_done: int = 0  # already in the store from an earlier run
     sent: int = 0
     stored_ok: int = 0
-    malformed: dict[str, int] = field(default_factory=dict)  # responses with no usable answer, by why
-    answers_ok: int = 0  # usable answers (choices) among the stored responses: n per response at most
+    malformed: dict[str, int] = field(
+        default_factory=dict
+    )  # responses with no usable answer, by why
+    answers_ok: int = (
+        0  # usable answers (choices) among the stored responses: n per response at most
+    )
     answers_malformed: dict[str, int] = field(default_factory=dict)  # unusable choices, by why
     failed: dict[str, int] = field(default_factory=dict)
     retries: int = 0
@@ -125,8 +145,13 @@ class HarvestReport:
 
     def finished(self) -> int:
         """Prompts accounted for so far: answered now or before, malformed, failed or over budget."""
-        return (self.skipped_done + self.stored_ok + sum(self.malformed.values()) + sum(self.failed.values())
-                + self.budget_stopped)
+        return (
+            self.skipped_done
+            + self.stored_ok
+            + sum(self.malformed.values())
+            + sum(self.failed.values())
+            + self.budget_stopped
+        )
 
     def transient_failures(self) -> int:
         """Failed requests a rerun may still get answered (429, 5xx, timeouts, connection errors
@@ -140,16 +165,28 @@ class HarvestReport:
         why = ", ".join(f"{reason} {count}" for reason, count in sorted(self.failed.items()))
         transient = self.transient_failures()
         refused = sum(self.failed.values()) - transient
-        return (f"{sum(self.failed.values())} of {self.planned} teacher requests failed ({why}); every answer "
-                "received is stored"
-                + (f"; a rerun sends only the failed ones ({transient} of them may succeed then)" if transient else "")
-                + (f"; {refused} the teacher refused, which a rerun gets again: read its error in the "
-                   "teacher's log or ledger" if refused else ""))
+        return (
+            f"{sum(self.failed.values())} of {self.planned} teacher requests failed ({why}); every answer "
+            "received is stored"
+            + (
+                f"; a rerun sends only the failed ones ({transient} of them may succeed then)"
+                if transient
+                else ""
+            )
+            + (
+                f"; {refused} the teacher refused, which a rerun gets again: read its error in the "
+                "teacher's log or ledger"
+                if refused
+                else ""
+            )
+        )
 
 
 def is_transient(reason: str) -> bool:
     """Whether a failure reason in :attr:`HarvestReport.failed` is one that retrying can cure."""
-    return reason in ("timeout", "connection") or (reason.startswith("http_") and int(reason[5:]) in RETRY_STATUS)
+    return reason in ("timeout", "connection") or (
+        reason.startswith("http_") and int(reason[5:]) in RETRY_STATUS
+    )
 
 
 class _Budget:
@@ -188,7 +225,10 @@ class _Budget:
         c = self.config
         tokens = prompt_bound + c.n * c.max_tokens
         usd = c.cost(prompt_bound, c.n * c.max_tokens)
-        if c.budget_tokens is not None and self.tokens + self.reserved_tokens + tokens > c.budget_tokens:
+        if (
+            c.budget_tokens is not None
+            and self.tokens + self.reserved_tokens + tokens > c.budget_tokens
+        ):
             return None
         if c.budget_usd is not None and self.usd + self.reserved_usd + usd > c.budget_usd + 1e-12:
             return None
@@ -220,9 +260,14 @@ def count_answers(report: HarvestReport, response: object, status: str, n: int) 
             report.answers_malformed[why] = report.answers_malformed.get(why, 0) + 1
 
 
-async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseStore, *,
-                  on_progress: Callable[[HarvestReport, _Budget], None] | None = None,
-                  session: aiohttp.ClientSession | None = None) -> HarvestReport:
+async def harvest(
+    config: HarvestConfig,
+    prompts: list[Prompt],
+    store: ResponseStore,
+    *,
+    on_progress: Callable[[HarvestReport, _Budget], None] | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> HarvestReport:
     """Send every prompt not yet in ``store`` to the teacher; return what happened."""
     report = HarvestReport(planned=len(prompts))
     started = time.perf_counter()
@@ -241,8 +286,10 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     own_session = session is None
     session = session or aiohttp.ClientSession(
-        headers=headers, timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=10),
-        connector=aiohttp.TCPConnector(limit=config.concurrency))
+        headers=headers,
+        timeout=aiohttp.ClientTimeout(total=config.timeout_s, connect=10),
+        connector=aiohttp.TCPConnector(limit=config.concurrency),
+    )
     calibrating = asyncio.Lock()
     loop = asyncio.get_running_loop()
     next_progress = 0.0
@@ -307,7 +354,18 @@ async def harvest(config: HarvestConfig, prompts: list[Prompt], store: ResponseS
                 c = int((usage if isinstance(usage, dict) else {}).get("completion_tokens") or 0)
                 tokens, usd = p + c, config.cost(p, c)
                 budget.observe(size, p)
-                keep((fp, prompt.id, body, raw if isinstance(response, dict) else None, status, p, c, usd))
+                keep(
+                    (
+                        fp,
+                        prompt.id,
+                        body,
+                        raw if isinstance(response, dict) else None,
+                        status,
+                        p,
+                        c,
+                        usd,
+                    )
+                )
                 report.prompt_tokens += p
                 report.completion_tokens += c
                 report.cost_usd += usd
@@ -365,8 +423,10 @@ def run_stoppable(coro):
         except asyncio.CancelledError:
             if not stopped:
                 raise
-            raise IncompleteError("stopped by SIGTERM; every answer received is stored, and rerunning the same "
-                                  "command continues where it stopped") from None
+            raise IncompleteError(
+                "stopped by SIGTERM; every answer received is stored, and rerunning the same "
+                "command continues where it stopped"
+            ) from None
         finally:
             try:
                 loop.remove_signal_handler(signal.SIGTERM)
@@ -374,8 +434,13 @@ def run_stoppable(coro):
                 pass
 
 
-async def _send(session: aiohttp.ClientSession, config: HarvestConfig, body: dict, fp: str,
-                report: HarvestReport) -> tuple[str, object, bytes] | None:
+async def _send(
+    session: aiohttp.ClientSession,
+    config: HarvestConfig,
+    body: dict,
+    fp: str,
+    report: HarvestReport,
+) -> tuple[str, object, bytes] | None:
     """POST with retries; (status, parsed answer, raw body), or None when it finally failed (not stored)."""
     url = config.base_url + "/chat/completions"
     for attempt in range(config.max_retries + 1):
@@ -397,7 +462,7 @@ async def _send(session: aiohttp.ClientSession, config: HarvestConfig, body: dic
                     return None
                 wait = _retry_after(resp.headers.get("retry-after"))
                 failure = f"http_{resp.status}"
-        except asyncio.TimeoutError:  # aiohttp's timeouts subclass it
+        except TimeoutError:  # aiohttp's timeouts subclass it
             failure = "timeout"
         except aiohttp.ClientError:  # refused, reset, disconnected, broken body
             failure = "connection"

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(teacher || student) from a sparse teacher: its top-k log-probabilities plus the tail.
 
     The API gives the teacher's k most likely tokens; everything else is lumped into one "tail"
@@ -24,15 +28,24 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     p_tail = (1 - (s_top.exp() * valid).sum(dim=-1)).clamp(min=1e-12)  # (N,)
     safe_q = torch.where(valid, topk_logprobs.float(), torch.zeros_like(q_top))
     kl_top = (q_top * (safe_q - s_top)).sum(dim=-1)  # (N,)
-    kl_tail = torch.where(q_tail > 1e-9, q_tail * (q_tail.clamp(min=1e-12).log() - p_tail.log()), torch.zeros_like(q_tail))
+    kl_tail = torch.where(
+        q_tail > 1e-9,
+        q_tail * (q_tail.clamp(min=1e-12).log() - p_tail.log()),
+        torch.zeros_like(q_tail),
+    )
     kl = kl_top + kl_tail
     if mask is not None:
         kl = kl[mask]
     return kl.mean() if kl.numel() else student_logits.sum() * 0.0
 
 
-def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.5,
-                         mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 0.5,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence between full next-token distributions.
 
     Agarwal et al. 2024, "On-Policy Distillation of Language Models" (GKD), Eq. (1), in TRL's
@@ -81,7 +94,9 @@ def previous_token_candidates(answers: list[torch.Tensor], vocab: int) -> torch.
         n = a.numel()
         j, i = torch.tril_indices(n, n, offset=-1, device=a.device)  # every pair of positions i < j
         seen[start + j, a[i]] = True  # position j has seen token a[i]
-        seen[start + torch.arange(n, device=a.device), a] = False  # the position's own token is not a negative
+        seen[start + torch.arange(n, device=a.device), a] = (
+            False  # the position's own token is not a negative
+        )
         start += n
     return seen
 

@@ -53,28 +53,38 @@ def load_config(path: str | Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"{path}: not valid YAML ({exc.__class__.__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     if not isinstance(config, dict) or "out" not in config or "harvest" not in config:
         raise ConfigError(f"{path}: needs at least `out:` and a `harvest:` section")
     unknown = set(config) - {"out", "self_instruct", *STAGES}
     if unknown:
-        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; use out, self_instruct, {', '.join(STAGES)}")
+        raise ConfigError(
+            f"{path}: unknown sections {sorted(unknown)}; use out, self_instruct, {', '.join(STAGES)}"
+        )
     for name, allowed in _section_keys().items():
         section = config.get(name)
         if section is None:
             continue
         if not isinstance(section, dict):
-            raise ConfigError(f"{path}: `{name}:` must be a mapping of settings, not {type(section).__name__}")
+            raise ConfigError(
+                f"{path}: `{name}:` must be a mapping of settings, not {type(section).__name__}"
+            )
         if set(section) - allowed:  # caught here, not as a TypeError after the harvest has run
-            raise ConfigError(f"{path}: unknown `{name}` settings {sorted(set(section) - allowed)}; "
-                              f"use {', '.join(sorted(allowed))}")
+            raise ConfigError(
+                f"{path}: unknown `{name}` settings {sorted(set(section) - allowed)}; "
+                f"use {', '.join(sorted(allowed))}"
+            )
     missing = [k for k in ("teacher", "prompts") if k not in (config["harvest"] or {})]
     if missing:
         raise ConfigError(f"{path}: `harvest:` needs {' and '.join(missing)}")
     if config["harvest"]["prompts"] == "self-instruct" and "self_instruct" not in config:
         raise ConfigError(f"{path}: `prompts: self-instruct` needs a `self_instruct:` section")
     if "eval" in config and "train" not in config:
-        raise ConfigError(f"{path}: `eval:` evaluates the trained student, so it needs a `train:` section")
+        raise ConfigError(
+            f"{path}: `eval:` evaluates the trained student, so it needs a `train:` section"
+        )
     _check_values(path, config)
     return config
 
@@ -85,25 +95,47 @@ def _check_values(path: Path, config: dict) -> None:
     from distillguard.distill.harvest import HarvestConfig
     from distillguard.distill.train import TrainConfig
 
-    checks = [("harvest", lambda: HarvestConfig(**{k: v for k, v in config["harvest"].items()
-                                                   if k not in HARVEST_PIPELINE_KEYS})),
-              ("curate", lambda: CurateConfig(**{k: v for k, v in (config.get("curate") or {}).items()
-                                                 if k != "eval_prompts"}))]
+    checks = [
+        (
+            "harvest",
+            lambda: HarvestConfig(
+                **{k: v for k, v in config["harvest"].items() if k not in HARVEST_PIPELINE_KEYS}
+            ),
+        ),
+        (
+            "curate",
+            lambda: CurateConfig(
+                **{k: v for k, v in (config.get("curate") or {}).items() if k != "eval_prompts"}
+            ),
+        ),
+    ]
     if "train" in config:
         checks.append(("train", lambda: TrainConfig(data="", out="", **(config["train"] or {}))))
     if config.get("self_instruct"):
         from distillguard.distill.selfinstruct import SelfInstructConfig
 
-        own = {f for f in SelfInstructConfig.__dataclass_fields__ if f != "seeds"}  # seeds: a prompt source here
-        checks.append(("self_instruct", lambda: SelfInstructConfig(
-            **{k: v for k, v in config["self_instruct"].items() if k in own})))
+        own = {
+            f for f in SelfInstructConfig.__dataclass_fields__ if f != "seeds"
+        }  # seeds: a prompt source here
+        checks.append(
+            (
+                "self_instruct",
+                lambda: SelfInstructConfig(
+                    **{k: v for k, v in config["self_instruct"].items() if k in own}
+                ),
+            )
+        )
     for section, build in checks:
         try:
             build()
-        except ConfigError as exc:  # the message names the CLI flag; the YAML key is the same with underscores
+        except (
+            ConfigError
+        ) as exc:  # the message names the CLI flag; the YAML key is the same with underscores
             raise ConfigError(f"{path}: `{section}:` {exc}") from None
         except TypeError as exc:  # e.g. a string where a number belongs
-            raise ConfigError(f"{path}: `{section}:` a setting has the wrong type ({exc})") from None
+            raise ConfigError(
+                f"{path}: `{section}:` a setting has the wrong type ({exc})"
+            ) from None
 
 
 def _section_keys() -> dict[str, set[str]]:
@@ -118,11 +150,14 @@ def _section_keys() -> dict[str, set[str]]:
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
 
-    return {"harvest": names(HarvestConfig) | HARVEST_PIPELINE_KEYS,
-            "self_instruct": names(SelfInstructConfig) | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
-            "curate": names(CurateConfig) | {"eval_prompts"},
-            "train": names(TrainConfig) - {"data", "out"},
-            "eval": {"teacher", "limit", "baseline", "max_new_tokens"}}
+    return {
+        "harvest": names(HarvestConfig) | HARVEST_PIPELINE_KEYS,
+        "self_instruct": names(SelfInstructConfig)
+        | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
+        "curate": names(CurateConfig) | {"eval_prompts"},
+        "train": names(TrainConfig) - {"data", "out"},
+        "eval": {"teacher", "limit", "baseline", "max_new_tokens"},
+    }
 
 
 def _hash(obj) -> str:
@@ -135,7 +170,9 @@ def _cached(stage_dir: Path, key: str) -> bool:
 
 
 def _mark(stage_dir: Path, key: str, result: dict) -> None:
-    (stage_dir / "stage.json").write_text(json.dumps({"key": key, "result": result}, indent=2, default=str))
+    (stage_dir / "stage.json").write_text(
+        json.dumps({"key": key, "result": result}, indent=2, default=str)
+    )
 
 
 def run(config: dict, *, log=print) -> dict:
@@ -163,7 +200,9 @@ def run(config: dict, *, log=print) -> dict:
     hdir = out / "harvest"
     hdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(hdir / "store.sqlite")
-    report = run_stoppable(harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store))
+    report = run_stoppable(
+        harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store)
+    )
     rows = store.export_jsonl(hdir / "data.jsonl", keep_capped=keep_capped)
     store.close()
     results["harvest"] = {**report.to_dict(), "data_rows": rows}
@@ -172,19 +211,32 @@ def run(config: dict, *, log=print) -> dict:
         # Curating and training on what a passing outage left would cost hours for a student of the
         # wrong data; a rerun fills the gap, then every later stage runs once on the whole harvest.
         (out / "run.json").write_text(json.dumps(results, indent=2, default=str))
-        raise IncompleteError(f"harvest: {report.unfinished()}; the later stages did not run "
-                              "(set `allow_failures: true` under harvest: to go on with the answers you have)")
+        raise IncompleteError(
+            f"harvest: {report.unfinished()}; the later stages did not run "
+            "(set `allow_failures: true` under harvest: to go on with the answers you have)"
+        )
     upstream = _file_hash(hdir / "data.jsonl")
     # curate
     c = dict(config.get("curate") or {})
-    if keep_capped:  # harvested to be used: curate keeps them too unless its own section says otherwise
+    if (
+        keep_capped
+    ):  # harvested to be used: curate keeps them too unless its own section says otherwise
         c.setdefault("keep_capped", True)
     cdir = out / "curate"
     key = _hash({"curate": c, "input": upstream})
     if not _cached(cdir, key):
         eval_source = c.pop("eval_prompts", None)
-        evals = ["\n".join(t for r, t in p.messages if r != "system") for p in load_prompts(eval_source)] if eval_source else []
-        train_rows, eval_rows, creport = curate(read_jsonl(hdir / "data.jsonl"), CurateConfig(**c), eval_prompts=evals)
+        evals = (
+            [
+                "\n".join(t for r, t in p.messages if r != "system")
+                for p in load_prompts(eval_source)
+            ]
+            if eval_source
+            else []
+        )
+        train_rows, eval_rows, creport = curate(
+            read_jsonl(hdir / "data.jsonl"), CurateConfig(**c), eval_prompts=evals
+        )
         save_dataset(train_rows, eval_rows, cdir)
         _mark(cdir, key, creport.to_dict())
         log(f"curate: {creport.train} train, {creport.eval} eval, removed {creport.removed}")
@@ -216,11 +268,18 @@ def run(config: dict, *, log=print) -> dict:
                 n = e.pop("limit", 64)
                 baseline = e.pop("baseline", None)
                 messages = distinct_prompts(load_from_disk(str(cdir))["eval"])[:n]
-                ereport = evaluate(load_model(teacher, device="cpu"), load_model(str(tdir), device="cpu"), messages,
-                                   baseline=load_student(baseline, teacher) if baseline else None, **e)
+                ereport = evaluate(
+                    load_model(teacher, device="cpu"),
+                    load_model(str(tdir), device="cpu"),
+                    messages,
+                    baseline=load_student(baseline, teacher) if baseline else None,
+                    **e,
+                )
                 _mark(edir, key, ereport.to_dict())
-                log(f"eval: student NLL {ereport.student.nll:.3f} vs teacher {ereport.teacher.nll:.3f}, "
-                    f"ROUGE-L {ereport.student.rouge_l:.3f}")
+                log(
+                    f"eval: student NLL {ereport.student.nll:.3f} vs teacher {ereport.teacher.nll:.3f}, "
+                    f"ROUGE-L {ereport.student.rouge_l:.3f}"
+                )
             results["eval"] = json.loads((edir / "stage.json").read_text())["result"]
     (out / "run.json").write_text(json.dumps(results, indent=2, default=str))
     return results
@@ -229,14 +288,29 @@ def run(config: dict, *, log=print) -> dict:
 def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     """Run the self-instruct stage (resumable by itself); the path of its prompt file."""
     from distillguard.distill.harvest import HarvestConfig, run_stoppable
-    from distillguard.distill.selfinstruct import SelfInstructConfig, load_seed_tasks, self_instruct, write_prompts
+    from distillguard.distill.selfinstruct import (
+        SelfInstructConfig,
+        load_seed_tasks,
+        self_instruct,
+        write_prompts,
+    )
     from distillguard.distill.store import ResponseStore
 
-    seeds, seed_limit, seed_max_chars = s.pop("seeds", None), s.pop("seed_limit", 24), s.pop("seed_max_chars", 300)
+    seeds, seed_limit, seed_max_chars = (
+        s.pop("seeds", None),
+        s.pop("seed_limit", 24),
+        s.pop("seed_max_chars", 300),
+    )
     if seeds:
         s["seeds"] = load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars)
-    shared = {k: h[k] for k in ("teacher", "api_key", "model", "concurrency", "timeout_s", "max_retries") if k in h}
-    hconfig = HarvestConfig(**shared, max_tokens=s.pop("max_tokens", 256), temperature=s.pop("temperature", 1.0))
+    shared = {
+        k: h[k]
+        for k in ("teacher", "api_key", "model", "concurrency", "timeout_s", "max_retries")
+        if k in h
+    }
+    hconfig = HarvestConfig(
+        **shared, max_tokens=s.pop("max_tokens", 256), temperature=s.pop("temperature", 1.0)
+    )
     sdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(sdir / "store.sqlite")
     try:
@@ -245,9 +319,13 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
         store.close()
     write_prompts(tasks, sdir / "prompts.jsonl")
     (sdir / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
-    log(f"self-instruct: {len(tasks)} tasks after {report.rounds} rounds (stopped: {report.stopped})")
+    log(
+        f"self-instruct: {len(tasks)} tasks after {report.rounds} rounds (stopped: {report.stopped})"
+    )
     if report.stopped == "failed":  # the harvest would run on a pool a rerun cannot rebuild
-        raise IncompleteError(f"self-instruct round {report.rounds}: {report.unfinished}; the later stages did not run")
+        raise IncompleteError(
+            f"self-instruct round {report.rounds}: {report.unfinished}; the later stages did not run"
+        )
     return sdir / "prompts.jsonl"
 
 

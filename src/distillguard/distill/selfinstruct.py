@@ -62,9 +62,29 @@ SEED_TASKS = (
 )
 PROMPT = "Come up with a series of tasks:\n\n{tasks}\nTask {next}:"
 # Self-Instruct's filter: tasks a text-only model cannot do, or that ask for files and media.
-BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                 "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
-_ITEM = re.compile(r"(?:^|\n)\s*(?:\**\s*Task\s*\d+\s*\**\s*[:.)-]\s*\**|\d{1,3}\s*[.)])\s*", re.IGNORECASE)
+BLOCKED_WORDS = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+)
+_ITEM = re.compile(
+    r"(?:^|\n)\s*(?:\**\s*Task\s*\d+\s*\**\s*[:.)-]\s*\**|\d{1,3}\s*[.)])\s*", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +95,9 @@ class SelfInstructConfig:
     machine_per_prompt: int = 2  # earlier generated tasks shown per request (Self-Instruct: 2)
     requests_per_round: int = 16
     max_rounds: int = 100
-    novelty: float = 0.7  # keep a task only if its ROUGE-L F1 to every task in the pool is at most this
+    novelty: float = (
+        0.7  # keep a task only if its ROUGE-L F1 to every task in the pool is at most this
+    )
     min_words: int = 3
     max_words: int = 150
     seed: int = 0
@@ -97,7 +119,9 @@ class SelfInstructReport:
     kept: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     harvest: dict = field(default_factory=dict)  # summed over the rounds of this run
-    stopped: str = ""  # done | max_rounds | budget | failed (requests failed after their retries: rerun)
+    stopped: str = (
+        ""  # done | max_rounds | budget | failed (requests failed after their retries: rerun)
+    )
     unfinished: str | None = None  # with 'failed': what failed
 
     def to_dict(self) -> dict:
@@ -164,7 +188,9 @@ def round_prompts(config: SelfInstructConfig, machine: list[str], r: int) -> lis
     """Round r's requests: distinct task listings drawn by an RNG seeded by (seed, r)."""
     rng = random.Random(f"{config.seed}:{r}")
     listings: dict[str, None] = {}
-    for _ in range(10 * config.requests_per_round):  # a small pool may not allow as many distinct ones
+    for _ in range(
+        10 * config.requests_per_round
+    ):  # a small pool may not allow as many distinct ones
         if len(listings) == config.requests_per_round:
             break
         shown = rng.sample(list(config.seeds), min(config.human_per_prompt, len(config.seeds)))
@@ -175,7 +201,9 @@ def round_prompts(config: SelfInstructConfig, machine: list[str], r: int) -> lis
     return [Prompt(f"self-instruct-r{r}-{i}", (("user", text),)) for i, text in enumerate(listings)]
 
 
-def round_harvest_config(harvest_config: HarvestConfig, config: SelfInstructConfig, r: int) -> HarvestConfig:
+def round_harvest_config(
+    harvest_config: HarvestConfig, config: SelfInstructConfig, r: int
+) -> HarvestConfig:
     """Each round's requests carry their own sampling seed: a listing drawn again in a later round
     is a new request (a new answer), not the stored one, and every answer is reproducible."""
     base = harvest_config.seed if harvest_config.seed is not None else config.seed * 100_003
@@ -196,9 +224,13 @@ def answer_tasks(record: dict) -> list[str]:
 USABLE = ("ok", "malformed:truncated")
 
 
-async def self_instruct(config: SelfInstructConfig, harvest_config: HarvestConfig, store: ResponseStore, *,
-                        on_round: Callable[[SelfInstructReport, list[str]], None] | None = None,
-                        ) -> tuple[list[str], SelfInstructReport]:
+async def self_instruct(
+    config: SelfInstructConfig,
+    harvest_config: HarvestConfig,
+    store: ResponseStore,
+    *,
+    on_round: Callable[[SelfInstructReport, list[str]], None] | None = None,
+) -> tuple[list[str], SelfInstructReport]:
     """Grow the pool until it holds ``config.n`` new tasks (or the rounds or the budget run out)."""
     report = SelfInstructReport(stopped="max_rounds")
     pool = NoveltyPool(config.novelty)
@@ -220,10 +252,21 @@ async def self_instruct(config: SelfInstructConfig, harvest_config: HarvestConfi
         prompts = round_prompts(config, machine, r)
         hconfig = round_harvest_config(harvest_config, config, r)
         got = await harvest(hconfig, prompts, store)
-        for key in ("skipped_done", "sent", "stored_ok", "retries", "budget_stopped", "prompt_tokens",
-                    "completion_tokens", "cost_usd"):
+        for key in (
+            "skipped_done",
+            "sent",
+            "stored_ok",
+            "retries",
+            "budget_stopped",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+        ):
             setattr(totals, key, getattr(totals, key) + getattr(got, key))
-        for key, value in [*got.malformed.items(), *((f"failed:{k}", v) for k, v in got.failed.items())]:
+        for key, value in [
+            *got.malformed.items(),
+            *((f"failed:{k}", v) for k, v in got.failed.items()),
+        ]:
             totals.malformed[key] = totals.malformed.get(key, 0) + value
         answers = store.get_many(got.fingerprints)
         report.rounds += 1
@@ -262,8 +305,10 @@ def load_seed_tasks(source: str, *, limit: int = 24, max_chars: int = 300) -> tu
     shows eight tasks and must fit the teacher's context with room for its answer)."""
     from distillguard.distill.prompts import load_prompts
 
-    seeds = tuple("\n".join(c for r, c in p.messages if r == "user")
-                  for p in load_prompts(source, limit=limit, max_chars=max_chars))
+    seeds = tuple(
+        "\n".join(c for r, c in p.messages if r == "user")
+        for p in load_prompts(source, limit=limit, max_chars=max_chars)
+    )
     if not seeds:
         raise ConfigError(f"no seed tasks of at most {max_chars} characters in {source}")
     return seeds
@@ -273,4 +318,6 @@ def write_prompts(tasks: list[str], path: str | Path) -> None:
     """The tasks as a prompt file ``distill harvest --prompts`` reads."""
     with open(path, "w", encoding="utf-8") as fh:
         for i, task in enumerate(tasks):
-            fh.write(json.dumps({"id": f"self-instruct-{i}", "prompt": task}, ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps({"id": f"self-instruct-{i}", "prompt": task}, ensure_ascii=False) + "\n"
+            )

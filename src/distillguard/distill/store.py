@@ -34,15 +34,26 @@ CREATE TABLE IF NOT EXISTS responses (
 """
 
 
-COLUMNS = ["fingerprint", "prompt_id", "request", "response", "status", "prompt_tokens", "completion_tokens",
-           "cost_usd", "created"]
+COLUMNS = [
+    "fingerprint",
+    "prompt_id",
+    "request",
+    "response",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "created",
+]
 
 
 def fingerprint(request: dict) -> str:
     """Stable id of a request: the same question with the same parameters is paid for once.
 
     (The stdlib's JSON spelling, not orjson's: stores written by earlier versions must resume.)"""
-    return hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(request, sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
 
 
 def _json_text(value: dict | str | bytes | None) -> str | None:
@@ -75,7 +86,11 @@ def classify(response: object, n: int) -> str:
     response whose choices are all unusable is 'malformed:truncated' if any was cut off (a prefix
     some consumers still read, e.g. self-instruct), else 'malformed:empty'.
     """
-    if not isinstance(response, dict) or not isinstance(response.get("choices"), list) or len(response["choices"]) != n:
+    if (
+        not isinstance(response, dict)
+        or not isinstance(response.get("choices"), list)
+        or len(response["choices"]) != n
+    ):
         return "malformed:invalid"
     statuses = {classify_choice(choice) for choice in response["choices"]}
     for status in ("malformed:invalid", "ok", "malformed:truncated"):
@@ -97,12 +112,16 @@ class ResponseStore:
         except sqlite3.DatabaseError as exc:
             self.conn.close()
             # Never replaced or repaired here: it may hold answers that were paid for.
-            raise ConfigError(f"{self.path} is not a readable response store ({exc}); move it aside "
-                              "(or use another --out) to start a new one") from None
+            raise ConfigError(
+                f"{self.path} is not a readable response store ({exc}); move it aside "
+                "(or use another --out) to start a new one"
+            ) from None
         if columns != COLUMNS:
             self.conn.close()
-            raise ConfigError(f"{self.path} holds a 'responses' table that is not a distillguard response "
-                              f"store (columns {columns}); use another --out")
+            raise ConfigError(
+                f"{self.path} holds a 'responses' table that is not a distillguard response "
+                f"store (columns {columns}); use another --out"
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -110,48 +129,88 @@ class ResponseStore:
     def done(self) -> set[str]:
         return {row[0] for row in self.conn.execute("SELECT fingerprint FROM responses")}
 
-    def put(self, fp: str, prompt_id: str, request: dict, response: dict | None, status: str, *,
-            prompt_tokens: int, completion_tokens: int, cost_usd: float) -> None:
-        self.put_many([(fp, prompt_id, request, response, status, prompt_tokens, completion_tokens, cost_usd)])
+    def put(
+        self,
+        fp: str,
+        prompt_id: str,
+        request: dict,
+        response: dict | None,
+        status: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_usd: float,
+    ) -> None:
+        self.put_many(
+            [(fp, prompt_id, request, response, status, prompt_tokens, completion_tokens, cost_usd)]
+        )
 
     def put_many(self, rows: list[tuple]) -> None:
         """Commit rows ``(fp, prompt_id, request, response, status, prompt_tokens, completion_tokens,
         cost_usd)`` in one transaction (a group commit: one WAL commit for many answers). ``request``
         and ``response`` are dicts or their JSON text (e.g. the raw body the teacher sent)."""
         now = time.time()
-        params = [(fp, pid, _json_text(req), _json_text(resp), status, p, c, usd, now)
-                  for fp, pid, req, resp, status, p, c, usd in rows]
+        params = [
+            (fp, pid, _json_text(req), _json_text(resp), status, p, c, usd, now)
+            for fp, pid, req, resp, status, p, c, usd in rows
+        ]
         with self.conn:  # BEGIN ... COMMIT (or ROLLBACK)
             if len(params) > 1:
                 self.conn.execute("BEGIN")
-            self.conn.executemany("INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params)
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", params
+            )
 
     def totals(self) -> dict:
         n, p, c, usd = self.conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
-            "COALESCE(SUM(cost_usd), 0) FROM responses").fetchone()
-        statuses = dict(self.conn.execute("SELECT status, COUNT(*) FROM responses GROUP BY status").fetchall())
-        return {"responses": n, "prompt_tokens": p, "completion_tokens": c, "tokens": p + c, "cost_usd": usd,
-                "by_status": statuses}
+            "COALESCE(SUM(cost_usd), 0) FROM responses"
+        ).fetchone()
+        statuses = dict(
+            self.conn.execute("SELECT status, COUNT(*) FROM responses GROUP BY status").fetchall()
+        )
+        return {
+            "responses": n,
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "tokens": p + c,
+            "cost_usd": usd,
+            "by_status": statuses,
+        }
 
     def records(self, *, only_ok: bool = True) -> Iterator[dict]:
         query = "SELECT fingerprint, prompt_id, request, response, status FROM responses"
         if only_ok:
             query += " WHERE status = 'ok'"
-        for fp, pid, req, resp, status in self.conn.execute(query + " ORDER BY created, fingerprint"):
-            yield {"fingerprint": fp, "prompt_id": pid, "request": orjson.loads(req),
-                   "response": orjson.loads(resp) if resp else None, "status": status}
+        for fp, pid, req, resp, status in self.conn.execute(
+            query + " ORDER BY created, fingerprint"
+        ):
+            yield {
+                "fingerprint": fp,
+                "prompt_id": pid,
+                "request": orjson.loads(req),
+                "response": orjson.loads(resp) if resp else None,
+                "status": status,
+            }
 
     def get_many(self, fingerprints: list[str]) -> dict[str, dict]:
         """Stored records (any status) of these fingerprints, by fingerprint; absent ones left out."""
         found = {}
         for i in range(0, len(fingerprints), 500):  # SQLite's bound-parameter limit
-            chunk = fingerprints[i:i + 500]
-            rows = self.conn.execute("SELECT fingerprint, prompt_id, request, response, status FROM responses "
-                                     f"WHERE fingerprint IN ({','.join('?' * len(chunk))})", chunk)
+            chunk = fingerprints[i : i + 500]
+            rows = self.conn.execute(
+                "SELECT fingerprint, prompt_id, request, response, status FROM responses "
+                f"WHERE fingerprint IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
             for fp, pid, req, resp, status in rows:
-                found[fp] = {"fingerprint": fp, "prompt_id": pid, "request": orjson.loads(req),
-                             "response": orjson.loads(resp) if resp else None, "status": status}
+                found[fp] = {
+                    "fingerprint": fp,
+                    "prompt_id": pid,
+                    "request": orjson.loads(req),
+                    "response": orjson.loads(resp) if resp else None,
+                    "status": status,
+                }
         return found
 
     def export_jsonl(self, path: str | Path, *, keep_capped: bool = False) -> int:
@@ -169,16 +228,28 @@ class ResponseStore:
             for rec in self.records(only_ok=False):
                 response = rec["response"]
                 choices = response.get("choices") if isinstance(response, dict) else None
-                if not isinstance(choices, list) or classify(response, len(choices)) == "malformed:invalid":
+                if (
+                    not isinstance(choices, list)
+                    or classify(response, len(choices)) == "malformed:invalid"
+                ):
                     continue
                 for choice in choices:
                     if classify_choice(choice) not in usable:
                         continue
-                    fh.write(json.dumps({
-                        "id": f"{rec['prompt_id']}#{choice.get('index', 0)}", "prompt_id": rec["prompt_id"],
-                        "messages": rec["request"]["messages"], "response": choice["message"]["content"],
-                        "finish_reason": choice.get("finish_reason"), "usage": rec["response"].get("usage"),
-                        "logprobs": (choice.get("logprobs") or {}).get("content"),
-                    }, ensure_ascii=False) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "id": f"{rec['prompt_id']}#{choice.get('index', 0)}",
+                                "prompt_id": rec["prompt_id"],
+                                "messages": rec["request"]["messages"],
+                                "response": choice["message"]["content"],
+                                "finish_reason": choice.get("finish_reason"),
+                                "usage": rec["response"].get("usage"),
+                                "logprobs": (choice.get("logprobs") or {}).get("content"),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
                     n += 1
         return n

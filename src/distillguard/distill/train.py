@@ -45,8 +45,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from distillguard.distill.evaluate import distinct_prompts, versions
-from distillguard.distill.losses import (generalized_jsd_loss, previous_token_candidates, topk_kd_loss,
-                                        unlikelihood_loss)
+from distillguard.distill.losses import (
+    generalized_jsd_loss,
+    previous_token_candidates,
+    topk_kd_loss,
+    unlikelihood_loss,
+)
 from distillguard.errors import ConfigError, IncompleteError
 from distillguard.models import LoadedModel, load_model
 
@@ -65,7 +69,9 @@ class TrainConfig:
     # 15 of the teacher's 30 layers, their MLPs cut to 896 of 1,536 neurons: 0.46-0.49 of its CPU per token,
     # 0.13-0.22 nats better than 11 whole layers at about the same cost (README, bench/distill_curves.py)
     student: str = "prune:15:mlp896"
-    teacher: str = "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
+    teacher: str = (
+        "smollm2"  # what prune:K starts from; also the tokenizer of the harvested logprobs
+    )
     loss: str = "auto"  # topk-kd where the data has top-k logprobs the student can read, else sft
     # topk-kd: the share of the loss that is plain cross-entropy on the teacher's own (sampled) tokens,
     # the rest the top-k KL (DistillKit's alpha, the other way round). The API's top-k leaves the
@@ -78,21 +84,33 @@ class TrainConfig:
     lora: bool = False
     lora_r: int = 16
     epochs: float = 2.0
-    lr: float = 5e-4  # the learning curves' setting (README): the defaults are the measured configuration
+    lr: float = (
+        5e-4  # the learning curves' setting (README): the defaults are the measured configuration
+    )
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
     seed: int = 0
     max_train: int | None = None
-    beta: float | None = None  # generalised JSD weight: 0 forward KL, 1 reverse KL (kd: 0, gkd: 0.5)
+    beta: float | None = (
+        None  # generalised JSD weight: 0 forward KL, 1 reverse KL (kd: 0, gkd: 0.5)
+    )
     lmbda: float = 0.5  # gkd: share of batches whose answers the student samples itself (on-policy)
     gen_max_new_tokens: int = 64  # gkd: length of the student's own answers
     gen_temperature: float = 1.0  # gkd: sampling temperature of the student's answers
-    save_steps: int = 100  # checkpoint every this many optimiser steps (0: never); a rerun resumes from it
-    resume: bool = True  # continue from OUT/checkpoints when it holds this run's checkpoint; False starts over
+    save_steps: int = (
+        100  # checkpoint every this many optimiser steps (0: never); a rerun resumes from it
+    )
+    resume: bool = (
+        True  # continue from OUT/checkpoints when it holds this run's checkpoint; False starts over
+    )
     # Speed (the same loss either way; bench/distill_train_speed.py measures both settings side by side):
-    group_by_length: bool = True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
-    sparse_logits: bool = True  # output layer only where a loss is taken (the answer), not over the prompt
+    group_by_length: bool = (
+        True  # batches of similar lengths (HF's LengthGroupedSampler): less padding
+    )
+    sparse_logits: bool = (
+        True  # output layer only where a loss is taken (the answer), not over the prompt
+    )
     # fp32 | bf16 (the HF Trainer's mixed precision: autocast, float32 master weights) | tf32 (float32
     # with TF32 matrix products: NVIDIA Ampere or newer). The README's curves: fp32 on CPUs, tf32 on
     # an H200, which reproduced a CPU point to 0.01 nats (bench/results/distill_curves_gpu.json).
@@ -102,19 +120,31 @@ class TrainConfig:
         if self.loss not in LOSSES:
             raise ConfigError(f"--loss {self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.beta is not None and not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"--beta {self.beta}: use a value in [0, 1] (0 forward KL, 1 reverse KL)")
+            raise ConfigError(
+                f"--beta {self.beta}: use a value in [0, 1] (0 forward KL, 1 reverse KL)"
+            )
         if not 0.0 <= self.ce_weight <= 1.0:
-            raise ConfigError(f"--ce-weight {self.ce_weight}: use a share in [0, 1] (0 top-k KD only, 1 SFT only)")
+            raise ConfigError(
+                f"--ce-weight {self.ce_weight}: use a share in [0, 1] (0 top-k KD only, 1 SFT only)"
+            )
         if self.ce_weight and self.loss not in ("topk-kd", "auto"):
-            raise ConfigError(f"--ce-weight mixes cross-entropy into --loss topk-kd (or auto), not {self.loss}")
+            raise ConfigError(
+                f"--ce-weight mixes cross-entropy into --loss topk-kd (or auto), not {self.loss}"
+            )
         if self.unlikelihood is not None and self.unlikelihood < 0:
-            raise ConfigError(f"--unlikelihood {self.unlikelihood}: use a weight of 0 (off) or more")
+            raise ConfigError(
+                f"--unlikelihood {self.unlikelihood}: use a weight of 0 (off) or more"
+            )
         if self.unlikelihood and self.loss in LOCAL_TEACHER_LOSSES:
-            raise ConfigError(f"--unlikelihood is added to --loss sft or topk-kd (or auto), not {self.loss}")
+            raise ConfigError(
+                f"--unlikelihood is added to --loss sft or topk-kd (or auto), not {self.loss}"
+            )
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"--lmbda {self.lmbda}: use a share in [0, 1]")
         if self.gen_max_new_tokens < 1 or self.gen_temperature <= 0:
-            raise ConfigError("--gen-max-new-tokens must be at least 1 and --gen-temperature above 0")
+            raise ConfigError(
+                "--gen-max-new-tokens must be at least 1 and --gen-temperature above 0"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.save_steps < 0:
@@ -123,11 +153,17 @@ class TrainConfig:
             raise ConfigError(f"--epochs {self.epochs} and --lr {self.lr}: both must be above 0")
         for name in ("batch_size", "grad_accum", "lora_r", "max_length"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)}: use 1 or more"
+                )
         if self.max_train is not None and self.max_train < 1:
-            raise ConfigError(f"--max-train {self.max_train}: use 1 or more (or leave it out for all examples)")
+            raise ConfigError(
+                f"--max-train {self.max_train}: use 1 or more (or leave it out for all examples)"
+            )
         if self.student.startswith("prune:"):
-            parse_prune_spec(self.student)  # a typo fails here, not after the teacher is loaded (or harvested)
+            parse_prune_spec(
+                self.student
+            )  # a typo fails here, not after the teacher is loaded (or harvested)
 
     @property
     def unlikelihood_weight(self) -> float:
@@ -180,13 +216,14 @@ def _hidden_states(lm: LoadedModel, pairs: list[tuple[str, str]] | None, max_ans
     for prompt, answer in pairs:
         prompt_ids = lm.chat_ids([{"role": "user", "content": prompt}])
         answer_ids = lm.tokenizer(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
-        ids = torch.tensor([(prompt_ids + answer_ids)[-lm.context_length:]], device=lm.device)
+        ids = torch.tensor([(prompt_ids + answer_ids)[-lm.context_length :]], device=lm.device)
         yield lm.model(ids, output_hidden_states=True, use_cache=False).hidden_states
 
 
 @torch.inference_mode()
-def block_influence(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
-                    max_answer_tokens: int = 96) -> torch.Tensor:
+def block_influence(
+    lm: LoadedModel, pairs: list[tuple[str, str]] | None = None, max_answer_tokens: int = 96
+) -> torch.Tensor:
     """Block Influence of every decoder layer (ShortGPT, Men et al. 2024): 1 - cos(h_in, h_out)
     averaged over the tokens of real conversations. A layer that barely turns the residual stream
     can go.
@@ -198,15 +235,21 @@ def block_influence(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
     total, count = torch.zeros(n, dtype=torch.float64), 0
     for hidden in _hidden_states(lm, pairs, max_answer_tokens):
         for i in range(n):  # every position, the chat template's included, as ShortGPT does
-            cos = torch.nn.functional.cosine_similarity(hidden[i][0].float(), hidden[i + 1][0].float(), dim=-1)
+            cos = torch.nn.functional.cosine_similarity(
+                hidden[i][0].float(), hidden[i + 1][0].float(), dim=-1
+            )
             total[i] += float((1 - cos).mean())
         count += 1
     return total / max(count, 1)
 
 
 @torch.inference_mode()
-def block_distance(lm: LoadedModel, drop: int, pairs: list[tuple[str, str]] | None = None,
-                   max_answer_tokens: int = 96) -> torch.Tensor:
+def block_distance(
+    lm: LoadedModel,
+    drop: int,
+    pairs: list[tuple[str, str]] | None = None,
+    max_answer_tokens: int = 96,
+) -> torch.Tensor:
     """For every start ``l``, the angular distance arccos(cos(h_l, h_{l+drop})) / pi between the
     residual stream before layer ``l`` and after layer ``l + drop - 1``, at the last token,
     averaged over real conversations (Gromov et al. 2024, "The Unreasonable Ineffectiveness of
@@ -218,15 +261,17 @@ def block_distance(lm: LoadedModel, drop: int, pairs: list[tuple[str, str]] | No
     total, count = torch.zeros(n - drop + 1, dtype=torch.float64), 0
     for hidden in _hidden_states(lm, pairs, max_answer_tokens):
         for start in range(n - drop + 1):
-            cos = torch.nn.functional.cosine_similarity(hidden[start][0, -1].float(),
-                                                        hidden[start + drop][0, -1].float(), dim=0)
+            cos = torch.nn.functional.cosine_similarity(
+                hidden[start][0, -1].float(), hidden[start + drop][0, -1].float(), dim=0
+            )
             total[start] += math.acos(float(cos.clamp(-1, 1))) / math.pi
         count += 1
     return total / max(count, 1)
 
 
-def prune_layers(lm: LoadedModel, keep: int, how: str = "influence",
-                 pairs: list[tuple[str, str]] | None = None) -> LoadedModel:
+def prune_layers(
+    lm: LoadedModel, keep: int, how: str = "influence", pairs: list[tuple[str, str]] | None = None
+) -> LoadedModel:
     """A student made of ``keep`` decoder layers of ``lm`` (first and last always kept).
 
     ``influence`` (default): the layers with the largest Block Influence on real text
@@ -244,7 +289,9 @@ def prune_layers(lm: LoadedModel, keep: int, how: str = "influence",
     if not 1 <= keep <= n:
         raise ConfigError(f"prune:{keep}: the teacher has {n} layers; keep between 1 and {n}")
     if how not in PRUNE_METHODS:
-        raise ConfigError(f"prune:{keep}:{how}: unknown layer choice; use one of {', '.join(PRUNE_METHODS)}")
+        raise ConfigError(
+            f"prune:{keep}:{how}: unknown layer choice; use one of {', '.join(PRUNE_METHODS)}"
+        )
     if keep == 1:
         idx = [0]
     elif how == "even" or keep == n:
@@ -256,15 +303,22 @@ def prune_layers(lm: LoadedModel, keep: int, how: str = "influence",
         idx = [i for i in range(n) if not start <= i < start + drop]
     else:
         influence = block_influence(lm, pairs)
-        middle = sorted(range(1, n - 1), key=lambda i: -float(influence[i]))[:keep - 2]
+        middle = sorted(range(1, n - 1), key=lambda i: -float(influence[i]))[: keep - 2]
         idx = sorted([0, n - 1, *middle])
-    return LoadedModel(spec=f"{lm.spec}:prune{len(idx)}", model=layer_subset(lm, idx), tokenizer=lm.tokenizer,
-                       device=lm.device, context_length=lm.context_length, eos_token_ids=lm.eos_token_ids)
+    return LoadedModel(
+        spec=f"{lm.spec}:prune{len(idx)}",
+        model=layer_subset(lm, idx),
+        tokenizer=lm.tokenizer,
+        device=lm.device,
+        context_length=lm.context_length,
+        eos_token_ids=lm.eos_token_ids,
+    )
 
 
 @torch.inference_mode()
-def mlp_importance(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
-                   max_answer_tokens: int = 96) -> list[torch.Tensor]:
+def mlp_importance(
+    lm: LoadedModel, pairs: list[tuple[str, str]] | None = None, max_answer_tokens: int = 96
+) -> list[torch.Tensor]:
     """Per decoder layer, the mean magnitude of each MLP neuron's activation (the input of
     ``down_proj``) over the tokens of real conversations: the activation-based width importance
     of Minitron (Muralidharan et al. 2024, "Compact Language Models via Pruning and Knowledge
@@ -278,11 +332,16 @@ def mlp_importance(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
         def record(module, args) -> None:
             magnitude = args[0].detach().float().abs().sum(dim=(0, 1))
             sums[i] = magnitude if sums[i] is None else sums[i] + magnitude
+
         return record
 
     if not all(hasattr(getattr(layer, "mlp", None), "down_proj") for layer in layers):
-        raise ConfigError(f"{lm.spec}: MLP width pruning needs gated MLPs with gate/up/down projections (Llama family)")
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+        raise ConfigError(
+            f"{lm.spec}: MLP width pruning needs gated MLPs with gate/up/down projections (Llama family)"
+        )
+    handles = [
+        layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)
+    ]
     try:
         for hidden in _hidden_states(lm, pairs, max_answer_tokens):
             tokens += hidden[0].shape[1]
@@ -292,7 +351,9 @@ def mlp_importance(lm: LoadedModel, pairs: list[tuple[str, str]] | None = None,
     return [s / max(tokens, 1) for s in sums]
 
 
-def shrink_mlp(lm: LoadedModel, width: int, pairs: list[tuple[str, str]] | None = None) -> LoadedModel:
+def shrink_mlp(
+    lm: LoadedModel, width: int, pairs: list[tuple[str, str]] | None = None
+) -> LoadedModel:
     """``lm`` (changed in place) with every MLP cut to its ``width`` most important neurons
     (:func:`mlp_importance`): rows of ``gate_proj`` and ``up_proj``, columns of ``down_proj``.
     Width pruning keeps every layer's attention and so the depth; Minitron found it recovers
@@ -300,18 +361,27 @@ def shrink_mlp(lm: LoadedModel, width: int, pairs: list[tuple[str, str]] | None 
     config = lm.model.config
     full = getattr(config, "intermediate_size", None)
     if not full or not 1 <= width <= full:
-        raise ConfigError(f"mlp{width}: the MLP has {full} neurons per layer; keep between 1 and {full}")
+        raise ConfigError(
+            f"mlp{width}: the MLP has {full} neurons per layer; keep between 1 and {full}"
+        )
     if width == full:
         return lm
     importance = mlp_importance(lm, pairs)
 
     def cut(old: torch.nn.Linear, idx: torch.Tensor, dim: int) -> torch.nn.Linear:
         weight = old.weight.detach().index_select(dim, idx).clone()
-        new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=old.bias is not None,
-                              device=weight.device, dtype=weight.dtype)
+        new = torch.nn.Linear(
+            weight.shape[1],
+            weight.shape[0],
+            bias=old.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         new.weight = torch.nn.Parameter(weight)
         if old.bias is not None:
-            new.bias = torch.nn.Parameter((old.bias.detach()[idx] if dim == 0 else old.bias.detach()).clone())
+            new.bias = torch.nn.Parameter(
+                (old.bias.detach()[idx] if dim == 0 else old.bias.detach()).clone()
+            )
         return new
 
     for layer, scores in zip(lm.model.model.layers, importance):
@@ -364,24 +434,31 @@ def require_same_tokenizer(teacher: LoadedModel, student: LoadedModel, loss: str
         raise ConfigError(
             f"--loss {loss} needs the teacher's tokenizer, but teacher {teacher.spec} ({len(t_vocab)} tokens) and "
             f"student {student.spec} ({len(s_vocab)} tokens) differ (e.g. {differ}); use --loss sft, or a student "
-            f"of the teacher's family (e.g. --student prune:K)")
+            f"of the teacher's family (e.g. --student prune:K)"
+        )
 
 
 # ---- examples --------------------------------------------------------------------------------
 
-def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length: int, *,
-                capped: bool = False) -> dict | None:
+
+def sft_example(
+    lm: LoadedModel, messages: list[dict], response: str, max_length: int, *, capped: bool = False
+) -> dict | None:
     """input_ids of prompt + answer in the chat template, labels only on the answer (and its end).
 
     ``capped``: the answer was cut at the harvest's max_tokens (``finish_reason: length``), so it
     did not end there, and its end-of-turn is left out: a student taught to stop where the cap
     fell would stop mid-sentence."""
     prompt = lm.chat_ids(messages)
-    full = lm.tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
+    full = lm.tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], tokenize=True
+    )
     full = list(full["input_ids"] if hasattr(full, "keys") else full)
-    if full[:len(prompt)] != prompt:
-        raise ConfigError("the student's chat template renders the prompt differently with and without the "
-                          "answer; cannot mask the prompt reliably")
+    if full[: len(prompt)] != prompt:
+        raise ConfigError(
+            "the student's chat template renders the prompt differently with and without the "
+            "answer; cannot mask the prompt reliably"
+        )
     # Train on the answer and the end-of-turn token, not on what the template appends after it.
     end = len(full)
     while end > len(prompt) and full[end - 1] not in lm.eos_token_ids:
@@ -392,45 +469,67 @@ def sft_example(lm: LoadedModel, messages: list[dict], response: str, max_length
     ids = full[:end][:max_length]
     if len(ids) <= len(prompt):
         return None  # no answer token fits
-    labels = [IGNORE] * len(prompt) + ids[len(prompt):]
-    return {"input_ids": ids, "labels": labels[:len(ids)], "prompt_len": len(prompt)}
+    labels = [IGNORE] * len(prompt) + ids[len(prompt) :]
+    return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_len": len(prompt)}
 
 
 def topk_examples(lm: LoadedModel, rows: list[dict], max_length: int) -> list[dict | None]:
     """Top-k KD examples of harvested rows; ConfigError when they carry no top-k logprobs or
     tokens the student's vocabulary does not have."""
     byte_to_id = _byte_index(lm)
-    k = max((len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")), default=0)
+    k = max(
+        (len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")),
+        default=0,
+    )
     if k == 0:
         raise ConfigError("--loss topk-kd needs harvested logprobs: harvest with --top-logprobs K")
-    return [kd_example(lm, byte_to_id, r["messages"], json.loads(r["logprobs"]), max_length, k)
-            for r in rows if r["logprobs"]]
+    return [
+        kd_example(lm, byte_to_id, r["messages"], json.loads(r["logprobs"]), max_length, k)
+        for r in rows
+        if r["logprobs"]
+    ]
 
 
-def kd_example(lm: LoadedModel, byte_to_id: dict[bytes, int], messages: list[dict], entries: list[dict],
-               max_length: int, k: int) -> dict | None:
+def kd_example(
+    lm: LoadedModel,
+    byte_to_id: dict[bytes, int],
+    messages: list[dict],
+    entries: list[dict],
+    max_length: int,
+    k: int,
+) -> dict | None:
     """Teacher's own token sequence with its top-k distribution at every answer position."""
     prompt = lm.chat_ids(messages)
     answer, top_ids, top_lps = [], [], []
     for entry in entries:
         tok = byte_to_id.get(bytes(entry["bytes"]))
-        alts = [(byte_to_id.get(bytes(a["bytes"])), a["logprob"]) for a in entry.get("top_logprobs", [])]
+        alts = [
+            (byte_to_id.get(bytes(a["bytes"])), a["logprob"]) for a in entry.get("top_logprobs", [])
+        ]
         if tok is None or any(t is None for t, _ in alts):
             raise ConfigError(
                 "the harvested logprobs use tokens the student's vocabulary does not have: top-k KD needs a "
-                "student with the teacher's tokenizer (use --loss sft, or a student from the same family)")
+                "student with the teacher's tokenizer (use --loss sft, or a student from the same family)"
+            )
         answer.append(tok)
         alts = alts[:k] + [(0, float("-inf"))] * (k - len(alts[:k]))
         top_ids.append([t for t, _ in alts])
         top_lps.append([max(lp, -1e4) if lp != float("-inf") else float("-inf") for _, lp in alts])
     eos = sorted(lm.eos_token_ids)[0]
     ids = (prompt + answer + [eos])[:max_length]
-    n_answer = len(ids) - len(prompt) - 1  # positions predicting answer tokens (the eos step has no top-k)
+    n_answer = (
+        len(ids) - len(prompt) - 1
+    )  # positions predicting answer tokens (the eos step has no top-k)
     if n_answer < 1:
         return None
     # Position t predicts token t+1: answer token j is predicted at position len(prompt)-1+j.
-    return {"input_ids": ids, "labels": [IGNORE] * len(prompt) + ids[len(prompt):],
-            "kd_start": len(prompt) - 1, "topk_ids": top_ids[:n_answer], "topk_logprobs": top_lps[:n_answer]}
+    return {
+        "input_ids": ids,
+        "labels": [IGNORE] * len(prompt) + ids[len(prompt) :],
+        "kd_start": len(prompt) - 1,
+        "topk_ids": top_ids[:n_answer],
+        "topk_logprobs": top_lps[:n_answer],
+    }
 
 
 def collate(batch: list[dict], pad_id: int, *, prompts: bool = False) -> dict:
@@ -438,12 +537,18 @@ def collate(batch: list[dict], pad_id: int, *, prompts: bool = False) -> dict:
     (``prompt_ids``, ``prompt_mask``) for on-policy generation."""
     width = max(len(b["input_ids"]) for b in batch)
     out = {
-        "input_ids": torch.tensor([b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch]),
-        "attention_mask": torch.tensor([[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]),
-        "labels": torch.tensor([b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]),
+        "input_ids": torch.tensor(
+            [b["input_ids"] + [pad_id] * (width - len(b["input_ids"])) for b in batch]
+        ),
+        "attention_mask": torch.tensor(
+            [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+        ),
+        "labels": torch.tensor(
+            [b["labels"] + [IGNORE] * (width - len(b["labels"])) for b in batch]
+        ),
     }
     if prompts:
-        heads = [b["input_ids"][:b["prompt_len"]] for b in batch]
+        heads = [b["input_ids"][: b["prompt_len"]] for b in batch]
         p = max(map(len, heads))
         out["prompt_ids"] = torch.tensor([[pad_id] * (p - len(h)) + h for h in heads])
         out["prompt_mask"] = torch.tensor([[0] * (p - len(h)) + [1] * len(h) for h in heads])
@@ -454,14 +559,15 @@ def collate(batch: list[dict], pad_id: int, *, prompts: bool = False) -> dict:
         mask = torch.zeros((len(batch), width), dtype=torch.bool)
         for b, ex in enumerate(batch):
             s, n = ex["kd_start"], len(ex["topk_ids"])
-            ids[b, s:s + n] = torch.tensor(ex["topk_ids"])
-            lps[b, s:s + n] = torch.tensor(ex["topk_logprobs"])
-            mask[b, s:s + n] = True
+            ids[b, s : s + n] = torch.tensor(ex["topk_ids"])
+            lps[b, s : s + n] = torch.tensor(ex["topk_logprobs"])
+            mask[b, s : s + n] = True
         out.update(topk_ids=ids, topk_logprobs=lps, kd_mask=mask)
     return out
 
 
 # ---- training -------------------------------------------------------------------------------
+
 
 def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = None) -> dict:
     """Train and save the student to ``config.out``; returns a summary (losses, sizes, steps).
@@ -473,14 +579,20 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     from datasets import load_from_disk
 
     if config.precision == "tf32" and not torch.cuda.is_available():
-        raise ConfigError("--precision tf32 needs an NVIDIA GPU (Ampere or newer); use fp32 or bf16 here")
+        raise ConfigError(
+            "--precision tf32 needs an NVIDIA GPU (Ampere or newer); use fp32 or bf16 here"
+        )
     torch.manual_seed(config.seed)
     data_dir = Path(config.data)
     if not (data_dir / "dataset_dict.json").is_file():
-        raise ConfigError(f"{data_dir} is not a curated dataset directory (run `distillguard distill curate`)")
+        raise ConfigError(
+            f"{data_dir} is not a curated dataset directory (run `distillguard distill curate`)"
+        )
     ds = load_from_disk(str(data_dir))
     teacher = None
-    if config.loss in LOCAL_TEACHER_LOSSES or (student is None and config.student.startswith("prune:")):
+    if config.loss in LOCAL_TEACHER_LOSSES or (
+        student is None and config.student.startswith("prune:")
+    ):
         teacher = load_model(config.teacher, device="cpu")
     given = student is not None
     if not given:
@@ -501,8 +613,16 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
             # auto: no top-k logprobs, or not in the student's vocabulary: plain SFT
     if examples is None:
         loss = "sft" if loss == "auto" else loss
-        examples = [sft_example(student, r["messages"], r["response"], config.max_length,
-                                capped=r.get("finish_reason") == "length") for r in rows]
+        examples = [
+            sft_example(
+                student,
+                r["messages"],
+                r["response"],
+                config.max_length,
+                capped=r.get("finish_reason") == "length",
+            )
+            for r in rows
+        ]
     kept = [r for r, e in zip(rows, examples) if e is not None]
     examples = [e for e in examples if e is not None]
     if not examples:
@@ -512,80 +632,140 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=2 * config.lora_r,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     checkpoints = Path(config.out) / "checkpoints"
     fingerprint = run_fingerprint(config, examples, model if given else None)
     finished = Path(config.out) / "train_summary.json"
-    if config.resume and finished.is_file() and (out_summary := json.loads(finished.read_text())).get(
-            "run_fingerprint") == fingerprint and (Path(config.out) / "config.json").is_file():
+    if (
+        config.resume
+        and finished.is_file()
+        and (out_summary := json.loads(finished.read_text())).get("run_fingerprint") == fingerprint
+        and (Path(config.out) / "config.json").is_file()
+    ):
         # The same run already finished here (same settings, examples, starting point): rerunning a
         # command, or a pipeline, must not spend hours to write the same student again.
         return {**out_summary, "already_trained": True}
-    resume_from, mark = resume_point(checkpoints, fingerprint, config.resume) if config.save_steps else (None, {})
+    resume_from, mark = (
+        resume_point(checkpoints, fingerprint, config.resume) if config.save_steps else (None, {})
+    )
     args = TrainingArguments(
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
-        output_dir=str(checkpoints), num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr, lr_scheduler_type="cosine", warmup_steps=max(1, len(examples) // (10 * config.batch_size)),
-        logging_steps=5, report_to=[], disable_tqdm=True, seed=config.seed,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        bf16=config.precision == "bf16", tf32=True if config.precision == "tf32" else None,
+        output_dir=str(checkpoints),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, len(examples) // (10 * config.batch_size)),
+        logging_steps=5,
+        report_to=[],
+        disable_tqdm=True,
+        seed=config.seed,
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=config.precision == "bf16",
+        tf32=True if config.precision == "tf32" else None,
     )
     if config.loss in LOCAL_TEACHER_LOSSES:
         trainer = LogitKDTrainer(
-            teacher=teacher.model, beta=config.jsd_beta, lmbda=config.lmbda if config.loss == "gkd" else 0.0,
-            vocab=len(tok), eos_token_ids=sorted(student.eos_token_ids), pad_token_id=tok.pad_token_id,
-            max_new_tokens=config.gen_max_new_tokens, temperature=config.gen_temperature, seed=config.seed,
-            sparse_logits=config.sparse_logits, model=model, args=args, train_dataset=examples,
-            data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True), callbacks=list(callbacks))
+            teacher=teacher.model,
+            beta=config.jsd_beta,
+            lmbda=config.lmbda if config.loss == "gkd" else 0.0,
+            vocab=len(tok),
+            eos_token_ids=sorted(student.eos_token_ids),
+            pad_token_id=tok.pad_token_id,
+            max_new_tokens=config.gen_max_new_tokens,
+            temperature=config.gen_temperature,
+            seed=config.seed,
+            sparse_logits=config.sparse_logits,
+            model=model,
+            args=args,
+            train_dataset=examples,
+            data_collator=lambda b: collate(b, tok.pad_token_id, prompts=True),
+            callbacks=list(callbacks),
+        )
     else:
         kwargs = {"ce_weight": config.ce_weight} if loss == "topk-kd" else {}
         trainer = (KDTrainer if loss == "topk-kd" else SFTTrainer)(
-            model=model, args=args, train_dataset=examples, sparse_logits=config.sparse_logits,
+            model=model,
+            args=args,
+            train_dataset=examples,
+            sparse_logits=config.sparse_logits,
             unlikelihood=config.unlikelihood_weight,
-            data_collator=lambda b: collate(b, tok.pad_token_id), callbacks=list(callbacks), **kwargs)
+            data_collator=lambda b: collate(b, tok.pad_token_id),
+            callbacks=list(callbacks),
+            **kwargs,
+        )
     if isinstance(trainer, LogitKDTrainer):
         trainer.on_policy_batches = mark.get("on_policy_batches", 0)
     trainer.add_callback(CheckpointMarks(fingerprint, trainer, mark.get("train_seconds", 0.0)))
     stop = StopOnSigterm()
     trainer.add_callback(stop)
-    with stop.installed(enabled=bool(config.save_steps)):  # without checkpoints there is nothing to resume
+    with stop.installed(
+        enabled=bool(config.save_steps)
+    ):  # without checkpoints there is nothing to resume
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if stop.stopped_at is not None:  # the checkpoint is saved; the student is not finished
-        raise IncompleteError(f"stopped by SIGTERM after step {stop.stopped_at} of {trainer.state.max_steps}; its "
-                              f"checkpoint is in {checkpoints}, and the same command continues from it")
+        raise IncompleteError(
+            f"stopped by SIGTERM after step {stop.stopped_at} of {trainer.state.max_steps}; its "
+            f"checkpoint is in {checkpoints}, and the same command continues from it"
+        )
     if config.lora:
         model = model.merge_and_unload()
     out = Path(config.out)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the student is saved; a checkpoint is 3x its size
+    shutil.rmtree(
+        checkpoints, ignore_errors=True
+    )  # the student is saved; a checkpoint is 3x its size
     history = [h for h in trainer.state.log_history if "loss" in h]
     runtime, start_step = result.metrics["train_runtime"], mark.get("step", 0)
     share_this_run = (result.global_step - start_step) / max(result.global_step, 1)
-    summary = {"student": config.student, "loss": loss, "requested_loss": config.loss, "examples": len(examples),
-               # teacher queries behind them: distinct prompts (the n answers of one request share one)
-               "queries": len(distinct_prompts(kept)),
-               "precision": config.precision, "student_given": given,
-               "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
-               "unlikelihood": config.unlikelihood_weight if config.loss not in LOCAL_TEACHER_LOSSES else None,
-               "on_policy_batches": getattr(trainer, "on_policy_batches", None),
-               "parameters": sum(p.numel() for p in model.parameters()), "steps": result.global_step,
-               "resumed_from_step": start_step,
-               # Over every run that made this student (a resumed run adds its time to the earlier ones').
-               "train_seconds": mark.get("train_seconds", 0.0) + runtime,
-               # Non-padding tokens through the student per second of training, this run only (the
-               # on-policy answers of gkd not counted): the speed bench's metric.
-               "tokens_per_s": share_this_run * config.epochs * sum(len(e["input_ids"]) for e in examples) / runtime,
-               "train_loss": result.training_loss,
-               # to reproduce it: every setting, the run's fingerprint (settings, exact examples, a given
-               # student's starting weights: what a resumed checkpoint must match) and the versions
-               "config": asdict(config), "run_fingerprint": fingerprint, "versions": versions(),
-               "history": history,
-               # the last logged loss (every 5 steps); a run shorter than that has only its mean
-               "final_loss": history[-1]["loss"] if history else result.training_loss}
+    summary = {
+        "student": config.student,
+        "loss": loss,
+        "requested_loss": config.loss,
+        "examples": len(examples),
+        # teacher queries behind them: distinct prompts (the n answers of one request share one)
+        "queries": len(distinct_prompts(kept)),
+        "precision": config.precision,
+        "student_given": given,
+        "beta": config.jsd_beta if config.loss in LOCAL_TEACHER_LOSSES else None,
+        "unlikelihood": config.unlikelihood_weight
+        if config.loss not in LOCAL_TEACHER_LOSSES
+        else None,
+        "on_policy_batches": getattr(trainer, "on_policy_batches", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": result.global_step,
+        "resumed_from_step": start_step,
+        # Over every run that made this student (a resumed run adds its time to the earlier ones').
+        "train_seconds": mark.get("train_seconds", 0.0) + runtime,
+        # Non-padding tokens through the student per second of training, this run only (the
+        # on-policy answers of gkd not counted): the speed bench's metric.
+        "tokens_per_s": share_this_run
+        * config.epochs
+        * sum(len(e["input_ids"]) for e in examples)
+        / runtime,
+        "train_loss": result.training_loss,
+        # to reproduce it: every setting, the run's fingerprint (settings, exact examples, a given
+        # student's starting weights: what a resumed checkpoint must match) and the versions
+        "config": asdict(config),
+        "run_fingerprint": fingerprint,
+        "versions": versions(),
+        "history": history,
+        # the last logged loss (every 5 steps); a run shorter than that has only its mean
+        "final_loss": history[-1]["loss"] if history else result.training_loss,
+    }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -593,20 +773,30 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
 CHECKPOINT_MARK = "distillguard_checkpoint.json"
 
 
-def run_fingerprint(config: TrainConfig, examples: list[dict], given_student: torch.nn.Module | None = None) -> str:
+def run_fingerprint(
+    config: TrainConfig, examples: list[dict], given_student: torch.nn.Module | None = None
+) -> str:
     """What makes two runs the same run: every setting but where things are, the exact examples,
     and the starting weights of a student the caller built (``train(student=...)``)."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")}
-    settings["unlikelihood"] = config.unlikelihood_weight  # the weight used, whether spelled out or the default
+    settings = {
+        k: v for k, v in asdict(config).items() if k not in ("data", "out", "save_steps", "resume")
+    }
+    settings["unlikelihood"] = (
+        config.unlikelihood_weight
+    )  # the weight used, whether spelled out or the default
     for name, default in (("precision", "fp32"), ("ce_weight", 0.0), ("unlikelihood", 0.0)):
-        if settings[name] == default:  # a later setting at its default: checkpoints from before it still resume
+        if (
+            settings[name] == default
+        ):  # a later setting at its default: checkpoints from before it still resume
             del settings[name]
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     digest.update(json.dumps(examples).encode())
     if given_student is not None:
         for name, tensor in given_student.state_dict().items():
             digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(
+                tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            )
     return digest.hexdigest()
 
 
@@ -632,8 +822,10 @@ def resume_point(directory: Path, fingerprint: str, resume: bool) -> tuple[Path 
     last = max(complete, key=lambda d: int(d.name.rsplit("-", 1)[1]))
     mark = json.loads((last / CHECKPOINT_MARK).read_text())
     if mark.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{directory} holds a checkpoint of a different training run (other data or settings); "
-                          "rerun with the original settings to continue it, or with --no-resume to start over")
+        raise ConfigError(
+            f"{directory} holds a checkpoint of a different training run (other data or settings); "
+            "rerun with the original settings to continue it, or with --no-resume to start over"
+        )
     return last, mark
 
 
@@ -652,9 +844,12 @@ class CheckpointMarks(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         here = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        mark = {"fingerprint": self.fingerprint, "step": state.global_step,
-                "train_seconds": self.seconds_before + time.perf_counter() - self.started,
-                "on_policy_batches": getattr(self.trainer, "on_policy_batches", None)}
+        mark = {
+            "fingerprint": self.fingerprint,
+            "step": state.global_step,
+            "train_seconds": self.seconds_before + time.perf_counter() - self.started,
+            "on_policy_batches": getattr(self.trainer, "on_policy_batches", None),
+        }
         tmp = here / (CHECKPOINT_MARK + ".tmp")
         tmp.write_text(json.dumps(mark))
         os.replace(tmp, here / CHECKPOINT_MARK)
@@ -705,8 +900,9 @@ class ProgressCallback(TrainerCallback):
         self.progress, self.description, self.task = progress, description, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step,
-                                           loss="-")
+        self.task = self.progress.add_task(
+            self.description, total=state.max_steps, completed=state.global_step, loss="-"
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         self.progress.update(self.task, completed=state.global_step)
@@ -731,8 +927,15 @@ def _byte_index(lm: LoadedModel) -> dict[bytes, int]:
     return index
 
 
-def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, select: torch.Tensor,
-                  position_ids: torch.Tensor | None = None, *, sparse: bool = True) -> torch.Tensor:
+def answer_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    *,
+    sparse: bool = True,
+) -> torch.Tensor:
     """Logits at the selected positions only: (N, V) for ``select`` (B, T) boolean.
 
     The output layer of a small student is a large share of its compute (SmolLM2's tied
@@ -744,9 +947,18 @@ def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """
     decoder = getattr(model, "get_decoder", lambda: None)()
     head = model.get_output_embeddings()
-    if not sparse or decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[select]
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    if (
+        not sparse
+        or decoder is None
+        or head is None
+        or getattr(model.config, "final_logit_softcapping", None)
+    ):
+        return model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).logits[select]
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
     return head(hidden[select])  # (N, H) -> (N, V)
 
 
@@ -772,8 +984,12 @@ class _MeanLossTrainer(Trainer):
         (N,) are the tokens written there, in the row order of ``logits`` (N, V) and ``select``."""
         if not self.unlikelihood:
             return loss
-        answers = targets.split(select.sum(dim=1).tolist())  # per sequence, its answer's tokens in order
-        return loss + self.unlikelihood * unlikelihood_loss(logits, previous_token_candidates(answers, logits.shape[-1]))
+        answers = targets.split(
+            select.sum(dim=1).tolist()
+        )  # per sequence, its answer's tokens in order
+        return loss + self.unlikelihood * unlikelihood_loss(
+            logits, previous_token_candidates(answers, logits.shape[-1])
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # The sparse output layer (answer_logits) calls the decoder and the head directly, around the
@@ -788,7 +1004,9 @@ class _MeanLossTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed)
+            return EpochSeededLengthGroupedSampler(
+                sampler.batch_size, lengths=sampler.lengths, seed=self.args.seed
+            )
         return sampler
 
 
@@ -817,11 +1035,13 @@ class SFTTrainer(_MeanLossTrainer):
     def loss_of(self, model, inputs, return_outputs: bool):
         labels = inputs["labels"]  # (B, T)
         select = shifted(labels)
-        logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], select,
-                               sparse=self.sparse_logits)  # (N, V)
+        logits = answer_logits(
+            model, inputs["input_ids"], inputs["attention_mask"], select, sparse=self.sparse_logits
+        )  # (N, V)
         targets = labels[:, 1:][select[:, :-1]]
-        loss = self.plus_unlikelihood(torch.nn.functional.cross_entropy(logits.float(), targets), logits, targets,
-                                      select)
+        loss = self.plus_unlikelihood(
+            torch.nn.functional.cross_entropy(logits.float(), targets), logits, targets, select
+        )
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
@@ -834,11 +1054,18 @@ class KDTrainer(_MeanLossTrainer):
         self.ce_weight = ce_weight
 
     def loss_of(self, model, inputs, return_outputs: bool):
-        topk_ids, topk_lps, kd_mask = inputs["topk_ids"], inputs["topk_logprobs"], inputs["kd_mask"]  # (B, T, K), (B, T)
-        logits = answer_logits(model, inputs["input_ids"], inputs["attention_mask"], kd_mask,
-                               sparse=self.sparse_logits)  # (N, V)
+        topk_ids, topk_lps, kd_mask = (
+            inputs["topk_ids"],
+            inputs["topk_logprobs"],
+            inputs["kd_mask"],
+        )  # (B, T, K), (B, T)
+        logits = answer_logits(
+            model, inputs["input_ids"], inputs["attention_mask"], kd_mask, sparse=self.sparse_logits
+        )  # (N, V)
         loss = topk_kd_loss(logits, topk_ids[kd_mask], topk_lps[kd_mask])
-        targets = inputs["input_ids"].roll(-1, dims=1)[kd_mask]  # (N,) position t predicts token t+1
+        targets = inputs["input_ids"].roll(-1, dims=1)[
+            kd_mask
+        ]  # (N,) position t predicts token t+1
         if self.ce_weight:
             ce = torch.nn.functional.cross_entropy(logits.float(), targets)
             loss = (1 - self.ce_weight) * loss + self.ce_weight * ce
@@ -858,9 +1085,20 @@ class LogitKDTrainer(_MeanLossTrainer):
     losses train on exactly the same tokens.
     """
 
-    def __init__(self, *args, teacher: torch.nn.Module, beta: float, lmbda: float, vocab: int,
-                 eos_token_ids: list[int], pad_token_id: int, max_new_tokens: int, temperature: float,
-                 seed: int = 0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        teacher: torch.nn.Module,
+        beta: float,
+        lmbda: float,
+        vocab: int,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int = 0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device).eval()
         for p in self.teacher.parameters():
@@ -886,29 +1124,45 @@ class LogitKDTrainer(_MeanLossTrainer):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]  # (B, P)
         was_training = model.training
         model.eval()
-        seqs = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                              temperature=self.temperature, top_k=0, max_new_tokens=self.max_new_tokens,
-                              eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id)  # (B, P+G)
+        seqs = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=self.temperature,
+            top_k=0,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+        )  # (B, P+G)
         model.train(was_training)
-        answer = seqs[:, prompt_ids.shape[1]:]  # (B, G)
+        answer = seqs[:, prompt_ids.shape[1] :]  # (B, G)
         is_end = torch.isin(answer, torch.tensor(self.eos_token_ids, device=answer.device))
         after_end = (is_end.cumsum(-1) - is_end.long()) > 0  # strictly after the first end-of-turn
         answer_mask = (~after_end).long()
         labels = answer.masked_fill(after_end, IGNORE)
-        return {"input_ids": seqs, "attention_mask": torch.cat([prompt_mask, answer_mask], dim=1),
-                "labels": torch.cat([torch.full_like(prompt_ids, IGNORE), labels], dim=1)}
+        return {
+            "input_ids": seqs,
+            "attention_mask": torch.cat([prompt_mask, answer_mask], dim=1),
+            "labels": torch.cat([torch.full_like(prompt_ids, IGNORE), labels], dim=1),
+        }
 
     def loss_of(self, model, inputs, return_outputs: bool):
         if self.lmbda > 0 and model.training and self.on_policy_now():
             inputs = self.student_answers(model, inputs)
             self.on_policy_batches += 1
-        ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]  # (B, T)
+        ids, mask, labels = (
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["labels"],
+        )  # (B, T)
         # Positions from the mask, so left-padded (on-policy) and right-padded rows both count from 0.
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
         select = shifted(labels)  # (B, T): positions predicting answer tokens
         s = answer_logits(model, ids, mask, select, positions, sparse=self.sparse_logits)  # (N, V)
         with torch.no_grad():
-            t = answer_logits(self.teacher, ids, mask, select, positions, sparse=self.sparse_logits)  # (N, V)
+            t = answer_logits(
+                self.teacher, ids, mask, select, positions, sparse=self.sparse_logits
+            )  # (N, V)
         # Only real tokens (output layers may be padded past the vocabulary).
-        loss = generalized_jsd_loss(s[:, :self.vocab], t[:, :self.vocab], beta=self.beta)
+        loss = generalized_jsd_loss(s[:, : self.vocab], t[:, : self.vocab], beta=self.beta)
         return (loss, {"logits": s}) if return_outputs else loss

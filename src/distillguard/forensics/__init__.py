@@ -14,6 +14,14 @@ from distillguard.forensics.radioactivity import (
 )
 
 __all__ = [
-    "KeyEvidence", "RadioactivityResult", "SuspectAPIError", "chernoff_log_p", "closed_radioactivity",
-    "closed_test", "generate_answers", "generate_via_api", "open_radioactivity", "open_test",
+    "KeyEvidence",
+    "RadioactivityResult",
+    "SuspectAPIError",
+    "chernoff_log_p",
+    "closed_radioactivity",
+    "closed_test",
+    "generate_answers",
+    "generate_via_api",
+    "open_radioactivity",
+    "open_test",
 ]

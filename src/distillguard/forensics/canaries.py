@@ -69,14 +69,20 @@ def served_canaries(engine, *, accounts: Sequence[str] | None = None) -> list[Se
 
     from distillguard.guard.schema import LedgerRow
 
-    query = (select(LedgerRow.account_id, LedgerRow.request_id, LedgerRow.request_body)
-             .where(LedgerRow.policy_action.like("%canary%"), LedgerRow.status == 200)
-             .order_by(LedgerRow.id))
+    query = (
+        select(LedgerRow.account_id, LedgerRow.request_id, LedgerRow.request_body)
+        .where(LedgerRow.policy_action.like("%canary%"), LedgerRow.status == 200)
+        .order_by(LedgerRow.id)
+    )
     if accounts:
         query = query.where(LedgerRow.account_id.in_(list(accounts)))
     with engine.connect() as conn:
-        return [ServedCanary(r.account_id, r.request_id, list((r.request_body or {}).get("messages") or []))
-                for r in conn.execute(query)]
+        return [
+            ServedCanary(
+                r.account_id, r.request_id, list((r.request_body or {}).get("messages") or [])
+            )
+            for r in conn.execute(query)
+        ]
 
 
 def _messages(messages: list[dict]) -> list[dict]:
@@ -92,20 +98,27 @@ def _messages(messages: list[dict]) -> list[dict]:
 
 
 @torch.no_grad()
-def answer_logprobs(lm, messages: list[dict], answers: Sequence[str], *, max_length: int = 512,
-                    batch_size: int = 16) -> list[float]:
+def answer_logprobs(
+    lm, messages: list[dict], answers: Sequence[str], *, max_length: int = 512, batch_size: int = 16
+) -> list[float]:
     """log p(answer | messages) under ``lm`` (the assistant turn in its chat template), per answer."""
     from distillguard.distill.train import IGNORE, collate, sft_example
 
     examples = [sft_example(lm, messages, a, max_length) for a in answers]
     if any(e is None for e in examples):
-        raise ConfigError(f"a canary prompt does not fit the suspect's context ({max_length} tokens)")
+        raise ConfigError(
+            f"a canary prompt does not fit the suspect's context ({max_length} tokens)"
+        )
     out: list[float] = []
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad)
+        batch = collate(examples[i : i + batch_size], pad)
         batch = {k: v.to(lm.device) for k, v in batch.items()}
-        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        logits = (
+            lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            .logits[:, :-1]
+            .float()
+        )
         labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 predicted at t
         mask = labels != IGNORE
         lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
@@ -113,7 +126,9 @@ def answer_logprobs(lm, messages: list[dict], answers: Sequence[str], *, max_len
     return out
 
 
-def rank_p_value(true_score: float, decoy_scores: Sequence[float], rng: random.Random) -> tuple[int, float]:
+def rank_p_value(
+    true_score: float, decoy_scores: Sequence[float], rng: random.Random
+) -> tuple[int, float]:
     """(rank, p): the true ending's rank among the decoys (1 = best; ties broken uniformly at
     random) and p = rank / (decoys + 1), exact under exchangeability."""
     above = sum(s > true_score for s in decoy_scores)
@@ -122,13 +137,25 @@ def rank_p_value(true_score: float, decoy_scores: Sequence[float], rng: random.R
     return rank, rank / (len(decoy_scores) + 1)
 
 
-def canary_test(lm, secret: bytes, served: Sequence[ServedCanary], *, decoys: int = 49, alpha: float = 1e-3,
-                seed: int = 0, progress=None) -> CanaryResult:
+def canary_test(
+    lm,
+    secret: bytes,
+    served: Sequence[ServedCanary],
+    *,
+    decoys: int = 49,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+) -> CanaryResult:
     """Rank each served canary's true ending among ``decoys`` never-served ones under ``lm``."""
     if decoys < 1:
-        raise ConfigError(f"decoys={decoys}: give at least 1 (the p-value resolution is 1/(decoys+1))")
+        raise ConfigError(
+            f"decoys={decoys}: give at least 1 (the p-value resolution is 1/(decoys+1))"
+        )
     if not served:
-        raise ConfigError("no canaries to test: the ledger has no answers served under the 'canary' action")
+        raise ConfigError(
+            "no canaries to test: the ledger has no answers served under the 'canary' action"
+        )
     rng = random.Random(seed)
     per_account: dict[str, list[tuple[int, float]]] = {}
     for i, c in enumerate(served):
@@ -142,14 +169,28 @@ def canary_test(lm, secret: bytes, served: Sequence[ServedCanary], *, decoys: in
     for account, ranks in per_account.items():
         stat = -2.0 * sum(math.log(p) for _, p in ranks)
         log_p = float(chi2.logsf(stat, 2 * len(ranks)))
-        result.accounts.append(AccountExposure(
-            account=account, canaries=len(ranks), top1=sum(r == 1 for r, _ in ranks),
-            mean_rank=sum(r for r, _ in ranks) / len(ranks), p_value=math.exp(log_p), log10_p=log_p / math.log(10)))
+        result.accounts.append(
+            AccountExposure(
+                account=account,
+                canaries=len(ranks),
+                top1=sum(r == 1 for r, _ in ranks),
+                mean_rank=sum(r for r, _ in ranks) / len(ranks),
+                p_value=math.exp(log_p),
+                log10_p=log_p / math.log(10),
+            )
+        )
     for a, p in zip(result.accounts, holm([a.p_value for a in result.accounts])):
         a.p_holm = p
     result.accounts.sort(key=lambda a: a.log10_p)
     return result
 
 
-__all__ = ["AccountExposure", "CanaryResult", "ServedCanary", "answer_logprobs", "canary_test", "rank_p_value",
-           "served_canaries"]
+__all__ = [
+    "AccountExposure",
+    "CanaryResult",
+    "ServedCanary",
+    "answer_logprobs",
+    "canary_test",
+    "rank_p_value",
+    "served_canaries",
+]

@@ -76,12 +76,27 @@ import torch
 from scipy.optimize import brentq
 
 from distillguard.errors import ConfigError, DistillguardError
-from distillguard.watermark import WatermarkKey, WatermarkParams, binomial_test, green_mask, holm, trace
+from distillguard.watermark import (
+    WatermarkKey,
+    WatermarkParams,
+    binomial_test,
+    green_mask,
+    holm,
+    trace,
+)
 from distillguard.watermark.scheme import context_seed, green_from_state
 
 __all__ = [
-    "KeyEvidence", "RadioactivityResult", "SuspectAPIError", "chernoff_log_p", "closed_radioactivity",
-    "closed_test", "generate_answers", "generate_via_api", "open_radioactivity", "open_test",
+    "KeyEvidence",
+    "RadioactivityResult",
+    "SuspectAPIError",
+    "chernoff_log_p",
+    "closed_radioactivity",
+    "closed_test",
+    "generate_answers",
+    "generate_via_api",
+    "open_radioactivity",
+    "open_test",
 ]
 
 
@@ -90,6 +105,7 @@ class SuspectAPIError(DistillguardError):
 
 
 # ---- results ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class KeyEvidence:
@@ -134,9 +150,19 @@ def _holm_from_log10(log10_ps: Sequence[float]) -> list[float]:
 
 # ---- generating from the suspect -----------------------------------------------------------------
 
-def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, temperature: float = 0.7,
-                     batch_size: int = 16, seed: int = 0, logits_processors: Sequence = (),
-                     after_temperature: Sequence = (), progress: bool = True) -> list[str]:
+
+def generate_answers(
+    lm,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    batch_size: int = 16,
+    seed: int = 0,
+    logits_processors: Sequence = (),
+    after_temperature: Sequence = (),
+    progress: bool = True,
+) -> list[str]:
     """Answers of a local model to chat prompts: batched ``model.generate``, left-padded.
 
     ``logits_processors`` (e.g. a :class:`~distillguard.watermark.WatermarkLogitsProcessor`) act on the
@@ -152,7 +178,11 @@ def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, te
         raise ConfigError(f"temperature={temperature} must be >= 0")
     tok_ids = [lm.chat_ids([{"role": "user", "content": p}]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(tok_ids[i]))
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else min(lm.eos_token_ids)
+    pad = (
+        lm.tokenizer.pad_token_id
+        if lm.tokenizer.pad_token_id is not None
+        else min(lm.eos_token_ids)
+    )
     eos = sorted(lm.eos_token_ids)
     processors = LogitsProcessorList(list(logits_processors))
     if temperature > 0:
@@ -164,18 +194,30 @@ def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, te
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(prompts))
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             width = max(len(tok_ids[i]) for i in rows)
-            ids = torch.tensor([[pad] * (width - len(tok_ids[i])) + tok_ids[i] for i in rows], device=lm.device)
-            mask = torch.tensor([[0] * (width - len(tok_ids[i])) + [1] * len(tok_ids[i]) for i in rows],
-                                device=lm.device)
+            ids = torch.tensor(
+                [[pad] * (width - len(tok_ids[i])) + tok_ids[i] for i in rows], device=lm.device
+            )
+            mask = torch.tensor(
+                [[0] * (width - len(tok_ids[i])) + [1] * len(tok_ids[i]) for i in rows],
+                device=lm.device,
+            )
             # generate() samples from the global RNG: seed it per batch, in a fork (the caller's state is kept)
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
                 seqs = model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                    temperature=None, top_k=None, top_p=None, logits_processor=processors,
-                    pad_token_id=pad, eos_token_id=eos)
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=temperature > 0,
+                    temperature=None,
+                    top_k=None,
+                    top_p=None,
+                    logits_processor=processors,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                )
             for row, seq in zip(rows, seqs[:, width:].tolist()):
                 cut = next((j for j, t in enumerate(seq) if t in lm.eos_token_ids), len(seq))
                 out[row] = lm.tokenizer.decode(seq[:cut], skip_special_tokens=True)
@@ -183,9 +225,18 @@ def generate_answers(lm, prompts: Sequence[str], *, max_new_tokens: int = 64, te
     return out
 
 
-def generate_via_api(url: str, prompts: Sequence[str], *, model: str | None = None, api_key: str | None = None,
-                     max_tokens: int = 64, temperature: float = 0.7, seed: int = 0, concurrency: int = 8,
-                     timeout_s: float = 300.0) -> list[str]:
+def generate_via_api(
+    url: str,
+    prompts: Sequence[str],
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.7,
+    seed: int = 0,
+    concurrency: int = 8,
+    timeout_s: float = 300.0,
+) -> list[str]:
     """Answers of an OpenAI-compatible server (``url`` with or without ``/v1``), prompts sent in
     parallel (the server batches them). ``model`` defaults to the first of ``/v1/models``."""
     import httpx
@@ -200,15 +251,24 @@ def generate_via_api(url: str, prompts: Sequence[str], *, model: str | None = No
                 r.raise_for_status()
                 listed = r.json().get("data") or []
                 if not listed:
-                    raise SuspectAPIError(f"{base}/models lists no model; pass the suspect's model name")
+                    raise SuspectAPIError(
+                        f"{base}/models lists no model; pass the suspect's model name"
+                    )
                 model = listed[0]["id"]
 
             def ask(i: int) -> str:
-                body = {"model": model, "messages": [{"role": "user", "content": prompts[i]}],
-                        "max_tokens": max_tokens, "temperature": temperature, "seed": seed + i}
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompts[i]}],
+                    "max_tokens": max_tokens,
+                    "temperature": temperature,
+                    "seed": seed + i,
+                }
                 resp = client.post("/chat/completions", json=body)
                 if resp.status_code != 200:
-                    raise SuspectAPIError(f"the suspect answered {resp.status_code} to prompt {i}: {resp.text[:200]}")
+                    raise SuspectAPIError(
+                        f"the suspect answered {resp.status_code} to prompt {i}: {resp.text[:200]}"
+                    )
                 return resp.json()["choices"][0]["message"]["content"] or ""
 
             with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
@@ -219,38 +279,85 @@ def generate_via_api(url: str, prompts: Sequence[str], *, model: str | None = No
 
 # ---- closed mode: the suspect's text -------------------------------------------------------------
 
+
 def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
-def closed_test(keys: Sequence[WatermarkKey], texts: Sequence[str], tokenizer, *, prompts: Sequence[str] = (),
-                alpha: float = 1e-3) -> RadioactivityResult:
+def closed_test(
+    keys: Sequence[WatermarkKey],
+    texts: Sequence[str],
+    tokenizer,
+    *,
+    prompts: Sequence[str] = (),
+    alpha: float = 1e-3,
+) -> RadioactivityResult:
     """The suspect's answers, tokenised with the teacher's tokenizer (the watermark's vocabulary),
     tested against every key: distinct pairs across all texts, prompt n-grams excluded, exact
     binomial tails, Holm over the keys."""
     if not keys:
         raise ConfigError("no keys to test: give at least one account")
-    result = trace(list(keys), _tokenize(tokenizer, texts), vocab_size=len(tokenizer),
-                   prompt_seqs=_tokenize(tokenizer, prompts), alpha=alpha)
-    evidence = [KeyEvidence(account=d.account, key_id=d.key_id, p_value=d.p_value, log10_p=d.log10_p, p_holm=p,
-                            z=d.z, green_fraction=d.green / d.scored if d.scored else float("nan"),
-                            extra={"green": d.green})
-                for d, p in zip(result.results, result.adjusted_p)]
-    return RadioactivityResult(mode="closed", test="binomial", alpha=alpha, texts=len(texts),
-                               scored=result.results[0].scored, gamma=keys[0].params.gamma, keys=evidence)
+    result = trace(
+        list(keys),
+        _tokenize(tokenizer, texts),
+        vocab_size=len(tokenizer),
+        prompt_seqs=_tokenize(tokenizer, prompts),
+        alpha=alpha,
+    )
+    evidence = [
+        KeyEvidence(
+            account=d.account,
+            key_id=d.key_id,
+            p_value=d.p_value,
+            log10_p=d.log10_p,
+            p_holm=p,
+            z=d.z,
+            green_fraction=d.green / d.scored if d.scored else float("nan"),
+            extra={"green": d.green},
+        )
+        for d, p in zip(result.results, result.adjusted_p)
+    ]
+    return RadioactivityResult(
+        mode="closed",
+        test="binomial",
+        alpha=alpha,
+        texts=len(texts),
+        scored=result.results[0].scored,
+        gamma=keys[0].params.gamma,
+        keys=evidence,
+    )
 
 
-def closed_radioactivity(url: str, keys: Sequence[WatermarkKey], prompts: Sequence[str], tokenizer, *,
-                         model: str | None = None, api_key: str | None = None, max_tokens: int = 64,
-                         temperature: float = 0.7, seed: int = 0, alpha: float = 1e-3,
-                         concurrency: int = 8) -> RadioactivityResult:
+def closed_radioactivity(
+    url: str,
+    keys: Sequence[WatermarkKey],
+    prompts: Sequence[str],
+    tokenizer,
+    *,
+    model: str | None = None,
+    api_key: str | None = None,
+    max_tokens: int = 64,
+    temperature: float = 0.7,
+    seed: int = 0,
+    alpha: float = 1e-3,
+    concurrency: int = 8,
+) -> RadioactivityResult:
     """Closed mode end to end: the suspect's API answers ``prompts``; :func:`closed_test` scores them."""
-    texts = generate_via_api(url, prompts, model=model, api_key=api_key, max_tokens=max_tokens,
-                             temperature=temperature, seed=seed, concurrency=concurrency)
+    texts = generate_via_api(
+        url,
+        prompts,
+        model=model,
+        api_key=api_key,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        concurrency=concurrency,
+    )
     return closed_test(keys, texts, tokenizer, prompts=prompts, alpha=alpha)
 
 
 # ---- open mode: the suspect's probabilities ------------------------------------------------------
+
 
 def chernoff_log_p(score: float, weights: np.ndarray, gamma: float) -> float:
     """Natural log of a valid upper bound on P(Σ w_i·g_i >= score), g_i independent Bernoulli(γ),
@@ -291,8 +398,16 @@ class _Contexts:
     weights: torch.Tensor  # (N, k) their probabilities, 0 where the pair is excluded
 
 
-def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None, width: int, top_k: int,
-                      excluded: set[tuple[int, ...]], batch_size: int, progress: bool) -> _Contexts:
+def _suspect_contexts(
+    lm,
+    answers: Sequence[str],
+    prompts: Sequence[str] | None,
+    width: int,
+    top_k: int,
+    excluded: set[tuple[int, ...]],
+    batch_size: int,
+    progress: bool,
+) -> _Contexts:
     """Run the suspect on each (prompt, answer); for each distinct hash context among the answer's
     positions, its mean next-token distribution there (top-k), excluded pairs at weight 0."""
     from rich.progress import Progress
@@ -311,10 +426,14 @@ def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None,
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("scoring the suspect", total=len(rows))
         for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+            batch = rows[start : start + batch_size]
             width_b = max(len(r[0]) for r in batch)
-            ids = torch.tensor([r[0] + [pad] * (width_b - len(r[0])) for r in batch], device=lm.device)
-            mask = torch.tensor([[1] * len(r[0]) + [0] * (width_b - len(r[0])) for r in batch], device=lm.device)
+            ids = torch.tensor(
+                [r[0] + [pad] * (width_b - len(r[0])) for r in batch], device=lm.device
+            )
+            mask = torch.tensor(
+                [[1] * len(r[0]) + [0] * (width_b - len(r[0])) for r in batch], device=lm.device
+            )
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
                 top_p, top_v = logits.softmax(-1).topk(top_k, dim=-1)  # (B, T, k)
@@ -324,7 +443,7 @@ def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None,
                 # position j predicts token j+1; score the predictions of answer tokens j+1 >= first,
                 # whose hash context is seq[j+1-width : j+1] (the embedder's view at that step)
                 for j in range(max(first, width) - 1, len(seq) - 1):
-                    ctx = tuple(seq[j + 1 - width: j + 1])
+                    ctx = tuple(seq[j + 1 - width : j + 1])
                     acc = sums.setdefault(ctx, {})
                     counts[ctx] = counts.get(ctx, 0) + 1
                     for p, v in zip(top_p[b][j], top_v[b][j]):
@@ -339,19 +458,32 @@ def _suspect_contexts(lm, answers: Sequence[str], prompts: Sequence[str] | None,
         best = sorted(acc.items(), key=lambda kv: -kv[1])[:top_k]
         ctx_list.append(ctx)
         ids_list.append([v for v, _ in best] + [0] * (top_k - len(best)))
-        w_list.append([p / counts[ctx] if ctx + (v,) not in excluded else 0.0 for v, p in best] + [0.0] * (top_k - len(best)))
-    return _Contexts(torch.tensor(ctx_list, dtype=torch.long), torch.tensor(ids_list, dtype=torch.long),
-                     torch.tensor(w_list, dtype=torch.float64))
+        w_list.append(
+            [p / counts[ctx] if ctx + (v,) not in excluded else 0.0 for v, p in best]
+            + [0.0] * (top_k - len(best))
+        )
+    return _Contexts(
+        torch.tensor(ctx_list, dtype=torch.long),
+        torch.tensor(ids_list, dtype=torch.long),
+        torch.tensor(w_list, dtype=torch.float64),
+    )
 
 
-def _green_topk(params: WatermarkParams, hash_keys: Sequence[int], contexts: torch.Tensor, top_ids: torch.Tensor,
-                vocab_size: int) -> torch.Tensor:
+def _green_topk(
+    params: WatermarkParams,
+    hash_keys: Sequence[int],
+    contexts: torch.Tensor,
+    top_ids: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
     """Green bits of each context's top-k tokens under each key. (N, h), (N, k) -> (K, N, k) bool."""
     if params.scheme == "keyed-hash":
         out = []
         for hk in hash_keys:
             signed = hk - (1 << 64) if hk >= 1 << 63 else hk
-            state = context_seed(torch.full((len(contexts),), signed, dtype=torch.int64), contexts)  # (N,)
+            state = context_seed(
+                torch.full((len(contexts),), signed, dtype=torch.int64), contexts
+            )  # (N,)
             out.append(green_from_state(state[:, None], top_ids, params.gamma))
         return torch.stack(out)
     # lefthash-ref: one randperm per (key, previous token), gathered at the top-k ids
@@ -371,10 +503,14 @@ def _synthid_setup(params: WatermarkParams, ctx: _Contexts) -> tuple[torch.Tenso
 
     depth = params.synthid.depth
     layer_w = torch.exp(-MEAN_LAYER_DECAY * torch.arange(depth, dtype=torch.float64))  # (depth,)
-    return candidate_hashes(ctx.contexts, ctx.top_ids), ctx.weights[:, :, None] * layer_w  # (N, k), (N, k, depth)
+    return candidate_hashes(ctx.contexts, ctx.top_ids), ctx.weights[
+        :, :, None
+    ] * layer_w  # (N, k), (N, k, depth)
 
 
-def _synthid_key(params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w: torch.Tensor, units: bool):
+def _synthid_key(
+    params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w: torch.Tensor, units: bool
+):
     """One SynthID key: (score, weights of the distinct table indices, top-1 g-values at distinct
     indices) or (score, None, None) when ``units`` is False (wrong keys need the score only).
 
@@ -386,7 +522,11 @@ def _synthid_key(params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w
     from distillguard.watermark.synthid import _small_table, processor_for, table_indices
 
     # the accounts' processors are cached (as the server caches them); wrong keys are built and dropped
-    proc = processor_for(hash_key, params.synthid) if units else processor_for.__wrapped__(hash_key, params.synthid)
+    proc = (
+        processor_for(hash_key, params.synthid)
+        if units
+        else processor_for.__wrapped__(hash_key, params.synthid)
+    )
     idx = table_indices(hashes, proc.keys, params.synthid.table_size)  # (N, k, depth)
     table = _small_table(proc)
     score = float((torch.take(table, idx).double() * w).sum())
@@ -394,19 +534,35 @@ def _synthid_key(params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w
         return score, None, None
     unit_w = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=params.synthid.table_size)
     keep = w[:, 0, 0] > 0  # contexts whose top-1 pair is not excluded
-    top1 = torch.take(table, idx[keep, 0, :].unique())  # g of the distinct indices the top-1 n-grams touch
+    top1 = torch.take(
+        table, idx[keep, 0, :].unique()
+    )  # g of the distinct indices the top-1 n-grams touch
     return score, unit_w[unit_w > 0].numpy(), top1
 
 
-def _greenlist_key(params: WatermarkParams, hash_keys: Sequence[int], ctx: _Contexts, vocab_size: int):
+def _greenlist_key(
+    params: WatermarkParams, hash_keys: Sequence[int], ctx: _Contexts, vocab_size: int
+):
     """Green-list keys: (scores (K,), green bits (K, N, k))."""
     green = _green_topk(params, hash_keys, ctx.contexts, ctx.top_ids, vocab_size)  # (K, N, k)
     return torch.einsum("knj,nj->k", green.double(), ctx.weights).numpy(), green
 
 
-def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, prompts: Sequence[str] | None = None,
-              exclude: Sequence[str] = (), exclude_text_pairs: bool = False, top_k: int = 64, null_keys: int = 200,
-              alpha: float = 1e-3, batch_size: int = 4, seed: int = 0, progress: bool = True) -> RadioactivityResult:
+def open_test(
+    lm,
+    keys: Sequence[WatermarkKey],
+    answers: Sequence[str],
+    *,
+    prompts: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    exclude_text_pairs: bool = False,
+    top_k: int = 64,
+    null_keys: int = 200,
+    alpha: float = 1e-3,
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+) -> RadioactivityResult:
     """The suspect's green probability mass (SynthID: its expected g mass over the tournament's
     layers) on ``answers`` (each after its chat prompt ``prompts[i]``, or as raw text when
     ``prompts`` is None), per key; see the module docstring.
@@ -419,7 +575,9 @@ def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, promp
     if not keys:
         raise ConfigError("no keys to test: give at least one account")
     if prompts is not None and len(prompts) != len(answers):
-        raise ConfigError(f"{len(prompts)} prompts for {len(answers)} answers: give one prompt per answer (or none)")
+        raise ConfigError(
+            f"{len(prompts)} prompts for {len(answers)} answers: give one prompt per answer (or none)"
+        )
     params = keys[0].params
     if any(k.params != params for k in keys):
         raise ConfigError("open_test needs keys of one scheme (the same WatermarkParams)")
@@ -427,57 +585,122 @@ def open_test(lm, keys: Sequence[WatermarkKey], answers: Sequence[str], *, promp
     width = params.context_width  # synthid: ngram_len - 1
     tok = lm.tokenizer
     excl_texts = list(exclude) + (list(answers) if exclude_text_pairs else [])
-    excluded = {tuple(s[i - width:i + 1]) for s in _tokenize(tok, excl_texts) for i in range(width, len(s))}
-    ctx = _suspect_contexts(lm, answers, prompts, width, min(top_k, lm.vocab_size), excluded, batch_size, progress)
+    excluded = {
+        tuple(s[i - width : i + 1])
+        for s in _tokenize(tok, excl_texts)
+        for i in range(width, len(s))
+    }
+    ctx = _suspect_contexts(
+        lm, answers, prompts, width, min(top_k, lm.vocab_size), excluded, batch_size, progress
+    )
     rng = random.Random(seed)
-    wrong = [rng.getrandbits(40) | 1 for _ in range(null_keys)]  # drawn as account_key draws hash keys
+    wrong = [
+        rng.getrandbits(40) | 1 for _ in range(null_keys)
+    ]  # drawn as account_key draws hash keys
     # per true key: (score, weights of the independent units, top-1 indicators at distinct units)
     stats: list[tuple[float, np.ndarray, torch.Tensor]] = []
     if synthid:
         hashes, w = _synthid_setup(params, ctx)
         stats = [_synthid_key(params, k.hash_key, hashes, w, units=True) for k in keys]
-        null_scores = np.array([_synthid_key(params, hk, hashes, w, units=False)[0] for hk in wrong])
+        null_scores = np.array(
+            [_synthid_key(params, hk, hashes, w, units=False)[0] for hk in wrong]
+        )
     else:
         w = ctx.weights  # (N, k)
         scores, green = _greenlist_key(params, [k.hash_key for k in keys], ctx, lm.vocab_size)
-        top1_keep = w[:, 0] > 0  # Sander et al.'s reading mode: the top-1 prediction of each context
-        stats = [(float(scores[i]), w.flatten().numpy(), green[i, :, 0][top1_keep]) for i in range(len(keys))]
+        top1_keep = (
+            w[:, 0] > 0
+        )  # Sander et al.'s reading mode: the top-1 prediction of each context
+        stats = [
+            (float(scores[i]), w.flatten().numpy(), green[i, :, 0][top1_keep])
+            for i in range(len(keys))
+        ]
         null_scores = np.zeros(0)
         for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
-            null_scores = np.concatenate([null_scores, _greenlist_key(params, wrong[start:start + 64], ctx,
-                                                                      lm.vocab_size)[0]])
+            null_scores = np.concatenate(
+                [
+                    null_scores,
+                    _greenlist_key(params, wrong[start : start + 64], ctx, lm.vocab_size)[0],
+                ]
+            )
     total = float(w.sum())
     log10_ps, evidence = [], []
     for key, (s, units, top1) in zip(keys, stats):
         log_p = chernoff_log_p(s, units, params.gamma)
         _, _, top1_log10 = binomial_test(int(top1.sum()), len(top1), params.gamma)
-        extra = {"top1_log10_p": top1_log10, "top1_green_fraction": float(top1.float().mean()) if len(top1) else float("nan"),
-                 "top1_scored": len(top1)}
+        extra = {
+            "top1_log10_p": top1_log10,
+            "top1_green_fraction": float(top1.float().mean()) if len(top1) else float("nan"),
+            "top1_scored": len(top1),
+        }
         if null_keys:
             extra["empirical_p"] = (1 + int((null_scores >= s).sum())) / (1 + null_keys)
-        sd = math.sqrt(params.gamma * (1 - params.gamma) * float((units ** 2).sum())) or 1.0
+        sd = math.sqrt(params.gamma * (1 - params.gamma) * float((units**2).sum())) or 1.0
         log10_ps.append(log_p / math.log(10))
         evidence.append((key, s, log_p, sd, extra))
     adjusted = _holm_from_log10(log10_ps)
-    out = [KeyEvidence(account=key.account, key_id=key.key_id, p_value=math.exp(log_p), log10_p=log_p / math.log(10),
-                       p_holm=p_h, z=(s - params.gamma * total) / sd, green_fraction=s / total, extra=extra)
-           for (key, s, log_p, sd, extra), p_h in zip(evidence, adjusted)]
+    out = [
+        KeyEvidence(
+            account=key.account,
+            key_id=key.key_id,
+            p_value=math.exp(log_p),
+            log10_p=log_p / math.log(10),
+            p_holm=p_h,
+            z=(s - params.gamma * total) / sd,
+            green_fraction=s / total,
+            extra=extra,
+        )
+        for (key, s, log_p, sd, extra), p_h in zip(evidence, adjusted)
+    ]
     null = None
     if null_keys:
         frac = null_scores / total
-        null = {"keys": null_keys, "green_fraction_mean": float(frac.mean()), "green_fraction_sd": float(frac.std()),
-                "resolution": 1 / (1 + null_keys)}
-    return RadioactivityResult(mode="open", test="g-mass-chernoff" if synthid else "green-mass-chernoff", alpha=alpha,
-                               texts=len(answers), scored=len(ctx.contexts), gamma=params.gamma, keys=out, null=null)
+        null = {
+            "keys": null_keys,
+            "green_fraction_mean": float(frac.mean()),
+            "green_fraction_sd": float(frac.std()),
+            "resolution": 1 / (1 + null_keys),
+        }
+    return RadioactivityResult(
+        mode="open",
+        test="g-mass-chernoff" if synthid else "green-mass-chernoff",
+        alpha=alpha,
+        texts=len(answers),
+        scored=len(ctx.contexts),
+        gamma=params.gamma,
+        keys=out,
+        null=null,
+    )
 
 
-def open_radioactivity(lm, keys: Sequence[WatermarkKey], prompts: Sequence[str], *, max_new_tokens: int = 64,
-                       temperature: float = 0.7, seed: int = 0, exclude_prompt_pairs: bool = True,
-                       **kwargs) -> RadioactivityResult:
+def open_radioactivity(
+    lm,
+    keys: Sequence[WatermarkKey],
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.7,
+    seed: int = 0,
+    exclude_prompt_pairs: bool = True,
+    **kwargs,
+) -> RadioactivityResult:
     """Open mode end to end: the suspect answers ``prompts`` itself (its own text does not depend
     on the key under H0), then :func:`open_test` scores its probabilities on those answers,
     the prompts' pairs excluded."""
-    answers = generate_answers(lm, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                               progress=kwargs.get("progress", True))
-    return open_test(lm, keys, answers, prompts=prompts, exclude=list(prompts) if exclude_prompt_pairs else (),
-                     seed=seed, **kwargs)
+    answers = generate_answers(
+        lm,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        progress=kwargs.get("progress", True),
+    )
+    return open_test(
+        lm,
+        keys,
+        answers,
+        prompts=prompts,
+        exclude=list(prompts) if exclude_prompt_pairs else (),
+        seed=seed,
+        **kwargs,
+    )

@@ -45,16 +45,26 @@ class LimitFields(BaseModel):
     daily_usd: DailyUSD | None = None
 
     def limits(self) -> Limits:
-        return Limits(rpm=self.rpm, tpm=self.tpm, max_concurrent=self.max_concurrent,
-                      daily_tokens=self.daily_tokens, daily_usd=self.daily_usd)
+        return Limits(
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_concurrent=self.max_concurrent,
+            daily_tokens=self.daily_tokens,
+            daily_usd=self.daily_usd,
+        )
 
 
 class CreateKey(LimitFields):
     account: str  # checked by keys.check_account, whose message names the pattern
     name: Annotated[str, Field(max_length=MAX_NAME)] | None = None
     expires_in_s: Annotated[int, Field(ge=1, le=MAX_SECONDS)] | None = None
-    models: Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_MODEL_ID)]],
-                      Field(min_length=1, max_length=MAX_MODELS)] | None = None
+    models: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=MAX_MODEL_ID)]],
+            Field(min_length=1, max_length=MAX_MODELS),
+        ]
+        | None
+    ) = None
 
 
 class RotateKey(BaseModel):
@@ -68,7 +78,9 @@ class SetVerdict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     level: Annotated[str, Field(min_length=1, max_length=32)]
-    reasons: list[Annotated[str, Field(max_length=500)]] = Field(default_factory=list, max_length=50)
+    reasons: list[Annotated[str, Field(max_length=500)]] = Field(
+        default_factory=list, max_length=50
+    )
     # JSON numbers like 1e999 parse as infinity: refused, since a stored Inf has no JSON form
     score: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
@@ -99,19 +111,33 @@ def admin_router(guard: Guard) -> APIRouter:
         if guard.is_admin(request):
             return
         if guard.config.admin_key is None:
-            raise PermissionDenied("the admin API is disabled: set DISTILLGUARD_ADMIN_KEY on the server",
-                                   code="admin_disabled")
+            raise PermissionDenied(
+                "the admin API is disabled: set DISTILLGUARD_ADMIN_KEY on the server",
+                code="admin_disabled",
+            )
         await guard.authenticate(request)  # 401 for a missing or unknown key
         raise PermissionDenied("this route needs the admin key", code="admin_only")
 
     async def usage_of(account: str) -> dict:
         rows = await asyncio.to_thread(account_usage, guard.engine, account)
-        usage = rows[0] if rows else {"account": account, "requests": 0, "prompt_tokens": 0,
-                                      "completion_tokens": 0, "total_tokens": 0, "last_seen": None}
+        usage = (
+            rows[0]
+            if rows
+            else {
+                "account": account,
+                "requests": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "last_seen": None,
+            }
+        )
         keys = await asyncio.to_thread(guard.keys.list, account)
         usage["limits"] = (await asyncio.to_thread(guard.keys.account_limits, account)).public()
         usage["live"] = await guard.limiter.usage(account)
-        usage["keys"] = [{**k.public(), "live": await guard.limiter.usage(key_scope(k))} for k in keys]
+        usage["keys"] = [
+            {**k.public(), "live": await guard.limiter.usage(key_scope(k))} for k in keys
+        ]
         return usage
 
     @router.post("/admin/keys", status_code=201)
@@ -121,8 +147,14 @@ def admin_router(guard: Guard) -> APIRouter:
         _account(body.account)
         expires_at = time.time() + body.expires_in_s if body.expires_in_s is not None else None
         try:
-            record, secret = await asyncio.to_thread(guard.keys.create, body.account, limits=body.limits(),
-                                                     name=body.name, expires_at=expires_at, models=body.models)
+            record, secret = await asyncio.to_thread(
+                guard.keys.create,
+                body.account,
+                limits=body.limits(),
+                name=body.name,
+                expires_at=expires_at,
+                models=body.models,
+            )
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param=None, code="invalid_value") from None
         return JSONResponse({**record.public(), "key": secret}, status_code=201)
@@ -130,7 +162,10 @@ def admin_router(guard: Guard) -> APIRouter:
     @router.get("/admin/keys")
     async def list_keys(request: Request, account: str | None = None):
         await require_admin(request)
-        return {"object": "list", "data": [k.public() for k in await asyncio.to_thread(guard.keys.list, account)]}
+        return {
+            "object": "list",
+            "data": [k.public() for k in await asyncio.to_thread(guard.keys.list, account)],
+        }
 
     @router.delete("/admin/keys/{key_id}")
     async def revoke_key(request: Request, key_id: str):
@@ -149,16 +184,22 @@ def admin_router(guard: Guard) -> APIRouter:
         await require_admin(request)
         body = _parse(RotateKey, await request.body() or b"{}")
         if await asyncio.to_thread(guard.keys.get, key_id) is None:
-            raise NotFoundError(f"no key with id {key_id!r}; GET /admin/keys lists them", param="key_id",
-                                code="key_not_found")
+            raise NotFoundError(
+                f"no key with id {key_id!r}; GET /admin/keys lists them",
+                param="key_id",
+                code="key_not_found",
+            )
         expires_at = time.time() + body.expires_in_s if body.expires_in_s is not None else None
         try:
-            new, secret, old = await asyncio.to_thread(guard.keys.rotate, key_id, grace_s=body.grace_s,
-                                                       expires_at=expires_at)
+            new, secret, old = await asyncio.to_thread(
+                guard.keys.rotate, key_id, grace_s=body.grace_s, expires_at=expires_at
+            )
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param="key_id", code="invalid_value") from None
         guard.forget_key(key_id)
-        return JSONResponse({**new.public(), "key": secret, "replaces": old.public()}, status_code=201)
+        return JSONResponse(
+            {**new.public(), "key": secret, "replaces": old.public()}, status_code=201
+        )
 
     @router.get("/admin/accounts")
     async def accounts(request: Request):
@@ -180,7 +221,9 @@ def admin_router(guard: Guard) -> APIRouter:
         if not guard.is_admin(request):
             key = await guard.authenticate(request)
             if key.account != account:
-                raise PermissionDenied("an account key can read only its own account's usage", code="forbidden")
+                raise PermissionDenied(
+                    "an account key can read only its own account's usage", code="forbidden"
+                )
         return await usage_of(_account(account))
 
     @router.get("/admin/verdicts")
@@ -188,7 +231,9 @@ def admin_router(guard: Guard) -> APIRouter:
         """Verdicts, newest first (an account's current level is its newest)."""
         await require_admin(request)
         if not 1 <= limit <= 100_000:
-            raise InvalidRequestError(f"limit={limit} must be within 1..100000", param="limit", code="invalid_value")
+            raise InvalidRequestError(
+                f"limit={limit} must be within 1..100000", param="limit", code="invalid_value"
+            )
         rows = await asyncio.to_thread(guard.verdicts, account, limit)
         return {"object": "list", "data": [{k: _finite(v) for k, v in row.items()} for row in rows]}
 
@@ -202,8 +247,14 @@ def admin_router(guard: Guard) -> APIRouter:
             Level.parse(body.level)
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param="level", code="invalid_value") from None
-        row = await asyncio.to_thread(guard.record_verdict, account, body.level, score=body.score,
-                                      reasons=body.reasons, source="admin")
+        row = await asyncio.to_thread(
+            guard.record_verdict,
+            account,
+            body.level,
+            score=body.score,
+            reasons=body.reasons,
+            source="admin",
+        )
         return JSONResponse(row, status_code=201)
 
     @router.get("/v1/usage")

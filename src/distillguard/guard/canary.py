@@ -21,14 +21,50 @@ from collections.abc import AsyncIterator
 from distillguard.serve.backend import completion_id, now
 from distillguard.serve.schemas import ChatCompletionRequest
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "tr", "st", "th"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "tr",
+    "st",
+    "th",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ae", "ia", "ou"]
 _CODAS = ["", "n", "r", "s", "l", "th", "x", "m"]
-_FIELDS = ["botanist", "cartographer", "chemist", "astronomer", "linguist", "engineer", "historian", "geologist"]
-_THINGS = ["a method for dating river sediments", "the first tide table of the northern coast",
-           "a cipher later used by postal clerks", "a catalogue of alpine mosses",
-           "an early design for a counting machine", "a grammar of a coastal dialect",
-           "a map of the salt roads", "a treatise on glass furnaces"]
+_FIELDS = [
+    "botanist",
+    "cartographer",
+    "chemist",
+    "astronomer",
+    "linguist",
+    "engineer",
+    "historian",
+    "geologist",
+]
+_THINGS = [
+    "a method for dating river sediments",
+    "the first tide table of the northern coast",
+    "a cipher later used by postal clerks",
+    "a catalogue of alpine mosses",
+    "an early design for a counting machine",
+    "a grammar of a coastal dialect",
+    "a map of the salt roads",
+    "a treatise on glass furnaces",
+]
 
 
 def _stream(secret: bytes, *parts: str):
@@ -41,8 +77,12 @@ def _stream(secret: bytes, *parts: str):
 
 
 def _word(rng, syllables: int) -> str:
-    w = "".join(_ONSETS[next(rng) % len(_ONSETS)] + _VOWELS[next(rng) % len(_VOWELS)] + _CODAS[next(rng) % len(_CODAS)]
-                for _ in range(syllables))
+    w = "".join(
+        _ONSETS[next(rng) % len(_ONSETS)]
+        + _VOWELS[next(rng) % len(_VOWELS)]
+        + _CODAS[next(rng) % len(_CODAS)]
+        for _ in range(syllables)
+    )
     return w.capitalize()
 
 
@@ -64,30 +104,64 @@ def canary_text(secret: bytes, account: str, request_id: str) -> str:
     return opening + continuation
 
 
-def canary_response(req: ChatCompletionRequest, text: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def canary_response(
+    req: ChatCompletionRequest, text: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
     """An OpenAI chat completion carrying ``text`` in every choice (no logprobs: none exist)."""
-    choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": "stop"} for i in range(req.n)]
-    return {"id": completion_id(), "object": "chat.completion", "created": now(), "model": req.model,
-            "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": req.n * completion_tokens,
-                                          "total_tokens": prompt_tokens + req.n * completion_tokens}}
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+        for i in range(req.n)
+    ]
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": now(),
+        "model": req.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": req.n * completion_tokens,
+            "total_tokens": prompt_tokens + req.n * completion_tokens,
+        },
+    }
 
 
-async def canary_chunks(req: ChatCompletionRequest, text: str, prompt_tokens: int,
-                        completion_tokens: int) -> AsyncIterator[dict]:
+async def canary_chunks(
+    req: ChatCompletionRequest, text: str, prompt_tokens: int, completion_tokens: int
+) -> AsyncIterator[dict]:
     """The same answer as streamed chunks: role, content, finish, then usage."""
     cid, created = completion_id(), now()
 
     def chunk(choices, usage=None):
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                "choices": choices, **({"usage": usage} if usage is not None else {})}
+        return {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            **({"usage": usage} if usage is not None else {}),
+        }
 
     for i in range(req.n):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        yield chunk(
+            [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
         yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
         yield chunk([{"index": i, "delta": {}, "finish_reason": "stop"}])
     total = prompt_tokens + req.n * completion_tokens
-    yield chunk([], {"prompt_tokens": prompt_tokens, "completion_tokens": req.n * completion_tokens, "total_tokens": total})
+    yield chunk(
+        [],
+        {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": req.n * completion_tokens,
+            "total_tokens": total,
+        },
+    )
 
 
 __all__ = ["canary", "canary_chunks", "canary_response", "canary_text"]

@@ -45,8 +45,10 @@ def make_engine(url: str | None) -> Engine:
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
     except (ArgumentError, NoSuchModuleError) as exc:
-        raise ConfigError(f"invalid database URL {url!r}: {exc}; use a path, sqlite:///FILE or "
-                          "postgresql+psycopg://USER@HOST/DB") from None
+        raise ConfigError(
+            f"invalid database URL {url!r}: {exc}; use a path, sqlite:///FILE or "
+            "postgresql+psycopg://USER@HOST/DB"
+        ) from None
     return engine
 
 
@@ -64,7 +66,9 @@ def _create_private_sqlite(url: str) -> None:
     if not path.parent.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # an empty file is an empty database
+        os.close(
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        )  # an empty file is an empty database
     except FileExistsError:  # another process created it first
         pass
 

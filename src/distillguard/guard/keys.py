@@ -42,8 +42,10 @@ def check_account(name: object) -> str:
     """``name`` if it is a valid account name, else a ConfigError naming it and the pattern."""
     if not isinstance(name, str) or _ACCOUNT_RE.fullmatch(name) is None:
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
-        raise ConfigError(f"invalid account name {shown}: use 1-128 characters from {ACCOUNT_PATTERN[:-7]} "
-                          "(ASCII letters, digits and . _ @ : + -)")
+        raise ConfigError(
+            f"invalid account name {shown}: use 1-128 characters from {ACCOUNT_PATTERN[:-7]} "
+            "(ASCII letters, digits and . _ @ : + -)"
+        )
     return name
 
 
@@ -51,18 +53,32 @@ def check_models(models: object) -> tuple[str, ...] | None:
     """A model allowlist as a tuple of distinct ids in the given order, or None (every model)."""
     if models is None:
         return None
-    if isinstance(models, str) or not isinstance(models, (list, tuple)) or not 1 <= len(models) <= MAX_MODELS:
-        raise ConfigError(f"models={models!r} is invalid: give 1-{MAX_MODELS} model ids, or none for every model")
+    if (
+        isinstance(models, str)
+        or not isinstance(models, (list, tuple))
+        or not 1 <= len(models) <= MAX_MODELS
+    ):
+        raise ConfigError(
+            f"models={models!r} is invalid: give 1-{MAX_MODELS} model ids, or none for every model"
+        )
     for m in models:
         if not isinstance(m, str) or not 1 <= len(m) <= MAX_MODEL_ID or not m.isprintable():
-            raise ConfigError(f"model id {m!r} is invalid: use 1-{MAX_MODEL_ID} printable characters")
+            raise ConfigError(
+                f"model id {m!r} is invalid: use 1-{MAX_MODEL_ID} printable characters"
+            )
     return tuple(dict.fromkeys(models))
 
 
 def check_seconds(name: str, seconds: object, *, minimum: float) -> float:
-    if (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds)
-            or not minimum <= seconds <= MAX_SECONDS):
-        raise ConfigError(f"{name}={seconds!r} is invalid: use {minimum:g} to {MAX_SECONDS} seconds")
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, (int, float))
+        or not math.isfinite(seconds)
+        or not minimum <= seconds <= MAX_SECONDS
+    ):
+        raise ConfigError(
+            f"{name}={seconds!r} is invalid: use {minimum:g} to {MAX_SECONDS} seconds"
+        )
     return float(seconds)
 
 
@@ -90,7 +106,9 @@ class KeyRecord:
         return self.revoked_at is None
 
     def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and self.expires_at <= (time.time() if now is None else now)
+        return self.expires_at is not None and self.expires_at <= (
+            time.time() if now is None else now
+        )
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -98,31 +116,53 @@ class KeyRecord:
     def public(self) -> dict:
         """What the admin API and ``keys list`` show: never the hash, never the key."""
         return {
-            "id": self.id, "account": self.account, "prefix": self.prefix, "name": self.name,
-            "created_at": self.created_at, "revoked_at": self.revoked_at, "active": self.active,
-            "expires_at": self.expires_at, "expired": self.expired(),
-            "models": list(self.models) if self.models is not None else None, "rotated_from": self.rotated_from,
+            "id": self.id,
+            "account": self.account,
+            "prefix": self.prefix,
+            "name": self.name,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+            "active": self.active,
+            "expires_at": self.expires_at,
+            "expired": self.expired(),
+            "models": list(self.models) if self.models is not None else None,
+            "rotated_from": self.rotated_from,
             **self.limits.public(),
         }
 
 
 def _limits(row) -> Limits:
-    return Limits(rpm=row.rpm, tpm=row.tpm, max_concurrent=row.max_concurrent, daily_tokens=row.daily_tokens,
-                  daily_usd=row.daily_usd)
+    return Limits(
+        rpm=row.rpm,
+        tpm=row.tpm,
+        max_concurrent=row.max_concurrent,
+        daily_tokens=row.daily_tokens,
+        daily_usd=row.daily_usd,
+    )
 
 
 def _record(row, account_limits: Limits = Limits()) -> KeyRecord:
     """From an ``ApiKey`` object or a result row of the ``api_keys`` columns."""
     return KeyRecord(
-        id=row.id, account=row.account_id, prefix=row.prefix, name=row.name, created_at=row.created_at,
-        revoked_at=row.revoked_at, key_hash=row.key_hash, limits=_limits(row), expires_at=row.expires_at,
-        models=tuple(row.models) if row.models is not None else None, rotated_from=row.rotated_from,
+        id=row.id,
+        account=row.account_id,
+        prefix=row.prefix,
+        name=row.name,
+        created_at=row.created_at,
+        revoked_at=row.revoked_at,
+        key_hash=row.key_hash,
+        limits=_limits(row),
+        expires_at=row.expires_at,
+        models=tuple(row.models) if row.models is not None else None,
+        rotated_from=row.rotated_from,
         account_limits=account_limits,
     )
 
 
 _COLUMNS = select(*ApiKey.__table__.columns)
-_ACCOUNT_LIMITS = select(Account.rpm, Account.tpm, Account.max_concurrent, Account.daily_tokens, Account.daily_usd)
+_ACCOUNT_LIMITS = select(
+    Account.rpm, Account.tpm, Account.max_concurrent, Account.daily_tokens, Account.daily_usd
+)
 
 
 class KeyStore:
@@ -131,9 +171,16 @@ class KeyStore:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def create(self, account: str, *, limits: Limits = Limits(), name: str | None = None,
-               expires_at: float | None = None, models=None,
-               _rotated_from: str | None = None) -> tuple[KeyRecord, str]:
+    def create(
+        self,
+        account: str,
+        *,
+        limits: Limits = Limits(),
+        name: str | None = None,
+        expires_at: float | None = None,
+        models=None,
+        _rotated_from: str | None = None,
+    ) -> tuple[KeyRecord, str]:
         """Create a key for ``account`` (created if new). Returns the record and the secret key,
         which exists nowhere else afterwards."""
         check_account(account)
@@ -145,15 +192,32 @@ class KeyStore:
         secret = KEY_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
         row = ApiKey(
-            id="key_" + secrets.token_hex(6), account_id=account, key_hash=hash_key(secret),
-            prefix=secret[:8], name=name, created_at=now, rpm=limits.rpm, tpm=limits.tpm,
-            max_concurrent=limits.max_concurrent, daily_tokens=limits.daily_tokens, daily_usd=limits.daily_usd,
-            expires_at=expires_at, models=list(models) if models is not None else None, rotated_from=_rotated_from,
+            id="key_" + secrets.token_hex(6),
+            account_id=account,
+            key_hash=hash_key(secret),
+            prefix=secret[:8],
+            name=name,
+            created_at=now,
+            rpm=limits.rpm,
+            tpm=limits.tpm,
+            max_concurrent=limits.max_concurrent,
+            daily_tokens=limits.daily_tokens,
+            daily_usd=limits.daily_usd,
+            expires_at=expires_at,
+            models=list(models) if models is not None else None,
+            rotated_from=_rotated_from,
         )
         with self.engine.begin() as conn:
             account_limits = self._ensure_account(conn, account, now)
-            conn.execute(ApiKey.__table__.insert().values(
-                {c.name: getattr(row, c.key) for c in ApiKey.__table__.columns if getattr(row, c.key) is not None}))
+            conn.execute(
+                ApiKey.__table__.insert().values(
+                    {
+                        c.name: getattr(row, c.key)
+                        for c in ApiKey.__table__.columns
+                        if getattr(row, c.key) is not None
+                    }
+                )
+            )
         return _record(row, account_limits), secret
 
     @staticmethod
@@ -161,12 +225,15 @@ class KeyStore:
         """The account's limits, creating it (unlimited) if new."""
         found = conn.execute(_ACCOUNT_LIMITS.where(Account.id == account)).first()
         if found is None:
-            conn.execute(Account.__table__.insert().values(id=account, created_at=now, disabled=False))
+            conn.execute(
+                Account.__table__.insert().values(id=account, created_at=now, disabled=False)
+            )
             return Limits()
         return _limits(found)
 
-    def rotate(self, key_id: str, *, grace_s: float,
-               expires_at: float | None = None) -> tuple[KeyRecord, str, KeyRecord]:
+    def rotate(
+        self, key_id: str, *, grace_s: float, expires_at: float | None = None
+    ) -> tuple[KeyRecord, str, KeyRecord]:
         """A new key for the same account, limits, name and models; the old key expires after
         ``grace_s`` seconds (or keeps an earlier expiry). Returns (new record, its secret, old
         record). The new key expires at ``expires_at`` (default: never)."""
@@ -175,14 +242,27 @@ class KeyStore:
         if old is None:
             raise ConfigError(f"no key with id {key_id!r}; `distillguard keys list` shows the ids")
         if not old.active:
-            raise ConfigError(f"key {key_id!r} is revoked: create a new key with `distillguard keys create` "
-                              "instead of rotating it")
-        new, secret = self.create(old.account, limits=old.limits, name=old.name, models=old.models,
-                                  expires_at=expires_at, _rotated_from=old.id)
+            raise ConfigError(
+                f"key {key_id!r} is revoked: create a new key with `distillguard keys create` "
+                "instead of rotating it"
+            )
+        new, secret = self.create(
+            old.account,
+            limits=old.limits,
+            name=old.name,
+            models=old.models,
+            expires_at=expires_at,
+            _rotated_from=old.id,
+        )
         until = time.time() + grace_s
         with self.engine.begin() as conn:
-            conn.execute(update(ApiKey).where(ApiKey.id == key_id, (ApiKey.expires_at.is_(None))
-                                              | (ApiKey.expires_at > until)).values(expires_at=until))
+            conn.execute(
+                update(ApiKey)
+                .where(
+                    ApiKey.id == key_id, (ApiKey.expires_at.is_(None)) | (ApiKey.expires_at > until)
+                )
+                .values(expires_at=until)
+            )
         return new, secret, self.get(key_id)
 
     def list(self, account: str | None = None, *, include_revoked: bool = True) -> list[KeyRecord]:
@@ -202,8 +282,11 @@ class KeyStore:
     def revoke(self, key_id: str) -> KeyRecord:
         """Revoke a key (idempotent: revoking twice keeps the first revocation time)."""
         with self.engine.begin() as conn:
-            conn.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
-                         .values(revoked_at=time.time()))
+            conn.execute(
+                update(ApiKey)
+                .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
         record = self.get(key_id)
         if record is None:
             raise ConfigError(f"no key with id {key_id!r}; `distillguard keys list` shows the ids")

@@ -43,7 +43,10 @@ _IDEMPOTENT = IdempotentResponse.__table__
 
 
 class LedgerUnavailable(ServiceUnavailable):
-    def __init__(self, message: str = "the request ledger is unavailable, so the response was withheld; retry later"):
+    def __init__(
+        self,
+        message: str = "the request ledger is unavailable, so the response was withheld; retry later",
+    ):
         super().__init__(message, code="ledger_unavailable")
 
 
@@ -59,8 +62,15 @@ class _Pending:
 
 
 class Ledger:
-    def __init__(self, engine: Engine, *, max_batch: int = 512, retries: int = 3, wait_s: float = 30.0,
-                 wedged_s: float = 30.0):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 512,
+        retries: int = 3,
+        wait_s: float = 30.0,
+        wedged_s: float = 30.0,
+    ):
         self.engine = engine
         self.max_batch = max_batch
         self.retries = retries
@@ -102,9 +112,11 @@ class Ledger:
         fut = self.submit(row, idempotent=idempotent)
         try:
             await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
-        except asyncio.TimeoutError:
-            raise LedgerUnavailable(f"the request ledger did not commit within {self.wait_s:g} s, so the response "
-                                    "was withheld; retry later") from None
+        except TimeoutError:
+            raise LedgerUnavailable(
+                f"the request ledger did not commit within {self.wait_s:g} s, so the response "
+                "was withheld; retry later"
+            ) from None
 
     def problem(self) -> str | None:
         """Why the ledger cannot take rows now (its writer is dead or wedged), or None."""
@@ -112,8 +124,10 @@ class Ledger:
             return "the ledger writer is not running"
         since = self._writing_since
         if since is not None and time.monotonic() - since > self.wedged_s:
-            return (f"the ledger has not committed a row queued {time.monotonic() - since:.0f} s ago "
-                    f"(last error: {self.last_error or 'none'})")
+            return (
+                f"the ledger has not committed a row queued {time.monotonic() - since:.0f} s ago "
+                f"(last error: {self.last_error or 'none'})"
+            )
         return None
 
     def _run(self) -> None:
@@ -158,11 +172,19 @@ class Ledger:
         """Keep a trace of a row the database refused: the request happened (and may have been
         charged), so the ledger gets a stub without the content, saying its client got a 503."""
         self.rows_refused += 1
-        stub = {**p.row, "model": None, "response_text": None, "status": 503, "error_code": "ledger_refused",
-                "request_body": {"_unstorable": describe(error)}}
+        stub = {
+            **p.row,
+            "model": None,
+            "response_text": None,
+            "status": 503,
+            "error_code": "ledger_refused",
+            "request_body": {"_unstorable": describe(error)},
+        }
         release = None if p.idempotent is None else {**p.idempotent, "response": None}
         if self._commit([_Pending(stub, p.future, p.loop, release)]) is not None:
-            log.error("ledger could not record even the stub of request %s", p.row.get("request_id"))
+            log.error(
+                "ledger could not record even the stub of request %s", p.row.get("request_id")
+            )
 
     def _commit(self, batch: list[_Pending]) -> BaseException | None:
         error: BaseException | None = None
@@ -184,7 +206,12 @@ class Ledger:
                 self.last_error = describe(exc)
                 if not _transient(exc):
                     return exc  # the rows themselves: retrying cannot help
-                log.warning("ledger write failed (attempt %d/%d): %s", attempt + 1, self.retries, self.last_error)
+                log.warning(
+                    "ledger write failed (attempt %d/%d): %s",
+                    attempt + 1,
+                    self.retries,
+                    self.last_error,
+                )
                 time.sleep(0.05 * 2**attempt)
         return error
 
@@ -204,28 +231,42 @@ class Ledger:
             self._conn = None
 
     def _answer(self, batch: list[_Pending], error: BaseException | None) -> None:
-        if error is not None:  # the clients get a 503; the operator needs the reason (never the content)
-            log.error("ledger refused %d row(s) (%s): %s", len(batch),
-                      ", ".join(str(p.row.get("request_id")) for p in batch[:5]), describe(error))
+        if (
+            error is not None
+        ):  # the clients get a 503; the operator needs the reason (never the content)
+            log.error(
+                "ledger refused %d row(s) (%s): %s",
+                len(batch),
+                ", ".join(str(p.row.get("request_id")) for p in batch[:5]),
+                describe(error),
+            )
         for p in batch:
             try:
-                p.loop.call_soon_threadsafe(_resolve, p.future, None if error is None else LedgerUnavailable())
+                p.loop.call_soon_threadsafe(
+                    _resolve, p.future, None if error is None else LedgerUnavailable()
+                )
             except RuntimeError:  # the event loop is closed: nobody is waiting
                 pass
 
 
 def _transient(exc: BaseException) -> bool:
     """A failure of the connection or the server, worth retrying, rather than of the rows."""
-    return isinstance(exc, (OperationalError, InterfaceError)) or bool(getattr(exc, "connection_invalidated", False))
+    return isinstance(exc, (OperationalError, InterfaceError)) or bool(
+        getattr(exc, "connection_invalidated", False)
+    )
 
 
 def describe(exc: BaseException) -> str:
     """What went wrong, for the log: the driver's first line, never the statement's parameters
     (they hold prompts, answers and idempotency keys). ASCII, so a log handler cannot choke on it."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
-        text = f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if str(exc.orig) else ''}"
+        text = (
+            f"{type(exc.orig).__name__}: {str(exc.orig).splitlines()[0] if str(exc.orig) else ''}"
+        )
     elif isinstance(exc, SQLAlchemyError):
-        text = f"{type(exc).__name__}" + (f" ({type(exc.__cause__).__name__})" if exc.__cause__ else "")
+        text = f"{type(exc).__name__}" + (
+            f" ({type(exc.__cause__).__name__})" if exc.__cause__ else ""
+        )
     elif isinstance(exc, UnicodeError):
         text = f"{type(exc).__name__}: {getattr(exc, 'reason', '')}"
     else:
@@ -235,13 +276,23 @@ def describe(exc: BaseException) -> str:
 
 def _settle_claim(conn: Connection, claim: dict) -> None:
     """Store the response under the Idempotency-Key this request claimed, or release the claim."""
-    mine = ((_IDEMPOTENT.c.account_id == claim["account_id"]) & (_IDEMPOTENT.c.key == claim["key"])
-            & (_IDEMPOTENT.c.request_id == claim["request_id"]))
+    mine = (
+        (_IDEMPOTENT.c.account_id == claim["account_id"])
+        & (_IDEMPOTENT.c.key == claim["key"])
+        & (_IDEMPOTENT.c.request_id == claim["request_id"])
+    )
     if claim.get("response") is None:
         conn.execute(_IDEMPOTENT.delete().where(mine & _IDEMPOTENT.c.response.is_(None)))
         return
-    stored = conn.execute(_IDEMPOTENT.update().where(mine).values(
-        response=claim["response"], request_hash=claim["request_hash"], created_at=claim["created_at"]))
+    stored = conn.execute(
+        _IDEMPOTENT.update()
+        .where(mine)
+        .values(
+            response=claim["response"],
+            request_hash=claim["request_hash"],
+            created_at=claim["created_at"],
+        )
+    )
     if stored.rowcount == 0:
         # No claim of ours (written directly, or taken over after it went stale): store the
         # response unless another request holds the key, which then answers its retries.
@@ -292,6 +343,7 @@ def _resolve(fut: asyncio.Future, exc: BaseException | None) -> None:
 
 # ---- traffic-log export and import (DESIGN.md "Traffic log") ----------------------------
 
+
 def to_traffic(row) -> dict:
     """One ledger row as a traffic-log record."""
     record = {"ts": row.ts, "account": row.account_id, "request": row.request_body or {}}
@@ -299,7 +351,10 @@ def to_traffic(row) -> dict:
         record["ip"] = row.client_ip
     response: dict = {"status": row.status}
     if row.prompt_tokens is not None or row.completion_tokens is not None:
-        response["usage"] = {"prompt_tokens": row.prompt_tokens, "completion_tokens": row.completion_tokens}
+        response["usage"] = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+        }
     if row.response_text is not None:
         response["text"] = row.response_text
     record["response"] = response
@@ -308,11 +363,15 @@ def to_traffic(row) -> dict:
     return record
 
 
-def export_traffic(engine: Engine, out: IO[str], *, since: float | None = None,
-                   account: str | None = None) -> int:
+def export_traffic(
+    engine: Engine, out: IO[str], *, since: float | None = None, account: str | None = None
+) -> int:
     """Write the ledger as JSONL traffic records, oldest first; returns the count."""
-    query = (select(*LedgerRow.__table__.columns).where(LedgerRow.account_id.is_not(None))
-             .order_by(LedgerRow.ts, LedgerRow.id))
+    query = (
+        select(*LedgerRow.__table__.columns)
+        .where(LedgerRow.account_id.is_not(None))
+        .order_by(LedgerRow.ts, LedgerRow.id)
+    )
     if since is not None:
         query = query.where(LedgerRow.ts >= since)
     if account is not None:
@@ -342,8 +401,9 @@ def read_traffic(lines: Iterable[str], *, source: str = "<traffic>") -> Iterator
         yield lineno, record
 
 
-def import_traffic(engine: Engine, lines: Iterable[str], *, source: str = "<traffic>",
-                   batch: int = 1000) -> int:
+def import_traffic(
+    engine: Engine, lines: Iterable[str], *, source: str = "<traffic>", batch: int = 1000
+) -> int:
     """Load traffic-log records into the ledger. Idempotent: re-importing a file adds nothing."""
     import hashlib
 
@@ -358,20 +418,30 @@ def import_traffic(engine: Engine, lines: Iterable[str], *, source: str = "<traf
     def flush() -> None:
         if rows:
             with engine.begin() as conn:
-                conn.execute(stmt(table).on_conflict_do_nothing(index_elements=["request_id"]), rows)
+                conn.execute(
+                    stmt(table).on_conflict_do_nothing(index_elements=["request_id"]), rows
+                )
             rows.clear()
 
     for _, rec in read_traffic(lines, source=source):
         usage = (rec.get("response") or {}).get("usage") or {}
         digest = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:40]
-        rows.append({
-            "request_id": f"import-{digest}", "ts": float(rec["ts"]), "account_id": rec["account"],
-            "client_ip": rec.get("ip"), "model": rec["request"].get("model"), "request_body": rec["request"],
-            "response_text": (rec.get("response") or {}).get("text"),
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "status": int((rec.get("response") or {}).get("status", 200)), "stream": bool(rec["request"].get("stream")),
-            "label": rec.get("label"),
-        })
+        rows.append(
+            {
+                "request_id": f"import-{digest}",
+                "ts": float(rec["ts"]),
+                "account_id": rec["account"],
+                "client_ip": rec.get("ip"),
+                "model": rec["request"].get("model"),
+                "request_body": rec["request"],
+                "response_text": (rec.get("response") or {}).get("text"),
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "status": int((rec.get("response") or {}).get("status", 200)),
+                "stream": bool(rec["request"].get("stream")),
+                "label": rec.get("label"),
+            }
+        )
         n += 1
         if len(rows) >= batch:
             flush()
@@ -381,11 +451,29 @@ def import_traffic(engine: Engine, lines: Iterable[str], *, source: str = "<traf
 
 def account_usage(engine: Engine, account: str | None = None) -> list[dict]:
     """Requests, tokens and last-seen time per account, from the ledger."""
-    query = (select(LedgerRow.account_id, func.count(), func.coalesce(func.sum(LedgerRow.prompt_tokens), 0),
-                    func.coalesce(func.sum(LedgerRow.completion_tokens), 0), func.max(LedgerRow.ts))
-             .where(LedgerRow.account_id.is_not(None)).group_by(LedgerRow.account_id).order_by(LedgerRow.account_id))
+    query = (
+        select(
+            LedgerRow.account_id,
+            func.count(),
+            func.coalesce(func.sum(LedgerRow.prompt_tokens), 0),
+            func.coalesce(func.sum(LedgerRow.completion_tokens), 0),
+            func.max(LedgerRow.ts),
+        )
+        .where(LedgerRow.account_id.is_not(None))
+        .group_by(LedgerRow.account_id)
+        .order_by(LedgerRow.account_id)
+    )
     if account is not None:
         query = query.where(LedgerRow.account_id == account)
     with engine.connect() as conn:
-        return [{"account": a, "requests": int(c), "prompt_tokens": int(p), "completion_tokens": int(k),
-                 "total_tokens": int(p) + int(k), "last_seen": last} for a, c, p, k, last in conn.execute(query)]
+        return [
+            {
+                "account": a,
+                "requests": int(c),
+                "prompt_tokens": int(p),
+                "completion_tokens": int(k),
+                "total_tokens": int(p) + int(k),
+                "last_seen": last,
+            }
+            for a, c, p, k, last in conn.execute(query)
+        ]

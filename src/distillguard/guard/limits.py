@@ -53,9 +53,9 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,7 +85,12 @@ DAY = 86_400  # seconds in a UTC day (POSIX time has no leap seconds)
 MAX_RATE = 10**9
 MAX_DAILY_TOKENS = 10**15
 MAX_DAILY_USD = 10**9
-_BOUNDS = {"rpm": MAX_RATE, "tpm": MAX_RATE, "max_concurrent": MAX_RATE, "daily_tokens": MAX_DAILY_TOKENS}
+_BOUNDS = {
+    "rpm": MAX_RATE,
+    "tpm": MAX_RATE,
+    "max_concurrent": MAX_RATE,
+    "daily_tokens": MAX_DAILY_TOKENS,
+}
 
 
 @dataclass(frozen=True)
@@ -109,16 +114,25 @@ class Limits:
                     "for unlimited (to block a key, revoke it instead of setting a limit of 0)"
                 )
         usd = self.daily_usd
-        if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float))
-                                or not math.isfinite(usd) or not 0 < usd <= MAX_DAILY_USD):
+        if usd is not None and (
+            isinstance(usd, bool)
+            or not isinstance(usd, (int, float))
+            or not math.isfinite(usd)
+            or not 0 < usd <= MAX_DAILY_USD
+        ):
             raise ConfigError(
                 f"Limits.daily_usd={usd!r} is invalid: use a number of dollars above 0 and up to "
                 f"{MAX_DAILY_USD}, or None for unlimited"
             )
 
     def public(self) -> dict:
-        return {"rpm": self.rpm, "tpm": self.tpm, "max_concurrent": self.max_concurrent,
-                "daily_tokens": self.daily_tokens, "daily_usd": self.daily_usd}
+        return {
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "max_concurrent": self.max_concurrent,
+            "daily_tokens": self.daily_tokens,
+            "daily_usd": self.daily_usd,
+        }
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,9 @@ class Lease:
 
 
 class Limiter(Protocol):
-    async def acquire(self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0) -> Lease:
+    async def acquire(
+        self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0
+    ) -> Lease:
         """Check every limit of every scope and, only if all pass, record one request, reserve
         ``tokens`` and ``usd`` (upper bounds) in each scope's window and today's quotas, and take
         a concurrency slot in each. The scopes must belong to one account (``scope_account``).
@@ -151,7 +167,9 @@ class Limiter(Protocol):
         """
         ...
 
-    async def release(self, lease: Lease, actual_tokens: int, actual_usd: float | None = None) -> None:
+    async def release(
+        self, lease: Lease, actual_tokens: int, actual_usd: float | None = None
+    ) -> None:
         """Free the lease's concurrency slots and settle its reservation to ``actual_tokens`` and
         ``actual_usd`` (None: the dollars stay charged as reserved). Releasing twice is a no-op."""
         ...
@@ -170,7 +188,9 @@ class Price(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: float = Field(ge=0, le=1e6, allow_inf_nan=False, description="USD per 1M prompt tokens")
-    completion: float = Field(ge=0, le=1e6, allow_inf_nan=False, description="USD per 1M completion tokens")
+    completion: float = Field(
+        ge=0, le=1e6, allow_inf_nan=False, description="USD per 1M completion tokens"
+    )
 
     def usd(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.prompt + completion_tokens * self.completion) / 1_000_000
@@ -207,14 +227,24 @@ def _check_request(scopes: Mapping[str, Limits], tokens: int, usd: float) -> Non
     """Refuse, with a 400, a reservation that no amount of waiting would let through."""
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens={tokens!r}: pass the reserved token count, an int >= 0")
-    if isinstance(usd, bool) or not isinstance(usd, (int, float)) or not math.isfinite(usd) or usd < 0:
+    if (
+        isinstance(usd, bool)
+        or not isinstance(usd, (int, float))
+        or not math.isfinite(usd)
+        or usd < 0
+    ):
         raise ValueError(f"usd={usd!r}: pass the reserved dollars, a finite number >= 0")
     if not scopes:
         raise ValueError("scopes is empty: pass at least one scope and its limits")
     if len({scope_account(s) for s in scopes}) != 1:
-        raise ValueError(f"scopes {list(scopes)!r} belong to different accounts: one request, one account")
+        raise ValueError(
+            f"scopes {list(scopes)!r} belong to different accounts: one request, one account"
+        )
     for scope, limits in scopes.items():
-        for name, limit in (("tokens per minute", limits.tpm), ("tokens per day", limits.daily_tokens)):
+        for name, limit in (
+            ("tokens per minute", limits.tpm),
+            ("tokens per day", limits.daily_tokens),
+        ):
             if limit is not None and tokens > limit:
                 raise InvalidRequestError(
                     f"This request needs up to {tokens} tokens (prompt + max_tokens), more than the "
@@ -236,9 +266,12 @@ def _check_request(scopes: Mapping[str, Limits], tokens: int, usd: float) -> Non
 def _check_actual(actual_tokens: int, actual_usd: float | None) -> None:
     if isinstance(actual_tokens, bool) or not isinstance(actual_tokens, int) or actual_tokens < 0:
         raise ValueError(f"actual_tokens={actual_tokens!r}: pass the tokens used, an int >= 0")
-    if actual_usd is not None and (not isinstance(actual_usd, (int, float)) or not math.isfinite(actual_usd)
-                                   or actual_usd < 0):
-        raise ValueError(f"actual_usd={actual_usd!r}: pass the dollars spent, a finite number >= 0, or None")
+    if actual_usd is not None and (
+        not isinstance(actual_usd, (int, float)) or not math.isfinite(actual_usd) or actual_usd < 0
+    ):
+        raise ValueError(
+            f"actual_usd={actual_usd!r}: pass the dollars spent, a finite number >= 0, or None"
+        )
 
 
 def _retry_s(wait: float) -> int:
@@ -247,7 +280,10 @@ def _retry_s(wait: float) -> int:
 
 
 def _refuse(
-    scopes: Mapping[str, Limits], tokens: int, usd: float, window: float,
+    scopes: Mapping[str, Limits],
+    tokens: int,
+    usd: float,
+    window: float,
     refusals: list[tuple[str, str, int, int]],
 ) -> RateLimited:
     """One error for the refused limits ``(scope, limit, used, retry_after)``: the one that frees
@@ -304,7 +340,9 @@ class _ScopeState:
     day: int = -1  # UTC day number that day_tokens and day_micro count
     day_tokens: int = 0
     day_micro: int = 0  # micro-dollars
-    day_leases: dict[str, tuple[int, int]] = field(default_factory=dict)  # unsettled lease -> reserved
+    day_leases: dict[str, tuple[int, int]] = field(
+        default_factory=dict
+    )  # unsettled lease -> reserved
 
 
 class MemoryLimiter:
@@ -352,7 +390,9 @@ class MemoryLimiter:
             s.day, s.day_tokens, s.day_micro, s.day_leases = today, 0, 0, {}
         return s
 
-    def _refusals(self, scope: str, limits: Limits, s: _ScopeState, tokens: int, micro: int, now: float):
+    def _refusals(
+        self, scope: str, limits: Limits, s: _ScopeState, tokens: int, micro: int, now: float
+    ):
         if limits.rpm is not None and len(s.window) + 1 > limits.rpm:
             # Fits once the oldest len - rpm + 1 entries have left the window.
             oldest_needed = s.window[len(s.window) - limits.rpm]
@@ -369,17 +409,24 @@ class MemoryLimiter:
         to_midnight = _retry_s((s.day + 1) * DAY - now)
         if limits.daily_tokens is not None and s.day_tokens + tokens > limits.daily_tokens:
             yield scope, "daily_tokens", s.day_tokens, to_midnight
-        if limits.daily_usd is not None and s.day_micro + micro > round(limits.daily_usd * 1_000_000):
+        if limits.daily_usd is not None and s.day_micro + micro > round(
+            limits.daily_usd * 1_000_000
+        ):
             yield scope, "daily_usd", s.day_micro, to_midnight
 
-    async def acquire(self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0) -> Lease:
+    async def acquire(
+        self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0
+    ) -> Lease:
         _check_request(scopes, tokens, usd)
         micro = _micro(usd)
         # No await from here on: this check-and-record is atomic within the event loop.
         now = self.clock()
         states = {scope: self._state(scope, now) for scope in scopes}
-        refusals = [r for scope, limits in scopes.items()
-                    for r in self._refusals(scope, limits, states[scope], tokens, micro, now)]
+        refusals = [
+            r
+            for scope, limits in scopes.items()
+            for r in self._refusals(scope, limits, states[scope], tokens, micro, now)
+        ]
         if refusals:
             raise _refuse(scopes, tokens, usd, self.window, refusals)
 
@@ -395,7 +442,9 @@ class MemoryLimiter:
             s.day_leases[lease_id] = (tokens, micro)
         return Lease(tuple(scopes), lease_id, tokens, now, now + self.lease_ttl, micro / 1_000_000)
 
-    async def release(self, lease: Lease, actual_tokens: int, actual_usd: float | None = None) -> None:
+    async def release(
+        self, lease: Lease, actual_tokens: int, actual_usd: float | None = None
+    ) -> None:
         _check_actual(actual_tokens, actual_usd)
         now = self.clock()
         for scope in lease.scopes:
@@ -664,7 +713,9 @@ class RedisLimiter:
             keys += [f"{base}:win", f"{base}:amt", f"{base}:inflight", f"{base}:day"]
         return keys
 
-    async def acquire(self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0) -> Lease:
+    async def acquire(
+        self, scopes: Mapping[str, Limits], tokens: int, *, usd: float = 0.0
+    ) -> Lease:
         _check_request(scopes, tokens, usd)
         micro = _micro(usd)
         lease_id = _new_lease_id()
@@ -672,20 +723,33 @@ class RedisLimiter:
         args = [lease_id, tokens, micro, self._window_us, self._ttl_us]
         for limits in scopes.values():
             daily_micro = None if limits.daily_usd is None else round(limits.daily_usd * 1_000_000)
-            values = (limits.rpm, limits.tpm, limits.max_concurrent, limits.daily_tokens, daily_micro)
+            values = (
+                limits.rpm,
+                limits.tpm,
+                limits.max_concurrent,
+                limits.daily_tokens,
+                daily_micro,
+            )
             args += [unlimited if v is None else v for v in values]
         reply = await self._acquire(keys=self._keys(scopes), args=args)
         names = list(scopes)
         if reply[0] == 0:
-            refusals = [(names[int(i) - 1], str(limit), int(used), int(retry)) for i, limit, used, retry in reply[1]]
+            refusals = [
+                (names[int(i) - 1], str(limit), int(used), int(retry))
+                for i, limit, used, retry in reply[1]
+            ]
             raise _refuse(scopes, tokens, usd, self.window, refusals)
         now = int(reply[1]) / 1_000_000
         return Lease(tuple(names), lease_id, tokens, now, now + self.lease_ttl, micro / 1_000_000)
 
-    async def release(self, lease: Lease, actual_tokens: int, actual_usd: float | None = None) -> None:
+    async def release(
+        self, lease: Lease, actual_tokens: int, actual_usd: float | None = None
+    ) -> None:
         _check_actual(actual_tokens, actual_usd)
         micro = -1 if actual_usd is None else _micro(actual_usd)
-        await self._release(keys=self._keys(lease.scopes), args=[lease.lease_id, actual_tokens, micro])
+        await self._release(
+            keys=self._keys(lease.scopes), args=[lease.lease_id, actual_tokens, micro]
+        )
 
     async def usage(self, scope: str) -> dict:
         requests, tokens, today, in_flight, micro = await self._usage(

@@ -19,22 +19,52 @@ class Metrics:
         self.account_labels = account_labels
         self.registry = CollectorRegistry()
         extra = ["account"] if account_labels else []
-        self.requests = Counter("distillguard_requests", "Chat completion requests by HTTP status",
-                                ["status", *extra], registry=self.registry)
-        self.tokens = Counter("distillguard_tokens", "Tokens served", ["kind", *extra], registry=self.registry)
-        self.latency = Histogram("distillguard_request_seconds", "Request latency (to the last byte)",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.rate_limited = Counter("distillguard_rate_limited", "Requests refused with 429, by limit",
-                                    ["limit"], registry=self.registry)
-        self.policy_actions = Counter("distillguard_policy_actions", "Countermeasures applied, by action",
-                                      ["action"], registry=self.registry)
-        self.verdicts = Counter("distillguard_verdicts", "Verdicts recorded, by level and source",
-                                ["level", "source"], registry=self.registry)
-        self.alert_failures = Counter("distillguard_alert_failures", "Alert webhook calls that failed",
-                                      registry=self.registry)
+        self.requests = Counter(
+            "distillguard_requests",
+            "Chat completion requests by HTTP status",
+            ["status", *extra],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "distillguard_tokens", "Tokens served", ["kind", *extra], registry=self.registry
+        )
+        self.latency = Histogram(
+            "distillguard_request_seconds",
+            "Request latency (to the last byte)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "distillguard_rate_limited",
+            "Requests refused with 429, by limit",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.policy_actions = Counter(
+            "distillguard_policy_actions",
+            "Countermeasures applied, by action",
+            ["action"],
+            registry=self.registry,
+        )
+        self.verdicts = Counter(
+            "distillguard_verdicts",
+            "Verdicts recorded, by level and source",
+            ["level", "source"],
+            registry=self.registry,
+        )
+        self.alert_failures = Counter(
+            "distillguard_alert_failures", "Alert webhook calls that failed", registry=self.registry
+        )
 
-    def observe(self, *, status: int, account: str | None, prompt_tokens: int | None,
-                completion_tokens: int | None, seconds: float) -> None:
+    def observe(
+        self,
+        *,
+        status: int,
+        account: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        seconds: float,
+    ) -> None:
         extra = {"account": account or "-"} if self.account_labels else {}
         self.requests.labels(status=str(status), **extra).inc()
         if prompt_tokens:

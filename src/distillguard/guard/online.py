@@ -30,7 +30,9 @@ class OnlineDetection:
         if extracting_after < 1:
             from distillguard.errors import ConfigError
 
-            raise ConfigError(f"extracting_after={extracting_after} must be >= 1 (flagged requests before 'extracting')")
+            raise ConfigError(
+                f"extracting_after={extracting_after} must be >= 1 (flagged requests before 'extracting')"
+            )
         self.monitor = monitor
         self.extracting_after = extracting_after
         self._flags: dict[str, int] = {}
@@ -54,7 +56,9 @@ class OnlineDetection:
         if getattr(verdict, "cluster", None):
             reasons.append(f"linked accounts scored as one actor: cluster {verdict.cluster}")
         if level == Level.EXTRACTING:
-            reasons.insert(0, f"still flagged {self.extracting_after} requests after the first flag")
+            reasons.insert(
+                0, f"still flagged {self.extracting_after} requests after the first flag"
+            )
         return LevelVerdict(level=level, score=float(verdict.score), reasons=tuple(reasons))
 
     def observe_batch(self, records: Sequence[dict]) -> list[LevelVerdict | None]:

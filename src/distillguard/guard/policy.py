@@ -57,7 +57,9 @@ class Level(IntEnum):
         elif isinstance(value, str) and value.upper() in cls.__members__:
             return cls[value.upper()]
         names = ", ".join(m.name.lower() for m in cls)
-        raise ConfigError(f"unknown verdict level {value!r}: use one of {names} (or 0-{len(cls) - 1})")
+        raise ConfigError(
+            f"unknown verdict level {value!r}: use one of {names} (or 0-{len(cls) - 1})"
+        )
 
 
 ACTIONS: dict[str, str] = {
@@ -128,18 +130,33 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ladder: dict[str, list[str]] = Field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_LADDER.items()},
-                                         description="level name -> actions (see ACTIONS)")
+    ladder: dict[str, list[str]] = Field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_LADDER.items()},
+        description="level name -> actions (see ACTIONS)",
+    )
     throttle_factor: float = Field(0.25, gt=0, le=1, description="multiplies the key's rpm and tpm")
     throttle_rpm: int = Field(6, ge=1, description="rpm of a throttled key that has no rpm limit")
     # 16k: a benign multi-turn user (long prompts carry the conversation) throttled by mistake
     # loses 0.2% of requests; 4k cost 3.3% (bench/policy_impact.py)
-    throttle_tpm: int = Field(16_000, ge=1, description="tpm of a throttled key that has no tpm limit")
-    logprobs_cap: int = Field(0, ge=0, le=20, description="top_logprobs allowed under limit_logprobs (0: none)")
-    watermark_boost_delta: float = Field(4.0, gt=0, description="watermark bias under watermark_boost")
-    antidistill_lambda: float = Field(1.0, gt=0, le=20, description="strength of antidistillation sampling "
-                                      "(nats per unit of typical Δ; bench/antidistill.py measures its cost)")
-    canary_rate: float = Field(0.1, ge=0, le=1, description="share of answers that are canaries under canary")
+    throttle_tpm: int = Field(
+        16_000, ge=1, description="tpm of a throttled key that has no tpm limit"
+    )
+    logprobs_cap: int = Field(
+        0, ge=0, le=20, description="top_logprobs allowed under limit_logprobs (0: none)"
+    )
+    watermark_boost_delta: float = Field(
+        4.0, gt=0, description="watermark bias under watermark_boost"
+    )
+    antidistill_lambda: float = Field(
+        1.0,
+        gt=0,
+        le=20,
+        description="strength of antidistillation sampling "
+        "(nats per unit of typical Δ; bench/antidistill.py measures its cost)",
+    )
+    canary_rate: float = Field(
+        0.1, ge=0, le=1, description="share of answers that are canaries under canary"
+    )
     alert_webhook: str | None = Field(None, description="URL that receives alerts (JSON POST)")
 
     @field_validator("ladder")
@@ -151,10 +168,14 @@ class PolicyConfig(BaseModel):
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
             if parsed == Level.OK and actions:
-                raise ValueError("level 'ok' takes no actions (it is every account that nothing flagged)")
+                raise ValueError(
+                    "level 'ok' takes no actions (it is every account that nothing flagged)"
+                )
             unknown = [a for a in actions if a not in ACTIONS]
             if unknown:
-                raise ValueError(f"unknown action(s) {unknown} for level {level!r}: use {sorted(ACTIONS)}")
+                raise ValueError(
+                    f"unknown action(s) {unknown} for level {level!r}: use {sorted(ACTIONS)}"
+                )
         return ladder
 
     @classmethod
@@ -182,9 +203,11 @@ class PolicyConfig(BaseModel):
     def decide(self, level: Level) -> Decision:
         actions = self.actions_for(level)
         return Decision(
-            level=level, actions=actions,
+            level=level,
+            actions=actions,
             throttle_factor=self.throttle_factor if "throttle" in actions else None,
-            throttle_rpm=self.throttle_rpm, throttle_tpm=self.throttle_tpm,
+            throttle_rpm=self.throttle_rpm,
+            throttle_tpm=self.throttle_tpm,
             logprobs_cap=self.logprobs_cap if "limit_logprobs" in actions else None,
             watermark_delta=self.watermark_boost_delta if "watermark_boost" in actions else None,
             antidistill=self.antidistill_lambda if "antidistill" in actions else 0.0,

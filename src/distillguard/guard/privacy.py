@@ -78,8 +78,10 @@ def compile_redactions(patterns: tuple[str, ...] | list[str]) -> re.Pattern | No
         try:
             re.compile(p)
         except re.error as exc:
-            raise ConfigError(f"--redact {p!r} is not a valid regular expression ({exc}); "
-                              r"quote it for the shell, e.g. --redact '[\w.+-]+@[\w-]+\.[\w.]+'") from None
+            raise ConfigError(
+                f"--redact {p!r} is not a valid regular expression ({exc}); "
+                r"quote it for the shell, e.g. --redact '[\w.+-]+@[\w-]+\.[\w.]+'"
+            ) from None
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
@@ -90,10 +92,15 @@ def digest(text: str, content: LedgerContent) -> dict:
     rather than make the row unwritable."""
     if content == "off":
         return {"chars": len(text)}
-    return {"sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(), "chars": len(text)}
+    return {
+        "sha256": hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+        "chars": len(text),
+    }
 
 
-def private_value(value, content: LedgerContent, redact: re.Pattern | None = None, *, key: str | None = None):
+def private_value(
+    value, content: LedgerContent, redact: re.Pattern | None = None, *, key: str | None = None
+):
     """A JSON value of a request body as the ledger stores it (see the module docstring)."""
     if content != "full" and key == "content" and isinstance(value, list):
         # a message's content parts: one digest of their canonical JSON, as for a string content
@@ -111,7 +118,9 @@ def private_value(value, content: LedgerContent, redact: re.Pattern | None = Non
     return value  # numbers, booleans, null
 
 
-def private_texts(texts: list[str], content: LedgerContent, redact: re.Pattern | None = None) -> str | None:
+def private_texts(
+    texts: list[str], content: LedgerContent, redact: re.Pattern | None = None
+) -> str | None:
     """The answers' ``response_text`` column: one choice's text, or a JSON list for ``n`` > 1
     (as the gateway stores them); in ``hashes`` the JSON of each :func:`digest`; None in ``off``."""
     if not texts or content == "off":
@@ -133,7 +142,9 @@ class LedgerPrivacy:
 
     def __post_init__(self) -> None:
         if self.content not in CONTENT_MODES:
-            raise ConfigError(f"--ledger-content {self.content!r}: use one of {', '.join(CONTENT_MODES)}")
+            raise ConfigError(
+                f"--ledger-content {self.content!r}: use one of {', '.join(CONTENT_MODES)}"
+            )
         object.__setattr__(self, "_pattern", compile_redactions(self.redact))
 
     @property
@@ -145,8 +156,13 @@ class LedgerPrivacy:
         if self.verbatim:
             return row
         body = row.get("request_body")
-        return {**row, "request_body": None if body is None else private_value(body, self.content, self._pattern),
-                "response_text": private_texts(texts, self.content, self._pattern)}
+        return {
+            **row,
+            "request_body": None
+            if body is None
+            else private_value(body, self.content, self._pattern),
+            "response_text": private_texts(texts, self.content, self._pattern),
+        }
 
 
 # ---- retention ------------------------------------------------------------------------------
@@ -158,7 +174,9 @@ def parse_age(text: str) -> float:
     """Seconds in an age such as ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
     if match is None:
-        raise ConfigError(f"--older-than {text!r}: give a number and a unit, e.g. 30d, 12h, 90m, 45s or 2w")
+        raise ConfigError(
+            f"--older-than {text!r}: give a number and a unit, e.g. 30d, 12h, 90m, 45s or 2w"
+        )
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
@@ -179,18 +197,23 @@ def prune(engine, before: float, *, batch: int = 10_000) -> dict[str, int]:
     counts = {"requests": 0, "idempotent_responses": 0}
     with engine.connect() as conn:
         if sqlite:
-            conn.execute(text("PRAGMA secure_delete=ON"))  # this connection's deletes zero their pages
+            conn.execute(
+                text("PRAGMA secure_delete=ON")
+            )  # this connection's deletes zero their pages
             conn.commit()
         while True:
             with conn.begin():
-                ids = select(LedgerRow.id).where(LedgerRow.ts < before).limit(batch).scalar_subquery()
+                ids = (
+                    select(LedgerRow.id).where(LedgerRow.ts < before).limit(batch).scalar_subquery()
+                )
                 gone = conn.execute(delete(LedgerRow).where(LedgerRow.id.in_(ids))).rowcount
             counts["requests"] += gone
             if gone < batch:
                 break
         with conn.begin():
             counts["idempotent_responses"] = conn.execute(
-                delete(IdempotentResponse).where(IdempotentResponse.created_at < before)).rowcount
+                delete(IdempotentResponse).where(IdempotentResponse.created_at < before)
+            ).rowcount
         if sqlite:
             conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
             conn.commit()

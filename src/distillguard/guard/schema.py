@@ -9,7 +9,18 @@ Indexes follow the queries that run against them: the ledger is read per account
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, ForeignKey, Index, Integer, PrimaryKeyConstraint, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -108,7 +119,9 @@ class IdempotentResponse(Base):
     key: Mapped[str] = mapped_column(String(128))
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     request_id: Mapped[str] = mapped_column(String(64), nullable=False)
-    response: Mapped[dict | None] = mapped_column(JSONType, nullable=True)  # NULL: claimed, still running
+    response: Mapped[dict | None] = mapped_column(
+        JSONType, nullable=True
+    )  # NULL: claimed, still running
     # when the response was stored; while a claim, when its holder last renewed it
     created_at: Mapped[float] = mapped_column(Double, nullable=False)
 

@@ -10,4 +10,12 @@ from distillguard.models.loader import (
 )
 from distillguard.models.tiny import TinySpec
 
-__all__ = ["DEFAULT_SPEC", "LoadedModel", "TinySpec", "bundled_gguf_path", "load_model", "load_tokenizer", "pick_device"]
+__all__ = [
+    "DEFAULT_SPEC",
+    "LoadedModel",
+    "TinySpec",
+    "bundled_gguf_path",
+    "load_model",
+    "load_tokenizer",
+    "pick_device",
+]

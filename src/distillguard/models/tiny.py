@@ -37,23 +37,31 @@ class TinySpec:
     seed: int = 0
 
     @classmethod
-    def parse(cls, spec: str) -> "TinySpec":
+    def parse(cls, spec: str) -> TinySpec:
         head, _, opts = spec.partition(":")
-        arch = head[len("tiny-"):] if head.startswith("tiny-") else "llama"
+        arch = head[len("tiny-") :] if head.startswith("tiny-") else "llama"
         if arch not in ("llama", "gpt2"):
-            raise ModelLoadError(spec, f"unknown tiny architecture {arch!r}; use tiny, tiny-llama or tiny-gpt2")
+            raise ModelLoadError(
+                spec, f"unknown tiny architecture {arch!r}; use tiny, tiny-llama or tiny-gpt2"
+            )
         values: dict[str, int] = {}
         for item in filter(None, opts.split(",")):
             key, sep, value = item.partition("=")
             if not sep or key not in ("layers", "hidden", "heads", "ctx", "seed"):
-                raise ModelLoadError(spec, f"bad option {item!r}; options are layers=, hidden=, heads=, ctx=, seed=")
+                raise ModelLoadError(
+                    spec, f"bad option {item!r}; options are layers=, hidden=, heads=, ctx=, seed="
+                )
             try:
                 values[key] = int(value)
             except ValueError:
-                raise ModelLoadError(spec, f"option {key} needs an integer, got {value!r}") from None
+                raise ModelLoadError(
+                    spec, f"option {key} needs an integer, got {value!r}"
+                ) from None
         tiny = cls(arch=arch, **values)
         if tiny.hidden % tiny.heads:
-            raise ModelLoadError(spec, f"hidden={tiny.hidden} must be a multiple of heads={tiny.heads}")
+            raise ModelLoadError(
+                spec, f"hidden={tiny.hidden} must be a multiple of heads={tiny.heads}"
+            )
         return tiny
 
 
@@ -84,20 +92,35 @@ def _byte_of_char(ch: str) -> int:
     return inverse[ch]
 
 
-def tiny_model(spec: TinySpec, vocab_size: int, *, eos_id: int | None = None, pad_id: int | None = None) -> torch.nn.Module:
+def tiny_model(
+    spec: TinySpec, vocab_size: int, *, eos_id: int | None = None, pad_id: int | None = None
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     if spec.arch == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_positions=spec.ctx, n_embd=spec.hidden, n_layer=spec.layers,
-            n_head=spec.heads, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
+            vocab_size=vocab_size,
+            n_positions=spec.ctx,
+            n_embd=spec.hidden,
+            n_layer=spec.layers,
+            n_head=spec.heads,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
         )
     else:
         config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=spec.hidden, intermediate_size=spec.hidden * 2,
-            num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-            num_key_value_heads=max(1, spec.heads // 2), max_position_embeddings=spec.ctx,
-            tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos_id, pad_token_id=pad_id,
+            vocab_size=vocab_size,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.hidden * 2,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=max(1, spec.heads // 2),
+            max_position_embeddings=spec.ctx,
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
             # A wider init than the default 0.02 so the random model's next-token distribution
             # is peaked rather than uniform: sampling parameters then visibly matter in tests.
             initializer_range=0.2,

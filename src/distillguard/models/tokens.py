@@ -30,7 +30,9 @@ def token_bytes_table(tokenizer) -> list[bytes]:
     """``table[id]`` is the UTF-8 byte string that token ``id`` contributes to decoded text."""
     size = len(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    special = set(tokenizer.all_special_tokens) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    special = set(tokenizer.all_special_tokens) | set(
+        getattr(tokenizer, "added_tokens_encoder", {})
+    )
     byte_level = _is_byte_level(tokenizer)
     decoder = _gpt2_byte_decoder()
     table: list[bytes] = []

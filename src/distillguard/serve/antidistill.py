@@ -40,7 +40,6 @@ import torch
 from distillguard.errors import ConfigError
 from distillguard.models import LoadedModel
 
-
 CHUNK = 512  # positions per slice of the gradient computation
 
 
@@ -88,7 +87,9 @@ def downstream_pairs(source: str | None = None, limit: int = 64) -> list[tuple[s
             if not isinstance(obj["prompt"], str) or not isinstance(answer, str):
                 raise KeyError
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise ConfigError(f"{source}:{n}: expected a JSON object with string 'prompt' and 'answer'") from None
+            raise ConfigError(
+                f"{source}:{n}: expected a JSON object with string 'prompt' and 'answer'"
+            ) from None
         pairs.append((obj["prompt"], answer))
         if len(pairs) >= limit:
             break
@@ -107,7 +108,9 @@ def _hidden_and_targets(lm: LoadedModel, pairs: Iterable[tuple[str, str]], max_a
         with torch.inference_mode():
             for prompt, answer in pairs:
                 prompt_ids = lm.chat_ids([{"role": "user", "content": prompt}])
-                answer_ids = lm.tokenizer.encode(answer, add_special_tokens=False)[:max_answer_tokens]
+                answer_ids = lm.tokenizer.encode(answer, add_special_tokens=False)[
+                    :max_answer_tokens
+                ]
                 if not answer_ids:
                     continue
                 ids = prompt_ids + answer_ids
@@ -115,7 +118,7 @@ def _hidden_and_targets(lm: LoadedModel, pairs: Iterable[tuple[str, str]], max_a
                 lm.model(input_ids=torch.tensor([ids], device=lm.device))
                 h = captured[-1]  # (T, d): the output layer's input at every position
                 start = len(prompt_ids) - 1  # position predicting the first answer token
-                hs.append(h[start:len(ids) - 1].float().cpu())
+                hs.append(h[start : len(ids) - 1].float().cpu())
                 ys.append(torch.tensor(answer_ids))
     finally:
         hook.remove()
@@ -124,8 +127,9 @@ def _hidden_and_targets(lm: LoadedModel, pairs: Iterable[tuple[str, str]], max_a
     return torch.cat(hs), torch.cat(ys)
 
 
-def build_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_answer_tokens: int = 128
-                    ) -> AntidistillDirection:
+def build_direction(
+    lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, max_answer_tokens: int = 128
+) -> AntidistillDirection:
     """Compute ``G = ∇_W L`` for the teacher's output embedding ``W`` (autograd on ``W`` only)."""
     hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
     weight, bias = _output_layer(lm)
@@ -145,7 +149,9 @@ def _output_layer(lm: LoadedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output embedding ``W`` (V x d) and its bias, if any, as float32 on the CPU (detached)."""
     head = lm.model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    return head.weight.detach().float().cpu(), (bias.detach().float().cpu() if bias is not None else None)
+    return head.weight.detach().float().cpu(), (
+        bias.detach().float().cpu() if bias is not None else None
+    )
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -161,21 +167,30 @@ def _unit_spread(hidden, weight, bias, grad) -> tuple[torch.Tensor, float]:
         for h in hidden.split(CHUNK):
             probs = torch.softmax(_logits(h, weight, bias), dim=-1)
             d = h @ grad.T
-            var_sum += float(((probs * d * d).sum(-1) - (probs * d).sum(-1).pow(2)).clamp(min=0).sum())
+            var_sum += float(
+                ((probs * d * d).sum(-1) - (probs * d).sum(-1).pow(2)).clamp(min=0).sum()
+            )
     rms = (var_sum / len(hidden)) ** 0.5
     scale = 1.0 / rms if rms > 0 else 1.0
     return grad * scale, scale
 
 
-def random_direction(lm: LoadedModel, pairs: Sequence[tuple[str, str]], *, seed: int = 0,
-                     max_answer_tokens: int = 128) -> AntidistillDirection:
+def random_direction(
+    lm: LoadedModel,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    seed: int = 0,
+    max_answer_tokens: int = 128,
+) -> AntidistillDirection:
     """A control: a random ``G`` with the same spread as :func:`build_direction`'s (a perturbation
     of the same size that is not aimed at any loss), for measuring what the aim adds."""
     hidden, targets = _hidden_and_targets(lm, pairs, max_answer_tokens)
     weight, bias = _output_layer(lm)
     g = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
     gradient, scale = _unit_spread(hidden, weight, bias, g)
-    return AntidistillDirection(gradient=gradient.to(lm.device), loss=float("nan"), tokens=len(targets), scale=scale)
+    return AntidistillDirection(
+        gradient=gradient.to(lm.device), loss=float("nan"), tokens=len(targets), scale=scale
+    )
 
 
 class HiddenTap:
@@ -193,17 +208,29 @@ class HiddenTap:
         self._handle.remove()
 
 
-def apply_antidistill(logits: torch.Tensor, hidden: torch.Tensor, direction: AntidistillDirection,
-                      lambdas: Sequence[float]) -> torch.Tensor:
+def apply_antidistill(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    direction: AntidistillDirection,
+    lambdas: Sequence[float],
+) -> torch.Tensor:
     """``logits + λ_b · Δ_b`` for the rows with λ_b > 0; other rows are returned unchanged."""
     lam = torch.tensor(lambdas, dtype=logits.dtype, device=logits.device)
     rows = torch.nonzero(lam > 0).flatten()
     if rows.numel() == 0:
         return logits
     out = logits.clone()
-    out[rows] += lam[rows, None] * direction.delta(hidden[rows]).to(logits.dtype)[:, : logits.shape[1]]
+    out[rows] += (
+        lam[rows, None] * direction.delta(hidden[rows]).to(logits.dtype)[:, : logits.shape[1]]
+    )
     return out
 
 
-__all__ = ["AntidistillDirection", "HiddenTap", "apply_antidistill", "build_direction", "downstream_pairs",
-           "random_direction"]
+__all__ = [
+    "AntidistillDirection",
+    "HiddenTap",
+    "apply_antidistill",
+    "build_direction",
+    "downstream_pairs",
+    "random_direction",
+]

@@ -6,13 +6,12 @@ Every error leaves as ``{"error": {"message", "type", "param", "code"}}``; disti
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import hashlib
 import json
 import logging
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        exc.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
 
 
 class BodyLimitMiddleware:
@@ -48,8 +49,9 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await error_response(InvalidRequestError(
-                    "invalid Content-Length header", code="invalid_header"))(scope, receive, send)
+                return await error_response(
+                    InvalidRequestError("invalid Content-Length header", code="invalid_header")
+                )(scope, receive, send)
             if int(length) > self.max_bytes:
                 return await error_response(self._too_large())(scope, receive, send)
         seen = 0
@@ -66,11 +68,15 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
     def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_bytes} bytes",
-                               code="request_too_large")
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {self.max_bytes} bytes",
+            code="request_too_large",
+        )
 
 
-def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard | None = None) -> FastAPI:
+def create_app(
+    backend: Backend, config: ServeConfig, guard: Guard | NullGuard | None = None
+) -> FastAPI:
     """The API app. ``guard`` (keys, limits, ledger, metrics) defaults to none at all."""
     from distillguard.guard.gateway import NullGuard, RequestLog
 
@@ -110,31 +116,44 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                 from distillguard.guard.gateway import PermissionDenied
 
                 if guard.config.admin_key is None:
-                    raise PermissionDenied("/metrics needs the admin key and the server has none: set "
-                                           "DISTILLGUARD_ADMIN_KEY, or serve with --metrics-auth none",
-                                           code="admin_disabled")
+                    raise PermissionDenied(
+                        "/metrics needs the admin key and the server has none: set "
+                        "DISTILLGUARD_ADMIN_KEY, or serve with --metrics-auth none",
+                        code="admin_disabled",
+                    )
                 await guard.authenticate(request)  # 401 for a missing or unknown key
-                raise PermissionDenied("/metrics needs the admin key (or serve with --metrics-auth none)",
-                                       code="admin_only")
+                raise PermissionDenied(
+                    "/metrics needs the admin key (or serve with --metrics-auth none)",
+                    code="admin_only",
+                )
             return Response(guard.metrics.render(), media_type=guard.metrics.content_type)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(InvalidRequestError(str(first.get("msg", "invalid request")), param=param,
-                                                  code="invalid_value"))
+        return error_response(
+            InvalidRequestError(
+                str(first.get("msg", "invalid request")), param=param, code="invalid_value"
+            )
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        err = APIError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code))
+        err = APIError(
+            str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        )
         err.status_code, err.type = exc.status_code, "invalid_request_error"
-        return JSONResponse(err.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            err.to_dict(), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # pragma: no cover - a bug if reached
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(APIError("internal server error", code="internal_error").to_dict(), status_code=500)
+        return JSONResponse(
+            APIError("internal server error", code="internal_error").to_dict(), status_code=500
+        )
 
     @app.get("/healthz")
     async def healthz():
@@ -143,16 +162,29 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": mid, "object": "model", "created": now(), "owned_by": "distillguard"}
-            for mid in await backend.model_ids()
-        ]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": mid, "object": "model", "created": now(), "owned_by": "distillguard"}
+                for mid in await backend.model_ids()
+            ],
+        }
 
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema(
-            ref_template="#/components/schemas/{model}")}},
-    }})
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": ChatCompletionRequest.model_json_schema(
+                            ref_template="#/components/schemas/{model}"
+                        )
+                    }
+                },
+            }
+        },
+    )
     async def chat_completions(request: Request):
         log = RequestLog(client_ip=request.client.host if request.client else None)
         lease = None
@@ -179,19 +211,28 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                     log.policy_action = "idempotent_replay"
                     await guard.finish(log)
                     return JSONResponse(replayed, headers={"Idempotent-Replayed": "true"})
-            budget = await backend.budget(req)  # tokenizes the prompt: prompt_tokens is cheap after it
-            lease = await guard.admit(log.key, budget, decision, model=req.model,
-                                      prompt_tokens=backend.prompt_tokens(req))
+            budget = await backend.budget(
+                req
+            )  # tokenizes the prompt: prompt_tokens is cheap after it
+            lease = await guard.admit(
+                log.key, budget, decision, model=req.model, prompt_tokens=backend.prompt_tokens(req)
+            )
             if decision is not None and decision.is_canary(log.request_id):
                 applied.append("canary")
                 log.policy_action = decision.label(applied)
                 chunks, response = canary(req, log, guard, backend)
             else:
                 boost = decision.watermark_delta if decision is not None else None
-                watermark = guard.watermark_for(log.key, boost) if backend.supports_watermark else None
+                watermark = (
+                    guard.watermark_for(log.key, boost) if backend.supports_watermark else None
+                )
                 log.watermark_key_id = watermark.key_id if watermark else None
                 extra = {}
-                if decision is not None and decision.antidistill > 0 and backend.supports_antidistill:
+                if (
+                    decision is not None
+                    and decision.antidistill > 0
+                    and backend.supports_antidistill
+                ):
                     extra["antidistill"] = decision.antidistill
                     applied.append("antidistill")
                     log.policy_action = decision.label(applied)
@@ -200,7 +241,8 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
                     chunks = await backend.stream(req, watermark=watermark, usage=used, **extra)
                 else:
                     response = await unless_disconnected(
-                        request, backend.complete(req, watermark=watermark, usage=used, **extra))
+                        request, backend.complete(req, watermark=watermark, usage=used, **extra)
+                    )
             if not req.stream:
                 log.add_response(response)
         except APIError as exc:
@@ -221,7 +263,9 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             await guard.settle(lease, log.total_tokens, log.prompt_tokens)
             guard.abandon(log)
             return Response(status_code=499)
-        except Exception:  # a bug (the handler answers 500): its lease and its ledger row must not leak
+        except (
+            Exception
+        ):  # a bug (the handler answers 500): its lease and its ledger row must not leak
             log.status, log.error_code = 500, "internal_error"
             charge_so_far(log, used)
             await guard.settle(lease, log.total_tokens, log.prompt_tokens)
@@ -232,8 +276,10 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | NullGuard |
             await guard.finish(log)  # the ledger row is committed before the response leaves
             return JSONResponse(response)
         return StreamingResponse(
-            sse(chunks, req, log, lease, guard, used), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            sse(chunks, req, log, lease, guard, used),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     return app
 
@@ -309,14 +355,21 @@ def idempotency_key(request: Request, req: ChatCompletionRequest, log) -> bool:
     if key is None:
         return False
     if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidRequestError(f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-                                  param="Idempotency-Key", code="invalid_value")
+        raise InvalidRequestError(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
+            param="Idempotency-Key",
+            code="invalid_value",
+        )
     if req.stream:
-        raise InvalidRequestError("Idempotency-Key is supported for non-streaming requests only",
-                                  param="Idempotency-Key", code="unsupported_parameter")
+        raise InvalidRequestError(
+            "Idempotency-Key is supported for non-streaming requests only",
+            param="Idempotency-Key",
+            code="unsupported_parameter",
+        )
     log.idempotency_key = key
     log.request_hash = hashlib.sha256(
-        json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+        json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()
     return True
 
 
@@ -334,7 +387,11 @@ async def sse(chunks, req: ChatCompletionRequest, log, lease, guard, used: Usage
         try:
             async for chunk in chunks:
                 log.add_chunk(chunk)
-                if not chunk.get("choices") and chunk.get("usage") is not None and not include_usage:
+                if (
+                    not chunk.get("choices")
+                    and chunk.get("usage") is not None
+                    and not include_usage
+                ):
                     continue
                 yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except APIError as exc:
@@ -347,7 +404,9 @@ async def sse(chunks, req: ChatCompletionRequest, log, lease, guard, used: Usage
         finished = True
         try:
             await guard.finish(log)
-        except APIError as exc:  # the ledger refused the row: no [DONE], the client must not count it
+        except (
+            APIError
+        ) as exc:  # the ledger refused the row: no [DONE], the client must not count it
             yield f"data: {json.dumps(exc.to_dict())}\n\n"
             return
         if error is not None:

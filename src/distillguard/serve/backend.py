@@ -33,8 +33,11 @@ class Usage:
     completion_tokens: int = 0
 
     def as_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
 
 class Backend(Protocol):
@@ -64,11 +67,23 @@ class Backend(Protocol):
     # whether ``antidistill=λ`` is applied (a local model whose engine has a direction) or ignored
     supports_antidistill: bool
 
-    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
-                       usage: Usage | None = None) -> dict: ...
+    async def complete(
+        self,
+        req: ChatCompletionRequest,
+        *,
+        watermark=None,
+        antidistill: float = 0.0,
+        usage: Usage | None = None,
+    ) -> dict: ...
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
-                     usage: Usage | None = None) -> AsyncIterator[dict]: ...
+    async def stream(
+        self,
+        req: ChatCompletionRequest,
+        *,
+        watermark=None,
+        antidistill: float = 0.0,
+        usage: Usage | None = None,
+    ) -> AsyncIterator[dict]: ...
 
 
 def completion_id() -> str:

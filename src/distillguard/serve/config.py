@@ -12,34 +12,68 @@ class ServeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILLGUARD_", frozen=True, extra="forbid")
 
     model: str = Field("smollm2", description="model spec for the local backend (see `load_model`)")
-    served_model_name: str | None = Field(None, description="id clients send as `model`; default: the spec")
-    upstream: str | None = Field(None, description="proxy to this OpenAI-compatible base URL instead of a local model")
+    served_model_name: str | None = Field(
+        None, description="id clients send as `model`; default: the spec"
+    )
+    upstream: str | None = Field(
+        None, description="proxy to this OpenAI-compatible base URL instead of a local model"
+    )
     upstream_api_key: str | None = Field(None, description="bearer key sent to the upstream server")
-    upstream_timeout_s: float = Field(120.0, gt=0, description="seconds to wait for an upstream answer")
+    upstream_timeout_s: float = Field(
+        120.0, gt=0, description="seconds to wait for an upstream answer"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_batch_rows: int = Field(16, ge=1, description="rows (choices) generated together at most")
-    batch_wait_ms: float = Field(5.0, ge=0, description="wait this long after an idle engine wakes, to batch arrivals")
-    default_max_tokens: int = Field(1024, ge=1, description="completion cap when a request sets none")
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="wait this long after an idle engine wakes, to batch arrivals"
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="completion cap when a request sets none"
+    )
     max_prompt_tokens: int | None = Field(
-        None, ge=1, description="longer prompts get 400 context_length_exceeded; default: the model's context length")
+        None,
+        ge=1,
+        description="longer prompts get 400 context_length_exceeded; default: the model's context length",
+    )
     prefill_chunk: int = Field(
-        512, ge=1, description="prompts longer than this many tokens are prefilled in chunks of it, between "
-                               "decoding steps of the running batch, so they cannot stall the other requests")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+        512,
+        ge=1,
+        description="prompts longer than this many tokens are prefilled in chunks of it, between "
+        "decoding steps of the running batch, so they cannot stall the other requests",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="larger request bodies get 413"
+    )
     # Who may reach what, and for how long (issue 24): see serve/server.py for what is bounded.
     forwarded_allow_ips: tuple[str, ...] = Field(
-        (), description="proxies trusted to set X-Forwarded-For/-Proto (IPs, networks or *); none: the "
-                        "ledger records the peer's own address and the headers are ignored")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, description="request line + headers larger than this get 431")
-    header_timeout_s: float = Field(10.0, gt=0, description="a request head not complete this long after its "
-                                                            "first byte (or the connection's start) closes it")
-    body_timeout_s: float = Field(60.0, gt=0, description="a request body not complete this long after its "
-                                                          "head closes the connection")
-    keep_alive_timeout_s: int = Field(5, ge=1, description="an idle keep-alive connection is closed after this")
-    limit_concurrency: int | None = Field(None, ge=1, description="connections + requests in flight beyond "
-                                                                  "this get 503 (default: unbounded)")
+        (),
+        description="proxies trusted to set X-Forwarded-For/-Proto (IPs, networks or *); none: the "
+        "ledger records the peer's own address and the headers are ignored",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="request line + headers larger than this get 431"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request head not complete this long after its "
+        "first byte (or the connection's start) closes it",
+    )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a request body not complete this long after its head closes the connection",
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="an idle keep-alive connection is closed after this"
+    )
+    limit_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="connections + requests in flight beyond this get 503 (default: unbounded)",
+    )
     docs: bool = Field(False, description="serve /docs, /redoc and /openapi.json (to anyone)")
 
     @field_validator("forwarded_allow_ips")
@@ -49,10 +83,14 @@ class ServeConfig(BaseSettings):
             if item == "*":
                 continue
             try:
-                ipaddress.ip_network(item)  # strict, as uvicorn reads it: 10.0.0.0/8, not 10.0.0.1/8
+                ipaddress.ip_network(
+                    item
+                )  # strict, as uvicorn reads it: 10.0.0.0/8, not 10.0.0.1/8
             except ValueError:
-                raise ValueError(f"--forwarded-allow-ips {item!r} is not an IP address, a network like "
-                                 "10.0.0.0/8, or *") from None
+                raise ValueError(
+                    f"--forwarded-allow-ips {item!r} is not an IP address, a network like "
+                    "10.0.0.0/8, or *"
+                ) from None
         return value
 
     @property

@@ -72,20 +72,22 @@ if DynamicLayer is not None:
             if not self.is_initialized:
                 return super().update(key_states, value_states, *args, **kwargs)
             t, n = self.keys.shape[-2], key_states.shape[-2]
-            ours = self.keys is getattr(self, "_keys_view", None) and self.values is self._values_view
+            ours = (
+                self.keys is getattr(self, "_keys_view", None) and self.values is self._values_view
+            )
             if not ours or t + n > self._key_buf.shape[-2]:
                 self._key_buf = self._move(self.keys, t + n + self.ROOM)
                 self._value_buf = self._move(self.values, t + n + self.ROOM)
-            self._key_buf[:, :, t:t + n] = key_states
-            self._value_buf[:, :, t:t + n] = value_states
-            self.keys = self._keys_view = self._key_buf[:, :, :t + n]
-            self.values = self._values_view = self._value_buf[:, :, :t + n]
+            self._key_buf[:, :, t : t + n] = key_states
+            self._value_buf[:, :, t : t + n] = value_states
+            self.keys = self._keys_view = self._key_buf[:, :, : t + n]
+            self.values = self._values_view = self._value_buf[:, :, : t + n]
             return self.keys, self.values
 
         @staticmethod
         def _move(x: torch.Tensor, size: int) -> torch.Tensor:
             buf = x.new_empty(*x.shape[:-2], size, x.shape[-1])
-            buf[..., :x.shape[-2], :] = x
+            buf[..., : x.shape[-2], :] = x
             return buf
 
 
@@ -115,7 +117,9 @@ class Event:
     finish_reason: str | None = None
     usage: dict | None = None
     error: BaseException | None = None
-    tokens: int = 0  # delta: the job's completion tokens so far (all choices), this delta's included
+    tokens: int = (
+        0  # delta: the job's completion tokens so far (all choices), this delta's included
+    )
 
 
 @dataclass
@@ -156,7 +160,9 @@ class Row:
 
     def stop_holdback(self) -> int:
         """Characters at the end of text that could still begin a stop string: not safe to send."""
-        for k in range(min(len(self.text), max((len(s) for s in self.job.params.stop), default=0) - 1), 0, -1):
+        for k in range(
+            min(len(self.text), max((len(s) for s in self.job.params.stop), default=0) - 1), 0, -1
+        ):
             tail = self.text[-k:]
             if any(s.startswith(tail) for s in self.job.params.stop):
                 return k
@@ -164,8 +170,14 @@ class Row:
 
 
 class Engine:
-    def __init__(self, lm: LoadedModel, *, max_batch_rows: int = 16, batch_wait_s: float = 0.005,
-                 prefill_chunk: int | None = 512):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        max_batch_rows: int = 16,
+        batch_wait_s: float = 0.005,
+        prefill_chunk: int | None = 512,
+    ):
         self.lm = lm
         self.prefill_chunk = prefill_chunk
         self.max_batch_rows = max_batch_rows
@@ -272,7 +284,9 @@ class Engine:
                 raise
         # A chunk runs once decoding has paid for it in advance (its cost guessed from the last
         # chunk's), so the rows never wait for more than their share, plus one chunk in flight.
-        if self._chunked is not None and (not self.rows or self._credit >= self._chunk_s / PREFILL_SHARE):
+        if self._chunked is not None and (
+            not self.rows or self._credit >= self._chunk_s / PREFILL_SHARE
+        ):
             busy, t0 = bool(self.rows), time.perf_counter()
             self._prefill_chunk()
             self._chunk_s = time.perf_counter() - t0
@@ -317,8 +331,11 @@ class Engine:
         self.mask = torch.cat([self.mask, ones], dim=1)
         positions = (self.mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
         out = self.lm.model(
-            input_ids=self.next_ids[:, None], attention_mask=self.mask, position_ids=positions,
-            use_cache=True, **{self._cache_key: self.cache},
+            input_ids=self.next_ids[:, None],
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_key: self.cache},
         )
         self.cache = out[self._cache_key]
         self.next_ids = self._choose(self.rows, out.logits[:, -1, :])
@@ -341,26 +358,36 @@ class Engine:
         prefix_cache = self._get_prefix_cache() if self._prefix else None
         if prefix_cache:
             width = max(1, max(len(p) - _shared_len(p, self._prefix) for p in prompts))
-        skip = [max(0, len(p) - width) for p in prompts]  # k_b: leading tokens taken from the prefix cache
+        skip = [
+            max(0, len(p) - width) for p in prompts
+        ]  # k_b: leading tokens taken from the prefix cache
         k = max(skip)
         ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(rows), k + width), dtype=torch.long)
         for b, p in enumerate(prompts):
-            fed = p[skip[b]:]
-            ids[b, width - len(fed):] = torch.tensor(fed)
-            mask[b, k + width - len(p):] = 1
+            fed = p[skip[b] :]
+            ids[b, width - len(fed) :] = torch.tensor(fed)
+            mask[b, k + width - len(p) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, k:]
         if k:
             # Column j of row b's past holds prefix position j - (k - k_b); earlier columns are
             # padding (masked; they repeat position 0).
-            cols = (torch.arange(k)[None, :] - (k - torch.tensor(skip))[:, None]).clamp(min=0).to(dev)
+            cols = (
+                (torch.arange(k)[None, :] - (k - torch.tensor(skip))[:, None]).clamp(min=0).to(dev)
+            )
             past = _copy_cache(prefix_cache)
             for layer in past.layers:
                 layer.keys = layer.keys[0][:, cols].transpose(0, 1)  # (H, B, k, D) -> (B, H, k, D)
                 layer.values = layer.values[0][:, cols].transpose(0, 1)
-        out = self.lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            **({self._cache_key: past} if past is not None else {}), **self._last_logits)
+        out = self.lm.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **({self._cache_key: past} if past is not None else {}),
+            **self._last_logits,
+        )
         next_ids = self._choose(rows, out.logits[:, -1, :])
         self._join(rows, out[self._cache_key], mask, next_ids)
 
@@ -403,14 +430,20 @@ class Engine:
                 if c.done:
                     c.cache = _copy_cache(prefix_cache)
                     for layer in c.cache.layers:
-                        layer.keys, layer.values = layer.keys[:, :, :c.done], layer.values[:, :, :c.done]
+                        layer.keys, layer.values = (
+                            layer.keys[:, :, : c.done],
+                            layer.values[:, :, : c.done],
+                        )
             end = min(len(prompt), c.done + self.prefill_chunk)
             past = {self._cache_key: c.cache} if c.cache is not None else {}
             out = self.lm.model(
-                input_ids=torch.tensor([prompt[c.done:end]], device=dev),
+                input_ids=torch.tensor([prompt[c.done : end]], device=dev),
                 attention_mask=torch.ones((1, end), dtype=torch.long, device=dev),
                 position_ids=torch.arange(c.done, end, device=dev)[None, :],
-                use_cache=True, **past, **self._last_logits)
+                use_cache=True,
+                **past,
+                **self._last_logits,
+            )
             c.cache, c.done = out[self._cache_key], end
             if end < len(prompt):
                 return
@@ -427,7 +460,9 @@ class Engine:
             self._chunked = None
             job.sink(Event("error", error=exc))
             return
-        self._join(c.rows, c.cache, torch.ones((n, len(prompt)), dtype=torch.long, device=dev), next_ids)
+        self._join(
+            c.rows, c.cache, torch.ones((n, len(prompt)), dtype=torch.long, device=dev), next_ids
+        )
 
     def _get_prefix_cache(self):
         """KV cache of the template prefix (batch of one), computed on first use; False when the
@@ -435,12 +470,20 @@ class Engine:
         if self._prefix_cache is None:
             dev = self.lm.device
             ids = torch.tensor([self._prefix], device=dev)
-            out = self.lm.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                position_ids=torch.arange(len(self._prefix), device=dev)[None, :],
-                                use_cache=True, **self._last_logits)
+            out = self.lm.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(len(self._prefix), device=dev)[None, :],
+                use_cache=True,
+                **self._last_logits,
+            )
             cache = out[self._cache_key]
             layers = getattr(cache, "layers", None)
-            ok = DynamicLayer is not None and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            ok = (
+                DynamicLayer is not None
+                and bool(layers)
+                and all(type(layer) is DynamicLayer for layer in layers)
+            )
             self._prefix_cache = cache if ok else False
         return self._prefix_cache
 
@@ -454,10 +497,13 @@ class Engine:
                 a = torch.nn.functional.pad(a, (0, 0, width - t_old, 0))
                 b = torch.nn.functional.pad(b, (0, 0, width - t_new, 0))
                 setattr(old_layer, name, torch.cat([a, b], dim=0))
-        self.mask = torch.cat([
-            torch.nn.functional.pad(self.mask, (width - t_old, 0)),
-            torch.nn.functional.pad(mask, (width - t_new, 0)),
-        ], dim=0)
+        self.mask = torch.cat(
+            [
+                torch.nn.functional.pad(self.mask, (width - t_old, 0)),
+                torch.nn.functional.pad(mask, (width - t_new, 0)),
+            ],
+            dim=0,
+        )
         self.next_ids = torch.cat([self.next_ids, next_ids])
         self.rows = self.rows + rows
 
@@ -474,7 +520,9 @@ class Engine:
         self.rows = [self.rows[b] for b in keep]
         self.mask = self.mask[idx]
         self.next_ids = self.next_ids[idx]
-        unused = int((self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())  # all-pad left columns
+        unused = int(
+            (self.mask.sum(dim=0) == 0).long().cumprod(dim=0).sum()
+        )  # all-pad left columns
         if unused:
             self.mask = self.mask[:, unused:]
             for layer in self.cache.layers:
@@ -497,21 +545,30 @@ class Engine:
             counts = torch.zeros_like(logits)
             for b, r in enumerate(rows):
                 if r.out_ids:
-                    counts[b].index_add_(0, torch.tensor(r.out_ids, device=dev), torch.ones(len(r.out_ids), device=dev))
+                    counts[b].index_add_(
+                        0,
+                        torch.tensor(r.out_ids, device=dev),
+                        torch.ones(len(r.out_ids), device=dev),
+                    )
             logits = apply_penalties(
-                logits, counts,
+                logits,
+                counts,
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev),
             )
         if self.antidistill is not None and any(p.antidistill > 0 for p in params):
             # Perturb the teacher's distribution first; the watermark then biases the result, so
             # its detector sees the same green-list shift as on any other answer.
-            logits = apply_antidistill(logits, self._tap.last, self.antidistill, [p.antidistill for p in params])
+            logits = apply_antidistill(
+                logits, self._tap.last, self.antidistill, [p.antidistill for p in params]
+            )
         if any(p.watermark is not None and p.watermark.params.scheme != "synthid" for p in params):
             # Green lists: before temperature and top-p, as in the reference: the returned logprobs are those
             # of the watermarked distribution the token is actually drawn from.
             width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
-            logits = apply_watermark(logits, self._contexts(rows, width), [p.watermark for p in params])
+            logits = apply_watermark(
+                logits, self._contexts(rows, width), [p.watermark for p in params]
+            )
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
@@ -519,7 +576,9 @@ class Engine:
             # SynthID's tournament acts on the distribution each row samples from (after
             # temperature and top-p); the logprobs returned are the tournament's.
             width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
-            logprobs = apply_synthid(logprobs, self._contexts(rows, width), [p.watermark for p in params])
+            logprobs = apply_synthid(
+                logprobs, self._contexts(rows, width), [p.watermark for p in params]
+            )
         chosen = sample_rows(logprobs, temperature, [r.generator for r in rows])  # (B,)
         k = max((p.top_logprobs or 0) for p in params)
         top_vals = top_ids = None
@@ -533,7 +592,11 @@ class Engine:
             if row.job.params.top_logprobs is not None:
                 kk = row.job.params.top_logprobs
                 entry = self._entry(chosen_list[b], chosen_lp[b])
-                entry["top_logprobs"] = [self._entry(t, v) for t, v in zip(top_ids[b][:kk], top_vals[b][:kk])] if kk else []
+                entry["top_logprobs"] = (
+                    [self._entry(t, v) for t, v in zip(top_ids[b][:kk], top_vals[b][:kk])]
+                    if kk
+                    else []
+                )
             self._advance(row, chosen_list[b], entry)
         return chosen
 
@@ -544,7 +607,7 @@ class Engine:
             tail = row.out_ids[-width:]
             if len(tail) < width:
                 tail = (list(row.job.prompt_ids) + row.out_ids)[-width:]
-            out[b, width - len(tail):] = torch.tensor(tail, dtype=torch.long)
+            out[b, width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
         return out.to(self.lm.device)
 
     def _entry(self, token: int, logprob: float) -> dict:
@@ -572,7 +635,7 @@ class Engine:
         # ["b", "ab"], "xab" becomes "x", not "xa".
         cuts = [c for s in params.stop if (c := row.text.find(s, max(0, start - len(s) + 1))) >= 0]
         if cuts:
-            row.text = row.text[:min(cuts)]
+            row.text = row.text[: min(cuts)]
             return self._finish(row, "stop", flush=False)
         if len(row.out_ids) >= params.max_new_tokens:
             return self._finish(row, "length")
@@ -588,8 +651,15 @@ class Engine:
             new_entries.append(entry)
             row.sent_entries += 1
         if upto > row.emitted or new_entries:
-            row.job.sink(Event("delta", index=row.index, text=row.text[row.emitted:upto], logprobs=new_entries,
-                               tokens=row.job.completion_tokens))
+            row.job.sink(
+                Event(
+                    "delta",
+                    index=row.index,
+                    text=row.text[row.emitted : upto],
+                    logprobs=new_entries,
+                    tokens=row.job.completion_tokens,
+                )
+            )
             row.emitted = max(row.emitted, upto)
 
     def _finish(self, row: Row, reason: str, *, flush: bool = True) -> None:
@@ -602,10 +672,16 @@ class Engine:
         job.remaining -= 1
         if job.remaining == 0:
             prompt = len(job.prompt_ids)
-            job.sink(Event("done", usage={
-                "prompt_tokens": prompt, "completion_tokens": job.completion_tokens,
-                "total_tokens": prompt + job.completion_tokens,
-            }))
+            job.sink(
+                Event(
+                    "done",
+                    usage={
+                        "prompt_tokens": prompt,
+                        "completion_tokens": job.completion_tokens,
+                        "total_tokens": prompt + job.completion_tokens,
+                    },
+                )
+            )
 
 
 def _template_prefix(lm: LoadedModel) -> tuple[int, ...]:

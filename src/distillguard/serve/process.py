@@ -26,7 +26,9 @@ from typing import IO
 
 from distillguard.errors import ServerStartError
 
-STARTUP_TIMEOUT_S = 120.0  # the bundled teacher loads in ~40 s on 2 busy cores; CI machines are slower
+STARTUP_TIMEOUT_S = (
+    120.0  # the bundled teacher loads in ~40 s on 2 busy cores; CI machines are slower
+)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,10 +62,18 @@ def distillguard_command(*args: str) -> list[str]:
 
 
 @contextmanager
-def process_until_healthy(cmd: Sequence[str], url: str, *, port: int, log_path: Path | str | None = None,
-                          env: dict[str, str] | None = None, timeout_s: float = STARTUP_TIMEOUT_S,
-                          poll_s: float = 0.1, stop_timeout_s: float = 20.0,
-                          health_path: str = "/healthz") -> Iterator[ServerProcess]:
+def process_until_healthy(
+    cmd: Sequence[str],
+    url: str,
+    *,
+    port: int,
+    log_path: Path | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+    poll_s: float = 0.1,
+    stop_timeout_s: float = 20.0,
+    health_path: str = "/healthz",
+) -> Iterator[ServerProcess]:
     """Start ``cmd``; yield once ``GET url+health_path`` answers 200; terminate it (then kill) after.
 
     ``log_path`` keeps the server's output (appended to); without it a temporary file holds it.
@@ -77,8 +87,13 @@ def process_until_healthy(cmd: Sequence[str], url: str, *, port: int, log_path: 
         log = stack.enter_context(open(log_path, "a+b") if log_path else tempfile.TemporaryFile())
         # Same process group as the caller: a Ctrl-C in the terminal stops both (uvicorn shuts down
         # cleanly on SIGINT), and a server never outlives a killed test run.
-        proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = subprocess.Popen(
+            list(cmd),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         server = ServerProcess(url=url, port=port, proc=proc, log=log)
 
         def failed(why: str) -> ServerStartError:
@@ -115,7 +130,9 @@ def stop(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
 
 
 @contextmanager
-def serve_subprocess(*args: str, host: str = "127.0.0.1", port: int | None = None, **kwargs) -> Iterator[ServerProcess]:
+def serve_subprocess(
+    *args: str, host: str = "127.0.0.1", port: int | None = None, **kwargs
+) -> Iterator[ServerProcess]:
     """``distillguard serve ARGS --host HOST --port PORT`` (a free port unless given), healthy; see
     :func:`process_until_healthy` for the keyword arguments."""
     port = port or free_port(host)

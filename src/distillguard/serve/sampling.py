@@ -14,8 +14,9 @@ NEG_INF = float("-inf")
 TOP_P_CANDIDATES = 1024
 
 
-def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
     """OpenAI's presence/frequency penalties: ``l - f·count - p·[count>0]``; counts (B, V)."""
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(logits.dtype)
 
@@ -30,7 +31,9 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     """
     sampled = temperature > 0
     t = torch.where(sampled, temperature, torch.ones_like(temperature))
-    shift = torch.where(sampled[:, None], logits.amax(dim=-1, keepdim=True), torch.zeros_like(logits[:, :1]))
+    shift = torch.where(
+        sampled[:, None], logits.amax(dim=-1, keepdim=True), torch.zeros_like(logits[:, :1])
+    )
     return (logits - shift) / t[:, None]
 
 
@@ -61,7 +64,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
             v, o, pp, pr = vals[inside], order[inside], p[inside], probs[inside]
             drop = (pr.cumsum(dim=-1) - pr) >= pp[:, None]
             drop[:, 0] = False
-            out[rows[inside]] = torch.full_like(x[inside], NEG_INF).scatter_(-1, o, v.masked_fill(drop, NEG_INF))
+            out[rows[inside]] = torch.full_like(x[inside], NEG_INF).scatter_(
+                -1, o, v.masked_fill(drop, NEG_INF)
+            )
         rows, x, p = rows[~inside], x[~inside], p[~inside]
         if not len(rows):
             return out
@@ -80,7 +85,9 @@ def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def sampling_logprobs(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Log-probabilities of the distribution each row actually samples from, (B, V).
 
     Greedy rows (temperature 0) report the untempered distribution, whose argmax they take.
@@ -93,8 +100,9 @@ def sampling_logprobs(logits: torch.Tensor, temperature: torch.Tensor, top_p: to
     return scaled.log_softmax(dim=-1)
 
 
-def sample_rows(logprobs: torch.Tensor, temperature: torch.Tensor,
-                generators: list[torch.Generator]) -> torch.Tensor:
+def sample_rows(
+    logprobs: torch.Tensor, temperature: torch.Tensor, generators: list[torch.Generator]
+) -> torch.Tensor:
     """Draw one token per row, each row from its own generator (so a seed fixes that row alone)."""
     greedy = logprobs.argmax(dim=-1)  # (B,)
     probs = logprobs.exp()

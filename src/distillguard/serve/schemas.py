@@ -22,11 +22,24 @@ MAX_STOP = 4
 TOKEN_ID = re.compile(r"[0-9]{1,10}")
 
 # OpenAI parameters this server understands but does not implement: named in the error.
-UNSUPPORTED = frozenset({
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "response_format",
-    "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "service_tier",
-    "store", "metadata",
-})
+UNSUPPORTED = frozenset(
+    {
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "parallel_tool_calls",
+        "response_format",
+        "audio",
+        "modalities",
+        "prediction",
+        "reasoning_effort",
+        "web_search_options",
+        "service_tier",
+        "store",
+        "metadata",
+    }
+)
 
 
 class _Strict(BaseModel):
@@ -44,7 +57,9 @@ class ChatMessage(_Strict):
     name: str | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
 
 
 class StreamOptions(_Strict):
@@ -79,28 +94,45 @@ class ChatCompletionRequest(_Strict):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
     def check(self) -> None:
         """Cross-field rules pydantic's per-field validation cannot express."""
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise InvalidRequestError(
-                "top_logprobs requires logprobs=true", param="top_logprobs", code="invalid_value")
+                "top_logprobs requires logprobs=true", param="top_logprobs", code="invalid_value"
+            )
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
-                "stream_options is only allowed when stream=true", param="stream_options", code="invalid_value")
-        if (self.max_tokens is not None and self.max_completion_tokens is not None
-                and self.max_tokens != self.max_completion_tokens):
+                "stream_options is only allowed when stream=true",
+                param="stream_options",
+                code="invalid_value",
+            )
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
             raise InvalidRequestError(
                 "max_tokens and max_completion_tokens disagree; send only max_completion_tokens",
-                param="max_tokens", code="invalid_value")
+                param="max_tokens",
+                code="invalid_value",
+            )
         for key in self.logit_bias or {}:
             if not TOKEN_ID.fullmatch(key):
                 raise InvalidRequestError(
                     f"logit_bias keys must be token ids written as 1-10 ASCII digits, got {_short(key)}",
-                    param="logit_bias", code="invalid_value")
+                    param="logit_bias",
+                    code="invalid_value",
+                )
         if isinstance(self.stop, list) and any(not s for s in self.stop):
-            raise InvalidRequestError("stop sequences must be non-empty", param="stop", code="invalid_value")
+            raise InvalidRequestError(
+                "stop sequences must be non-empty", param="stop", code="invalid_value"
+            )
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -140,7 +172,10 @@ def find_lone_surrogate(body: bytes) -> tuple[str, str] | None:
             if found:
                 return path, escape_surrogates(found.group())
         elif isinstance(item, dict):
-            named = [(f"{path}.{escape_surrogates(k)}" if path else escape_surrogates(k), k, v) for k, v in item.items()]
+            named = [
+                (f"{path}.{escape_surrogates(k)}" if path else escape_surrogates(k), k, v)
+                for k, v in item.items()
+            ]
             for sub, k, _ in named:
                 found = _SURROGATE.search(k)
                 if found:
@@ -156,9 +191,19 @@ def _param(loc: tuple) -> str | None:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in ("str", "list[TextPart]", "list[str]", "int", "float", "bool", "StreamOptions"):
+        elif item in (
+            "str",
+            "list[TextPart]",
+            "list[str]",
+            "int",
+            "float",
+            "bool",
+            "StreamOptions",
+        ):
             continue  # pydantic's union-branch markers, not part of the parameter's path
-        elif isinstance(item, str) and (item.startswith(("function-", "constrained-")) or "[" in item):
+        elif isinstance(item, str) and (
+            item.startswith(("function-", "constrained-")) or "[" in item
+        ):
             continue
         else:
             parts.append(("." if parts else "") + str(item))
@@ -181,29 +226,51 @@ def validation_to_api_error(exc: ValidationError, body: bytes | None = None) -> 
             return InvalidRequestError(
                 f"Invalid value for '{where}': it holds the lone surrogate {char}, which is not Unicode text; "
                 "write a character outside the Basic Multilingual Plane as a surrogate pair (e.g. \\ud83d\\ude00) "
-                "or as UTF-8", param=where, code="invalid_unicode")
+                "or as UTF-8",
+                param=where,
+                code="invalid_unicode",
+            )
         return InvalidRequestError(
-            f"the request body is not valid JSON: {err.get('msg', '')}", param=None, code="invalid_json")
+            f"the request body is not valid JSON: {err.get('msg', '')}",
+            param=None,
+            code="invalid_json",
+        )
     if kind in ("model_type", "model_attributes_type") and not loc:
-        return InvalidRequestError("the request body must be a JSON object", param=None, code="invalid_json")
+        return InvalidRequestError(
+            "the request body must be a JSON object", param=None, code="invalid_json"
+        )
     if kind == "extra_forbidden":
         name = str(loc[-1]) if loc else "?"
         if len(loc) == 1 and name in UNSUPPORTED:
             return InvalidRequestError(
-                f"parameter {name!r} is not supported by this server", param=name, code="unsupported_parameter")
+                f"parameter {name!r} is not supported by this server",
+                param=name,
+                code="unsupported_parameter",
+            )
         return InvalidRequestError(
-            f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+            f"Unrecognized request argument supplied: {param}",
+            param=param,
+            code="unknown_parameter",
+        )
     if kind == "missing":
         return InvalidRequestError(
-            f"Missing required parameter: {param!r}", param=param, code="missing_required_parameter")
+            f"Missing required parameter: {param!r}", param=param, code="missing_required_parameter"
+        )
     if kind in ("too_short",) and param == "messages":
-        return InvalidRequestError("messages must contain at least one message", param=param, code="invalid_value")
+        return InvalidRequestError(
+            "messages must contain at least one message", param=param, code="invalid_value"
+        )
     if kind.endswith("_type") or kind in ("literal_error", "union_tag_invalid", "enum"):
         return InvalidRequestError(
             f"Invalid type for {param!r}: {err['msg']} (got {_short(err.get('input'))})",
-            param=param, code="invalid_type")
+            param=param,
+            code="invalid_type",
+        )
     return InvalidRequestError(
-        f"Invalid value for {param!r}: {err['msg']} (got {_short(err.get('input'))})", param=param, code="invalid_value")
+        f"Invalid value for {param!r}: {err['msg']} (got {_short(err.get('input'))})",
+        param=param,
+        code="invalid_value",
+    )
 
 
 def _short(value: object) -> str:

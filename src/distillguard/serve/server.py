@@ -37,14 +37,23 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from distillguard.serve.config import ServeConfig
 
 
-
 def refusal(status: int, reason: str, message: str, code: str) -> bytes:
     """A whole HTTP response refusing a request the app never sees, with OpenAI's error body
     (clients parse errors the same way whichever layer refused them), closing the connection."""
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"content-length: {len(body)}\r\n\r\n").encode() + body
+    body = json.dumps(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": code,
+            }
+        }
+    ).encode()
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -79,10 +88,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._head_bytes += len(head)
                 super().data_received(head)
                 if self._heads == heads:
-                    self._refuse(refusal(
-                        431, "Request Header Fields Too Large",
-                        f"the request line and headers are larger than the limit of {self.max_head_bytes} bytes",
-                        "request_header_too_large"))
+                    self._refuse(
+                        refusal(
+                            431,
+                            "Request Header Fields Too Large",
+                            f"the request line and headers are larger than the limit of {self.max_head_bytes} bytes",
+                            "request_header_too_large",
+                        )
+                    )
                 elif not self.transport.is_closing():
                     self.data_received(rest)  # a body, or the next pipelined request's head
                 return
@@ -117,10 +130,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._deadline = None
-        if self.cycle is None or self.cycle.response_complete:  # no response of ours is being written
-            self._refuse(refusal(
-                408, "Request Timeout", f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
-                "request_timeout"))
+        if (
+            self.cycle is None or self.cycle.response_complete
+        ):  # no response of ours is being written
+            self._refuse(
+                refusal(
+                    408,
+                    "Request Timeout",
+                    f"the request line and headers did not arrive within {self.head_timeout_s:g} s",
+                    "request_timeout",
+                )
+            )
         elif not self.transport.is_closing():
             self.transport.close()
 
@@ -140,23 +160,34 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 def protocol_class(config: ServeConfig) -> type[LimitedHttpToolsProtocol]:
     """The protocol class uvicorn should build connections from, with ``config``'s limits."""
-    return type("DistillguardHttpProtocol", (LimitedHttpToolsProtocol,), {
-        "max_head_bytes": config.max_header_bytes, "head_timeout_s": config.header_timeout_s,
-        "body_timeout_s": config.body_timeout_s})
+    return type(
+        "DistillguardHttpProtocol",
+        (LimitedHttpToolsProtocol,),
+        {
+            "max_head_bytes": config.max_header_bytes,
+            "head_timeout_s": config.header_timeout_s,
+            "body_timeout_s": config.body_timeout_s,
+        },
+    )
 
 
 def uvicorn_options(config: ServeConfig) -> dict:
     """Keyword arguments of ``uvicorn.run``/``uvicorn.Config`` for ``config``."""
     proxies = list(config.forwarded_allow_ips)
     return {
-        "host": config.host, "port": config.port, "http": protocol_class(config),
+        "host": config.host,
+        "port": config.port,
+        "http": protocol_class(config),
         # Without trusted proxies the middleware is not installed at all: uvicorn would otherwise
         # fall back to $FORWARDED_ALLOW_IPS or 127.0.0.1.
-        "proxy_headers": bool(proxies), "forwarded_allow_ips": proxies or None,
-        "timeout_keep_alive": config.keep_alive_timeout_s, "limit_concurrency": config.limit_concurrency,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": proxies or None,
+        "timeout_keep_alive": config.keep_alive_timeout_s,
+        "limit_concurrency": config.limit_concurrency,
         "h11_max_incomplete_event_size": config.max_header_bytes,  # if someone swaps in http="h11"
         "ws": "none",  # no WebSocket routes: an Upgrade request is answered as plain HTTP
-        "log_level": "warning", "timeout_graceful_shutdown": 5,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": 5,
     }
 
 

@@ -36,7 +36,9 @@ class PassThroughError(APIError):
 
     def __init__(self, status: int, body: dict):
         err = body.get("error") if isinstance(body.get("error"), dict) else {}
-        super().__init__(str(err.get("message") or body), param=err.get("param"), code=err.get("code"))
+        super().__init__(
+            str(err.get("message") or body), param=err.get("param"), code=err.get("code")
+        )
         self.status_code = status
         self.type = str(err.get("type") or "invalid_request_error")
 
@@ -45,25 +47,33 @@ class UpstreamBackend:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.base_url = upstream_base_url(config.upstream or "")
-        self.headers = {"Authorization": f"Bearer {config.upstream_api_key}"} if config.upstream_api_key else {}
+        self.headers = (
+            {"Authorization": f"Bearer {config.upstream_api_key}"}
+            if config.upstream_api_key
+            else {}
+        )
         # sock_read bounds each wait for data (the answer's first byte and every later one), as a
         # read timeout does; connect covers taking a pooled connection or opening a new one.
         connect = min(10.0, config.upstream_timeout_s)
-        self.timeout = aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect,
-                                             sock_read=config.upstream_timeout_s)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect, sock_connect=connect, sock_read=config.upstream_timeout_s
+        )
         self.session: aiohttp.ClientSession | None = None  # made in start(), on the serving loop
         # HTTP(S)_PROXY / NO_PROXY apply, as they did with httpx; read once here (aiohttp's
         # trust_env reads the environment and ~/.netrc again on every request).
         url = urlsplit(self.base_url)
         proxy = urllib.request.getproxies().get(url.scheme)
-        self.proxy = proxy if proxy and not urllib.request.proxy_bypass(url.hostname or "") else None
+        self.proxy = (
+            proxy if proxy and not urllib.request.proxy_bypass(url.hostname or "") else None
+        )
 
     async def start(self) -> None:
         # No cap on connections (aiohttp's default is 100, httpx keeps only 20 alive): the
         # gateway's clients already bound the requests in flight, and a cap would either queue
         # them here, unseen, or open and close a connection per request beyond it.
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=self.headers,
-                                             timeout=self.timeout)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), headers=self.headers, timeout=self.timeout
+        )
 
     async def close(self) -> None:
         if self.session is not None:
@@ -71,9 +81,12 @@ class UpstreamBackend:
 
     def _request(self, method: str, path: str, **kwargs):
         if self.session is None:
-            raise RuntimeError("UpstreamBackend.start() must run first (the app's lifespan does it)")
-        return self.session.request(method, f"{self.base_url}/{path}", allow_redirects=False, proxy=self.proxy,
-                                    **kwargs)
+            raise RuntimeError(
+                "UpstreamBackend.start() must run first (the app's lifespan does it)"
+            )
+        return self.session.request(
+            method, f"{self.base_url}/{path}", allow_redirects=False, proxy=self.proxy, **kwargs
+        )
 
     async def model_ids(self) -> list[str]:
         try:
@@ -87,7 +100,9 @@ class UpstreamBackend:
         """An upper bound of the tokens this request can use, without the upstream's tokenizer:
         every token of a byte-level or SentencePiece vocabulary covers at least one byte, and
         each message adds at most a few template tokens."""
-        return self.prompt_tokens(req) + req.n * (req.requested_max_tokens or self.config.default_max_tokens)
+        return self.prompt_tokens(req) + req.n * (
+            req.requested_max_tokens or self.config.default_max_tokens
+        )
 
     def prompt_tokens(self, req: ChatCompletionRequest) -> int:
         return sum(len(m.text().encode()) + 8 for m in req.messages)  # an upper bound, as above
@@ -97,7 +112,9 @@ class UpstreamBackend:
 
     def _body(self, req: ChatCompletionRequest) -> dict:
         body = req.model_dump(mode="json", exclude_unset=True)
-        if req.stream:  # usage is needed for the ledger and the limits; dropped later if not asked for
+        if (
+            req.stream
+        ):  # usage is needed for the ledger and the limits; dropped later if not asked for
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
@@ -106,8 +123,14 @@ class UpstreamBackend:
     supports_watermark = False
     supports_antidistill = False  # the upstream's logits never reach us
 
-    async def complete(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
-                       usage: Usage | None = None) -> dict:
+    async def complete(
+        self,
+        req: ChatCompletionRequest,
+        *,
+        watermark=None,
+        antidistill: float = 0.0,
+        usage: Usage | None = None,
+    ) -> dict:
         if usage is not None:
             # A client gone before the answer is charged the prompt (an upper bound, as above)
             # and no completion: what the upstream generated before we hung up is unknown.
@@ -123,12 +146,22 @@ class UpstreamBackend:
         try:
             return json.loads(content)
         except ValueError:
-            raise UpstreamError("the upstream server answered with invalid JSON", code="upstream_bad_response") from None
+            raise UpstreamError(
+                "the upstream server answered with invalid JSON", code="upstream_bad_response"
+            ) from None
 
-    async def stream(self, req: ChatCompletionRequest, *, watermark=None, antidistill: float = 0.0,
-                     usage: Usage | None = None) -> AsyncIterator[dict]:
+    async def stream(
+        self,
+        req: ChatCompletionRequest,
+        *,
+        watermark=None,
+        antidistill: float = 0.0,
+        usage: Usage | None = None,
+    ) -> AsyncIterator[dict]:
         usage = usage if usage is not None else Usage()
-        usage.prompt_tokens = self.prompt_tokens(req)  # an upper bound until the upstream's usage chunk
+        usage.prompt_tokens = self.prompt_tokens(
+            req
+        )  # an upper bound until the upstream's usage chunk
         try:
             resp = await self._request("POST", "chat/completions", json=self._body(req))
             if resp.status >= 400:
@@ -144,12 +177,16 @@ class UpstreamBackend:
         return self._events(resp, usage)
 
     def _timed_out(self, exc: BaseException) -> UpstreamTimeout:
-        return UpstreamTimeout(f"the upstream server {self.base_url} did not answer in time ({exc.__class__.__name__})",
-                               code="upstream_timeout")
+        return UpstreamTimeout(
+            f"the upstream server {self.base_url} did not answer in time ({exc.__class__.__name__})",
+            code="upstream_timeout",
+        )
 
     def _unreachable(self, exc: BaseException) -> UpstreamError:
-        return UpstreamError(f"the upstream server {self.base_url} is unreachable: {exc.__class__.__name__}: {exc}",
-                             code="upstream_unavailable")
+        return UpstreamError(
+            f"the upstream server {self.base_url} is unreachable: {exc.__class__.__name__}: {exc}",
+            code="upstream_unavailable",
+        )
 
     async def _events(self, resp: aiohttp.ClientResponse, usage: Usage) -> AsyncIterator[dict]:
         finished = False
@@ -157,23 +194,29 @@ class UpstreamBackend:
             async for line in _lines(resp.content):
                 if not line.startswith(b"data:"):
                     continue  # SSE comments, event names, keep-alives
-                data = line[len(b"data:"):].strip()
+                data = line[len(b"data:") :].strip()
                 if data == b"[DONE]":
                     finished = True
                     return
                 try:
                     chunk = json.loads(data)
                 except ValueError:
-                    raise UpstreamError("the upstream server sent an invalid stream event",
-                                        code="upstream_bad_response") from None
+                    raise UpstreamError(
+                        "the upstream server sent an invalid stream event",
+                        code="upstream_bad_response",
+                    ) from None
                 _count(chunk, usage)
                 yield chunk
             finished = True
         except TimeoutError:
-            raise UpstreamTimeout("the upstream server stopped sending in the middle of a stream",
-                                  code="upstream_timeout") from None
+            raise UpstreamTimeout(
+                "the upstream server stopped sending in the middle of a stream",
+                code="upstream_timeout",
+            ) from None
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"the upstream stream broke: {exc.__class__.__name__}", code="upstream_unavailable") from None
+            raise UpstreamError(
+                f"the upstream stream broke: {exc.__class__.__name__}", code="upstream_unavailable"
+            ) from None
         finally:
             if finished:
                 resp.release()
@@ -191,8 +234,10 @@ class UpstreamBackend:
             body = {"error": {"message": str(body)[:500]}}
         if status >= 500:
             err = body.get("error") if isinstance(body.get("error"), dict) else {}
-            raise UpstreamError(f"the upstream server failed with HTTP {status}: {err.get('message') or body}",
-                                code="upstream_error")
+            raise UpstreamError(
+                f"the upstream server failed with HTTP {status}: {err.get('message') or body}",
+                code="upstream_error",
+            )
         raise PassThroughError(status, body)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -49,13 +49,16 @@ def binomial_test(green: int, scored: int, gamma: float) -> tuple[float, float, 
         return 0.0, 1.0, 0.0
     z = (green - gamma * scored) / math.sqrt(scored * gamma * (1 - gamma))
     log_p = float(binom.logsf(green - 1, scored, gamma))  # P(X >= green)
-    if not math.isfinite(log_p):  # logsf itself underflows far in the tail: sum the pmf in log space
+    if not math.isfinite(
+        log_p
+    ):  # logsf itself underflows far in the tail: sum the pmf in log space
         log_p = float(logsumexp(binom.logpmf(np.arange(green, scored + 1), scored, gamma)))
     return z, math.exp(log_p), log_p / math.log(10)
 
 
-def scored_pairs(token_seqs: Iterable[Sequence[int]], width: int,
-                 prompt_seqs: Iterable[Sequence[int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+def scored_pairs(
+    token_seqs: Iterable[Sequence[int]], width: int, prompt_seqs: Iterable[Sequence[int]] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct (context, token) pairs across all texts, minus the (width+1)-grams of the prompts.
 
     Returns contexts (N, width) and tokens (N,).
@@ -64,39 +67,53 @@ def scored_pairs(token_seqs: Iterable[Sequence[int]], width: int,
     return contexts, tokens
 
 
-def weighted_pairs(token_seqs: Iterable[Sequence[int]], width: int, prompt_seqs: Iterable[Sequence[int]] = (),
-                   weights: Iterable[Sequence[int]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def weighted_pairs(
+    token_seqs: Iterable[Sequence[int]],
+    width: int,
+    prompt_seqs: Iterable[Sequence[int]] = (),
+    weights: Iterable[Sequence[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`scored_pairs` with a weight per pair: ``weights`` has one integer per token of each
     text (the weight of the pair that ends at that token; all 1 when None). A pair seen more
     than once keeps its largest weight; pairs of weight 0 are dropped.
 
     Returns contexts (N, width), tokens (N,) and weights (N,) int64.
     """
-    excluded = {tuple(p[i - width:i + 1]) for p in prompt_seqs for i in range(width, len(p))}
+    excluded = {tuple(p[i - width : i + 1]) for p in prompt_seqs for i in range(width, len(p))}
     seen: dict[tuple[int, ...], int] = {}
     if weights is None:
         weight_seqs = itertools.repeat(None)
     else:
         token_seqs, weight_seqs = list(token_seqs), list(weights)
         if len(weight_seqs) != len(token_seqs):
-            raise ConfigError(f"weights for {len(weight_seqs)} texts, but {len(token_seqs)} texts: give one list per text")
+            raise ConfigError(
+                f"weights for {len(weight_seqs)} texts, but {len(token_seqs)} texts: give one list per text"
+            )
     for seq, ws in zip(token_seqs, weight_seqs):
         if ws is not None and len(ws) != len(seq):
-            raise ConfigError(f"{len(ws)} weights for a text of {len(seq)} tokens: give one weight per token")
+            raise ConfigError(
+                f"{len(ws)} weights for a text of {len(seq)} tokens: give one weight per token"
+            )
         for i in range(width, len(seq)):
             w = 1 if ws is None else int(ws[i])
             if w < 0:
                 raise ConfigError(f"weight {w} at token {i}: weights must be non-negative integers")
-            gram = tuple(seq[i - width:i + 1])
+            gram = tuple(seq[i - width : i + 1])
             if w and gram not in excluded and w > seen.get(gram, 0):
                 seen[gram] = w
     if not seen:
-        return torch.zeros((0, width), dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        return (
+            torch.zeros((0, width), dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+        )
     grams = torch.tensor(list(seen), dtype=torch.long)  # (N, width + 1)
     return grams[:, :width], grams[:, width], torch.tensor(list(seen.values()), dtype=torch.long)
 
 
-def weighted_binomial_test(score: int, weights: Sequence[int], gamma: float) -> tuple[float, float, float]:
+def weighted_binomial_test(
+    score: int, weights: Sequence[int], gamma: float
+) -> tuple[float, float, float]:
     """(z, p, log10 p) of a weighted green count ``S = Σ w_i·g_i >= score`` when each g_i is an
     independent Bernoulli(γ) and the w_i are positive integers. With equal weights it is
     :func:`binomial_test`.
@@ -117,7 +134,9 @@ def weighted_binomial_test(score: int, weights: Sequence[int], gamma: float) -> 
     if ws.size == 0:
         return 0.0, 1.0, 0.0
     if ws.min() < 1:
-        raise ConfigError("weighted_binomial_test takes positive integer weights (drop the zero ones)")
+        raise ConfigError(
+            "weighted_binomial_test takes positive integer weights (drop the zero ones)"
+        )
     total = int(ws.sum())
     mean = gamma * float(total)
     z = (score - mean) / math.sqrt(gamma * (1 - gamma) * float((ws.astype(np.float64) ** 2).sum()))
@@ -141,21 +160,32 @@ def weighted_binomial_test(score: int, weights: Sequence[int], gamma: float) -> 
             hi *= 2
         theta = brentq(lambda t: tilted_mean(t) - score, 0.0, hi, xtol=1e-12)
     # K(θ) = Σ n_w·log(1 - γ + γ·e^{θw}), in a form that does not overflow
-    cgf = float((counts * (np.logaddexp(math.log1p(-gamma), math.log(gamma) + theta * values))).sum())
+    cgf = float(
+        (counts * (np.logaddexp(math.log1p(-gamma), math.log(gamma) + theta * values))).sum()
+    )
     dist = np.ones(1)  # P_θ(S = s), s = 0..
     for w, n in zip(values.tolist(), counts.tolist()):
         q = float(expit(theta * w + logit_gamma))
         cls = np.zeros(w * n + 1)
         cls[::w] = binom.pmf(np.arange(n + 1), n, q)
-        dist = np.clip(oaconvolve(dist, cls) if min(len(dist), len(cls)) > 64 else np.convolve(dist, cls), 0, None)
+        dist = np.clip(
+            oaconvolve(dist, cls) if min(len(dist), len(cls)) > 64 else np.convolve(dist, cls),
+            0,
+            None,
+        )
     tail = dist[score:] * np.exp(-theta * np.arange(len(dist) - score))
     log_p = min(cgf - theta * score + math.log(tail.sum()), 0.0)
     return z, math.exp(log_p), log_p / math.log(10)
 
 
-def detect_tokens(key: WatermarkKey, token_seqs: Sequence[Sequence[int]], *,
-                  prompt_seqs: Sequence[Sequence[int]] = (), vocab_size: int,
-                  weights: Sequence[Sequence[int]] | None = None) -> Detection:
+def detect_tokens(
+    key: WatermarkKey,
+    token_seqs: Sequence[Sequence[int]],
+    *,
+    prompt_seqs: Sequence[Sequence[int]] = (),
+    vocab_size: int,
+    weights: Sequence[Sequence[int]] | None = None,
+) -> Detection:
     """Test token sequences (the text's tokens, prompt excluded) against one key.
 
     ``weights`` (optional, one non-negative integer per token, e.g. from
@@ -173,16 +203,35 @@ def detect_tokens(key: WatermarkKey, token_seqs: Sequence[Sequence[int]], *,
     return _test(key, *pairs, vocab_size)
 
 
-def _test(key: WatermarkKey, contexts: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
-          vocab_size: int) -> Detection:
-    green = is_green(key.params, key.hash_key, contexts, tokens, vocab_size) if len(tokens) else torch.zeros(0, dtype=torch.bool)
+def _test(
+    key: WatermarkKey,
+    contexts: torch.Tensor,
+    tokens: torch.Tensor,
+    weights: torch.Tensor,
+    vocab_size: int,
+) -> Detection:
+    green = (
+        is_green(key.params, key.hash_key, contexts, tokens, vocab_size)
+        if len(tokens)
+        else torch.zeros(0, dtype=torch.bool)
+    )
     n_green = int(green.sum())
     if len(weights) and int(weights.max()) > 1:
-        z, p, log10_p = weighted_binomial_test(int(weights[green].sum()), weights.tolist(), key.params.gamma)
+        z, p, log10_p = weighted_binomial_test(
+            int(weights[green].sum()), weights.tolist(), key.params.gamma
+        )
     else:  # all weights 1: the plain binomial test
         z, p, log10_p = binomial_test(n_green, len(tokens), key.params.gamma)
-    return Detection(key_id=key.key_id, account=key.account, scored=len(tokens), green=n_green,
-                     gamma=key.params.gamma, z=z, p_value=p, log10_p=log10_p)
+    return Detection(
+        key_id=key.key_id,
+        account=key.account,
+        scored=len(tokens),
+        green=n_green,
+        gamma=key.params.gamma,
+        z=z,
+        p_value=p,
+        log10_p=log10_p,
+    )
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -211,23 +260,38 @@ class Trace:
 
     @property
     def accounts(self) -> list[str]:
-        return [r.account or r.key_id for r, p in zip(self.results, self.adjusted_p) if p < self.alpha]
+        return [
+            r.account or r.key_id for r, p in zip(self.results, self.adjusted_p) if p < self.alpha
+        ]
 
     def to_dict(self) -> dict:
-        return {"alpha": self.alpha, "traced": self.accounts,
-                "keys": [{**r.to_dict(), "p_holm": p} for r, p in zip(self.results, self.adjusted_p)]}
+        return {
+            "alpha": self.alpha,
+            "traced": self.accounts,
+            "keys": [{**r.to_dict(), "p_holm": p} for r, p in zip(self.results, self.adjusted_p)],
+        }
 
 
-def trace(keys: Sequence[WatermarkKey], token_seqs: Sequence[Sequence[int]], *, vocab_size: int,
-          prompt_seqs: Sequence[Sequence[int]] = (), alpha: float = 1e-3,
-          weights: Sequence[Sequence[int]] | None = None) -> Trace:
+def trace(
+    keys: Sequence[WatermarkKey],
+    token_seqs: Sequence[Sequence[int]],
+    *,
+    vocab_size: int,
+    prompt_seqs: Sequence[Sequence[int]] = (),
+    alpha: float = 1e-3,
+    weights: Sequence[Sequence[int]] | None = None,
+) -> Trace:
     """Test texts against every key; name the accounts whose keys are significant after Holm.
     ``weights`` (as in :func:`detect_tokens`, key-independent) apply to every key."""
     by_width: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     results = []
     for key in keys:
         if key.params.scheme == "synthid":
-            results.append(detect_tokens(key, token_seqs, prompt_seqs=prompt_seqs, vocab_size=vocab_size, weights=weights))
+            results.append(
+                detect_tokens(
+                    key, token_seqs, prompt_seqs=prompt_seqs, vocab_size=vocab_size, weights=weights
+                )
+            )
             continue
         width = key.params.context_width
         if width not in by_width:
@@ -242,5 +306,16 @@ def tokenize(tokenizer, texts: Iterable[str]) -> list[list[int]]:
     return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
 
 
-__all__ = ["Detection", "Trace", "WatermarkParams", "binomial_test", "detect_tokens", "holm", "scored_pairs",
-           "tokenize", "trace", "weighted_binomial_test", "weighted_pairs"]
+__all__ = [
+    "Detection",
+    "Trace",
+    "WatermarkParams",
+    "binomial_test",
+    "detect_tokens",
+    "holm",
+    "scored_pairs",
+    "tokenize",
+    "trace",
+    "weighted_binomial_test",
+    "weighted_pairs",
+]

@@ -41,8 +41,8 @@ from distillguard.errors import ConfigError
 from distillguard.watermark.detect import Detection, detect_tokens
 from distillguard.watermark.scheme import WatermarkKey, WatermarkParams
 
-
 # ---- per-position statistics of the teacher's distribution (pure functions) -----------------
+
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) along the last axis. (..., V) -> (...)"""
@@ -66,7 +66,9 @@ class PositionStats:
         return PositionStats(entropy=z, nll=z, token_prob=z, collision=z)
 
 
-def position_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> PositionStats:
+def position_stats(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> PositionStats:
     """Statistics of the distributions ``logits`` (L, V) at which ``tokens`` (L,) were chosen."""
     t = temperature if temperature > 0 else 1.0  # greedy: weights as at temperature 1
     logits = logits.float()
@@ -81,14 +83,22 @@ def position_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     )
 
 
-def green_posterior(token_prob: torch.Tensor, collision: torch.Tensor, *, gamma: float, delta: float,
-                    temperature: float = 1.0) -> torch.Tensor:
+def green_posterior(
+    token_prob: torch.Tensor,
+    collision: torch.Tensor,
+    *,
+    gamma: float,
+    delta: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """P(the chosen token is green | it was chosen under the watermark), over random green
     lists (see the module docstring). (L,) -> (L,) float64, between γ and γα/(γα+1-γ)."""
     t = temperature if temperature > 0 else 1.0
     a = delta / t  # log α
     p = token_prob.double()
-    rest_var = math.expm1(a) ** 2 * gamma * (1 - gamma) * (collision.double() - p * p).clamp(min=0)  # Var(R)
+    rest_var = (
+        math.expm1(a) ** 2 * gamma * (1 - gamma) * (collision.double() - p * p).clamp(min=0)
+    )  # Var(R)
     mu = (1 - p) * (1 + math.expm1(a) * gamma)  # E[R]
     # Green: E[1/(pα + R)]·α, computed as E[1/(p + R/α)] to stay finite for large δ/T.
     g_den = p + mu * math.exp(-a)
@@ -105,7 +115,9 @@ def max_llr_weight(gamma: float, delta: float, temperature: float = 1.0) -> floa
     return delta / (temperature if temperature > 0 else 1.0)
 
 
-def llr_weights(posterior: torch.Tensor, gamma: float, *, levels: int = 8, max_weight: float) -> torch.Tensor:
+def llr_weights(
+    posterior: torch.Tensor, gamma: float, *, levels: int = 8, max_weight: float
+) -> torch.Tensor:
     """Integer weights ``round(levels · w / max_weight)`` of the log-likelihood-ratio weights
     ``w = logit(q) - logit(γ)``; positions with no expected lift get 0 (not scored). (...) -> int64"""
     if levels < 1:
@@ -117,8 +129,9 @@ def llr_weights(posterior: torch.Tensor, gamma: float, *, levels: int = 8, max_w
     return (w / max_weight * levels).round().clamp(0, levels).to(torch.int64)
 
 
-def teacher_weights(params: WatermarkParams, stats: PositionStats, *, temperature: float = 1.0,
-                    levels: int = 8) -> list[int]:
+def teacher_weights(
+    params: WatermarkParams, stats: PositionStats, *, temperature: float = 1.0, levels: int = 8
+) -> list[int]:
     """Integer weight of each answer token for :func:`detect_tokens`: the quantised LLR weight
     of its green posterior, 0 where the scheme's embedder left the position alone. SynthID: one
     weight per tournament layer, its expected g-lift (``synthid.layer_weights``, 16 levels)."""
@@ -126,10 +139,19 @@ def teacher_weights(params: WatermarkParams, stats: PositionStats, *, temperatur
         from distillguard.watermark.synthid import layer_weights
 
         return layer_weights(stats.collision, params.synthid.depth)
-    post = green_posterior(stats.token_prob, stats.collision, gamma=params.gamma, delta=params.delta,
-                           temperature=temperature)
-    w = llr_weights(post, params.gamma, levels=levels,
-                    max_weight=max_llr_weight(params.gamma, params.delta, temperature))
+    post = green_posterior(
+        stats.token_prob,
+        stats.collision,
+        gamma=params.gamma,
+        delta=params.delta,
+        temperature=temperature,
+    )
+    w = llr_weights(
+        post,
+        params.gamma,
+        levels=levels,
+        max_weight=max_llr_weight(params.gamma, params.delta, temperature),
+    )
     if params.min_entropy > 0:
         w = torch.where(stats.entropy >= params.min_entropy, w, torch.zeros_like(w))
     return w.tolist()
@@ -137,32 +159,47 @@ def teacher_weights(params: WatermarkParams, stats: PositionStats, *, temperatur
 
 # ---- the teacher's statistics for texts, and detection with them ----------------------------------
 
+
 @torch.inference_mode()
-def teacher_stats(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]], *,
-                  temperature: float = 1.0, pad_id: int = 0, batch_size: int = 8) -> list[PositionStats]:
+def teacher_stats(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+    *,
+    temperature: float = 1.0,
+    pad_id: int = 0,
+    batch_size: int = 8,
+) -> list[PositionStats]:
     """Run the teacher over prompt + answer (left-padded batches) and return, for each answer
     token, the statistics of the distribution it was drawn from. ``model`` is a causal LM
     (``LoadedModel.model``); the prompts are token ids as the model saw them (chat template)."""
     if len(prompt_ids) != len(answer_ids):
-        raise ConfigError(f"{len(prompt_ids)} prompts for {len(answer_ids)} answers: give one prompt per answer")
+        raise ConfigError(
+            f"{len(prompt_ids)} prompts for {len(answer_ids)} answers: give one prompt per answer"
+        )
     if any(len(p) == 0 for p in prompt_ids):
-        raise ConfigError("an empty prompt: the first answer token needs at least one token before it "
-                          "(pass the chat-template ids the model was given)")
+        raise ConfigError(
+            "an empty prompt: the first answer token needs at least one token before it "
+            "(pass the chat-template ids the model was given)"
+        )
     device = next(model.parameters()).device
     out: list[PositionStats] = []
     for start in range(0, len(answer_ids), batch_size):
-        prompts = prompt_ids[start:start + batch_size]
-        answers = answer_ids[start:start + batch_size]
+        prompts = prompt_ids[start : start + batch_size]
+        answers = answer_ids[start : start + batch_size]
         seqs = [list(p) + list(a) for p, a in zip(prompts, answers)]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for b, s in enumerate(seqs):
-            ids[b, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[b, width - len(s):] = 1
+            ids[b, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[b, width - len(s) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device)).logits  # (B, width, V)
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+        ).logits  # (B, width, V)
         for b, a in enumerate(answers):
             n = len(a)
             if n == 0:
@@ -170,20 +207,48 @@ def teacher_stats(model, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequen
                 continue
             # The logits at position t predict token t + 1: answer token j is predicted at
             # position width - n - 1 + j.
-            out.append(position_stats(logits[b, width - n - 1: width - 1], torch.tensor(list(a)), temperature))
+            out.append(
+                position_stats(
+                    logits[b, width - n - 1 : width - 1], torch.tensor(list(a)), temperature
+                )
+            )
     return out
 
 
-def detect_with_teacher(key: WatermarkKey, model, prompt_ids: Sequence[Sequence[int]],
-                        answer_ids: Sequence[Sequence[int]], *, vocab_size: int, temperature: float = 1.0,
-                        levels: int = 8, pad_id: int = 0, batch_size: int = 8) -> Detection:
+def detect_with_teacher(
+    key: WatermarkKey,
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    answer_ids: Sequence[Sequence[int]],
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    levels: int = 8,
+    pad_id: int = 0,
+    batch_size: int = 8,
+) -> Detection:
     """Entropy-aware test of answers (each with the prompt it answered) against one key: the
     teacher recomputes every position's distribution, :func:`teacher_weights` weights the pairs,
     and the test is exact. ``temperature`` is the one the answers were sampled at, when known."""
-    stats = teacher_stats(model, prompt_ids, answer_ids, temperature=temperature, pad_id=pad_id, batch_size=batch_size)
-    weights = [teacher_weights(key.params, s, temperature=temperature, levels=levels) for s in stats]
-    return detect_tokens(key, answer_ids, prompt_seqs=prompt_ids, vocab_size=vocab_size, weights=weights)
+    stats = teacher_stats(
+        model, prompt_ids, answer_ids, temperature=temperature, pad_id=pad_id, batch_size=batch_size
+    )
+    weights = [
+        teacher_weights(key.params, s, temperature=temperature, levels=levels) for s in stats
+    ]
+    return detect_tokens(
+        key, answer_ids, prompt_seqs=prompt_ids, vocab_size=vocab_size, weights=weights
+    )
 
 
-__all__ = ["PositionStats", "detect_with_teacher", "entropy", "green_posterior", "llr_weights", "max_llr_weight",
-           "position_stats", "teacher_stats", "teacher_weights"]
+__all__ = [
+    "PositionStats",
+    "detect_with_teacher",
+    "entropy",
+    "green_posterior",
+    "llr_weights",
+    "max_llr_weight",
+    "position_stats",
+    "teacher_stats",
+    "teacher_weights",
+]

@@ -57,7 +57,9 @@ class SynthIDParams:
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.ngram_len < 2 or self.top_k < 2 or self.table_size < 2:
-            raise ConfigError(f"bad SynthID parameters {self}: depth >= 1, ngram_len >= 2, top_k >= 2, table_size >= 2")
+            raise ConfigError(
+                f"bad SynthID parameters {self}: depth >= 1, ngram_len >= 2, top_k >= 2, table_size >= 2"
+            )
 
 
 SCHEMES = ("keyed-hash", "lefthash-ref", "synthid")
@@ -100,9 +102,13 @@ class WatermarkParams:
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
-            raise ConfigError(f"unknown watermark scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+            raise ConfigError(
+                f"unknown watermark scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}"
+            )
         if self.min_entropy is None:
-            object.__setattr__(self, "min_entropy", KEYED_MIN_ENTROPY if self.scheme == "keyed-hash" else 0.0)
+            object.__setattr__(
+                self, "min_entropy", KEYED_MIN_ENTROPY if self.scheme == "keyed-hash" else 0.0
+            )
         if self.scheme == "synthid":
             # g-values are fair coins: 1/2 is the rate every detector tests against.
             object.__setattr__(self, "gamma", 0.5)
@@ -112,11 +118,15 @@ class WatermarkParams:
         if self.delta < 0:
             raise ConfigError(f"watermark delta={self.delta} must be >= 0")
         if self.context_width < 1 or (self.scheme == "lefthash-ref" and self.context_width != 1):
-            raise ConfigError(f"context_width={self.context_width}: lefthash-ref needs 1, keyed-hash at least 1")
+            raise ConfigError(
+                f"context_width={self.context_width}: lefthash-ref needs 1, keyed-hash at least 1"
+            )
         if self.candidates < 1:
             raise ConfigError(f"watermark candidates={self.candidates} must be >= 1")
         if not self.min_entropy >= 0:
-            raise ConfigError(f"watermark min_entropy={self.min_entropy} must be >= 0 (nats; 0 biases every position)")
+            raise ConfigError(
+                f"watermark min_entropy={self.min_entropy} must be >= 0 (nats; 0 biases every position)"
+            )
 
 
 @dataclass(frozen=True)
@@ -129,25 +139,32 @@ class WatermarkKey:
     account: str | None = None
 
     def __repr__(self) -> str:  # never print the secret key
-        return f"WatermarkKey(key_id={self.key_id!r}, account={self.account!r}, params={self.params})"
+        return (
+            f"WatermarkKey(key_id={self.key_id!r}, account={self.account!r}, params={self.params})"
+        )
 
 
 def account_key(secret: bytes, account: str, params: WatermarkParams) -> WatermarkKey:
     """Per-account key: HMAC-SHA256(master secret, account). The id is a one-way function of it."""
-    digest = hmac.new(secret, b"distillguard-watermark:" + account.encode(), hashlib.sha256).digest()
+    digest = hmac.new(
+        secret, b"distillguard-watermark:" + account.encode(), hashlib.sha256
+    ).digest()
     # 40 bits keep hash_key * token_id below 2^63 for vocabularies up to 2^23 (the reference
     # seeds a torch.Generator with that product); |1 avoids the degenerate key 0.
-    hash_key = (int.from_bytes(digest[:5], "big") | 1)
+    hash_key = int.from_bytes(digest[:5], "big") | 1
     key_id = "wm_" + hashlib.sha256(b"id:" + digest).hexdigest()[:16]
     return WatermarkKey(params=params, hash_key=hash_key, key_id=key_id, account=account)
 
 
-def reference_key(params: WatermarkParams | None = None, hash_key: int = REFERENCE_HASH_KEY) -> WatermarkKey:
+def reference_key(
+    params: WatermarkParams | None = None, hash_key: int = REFERENCE_HASH_KEY
+) -> WatermarkKey:
     params = params or WatermarkParams(scheme="lefthash-ref")
     return WatermarkKey(params=params, hash_key=hash_key, key_id=f"ref-{hash_key}")
 
 
 # ---- keyed-hash: SplitMix64 finaliser in wrapping int64 arithmetic ---------------------------
+
 
 def _signed(x: int) -> int:
     x &= _MASK64
@@ -189,6 +206,7 @@ def green_from_state(state: torch.Tensor, tokens: torch.Tensor, gamma: float) ->
 
 # ---- lefthash-ref: the reference's randperm green lists, cached ------------------------------
 
+
 class _ReferenceGreenLists:
     """LRU cache of reference green-list masks per (hash_key, previous token, vocab size)."""
 
@@ -220,24 +238,35 @@ _REFERENCE = _ReferenceGreenLists()
 
 # ---- the two operations everything else uses ------------------------------------------------
 
+
 def key_states(hash_keys: list[int], contexts: torch.Tensor) -> torch.Tensor:
     """keyed-hash state of each row (its key folded with its context). contexts (B, h) -> (B,)"""
     keys = torch.tensor([_signed(k) for k in hash_keys], dtype=torch.int64, device=contexts.device)
     return context_seed(keys, contexts)
 
 
-def green_mask(params: WatermarkParams, hash_keys: list[int], contexts: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def green_mask(
+    params: WatermarkParams, hash_keys: list[int], contexts: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """Green lists of B rows, each with its own key and context. contexts (B, h) -> (B, V) bool."""
     if params.scheme == "lefthash-ref":
-        rows = [_REFERENCE.mask(k, int(c[-1]), vocab_size, params.gamma) for k, c in zip(hash_keys, contexts.tolist())]
+        rows = [
+            _REFERENCE.mask(k, int(c[-1]), vocab_size, params.gamma)
+            for k, c in zip(hash_keys, contexts.tolist())
+        ]
         return torch.stack(rows).to(contexts.device)
     states = key_states(hash_keys, contexts)  # (B,)
     vocab = torch.arange(vocab_size, device=contexts.device)
     return green_from_state(states[:, None], vocab[None, :], params.gamma)
 
 
-def is_green(params: WatermarkParams, hash_key: int, contexts: torch.Tensor, tokens: torch.Tensor,
-             vocab_size: int) -> torch.Tensor:
+def is_green(
+    params: WatermarkParams,
+    hash_key: int,
+    contexts: torch.Tensor,
+    tokens: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
     """Whether each (context, token) pair is green under one key. contexts (N, h), tokens (N,) -> (N,)"""
     if params.scheme == "lefthash-ref":
         out = torch.zeros(len(tokens), dtype=torch.bool)

@@ -38,17 +38,23 @@ def write_secret(path: Path, text: str, *, exclusive: bool = False) -> None:
         fh.write(text + "\n")
 
 
-def load_secret(value: str | None = None, path: Path | None = None, *, create: bool = True) -> bytes:
+def load_secret(
+    value: str | None = None, path: Path | None = None, *, create: bool = True
+) -> bytes:
     if value:
         return value.encode()
     if path is None:
         path = default_secret_path()
-        if path.parent.exists():  # ours alone (it holds the ledger too): private even if made 0755 before
+        if (
+            path.parent.exists()
+        ):  # ours alone (it holds the ledger too): private even if made 0755 before
             path.parent.chmod(0o700)
     if not path.exists():
         if not create:
-            raise ConfigError(f"no watermark secret: set DISTILLGUARD_WATERMARK_SECRET or pass --secret "
-                              f"(the server keeps its generated one in {path})")
+            raise ConfigError(
+                f"no watermark secret: set DISTILLGUARD_WATERMARK_SECRET or pass --secret "
+                f"(the server keeps its generated one in {path})"
+            )
         try:
             write_secret(path, secrets.token_hex(32), exclusive=True)
         except FileExistsError:  # another replica created it first

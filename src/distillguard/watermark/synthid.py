@@ -54,13 +54,20 @@ def layer_keys(hash_key: int, params: SynthIDParams) -> tuple[list[int], int]:
 
 
 @functools.lru_cache(maxsize=256)
-def processor_for(hash_key: int, params: SynthIDParams, device="cpu") -> SynthIDTextWatermarkLogitsProcessor:
+def processor_for(
+    hash_key: int, params: SynthIDParams, device="cpu"
+) -> SynthIDTextWatermarkLogitsProcessor:
     """transformers' processor for one account's key (cached: the server keeps one per key; it is
     only read, never updated, here: the context comes from the rows, not its state)."""
     keys, table_seed = layer_keys(hash_key, params)
     return SynthIDTextWatermarkLogitsProcessor(
-        ngram_len=params.ngram_len, keys=keys, sampling_table_size=params.table_size,
-        sampling_table_seed=table_seed, context_history_size=1024, device=device)
+        ngram_len=params.ngram_len,
+        keys=keys,
+        sampling_table_size=params.table_size,
+        sampling_table_seed=table_seed,
+        context_history_size=1024,
+        device=device,
+    )
 
 
 class SynthIDTopK(LogitsProcessor):
@@ -72,12 +79,20 @@ class SynthIDTopK(LogitsProcessor):
         self.proc = processor_for(hash_key, params)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return tournament([self.proc] * len(scores), self.params, scores.float().log_softmax(dim=-1),
-                          input_ids[:, -(self.params.ngram_len - 1):])
+        return tournament(
+            [self.proc] * len(scores),
+            self.params,
+            scores.float().log_softmax(dim=-1),
+            input_ids[:, -(self.params.ngram_len - 1) :],
+        )
 
 
-def tournament(procs: Sequence[SynthIDTextWatermarkLogitsProcessor], params: SynthIDParams, logp: torch.Tensor,
-               context: torch.Tensor) -> torch.Tensor:
+def tournament(
+    procs: Sequence[SynthIDTextWatermarkLogitsProcessor],
+    params: SynthIDParams,
+    logp: torch.Tensor,
+    context: torch.Tensor,
+) -> torch.Tensor:
     """Log-probabilities after the tournament over each row's top k, row b with the key of
     ``procs[b]`` (one processor, or one per row); the tail keeps its mass.
     logp (B, V) normalised log-probabilities (-inf allowed: filtered tokens stay impossible);
@@ -97,7 +112,9 @@ def tournament(procs: Sequence[SynthIDTextWatermarkLogitsProcessor], params: Syn
     else:
         layer = torch.stack([p.keys for p in procs])[:, None, :]  # (B, 1, depth)
     idx = table_indices(h, layer, params.table_size)  # (B, k, depth)
-    g = torch.stack([torch.take(_small_table(p), idx[b]) for b, p in enumerate(procs)])  # (B, k, depth)
+    g = torch.stack(
+        [torch.take(_small_table(p), idx[b]) for b, p in enumerate(procs)]
+    )  # (B, k, depth)
     out = procs[0].update_scores(top_lp - mass, g)  # log probs over the top k, renormalised
     # update_scores turns log 0 into the float minimum; keep impossible tokens at -inf
     out = torch.where(torch.isfinite(top_lp), out + mass, top_lp)
@@ -130,10 +147,14 @@ def _small_table(proc: SynthIDTextWatermarkLogitsProcessor) -> torch.Tensor:
     return table
 
 
-_LCG_MUL = 6364136223846793005  # transformers' accumulate_hash multiplier (int64 products wrap, as there)
+_LCG_MUL = (
+    6364136223846793005  # transformers' accumulate_hash multiplier (int64 products wrap, as there)
+)
 
 
-def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[WatermarkKey | None]) -> torch.Tensor:
+def apply_synthid(
+    logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[WatermarkKey | None]
+) -> torch.Tensor:
     """The tournament on every SynthID row of a batch, each with its account's key (one cached
     processor per key, all rows hashed in one pass); other rows are returned bitwise as they
     were. logp (B, V) the log-probabilities each row samples from; contexts (B, h >= ngram_len - 1)
@@ -147,7 +168,7 @@ def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[Wat
     out = logp
     for params, rows in groups.items():
         procs = [processor_for(keys[b].hash_key, params, str(logp.device)) for b in rows]
-        ctx = contexts[:, contexts.shape[1] - (params.ngram_len - 1):]
+        ctx = contexts[:, contexts.shape[1] - (params.ngram_len - 1) :]
         if len(rows) == len(logp):  # every row: no gather, no scatter
             return tournament(procs, params, logp, ctx)
         idx = torch.tensor(rows, device=logp.device)
@@ -157,9 +178,14 @@ def apply_synthid(logp: torch.Tensor, contexts: torch.Tensor, keys: Sequence[Wat
     return out
 
 
-def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[Sequence[int]],
-                  prompts: Sequence[Sequence[int]], table_size: int,
-                  weights: Sequence[Sequence] | None = None, reduce: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+def synthid_units(
+    proc: SynthIDTextWatermarkLogitsProcessor,
+    answers: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]],
+    table_size: int,
+    weights: Sequence[Sequence] | None = None,
+    reduce: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct table indices an answer's n-grams (after its prompt's last tokens, when there
     is one prompt per answer) look up,
     with their g-values and weights. Each answer's n-grams are deduplicated across all answers
@@ -180,17 +206,21 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     if reduce not in ("sum", "amax"):
         raise ConfigError(f"reduce must be 'sum' or 'amax', not {reduce!r}")
     n, depth = proc.ngram_len, len(proc.keys)
-    excluded = {tuple(p[i - n + 1:i + 1]) for p in prompts for i in range(n - 1, len(p))}
+    excluded = {tuple(p[i - n + 1 : i + 1]) for p in prompts for i in range(n - 1, len(p))}
     seen: dict[tuple[int, ...], torch.Tensor] = {}
     aligned = len(prompts) == len(answers)
     for b, ans in enumerate(answers):
-        seq = (list(prompts[b][-(n - 1):]) if aligned else []) + list(ans)
+        seq = (list(prompts[b][-(n - 1) :]) if aligned else []) + list(ans)
         off = len(seq) - len(ans)
         for i in range(len(ans)):
-            gram = tuple(seq[off + i - n + 1: off + i + 1])
+            gram = tuple(seq[off + i - n + 1 : off + i + 1])
             if len(gram) < n or gram in excluded:
                 continue
-            w = torch.ones(depth, dtype=torch.long) if weights is None else torch.as_tensor(weights[b][i]).long()
+            w = (
+                torch.ones(depth, dtype=torch.long)
+                if weights is None
+                else torch.as_tensor(weights[b][i]).long()
+            )
             w = w.expand(depth)
             found = seen.get(gram)
             seen[gram] = w if found is None else torch.maximum(found, w)
@@ -200,13 +230,22 @@ def synthid_units(proc: SynthIDTextWatermarkLogitsProcessor, answers: Sequence[S
     w = torch.stack(list(seen.values()))  # (N, depth)
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
     uniq, inv = keys.reshape(-1).unique(return_inverse=True)
-    total = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(0, inv, w.reshape(-1), reduce=reduce)
+    total = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(
+        0, inv, w.reshape(-1), reduce=reduce
+    )
     return proc.sampling_table[uniq].long(), total
 
 
-def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts: Sequence[Sequence[int]], *,
-                   params: SynthIDParams | None = None, weights: Sequence[Sequence] | None = None,
-                   proc: SynthIDTextWatermarkLogitsProcessor | None = None, reduce: str = "sum") -> Detection:
+def detect_synthid(
+    key: WatermarkKey,
+    answers: Sequence[Sequence[int]],
+    prompts: Sequence[Sequence[int]],
+    *,
+    params: SynthIDParams | None = None,
+    weights: Sequence[Sequence] | None = None,
+    proc: SynthIDTextWatermarkLogitsProcessor | None = None,
+    reduce: str = "sum",
+) -> Detection:
     """Exact test of answers against a SynthID key: S = Σ W_i·g_i over the distinct table indices
     they touch (W_i: the pairs on index i, weighted by ``weights`` when given; see
     :func:`synthid_units`), with the g_i independent fair coins under the null: the exact
@@ -222,8 +261,16 @@ def detect_synthid(key: WatermarkKey, answers: Sequence[Sequence[int]], prompts:
         z, p, log10_p = weighted_binomial_test(int((g * w).sum()), w.tolist(), 0.5)
     else:
         z, p, log10_p = binomial_test(ones, len(g), 0.5)
-    return Detection(key_id=key.key_id, account=key.account, scored=len(g), green=ones, gamma=0.5,
-                     z=z, p_value=p, log10_p=log10_p)
+    return Detection(
+        key_id=key.key_id,
+        account=key.account,
+        scored=len(g),
+        green=ones,
+        gamma=0.5,
+        z=z,
+        p_value=p,
+        log10_p=log10_p,
+    )
 
 
 def position_weights(collision: torch.Tensor, levels: int = 8) -> list[int]:
@@ -253,17 +300,35 @@ def layer_weights(collision: torch.Tensor, depth: int, levels: int = 16) -> list
     small lifts here (Neyman-Pearson). collision (L,) Σp² per position -> L lists of depth ints."""
     spread = (1 - collision.double()).clamp(0, 1)[:, None]  # (L, 1)
     lam = LAYER_DECAY[0] + LAYER_DECAY[1] * (1 - spread)
-    lift4 = spread * torch.exp(-lam * torch.arange(depth, dtype=torch.float64)[None, :])  # (L, depth) = 4·lift
+    lift4 = spread * torch.exp(
+        -lam * torch.arange(depth, dtype=torch.float64)[None, :]
+    )  # (L, depth) = 4·lift
     return (levels * lift4).round().clamp(0, levels).long().tolist()
 
 
 def depth_weights(length: int, depth: int, levels: int = 8) -> list[list[int]]:
     """Weights by layer only, for detection without the teacher: ``levels·exp(-0.055·(l-1))``
     (the mean decay over all positions), the same for every position."""
-    row = [max(1, round(levels * float(torch.exp(torch.tensor(-MEAN_LAYER_DECAY * i))))) for i in range(depth)]
+    row = [
+        max(1, round(levels * float(torch.exp(torch.tensor(-MEAN_LAYER_DECAY * i)))))
+        for i in range(depth)
+    ]
     return [row] * length
 
 
-__all__ = ["LAYER_DECAY", "SynthIDParams", "SynthIDTopK", "apply_synthid", "candidate_hashes", "depth_weights",
-           "detect_synthid", "layer_keys", "layer_weights", "position_weights", "processor_for", "synthid_units",
-           "table_indices", "tournament"]
+__all__ = [
+    "LAYER_DECAY",
+    "SynthIDParams",
+    "SynthIDTopK",
+    "apply_synthid",
+    "candidate_hashes",
+    "depth_weights",
+    "detect_synthid",
+    "layer_keys",
+    "layer_weights",
+    "position_weights",
+    "processor_for",
+    "synthid_units",
+    "table_indices",
+    "tournament",
+]
