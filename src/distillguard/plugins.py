@@ -70,6 +70,7 @@ class Registry(Generic[T]):
         self._check = check or (lambda name, obj: obj)  # type: ignore[return-value]
         self._items: dict[str, T] = {}
         self._builtin: set[str] = set()
+        self._added: set[str] = set()  # names given by add(), kept across reload()
         self.errors: dict[str, str] = {}  # name -> why that plugin was not loaded
         self._loaded = False
         self._lock = RLock()  # two threads' first lookups must not load a group twice
@@ -89,6 +90,7 @@ class Registry(Generic[T]):
                     f"{_describe(old)} and {_describe(item)}; rename one"
                 )
             self._items[name] = item
+            self._added.add(name)
             self.errors.pop(name, None)
             return item
 
@@ -96,12 +98,15 @@ class Registry(Generic[T]):
         """Forget ``name`` (for code that :meth:`add`-ed something temporary)."""
         with self._lock:
             self._items.pop(name, None)
+            self._added.discard(name)
 
     def reload(self) -> None:
         """Forget what entry points gave and read them again (after installing a plugin)."""
         with self._lock:
             self._loaded = False
             self.errors.clear()
+            self._builtin.clear()
+            self._items = {k: v for k, v in self._items.items() if k in self._added}
             self._load()
 
     # ---- lookup -----------------------------------------------------------------------------

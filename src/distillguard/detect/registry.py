@@ -8,8 +8,8 @@ A detector follows one account's request stream, one record at a time::
     det.reasons() -> [str]              # why, in words, for the report
 
 Raw scores become benign tail probabilities in ``calibrate.py``, so a detector may use any
-scale. Built-ins and plugins register the same way: a class decorated with ``@register``, in
-a module named by an entry point of the group ``distillguard.detectors``::
+scale. Built-ins and plugins register the same way, as an entry point of the group
+``distillguard.detectors`` (read by :class:`distillguard.plugins.Registry`)::
 
     [project.entry-points."distillguard.detectors"]
     mydetector = "my_package.my_module:MyDetector"
@@ -17,15 +17,14 @@ a module named by an entry point of the group ``distillguard.detectors``::
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from distillguard.errors import ConfigError
+from distillguard.plugins import Registry
 
 if TYPE_CHECKING:
     from distillguard.detect.config import DetectConfig
@@ -33,19 +32,6 @@ if TYPE_CHECKING:
     from distillguard.detect.reference import Reference
 
 GROUP = "distillguard.detectors"
-# The built-ins' modules, also listed as entry points in pyproject.toml; imported directly as
-# well so that a stale editable install (metadata from before a detector was added) still works.
-BUILTIN_MODULES = (
-    "volume",
-    "timing",
-    "shape",
-    "template",
-    "reasoning",
-    "distribution",
-    "coverage",
-    "fresh",
-    "linking",
-)
 
 
 @dataclass
@@ -73,40 +59,34 @@ class Detector(ABC):
     def reasons(self) -> list[str]: ...
 
 
-_registry: dict[str, type[Detector]] = {}
-_loaded = False
+def _check(name: str, obj: object) -> type[Detector]:
+    if not (isinstance(obj, type) and issubclass(obj, Detector)):
+        raise ConfigError(f"detector {name!r} is {obj!r}, not a subclass of Detector")
+    if getattr(obj, "name", None) != name:
+        raise ConfigError(
+            f"detector class {obj.__qualname__} has name {getattr(obj, 'name', None)!r} but is "
+            f"registered as {name!r}: make its class attribute `name` {name!r}"
+        )
+    return obj
+
+
+DETECTORS: Registry[type[Detector]] = Registry(GROUP, "detector", check=_check)
 
 
 def register(cls: type[Detector]) -> type[Detector]:
-    """Class decorator: make a detector available by its ``name``."""
+    """Class decorator: make a detector defined in code (a script, a test) available by its
+    ``name``. A package ships one through an entry point instead; its module may keep the
+    decorator, which is harmless for a class that an entry point also names."""
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"detector class {cls.__qualname__} needs a class attribute `name`")
-    if name in _registry and _registry[name] is not cls:
-        raise ConfigError(
-            f"two detectors named {name!r}: {_registry[name].__qualname__} and {cls.__qualname__}"
-        )
-    _registry[name] = cls
+    DETECTORS.add(name, cls)
     return cls
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for mod in BUILTIN_MODULES:
-        importlib.import_module(f"distillguard.detect.{mod}")
-    for ep in entry_points(group=GROUP):
-        obj = ep.load()  # importing the module runs its @register
-        if isinstance(obj, type) and issubclass(obj, Detector):
-            register(obj)
-    _loaded = True
 
 
 def detectors() -> dict[str, type[Detector]]:
     """Every registered detector, by name (built-ins first)."""
-    _load()
-    return dict(_registry)
+    return DETECTORS.all()
 
 
 def select(names: tuple[str, ...] | list[str]) -> list[type[Detector]]:
@@ -116,5 +96,11 @@ def select(names: tuple[str, ...] | list[str]) -> list[type[Detector]]:
         return list(known.values())
     missing = [n for n in names if n not in known]
     if missing:
-        raise ConfigError(f"unknown detector(s) {missing}; available: {sorted(known)}")
+        broken = {n: DETECTORS.errors[n] for n in missing if n in DETECTORS.errors}
+        if broken:
+            raise ConfigError(f"detector(s) failed to load: {broken}")
+        raise ConfigError(
+            f"unknown detector(s) {missing}; available: {sorted(known)} "
+            f"(a plugin package adds one in the entry-point group {GROUP!r})"
+        )
     return [known[n] for n in names]
