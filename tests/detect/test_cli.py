@@ -121,3 +121,80 @@ def test_all_detectors_with_minilm_on_arena_traffic(embedder, tmp_path):
     bot = next(r for r in results if r.label == "bulk")
     assert all(bot.score > r.score for r in results if r.label == "benign")
     assert report["accounts"][0]["account"] == bot.account
+
+
+def ledger(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        distillguard_command("ledger", *args), capture_output=True, text=True, timeout=300
+    )
+
+
+def test_ledger_export_parquet_round_trip(files):
+    """A real ledger exported as JSONL and as Parquet: the same records, and ``detect`` (calibrated
+    from JSONL or from Parquet) gives the same report on both."""
+    from distillguard.detect import parquet
+    from distillguard.guard.db import make_engine, migrate
+    from distillguard.guard.ledger import import_traffic, read_traffic
+
+    benign, traffic, d = files
+    db = str(d / "roundtrip.db")
+    engine = make_engine(db)
+    migrate(engine)
+    with open(traffic) as fh:
+        import_traffic(engine, fh)
+    engine.dispose()
+    with open(traffic) as fh:
+        n = sum(1 for _ in read_traffic(fh))
+    jsonl, pq_suffix, pq_flag = d / "x.jsonl", d / "x.parquet", d / "x.data"
+    for args in (["-o", str(jsonl)], ["-o", str(pq_suffix)], ["-o", str(pq_flag), "-f", "parquet"]):
+        out = ledger("export", "--db", db, *args)
+        assert out.returncode == 0, out.stderr
+        assert f"exported {n} requests" in out.stderr
+    with open(jsonl) as fh:
+        records = [r for _, r in read_traffic(fh)]
+    assert len(records) == n and records[0]["response"]["status"] == 200
+    assert list(parquet.read_traffic(pq_suffix)) == records
+    assert list(parquet.read_traffic(pq_flag)) == records  # found by its magic bytes
+    assert oct(pq_suffix.stat().st_mode & 0o777) == "0o600"  # as private as the ledger
+    # the calibration file in Parquet too: both readers feed the same calibration and scoring
+    benign_pq = d / "benign.parquet"
+    with open(benign) as fh:
+        parquet.write_traffic((r for _, r in read_traffic(fh)), benign_pq)
+    args = ("--detectors", "volume,timing,shape,template,linking", "--target-fpr", "0.02", "--json")
+    from_jsonl = cli("--traffic", str(jsonl), "--calibrate", benign, *args)
+    from_pq = cli("--traffic", str(pq_suffix), "--calibrate", str(benign_pq), *args)
+    assert from_jsonl.returncode == 0 and from_pq.returncode == 0, from_pq.stderr
+    report = json.loads(from_pq.stdout)
+    assert report == json.loads(from_jsonl.stdout)
+    assert report["accounts"][0]["account"] == "bot" and report["accounts"][0]["flagged"]
+
+
+def test_ledger_export_refuses_parquet_on_stdout_and_unknown_formats(files):
+    _, _, d = files
+    out = ledger("export", "--db", str(d / "empty.db"), "-f", "parquet")
+    assert out.returncode == 2 and "-o FILE.parquet" in out.stderr
+    out = ledger("export", "--db", str(d / "empty.db"), "-f", "csv", "-o", str(d / "x.csv"))
+    assert out.returncode == 2 and "'csv'" in out.stderr and "jsonl, parquet" in out.stderr
+
+
+def test_detect_names_the_bad_parquet_row(files, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    benign, _, _ = files
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(
+        pa.table({"ts": [1.0, 2.0], "account": ["a", "a"], "request": ['{"messages": []}', "{"]}),
+        bad,
+    )
+    out = cli("--traffic", str(bad), "--calibrate", benign)
+    assert out.returncode == 2
+    assert "bad.parquet: row 2: not valid JSON" in out.stderr
+    no_account = tmp_path / "no_account.parquet"
+    pq.write_table(pa.table({"ts": [1.0], "request": ["{}"]}), no_account)
+    out = cli("--traffic", str(no_account), "--calibrate", benign)
+    assert out.returncode == 2 and "['account']" in out.stderr and "ledger export" in out.stderr
+    not_parquet = tmp_path / "junk.parquet"
+    not_parquet.write_text("hello")
+    out = cli("--traffic", str(not_parquet), "--calibrate", benign)
+    assert out.returncode == 2 and "not a readable Parquet file" in out.stderr

@@ -15,7 +15,9 @@ from distillguard.errors import ConfigError
 
 
 def read_records(path: str) -> list[dict]:
-    """Traffic-log records from a JSONL file (- for stdin); a bad line is a one-line error naming it."""
+    """Traffic-log records from a JSONL or Parquet file (- for JSONL on stdin); a bad line or row
+    is a one-line error naming it."""
+    from distillguard.detect import parquet
     from distillguard.guard.ledger import read_traffic
 
     if path == "-":
@@ -23,6 +25,8 @@ def read_records(path: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no such traffic file: {path}")
+    if parquet.is_parquet(p):
+        return list(parquet.read_traffic(p))
     with open(p, encoding="utf-8") as fh:
         return [r for _, r in read_traffic(fh, source=str(p))]
 
@@ -75,13 +79,18 @@ def _progress(label: str, total: int):
 
 def detect_command(
     traffic: str | None = typer.Option(
-        None, "--traffic", "-t", help="traffic-log JSONL to score (- for stdin)"
+        None,
+        "--traffic",
+        "-t",
+        help="traffic log to score: JSONL or Parquet (- for JSONL on stdin)",
     ),
     ledger: str | None = typer.Option(
         None, "--ledger", help="score the ledger instead; " + DB_HELP
     ),
     calibrate_file: str | None = typer.Option(
-        None, "--calibrate", help="benign traffic JSONL to calibrate on (benign accounts only)"
+        None,
+        "--calibrate",
+        help="benign traffic (JSONL or Parquet) to calibrate on (benign accounts only)",
     ),
     calibration: str | None = typer.Option(
         None, "--calibration", "-c", help="a saved calibration (.npz) to use"

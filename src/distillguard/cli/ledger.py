@@ -13,7 +13,8 @@ from distillguard.cli import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 ledger_app = typer.Typer(
-    help="Export, import and prune the request ledger (traffic-log JSONL).", no_args_is_help=True
+    help="Export, import and prune the request ledger (traffic-log JSONL or Parquet).",
+    no_args_is_help=True,
 )
 
 
@@ -41,18 +42,32 @@ def export(
     ),
     account: str | None = typer.Option(None, help="only this account"),
     out: str = typer.Option("-", "--out", "-o", help="output file (- for stdout)"),
+    fmt: str | None = typer.Option(
+        None,
+        "--format",
+        "-f",
+        help="jsonl or parquet (default: parquet for an --out ending in .parquet, else jsonl)",
+    ),
 ) -> None:
-    """Write the ledger in the traffic-log format (one JSON request per line).
+    """Write the ledger in the traffic-log format: JSONL (one JSON request per line) or Parquet
+    (one row per request; what `distillguard detect --traffic` and engines like DuckDB, Polars
+    or Spark read at scale).
 
     Examples:
 
       distillguard ledger export -o traffic.jsonl
 
-      distillguard ledger export --db postgresql+psycopg://dg@db/dg --since 2026-11-01 -o nov.jsonl
+      distillguard ledger export --db postgresql+psycopg://dg@db/dg --since 2026-11-01 -o nov.parquet
     """
     from distillguard.guard.db import make_engine, migrate
-    from distillguard.guard.ledger import export_traffic
+    from distillguard.guard.ledger import export_traffic, iter_traffic
 
+    if fmt is None:
+        fmt = "parquet" if out.lower().endswith((".parquet", ".pq")) else "jsonl"
+    if fmt not in ("jsonl", "parquet"):
+        raise ConfigError(f"--format {fmt!r} is not one of: jsonl, parquet")
+    if fmt == "parquet" and out == "-":
+        raise ConfigError("--format parquet needs a file: add -o FILE.parquet")
     engine = make_engine(db)
     migrate(engine)
     if out == "-":
@@ -60,8 +75,14 @@ def export(
     else:
         # as private as the ledger it copies (a new file: 0600; an existing one keeps its mode)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(fd, "w", encoding="utf-8") as fh:
-            n = export_traffic(engine, fh, since=_since(since), account=account)
+        if fmt == "parquet":
+            from distillguard.detect.parquet import write_traffic
+
+            with open(fd, "wb") as fh:
+                n = write_traffic(iter_traffic(engine, since=_since(since), account=account), fh)
+        else:
+            with open(fd, "w", encoding="utf-8") as fh:
+                n = export_traffic(engine, fh, since=_since(since), account=account)
     err_console.print(f"exported {n} requests")
 
 

@@ -367,6 +367,17 @@ def export_traffic(
     engine: Engine, out: IO[str], *, since: float | None = None, account: str | None = None
 ) -> int:
     """Write the ledger as JSONL traffic records, oldest first; returns the count."""
+    n = 0
+    for record in iter_traffic(engine, since=since, account=account):
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def iter_traffic(
+    engine: Engine, *, since: float | None = None, account: str | None = None
+) -> Iterator[dict]:
+    """The ledger as traffic records, oldest first, streamed from the database (any size)."""
     query = (
         select(*LedgerRow.__table__.columns)
         .where(LedgerRow.account_id.is_not(None))
@@ -376,12 +387,9 @@ def export_traffic(
         query = query.where(LedgerRow.ts >= since)
     if account is not None:
         query = query.where(LedgerRow.account_id == account)
-    n = 0
     with engine.connect() as conn:
         for row in conn.execution_options(stream_results=True, yield_per=1000).execute(query):
-            out.write(json.dumps(to_traffic(row), ensure_ascii=False) + "\n")
-            n += 1
-    return n
+            yield to_traffic(row)
 
 
 def read_traffic(lines: Iterable[str], *, source: str = "<traffic>") -> Iterator[tuple[int, dict]]:
