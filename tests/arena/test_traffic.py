@@ -476,7 +476,7 @@ def test_slowlow_is_human_paced_single_turn_and_sweeps_topics(traffic):
 
 def test_a_plugin_campaign_registers_like_the_builtins():
     from distillguard.arena import Call, register_campaign
-    from distillguard.arena import traffic as traffic_mod
+    from distillguard.arena.base import CAMPAIGNS
 
     @register_campaign("echo-test", default_accounts=2, default_requests=3)
     def echo(ctx):
@@ -498,7 +498,7 @@ def test_a_plugin_campaign_registers_like_the_builtins():
         assert {r["campaign"] for r in recs} == {"echo-test-1", "echo-test-2"}
         assert len({r["account"] for r in recs}) == 3
     finally:
-        traffic_mod._KINDS.pop("echo-test")
+        CAMPAIGNS.remove("echo-test")
 
 
 def test_traffic_loads_into_the_ledger_and_exports_unchanged(tmp_path):

@@ -43,16 +43,13 @@ import math
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
+from distillguard.arena.base import Call, account_id, estimate_tokens, random_ip, stream_rng
 from distillguard.arena.pools import Thread, public_prompts
-from distillguard.arena.traffic import (
-    Call,
-    TrafficConfig,
-    account_id,
-    estimate_tokens,
-    random_ip,
-    stream_rng,
-)
+
+if TYPE_CHECKING:
+    from distillguard.arena.traffic import TrafficConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Built-in extraction campaigns, registered like any plugin (:func:`register_campaign`).
+"""Built-in extraction campaigns, registered like any plugin: each generator is decorated with
+:func:`register_campaign` and named by an entry point of ``distillguard.campaigns`` in
+``pyproject.toml``.
 
 Each generator gets a :class:`CampaignContext` (its accounts, window, rpm limit, random stream
 and the attack pool) and yields :class:`Call` s. Seed text comes from the attack pool and from
@@ -12,14 +14,14 @@ import random
 from collections.abc import Iterator
 from functools import lru_cache
 
-from distillguard.arena.benign import DIURNAL, conversation_messages
-from distillguard.arena.traffic import (
+from distillguard.arena.base import (
     Call,
     CampaignContext,
     estimate_tokens,
     random_ip,
     register_campaign,
 )
+from distillguard.arena.benign import DIURNAL, conversation_messages
 
 MAX_PROMPT_CHARS = 4000
 

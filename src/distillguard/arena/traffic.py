@@ -24,20 +24,33 @@ answer where there is one, capped by ``max_tokens``, times ``n``.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Annotated, Literal, NamedTuple
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The generator contract lives in base.py (below this module, benign.py and campaigns.py);
+# these names are re-exported here, where callers have always imported them from.
+from distillguard.arena.base import (  # noqa: F401
+    CAMPAIGNS,
+    ENTRY_POINT_GROUP,
+    Call,
+    CampaignContext,
+    CampaignGenerator,
+    CampaignKind,
+    account_id,
+    campaign_kinds,
+    estimate_tokens,
+    prompt_tokens,
+    random_ip,
+    register_campaign,
+    stream_rng,
+)
+from distillguard.arena.benign import benign_calls
+from distillguard.arena.pools import load_pools
 from distillguard.errors import ConfigError
 
 DEFAULT_START = 1_793_577_600.0  # 2026-11-02 00:00 UTC (a Monday): fixed, so files are reproducible
-ENTRY_POINT_GROUP = "distillguard.campaigns"
 
 
 # ---- configuration -----------------------------------------------------------------------
@@ -66,6 +79,8 @@ class CampaignSpec(BaseModel):
                 f"bad campaign {text!r}: expected KIND[:ACCOUNTS[:REQUESTS]], e.g. hydra:20"
             )
         if parts[0] not in kinds:
+            if parts[0] in CAMPAIGNS.errors:
+                CAMPAIGNS.get(parts[0])  # raises, with why the installed plugin did not load
             raise ConfigError(
                 f"unknown campaign kind {parts[0]!r} in {text!r}; known kinds: {', '.join(kinds)}"
             )
@@ -184,161 +199,7 @@ class TrafficConfig(BaseModel):
         return self.start + self.days * 86400.0
 
 
-# ---- the campaign registry (built-ins register the same way plugins do) ------------------
-
-
-class Call(NamedTuple):
-    """One request a generator emits; :func:`generate_traffic` adds usage, label and campaign."""
-
-    ts: float
-    account: str
-    ip: str
-    request: dict
-    completion_tokens: int  # per choice, before the max_tokens cap
-
-
-@dataclass(frozen=True)
-class CampaignContext:
-    """What a campaign generator gets: its accounts, window, limits, randomness and seed text."""
-
-    campaign_id: str  # "<kind>-<i>", i counting the config's campaigns from 1
-    kind: str
-    accounts: tuple[str, ...]
-    requests_per_account: int
-    start: float
-    end: float
-    rpm_limit: int
-    decoy_share: float  # hydra: share of benign-looking requests
-    model: str
-    rng: random.Random
-    attack: tuple  # tuple[pools.Thread, ...]: the attack pool, the only ShareGPT text allowed
-
-    def request(self, messages: list[dict], **params) -> dict:
-        """An OpenAI chat request for this config's model (None-valued params left out)."""
-        return {
-            "model": self.model,
-            "messages": messages,
-            **{k: v for k, v in params.items() if v is not None},
-        }
-
-
-CampaignGenerator = Callable[[CampaignContext], Iterator[Call]]
-
-
-@dataclass(frozen=True)
-class CampaignKind:
-    name: str
-    generate: CampaignGenerator
-    default_accounts: int
-    default_requests: int
-    description: str
-
-
-_KINDS: dict[str, CampaignKind] = {}
-_loaded = False
-
-
-def register_campaign(
-    name: str, *, default_accounts: int = 1, default_requests: int = 1000, description: str = ""
-) -> Callable[[CampaignGenerator], CampaignGenerator]:
-    """Decorator: register ``fn(ctx) -> Iterator[Call]`` as campaign kind ``name``.
-
-    Plugins register from a module named by an entry point in the ``distillguard.campaigns``
-    group; the built-ins (``campaigns.py``) use this same decorator.
-    """
-    if not name or ":" in name or name == "benign":
-        raise ConfigError(
-            f"campaign kind {name!r}: must be non-empty, without ':', and not 'benign'"
-        )
-
-    def deco(fn: CampaignGenerator) -> CampaignGenerator:
-        _KINDS[name] = CampaignKind(
-            name,
-            fn,
-            default_accounts,
-            default_requests,
-            description or (fn.__doc__ or "").strip().split("\n")[0],
-        )
-        return fn
-
-    return deco
-
-
-def campaign_kinds() -> dict[str, CampaignKind]:
-    """Every registered campaign kind: built-ins, then plugins' entry points."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from distillguard.arena import campaigns  # noqa: F401 - registers the built-ins
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            ep.load()
-    return dict(_KINDS)
-
-
 # ---- records -------------------------------------------------------------------------------
-
-
-def estimate_tokens(text: str) -> int:
-    """Cheap token estimate: ~4 ASCII characters a token, one token per other character."""
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return max(1, math.ceil(ascii_chars / 4) + (len(text) - ascii_chars))
-
-
-def prompt_tokens(messages: list[dict]) -> int:
-    """Estimated prompt tokens of a chat request: content plus ~4 tokens of template a message."""
-    return 3 + sum(4 + estimate_tokens(m["content"]) for m in messages)
-
-
-def account_id(seed: int, owner: str, index: int) -> str:
-    """A neutral account name: a hash of (seed, owner, index), so names carry no label."""
-    return "acct-" + hashlib.sha256(f"{seed}|{owner}|{index}".encode()).hexdigest()[:10]
-
-
-# First octets of public ranges, residential and hosting alike: every generator draws from the same
-# list, so an address tells nothing by itself; only sharing (an office NAT, a proxy range) does.
-_FIRST_OCTETS = (
-    5,
-    23,
-    24,
-    31,
-    34,
-    45,
-    46,
-    51,
-    62,
-    64,
-    73,
-    77,
-    81,
-    86,
-    91,
-    92,
-    98,
-    104,
-    109,
-    138,
-    151,
-    159,
-    167,
-    176,
-    185,
-    188,
-    193,
-    195,
-)
-
-
-def random_ip(rng: random.Random, prefix: str | None = None) -> str:
-    """A public-looking IPv4 address, or one in ``prefix`` (a /24 such as "45.83.17")."""
-    if prefix is None:
-        prefix = f"{rng.choice(_FIRST_OCTETS)}.{rng.randrange(256)}.{rng.randrange(256)}"
-    return f"{prefix}.{rng.randrange(2, 254)}"
-
-
-def stream_rng(seed: int, name: str) -> random.Random:
-    """An independent random stream per user or campaign (string seeds hash with SHA-512)."""
-    return random.Random(f"distillguard-arena|{seed}|{name}")
 
 
 def _record(call: Call, label: str, campaign: str | None) -> dict:
@@ -371,9 +232,6 @@ def iter_traffic(config: TrafficConfig) -> Iterator[dict]:
 
 def generate_traffic(config: TrafficConfig) -> list[dict]:
     """All records of ``config``, sorted by ``ts``. See the module docstring for the format."""
-    from distillguard.arena.benign import benign_calls
-    from distillguard.arena.pools import load_pools
-
     pools = load_pools(config.whole_conversations)
     records: list[dict] = []
     for call in benign_calls(config, pools[config.pool]):
