@@ -5,7 +5,7 @@ Cheap per request by construction: prompts are embedded in batches, truncated to
 hash (repeated prompts cost nothing). ~12-15 ms of CPU a prompt on one thread, batched (16 or
 more a call; one at a time costs ~2x), on this 2-core machine.
 
-Cheaper encoders were measured and not taken (``bench/detect_embed_cost.py``, CPU time vs this
+Cheaper encoders were measured and not taken (``docs/decisions/detect-embed-cost.md``, CPU time vs this
 fp32 model, cosine to its embeddings on 512 real prompts): torch's int8 ``quantize_dynamic``
 0.66x the CPU but cosine down to 0.82 (median 0.94); ONNX Runtime int8 0.75x, cosine 1st
 percentile 0.978; ORT int8 with the feed-forward layers kept fp32 agrees to >= 0.99 but costs
@@ -123,7 +123,7 @@ class Embedder:
         rows on torch's own threads (set one: torch releases the GIL inside its kernels, so
         the slices run on separate cores). sentence-transformers' multi-process pool would copy
         the model into each process and pickle every batch; torch's intra-op threads spin-wait
-        for a busy core on a shared machine (measured in ``bench/detect_embed_cost.py``), which
+        for a busy core on a shared machine (measured: ``docs/decisions/detect-embed-cost.md``), which
         independent slices do not. Tokenised once, here: padding to the batch's longest prompt
         and the mean pooling's mask give the same vectors as ``encode`` (tested, cosine 1 - 1e-6)."""
         import torch

@@ -281,7 +281,7 @@ def prune_layers(
     layers turn the residual stream least. ``block``: drop the contiguous block of ``n - keep``
     layers with the smallest angular distance (:func:`block_distance`): untrained ``prune:11``
     7.73 nats where ``influence`` gives 10.62, but after top-k KD on 1,000 teacher answers 2.52
-    against 2.49 (``bench/prune_choice.py``, ``bench/distill_curves.py``), so the lead does not
+    against 2.49 (``docs/decisions/prune-layer-choice.md``), so the lead does not
     last and ``influence`` stays the default. ``even``: evenly spaced layers.
     """
     layers = lm.model.model.layers

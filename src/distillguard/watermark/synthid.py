@@ -197,7 +197,7 @@ def synthid_units(
     Why the sum: each such pair is separate evidence (the tournament lifted g at that pair), and
     with many answers the pairs outnumber the table (96 answers x 48 tokens x 30 layers = 138k
     pairs on 65,536 entries), so keeping one weight per index threw most of it away
-    (``bench/synthid_saturation.py``: keeping the largest gave z = 9.8 on 96 watermarked answers,
+    (``docs/decisions/synthid-sum-per-index.md``: keeping the largest gave z = 9.8 on 96 watermarked answers,
     less than on 24: 12.8; the sum gives 22.5 and 14.9).
     The test stays exact: the weights depend on the text and the layer keys, not on the table's
     g-values (drawn from the key's own table seed), so under H0 the g of distinct indices are
@@ -283,7 +283,7 @@ def position_weights(collision: torch.Tensor, levels: int = 8) -> list[int]:
 # and a concentrated one leaves the next layers little to tilt. Measured on the teacher's own
 # answers to 32 held-out ShareGPT prompts (not the quality bench's), T=0.7, by running the
 # tournament on each position's top-256 distribution with random g-values
-# (bench/watermark_synthid_layers.py -> bench/results/watermark_synthid_layers.json): the lift of
+# (docs/decisions/synthid-layer-weights.md, bench/results/watermark_synthid_layers.json): the lift of
 # layer l (1-based) at a position of spread s = 1 - Σp² is close to
 #     s/4 · exp(-λ(s)·(l - 1)),   λ(s) = 0.03 + 0.07·(1 - s)
 # (layer 1 exact; the fit over 10 bins of s by least squares, weighted by positions). Over all
