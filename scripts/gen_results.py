@@ -71,6 +71,7 @@ BENCHES = {
     "linking_eval": ("Detection", "account linking with popular prompts, apps and NATs"),
     "detect_scale": ("Detection", "detection over a provider's history at scale"),
     "detect_fpr": ("Detection", "false-positive rate of detection on held-out benign traffic"),
+    "detect_adaptive": ("Detection", "adaptive attackers against the detectors"),
     "arena_traffic": ("Arena", "traffic generation speed"),
     "harvest_throughput": ("Distillation", "the harvester vs a bare aiohttp client"),
     "distill_curves": ("Distillation", "learning curves: held-out NLL vs teacher queries"),
