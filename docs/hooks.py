@@ -33,6 +33,11 @@ def cli_markdown() -> str:
             pass
         elif line.startswith("#"):
             line = "#" + line  # the page has its own title: every heading goes one level down
+        elif line.startswith("  distillguard "):
+            # an example command in a help text: a code block, not a paragraph
+            if len(lines) > 1 and lines[-1] == "" and lines[-2].startswith("    distillguard"):
+                lines.pop()  # the blank line typer puts between examples: one block
+            line = "    " + line.strip()
         elif not fenced:
             # help texts write option syntax such as prune:K[:mlpW], which Markdown (and
             # mkdocs-autorefs) would read as reference links
