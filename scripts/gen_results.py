@@ -166,7 +166,10 @@ def page_name(rel: Path) -> str:
 def bench_of(stem: str, data: object) -> str | None:
     """The bench that wrote a file: its own ``bench`` field, else the longest known prefix."""
     if isinstance(data, dict) and isinstance(data.get("bench"), str):
-        return data["bench"]
+        # some files say more than the name ("watermark_quality --only-fpr")
+        name = data["bench"].split()[0]
+        if name in BENCHES or name in RETIRED:
+            return name
     known = sorted(set(BENCHES) | set(RETIRED), key=len, reverse=True)
     for name in known:
         if stem == name or stem.startswith(name + "_"):
@@ -350,7 +353,10 @@ def index_page(pages: list[tuple[Path, str]]) -> str:
             bench = bench_of(rel.stem, json.loads((RESULTS / rel).read_text()))
         except (ValueError, UnicodeDecodeError):
             pass
-        area, what = BENCHES.get(bench or "", ("Other", ""))
+        # the file's own name describes it best where it has an entry (watermark_fpr, written by
+        # watermark_quality), else the bench that wrote it
+        named = bench_of(rel.stem, {})
+        area, what = BENCHES.get(named if named in BENCHES else bench or "", ("Other", ""))
         retired = " (retired bench)" if bench in RETIRED else ""
         by_area[area].append(f"| [{rel.as_posix()}]({name}.md) | {what}{retired} |")
     lines = [
