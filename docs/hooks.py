@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -15,6 +16,8 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CLI_MARKER = "<!-- cli-reference -->"
+# Docstrings here cite code with Sphinx roles (:func:`load_model`); the site shows the name alone.
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):(?=<code>)")
 
 
 def cli_markdown() -> str:
@@ -57,3 +60,7 @@ def on_page_markdown(markdown, page, config, files):
     if CLI_MARKER in markdown:
         return markdown.replace(CLI_MARKER, cli_markdown())
     return markdown
+
+
+def on_page_content(html, page, config, files):
+    return SPHINX_ROLE.sub("", html)

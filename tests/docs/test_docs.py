@@ -82,6 +82,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert (site / "results" / "img" / "distill_curves.png").is_file()
     api = (site / "api" / "index.html").read_text()
     assert "WatermarkParams" in api and "HarvestConfig" in api and "DistillguardError" in api
+    assert ":func:<code>" not in api and ":class:<code>" not in api  # Sphinx roles stripped
 
 
 README = (ROOT / "README.md").read_text()
