@@ -133,6 +133,10 @@ COMMANDS = {
     "distill_train_speed_precision.json": "nice -n 5 python bench/distill_train_speed.py --compare precision --student prune:11 --losses sft,topk-kd,kd --repeats 2 --data DIR",
     "distill_curves.json": "python bench/distill_curves.py ... then --report-only (each point records its settings)",
     "distill_curves_gpu.json": "bash bench/distill_curves_gpu.sh",
+    "distill_curves.md": "python bench/distill_curves.py --report-only --sizes 16,64,250,500,1000,4000 --depths 8,11,15,18 --inits influence,even,block,influence:mlp896,influence:mlp640 (written from the points of distill_curves.json and distill_curves_gpu.json)",
+    "distill_curves_samples.md": "written with distill_curves.md by python bench/distill_curves.py --report-only",
+    "prune_choice_11.md": "nice -n 5 python bench/prune_choice.py --depth 11",
+    "distill_curves_top20/distill_curves.json": "nice -n 5 python bench/distill_curves.py --work ~/.cache/distillguard/bench/distill_curves_top20 --top-logprobs 20 --sizes 1000 --losses topk-kd --precision bf16 --threads 1 --keep-students, with --depths 15 --inits influence:mlp896 and --depths 11 --inits influence (a harvest of its own)",
     "distill_decoding.json": "nice -n 5 python bench/distill_decoding.py --student .../topk-kd-prune11-influence-n4000 --student .../sft-prune11-influence-n4000",
     "distill_decoding_n4000x4.json": "python bench/distill_decoding.py --student .../topk-kd-prune11-influence-n4000x4-bf16 --out bench/results/distill_decoding_n4000x4.json",
     "distill_answers_ul1_n4000.json": "nice -n 5 python bench/distill_decoding.py --student .../topk-kd-prune15-influence:mlp896-n4000-bf16-ul1 --student .../topk-kd-prune15-influence:mlp896-n4000-bf16 --decodings greedy --samples 32 --threads 1 --out bench/results/distill_answers_ul1_n4000.json",
@@ -304,7 +308,7 @@ def source_lines(rel: Path, data: object) -> list[str]:
     elif bench and (ROOT / "bench" / f"{bench}.py").exists():
         lines.append(f"Written by `bench/{bench}.py`.")
     command = data.get("command") if isinstance(data, dict) else None
-    command = command if isinstance(command, str) else COMMANDS.get(rel.name)
+    command = command if isinstance(command, str) else COMMANDS.get(rel.as_posix())
     if command:
         lines.append(f"Command: `{command}`.")
     return [" ".join(lines), ""]
@@ -341,7 +345,7 @@ def md_page(rel: Path, figures: dict[str, list[Path]]) -> str:
     lines = [HEADER, "", f"# {rel.as_posix()}", ""]
     lines += source_lines(rel, {})
     lines += figure_lines(page_name(rel), figures)
-    return "\n".join(lines) + shifted.rstrip() + "\n"
+    return "\n".join(lines) + "\n" + shifted.rstrip() + "\n"
 
 
 def index_page(pages: list[tuple[Path, str]]) -> str:
