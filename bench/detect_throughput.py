@@ -22,6 +22,15 @@ how much of a second core the scorer kept busy), requests/s, the ratio to
 is shared). The target (issue 5) is >= 300 requests/s on 2 cores for ``all``. Prints JSON.
 
     nice -n 10 .venv/bin/python bench/detect_throughput.py --requests 3000
+
+``--compare REF`` (repeatable) measures ``no-embeddings`` side by side against the code of git
+commit REF instead: the same records (pickled once, from this tree's arena) are scored by a child
+process on this tree's ``src/`` and by one on a git worktree of REF, alternating for ``--rounds``
+rounds so that the machine's load falls on both alike; each child calibrates with its own code
+(not timed). Reports requests per CPU-second per round, the medians and their ratios:
+
+    nice -n 10 .venv/bin/python bench/detect_throughput.py --compare 8b8a416 --compare HEAD \
+        --rounds 5 --out bench/results/detect_throughput_linking.json
 """
 
 from __future__ import annotations
@@ -29,18 +38,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+from _provenance import code_version
 
-from distillguard.arena.traffic import TrafficConfig, generate_traffic
-from distillguard.detect import AccountMonitor, DetectConfig, calibrate
-from distillguard.detect.embed import Embedder
+NO_EMBEDDINGS = ("volume", "timing", "shape", "linking")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(cal, records, batch: int, embedder) -> dict:
+    from distillguard.detect import AccountMonitor
+
     monitor = AccountMonitor(cal, embedder=embedder)
     load = os.getloadavg()[0]
     t, cpu = time.perf_counter(), time.process_time()
@@ -61,6 +76,108 @@ def run(cal, records, batch: int, embedder) -> dict:
         # > 1: the scorer kept more than one core busy (torch's intra-op threads in MiniLM)
         "cores_used": round(dcpu / dt, 2),
     }
+
+
+def traffic(requests: int, benign_accounts: int) -> tuple[list[dict], list[dict]]:
+    """(calibration records, records to score): one day of arena traffic, every campaign kind."""
+    from distillguard.arena.traffic import TrafficConfig, generate_traffic
+
+    cal_records = generate_traffic(
+        TrafficConfig(benign_accounts=40, pool="calibration", days=1, seed=11)
+    )
+    records = generate_traffic(
+        TrafficConfig(
+            benign_accounts=benign_accounts,
+            days=1,
+            seed=12,
+            campaigns=(
+                "bulk:1:600",
+                "template:1:400",
+                "reasoning:1:400",
+                "logprobs:1:400",
+                "hydra:10:60",
+                "slowlow:1:60",
+            ),
+        )
+    )
+    return cal_records, records[:requests]
+
+
+def worker(path: str, batch: int) -> None:
+    """Child of --compare: calibrate and score the pickled records with whatever ``distillguard``
+    is importable (PYTHONPATH picks the tree), print one JSON line."""
+    import distillguard
+    from distillguard.detect import DetectConfig, calibrate
+
+    with open(path, "rb") as fh:
+        cal_records, records = pickle.load(fh)
+    cal = calibrate(cal_records, config=DetectConfig(detectors=NO_EMBEDDINGS))
+    out = run(cal, records, batch, None)
+    out["src"] = str(Path(distillguard.__file__).parent)
+    print(json.dumps(out), flush=True)
+
+
+def compare(args) -> None:
+    cal_records, records = traffic(args.requests, args.benign_accounts)
+    tmp = Path(tempfile.mkdtemp(prefix="detect_throughput_"))
+    data = tmp / "records.pkl"
+    data.write_bytes(pickle.dumps((cal_records, records)))
+    trees = {"this tree": ROOT}
+    commits = {"this tree": code_version()}
+    for ref in args.compare:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        if not sha:
+            raise SystemExit(f"--compare {ref}: not a commit of this repository")
+        trees[ref] = tmp / f"wt-{sha}"
+        commits[ref] = sha
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(trees[ref]), sha],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    out = {
+        "code_version": code_version(),
+        "commits": commits,
+        "config": "no-embeddings: " + ",".join(NO_EMBEDDINGS),
+        "requests": len(records),
+        "benign_accounts": args.benign_accounts,
+        "batch": args.batch,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "load_avg_1m_before": round(os.getloadavg()[0], 2),
+        "runs": {name: [] for name in trees},
+    }
+    try:
+        for i in range(args.rounds):
+            # alternate the order each round: neither side always runs first
+            names = list(trees) if i % 2 == 0 else list(trees)[::-1]
+            for name in names:
+                env = {**os.environ, "PYTHONPATH": str(trees[name] / "src")}
+                cmd = [sys.executable, __file__, "--worker", str(data), "--batch", str(args.batch)]
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                out["runs"][name].append(r)
+                print(name, json.dumps(r), flush=True)
+    finally:
+        for ref in args.compare:
+            subprocess.run(
+                ["git", "worktree", "remove", "--force", str(trees[ref])],
+                cwd=ROOT,
+                capture_output=True,
+            )
+    out["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
+    med = {
+        name: statistics.median(r["requests_per_cpu_s"] for r in runs)
+        for name, runs in out["runs"].items()
+    }
+    out["median_requests_per_cpu_s"] = med
+    out["this_tree_vs"] = {ref: round(med["this tree"] / med[ref], 3) for ref in args.compare}
+    print(json.dumps(out, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 def main() -> None:
@@ -85,28 +202,29 @@ def main() -> None:
         default=None,
         help="also write the JSON here (e.g. bench/results/detect_throughput.json)",
     )
+    ap.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REF",
+        help="measure no-embeddings side by side against git commit REF (repeatable)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of --compare")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.batch)
+    if args.compare:
+        return compare(args)
+    import torch
+
+    from distillguard.detect import DetectConfig, calibrate
+    from distillguard.detect.embed import Embedder
+
     torch.set_num_threads(args.threads)
-    cal_records = generate_traffic(
-        TrafficConfig(benign_accounts=40, pool="calibration", days=1, seed=11)
-    )
-    traffic = generate_traffic(
-        TrafficConfig(
-            benign_accounts=args.benign_accounts,
-            days=1,
-            seed=12,
-            campaigns=(
-                "bulk:1:600",
-                "template:1:400",
-                "reasoning:1:400",
-                "logprobs:1:400",
-                "hydra:10:60",
-                "slowlow:1:60",
-            ),
-        )
-    )
-    records = traffic[: args.requests]
+    cal_records, records = traffic(args.requests, args.benign_accounts)
     out = {
+        "code_version": code_version(),
         "threads": args.threads,
         "embed_workers": args.embed_workers,
         "benign_accounts": args.benign_accounts,
@@ -122,9 +240,7 @@ def main() -> None:
     # change the cost), one without
     embedder = Embedder()
     cal_all = calibrate(cal_records, config=base, embedder=embedder)
-    cal_none = calibrate(
-        cal_records, config=replace(base, detectors=("volume", "timing", "shape", "linking"))
-    )
+    cal_none = calibrate(cal_records, config=replace(base, detectors=NO_EMBEDDINGS))
     configs = {
         "all": cal_all,
         "all-eager": replace(

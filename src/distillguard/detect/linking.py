@@ -45,6 +45,7 @@ at a family-wise 10^-3 gets all of it (``AccountMonitor._verdict``).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import re
@@ -52,6 +53,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 from scipy import special
 
@@ -74,6 +76,47 @@ _NAMES = {
     "system": "shared system prompt",
     "network": "same network",
 }
+
+
+# Near-duplicate prompts: datasketch's MinHash (scheme affine32, seed 1) and the band layout its
+# MinHashLSH picks for Jaccard 0.6, computed here in one numpy pass per prompt. Building a MinHash
+# object, hashing each shingle through struct.unpack and keeping every prompt's bands in the LSH
+# index were ~60% of the online scorer's CPU without embeddings and ~1 GB per million prompts;
+# the linker only needs band -> group. tests/detect/test_linking.py checks the signatures equal
+# datasketch's.
+_A, _B = (
+    p.astype(np.uint32) for p in MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32").permutations
+)
+_BANDS, _ROWS = (lambda lsh: (lsh.b, lsh.r))(MinHashLSH(threshold=0.6, num_perm=NUM_PERM))
+# odd 64-bit multipliers: a band's rows fold to one int key (collision chance ~2^-64 per pair)
+_FOLD = (np.random.default_rng(0).integers(0, 2**63, _ROWS, dtype=np.uint64) * 2 + 1).astype(
+    np.uint64
+)
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix for affine permutations); wraps mod 2^32."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def minhash_signature(shingles: list[bytes]) -> np.ndarray:
+    """(NUM_PERM,) uint32: datasketch's MinHash(seed=1, scheme="affine32").update_batch(shingles)."""
+    # sha1_hash32: the first 4 bytes of SHA-1, little-endian, as datasketch hashes a shingle
+    hv = np.frombuffer(
+        b"".join(hashlib.sha1(s).digest()[:4] for s in shingles), dtype="<u4"
+    ).reshape(-1, 1)  # (S, 1)
+    return (_fmix32(hv) * _A + _B).min(axis=0)  # (S, NUM_PERM) -> (NUM_PERM,)
+
+
+def band_keys(signature: np.ndarray) -> list[int]:
+    """The LSH bands of a signature, each folded to one int: two prompts are candidates when
+    any band's key is equal (P = 1 - (1 - J^r)^b for Jaccard J)."""
+    rows = signature[: _BANDS * _ROWS].reshape(_BANDS, _ROWS).astype(np.uint64)  # (b, r)
+    return (rows * _FOLD).sum(axis=1).tolist()  # (b,), wraps mod 2^64
 
 
 @lru_cache(maxsize=65536)
@@ -163,12 +206,11 @@ class Linker:
     def __init__(self, *, min_evidence: int = 3, common: frozenset[str] = frozenset()):
         self.min_evidence = min_evidence  # shared items before a pair is tested at all
         self.common = common
-        self._lsh = MinHashLSH(threshold=0.6, num_perm=NUM_PERM)
-        self._perm = MinHash(
-            num_perm=NUM_PERM, seed=1
-        )  # shared permutations: building hashes is cheap
+        # per LSH band: band key -> the smallest near-duplicate group among prompts with that band
+        # (a prompt joins the smallest group of its candidates, so this is what a query of every
+        # prompt inserted before would return: groups only decrease along a bucket's insertions)
+        self._bands: list[dict[int, int]] = [{} for _ in range(_BANDS)]
         self._seq = 0
-        self._group: dict[str, int] = {}  # LSH key -> near-duplicate group
         self._label: dict[tuple[str, object], str] = {}  # item -> words for the reasons
         self._items: dict[str, dict[str, set]] = {
             k: defaultdict(set) for k in KINDS
@@ -256,16 +298,15 @@ class Linker:
         if (
             len(words) >= 8 and f.template not in self.common
         ):  # formulaic prompts people share: no evidence
-            m = MinHash(
-                num_perm=NUM_PERM, permutations=self._perm.permutations, scheme=self._perm.scheme
+            sig = minhash_signature(
+                [f"{x} {y} {z}".encode() for x, y, z in zip(words, words[1:], words[2:])]
             )
-            m.update_batch([" ".join(words[i : i + 3]).encode() for i in range(len(words) - 2)])
-            near = self._lsh.query(m)
+            keys = band_keys(sig)
             self._seq += 1
-            group = min((self._group[k] for k in near), default=self._seq)
-            key = f"{a}\x00{self._seq}"
-            self._lsh.insert(key, m)
-            self._group[key] = group
+            found = [g for t, k in zip(self._bands, keys) if (g := t.get(k)) is not None]
+            group = min(found) if found else self._seq
+            for t, k in zip(self._bands, keys):
+                t[k] = group  # group <= every group found in these buckets
             self._hold(a, "prompt", ("g", group), " ".join(words[:8]))
         if not f.has_text and f.prompt_hash:
             # a ledger that kept only hashes: exact duplicates are still evidence (near ones are not)
@@ -388,5 +429,6 @@ __all__ = [
     "communities",
     "fisher_evidence",
     "kind_evidence",
+    "minhash_signature",
     "poisson_evidence",
 ]

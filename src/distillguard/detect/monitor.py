@@ -13,6 +13,7 @@ it from a background task, off the request path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -253,13 +254,16 @@ class AccountMonitor:
         lookup = (
             dict(zip(texts, self.embedder.embed(texts))) if texts else {}
         )  # one batch; the cache dedups
+        # without embeddings no detector calls BLAS, and the limit's ~50 us a request was a tenth of
+        # that scorer's CPU
+        blas = _one_blas_thread if self.needs_embeddings else contextlib.nullcontext
         for f, action in zip(feats, plan):
             stream = self.accounts.get(f.account)
             if stream is None:
                 stream = self.accounts[f.account] = _Stream(
                     self.classes, self.context, f.account, self.config.history
                 )
-            with _one_blas_thread():
+            with blas():
                 self.linker.observe(f)
                 pooled = self._pooled(
                     f.account
