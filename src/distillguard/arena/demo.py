@@ -561,15 +561,9 @@ class DemoHooks:
 
 
 def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None) -> dict:
-    import logging
-
+    """Play the four acts; the report is returned and written to ``OUT/demo.json``. Logging is
+    the caller's (the CLI keeps other libraries quiet unless -v)."""
     hooks = hooks or DemoHooks()
-    for name in (
-        "httpx",
-        "httpx2",
-        "sentence_transformers",
-    ):  # one line per request would bury the story
-        logging.getLogger(name).setLevel(logging.WARNING)
     cfg.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict = {

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import sys
 from pathlib import Path
 
 import typer
@@ -17,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from distillguard.cli import console, err_console
+from distillguard.cli import configure_logging, console, err_console, verbose_option
 
 
 class _Extra(ProgressColumn):
@@ -63,6 +67,7 @@ def demo_command(
     epochs: float = typer.Option(6.0, help="the student's training epochs"),
     seed: int = typer.Option(0, help="random seed of the traffic and the training"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Play provider, distiller and investigator against each other and report the numbers.
 
@@ -139,7 +144,13 @@ def demo_command(
         harvest_progress=on_harvest,
         train_callbacks=(train_progress,),
     )
-    with progress:
+    if verbose:
+        configure_logging(True)
+    verbose = verbose or logging.getLogger().isEnabledFor(logging.DEBUG)  # `distillguard -v demo`
+    # The Trainer print()s every log dict ({'loss': ...}) to stdout (train() turns its tqdm off,
+    # so it adds its PrinterCallback): stdout is the report's (--json's JSON), the loss is in the
+    # training bar, and -v shows the dicts on stderr.
+    with progress, contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
         report = run_demo(cfg, hooks)
     if as_json:
         print(json.dumps(report, default=str))
