@@ -422,8 +422,8 @@ class _BuggyBackend:
 def test_an_unexpected_error_after_admission_settles_the_lease_and_is_ledgered(tmp_path):
     """Before: only APIError settled the lease and wrote the row, so a bug (like int('²') in the
     backend) left a 500 with no ledger row and the key's concurrency slot taken for 600 s."""
+    from distillguard.app import create_app
     from distillguard.guard.limits import Limits
-    from distillguard.serve.app import create_app
     from distillguard.serve.config import ServeConfig
 
     db = f"sqlite:///{tmp_path / 'ledger.db'}"

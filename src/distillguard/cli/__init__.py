@@ -210,7 +210,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     -H "Authorization: Bearer $KEY"
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}]}'
     """
-    from distillguard.serve.app import create_app
+    from distillguard.app import create_app
     from distillguard.serve.config import ServeConfig
 
     config = ServeConfig(

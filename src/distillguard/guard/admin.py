@@ -15,19 +15,21 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distillguard.errors import ConfigError, InvalidRequestError, NotFoundError
-from distillguard.guard.gateway import AuthError, Guard, PermissionDenied, key_scope
+from distillguard.errors import APIError, ConfigError, InvalidRequestError, NotFoundError
+from distillguard.guard.admission import key_scope
+from distillguard.guard.auth import AuthError, PermissionDenied
+from distillguard.guard.gateway import Guard
 from distillguard.guard.keys import MAX_MODEL_ID, MAX_MODELS, MAX_NAME, MAX_SECONDS, check_account
 from distillguard.guard.ledger import account_usage
 from distillguard.guard.limits import MAX_DAILY_TOKENS, MAX_DAILY_USD, MAX_RATE, Limits
 from distillguard.guard.policy import Level
-from distillguard.serve.schemas import validation_to_api_error
 
 Rate = Annotated[int, Field(ge=1, le=MAX_RATE)]
 DailyTokens = Annotated[int, Field(ge=1, le=MAX_DAILY_TOKENS)]
@@ -85,13 +87,6 @@ class SetVerdict(BaseModel):
     score: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
 
-def _parse(model: type[BaseModel], raw: bytes):
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise validation_to_api_error(exc) from None
-
-
 def _account(name: str) -> str:
     try:
         return check_account(name)
@@ -104,18 +99,28 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def admin_router(guard: Guard) -> APIRouter:
+def admin_router(guard: Guard, invalid_body: Callable[[ValidationError], APIError]) -> APIRouter:
+    """The admin routes over ``guard``. ``invalid_body`` turns a body that fails its model into
+    the 400 to answer: the HTTP surface's own converter (``serve/schemas.py``), passed in by the
+    app that composes both, so the admin API words bad bodies as the OpenAI routes do without
+    guard importing serve."""
     router = APIRouter()
 
+    def _parse(model: type[BaseModel], raw: bytes):
+        try:
+            return model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise invalid_body(exc) from None
+
     async def require_admin(request: Request) -> None:
-        if guard.is_admin(request):
+        if guard.auth.is_admin(request):
             return
         if guard.config.admin_key is None:
             raise PermissionDenied(
                 "the admin API is disabled: set DISTILLGUARD_ADMIN_KEY on the server",
                 code="admin_disabled",
             )
-        await guard.authenticate(request)  # 401 for a missing or unknown key
+        await guard.auth.authenticate(request)  # 401 for a missing or unknown key
         raise PermissionDenied("this route needs the admin key", code="admin_only")
 
     async def usage_of(account: str) -> dict:
@@ -174,7 +179,7 @@ def admin_router(guard: Guard) -> APIRouter:
             record = await asyncio.to_thread(guard.keys.revoke, key_id)
         except ConfigError as exc:
             raise NotFoundError(str(exc), param="key_id", code="key_not_found") from None
-        guard.forget_key(key_id)
+        guard.auth.forget_key(key_id)
         return record.public()
 
     @router.post("/admin/keys/{key_id}/rotate", status_code=201)
@@ -196,7 +201,7 @@ def admin_router(guard: Guard) -> APIRouter:
             )
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param="key_id", code="invalid_value") from None
-        guard.forget_key(key_id)
+        guard.auth.forget_key(key_id)
         return JSONResponse(
             {**new.public(), "key": secret, "replaces": old.public()}, status_code=201
         )
@@ -213,13 +218,13 @@ def admin_router(guard: Guard) -> APIRouter:
         _account(account)
         body = _parse(LimitFields, await request.body())
         limits = await asyncio.to_thread(guard.keys.set_account_limits, account, body.limits())
-        guard.forget_account(account)
+        guard.auth.forget_account(account)
         return {"account": account, **limits.public()}
 
     @router.get("/admin/accounts/{account}/usage")
     async def admin_usage(request: Request, account: str):
-        if not guard.is_admin(request):
-            key = await guard.authenticate(request)
+        if not guard.auth.is_admin(request):
+            key = await guard.auth.authenticate(request)
             if key.account != account:
                 raise PermissionDenied(
                     "an account key can read only its own account's usage", code="forbidden"
@@ -234,7 +239,7 @@ def admin_router(guard: Guard) -> APIRouter:
             raise InvalidRequestError(
                 f"limit={limit} must be within 1..100000", param="limit", code="invalid_value"
             )
-        rows = await asyncio.to_thread(guard.verdicts, account, limit)
+        rows = await asyncio.to_thread(guard.policing.recent, account, limit)
         return {"object": "list", "data": [{k: _finite(v) for k, v in row.items()} for row in rows]}
 
     @router.post("/admin/accounts/{account}/verdict", status_code=201)
@@ -248,7 +253,7 @@ def admin_router(guard: Guard) -> APIRouter:
         except ConfigError as exc:
             raise InvalidRequestError(str(exc), param="level", code="invalid_value") from None
         row = await asyncio.to_thread(
-            guard.record_verdict,
+            guard.policing.record,
             account,
             body.level,
             score=body.score,
@@ -259,7 +264,7 @@ def admin_router(guard: Guard) -> APIRouter:
 
     @router.get("/v1/usage")
     async def own_usage(request: Request):
-        key = await guard.authenticate(request)
+        key = await guard.auth.authenticate(request)
         return await usage_of(key.account)
 
     return router

@@ -4,6 +4,7 @@ A canary is a fluent sentence about things that do not exist (an invented name, 
 number), drawn from an HMAC of the master secret, the account and the request id, so that
 
 - nobody without the secret can tell a canary from an answer, or guess another account's;
+- it is served in the shape of a generated answer (``serve/canned.py``);
 - every canary is recorded in the ledger (the response text, ``policy_action`` has ``canary``)
   and can be recomputed from the secret;
 - a suspect model that completes a canary's opening with its invented continuation learned
@@ -16,10 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator
-
-from distillguard.serve.backend import completion_id, now
-from distillguard.serve.schemas import ChatCompletionRequest
 
 _ONSETS = [
     "b",
@@ -104,64 +101,4 @@ def canary_text(secret: bytes, account: str, request_id: str) -> str:
     return opening + continuation
 
 
-def canary_response(
-    req: ChatCompletionRequest, text: str, prompt_tokens: int, completion_tokens: int
-) -> dict:
-    """An OpenAI chat completion carrying ``text`` in every choice (no logprobs: none exist)."""
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": "stop",
-        }
-        for i in range(req.n)
-    ]
-    return {
-        "id": completion_id(),
-        "object": "chat.completion",
-        "created": now(),
-        "model": req.model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": req.n * completion_tokens,
-            "total_tokens": prompt_tokens + req.n * completion_tokens,
-        },
-    }
-
-
-async def canary_chunks(
-    req: ChatCompletionRequest, text: str, prompt_tokens: int, completion_tokens: int
-) -> AsyncIterator[dict]:
-    """The same answer as streamed chunks: role, content, finish, then usage."""
-    cid, created = completion_id(), now()
-
-    def chunk(choices, usage=None):
-        return {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": req.model,
-            "choices": choices,
-            **({"usage": usage} if usage is not None else {}),
-        }
-
-    for i in range(req.n):
-        yield chunk(
-            [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-        )
-        yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
-        yield chunk([{"index": i, "delta": {}, "finish_reason": "stop"}])
-    total = prompt_tokens + req.n * completion_tokens
-    yield chunk(
-        [],
-        {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": req.n * completion_tokens,
-            "total_tokens": total,
-        },
-    )
-
-
-__all__ = ["canary", "canary_chunks", "canary_response", "canary_text"]
+__all__ = ["canary", "canary_text"]

@@ -20,7 +20,7 @@ Actions (the ``ACTIONS`` registry; every action taken is recorded in the request
 - ``watermark_boost``: the account's own watermark key with δ = ``watermark_boost_delta`` (the
   same key id and green lists: detection and tracing are unchanged, only stronger);
 - ``antidistill``: antidistillation sampling with strength ``antidistill_lambda`` (Savani et al.
-  2025; ``distillguard.serve.antidistill``): answers stay fluent but teach a student less. Local
+  2025; ``serve/antidistill.py``): answers stay fluent but teach a student less. Local
   models only, and only where the server was given a direction (``serve`` computes one when a
   ladder uses the action); elsewhere it is recorded as not applied;
 - ``canary``: a share ``canary_rate`` of answers are canaries, account-specific fabricated

@@ -1,0 +1,297 @@
+"""The request pipeline (``distillguard.pipeline``) in process: the gateway app over the tiny model,
+driven through ``httpx.ASGITransport`` with its lifespan run, where a server process is not the
+point (tests/guard and tests/serve run real servers).
+
+Each stage-order test sends a request that two stages would refuse differently: the answer
+says which ran first. The exits are checked by what they leave behind: a ledger row for every
+authenticated request, whichever way it ended, and a settled lease (a key allowed one request
+at a time gets through again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from distillguard.app import create_app
+from distillguard.guard.gateway import Guard, GuardConfig
+from distillguard.guard.limits import Limits
+from distillguard.guard.policy import PolicyConfig
+from distillguard.guard.schema import LedgerRow
+from distillguard.models import load_model
+from distillguard.pipeline import (
+    Admit,
+    Authenticate,
+    Countermeasure,
+    Generate,
+    Idempotency,
+    Ledger,
+    LedgerUp,
+    Pipeline,
+    Police,
+    ReadRequest,
+    Settle,
+)
+from distillguard.serve.config import ServeConfig
+from distillguard.serve.local import LocalBackend
+
+HI = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return load_model("tiny", device="cpu")
+
+
+@asynccontextmanager
+async def gateway(tmp_path, tiny_lm, *, guarded: bool = True, policy: PolicyConfig | None = None):
+    """(client, guard or None) of the gateway app, its lifespan running (guard and backend
+    started, closed after)."""
+    config = ServeConfig(model="tiny", max_body_bytes=4096)
+    backend = LocalBackend(tiny_lm, config)
+    guard = None
+    if guarded:
+        guard = Guard(
+            GuardConfig(
+                db=f"sqlite:///{tmp_path / 'ledger.db'}",
+                watermark_secret="pipeline-test-secret",
+                admin_key="admin-secret",
+            ),
+            policy=policy,
+        )
+    app = create_app(backend, config, guard)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client, guard
+
+
+def bearer(secret: str) -> dict:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def ledger_rows(guard: Guard) -> list:
+    with guard.engine.connect() as conn:
+        return list(conn.execute(select(LedgerRow).order_by(LedgerRow.ts)))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_the_guarded_pipeline_runs_its_stages_and_exits_in_the_documented_order(tmp_path, tiny_lm):
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (_, guard):
+            backend = LocalBackend(tiny_lm, ServeConfig(model="tiny"))
+            return Pipeline.guarded(guard, backend), Pipeline.unguarded(backend)
+
+    guarded, unguarded = run(main())
+    assert [type(s) for s in guarded.stages] == [
+        LedgerUp,
+        Authenticate,
+        ReadRequest,
+        Police,
+        Idempotency,
+        Admit,
+        Countermeasure,
+        Generate,
+    ]
+    assert [type(e) for e in guarded.exits] == [Settle, Ledger]
+    assert [type(s) for s in unguarded.stages] == [ReadRequest, Generate]
+    assert unguarded.exits == ()
+
+
+def test_authentication_runs_before_the_body_is_read(tmp_path, tiny_lm):
+    """No key and a body that is not JSON: 401, not 400 (an unauthenticated flood costs no
+    parsing and leaves no ledger row)."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            resp = await client.post("/v1/chat/completions", content=b"{not json")
+            return resp, ledger_rows(guard)
+
+    resp, rows = run(main())
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "missing_api_key"
+    assert rows == []
+
+
+def test_policing_runs_before_idempotency_and_admission(tmp_path, tiny_lm):
+    """A model outside the key's allowlist with an Idempotency-Key its account already used: 404
+    from policing, never the stored answer (Idempotency-Keys are per account)."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, open_key = guard.keys.create("acct")
+            _, narrow_key = guard.keys.create("acct", models=["other-model"])
+            first = await client.post(
+                "/v1/chat/completions",
+                json=HI,
+                headers={**bearer(open_key), "Idempotency-Key": "k1"},
+            )
+            again = await client.post(
+                "/v1/chat/completions",
+                json=HI,
+                headers={**bearer(open_key), "Idempotency-Key": "k1"},
+            )
+            narrow = await client.post(
+                "/v1/chat/completions",
+                json=HI,
+                headers={**bearer(narrow_key), "Idempotency-Key": "k1"},
+            )
+            return first, again, narrow
+
+    first, again, narrow = run(main())
+    assert first.status_code == 200
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json() == first.json()
+    assert narrow.status_code == 404
+    assert narrow.json()["error"]["code"] == "model_not_found"
+    assert "Idempotent-Replayed" not in narrow.headers
+
+
+def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny_lm):
+    """A blocked account whose key allows one request at a time sends two: both 403 (a 429
+    would mean the first one's reservation leaked), each with a ledger row."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, secret = guard.keys.create("bad", limits=Limits(max_concurrent=1, rpm=1))
+            await asyncio.to_thread(guard.record_verdict, "bad", "extracting")
+            answers = [
+                await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
+                for _ in range(2)
+            ]
+            return answers, ledger_rows(guard)
+
+    answers, rows = run(main())
+    assert [a.status_code for a in answers] == [403, 403]
+    assert {a.json()["error"]["code"] for a in answers} == {"account_blocked"}
+    assert [(r.status, r.error_code, r.policy_action) for r in rows] == [
+        (403, "account_blocked", "extracting:block")
+    ] * 2
+
+
+def test_every_way_out_settles_the_lease_and_writes_the_row(tmp_path, tiny_lm):
+    """One request in flight per key: a 200, a 400 from the backend (after admission), a stream
+    and another 200 in turn all get through, so each settled its lease; each has its row."""
+    too_long = {**HI, "max_tokens": 10**6}
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, secret = guard.keys.create("acct", limits=Limits(max_concurrent=1))
+            answers = [
+                await client.post("/v1/chat/completions", json=body, headers=bearer(secret))
+                for body in (HI, too_long, {**HI, "stream": True}, HI)
+            ]
+            return answers, ledger_rows(guard)
+
+    answers, rows = run(main())
+    assert [a.status_code for a in answers] == [200, 400, 200, 200]
+    assert answers[1].json()["error"]["param"] == "max_tokens"
+    assert answers[2].text.rstrip().endswith("data: [DONE]")
+    assert [(r.status, r.stream) for r in rows] == [
+        (200, False),
+        (400, False),
+        (200, True),
+        (200, False),
+    ]
+    assert all(r.completion_tokens for r in rows if r.status == 200)
+
+
+def test_a_canary_answers_in_place_of_the_backend_and_is_recorded(tmp_path, tiny_lm):
+    policy = PolicyConfig(ladder={"suspect": ["log", "canary"]}, canary_rate=1.0)
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm, policy=policy) as (client, guard):
+            _, secret = guard.keys.create("acct")
+            await asyncio.to_thread(guard.record_verdict, "acct", "suspect")
+            whole = await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
+            streamed = await client.post(
+                "/v1/chat/completions", json={**HI, "stream": True}, headers=bearer(secret)
+            )
+            return whole, streamed, ledger_rows(guard)
+
+    whole, streamed, rows = run(main())
+    text = whole.json()["choices"][0]["message"]["content"]
+    assert text.startswith("The ") and " is best known for " in text
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in streamed.text.splitlines()
+        if line.startswith("data: {")
+    ]
+    assert " is best known for " in "".join(
+        c["delta"].get("content") or "" for e in events for c in e["choices"]
+    )
+    assert [(r.policy_action, r.response_text) for r in rows][0] == ("suspect:log,canary", text)
+    assert rows[1].policy_action == "suspect:log,canary"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code"),
+    [
+        ({"content": b"{not json"}, 400, "invalid_json"),
+        ({"json": {**HI, "tools": []}}, 400, "unsupported_parameter"),
+        ({"json": {**HI, "frobnicate": 1}}, 400, "unknown_parameter"),
+        ({"json": {"model": "tiny"}}, 400, "missing_required_parameter"),
+        ({"content": b"x" * 5000}, 413, "request_too_large"),  # over max_body_bytes
+    ],
+)
+def test_bad_requests_get_openai_error_shapes_with_and_without_the_guard(
+    tmp_path, tiny_lm, request_kwargs, status, code
+):
+    async def main(guarded):
+        async with gateway(tmp_path / str(guarded), tiny_lm, guarded=guarded) as (client, guard):
+            headers = {}
+            if guard is not None:
+                _, secret = guard.keys.create("acct")
+                headers = bearer(secret)
+            return await client.post("/v1/chat/completions", headers=headers, **request_kwargs)
+
+    for guarded in (True, False):
+        resp = run(main(guarded))
+        assert resp.status_code == status, (guarded, resp.text)
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == code
+
+
+def test_admin_routes_and_metrics_exist_only_with_the_guard(tmp_path, tiny_lm):
+    async def main(guarded):
+        async with gateway(tmp_path / str(guarded), tiny_lm, guarded=guarded) as (client, _):
+            admin = bearer("admin-secret")
+            return (
+                await client.get("/metrics", headers=admin),
+                await client.get("/admin/keys", headers=admin),
+                await client.get("/healthz"),
+            )
+
+    metrics, keys, health = run(main(True))
+    assert metrics.status_code == 200 and "distillguard" in metrics.text
+    assert keys.status_code == 200 and keys.json()["object"] == "list"
+    assert health.json() == {"status": "ok"}
+    metrics, keys, health = run(main(False))
+    assert (metrics.status_code, keys.status_code) == (404, 404)
+    assert metrics.json()["error"]["code"] == "not_found"
+    assert health.json() == {"status": "ok"}
+
+
+def test_a_bad_admin_body_is_worded_as_the_chat_routes_word_it(tmp_path, tiny_lm):
+    """The admin API reports a bad body through the serve layer's converter (passed in by the
+    app, so guard does not import serve)."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, _):
+            return await client.post(
+                "/admin/keys", json={"account": "a", "rpm": 0}, headers=bearer("admin-secret")
+            )
+
+    resp = run(main())
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "rpm"
+    assert resp.json()["error"]["code"] == "invalid_value"
