@@ -10,7 +10,14 @@ import pytest
 from scipy import stats
 
 from distillguard.detect import AccountMonitor, Calibration, DetectConfig, calibrate, detect
-from distillguard.detect.calibrate import flagged_days, group_by_account
+from distillguard.detect.calibrate import (
+    accounts_needed,
+    cp_upper,
+    flagged_days,
+    group_by_account,
+    pot_quantile,
+    replay_flags,
+)
 from distillguard.detect.features import extract
 from distillguard.errors import ConfigError
 from tests.detect.synth import benign_account, bulk_account
@@ -183,3 +190,92 @@ def test_deferred_embedding_changes_no_score_and_spares_light_accounts():
         and all(embedded[1][a] > 0 for a in light)
     )
     assert embedded[16]["script"] == embedded[1]["script"] > 16
+
+
+# ---- sample size, bounds and the tail threshold (issue 23) --------------------------------
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (0, 2995), (1, 400), (3, 2000), (17, 50), (49, 50)])
+def test_cp_upper_is_scipys_one_sided_clopper_pearson(k, n):
+    # a one-sided 95% bound is the upper end of the two-sided 90% exact interval
+    want = stats.binomtest(k, n).proportion_ci(confidence_level=0.90, method="exact").high
+    assert cp_upper(k, n) == pytest.approx(want, rel=1e-9)
+    assert cp_upper(n, n) == 1.0 and cp_upper(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("target", [0.1, 0.01, 0.003, 0.001, 0.0001])
+def test_accounts_needed_is_the_smallest_clean_sample_that_shows_the_target(target):
+    n = accounts_needed(target)
+    assert cp_upper(0, n) <= target < cp_upper(0, n - 1)
+    assert n == pytest.approx(np.log(20) / target, rel=0.06)  # the ln(1/alpha)/target rule
+    assert accounts_needed(0.001) == 2995
+
+
+def test_tail_quantile_recovers_a_known_quantile_and_defers_inside_the_data():
+    rng = np.random.default_rng(11)
+    for dist in (stats.expon(), stats.genpareto(0.2), stats.chi2(14)):
+        x = dist.rvs(size=8000, random_state=rng)
+        truth = dist.isf(0.001)
+        assert pot_quantile(x, 0.001) == pytest.approx(truth, rel=0.15)
+    assert pot_quantile(x, 0.3) is None  # inside the bulk: the order statistic is the answer
+    assert pot_quantile(x[:30], 0.001) is None  # too few days to fit a tail
+
+
+def test_too_small_a_calibration_is_refused_or_said_with_both_numbers():
+    traffic = benign_traffic(60, seed=8)
+    config = DetectConfig(target_fpr=0.001, detectors=NO_EMBEDDINGS)
+    with pytest.raises(ConfigError, match=r"held out 15 benign accounts.*needs 2,995.*11,980"):
+        calibrate(traffic, config=config, too_small="refuse")
+    cal = calibrate(traffic, config=config)
+    assert cal.stats["verifiable"] is False and "2,995" in cal.stats["size_message"]
+    assert cal.stats["heldout_accounts_needed"] == 2995
+    # 15 clean held-out accounts can show 18% at best: the message offers that target
+    assert f"{cp_upper(0, 15):.2g}" in cal.stats["size_message"]
+    # a target these accounts can show: accepted, nothing to say
+    ok = calibrate(
+        traffic,
+        config=DetectConfig(target_fpr=0.25, detectors=NO_EMBEDDINGS),
+        too_small="refuse",
+    )
+    assert ok.stats["verifiable"] and ok.stats["size_message"] is None
+
+
+def test_held_out_check_counts_per_account_and_per_account_day(calibration):
+    s = calibration.stats
+    assert s["heldout_flagged_accounts"] <= s["heldout_flagged_days"]
+    assert s["heldout_account_fpr_upper95"] == pytest.approx(
+        cp_upper(s["heldout_flagged_accounts"], s["heldout_accounts"])
+    )
+    # a bot busy on two days is two flagged account-days and one flagged account
+    rng = random.Random(9)
+    bot = bulk_account(rng, "bot", 300)
+    second = [dict(r, ts=r["ts"] + 86_400.0) for r in bulk_account(rng, "bot", 300)]
+    feats = sorted((extract(r) for r in bot + second), key=lambda f: f.ts)
+    assert len({int(f.ts // 86_400) for f in feats}) == 2
+    flags = replay_flags(calibration, feats)
+    assert len(flags.flagged_days) == 2 and flags.flagged_accounts == 1
+    assert flags.first_flag["bot"] <= 300 and flags.requests["bot"] == 600
+
+
+def test_cli_calibration_says_how_much_benign_traffic_the_target_needs(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from distillguard.serve.process import distillguard_command
+
+    rng = random.Random(12)
+    benign = tmp_path / "benign.jsonl"
+    benign.write_text("".join(json.dumps(r) + "\n" for r in benign_traffic(80, seed=12)))
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps(r) + "\n" for r in bulk_account(rng, "bot", 200)))
+    out = subprocess.run(
+        distillguard_command(
+            "detect", "--traffic", str(traffic), "--calibrate", str(benign),
+            "--detectors", "volume,timing,shape,linking", "--json",
+        ),
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "400"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "held out 20 benign accounts" in out.stderr and "needs 2,995" in out.stderr
+    assert json.loads(out.stdout)["calibration"]["verifiable"] is False

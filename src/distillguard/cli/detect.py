@@ -144,6 +144,8 @@ def detect_command(
             cal = calibrate(
                 benign, config=DetectConfig(target_fpr=target_fpr, detectors=names), progress=step
             )
+        if cal.stats.get("size_message"):  # too few held-out accounts to show the target
+            err_console.print(f"[yellow]warning:[/] {cal.stats['size_message']}")
         if save_calibration:
             cal.save(save_calibration)
             err_console.print(f"calibration saved to {save_calibration}")

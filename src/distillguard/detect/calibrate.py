@@ -150,18 +150,103 @@ def _run(monitor: AccountMonitor, feats: list[Features], batch: int = 256, progr
             progress(len(chunk))
 
 
+@dataclass
+class Flags:
+    """Who was flagged when ``feats`` were replayed through one monitor: the two ways the
+    evaluation counts false positives (per account, flagged on any day counting once; and per
+    account-day), and at which request each account was first flagged."""
+
+    requests: dict[str, int] = field(default_factory=dict)  # account -> requests seen
+    days: set[tuple[str, int]] = field(default_factory=set)  # (account, day) with a request
+    flagged_days: set[tuple[str, int]] = field(default_factory=set)
+    first_flag: dict[str, int] = field(default_factory=dict)  # account -> 1-based request index
+    # for other thresholds from the same replay: each account-day's highest score, and each
+    # account's running maximum as (request, score) at every new high
+    day_max: dict[tuple[str, int], float] = field(default_factory=dict)
+    highs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    @property
+    def flagged_accounts(self) -> int:
+        return len(self.first_flag)
+
+    def at(self, threshold: float) -> tuple[set[str], set[tuple[str, int]], dict[str, int]]:
+        """(flagged accounts, flagged account-days, first flagged request) had the threshold been
+        ``threshold`` (verdicts do not feed back into scores without embeddings)."""
+        days = {k for k, v in self.day_max.items() if v > threshold}
+        first = {
+            a: next(n for n, v in hs if v > threshold)
+            for a, hs in self.highs.items()
+            if hs[-1][1] > threshold
+        }
+        return set(first), days, first
+
+
+def replay_flags(
+    calibration: Calibration, feats: list[Features], embedder=None, progress=None
+) -> Flags:
+    """Replay ``feats`` (time order) through one monitor, as the gateway would see them."""
+    monitor = AccountMonitor(calibration, embedder=embedder)
+    out = Flags()
+    for f, s, p in _run(monitor, feats, progress=progress):
+        key = (f.account, int(f.ts // DAY))
+        out.days.add(key)
+        out.requests[f.account] = s.n
+        v = monitor._verdict(f, s, p)
+        if v.score > out.day_max.get(key, -math.inf):
+            out.day_max[key] = v.score
+        hs = out.highs.setdefault(f.account, [])
+        if not hs or v.score > hs[-1][1]:
+            hs.append((s.n, v.score))
+        if v.flagged:
+            out.flagged_days.add(key)
+            out.first_flag.setdefault(f.account, s.n)
+    return out
+
+
 def flagged_days(
     calibration: Calibration, feats: list[Features], embedder=None, progress=None
 ) -> tuple[int, int]:
     """(flagged benign account-days, account-days) when ``feats`` are scored with ``calibration``."""
-    monitor = AccountMonitor(calibration, embedder=embedder)
-    days, flagged = set(), set()
-    for f, s, p in _run(monitor, feats, progress=progress):
-        key = (f.account, int(f.ts // DAY))
-        days.add(key)
-        if key not in flagged and monitor._verdict(f, s, p).flagged:
-            flagged.add(key)
-    return len(flagged), len(days)
+    flags = replay_flags(calibration, feats, embedder=embedder, progress=progress)
+    return len(flags.flagged_days), len(flags.days)
+
+
+def cp_upper(flagged: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate from ``flagged`` of ``n`` trials."""
+    if n <= 0:
+        return 1.0
+    if flagged >= n:
+        return 1.0
+    return float(stats.beta.ppf(confidence, flagged + 1, n - flagged))
+
+
+def accounts_needed(target_fpr: float, confidence: float = 0.95) -> int:
+    """The fewest benign accounts whose clean check (none flagged) bounds the FPR by
+    ``target_fpr``: the Clopper-Pearson bound with no exceedance is 1 - (1 - confidence)^(1/n),
+    so n >= ln(1/alpha) / -ln(1 - target), about ln(1/alpha)/target (3,000 at 0.1% and 95%)."""
+    alpha = 1.0 - confidence
+    return math.ceil(math.log(1.0 / alpha) / -math.log1p(-target_fpr) - 1e-9)
+
+
+def pot_quantile(samples: np.ndarray, p: float) -> float | None:
+    """The score that benign days exceed with probability ``p``, from the peaks over threshold:
+    with the top k of n samples above u fitted by a GPD (``stats.EmpiricalTail``, the fit the
+    detectors' tails use), P(S >= s) = k/(n+1) GPD.sf(s - u), solved for s. None when p is not in
+    the fitted tail (k/(n+1) <= p: the empirical quantile is well inside the data) or there
+    is no fit (fewer than 40 samples, or a flat top).
+
+    Why: at a 0.1% target on a few thousand account-days the empirical quantile is one of the
+    top few order statistics, i.e. the single most unusual benign days, and moves with every
+    outlier a larger or smaller calibration happens to contain (issue 23: 400 arena users gave
+    91.5, 1,600 gave 59.7); a tail model fitted to the top 10% uses all of those days."""
+    tail = EmpiricalTail(samples, max_extrapolation=math.inf)
+    if tail.gpd is None:
+        return None
+    u, xi, sigma, k = tail.gpd
+    q = p * (len(tail.sorted) + 1.0) / k  # the GPD's exceedance probability at the answer
+    if q >= 1.0:
+        return None
+    return float(u + stats.genpareto.isf(q, xi, scale=sigma))
 
 
 def tail_floor(target_fpr: float, detectors: int) -> float:
@@ -218,13 +303,21 @@ def calibrate(
     folds: int = 5,
     seed: int = 0,
     progress=None,
+    too_small: str = "allow",
 ) -> Calibration:
     """Calibrate on benign traffic records (labels, if any, are ignored: all must be benign).
 
     Accounts are split into reference (``reference_share``, at most ``max_reference_accounts``:
     the reference needs a few hundred prompts, the tails need every day they can get), held-out
     (``holdout_share``) and calibration (the rest, in ``folds`` folds for the cross-fitted
-    threshold)."""
+    threshold).
+
+    ``too_small``: when the held-out accounts are too few to show the target FPR per account
+    (``size_check``), "allow" only says so in ``stats`` ("verifiable", "size_message"), "refuse"
+    raises ConfigError with that message. Either way the threshold is set from the tail of the
+    benign days, not from their few largest (``pot_quantile``)."""
+    if too_small not in ("allow", "refuse"):
+        raise ConfigError(f"too_small={too_small!r}: expected 'allow' or 'refuse'")
     config = config or DetectConfig()
     accounts = group_by_account(extract(r) for r in records)
     names = sorted(accounts)
@@ -242,6 +335,9 @@ def calibrate(
         names[n_ref : n_ref + n_hold],
         names[n_ref + n_hold :],
     )
+    size = size_check(config.target_fpr, len(hold_names), holdout_share)
+    if not size["verifiable"] and too_small == "refuse":
+        raise ConfigError(size["size_message"])
 
     reference = None
     if any(c.uses_embeddings for c in select(config.detectors)):
@@ -302,8 +398,16 @@ def calibrate(
     n = len(day_scores)
     k = int(math.floor(config.target_fpr * n))  # days allowed above the threshold
     empirical = float(day_scores[min(k, n - 1)])
+    fitted = pot_quantile(day_scores, config.target_fpr)
     analytic = float(stats.chi2.isf(config.target_fpr, 2 * D))
-    cal.threshold = max(empirical, analytic)
+    # The fitted tail instead of the few largest days, so that one unusual benign day does not
+    # set the threshold. Beyond the data (fewer days than 1/target) the fit is not trusted to
+    # raise it above the largest benign day (a GPD on ~20 exceedances extrapolates wildly);
+    # there the calibration is too small for its target, and size_check says so.
+    estimate = empirical
+    if fitted is not None:
+        estimate = fitted if n * config.target_fpr >= 1 else min(fitted, empirical)
+    cal.threshold = max(estimate, analytic)
     cal.watch_threshold = min(cal.threshold, float(day_scores[min(int(0.01 * n), n - 1)]))
     cal.stats = {
         "reference_accounts": len(ref_names),
@@ -311,19 +415,50 @@ def calibrate(
         "calibration_account_days": n,
         "cross_fitted_folds": folds if len(cal_names) >= 2 * folds else 0,
         "threshold_empirical": empirical,
+        "threshold_tail_fit": fitted,
         "threshold_fisher_null": analytic,
         "tail_floor": floor,
         "calibration_fpr": float((day_scores > cal.threshold).mean()),
         "heldout_accounts": len(hold_names),
     }
-    fl, days = flagged_days(
+    flags = replay_flags(
         cal, _in_time_order(accounts, hold_names), embedder=embedder, progress=progress
     )
+    fl, days = len(flags.flagged_days), len(flags.days)
+    fa, na = flags.flagged_accounts, len(flags.requests)
+    # counted the two ways bench/detect_fpr.py counts: per account-day, and per account (flagged
+    # on any day counts once), each with its one-sided 95% Clopper-Pearson upper bound
     cal.stats |= {
         "heldout_account_days": days,
         "heldout_flagged_days": fl,
         "heldout_fpr": fl / days if days else None,
-        # one-sided 95% upper bound (Clopper-Pearson) on the held-out FPR
-        "heldout_fpr_upper95": float(stats.beta.ppf(0.95, fl + 1, days - fl)) if days else None,
+        "heldout_fpr_upper95": cp_upper(fl, days) if days else None,
+        "heldout_flagged_accounts": fa,
+        "heldout_account_fpr": fa / na if na else None,
+        "heldout_account_fpr_upper95": cp_upper(fa, na) if na else None,
     }
+    cal.stats |= size
     return cal
+
+
+def size_check(target_fpr: float, heldout_accounts: int, holdout_share: float) -> dict:
+    """Whether the held-out benign accounts can show the target at all: even with none flagged,
+    n accounts bound the FPR only by 1 - 0.05^(1/n) (95%), so a 0.1% target needs 2,995
+    held-out accounts (~12,000 benign accounts at the default 25% held out). The message names
+    both numbers and the two ways out."""
+    needed = accounts_needed(target_fpr)
+    reachable = cp_upper(0, heldout_accounts) if heldout_accounts else 1.0
+    ok = heldout_accounts >= needed
+    total = math.ceil(needed / holdout_share) if holdout_share > 0 else None
+    return {
+        "heldout_accounts_needed": needed,
+        "verifiable": ok,
+        "size_message": None
+        if ok
+        else (
+            f"the calibration held out {heldout_accounts} benign accounts, but showing a false-"
+            f"positive rate of {target_fpr:g} per account (95% Clopper-Pearson bound, even with "
+            f"none flagged) needs {needed:,}: calibrate on at least {total:,} benign accounts, "
+            f"or raise --target-fpr to {reachable:.2g}, the smallest rate these accounts can show"
+        ),
+    }
