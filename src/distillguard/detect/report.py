@@ -55,20 +55,22 @@ def detect(
     progress=None,
 ) -> dict:
     """Score a traffic log; returns the report dict plus ``"results"`` (AccountResult objects)."""
-    feats_records = sorted(((extract(r), r) for r in records), key=lambda fr: fr[0].ts)
+    # only the features and the label are kept: records may stream from a file (a Parquet export
+    # of a provider's ledger) and need not be held in memory
+    feats_records = sorted(((extract(r), r.get("label")) for r in records), key=lambda fr: fr[0].ts)
     monitor = AccountMonitor(calibration, embedder=embedder)
     linking = monitor.names.index("linking") if "linking" in monitor.names else None
     results: dict[str, AccountResult] = {}
     for i in range(0, len(feats_records), batch):
         chunk = feats_records[i : i + batch]
         feats = [f for f, _ in chunk]
-        for (f, rec), (s, p) in zip(chunk, monitor.step_batch(feats)):
+        for (f, label), (s, p) in zip(chunk, monitor.step_batch(feats)):
             res = results.get(f.account)
             if res is None:
                 res = results[f.account] = AccountResult(f.account)
             res.requests = s.n
-            if res.label is None and isinstance(rec.get("label"), str):
-                res.label = rec["label"]
+            if res.label is None and isinstance(label, str):
+                res.label = label
             v = monitor._verdict(f, s, p)
             if v.score > res.score or (v.flagged and not res.flagged):
                 res.score = max(res.score, v.score)
