@@ -81,6 +81,13 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     upstream: str | None = typer.Option(
         None, help="proxy to this OpenAI-compatible URL instead of a local model"
     ),
+    backend_name: str | None = typer.Option(
+        None,
+        "--backend",
+        help="what answers: local (a model in this process) | upstream (--upstream URL) | a "
+        "plugin's name (entry-point group distillguard.backends); default: upstream with "
+        "--upstream, else local",
+    ),
     upstream_api_key: str | None = typer.Option(
         None, envvar="DISTILLGUARD_UPSTREAM_API_KEY", help="bearer key for the upstream server"
     ),
@@ -234,30 +241,19 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         limit_concurrency=limit_concurrency,
         docs=docs,
     )
-    if upstream:
-        from distillguard.serve.upstream import UpstreamBackend
+    from distillguard.serve.backend import BACKENDS
 
-        backend = UpstreamBackend(config)
-        err_console.print(f"[bold]distillguard[/] proxying to {backend.base_url}")
-    else:
+    if threads < 0:
+        raise typer.BadParameter(f"--threads {threads}: give 0 (one per core) or a positive count")
+    if threads:
         import torch
 
-        from distillguard.models import load_model
-        from distillguard.serve.local import LocalBackend
-
-        if threads < 0:
-            raise typer.BadParameter(
-                f"--threads {threads}: give 0 (one per core) or a positive count"
-            )
-        if threads:
-            torch.set_num_threads(threads)
-        with err_console.status(f"loading model {model!r} ..."):
-            lm = load_model(model, device=device)
-        backend = LocalBackend(lm, config)
-        err_console.print(
-            f"[bold]distillguard[/] serving {config.model_id!r} on {lm.device} "
-            f"(context {lm.context_length} tokens)"
-        )
+        torch.set_num_threads(threads)
+    name = backend_name or ("upstream" if upstream else "local")
+    backend_class = BACKENDS.get(name)  # ConfigError naming the known backends
+    with err_console.status(f"starting the {name} backend ({model!r}) ..."):
+        backend = backend_class.from_config(config)
+    err_console.print(f"[bold]distillguard[/] {backend.describe()}")
     guard = None
     if not no_guard:
         from distillguard.guard.gateway import Guard, GuardConfig
@@ -296,7 +292,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
             + (f", limits shared in {redis}" if redis else "")
         )
         if "antidistill" in guard.policy.uses:
-            if upstream:
+            # only a backend with the model's logits in this process can steer them
+            enable = getattr(backend, "enable_antidistill", None)
+            if enable is None:
                 err_console.print(
                     "[yellow]warning:[/] the policy uses 'antidistill', which needs a local model: "
                     "it will be recorded as not applied"
@@ -305,8 +303,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                 from distillguard.serve.antidistill import build_direction, downstream_pairs
 
                 with err_console.status("computing the antidistillation direction ..."):
-                    direction = build_direction(lm, downstream_pairs(antidistill_data))
-                backend.enable_antidistill(direction)
+                    direction = build_direction(backend.lm, downstream_pairs(antidistill_data))
+                enable(direction)
                 err_console.print(
                     f"[bold]distillguard[/] antidistillation sampling ready ({direction.tokens} "
                     f"answer tokens, downstream loss {direction.loss:.2f} nats/token)"

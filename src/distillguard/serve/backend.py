@@ -8,6 +8,16 @@ be served, so the HTTP layer can still answer with a 4xx/5xx status.
 Both take a :class:`Usage` that the backend keeps current while it answers: a request cut
 short (the client hung up mid-stream, or before a non-streaming answer was ready) is charged
 and ledgered for what it consumed, not for nothing.
+
+Backends are plugins: a class with ``from_config(config)`` named by an entry point of the
+group ``distillguard.backends`` (``serve --backend NAME``). The built-ins, ``local`` and
+``upstream``, are entry points in distillguard's own ``pyproject.toml``::
+
+    [project.entry-points."distillguard.backends"]
+    mybackend = "my_package.my_module:MyBackend"
+
+A backend knows nothing of the guard: the request pipeline (``distillguard.pipeline``) hands it
+a request already policed and admitted, and the watermark key to apply, if any.
 """
 
 from __future__ import annotations
@@ -16,9 +26,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from distillguard.errors import ConfigError
+from distillguard.plugins import Registry
 from distillguard.serve.schemas import ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from distillguard.serve.config import ServeConfig
+
+GROUP = "distillguard.backends"
 
 
 @dataclass
@@ -41,6 +58,15 @@ class Usage:
 
 
 class Backend(Protocol):
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> Backend:
+        """The backend ``serve`` runs for ``config`` (loading a model, opening a client, ...)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for the server's log: what it serves, from where."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -84,6 +110,17 @@ class Backend(Protocol):
         antidistill: float = 0.0,
         usage: Usage | None = None,
     ) -> AsyncIterator[dict]: ...
+
+
+def _check(name: str, obj: object) -> type[Backend]:
+    if not isinstance(obj, type) or not callable(getattr(obj, "from_config", None)):
+        raise ConfigError(
+            f"backend {name!r} must be a class with a from_config(config) classmethod, got {obj!r}"
+        )
+    return obj
+
+
+BACKENDS: Registry[type[Backend]] = Registry(GROUP, "backend", check=_check)
 
 
 def completion_id() -> str:

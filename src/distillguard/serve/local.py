@@ -42,6 +42,15 @@ class LocalBackend:
         # worker thread), and reused by the generation; an entry goes when its request does.
         self._prompts: dict[int, list[int]] = {}
 
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> LocalBackend:
+        from distillguard.models import load_model
+
+        return cls(load_model(config.model, device=config.device), config)
+
+    def describe(self) -> str:
+        return f"serving {self.model_id!r} on {self.lm.device} (context {self.lm.context_length} tokens)"
+
     async def start(self) -> None:
         self.engine.start()
 

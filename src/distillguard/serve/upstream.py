@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from distillguard.errors import APIError, UpstreamError, UpstreamTimeout
+from distillguard.errors import APIError, ConfigError, UpstreamError, UpstreamTimeout
 from distillguard.serve.backend import Usage
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest
@@ -66,6 +66,17 @@ class UpstreamBackend:
         self.proxy = (
             proxy if proxy and not urllib.request.proxy_bypass(url.hostname or "") else None
         )
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> UpstreamBackend:
+        if not config.upstream:
+            raise ConfigError(
+                "the upstream backend needs the server to proxy to: add --upstream URL"
+            )
+        return cls(config)
+
+    def describe(self) -> str:
+        return f"proxying to {self.base_url}"
 
     async def start(self) -> None:
         # No cap on connections (aiohttp's default is 100, httpx keeps only 20 alive): the
