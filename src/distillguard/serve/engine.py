@@ -22,29 +22,31 @@ real tokens in its last ``mask[b].sum()`` positions.
 
 from __future__ import annotations
 
-import codecs
-import copy
 import inspect
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-try:
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # older transformers: no layered caches, no prefix reuse
-    DynamicLayer = None
-
 from distillguard.models import LoadedModel
 from distillguard.serve.antidistill import HiddenTap, apply_antidistill
+from distillguard.serve.jobs import Event, GenParams, Job, Row, _Chunked
+from distillguard.serve.kvcache import (
+    DynamicLayer,
+    _copy_cache,
+    _RoomyLayer,
+    _shared_len,
+    _template_prefix,
+)
 from distillguard.serve.sampling import apply_penalties, sample_rows, sampling_logprobs
-from distillguard.watermark import WatermarkKey, apply_watermark
-from distillguard.watermark.synthid import apply_synthid
+from distillguard.watermark import apply_watermark
+
+# GenParams, Event, Job and Row live in serve/jobs.py, the cache helpers in serve/kvcache.py;
+# callers import them from here, as before the split.
+__all__ = ["LOGPROB_FLOOR", "PREFILL_SHARE", "Engine", "Event", "GenParams", "Job", "Row"]
 
 log = logging.getLogger(__name__)
 
@@ -54,119 +56,6 @@ LOGPROB_FLOOR = -9999.0
 # Seconds of long-prompt prefill allowed per second of decoding the running rows: a short
 # request running beside a long prefill takes at most ~1.5x as long (issue 24 asks <= 2x).
 PREFILL_SHARE = 0.5
-
-
-if DynamicLayer is not None:
-
-    class _RoomyLayer(DynamicLayer):
-        """A :class:`DynamicLayer` that appends each step's keys and values into spare room at the
-        end of a larger buffer, instead of copying the whole cache into a new tensor at every step
-        (a few per cent of a decoding step at 16 rows, growing with the context). ``keys`` and
-        ``values`` are views of the buffer; when anything else replaces them (merging rows into
-        the batch, pruning), the next update moves them into a new buffer.
-        """
-
-        ROOM = 32  # spare positions per buffer
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                return super().update(key_states, value_states, *args, **kwargs)
-            t, n = self.keys.shape[-2], key_states.shape[-2]
-            ours = (
-                self.keys is getattr(self, "_keys_view", None) and self.values is self._values_view
-            )
-            if not ours or t + n > self._key_buf.shape[-2]:
-                self._key_buf = self._move(self.keys, t + n + self.ROOM)
-                self._value_buf = self._move(self.values, t + n + self.ROOM)
-            self._key_buf[:, :, t : t + n] = key_states
-            self._value_buf[:, :, t : t + n] = value_states
-            self.keys = self._keys_view = self._key_buf[:, :, : t + n]
-            self.values = self._values_view = self._value_buf[:, :, : t + n]
-            return self.keys, self.values
-
-        @staticmethod
-        def _move(x: torch.Tensor, size: int) -> torch.Tensor:
-            buf = x.new_empty(*x.shape[:-2], size, x.shape[-1])
-            buf[..., : x.shape[-2], :] = x
-            return buf
-
-
-@dataclass(frozen=True)
-class GenParams:
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int | None = None  # None: no logprobs; 0..20: that many alternatives
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    watermark: WatermarkKey | None = None  # the account's key; None: not watermarked
-    antidistill: float = 0.0  # λ of antidistillation sampling (policy ``antidistill``); 0: off
-
-
-@dataclass
-class Event:
-    """What a job's sink receives. kind: delta | finish | done | error."""
-
-    kind: str
-    index: int = 0
-    text: str = ""
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict | None = None
-    error: BaseException | None = None
-    tokens: int = (
-        0  # delta: the job's completion tokens so far (all choices), this delta's included
-    )
-
-
-@dataclass
-class Job:
-    prompt_ids: list[int]
-    params: GenParams
-    n: int
-    sink: Callable[[Event], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    remaining: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _Chunked:
-    """A long prompt being prefilled a chunk per step, in a cache of its own (batch of one)."""
-
-    job: Job
-    rows: list[Row]
-    done: int = 0  # prompt tokens already in the cache
-    cache: object = None
-
-
-class Row:
-    """One choice being generated: incremental detokenisation, stop strings, logprob entries."""
-
-    def __init__(self, job: Job, index: int, generator: torch.Generator):
-        self.job = job
-        self.index = index
-        self.generator = generator
-        self.out_ids: list[int] = []
-        self.text = ""
-        self.emitted = 0  # characters of self.text already sent
-        self.entries: list[tuple[int, int, dict]] = []  # (start char, end char, entry)
-        self.sent_entries = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.finish_reason: str | None = None
-
-    def stop_holdback(self) -> int:
-        """Characters at the end of text that could still begin a stop string: not safe to send."""
-        for k in range(
-            min(len(self.text), max((len(s) for s in self.job.params.stop), default=0) - 1), 0, -1
-        ):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.job.params.stop):
-                return k
-        return 0
 
 
 class Engine:
@@ -562,23 +451,21 @@ class Engine:
             logits = apply_antidistill(
                 logits, self._tap.last, self.antidistill, [p.antidistill for p in params]
             )
-        if any(p.watermark is not None and p.watermark.params.scheme != "synthid" for p in params):
+        keys = [p.watermark for p in params]
+        stages = {k.params.impl.stage for k in keys if k is not None}  # where their schemes embed
+        if "logits" in stages:
             # Green lists: before temperature and top-p, as in the reference: the returned logprobs are those
             # of the watermarked distribution the token is actually drawn from.
             width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
-            logits = apply_watermark(
-                logits, self._contexts(rows, width), [p.watermark for p in params]
-            )
+            logits = apply_watermark(logits, self._contexts(rows, width), keys)
         temperature = torch.tensor([p.temperature for p in params], device=dev)
         top_p = torch.tensor([p.top_p for p in params], device=dev)
         logprobs = sampling_logprobs(logits, temperature, top_p)  # (B, V)
-        if any(p.watermark is not None and p.watermark.params.scheme == "synthid" for p in params):
+        if "logprobs" in stages:
             # SynthID's tournament acts on the distribution each row samples from (after
             # temperature and top-p); the logprobs returned are the tournament's.
             width = max(p.watermark.params.context_width for p in params if p.watermark is not None)
-            logprobs = apply_synthid(
-                logprobs, self._contexts(rows, width), [p.watermark for p in params]
-            )
+            logprobs = apply_watermark(logprobs, self._contexts(rows, width), keys, "logprobs")
         chosen = sample_rows(logprobs, temperature, [r.generator for r in rows])  # (B,)
         k = max((p.top_logprobs or 0) for p in params)
         top_vals = top_ids = None
@@ -682,32 +569,3 @@ class Engine:
                     },
                 )
             )
-
-
-def _template_prefix(lm: LoadedModel) -> tuple[int, ...]:
-    """Tokens the chat template puts before any user message (the longest prefix shared by two
-    different one-message chats); () if the template can't tell."""
-    try:
-        a = lm.chat_ids([{"role": "user", "content": "a"}])
-        b = lm.chat_ids([{"role": "user", "content": "b"}])
-    except Exception:  # a template that rejects these messages: no prefix reuse
-        return ()
-    n = _shared_len(a, b)
-    return tuple(a[:n]) if n >= 4 else ()
-
-
-def _shared_len(a, b) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _copy_cache(cache):
-    """A shallow copy of a cache of plain layers whose tensors can then be replaced."""
-    new = copy.copy(cache)
-    new.layers = [copy.copy(layer) for layer in cache.layers]
-    return new
