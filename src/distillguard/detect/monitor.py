@@ -350,7 +350,12 @@ class AccountMonitor:
         ps = [t(s) for t, s in zip(self._tails, raw)]
         return -2.0 * sum(math.log(p) for p in ps), ps
 
-    def _verdict(self, f: Features, stream: _Stream, pooled: _Stream | None) -> Verdict:
+    def _verdict(
+        self, f: Features, stream: _Stream, pooled: _Stream | None, *, explain: bool = True
+    ) -> Verdict:
+        """The account's verdict after request ``f``; ``explain=False`` leaves the reasons out
+        (building them is a third of a flagged request's cost; the offline report keeps only the
+        reasons of an account's highest score)."""
         cal = self.calibration
         score, ps = self.combined(stream.raw())
         own, source, share = score, stream, 0.0
@@ -371,7 +376,7 @@ class AccountMonitor:
         )  # sticky: thins its embeddings from now on
         reasons: tuple[str, ...] = ()
         cluster = self.linker.cluster_id(f.account) if share > 0 else None
-        if level != "ok":
+        if level != "ok" and explain:
             order = sorted(range(len(ps)), key=lambda i: ps[i])
             # the linking detector speaks for the account itself: its own links, with their weights
             reasons = tuple(

@@ -71,8 +71,10 @@ def detect(
             res.requests = s.n
             if res.label is None and isinstance(label, str):
                 res.label = label
-            v = monitor._verdict(f, s, p)
+            v = monitor._verdict(f, s, p, explain=False)
             if v.score > res.score or (v.flagged and not res.flagged):
+                if v.level != "ok":  # the reasons, only for the verdict kept
+                    v = monitor._verdict(f, s, p)
                 res.score = max(res.score, v.score)
                 res.reasons = list(v.reasons)
             if v.flagged and not res.flagged:
