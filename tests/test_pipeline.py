@@ -295,3 +295,27 @@ def test_a_bad_admin_body_is_worded_as_the_chat_routes_word_it(tmp_path, tiny_lm
     assert resp.status_code == 400
     assert resp.json()["error"]["param"] == "rpm"
     assert resp.json()["error"]["code"] == "invalid_value"
+
+
+def test_serve_and_guard_do_not_import_each_other():
+    """Only the layer above (the pipeline, the app) joins them. grimp reads every import
+    statement, lazy ones inside functions included; TYPE_CHECKING imports never run."""
+    import grimp
+
+    # no cache: a cached file keeps the imports it was read with, even of a package added since
+    graph = grimp.build_graph("distillguard", exclude_type_checking_imports=True, cache_dir=None)
+
+    def imports(a: str, b: str) -> list[tuple[str, str]]:
+        return [
+            (m, i)
+            for m in graph.modules
+            if m.startswith(f"distillguard.{a}.")
+            for i in graph.find_modules_directly_imported_by(m)
+            if i == f"distillguard.{b}" or i.startswith(f"distillguard.{b}.")
+        ]
+
+    assert len([m for m in graph.modules if m.startswith("distillguard.serve.")]) > 5
+    assert imports("serve", "guard") == []
+    assert imports("guard", "serve") == []
+    above = graph.find_modules_directly_imported_by("distillguard.pipeline")
+    assert {"distillguard.serve.app", "distillguard.guard.requestlog"} <= above

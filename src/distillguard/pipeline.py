@@ -243,7 +243,7 @@ class Settle:
 @dataclass(frozen=True)
 class Ledger:
     """The request's ledger row, committed before its answer completes; its metrics; online
-    detection (guard/gateway.py's Recorder)."""
+    detection (guard/recorder.py)."""
 
     recorder: Recorder
 
