@@ -79,12 +79,12 @@ def keys_for(condition: str, n: int):
 
 
 class WatermarkTimer:
-    """CPU time spent inside ``apply_watermark`` (green lists) and ``apply_synthid`` (the
-    tournament) by the engine thread: wraps the names the engine calls. Its share of a run's CPU
+    """CPU time spent inside ``apply_watermark`` (the green lists before temperature, the
+    SynthID tournament after it) by the engine thread: wraps the name the engine calls. Its share of a run's CPU
     time is the overhead measured directly, within the same decoding steps, so it is far less
     noisy than comparing two runs."""
 
-    seconds = 0.0  # shared by both wrappers
+    seconds = 0.0
 
     def __init__(self, name: str):
         self._inner = getattr(engine_module, name)
@@ -169,8 +169,7 @@ def main() -> None:
     ]
     timer = WatermarkTimer
     # the engine looks the names up at each call
-    engine_module.apply_watermark = WatermarkTimer("apply_watermark")
-    engine_module.apply_synthid = WatermarkTimer("apply_synthid")
+    engine_module.apply_watermark = WatermarkTimer("apply_watermark")  # both stages, every scheme
     engine = Engine(timing_lm, max_batch_rows=max(sizes))
     engine.start()
     out: dict = {}

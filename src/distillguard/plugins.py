@@ -24,9 +24,9 @@ script or a test); entry points stay the way to ship one.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points
-from threading import RLock
 from typing import Generic, TypeVar
 
 from distillguard.errors import ConfigError
@@ -73,7 +73,8 @@ class Registry(Generic[T]):
         self._added: set[str] = set()  # names given by add(), kept across reload()
         self.errors: dict[str, str] = {}  # name -> why that plugin was not loaded
         self._loaded = False
-        self._lock = RLock()  # two threads' first lookups must not load a group twice
+        self._lock = threading.RLock()  # two threads' first lookups must not load a group twice
+        self._loading: int | None = None  # the thread loading the entry points
 
     # ---- registration -----------------------------------------------------------------------
 
@@ -127,7 +128,8 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The plugin called ``name``; a ConfigError naming the group and the known names if none."""
-        items = self.all()
+        self._load()  # a no-op once loaded: get() is on hot paths (a scheme per sampled row)
+        items = self._items
         if name in items:
             return items[name]
         if name in self.errors:
@@ -143,24 +145,34 @@ class Registry(Generic[T]):
     # ---- loading ----------------------------------------------------------------------------
 
     def _load(self) -> None:
-        if self._loaded:
+        if self._loaded or self._loading == threading.get_ident():
+            # The second case: a plugin's module, while it is being imported, asks this registry
+            # (say, builds a WatermarkParams); it sees what is loaded so far instead of loading
+            # everything again from inside its own import.
             return
         with self._lock:
             if self._loaded:
                 return
-            eps = list(entry_points(group=self.group))
-            # Built-ins first, so a plugin reusing a built-in's name is the one refused.
-            eps.sort(key=lambda ep: not _is_builtin(ep))
-            if self.has_builtins and not any(_is_builtin(ep) for ep in eps):
-                # An editable install keeps the metadata of its last `pip install`: a group added
-                # to pyproject.toml since then is invisible until the package is installed again.
-                raise ConfigError(
-                    f"no built-in {self.what}s found: the installed distillguard metadata has no "
-                    f"entry-point group {self.group!r}; reinstall it (pip install -e .)"
-                )
-            for ep in eps:
-                self._load_one(ep)
-            self._loaded = True
+            self._loading = threading.get_ident()
+            try:
+                self._load_all()
+            finally:
+                self._loading = None
+
+    def _load_all(self) -> None:
+        eps = list(entry_points(group=self.group))
+        # Built-ins first, so a plugin reusing a built-in's name is the one refused.
+        eps.sort(key=lambda ep: not _is_builtin(ep))
+        if self.has_builtins and not any(_is_builtin(ep) for ep in eps):
+            # An editable install keeps the metadata of its last `pip install`: a group added
+            # to pyproject.toml since then is invisible until the package is installed again.
+            raise ConfigError(
+                f"no built-in {self.what}s found: the installed distillguard metadata has no "
+                f"entry-point group {self.group!r}; reinstall it (pip install -e .)"
+            )
+        for ep in eps:
+            self._load_one(ep)
+        self._loaded = True
 
     def _load_one(self, ep: EntryPoint) -> None:
         builtin = _is_builtin(ep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -93,11 +95,25 @@ def test_keyed_hash_green_rate_and_key_independence():
         ({"scheme": "nope"}, "unknown"),
         ({"candidates": 0}, "candidates"),
         ({"min_entropy": -0.5}, "min_entropy"),
+        ({"context_width": 0}, "context_width"),
+        # SynthID fixes its rate and context: a different value is refused, not overwritten
+        ({"scheme": "synthid", "gamma": 0.25}, "gamma=0.25 with scheme synthid"),
+        ({"scheme": "synthid", "context_width": 1}, "context_width=1 with scheme synthid"),
     ],
 )
 def test_params_validate(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment):
         WatermarkParams(**kwargs)
+
+
+def test_unset_fields_take_the_schemes_defaults_and_explicit_ones_are_kept():
+    assert (WatermarkParams().gamma, WatermarkParams().context_width) == (0.25, 1)
+    assert WatermarkParams(gamma=0.4, context_width=3).gamma == 0.4
+    sid = WatermarkParams(scheme="synthid")
+    assert (sid.gamma, sid.context_width) == (0.5, sid.synthid.ngram_len - 1)
+    # the resolved values are consistent, so a copy with another field is accepted
+    assert dataclasses.replace(sid, delta=1.0).gamma == 0.5
+    assert WatermarkParams(scheme="synthid", gamma=0.5, context_width=4) == sid
 
 
 def test_account_keys_are_derived_distinct_and_hidden():

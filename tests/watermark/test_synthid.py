@@ -222,7 +222,7 @@ def test_params_scheme_synthid_dispatches_detection():
     detect_tokens and trace test its keys with the tournament's detector."""
     from distillguard.watermark import detect_tokens, trace
 
-    params = WatermarkParams(scheme="synthid", gamma=0.25, synthid=P)
+    params = WatermarkParams(scheme="synthid", synthid=P)
     assert params.gamma == 0.5 and params.context_width == P.ngram_len - 1
     k0, k1 = (account_key(SECRET, f"acct-{i}", params) for i in range(2))
     torch.manual_seed(2)

@@ -90,8 +90,12 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
         "synthid",
         help="synthid | keyed-hash | lefthash-ref (as the server used; serve's default: synthid)",
     ),
-    gamma: float = typer.Option(0.25, help="green fraction (as the server used)"),
-    context_width: int = typer.Option(1, help="context width (as the server used)"),
+    gamma: float | None = typer.Option(
+        None, help="green fraction (as the server used; default: the scheme's)"
+    ),
+    context_width: int | None = typer.Option(
+        None, help="context width (as the server used; default: the scheme's)"
+    ),
     max_tokens: int = typer.Option(64, help="tokens per answer of the suspect"),
     temperature: float = typer.Option(0.7, help="sampling temperature of the suspect's answers"),
     api_key: str | None = typer.Option(

@@ -103,7 +103,9 @@ def detect(
     delta: float | None = typer.Option(
         None, help="green bias (as the server used; --teacher only; default: the scheme's)"
     ),
-    context_width: int = typer.Option(1, help="context width (as the server used)"),
+    context_width: int | None = typer.Option(
+        None, help="context width (as the server used; default: the scheme's)"
+    ),
     min_entropy: float | None = typer.Option(
         None, help="the scheme's min_entropy (as the server used; default: the scheme's)"
     ),
@@ -146,12 +148,13 @@ def detect(
     )
     if not names:
         raise ConfigError("no accounts to test: the ledger has none; pass --account or --accounts")
-    given = {"gamma": gamma, "delta": delta, "min_entropy": min_entropy}
-    params = WatermarkParams(
-        scheme=scheme,
-        context_width=context_width,
-        **{k: v for k, v in given.items() if v is not None},
-    )
+    given = {
+        "gamma": gamma,
+        "delta": delta,
+        "min_entropy": min_entropy,
+        "context_width": context_width,
+    }
+    params = WatermarkParams(scheme=scheme, **{k: v for k, v in given.items() if v is not None})
     master = load_secret(secret, create=False)
     keys = [account_key(master, name, params) for name in names]
     records = read_records(file)
@@ -169,12 +172,8 @@ def detect(
         tok = load_tokenizer(model)
         vocab = len(tok)
         answers = tokenize(tok, [r.text for r in records])
-        if (
-            params.scheme == "synthid"
-        ):  # weight the tournament's layers by their mean lift (no teacher needed)
-            from distillguard.watermark.synthid import depth_weights
-
-            weights = [depth_weights(len(a), params.synthid.depth) for a in answers]
+        # the scheme's key-independent weights (SynthID: its layers by their mean lift)
+        weights = params.impl.default_weights(params, answers)
     result = trace(
         keys,
         answers,
@@ -183,11 +182,7 @@ def detect(
         alpha=alpha,
         weights=weights,
     )
-    detector = (
-        ("teacher-layers" if params.scheme == "synthid" else "teacher-llr")
-        if teacher
-        else ("layers" if params.scheme == "synthid" else "plain")
-    )
+    detector = params.impl.detector_names[bool(teacher)]
     if as_json:
         print(json.dumps({**result.to_dict(), "detector": detector}))
         return

@@ -78,13 +78,10 @@ from scipy.optimize import brentq
 from distillguard.errors import ConfigError, DistillguardError
 from distillguard.watermark import (
     WatermarkKey,
-    WatermarkParams,
     binomial_test,
-    green_mask,
     holm,
     trace,
 )
-from distillguard.watermark.scheme import context_seed, green_from_state
 
 __all__ = [
     "KeyEvidence",
@@ -469,85 +466,6 @@ def _suspect_contexts(
     )
 
 
-def _green_topk(
-    params: WatermarkParams,
-    hash_keys: Sequence[int],
-    contexts: torch.Tensor,
-    top_ids: torch.Tensor,
-    vocab_size: int,
-) -> torch.Tensor:
-    """Green bits of each context's top-k tokens under each key. (N, h), (N, k) -> (K, N, k) bool."""
-    if params.scheme == "keyed-hash":
-        out = []
-        for hk in hash_keys:
-            signed = hk - (1 << 64) if hk >= 1 << 63 else hk
-            state = context_seed(
-                torch.full((len(contexts),), signed, dtype=torch.int64), contexts
-            )  # (N,)
-            out.append(green_from_state(state[:, None], top_ids, params.gamma))
-        return torch.stack(out)
-    # lefthash-ref: one randperm per (key, previous token), gathered at the top-k ids
-    prev, inverse = torch.unique(contexts[:, -1], return_inverse=True)
-    out = []
-    for hk in hash_keys:
-        masks = green_mask(params, [hk] * len(prev), prev[:, None], vocab_size)  # (P, V)
-        out.append(masks[inverse].gather(1, top_ids))
-    return torch.stack(out)
-
-
-def _synthid_setup(params: WatermarkParams, ctx: _Contexts) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-independent parts of the SynthID statistic: the n-gram hash of every (context,
-    candidate) and its weight per layer, p̄(v | c) x the layer's mean lift decay
-    (``synthid.MEAN_LAYER_DECAY``: later layers tilt the distribution less). -> (N, k), (N, k, depth)."""
-    from distillguard.watermark.synthid import MEAN_LAYER_DECAY, candidate_hashes
-
-    depth = params.synthid.depth
-    layer_w = torch.exp(-MEAN_LAYER_DECAY * torch.arange(depth, dtype=torch.float64))  # (depth,)
-    return candidate_hashes(ctx.contexts, ctx.top_ids), ctx.weights[
-        :, :, None
-    ] * layer_w  # (N, k), (N, k, depth)
-
-
-def _synthid_key(
-    params: WatermarkParams, hash_key: int, hashes: torch.Tensor, w: torch.Tensor, units: bool
-):
-    """One SynthID key: (score, weights of the distinct table indices, top-1 g-values at distinct
-    indices) or (score, None, None) when ``units`` is False (wrong keys need the score only).
-
-    The score Σ w·g is the suspect's expected g mass. Grouped by table index it is Σ_i W_i·g_i
-    with W_i the total weight on index i: the g_i of distinct indices are independent fair coins
-    under H0 (the table is drawn from the key's table seed, the indices from its layer keys, as
-    ``synthid_units`` assumes), and the W_i depend on the suspect, the text and the layer keys,
-    not on the table. So the Chernoff bound over the W_i is valid, as for the green lists."""
-    from distillguard.watermark.synthid import _small_table, processor_for, table_indices
-
-    # the accounts' processors are cached (as the server caches them); wrong keys are built and dropped
-    proc = (
-        processor_for(hash_key, params.synthid)
-        if units
-        else processor_for.__wrapped__(hash_key, params.synthid)
-    )
-    idx = table_indices(hashes, proc.keys, params.synthid.table_size)  # (N, k, depth)
-    table = _small_table(proc)
-    score = float((torch.take(table, idx).double() * w).sum())
-    if not units:
-        return score, None, None
-    unit_w = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=params.synthid.table_size)
-    keep = w[:, 0, 0] > 0  # contexts whose top-1 pair is not excluded
-    top1 = torch.take(
-        table, idx[keep, 0, :].unique()
-    )  # g of the distinct indices the top-1 n-grams touch
-    return score, unit_w[unit_w > 0].numpy(), top1
-
-
-def _greenlist_key(
-    params: WatermarkParams, hash_keys: Sequence[int], ctx: _Contexts, vocab_size: int
-):
-    """Green-list keys: (scores (K,), green bits (K, N, k))."""
-    green = _green_topk(params, hash_keys, ctx.contexts, ctx.top_ids, vocab_size)  # (K, N, k)
-    return torch.einsum("knj,nj->k", green.double(), ctx.weights).numpy(), green
-
-
 def open_test(
     lm,
     keys: Sequence[WatermarkKey],
@@ -581,7 +499,7 @@ def open_test(
     params = keys[0].params
     if any(k.params != params for k in keys):
         raise ConfigError("open_test needs keys of one scheme (the same WatermarkParams)")
-    synthid = params.scheme == "synthid"
+    scheme = params.impl  # green lists: green mass; SynthID: g mass over its layers
     width = params.context_width  # synthid: ngram_len - 1
     tok = lm.tokenizer
     excl_texts = list(exclude) + (list(answers) if exclude_text_pairs else [])
@@ -598,32 +516,27 @@ def open_test(
         rng.getrandbits(40) | 1 for _ in range(null_keys)
     ]  # drawn as account_key draws hash keys
     # per true key: (score, weights of the independent units, top-1 indicators at distinct units)
-    stats: list[tuple[float, np.ndarray, torch.Tensor]] = []
-    if synthid:
-        hashes, w = _synthid_setup(params, ctx)
-        stats = [_synthid_key(params, k.hash_key, hashes, w, units=True) for k in keys]
-        null_scores = np.array(
-            [_synthid_key(params, hk, hashes, w, units=False)[0] for hk in wrong]
+    total, stats = scheme.suspect_scores(
+        params,
+        [k.hash_key for k in keys],
+        ctx.contexts,
+        ctx.top_ids,
+        ctx.weights,
+        lm.vocab_size,
+        units=True,
+    )
+    null_scores = np.zeros(0)
+    for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
+        _, chunk = scheme.suspect_scores(
+            params,
+            wrong[start : start + 64],
+            ctx.contexts,
+            ctx.top_ids,
+            ctx.weights,
+            lm.vocab_size,
+            units=False,
         )
-    else:
-        w = ctx.weights  # (N, k)
-        scores, green = _greenlist_key(params, [k.hash_key for k in keys], ctx, lm.vocab_size)
-        top1_keep = (
-            w[:, 0] > 0
-        )  # Sander et al.'s reading mode: the top-1 prediction of each context
-        stats = [
-            (float(scores[i]), w.flatten().numpy(), green[i, :, 0][top1_keep])
-            for i in range(len(keys))
-        ]
-        null_scores = np.zeros(0)
-        for start in range(0, len(wrong), 64):  # in chunks: K x N x k doubles add up for 1,000 keys
-            null_scores = np.concatenate(
-                [
-                    null_scores,
-                    _greenlist_key(params, wrong[start : start + 64], ctx, lm.vocab_size)[0],
-                ]
-            )
-    total = float(w.sum())
+        null_scores = np.concatenate([null_scores, np.array([c[0] for c in chunk])])
     log10_ps, evidence = [], []
     for key, (s, units, top1) in zip(keys, stats):
         log_p = chernoff_log_p(s, units, params.gamma)
@@ -663,7 +576,7 @@ def open_test(
         }
     return RadioactivityResult(
         mode="open",
-        test="g-mass-chernoff" if synthid else "green-mass-chernoff",
+        test=scheme.suspect_test,
         alpha=alpha,
         texts=len(answers),
         scored=len(ctx.contexts),

@@ -1,4 +1,5 @@
-"""Keyed green-list watermarks per account: embedding (logits processor) and exact detection."""
+"""Per-account watermarks behind one :class:`Scheme` protocol (green lists, SynthID-Text):
+embedding, exact detection, tracing. ``WatermarkParams.impl`` is a configuration's scheme."""
 
 from distillguard.watermark.detect import (
     Detection,
@@ -11,6 +12,7 @@ from distillguard.watermark.detect import (
 )
 from distillguard.watermark.entropy import detect_with_teacher
 from distillguard.watermark.processor import WatermarkLogitsProcessor, apply_watermark
+from distillguard.watermark.protocol import SCHEMES, Scheme, get_scheme, scheme_names
 from distillguard.watermark.scheme import (
     REFERENCE_HASH_KEY,
     WatermarkKey,
@@ -23,6 +25,8 @@ from distillguard.watermark.scheme import (
 
 __all__ = [
     "REFERENCE_HASH_KEY",
+    "SCHEMES",
+    "Scheme",
     "Detection",
     "Trace",
     "WatermarkKey",
@@ -33,10 +37,12 @@ __all__ = [
     "binomial_test",
     "detect_tokens",
     "detect_with_teacher",
+    "get_scheme",
     "green_mask",
     "holm",
     "is_green",
     "reference_key",
+    "scheme_names",
     "scored_pairs",
     "trace",
 ]

@@ -186,7 +186,8 @@ def detect_tokens(
     vocab_size: int,
     weights: Sequence[Sequence[int]] | None = None,
 ) -> Detection:
-    """Test token sequences (the text's tokens, prompt excluded) against one key.
+    """Test token sequences (the text's tokens, prompt excluded) against one key, by the key's
+    scheme (``WatermarkParams.impl``).
 
     ``weights`` (optional, one non-negative integer per token, e.g. from
     :mod:`distillguard.watermark.entropy`) must not depend on the key: then the test stays
@@ -195,21 +196,18 @@ def detect_tokens(
     its context). 0/1 weights select the pairs scored by the plain binomial test; larger ones count a
     green pair that many times, tested exactly by :func:`weighted_binomial_test`.
     """
-    if key.params.scheme == "synthid":  # tournament g-values over table indices, not green pairs
-        from distillguard.watermark.synthid import detect_synthid
-
-        return detect_synthid(key, token_seqs, prompt_seqs, weights=weights)
-    pairs = weighted_pairs(token_seqs, key.params.context_width, prompt_seqs, weights)
-    return _test(key, *pairs, vocab_size)
+    return key.params.impl.detect(key, token_seqs, prompt_seqs, vocab_size, weights)
 
 
-def _test(
+def pair_test(
     key: WatermarkKey,
     contexts: torch.Tensor,
     tokens: torch.Tensor,
     weights: torch.Tensor,
     vocab_size: int,
 ) -> Detection:
+    """The green-list test of distinct (context, token) pairs with their weights (from
+    :func:`weighted_pairs`) against one key."""
     green = (
         is_green(key.params, key.hash_key, contexts, tokens, vocab_size)
         if len(tokens)
@@ -283,20 +281,11 @@ def trace(
 ) -> Trace:
     """Test texts against every key; name the accounts whose keys are significant after Holm.
     ``weights`` (as in :func:`detect_tokens`, key-independent) apply to every key."""
-    by_width: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    results = []
-    for key in keys:
-        if key.params.scheme == "synthid":
-            results.append(
-                detect_tokens(
-                    key, token_seqs, prompt_seqs=prompt_seqs, vocab_size=vocab_size, weights=weights
-                )
-            )
-            continue
-        width = key.params.context_width
-        if width not in by_width:
-            by_width[width] = weighted_pairs(token_seqs, width, prompt_seqs, weights)
-        results.append(_test(key, *by_width[width], vocab_size))
+    cache: dict = {}  # key-independent work (a scheme's scored pairs) shared across the keys
+    results = [
+        key.params.impl.detect(key, token_seqs, prompt_seqs, vocab_size, weights, cache)
+        for key in keys
+    ]
     # Holm on the exact p-values; when they underflow, order by log10 p to keep the ranking.
     pvals = [max(r.p_value, 10 ** max(r.log10_p, -300)) for r in results]
     return Trace(alpha=alpha, results=results, adjusted_p=holm(pvals))

@@ -132,29 +132,11 @@ def llr_weights(
 def teacher_weights(
     params: WatermarkParams, stats: PositionStats, *, temperature: float = 1.0, levels: int = 8
 ) -> list[int]:
-    """Integer weight of each answer token for :func:`detect_tokens`: the quantised LLR weight
-    of its green posterior, 0 where the scheme's embedder left the position alone. SynthID: one
-    weight per tournament layer, its expected g-lift (``synthid.layer_weights``, 16 levels)."""
-    if params.scheme == "synthid":
-        from distillguard.watermark.synthid import layer_weights
-
-        return layer_weights(stats.collision, params.synthid.depth)
-    post = green_posterior(
-        stats.token_prob,
-        stats.collision,
-        gamma=params.gamma,
-        delta=params.delta,
-        temperature=temperature,
-    )
-    w = llr_weights(
-        post,
-        params.gamma,
-        levels=levels,
-        max_weight=max_llr_weight(params.gamma, params.delta, temperature),
-    )
-    if params.min_entropy > 0:
-        w = torch.where(stats.entropy >= params.min_entropy, w, torch.zeros_like(w))
-    return w.tolist()
+    """Integer weight of each answer token for :func:`detect_tokens`, by the key's scheme: for
+    the green lists the quantised LLR weight of its green posterior, 0 where the embedder left
+    the position alone (``greenlist.py``); SynthID: one weight per tournament layer, its
+    expected g-lift (``synthid.layer_weights``, 16 levels)."""
+    return params.impl.teacher_weights(params, stats, temperature, levels)
 
 
 # ---- the teacher's statistics for texts, and detection with them ----------------------------------

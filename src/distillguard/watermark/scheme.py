@@ -30,11 +30,11 @@ import hashlib
 import hmac
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from distillguard.errors import ConfigError
+from distillguard.watermark.protocol import Scheme, get_scheme
 
 REFERENCE_HASH_KEY = 15485863  # the reference implementation's default hash_key
 _MASK64 = (1 << 64) - 1
@@ -43,6 +43,7 @@ _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 _RESOLUTION = 1 << 24  # green iff the low 24 bits of the hash < γ·2^24
 KEYED_MIN_ENTROPY = 1.25  # keyed-hash's default min_entropy (nats)
+GREEN_GAMMA = 0.25  # the green-list schemes' default green fraction
 
 
 @dataclass(frozen=True)
@@ -62,27 +63,27 @@ class SynthIDParams:
             )
 
 
-SCHEMES = ("keyed-hash", "lefthash-ref", "synthid")
-
-
 @dataclass(frozen=True)
 class WatermarkParams:
     """The scheme: shared, unchanged, by the embedder and the detector.
 
-    ``synthid`` (SynthID-Text tournament sampling, ``watermark.synthid``) reads ``synthid`` only:
-    its g-values are fair coins, so ``gamma`` is set to 1/2 (the detector's null rate) and
-    ``context_width`` to ``synthid.ngram_len - 1``; ``delta``, ``candidates`` and ``min_entropy``
-    do not apply.
+    ``scheme`` names a registered :class:`~distillguard.watermark.protocol.Scheme` (``impl``);
+    fields left None take that scheme's defaults (``Scheme.resolve``), and a value the scheme
+    cannot honour is refused rather than replaced: ``synthid`` (SynthID-Text tournament
+    sampling, ``watermark.synthid``) reads ``synthid`` only; its g-values are fair coins, so its
+    ``gamma`` is 1/2 (the detector's null rate) and its ``context_width`` is
+    ``synthid.ngram_len - 1``, and a different explicit value is a ConfigError; ``delta``,
+    ``candidates`` and ``min_entropy`` do not apply to it.
     """
 
-    scheme: Literal["keyed-hash", "lefthash-ref", "synthid"] = "keyed-hash"
-    gamma: float = 0.25
+    scheme: str = "keyed-hash"  # keyed-hash | lefthash-ref | synthid | a plugin's (protocol.py)
+    gamma: float | None = None  # green fraction; None: the scheme's (0.25 for the green lists)
     # δ=2.25 with min_entropy=1.25: chosen on 32 held-out ShareGPT prompts (bench/watermark_quality.py
     # --skip 96) for ">= 95% of 64-token answers detected by the entropy-aware detector at <= 35%
     # perplexity cost". At the issue's size (96 prompts, --grid) it reaches 88% at +50%: the target
     # is not met; SynthID (watermark.synthid) did better there. See the README for the numbers.
     delta: float = 2.25
-    context_width: int = 1
+    context_width: int | None = None  # None: the scheme's (1 for the green lists)
     # keyed-hash embedding biases each row's `candidates` most likely tokens (all when >= |V|):
     # int64 hashing of a whole batch x 49k vocabulary costs more than the model's step on a
     # CPU, while the tokens outside the top 1,024 carry a negligible share of the probability.
@@ -101,32 +102,29 @@ class WatermarkParams:
     synthid: SynthIDParams = SynthIDParams()  # scheme="synthid" only
 
     def __post_init__(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(
-                f"unknown watermark scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}"
-            )
-        if self.min_entropy is None:
-            object.__setattr__(
-                self, "min_entropy", KEYED_MIN_ENTROPY if self.scheme == "keyed-hash" else 0.0
-            )
-        if self.scheme == "synthid":
-            # g-values are fair coins: 1/2 is the rate every detector tests against.
-            object.__setattr__(self, "gamma", 0.5)
-            object.__setattr__(self, "context_width", self.synthid.ngram_len - 1)
+        # Frozen, but resolved once here so that the embedder and the detector read the same
+        # numbers (and equal configurations compare and hash equal).
+        for name, value in self.impl.resolve(self).items():
+            object.__setattr__(self, name, value)
         if not 0 < self.gamma < 1:
             raise ConfigError(f"watermark gamma={self.gamma} must be between 0 and 1 (exclusive)")
         if self.delta < 0:
             raise ConfigError(f"watermark delta={self.delta} must be >= 0")
-        if self.context_width < 1 or (self.scheme == "lefthash-ref" and self.context_width != 1):
-            raise ConfigError(
-                f"context_width={self.context_width}: lefthash-ref needs 1, keyed-hash at least 1"
-            )
+        if self.context_width < 1:
+            raise ConfigError(f"watermark context_width={self.context_width} must be >= 1")
         if self.candidates < 1:
             raise ConfigError(f"watermark candidates={self.candidates} must be >= 1")
         if not self.min_entropy >= 0:
             raise ConfigError(
                 f"watermark min_entropy={self.min_entropy} must be >= 0 (nats; 0 biases every position)"
             )
+
+    @property
+    def impl(self) -> Scheme:
+        """The :class:`~distillguard.watermark.protocol.Scheme` object named by ``scheme``."""
+        if not isinstance(self.scheme, str):
+            raise ConfigError(f"watermark scheme must be a name, got {self.scheme!r}")
+        return get_scheme(self.scheme)
 
 
 @dataclass(frozen=True)
@@ -248,16 +246,9 @@ def key_states(hash_keys: list[int], contexts: torch.Tensor) -> torch.Tensor:
 def green_mask(
     params: WatermarkParams, hash_keys: list[int], contexts: torch.Tensor, vocab_size: int
 ) -> torch.Tensor:
-    """Green lists of B rows, each with its own key and context. contexts (B, h) -> (B, V) bool."""
-    if params.scheme == "lefthash-ref":
-        rows = [
-            _REFERENCE.mask(k, int(c[-1]), vocab_size, params.gamma)
-            for k, c in zip(hash_keys, contexts.tolist())
-        ]
-        return torch.stack(rows).to(contexts.device)
-    states = key_states(hash_keys, contexts)  # (B,)
-    vocab = torch.arange(vocab_size, device=contexts.device)
-    return green_from_state(states[:, None], vocab[None, :], params.gamma)
+    """Green lists of B rows, each with its own key and context. contexts (B, h) -> (B, V) bool.
+    Green-list schemes only (``greenlist.py``)."""
+    return _green_list(params).green_mask(params, hash_keys, contexts, vocab_size)
 
 
 def is_green(
@@ -267,12 +258,16 @@ def is_green(
     tokens: torch.Tensor,
     vocab_size: int,
 ) -> torch.Tensor:
-    """Whether each (context, token) pair is green under one key. contexts (N, h), tokens (N,) -> (N,)"""
-    if params.scheme == "lefthash-ref":
-        out = torch.zeros(len(tokens), dtype=torch.bool)
-        prevs = contexts[:, -1].tolist()
-        for i, (prev, tok) in enumerate(zip(prevs, tokens.tolist())):
-            out[i] = bool(_REFERENCE.mask(hash_key, prev, vocab_size, params.gamma)[tok])
-        return out
-    keys = torch.full(tokens.shape, _signed(hash_key), dtype=torch.int64, device=tokens.device)
-    return green_from_state(context_seed(keys, contexts), tokens, params.gamma)
+    """Whether each (context, token) pair is green under one key. contexts (N, h), tokens (N,) -> (N,)
+    Green-list schemes only (``greenlist.py``)."""
+    return _green_list(params).is_green(params, hash_key, contexts, tokens, vocab_size)
+
+
+def _green_list(params: WatermarkParams):
+    impl = params.impl
+    if not hasattr(impl, "green_mask"):
+        raise ConfigError(
+            f"watermark scheme {params.scheme!r} has no green lists (it is not a green-list "
+            f"scheme); use its Scheme object (WatermarkParams.impl)"
+        )
+    return impl

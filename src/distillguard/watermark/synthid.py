@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from transformers import LogitsProcessor, SynthIDTextWatermarkLogitsProcessor
 
 from distillguard.errors import ConfigError
 from distillguard.watermark.detect import Detection, binomial_test, weighted_binomial_test
-from distillguard.watermark.scheme import SynthIDParams, WatermarkKey, mix64_int
+from distillguard.watermark.scheme import SynthIDParams, WatermarkKey, WatermarkParams, mix64_int
 
 
 def layer_keys(hash_key: int, params: SynthIDParams) -> tuple[list[int], int]:
@@ -161,7 +162,7 @@ def apply_synthid(
     each row's last tokens (prompt, then answer) -> (B, V)."""
     groups: dict[SynthIDParams, list[int]] = {}
     for b, key in enumerate(keys):
-        if key is not None and key.params.scheme == "synthid":
+        if key is not None and isinstance(key.params.impl, SynthID):
             groups.setdefault(key.params.synthid, []).append(b)
     if not groups:
         return logp
@@ -184,7 +185,6 @@ def synthid_units(
     prompts: Sequence[Sequence[int]],
     table_size: int,
     weights: Sequence[Sequence] | None = None,
-    reduce: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct table indices an answer's n-grams (after its prompt's last tokens, when there
     is one prompt per answer) look up,
@@ -201,10 +201,7 @@ def synthid_units(
     less than on 24: 12.8; the sum gives 22.5 and 14.9).
     The test stays exact: the weights depend on the text and the layer keys, not on the table's
     g-values (drawn from the key's own table seed), so under H0 the g of distinct indices are
-    independent fair coins whatever the weights. ``reduce="amax"`` is the former rule, kept for
-    ``bench/synthid_saturation.py``. Returns g (N,) and weights (N,) int64."""
-    if reduce not in ("sum", "amax"):
-        raise ConfigError(f"reduce must be 'sum' or 'amax', not {reduce!r}")
+    independent fair coins whatever the weights. Returns g (N,) and weights (N,) int64."""
     n, depth = proc.ngram_len, len(proc.keys)
     excluded = {tuple(p[i - n + 1 : i + 1]) for p in prompts for i in range(n - 1, len(p))}
     seen: dict[tuple[int, ...], torch.Tensor] = {}
@@ -231,7 +228,7 @@ def synthid_units(
     keys = proc.compute_ngram_keys(grams[None])[0] % table_size  # (N, depth) table indices
     uniq, inv = keys.reshape(-1).unique(return_inverse=True)
     total = torch.zeros(len(uniq), dtype=torch.long).scatter_reduce(
-        0, inv, w.reshape(-1), reduce=reduce
+        0, inv, w.reshape(-1), reduce="sum"
     )
     return proc.sampling_table[uniq].long(), total
 
@@ -244,7 +241,6 @@ def detect_synthid(
     params: SynthIDParams | None = None,
     weights: Sequence[Sequence] | None = None,
     proc: SynthIDTextWatermarkLogitsProcessor | None = None,
-    reduce: str = "sum",
 ) -> Detection:
     """Exact test of answers against a SynthID key: S = Σ W_i·g_i over the distinct table indices
     they touch (W_i: the pairs on index i, weighted by ``weights`` when given; see
@@ -253,7 +249,7 @@ def detect_synthid(
     ``params``: default the key's own (``key.params.synthid``)."""
     params = params or key.params.synthid
     proc = proc or processor_for(key.hash_key, params)
-    g, w = synthid_units(proc, answers, prompts, params.table_size, weights, reduce)
+    g, w = synthid_units(proc, answers, prompts, params.table_size, weights)
     keep = w > 0
     g, w = g[keep], w[keep]
     ones = int(g.sum())
@@ -316,8 +312,90 @@ def depth_weights(length: int, depth: int, levels: int = 8) -> list[list[int]]:
     return [row] * length
 
 
+# ---- the scheme object -------------------------------------------------------------------------
+
+
+class SynthID:
+    """SynthID-Text as a :class:`~distillguard.watermark.protocol.Scheme`: the tournament on the
+    distribution each row samples from, the exact g-value test, layer weights."""
+
+    name: ClassVar[str] = "synthid"
+    stage: ClassVar[str] = "logprobs"  # after temperature and top-p: the sampled distribution
+    detector_names: ClassVar[tuple[str, str]] = ("layers", "teacher-layers")
+    suspect_test: ClassVar[str] = "g-mass-chernoff"
+
+    def resolve(self, params: WatermarkParams) -> dict[str, Any]:
+        width = params.synthid.ngram_len - 1
+        if params.gamma is not None and params.gamma != 0.5:
+            raise ConfigError(
+                f"watermark gamma={params.gamma} with scheme synthid: its g-values are fair coins, "
+                f"so its rate is 1/2; leave gamma unset"
+            )
+        if params.context_width is not None and params.context_width != width:
+            raise ConfigError(
+                f"watermark context_width={params.context_width} with scheme synthid: its context "
+                f"is synthid.ngram_len - 1 = {width} tokens; leave context_width unset"
+            )
+        # min_entropy: the tournament is applied at every position (0 keeps that explicit)
+        return {
+            "gamma": 0.5,
+            "context_width": width,
+            "min_entropy": 0.0 if params.min_entropy is None else params.min_entropy,
+        }
+
+    def embed(self, logp, contexts, keys):
+        return apply_synthid(logp, contexts, keys)
+
+    def processor(self, key: WatermarkKey) -> SynthIDTopK:
+        return SynthIDTopK(key.hash_key, key.params.synthid)
+
+    def detect(self, key, token_seqs, prompt_seqs, vocab_size, weights, cache=None) -> Detection:
+        return detect_synthid(key, token_seqs, prompt_seqs, weights=weights)
+
+    def default_weights(self, params: WatermarkParams, answers) -> list:
+        """By layer only (no teacher): :func:`depth_weights`."""
+        return [depth_weights(len(a), params.synthid.depth) for a in answers]
+
+    def teacher_weights(self, params, stats, temperature, levels) -> list:
+        # 16 levels whatever `levels` (the green lists' default of 8 is too coarse here)
+        return layer_weights(stats.collision, params.synthid.depth)
+
+    def suspect_scores(self, params, hash_keys, contexts, top_ids, weights, vocab_size, units):
+        """The suspect's expected g mass per key. Key-independent parts first: the n-gram hash of
+        every (context, candidate) and its weight per layer, p̄(v | c) x the layer's mean lift
+        decay (``MEAN_LAYER_DECAY``: later layers tilt the distribution less).
+
+        Grouped by table index the score Σ w·g is Σ_i W_i·g_i with W_i the total weight on
+        index i: the g_i of distinct indices are independent fair coins under H0 (the table is
+        drawn from the key's table seed, the indices from its layer keys, as ``synthid_units``
+        assumes), and the W_i depend on the suspect, the text and the layer keys, not on the
+        table. So the Chernoff bound over the W_i is valid, as for the green lists."""
+        sp = params.synthid
+        layer_w = torch.exp(-MEAN_LAYER_DECAY * torch.arange(sp.depth, dtype=torch.float64))
+        hashes = candidate_hashes(contexts, top_ids)  # (N, k)
+        w = weights[:, :, None] * layer_w  # (N, k, depth)
+        out = []
+        for hash_key in hash_keys:
+            # the accounts' processors are cached (as the server caches them); wrong keys are
+            # built and dropped
+            proc = processor_for(hash_key, sp) if units else processor_for.__wrapped__(hash_key, sp)
+            idx = table_indices(hashes, proc.keys, sp.table_size)  # (N, k, depth)
+            table = _small_table(proc)
+            score = float((torch.take(table, idx).double() * w).sum())
+            if not units:
+                out.append((score, None, None))
+                continue
+            unit_w = torch.bincount(idx.flatten(), weights=w.flatten(), minlength=sp.table_size)
+            keep = w[:, 0, 0] > 0  # contexts whose top-1 pair is not excluded
+            # g of the distinct indices the top-1 n-grams touch
+            top1 = torch.take(table, idx[keep, 0, :].unique())
+            out.append((score, unit_w[unit_w > 0].numpy(), top1))
+        return float(w.sum()), out
+
+
 __all__ = [
     "LAYER_DECAY",
+    "SynthID",
     "SynthIDParams",
     "SynthIDTopK",
     "apply_synthid",
