@@ -23,7 +23,14 @@ from distillguard.watermark import WatermarkParams, account_key
 from distillguard.watermark.synthid import processor_for, tournament
 from tests.servers import run_cli, serve_process
 
-SECRET = "test-synthid-serve-" + uuid.uuid4().hex
+# A fixed secret, with the fixed seeds of the requests, makes every answer, key and p-value below
+# the same on each run (on one machine: float rounding may differ on another), so the p-value
+# bounds check the scheme, not the luck of a draw: with a fresh secret per run one 64-token answer
+# of the bundled teacher misses p < 1e-3 in ~3% of runs (teacher-layers detected 0.9688 at 64
+# tokens in bench/results/watermark_quality.json), and the tiny model's trace once gave 7.4e-6
+# against its 1e-6 bound. The secret was written down before any run, not chosen among secrets
+# that pass.
+SECRET = "test-synthid-serve-fixed-secret-0"
 ADMIN = "admin-" + uuid.uuid4().hex
 SYNTHID = WatermarkParams(scheme="synthid")
 
