@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -166,6 +167,8 @@ def main() -> None:
             )
     out = {
         "code_version": code_version(),
+        "command": "nice -n 10 python "
+        + " ".join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": vars(args)
         | {"out": str(args.out) if args.out else None, "detectors": DETECTORS, "kinds": kinds},
         "threshold": cal.threshold,
