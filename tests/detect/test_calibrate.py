@@ -255,6 +255,12 @@ def test_held_out_check_counts_per_account_and_per_account_day(calibration):
     flags = replay_flags(calibration, feats)
     assert len(flags.flagged_days) == 2 and flags.flagged_accounts == 1
     assert flags.first_flag["bot"] <= 300 and flags.requests["bot"] == 600
+    # the same replay read at other thresholds (what bench/detect_fpr.py compares rules with)
+    accounts, days, first = flags.at(calibration.threshold)
+    assert (accounts, days, first) == ({"bot"}, flags.flagged_days, flags.first_flag)
+    top = max(flags.day_max.values())
+    assert flags.at(top) == (set(), set(), {})
+    assert flags.at(top - 1e-9)[0] == {"bot"} and flags.at(top - 1e-9)[2]["bot"] >= first["bot"]
 
 
 def test_cli_calibration_says_how_much_benign_traffic_the_target_needs(tmp_path):
