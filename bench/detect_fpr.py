@@ -41,7 +41,7 @@ from distillguard.arena.benign import TRAITS, _traits, app_templates
 from distillguard.arena.pools import public_prompts
 from distillguard.arena.traffic import account_id
 from distillguard.detect import DetectConfig, calibrate
-from distillguard.detect.calibrate import accounts_needed, cp_upper, replay_flags
+from distillguard.detect.calibrate import Flags, accounts_needed, cp_upper, replay_flags
 from distillguard.detect.features import extract
 
 DETECTORS = ("volume", "timing", "shape", "template", "cot", "fresh", "linking")
@@ -104,20 +104,33 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
         config=DetectConfig(target_fpr=args.target_fpr, detectors=DETECTORS),
     )
     t_cal = time.perf_counter() - t0
-    ev_cfg = TrafficConfig(
-        benign_accounts=args.benign_accounts,
-        seed=seed + EVAL_SEED_OFFSET,
-        pool="eval",
-        campaigns=CAMPAIGNS,
-        **kinds,
-    )
-    records = generate_traffic(ev_cfg)
-    label = {r["account"]: r["label"] for r in records}
-    kind_of = benign_kinds(ev_cfg, records)
-    feats = sorted((extract(r) for r in records), key=lambda f: f.ts)
-    flags = replay_flags(cal, feats)
+    # the eval users as independent populations (each its own draw of the eval pool, scored on
+    # its own): the bundled pool replays conversations to a second user beyond ~800 users over
+    # 2 days, and such pairs are one actor to linking (see the docs page)
+    label: dict[str, str] = {}
+    kind_of: dict[str, str] = {}
+    replayed: dict[str, list[str]] = {}
+    flags = Flags()
+    for k in range(args.populations):
+        ev_cfg = TrafficConfig(
+            benign_accounts=args.benign_accounts // args.populations,
+            seed=seed + EVAL_SEED_OFFSET + 100 * k,
+            pool="eval",
+            campaigns=CAMPAIGNS,
+            **kinds,
+        )
+        records = generate_traffic(ev_cfg)
+        label |= {r["account"]: r["label"] for r in records}
+        kind_of |= benign_kinds(ev_cfg, records)
+        replayed |= replay_partners(records)
+        part = replay_flags(cal, sorted((extract(r) for r in records), key=lambda f: f.ts))
+        flags.requests |= part.requests
+        flags.days |= part.days
+        flags.flagged_days |= part.flagged_days
+        flags.first_flag |= part.first_flag
+        flags.day_max |= part.day_max
+        flags.highs |= part.highs
     benign = [a for a, lab in label.items() if lab == "benign"]
-    replayed = replay_partners(records)
     rules = {
         "calibrated": cal.threshold,
         # the rule before this change, for comparison on the same replay
@@ -127,7 +140,7 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
     }
     out = {
         "seed": seed,
-        "eval_seed": seed + EVAL_SEED_OFFSET,
+        "eval_seeds": [seed + EVAL_SEED_OFFSET + 100 * k for k in range(args.populations)],
         "threshold": cal.threshold,
         "calibration": cal.stats,
         "benign_accounts": len(benign),
@@ -260,6 +273,13 @@ def main() -> None:
     ap.add_argument("--days", type=float, default=2.0)
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    ap.add_argument(
+        "--populations",
+        type=int,
+        default=1,
+        help="split the eval users into this many independent populations, each with every "
+        "campaign, scored separately (seeds S + 1000 + 100 k)",
+    )
     ap.add_argument(
         "--calibration-sizes",
         type=int,
