@@ -21,10 +21,13 @@ maximum over the day's requests (a flag on any request flags the day). Those sco
 computed with tails fitted on the *other* folds of calibration accounts (5 folds by account),
 so each day is scored as an unseen benign day would be, extrapolated tails included; scoring
 days with tails that contain them would understate the benign tail exactly where the threshold
-sits. The threshold is the larger of the empirical (1 - target FPR) quantile of those scores and
-chi²_{2D} at the target level (the Fisher null under independence). The held-out benign
+sits. The threshold is the larger of the (1 - target FPR) quantile of those scores and
+chi²_{2D} at the target level (the Fisher null under independence); the quantile comes from a
+generalised Pareto fit to the top 10% of the day scores (``pot_quantile``), not from the few
+largest days, so one unusual benign day does not set it (issue 23). The held-out benign
 accounts, disjoint from the reference and calibration accounts, give the empirical FPR that the
-report states, with its one-sided 95% upper bound.
+report states, per account and per account-day, with one-sided 95% Clopper-Pearson bounds, and
+say whether they are enough to show the target at all (``size_check``).
 
 Splits, by account: reference (embedding sample, topics, PRADA distances), calibration
 (detector tails, threshold), held-out (empirical FPR).
