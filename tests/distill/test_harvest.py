@@ -646,7 +646,11 @@ eval: {{teacher: tiny, limit: 2, max_new_tokens: 8}}
         ("harvest: {teacher: t}", "`harvest:` needs prompts"),
         ("harvest: {teacher: t, prompts: p}\neval: {limit: 3}", "needs a `train:` section"),
         ("harvest: {teacher: t, prompts: p}\ntrain: {lr: 0}", "`train:` --epochs 2.0 and --lr 0"),
-        ("harvest: {teacher: t, prompts: p, n: abc}", "`harvest:` a setting has the wrong type"),
+        (
+            "harvest: {teacher: t, prompts: p, n: abc}",
+            "`harvest:` --n 'abc': input should be a valid",
+        ),
+        ("harvest: {teacher: t, prompts: p}\ntrain: {}\neval: {limit: 0}", "`eval:` --limit 0"),
         ("harvest: {teacher: t, prompts: p}\ncurate: {near_dup: 0.5}", "unknown `curate` settings"),
         (
             "harvest: {teacher: t, prompts: self-instruct}\nself_instruct: {novelty: 0}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -554,9 +553,7 @@ def test_ce_weight_mixes_cross_entropy_on_the_teachers_tokens_into_topk_kd(tmp_p
         run_fingerprint(base, examples)
         == "7aad3a1f06e3e0e29446de14afe8fd4b682c5c242c52ea35855bade7c9b4ccc1"
     )
-    assert run_fingerprint(dataclasses.replace(base, ce_weight=0.5), examples) != run_fingerprint(
-        base, examples
-    )
+    assert run_fingerprint(base.replace(ce_weight=0.5), examples) != run_fingerprint(base, examples)
 
 
 @pytest.mark.parametrize("loss", ["sft", "topk-kd", "kd", "gkd"])

@@ -17,6 +17,17 @@ from rich.progress import (
 )
 
 from distillguard.cli import console, err_console
+from distillguard.cli.options import option
+from distillguard.distill.curate import CurateConfig
+from distillguard.distill.eval_config import EvalConfig
+from distillguard.distill.harvest_config import HarvestConfig
+from distillguard.distill.selfinstruct import (
+    SEED_LIMIT,
+    SEED_MAX_CHARS,
+    SELF_INSTRUCT_TEMPERATURE,
+    SelfInstructConfig,
+)
+from distillguard.distill.train_config import TrainConfig
 from distillguard.errors import ConfigError, IncompleteError
 
 distill_app = typer.Typer(
@@ -26,43 +37,28 @@ distill_app = typer.Typer(
 
 @distill_app.command("harvest")
 def harvest_cmd(
-    teacher: str = typer.Option(
-        ..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
-    ),
-    api_key: str | None = typer.Option(
-        None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"
-    ),
+    teacher: str = option(HarvestConfig, "teacher"),
+    api_key: str | None = option(HarvestConfig, "api_key", envvar="DISTILLGUARD_TEACHER_API_KEY"),
     prompts: str = typer.Option(
         ..., help="prompt source: FILE.jsonl | FILE.csv | FILE.parquet | DATASET_DIR | sharegpt"
     ),
     out: Path = typer.Option(..., help="output directory (the store makes reruns resume)"),
-    model: str = typer.Option("smollm2", help="model id to request"),
+    model: str = option(HarvestConfig, "model"),
     limit: int | None = typer.Option(None, help="use at most this many prompts"),
     skip: int = typer.Option(0, help="skip the first prompts (e.g. a held-out split)"),
-    n: int = typer.Option(1, help="answers per prompt (the request's n)"),
-    concurrency: int = typer.Option(8, help="requests in flight at once"),
-    max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
-    temperature: float = typer.Option(0.7, help="sampling temperature"),
-    top_logprobs: int | None = typer.Option(
-        None, help="also harvest the top-K logprobs per token (0-20)"
-    ),
-    seed: int | None = typer.Option(None, help="request seed"),
-    budget_tokens: int | None = typer.Option(
-        None, help="never spend more tokens than this (all runs together)"
-    ),
-    budget_usd: float | None = typer.Option(
-        None, help="never spend more USD than this (needs --price-in/--price-out)"
-    ),
-    price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
-    price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
-    timeout: float = typer.Option(120.0, help="seconds per request"),
-    max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
-    commit_window: float = typer.Option(
-        0.05,
-        help="group-commit answers to the store at most this many seconds "
-        "apart; 0 commits each on arrival (for teachers without "
-        "Idempotency-Key replay, where kill -9 could lose a window)",
-    ),
+    n: int = option(HarvestConfig, "n"),
+    concurrency: int = option(HarvestConfig, "concurrency"),
+    max_tokens: int = option(HarvestConfig, "max_tokens"),
+    temperature: float = option(HarvestConfig, "temperature"),
+    top_logprobs: int | None = option(HarvestConfig, "top_logprobs"),
+    seed: int | None = option(HarvestConfig, "seed"),
+    budget_tokens: int | None = option(HarvestConfig, "budget_tokens"),
+    budget_usd: float | None = option(HarvestConfig, "budget_usd"),
+    price_in: float = option(HarvestConfig, "price_in"),
+    price_out: float = option(HarvestConfig, "price_out"),
+    timeout: float = option(HarvestConfig, "timeout_s"),
+    max_retries: int = option(HarvestConfig, "max_retries"),
+    commit_window: float = option(HarvestConfig, "commit_window_s"),
     keep_capped: bool = typer.Option(
         False,
         "--keep-capped",
@@ -82,7 +78,7 @@ def harvest_cmd(
 
       distillguard distill harvest --teacher $URL --prompts prompts.jsonl --out runs/h2 --top-logprobs 5 --budget-usd 5 --price-in 0.15 --price-out 0.6
     """
-    from distillguard.distill import HarvestConfig, ResponseStore, harvest, load_prompts
+    from distillguard.distill import ResponseStore, harvest, load_prompts
     from distillguard.distill.harvest import run_stoppable
 
     config = HarvestConfig(
@@ -151,47 +147,37 @@ def harvest_cmd(
 
 @distill_app.command("self-instruct")
 def self_instruct_cmd(
-    teacher: str = typer.Option(
-        ..., help="teacher's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"
-    ),
-    api_key: str | None = typer.Option(
-        None, envvar="DISTILLGUARD_TEACHER_API_KEY", help="teacher API key"
-    ),
+    teacher: str = option(HarvestConfig, "teacher"),
+    api_key: str | None = option(HarvestConfig, "api_key", envvar="DISTILLGUARD_TEACHER_API_KEY"),
     out: Path = typer.Option(
         ..., help="output directory: OUT/prompts.jsonl, OUT/store.sqlite (reruns resume)"
     ),
-    n: int = typer.Option(100, help="new tasks wanted"),
+    n: int = option(SelfInstructConfig, "n"),
     seeds: str | None = typer.Option(
         None,
         help="seed tasks (any prompt source: FILE.jsonl | FILE.csv | ... | "
         "sharegpt with --seed-limit); default: 24 built-in tasks",
     ),
-    seed_limit: int = typer.Option(24, help="use at most this many seed tasks from --seeds"),
+    seed_limit: int = typer.Option(
+        SEED_LIMIT, help="use at most this many seed tasks from --seeds"
+    ),
     seed_max_chars: int = typer.Option(
-        300, help="use only seed tasks up to this long (a listing shows 8 tasks)"
+        SEED_MAX_CHARS, help="use only seed tasks up to this long (a listing shows 8 tasks)"
     ),
-    model: str = typer.Option("smollm2", help="model id to request"),
-    requests_per_round: int = typer.Option(
-        16, help="requests per round (the pool grows between rounds)"
-    ),
-    max_rounds: int = typer.Option(100, help="stop after this many rounds"),
-    novelty: float = typer.Option(
-        0.7, help="drop a task whose ROUGE-L F1 to any task in the pool exceeds this"
-    ),
-    concurrency: int = typer.Option(8, help="requests in flight at once"),
-    max_tokens: int = typer.Option(256, help="max completion tokens per answer"),
-    temperature: float = typer.Option(1.0, help="sampling temperature"),
-    budget_tokens: int | None = typer.Option(
-        None, help="never spend more tokens than this (all runs together)"
-    ),
-    budget_usd: float | None = typer.Option(
-        None, help="never spend more USD than this (needs --price-in/--price-out)"
-    ),
-    price_in: float = typer.Option(0.0, help="USD per million prompt tokens"),
-    price_out: float = typer.Option(0.0, help="USD per million completion tokens"),
-    seed: int = typer.Option(0, help="seed of the rounds' task sampling"),
-    timeout: float = typer.Option(120.0, help="seconds per request"),
-    max_retries: int = typer.Option(6, help="retries on 429/5xx/timeouts"),
+    model: str = option(HarvestConfig, "model"),
+    requests_per_round: int = option(SelfInstructConfig, "requests_per_round"),
+    max_rounds: int = option(SelfInstructConfig, "max_rounds"),
+    novelty: float = option(SelfInstructConfig, "novelty"),
+    concurrency: int = option(HarvestConfig, "concurrency"),
+    max_tokens: int = option(HarvestConfig, "max_tokens"),
+    temperature: float = typer.Option(SELF_INSTRUCT_TEMPERATURE, help="sampling temperature"),
+    budget_tokens: int | None = option(HarvestConfig, "budget_tokens"),
+    budget_usd: float | None = option(HarvestConfig, "budget_usd"),
+    price_in: float = option(HarvestConfig, "price_in"),
+    price_out: float = option(HarvestConfig, "price_out"),
+    seed: int = option(SelfInstructConfig, "seed"),
+    timeout: float = option(HarvestConfig, "timeout_s"),
+    max_retries: int = option(HarvestConfig, "max_retries"),
 ) -> None:
     """Bootstrap new prompts from seed tasks through the teacher itself (Self-Instruct, Alpaca).
 
@@ -205,11 +191,10 @@ def self_instruct_cmd(
 
       distillguard distill harvest --teacher http://127.0.0.1:8000/v1 --api-key $KEY --prompts runs/si/prompts.jsonl --out runs/h1
     """
-    from distillguard.distill import HarvestConfig, ResponseStore
+    from distillguard.distill import ResponseStore
     from distillguard.distill.harvest import run_stoppable
     from distillguard.distill.selfinstruct import (
         SEED_TASKS,
-        SelfInstructConfig,
         load_seed_tasks,
         self_instruct,
         write_prompts,
@@ -286,26 +271,19 @@ def curate_cmd(
     eval_prompts: str | None = typer.Option(
         None, help="evaluation prompts (any prompt source) to decontaminate against"
     ),
-    near_dup: float = typer.Option(
-        0.85, help="near-duplicate Jaccard threshold (MinHash); 1 keeps near-duplicates"
+    near_dup: float = option(
+        CurateConfig,
+        "near_dup_threshold",
+        help="near-duplicate Jaccard threshold (MinHash); 1 keeps near-duplicates",
     ),
-    dedup_on: str = typer.Option("prompt", help="prompt | response | both"),
-    min_chars: int = typer.Option(1, help="drop answers shorter than this"),
-    max_chars: int | None = typer.Option(None, help="drop answers longer than this"),
-    keep_refusals: bool = typer.Option(
-        False, "--keep-refusals", help="keep answers that look like refusals"
-    ),
-    keep_capped: bool = typer.Option(
-        False,
-        "--keep-capped",
-        help="keep answers cut at the harvest's --max-tokens "
-        "(a prefix of the teacher's answer; trained without an end-of-turn)",
-    ),
-    verifier: str | None = typer.Option(
-        None, help="module:function called with each record; keep if true"
-    ),
-    eval_fraction: float = typer.Option(0.1, help="share of prompts held out for evaluation"),
-    seed: int = typer.Option(0, help="split seed"),
+    dedup_on: str = option(CurateConfig, "dedup_on"),
+    min_chars: int = option(CurateConfig, "min_chars"),
+    max_chars: int | None = option(CurateConfig, "max_chars"),
+    drop_refusals: bool = option(CurateConfig, "drop_refusals", "--drop-refusals/--keep-refusals"),
+    keep_capped: bool = option(CurateConfig, "keep_capped", "--keep-capped"),
+    verifier: str | None = option(CurateConfig, "verifier"),
+    eval_fraction: float = option(CurateConfig, "eval_fraction"),
+    seed: int = option(CurateConfig, "seed"),
 ) -> None:
     """Deduplicate, filter, decontaminate and split harvested answers into a training set.
 
@@ -315,13 +293,13 @@ def curate_cmd(
 
       distillguard distill curate --data runs/h1/data.jsonl --out runs/c1 --eval-prompts heldout.jsonl --verifier checks:math_ok
     """
-    from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
+    from distillguard.distill.curate import curate, read_jsonl, save_dataset
     from distillguard.distill.prompts import load_prompts
 
     config = CurateConfig(
         min_chars=min_chars,
         max_chars=max_chars,
-        drop_refusals=not keep_refusals,
+        drop_refusals=drop_refusals,
         verifier=verifier,
         near_dup_threshold=None if near_dup == 1 else near_dup,
         dedup_on=dedup_on,
@@ -346,70 +324,26 @@ def curate_cmd(
 
 @distill_app.command("train")
 def train_cmd(
-    data: Path = typer.Option(..., help="curated dataset directory (from `distill curate`)"),
-    out: Path = typer.Option(..., help="where to save the student (a save_pretrained directory)"),
-    student: str = typer.Option(
-        "prune:15:mlp896",
-        help="prune:K[:influence|block|even][:mlpW] (K of the teacher's layers; mlpW: "
-        "MLPs cut to their W most active neurons) | tiny | HF id | DIR | FILE.gguf",
-    ),
-    teacher: str = typer.Option(
-        "smollm2", help="local teacher: what prune:K starts from, and the logits of kd/gkd"
-    ),
-    loss: str = typer.Option(
-        "auto",
-        help="auto (topk-kd where the data has top-k logprobs the student can read, "
-        "else sft) | sft | topk-kd (harvested --top-logprobs) | kd (full logits of the local "
-        "--teacher) | gkd (on-policy: the student answers, the teacher scores); "
-        "the KD losses need the teacher's tokenizer",
-    ),
-    ce_weight: float = typer.Option(
-        0.0,
-        help="topk-kd: share of the loss that is cross-entropy on the teacher's "
-        "sampled tokens (the rest the top-k KL); 0 top-k KL only",
-    ),
-    unlikelihood: float | None = typer.Option(
-        None,
-        help="sft/topk-kd: weight of token-level unlikelihood on the "
-        "tokens the answer already wrote (against loops; Welleck "
-        "et al. 2019); default 1 (0 for kd/gkd); 0 off",
-    ),
-    beta: float | None = typer.Option(
-        None,
-        help="kd/gkd: generalised JSD weight, 0 forward KL .. 1 reverse KL "
-        "(default: kd 0, gkd 0.5)",
-    ),
-    lmbda: float = typer.Option(
-        0.5, help="gkd: share of batches answered by the student itself (on-policy)"
-    ),
-    gen_max_new_tokens: int = typer.Option(64, help="gkd: length of the student's own answers"),
-    lora: bool = typer.Option(
-        False, "--lora", help="train LoRA adapters (PEFT), merged into the saved model"
-    ),
-    epochs: float = typer.Option(2.0, help="passes over the training set"),
-    lr: float = typer.Option(
-        5e-4,
-        help="peak learning rate (cosine schedule); 5e-4 is what the README's learning curves used",
-    ),
-    batch_size: int = typer.Option(8, help="examples per step"),
-    max_length: int = typer.Option(512, help="tokens per example at most"),
-    max_train: int | None = typer.Option(None, help="use at most this many training examples"),
-    seed: int = typer.Option(0, help="random seed"),
-    save_steps: int = typer.Option(
-        100, help="checkpoint every this many steps into OUT/checkpoints (0: never)"
-    ),
-    resume: bool = typer.Option(
-        True,
-        "--resume/--no-resume",
-        help="continue from the last checkpoint of this "
-        "same run in OUT/checkpoints (after a crash), or "
-        "do nothing when OUT holds its finished student",
-    ),
-    precision: str = typer.Option(
-        "fp32",
-        help="fp32 | bf16 (mixed precision, float32 master weights) | tf32 "
-        "(float32 with TF32 matrix products; NVIDIA Ampere or newer)",
-    ),
+    data: Path = option(TrainConfig, "data"),
+    out: Path = option(TrainConfig, "out"),
+    student: str = option(TrainConfig, "student"),
+    teacher: str = option(TrainConfig, "teacher"),
+    loss: str = option(TrainConfig, "loss"),
+    ce_weight: float = option(TrainConfig, "ce_weight"),
+    unlikelihood: float | None = option(TrainConfig, "unlikelihood"),
+    beta: float | None = option(TrainConfig, "beta"),
+    lmbda: float = option(TrainConfig, "lmbda"),
+    gen_max_new_tokens: int = option(TrainConfig, "gen_max_new_tokens"),
+    lora: bool = option(TrainConfig, "lora", "--lora"),
+    epochs: float = option(TrainConfig, "epochs"),
+    lr: float = option(TrainConfig, "lr"),
+    batch_size: int = option(TrainConfig, "batch_size"),
+    max_length: int = option(TrainConfig, "max_length"),
+    max_train: int | None = option(TrainConfig, "max_train"),
+    seed: int = option(TrainConfig, "seed"),
+    save_steps: int = option(TrainConfig, "save_steps"),
+    resume: bool = option(TrainConfig, "resume", "--resume/--no-resume"),
+    precision: str = option(TrainConfig, "precision"),
 ) -> None:
     """Train a student on curated teacher answers (HF Trainer: accelerate/FSDP/DeepSpeed on GPUs).
 
@@ -426,30 +360,11 @@ def train_cmd(
 
       distillguard distill train --data runs/c1 --out runs/s4 --student prune:11 --loss gkd --lmbda 0.5 --beta 0.5
     """
-    from distillguard.distill.train import ProgressCallback, TrainConfig, train
+    from distillguard.distill.train import ProgressCallback, train
 
-    config = TrainConfig(
-        data=str(data),
-        out=str(out),
-        student=student,
-        teacher=teacher,
-        loss=loss,
-        lora=lora,
-        ce_weight=ce_weight,
-        unlikelihood=unlikelihood,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        max_length=max_length,
-        max_train=max_train,
-        seed=seed,
-        beta=beta,
-        lmbda=lmbda,
-        gen_max_new_tokens=gen_max_new_tokens,
-        save_steps=save_steps,
-        resume=resume,
-        precision=precision,
-    )
+    # every option of this command is the TrainConfig field of its name
+    settings = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
+    config = TrainConfig(**{**settings, "data": str(data), "out": str(out)})
 
     with Progress(
         TextColumn("[bold]train"),
@@ -481,19 +396,15 @@ def eval_cmd(
         help="a trained student (a directory from `distill train`, or any spec); "
         "repeat for several, e.g. one per number of teacher queries",
     ),
-    teacher: str = typer.Option(
-        "smollm2", help="the teacher, loaded locally (same tokenizer as the student)"
-    ),
+    teacher: str = option(EvalConfig, "teacher"),
     prompts: str = typer.Option(
         ...,
         help="held-out prompts: FILE.jsonl | FILE.csv | DATASET_DIR (its eval split) | sharegpt",
     ),
-    limit: int = typer.Option(64, help="prompts to use"),
-    skip: int = typer.Option(0, help="skip this many prompts first (keep training prompts out)"),
-    max_new_tokens: int = typer.Option(128, help="greedy answer length"),
-    baseline: str | None = typer.Option(
-        None, help="the untrained student spec (e.g. prune:15:mlp896), for 'gap closed'"
-    ),
+    limit: int = option(EvalConfig, "limit"),
+    skip: int = option(EvalConfig, "skip"),
+    max_new_tokens: int = option(EvalConfig, "max_new_tokens"),
+    baseline: str | None = option(EvalConfig, "baseline"),
     out: Path | None = typer.Option(None, help="write the report as JSON here"),
     plot: Path | None = typer.Option(
         None,
@@ -517,6 +428,9 @@ def eval_cmd(
     from distillguard.distill.train import load_student
     from distillguard.models import load_model
 
+    EvalConfig(  # the same checks as the pipeline's eval: section
+        teacher=teacher, limit=limit, skip=skip, max_new_tokens=max_new_tokens, baseline=baseline
+    )
     if Path(prompts).is_dir() and (Path(prompts) / "dataset_dict.json").is_file():
         from datasets import load_from_disk
 

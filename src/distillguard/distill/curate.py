@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
+from distillguard.distill.config import DistillConfig, Number
 from distillguard.errors import ConfigError
 
 REFUSAL = re.compile(
@@ -28,24 +31,37 @@ REFUSAL = re.compile(
 WORD = re.compile(r"\w+", re.UNICODE)
 
 
-@dataclass(frozen=True)
-class CurateConfig:
-    min_chars: int = 1
-    max_chars: int | None = None
-    drop_refusals: bool = True
-    verifier: str | None = None  # "module:function", called with each record, keep if truthy
-    near_dup_threshold: float | None = 0.85  # Jaccard similarity; None disables near-dup removal
-    dedup_on: str = "prompt"  # prompt | response | both
-    decontam_threshold: float = 0.5  # drop a record whose prompt is this similar to an eval prompt
-    eval_fraction: float = 0.1
-    seed: int = 0
-    # Keep answers cut at the harvest's max_tokens (finish_reason "length"): a prefix of what the
-    # teacher would say, trained without an end-of-turn (see train.sft_example). Off by default: a
-    # dataset of whole answers teaches a student when to stop.
-    keep_capped: bool = False
-    num_perm: int = 128
+class CurateConfig(DistillConfig):
+    """How ``curate`` filters, deduplicates, decontaminates and splits harvested answers; the
+    ``distill curate`` options take their defaults and help from these fields."""
 
-    def __post_init__(self) -> None:
+    min_chars: int = Field(1, description="drop answers shorter than this")
+    max_chars: int | None = Field(None, description="drop answers longer than this")
+    drop_refusals: bool = Field(True, description="drop answers that look like refusals")
+    verifier: str | None = Field(
+        None, description="module:function called with each record; keep if true"
+    )
+    near_dup_threshold: Number | None = Field(
+        0.85,
+        description="near-duplicate Jaccard threshold (MinHash); None (on the CLI: 1) keeps "
+        "near-duplicates",
+    )
+    dedup_on: str = Field("prompt", description="prompt | response | both")
+    decontam_threshold: Number = Field(
+        0.5, description="drop a record whose prompt is this similar to an eval prompt"
+    )
+    eval_fraction: Number = Field(0.1, description="share of prompts held out for evaluation")
+    seed: int = Field(0, description="split seed")
+    # Off by default: a dataset of whole answers teaches a student when to stop.
+    keep_capped: bool = Field(
+        False,
+        description="keep answers cut at the harvest's --max-tokens (a prefix of the teacher's "
+        "answer; trained without an end-of-turn)",
+    )
+    num_perm: int = Field(128, description="MinHash permutations")
+
+    @model_validator(mode="after")
+    def _check(self) -> CurateConfig:
         if self.dedup_on not in ("prompt", "response", "both"):
             raise ConfigError(f"--dedup-on {self.dedup_on!r}: use prompt, response or both")
         if not 0 <= self.eval_fraction < 1:
@@ -58,6 +74,7 @@ class CurateConfig:
             raise ConfigError(
                 f"--max-chars {self.max_chars} is below --min-chars {self.min_chars}: nothing would pass"
             )
+        return self
 
 
 @dataclass

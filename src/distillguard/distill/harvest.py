@@ -32,89 +32,19 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 
+from distillguard.distill.harvest_config import HarvestConfig
 from distillguard.distill.prompts import Prompt
 from distillguard.distill.store import ResponseStore, classify, classify_choice, fingerprint
-from distillguard.errors import ConfigError, IncompleteError
+from distillguard.errors import IncompleteError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-@dataclass(frozen=True)
-class HarvestConfig:
-    teacher: str  # base URL, e.g. http://127.0.0.1:8000/v1
-    api_key: str | None = None
-    model: str = "smollm2"
-    n: int = 1
-    concurrency: int = 8
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_logprobs: int | None = None
-    seed: int | None = None
-    budget_tokens: int | None = None
-    budget_usd: float | None = None
-    price_in: float = 0.0  # USD per 1M prompt tokens
-    price_out: float = 0.0  # USD per 1M completion tokens
-    timeout_s: float = 120.0
-    max_retries: int = 6
-    backoff_s: float = 0.5
-    commit_window_s: float = 0.05  # group commit: answers wait at most this long to be committed
-    commit_batch: int = 64  # ... or until this many are waiting
-    progress_interval_s: float = 0.1  # on_progress at most this often (and once at the end)
-
-    def __post_init__(self) -> None:
-        if self.concurrency < 1 or self.n < 1 or self.max_tokens < 1:
-            raise ConfigError("--concurrency, --n and --max-tokens must be at least 1")
-        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
-            raise ConfigError(f"--top-logprobs {self.top_logprobs} must be between 0 and 20")
-        if self.commit_window_s < 0 or self.commit_batch < 1:
-            raise ConfigError(
-                "--commit-window must be >= 0 seconds and the commit batch at least 1"
-            )
-        if (self.budget_usd is not None) and not (self.price_in or self.price_out):
-            raise ConfigError(
-                "--budget-usd needs --price-in and/or --price-out (USD per million tokens)"
-            )
-        if (
-            not 0.0 <= self.temperature <= 2.0
-        ):  # OpenAI's range; a teacher would answer 400 to every request
-            raise ConfigError(f"--temperature {self.temperature} must be between 0 and 2")
-        if not self.timeout_s > 0 or self.max_retries < 0 or self.backoff_s < 0:
-            raise ConfigError(
-                f"--timeout {self.timeout_s} must be above 0 seconds and --max-retries "
-                f"{self.max_retries} at least 0 (0: one attempt, no retry)"
-            )
-        if (
-            min(self.price_in, self.price_out) < 0
-            or min(self.budget_usd or 0, self.budget_tokens or 0) < 0
-        ):
-            raise ConfigError("prices and budgets cannot be negative")
-
-    @property
-    def base_url(self) -> str:
-        url = self.teacher.rstrip("/")
-        return url if url.endswith("/v1") or "/v1/" in url else url + "/v1"
-
-    def request(self, prompt: Prompt) -> dict:
-        body = {
-            "model": self.model,
-            "messages": prompt.as_messages(),
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "n": self.n,
-        }
-        if self.top_logprobs is not None:
-            body["logprobs"] = True
-            body["top_logprobs"] = self.top_logprobs
-        if self.seed is not None:
-            body["seed"] = self.seed
-        return body
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.price_in + completion_tokens * self.price_out) / 1e6
 
 
 @dataclass
@@ -283,6 +213,9 @@ async def harvest(
             report.skipped_done += 1
         else:
             todo.append((prompt, body, fp))
+    # Imported here: the CLI imports this package at every start-up, and only a harvest needs it.
+    import aiohttp
+
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     own_session = session is None
     session = session or aiohttp.ClientSession(
@@ -442,6 +375,8 @@ async def _send(
     report: HarvestReport,
 ) -> tuple[str, object, bytes] | None:
     """POST with retries; (status, parsed answer, raw body), or None when it finally failed (not stored)."""
+    import aiohttp
+
     url = config.base_url + "/chat/completions"
     for attempt in range(config.max_retries + 1):
         wait = None

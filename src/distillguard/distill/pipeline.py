@@ -92,8 +92,8 @@ def load_config(path: str | Path) -> dict:
 def _check_values(path: Path, config: dict) -> None:
     """Build each stage's config once now, so a bad value fails before hours of harvest, not after."""
     from distillguard.distill.curate import CurateConfig
-    from distillguard.distill.harvest import HarvestConfig
-    from distillguard.distill.train import TrainConfig
+    from distillguard.distill.harvest_config import HarvestConfig
+    from distillguard.distill.train_config import TrainConfig
 
     checks = [
         (
@@ -111,11 +111,15 @@ def _check_values(path: Path, config: dict) -> None:
     ]
     if "train" in config:
         checks.append(("train", lambda: TrainConfig(data="", out="", **(config["train"] or {}))))
+    if "eval" in config:
+        from distillguard.distill.eval_config import EvalConfig
+
+        checks.append(("eval", lambda: EvalConfig(**(config["eval"] or {}))))
     if config.get("self_instruct"):
         from distillguard.distill.selfinstruct import SelfInstructConfig
 
         own = {
-            f for f in SelfInstructConfig.__dataclass_fields__ if f != "seeds"
+            f for f in SelfInstructConfig.model_fields if f != "seeds"
         }  # seeds: a prompt source here
         checks.append(
             (
@@ -140,15 +144,14 @@ def _check_values(path: Path, config: dict) -> None:
 
 def _section_keys() -> dict[str, set[str]]:
     """The settings each section takes: its config class's fields plus what the pipeline reads itself."""
-    from dataclasses import fields
-
     from distillguard.distill.curate import CurateConfig
-    from distillguard.distill.harvest import HarvestConfig
+    from distillguard.distill.eval_config import EvalConfig
+    from distillguard.distill.harvest_config import HarvestConfig
     from distillguard.distill.selfinstruct import SelfInstructConfig
-    from distillguard.distill.train import TrainConfig
+    from distillguard.distill.train_config import TrainConfig
 
     def names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
+        return set(cls.model_fields)
 
     return {
         "harvest": names(HarvestConfig) | HARVEST_PIPELINE_KEYS,
@@ -156,7 +159,7 @@ def _section_keys() -> dict[str, set[str]]:
         | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
         "curate": names(CurateConfig) | {"eval_prompts"},
         "train": names(TrainConfig) - {"data", "out"},
-        "eval": {"teacher", "limit", "baseline", "max_new_tokens"},
+        "eval": names(EvalConfig),
     }
 
 
@@ -260,20 +263,23 @@ def run(config: dict, *, log=print) -> dict:
             if not _cached(edir, key):
                 from datasets import load_from_disk
 
+                from distillguard.distill.eval_config import EvalConfig
                 from distillguard.distill.evaluate import distinct_prompts, evaluate
                 from distillguard.distill.train import load_student
                 from distillguard.models import load_model
 
-                teacher = e.pop("teacher", (config.get("train") or {}).get("teacher", "smollm2"))
-                n = e.pop("limit", 64)
-                baseline = e.pop("baseline", None)
-                messages = distinct_prompts(load_from_disk(str(cdir))["eval"])[:n]
+                # the teacher the student was trained from, unless the section names another
+                e.setdefault(
+                    "teacher", TrainConfig(data="", out="", **(config["train"] or {})).teacher
+                )
+                ec = EvalConfig(**e)
+                messages = distinct_prompts(load_from_disk(str(cdir))["eval"])
                 ereport = evaluate(
-                    load_model(teacher, device="cpu"),
+                    load_model(ec.teacher, device="cpu"),
                     load_model(str(tdir), device="cpu"),
-                    messages,
-                    baseline=load_student(baseline, teacher) if baseline else None,
-                    **e,
+                    messages[ec.skip : ec.skip + ec.limit],
+                    max_new_tokens=ec.max_new_tokens,
+                    baseline=load_student(ec.baseline, ec.teacher) if ec.baseline else None,
                 )
                 _mark(edir, key, ereport.to_dict())
                 log(
@@ -289,6 +295,9 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     """Run the self-instruct stage (resumable by itself); the path of its prompt file."""
     from distillguard.distill.harvest import HarvestConfig, run_stoppable
     from distillguard.distill.selfinstruct import (
+        SEED_LIMIT,
+        SEED_MAX_CHARS,
+        SELF_INSTRUCT_TEMPERATURE,
         SelfInstructConfig,
         load_seed_tasks,
         self_instruct,
@@ -298,8 +307,8 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
 
     seeds, seed_limit, seed_max_chars = (
         s.pop("seeds", None),
-        s.pop("seed_limit", 24),
-        s.pop("seed_max_chars", 300),
+        s.pop("seed_limit", SEED_LIMIT),
+        s.pop("seed_max_chars", SEED_MAX_CHARS),
     )
     if seeds:
         s["seeds"] = load_seed_tasks(seeds, limit=seed_limit, max_chars=seed_max_chars)
@@ -309,7 +318,9 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
         if k in h
     }
     hconfig = HarvestConfig(
-        **shared, max_tokens=s.pop("max_tokens", 256), temperature=s.pop("temperature", 1.0)
+        **shared,
+        **{k: s.pop(k) for k in ("max_tokens",) if k in s},
+        temperature=s.pop("temperature", SELF_INSTRUCT_TEMPERATURE),
     )
     sdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(sdir / "store.sqlite")

@@ -18,7 +18,6 @@ store, paid for and unused.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import re
@@ -27,6 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
+from distillguard.distill.config import DistillConfig, Number
 from distillguard.distill.harvest import HarvestConfig, HarvestReport, harvest
 from distillguard.distill.prompts import Prompt
 from distillguard.distill.store import ResponseStore
@@ -87,28 +89,44 @@ _ITEM = re.compile(
 )
 
 
-@dataclass(frozen=True)
-class SelfInstructConfig:
-    n: int = 100  # new tasks wanted
-    seeds: tuple[str, ...] = SEED_TASKS
-    human_per_prompt: int = 6  # seed tasks shown per request (Self-Instruct: 6)
-    machine_per_prompt: int = 2  # earlier generated tasks shown per request (Self-Instruct: 2)
-    requests_per_round: int = 16
-    max_rounds: int = 100
-    novelty: float = (
-        0.7  # keep a task only if its ROUGE-L F1 to every task in the pool is at most this
-    )
-    min_words: int = 3
-    max_words: int = 150
-    seed: int = 0
+# Defaults the CLI and the pipeline share for what is not a SelfInstructConfig setting: the seed
+# tasks read from a prompt source (a listing shows 8 tasks and must fit the teacher's context),
+# and the requests' temperature (new tasks need more variety than answers harvested to learn from).
+SEED_LIMIT = 24
+SEED_MAX_CHARS = 300
+SELF_INSTRUCT_TEMPERATURE = 1.0
 
-    def __post_init__(self) -> None:
+
+class SelfInstructConfig(DistillConfig):
+    """How the self-instruct rounds grow the task pool; ``distill self-instruct`` takes its
+    options' defaults and help from these fields."""
+
+    n: int = Field(100, description="new tasks wanted")
+    seeds: tuple[str, ...] = Field(SEED_TASKS, description="seed tasks (default: 24 built-in)")
+    human_per_prompt: int = Field(6, description="seed tasks shown per request (Self-Instruct: 6)")
+    machine_per_prompt: int = Field(
+        2, description="earlier generated tasks shown per request (Self-Instruct: 2)"
+    )
+    requests_per_round: int = Field(
+        16, description="requests per round (the pool grows between rounds)"
+    )
+    max_rounds: int = Field(100, description="stop after this many rounds")
+    novelty: Number = Field(
+        0.7, description="drop a task whose ROUGE-L F1 to any task in the pool exceeds this"
+    )
+    min_words: int = Field(3, description="drop a task of fewer words")
+    max_words: int = Field(150, description="drop a task of more words")
+    seed: int = Field(0, description="seed of the rounds' task sampling")
+
+    @model_validator(mode="after")
+    def _check(self) -> SelfInstructConfig:
         if self.n < 1 or self.requests_per_round < 1 or self.max_rounds < 1:
             raise ConfigError("--n, --requests-per-round and --max-rounds must be at least 1")
         if len(self.seeds) < 1:
             raise ConfigError("self-instruct needs at least one seed task")
         if not 0.0 < self.novelty <= 1.0:
             raise ConfigError(f"--novelty {self.novelty}: use a ROUGE-L F1 in (0, 1]")
+        return self
 
 
 @dataclass
@@ -207,7 +225,7 @@ def round_harvest_config(
     """Each round's requests carry their own sampling seed: a listing drawn again in a later round
     is a new request (a new answer), not the stored one, and every answer is reproducible."""
     base = harvest_config.seed if harvest_config.seed is not None else config.seed * 100_003
-    return dataclasses.replace(harvest_config, seed=base + r)
+    return harvest_config.replace(seed=base + r)
 
 
 def answer_tasks(record: dict) -> list[str]:
@@ -300,7 +318,9 @@ async def self_instruct(
     return machine, report
 
 
-def load_seed_tasks(source: str, *, limit: int = 24, max_chars: int = 300) -> tuple[str, ...]:
+def load_seed_tasks(
+    source: str, *, limit: int = SEED_LIMIT, max_chars: int = SEED_MAX_CHARS
+) -> tuple[str, ...]:
     """Seed tasks from any prompt source: each prompt's user turns, short ones only (a listing
     shows eight tasks and must fit the teacher's context with room for its answer)."""
     from distillguard.distill.prompts import load_prompts
