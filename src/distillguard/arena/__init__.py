@@ -1,9 +1,11 @@
 """Arena: benign users and extraction campaigns played against the guard.
 
 ``generate_traffic(TrafficConfig(...))`` writes labelled evaluation traffic (``traffic.py``);
-campaign kinds are a registry (``register_campaign``) that plugins extend.
+campaign kinds are plugins of the entry-point group ``distillguard.campaigns`` (``CAMPAIGNS``,
+``base.py``), built-ins included: a generator decorated with ``register_campaign``.
 """
 
+from distillguard.arena.base import CAMPAIGNS
 from distillguard.arena.pools import POOLS, load_pools, pool_of, topic_of
 from distillguard.arena.traffic import (
     Call,
@@ -19,6 +21,7 @@ from distillguard.arena.traffic import (
 )
 
 __all__ = [
+    "CAMPAIGNS",
     "POOLS",
     "Call",
     "CampaignContext",
