@@ -256,11 +256,11 @@ def gateway(cfg: DemoConfig, env: dict[str, str]) -> Iterator[str]:
 
 async def _user(
     client, model: str, prompts: list[str], max_tokens: int, rng: random.Random
-) -> list[int]:
+) -> list[int | str]:
     """A person: a few questions, reading each answer before the next (think time of seconds)."""
-    from openai import APIStatusError
+    from openai import APIStatusError, APITimeoutError
 
-    statuses = []
+    statuses: list[int | str] = []
     for prompt in prompts:
         await asyncio.sleep(rng.uniform(1.0, 4.0))
         try:
@@ -273,6 +273,8 @@ async def _user(
             statuses.append(200)
         except APIStatusError as exc:
             statuses.append(exc.status_code)
+        except APITimeoutError:  # a machine too busy to answer within the client's timeout:
+            statuses.append("timeout")  # the user gave up, as the report says; the demo goes on
     return statuses
 
 
