@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _provenance import code_version
@@ -260,7 +261,9 @@ def step_detect(path: str, cal_path: str, embeddings: bool) -> dict:
         row["accounts"] += 1
         row["flagged"] += r.flagged
     out["labels"] = labels
-    out["clusters"] = len({r.cluster for r in results if r.cluster})
+    sizes = Counter(r.cluster for r in results if r.cluster)
+    out["clusters"] = len(sizes)
+    out["largest_clusters"] = sorted(sizes.values(), reverse=True)[:5]
     out["threshold"] = round(cal.threshold, 2)
     return out
 

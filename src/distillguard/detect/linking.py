@@ -189,14 +189,16 @@ def attributed_share(evidence: float, chance: float) -> float:
     return min(1.0, max(0.0, (evidence - chance) / FULL_DIGITS))
 
 
-@dataclass
+@dataclass(slots=True)
 class Link:
-    """What two accounts share, and how much it proves."""
+    """What two accounts share, and how much it proves. (Slots: a population holds one per pair
+    of accounts that share any item, millions at provider scale.)"""
 
     shared: Counter = field(default_factory=Counter)  # kind -> K
-    examples: dict = field(default_factory=lambda: defaultdict(list))  # kind -> a few shared items
+    examples: dict = field(default_factory=dict)  # kind -> a few shared items
     weight: float = 0.0  # -log10 p of the pair
     by_kind: dict = field(default_factory=dict)  # kind -> -log10 p
+    total: int = 0  # Σ K over kinds
 
 
 class Linker:
@@ -252,15 +254,18 @@ class Linker:
         r[a] += d
         for b in holders[:-1]:
             r[b] += 1
-        for b in holders[:-1]:
+        links, min_evidence = self._links, self.min_evidence
+        for b in holders[:-1]:  # up to MAX_SHARERS pair updates: the linker's main cost at scale
             pair = (a, b) if a < b else (b, a)
-            link = self._links.get(pair)
+            link = links.get(pair)
             if link is None:
-                link = self._links[pair] = Link()
+                link = links[pair] = Link()
             link.shared[kind] += 1
-            if len(link.examples[kind]) < 3:
-                link.examples[kind].append(key)
-            if sum(link.shared.values()) >= self.min_evidence:
+            link.total += 1
+            shown = link.examples.setdefault(kind, [])
+            if len(shown) < 3:
+                shown.append(key)
+            if link.total >= min_evidence:
                 self._weigh(pair, link)
 
     def _kind_weight(self, a: str, b: str, kind: str, k: int) -> float:
