@@ -68,3 +68,45 @@ def test_groups_equal_those_of_minhash_lsh():
         got.append(g)
     assert got == want
     assert len(set(want)) < len(want) - 100  # near-copies were grouped: the test has teeth
+
+
+def _chain_of_cliques(linker: Linker, cliques: int, size: int = 4) -> list[frozenset]:
+    """Cliques of strongly linked accounts (weight 8), each tied to the next by one chance-level
+    edge (weight 2.1): one connected component, whose communities are the cliques."""
+    want = []
+    for c in range(cliques):
+        members = [f"c{c:03d}-{i}" for i in range(size)]
+        want.append(frozenset(members))
+        for i, x in enumerate(members):
+            for y in members[i + 1 :]:
+                linker._adj[x][y] = linker._adj[y][x] = 8.0
+        if c:
+            x, y = f"c{c - 1:03d}-0", members[0]
+            linker._adj[x][y] = linker._adj[y][x] = 2.1
+        linker._dirty.update(members)
+        for x in members:  # scored as the edges arrive, as the monitor does
+            linker.community(x)
+    return want
+
+
+def test_a_giant_component_is_repartitioned_around_the_change(monkeypatch):
+    """Above EXACT_COMPONENT accounts only the changed account's neighbourhood is re-partitioned
+    (the cost of a change stays bounded as chance edges chain a population into one component);
+    the communities are the same as the exact recomputation finds, and stay a partition."""
+    from distillguard.detect import linking
+
+    exact = Linker()
+    want = _chain_of_cliques(exact, 40)
+    assert {exact.community(x) for c in want for x in c} == set(want)
+    monkeypatch.setattr(linking, "EXACT_COMPONENT", 10)
+    calls = []
+    real = linking.communities
+    monkeypatch.setattr(
+        linking, "communities", lambda edges: calls.append(len(edges)) or real(edges)
+    )
+    local = Linker()
+    assert _chain_of_cliques(local, 40) == want
+    assert {local.community(x) for c in want for x in c} == set(want)
+    for x, c in local._community.items():  # a partition: every member maps to the same set
+        assert x in c and all(local._community[y] == c for y in c)
+    assert max(calls) < 30  # a few cliques' edges per change, never the 40 cliques' 280
