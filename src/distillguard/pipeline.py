@@ -1,6 +1,7 @@
 """The request path of ``POST /v1/chat/completions``, written once and in order.
 
-    stages:  authenticate -> read -> police -> idempotency -> admit -> countermeasure -> backend
+    stages:  ledger up -> authenticate -> read -> police -> idempotency -> admit
+             -> countermeasure -> generate (the backend)
     exits:   settle -> ledger
 
 A :class:`Call` carries one request through. Each stage is a small object with one job: it
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -78,8 +79,10 @@ class Exit(Protocol):
     async def finish(self, call: Call) -> None:
         """The request was answered or refused: close its books."""
 
-    def abandon(self, call: Call) -> None:
-        """The client went away: close its books without waiting (the task may be cancelled)."""
+    def abandon(self, call: Call) -> Awaitable[None] | None:
+        """The client went away: close its books without waiting (the task may be cancelled).
+        Returns the work still to do, if any: awaited by a caller that may wait, else run on
+        its own."""
 
 
 # ---- stages, in the order they run ------------------------------------------------------------
@@ -232,12 +235,11 @@ class Settle:
         await self.limits.settle(call.lease, call.log.total_tokens, call.log.prompt_tokens)
         call.lease = None
 
-    def abandon(self, call: Call) -> None:
-        if call.lease is not None:
-            _background(
-                self.limits.settle(call.lease, call.log.total_tokens, call.log.prompt_tokens)
-            )
-            call.lease = None
+    def abandon(self, call: Call) -> Awaitable[None] | None:
+        lease, call.lease = call.lease, None
+        if lease is None:
+            return None
+        return self.limits.settle(lease, call.log.total_tokens, call.log.prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,7 @@ class Ledger:
         if not call.recorded:
             call.recorded = True
             self.recorder.abandon(call.log)
+        return None
 
 
 # ---- the pipeline -----------------------------------------------------------------------------
@@ -299,11 +302,13 @@ class Pipeline:
             call.log.fail(exc)
             await self.finish(call)
             raise
-        except asyncio.CancelledError:
-            self.gone(call)
+        except asyncio.CancelledError:  # nothing may be awaited now: the rest runs on its own
+            for work in self.gone(call):
+                _background(work)
             raise
         except ClientGone:  # a client hung up before its answer was ready: generation stopped
-            self.gone(call)
+            for work in self.gone(call):
+                await work
             return Response(status_code=499)
         except Exception:  # a bug (answered 500): its lease and its ledger row must not leak
             call.log.status, call.log.error_code = 500, "internal_error"
@@ -324,12 +329,16 @@ class Pipeline:
             await exit_.finish(call)
         call.finished = True
 
-    def gone(self, call: Call) -> None:
-        """The client went away: charge what it consumed, close the books without waiting."""
+    def gone(self, call: Call) -> Iterator[Awaitable[None]]:
+        """The client went away: charge what it consumed and close the books, exit by exit,
+        yielding the work an exit left to do (a settlement): the caller awaits it before the
+        next exit runs, or leaves it running when it may not wait."""
         call.log.status, call.log.error_code = 499, "client_closed"
         charge_so_far(call.log, call.used)
         for exit_ in self.exits:
-            exit_.abandon(call)
+            work = exit_.abandon(call)
+            if work is not None:
+                yield work
 
     async def sse(self, call: Call) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's framing, ending with ``[DONE]`` once the ledger has the
@@ -366,7 +375,8 @@ class Pipeline:
             yield "data: [DONE]\n\n"
         finally:
             if not call.finished and not call.recorded:  # the client went away mid-stream
-                self.gone(call)
+                for work in self.gone(call):
+                    _background(work)
 
 
 def charge_so_far(log: RequestLog, used: Usage) -> None:
