@@ -102,6 +102,7 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
     cal = calibrate(
         generate_traffic(cal_cfg),
         config=DetectConfig(target_fpr=args.target_fpr, detectors=DETECTORS),
+        per=args.per,
     )
     t_cal = time.perf_counter() - t0
     # the eval users as independent populations (each its own draw of the eval pool, scored on
@@ -272,6 +273,12 @@ def main() -> None:
     ap.add_argument("--nat-size", type=int, default=100)
     ap.add_argument("--days", type=float, default=2.0)
     ap.add_argument("--target-fpr", type=float, default=0.001)
+    ap.add_argument(
+        "--per",
+        choices=("account-day", "account"),
+        default="account-day",
+        help="what the calibration's target counts (calibrate(per=...))",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument(
         "--populations",

@@ -285,3 +285,18 @@ def test_cli_calibration_says_how_much_benign_traffic_the_target_needs(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "held out 20 benign accounts" in out.stderr and "needs 2,995" in out.stderr
     assert json.loads(out.stdout)["calibration"]["verifiable"] is False
+
+
+def test_a_target_per_account_counts_each_account_once():
+    traffic = benign_traffic(300, seed=13)  # accounts active on 1-3 days
+    config = DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS)
+    per_day = calibrate(traffic, config=config)
+    per_account = calibrate(traffic, config=config, per="account")
+    s, d = per_account.stats, per_day.stats
+    assert s["fpr_unit"] == "account" and d["fpr_unit"] == "account-day"
+    assert s["threshold_sample"] == s["calibration_accounts"] < d["threshold_sample"]
+    assert d["threshold_sample"] == d["calibration_account_days"]
+    # an account's maximum over its days is at least each day's: the same target costs more
+    assert per_account.threshold >= per_day.threshold
+    with pytest.raises(ConfigError, match="per='week'"):
+        calibrate(traffic, config=config, per="week")
