@@ -98,10 +98,12 @@ def exchange(server, *parts: bytes, pause_s: float = 0.0, wait_s: float = 30.0) 
 
 def test_an_oversized_header_is_refused_and_others_are_still_served(strict_server):
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    # The client is still sending when the server refuses (the head goes on past the limit):
+    # the server reads and drops the rest; closing at once reset the connection now and then,
+    # and the refusal was lost.
     answer = exchange(strict_server, head)
-    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-    if answer:
-        assert error_body(answer)["code"] == "request_header_too_large"
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert error_body(answer)["code"] == "request_header_too_large"
     assert httpx.get(f"{strict_server.url}/healthz").status_code == 200
 
 

@@ -2,7 +2,8 @@
 
 What is bounded, per connection, with the defaults of :class:`ServeConfig`:
 
-- the request head (request line + headers): 16 KiB (``max_header_bytes``), else 431 and close;
+- the request head (request line + headers): 16 KiB (``max_header_bytes``), else 431 and close
+  (a lingering close: see :meth:`LimitedHttpToolsProtocol._refuse`);
 - the time to send a head: 10 s from its first byte, or from the connection's start for the
   first request (``header_timeout_s``), else 408 and close. A client sending one byte a second
   (slowloris) holds a connection 10 s, not forever;
@@ -65,6 +66,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = 16 * 1024
     head_timeout_s = 10.0
     body_timeout_s = 60.0
+    linger_s = 2.0  # longest a refused connection is read (and dropped) after its refusal
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -72,6 +74,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._heads = 0  # heads parsed on this connection
         self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
         self._arm(self.head_timeout_s, self._head_timed_out)
 
     def connection_lost(self, exc) -> None:
@@ -79,6 +82,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # lingering after a refusal: the rest of what the client sends is dropped
+            return
         if self._reading_head:
             room = self.max_head_bytes - self._head_bytes
             if len(data) > room:
@@ -152,10 +157,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, response: bytes) -> None:
+        """Send ``response`` and close after it. Closing at once would leave the rest of what
+        the client is still sending (a head over the limit goes on past it) unread, and the
+        kernel answers unread bytes with a reset, which can destroy the refusal before the
+        client reads it (the fuzzer saw "Server disconnected without sending a response").
+        So: a lingering close (RFC 9112, section 9.6; nginx's ``lingering_close``): the refusal,
+        then end of file, then whatever arrives is read and dropped until the client closes or
+        ``linger_s`` passes."""
         self._disarm()
-        if not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+        if self.transport.is_closing():
+            return
+        self._refused = True
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline = self.loop.call_later(self.linger_s, self.transport.close)
 
 
 def protocol_class(config: ServeConfig) -> type[LimitedHttpToolsProtocol]:
