@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,8 @@ from distillguard.forensics.canaries import AccountExposure
 from distillguard.serve.process import distillguard_command
 from tests.cli.test_logging import BAR, LIBRARY_LOG
 from tests.servers import run_cli
+
+COMMITTED = Path(__file__).parents[2] / "bench" / "results" / "demo.json"
 
 # The whole demo runs in the set-up of this module's first test: on a 2-core machine shared with
 # other test runs it took over pyproject's 600 s per test.
@@ -198,6 +200,20 @@ def test_demo_json_is_the_report_with_its_shape(report):
     written = json.loads((Path(report["config"]["out"]) / "demo.json").read_text())
     assert written == report
     assert_demo_json_shape(written)
+
+
+def test_the_committed_demo_result_is_a_default_run_in_todays_shape():
+    """bench/results/demo.json, which the docs quote, from `distillguard demo` with its defaults:
+    a change to the demo's report or defaults fails here until the file is made again."""
+    committed = json.loads(COMMITTED.read_text())
+    assert_demo_json_shape(committed)
+    # where it wrote and the gateway's torch threads (--threads 1 on a busy machine) are not
+    # what the demo measures
+    machine = {"out", "threads"}
+    defaults = asdict(DemoConfig(out=Path("demo")))
+    assert {k: v for k, v in committed["config"].items() if k not in machine} == {
+        k: v for k, v in defaults.items() if k not in machine
+    }
 
 
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):
