@@ -23,7 +23,10 @@ bench/linking_eval.py). The embedding detectors' cost (MiniLM, the expensive par
 separately on 10k requests of the same traffic, per request, with the default embedding budget.
 The machine is shared: the 1-minute load average before and after each step is recorded.
 
-    nice -n 10 .venv/bin/python bench/detect_scale.py --out bench/results/detect_scale.json
+    nice -n 10 .venv/bin/python bench/detect_scale.py --embedding-requests 0 \
+        --out bench/results/detect_scale.json
+    nice -n 10 .venv/bin/python bench/detect_scale.py --sizes 10000 --calibration-requests 10000 \
+        --embedding-requests 10000 --out bench/results/detect_scale_embeddings.json
 """
 
 from __future__ import annotations
