@@ -143,13 +143,13 @@ class TrafficConfig(BaseModel):
         "joined, so follow-ups carry their history) in sessions that end after their time. "
         "More realistic, but the pools then last ~500 (calibration) and ~400 (eval) users over "
         "3 days; off, each part is a conversation of its own and sessions run to the end of "
-        "their conversations, as the README's detection numbers were measured",
+        "their conversations, as the detection numbers in docs/detection.md were measured",
     )
     popular_prompts: Annotated[int, Field(ge=0, le=100_000)] = Field(
         0,
         description="size of a public prompt set (attack-pool first turns, which the sweeping campaigns "
         "also send) that benign users open conversations with, drawn Zipf-popular: many users "
-        "send the popular ones. 0: off (the README's detection numbers)",
+        "send the popular ones. 0: off (as the detection numbers in docs/detection.md)",
     )
     popular_share: Annotated[float, Field(ge=0, le=1)] = Field(
         0.2,

@@ -20,7 +20,7 @@ class TrainConfig(DistillConfig):
     data: str = Field(description="curated dataset directory (from `distill curate`)")
     out: str = Field(description="where to save the student (a save_pretrained directory)")
     # 15 of the teacher's 30 layers, their MLPs cut to 896 of 1,536 neurons: 0.46-0.49 of its CPU
-    # per token, 0.13-0.22 nats better than 11 whole layers at about the same cost (README,
+    # per token, 0.13-0.22 nats better than 11 whole layers at about the same cost (docs/decisions/default-student.md,
     # bench/distill_curves.py)
     student: str = Field(
         "prune:15:mlp896",
@@ -32,7 +32,7 @@ class TrainConfig(DistillConfig):
         description="local teacher: what prune:K starts from, and the logits of kd/gkd (also "
         "the tokenizer of the harvested logprobs)",
     )
-    # top-k KD led SFT at every measured point (README)
+    # top-k KD led SFT at every measured point (docs/decisions/topk-kd-loss.md)
     loss: str = Field(
         "auto",
         description="auto (topk-kd where the data has top-k logprobs the student can read, "
@@ -48,7 +48,7 @@ class TrainConfig(DistillConfig):
         "sampled tokens (the rest the top-k KL); 0 top-k KL only",
     )
     # The default 1 for sft/topk-kd: from 4,000 queries it took rep4 0.36 -> 0.15 for 0.08 nats
-    # (README).
+    # (docs/distillation.md).
     unlikelihood: Number | None = Field(
         None,
         description="sft/topk-kd: weight of token-level unlikelihood on the "
@@ -58,11 +58,11 @@ class TrainConfig(DistillConfig):
     lora: bool = Field(False, description="train LoRA adapters (PEFT), merged into the saved model")
     lora_r: int = Field(16, description="LoRA rank (alpha is twice it)")
     epochs: Number = Field(2.0, description="passes over the training set")
-    # the learning curves' setting (README): the defaults are the measured configuration
+    # the learning curves' setting (docs/distillation.md): the defaults are the measured configuration
     lr: Number = Field(
         5e-4,
-        description="peak learning rate (cosine schedule); 5e-4 is what the README's "
-        "learning curves used",
+        description="peak learning rate (cosine schedule); 5e-4 is what the learning curves "
+        "(docs/distillation.md) used",
     )
     batch_size: int = Field(8, description="examples per step")
     grad_accum: int = Field(1, description="batches per optimiser step (gradient accumulation)")
@@ -99,7 +99,7 @@ class TrainConfig(DistillConfig):
         True,
         description="output layer only where a loss is taken (the answer), not over the prompt",
     )
-    # The README's curves: fp32 on CPUs, tf32 on an H200, which reproduced a CPU point to 0.01
+    # The learning curves (docs/distillation.md): fp32 on CPUs, tf32 on an H200, which reproduced a CPU point to 0.01
     # nats (bench/results/distill_curves_gpu.json).
     precision: str = Field(
         "fp32",
