@@ -11,7 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from distillguard.cli import console, err_console
+from distillguard.cli.common import console, err_console
 
 arena_app = typer.Typer(
     help="Benign users and extraction campaigns for evaluating detectors.", no_args_is_help=True

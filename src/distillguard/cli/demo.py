@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from distillguard.cli import configure_logging, console, err_console, verbose_option
+from distillguard.cli.common import configure_logging, console, err_console, verbose_option
 
 
 class _Extra(ProgressColumn):

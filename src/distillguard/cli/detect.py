@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from distillguard.cli import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from distillguard.cli import console, err_console
+from distillguard.cli.common import console, err_console
 from distillguard.cli.options import option
 from distillguard.distill.curate import CurateConfig
 from distillguard.distill.eval_config import EvalConfig

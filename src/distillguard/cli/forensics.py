@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from distillguard.cli import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 forensics_app = typer.Typer(

@@ -10,7 +10,7 @@ import time
 import typer
 from rich.table import Table
 
-from distillguard.cli import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 keys_app = typer.Typer(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from distillguard.cli import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 ledger_app = typer.Typer(

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from distillguard.cli import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console
 from distillguard.errors import ConfigError
 
 watermark_app = typer.Typer(help="Detect the per-account watermark in text.", no_args_is_help=True)
