@@ -1,0 +1,64 @@
+"""What a radioactivity test reports (per key, Holm-corrected over keys), shared by the closed
+and open tests of :mod:`distillguard.forensics.radioactivity`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from distillguard.errors import DistillguardError
+from distillguard.watermark import (
+    holm,
+)
+
+
+class SuspectAPIError(DistillguardError):
+    """The suspect's API did not answer a prompt (unreachable, or an error response)."""
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyEvidence:
+    """One key's test. ``p_value``/``log10_p`` are the test's own; ``p_holm`` corrects for all keys."""
+
+    account: str | None
+    key_id: str
+    p_value: float
+    log10_p: float  # exact (or exactly bounded) even when p_value underflows to 0.0
+    p_holm: float
+    z: float
+    green_fraction: float  # closed: green pairs / scored; open: green mass / scored mass
+    extra: dict = field(default_factory=dict)  # open mode: empirical_p, top1_log10_p, ...
+
+
+@dataclass(frozen=True)
+class RadioactivityResult:
+    mode: str  # "closed" | "open"
+    test: str
+    alpha: float
+    texts: int
+    scored: int  # closed: distinct (context, token) pairs; open: distinct contexts
+    gamma: float
+    keys: list[KeyEvidence]
+    null: dict | None = None  # open mode: the wrong-key distribution of the green fraction
+
+    @property
+    def traced(self) -> list[str]:
+        """Accounts (or key ids) whose Holm-adjusted p-value is below ``alpha``."""
+        return [k.account or k.key_id for k in self.keys if k.p_holm < self.alpha]
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["traced"] = self.traced
+        return out
+
+
+def _holm_from_log10(log10_ps: Sequence[float]) -> list[float]:
+    # p-values below 1e-300 keep their order through the clip; Holm adjusts the clipped values.
+    return holm([10 ** max(lp, -300) for lp in log10_ps])
+
+
+def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    return [list(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
