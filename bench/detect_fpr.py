@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from _population import add_population_args, population_kinds
 from _provenance import code_version
 from scipy import stats
 
@@ -264,14 +265,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[11, 23, 37])
     ap.add_argument("--calibration-accounts", type=int, default=2000)
     ap.add_argument("--benign-accounts", type=int, default=2000)
-    ap.add_argument("--popular-prompts", type=int, default=300)
-    ap.add_argument("--popular-share", type=float, default=0.3)
-    ap.add_argument("--popular-zipf", type=float, default=1.0)
-    ap.add_argument("--app-share", type=float, default=0.05)
-    ap.add_argument("--apps", type=int, default=5)
-    ap.add_argument("--nat-share", type=float, default=0.2, help="benign users behind large NATs")
-    ap.add_argument("--nat-size", type=int, default=100)
-    ap.add_argument("--days", type=float, default=2.0)
+    add_population_args(ap)
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument(
         "--per",
@@ -296,16 +290,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    kinds = dict(
-        popular_prompts=args.popular_prompts,
-        popular_share=args.popular_share,
-        popular_zipf=args.popular_zipf,
-        app_share=args.app_share,
-        apps=args.apps,
-        nat_share=args.nat_share,
-        nat_size=args.nat_size,
-        days=args.days,
-    )
+    kinds = population_kinds(args)
     if args.calibration_sizes:
         out = size_sweep(args, kinds)
         if args.out is not None:

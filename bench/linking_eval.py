@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from _population import add_population_args, population_kinds
+
 from distillguard.arena import TrafficConfig, generate_traffic
 from distillguard.detect import DetectConfig, calibrate, detect
 
@@ -29,26 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calibration-accounts", type=int, default=400)
     ap.add_argument("--benign-accounts", type=int, default=400)
-    ap.add_argument("--popular-prompts", type=int, default=300)
-    ap.add_argument("--popular-share", type=float, default=0.3)
-    ap.add_argument("--app-share", type=float, default=0.05)
-    ap.add_argument("--apps", type=int, default=5)
-    ap.add_argument("--nat-share", type=float, default=0.2, help="benign users behind large NATs")
-    ap.add_argument("--nat-size", type=int, default=100)
-    ap.add_argument("--days", type=float, default=2.0)
+    add_population_args(ap)
     ap.add_argument("--seed", type=int, default=51)
     ap.add_argument("--target-fpr", type=float, default=0.001)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    kinds = dict(
-        popular_prompts=args.popular_prompts,
-        popular_share=args.popular_share,
-        app_share=args.app_share,
-        apps=args.apps,
-        nat_share=args.nat_share,
-        nat_size=args.nat_size,
-        days=args.days,
-    )
+    kinds = population_kinds(args)
     t0 = time.perf_counter()
     cal = calibrate(
         generate_traffic(
