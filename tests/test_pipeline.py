@@ -155,6 +155,47 @@ def test_policing_runs_before_idempotency_and_admission(tmp_path, tiny_lm):
     assert "Idempotent-Replayed" not in narrow.headers
 
 
+def test_the_model_list_is_behind_a_key_and_shows_only_the_keys_models(tmp_path, tiny_lm):
+    """GET /v1/models as OpenAI's: 401 without a key; a key restricted to other models sees none
+    of the served ones; without the guard, every model."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, open_key = guard.keys.create("acct")
+            _, narrow_key = guard.keys.create("acct", models=["other-model"])
+            anonymous = await client.get("/v1/models")
+            wide = await client.get("/v1/models", headers=bearer(open_key))
+            narrow = await client.get("/v1/models", headers=bearer(narrow_key))
+        async with gateway(tmp_path, tiny_lm, guarded=False) as (client, _):
+            unguarded = await client.get("/v1/models")
+        return anonymous, wide, narrow, unguarded
+
+    anonymous, wide, narrow, unguarded = run(main())
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]["code"] == "missing_api_key"
+    assert [m["id"] for m in wide.json()["data"]] == ["tiny"]
+    assert narrow.status_code == 200 and narrow.json()["data"] == []
+    assert [m["id"] for m in unguarded.json()["data"]] == ["tiny"]
+
+
+def test_a_seed_outside_64_bits_is_refused_naming_the_field(tmp_path, tiny_lm):
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, key = guard.keys.create("acct")
+            big = await client.post(
+                "/v1/chat/completions", json={**HI, "seed": 2**63}, headers=bearer(key)
+            )
+            edge = await client.post(
+                "/v1/chat/completions", json={**HI, "seed": 2**63 - 1}, headers=bearer(key)
+            )
+        return big, edge
+
+    big, edge = run(main())
+    assert big.status_code == 400
+    assert big.json()["error"]["param"] == "seed"
+    assert edge.status_code == 200
+
+
 def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny_lm):
     """A blocked account whose key allows one request at a time sends two: both 403 (a 429
     would mean the first one's reservation leaked), each with a ledger row."""
@@ -162,7 +203,7 @@ def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny
     async def main():
         async with gateway(tmp_path, tiny_lm) as (client, guard):
             _, secret = guard.keys.create("bad", limits=Limits(max_concurrent=1, rpm=1))
-            await asyncio.to_thread(guard.record_verdict, "bad", "extracting")
+            await asyncio.to_thread(guard.record_verdict, "bad", "blocked")
             answers = [
                 await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
                 for _ in range(2)
@@ -173,7 +214,7 @@ def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny
     assert [a.status_code for a in answers] == [403, 403]
     assert {a.json()["error"]["code"] for a in answers} == {"account_blocked"}
     assert [(r.status, r.error_code, r.policy_action) for r in rows] == [
-        (403, "account_blocked", "extracting:block")
+        (403, "account_blocked", "blocked:block")
     ] * 2
 
 

@@ -20,6 +20,15 @@ from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import validation_to_api_error
 
 
+def visible_models(guard: Guard):
+    """The caller's key (401 without a valid one) and the models it may see."""
+
+    async def visible(request: Request):
+        return (await guard.auth.authenticate(request)).allows
+
+    return visible
+
+
 def create_app(backend: Backend, config: ServeConfig, guard: Guard | None = None) -> FastAPI:
     """The API app over ``backend``; ``guard`` None serves it with no keys, limits, ledger or
     metrics (``distillguard serve --no-guard``)."""
@@ -31,6 +40,7 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | None = None
         Pipeline.guarded(guard, backend),
         health=guard.recorder.unavailable,
         services=[guard],
+        visible=visible_models(guard),
     )
     app.include_router(admin_router(guard, validation_to_api_error))
 

@@ -84,10 +84,13 @@ def create_app(
     *,
     health: Callable[[], APIError | None] = lambda: None,
     services: Sequence[Service] = (),
+    visible: Callable[[Request], Awaitable[Callable[[str], bool]]] | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible routes over ``backend``. ``chat`` answers ``POST
     /v1/chat/completions`` (``distillguard.pipeline``); ``health`` names the problem that fails
-    ``/healthz``, if any; ``services`` start before the backend and close after it. The app that
+    ``/healthz``, if any; ``services`` start before the backend and close after it; ``visible``
+    authenticates a ``GET /v1/models`` and says which models its caller may see (every model when
+    None: ``--no-guard``). The app that
     composes these with the guard is ``distillguard.app``."""
 
     @asynccontextmanager
@@ -142,12 +145,16 @@ def create_app(
         return {"status": "ok"} if down is None else error_response(down)
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        # As OpenAI's: behind a key (401 without one), and a key restricted to some models
+        # sees only those.
+        allows = (lambda mid: True) if visible is None else await visible(request)
         return {
             "object": "list",
             "data": [
                 {"id": mid, "object": "model", "created": now(), "owned_by": "distillguard"}
                 for mid in await backend.model_ids()
+                if allows(mid)
             ],
         }
 
