@@ -76,25 +76,41 @@ class MonitorWorker:
                 )
 
     def _observe(self, rows: list[dict]) -> None:
-        records = [to_traffic(SimpleNamespace(**{"label": None, **row})) for row in rows]
-        if hasattr(self.monitor, "observe_batch"):
-            verdicts = self.monitor.observe_batch(records)
-        else:
-            verdicts = [self.monitor.observe(r) for r in records]
-        for row, verdict in zip(rows, verdicts, strict=False):
-            if verdict is None:
-                continue
-            level = Level.parse(verdict.level)
-            account = row["account_id"]
-            if level > self.verdicts.load_level(account):  # online detection only escalates
-                self.verdicts.record(
-                    account,
-                    level,
-                    score=getattr(verdict, "score", None),
-                    reasons=list(getattr(verdict, "reasons", []) or []),
-                    source="online",
-                    request_id=row["request_id"],
-                )
+        observe_rows(self.monitor, self.verdicts, rows)
 
 
-__all__ = ["Monitor", "MonitorWorker"]
+def observe_rows(monitor: Monitor, verdicts: Verdicts, rows: list[dict]) -> None:
+    """Score finished requests (ledger rows, in the order they finished) and record a verdict
+    for each that escalates its account: the one step shared by the in-process worker and the
+    external follower (``guard/detector_service.py``), so both judge the same way."""
+    escalations(monitor, verdicts, rows, score(monitor, rows))
+
+
+def score(monitor: Monitor, rows: list[dict]) -> list:
+    """The monitor's verdicts on ``rows`` (in memory only: nothing is recorded)."""
+    records = [to_traffic(SimpleNamespace(**{"label": None, **row})) for row in rows]
+    if hasattr(monitor, "observe_batch"):
+        return monitor.observe_batch(records)
+    return [monitor.observe(r) for r in records]
+
+
+def escalations(monitor: Monitor, verdicts: Verdicts, rows: list[dict], results: list) -> None:
+    """Record each of ``results`` that raises its account's level (online detection only
+    escalates; lowering is an admin's decision)."""
+    for row, verdict in zip(rows, results, strict=False):
+        if verdict is None:
+            continue
+        level = Level.parse(verdict.level)
+        account = row["account_id"]
+        if level > verdicts.load_level(account):
+            verdicts.record(
+                account,
+                level,
+                score=getattr(verdict, "score", None),
+                reasons=list(getattr(verdict, "reasons", []) or []),
+                source="online",
+                request_id=row["request_id"],
+            )
+
+
+__all__ = ["Monitor", "MonitorWorker", "escalations", "observe_rows", "score"]
