@@ -107,7 +107,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         None,
         envvar="DISTILLGUARD_DETECT_CALIBRATION",
         help="calibration file (`distillguard detect --save-calibration`): "
-        "score every request online and act on verdicts",
+        "score every request online and act on verdicts; 'external': replicas that share a "
+        "ledger leave detection to one `distillguard monitor` process and run none here",
     ),
     extracting_after: int = typer.Option(
         100, help="flagged requests before a suspect account is 'extracting'"
@@ -224,7 +225,18 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         from distillguard.guard.gateway import Guard, GuardConfig
 
         monitor = None
-        if detect:
+        if detect == "external":
+            err_console.print(
+                "[bold]distillguard[/] online detection: external (`distillguard monitor` "
+                "following this ledger records the verdicts)"
+            )
+            if ledger_content != "full":
+                # it reads the ledger, not the request in memory as the in-process monitor does
+                err_console.print(
+                    f"[yellow]warning:[/] --ledger-content {ledger_content}: the external monitor "
+                    "sees prompts as the ledger keeps them; calibrate it on traffic kept the same way"
+                )
+        elif detect:
             from distillguard.guard.online import OnlineDetection
 
             with err_console.status(f"loading detection calibration {detect} ..."):
@@ -295,6 +307,7 @@ def _register_groups() -> None:
     from distillguard.cli.forensics import forensics_app
     from distillguard.cli.keys import accounts_app, keys_app
     from distillguard.cli.ledger import ledger_app
+    from distillguard.cli.monitor import monitor_command
     from distillguard.cli.watermark import watermark_app
 
     app.add_typer(keys_app, name="keys")
@@ -306,6 +319,7 @@ def _register_groups() -> None:
     app.add_typer(forensics_app, name="forensics")
     app.command("detect")(detect_command)
     app.command("demo")(demo_command)
+    app.command("monitor")(monitor_command)
 
 
 _register_groups()
