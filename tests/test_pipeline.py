@@ -196,6 +196,46 @@ def test_a_seed_outside_64_bits_is_refused_naming_the_field(tmp_path, tiny_lm):
     assert edge.status_code == 200
 
 
+def test_a_stored_idempotent_answer_expires_and_is_purged(tmp_path, tiny_lm):
+    """Within idempotency_ttl_s (24 h) a key replays its answer and refuses another body; past
+    it the key is free again (a new body is answered, not 409) and purge() deletes old answers."""
+    from distillguard.guard.schema import IdempotentResponse
+
+    table = IdempotentResponse.__table__
+    other = {**HI, "messages": [{"role": "user", "content": "another question"}]}
+
+    def age(guard: Guard, seconds: float) -> None:
+        with guard.engine.begin() as conn:
+            conn.execute(table.update().values(created_at=table.c.created_at - seconds))
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            _, key = guard.keys.create("acct")
+            headers = {**bearer(key), "Idempotency-Key": "k1"}
+            first = await client.post("/v1/chat/completions", json=HI, headers=headers)
+            reused = await client.post("/v1/chat/completions", json=other, headers=headers)
+            age(guard, guard.config.idempotency_ttl_s + 1)
+            fresh = await client.post("/v1/chat/completions", json=other, headers=headers)
+            replay = await client.post("/v1/chat/completions", json=other, headers=headers)
+            await client.post(
+                "/v1/chat/completions", json=HI, headers={**bearer(key), "Idempotency-Key": "k2"}
+            )
+            age(guard, guard.config.idempotency_ttl_s + 1)
+            purged = guard.claims.purge()
+            with guard.engine.connect() as conn:
+                left = conn.execute(select(table.c.key)).all()
+        return first, reused, fresh, replay, purged, left
+
+    first, reused, fresh, replay, purged, left = run(main())
+    assert first.status_code == 200
+    assert reused.status_code == 409
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert fresh.status_code == 200 and "Idempotent-Replayed" not in fresh.headers
+    assert replay.headers.get("Idempotent-Replayed") == "true"
+    assert replay.json() == fresh.json()
+    assert purged == 2 and left == []
+
+
 def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny_lm):
     """A blocked account whose key allows one request at a time sends two: both 403 (a 429
     would mean the first one's reservation leaked), each with a ledger row."""

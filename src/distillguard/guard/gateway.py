@@ -98,6 +98,12 @@ class GuardConfig(BaseSettings):
         description="an Idempotency-Key claim not renewed for this long (its replica died mid-request) "
         "is taken over by a retry; live holders renew it every third of this",
     )
+    idempotency_ttl_s: float = Field(
+        86400.0,
+        gt=0,
+        description="how long a stored answer is replayed for its Idempotency-Key; after it, "
+        "the key is free again and the row deleted (Stripe's keys last 24 h)",
+    )
     ledger_wait_s: float = Field(
         30.0,
         gt=0,
@@ -138,7 +144,7 @@ class Guard:
         )
         self.auth = Authenticator(self.keys, config.admin_key, config.key_cache_ttl_s)
         self.policing = Verdicts(self.engine, self.policy, self.metrics, config.verdict_cache_ttl_s)
-        self.claims = Claims(self.engine, config.idempotency_claim_ttl_s)
+        self.claims = Claims(self.engine, config.idempotency_claim_ttl_s, config.idempotency_ttl_s)
         self.limits = Admitter(self.limiter, config.prices, self.metrics)
         self.watermarks = AccountWatermarks(
             WatermarkParams(

@@ -42,12 +42,16 @@ class IdempotencyInProgress(IdempotencyConflict):
 
 class Claims:
     """This replica's Idempotency-Key claims; one not renewed for ``claim_ttl_s`` seconds (its
-    replica died mid-request) is taken over by a retry."""
+    replica died mid-request) is taken over by a retry. A stored answer is replayed for
+    ``response_ttl_s`` seconds, then the key is free again and the row deleted: as Stripe's keys,
+    which expire after 24 hours, the table must not grow with every request a client ever sent."""
 
-    def __init__(self, engine: Engine, claim_ttl_s: float):
+    def __init__(self, engine: Engine, claim_ttl_s: float, response_ttl_s: float = 86400.0):
         self.engine = engine
         self.claim_ttl_s = claim_ttl_s
+        self.response_ttl_s = response_ttl_s
         self._claims: dict[str, tuple[str, str]] = {}  # request id -> (account, key) it holds
+        self._next_purge = 0.0
 
     async def replay(self, log: RequestLog) -> dict | None:
         """Claim this account's Idempotency-Key for this request, or answer from the request that
@@ -103,6 +107,23 @@ class Claims:
                 ).first()
                 if found is None:
                     continue
+                expired = (
+                    found.response is not None and now - found.created_at > self.response_ttl_s
+                )
+                if expired:  # the key is free again: this request claims it afresh
+                    taken = conn.execute(
+                        t.update()
+                        .where(here & (t.c.request_id == found.request_id))
+                        .values(
+                            request_hash=log.request_hash,
+                            request_id=log.request_id,
+                            response=null(),
+                            created_at=now,
+                        )
+                    )
+                    if taken.rowcount == 1:
+                        return None
+                    continue
                 if found.request_hash != log.request_hash:
                     raise IdempotencyConflict(
                         "this Idempotency-Key was already used with a different request body; use a new key",
@@ -148,9 +169,16 @@ class Claims:
         return {**claim, "response": None} if held else None
 
     async def renew(self) -> None:
-        """Keep this replica's claims fresh, so no other replica takes over a request still running."""
+        """Keep this replica's claims fresh, so no other replica takes over a request still
+        running; and, once in a while, delete the stored answers past ``response_ttl_s``."""
         while True:
             await asyncio.sleep(self.claim_ttl_s / 3)
+            if time.time() >= self._next_purge:
+                self._next_purge = time.time() + min(3600.0, self.response_ttl_s / 4)
+                try:
+                    await asyncio.to_thread(self.purge)
+                except Exception as exc:  # noqa: BLE001 - a database hiccup: next time then
+                    log.warning("could not purge expired Idempotency-Keys: %s", describe(exc))
             held = dict(self._claims)
             if not held:
                 continue
@@ -160,6 +188,16 @@ class Claims:
                 log.warning(
                     "could not renew %d Idempotency-Key claim(s): %s", len(held), describe(exc)
                 )
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete the stored answers older than ``response_ttl_s``; how many went."""
+        t = IdempotentResponse.__table__
+        cutoff = (time.time() if now is None else now) - self.response_ttl_s
+        with self.engine.begin() as conn:
+            gone = conn.execute(
+                t.delete().where(t.c.response.is_not(None) & (t.c.created_at < cutoff))
+            )
+        return gone.rowcount
 
     def _touch_claims(self, held: dict[str, tuple[str, str]]) -> None:
         t = IdempotentResponse.__table__
