@@ -354,12 +354,38 @@ def test_admin_routes_and_metrics_exist_only_with_the_guard(tmp_path, tiny_lm):
 
     metrics, keys, health = run(main(True))
     assert metrics.status_code == 200 and "distillguard" in metrics.text
+    # the ledger writer's health, for an operator's alert before users see 503s
+    assert "distillguard_ledger_up 1.0" in metrics.text
+    assert "distillguard_ledger_rows_refused_total 0.0" in metrics.text
     assert keys.status_code == 200 and keys.json()["object"] == "list"
     assert health.json() == {"status": "ok"}
     metrics, keys, health = run(main(False))
     assert (metrics.status_code, keys.status_code) == (404, 404)
     assert metrics.json()["error"]["code"] == "not_found"
     assert health.json() == {"status": "ok"}
+
+
+def test_metrics_show_a_stopped_ledger_writer_before_users_do(tmp_path, tiny_lm):
+    """/metrics' distillguard_ledger_up goes 1 -> 0 when the writer thread stops (the gateway
+    then answers 503 ledger_unavailable), and the rows it committed are counted."""
+
+    async def main():
+        async with gateway(tmp_path, tiny_lm) as (client, guard):
+            admin = bearer("admin-secret")
+            _, key = guard.keys.create("acct")
+            await client.post("/v1/chat/completions", json=HI, headers=bearer(key))
+            before = (await client.get("/metrics", headers=admin)).text
+            guard.ledger._queue.put(None)  # what close() sends: the writer stops
+            await asyncio.to_thread(guard.ledger._thread.join, 10)
+            after = (await client.get("/metrics", headers=admin)).text
+            refused = await client.post("/v1/chat/completions", json=HI, headers=bearer(key))
+            return before, after, refused
+
+    before, after, refused = run(main())
+    assert "distillguard_ledger_up 1.0" in before
+    assert "distillguard_ledger_rows_written_total 1.0" in before
+    assert "distillguard_ledger_up 0.0" in after
+    assert refused.status_code == 503
 
 
 def test_a_bad_admin_body_is_worded_as_the_chat_routes_word_it(tmp_path, tiny_lm):

@@ -156,6 +156,7 @@ class Guard:
             enabled=config.watermark,
         )
         self.monitor = MonitorWorker(monitor, self.policing) if monitor is not None else None
+        self.metrics.watch(self.ledger, self.monitor)
         self.recorder = Recorder(
             self.ledger,
             LedgerPrivacy(config.ledger_content, config.redact),

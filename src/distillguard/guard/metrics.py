@@ -6,7 +6,10 @@ they would explode the series count of every scraper (cardinality).
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -73,5 +76,53 @@ class Metrics:
             self.tokens.labels(kind="completion", **extra).inc(completion_tokens)
         self.latency.observe(seconds)
 
+    def watch(self, ledger, monitor=None) -> None:
+        """Export the ledger writer's (and the online monitor's) health at every scrape: a dead
+        or wedged writer makes the gateway answer 503, and an operator's alert should fire on
+        the metric before users report it."""
+        self.registry.register(_HealthCollector(ledger, monitor))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _HealthCollector:
+    """Read at scrape time from the objects themselves (prometheus-client's custom-collector
+    idiom), so nothing on the request path updates them."""
+
+    def __init__(self, ledger, monitor):
+        self.ledger = ledger
+        self.monitor = monitor
+
+    def collect(self):
+        ledger = self.ledger
+        yield GaugeMetricFamily(
+            "distillguard_ledger_up",
+            "1 while the ledger writer takes rows; 0 while it is dead or wedged (requests get 503)",
+            value=0 if ledger.problem() else 1,
+        )
+        yield GaugeMetricFamily(
+            "distillguard_ledger_queue_rows",
+            "Ledger rows queued for the writer, not yet committed",
+            value=ledger._queue.qsize(),
+        )
+        yield CounterMetricFamily(
+            "distillguard_ledger_rows_written", "Ledger rows committed", value=ledger.rows_written
+        )
+        yield CounterMetricFamily(
+            "distillguard_ledger_rows_refused",
+            "Ledger rows the database would not store (each answered 503)",
+            value=ledger.rows_refused,
+        )
+        if ledger.last_commit is not None:
+            yield GaugeMetricFamily(
+                "distillguard_ledger_seconds_since_commit",
+                "Seconds since the ledger's last successful commit",
+                value=time.monotonic() - ledger.last_commit,
+            )
+        if self.monitor is not None:
+            yield CounterMetricFamily(
+                "distillguard_monitor_errors",
+                "Batches of finished requests online detection failed on",
+                value=getattr(self.monitor, "errors", 0),
+            )
