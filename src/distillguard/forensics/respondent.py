@@ -1,0 +1,193 @@
+"""A model the forensics report questions: its weights in this process, or an OpenAI-compatible
+URL; and the shape every report test returns (:class:`TestOutcome`).
+
+The identity and similarity tests ask the suspect, the teacher and each control the same
+prompts, greedily (a fingerprint, not a sample: the same model gives the same answers, so a
+rerun reproduces every number).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from distillguard.errors import ConfigError
+from distillguard.forensics.evidence import SuspectAPIError
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """One report test: its statistic for the suspect and each control, a p-value against the
+    controls, or why it could not run."""
+
+    __test__ = False  # a result, not a pytest class
+
+    name: str
+    could_run: bool
+    why_not: str | None = None
+    statistic: float | None = None  # the suspect's
+    statistic_name: str = ""
+    p_value: float | None = None
+    controls: dict[str, float] = field(default_factory=dict)  # control label -> its statistic
+    details: dict = field(default_factory=dict)
+
+    @property
+    def within_controls_range(self) -> bool:
+        """The suspect's statistic is no higher than some control's: a fingerprint that a control
+        matches is not evidence, however small the probe-level p-value."""
+        if self.statistic is None or not self.controls:
+            return True
+        return self.statistic <= max(self.controls.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "within_controls_range": self.within_controls_range}
+
+
+def cannot_run(name: str, why: str, **details) -> TestOutcome:
+    return TestOutcome(name=name, could_run=False, why_not=why, details=details)
+
+
+class Respondent:
+    """A model to question: ``spec`` is a model spec (loaded here) or an OpenAI-compatible URL.
+
+    ``lm`` may be given already loaded (tests, or a caller that holds the model)."""
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        lm=None,
+        api_key: str | None = None,
+        served_model: str | None = None,
+        device: str = "cpu",
+        concurrency: int = 8,
+        timeout_s: float = 300.0,
+    ):
+        self.spec = spec
+        self.api_key = api_key
+        self.served_model = served_model
+        self.device = device
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self._lm = lm
+
+    @property
+    def is_api(self) -> bool:
+        return self._lm is None and is_url(self.spec)
+
+    @property
+    def lm(self):
+        """The loaded model (None behind an API)."""
+        if self.is_api:
+            return None
+        if self._lm is None:
+            from distillguard.models import load_model
+
+            self._lm = load_model(self.spec, device=self.device)
+        return self._lm
+
+    def answer(self, prompts: Sequence[str], *, max_tokens: int = 48) -> list[str]:
+        """Greedy answers, one per single-turn prompt."""
+        if self.is_api:
+            return self._answer_api(prompts, max_tokens)
+        from distillguard.forensics.suspect import generate_answers
+
+        return generate_answers(
+            self.lm, prompts, max_new_tokens=max_tokens, temperature=0.0, progress=False
+        )
+
+    def _answer_api(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+        import openai
+
+        base = self.spec.rstrip("/")
+        base = base if base.endswith("/v1") else base + "/v1"
+        client = openai.OpenAI(
+            base_url=base, api_key=self.api_key or "none", timeout=self.timeout_s, max_retries=1
+        )
+        try:
+            model = self.served_model
+            if model is None:
+                listed = list(client.models.list())
+                if not listed:
+                    raise SuspectAPIError(
+                        f"{base}/models lists no model; pass the served model's name"
+                    )
+                model = listed[0].id
+
+            def ask(prompt: str) -> str:
+                out = client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    seed=0,
+                )
+                return out.choices[0].message.content or ""
+
+            with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+                return list(pool.map(ask, prompts))
+        except openai.APIStatusError as exc:
+            raise SuspectAPIError(f"{base} answered {exc.status_code}: {str(exc)[:200]}") from None
+        except openai.APIError as exc:
+            raise SuspectAPIError(f"cannot query {base}: {exc}") from None
+        finally:
+            client.close()
+
+    def fingerprint(self) -> dict:
+        """What identifies this model in ``evidence.json``: SHA-256 of its files (a directory
+        or a file) and of its loaded weights; a URL has neither, only its address."""
+        out: dict = {"spec": self.spec}
+        if self.is_api:
+            out["url"] = self.spec
+            return out
+        path = Path(self.spec).expanduser()
+        if path.exists():
+            out["files_sha256"] = sha256_path(path)
+        else:
+            from distillguard.models import bundled_gguf_path, parse_spec
+
+            if parse_spec(self.spec).kind == "bundled":
+                out["files_sha256"] = sha256_path(bundled_gguf_path())
+        out["weights_sha256"] = weights_sha256(self.lm.model)
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    """A file's SHA-256; a directory's: SHA-256 over its files' relative paths and hashes, sorted
+    (so ``sha256sum`` over the listed files reproduces it)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise ConfigError(f"no such file or directory to hash: {path}")
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def weights_sha256(model) -> str:
+    """SHA-256 over the parameters' names, shapes and bytes (in state-dict order)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
