@@ -7,7 +7,6 @@ small synthetic benign traffic, to keep the tests fast."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sqlite3
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from distillguard.errors import ConfigError
 from distillguard.guard.db import make_engine, migrate
@@ -211,3 +210,238 @@ def test_a_checkpoint_from_another_calibration_or_ledger_is_refused(tmp_path, ca
     import_traffic(other.engine, _lines(_traffic(seed=4)[:400]))
     with pytest.raises(ConfigError, match="belongs to another ledger"):
         other.service.restore()
+
+
+# ---- real replicas --------------------------------------------------------------------------
+
+ADMIN = "admin-" + uuid.uuid4().hex
+POLICY = {
+    "ladder": {
+        "watch": ["log"],
+        "suspect": ["log", "limit_logprobs"],
+        "extracting": ["log", "limit_logprobs"],
+    }
+}
+CAMPAIGN = 60  # harvester requests
+EXTRACTING_AFTER = "15"
+
+
+def _keys(db: str) -> dict[str, str]:
+    out = {}
+    for account in ("harvester", "person-a", "person-b"):
+        made = run_cli("keys", "create", "--account", account, "--db", db, "--json")
+        assert made.returncode == 0, made.stderr
+        out[account] = json.loads(made.stdout)["key"]
+    return out
+
+
+class _Client:
+    """Round-robin over the replicas, one request at a time, as a load balancer would."""
+
+    def __init__(self, urls: list[str], keys: dict[str, str]):
+        self.http = [httpx.Client(base_url=u, timeout=60) for u in urls]
+        self.keys = keys
+        self.sent = 0
+
+    def ask(self, account: str, messages: list[dict], **params) -> dict:
+        http = self.http[self.sent % len(self.http)]
+        self.sent += 1
+        r = http.post(
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {self.keys[account]}"},
+            json={"model": "tiny", "messages": messages, "max_tokens": 2, **params},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def harvest(self, start: int, stop: int) -> list[dict]:
+        return [
+            self.ask(
+                "harvester",
+                [{"role": "user", "content": f"Explain topic {i} step by step."}],
+                logprobs=True,
+                top_logprobs=5,
+                temperature=0,
+            )
+            for i in range(start, stop)
+        ]
+
+    def converse(self, account: str) -> None:
+        history: list[dict] = []
+        for turn in ("how do I repot a fern?", "and how often should I water it?", "what soil?"):
+            history.append({"role": "user", "content": turn})
+            answer = self.ask(account, history)["choices"][0]["message"]["content"]
+            history.append({"role": "assistant", "content": answer})
+
+    def close(self) -> None:
+        for h in self.http:
+            h.close()
+
+
+def _flagged_at(db_file: Path) -> dict[str, int]:
+    """level -> the 1-based index, among the harvester's requests in the ledger, of the request
+    after which that level was recorded."""
+    with sqlite3.connect(db_file) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT request_id FROM requests WHERE account_id = 'harvester' ORDER BY id"
+            )
+        ]
+        rows = conn.execute(
+            "SELECT level, request_id FROM verdicts WHERE account_id = 'harvester' ORDER BY id"
+        ).fetchall()
+    names = {1: "watch", 2: "suspect", 3: "extracting"}
+    return {names[level]: ids.index(rid) + 1 for level, rid in rows}
+
+
+def _verdicts(db_file: Path) -> list[tuple]:
+    with sqlite3.connect(db_file) as conn:
+        return conn.execute(
+            "SELECT account_id, level, request_id FROM verdicts ORDER BY id"
+        ).fetchall()
+
+
+def _monitor(db: str, cal: Path, state: Path, *extra: str, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            distillguard_command(
+                "monitor",
+                "--db",
+                db,
+                "-c",
+                str(cal),
+                "--state",
+                str(state),
+                "--extracting-after",
+                EXTRACTING_AFTER,
+                "--poll",
+                "0.05",
+                "--checkpoint-every",
+                "0.2",
+                *extra,
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _caught_up(db_file: Path, state: Path, proc: subprocess.Popen, timeout_s: float = 120) -> dict:
+    """Wait until the running monitor's checkpoint covers every row of the ledger."""
+    with sqlite3.connect(db_file) as conn:
+        top = conn.execute("SELECT max(id) FROM requests").fetchone()[0]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the monitor exited"
+        path = state / "detector.ckpt"
+        if path.exists():
+            header = read_header(path)
+            if header["cursor"]["high"] >= top:
+                return header
+        time.sleep(0.1)
+    raise AssertionError(f"the monitor did not reach ledger row {top} in {timeout_s} s")
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> int:
+    proc.send_signal(sig)
+    return proc.wait(60)
+
+
+@pytest.mark.slow
+def test_two_replicas_one_external_detector_flag_as_one_gateway_across_restarts(
+    tmp_path, calibration_file
+):
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    env = {"DISTILLGUARD_ADMIN_KEY": ADMIN, "DISTILLGUARD_VERDICT_CACHE_TTL_S": "0"}
+    common = ("--model", "tiny", "--policy", str(policy), "--no-watermark")
+
+    # the reference: one gateway, its in-process monitor, the same calibration and campaign
+    one_file = tmp_path / "one.db"
+    one = f"sqlite:///{one_file}"
+    keys = _keys(one)
+    with server_process(
+        *common,
+        "--db",
+        one,
+        "--detect",
+        str(calibration_file),
+        "--extracting-after",
+        EXTRACTING_AFTER,
+        env=env,
+    ) as gw:
+        client = _Client([gw.url], keys)
+        client.converse("person-a")
+        client.harvest(0, CAMPAIGN)
+        client.converse("person-b")
+        client.close()
+        time.sleep(1.0)  # the in-process monitor drains its queue off the request path
+    ref = _flagged_at(one_file)
+    assert set(ref) >= {"suspect", "extracting"}, ref
+    assert {a for a, _, _ in _verdicts(one_file)} == {"harvester"}
+
+    # two replicas on one ledger, detection left to one monitor process that is killed (-9),
+    # restarted, stopped (SIGTERM) and restarted during the campaign
+    two_file = tmp_path / "two.db"
+    two = f"sqlite:///{two_file}"
+    keys = _keys(two)
+    state, log = tmp_path / "state", tmp_path / "monitor.log"
+    cal = calibration_file
+    replica = (*common, "--db", two, "--detect", "external")
+    with server_process(*replica, env=env) as a, server_process(*replica, env=env) as b:
+        client = _Client([a.url, b.url], keys)
+        mon = _monitor(two, cal, state, log=log)
+        client.converse("person-a")
+        first = client.harvest(0, 12)
+        assert _stop(mon, signal.SIGKILL) == -signal.SIGKILL
+        client.harvest(12, 30)  # nobody detecting: served, recorded, not yet judged
+        mon = _monitor(two, cal, state, log=log)
+        _caught_up(two_file, state, mon)
+        client.harvest(30, 40)
+        assert _stop(mon, signal.SIGTERM) == 0  # saves its state on the way out
+        client.harvest(40, 48)
+        mon = _monitor(two, cal, state, log=log)
+        _caught_up(two_file, state, mon)
+        last = client.harvest(48, CAMPAIGN)
+        client.converse("person-b")
+        _caught_up(two_file, state, mon)
+        # the verdict reached both replicas: each answers the harvester without logprobs now
+        after = client.harvest(CAMPAIGN, CAMPAIGN + 2)
+        client.close()
+        _caught_up(two_file, state, mon)
+        assert _stop(mon, signal.SIGTERM) == 0
+    header = read_header(state / "detector.ckpt")
+    assert first[0]["choices"][0]["logprobs"] is not None
+    assert all(r["choices"][0]["logprobs"] is None for r in [*last, *after])
+
+    got = _flagged_at(two_file)
+    print(f"one gateway: {ref}; two replicas + external monitor, restarted twice: {got}")
+    for level in ("suspect", "extracting"):
+        assert abs(got[level] - ref[level]) <= 0.1 * ref[level], (level, got, ref)
+    assert {a for a, _, _ in _verdicts(two_file)} == {"harvester"}  # no person flagged
+    assert set(header["flagged"]) == {"harvester"}
+    with sqlite3.connect(two_file) as conn:
+        served = conn.execute("SELECT count(*) FROM requests WHERE status = 200").fetchone()[0]
+    assert header["requests"] == served  # every answered request, once
+
+    # the same ledger read by a monitor that never restarted: the same verdicts and flag count
+    fresh_file = tmp_path / "fresh.db"
+    with sqlite3.connect(two_file) as src, sqlite3.connect(fresh_file) as dst:
+        src.backup(dst)
+        dst.execute("DELETE FROM verdicts")
+    done = run_cli(
+        "monitor",
+        "--db",
+        f"sqlite:///{fresh_file}",
+        "-c",
+        str(cal),
+        "--state",
+        str(tmp_path / "fresh-state"),
+        "--extracting-after",
+        EXTRACTING_AFTER,
+        "--once",
+    )
+    assert done.returncode == 0, done.stderr
+    assert _verdicts(fresh_file) == _verdicts(two_file)
+    again = read_header(tmp_path / "fresh-state" / "detector.ckpt")
+    assert (again["flagged"], again["requests"]) == (header["flagged"], header["requests"])

@@ -295,6 +295,8 @@ class Checkpoint:
             "written_at": time.time(),
             "requests": requests,
             "accounts": len(getattr(detection.monitor, "accounts", {})),
+            # flagged requests per account (a flag past extracting_after makes it 'extracting')
+            "flagged": dict(getattr(detection, "_flags", {})),
             "cursor": cursor,
         }
         buf = io.BytesIO()
