@@ -4,6 +4,7 @@
 
     DistillguardError                 anything distillguard raises on purpose
     ├── ConfigError                   a bad option or setting (names the value and the fix)
+    │   └── DataFileError             an input file's line that cannot be read (names path:line)
     ├── ModelLoadError                a model spec that cannot be loaded (names the spec)
     ├── IncompleteError               a stage that ran but left work undone (a rerun resumes it); exit 1
     ├── ServerStartError              a server subprocess that exited or never became healthy; exit 1
@@ -30,6 +31,16 @@ class DistillguardError(Exception):
 
 class ConfigError(DistillguardError):
     """An option, setting or spec is invalid; the message names the value and the fix."""
+
+
+class DataFileError(ConfigError):
+    """A line of an input file (JSONL, a prompt list) that cannot be read: ``path:line: what``."""
+
+    def __init__(self, path: str, line: int | None, reason: str):
+        self.path = path
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{path}:{line}: {reason}" if line is not None else f"{path}: {reason}")
 
 
 class IncompleteError(DistillguardError):

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from distillguard.arena.demo_config import DISTILLER, KINDS, POLICY, DemoConfig, Say
 from distillguard.arena.demo_live import act_live, gateway
+from distillguard.jsonl import read_jsonl
 
 __all__ = [
     "DISTILLER",
@@ -195,11 +196,7 @@ def act_trace(cfg: DemoConfig, live: dict) -> dict:
 
     from distillguard.distill.store import ResponseStore
 
-    data = [
-        json.loads(line)
-        for line in (cfg.out / "harvest" / "data.jsonl").read_text().splitlines()
-        if line
-    ]
+    data = read_jsonl(cfg.out / "harvest" / "data.jsonl")
     out = {
         "distiller_data": test(
             [d["response"] for d in data], [d["messages"][-1]["content"] for d in data]
@@ -245,7 +242,7 @@ def act_trace(cfg: DemoConfig, live: dict) -> dict:
 
 
 def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
-    from distillguard.distill.curate import CurateConfig, curate, read_jsonl, save_dataset
+    from distillguard.distill.curate import CurateConfig, curate, save_dataset
     from distillguard.distill.train import TrainConfig, load_student, train
     from distillguard.forensics.canaries import canary_test, served_canaries
     from distillguard.guard.db import make_engine

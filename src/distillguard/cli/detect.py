@@ -21,28 +21,28 @@ def read_records(path: str) -> list[dict]:
     from distillguard.guard.ledger import read_traffic
 
     if path == "-":
-        return [r for _, r in read_traffic(sys.stdin, source="<stdin>")]
+        return [r for _, r in read_traffic(sys.stdin.buffer, source="<stdin>")]
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no such traffic file: {path}")
     if parquet.is_parquet(p):
         return list(parquet.read_traffic(p))
-    with open(p, encoding="utf-8") as fh:
+    with open(p, "rb") as fh:  # split at b"\n" only: see distillguard.jsonl
         return [r for _, r in read_traffic(fh, source=str(p))]
 
 
 def ledger_records(db: str) -> list[dict]:
-    """The ledger as traffic records, through the ledger's own export."""
-    import io
-
+    """The ledger as traffic records, as its export writes them (without a JSON round trip, which
+    split a record at a U+2028 inside a prompt)."""
     from distillguard.guard.db import make_engine, migrate
-    from distillguard.guard.ledger import export_traffic
+    from distillguard.guard.ledger import iter_traffic
 
     engine = make_engine(db)
     migrate(engine)
-    buf = io.StringIO()
-    export_traffic(engine, buf)
-    return [json.loads(line) for line in buf.getvalue().splitlines() if line]
+    try:
+        return list(iter_traffic(engine))
+    finally:
+        engine.dispose()
 
 
 TEXT_DETECTORS = "template, cot, mmd, prada and coverage"

@@ -24,9 +24,9 @@ def read_prompts(source: str, limit: int | None) -> list[str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise ConfigError(f"no such prompt file: {source}")
-        prompts = [
-            line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
+        from distillguard.jsonl import read_text_lines
+
+        prompts = read_text_lines(path)
     else:
         from distillguard.distill.prompts import load_prompts
 

@@ -101,11 +101,11 @@ def import_(
     engine = make_engine(db)
     migrate(engine)
     if str(file) == "-":
-        n = import_traffic(engine, sys.stdin, source="<stdin>")
+        n = import_traffic(engine, sys.stdin.buffer, source="<stdin>")
     else:
         if not file.is_file():
             raise ConfigError(f"no such traffic file: {file}")
-        with open(file, encoding="utf-8") as fh:
+        with open(file, "rb") as fh:  # split at b"\n" only: see distillguard.jsonl
             n = import_traffic(engine, fh, source=str(file))
     err_console.print(f"read {n} requests")
 

@@ -233,14 +233,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no such data file: {path}")
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                raise ConfigError(f"{path}:{n}: not valid JSON") from None
-    return out
+    from distillguard.jsonl import read_jsonl as read
+
+    return read(path)
 
 
 def save_dataset(train: list[dict], evaluation: list[dict], out: str | Path) -> None:

@@ -4,7 +4,6 @@ bundled ShareGPT first turns (``sharegpt``)."""
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,17 +117,11 @@ def _load(source: str, want: int | None) -> list[Prompt]:
         ]
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
+        from distillguard.jsonl import iter_jsonl
+
         out = []
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        raise ConfigError(f"{source}:{n}: not valid JSON") from None
-                    if not isinstance(rec, dict):
-                        raise ConfigError(f"{source}:{n}: expected a JSON object")
-                    out.append(_from_record(rec, len(out), f"{source}:{n}"))
+        for n, rec in iter_jsonl(path, name=source):
+            out.append(_from_record(rec, len(out), f"{source}:{n}"))
         return out
     if suffix == ".csv":
         with open(path, encoding="utf-8", newline="") as fh:

@@ -393,16 +393,11 @@ def iter_traffic(
 
 
 def read_traffic(lines: Iterable[str], *, source: str = "<traffic>") -> Iterator[tuple[int, dict]]:
-    """Parse traffic-log lines, checking the required fields; errors name the line."""
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{source}:{lineno}: not valid JSON ({exc})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{source}:{lineno}: expected a JSON object")
+    """Parse traffic-log lines (an open file, binary or text: split at "\n" only, never with
+    ``str.splitlines()``), checking the required fields; errors name the line."""
+    from distillguard.jsonl import iter_lines
+
+    for lineno, record in iter_lines(lines, source):
         for key, kind in (("ts", (int, float)), ("account", str), ("request", dict)):
             if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
                 raise ConfigError(f"{source}:{lineno}: field {key!r} is missing or not a {kind}")

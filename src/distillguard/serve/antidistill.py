@@ -70,29 +70,25 @@ def downstream_pairs(source: str | None = None, limit: int = 64) -> list[tuple[s
     ``limit`` real ChatGPT answers of the bundled ShareGPT data."""
     if source is None or source == "sharegpt":
         return _pairs_from_sharegpt(limit)
-    import json
     from pathlib import Path
 
+    from distillguard.jsonl import iter_jsonl
+
+    if not Path(source).is_file():
+        raise ConfigError(f"cannot read antidistillation data {source}: no such file")
     pairs = []
     try:
-        lines = Path(source).read_text(encoding="utf-8").splitlines()
+        for n, obj in iter_jsonl(source):
+            answer = obj.get("answer", obj.get("response"))
+            if not isinstance(obj.get("prompt"), str) or not isinstance(answer, str):
+                raise ConfigError(
+                    f"{source}:{n}: expected a JSON object with string 'prompt' and 'answer'"
+                )
+            pairs.append((obj["prompt"], answer))
+            if len(pairs) >= limit:
+                break
     except OSError as exc:
         raise ConfigError(f"cannot read antidistillation data {source}: {exc}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            answer = obj.get("answer", obj.get("response"))
-            if not isinstance(obj["prompt"], str) or not isinstance(answer, str):
-                raise KeyError
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            raise ConfigError(
-                f"{source}:{n}: expected a JSON object with string 'prompt' and 'answer'"
-            ) from None
-        pairs.append((obj["prompt"], answer))
-        if len(pairs) >= limit:
-            break
     if not pairs:
         raise ConfigError(f"{source}: no (prompt, answer) pairs")
     return pairs
