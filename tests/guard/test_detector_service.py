@@ -38,7 +38,7 @@ from distillguard.guard.schema import LedgerRow, Verdict
 from distillguard.guard.verdicts import Verdicts
 from distillguard.serve.process import distillguard_command
 from tests.detect.synth import T0, benign_account, bulk_account, record
-from tests.servers import run_cli, server_process
+from tests.servers import new_postgres_database, run_cli, server_process
 
 NO_EMBEDDINGS = ("volume", "timing", "shape", "linking")
 
@@ -134,6 +134,9 @@ class _Run:
             every_n=every_n,
         )
 
+    def close(self) -> None:
+        self.engine.dispose()
+
     def until_idle(self) -> None:
         self.service.run(threading.Event(), once=True)
 
@@ -154,13 +157,22 @@ class _Run:
         return dict(d._flags), {a: s.n for a, s in d.monitor.accounts.items()}
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_ledger(request, tmp_path):
+    """A function returning the URL of a new, empty ledger on the parametrised database."""
+    if request.param == "sqlite":
+        return lambda name: f"sqlite:///{tmp_path / name}.db"
+    server = request.getfixturevalue("postgres_server")
+    return lambda name: new_postgres_database(server)
+
+
 def test_a_restart_from_the_checkpoint_loses_nothing_and_counts_nothing_twice(
-    tmp_path, calibration_file
+    tmp_path, calibration_file, new_ledger
 ):
     recs = _traffic()
     half, three_quarters = len(recs) // 2, 3 * len(recs) // 4
 
-    ref = _Run(f"sqlite:///{tmp_path / 'ref.db'}", calibration_file, tmp_path / "ref")
+    ref = _Run(new_ledger("ref"), calibration_file, tmp_path / "ref")
     import_traffic(ref.engine, _lines(recs))
     ref.until_idle()
     flags, seen = ref.counts()
@@ -168,7 +180,7 @@ def test_a_restart_from_the_checkpoint_loses_nothing_and_counts_nothing_twice(
     assert not [a for a in flags if a.startswith("person")]
     assert seen == {a: sum(r["account"] == a for r in recs) for a in seen}
 
-    db, state = f"sqlite:///{tmp_path / 'live.db'}", tmp_path / "live"
+    db, state = new_ledger("live"), tmp_path / "live"
     first = _Run(db, calibration_file, state)
     import_traffic(first.engine, _lines(recs[:half]))
     first.until_idle()  # checkpoint at half
@@ -177,7 +189,7 @@ def test_a_restart_from_the_checkpoint_loses_nothing_and_counts_nothing_twice(
     first.service.every_n = 10**9
     first.service.step(threading.Event())
     assert read_header(state / "detector.ckpt")["requests"] == half
-    del first  # kill -9: its memory is gone, the verdicts it recorded stay
+    first.close()  # kill -9: its memory is gone, the verdicts it recorded stay
 
     second = _Run(db, calibration_file, state)
     header = second.service.restore()
@@ -187,6 +199,8 @@ def test_a_restart_from_the_checkpoint_loses_nothing_and_counts_nothing_twice(
     assert second.service.requests == len(recs)  # the restored half plus the rest, once each
     assert second.counts() == (flags, seen)
     assert second.verdicts() == ref.verdicts()
+    ref.close()
+    second.close()
 
 
 def test_a_checkpoint_from_another_calibration_or_ledger_is_refused(tmp_path, calibration_file):
@@ -210,6 +224,8 @@ def test_a_checkpoint_from_another_calibration_or_ledger_is_refused(tmp_path, ca
     import_traffic(other.engine, _lines(_traffic(seed=4)[:400]))
     with pytest.raises(ConfigError, match="belongs to another ledger"):
         other.service.restore()
+    run.close()
+    other.close()
 
 
 # ---- real replicas --------------------------------------------------------------------------
