@@ -97,3 +97,30 @@ def test_max_prompt_tokens_caps_prompts_below_the_context(tiny_lm):
     with pytest.raises(ContextLengthExceeded, match="at most 40 tokens") as err:
         asyncio.run(backend.budget(request("a fairly long question " * 10)))
     assert err.value.status_code == 400 and err.value.param == "messages"
+
+
+def test_serve_takes_the_prompt_cap_and_prefill_chunk_as_options():
+    """`serve --max-prompt-tokens / --prefill-chunk` (they were settable only by environment)."""
+    from tests.servers import serve_process
+
+    with serve_process(
+        "--model", "tiny", "--no-guard", "--max-prompt-tokens", "40", "--prefill-chunk", "4"
+    ) as url:
+        body = {"model": "tiny", "max_tokens": 3}
+        short = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={**body, "messages": [{"role": "user", "content": "a short question"}]},
+            timeout=60,
+        )
+        long = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={
+                **body,
+                "messages": [{"role": "user", "content": "a fairly long question " * 10}],
+            },
+            timeout=60,
+        )
+    assert short.status_code == 200  # prefilled in chunks of 4 tokens
+    assert long.status_code == 400
+    assert long.json()["error"]["code"] == "context_length_exceeded"
+    assert "at most 40 tokens" in long.json()["error"]["message"]

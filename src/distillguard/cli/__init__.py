@@ -68,6 +68,17 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         "work, 1 avoids stalls of threads waiting for each other",
     ),
     default_max_tokens: int = typer.Option(1024, help="completion cap for requests that set none"),
+    max_prompt_tokens: int | None = typer.Option(
+        None,
+        envvar="DISTILLGUARD_MAX_PROMPT_TOKENS",
+        help="longer prompts get 400 context_length_exceeded (default: the model's context length)",
+    ),
+    prefill_chunk: int = typer.Option(
+        512,
+        envvar="DISTILLGUARD_PREFILL_CHUNK",
+        help="prompts longer than this many tokens are prefilled in chunks of it, between "
+        "decoding steps of the running batch, so they cannot stall the other requests",
+    ),
     no_guard: bool = typer.Option(
         False, "--no-guard", help="no API keys, limits, ledger or metrics"
     ),
@@ -197,6 +208,8 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         device=device,
         max_batch_rows=max_batch_rows,
         default_max_tokens=default_max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        prefill_chunk=prefill_chunk,
         forwarded_allow_ips=tuple(
             p.strip() for p in (forwarded_allow_ips or "").split(",") if p.strip()
         ),
