@@ -93,6 +93,14 @@ def test_feed_reads_rows_committed_out_of_id_order_once(postgres_url):
     engine.dispose()
 
 
+def test_gaps_split_around_the_rows_that_turn_up():
+    feed = LedgerFeed(engine=None)
+    feed.gaps = [[1, 10, 0.0], [20, 20, 0.0], [30, 1_000_000, 0.0]]
+    feed._fill({1, 5, 10, 20, 31, 999_999, 1_000_000, 2_000_000})
+    assert feed.gaps == [[2, 4, 0.0], [6, 9, 0.0], [30, 30, 0.0], [32, 999_998, 0.0]]
+    assert feed.lagging == 3 + 4 + 1 + 999_967
+
+
 # ---- the checkpoint -----------------------------------------------------------------------
 
 

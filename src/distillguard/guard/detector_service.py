@@ -19,6 +19,7 @@ not seen them: nothing is lost and nothing counted twice.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import importlib.util
 import io
@@ -166,16 +167,20 @@ class LedgerFeed:
         return sorted([*late, *new], key=lambda r: r.id)
 
     def _fill(self, found: set[int]) -> None:
+        """Split the gaps around the ids that turned up (by the found ids, not the gap's width:
+        a sequence that jumped ahead can leave a gap of millions)."""
+        found_sorted = sorted(found)
         gaps = []
         for lo, hi, seen in self.gaps:
-            start = None
-            for i in range(lo, hi + 2):
-                missing = i <= hi and i not in found
-                if missing and start is None:
-                    start = i
-                elif not missing and start is not None:
+            start = lo
+            for i in found_sorted[bisect.bisect_left(found_sorted, lo) :]:
+                if i > hi:
+                    break
+                if i > start:
                     gaps.append([start, i - 1, seen])
-                    start = None
+                start = i + 1
+            if start <= hi:
+                gaps.append([start, hi, seen])
         self.gaps = gaps
 
     def _expire(self, now: float) -> None:
