@@ -228,6 +228,13 @@ def test_a_checkpoint_from_another_calibration_or_ledger_is_refused(tmp_path, ca
     with pytest.raises(ConfigError, match="another version of the detection code"):
         code.load(detection)
 
+    # the same refusal at the command line: a one-line error naming the way out, exit code 2
+    refused = run_cli("monitor", "--db", db, "-c", str(other_cal), "--state", str(state))
+    assert refused.returncode == 2 and "--rebuild" in refused.stderr, refused.stderr
+    status = run_cli("monitor", "-c", str(calibration_file), "--state", str(state), "--status")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["requests"] == run.service.requests > 0
+
     other = _Run(f"sqlite:///{tmp_path / 'b.db'}", calibration_file, state)
     import_traffic(other.engine, _lines(_traffic(seed=4)[:400]))
     with pytest.raises(ConfigError, match="belongs to another ledger"):
