@@ -19,7 +19,14 @@ from sqlalchemy import create_engine, select
 from distillguard.errors import ConfigError
 from distillguard.guard.canary import canary, canary_text
 from distillguard.guard.limits import Limits
-from distillguard.guard.policy import ACTIONS, Decision, Level, PolicyConfig
+from distillguard.guard.policy import (
+    ACTIONS,
+    ADMIN_ONLY,
+    MAX_AUTOMATIC,
+    Decision,
+    Level,
+    PolicyConfig,
+)
 from distillguard.guard.schema import LedgerRow
 from tests.servers import serve_process
 
@@ -32,7 +39,7 @@ SECRET = "policy-test-secret"
 
 def test_levels_parse_names_and_numbers():
     assert Level.parse("suspect") is Level.SUSPECT and Level.parse("EXTRACTING") is Level.EXTRACTING
-    assert Level.parse(1) is Level.WATCH
+    assert Level.parse(1) is Level.WATCH and Level.parse("blocked") is Level.BLOCKED
     for bad in ("nope", 7, True, None):
         with pytest.raises(ConfigError, match="unknown verdict level"):
             Level.parse(bad)
@@ -44,6 +51,7 @@ def test_levels_parse_names_and_numbers():
         ({"suspect": ["throttle", "nuke"]}, "unknown action"),
         ({"ok": ["log"]}, "takes no actions"),
         ({"sometimes": ["log"]}, "unknown verdict level"),
+        ({"suspect": ["log"], "SUSPECT": ["block"]}, "named twice"),
     ],
 )
 def test_bad_ladders_are_refused(ladder, fragment):
@@ -70,8 +78,28 @@ def test_default_ladder_escalates():
         "limit_logprobs",
         "watermark_boost",
     }
-    assert policy.decide(Level.EXTRACTING).block
+    # extracting keeps suspect's countermeasures and adds canaries: the account is still served,
+    # so evidence is gathered; only the admin-only level blocks
+    extracting = policy.decide(Level.EXTRACTING)
+    assert set(extracting.actions) >= set(policy.decide(Level.SUSPECT).actions) | {"canary"}
+    assert not extracting.block and extracting.canary_rate > 0
+    assert policy.decide(Level.BLOCKED).block
+    assert [level for level in Level if policy.decide(level).block] == [Level.BLOCKED]
+    assert ADMIN_ONLY == {Level.BLOCKED} and MAX_AUTOMATIC is Level.EXTRACTING
     assert set(ACTIONS) >= {a for actions in policy.ladder.values() for a in actions}
+
+
+def test_a_ladder_without_blocked_still_blocks_at_blocked(tmp_path):
+    """A policy file written before the level existed (or that forgot it): an admin's "blocked"
+    verdict must not mean "served as usual"; one that names it keeps its own actions."""
+    path = tmp_path / "old.yaml"
+    path.write_text("ladder:\n  suspect: [log, throttle]\n  extracting: [canary]\n")
+    old = PolicyConfig.load(path)
+    assert old.decide(Level.BLOCKED).block and not old.decide(Level.EXTRACTING).block
+    assert (
+        old.decide(Level.WATCH).actions == ()
+    )  # other levels it leaves out get nothing, as before
+    assert not PolicyConfig(ladder={"blocked": ["log"]}).decide(Level.BLOCKED).block
 
 
 def test_throttle_tightens_limits_and_never_loosens():
@@ -231,6 +259,18 @@ def test_levels_change_what_an_account_gets(gateway):
     assert history[-1]["reasons"] == ["logprob harvesting"] and history[0]["source"] == "admin"
 
 
+def test_an_admin_blocks_with_the_blocked_level(gateway):
+    """This gateway's policy file names no 'blocked' level: it gets the default's block."""
+    key = new_key(gateway, "bob")
+    assert chat(gateway.url, key).status_code == 200
+    assert set_level(gateway, "bob", "blocked", reasons=["confirmed by hand"]).status_code == 201
+    blocked = chat(gateway.url, key)
+    assert blocked.status_code == 403 and blocked.json()["error"]["code"] == "account_blocked"
+    assert [r.policy_action for r in ledger_rows(gateway.db, "bob")] == [None, "blocked:block"]
+    history = admin(gateway, "GET", "/admin/verdicts", params={"account": "bob"}).json()["data"]
+    assert [(v["level"], v["source"]) for v in history] == [("blocked", "admin")]
+
+
 def test_verdict_admin_api_rejects_bad_input(gateway):
     new_key(gateway, "victor")
     bad = set_level(gateway, "victor", "panic")
@@ -370,3 +410,55 @@ def test_online_monitor_escalates_off_the_request_path(tmp_path):
     assert levels[:2] == [Level.OK, Level.OK] and levels[2:] == [Level.SUSPECT] * 3
     assert len(verdicts) == 1 and verdicts[0]["source"] == "online"  # only escalations are recorded
     assert verdicts[0]["reasons"] == ["3 requests asked for logprobs"] and errors == 0
+
+
+class SayingMonitor:
+    """A detector plugin that says the same level of every request."""
+
+    def __init__(self, level: str):
+        self.level = level
+
+    def observe(self, record: dict):
+        return SimpleNamespace(level=self.level, score=99.0, reasons=["certain of it"])
+
+
+def test_online_detection_cannot_block(tmp_path):
+    """A monitor that says "blocked" puts the account at 'extracting' (served, with canaries), once:
+    only an admin blocks."""
+    from distillguard.guard.gateway import Guard, GuardConfig, RequestLog
+    from distillguard.guard.keys import KeyRecord
+
+    async def scenario():
+        guard = Guard(
+            GuardConfig(
+                db=f"sqlite:///{tmp_path / 'l.db'}", watermark=False, verdict_cache_ttl_s=0
+            ),
+            monitor=SayingMonitor("blocked"),
+        )
+        await guard.start()
+        key = KeyRecord(
+            id="k1",
+            account="acct",
+            prefix="dg-",
+            name=None,
+            created_at=0.0,
+            revoked_at=None,
+            limits=Limits(),
+        )
+        try:
+            for i in range(3):
+                log = RequestLog(client_ip="10.0.0.1", key=key)
+                log.body = {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}]}
+                await guard.finish(log)
+            await asyncio.to_thread(guard.monitor.stop)  # drains the queue
+            level = await guard.level_of("acct")
+            decision = await guard.decide(key)
+        finally:
+            await guard.close()
+        return level, decision, guard.verdicts("acct"), guard.monitor_errors
+
+    level, decision, verdicts, errors = asyncio.run(scenario())
+    assert level is Level.EXTRACTING and not decision.block and "canary" in decision.actions
+    assert [(v["level"], v["source"]) for v in verdicts] == [("extracting", "online")]
+    assert verdicts[0]["reasons"][0].startswith("online verdict 'blocked' capped at 'extracting'")
+    assert errors == 0

@@ -4,7 +4,9 @@ The detector speaks ``ok`` / ``watch`` / ``flag`` (calibrated to a false-positiv
 benign account-day); the policy ladder speaks :class:`~distillguard.guard.policy.Level`. A flag
 makes an account ``suspect`` (throttled, logprobs limited, stronger watermark by default); an
 account still flagged ``extracting_after`` requests later, under those countermeasures, is
-``extracting`` (canaries, block). Without a calibration there is no online detection.
+``extracting`` (the same, plus canaries: evidence for ``forensics canaries``). Online detection
+goes no higher (``policy.MAX_AUTOMATIC``): ``blocked`` is an admin's decision. Without a
+calibration there is no online detection.
 """
 
 from __future__ import annotations

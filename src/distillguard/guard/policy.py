@@ -2,12 +2,30 @@
 
 Detection (``distillguard.detect``) or an admin puts an account at a :class:`Level`; the
 :class:`PolicyConfig` ladder maps each level to actions, and :meth:`PolicyConfig.decide` turns
-the level into a :class:`Decision` the gateway applies to the account's next requests::
+the level into a :class:`Decision` the gateway applies to the account's next requests. The
+default ladder::
 
     ok          nothing
-    watch       log                      (the default ladder)
+    watch       log
     suspect     log, alert, throttle, limit_logprobs, watermark_boost
-    extracting  log, alert, canary, block
+    extracting  log, alert, throttle, limit_logprobs, watermark_boost, canary
+    blocked     log, block                                   (set by an admin only)
+
+Why block is a level of its own, which only an admin sets (``ADMIN_ONLY``; online detection
+stops at ``extracting``, :data:`MAX_AUTOMATIC`), rather than an action of ``extracting``:
+
+- evidence first: canaries are what ``forensics canaries`` later finds in a suspect model, and
+  an account must be served to be served canaries. When ``extracting`` blocked, its 403 came
+  before any canary, so the default ladder could never gather that evidence (issue 28);
+- a person decides the one irreversible-looking step: a benign account flagged by mistake
+  (about 0.1% of accounts, docs/policies.md) is slowed and partly fed canaries, never cut off
+  by a detector alone; the ``alert`` at ``suspect`` and ``extracting`` tells the admin to look;
+- the harvester gains nothing from the wait: its answers are throttled, stripped of logprobs,
+  watermarked harder and 10% fabricated, each fabrication recorded in the ledger.
+
+A ladder may still put ``block`` at any level (a provider who wants detectors to cut accounts
+off says so in its policy file); a ladder that names no ``blocked`` level gets the default's
+for it, so an admin's ``blocked`` verdict always blocks unless the file says otherwise.
 
 Actions (the ``ACTIONS`` registry; every action taken is recorded in the request's ledger row,
 ``policy_action``):
@@ -46,6 +64,7 @@ class Level(IntEnum):
     WATCH = 1
     SUSPECT = 2
     EXTRACTING = 3
+    BLOCKED = 4  # admin-only (ADMIN_ONLY): online detection never reaches it
 
     @classmethod
     def parse(cls, value: str | int) -> Level:
@@ -62,6 +81,11 @@ class Level(IntEnum):
         )
 
 
+# The highest level a detector (any verdict source but "admin") may record: higher ones are for a
+# person to set (guard/verdicts.py caps them).
+MAX_AUTOMATIC = Level.EXTRACTING
+ADMIN_ONLY = frozenset(level for level in Level if level > MAX_AUTOMATIC)
+
 ACTIONS: dict[str, str] = {
     "log": "record the level in the ledger (policy_action) on every request",
     "alert": "POST the verdict to the alert webhook when the account reaches the level",
@@ -76,7 +100,10 @@ ACTIONS: dict[str, str] = {
 DEFAULT_LADDER = {
     "watch": ["log"],
     "suspect": ["log", "alert", "throttle", "limit_logprobs", "watermark_boost"],
-    "extracting": ["log", "alert", "canary", "block"],
+    # suspect's countermeasures stay on (escalation never loosens), plus canaries: the
+    # account is still served, so the evidence forensics needs is gathered
+    "extracting": ["log", "alert", "throttle", "limit_logprobs", "watermark_boost", "canary"],
+    "blocked": ["log", "block"],
 }
 
 
@@ -162,11 +189,13 @@ class PolicyConfig(BaseModel):
     @field_validator("ladder")
     @classmethod
     def _check_ladder(cls, ladder: dict[str, list[str]]) -> dict[str, list[str]]:
+        levels = []
         for level, actions in ladder.items():
             try:
                 parsed = Level.parse(level)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
+            levels.append(parsed)
             if parsed == Level.OK and actions:
                 raise ValueError(
                     "level 'ok' takes no actions (it is every account that nothing flagged)"
@@ -176,6 +205,11 @@ class PolicyConfig(BaseModel):
                 raise ValueError(
                     f"unknown action(s) {unknown} for level {level!r}: use {sorted(ACTIONS)}"
                 )
+        if len(set(levels)) < len(levels):
+            raise ValueError(f"a level is named twice in the ladder {list(ladder)}")
+        if Level.BLOCKED not in levels:
+            # an admin's "blocked" must block even under a file written before the level existed
+            ladder = {**ladder, "blocked": list(DEFAULT_LADDER["blocked"])}
         return ladder
 
     @classmethod
@@ -220,4 +254,12 @@ class PolicyConfig(BaseModel):
         return frozenset(a for actions in self.ladder.values() for a in actions)
 
 
-__all__ = ["ACTIONS", "DEFAULT_LADDER", "Decision", "Level", "PolicyConfig"]
+__all__ = [
+    "ACTIONS",
+    "ADMIN_ONLY",
+    "DEFAULT_LADDER",
+    "MAX_AUTOMATIC",
+    "Decision",
+    "Level",
+    "PolicyConfig",
+]

@@ -14,7 +14,7 @@ from distillguard.errors import APIError, NotFoundError
 from distillguard.guard.keys import KeyRecord
 from distillguard.guard.ledger import without_nul
 from distillguard.guard.metrics import Metrics
-from distillguard.guard.policy import Decision, Level, PolicyConfig
+from distillguard.guard.policy import MAX_AUTOMATIC, Decision, Level, PolicyConfig
 from distillguard.guard.requestlog import RequestLog
 from distillguard.guard.schema import Verdict
 
@@ -113,9 +113,24 @@ class Verdicts:
         source: str = "admin",
         request_id: str | None = None,
     ) -> dict:
-        """Append a verdict (blocking: call it from a thread); alerts when the ladder says so."""
+        """Append a verdict (blocking: call it from a thread); alerts when the ladder says so.
+
+        Only ``source="admin"`` may set a level above :data:`MAX_AUTOMATIC` (``blocked``): a
+        detector's higher verdict is recorded as ``extracting``, with a reason saying so, and not
+        at all when the account is there already (so a monitor that keeps saying "blocked" does
+        not append a row per request). The returned row's ``id`` is None when nothing was
+        written."""
         level = Level.parse(level)
         previous = self.load_level(account)
+        if source != "admin" and level > MAX_AUTOMATIC:
+            reasons = [
+                f"{source} verdict {level.name.lower()!r} capped at "
+                f"{MAX_AUTOMATIC.name.lower()!r}: only an admin sets higher levels",
+                *(reasons or []),
+            ]
+            level = MAX_AUTOMATIC
+            if previous >= level:
+                return {"id": None, "account_id": account, "level": previous.name.lower()}
         row = {
             "ts": time.time(),
             "account_id": account,
