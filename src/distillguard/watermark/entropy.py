@@ -47,7 +47,10 @@ from distillguard.watermark.scheme import WatermarkKey, WatermarkParams
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) along the last axis. (..., V) -> (...)"""
     logp = logits.float().log_softmax(dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    # an impossible token (-inf: vLLM's min_tokens, bad words, allowed ids) adds 0, not 0·-inf =
+    # NaN, which made min_entropy skip the whole row; finite rows are unchanged bit for bit
+    plogp = logp.exp() * logp
+    return -torch.where(logp.isneginf(), 0.0, plogp).sum(dim=-1)
 
 
 @dataclass(frozen=True)
