@@ -200,3 +200,8 @@ def test_cli_traces_the_student_from_the_ledger(models, tmp_path):
         "leaker": 12,
         "bystander": 12,
     }
+    # the untraced account comes with the test's power at its 12 canaries
+    power = result["power"]
+    assert power["account"] == "bystander" and power["units"] == 12
+    assert power["test"] == "fisher-rank" and power["level"] == pytest.approx(1e-3 / 2)
+    assert power["ci"][0] <= power["observed"] <= power["ci"][1]

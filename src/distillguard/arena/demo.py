@@ -292,7 +292,12 @@ def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
         ("untrained_student", load_student(cfg.student, cfg.model)),
     ):
         test = canary_test(lm, master, served, decoys=49, seed=cfg.seed)
-        result[name] = {"traced": test.traced, "accounts": [asdict(a) for a in test.accounts]}
+        result[name] = {
+            "traced": test.traced,
+            "accounts": [asdict(a) for a in test.accounts],
+            # a "not traced" with the test's power at that many canaries
+            "power": test.to_dict()["power"],
+        }
     return result
 
 

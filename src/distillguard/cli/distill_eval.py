@@ -36,8 +36,16 @@ def eval_cmd(
     limit: int = option(EvalConfig, "limit"),
     skip: int = option(EvalConfig, "skip"),
     max_new_tokens: int = option(EvalConfig, "max_new_tokens"),
+    max_prompt_tokens: int = option(EvalConfig, "max_prompt_tokens"),
     baseline: str | None = option(EvalConfig, "baseline"),
-    out: Path | None = typer.Option(None, help="write the report as JSON here"),
+    out: Path | None = typer.Option(
+        None, help="write the report as JSON here, and the answers beside it (OUT.answers.jsonl)"
+    ),
+    answers: Path | None = typer.Option(
+        None,
+        help="write every answer scored here (JSONL, one line per prompt: the teacher's and each "
+        "student's greedy answer, with ROUGE-L); default: beside --out",
+    ),
     plot: Path | None = typer.Option(
         None,
         help="learning-curve PNG: quality vs teacher queries (the distinct "
@@ -55,14 +63,27 @@ def eval_cmd(
     """
     from rich.table import Table
 
-    from distillguard.distill.evaluate import distinct_prompts, evaluate_many, learning_curve_plot
+    from distillguard.distill.evaluate import (
+        distinct_prompts,
+        evaluate_many,
+        learning_curve_plot,
+        within_prompt_cap,
+        write_answers,
+    )
     from distillguard.distill.prompts import load_prompts
     from distillguard.distill.train import load_student
     from distillguard.models import load_model
 
     EvalConfig(  # the same checks as the pipeline's eval: section
-        teacher=teacher, limit=limit, skip=skip, max_new_tokens=max_new_tokens, baseline=baseline
+        teacher=teacher,
+        limit=limit,
+        skip=skip,
+        max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        baseline=baseline,
     )
+    if answers is None and out is not None:
+        answers = out.with_name(out.stem + ".answers.jsonl")
     if Path(prompts).is_dir() and (Path(prompts) / "dataset_dict.json").is_file():
         from datasets import load_from_disk
 
@@ -85,8 +106,21 @@ def eval_cmd(
     with err_console.status("loading the models ..."):
         models = (
             load_model(teacher, device="cpu"),
-            [load_model(s, device="cpu") for s in student],
+            # any model spec; a prune:K student is cut from --teacher, as --baseline is
+            [load_model(s, device="cpu", teacher=teacher) for s in student],
             load_student(baseline, teacher) if baseline else None,
+        )
+    messages, over_cap = within_prompt_cap(models[0], messages, max_prompt_tokens)
+    if over_cap and not messages:
+        raise ConfigError(
+            f"all {over_cap} prompts are over --max-prompt-tokens {max_prompt_tokens}; raise it "
+            "(0 keeps every prompt)"
+        )
+    if over_cap:
+        err_console.print(
+            f"skipped {over_cap} of {over_cap + len(messages)} prompts over --max-prompt-tokens "
+            f"{max_prompt_tokens} (in the teacher's chat template; 0 keeps every prompt)",
+            soft_wrap=True,
         )
     with Progress(
         TextColumn("[bold]eval"),
@@ -144,7 +178,15 @@ def eval_cmd(
         "prompts": prompts,
         "skip": skip,
         "limit": limit,
+        "max_prompt_tokens": max_prompt_tokens,
+        "over_prompt_cap": over_cap,
     }  # with prompts_sha256: which prompts, exactly
+    if answers is not None:
+        lines = write_answers(reports, answers)
+        source["answers"] = str(answers)
+        err_console.print(f"{lines} prompts' answers in {answers}", soft_wrap=True)
+    else:
+        err_console.print("answers not saved: pass --out or --answers to keep them")
     result = (
         dict(reports[0].to_dict(), source=source)
         if len(reports) == 1

@@ -56,7 +56,8 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
         ...,
         "--suspect",
         "-s",
-        help="the suspect: an OpenAI-compatible URL (closed mode) or a model spec/dir (open mode)",
+        help="the suspect: an OpenAI-compatible URL (closed mode) or, open mode, any model spec: "
+        "DIR, ORG/NAME, PATH.gguf, smollm2, tiny, prune:K[:how][:mlpW] (cut from --tokenizer)",
     ),
     secret: str | None = typer.Option(
         None,
@@ -177,7 +178,8 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
             )
     else:
         with err_console.status(f"loading {suspect!r} ..."):
-            lm = load_model(suspect, device=device)
+            # any model spec: a directory, an HF id, tiny, or prune:K cut from --tokenizer's teacher
+            lm = load_model(suspect, device=device, teacher=tokenizer)
         teacher_vocab = len(load_tokenizer(tokenizer))
         if len(lm.tokenizer) != teacher_vocab:
             raise ConfigError(
@@ -240,12 +242,30 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     console.print(
         f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)"
     )
+    _print_power(result.to_dict()["power"])
+
+
+def _print_power(power: dict | None) -> None:
+    """Next to a "not traced": the test's power at this size, for the untraced account nearest
+    to being traced (forensics/canary_power.py, watermark/power.py)."""
+    from distillguard.watermark.power import Power
+
+    if power is None:
+        return
+    account = power.pop("account")
+    console.print(
+        f"not traced: {account} is nearest.\n" + Power.from_dict(power).summary(),
+        highlight=False,
+    )
 
 
 @forensics_app.command("canaries")
 def canaries(
     suspect: str = typer.Option(
-        ..., "--suspect", "-s", help="the suspect's weights: a model spec or directory"
+        ...,
+        "--suspect",
+        "-s",
+        help="the suspect's weights: DIR, ORG/NAME, PATH.gguf, smollm2, tiny, or prune:K[:how][:mlpW]",
     ),
     secret: str | None = typer.Option(
         None,
@@ -267,6 +287,9 @@ def canaries(
     alpha: float = typer.Option(1e-3, help="significance level after Holm correction"),
     seed: int = typer.Option(0, help="seed of the random tie-breaking"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    teacher: str = typer.Option(
+        "smollm2", help="model spec of the teacher a --suspect prune:K... is cut from"
+    ),
     db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
@@ -309,7 +332,7 @@ def canaries(
             + ": canaries are served under the policy action 'canary' (see `serve --policy`)"
         )
     with err_console.status(f"loading {suspect!r} ..."):
-        lm = load_model(suspect, device=device)
+        lm = load_model(suspect, device=device, teacher=teacher)
     with Progress(
         TextColumn("scoring canaries"),
         BarColumn(),
@@ -347,3 +370,4 @@ def canaries(
         f"null: mean rank {(decoys + 2) / 2:.1f}; traced to: {', '.join(result.traced) or 'no account'} "
         f"(alpha={alpha}, Holm over {len(result.accounts)} accounts)"
     )
+    _print_power(result.to_dict()["power"])

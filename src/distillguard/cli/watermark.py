@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,23 +26,30 @@ class Record:
     temperature: float | None = None  # the request's sampling temperature
 
 
-def read_records(file: str) -> list[Record]:
+def read_records(file: str, skipped: Counter | None = None) -> list[Record]:
     """A plain-text file is one text; a .jsonl file holds one per line ("text", or a traffic record's
-    response text, with its request's messages and temperature); - reads standard input."""
-    raw = sys.stdin.read() if file == "-" else _read(Path(file))
+    response text, with its request's messages and temperature); - reads standard input.
+
+    A traffic record without an answer (a ``ledger export`` keeps refused, failed and aborted
+    requests: 429, 403, 499 ...) is skipped and counted in ``skipped`` by its status, so the
+    export is read as it comes; a record that is neither kind is an error naming its line."""
     if not file.endswith(".jsonl"):
-        return [Record(raw)]
+        return [Record(sys.stdin.read() if file == "-" else _read(Path(file)))]
+    from distillguard.jsonl import iter_jsonl
+
+    if not Path(file).is_file():
+        raise ConfigError(f"no such file: {file}")
     records = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise ConfigError(f"{file}:{n}: not valid JSON") from None
-        text = rec.get("text") if isinstance(rec, dict) else None
-        if text is None and isinstance(rec, dict):
-            text = (rec.get("response") or {}).get("text")
+    for n, rec in iter_jsonl(file):
+        text = rec.get("text")
+        if text is None and ("response" in rec or "request" in rec):
+            response = rec.get("response") if isinstance(rec.get("response"), dict) else {}
+            text = response.get("text")
+            if not isinstance(text, str) or not text:
+                if skipped is not None:
+                    status = response.get("status", 200)
+                    skipped["empty answer" if status == 200 else f"status {status}"] += 1
+                continue
         if not isinstance(text, str):
             raise ConfigError(f"{file}:{n}: no 'text' field or response text in this record")
         request = rec.get("request") if isinstance(rec.get("request"), dict) else {}
@@ -59,6 +67,14 @@ def read_records(file: str) -> list[Record]:
 
 def read_texts(file: str) -> list[str]:
     return [r.text for r in read_records(file)]
+
+
+def skipped_line(skipped: Counter, what: str = "rows without an answer") -> str:
+    """'skipped 12 rows without an answer: 10 status 499, 2 status 429' ('' when none were)."""
+    if not skipped:
+        return ""
+    parts = ", ".join(f"{k} {s}" for s, k in skipped.most_common())
+    return f"skipped {sum(skipped.values())} {what}: {parts}"
 
 
 def _read(path: Path) -> str:
@@ -157,7 +173,14 @@ def detect(
     params = WatermarkParams(scheme=scheme, **{k: v for k, v in given.items() if v is not None})
     master = load_secret(secret, create=False)
     keys = [account_key(master, name, params) for name in names]
-    records = read_records(file)
+    skipped: Counter = Counter()
+    records = read_records(file, skipped)
+    if skipped:
+        err_console.print(skipped_line(skipped), highlight=False)
+    if not records:
+        raise ConfigError(
+            f"no answers to test in {file}" + (f" ({skipped_line(skipped)})" if skipped else "")
+        )
     prompts = read_texts(prompt) if prompt else []
     weights = None
     if teacher:
@@ -183,8 +206,13 @@ def detect(
         weights=weights,
     )
     detector = params.impl.detector_names[bool(teacher)]
+    from distillguard.watermark.power import DETECT_ADVICE, trace_power
+
+    # every "not traced" with the test's power at this size (watermark/power.py)
+    power = trace_power(result, texts=len(records), advice=DETECT_ADVICE[bool(teacher)])
     if as_json:
-        print(json.dumps({**result.to_dict(), "detector": detector}))
+        payload = {**result.to_dict(), "detector": detector, "skipped": dict(skipped)}
+        print(json.dumps(power.annotate(payload)))
         return
     table = Table("account", "key id", "scored", "green", "z", "log10 p", "p (Holm)")
     for r, p in sorted(zip(result.results, result.adjusted_p), key=lambda x: x[0].log10_p):
@@ -203,6 +231,11 @@ def detect(
         f"traced to: {', '.join(result.accounts) or 'no account'} (alpha={alpha}, detector {detector}"
         f"{' with ' + teacher if teacher else ''})"
     )
+    if power.closest is not None:
+        console.print(
+            f"not traced: {power.label} is nearest.\n" + power.per_key[power.closest].summary(),
+            highlight=False,
+        )
 
 
 def _teacher_weights(

@@ -27,6 +27,7 @@ import torch
 from scipy.stats import chi2
 
 from distillguard.errors import ConfigError
+from distillguard.forensics.canary_power import canary_power
 from distillguard.guard.canary import canary
 from distillguard.watermark.detect import holm
 
@@ -47,6 +48,9 @@ class AccountExposure:
     p_value: float  # Fisher's combination of the per-canary rank p-values
     log10_p: float
     p_holm: float = 1.0
+    # the test's power at this many canaries (:func:`canary_power`), at the level Holm's first
+    # step asks of one account: alpha / accounts
+    power: dict | None = None
 
 
 @dataclass
@@ -59,8 +63,19 @@ class CanaryResult:
     def traced(self) -> list[str]:
         return [a.account for a in self.accounts if a.p_holm < self.alpha]
 
+    @property
+    def closest_untraced(self) -> AccountExposure | None:
+        """The untraced account nearest to being traced: whose power a "not traced" is about."""
+        left = [a for a in self.accounts if a.p_holm >= self.alpha]
+        return min(left, key=lambda a: a.log10_p) if left else None
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "traced": self.traced}
+        near = self.closest_untraced
+        return {
+            **asdict(self),
+            "traced": self.traced,
+            "power": {"account": near.account, **near.power} if near and near.power else None,
+        }
 
 
 def served_canaries(engine, *, accounts: Sequence[str] | None = None) -> list[ServedCanary]:
@@ -179,8 +194,10 @@ def canary_test(
                 log10_p=log_p / math.log(10),
             )
         )
+    level = alpha / len(result.accounts)
     for a, p in zip(result.accounts, holm([a.p_value for a in result.accounts])):
         a.p_holm = p
+        a.power = canary_power(a.canaries, a.top1, decoys, level).to_dict()
     result.accounts.sort(key=lambda a: a.log10_p)
     return result
 

@@ -49,9 +49,23 @@ class RadioactivityResult:
         """Accounts (or key ids) whose Holm-adjusted p-value is below ``alpha``."""
         return [k.account or k.key_id for k in self.keys if k.p_holm < self.alpha]
 
+    @property
+    def closest_untraced(self) -> KeyEvidence | None:
+        """The untraced key nearest to being traced: whose power a "not traced" is about."""
+        left = [k for k in self.keys if k.p_holm >= self.alpha]
+        return min(left, key=lambda k: k.log10_p) if left else None
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["traced"] = self.traced
+        near = self.closest_untraced
+        # the power statement (:mod:`distillguard.watermark.power`) of the key nearest to
+        # being traced; every key's is in its ``extra["power"]``
+        out["power"] = (
+            {"account": near.account or near.key_id, **near.extra["power"]}
+            if near is not None and "power" in near.extra
+            else None
+        )
         return out
 
 

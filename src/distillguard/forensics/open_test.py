@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
+from scipy.optimize import brentq, minimize_scalar
 
 from distillguard.errors import ConfigError
 from distillguard.forensics.evidence import (
@@ -24,6 +24,15 @@ from distillguard.forensics.suspect import generate_answers
 from distillguard.watermark import (
     WatermarkKey,
     binomial_test,
+)
+from distillguard.watermark.power import Power, weighted_power_report
+
+# What raises the open test's power, in the order it usually pays.
+OPEN_ADVICE = (
+    "more prompts (--limit): each adds its answer's scored units",
+    "prompts near the suspect's training data (the leaking accounts' own prompts from the "
+    "ledger, or their topics): a student shows the watermark where it learned it",
+    "longer answers (--max-tokens)",
 )
 
 
@@ -57,6 +66,54 @@ def chernoff_log_p(score: float, weights: np.ndarray, gamma: float) -> float:
             break
     t = brentq(slope, 0.0, hi, xtol=1e-12)
     return min(0.0, -t * score + log_mgf(t))
+
+
+def chernoff_critical_score(weights: np.ndarray, gamma: float, level: float) -> float:
+    """The smallest score S whose Chernoff bound (:func:`chernoff_log_p`) is <= ``level``:
+    min over t > 0 of (K(t) - log level) / t, K the log-MGF of Σ w·g (the bound's Legendre
+    dual, one minimisation instead of a root-find over calls of the bound). Above Σw: no score
+    reaches the level."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w[w > 0]
+    if w.size == 0 or w.size * math.log(gamma) > math.log(level):
+        return math.inf
+    lift = -math.log(level)
+
+    def per_t(log_t: float) -> float:
+        tw = math.exp(log_t) * w
+        k = float(np.sum(tw + np.log(gamma + (1 - gamma) * np.exp(-tw))))
+        return (k + lift) / math.exp(log_t)
+
+    best = minimize_scalar(per_t, bounds=(-30.0, 30.0), method="bounded", options={"xatol": 1e-6})
+    return min(float(best.fun), float(w.sum()))
+
+
+def chernoff_critical_z(units: np.ndarray, gamma: float, level: float) -> float:
+    """:func:`chernoff_critical_score` standardised under H0 (inf: the level is out of reach)."""
+    w = np.asarray(units, dtype=np.float64)
+    w = w[w > 0]
+    crit = chernoff_critical_score(w, gamma, level)
+    sd0 = math.sqrt(gamma * (1 - gamma) * float((w**2).sum())) or 1.0
+    return (crit - gamma * float(w.sum())) / sd0
+
+
+def open_power(
+    units: np.ndarray,
+    score: float,
+    gamma: float,
+    level: float,
+    critical_z: float | None = None,
+    **kw,
+) -> Power:
+    """The open test's power (:mod:`distillguard.watermark.power`) against its own rejection
+    point: the Chernoff bound's critical score as a z, so the statement carries the bound's cost
+    in power (about a factor z·√(2π) in p against a normal test). ``critical_z``: computed from
+    ``units`` unless given (keys of one run share their weight profile, and so nearly their z)."""
+    if critical_z is None:
+        critical_z = chernoff_critical_z(units, gamma, level)
+    return weighted_power_report(
+        units, score, gamma, level, test="chernoff", critical_z=critical_z, **kw
+    )
 
 
 @dataclass
@@ -209,7 +266,11 @@ def open_test(
         )
         null_scores = np.concatenate([null_scores, np.array([c[0] for c in chunk])])
     log10_ps, evidence = [], []
+    level = alpha / len(keys)  # what one key must reach to pass Holm's first step
+    critical_z = None
     for key, (s, units, top1) in zip(keys, stats):
+        if critical_z is None:  # one weight profile per run: the bound's z, computed once
+            critical_z = chernoff_critical_z(units, params.gamma, level)
         log_p = chernoff_log_p(s, units, params.gamma)
         _, _, top1_log10 = binomial_test(int(top1.sum()), len(top1), params.gamma)
         extra = {
@@ -219,6 +280,18 @@ def open_test(
         }
         if null_keys:
             extra["empirical_p"] = (1 + int((null_scores >= s).sum())) / (1 + null_keys)
+        extra["power"] = open_power(
+            units,
+            s,
+            params.gamma,
+            level,
+            critical_z,
+            effect=f"a {scheme.suspect_test.removesuffix('-chernoff')} excess over gamma",
+            unit="scored units",
+            per_query=int((np.asarray(units) > 0).sum()) / max(1, len(answers)),
+            query="prompts",
+            advice=OPEN_ADVICE,
+        ).to_dict()
         sd = math.sqrt(params.gamma * (1 - params.gamma) * float((units**2).sum())) or 1.0
         log10_ps.append(log_p / math.log(10))
         evidence.append((key, s, log_p, sd, extra))

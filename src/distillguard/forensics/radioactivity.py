@@ -80,6 +80,7 @@ from distillguard.watermark import (
     WatermarkKey,
     trace,
 )
+from distillguard.watermark.power import detection_power
 
 __all__ = [
     "KeyEvidence",
@@ -96,6 +97,16 @@ __all__ = [
 
 
 # ---- closed mode: the suspect's text -------------------------------------------------------------
+
+# What raises the closed test's power. Distinct pairs grow more slowly than the answers do
+# (repeated phrases count once), so the sizes the power statement gives are a lower bound.
+CLOSED_ADVICE = (
+    "more prompts (--limit)",
+    "prompts near the suspect's training data (the leaking accounts' own prompts from the "
+    "ledger, or their topics)",
+    "longer answers (--max-tokens), at a temperature that lets the suspect's preference show "
+    "(0.7-1.0)",
+)
 
 
 def closed_test(
@@ -118,6 +129,7 @@ def closed_test(
         prompt_seqs=_tokenize(tokenizer, prompts),
         alpha=alpha,
     )
+    level = alpha / len(keys)  # what one key must reach to pass Holm's first step
     evidence = [
         KeyEvidence(
             account=d.account,
@@ -127,7 +139,18 @@ def closed_test(
             p_holm=p,
             z=d.z,
             green_fraction=d.green / d.scored if d.scored else float("nan"),
-            extra={"green": d.green},
+            extra={
+                "green": d.green,
+                "power": detection_power(
+                    d,
+                    level,
+                    unit="scored units",
+                    effect="a green-fraction excess over gamma",
+                    per_query=d.scored / max(1, len(texts)),
+                    query="prompts",
+                    advice=CLOSED_ADVICE,
+                ).to_dict(),
+            },
         )
         for d, p in zip(result.results, result.adjusted_p)
     ]

@@ -38,6 +38,11 @@ class Detection:
     z: float
     p_value: float
     log10_p: float  # exact even when p_value underflows to 0.0
+    # A weighted test's score Σw·g and its weights' Σw and Σw² (None: unweighted, every w = 1):
+    # what :mod:`distillguard.watermark.power` needs to state the test's power.
+    weighted_score: float | None = None
+    weight_sum: float | None = None
+    weight_sq_sum: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,10 +219,11 @@ def pair_test(
         else torch.zeros(0, dtype=torch.bool)
     )
     n_green = int(green.sum())
+    moments = {}
     if len(weights) and int(weights.max()) > 1:
-        z, p, log10_p = weighted_binomial_test(
-            int(weights[green].sum()), weights.tolist(), key.params.gamma
-        )
+        score = int(weights[green].sum())
+        z, p, log10_p = weighted_binomial_test(score, weights.tolist(), key.params.gamma)
+        moments = weight_moments(score, weights)
     else:  # all weights 1: the plain binomial test
         z, p, log10_p = binomial_test(n_green, len(tokens), key.params.gamma)
     return Detection(
@@ -229,7 +235,18 @@ def pair_test(
         z=z,
         p_value=p,
         log10_p=log10_p,
+        **moments,
     )
+
+
+def weight_moments(score: float, weights: torch.Tensor) -> dict:
+    """A weighted Detection's extra fields: its score and its weights' Σw and Σw²."""
+    w = weights.double()
+    return {
+        "weighted_score": float(score),
+        "weight_sum": float(w.sum()),
+        "weight_sq_sum": float((w**2).sum()),
+    }
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -305,6 +322,7 @@ __all__ = [
     "scored_pairs",
     "tokenize",
     "trace",
+    "weight_moments",
     "weighted_binomial_test",
     "weighted_pairs",
 ]

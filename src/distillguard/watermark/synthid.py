@@ -40,7 +40,12 @@ import torch
 from transformers import LogitsProcessor, SynthIDTextWatermarkLogitsProcessor
 
 from distillguard.errors import ConfigError
-from distillguard.watermark.detect import Detection, binomial_test, weighted_binomial_test
+from distillguard.watermark.detect import (
+    Detection,
+    binomial_test,
+    weight_moments,
+    weighted_binomial_test,
+)
 from distillguard.watermark.scheme import SynthIDParams, WatermarkKey, WatermarkParams, mix64_int
 
 
@@ -253,8 +258,10 @@ def detect_synthid(
     keep = w > 0
     g, w = g[keep], w[keep]
     ones = int(g.sum())
+    moments = {}
     if len(w) and int(w.max()) > 1:
         z, p, log10_p = weighted_binomial_test(int((g * w).sum()), w.tolist(), 0.5)
+        moments = weight_moments(int((g * w).sum()), w)  # for the power statement
     else:
         z, p, log10_p = binomial_test(ones, len(g), 0.5)
     return Detection(
@@ -266,6 +273,7 @@ def detect_synthid(
         z=z,
         p_value=p,
         log10_p=log10_p,
+        **moments,
     )
 
 
