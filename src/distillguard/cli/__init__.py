@@ -277,10 +277,16 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
             ),
             monitor=monitor,
         )
+        # Printed whatever the verbosity: every investigator command needs the ledger and the
+        # secret, and a user who never set them does not know where they went. soft_wrap: a
+        # path must stay one line when stderr is a file.
         err_console.print(
             f"[bold]distillguard[/] guard on: ledger {guard.engine.url.render_as_string()}"
-            + (f", limits shared in {redis}" if redis else "")
+            + (f", limits shared in {_masked(redis)}" if redis else ""),
+            soft_wrap=True,
+            highlight=False,
         )
+        err_console.print(_secret_line(guard.config), soft_wrap=True, highlight=False)
         if "antidistill" in guard.policy.uses:
             # only a backend with the model's logits in this process can steer them
             enable = getattr(backend, "enable_antidistill", None)
@@ -302,6 +308,33 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     from distillguard.serve.server import run
 
     run(create_app(backend, config, guard), config)
+
+
+def _masked(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (as SQLAlchemy prints the ledger's)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _secret_line(config) -> str:
+    """Where the master watermark secret is: investigators need it for every test."""
+    from distillguard.watermark.secret import default_secret_path
+
+    use = "watermark detect, forensics and canaries need it"
+    if config.watermark_secret is not None:
+        return (
+            "[bold]distillguard[/] watermark secret: from DISTILLGUARD_WATERMARK_SECRET "
+            f"({use}: give them the same)"
+        )
+    return (
+        f"[bold]distillguard[/] watermark secret: {default_secret_path()} (the default file, "
+        f"shared by every --db; {use}: back it up)"
+    )
 
 
 @app.command()
