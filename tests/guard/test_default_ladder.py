@@ -193,3 +193,19 @@ def test_an_extractor_is_served_canaries_under_the_default_ladder(gateway):
         ("acme-labs", len(canaries))
     ]
     assert result["traced"] == []
+
+
+def test_an_empty_ledger_says_when_canaries_are_served(tmp_path):
+    out = run_cli(
+        "forensics",
+        "canaries",
+        "--suspect",
+        "tiny",
+        "--db",
+        f"sqlite:///{tmp_path / 'empty.db'}",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET},
+    )
+    assert out.returncode == 2
+    message = " ".join(out.stderr.split())
+    assert "the ledger holds no canary answers" in message
+    assert "accounts at 'extracting' (the default ladder" in message, message

@@ -329,7 +329,9 @@ def canaries(
         raise ConfigError(
             "the ledger holds no canary answers"
             + (f" for {', '.join(names)}" if names else "")
-            + ": canaries are served under the policy action 'canary' (see `serve --policy`)"
+            + ": the gateway serves them to accounts at 'extracting' (the default ladder; online "
+            "detection with `serve --detect CAL.npz`, or an admin's verdict) and to any level "
+            "whose `serve --policy` ladder has the action 'canary'"
         )
     with err_console.status(f"loading {suspect!r} ..."):
         lm = load_model(suspect, device=device, teacher=teacher)
