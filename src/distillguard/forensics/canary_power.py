@@ -24,9 +24,9 @@ import math
 
 import numpy as np
 from scipy.optimize import brentq
-from scipy.stats import binomtest, chi2, norm
+from scipy.stats import chi2, norm
 
-from distillguard.watermark.power import CONFIDENCE, POWER, Power
+from distillguard.watermark.power import POWER, Power, clopper_pearson
 
 _STEP = 0.01  # grid of T
 _EXACT_UP_TO = 5_000  # canaries; the normal approximation beyond
@@ -100,7 +100,7 @@ def canary_power(canaries: int, top1: int, decoys: int, level: float) -> Power:
     mde = None
     if fisher_power(1.0, canaries, decoys, level) >= POWER:
         mde = brentq(lambda t: fisher_power(t, canaries, decoys, level) - POWER, 0.0, 1.0)
-    low, high = binomtest(top1, canaries).proportion_ci(CONFIDENCE, method="exact")
+    low, high = clopper_pearson(top1, canaries)
 
     def theta(rate: float) -> float:  # the memorised fraction that gives this first-rank rate
         return (rate - chance) / (1 - chance)
