@@ -72,6 +72,10 @@ BENCHES = {
     "detect_scale": ("Detection", "detection over a provider's history at scale"),
     "detect_fpr": ("Detection", "false-positive rate of detection on held-out benign traffic"),
     "detect_adaptive": ("Detection", "adaptive attackers against the detectors"),
+    "detector_follow": (
+        "Detection",
+        "the external detector following the ledger vs the in-process monitor, per CPU-second",
+    ),
     "arena_traffic": ("Arena", "traffic generation speed"),
     "harvest_throughput": ("Distillation", "the harvester vs a bare aiohttp client"),
     "distill_curves": ("Distillation", "learning curves: held-out NLL vs teacher queries"),
