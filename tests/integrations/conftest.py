@@ -100,7 +100,11 @@ def vllm_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def vllm_server(vllm_python) -> Iterator[str]:
     """Base URL of one vLLM OpenAI server on loopback serving the embedded teacher with the
-    plugin (``--logits-processors``) and logprobs of the distribution sampled from."""
+    plugin (``--logits-processors``) and logprobs of the distribution sampled from.
+    ``DISTILLGUARD_VLLM_URL``: use a server already started that way (a start takes minutes)."""
+    if os.environ.get("DISTILLGUARD_VLLM_URL"):
+        yield os.environ["DISTILLGUARD_VLLM_URL"]
+        return
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="vllm-", suffix=".log", delete=False)
     cmd = [

@@ -57,6 +57,11 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         None, envvar="DISTILLGUARD_UPSTREAM_API_KEY", help="bearer key for the upstream server"
     ),
     upstream_timeout: float = typer.Option(120.0, help="seconds to wait for the upstream server"),
+    upstream_engine: str = typer.Option(
+        "openai",
+        help="what --upstream runs: openai (any OpenAI-compatible server; no watermark) | vllm "
+        "(vLLM with distillguard's logits processor: per-account watermarks, docs/vllm.md)",
+    ),
     served_model_name: str | None = typer.Option(
         None, help="model id clients send (default: the spec)"
     ),
@@ -204,6 +209,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         upstream=upstream,
         upstream_api_key=upstream_api_key,
         upstream_timeout_s=upstream_timeout,
+        upstream_engine=upstream_engine,
         served_model_name=served_model_name,
         device=device,
         max_batch_rows=max_batch_rows,
@@ -351,6 +357,7 @@ def _register_groups() -> None:
     from distillguard.cli.detect import detect_command
     from distillguard.cli.distill import distill_app
     from distillguard.cli.forensics import forensics_app
+    from distillguard.cli.forensics_report import report_command
     from distillguard.cli.keys import accounts_app, keys_app
     from distillguard.cli.ledger import ledger_app
     from distillguard.cli.monitor import monitor_command
@@ -362,6 +369,7 @@ def _register_groups() -> None:
     app.add_typer(watermark_app, name="watermark")
     app.add_typer(distill_app, name="distill")
     app.add_typer(arena_app, name="arena")
+    forensics_app.command("report")(report_command)
     app.add_typer(forensics_app, name="forensics")
     app.command("detect")(detect_command)
     app.command("demo")(demo_command)

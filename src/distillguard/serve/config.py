@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +22,12 @@ class ServeConfig(BaseSettings):
     upstream_api_key: str | None = Field(None, description="bearer key sent to the upstream server")
     upstream_timeout_s: float = Field(
         120.0, gt=0, description="seconds to wait for an upstream answer"
+    )
+    upstream_engine: Literal["openai", "vllm"] = Field(
+        "openai",
+        description="what the upstream runs: openai (any OpenAI-compatible server: no watermark) "
+        "| vllm (vLLM with distillguard's logits processor: each account's watermark key goes "
+        "in vllm_xargs; docs/vllm.md)",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

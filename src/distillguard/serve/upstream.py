@@ -8,6 +8,15 @@ The client is aiohttp, not httpx: on the gateway's hot path httpx (with httpcore
 under it) took ~10x the CPU of aiohttp per proxied request (about 3 ms against 0.3 ms on a
 2-core machine), which alone capped the gateway near 100 requests/s
 (``bench/gateway_overhead.py``).
+
+``--upstream-engine vllm``: the upstream is vLLM with distillguard's logits processor
+(``integrations/vllm.py``, docs/vllm.md), so the watermark is back on. Each watermarked request
+carries the account's derived key (never the master secret) in ``vllm_xargs``, with the
+request's own temperature, top-p and penalties, which the plugin applies with our engine's math;
+vLLM itself is asked for a neutral sampler on that request (temperature 1, or 0 when greedy,
+top-p 1, no penalties), so the distribution sampled is our engine's. A client cannot send
+``vllm_xargs`` or any other field of vLLM's: the strict request schema refuses unknown fields
+(400), and the body sent upstream is rebuilt from the validated request.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import aiohttp
 from distillguard.errors import APIError, ConfigError, UpstreamError, UpstreamTimeout
 from distillguard.serve.backend import Usage
 from distillguard.serve.config import ServeConfig
+from distillguard.serve.keymaterial import XARG, Sampler, encode
 from distillguard.serve.schemas import ChatCompletionRequest
 
 
@@ -76,6 +86,8 @@ class UpstreamBackend:
         return cls(config)
 
     def describe(self) -> str:
+        if self.supports_watermark:
+            return f"proxying to {self.base_url} (vLLM with distillguard's watermark plugin)"
         return f"proxying to {self.base_url}"
 
     async def start(self) -> None:
@@ -121,18 +133,36 @@ class UpstreamBackend:
     def count_tokens(self, text: str) -> int:
         return len(text.encode())  # an upper bound, as above
 
-    def _body(self, req: ChatCompletionRequest) -> dict:
+    def _body(self, req: ChatCompletionRequest, watermark=None) -> dict:
         body = req.model_dump(mode="json", exclude_unset=True)
         if (
             req.stream
         ):  # usage is needed for the ledger and the limits; dropped later if not asked for
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        if watermark is not None and self.supports_watermark:
+            sampler = Sampler(
+                temperature=req.temperature,
+                top_p=req.top_p,
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+            )
+            body["vllm_xargs"] = {XARG: encode(watermark, sampler)}
+            # the plugin samples with the request's settings; vLLM's must then be neutral
+            body["temperature"] = 0.0 if req.temperature == 0 else 1.0
+            body["top_p"] = 1.0
+            body.pop("presence_penalty", None)
+            body.pop("frequency_penalty", None)
         return body
 
-    # The upstream engine samples; watermarking there goes through its own logits-processor hook
-    # (vLLM, TGI), not through this proxy.
-    supports_watermark = False
-    supports_antidistill = False  # the upstream's logits never reach us
+    @property
+    def supports_watermark(self) -> bool:
+        """Only a vLLM upstream with our logits processor embeds the watermark; any other
+        samples on its own and the key would be ignored."""
+        return self.config.upstream_engine == "vllm"
+
+    # The direction needs the teacher's final hidden state: neither a plain upstream nor vLLM's
+    # logits-processor hook (it sees logits only) exposes it.
+    supports_antidistill = False
 
     async def complete(
         self,
@@ -147,7 +177,8 @@ class UpstreamBackend:
             # and no completion: what the upstream generated before we hung up is unknown.
             usage.prompt_tokens = self.prompt_tokens(req)
         try:
-            async with self._request("POST", "chat/completions", json=self._body(req)) as resp:
+            body = self._body(req, watermark)
+            async with self._request("POST", "chat/completions", json=body) as resp:
                 status, content = resp.status, await resp.read()
         except TimeoutError as exc:  # aiohttp's timeouts are TimeoutErrors (some also ClientErrors)
             raise self._timed_out(exc) from None
@@ -174,7 +205,7 @@ class UpstreamBackend:
             req
         )  # an upper bound until the upstream's usage chunk
         try:
-            resp = await self._request("POST", "chat/completions", json=self._body(req))
+            resp = await self._request("POST", "chat/completions", json=self._body(req, watermark))
             if resp.status >= 400:
                 try:
                     body = await resp.read()
