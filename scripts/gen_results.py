@@ -126,6 +126,7 @@ COMMANDS = {
     "detect_eval.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 300 --attackers 5 --hydras 2 --campaign-requests 600",
     "detect_eval_benign750.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 750 --kinds slowlow --attackers 5 --campaign-requests 600 --out bench/results/detect_eval_benign750.json",
     "detect_eval_20attackers.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 300 --attackers 20 --hydras 2 --campaign-requests 600 --out bench/results/detect_eval_20attackers.json --plot bench/results/detect_roc_20attackers.png",
+    "detector_follow.json": "nice -n 10 python bench/detector_follow.py --requests 3000 --rounds 5 --out bench/results/detector_follow.json",
     "detect_embed_cost.json": "nice -n 10 python bench/detect_embed_cost.py --prompts 512",
     "detect_throughput_quiet.json": "python bench/detect_throughput.py --threads 1 --embed-workers 2 --requests 1500",
     "detect_throughput_quiet_mixed.json": "python bench/detect_throughput.py --threads 1 --embed-workers 2 --requests 1500 --benign-accounts 1000",
