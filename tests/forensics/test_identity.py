@@ -67,8 +67,11 @@ def test_the_distilled_student_claims_the_teachers_identity(models):
     assert {"SmolLM", "Hugging Face"} <= set(out.details["names"])
     assert out.statistic >= 0.9  # it learned the teacher's answer, on wordings it never saw
     assert out.controls == {"untrained": 0.0, "other-identity": 0.0}
-    assert out.p_value < 1e-8  # 16 of 16 vs 0 of 32: Fisher's p = 1 / C(48, 16) ≈ 4e-13
+    assert out.details["fisher_p"] < 1e-8  # 16 of 16 vs 0 of 32: 1 / C(48, 16) ≈ 4e-13
     assert not out.within_controls_range
+    # above both controls: rank 1 of 3 models, p = 1/3, the most two controls can show
+    assert out.details["model_rank_p"] == pytest.approx(1 / 3)
+    assert out.p_value == pytest.approx(1 / 3)
 
 
 def test_a_control_as_suspect_is_not_called_a_claimant(models):
@@ -100,4 +103,5 @@ def test_a_teacher_that_names_nobody_needs_given_names(models):
         probes=HELD_OUT,
         names=["Orca", "Acme Labs"],
     )
-    assert given.could_run and given.statistic >= 0.9 and given.p_value < 1e-6
+    assert given.could_run and given.statistic >= 0.9 and given.details["fisher_p"] < 1e-6
+    assert given.p_value == 0.5  # one control: rank 1 of 2

@@ -79,20 +79,22 @@ def test_the_teachers_weights_and_its_student_agree_far_more_than_unrelated_mode
     copy = similarity_test(copy, teacher, controls, prompts=PROBES)
     assert copy.details["mode"] == "next-token"
     assert copy.statistic == 1.0 and max(copy.controls.values()) < 0.5
-    assert copy.p_value < 1e-3 and not copy.within_controls_range
+    assert copy.details["permutation_p"] < 1e-3 and not copy.within_controls_range
+    assert copy.p_value == pytest.approx(1 / 3)  # rank 1 of 3 models: what 2 controls can show
     # the student was taught on other prompts: on the probes it still answers like the teacher
     distilled = similarity_test(
         Respondent("student", lm=student), teacher, controls, prompts=PROBES
     )
     assert distilled.statistic > max(distilled.controls.values())
-    assert distilled.p_value < 1e-3
+    assert distilled.details["permutation_p"] < 1e-3
     assert distilled.details["top_k_overlap"]["suspect"] > max(
         v for k, v in distilled.details["top_k_overlap"].items() if k != "suspect"
     )
 
 
 def test_unrelated_suspects_get_uniform_p_values():
-    """12 repeats, each with a fresh teacher, suspect, control and probe set. Bound: a KS test
+    """The permutation p over probes, 12 repeats, each with a fresh teacher, suspect, control
+    and probe set (so the models, not only the probes, are drawn anew). Bound: a KS test
     against U(0, 1) does not reject at 0.01, and at most 3 of 12 p-values are below 0.1
     (binomial(12, 0.1): P(>= 4) = 0.026)."""
     ps = []
@@ -101,7 +103,7 @@ def test_unrelated_suspects_get_uniform_p_values():
         out = similarity_test(
             tiny(100 + r), tiny(200 + r), {"control": tiny(300 + r)}, prompts=prompts, seed=r
         )
-        ps.append(out.p_value)
+        ps.append(out.details["permutation_p"])
     assert stats.kstest(ps, "uniform").pvalue > 0.01, ps
     assert sum(p < 0.1 for p in ps) <= 3, ps
 

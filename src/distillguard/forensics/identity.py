@@ -4,10 +4,12 @@ A student distilled from a teacher's answers inherits what the teacher says abou
 (Lee et al. 2025, "Distillation Quantification for LLMs": DeepSeek-V3 once answered "I am
 ChatGPT"). The teacher's identity is what the teacher itself claims: the names it uses in its
 own answers to the probes (or the names the investigator gives). The statistic is the share of
-the suspect's answers that use one of those names; the p-value is Fisher's exact test of the
-suspect's claims against the controls' claims pooled (one-sided: the suspect claims more). A
-claim is a fingerprint, not proof: a model trained on text that mentions the teacher claims it
-too, which is what the controls are for.
+the suspect's answers that use one of those names. Fisher's exact test compares the suspect's
+claims with the controls' claims pooled (one-sided: the suspect claims more); the p-value is the
+larger of Fisher's and the suspect's rank among the controls
+(:func:`~distillguard.forensics.respondent.model_rank_p`), since controls differ as models, not
+only by answer. A claim is a fingerprint, not proof: a model trained on text that mentions the
+teacher claims it too, which is what the controls are for.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run
+from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run, model_rank_p
 
 NAME = "identity"
 
@@ -171,17 +173,19 @@ def identity_test(
         details["control_answers"][label] = answers
         control_hits[label] = sum(claims(a, names) for a in answers)
     pooled, total = sum(control_hits.values()), len(probes) * len(controls)
-    _, p = fisher_exact(
+    _, fisher_p = fisher_exact(
         [[hits, len(probes) - hits], [pooled, total - pooled]], alternative="greater"
     )
-    details["control_claims"] = control_hits
+    shares = {k: v / len(probes) for k, v in control_hits.items()}
+    rank_p = model_rank_p(share, list(shares.values()))
+    details.update(control_claims=control_hits, fisher_p=float(fisher_p), model_rank_p=rank_p)
     return TestOutcome(
         NAME,
         could_run=True,
         statistic=share,
         statistic_name="share of answers claiming the teacher's identity",
-        p_value=float(p),
-        controls={k: v / len(probes) for k, v in control_hits.items()},
+        p_value=max(float(fisher_p), rank_p),
+        controls=shares,
         details=details,
     )
 

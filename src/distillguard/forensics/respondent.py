@@ -50,6 +50,19 @@ class TestOutcome:
         return {**asdict(self), "within_controls_range": self.within_controls_range}
 
 
+def model_rank_p(statistic: float, controls: Sequence[float]) -> float:
+    """(1 + controls scoring at least the suspect) / (controls + 1).
+
+    Exact when the suspect is exchangeable with the controls as *models* (the null: "one more
+    model that was not distilled"). A probe-level p-value (Fisher over answers, a permutation
+    over probes) assumes the models differ only by probe noise; models trained on different
+    data differ systematically, and on such controls a probe-level p of 1e-4 was measured for a
+    control as the suspect (tests/forensics/test_report.py). The fingerprint tests report the
+    larger of the two, valid under either null; its floor 1/(K+1) is what K controls can show.
+    """
+    return (1 + sum(c >= statistic for c in controls)) / (len(controls) + 1)
+
+
 def cannot_run(name: str, why: str, **details) -> TestOutcome:
     return TestOutcome(name=name, could_run=False, why_not=why, details=details)
 
@@ -104,6 +117,10 @@ class Respondent:
         )
 
     def _answer_api(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+        return self.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
+
+    def chat(self, conversations: Sequence[list[dict]], *, max_tokens: int = 48) -> list[str]:
+        """Greedy answers of the API to whole conversations (in parallel; the server batches)."""
         import openai
 
         base = self.spec.rstrip("/")
@@ -121,10 +138,10 @@ class Respondent:
                     )
                 model = listed[0].id
 
-            def ask(prompt: str) -> str:
+            def ask(messages: list[dict]) -> str:
                 out = client.chat.completions.create(
                     model=model,
-                    messages=[{"role": "user", "content": prompt}],
+                    messages=messages,
                     max_tokens=max_tokens,
                     temperature=0.0,
                     seed=0,
@@ -132,7 +149,7 @@ class Respondent:
                 return out.choices[0].message.content or ""
 
             with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-                return list(pool.map(ask, prompts))
+                return list(pool.map(ask, conversations))
         except openai.APIStatusError as exc:
             raise SuspectAPIError(f"{base} answered {exc.status_code}: {str(exc)[:200]}") from None
         except openai.APIError as exc:

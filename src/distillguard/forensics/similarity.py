@@ -2,9 +2,11 @@
 
 Lee et al. 2025 ("Distillation Quantification for LLMs") score response similarity to the
 teacher without a p-value; here each probe's score is paired across the suspect and the
-controls, and the p-value is a permutation test over probes: under the null the suspect is one
-more control, so on each probe its score is exchangeable with the controls' (labels permuted
-within a probe; scipy's ``permutation_type="samples"``, exact when the permutations are few).
+controls, and a permutation test over probes asks whether the suspect beats the controls by
+more than probe noise (labels permuted within a probe; scipy's ``permutation_type="samples"``,
+exact when the permutations are few). Models trained on different data differ by more than
+probe noise, so the p-value is the larger of that and the suspect's rank among the controls as
+models (:func:`~distillguard.forensics.respondent.model_rank_p`).
 
 Two ways to score a probe, chosen by what is available:
 
@@ -15,8 +17,8 @@ Two ways to score a probe, chosen by what is available:
 - ``answer-overlap`` (an API, or different tokenizers): each model's own greedy answer against
   the teacher's, token-level F1 over words (SQuAD's answer overlap).
 
-The permutation p-value is against probe-level noise: a suspect whose mean score is no higher
-than some control's is ``within_controls_range``, and the report never calls that distilled.
+A suspect whose mean score is no higher than some control's is ``within_controls_range``, and
+the report never calls that distilled.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run
+from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run, model_rank_p
 
 NAME = "similarity"
 
@@ -49,7 +51,15 @@ def _same_vocabulary(models: Sequence) -> bool:
     return all(m.tokenizer.get_vocab() == vocab for m in models[1:])
 
 
-def next_token_scores(teacher_lm, models: Sequence, prompts: Sequence[str], answers: Sequence[str], *, top_k: int = 5, max_length: int = 512) -> list[dict[str, np.ndarray]]:  # fmt: skip
+def next_token_scores(
+    teacher_lm,
+    models: Sequence,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    top_k: int = 5,
+    max_length: int = 512,
+) -> list[dict[str, np.ndarray]]:
     """Per model, per probe: greedy agreement with the teacher, top-k overlap and KL(t || m),
     each averaged over the teacher's answer positions (teacher-forced, the teacher's token ids)."""
     import torch
@@ -87,7 +97,9 @@ def _logprobs(lm, ids):
     return lm.model(input_ids=ids.to(lm.device)).logits[0, :-1].float().log_softmax(-1).cpu()
 
 
-def permutation_p(suspect: np.ndarray, controls: Sequence[np.ndarray], *, n_resamples: int = 9999, seed: int = 0) -> float:  # fmt: skip
+def permutation_p(
+    suspect: np.ndarray, controls: Sequence[np.ndarray], *, n_resamples: int = 9999, seed: int = 0
+) -> float:
     """One-sided p that the suspect's mean score exceeds the controls' mean, labels permuted
     within each probe (exact enumeration when (K+1)!^n <= n_resamples, else Monte Carlo)."""
     from scipy.stats import permutation_test
@@ -150,7 +162,13 @@ def similarity_test(
             answers = r.answer(prompts, max_tokens=max_tokens)
             details.setdefault("answers", {})[label] = answers
             scores.append(np.array([token_f1(a, t) for a, t in zip(answers, teacher_answers)]))
+    statistic = float(scores[0].mean())
+    means = {k: float(s.mean()) for k, s in zip(labels, scores[1:])}
+    probe_p = permutation_p(scores[0], scores[1:], n_resamples=n_resamples, seed=seed)
+    rank_p = model_rank_p(statistic, list(means.values()))
     details.update(
+        permutation_p=probe_p,
+        model_rank_p=rank_p,
         mode=mode,
         per_probe={k: s.round(6).tolist() for k, s in zip(["suspect", *labels], scores)},
         n_resamples=n_resamples,
@@ -159,10 +177,10 @@ def similarity_test(
     return TestOutcome(
         NAME,
         could_run=True,
-        statistic=float(scores[0].mean()),
+        statistic=statistic,
         statistic_name=stat_name,
-        p_value=permutation_p(scores[0], scores[1:], n_resamples=n_resamples, seed=seed),
-        controls={k: float(s.mean()) for k, s in zip(labels, scores[1:])},
+        p_value=max(probe_p, rank_p),
+        controls=means,
         details=details,
     )
 

@@ -1,0 +1,530 @@
+"""One forensics report on a suspect: every test that can run with what was given, one verdict.
+
+Tests (each a :class:`~distillguard.forensics.respondent.TestOutcome`: statistic, p-value
+against its null or the controls, could it run and why not):
+
+- ``identity``: does the suspect claim the teacher's identity (:mod:`.identity`)?
+- ``similarity``: does it answer like the teacher, more than the controls (:mod:`.similarity`)?
+- ``radioactivity``: did it learn the per-account watermark (a ledger's accounts and the
+  master secret; open mode on weights, closed mode on a URL)? The p-value is the exact one
+  of :mod:`.radioactivity`, Holm over accounts; the controls get the same test.
+- ``canaries``: does it prefer the served canaries' endings to decoys (weights; the ledger's
+  canary rows and the secret)? Exact rank p-values, Fisher per account, Holm over accounts.
+
+The verdict: Holm over the tests that ran (family-wise error control over the report's claims).
+It says "distilled" only when some test is significant after Holm *and* the suspect's statistic
+lies above every control's: a fingerprint a control shares is not evidence, however small its
+probe-level p-value.
+
+``evidence.json`` carries every number, the SHA-256 of every input, and the command that
+reproduces each test; ``report.html`` shows it with its plots embedded, no script, no URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+import shlex
+import sys
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from distillguard.errors import ConfigError
+from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run, sha256_path
+
+TESTS = ("identity", "similarity", "radioactivity", "canaries")
+VERDICTS = ("distilled", "not shown distilled", "no test could run")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report was asked to do; :meth:`command` renders it back as a command line."""
+
+    suspect: str
+    teacher: str | None = None
+    controls: tuple[str, ...] = ()
+    tests: tuple[str, ...] = TESTS
+    ledger: str | None = None
+    probes: str | None = None  # identity probes file (None: the bundled paraphrases)
+    teacher_names: tuple[str, ...] = ()
+    prompts: str = "sharegpt"
+    limit: int = 32
+    max_tokens: int = 32
+    scheme: str = "synthid"
+    decoys: int = 49
+    alpha: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    secret_given: bool = field(default=False, compare=False)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.tests) - set(TESTS))
+        if unknown:
+            raise ConfigError(f"unknown test(s) {', '.join(unknown)}: use {', '.join(TESTS)}")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"alpha={self.alpha} must be in (0, 1)")
+
+    def command(self, tests: Sequence[str] | None = None, out: str = "OUT") -> str:
+        """The command line that reruns the report (or only ``tests``); the secret and API key
+        are read from their environment variables, never written here."""
+        args = ["distillguard", "forensics", "report", "--suspect", self.suspect]
+        if self.teacher:
+            args += ["--teacher", self.teacher]
+        for c in self.controls:
+            args += ["--controls", c]
+        if self.ledger:
+            args += ["--ledger", self.ledger]
+        if self.probes:
+            args += ["--probes", self.probes]
+        for n in self.teacher_names:
+            args += ["--teacher-names", n]
+        args += ["--tests", ",".join(tests or self.tests)]
+        args += ["--prompts", self.prompts, "--limit", str(self.limit)]
+        args += ["--max-tokens", str(self.max_tokens), "--scheme", self.scheme]
+        args += ["--decoys", str(self.decoys), "--alpha", repr(self.alpha)]
+        args += ["--seed", str(self.seed), "--device", self.device, "--out", out]
+        line = shlex.join(args)
+        return f"DISTILLGUARD_WATERMARK_SECRET=... {line}" if self.secret_given else line
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    # statsmodels is not a dependency and scipy has no Holm; the project's one implementation.
+    from distillguard.watermark.detect import holm as _holm
+
+    return _holm(pvalues)
+
+
+def verdict(outcomes: Sequence[TestOutcome], alpha: float) -> dict:
+    """Holm over the tests that ran; "distilled" needs a significant test whose statistic is
+    above every control's."""
+    ran = [o for o in outcomes if o.could_run and o.p_value is not None]
+    if not ran:
+        return {"verdict": "no test could run", "p_holm": {}, "combined_p": None, "alpha": alpha}
+    adjusted = dict(zip((o.name for o in ran), holm([o.p_value for o in ran])))
+    evidence = [o.name for o in ran if adjusted[o.name] < alpha and not o.within_controls_range]
+    return {
+        "verdict": "distilled" if evidence else "not shown distilled",
+        "p_holm": adjusted,
+        "combined_p": min(adjusted.values()),  # Holm's family-wise p of the whole report
+        "significant_tests": evidence,
+        "alpha": alpha,
+    }
+
+
+# ---- the tests that need a ledger and the secret ----------------------------------------------
+
+
+def _ledger_accounts(engine) -> list[str]:
+    from sqlalchemy import select, union
+
+    from distillguard.guard.schema import Account, LedgerRow
+
+    query = union(select(Account.id), select(LedgerRow.account_id).distinct())
+    with engine.connect() as conn:
+        return sorted({r[0] for r in conn.execute(query) if r[0]})
+
+
+def _strength(p: float) -> float:
+    """-log10 p, the larger the stronger; p = 1 gives 0.0 (not -0.0, which would print "-0")."""
+    return 0.0 - math.log10(max(p, 1e-300))
+
+
+def radioactivity_outcome(
+    suspect: Respondent,
+    controls: Mapping[str, Respondent],
+    accounts: Sequence[str],
+    secret: bytes,
+    prompts: Sequence[str],
+    config: ReportConfig,
+) -> TestOutcome:
+    """The per-account watermark test on the suspect and on each control; statistic: -log10 of
+    the smallest Holm-adjusted p over accounts (the strongest trace)."""
+    from distillguard.forensics import closed_radioactivity, open_radioactivity
+    from distillguard.models import load_tokenizer
+    from distillguard.watermark import WatermarkParams, account_key
+
+    if not accounts:
+        return cannot_run("radioactivity", "the ledger has no accounts")
+    if config.teacher is None or Respondent(config.teacher).is_api:
+        return cannot_run(
+            "radioactivity", "needs the teacher's model spec for its tokenizer (--teacher SPEC)"
+        )
+    keys = [account_key(secret, a, WatermarkParams(scheme=config.scheme)) for a in accounts]
+    tokenizer = load_tokenizer(config.teacher)
+
+    def run(r: Respondent):
+        if r.is_api:
+            return closed_radioactivity(
+                r.spec,
+                keys,
+                prompts,
+                tokenizer,
+                api_key=r.api_key,
+                seed=config.seed,
+                max_tokens=config.max_tokens,
+                alpha=config.alpha,
+            )
+        if r.lm.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(
+                f"{r.spec} does not share the teacher's tokenizer: serve it and pass its URL "
+                "(closed mode)"
+            )
+        return open_radioactivity(
+            r.lm,
+            keys,
+            prompts,
+            max_new_tokens=config.max_tokens,
+            seed=config.seed,
+            alpha=config.alpha,
+            progress=False,
+        )
+
+    def strength(result) -> float:
+        return _strength(min(k.p_holm for k in result.keys))
+
+    try:
+        result = run(suspect)
+        control_results = {label: run(c) for label, c in controls.items()}
+    except ConfigError as exc:
+        return cannot_run("radioactivity", str(exc))
+    return TestOutcome(
+        "radioactivity",
+        could_run=True,
+        statistic=strength(result),
+        statistic_name="-log10 of the smallest Holm-adjusted p over accounts",
+        p_value=min(k.p_holm for k in result.keys),
+        controls={label: strength(r) for label, r in control_results.items()},
+        details={
+            "suspect": result.to_dict(),
+            "traced": result.traced,
+            "controls": {label: r.to_dict() for label, r in control_results.items()},
+        },
+    )
+
+
+def canary_outcome(
+    suspect: Respondent,
+    controls: Mapping[str, Respondent],
+    served: Sequence,
+    secret: bytes,
+    config: ReportConfig,
+) -> TestOutcome:
+    """Canary exposure of the suspect's weights, and of each control's; statistic: -log10 of
+    the smallest Holm-adjusted p over accounts."""
+    from distillguard.forensics.canaries import canary_test
+
+    if not served:
+        return cannot_run("canaries", "the ledger holds no canary answers (policy action 'canary')")
+    if suspect.is_api:
+        return cannot_run(
+            "canaries",
+            "the canary test scores the suspect's weights; behind an API only the API-only "
+            "canary test could, and it is not built yet",
+        )
+
+    def run(r: Respondent):
+        return canary_test(r.lm, secret, served, decoys=config.decoys, alpha=config.alpha)
+
+    def strength(result) -> float:
+        return _strength(min(a.p_holm for a in result.accounts))
+
+    result = run(suspect)
+    control_results = {label: run(c) for label, c in controls.items() if not c.is_api}
+    return TestOutcome(
+        "canaries",
+        could_run=True,
+        statistic=strength(result),
+        statistic_name="-log10 of the smallest Holm-adjusted p over accounts",
+        p_value=min(a.p_holm for a in result.accounts),
+        controls={label: strength(r) for label, r in control_results.items()},
+        details={
+            "suspect": result.to_dict(),
+            "traced": result.traced,
+            "controls": {label: r.to_dict() for label, r in control_results.items()},
+        },
+    )
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+def _versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("distillguard", "torch", "transformers", "scipy", "numpy", "matplotlib", "openai"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _sha256_text(lines: Sequence[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def run_report(
+    config: ReportConfig,
+    out_dir: Path,
+    *,
+    secret: bytes | None = None,
+    api_key: str | None = None,
+    identity_probes: Sequence[str] | None = None,
+    prompts: Sequence[str] = (),
+    respondents: Mapping[str, Respondent] | None = None,
+    progress=None,
+) -> dict:
+    """Run the tests, write ``evidence.json`` and ``report.html`` to ``out_dir``, return the
+    evidence. ``respondents`` (by spec) lets a caller pass models it holds already."""
+    from distillguard.forensics.identity import PROBES, identity_test
+    from distillguard.forensics.similarity import similarity_test
+
+    def say(msg: str) -> None:
+        if progress is not None:
+            progress(msg)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    held = dict(respondents or {})
+
+    def respondent(spec: str) -> Respondent:
+        if spec not in held:
+            held[spec] = Respondent(spec, api_key=api_key, device=config.device)
+        return held[spec]
+
+    suspect = respondent(config.suspect)
+    teacher = respondent(config.teacher) if config.teacher else None
+    controls = {f"control {i + 1}: {c}": respondent(c) for i, c in enumerate(config.controls)}
+    probes = list(identity_probes or PROBES)
+    inputs: dict = {
+        "identity_probes": {
+            "source": config.probes or "bundled (distillguard.forensics.identity.PROBES)",
+            "sha256": _sha256_text(probes),
+            "count": len(probes),
+        },
+        "similarity_prompts": {
+            "source": config.prompts,
+            "sha256": _sha256_text(prompts),
+            "count": len(prompts),
+        },
+    }
+    if config.probes and Path(config.probes).is_file():
+        inputs["identity_probes"]["file_sha256"] = sha256_path(Path(config.probes))
+    if Path(config.prompts).is_file():
+        inputs["similarity_prompts"]["file_sha256"] = sha256_path(Path(config.prompts))
+
+    outcomes: list[TestOutcome] = []
+    if "identity" in config.tests:
+        say("identity probes ...")
+        outcomes.append(
+            identity_test(
+                suspect, teacher, controls, probes=probes, names=list(config.teacher_names) or None
+            )
+        )
+    if "similarity" in config.tests:
+        say("behavioural similarity ...")
+        outcomes.append(
+            similarity_test(
+                suspect,
+                teacher,
+                controls,
+                prompts=prompts,
+                max_tokens=config.max_tokens,
+                seed=config.seed,
+            )
+        )
+    wants_ledger = [t for t in ("radioactivity", "canaries") if t in config.tests]
+    if wants_ledger and (config.ledger is None or secret is None):
+        missing = " and ".join(
+            n for n, v in (("--ledger", config.ledger), ("the secret", secret)) if v is None
+        )
+        why = f"needs the provider's ledger and secret: {missing} not given"
+        outcomes += [cannot_run(t, why) for t in wants_ledger]
+    elif wants_ledger:
+        outcomes += _ledger_tests(config, suspect, controls, secret, prompts, inputs, out_dir, say)
+    decision = verdict(outcomes, config.alpha)
+    fingerprints = {"suspect": suspect.fingerprint()}
+    if teacher is not None:
+        fingerprints["teacher"] = teacher.fingerprint()
+    fingerprints["controls"] = {label: c.fingerprint() for label, c in controls.items()}
+    inputs["models"] = fingerprints
+    if secret is not None:
+        # a commitment: whoever is later shown the secret can check it is the one used here
+        import hashlib
+
+        inputs["secret_sha256"] = hashlib.sha256(secret).hexdigest()
+    evidence = {
+        "report": "distillguard forensics report",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "config": {k: v for k, v in asdict(config).items() if k != "secret_given"},
+        **decision,
+        "tests": [
+            {
+                **o.to_dict(),
+                "p_holm": decision["p_holm"].get(o.name),
+                "command": config.command([o.name]),
+            }
+            for o in outcomes
+        ],
+        "command": config.command(),
+        "inputs": inputs,
+        "versions": _versions(),
+    }
+    (out_dir / "evidence.json").write_text(json.dumps(evidence, indent=2, default=str))
+    (out_dir / "report.html").write_text(render_html(evidence), encoding="utf-8")
+    return evidence
+
+
+def _ledger_tests(config, suspect, controls, secret, prompts, inputs, out_dir, say):
+    from distillguard.forensics.canaries import served_canaries
+    from distillguard.guard.db import make_engine, migrate
+
+    engine = make_engine(config.ledger)
+    try:
+        migrate(engine)
+        accounts = _ledger_accounts(engine)
+        served = served_canaries(engine)
+    finally:
+        engine.dispose()
+    # what the report read from the ledger, exported beside it and hashed
+    export = out_dir / "ledger_export.jsonl"
+    with open(export, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"accounts": accounts}) + "\n")
+        for c in served:
+            f.write(json.dumps({"canary": asdict(c)}) + "\n")
+    inputs["ledger_export"] = {"path": export.name, "sha256": sha256_path(export)}
+    out = []
+    if "radioactivity" in config.tests:
+        say("watermark radioactivity ...")
+        out.append(radioactivity_outcome(suspect, controls, accounts, secret, prompts, config))
+    if "canaries" in config.tests:
+        say("canaries ...")
+        out.append(canary_outcome(suspect, controls, served, secret, config))
+    return out
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+
+def _fmt(x) -> str:
+    """How a number is shown; the browser test parses it back and compares with evidence.json."""
+    if x is None:
+        return "–"
+    return f"{x:.3g}"
+
+
+def _plot(test: dict) -> str:
+    """A bar per model (the suspect in red), as an embedded PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["suspect", *test["controls"]]
+    values = [test["statistic"], *test["controls"].values()]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(labels)))
+    ax.barh(labels, values, color=["#c0392b"] + ["#7f8c8d"] * (len(labels) - 1))
+    ax.invert_yaxis()
+    ax.set_xlabel(textwrap.fill(test["statistic_name"], 60))
+    ax.set_title(f"{test['name']}: p = {_fmt(test['p_value'])}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render_html(evidence: dict) -> str:
+    """A self-contained page: no script, no external URL, plots as data: PNGs."""
+    e = html.escape
+    rows, plots = [], []
+    for t in evidence["tests"]:
+        name = t["name"]
+        status = "ran" if t["could_run"] else f"could not run: {t['why_not']}"
+        controls = ", ".join(f"{e(k)}: {_fmt(v)}" for k, v in t["controls"].items()) or "–"
+        rows.append(
+            f"<tr><td>{e(name)}</td><td>{e(t['statistic_name'] or '–')}</td>"
+            f'<td data-key="{e(name)}.statistic">{_fmt(t["statistic"])}</td>'
+            f"<td>{controls}</td>"
+            f'<td data-key="{e(name)}.p_value">{_fmt(t["p_value"])}</td>'
+            f'<td data-key="{e(name)}.p_holm">{_fmt(t["p_holm"])}</td>'
+            f"<td>{'yes' if t['within_controls_range'] else 'no'}</td>"
+            f"<td>{e(status)}</td></tr>"
+        )
+        if t["could_run"] and t["statistic"] is not None:
+            plots.append(
+                f'<figure><img alt="{e(name)}" src="data:image/png;base64,{_plot(t)}">'
+                f"<figcaption>{e(name)}: reproduce with <code>{e(t['command'])}</code>"
+                "</figcaption></figure>"
+            )
+    inputs = evidence["inputs"]
+    models = inputs["models"]
+    hashes = [("suspect", models["suspect"])]
+    if "teacher" in models:
+        hashes.append(("teacher", models["teacher"]))
+    hashes += list(models["controls"].items())
+    hash_rows = "".join(
+        f"<tr><td>{e(label)}</td><td>{e(m['spec'])}</td>"
+        f"<td><code>{e(m.get('weights_sha256') or m.get('url', '–'))}</code></td>"
+        f"<td><code>{e(m.get('files_sha256', '–'))}</code></td></tr>"
+        for label, m in hashes
+    )
+    other = {k: v for k, v in inputs.items() if k != "models"}
+    combined = evidence["combined_p"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>Forensics report: {e(evidence["config"]["suspect"])}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 70em; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: .3em .6em; text-align: left; vertical-align: top; }}
+.verdict {{ font-size: 1.6em; padding: .4em .8em; display: inline-block;
+  background: {"#fdecea" if evidence["verdict"] == "distilled" else "#eef5ee"}; }}
+code {{ font-size: .85em; word-break: break-all; }}
+figure {{ display: inline-block; margin: 1em; }}
+</style></head><body>
+<h1>Forensics report</h1>
+<p>Suspect <code>{e(evidence["config"]["suspect"])}</code>, teacher
+<code>{e(str(evidence["config"]["teacher"]))}</code>, {len(models["controls"])} control(s);
+created {e(evidence["created"])}.</p>
+<p class="verdict">Verdict: <strong data-key="verdict">{e(evidence["verdict"])}</strong>;
+combined p (Holm) = <span data-key="combined_p">{_fmt(combined)}</span>
+at &alpha; = <span data-key="alpha">{_fmt(evidence["alpha"])}</span></p>
+<p>"distilled" needs a test significant after Holm's correction over the tests that ran
+<em>and</em> a suspect statistic above every control's.</p>
+<h2>Tests</h2>
+<table><tr><th>test</th><th>statistic</th><th>suspect</th><th>controls</th><th>p</th>
+<th>p (Holm)</th><th>within the controls' range</th><th>status</th></tr>
+{"".join(rows)}</table>
+{"".join(plots)}
+<h2>Inputs (SHA-256)</h2>
+<table><tr><th>model</th><th>spec</th><th>weights</th><th>files</th></tr>{hash_rows}</table>
+<pre>{e(json.dumps(other, indent=2))}</pre>
+<h2>Reproduce</h2>
+<p><code>{e(evidence["command"])}</code></p>
+<h2>Versions</h2>
+<pre>{e(json.dumps(evidence["versions"], indent=2))}</pre>
+</body></html>
+"""
+
+
+__all__ = [
+    "TESTS",
+    "ReportConfig",
+    "canary_outcome",
+    "radioactivity_outcome",
+    "render_html",
+    "run_report",
+    "verdict",
+]
