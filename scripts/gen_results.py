@@ -71,6 +71,10 @@ BENCHES = {
     "linking_eval": ("Detection", "account linking with popular prompts, apps and NATs"),
     "detect_scale": ("Detection", "detection over a provider's history at scale"),
     "detect_fpr": ("Detection", "false-positive rate of detection on held-out benign traffic"),
+    "detect_calibration_cli": (
+        "Detection",
+        "what `detect --calibrate` shows and flags at a small and a larger calibration",
+    ),
     "detect_adaptive": ("Detection", "adaptive attackers against the detectors"),
     "detector_follow": (
         "Detection",

@@ -231,6 +231,12 @@ def test_too_small_a_calibration_is_refused_or_said_with_both_numbers():
     assert cal.stats["heldout_accounts_needed"] == 2995
     # 15 clean held-out accounts can show 18% at best: the message offers that target
     assert f"{cp_upper(0, 15):.2g}" in cal.stats["size_message"]
+    # and what a small calibration does to the threshold, with this one's (issue 28)
+    assert "tends to come out higher" in cal.stats["size_message"]
+    assert cal.stats["size_message"].endswith(
+        f"this threshold: {cal.threshold:.1f}, from {cal.stats['threshold_sample']:,} benign "
+        "account-days"
+    )
     # a target these accounts can show: accepted, nothing to say
     ok = calibrate(
         traffic,

@@ -455,6 +455,11 @@ def calibrate(
         "heldout_account_fpr": fa / na if na else None,
         "heldout_account_fpr_upper95": cp_upper(fa, na) if na else None,
     }
+    if size["size_message"]:
+        size["size_message"] += (
+            f"; this threshold: {cal.threshold:.1f}, from {n:,} benign "
+            f"{'accounts' if per == 'account' else 'account-days'}"
+        )
     cal.stats |= size
     return cal
 
@@ -477,6 +482,10 @@ def size_check(target_fpr: float, heldout_accounts: int, holdout_share: float) -
             f"the calibration held out {heldout_accounts} benign accounts, but showing a false-"
             f"positive rate of {target_fpr:g} per account (95% Clopper-Pearson bound, even with "
             f"none flagged) needs {needed:,}: calibrate on at least {total:,} benign accounts, "
-            f"or raise --target-fpr to {reachable:.2g}, the smallest rate these accounts can show"
+            f"or raise --target-fpr to {reachable:.2g}, the smallest rate these accounts can "
+            "show. A small calibration also moves the threshold: the few most unusual benign "
+            "days it happens to hold set it, and it tends to come out higher than a large "
+            "calibration's, so extraction that scores below it is missed (on arena traffic, 400 "
+            "benign users missed a slow harvester that 1,600 flagged: docs/detection.md)"
         ),
     }
