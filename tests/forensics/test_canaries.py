@@ -205,3 +205,24 @@ def test_cli_traces_the_student_from_the_ledger(models, tmp_path):
     assert power["account"] == "bystander" and power["units"] == 12
     assert power["test"] == "fisher-rank" and power["level"] == pytest.approx(1e-3 / 2)
     assert power["ci"][0] <= power["observed"] <= power["ci"][1]
+    # the control: an untrained student cut from the teacher by spec, as a user names it
+    control = run_cli(
+        "forensics",
+        "canaries",
+        "--suspect",
+        "prune:1:even",
+        "--teacher",
+        "tiny",
+        "--db",
+        str(tmp_path / "ledger.db"),
+        "--decoys",
+        "19",
+        "--device",
+        "cpu",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET.decode(), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert control.returncode == 0, control.stderr
+    said = " ".join(control.stdout.split())  # rich may wrap lines when not on a terminal
+    assert "traced to: no account" in said and "not traced:" in said
+    assert "with 80% power" in said and "serve more canaries" in said

@@ -94,3 +94,35 @@ def test_a_bad_spec_is_one_line_naming_the_forms(suspect, fragment, tmp_path):
     assert out.returncode == 2, out.stderr
     assert fragment in out.stderr and suspect in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_the_issue_command_with_the_bundled_teacher(tmp_path):
+    """Issue 28's command: the untrained student of `distill train --student prune:15:mlp896`,
+    cut from the bundled teacher, as the control of `forensics radioactivity`."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("tell me about cats\nexplain the rain\n")
+    out = run_cli(
+        "forensics",
+        "radioactivity",
+        "--suspect",
+        "prune:15:mlp896",
+        "--secret",
+        "spec-test-secret",
+        "--accounts",
+        "acme-labs,bystander",
+        "--prompts",
+        str(prompts),
+        "--max-tokens",
+        "8",
+        "--null-keys",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+        env=ONE_THREAD,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["traced"] == [] and result["power"]["test"] == "chernoff"
