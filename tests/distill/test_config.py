@@ -41,6 +41,8 @@ SELF_INSTRUCT_HARVEST = {
     "model",
     "concurrency",
     "max_tokens",
+    "max_prompt_tokens",
+    "tokenizer",
     "budget_tokens",
     "budget_usd",
     "price_in",
@@ -179,11 +181,11 @@ def test_numbers_keep_the_type_they_were_given_so_fingerprints_are_unchanged():
         "ba12cefb458478c2f0c6b5d118cfe58be60b4b2a6df7d1f7565c6f63611bca0f"
     )
     prompt = Prompt("p1", (("user", "hi"),))
-    assert fingerprint(HarvestConfig(teacher="t", temperature=1, seed=3).request(prompt)) == (
-        "d6d03233282a0453ea75fa8567d7b03ce570e50d7b5bd48ef4d4ace26493704a"
-    )
-    assert fingerprint(HarvestConfig(teacher="t", temperature=1.0, seed=3).request(prompt)) == (
-        "c1776cf842e72f6eae31851e0a001062dd86b6f80111de9bd0e34bea627fbd68"
-    )
+    assert fingerprint(
+        HarvestConfig(teacher="t", temperature=1, seed=3, max_tokens=256).request(prompt)
+    ) == ("d6d03233282a0453ea75fa8567d7b03ce570e50d7b5bd48ef4d4ace26493704a")
+    assert fingerprint(
+        HarvestConfig(teacher="t", temperature=1.0, seed=3, max_tokens=256).request(prompt)
+    ) == ("c1776cf842e72f6eae31851e0a001062dd86b6f80111de9bd0e34bea627fbd68")
     # a string that reads as a number (a YAML `lr: 1e-3` is one) becomes the float
     assert TrainConfig(data="d", out="o", lr="1e-3").lr == 1e-3

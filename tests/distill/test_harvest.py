@@ -489,7 +489,8 @@ def test_kill_mid_run_then_rerun_answers_each_prompt_exactly_once(teacher, tmp_p
     )
     env = {**os.environ, "DISTILLGUARD_TEACHER_API_KEY": key}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    # generous: the CLI imports transformers for --max-prompt-tokens' tokenizer before it sends
+    deadline = time.monotonic() + 300
     stored = 0
     while stored < 8 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -538,7 +539,7 @@ def test_sigterm_stores_the_answers_waiting_for_their_group_commit(teacher, tmp_
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while (
         sum(generations(teacher[1], "terminated").values()) < 8
         and time.monotonic() < deadline

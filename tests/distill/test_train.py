@@ -906,7 +906,14 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
         "student"
     ]["nll"]
     assert (
-        reports[0]["source"] == {"prompts": str(heldout), "skip": 0, "limit": 64}
+        reports[0]["source"]
+        == {
+            "prompts": str(heldout),
+            "skip": 0,
+            "limit": 64,
+            "max_prompt_tokens": 1024,
+            "over_prompt_cap": 0,
+        }
         and reports[0]["prompts_sha256"]
     )
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

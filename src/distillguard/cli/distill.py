@@ -49,6 +49,8 @@ def harvest_cmd(
     n: int = option(HarvestConfig, "n"),
     concurrency: int = option(HarvestConfig, "concurrency"),
     max_tokens: int = option(HarvestConfig, "max_tokens"),
+    max_prompt_tokens: int = option(HarvestConfig, "max_prompt_tokens"),
+    tokenizer: str = option(HarvestConfig, "tokenizer"),
     temperature: float = option(HarvestConfig, "temperature"),
     top_logprobs: int | None = option(HarvestConfig, "top_logprobs"),
     seed: int | None = option(HarvestConfig, "seed"),
@@ -64,13 +66,20 @@ def harvest_cmd(
         "--keep-capped",
         help="also write answers cut at --max-tokens to "
         "data.jsonl (finish_reason 'length'; `distill curate --keep-capped` keeps them)",
+    export: str = typer.Option(
+        "run",
+        help="what data.jsonl holds: run (the answers to this command's prompts, whichever run "
+        "stored them) | store (every usable answer in OUT's store, earlier runs of other "
+        "prompts or settings included)",
+    ),
     ),
 ) -> None:
     """Collect teacher answers: async, resumable after a crash, never over budget.
 
     Writes OUT/store.sqlite (every paid answer, keyed by request fingerprint), OUT/data.jsonl
-    (the usable answers) and OUT/report.json. Rerun the same command to resume. Exits 1 when
-    requests failed after their retries (the rest is stored): rerun to send just those.
+    (the usable answers to this command's prompts; --export store: all in the store) and
+    OUT/report.json. Rerun the same command to resume. Exits 1 when requests failed after their
+    retries (the rest is stored): rerun to send just those.
 
     Examples:
 
@@ -88,6 +97,8 @@ def harvest_cmd(
         n=n,
         concurrency=concurrency,
         max_tokens=max_tokens,
+        max_prompt_tokens=max_prompt_tokens,
+        tokenizer=tokenizer,
         temperature=temperature,
         top_logprobs=top_logprobs,
         seed=seed,
@@ -98,6 +109,9 @@ def harvest_cmd(
         timeout_s=timeout,
         max_retries=max_retries,
         commit_window_s=commit_window,
+    from distillguard.distill.store import check_export_scope
+
+    check_export_scope(export)  # before anything is paid for
     )
     items = load_prompts(prompts, limit=limit, skip=skip)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,21 +142,43 @@ def harvest_cmd(
             )
 
         report = run_stoppable(harvest(config, items, store, on_progress=on_progress))
-    rows = store.export_jsonl(out / "data.jsonl", keep_capped=keep_capped)
-    summary = {**report.to_dict(), "store": store.totals(), "data_rows": rows}
+    exported = store.export(
+        out / "data.jsonl", keep_capped=keep_capped, run=report.fingerprints, scope=export
+    )
+    summary = {
+        **report.to_dict(),
+        "store": store.totals(),
+        "data_rows": exported.rows,
+        "export": vars(exported),
+    }
     (out / "report.json").write_text(json.dumps(summary, indent=2))
     store.close()
-    answers = f" ({report.answers_ok} usable answers of {config.n} each)" if config.n > 1 else ""
-    err_console.print(
-        f"stored {report.stored_ok} new answers{answers} ({report.skipped_done} from earlier runs), "
-        f"malformed {sum(report.malformed.values())}, failed {sum(report.failed.values())}, "
-        f"over budget {report.budget_stopped}; {rows} rows in {out / 'data.jsonl'}"
-    )
+    for line in harvest_summary(report, exported, config):
+        err_console.print(line, soft_wrap=True)
     print(json.dumps(summary))
     if (
         report.unfinished()
     ):  # exit 1, after everything above is written: a script must not take this as done
         raise IncompleteError(report.unfinished())
+
+def harvest_summary(report, exported, config: HarvestConfig) -> list[str]:
+    """What the harvest did, then what data.jsonl holds and what it left out, each named."""
+    from distillguard.distill.prompt_length import over_cap_message
+
+    new = report.stored_ok + sum(report.malformed.values())  # paid for, usable or not
+    answers = f" of {config.n} answers each" if config.n > 1 else ""
+    lines = [
+        f"stored {new} new responses{answers} ({report.skipped_done} more from earlier runs), "
+        f"failed {sum(report.failed.values())}, over budget {report.budget_stopped}"
+    ]
+    if report.over_prompt_cap:
+        lines.append(
+            over_cap_message(
+                report.over_prompt_cap, config.max_prompt_tokens, report.planned, config.tokenizer
+            )
+        )
+    return lines + exported.describe(config.max_tokens)
+
 
 
 @distill_app.command("self-instruct")
@@ -169,6 +205,8 @@ def self_instruct_cmd(
     max_rounds: int = option(SelfInstructConfig, "max_rounds"),
     novelty: float = option(SelfInstructConfig, "novelty"),
     concurrency: int = option(HarvestConfig, "concurrency"),
+    max_prompt_tokens: int = option(HarvestConfig, "max_prompt_tokens"),
+    tokenizer: str = option(HarvestConfig, "tokenizer"),
     max_tokens: int = option(HarvestConfig, "max_tokens"),
     temperature: float = typer.Option(SELF_INSTRUCT_TEMPERATURE, help="sampling temperature"),
     budget_tokens: int | None = option(HarvestConfig, "budget_tokens"),
@@ -216,6 +254,8 @@ def self_instruct_cmd(
         api_key=api_key,
         model=model,
         concurrency=concurrency,
+        max_prompt_tokens=max_prompt_tokens,
+        tokenizer=tokenizer,
         max_tokens=max_tokens,
         temperature=temperature,
         budget_tokens=budget_tokens,
@@ -258,6 +298,18 @@ def self_instruct_cmd(
     err_console.print(
         f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
         f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})"
+    if report.harvest.get("over_prompt_cap"):
+        from distillguard.distill.prompt_length import over_cap_message
+
+        err_console.print(
+            over_cap_message(
+                report.harvest["over_prompt_cap"],
+                max_prompt_tokens,
+                report.harvest["planned"],
+                tokenizer,
+            ),
+            soft_wrap=True,
+        )
     )
     print(json.dumps(summary))
     if report.stopped == "failed":
@@ -384,6 +436,12 @@ def train_cmd(
     else:
         err_console.print(
             f"saved {summary['parameters']:,}-parameter student to {out} "
+    if summary.get("length_message"):  # also in OUT/train_summary.json
+        err_console.print(
+            f"{summary['examples']} examples of {summary['training_rows']} rows: "
+            f"{summary['length_message']}",
+            soft_wrap=True,
+        )
             f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})"
         )
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))

@@ -54,9 +54,13 @@ class EvalReport:
     # versions that generated and scored the answers.
     prompts_sha256: str = ""
     versions: dict = field(default_factory=dict)
+    # per prompt, the answers scored: its messages, the teacher's and the student's greedy answers
+    # and their agreement (kept out of to_dict: :func:`write_answers` saves them as JSONL)
+    answers: list[dict] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
-        """As JSON-able data; an undefined number (NaN) is None, since NaN is not JSON."""
+        """As JSON-able data; an undefined number (NaN) is None, since NaN is not JSON. Without
+        the answers (see :func:`write_answers`)."""
 
         def clean(value):
             if isinstance(value, float) and math.isnan(value):
@@ -65,7 +69,42 @@ class EvalReport:
                 return {k: clean(v) for k, v in value.items()}
             return value
 
-        return clean(asdict(self))
+        out = clean(asdict(self))
+        del out["answers"]
+        return out
+
+
+def write_answers(reports: list[EvalReport], path) -> int:
+    """The answers the reports scored, one JSON line per prompt: its messages, the teacher's
+    greedy answer, and per student (by spec) its answer with its ROUGE-L and exact match against
+    the teacher's. The baseline has no line of its own: it is scored on the teacher's answers
+    only (their NLL), and generates none. Returns the lines written."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, first in enumerate(reports[0].answers):
+            line = {
+                "prompt": i,
+                "messages": first["messages"],
+                "teacher": first["teacher"],
+                "students": {
+                    r.student.spec: {
+                        k: r.answers[i][k] for k in ("answer", "rouge_l", "exact_match")
+                    }
+                    for r in reports
+                },
+            }
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return len(reports[0].answers)
+
+
+def within_prompt_cap(
+    lm: LoadedModel, prompts: list[list[dict]], max_prompt_tokens: int
+) -> tuple[list[list[dict]], int]:
+    """The prompts of at most ``max_prompt_tokens`` in ``lm``'s chat template (0: all), and how
+    many were over: one long prompt pads its whole batch of greedy answers to its length."""
+    if not max_prompt_tokens:
+        return prompts, 0
+    kept = [m for m in prompts if len(lm.chat_ids(m)) <= max_prompt_tokens]
+    return kept, len(prompts) - len(kept)
 
 
 def prompts_digest(prompts: list[list[dict]]) -> str:
@@ -276,9 +315,10 @@ def evaluate_many(
         )
         s_text = [decode(a, skip_special_tokens=True).strip() for a in student_answers]
         # Identical answers agree fully even when ROUGE's word tokenizer finds no words in them.
-        rouge = sum(
+        rouges = [
             1.0 if t == s else scorer.score(t, s)["rougeL"].fmeasure for t, s in zip(t_text, s_text)
-        ) / max(len(prompts), 1)
+        ]
+        rouge = sum(rouges) / max(len(prompts), 1)
         exact = sum(t == s for t, s in zip(t_text, s_text)) / max(len(prompts), 1)
         s_report = ModelReport(
             student.spec,
@@ -303,6 +343,16 @@ def evaluate_many(
             baseline=b_report,
             prompts_sha256=digest,
             versions=setup,
+            answers=[
+                {
+                    "messages": m,
+                    "teacher": t,
+                    "answer": a,
+                    "rouge_l": r,
+                    "exact_match": t == a,
+                }
+                for m, t, a, r in zip(prompts, t_text, s_text, rouges)
+            ],
         )
         if b_report is not None:
             denom = b_report.nll - t_report.nll

@@ -4,6 +4,7 @@ teacher's top-k logprobs per answer position (top-k KD), and the padded batches 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import torch
 
@@ -14,13 +15,24 @@ IGNORE = -100  # label of a position no loss is taken at (the Hugging Face conve
 
 
 def sft_example(
-    lm: LoadedModel, messages: list[dict], response: str, max_length: int, *, capped: bool = False
+    lm: LoadedModel,
+    messages: list[dict],
+    response: str,
+    max_length: int,
+    *,
+    capped: bool = False,
+    stats: Counter | None = None,
 ) -> dict | None:
     """input_ids of prompt + answer in the chat template, labels only on the answer (and its end).
 
     ``capped``: the answer was cut at the harvest's max_tokens (``finish_reason: length``), so it
     did not end there, and its end-of-turn is left out: a student taught to stop where the cap
-    fell would stop mid-sentence."""
+    fell would stop mid-sentence.
+
+    Longer than ``max_length``: the answer is cut (what remains is still the teacher's answer to
+    the prompt shown), or, when the prompt alone fills ``max_length``, the example is dropped
+    (None): cutting the prompt instead would teach an answer to a question the student cannot
+    see. ``stats`` counts both ("truncated", "dropped_long")."""
     prompt = lm.chat_ids(messages)
     full = lm.tokenizer.apply_chat_template(
         messages + [{"role": "assistant", "content": response}], tokenize=True
@@ -40,14 +52,25 @@ def sft_example(
         end -= 1
     ids = full[:end][:max_length]
     if len(ids) <= len(prompt):
-        return None  # no answer token fits
+        _count(stats, "dropped_long")  # no answer token fits
+        return None
+    if end > max_length:
+        _count(stats, "truncated")
     labels = [IGNORE] * len(prompt) + ids[len(prompt) :]
     return {"input_ids": ids, "labels": labels[: len(ids)], "prompt_len": len(prompt)}
 
 
-def topk_examples(lm: LoadedModel, rows: list[dict], max_length: int) -> list[dict | None]:
-    """Top-k KD examples of harvested rows; ConfigError when they carry no top-k logprobs or
-    tokens the student's vocabulary does not have."""
+def _count(stats: Counter | None, what: str) -> None:
+    if stats is not None:
+        stats[what] += 1
+
+
+def topk_examples(
+    lm: LoadedModel, rows: list[dict], max_length: int, stats: Counter | None = None
+) -> list[dict | None]:
+    """Top-k KD examples of harvested rows, one per row (None for a row without logprobs or too
+    long, counted in ``stats`` as "no_logprobs" or as :func:`sft_example` counts); ConfigError
+    when they carry no top-k logprobs or tokens the student's vocabulary does not have."""
     byte_to_id = _byte_index(lm)
     k = max(
         (len(e.get("top_logprobs", [])) for r in rows for e in json.loads(r["logprobs"] or "[]")),
@@ -55,11 +78,15 @@ def topk_examples(lm: LoadedModel, rows: list[dict], max_length: int) -> list[di
     )
     if k == 0:
         raise ConfigError("--loss topk-kd needs harvested logprobs: harvest with --top-logprobs K")
-    return [
-        kd_example(lm, byte_to_id, r["messages"], json.loads(r["logprobs"]), max_length, k)
-        for r in rows
-        if r["logprobs"]
-    ]
+    examples = []
+    for r in rows:
+        if not r["logprobs"]:
+            _count(stats, "no_logprobs")
+            examples.append(None)
+            continue
+        entries = json.loads(r["logprobs"])
+        examples.append(kd_example(lm, byte_to_id, r["messages"], entries, max_length, k, stats))
+    return examples
 
 
 def kd_example(
@@ -69,8 +96,10 @@ def kd_example(
     entries: list[dict],
     max_length: int,
     k: int,
+    stats: Counter | None = None,
 ) -> dict | None:
-    """Teacher's own token sequence with its top-k distribution at every answer position."""
+    """Teacher's own token sequence with its top-k distribution at every answer position (cut
+    or dropped at ``max_length`` as in :func:`sft_example`)."""
     prompt = lm.chat_ids(messages)
     answer, top_ids, top_lps = [], [], []
     for entry in entries:
@@ -93,7 +122,10 @@ def kd_example(
         len(ids) - len(prompt) - 1
     )  # positions predicting answer tokens (the eos step has no top-k)
     if n_answer < 1:
+        _count(stats, "dropped_long")
         return None
+    if len(prompt) + len(answer) + 1 > max_length:
+        _count(stats, "truncated")
     # Position t predicts token t+1: answer token j is predicted at position len(prompt)-1+j.
     return {
         "input_ids": ids,

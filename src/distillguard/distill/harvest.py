@@ -13,9 +13,14 @@
   when the answer arrives. Spending of earlier runs (in the store) counts.
 * **Retries** on 429, 5xx, timeouts and broken connections: exponential backoff with full
   jitter, at least the server's ``Retry-After``.
-* **Malformed answers** (no choices, empty, truncated at max_tokens, not JSON) are counted and
-  stored as such (they were paid for) but kept out of the data. With ``n`` > 1 that is decided
-  per choice: a response is 'ok' when any of its choices is usable, and only those are exported.
+* **Prompts over ``max_prompt_tokens``** (in the teacher's chat template, counted with
+  ``tokenizer``) are not sent, and counted: one pasted document's prefill holds up a CPU
+  teacher's whole batch (:mod:`distillguard.distill.prompt_length`).
+* **Malformed answers** (no choices, empty, not JSON) and **capped** ones (cut at max_tokens,
+  finish_reason 'length', stored as 'malformed:truncated') are counted apart and stored (they
+  were paid for) but kept out of the data, capped ones unless asked for. With ``n`` > 1 that is
+  decided per choice: a response is 'ok' when any of its choices is usable, and only those are
+  exported.
 * **Cheap client.** HTTP goes through aiohttp: on a small machine httpx's async client costs
   about ten times the CPU per request and capped the harvest at ~10% of what a bare aiohttp client
   gets from the same server (``bench/harvest_throughput.py``). Answers are parsed with orjson and
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING
 import orjson
 
 from distillguard.distill.harvest_config import HarvestConfig
+from distillguard.distill.prompt_length import PromptTokenCounter
 from distillguard.distill.prompts import Prompt
 from distillguard.distill.store import ResponseStore, classify, classify_choice, fingerprint
 from distillguard.errors import IncompleteError
@@ -63,15 +69,25 @@ class HarvestReport:
     failed: dict[str, int] = field(default_factory=dict)
     retries: int = 0
     budget_stopped: int = 0  # not sent: the budget could not cover their worst case
+    over_prompt_cap: int = 0  # not sent (nor exported): longer than max_prompt_tokens
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
     seconds: float = 0.0
-    # each prompt's request fingerprint, in the prompts' order: the keys of its answers in the store
+    # the request fingerprint of each prompt within max_prompt_tokens, in the prompts' order: the
+    # keys of this run's answers in the store
     fingerprints: list[str] = field(default_factory=list, repr=False)
 
+    @property
+    def capped(self) -> int:
+        """Answers (choices) that reached max_tokens (finish_reason 'length'): not malformed, only
+        unfinished, and left out of the data unless asked for (``--keep-capped``)."""
+        return self.answers_malformed.get("malformed:truncated", 0)
+
     def to_dict(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "fingerprints"}
+        out = {k: v for k, v in vars(self).items() if k != "fingerprints"}
+        out["answers_capped"] = self.capped
+        return out
 
     def finished(self) -> int:
         """Prompts accounted for so far: answered now or before, malformed, failed or over budget."""
@@ -81,6 +97,7 @@ class HarvestReport:
             + sum(self.malformed.values())
             + sum(self.failed.values())
             + self.budget_stopped
+            + self.over_prompt_cap
         )
 
     def transient_failures(self) -> int:
@@ -204,9 +221,15 @@ async def harvest(
     done = store.done()
     totals = store.totals()
     budget = _Budget(config, totals["tokens"], totals["cost_usd"])
+    counter = PromptTokenCounter.load(config.tokenizer) if config.max_prompt_tokens else None
     todo = []
     for prompt in prompts:
         body = config.request(prompt)
+        # Over the cap whether or not an earlier run stored an answer: a run's data is the same
+        # on every rerun of its command.
+        if counter is not None and counter.count(body["messages"]) > config.max_prompt_tokens:
+            report.over_prompt_cap += 1
+            continue
         fp = fingerprint(body)
         report.fingerprints.append(fp)
         if fp in done:

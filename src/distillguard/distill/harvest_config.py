@@ -9,6 +9,12 @@ from typing import TYPE_CHECKING
 from pydantic import Field, model_validator
 
 from distillguard.distill.config import DistillConfig, Number
+from distillguard.distill.prompt_length import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_TOKENIZER,
+    MAX_PROMPT_TOKENS_HELP,
+    TOKENIZER_HELP,
+)
 from distillguard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,6 +31,8 @@ class HarvestConfig(DistillConfig):
     concurrency: int = Field(8, description="requests in flight at once")
     max_tokens: int = Field(256, description="max completion tokens per answer")
     temperature: Number = Field(0.7, description="sampling temperature")
+    max_prompt_tokens: int = Field(DEFAULT_MAX_PROMPT_TOKENS, description=MAX_PROMPT_TOKENS_HELP)
+    tokenizer: str = Field(DEFAULT_TOKENIZER, description=TOKENIZER_HELP)
     top_logprobs: int | None = Field(
         None, description="also harvest the top-K logprobs per token (0-20)"
     )
@@ -61,6 +69,11 @@ class HarvestConfig(DistillConfig):
     def _check(self) -> HarvestConfig:
         if self.concurrency < 1 or self.n < 1 or self.max_tokens < 1:
             raise ConfigError("--concurrency, --n and --max-tokens must be at least 1")
+        if self.max_prompt_tokens < 0:
+            raise ConfigError(
+                f"--max-prompt-tokens {self.max_prompt_tokens} cannot be negative (0 sends every "
+                "prompt)"
+            )
         if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"--top-logprobs {self.top_logprobs} must be between 0 and 20")
         if self.commit_window_s < 0 or self.commit_batch < 1:

@@ -21,6 +21,12 @@ An optional ``self_instruct:`` section (``n``, ``requests_per_round``, ``max_rou
 requests' ``max_tokens`` and ``temperature``) first grows new prompts through the same teacher and key as ``harvest``; use
 them with ``harvest: {prompts: self-instruct, ...}``. Like harvest it resumes by itself.
 
+``harvest:`` takes every :class:`~distillguard.distill.harvest_config.HarvestConfig` field, e.g.
+``max_prompt_tokens: 1024`` (prompts longer than that in ``tokenizer``'s tokens are not sent;
+0 sends all), and ``export: run`` (``data.jsonl`` holds the answers to this config's prompts;
+``store``: every usable answer in the harvest's store). ``self_instruct:`` takes ``max_tokens``,
+``max_prompt_tokens`` and ``tokenizer`` for its requests.
+
 ``harvest: {keep_capped: true}`` also keeps the answers cut at ``max_tokens`` (curate keeps them
 unless ``curate: {keep_capped: false}``; training leaves out their end-of-turn).
 
@@ -41,7 +47,17 @@ from distillguard.errors import ConfigError, IncompleteError
 
 STAGES = ("harvest", "curate", "train", "eval")
 # harvest: settings the pipeline reads itself; the rest are HarvestConfig's
-HARVEST_PIPELINE_KEYS = {"prompts", "limit", "skip", "api_key_env", "allow_failures", "keep_capped"}
+HARVEST_PIPELINE_KEYS = {
+    "prompts",
+    "limit",
+    "skip",
+    "api_key_env",
+    "allow_failures",
+    "keep_capped",
+    "export",
+}
+# self_instruct: settings of its requests (HarvestConfig's), beside its own and the seeds'
+SELF_INSTRUCT_REQUEST_KEYS = ("max_tokens", "max_prompt_tokens", "tokenizer")
 
 
 def load_config(path: str | Path) -> dict:
@@ -129,6 +145,9 @@ def _check_values(path: Path, config: dict) -> None:
                 ),
             )
         )
+    from distillguard.distill.store import check_export_scope
+
+    checks.append(("harvest", lambda: check_export_scope(config["harvest"].get("export", "run"))))
     for section, build in checks:
         try:
             build()
@@ -156,7 +175,7 @@ def _section_keys() -> dict[str, set[str]]:
     return {
         "harvest": names(HarvestConfig) | HARVEST_PIPELINE_KEYS,
         "self_instruct": names(SelfInstructConfig)
-        | {"seed_limit", "seed_max_chars", "max_tokens", "temperature"},
+        | {"seed_limit", "seed_max_chars", "temperature", *SELF_INSTRUCT_REQUEST_KEYS},
         "curate": names(CurateConfig) | {"eval_prompts"},
         "train": names(TrainConfig) - {"data", "out"},
         "eval": names(EvalConfig),
@@ -192,6 +211,7 @@ def run(config: dict, *, log=print) -> dict:
     source, limit, skip = h.pop("prompts"), h.pop("limit", None), h.pop("skip", 0)
     allow_failures = bool(h.pop("allow_failures", False))
     keep_capped = bool(h.pop("keep_capped", False))
+    export = h.pop("export", "run")
     key_env = h.pop("api_key_env", None)
     if key_env:
         h["api_key"] = os.environ.get(key_env) or _missing(key_env)
@@ -203,13 +223,24 @@ def run(config: dict, *, log=print) -> dict:
     hdir = out / "harvest"
     hdir.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(hdir / "store.sqlite")
-    report = run_stoppable(
-        harvest(HarvestConfig(**h), load_prompts(source, limit=limit, skip=skip), store)
+    hconfig = HarvestConfig(**h)
+    report = run_stoppable(harvest(hconfig, load_prompts(source, limit=limit, skip=skip), store))
+    exported = store.export(
+        hdir / "data.jsonl", keep_capped=keep_capped, run=report.fingerprints, scope=export
     )
-    rows = store.export_jsonl(hdir / "data.jsonl", keep_capped=keep_capped)
     store.close()
-    results["harvest"] = {**report.to_dict(), "data_rows": rows}
-    log(f"harvest: {report.stored_ok} new, {report.skipped_done} cached, {rows} rows")
+    results["harvest"] = {**report.to_dict(), "data_rows": exported.rows, "export": vars(exported)}
+    log(
+        f"harvest: {report.stored_ok} new, {report.skipped_done} cached, {exported.rows} rows"
+        + (
+            f", {report.over_prompt_cap} prompts over max_prompt_tokens {hconfig.max_prompt_tokens}"
+            " skipped"
+            if report.over_prompt_cap
+            else ""
+        )
+    )
+    for line in exported.describe(hconfig.max_tokens):
+        log(f"harvest: {line}")
     if report.unfinished() and not allow_failures:
         # Curating and training on what a passing outage left would cost hours for a student of the
         # wrong data; a rerun fills the gap, then every later stage runs once on the whole harvest.
@@ -253,6 +284,8 @@ def run(config: dict, *, log=print) -> dict:
             summary = train(TrainConfig(data=str(cdir), out=str(tdir), **t))
             _mark(tdir, key, {k: v for k, v in summary.items() if k != "history"})
             log(f"train: {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+            if summary.get("length_message"):
+                log(f"train: {summary['length_message']}")
         results["train"] = json.loads((tdir / "stage.json").read_text())["result"]
         # eval
         if "eval" in config:
@@ -264,7 +297,12 @@ def run(config: dict, *, log=print) -> dict:
                 from datasets import load_from_disk
 
                 from distillguard.distill.eval_config import EvalConfig
-                from distillguard.distill.evaluate import distinct_prompts, evaluate
+                from distillguard.distill.evaluate import (
+                    distinct_prompts,
+                    evaluate,
+                    within_prompt_cap,
+                    write_answers,
+                )
                 from distillguard.distill.train import load_student
                 from distillguard.models import load_model
 
@@ -274,14 +312,29 @@ def run(config: dict, *, log=print) -> dict:
                 )
                 ec = EvalConfig(**e)
                 messages = distinct_prompts(load_from_disk(str(cdir))["eval"])
+                teacher = load_model(ec.teacher, device="cpu")
+                messages, over_cap = within_prompt_cap(
+                    teacher, messages[ec.skip : ec.skip + ec.limit], ec.max_prompt_tokens
+                )
                 ereport = evaluate(
-                    load_model(ec.teacher, device="cpu"),
+                    teacher,
                     load_model(str(tdir), device="cpu"),
-                    messages[ec.skip : ec.skip + ec.limit],
+                    messages,
                     max_new_tokens=ec.max_new_tokens,
                     baseline=load_student(ec.baseline, ec.teacher) if ec.baseline else None,
                 )
-                _mark(edir, key, ereport.to_dict())
+                write_answers([ereport], edir / "answers.jsonl")
+                _mark(
+                    edir,
+                    key,
+                    {
+                        **ereport.to_dict(),
+                        "over_prompt_cap": over_cap,
+                        "answers": str(edir / "answers.jsonl"),
+                    },
+                )
+                if over_cap:
+                    log(f"eval: skipped {over_cap} prompts over max_prompt_tokens")
                 log(
                     f"eval: student NLL {ereport.student.nll:.3f} vs teacher {ereport.teacher.nll:.3f}, "
                     f"ROUGE-L {ereport.student.rouge_l:.3f}"
@@ -319,7 +372,7 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     }
     hconfig = HarvestConfig(
         **shared,
-        **{k: s.pop(k) for k in ("max_tokens",) if k in s},
+        **{k: s.pop(k) for k in SELF_INSTRUCT_REQUEST_KEYS if k in s},
         temperature=s.pop("temperature", SELF_INSTRUCT_TEMPERATURE),
     )
     sdir.mkdir(parents=True, exist_ok=True)

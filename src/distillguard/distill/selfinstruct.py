@@ -271,6 +271,8 @@ async def self_instruct(
         hconfig = round_harvest_config(harvest_config, config, r)
         got = await harvest(hconfig, prompts, store)
         for key in (
+            "planned",
+            "over_prompt_cap",
             "skipped_done",
             "sent",
             "stored_ok",

@@ -13,6 +13,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -214,42 +215,161 @@ class ResponseStore:
         return found
 
     def export_jsonl(self, path: str | Path, *, keep_capped: bool = False) -> int:
+        """Every usable answer in the store to ``path``; the number of rows (see :meth:`export`)."""
+        return self.export(path, keep_capped=keep_capped).rows
+
+    def export(
+        self,
+        path: str | Path,
+        *,
+        keep_capped: bool = False,
+        run: list[str] | None = None,
+        scope: str = "store",
+    ) -> ExportSummary:
         """The usable data: one line per (prompt, usable choice) with messages, answer, usage, logprobs.
 
-        Usability is judged per choice, over every stored response: a response of ``n`` choices
-        is 'ok' when any of them is usable, and one stored before that rule (all of its choices
-        judged together) still gives up its usable choices here. ``keep_capped`` also exports the
-        non-empty choices cut at max_tokens (their ``finish_reason`` "length" says so, and
-        ``distill curate`` drops them unless told to keep them).
+        ``scope`` 'run' writes the answers of the fingerprints ``run`` (one harvest's requests, in
+        its prompts' order, whichever run stored them); 'store' writes every stored response, in
+        the order they were stored. The summary counts, within the scope, the answers left out
+        and why, and the usable rows of the store outside ``run`` (not written with 'run', written
+        with 'store').
+
+        Usability is judged per choice: a response of ``n`` choices is 'ok' when any of them is
+        usable, and one stored before that rule (all of its choices judged together) still gives
+        up its usable choices here. ``keep_capped`` also exports the non-empty choices cut at
+        max_tokens (their ``finish_reason`` "length" says so, and ``distill curate`` drops them
+        unless told to keep them).
         """
-        usable = ("ok", "malformed:truncated") if keep_capped else ("ok",)
-        n = 0
+        check_export_scope(scope)
+        if scope == "run" and run is None:
+            raise ValueError("scope 'run' needs the run's fingerprints")
+        summary = ExportSummary(path=str(path), scope=scope, keep_capped=keep_capped)
+        members = set(run or ())
         with open(path, "w", encoding="utf-8") as fh:
+            if scope == "run":
+                found = self.get_many(run)
+                summary.unanswered = len(members - set(found))
+                for fp in dict.fromkeys(run):
+                    if fp in found:
+                        summary.rows += _write_rows(fh, found[fp], keep_capped, summary)
             for rec in self.records(only_ok=False):
-                response = rec["response"]
-                choices = response.get("choices") if isinstance(response, dict) else None
-                if (
-                    not isinstance(choices, list)
-                    or classify(response, len(choices)) == "malformed:invalid"
-                ):
+                if rec["fingerprint"] in members:
+                    if scope == "store":
+                        summary.rows += _write_rows(fh, rec, keep_capped, summary)
                     continue
-                for choice in choices:
-                    if classify_choice(choice) not in usable:
-                        continue
-                    fh.write(
-                        json.dumps(
-                            {
-                                "id": f"{rec['prompt_id']}#{choice.get('index', 0)}",
-                                "prompt_id": rec["prompt_id"],
-                                "messages": rec["request"]["messages"],
-                                "response": choice["message"]["content"],
-                                "finish_reason": choice.get("finish_reason"),
-                                "usage": rec["response"].get("usage"),
-                                "logprobs": (choice.get("logprobs") or {}).get("content"),
-                            },
-                            ensure_ascii=False,
-                        )
-                        + "\n"
-                    )
-                    n += 1
-        return n
+                store_scope = scope == "store"
+                other = _write_rows(
+                    fh if store_scope else None, rec, keep_capped, summary if store_scope else None
+                )
+                summary.other_rows += other
+                summary.rows += other if store_scope else 0
+        return summary
+
+
+EXPORT_SCOPES = ("run", "store")
+
+
+def check_export_scope(scope: str) -> None:
+    if scope not in EXPORT_SCOPES:
+        raise ConfigError(
+            f"--export {scope!r}: use run (the answers to this run's prompts) or store (every "
+            "usable answer in the store)"
+        )
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote, what it left out and why (``rows`` is the file's line count)."""
+
+    path: str
+    scope: str  # 'run' | 'store'
+    keep_capped: bool
+    rows: int = 0
+    # answers of the run's requests (all stored ones with scope 'store') by what became of them
+    capped: int = 0  # reached max_tokens: written with keep_capped, else left out
+    malformed: int = 0  # empty, or not a chat completion: left out
+    unanswered: int = 0  # the run's requests with nothing stored (failed, over budget)
+    other_rows: int = 0  # usable rows of requests outside the run (earlier runs of other prompts)
+
+    def describe(self, max_tokens: int | None = None) -> list[str]:
+        """The summary's lines: what the file holds, and the answers left out, named as such."""
+        name = Path(self.path).name
+        cap = f" {max_tokens}" if max_tokens is not None else ""
+        lines = []
+        if self.scope == "run":
+            lines.append(
+                f"{name}: {self.rows} rows: this run's usable answers"
+                + (
+                    f" ({self.other_rows} more from earlier runs in the store are not included; "
+                    "--export store includes them)"
+                    if self.other_rows
+                    else ""
+                )
+            )
+        else:
+            lines.append(
+                f"{name}: {self.rows} rows: every usable answer in the store"
+                + (
+                    f", {self.other_rows} of them from earlier runs of other requests "
+                    "(--export run keeps to this run's)"
+                    if self.other_rows
+                    else ""
+                )
+            )
+        if self.capped:
+            lines.append(
+                f"{self.capped} answers reached --max-tokens{cap} (finish_reason length) and "
+                + (
+                    f"are in {name} (--keep-capped)"
+                    if self.keep_capped
+                    else "were dropped; --keep-capped keeps them"
+                )
+            )
+        if self.malformed:
+            lines.append(
+                f"{self.malformed} answers were malformed (empty, or not a chat completion) and "
+                "were dropped"
+            )
+        return lines
+
+
+def _write_rows(fh, rec: dict, keep_capped: bool, summary: ExportSummary | None) -> int:
+    """Write the usable choices of one stored record to ``fh`` (only count them when ``fh`` is
+    None); tally what was left out on ``summary``. Returns the rows."""
+    response = rec["response"]
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or classify(response, len(choices)) == "malformed:invalid":
+        if summary is not None:
+            summary.malformed += len(choices) if isinstance(choices, list) and choices else 1
+        return 0
+    n = 0
+    for choice in choices:
+        why = classify_choice(choice)
+        if why == "malformed:truncated":
+            if summary is not None:
+                summary.capped += 1
+            if not keep_capped:
+                continue
+        elif why != "ok":
+            if summary is not None:
+                summary.malformed += 1
+            continue
+        n += 1
+        if fh is None:
+            continue
+        fh.write(
+            json.dumps(
+                {
+                    "id": f"{rec['prompt_id']}#{choice.get('index', 0)}",
+                    "prompt_id": rec["prompt_id"],
+                    "messages": rec["request"]["messages"],
+                    "response": choice["message"]["content"],
+                    "finish_reason": choice.get("finish_reason"),
+                    "usage": response.get("usage"),
+                    "logprobs": (choice.get("logprobs") or {}).get("content"),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
+    return n

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -155,9 +156,10 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     rows = list(ds["train"])[: config.max_train]
     loss = config.loss
     examples = None
+    stats: Counter = Counter()
     if loss in ("topk-kd", "auto"):
         try:
-            examples = topk_examples(student, rows, config.max_length)
+            examples = topk_examples(student, rows, config.max_length, stats)
             loss = "topk-kd"
         except ConfigError:
             if loss == "topk-kd":
@@ -165,6 +167,7 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
             # auto: no top-k logprobs, or not in the student's vocabulary: plain SFT
     if examples is None:
         loss = "sft" if loss == "auto" else loss
+        stats.clear()  # auto fell back to SFT: its counts, not top-k KD's
         examples = [
             sft_example(
                 student,
@@ -172,13 +175,23 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
                 r["response"],
                 config.max_length,
                 capped=r.get("finish_reason") == "length",
+                stats=stats,
             )
             for r in rows
         ]
     kept = [r for r, e in zip(rows, examples) if e is not None]
     examples = [e for e in examples if e is not None]
     if not examples:
-        raise ConfigError(f"no usable training examples in {data_dir}")
+        raise ConfigError(
+            f"no usable training examples in {data_dir}"
+            + (
+                f": the prompts of all {stats['dropped_long']} fill --max-length "
+                f"{config.max_length}; raise it"
+                if stats["dropped_long"] == len(rows)
+                else ""
+            )
+        )
+    lengths = length_report(config.max_length, len(rows), stats)
     model = student.model
     model.train()
     if config.lora:
@@ -288,6 +301,8 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
         "loss": loss,
         "requested_loss": config.loss,
         "examples": len(examples),
+        # the training set's rows left out or cut to fit --max-length, and why
+        **lengths,
         # teacher queries behind them: distinct prompts (the n answers of one request share one)
         "queries": len(distinct_prompts(kept)),
         "precision": config.precision,
@@ -320,6 +335,29 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def length_report(max_length: int, rows: int, stats: Counter) -> dict:
+    """How --max-length changed the training set: examples dropped (the prompt alone fills it),
+    answers cut, rows without logprobs (top-k KD), and one line saying so for the user."""
+    dropped, cut = stats["dropped_long"], stats["truncated"]
+    parts = []
+    if dropped:
+        parts.append(
+            f"dropped {dropped} of {rows} examples whose prompt alone fills --max-length "
+            f"{max_length} (no answer token fits; raise --max-length to keep them)"
+        )
+    if cut:
+        parts.append(f"cut {cut} answers at --max-length {max_length}")
+    if stats["no_logprobs"]:
+        parts.append(f"left out {stats['no_logprobs']} rows without harvested logprobs")
+    return {
+        "training_rows": rows,
+        "dropped_over_max_length": dropped,
+        "truncated_at_max_length": cut,
+        "rows_without_logprobs": stats["no_logprobs"],
+        "length_message": "; ".join(parts) or None,
+    }
 
 
 class ProgressCallback(TrainerCallback):
