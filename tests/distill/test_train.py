@@ -899,6 +899,7 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
         "6",
         "--plot",
         str(tmp_path / "curve.png"),
+        timeout=600,  # three tiny models loaded and run on a shared machine
     )
     assert res.returncode == 0, res.stderr[-2000:]
     reports = json.loads(res.stdout.strip().splitlines()[-1])

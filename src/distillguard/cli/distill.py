@@ -49,9 +49,9 @@ def harvest_cmd(
     n: int = option(HarvestConfig, "n"),
     concurrency: int = option(HarvestConfig, "concurrency"),
     max_tokens: int = option(HarvestConfig, "max_tokens"),
+    temperature: float = option(HarvestConfig, "temperature"),
     max_prompt_tokens: int = option(HarvestConfig, "max_prompt_tokens"),
     tokenizer: str = option(HarvestConfig, "tokenizer"),
-    temperature: float = option(HarvestConfig, "temperature"),
     top_logprobs: int | None = option(HarvestConfig, "top_logprobs"),
     seed: int | None = option(HarvestConfig, "seed"),
     budget_tokens: int | None = option(HarvestConfig, "budget_tokens"),
@@ -66,12 +66,12 @@ def harvest_cmd(
         "--keep-capped",
         help="also write answers cut at --max-tokens to "
         "data.jsonl (finish_reason 'length'; `distill curate --keep-capped` keeps them)",
+    ),
     export: str = typer.Option(
         "run",
         help="what data.jsonl holds: run (the answers to this command's prompts, whichever run "
         "stored them) | store (every usable answer in OUT's store, earlier runs of other "
         "prompts or settings included)",
-    ),
     ),
 ) -> None:
     """Collect teacher answers: async, resumable after a crash, never over budget.
@@ -97,9 +97,9 @@ def harvest_cmd(
         n=n,
         concurrency=concurrency,
         max_tokens=max_tokens,
+        temperature=temperature,
         max_prompt_tokens=max_prompt_tokens,
         tokenizer=tokenizer,
-        temperature=temperature,
         top_logprobs=top_logprobs,
         seed=seed,
         budget_tokens=budget_tokens,
@@ -109,10 +109,10 @@ def harvest_cmd(
         timeout_s=timeout,
         max_retries=max_retries,
         commit_window_s=commit_window,
+    )
     from distillguard.distill.store import check_export_scope
 
     check_export_scope(export)  # before anything is paid for
-    )
     items = load_prompts(prompts, limit=limit, skip=skip)
     out.mkdir(parents=True, exist_ok=True)
     store = ResponseStore(out / "store.sqlite")
@@ -161,6 +161,7 @@ def harvest_cmd(
     ):  # exit 1, after everything above is written: a script must not take this as done
         raise IncompleteError(report.unfinished())
 
+
 def harvest_summary(report, exported, config: HarvestConfig) -> list[str]:
     """What the harvest did, then what data.jsonl holds and what it left out, each named."""
     from distillguard.distill.prompt_length import over_cap_message
@@ -178,7 +179,6 @@ def harvest_summary(report, exported, config: HarvestConfig) -> list[str]:
             )
         )
     return lines + exported.describe(config.max_tokens)
-
 
 
 @distill_app.command("self-instruct")
@@ -205,9 +205,9 @@ def self_instruct_cmd(
     max_rounds: int = option(SelfInstructConfig, "max_rounds"),
     novelty: float = option(SelfInstructConfig, "novelty"),
     concurrency: int = option(HarvestConfig, "concurrency"),
+    max_tokens: int = option(HarvestConfig, "max_tokens"),
     max_prompt_tokens: int = option(HarvestConfig, "max_prompt_tokens"),
     tokenizer: str = option(HarvestConfig, "tokenizer"),
-    max_tokens: int = option(HarvestConfig, "max_tokens"),
     temperature: float = typer.Option(SELF_INSTRUCT_TEMPERATURE, help="sampling temperature"),
     budget_tokens: int | None = option(HarvestConfig, "budget_tokens"),
     budget_usd: float | None = option(HarvestConfig, "budget_usd"),
@@ -254,9 +254,9 @@ def self_instruct_cmd(
         api_key=api_key,
         model=model,
         concurrency=concurrency,
+        max_tokens=max_tokens,
         max_prompt_tokens=max_prompt_tokens,
         tokenizer=tokenizer,
-        max_tokens=max_tokens,
         temperature=temperature,
         budget_tokens=budget_tokens,
         budget_usd=budget_usd,
@@ -298,6 +298,7 @@ def self_instruct_cmd(
     err_console.print(
         f"{len(tasks)} new tasks in {out / 'prompts.jsonl'} after {report.rounds} rounds "
         f"({report.candidates} candidates; dropped {report.dropped}; stopped: {report.stopped})"
+    )
     if report.harvest.get("over_prompt_cap"):
         from distillguard.distill.prompt_length import over_cap_message
 
@@ -310,7 +311,6 @@ def self_instruct_cmd(
             ),
             soft_wrap=True,
         )
-    )
     print(json.dumps(summary))
     if report.stopped == "failed":
         raise IncompleteError(f"round {report.rounds}: {report.unfinished}")
@@ -436,13 +436,13 @@ def train_cmd(
     else:
         err_console.print(
             f"saved {summary['parameters']:,}-parameter student to {out} "
+            f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})"
+        )
     if summary.get("length_message"):  # also in OUT/train_summary.json
         err_console.print(
             f"{summary['examples']} examples of {summary['training_rows']} rows: "
             f"{summary['length_message']}",
             soft_wrap=True,
-        )
-            f"({summary['steps']} steps, final loss {summary['final_loss']:.3f})"
         )
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
 
