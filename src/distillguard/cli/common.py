@@ -11,8 +11,28 @@ import os
 import typer
 from rich.console import Console
 
-err_console = Console(stderr=True)
-console = Console()
+# Off a terminal (a pipe, a file, CI) rich assumes 80 columns: help boxes cut option names with
+# "…", tables crop their cells and messages wrap mid-sentence. There is no screen to fit there,
+# so help is drawn HELP_WIDTH wide (every option's row whole) and tables and messages are not
+# wrapped at all (a table still takes only the width its cells need). COLUMNS, when set, wins.
+HELP_WIDTH = 200
+OFF_TERMINAL_WIDTH = 1000
+
+
+def _console(stderr: bool = False) -> Console:
+    probe = Console(stderr=stderr)
+    if probe.is_terminal or os.environ.get("COLUMNS"):
+        return probe
+    return Console(stderr=stderr, width=OFF_TERMINAL_WIDTH, soft_wrap=True)
+
+
+err_console = _console(stderr=True)
+console = _console()
+if not console.is_terminal and not os.environ.get("COLUMNS"):
+    import typer.rich_utils
+
+    typer.rich_utils.MAX_WIDTH = HELP_WIDTH  # typer draws --help on a console of its own
+
 
 DB_HELP = "ledger database: a file path, sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: user data dir)"
 
