@@ -34,6 +34,14 @@ if not console.is_terminal and not os.environ.get("COLUMNS"):
     typer.rich_utils.MAX_WIDTH = HELP_WIDTH  # typer draws --help on a console of its own
 
 
+def make_progress(*columns, transient: bool = False, disable: bool = False):
+    """Progress on stderr: rich's bars on a terminal, a plain line every few seconds elsewhere
+    (``distillguard.progress``: CI logs, nohup and notebooks saw nothing until the end)."""
+    from distillguard.progress import make_progress as make
+
+    return make(*columns, console=err_console, transient=transient, disable=disable)
+
+
 DB_HELP = "ledger database: a file path, sqlite:///FILE or postgresql+psycopg://USER@HOST/DB (default: user data dir)"
 
 

@@ -13,7 +13,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -21,7 +20,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from distillguard.cli.common import configure_logging, console, err_console, verbose_option
+from distillguard.cli.common import (
+    configure_logging,
+    console,
+    err_console,
+    make_progress,
+    verbose_option,
+)
 
 
 class _Extra(ProgressColumn):
@@ -113,13 +118,12 @@ def demo_command(
         epochs=epochs,
         seed=seed,
     )
-    progress = Progress(
+    progress = make_progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         _Extra(),
-        console=err_console,
         transient=True,
     )
 

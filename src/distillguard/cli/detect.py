@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from distillguard.cli.common import DB_HELP, console, err_console
+from distillguard.cli.common import DB_HELP, console, err_console, make_progress
 from distillguard.errors import ConfigError
 
 
@@ -64,14 +64,8 @@ def warn_without_text(records: list[dict], what: str) -> None:
 
 
 def _progress(label: str, total: int):
-    prog = Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
+    prog = make_progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     )
     task = prog.add_task(label, total=total)
     return prog, lambda k: prog.advance(task, k)

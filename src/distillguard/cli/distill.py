@@ -10,13 +10,12 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
-from distillguard.cli.common import err_console
+from distillguard.cli.common import err_console, make_progress
 from distillguard.cli.distill_eval import eval_cmd
 from distillguard.cli.options import option
 from distillguard.distill.curate import CurateConfig
@@ -126,7 +125,7 @@ def harvest_cmd(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console) as progress:
+    with make_progress(*columns) as progress:
         task = progress.add_task("harvest", total=len(items), tokens=0, usd=0.0, rate=0.0)
         t0 = time.perf_counter()
 
@@ -278,7 +277,7 @@ def self_instruct_cmd(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, console=err_console) as progress:
+    with make_progress(*columns) as progress:
         task = progress.add_task("self-instruct", total=n, round=0, requests=0, candidates=0)
 
         def on_round(report, tasks) -> None:
@@ -418,14 +417,13 @@ def train_cmd(
     settings = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
     config = TrainConfig(**{**settings, "data": str(data), "out": str(out)})
 
-    with Progress(
+    with make_progress(
         TextColumn("[bold]train"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
     ) as progress:
         summary = train(config, callbacks=[ProgressCallback(progress)])
     if summary.get("already_trained"):

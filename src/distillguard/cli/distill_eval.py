@@ -10,13 +10,12 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
-from distillguard.cli.common import console, err_console
+from distillguard.cli.common import console, err_console, make_progress
 from distillguard.cli.options import option
 from distillguard.distill.eval_config import EvalConfig
 from distillguard.errors import ConfigError
@@ -122,14 +121,13 @@ def eval_cmd(
             f"{max_prompt_tokens} (in the teacher's chat template; 0 keeps every prompt)",
             soft_wrap=True,
         )
-    with Progress(
+    with make_progress(
         TextColumn("[bold]eval"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[what]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
     ) as progress:
         task = progress.add_task("eval", total=None, what="")
 

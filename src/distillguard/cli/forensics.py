@@ -305,14 +305,9 @@ def canaries(
 
       distillguard forensics canaries -s ./student --accounts acme,globex --decoys 99 --json
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
+    from distillguard.cli.common import make_progress
     from distillguard.forensics.canaries import canary_test, served_canaries
     from distillguard.guard.db import make_engine, migrate
     from distillguard.models import load_model
@@ -335,12 +330,11 @@ def canaries(
         )
     with err_console.status(f"loading {suspect!r} ..."):
         lm = load_model(suspect, device=device, teacher=teacher)
-    with Progress(
+    with make_progress(
         TextColumn("scoring canaries"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        console=err_console,
         transient=True,
     ) as progress:
         task = progress.add_task("canaries", total=len(served))

@@ -250,8 +250,7 @@ def _teacher_weights(
     seeing what it saw when it answered: the record's messages, else the matching --prompt
     (one per text, or one for all), else an empty user turn (weights then fit less well; the
     test stays exact, since they never depend on the key)."""
-    from rich.progress import Progress
-
+    from distillguard.cli.common import make_progress
     from distillguard.watermark.entropy import teacher_stats, teacher_weights
 
     if prompts and len(prompts) not in (1, len(records)):
@@ -267,7 +266,7 @@ def _teacher_weights(
         prompt_ids.append(lm.chat_ids(messages))
     temps = [r.temperature if r.temperature is not None else temperature for r in records]
     weights: list[list[int] | None] = [None] * len(records)
-    with Progress(console=err_console, transient=True) as progress:
+    with make_progress(transient=True) as progress:
         task = progress.add_task("teacher pass", total=len(records))
         for t in sorted(set(temps)):  # one pass per sampling temperature (usually one)
             idx = [i for i, x in enumerate(temps) if x == t]

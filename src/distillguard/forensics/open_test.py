@@ -135,7 +135,7 @@ def _suspect_contexts(
 ) -> _Contexts:
     """Run the suspect on each (prompt, answer); for each distinct hash context among the answer's
     positions, its mean next-token distribution there (top-k), excluded pairs at weight 0."""
-    from rich.progress import Progress
+    from distillguard.progress import make_progress
 
     tok = lm.tokenizer
     rows: list[tuple[list[int], int]] = []  # (input ids, index of the first answer token)
@@ -148,7 +148,7 @@ def _suspect_contexts(
     counts: dict[tuple[int, ...], int] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     model = lm.model.eval()
-    with Progress(disable=not progress, transient=True) as bar:
+    with make_progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("scoring the suspect", total=len(rows))
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]

@@ -31,8 +31,9 @@ def generate_answers(
     that is sampled) after it. Sorted by prompt length within the
     call so that batches waste little padding; returned in the prompts' order.
     """
-    from rich.progress import Progress
     from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    from distillguard.progress import make_progress
 
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0")
@@ -51,7 +52,7 @@ def generate_answers(
     out: list[str] = [""] * len(prompts)
     gen = torch.Generator().manual_seed(seed)
     model = lm.model.eval()
-    with Progress(disable=not progress, transient=True) as bar:
+    with make_progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("generating", total=len(prompts))
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
