@@ -54,6 +54,10 @@ BENCHES = {
         "a short request's latency beside a long prefill, chunked or not",
     ),
     "limiter_overhead": ("Gateway and serving", "cost of the in-process and Redis limiters"),
+    "gateway_memory": (
+        "Gateway and serving",
+        "a real server's resident memory over rounds of valid, hostile and 2-MB-prompt requests",
+    ),
     "ledger_privacy": ("Guard", "detection with the ledger keeping full text, hashes or nothing"),
     "policy_impact": ("Guard", "what each countermeasure costs a benign user flagged by mistake"),
     "antidistill": ("Guard", "antidistillation sampling: benign cost vs student loss"),
