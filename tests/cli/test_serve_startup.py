@@ -76,3 +76,34 @@ def test_masked_hides_only_the_password():
     assert _masked("redis://:pw@cache:6379/0") == "redis://:***@cache:6379/0"
     assert _masked("redis://user:p%40ss@cache/1") == "redis://user:***@cache/1"
     assert _masked("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+def test_an_unreachable_database_is_one_line_before_the_server_starts(tmp_path):
+    """A wrong --db: exit 2 with one line naming the database (password masked) and the fix, not
+    uvicorn's startup traceback."""
+    port = free_port()  # nothing listens there
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLGUARD_")}
+    done = subprocess.run(
+        distillguard_command(
+            "serve",
+            "--model",
+            "tiny",
+            "--port",
+            "0",
+            "--db",
+            f"postgresql+psycopg://dg:hunter2@127.0.0.1:{port}/dg",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**clean, "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "hunter2" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1
+    assert (
+        f"cannot reach the ledger database postgresql+psycopg://dg:***@127.0.0.1:{port}/dg"
+        in (error[0])
+    )
+    assert "--db" in error[0]

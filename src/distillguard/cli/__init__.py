@@ -293,6 +293,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
             highlight=False,
         )
         err_console.print(_secret_line(guard.config), soft_wrap=True, highlight=False)
+        from distillguard.guard.db import check_reachable
+
+        check_reachable(guard.engine)
         if "antidistill" in guard.policy.uses:
             # only a backend with the model's logits in this process can steer them
             enable = getattr(backend, "enable_antidistill", None)

@@ -85,6 +85,23 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def check_reachable(engine: Engine) -> None:
+    """A ConfigError naming the database and why, when it cannot be reached: before the server
+    starts, so a wrong --db is one line, not uvicorn's startup traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ConfigError(
+            f"cannot reach the ledger database {engine.url.render_as_string()}: "
+            f"{type(getattr(exc, 'orig', None) or exc).__name__}: {reason[0] if reason else ''} "
+            "(is the server running? check --db / DISTILLGUARD_DB)"
+        ) from None
+
+
 def migrate(engine: Engine) -> None:
     """Bring the database schema to the newest migration (idempotent, safe across replicas)."""
     from alembic import command
