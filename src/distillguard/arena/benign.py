@@ -486,9 +486,13 @@ def benign_calls(config: TrafficConfig, threads: tuple[Thread, ...]) -> Iterator
             office_left -= 1
         yield from _user_calls(config, i, p, supply)
     if supply.replayed:
+        # Not "use fewer accounts": detect --calibrate asks for more than this pool holds at
+        # strict targets, so the two messages must not contradict each other.
         log.warning(
-            "the %s pool ran short: %d conversations were replayed by a second benign user (identical "
-            "prompts across accounts); use fewer benign accounts or days for fully distinct users",
+            "the bundled ShareGPT sample's %s pool ran short: %d conversations were replayed by a "
+            "second benign user (identical prompts across accounts, which linking reads as popular "
+            "prompts). The traffic is still usable, its users are only less distinct than real "
+            "ones; past this size, calibrate on your own benign traffic (distillguard ledger export)",
             config.pool,
             supply.replayed,
         )
