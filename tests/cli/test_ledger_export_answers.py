@@ -142,3 +142,28 @@ def test_a_file_of_nothing_but_refusals_is_a_clear_error(tmp_path):
         f"error: no answers to test in {out} (skipped 2 rows without an answer: 2 status 429)"
         in proc.stderr
     )
+
+
+def test_a_ledger_export_gives_forensics_its_prompts(tmp_path):
+    """`forensics radioactivity --prompts` takes an export as it comes: every row's request is a
+    prompt (a refused or hung-up one too: the question was asked), the last user turn of each."""
+    from distillguard.cli.forensics import read_prompts
+
+    rows = [
+        {
+            "ts": 1.0 + i,
+            "account": "acme",
+            "request": {
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": f"question {i}\u2028more"},
+                ]
+            },
+            "response": {"status": status, **({"text": "an answer"} if status == 200 else {})},
+        }
+        for i, status in enumerate((200, 499, 429, 200))
+    ]
+    out = tmp_path / "acme.jsonl"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    assert read_prompts(str(out), None) == [f"question {i}\u2028more" for i in range(4)]
+    assert read_prompts(str(out), 2) == ["question 0\u2028more", "question 1\u2028more"]

@@ -21,6 +21,9 @@ class Prompt:
 
 def _from_record(rec: dict, index: int, where: str) -> Prompt:
     pid = str(rec.get("id", index))
+    request = rec.get("request")
+    if "messages" not in rec and isinstance(request, dict) and "messages" in request:
+        rec = request  # a traffic record (`ledger export`): the prompt is its request's messages
     if isinstance(rec.get("messages"), list):
         msgs = tuple(_message(m, where) for m in rec["messages"])
         if not msgs:
