@@ -16,6 +16,14 @@ number to quote (the JSON records the load average before and after).
     python bench/serve_throughput.py                      # smollm2, 1 vs 16 clients, ~3.5 minutes
     python bench/serve_throughput.py --threads 1          # a busy machine: one torch thread
     python bench/serve_throughput.py --duration 10 --rounds 1
+    python bench/serve_throughput.py --engine vllm,local  # vLLM (plugin on / off) and ours
+
+``--engine vllm`` benches a vLLM server running distillguard's logits processor (started from
+vLLM's own virtualenv, ``scripts/vllm_env.sh``, on the embedded teacher's HF directory, or
+``--vllm-url``), in two variants per phase, side by side: ``plain`` requests (no key: the
+plugin returns vLLM's logits as they came, so this is vLLM without it) and ``keyed`` ones (each
+client an account whose default-scheme key rides in ``vllm_xargs``, as the gateway sends it).
+With several engines, every phase of a round runs on each in turn (one server busy at a time).
 
 Progress goes to stderr, one JSON object to stdout.
 """
@@ -85,9 +93,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def client_params(client: int, request: int, max_tokens: int, model: str) -> dict:
-    """Sampling parameters of one client (its temperature, top_p and seed stream) and its next prompt."""
-    return {
+def client_params(
+    client: int, request: int, max_tokens: int, model: str, keyed: bool = False
+) -> dict:
+    """Sampling parameters of one client (its temperature, top_p and seed stream) and its next
+    prompt. ``keyed``: the client is an account whose watermark key goes to vLLM's plugin in
+    ``vllm_xargs`` with its sampler, and vLLM gets a neutral one (what the gateway sends)."""
+    body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[(client * 7 + request) % len(PROMPTS)]}],
         "max_tokens": max_tokens,
@@ -95,6 +107,14 @@ def client_params(client: int, request: int, max_tokens: int, model: str) -> dic
         "top_p": (0.9, 0.95, 1.0)[client % 3],
         "seed": 1000 * client + request,
     }
+    if keyed:
+        from distillguard.serve.keymaterial import XARG, Sampler, encode
+        from distillguard.watermark import WatermarkParams, account_key
+
+        key = account_key(b"bench-secret", f"acct-{client}", WatermarkParams())
+        sampler = Sampler(temperature=body["temperature"], top_p=body["top_p"])
+        body.update(temperature=1.0, top_p=1.0, vllm_xargs={XARG: encode(key, sampler)})
+    return body
 
 
 async def run_phase(
@@ -106,6 +126,7 @@ async def run_phase(
     progress: Progress,
     label: str,
     req_offset: int,
+    keyed: bool = False,
 ) -> dict:
     """``clients`` closed-loop streaming clients for ``duration`` seconds; requests still running
     at the end are cut off (the server cancels them) and credited with the tokens they streamed."""
@@ -121,7 +142,7 @@ async def run_phase(
         r = req_offset
         while True:
             body = {
-                **client_params(c, r, max_tokens, model),
+                **client_params(c, r, max_tokens, model, keyed),
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -212,18 +233,66 @@ def start_server(args: argparse.Namespace, port: int, log_path: str) -> subproce
     )
 
 
+def start_vllm(args: argparse.Namespace, port: int, log_path: str) -> subprocess.Popen:
+    """vLLM's OpenAI server from its own virtualenv with distillguard's logits processor, on the
+    embedded teacher's HF directory (the weights our engine serves)."""
+    from distillguard.models.loader import _gguf_cache_dir, bundled_gguf_path, load_model
+
+    model_dir = _gguf_cache_dir(bundled_gguf_path())
+    if not (model_dir / "config.json").is_file():
+        load_model("smollm2", device="cpu")  # converts the GGUF once and caches it
+    cmd = [
+        args.vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        args.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--logits-processors",
+        "distillguard.integrations.vllm:WatermarkLogitsProcessor",
+        "--logprobs-mode",
+        "processed_logprobs",
+    ]
+    env = {
+        **os.environ,
+        "VLLM_USE_V2_MODEL_RUNNER": "0",  # the plugin's interface is the V1 runner's
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = open(log_path, "wb")
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
 async def wait_healthy(
-    base_url: str, proc: subprocess.Popen | None, timeout: float, log_path: str | None
+    base_url: str,
+    proc: subprocess.Popen | None,
+    timeout: float,
+    log_path: str | None,
+    path: str = "/healthz",
 ) -> float:
     t0 = time.perf_counter()
     async with httpx.AsyncClient(base_url=base_url, timeout=5) as http:
-        with console.status("waiting for the server's /healthz (first model load takes ~40 s) ..."):
+        with console.status(
+            f"waiting for {base_url}{path} (a model load takes ~40 s, vLLM's minutes) ..."
+        ):
             while time.perf_counter() - t0 < timeout:
                 if proc is not None and proc.poll() is not None:
                     tail = open(log_path, errors="replace").read()[-3000:] if log_path else ""
                     raise SystemExit(f"server exited with code {proc.returncode}:\n{tail}")
                 try:
-                    if (await http.get("/healthz")).status_code == 200:
+                    if (await http.get(path)).status_code == 200:
                         return time.perf_counter() - t0
                 except httpx.TransportError:
                     pass
@@ -243,27 +312,33 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
-async def bench(
-    args: argparse.Namespace, base_url: str, server_pid: int | None = None
-) -> list[dict]:
+async def bench(args: argparse.Namespace, targets: list[dict]) -> list[dict]:
+    """Every round: 1 client then N (N then 1 on odd rounds), each on every target and variant
+    in turn, so the variants compared share the machine's state as closely as they can."""
     limits = httpx.Limits(
         max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4
     )
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
+    phases = []
+    https = [httpx.AsyncClient(base_url=t["base_url"], timeout=600, limits=limits) for t in targets]
+    try:
         with console.status("warming up (one request, then a batch) ..."):
-            warm = {**client_params(0, 0, 8, args.model)}
-            (await http.post("/v1/chat/completions", json=warm)).raise_for_status()
-            rs = await asyncio.gather(
-                *(
-                    http.post("/v1/chat/completions", json=client_params(c, 0, 8, args.model))
-                    for c in range(args.clients)
-                )
-            )
-            for r in rs:
-                r.raise_for_status()
-        phases = []
+            for t, http in zip(targets, https):
+                for keyed in [v == "keyed" for v in t["variants"]]:
+                    warm = client_params(0, 0, 8, args.model, keyed)
+                    (await http.post("/v1/chat/completions", json=warm)).raise_for_status()
+                    rs = await asyncio.gather(
+                        *(
+                            http.post(
+                                "/v1/chat/completions",
+                                json=client_params(c, 0, 8, args.model, keyed),
+                            )
+                            for c in range(args.clients)
+                        )
+                    )
+                    for r in rs:
+                        r.raise_for_status()
         with Progress(
-            TextColumn("{task.description:<22}"),
+            TextColumn("{task.description:<34}"),
             BarColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[tok]}"),
@@ -274,23 +349,35 @@ async def bench(
                     (1, args.clients) if rnd % 2 == 0 else (args.clients, 1)
                 )  # ABBA: no order bias
                 for n in order:
-                    label = f"round {rnd + 1}: {n} client{'s' if n > 1 else ''}"
-                    cpu0 = cpu_seconds(server_pid)
-                    res = await run_phase(
-                        http,
-                        n,
-                        args.duration,
-                        args.max_tokens,
-                        args.model,
-                        progress,
-                        label,
-                        req_offset=100 * rnd,
-                    )
-                    cpu1 = cpu_seconds(server_pid)
-                    if cpu0 is not None and cpu1 is not None:
-                        res["server_cpu_s"] = round(cpu1 - cpu0, 2)
-                    phases.append({"round": rnd + 1, **res})
-                    await asyncio.sleep(1.0)  # let the server drop the cancelled rows
+                    for t, http in zip(targets, https):
+                        variants = t["variants"] if rnd % 2 == 0 else t["variants"][::-1]
+                        for variant in variants:
+                            label = f"round {rnd + 1}: {n} client{'s' if n > 1 else ''}"
+                            if len(targets) > 1 or len(variants) > 1:
+                                label += f" {t['engine']}/{variant}"
+                            pid = t["proc"].pid if t["proc"] is not None else None
+                            cpu0 = cpu_seconds(pid)
+                            res = await run_phase(
+                                http,
+                                n,
+                                args.duration,
+                                args.max_tokens,
+                                args.model,
+                                progress,
+                                label,
+                                req_offset=100 * rnd,
+                                keyed=variant == "keyed",
+                            )
+                            cpu1 = cpu_seconds(pid)
+                            if t["engine"] == "local" and cpu0 is not None and cpu1 is not None:
+                                res["server_cpu_s"] = round(cpu1 - cpu0, 2)
+                            phases.append(
+                                {"round": rnd + 1, "engine": t["engine"], "variant": variant, **res}
+                            )
+                            await asyncio.sleep(1.0)  # let the server drop the cancelled rows
+    finally:
+        for http in https:
+            await http.aclose()
     return phases
 
 
@@ -336,6 +423,12 @@ def main() -> None:
     ap.add_argument(
         "--model", default="smollm2", help="model spec passed to `distillguard serve --model`"
     )
+    ap.add_argument(
+        "--engine",
+        default="local",
+        help="local (distillguard serve --no-guard) | vllm (vLLM with distillguard's plugin, "
+        "plain and keyed requests) | both, comma-separated (phases interleaved)",
+    )
     ap.add_argument("--duration", type=float, default=40.0, help="seconds each phase lasts")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request")
     ap.add_argument(
@@ -353,40 +446,74 @@ def main() -> None:
         "machine 1 avoids stalls of threads waiting for each other",
     )
     ap.add_argument(
-        "--base-url", default=None, help="bench an already running server instead of starting one"
+        "--base-url", default=None, help="bench an already running local server instead"
+    )
+    ap.add_argument(
+        "--vllm-url", default=None, help="bench an already running vLLM (with the plugin) instead"
+    )
+    ap.add_argument(
+        "--vllm-python",
+        default=os.path.expanduser("~/.cache/distillguard/venv-vllm/bin/python"),
+        help="Python of vLLM's virtualenv (scripts/vllm_env.sh)",
     )
     ap.add_argument("--startup-timeout", type=float, default=300.0)
+    ap.add_argument("--vllm-startup-timeout", type=float, default=1200.0)
     args = ap.parse_args()
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines or set(engines) - {"local", "vllm"}:
+        raise SystemExit(f"--engine {args.engine!r}: give local, vllm or local,vllm")
 
-    proc = None
-    log_path = None
-    if args.base_url:
-        base_url = args.base_url.rstrip("/")
-    else:
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
-        with tempfile.NamedTemporaryFile(
-            prefix="distillguard-serve-", suffix=".log", delete=False
-        ) as f:
-            log_path = f.name
-        proc = start_server(args, port, log_path)
+    targets: list[dict] = []
     load_before = os.getloadavg()[0]
     try:
-        startup = asyncio.run(wait_healthy(base_url, proc, args.startup_timeout, log_path))
-        console.print(f"server ready after {startup:.1f} s at {base_url}")
+        for engine in engines:
+            given = args.base_url if engine == "local" else args.vllm_url
+            t = {
+                "engine": engine,
+                "proc": None,
+                "log_path": None,
+                "variants": ("plain", "keyed") if engine == "vllm" else ("plain",),
+            }
+            targets.append(t)
+            if given:
+                t["base_url"] = given.rstrip("/")
+            else:
+                port = free_port()
+                t["base_url"] = f"http://127.0.0.1:{port}"
+                with tempfile.NamedTemporaryFile(
+                    prefix=f"distillguard-{engine}-", suffix=".log", delete=False
+                ) as f:
+                    t["log_path"] = f.name
+                start = start_server if engine == "local" else start_vllm
+                t["proc"] = start(args, port, t["log_path"])
+            t["startup_s"] = round(
+                asyncio.run(
+                    wait_healthy(
+                        t["base_url"],
+                        t["proc"],
+                        args.startup_timeout if engine == "local" else args.vllm_startup_timeout,
+                        t["log_path"],
+                        "/healthz" if engine == "local" else "/health",
+                    )
+                ),
+                1,
+            )
+            console.print(f"{engine} ready after {t['startup_s']} s at {t['base_url']}")
         t0 = time.perf_counter()
-        phases = asyncio.run(bench(args, base_url, proc.pid if proc is not None else None))
+        phases = asyncio.run(bench(args, targets))
         wall = time.perf_counter() - t0
     finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            if log_path:
-                os.unlink(log_path)
+        for t in targets:
+            proc = t["proc"]
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            if t["log_path"]:
+                os.unlink(t["log_path"])
     result = {
         "bench": "serve_throughput",
         "model": args.model,
@@ -396,15 +523,46 @@ def main() -> None:
         "server_threads": args.threads or "default",
         "duration_s": args.duration,
         "rounds": args.rounds,
-        **summarise(phases, args.clients),
-        "phases": phases,
-        "server_startup_s": round(startup, 1),
-        "bench_wall_s": round(wall, 1),
-        "cpu_count": os.cpu_count(),
-        # Other work on the machine skews absolute rates (the ratio less so): 1-minute load averages.
-        "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "python": platform.python_version(),
     }
+    if engines == ["local"]:  # the original single-engine report, unchanged
+        result.update(summarise(phases, args.clients))
+        for p in phases:
+            del p["engine"], p["variant"]
+    else:
+        result["engines"] = {
+            f"{t['engine']}/{v}": summarise(
+                [p for p in phases if p["engine"] == t["engine"] and p["variant"] == v],
+                args.clients,
+            )
+            for t in targets
+            for v in t["variants"]
+        }
+        if "vllm" in engines:
+            # the plugin's cost: keyed vs plain tokens/s on the same vLLM, phases side by side
+            e = result["engines"]
+            result["plugin_tokens_per_s_ratio"] = {
+                f"{n}_client{'s' if n > 1 else ''}": round(
+                    e["vllm/keyed"][key] / e["vllm/plain"][key], 3
+                )
+                for n, key in (
+                    (1, "tokens_per_s_1_client"),
+                    (args.clients, f"tokens_per_s_{args.clients}_clients"),
+                )
+            }
+    result.update(
+        {
+            "phases": phases,
+            "server_startup_s": {t["engine"]: t["startup_s"] for t in targets}
+            if len(targets) > 1
+            else targets[0]["startup_s"],
+            "bench_wall_s": round(wall, 1),
+            "cpu_count": os.cpu_count(),
+            # Other work on the machine skews absolute rates (the ratio less so): 1-minute load
+            # averages.
+            "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "python": platform.python_version(),
+        }
+    )
     print(json.dumps(result, indent=2))
 
 
