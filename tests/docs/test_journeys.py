@@ -41,16 +41,20 @@ PAGES = ("provider", "distiller", "investigator")
 # servers (port 0, the kernel's pick) never land; the pages document 8000.
 PORT = 18437
 
-# The pages' documented variables at sizes CI affords (their real defaults are on the pages and
-# in bench/journeys.py); nothing else about the pages' commands changes.
+# The pages' documented variables at sizes CI affords (their real defaults are on the pages);
+# nothing else about the pages' commands changes. The tiny model counts bytes as tokens: prompts
+# of up to 420 plus 32 answer tokens fit its 512-token context. 175 prompts: ShareGPT's first
+# repeated prompt is its 178th (a repeat in flight together with its first has to wait for it:
+# one Idempotency-Key), and after acme-labs is flagged and 5 more requests are, about 80 are
+# served at 'extracting', a tenth of them canaries (none at all: p = 0.9^80, about 2e-4).
 SMALL = {
     "DISTILLGUARD_MODEL": "tiny",
     "PORT": str(PORT),
     "BENIGN_USERS": "40",
     "EXTRACTING_AFTER": "5",
-    "N_PROMPTS": "100",
-    "MAX_PROMPT_TOKENS": "200",
-    "MAX_TOKENS": "48",
+    "N_PROMPTS": "175",
+    "MAX_PROMPT_TOKENS": "420",
+    "MAX_TOKENS": "32",
     "STUDENT": "prune:1",
     "EPOCHS": "1",
     "EVAL_PROMPTS": "8",
@@ -223,6 +227,8 @@ def failure_message(page: Path, step: Step) -> str:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as uvicorn binds: a connection of an earlier run in TIME_WAIT does not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -276,6 +282,15 @@ def test_provider_walkthrough(journey):
     work = journey["cwd"]
     # what the page says the steps leave behind, for the pages after it
     assert (work / "cal.npz").is_file() and (work / "acme-labs.key").is_file()
+
+
+def test_distiller_walkthrough(journey):
+    walk(journey, "distiller")
+    assert (journey["cwd"] / "runs" / "s1" / "config.json").is_file()
+
+
+def test_investigator_walkthrough(journey):
+    walk(journey, "investigator")
 
 
 def test_page_blocks_follow_the_skip_directive(tmp_path):

@@ -1,0 +1,131 @@
+"""Time the actors' walkthroughs (docs/provider.md, distiller.md, investigator.md) at the sizes
+the pages document, on the embedded teacher: the same page text that tests/docs/test_journeys.py
+runs on the tiny model, run here with none of the pages' variables changed (only PORT, so a
+gateway of your own on :8000 is left alone), and each block's wall time written to
+bench/results/journeys.json with the load average around the run (the machine may be shared).
+
+    nice -n 10 python bench/journeys.py                       # all three pages, real sizes
+    python bench/journeys.py --set N_PROMPTS=60 --out /tmp/j.json   # a smaller try
+
+A block that fails stops the run; the file then records the pages up to it, the failing block's
+output and ``"ok": false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# the runner is the walkthrough test's, so the bench runs the pages exactly as CI does
+sys.path.insert(0, str(ROOT))
+from tests.docs.test_journeys import (  # noqa: E402
+    DOCS,
+    PAGES,
+    failure_message,
+    journey_env,
+    page_blocks,
+    port_free,
+    run_page,
+)
+
+STEP = re.compile(r"\*\*(\d+\.\s*[^*]+?)\*\*")
+
+
+def step_titles(page: Path) -> dict[int, str]:
+    """Each block's line -> the bold step title above it (``2. Serve``)."""
+    text = page.read_text().splitlines()
+    titles, current = {}, ""
+    blocks = {b.line for b in page_blocks(page)}
+    for number, line in enumerate(text, start=1):
+        found = STEP.findall(line)
+        if found:
+            current = found[-1].rstrip(".: ")
+        if number in blocks:
+            titles[number] = current
+    return titles
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=18438, help="PORT the pages serve on")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="change one of the pages' documented variables (default: none, the real sizes)",
+    )
+    parser.add_argument("--pages", default=",".join(PAGES), help="comma-separated, in order")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "journeys.json"))
+    parser.add_argument("--block-timeout", type=float, default=4 * 3600)
+    args = parser.parse_args()
+
+    if not port_free(args.port):
+        sys.exit(f"port {args.port} is taken: give --port")
+    variables = {"PORT": str(args.port)}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        variables[name] = value
+    pages = [p.strip() for p in args.pages.split(",") if p.strip()]
+
+    base = Path(tempfile.mkdtemp(prefix="journeys-"))
+    (base / "home").mkdir()
+    (base / "work").mkdir()
+    env = journey_env(base / "home", variables)
+    result = {
+        "bench": "journeys",
+        "command": "python bench/journeys.py " + " ".join(sys.argv[1:]),
+        "variables_changed": variables,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pages": {},
+        "ok": True,
+    }
+    sessions = []
+    try:
+        for name in pages:
+            page = DOCS / f"{name}.md"
+            titles = step_titles(page)
+            t0 = time.perf_counter()
+            steps, session = run_page(
+                page, base / "work", env, base / "sessions" / name, timeout_s=args.block_timeout
+            )
+            sessions.append(session)
+            result["pages"][name] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "steps": [
+                    {
+                        "step": titles.get(s.block.line, ""),
+                        "line": s.block.line,
+                        "seconds": round(s.seconds, 1),
+                        "ok": s.ok,
+                    }
+                    for s in steps
+                ],
+            }
+            print(f"{name}: {result['pages'][name]['seconds']} s", file=sys.stderr)
+            if not steps[-1].ok:
+                result["ok"] = False
+                result["failure"] = failure_message(page, steps[-1])[-4000:]
+                print(result["failure"], file=sys.stderr)
+                break
+    finally:
+        for session in sessions:
+            session.kill()
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out} (work directory {base})", file=sys.stderr)
+    sys.exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
