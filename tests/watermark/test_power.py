@@ -95,3 +95,29 @@ def test_weighted_power_matches_the_exact_weighted_test():
 def test_unreachable_level_has_no_detectable_effect():
     report = binomial_power_report(7, 7, 0.5, LEVEL, effect="e", unit="u")
     assert report.mde is None and "out of reach" in report.summary()
+
+
+def test_a_bounded_unit_space_caps_what_more_data_can_do():
+    """SynthID's g-value table has table_size entries: more text adds weight to them, not units,
+    so an effect that needs more effective units than the table has is out of reach."""
+    from distillguard.watermark import WatermarkParams
+    from distillguard.watermark.power import unit_cap
+
+    cap = unit_cap(WatermarkParams(scheme="synthid"))
+    assert cap == WatermarkParams(scheme="synthid").synthid.table_size
+    assert unit_cap(WatermarkParams(scheme="keyed-hash")) is None
+    weights = np.ones(cap)  # every table index already scored once
+    faint = weighted_power_report(
+        weights, (0.5 + 0.001) * cap, 0.5, LEVEL, effect="e", unit="u", max_units=cap
+    )
+    assert faint.units_for_power is None and faint.needed_for == "observed"
+    assert "only" in faint.summary() and f"{cap:,} independent units" in faint.summary()
+    assert "100% of the scheme's" in faint.summary()
+    unbounded = weighted_power_report(
+        weights, (0.5 + 0.001) * cap, 0.5, LEVEL, effect="e", unit="u"
+    )
+    assert unbounded.units_for_power > cap  # the same effect, were units unbounded
+    strong = weighted_power_report(
+        weights[:1000], (0.5 + 0.1) * 1000, 0.5, LEVEL, effect="e", unit="u", max_units=cap
+    )
+    assert strong.units_for_power is not None and strong.units_for_power <= cap

@@ -206,10 +206,15 @@ def detect(
         weights=weights,
     )
     detector = params.impl.detector_names[bool(teacher)]
-    from distillguard.watermark.power import DETECT_ADVICE, trace_power
+    from distillguard.watermark.power import DETECT_ADVICE, trace_power, unit_cap
 
     # every "not traced" with the test's power at this size (watermark/power.py)
-    power = trace_power(result, texts=len(records), advice=DETECT_ADVICE[bool(teacher)])
+    power = trace_power(
+        result,
+        texts=len(records),
+        advice=DETECT_ADVICE[bool(teacher)],
+        max_units=unit_cap(params),
+    )
     if as_json:
         payload = {**result.to_dict(), "detector": detector, "skipped": dict(skipped)}
         print(json.dumps(power.annotate(payload)))

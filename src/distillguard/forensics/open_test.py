@@ -25,7 +25,7 @@ from distillguard.watermark import (
     WatermarkKey,
     binomial_test,
 )
-from distillguard.watermark.power import Power, weighted_power_report
+from distillguard.watermark.power import Power, unit_cap, weighted_power_report
 
 # What raises the open test's power, in the order it usually pays.
 OPEN_ADVICE = (
@@ -291,6 +291,7 @@ def open_test(
             per_query=int((np.asarray(units) > 0).sum()) / max(1, len(answers)),
             query="prompts",
             advice=OPEN_ADVICE,
+            max_units=unit_cap(params),
         ).to_dict()
         sd = math.sqrt(params.gamma * (1 - params.gamma) * float((units**2).sum())) or 1.0
         log10_ps.append(log_p / math.log(10))

@@ -80,7 +80,7 @@ from distillguard.watermark import (
     WatermarkKey,
     trace,
 )
-from distillguard.watermark.power import detection_power
+from distillguard.watermark.power import detection_power, unit_cap
 
 __all__ = [
     "KeyEvidence",
@@ -149,6 +149,7 @@ def closed_test(
                     per_query=d.scored / max(1, len(texts)),
                     query="prompts",
                     advice=CLOSED_ADVICE,
+                    max_units=unit_cap(keys[0].params),
                 ).to_dict(),
             },
         )

@@ -61,6 +61,8 @@ class Power:
     per_query: float | None = None  # units per query (answer, prompt, canary)
     query: str = "queries"
     advice: list[str] = field(default_factory=list)
+    # the most independent units the scheme has (SynthID: its g-value table); None: unbounded
+    unit_cap: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> Power:
@@ -113,7 +115,18 @@ class Power:
             lines.append("No positive effect is left plausible: more data would not trace.")
         else:
             at = "that effect" if self.needed_for == "observed" else "the CI's upper end"
-            lines.append(f"At {at}, no number of {self.unit} reaches the level.")
+            why = (
+                f": the scheme has only {self.unit_cap:,} independent units (more text adds "
+                "weight to them, not units)"
+                if self.unit_cap
+                else ""
+            )
+            lines.append(f"At {at}, no amount of data reaches the level{why}.")
+        if self.unit_cap and self.units >= self.unit_cap // 2:
+            lines.append(
+                f"{self.units / self.unit_cap:.0%} of the scheme's {self.unit_cap:,} units are "
+                "already scored: more of the same data adds little; a larger effect does."
+            )
         if self.advice:
             lines.append("To raise the power: " + "; ".join(self.advice) + ".")
         return "\n".join(lines)
@@ -192,8 +205,10 @@ def binomial_power_report(
     per_query: float | None = None,
     query: str = "queries",
     advice: Sequence[str] = (),
+    max_units: int | None = None,
 ) -> Power:
-    """:class:`Power` of the exact binomial test that saw ``green`` of ``n`` units green."""
+    """:class:`Power` of the exact binomial test that saw ``green`` of ``n`` units green
+    (``max_units``: the most units the scheme has; sizes beyond it are None)."""
     if n <= 0:
         return _empty(
             "binomial", effect, level, unit, per_query, query, advice, effective_units=0.0
@@ -214,6 +229,9 @@ def binomial_power_report(
         power_n = _smallest_n(
             lambda m: binomial_power(m, gamma, level, at) >= POWER, max(1, n // 4)
         )
+        if max_units is not None:
+            reach = reach if reach is not None and reach <= max_units else None
+            power_n = power_n if power_n is not None and power_n <= max_units else None
     return Power(
         test="binomial",
         effect=effect,
@@ -231,6 +249,7 @@ def binomial_power_report(
         per_query=per_query,
         query=query,
         advice=list(advice),
+        unit_cap=max_units,
     )
 
 
@@ -275,6 +294,7 @@ def moments_power_report(
     per_query: float | None = None,
     query: str = "queries",
     advice: Sequence[str] = (),
+    max_units: int | None = None,
 ) -> Power:
     """:class:`Power` of a test on S = Σ w·g over ``units`` units with Σw = ``total`` and
     Σw² = ``squares`` (all the normal approximation needs), that rejects at z >= ``critical_z``
@@ -301,6 +321,9 @@ def moments_power_report(
         scale_reach = (z_c * sd0 / at) ** 2 / n_eff
         scale_power = ((z_c * sd0 + float(norm.isf(1 - POWER)) * sd1) / at) ** 2 / n_eff
         reach, power_n = _units(scale_reach * units), _units(scale_power * units)
+        if max_units is not None:  # effective units never exceed the units there are
+            reach = reach if scale_reach * n_eff <= max_units else None
+            power_n = power_n if scale_power * n_eff <= max_units else None
     return Power(
         test=test,
         effect=effect,
@@ -318,6 +341,7 @@ def moments_power_report(
         per_query=per_query,
         query=query,
         advice=list(advice),
+        unit_cap=max_units,
     )
 
 
@@ -372,6 +396,7 @@ def detection_power(
     per_query: float | None = None,
     query: str = "queries",
     advice: Sequence[str] = (),
+    max_units: int | None = None,
 ) -> Power:
     """:class:`Power` of one :class:`~distillguard.watermark.detect.Detection`: the exact
     binomial when it was unweighted, the weighted normal approximation when it carries its
@@ -387,6 +412,7 @@ def detection_power(
             per_query=per_query,
             query=query,
             advice=advice,
+            max_units=max_units,
         )
     return moments_power_report(
         detection.scored,
@@ -400,7 +426,14 @@ def detection_power(
         per_query=per_query,
         query=query,
         advice=advice,
+        max_units=max_units,
     )
+
+
+def unit_cap(params) -> int | None:
+    """The most independent units a scheme's tests can score (its optional ``unit_space``)."""
+    space = getattr(params.impl, "unit_space", None)
+    return space(params) if space is not None else None
 
 
 # What raises `watermark detect`'s power, without and with --teacher.
@@ -434,7 +467,12 @@ class TracePower:
 
 
 def trace_power(
-    trace, *, texts: int, query: str = "texts", advice: Sequence[str] = ()
+    trace,
+    *,
+    texts: int,
+    query: str = "texts",
+    advice: Sequence[str] = (),
+    max_units: int | None = None,
 ) -> TracePower:
     """The power of each key's test in ``trace``, at the level Holm's first step asks of one key
     (alpha / keys); ``texts``: how many texts were scored (for the units per text)."""
@@ -448,6 +486,7 @@ def trace_power(
             per_query=d.scored / max(1, texts),
             query=query,
             advice=advice,
+            max_units=max_units,
         )
         for d in trace.results
     ]
@@ -474,5 +513,6 @@ __all__ = [
     "moments_power_report",
     "normal_power",
     "trace_power",
+    "unit_cap",
     "weighted_power_report",
 ]

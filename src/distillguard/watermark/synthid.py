@@ -332,6 +332,13 @@ class SynthID:
     detector_names: ClassVar[tuple[str, str]] = ("layers", "teacher-layers")
     suspect_test: ClassVar[str] = "g-mass-chernoff"
 
+    def unit_space(self, params: WatermarkParams) -> int:
+        """How many independent units any test of this scheme can score: the g-value table's
+        entries (more text adds weight to them, not units). Optional, outside the protocol:
+        the power statement (``watermark/power.py``) uses it to say when no amount of text
+        reaches the level."""
+        return params.synthid.table_size
+
     def resolve(self, params: WatermarkParams) -> dict[str, Any]:
         width = params.synthid.ngram_len - 1
         if params.gamma is not None and params.gamma != 0.5:
