@@ -30,8 +30,8 @@ from distillguard.watermark.power import Power, unit_cap, weighted_power_report
 # What raises the open test's power, in the order it usually pays.
 OPEN_ADVICE = (
     "more prompts (--limit): each adds its answer's scored units",
-    "prompts near the suspect's training data (the leaking accounts' own prompts from the "
-    "ledger, or their topics): a student shows the watermark where it learned it",
+    "prompts near the suspect's training data (--prompts with the suspected account's ledger export, "
+    "or its topics): a student shows the watermark where it learned it",
     "longer answers (--max-tokens)",
 )
 

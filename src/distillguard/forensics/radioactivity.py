@@ -102,8 +102,8 @@ __all__ = [
 # (repeated phrases count once), so the sizes the power statement gives are a lower bound.
 CLOSED_ADVICE = (
     "more prompts (--limit)",
-    "prompts near the suspect's training data (the leaking accounts' own prompts from the "
-    "ledger, or their topics)",
+    "prompts near the suspect's training data (--prompts with the suspected account's ledger export, "
+    "or its topics)",
     "longer answers (--max-tokens), at a temperature that lets the suspect's preference show "
     "(0.7-1.0)",
 )
