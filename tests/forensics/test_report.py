@@ -34,9 +34,10 @@ from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.schema import LedgerRow
 from distillguard.models import load_model
 from tests.forensics.students import sft
-from tests.servers import run_cli
+from tests.servers import run_cli, serve_process
 
 SECRET = "report-test-secret"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TOPICS = ["cats", "rain", "maths", "tea", "ships", "jazz", "bread", "stars"]
 TRAIN = [f"question {i}: tell me about {t}" for i, t in enumerate(TOPICS * 4)]
 HELD_OUT = [f"please explain {t} to a friend ({i})" for i, t in enumerate(TOPICS * 2)]
@@ -66,7 +67,9 @@ def canary_requests(account: str, n: int) -> list[dict]:
             "status": 200,
             "policy_action": "extracting:canary",
             "stream": False,
-            "request_body": {"messages": [{"role": "user", "content": f"tell me about item {i}"}]},
+            "request_body": {
+                "messages": [{"role": "user", "content": f"who is in archive record {i}?"}]
+            },
         }
         for i in range(n)
     ]
@@ -91,7 +94,7 @@ def case(tmp_path_factory):
         leaked = canary_requests("leaker", 12)
         prompts = asked + [r["request_body"]["messages"][0]["content"] for r in leaked]
         answers = taught + [canary_text(SECRET.encode(), "leaker", r["request_id"]) for r in leaked]
-        student = sft(load_model("tiny:seed=1", device="cpu"), prompts, answers, steps=160, seed=1)
+        student = sft(load_model("tiny:seed=1", device="cpu"), prompts, answers, steps=300, seed=1)
         other = sft(
             load_model("tiny:seed=3", device="cpu"),
             id_train + TRAIN,
@@ -214,6 +217,36 @@ def test_a_control_as_suspect_is_not_called_distilled(case, tmp_path):
         1 / 3
     )
     assert by_name(evidence)["canaries"]["details"]["traced"] == []
+
+
+def test_a_suspect_behind_an_api_is_reported_from_its_answers(case, tmp_path):
+    """The student served by `distillguard serve --no-guard`: every test from its answers alone
+    (identity, similarity by answer overlap, canaries by the API-only test).
+
+    Measured, and kept as the test's expectation: this student is NOT traced through its API.
+    Its weights rank all 12 canaries first (the distilled test above), but its greedy answers to
+    the canaries' requests rank the true ending first for only 2 of 12 (mean rank 6.8 of 20):
+    the API-only test needs the canary to be the answer, not only preferred to decoys
+    (docs/forensics.md, "Canaries behind an API"). The evidence still points the right way."""
+    _, dirs = case
+    with serve_process("--model", str(dirs["student"]), "--no-guard", env=ONE_THREAD) as url:
+        evidence = report(
+            case,
+            tmp_path,
+            url,
+            "tiny:seed=2",
+            str(dirs["other"]),
+            tests="identity,similarity,canaries",
+        )
+    tests = by_name(evidence)
+    assert evidence["inputs"]["models"]["suspect"] == {"spec": url, "url": url}
+    assert tests["similarity"]["details"]["mode"] == "answer-overlap"
+    assert tests["identity"]["statistic"] >= 0.4 and not tests["identity"]["within_controls_range"]
+    canaries = tests["canaries"]["details"]
+    assert canaries["mode"] == "api" and canaries["traced"] == []
+    by = {a["account"]: a for a in canaries["suspect"]["accounts"]}
+    assert by["leaker"]["mean_rank"] < by["bystander"]["mean_rank"]
+    assert evidence["verdict"] == "not shown distilled"
 
 
 def test_without_controls_or_ledger_it_says_what_could_not_run(case, tmp_path):

@@ -8,8 +8,9 @@ against its null or the controls, could it run and why not):
 - ``radioactivity``: did it learn the per-account watermark (a ledger's accounts and the
   master secret; open mode on weights, closed mode on a URL)? The p-value is the exact one
   of :mod:`.radioactivity`, Holm over accounts; the controls get the same test.
-- ``canaries``: does it prefer the served canaries' endings to decoys (weights; the ledger's
-  canary rows and the secret)? Exact rank p-values, Fisher per account, Holm over accounts.
+- ``canaries``: does it prefer the served canaries' endings to decoys (the ledger's canary rows
+  and the secret; weights by likelihood, a URL by its answers)? Exact rank p-values, Fisher per
+  account, Holm over accounts.
 
 The verdict: Holm over the tests that ran (family-wise error control over the report's claims).
 It says "distilled" only when some test is significant after Holm *and* the suspect's statistic
@@ -217,27 +218,34 @@ def canary_outcome(
     secret: bytes,
     config: ReportConfig,
 ) -> TestOutcome:
-    """Canary exposure of the suspect's weights, and of each control's; statistic: -log10 of
-    the smallest Holm-adjusted p over accounts."""
+    """Canary exposure of the suspect and of each control: their weights ranked by likelihood
+    (:mod:`.canaries`), or their API's answers ranked by overlap (:mod:`.api_canaries`);
+    statistic: -log10 of the smallest Holm-adjusted p over accounts."""
+    from distillguard.forensics.api_canaries import api_canary_test
     from distillguard.forensics.canaries import canary_test
 
     if not served:
         return cannot_run("canaries", "the ledger holds no canary answers (policy action 'canary')")
-    if suspect.is_api:
-        return cannot_run(
-            "canaries",
-            "the canary test scores the suspect's weights; behind an API only the API-only "
-            "canary test could, and it is not built yet",
-        )
 
     def run(r: Respondent):
+        if r.is_api:
+            # a canary is about 120 characters: room for it whatever the tokenizer
+            return api_canary_test(
+                r,
+                secret,
+                served,
+                decoys=config.decoys,
+                alpha=config.alpha,
+                seed=config.seed,
+                max_tokens=max(128, config.max_tokens),
+            )
         return canary_test(r.lm, secret, served, decoys=config.decoys, alpha=config.alpha)
 
     def strength(result) -> float:
         return _strength(min(a.p_holm for a in result.accounts))
 
     result = run(suspect)
-    control_results = {label: run(c) for label, c in controls.items() if not c.is_api}
+    control_results = {label: run(c) for label, c in controls.items()}
     return TestOutcome(
         "canaries",
         could_run=True,
@@ -246,6 +254,7 @@ def canary_outcome(
         p_value=min(a.p_holm for a in result.accounts),
         controls={label: strength(r) for label, r in control_results.items()},
         details={
+            "mode": "api" if suspect.is_api else "weights",
             "suspect": result.to_dict(),
             "traced": result.traced,
             "controls": {label: r.to_dict() for label, r in control_results.items()},
