@@ -121,6 +121,37 @@ def test_watermark_detect_reads_a_ledger_export_as_it_comes(tmp_path):
     by_account = {k["account"]: k for k in result["keys"]}
     assert set(by_account) == {"acme", "bystander"}
 
+    # The same answers as a harvest's data.jsonl writes them (distill/store.py: the answer as
+    # "response", its prompt as "messages"): every row was skipped as an empty answer before.
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": r["request"]["messages"], "response": r["response"]["text"]})
+            + "\n"
+            for r in rows
+            if r["response"].get("text")
+        )
+    )
+    harvested = run_cli(
+        "watermark",
+        "detect",
+        "-f",
+        str(data),
+        "--all-accounts",
+        "--db",
+        db,
+        "--scheme",
+        "keyed-hash",
+        "--model",
+        "tiny",
+        "--json",
+        env={"DISTILLGUARD_WATERMARK_SECRET": SECRET, "COLUMNS": "400"},
+        timeout=600,
+    )
+    assert harvested.returncode == 0, harvested.stderr
+    assert "skipped" not in harvested.stderr
+    assert json.loads(harvested.stdout)["traced"] == ["acme"]
+
 
 def test_a_file_of_nothing_but_refusals_is_a_clear_error(tmp_path):
     out = tmp_path / "refused.jsonl"

@@ -27,8 +27,9 @@ class Record:
 
 
 def read_records(file: str, skipped: Counter | None = None) -> list[Record]:
-    """A plain-text file is one text; a .jsonl file holds one per line ("text", or a traffic record's
-    response text, with its request's messages and temperature); - reads standard input.
+    """A plain-text file is one text; a .jsonl file holds one per line ("text", a traffic record's
+    response text with its request's messages and temperature, or a harvest's data.jsonl row:
+    "response" with its "messages"); - reads standard input.
 
     A traffic record without an answer (a ``ledger export`` keeps refused, failed and aborted
     requests: 429, 403, 499 ...) is skipped and counted in ``skipped`` by its status, so the
@@ -42,7 +43,16 @@ def read_records(file: str, skipped: Counter | None = None) -> list[Record]:
     records = []
     for n, rec in iter_jsonl(file):
         text = rec.get("text")
-        if text is None and ("response" in rec or "request" in rec):
+        if text is None and isinstance(rec.get("response"), str):
+            # a harvest's data.jsonl (distill harvest): the answer as "response", its prompt as
+            # "messages"; the teacher's temperature is not recorded there
+            text = rec["response"]
+            rec = {"request": {"messages": rec.get("messages")}}
+            if not text:
+                if skipped is not None:
+                    skipped["empty answer"] += 1
+                continue
+        elif text is None and ("response" in rec or "request" in rec):
             response = rec.get("response") if isinstance(rec.get("response"), dict) else {}
             text = response.get("text")
             if not isinstance(text, str) or not text:
