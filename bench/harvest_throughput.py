@@ -128,6 +128,9 @@ def run_harvester(url: str, n: int, concurrency: int, max_tokens: int, model: st
         max_tokens=max_tokens,
         temperature=0.7,
         budget_tokens=10**12,
+        # the prompts are short by construction; counting them would add a tokenizer's load to
+        # the client's CPU time this compares
+        max_prompt_tokens=0,
     )
     with tempfile.TemporaryDirectory() as tmp:
         store = ResponseStore(Path(tmp) / "store.sqlite")

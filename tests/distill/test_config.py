@@ -40,7 +40,6 @@ SELF_INSTRUCT_HARVEST = {
     "api_key",
     "model",
     "concurrency",
-    "max_tokens",
     "max_prompt_tokens",
     "tokenizer",
     "budget_tokens",

@@ -23,6 +23,7 @@ from distillguard.distill.harvest_config import HarvestConfig
 from distillguard.distill.selfinstruct import (
     SEED_LIMIT,
     SEED_MAX_CHARS,
+    SELF_INSTRUCT_MAX_TOKENS,
     SELF_INSTRUCT_TEMPERATURE,
     SelfInstructConfig,
 )
@@ -204,7 +205,9 @@ def self_instruct_cmd(
     max_rounds: int = option(SelfInstructConfig, "max_rounds"),
     novelty: float = option(SelfInstructConfig, "novelty"),
     concurrency: int = option(HarvestConfig, "concurrency"),
-    max_tokens: int = option(HarvestConfig, "max_tokens"),
+    max_tokens: int = typer.Option(
+        SELF_INSTRUCT_MAX_TOKENS, help="max completion tokens per answer (a few tasks)"
+    ),
     max_prompt_tokens: int = option(HarvestConfig, "max_prompt_tokens"),
     tokenizer: str = option(HarvestConfig, "tokenizer"),
     temperature: float = typer.Option(SELF_INSTRUCT_TEMPERATURE, help="sampling temperature"),

@@ -350,6 +350,7 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     from distillguard.distill.selfinstruct import (
         SEED_LIMIT,
         SEED_MAX_CHARS,
+        SELF_INSTRUCT_MAX_TOKENS,
         SELF_INSTRUCT_TEMPERATURE,
         SelfInstructConfig,
         load_seed_tasks,
@@ -372,7 +373,8 @@ def _self_instruct(s: dict, h: dict, sdir: Path, log) -> Path:
     }
     hconfig = HarvestConfig(
         **shared,
-        **{k: s.pop(k) for k in SELF_INSTRUCT_REQUEST_KEYS if k in s},
+        **{k: s.pop(k) for k in SELF_INSTRUCT_REQUEST_KEYS if k in s and k != "max_tokens"},
+        max_tokens=s.pop("max_tokens", SELF_INSTRUCT_MAX_TOKENS),
         temperature=s.pop("temperature", SELF_INSTRUCT_TEMPERATURE),
     )
     sdir.mkdir(parents=True, exist_ok=True)

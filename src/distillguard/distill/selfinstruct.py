@@ -91,10 +91,14 @@ _ITEM = re.compile(
 
 # Defaults the CLI and the pipeline share for what is not a SelfInstructConfig setting: the seed
 # tasks read from a prompt source (a listing shows 8 tasks and must fit the teacher's context),
-# and the requests' temperature (new tasks need more variety than answers harvested to learn from).
+# and the requests' temperature (new tasks need more variety than answers harvested to learn from)
+# and length.
 SEED_LIMIT = 24
 SEED_MAX_CHARS = 300
 SELF_INSTRUCT_TEMPERATURE = 1.0
+# A continuation lists a few tasks; its last, cut, task is dropped (answer_tasks), so a longer
+# answer buys little: the harvest's default (sized for whole answers) would triple the cost.
+SELF_INSTRUCT_MAX_TOKENS = 256
 
 
 class SelfInstructConfig(DistillConfig):
