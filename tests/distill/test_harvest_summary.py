@@ -164,3 +164,18 @@ def test_a_negative_cap_is_refused_naming_the_flag(bad, tmp_path):
         "--out", str(tmp_path), "--max-prompt-tokens", bad,
     )  # fmt: skip
     assert done.returncode == 2 and f"--max-prompt-tokens {bad}" in done.stderr
+
+
+def test_a_prompt_repeated_in_one_run_is_asked_once(teacher, tmp_path):
+    """ShareGPT's first 600 prompts repeat some word for word; their requests share a fingerprint,
+    which is the Idempotency-Key, so concurrent copies got 409s until the harvest failed. Now a
+    repeat is asked once, answered once, and said."""
+    prompts = {f"p{i}": f"question number {i % 3}?" for i in range(9)}  # 3 distinct, 3 times each
+    path = write_prompts(tmp_path / "prompts.jsonl", prompts)
+    key = make_key(teacher, "repeats")
+    said, summary = harvest(
+        teacher, key, path, tmp_path / "h", "--max-tokens", "3", "--concurrency", "9"
+    )
+    assert summary["sent"] == 3 and summary["repeated"] == 6 and not summary["failed"]
+    assert "6 prompts repeat an earlier prompt of this run word for word" in said
+    assert sorted(generations(teacher[1], "repeats")) == [f"question number {i}?" for i in range(3)]

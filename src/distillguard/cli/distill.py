@@ -178,6 +178,11 @@ def harvest_summary(report, exported, config: HarvestConfig) -> list[str]:
                 report.over_prompt_cap, config.max_prompt_tokens, report.planned, config.tokenizer
             )
         )
+    if report.repeated:
+        lines.append(
+            f"{report.repeated} prompts repeat an earlier prompt of this run word for word: "
+            "asked once, answered once"
+        )
     return lines + exported.describe(config.max_tokens)
 
 

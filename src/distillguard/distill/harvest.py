@@ -70,6 +70,9 @@ class HarvestReport:
     retries: int = 0
     budget_stopped: int = 0  # not sent: the budget could not cover their worst case
     over_prompt_cap: int = 0  # not sent (nor exported): longer than max_prompt_tokens
+    # not sent again: the same request as an earlier prompt of this run (ShareGPT repeats prompts;
+    # the fingerprint is the Idempotency-Key, so two in flight at once got 409s, not two answers)
+    repeated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -98,6 +101,7 @@ class HarvestReport:
             + sum(self.failed.values())
             + self.budget_stopped
             + self.over_prompt_cap
+            + self.repeated
         )
 
     def transient_failures(self) -> int:
@@ -223,6 +227,7 @@ async def harvest(
     budget = _Budget(config, totals["tokens"], totals["cost_usd"])
     counter = PromptTokenCounter.load(config.tokenizer) if config.max_prompt_tokens else None
     todo = []
+    planned: set[str] = set()
     for prompt in prompts:
         body = config.request(prompt)
         # Over the cap whether or not an earlier run stored an answer: a run's data is the same
@@ -231,6 +236,10 @@ async def harvest(
             report.over_prompt_cap += 1
             continue
         fp = fingerprint(body)
+        if fp in planned:
+            report.repeated += 1
+            continue
+        planned.add(fp)
         report.fingerprints.append(fp)
         if fp in done:
             report.skipped_done += 1
