@@ -815,6 +815,8 @@ def test_cli_trains_on_policy_end_to_end(tmp_path):
         "4",
     )
     assert res.returncode == 0, res.stderr[-2000:]
+    # stdout is the JSON summary alone: not the Trainer's {'train_runtime': ...} dicts
+    assert len(res.stdout.strip().splitlines()) == 1, res.stdout
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert (
         summary["loss"] == "gkd"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -111,6 +112,21 @@ class CheckpointMarks(TrainerCallback):
         for old in here.parent.glob("checkpoint-*"):
             if old != here:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+class LogToLogger(TrainerCallback):
+    """The Trainer's log dicts (loss, learning rate, epoch) to this module's logger (shown with
+    ``-v``), in place of transformers' PrinterCallback, which prints them to stdout."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            logging.getLogger("distillguard.distill.train").info(
+                "step %d: %s",
+                state.global_step,
+                ", ".join(
+                    f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()
+                ),
+            )
 
 
 class StopOnSigterm(TrainerCallback):

@@ -44,6 +44,7 @@ from transformers import TrainerCallback, TrainingArguments
 from distillguard.distill.checkpoint import (
     CHECKPOINT_MARK,
     CheckpointMarks,
+    LogToLogger,
     StopOnSigterm,
     resume_point,
     run_fingerprint,
@@ -271,6 +272,12 @@ def train(config: TrainConfig, *, callbacks=(), student: LoadedModel | None = No
             callbacks=list(callbacks),
             **kwargs,
         )
+    # disable_tqdm makes the Trainer print every log dict ({'loss': ..., 'epoch': ...}) to stdout,
+    # which a CLI whose stdout is its JSON summary must not do: they go to the log (-v) instead.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogToLogger())
     if isinstance(trainer, LogitKDTrainer):
         trainer.on_policy_batches = mark.get("on_policy_batches", 0)
     trainer.add_callback(CheckpointMarks(fingerprint, trainer, mark.get("train_seconds", 0.0)))
