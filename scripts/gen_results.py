@@ -85,7 +85,16 @@ BENCHES = {
         "the external detector following the ledger vs the in-process monitor, per CPU-second",
     ),
     "arena_traffic": ("Arena", "traffic generation speed"),
+    "demo": ("Arena", "distillguard demo: the whole story on the embedded defaults"),
     "harvest_throughput": ("Distillation", "the harvester vs a bare aiohttp client"),
+    "harvest_answer_length": (
+        "Distillation",
+        "the embedded teacher's answer lengths on ShareGPT prompts (harvest's default --max-tokens)",
+    ),
+    "harvest_prompt_length": (
+        "Distillation",
+        "ShareGPT prompt lengths in the teacher's tokens, and what each --max-prompt-tokens keeps",
+    ),
     "distill_curves": ("Distillation", "learning curves: held-out NLL vs teacher queries"),
     "distill_train_speed": (
         "Distillation",
