@@ -298,7 +298,7 @@ class ExportSummary:
         lines = []
         if self.scope == "run":
             lines.append(
-                f"{name}: {self.rows} rows: this run's usable answers"
+                f"{name}: {self.rows} row{'' if self.rows == 1 else 's'}: this run's usable answers"
                 + (
                     f" ({self.other_rows} more from earlier runs in the store are not included; "
                     "--export store includes them)"
@@ -308,7 +308,7 @@ class ExportSummary:
             )
         else:
             lines.append(
-                f"{name}: {self.rows} rows: every usable answer in the store"
+                f"{name}: {self.rows} row{'' if self.rows == 1 else 's'}: every usable answer in the store"
                 + (
                     f", {self.other_rows} of them from earlier runs of other requests "
                     "(--export run keeps to this run's)"
