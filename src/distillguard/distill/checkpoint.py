@@ -115,12 +115,13 @@ class CheckpointMarks(TrainerCallback):
 
 
 class LogToLogger(TrainerCallback):
-    """The Trainer's log dicts (loss, learning rate, epoch) to this module's logger (shown with
-    ``-v``), in place of transformers' PrinterCallback, which prints them to stdout."""
+    """The Trainer's log dicts (loss, learning rate, epoch) to the train module's logger at debug
+    level (shown with ``-v``; the CLI shows its own info lines without it), in place of
+    transformers' PrinterCallback, which prints them to stdout."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
-            logging.getLogger("distillguard.distill.train").info(
+            logging.getLogger("distillguard.distill.train").debug(
                 "step %d: %s",
                 state.global_step,
                 ", ".join(

@@ -17,23 +17,19 @@ weights test does.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 
-from scipy.stats import chi2
-
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import (
-    AccountExposure,
     CanaryResult,
     ServedCanary,
+    combine_ranks,
     rank_p_value,
 )
 from distillguard.forensics.respondent import Respondent
 from distillguard.forensics.similarity import token_f1
 from distillguard.guard.canary import canary
-from distillguard.watermark.detect import holm
 
 
 def decoy_endings(secret: bytes, c: ServedCanary, decoys: int) -> list[str]:
@@ -80,25 +76,7 @@ def api_canary_test(
         tail = after_opening(answer, opening)
         scores = [token_f1(tail, e) for e in [ending, *decoy_endings(secret, c, decoys)]]
         per_account.setdefault(c.account, []).append(rank_p_value(scores[0], scores[1:], rng))
-    result = CanaryResult(decoys=decoys, alpha=alpha)
-    for account, ranks in per_account.items():
-        # Fisher's method, as the weights test combines an account's canaries
-        stat = -2.0 * sum(math.log(p) for _, p in ranks)
-        log_p = float(chi2.logsf(stat, 2 * len(ranks)))
-        result.accounts.append(
-            AccountExposure(
-                account=account,
-                canaries=len(ranks),
-                top1=sum(r == 1 for r, _ in ranks),
-                mean_rank=sum(r for r, _ in ranks) / len(ranks),
-                p_value=math.exp(log_p),
-                log10_p=log_p / math.log(10),
-            )
-        )
-    for a, p in zip(result.accounts, holm([a.p_value for a in result.accounts])):
-        a.p_holm = p
-    result.accounts.sort(key=lambda a: a.log10_p)
-    return result
+    return combine_ranks(per_account, decoys=decoys, alpha=alpha)
 
 
 __all__ = ["after_opening", "api_canary_test", "decoy_endings"]

@@ -180,6 +180,15 @@ def canary_test(
         per_account.setdefault(c.account, []).append(rank_p_value(scores[0], scores[1:], rng))
         if progress is not None:
             progress(i + 1, len(served))
+    return combine_ranks(per_account, decoys=decoys, alpha=alpha)
+
+
+def combine_ranks(
+    per_account: dict[str, list[tuple[int, float]]], *, decoys: int, alpha: float
+) -> CanaryResult:
+    """Each account's canaries, (rank, p) against the decoys, combined by Fisher's method, Holm
+    over the accounts, with the test's power at that size: the weights test's and the API test's
+    last step."""
     result = CanaryResult(decoys=decoys, alpha=alpha)
     for account, ranks in per_account.items():
         stat = -2.0 * sum(math.log(p) for _, p in ranks)
@@ -194,6 +203,8 @@ def canary_test(
                 log10_p=log_p / math.log(10),
             )
         )
+    if not result.accounts:
+        return result
     level = alpha / len(result.accounts)
     for a, p in zip(result.accounts, holm([a.p_value for a in result.accounts])):
         a.p_holm = p
@@ -208,6 +219,7 @@ __all__ = [
     "ServedCanary",
     "answer_logprobs",
     "canary_test",
+    "combine_ranks",
     "rank_p_value",
     "served_canaries",
 ]
