@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 
 import httpx
 
@@ -94,8 +95,12 @@ def test_watermark_detect_reads_a_ledger_export_as_it_comes(tmp_path):
             time.sleep(0.5)
     statuses = sorted(r["response"]["status"] for r in rows)
     assert statuses == [200] * 6 + [400, 499, 499], statuses
+    # The export keeps them: that is what tripped the reader. A stream hung up after its first
+    # event usually carries no text; one whose first tokens went out before the server saw the
+    # hang-up carries them (watermarked, sent to the client: evidence, not skipped).
     without = [r for r in rows if not r["response"].get("text")]
-    assert len(without) == 3  # the export keeps them: that is what tripped the reader
+    skipped = Counter(f"status {r['response']['status']}" for r in without)
+    assert skipped["status 400"] == 1 and len(without) >= 1
 
     detect = run_cli(
         "watermark",
@@ -114,9 +119,9 @@ def test_watermark_detect_reads_a_ledger_export_as_it_comes(tmp_path):
         timeout=600,  # loads the tokenizer and the ledger; a loaded CI machine is slow
     )
     assert detect.returncode == 0, detect.stderr
-    assert "skipped 3 rows without an answer: 2 status 499, 1 status 400" in detect.stderr
+    assert f"skipped {len(without)} rows without an answer" in detect.stderr
     result = json.loads(detect.stdout)
-    assert result["skipped"] == {"status 499": 2, "status 400": 1}
+    assert result["skipped"] == dict(skipped)
     assert result["traced"] == ["acme"]  # Holm over both accounts' keys
     by_account = {k["account"]: k for k in result["keys"]}
     assert set(by_account) == {"acme", "bystander"}

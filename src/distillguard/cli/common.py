@@ -47,7 +47,13 @@ DB_HELP = "ledger database: a file path, sqlite:///FILE or postgresql+psycopg://
 
 # Hugging Face libraries draw their own tqdm bars (weights loading, dataset maps), read once when
 # they are imported, which the commands do lazily after this.
-_PROGRESS_BAR_SWITCHES = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+# TQDM_DISABLE: bars of libraries that call tqdm directly (transformers' GGUF conversion, the
+# first time a GGUF teacher or its tokenizer is loaded on a machine)
+_PROGRESS_BAR_SWITCHES = (
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS",
+    "TQDM_DISABLE",
+)
 _switched_off: set[str] = set()
 
 
