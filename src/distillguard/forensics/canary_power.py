@@ -26,7 +26,10 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import chi2, norm
 
-from distillguard.watermark.power import POWER, Power, clopper_pearson
+from distillguard.watermark.power import POWER, Power, clopper_pearson, smallest_n
+
+# past this many canaries "serve more" has stopped meaning anything
+_MAX_CANARIES = 10**7
 
 _STEP = 0.02  # grid of T
 _EXACT_UP_TO = 1_000  # canaries; the normal approximation beyond (CLT: a sum of 1,000)
@@ -67,22 +70,6 @@ def fisher_power(theta: float, canaries: int, decoys: int, level: float) -> floa
     return float(min(1.0, total[first:].sum()))
 
 
-def _smallest(ok, start: int) -> int | None:
-    hi = max(1, start)
-    while not ok(hi):
-        hi *= 2
-        if hi > 10**7:
-            return None
-    lo = 0
-    while lo + 1 < hi:
-        mid = (lo + hi) // 2
-        if ok(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
 def canary_power(canaries: int, top1: int, decoys: int, level: float) -> Power:
     """:class:`Power` of one account's canary test: ``top1`` of its ``canaries`` ranked first."""
     chance = 1 / (decoys + 1)
@@ -115,8 +102,12 @@ def canary_power(canaries: int, top1: int, decoys: int, level: float) -> Power:
     if at > 0:
         values = _values(decoys)
         mean = float(_probs(at, decoys) @ values)
-        reach = _smallest(lambda c: c * mean >= float(chi2.isf(level, 2 * c)), canaries)
-        power_n = _smallest(lambda c: fisher_power(at, c, decoys, level) >= POWER, canaries)
+        reach = smallest_n(
+            lambda c: c * mean >= float(chi2.isf(level, 2 * c)), canaries, _MAX_CANARIES
+        )
+        power_n = smallest_n(
+            lambda c: fisher_power(at, c, decoys, level) >= POWER, canaries, _MAX_CANARIES
+        )
     return Power(
         test="fisher-rank",
         effect="a memorised fraction (canaries ranked first beyond chance)",

@@ -176,13 +176,14 @@ def clopper_pearson(k: int, n: int) -> tuple[float, float]:
     return low, high
 
 
-def _smallest_n(ok, start: int) -> int | None:
+def smallest_n(ok, start: int, limit: int = _MAX_UNITS) -> int | None:
     """The smallest n >= 1 with ok(n), for ok false below some size and true above it (up to
-    the discreteness of the binomial, which makes this the first crossing found by bisection)."""
+    the discreteness of the binomial, which makes this the first crossing found by bisection);
+    None past ``limit``."""
     hi = max(1, start)
     while not ok(hi):
         hi *= 2
-        if hi > _MAX_UNITS:
+        if hi > limit:
             return None
     lo = 0
     while lo + 1 < hi:
@@ -223,12 +224,10 @@ def binomial_power_report(
     reach = power_n = None
     if at is not None:
         p1 = gamma + at
-        reach = _smallest_n(
+        reach = smallest_n(
             lambda m: critical_count(m, gamma, level) <= m * p1, max(1, n // 4)
         )  # the expected count reaches the critical one
-        power_n = _smallest_n(
-            lambda m: binomial_power(m, gamma, level, at) >= POWER, max(1, n // 4)
-        )
+        power_n = smallest_n(lambda m: binomial_power(m, gamma, level, at) >= POWER, max(1, n // 4))
         if max_units is not None:
             reach = reach if reach is not None and reach <= max_units else None
             power_n = power_n if power_n is not None and power_n <= max_units else None
