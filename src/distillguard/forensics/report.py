@@ -23,9 +23,7 @@ reproduces each test; ``report.html`` shows it with its plots embedded, no scrip
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 import platform
@@ -40,6 +38,8 @@ from pathlib import Path
 
 from distillguard.errors import ConfigError
 from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run, sha256_path
+from distillguard.htmlreport import figure_png
+from distillguard.htmlreport import fmt as _fmt
 
 TESTS = ("identity", "similarity", "radioactivity", "canaries")
 VERDICTS = ("distilled", "not shown distilled", "no test could run")
@@ -426,13 +426,6 @@ def _ledger_tests(config, suspect, controls, secret, prompts, inputs, out_dir, s
 # ---- HTML --------------------------------------------------------------------------------------
 
 
-def _fmt(x) -> str:
-    """How a number is shown; the browser test parses it back and compares with evidence.json."""
-    if x is None:
-        return "–"
-    return f"{x:.3g}"
-
-
 def _plot(test: dict) -> str:
     """A bar per model (the suspect in red), as an embedded PNG."""
     import matplotlib
@@ -448,10 +441,7 @@ def _plot(test: dict) -> str:
     ax.set_xlabel(textwrap.fill(test["statistic_name"], 60))
     ax.set_title(f"{test['name']}: p = {_fmt(test['p_value'])}")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return figure_png(fig)
 
 
 def render_html(evidence: dict) -> str:
