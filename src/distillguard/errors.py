@@ -13,6 +13,7 @@
         │   └── ContextLengthExceeded 400 code=context_length_exceeded
         ├── NotFoundError             404 (e.g. model_not_found)
         ├── PayloadTooLarge           413
+        ├── UnsupportedMediaType      415 a body that is not declared as JSON
         ├── RateLimited               429 type=requests|tokens, code=rate_limit_exceeded, Retry-After
         ├── ServiceUnavailable        503 a part the gateway needs (ledger, limiter) cannot serve now
         ├── UpstreamError             502 the upstream server failed or is unreachable
@@ -104,6 +105,13 @@ class NotFoundError(APIError):
 
 class PayloadTooLarge(APIError):
     status_code = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(APIError):
+    """415: a body whose ``Content-Type`` is not JSON (``text/plain``, a form, another charset)."""
+
+    status_code = 415
     type = "invalid_request_error"
 
 

@@ -32,9 +32,13 @@ from distillguard.errors import APIError, InvalidRequestError
 from distillguard.guard.canary import canary_text
 from distillguard.guard.requestlog import RequestLog
 from distillguard.serve.app import ClientGone, unless_disconnected
-from distillguard.serve.backend import Backend, Usage
+from distillguard.serve.backend import Backend, Capability, Usage, capabilities_of
 from distillguard.serve.canned import text_chunks, text_response
-from distillguard.serve.schemas import ChatCompletionRequest, parse_chat_request
+from distillguard.serve.schemas import (
+    ChatCompletionRequest,
+    check_content_type,
+    parse_chat_request,
+)
 
 if TYPE_CHECKING:
     from distillguard.guard.admission import Admission, Admitter
@@ -110,7 +114,8 @@ class Authenticate:
 
 
 class ReadRequest:
-    """The body, kept for the ledger whatever it holds, then parsed (400 naming the bad field)."""
+    """The body, kept for the ledger whatever it holds, then parsed: 415 unless it is declared as
+    JSON, 400 naming the bad field."""
 
     async def __call__(self, call: Call) -> None:
         try:
@@ -118,6 +123,7 @@ class ReadRequest:
         except ClientDisconnect:  # gone while sending its body: nothing to answer
             raise ClientGone from None
         call.log.set_body(raw)
+        check_content_type(call.http.headers.get("content-type"))
         call.req = parse_chat_request(raw)
 
 
@@ -151,6 +157,14 @@ class Idempotency:
         return JSONResponse(replayed, headers={"Idempotent-Replayed": "true"})
 
 
+class IdempotencyKeyShape:
+    """``serve --no-guard`` keeps no claims and replays nothing, but refuses a malformed
+    ``Idempotency-Key`` as the guarded pipeline does: a client sees one rule either way."""
+
+    async def __call__(self, call: Call) -> None:
+        idempotency_header(call.http)
+
+
 @dataclass(frozen=True)
 class Admit:
     """Reserve the most tokens (and dollars) the request can use against its key's and its
@@ -174,11 +188,21 @@ class Admit:
 @dataclass(frozen=True)
 class Countermeasure:
     """What the verdict does to the answer: a canary in place of one, or the account's watermark
-    (boosted under ``watermark_boost``) and antidistillation sampling, where the backend can."""
+    (boosted under ``watermark_boost``) and antidistillation sampling, where the backend can.
+
+    A countermeasure the backend cannot apply (not in its ``capabilities``) is dropped: the
+    ledger row then has no watermark key id, its policy_action lacks the action, and
+    ``distillguard_countermeasures_unavailable`` counts it."""
 
     watermarks: AccountWatermarks
     metrics: Metrics
     backend: Backend
+
+    def _can(self, capability: Capability) -> bool:
+        if capability in capabilities_of(self.backend):
+            return True
+        self.metrics.countermeasures_unavailable.labels(countermeasure=capability.value).inc()
+        return False
 
     async def __call__(self, call: Call) -> None:
         log, decision, req = call.log, call.decision, call.req
@@ -193,11 +217,12 @@ class Countermeasure:
             else:
                 call.response = text_response(req, text, *counts)
             return
-        if self.backend.supports_watermark:
-            boost = decision.watermark_delta if decision is not None else None
-            call.watermark = self.watermarks.watermark_for(log.key, boost)
+        boost = decision.watermark_delta if decision is not None else None
+        watermark = self.watermarks.watermark_for(log.key, boost)
+        if watermark is not None and self._can(Capability.WATERMARK):
+            call.watermark = watermark
         log.watermark_key_id = call.watermark.key_id if call.watermark else None
-        if decision is not None and decision.antidistill > 0 and self.backend.supports_antidistill:
+        if decision is not None and decision.antidistill > 0 and self._can(Capability.ANTIDISTILL):
             call.options["antidistill"] = decision.antidistill
             call.applied.append("antidistill")
             log.policy_action = decision.label(call.applied)
@@ -269,6 +294,7 @@ class Pipeline:
 
     @classmethod
     def guarded(cls, guard: Guard, backend: Backend) -> Pipeline:
+        capabilities_of(backend, warn=True)  # a backend on the old supports_* flags: warn once
         return cls(
             [
                 LedgerUp(guard.recorder),
@@ -286,7 +312,7 @@ class Pipeline:
     @classmethod
     def unguarded(cls, backend: Backend) -> Pipeline:
         """``serve --no-guard``: no keys, limits, policies, ledger or metrics."""
-        return cls([ReadRequest(), Generate(backend)])
+        return cls([ReadRequest(), IdempotencyKeyShape(), Generate(backend)])
 
     async def __call__(self, request: Request) -> Response:
         call = Call(request, RequestLog(client_ip=request.client.host if request.client else None))
@@ -394,15 +420,9 @@ def idempotency_key(request: Request, req: ChatCompletionRequest, log: RequestLo
     instead of a second generation (non-streaming requests only: a stream cannot be replayed
     faithfully, so the combination is refused rather than silently ignored).
     """
-    key = request.headers.get("idempotency-key")
+    key = idempotency_header(request)
     if key is None:
         return False
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY:
-        raise InvalidRequestError(
-            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters",
-            param="Idempotency-Key",
-            code="invalid_value",
-        )
     if req.stream:
         raise InvalidRequestError(
             "Idempotency-Key is supported for non-streaming requests only",
@@ -414,6 +434,19 @@ def idempotency_key(request: Request, req: ChatCompletionRequest, log: RequestLo
         json.dumps(req.model_dump(mode="json"), sort_keys=True).encode()
     ).hexdigest()
     return True
+
+
+def idempotency_header(request: Request) -> str | None:
+    """The ``Idempotency-Key`` header, None without one; 400 when it is empty or too long."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequestError(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters, got {len(key)}: "
+            "send a shorter unique id (a UUID is 36)",
+            param="Idempotency-Key",
+            code="invalid_value",
+        )
+    return key
 
 
 _tasks: set[asyncio.Task] = set()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+from email.message import Message
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distillguard.errors import InvalidRequestError
+from distillguard.errors import InvalidRequestError, UnsupportedMediaType
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
@@ -134,6 +135,35 @@ class ChatCompletionRequest(_Strict):
             raise InvalidRequestError(
                 "stop sequences must be non-empty", param="stop", code="invalid_value"
             )
+
+
+def check_content_type(value: str | None) -> None:
+    """Refuse a body not declared as JSON in UTF-8: 415 ``unsupported_content_type`` (OpenAI's
+    code for it).
+
+    ``application/json`` in any case, with no charset or ``charset=utf-8``, is JSON (RFC 8259
+    allows only UTF-8 between systems); so is a body with no ``Content-Type`` at all (RFC 9110
+    §8.3 lets the recipient look at the data; FastAPI does the same). Anything else declared,
+    ``text/plain``, a form (what ``curl -d`` sends without ``-H``), ``charset=utf-16``, was
+    parsed as JSON all the same before, and stored as such: a body means what its sender says.
+    """
+    if value is None or value.lower() == "application/json":  # the openai client's, first
+        return
+    # the standard library's MIME header parser: parameters, quoting and case as RFC 2045's
+    header = Message()
+    header["content-type"] = value
+    charset = header.get_param("charset")
+    if header.get_content_type() == "application/json" and (
+        charset is None or (isinstance(charset, str) and charset.lower() == "utf-8")
+    ):
+        return
+    raise UnsupportedMediaType(
+        f"Unsupported content type: {_short(value)}. This endpoint accepts only "
+        "'application/json' (UTF-8): send the header 'Content-Type: application/json' "
+        "(curl: -H 'Content-Type: application/json', or --json instead of -d)",
+        param="Content-Type",
+        code="unsupported_content_type",
+    )
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
