@@ -49,6 +49,13 @@ class Metrics:
             ["action"],
             registry=self.registry,
         )
+        self.countermeasures_unavailable = Counter(
+            "distillguard_countermeasures_unavailable",
+            "Countermeasures asked for (the account's watermark, a policy action) that the "
+            "backend cannot apply, so answers went without them, by countermeasure",
+            ["countermeasure"],
+            registry=self.registry,
+        )
         self.verdicts = Counter(
             "distillguard_verdicts",
             "Verdicts recorded, by level and source",
@@ -123,6 +130,7 @@ class _HealthCollector:
         if self.monitor is not None:
             yield CounterMetricFamily(
                 "distillguard_monitor_errors",
-                "Batches of finished requests online detection failed on",
+                "Batches of finished requests online detection failed on, and verdicts it "
+                "refused for a score that is not a finite number",
                 value=getattr(self.monitor, "errors", 0),
             )

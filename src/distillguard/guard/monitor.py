@@ -4,6 +4,7 @@ and a verdict that escalates an account is recorded (``guard/verdicts.py``)."""
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 from types import SimpleNamespace
@@ -29,12 +30,14 @@ class Monitor(Protocol):
 
 class MonitorWorker:
     """Feeds ledger rows to ``monitor`` in a daemon thread; ``errors`` counts the batches it
-    failed on (a detector bug must stop neither the monitor nor the gateway)."""
+    failed on and the verdicts it refused for a score that is not a finite number (a detector
+    bug must stop neither the monitor nor the gateway)."""
 
     def __init__(self, monitor: Monitor, verdicts: Verdicts):
         self.monitor = monitor
         self.verdicts = verdicts
         self.errors = 0
+        self._told_refused = False  # a detector that returns NaN once returns it for every request
         self._queue: queue.SimpleQueue[dict | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -76,14 +79,27 @@ class MonitorWorker:
                 )
 
     def _observe(self, rows: list[dict]) -> None:
-        observe_rows(self.monitor, self.verdicts, rows)
+        refused = observe_rows(self.monitor, self.verdicts, rows)
+        self.errors += len(refused)
+        if refused and not self._told_refused:
+            self._told_refused = True
+            row, verdict = refused[0]
+            log.error(
+                "detector %s scored request %s %r, not a finite number: its verdict is not "
+                "recorded (a detector error; further ones are counted in "
+                "distillguard_monitor_errors_total, not logged)",
+                detector_name(self.monitor),
+                row.get("request_id"),
+                getattr(verdict, "score", None),
+            )
 
 
-def observe_rows(monitor: Monitor, verdicts: Verdicts, rows: list[dict]) -> None:
+def observe_rows(monitor: Monitor, verdicts: Verdicts, rows: list[dict]) -> list[tuple]:
     """Score finished requests (ledger rows, in the order they finished) and record a verdict
     for each that escalates its account: the one step shared by the in-process worker and the
-    external follower (``guard/detector_service.py``), so both judge the same way."""
-    escalations(monitor, verdicts, rows, score(monitor, rows))
+    external follower (``guard/detector_service.py``), so both judge the same way. Returns the
+    (row, verdict) pairs refused for a non-finite score (see :func:`escalations`)."""
+    return escalations(monitor, verdicts, rows, score(monitor, rows))
 
 
 def score(monitor: Monitor, rows: list[dict]) -> list:
@@ -94,11 +110,22 @@ def score(monitor: Monitor, rows: list[dict]) -> list:
     return [monitor.observe(r) for r in records]
 
 
-def escalations(monitor: Monitor, verdicts: Verdicts, rows: list[dict], results: list) -> None:
+def escalations(
+    monitor: Monitor, verdicts: Verdicts, rows: list[dict], results: list
+) -> list[tuple]:
     """Record each of ``results`` that raises its account's level (online detection only
-    escalates; lowering is an admin's decision)."""
+    escalates; lowering is an admin's decision).
+
+    A verdict whose score is not a finite number (NaN or infinity from a detector, or not a
+    number at all) is a detector error, not evidence: it is not recorded (the database would
+    keep NaN, which reads back as null, and JSON cannot carry it) and is returned among the
+    (row, verdict) pairs refused, for the caller to count."""
+    refused: list[tuple] = []
     for row, verdict in zip(rows, results, strict=False):
         if verdict is None:
+            continue
+        if not finite_score(getattr(verdict, "score", None)):
+            refused.append((row, verdict))
             continue
         level = Level.parse(verdict.level)
         account = row["account_id"]
@@ -111,6 +138,38 @@ def escalations(monitor: Monitor, verdicts: Verdicts, rows: list[dict], results:
                 source="online",
                 request_id=row["request_id"],
             )
+    return refused
 
 
-__all__ = ["Monitor", "MonitorWorker", "escalations", "observe_rows", "score"]
+def finite_score(value) -> bool:
+    """Whether ``value`` may be stored as a verdict's score: None (no score) or a finite real."""
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except (TypeError, ValueError, OverflowError):  # a string, a complex, an int past a double
+        return False
+
+
+def detector_name(monitor) -> str:
+    """The monitor's class, and the detector it wraps if any (``OnlineDetection`` wraps the
+    calibrated ``AccountMonitor``; a plugin names its own module)."""
+
+    def name(obj) -> str:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    inner = getattr(monitor, "monitor", None)
+    return f"{name(monitor)}({name(inner)})" if inner is not None else name(monitor)
+
+
+__all__ = [
+    "Monitor",
+    "MonitorWorker",
+    "detector_name",
+    "escalations",
+    "finite_score",
+    "observe_rows",
+    "score",
+]
