@@ -21,14 +21,21 @@ measured the others are paused (SIGSTOP), so on a small machine none steals CPU 
 ``--compare NAME=SRC`` adds distillguard from another source tree (PYTHONPATH=SRC) as one more
 target: a change and its baseline measured under the same noise.
 
+One run is ``--rounds`` rounds (3 by default); each measures every target at every client count,
+the targets' order reversed every other round, so a drift of the machine hits every target alike.
+Two runs of one round on a quiet machine gave distillguard/LiteLLM 8.5x and 12.4x at 64 clients:
+one round is too noisy to state a ratio. Ratios are therefore taken within a round (two targets
+measured minutes apart, not a run apart) and reported per round with their median.
+
 Reported per target and client count: requests/s, latency p50/p99 (wrk's histogram), and for the
 proxies the latency they add over ``direct`` at the same client count (p50 - direct p50, p99 -
-direct p99). With many clients a closed loop's latency is clients / throughput, so added latency
-there mostly restates the throughput. Absolute numbers on a shared machine are noisy; quote the
-ratios of one run.
+direct p99, within a round): each the median over the rounds with its range (min, max). With many
+clients a closed loop's latency is clients / throughput, so added latency there mostly restates
+the throughput. Quote the medians and their ranges; every round's cells are in ``rounds``.
 
-    python bench/gateway_overhead.py                      # ~2-3 minutes (+ LiteLLM's install, once)
+    python bench/gateway_overhead.py                      # ~8 minutes (+ LiteLLM's install, once)
     python bench/gateway_overhead.py --duration 10 --concurrency 1,64
+    python bench/gateway_overhead.py --rounds 5           # a tighter median
     python bench/gateway_overhead.py --no-litellm
     python bench/gateway_overhead.py --compare before=/path/to/old-checkout/src   # A/B in one run
 
@@ -47,6 +54,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,7 +71,7 @@ from rich.table import Table
 
 console = Console(stderr=True)
 if not console.is_terminal:  # piped or redirected: rich's 80 columns would cut the table's names
-    console = Console(stderr=True, width=120)
+    console = Console(stderr=True, width=160)
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "gateway_overhead.json"
 
@@ -418,10 +426,12 @@ def run_wrk(
 
 def measure(
     servers: dict[str, Server], levels: list[int], args: argparse.Namespace, workdir: Path
-) -> dict:
-    """Every (client count, target) cell, interleaved so that slow drifts of a shared machine hit
-    every target alike. Proxies not under measurement are paused."""
-    results: dict[str, dict[str, dict]] = {name: {} for name in servers}
+) -> list[dict]:
+    """Every (round, client count, target) cell: ``rounds[r][target][clients]``. Within a round
+    each client count is measured on every target in turn, in the reverse order every other round
+    (the target measured first at a client count is not always the same one), so that slow drifts
+    of a shared machine hit every target alike. Proxies not under measurement are paused."""
+    rounds: list[dict[str, dict[str, dict]]] = []
     proxies = [s for name, s in servers.items() if name != "direct"]
     progress = Progress(
         TextColumn("{task.description}"),
@@ -431,110 +441,188 @@ def measure(
         console=console,
     )
     with progress:
-        task = progress.add_task("", total=len(levels) * len(servers))
-        for clients in levels:
-            for name, server in servers.items():
-                progress.update(task, description=f"{name:>12} x{clients:<3} clients")
-                for other in proxies:
-                    other.signal(signal.SIGSTOP if other is not server else signal.SIGCONT)
-                try:
-                    if args.warmup > 0:
-                        run_wrk(server, clients, args.warmup, args, workdir)
-                        drain(server)
-                    cell = run_wrk(server, clients, args.duration, args, workdir)
-                    drain(server)
-                finally:
+        task = progress.add_task("", total=args.rounds * len(levels) * len(servers))
+        for r in range(args.rounds):
+            results: dict[str, dict[str, dict]] = {name: {} for name in servers}
+            order = list(servers.items())
+            if r % 2:
+                order.reverse()
+            for clients in levels:
+                for name, server in order:
+                    where = f"round {r + 1}/{args.rounds} {name:>12} x{clients:<3}"
+                    progress.update(task, description=where)
                     for other in proxies:
-                        other.signal(signal.SIGCONT)
-                results[name][str(clients)] = cell
-                progress.console.print(
-                    f"{name:>12} x{clients:<3} {cell['requests_per_s']:>9.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  "
-                    f"p99 {cell['p99_ms']:8.2f} ms"
-                    + (
-                        f"  [red]{cell['non_2xx']} non-2xx, {cell['timeouts']} "
-                        f"timeouts, {cell['socket_errors']} socket errors[/]"
-                        if cell["non_2xx"] or cell["timeouts"] or cell["socket_errors"]
-                        else ""
+                        other.signal(signal.SIGSTOP if other is not server else signal.SIGCONT)
+                    try:
+                        if args.warmup > 0:
+                            run_wrk(server, clients, args.warmup, args, workdir)
+                            drain(server)
+                        cell = run_wrk(server, clients, args.duration, args, workdir)
+                        drain(server)
+                    finally:
+                        for other in proxies:
+                            other.signal(signal.SIGCONT)
+                    results[name][str(clients)] = cell
+                    progress.console.print(
+                        f"{where} {cell['requests_per_s']:>9.1f} req/s  p50 {cell['p50_ms']:8.2f} ms  "
+                        f"p99 {cell['p99_ms']:8.2f} ms"
+                        + (
+                            f"  [red]{cell['non_2xx']} non-2xx, {cell['timeouts']} "
+                            f"timeouts, {cell['socket_errors']} socket errors[/]"
+                            if cell["non_2xx"] or cell["timeouts"] or cell["socket_errors"]
+                            else ""
+                        )
                     )
-                )
-                progress.advance(task)
+                    progress.advance(task)
+            rounds.append(results)
+    return rounds
+
+
+def spread(values: list[float], digits: int) -> tuple[float, list[float]]:
+    """(median, [min, max]) of one quantity over the rounds."""
+    return (
+        round(statistics.median(values), digits),
+        [round(min(values), digits), round(max(values), digits)],
+    )
+
+
+def combine(rounds: list[dict], levels: list[int]) -> dict:
+    """Per target and client count, each quantity's median over the rounds and its range; counts
+    (requests, errors, seconds) summed."""
+    results: dict[str, dict[str, dict]] = {}
+    for name in rounds[0]:
+        results[name] = {}
+        for c in map(str, levels):
+            cells = [rnd[name][c] for rnd in rounds]
+            cell: dict = {}
+            for key, digits in (("requests_per_s", 1), ("p50_ms", 3), ("p99_ms", 3)):
+                cell[key], cell[f"{key}_range"] = spread([x[key] for x in cells], digits)
+            for key in ("requests", "non_2xx", "timeouts", "socket_errors"):
+                cell[key] = sum(x[key] for x in cells)
+            cell["seconds"] = round(sum(x["seconds"] for x in cells), 2)
+            results[name][c] = cell
     return results
 
 
-def summarise(results: dict, levels: list[int]) -> tuple[dict, dict]:
-    direct = results["direct"]
+def summarise(rounds: list[dict], levels: list[int]) -> tuple[dict, dict]:
+    """What the proxies add over ``direct`` and their ratios to each other, each taken within a
+    round, then the median over the rounds (with the range, and for ratios every round's)."""
+    names = list(rounds[0])
     overhead: dict[str, dict] = {}
-    for name, cells in results.items():
+    for name in names:
         if name == "direct":
             continue
-        overhead[name] = {
-            str(c): {
-                "added_p50_ms": round(cells[str(c)]["p50_ms"] - direct[str(c)]["p50_ms"], 3),
-                "added_p99_ms": round(cells[str(c)]["p99_ms"] - direct[str(c)]["p99_ms"], 3),
-                "requests_per_s": cells[str(c)]["requests_per_s"],
-                "requests_per_s_vs_direct": round(
-                    cells[str(c)]["requests_per_s"] / direct[str(c)]["requests_per_s"], 4
-                ),
-            }
-            for c in levels
-        }
+        overhead[name] = {}
+        for c in map(str, levels):
+            mine = [rnd[name][c] for rnd in rounds]
+            direct = [rnd["direct"][c] for rnd in rounds]
+            entry: dict = {}
+            for key, field in (("added_p50_ms", "p50_ms"), ("added_p99_ms", "p99_ms")):
+                added = [m[field] - d[field] for m, d in zip(mine, direct, strict=True)]
+                entry[key], entry[f"{key}_range"] = spread(added, 3)
+            entry["requests_per_s"] = spread([m["requests_per_s"] for m in mine], 1)[0]
+            entry["requests_per_s_vs_direct"] = spread(
+                [
+                    m["requests_per_s"] / max(d["requests_per_s"], 1e-9)
+                    for m, d in zip(mine, direct, strict=True)
+                ],
+                4,
+            )[0]
+            overhead[name][c] = entry
+
+    def ratio(top: str, bottom: str, c: str) -> list[float]:
+        """top's req/s over bottom's at c clients, round by round"""
+        return [
+            round(rnd[top][c]["requests_per_s"] / max(rnd[bottom][c]["requests_per_s"], 1e-9), 3)
+            for rnd in rounds
+        ]
+
     targets: dict[str, dict] = {}
     if "distillguard" in overhead and "1" in overhead["distillguard"]:
-        added = overhead["distillguard"]["1"]["added_p50_ms"]
+        one = overhead["distillguard"]["1"]
         targets["distillguard_added_p50_ms_at_1_client"] = {
-            "value": added,
+            "value": one["added_p50_ms"],
+            "range": one["added_p50_ms_range"],
             "target": "<= 2.0",
-            "met": added <= 2.0,
+            "met": one["added_p50_ms"] <= 2.0,
         }
-        added = overhead["distillguard"]["1"][
-            "added_p99_ms"
-        ]  # issue 24: the tail, with the ledger's promise kept
+        # issue 24: the tail, with the ledger's promise kept
         targets["distillguard_added_p99_ms_at_1_client"] = {
-            "value": added,
+            "value": one["added_p99_ms"],
+            "range": one["added_p99_ms_range"],
             "target": "<= 10.0",
-            "met": added <= 10.0,
+            "met": one["added_p99_ms"] <= 10.0,
         }
-    if "litellm" in results:
-        ratios = {
-            name: {
-                str(c): round(
-                    cells[str(c)]["requests_per_s"]
-                    / max(results["litellm"][str(c)]["requests_per_s"], 1e-9),
-                    2,
-                )
-                for c in levels
-            }
-            for name, cells in results.items()
+    if "litellm" in names:
+        rounds_ = {
+            name: {c: ratio(name, "litellm", c) for c in map(str, levels)}
+            for name in names
             if name not in ("direct", "litellm")
         }
-        overhead["requests_per_s_vs_litellm"] = ratios
-        if "64" in ratios.get("distillguard", {}):
-            ratio = ratios["distillguard"]["64"]
+        overhead["requests_per_s_vs_litellm"] = {
+            name: {c: spread(v, 2)[0] for c, v in by_c.items()} for name, by_c in rounds_.items()
+        }
+        overhead["requests_per_s_vs_litellm_rounds"] = rounds_
+        if "64" in rounds_.get("distillguard", {}):
+            value, span = spread(rounds_["distillguard"]["64"], 2)
             targets["distillguard_vs_litellm_requests_per_s_at_64_clients"] = {
-                "value": ratio,
+                "value": value,
+                "range": span,
+                "rounds": rounds_["distillguard"]["64"],
                 "target": ">= 10",
-                "met": ratio >= 10,
+                "met": value >= 10,
             }
+    compared = [n for n in names if n not in TARGETS]
+    if compared and "distillguard" in names:
+        # --compare: this tree over each other one, round by round (> 1: this one is faster)
+        overhead["distillguard_requests_per_s_over_compared"] = {
+            name: {
+                c: {"median": spread(v, 3)[0], "rounds": v}
+                for c, v in ((c, ratio("distillguard", name, c)) for c in map(str, levels))
+            }
+            for name in compared
+        }
     return overhead, targets
 
 
-def print_table(results: dict, overhead: dict, levels: list[int]) -> None:
-    table = Table(title="gateway overhead (added = target - direct, same client count)")
+def print_table(results: dict, overhead: dict, levels: list[int], n_rounds: int) -> None:
+    table = Table(
+        title=f"gateway overhead: median of {n_rounds} rounds [min, max] "
+        "(added = target - direct, same client count, same round)"
+    )
     for col in ("target", "clients", "req/s", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms"):
         table.add_column(col, justify="right", no_wrap=True)
+
+    def span(median: float, range_: list[float], digits: int) -> str:
+        return f"{median:.{digits}f} [{range_[0]:.{digits}f}, {range_[1]:.{digits}f}]"
+
     for name, cells in results.items():
         for c in levels:
             cell, extra = cells[str(c)], overhead.get(name, {}).get(str(c), {})
             table.add_row(
                 name,
                 str(c),
-                f"{cell['requests_per_s']:.1f}",
-                f"{cell['p50_ms']:.2f}",
-                f"{cell['p99_ms']:.2f}",
-                f"{extra['added_p50_ms']:.2f}" if extra else "-",
-                f"{extra['added_p99_ms']:.2f}" if extra else "-",
+                span(cell["requests_per_s"], cell["requests_per_s_range"], 1),
+                span(cell["p50_ms"], cell["p50_ms_range"], 2),
+                span(cell["p99_ms"], cell["p99_ms_range"], 2),
+                span(extra["added_p50_ms"], extra["added_p50_ms_range"], 2) if extra else "-",
+                span(extra["added_p99_ms"], extra["added_p99_ms_range"], 2) if extra else "-",
             )
     console.print(table)
+    for name, by_c in overhead.get("requests_per_s_vs_litellm_rounds", {}).items():
+        for c, values in by_c.items():
+            console.print(
+                f"{name} / litellm req/s at {c} clients, per round: "
+                + ", ".join(f"{v:.2f}x" for v in values)
+                + f" (median {statistics.median(values):.2f}x)"
+            )
+    for name, by_c in overhead.get("distillguard_requests_per_s_over_compared", {}).items():
+        for c, entry in by_c.items():
+            console.print(
+                f"distillguard / {name} req/s at {c} clients, per round: "
+                + ", ".join(f"{v:.3f}x" for v in entry["rounds"])
+                + f" (median {entry['median']:.2f}x)"
+            )
 
 
 def ledger_rows(db: Path) -> int | None:
@@ -579,6 +667,13 @@ def main() -> None:
         "--concurrency", default="1,16,64", help="client counts, comma-separated (default 1,16,64)"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over every target and client count (default 3); each number reported is "
+        "the median over the rounds, with its range",
+    )
+    parser.add_argument(
         "--wrk-threads",
         type=int,
         default=1,
@@ -619,6 +714,8 @@ def main() -> None:
             parser.error(
                 f"--compare {spec!r}: use NAME=SRC with a NAME other than {', '.join(TARGETS)}"
             )
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: measure at least one round")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if shutil.which("wrk") is None:
         sys.exit("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install -y wrk)")
@@ -654,12 +751,13 @@ def main() -> None:
                 skipped["litellm"] = str(exc)
         for name, why in skipped.items():
             console.print(f"[yellow]skipping {name}:[/] {why}")
-        results = measure(servers, levels, args, workdir)
+        rounds = measure(servers, levels, args, workdir)
     finally:
         for server in reversed(list(servers.values())):
             server.stop()
-    overhead, targets = summarise(results, levels)
-    print_table(results, overhead, levels)
+    results = combine(rounds, levels)
+    overhead, targets = summarise(rounds, levels)
+    print_table(results, overhead, levels, args.rounds)
     console.print(f"logs, ledger and wrk scripts in {workdir}")
     report = {
         "bench": "gateway_overhead",
@@ -672,6 +770,7 @@ def main() -> None:
         },
         "config": {
             "duration_s": args.duration,
+            "rounds": args.rounds,
             "warmup_s": args.warmup,
             "concurrency": levels,
             "wrk_threads": args.wrk_threads,
@@ -682,9 +781,10 @@ def main() -> None:
             "litellm": "proxy, master key, LITELLM_LOCAL_MODEL_COST_MAP=True, --num_workers 1",
         },
         "versions": {**versions(), "litellm": litellm_version, "commit": code_version()},
-        "results": results,
+        "results": results,  # per target and client count: the median over the rounds, range
         "overhead_vs_direct": overhead,
         "targets": targets,
+        "rounds": rounds,  # every round's cells, as measured
         "skipped": skipped,
         "distillguard_ledger_rows": {
             name: ledger_rows(workdir / f"{name}.db") for name, _ in variants if name in servers
