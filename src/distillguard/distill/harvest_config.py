@@ -55,7 +55,12 @@ class HarvestConfig(DistillConfig):
     )
     price_in: Number = Field(0.0, description="USD per million prompt tokens")
     price_out: Number = Field(0.0, description="USD per million completion tokens")
-    timeout_s: Number = Field(120.0, description="seconds per request")
+    timeout_s: Number = Field(
+        900.0,
+        description="seconds per request, queueing included: a CPU teacher answering 16 "
+        "requests at once can take minutes for a long answer, and a request given up is "
+        "generated and billed again when retried",
+    )
     max_retries: int = Field(6, description="retries on 429/5xx/timeouts")
     backoff_s: Number = Field(
         0.5,
