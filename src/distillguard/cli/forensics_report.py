@@ -25,7 +25,14 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
         [],
         "--controls",
         "-c",
-        help="a model known not to be distilled from the teacher (spec/dir or URL); repeat it",
+        help="a model known not to be distilled from the teacher (spec/dir or URL); repeat it "
+        "(none given: the default controls)",
+    ),
+    default_controls: bool = typer.Option(
+        True,
+        help="with no --controls: the suspect's untrained student and the same student trained "
+        "on ShareGPT answers (read from the suspect's train_summary.json; the trained one is "
+        "built once, ~16 CPU steps, and cached)",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="folder for evidence.json and report.html"),
     ledger: str | None = typer.Option(
@@ -107,6 +114,7 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
         suspect=suspect,
         teacher=teacher,
         controls=tuple(controls),
+        default_controls=default_controls,
         tests=names,
         ledger=ledger,
         probes=str(probes) if probes else None,
@@ -146,6 +154,13 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
             )
         else:
             console.print(f"{t['name']}: could not run: {t['why_not']}")
+    defaults = evidence["default_controls"]
+    if defaults["used"]:
+        for c in evidence["controls"]:
+            if c["default"]:
+                console.print(f"default control ({c['kind']}): {c['spec']}")
+    elif not controls:
+        console.print(f"no default controls: {defaults['why_not']}")
     combined = evidence["combined_p"]
     console.print(
         f"verdict: [bold]{evidence['verdict']}[/]"

@@ -37,6 +37,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from distillguard.errors import ConfigError
+from distillguard.forensics.controls import ControlRecipe, default_controls
 from distillguard.forensics.respondent import Respondent, TestOutcome, cannot_run, sha256_path
 from distillguard.htmlreport import figure_png
 from distillguard.htmlreport import fmt as _fmt
@@ -52,6 +53,9 @@ class ReportConfig:
     suspect: str
     teacher: str | None = None
     controls: tuple[str, ...] = ()
+    # with no controls given: the suspect's untrained student and one trained on non-teacher
+    # data (:mod:`.controls`)
+    default_controls: bool = True
     tests: tuple[str, ...] = TESTS
     ledger: str | None = None
     probes: str | None = None  # identity probes file (None: the bundled paraphrases)
@@ -81,6 +85,8 @@ class ReportConfig:
             args += ["--teacher", self.teacher]
         for c in self.controls:
             args += ["--controls", c]
+        if not self.default_controls:
+            args += ["--no-default-controls"]
         if self.ledger:
             args += ["--ledger", self.ledger]
         if self.probes:
@@ -290,10 +296,13 @@ def run_report(
     identity_probes: Sequence[str] | None = None,
     prompts: Sequence[str] = (),
     respondents: Mapping[str, Respondent] | None = None,
+    control_recipe: ControlRecipe | None = None,
     progress=None,
 ) -> dict:
     """Run the tests, write ``evidence.json`` and ``report.html`` to ``out_dir``, return the
-    evidence. ``respondents`` (by spec) lets a caller pass models it holds already."""
+    evidence. ``respondents`` (by spec) lets a caller pass models it holds already;
+    ``control_recipe`` changes how the default non-teacher control is trained (the bench's
+    repeated controls; evidence.json records it)."""
     from distillguard.forensics.identity import PROBES, identity_test
     from distillguard.forensics.similarity import similarity_test
 
@@ -314,6 +323,22 @@ def run_report(
     suspect = respondent(config.suspect)
     teacher = respondent(config.teacher) if config.teacher else None
     controls = {f"control {i + 1}: {c}": respondent(c) for i, c in enumerate(config.controls)}
+    control_record = [
+        {"label": label, "spec": c, "default": False} for label, c in zip(controls, config.controls)
+    ]
+    defaults: dict = {"used": False}
+    if config.controls:
+        defaults["why_not"] = "controls given (--controls)"
+    elif not config.default_controls:
+        defaults["why_not"] = "turned off (--no-default-controls)"
+    else:
+        made, why = default_controls(config.suspect, control_recipe or ControlRecipe(), say)
+        defaults = {"used": bool(made)} if made else {"used": False, "why_not": why}
+        for c in made:
+            controls[c.label()] = respondent(c.spec)
+            control_record.append(
+                {"label": c.label(), "spec": c.spec, "default": True, "kind": c.kind, **c.built}
+            )
     probes = list(identity_probes or PROBES)
     inputs: dict = {
         "identity_probes": {
@@ -367,6 +392,8 @@ def run_report(
         fingerprints["teacher"] = teacher.fingerprint()
     fingerprints["controls"] = {label: c.fingerprint() for label, c in controls.items()}
     inputs["models"] = fingerprints
+    for c in control_record:
+        c["sha256"] = fingerprints["controls"][c["label"]]
     if secret is not None:
         # a commitment: whoever is later shown the secret can check it is the one used here
         import hashlib
@@ -378,6 +405,8 @@ def run_report(
         "seconds": round(time.time() - started, 1),
         "config": {k: v for k, v in asdict(config).items() if k != "secret_given"},
         **decision,
+        "controls": control_record,
+        "default_controls": defaults,
         "tests": [
             {
                 **o.to_dict(),
@@ -433,7 +462,8 @@ def _plot(test: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["suspect", *test["controls"]]
+    # a control's label may hold a long path (the cached default control): the table has it whole
+    labels = ["suspect", *(k if len(k) <= 48 else f"{k[:34]}…{k[-12:]}" for k in test["controls"])]
     values = [test["statistic"], *test["controls"].values()]
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(labels)))
     ax.barh(labels, values, color=["#c0392b"] + ["#7f8c8d"] * (len(labels) - 1))
@@ -481,6 +511,14 @@ def render_html(evidence: dict) -> str:
     )
     other = {k: v for k, v in inputs.items() if k != "models"}
     combined = evidence["combined_p"]
+    defaults = evidence.get("default_controls", {})
+    if defaults.get("used"):
+        shown = [c for c in evidence["controls"] if c["default"]]
+        control_note = "Default controls, built from the suspect's training record: " + "; ".join(
+            f"<code>{e(c['spec'])}</code> ({e(c['kind'])})" for c in shown
+        )
+    else:
+        control_note = f"No default controls: {e(defaults.get('why_not', '–'))}"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>Forensics report: {e(evidence["config"]["suspect"])}</title>
@@ -497,6 +535,7 @@ figure {{ display: inline-block; margin: 1em; }}
 <p>Suspect <code>{e(evidence["config"]["suspect"])}</code>, teacher
 <code>{e(str(evidence["config"]["teacher"]))}</code>, {len(models["controls"])} control(s);
 created {e(evidence["created"])}.</p>
+<p data-key="default_controls">{control_note}.</p>
 <p class="verdict">Verdict: <strong data-key="verdict">{e(evidence["verdict"])}</strong>;
 combined p (Holm) = <span data-key="combined_p">{_fmt(combined)}</span>
 at &alpha; = <span data-key="alpha">{_fmt(evidence["alpha"])}</span></p>
