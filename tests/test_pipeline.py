@@ -30,6 +30,7 @@ from distillguard.pipeline import (
     Countermeasure,
     Generate,
     Idempotency,
+    IdempotencyKeyShape,
     Ledger,
     LedgerUp,
     Pipeline,
@@ -37,6 +38,7 @@ from distillguard.pipeline import (
     ReadRequest,
     Settle,
 )
+from distillguard.serve.backend import Capability
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.local import LocalBackend
 
@@ -49,11 +51,18 @@ def tiny_lm():
 
 
 @asynccontextmanager
-async def gateway(tmp_path, tiny_lm, *, guarded: bool = True, policy: PolicyConfig | None = None):
+async def gateway(
+    tmp_path,
+    tiny_lm,
+    *,
+    guarded: bool = True,
+    policy: PolicyConfig | None = None,
+    backend_class: type[LocalBackend] = LocalBackend,
+):
     """(client, guard or None) of the gateway app, its lifespan running (guard and backend
     started, closed after)."""
     config = ServeConfig(model="tiny", max_body_bytes=4096)
-    backend = LocalBackend(tiny_lm, config)
+    backend = backend_class(tiny_lm, config)
     guard = None
     if guarded:
         guard = Guard(
@@ -102,7 +111,7 @@ def test_the_guarded_pipeline_runs_its_stages_and_exits_in_the_documented_order(
         Generate,
     ]
     assert [type(e) for e in guarded.exits] == [Settle, Ledger]
-    assert [type(s) for s in unguarded.stages] == [ReadRequest, Generate]
+    assert [type(s) for s in unguarded.stages] == [ReadRequest, IdempotencyKeyShape, Generate]
     assert unguarded.exits == ()
 
 
@@ -236,6 +245,109 @@ def test_a_stored_idempotent_answer_expires_and_is_purged(tmp_path, tiny_lm):
     assert purged == 2 and left == []
 
 
+@pytest.mark.parametrize("key", ["", "k" * 129])
+def test_a_malformed_idempotency_key_is_refused_with_and_without_the_guard(tmp_path, tiny_lm, key):
+    """One rule for both: ``--no-guard`` keeps no claims, yet an empty or over-long key is a 400
+    naming the header, as behind the guard (a well-formed key is answered, never replayed)."""
+
+    async def main(guarded):
+        async with gateway(tmp_path / str(guarded), tiny_lm, guarded=guarded) as (client, guard):
+            headers = {}
+            if guard is not None:
+                _, secret = guard.keys.create("acct")
+                headers = bearer(secret)
+            bad = await client.post(
+                "/v1/chat/completions", json=HI, headers={**headers, "Idempotency-Key": key}
+            )
+            good = [
+                await client.post(
+                    "/v1/chat/completions", json=HI, headers={**headers, "Idempotency-Key": "k1"}
+                )
+                for _ in range(2)
+            ]
+            return bad, good
+
+    for guarded in (True, False):
+        bad, good = run(main(guarded))
+        assert bad.status_code == 400, (guarded, bad.text)
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["param"], error["code"]) == ("Idempotency-Key", "invalid_value")
+        assert str(len(key)) in error["message"]
+        assert [g.status_code for g in good] == [200, 200]
+        replayed = [g.headers.get("Idempotent-Replayed") for g in good]
+        assert replayed == ([None, "true"] if guarded else [None, None])
+
+
+class _NoCountermeasures(LocalBackend):
+    """The tiny model served by a backend that can apply no countermeasure (as a plain
+    OpenAI-compatible upstream cannot)."""
+
+    capabilities = frozenset()
+
+
+class _OldFlags(LocalBackend):
+    """A backend written before ``capabilities``: it declares the old per-countermeasure flags
+    (``capabilities = None`` hides LocalBackend's own)."""
+
+    capabilities = None
+    supports_watermark = True
+    supports_antidistill = False
+
+
+ANTIDISTILLED = PolicyConfig(ladder={"suspect": ["log", "antidistill"]})
+
+
+def _countermeasure_run(tmp_path, tiny_lm, backend_class):
+    """A suspect account's request under a ladder that asks for antidistillation, the account's
+    watermark on: (its ledger row, the unavailable-countermeasure counts in /metrics)."""
+
+    async def main():
+        async with gateway(
+            tmp_path, tiny_lm, policy=ANTIDISTILLED, backend_class=backend_class
+        ) as (client, guard):
+            _, secret = guard.keys.create("acct")
+            await asyncio.to_thread(guard.policing.record, "acct", "suspect")
+            resp = await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
+            assert resp.status_code == 200, resp.text
+            metrics = (await client.get("/metrics", headers=bearer("admin-secret"))).text
+            return ledger_rows(guard)[0], metrics
+
+    row, metrics = run(main())
+    unavailable = {
+        c.value: f'distillguard_countermeasures_unavailable_total{{countermeasure="{c.value}"}} 1.0'
+        in metrics
+        for c in Capability
+    }
+    return row, unavailable
+
+
+def test_the_pipeline_applies_only_what_the_backend_can_and_counts_what_it_drops(tmp_path, tiny_lm):
+    """The tiny model without an antidistillation direction: watermarked (the row has the
+    account's key id), antidistillation dropped (not in policy_action) and counted. A backend
+    with no capabilities: neither applied, both counted."""
+    row, unavailable = _countermeasure_run(tmp_path / "local", tiny_lm, LocalBackend)
+    assert row.watermark_key_id is not None
+    assert row.policy_action == "suspect:log"
+    assert unavailable == {"watermark": False, "antidistill": True}
+
+    row, unavailable = _countermeasure_run(tmp_path / "none", tiny_lm, _NoCountermeasures)
+    assert row.watermark_key_id is None
+    assert row.policy_action == "suspect:log"
+    assert unavailable == {"watermark": True, "antidistill": True}
+
+
+def test_a_backend_on_the_old_supports_flags_still_works_for_one_release_with_a_warning(
+    tmp_path, tiny_lm
+):
+    """Its supports_watermark = True keeps its answers watermarked (dropping it silently would
+    unwatermark a third-party backend's answers); the warning, at start, says what to declare."""
+    with pytest.warns(DeprecationWarning, match="supports_antidistill, supports_watermark"):
+        row, unavailable = _countermeasure_run(tmp_path, tiny_lm, _OldFlags)
+    assert row.watermark_key_id is not None
+    assert unavailable == {"watermark": False, "antidistill": True}
+
+
 def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny_lm):
     """A blocked account whose key allows one request at a time sends two: both 403 (a 429
     would mean the first one's reservation leaked), each with a ledger row."""
@@ -243,7 +355,7 @@ def test_a_blocked_account_is_refused_before_anything_is_reserved(tmp_path, tiny
     async def main():
         async with gateway(tmp_path, tiny_lm) as (client, guard):
             _, secret = guard.keys.create("bad", limits=Limits(max_concurrent=1, rpm=1))
-            await asyncio.to_thread(guard.record_verdict, "bad", "blocked")
+            await asyncio.to_thread(guard.policing.record, "bad", "blocked")
             answers = [
                 await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
                 for _ in range(2)
@@ -291,7 +403,7 @@ def test_a_canary_answers_in_place_of_the_backend_and_is_recorded(tmp_path, tiny
     async def main():
         async with gateway(tmp_path, tiny_lm, policy=policy) as (client, guard):
             _, secret = guard.keys.create("acct")
-            await asyncio.to_thread(guard.record_verdict, "acct", "suspect")
+            await asyncio.to_thread(guard.policing.record, "acct", "suspect")
             whole = await client.post("/v1/chat/completions", json=HI, headers=bearer(secret))
             streamed = await client.post(
                 "/v1/chat/completions", json={**HI, "stream": True}, headers=bearer(secret)

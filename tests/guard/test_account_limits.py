@@ -199,21 +199,21 @@ def test_a_model_without_a_price_is_refused_only_where_a_dollar_budget_applies(t
             budgeted = guard.keys.get(budgeted.id)
             free, _ = guard.keys.create("free")
             with pytest.raises(APIError) as e:
-                await guard.admit(budgeted, 10, model="unpriced", prompt_tokens=4)
+                await guard.limits.admit(budgeted, 10, model="unpriced", prompt_tokens=4)
             assert (e.value.status_code, e.value.code) == (403, "model_not_priced")
             assert "'unpriced'" in e.value.message and "DISTILLGUARD_PRICES" in e.value.message
-            await guard.settle(
-                await guard.admit(free, 10, model="unpriced", prompt_tokens=4), 10, 4
+            await guard.limits.settle(
+                await guard.limits.admit(free, 10, model="unpriced", prompt_tokens=4), 10, 4
             )
 
             # priced: 4 prompt tokens at $0.001 and 6 completion tokens at $0.002 reserved, then
             # settled to what was used (or kept as reserved when the split is unknown)
-            lease = await guard.admit(budgeted, 10, model="tiny", prompt_tokens=4)
+            lease = await guard.limits.admit(budgeted, 10, model="tiny", prompt_tokens=4)
             assert lease.lease.reserved_usd == pytest.approx(0.016)
-            await guard.settle(lease, 7, 4)
+            await guard.limits.settle(lease, 7, 4)
             assert (await guard.limiter.usage("budgeted"))["usd_today"] == pytest.approx(0.010)
-            lease = await guard.admit(budgeted, 10, model="tiny", prompt_tokens=4)
-            await guard.settle(lease, 7)
+            lease = await guard.limits.admit(budgeted, 10, model="tiny", prompt_tokens=4)
+            await guard.limits.settle(lease, 7)
             assert (await guard.limiter.usage("budgeted"))["usd_today"] == pytest.approx(0.026)
         finally:
             await guard.close()
@@ -231,12 +231,12 @@ def test_a_throttling_verdict_tightens_the_account_not_only_each_key(tmp_path):
         await guard.start()
         try:
             keys = [guard.keys.create("suspicious")[0] for _ in range(10)]
-            await asyncio.to_thread(guard.record_verdict, "suspicious", "suspect", source="admin")
-            decision = await guard.decide(keys[0])
+            await asyncio.to_thread(guard.policing.record, "suspicious", "suspect", source="admin")
+            decision = await guard.policing.decide(keys[0])
             admitted = 0
             for i in range(100):
                 try:
-                    await guard.admit(keys[i % 10], 1, decision)
+                    await guard.limits.admit(keys[i % 10], 1, decision)
                     admitted += 1
                 except RateLimited:
                     pass

@@ -179,7 +179,7 @@ def test_abandoned_requests_with_tokens_reach_online_detection(tmp_path):
                 log.status, log.error_code = 499, "client_closed"
                 if completion is not None:
                     log.set_usage({"prompt_tokens": 12, "completion_tokens": completion})
-                guard.abandon(log)
+                guard.recorder.abandon(log)
         finally:
             await guard.close()  # drains the monitor's queue
 

@@ -348,17 +348,17 @@ def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_ur
         await guard.start()
         key, _ = guard.keys.create("claims")
         first = _guard_log(guard, key)
-        assert await guard.replay(first) is None  # claimed
+        assert await guard.claims.replay(first) is None  # claimed
         with pytest.raises(IdempotencyInProgress):
-            await guard.replay(_guard_log(guard, key))
+            await guard.claims.replay(_guard_log(guard, key))
         first.status, first.error_code = 429, "rate_limit_exceeded"
-        await guard.finish(first)  # failed: the claim is released with its ledger row
+        await guard.recorder.finish(first)  # failed: the claim is released with its ledger row
         running = _guard_log(guard, key)
-        assert await guard.replay(running) is None
+        assert await guard.claims.replay(running) is None
         await asyncio.sleep(4.5)  # three times the claim's lifetime: renewed meanwhile
         with pytest.raises(IdempotencyInProgress):
-            await guard.replay(_guard_log(guard, key))
-        guard.abandon(running)  # the client went away: released too
+            await guard.claims.replay(_guard_log(guard, key))
+        guard.recorder.abandon(running)  # the client went away: released too
         await asyncio.sleep(0)
         # a claim left by a replica that crashed: never renewed, taken over once stale
         with guard.engine.begin() as conn:
@@ -373,14 +373,14 @@ def test_idempotency_claims_are_released_renewed_and_taken_over_when_stale(db_ur
                 )
             )
         orphan = _guard_log(guard, key, "k2")
-        assert await guard.replay(orphan) is None
+        assert await guard.claims.replay(orphan) is None
         orphan.add_response(
             {"choices": [{"index": 0, "message": {"content": "answer"}}], "usage": {}}
         )
-        await guard.finish(orphan)
-        replayed = await guard.replay(_guard_log(guard, key, "k2"))
+        await guard.recorder.finish(orphan)
+        replayed = await guard.claims.replay(_guard_log(guard, key, "k2"))
         retried = _guard_log(guard, key)
-        retried_claimed = await guard.replay(retried)
+        retried_claimed = await guard.claims.replay(retried)
         await guard.close()
         return replayed, retried_claimed
 
@@ -393,8 +393,7 @@ class _BuggyBackend:
     """A backend with a bug: ``complete`` raises something that is not an APIError. No real
     backend does so on demand, which is why this one is a stand-in."""
 
-    supports_watermark = False
-    supports_antidistill = False
+    capabilities = frozenset()
 
     async def start(self) -> None: ...
 

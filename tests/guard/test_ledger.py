@@ -264,9 +264,9 @@ def test_an_idempotent_replay_returns_a_nul_exactly_as_it_was_sent(engine, db_ur
         }
         first = RequestLog(client_ip="127.0.0.1", key=key, idempotency_key="k1", request_hash="h1")
         first.add_response(sent)
-        await guard.finish(first)
+        await guard.recorder.finish(first)
         again = RequestLog(client_ip="127.0.0.1", key=key, idempotency_key="k1", request_hash="h1")
-        replayed = await guard.replay(again)
+        replayed = await guard.claims.replay(again)
         await guard.close()
         return sent, replayed
 

@@ -399,12 +399,12 @@ def test_online_monitor_escalates_off_the_request_path(tmp_path):
                     "logprobs": True,
                     "top_logprobs": 5,
                 }
-                await guard.finish(log)
+                await guard.recorder.finish(log)
                 await asyncio.sleep(0.2)  # the monitor thread works behind the request
-                levels.append(await guard.level_of("acct"))
+                levels.append(await guard.policing.level_of("acct"))
         finally:
             await guard.close()
-        return levels, guard.verdicts("acct"), guard.monitor_errors
+        return levels, guard.policing.recent("acct"), guard.monitor.errors
 
     levels, verdicts, errors = asyncio.run(scenario())
     assert levels[:2] == [Level.OK, Level.OK] and levels[2:] == [Level.SUSPECT] * 3
@@ -449,13 +449,13 @@ def test_online_detection_cannot_block(tmp_path):
             for i in range(3):
                 log = RequestLog(client_ip="10.0.0.1", key=key)
                 log.body = {"model": "tiny", "messages": [{"role": "user", "content": f"q{i}"}]}
-                await guard.finish(log)
+                await guard.recorder.finish(log)
             await asyncio.to_thread(guard.monitor.stop)  # drains the queue
-            level = await guard.level_of("acct")
-            decision = await guard.decide(key)
+            level = await guard.policing.level_of("acct")
+            decision = await guard.policing.decide(key)
         finally:
             await guard.close()
-        return level, decision, guard.verdicts("acct"), guard.monitor_errors
+        return level, decision, guard.policing.recent("acct"), guard.monitor.errors
 
     level, decision, verdicts, errors = asyncio.run(scenario())
     assert level is Level.EXTRACTING and not decision.block and "canary" in decision.actions

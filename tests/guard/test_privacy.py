@@ -469,7 +469,7 @@ def test_online_detection_sees_the_request_as_sent_while_the_ledger_keeps_hashes
                     "usage": {"prompt_tokens": 3, "completion_tokens": 2},
                 }
             )
-            await guard.finish(log)
+            await guard.recorder.finish(log)
         finally:
             await guard.close()
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from distillguard.errors import InvalidRequestError
+from distillguard.serve.backend import Capability
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.keymaterial import XARG, Sampler, decode
 from distillguard.serve.schemas import parse_chat_request
@@ -30,7 +31,7 @@ def _backend(engine: str) -> UpstreamBackend:
 
 def test_vllm_engine_sends_the_account_key_and_a_neutral_sampler():
     backend = _backend("vllm")
-    assert backend.supports_watermark and not backend.supports_antidistill
+    assert backend.capabilities == {Capability.WATERMARK}
     body = backend._body(
         _req(temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=-0.25), KEY
     )
@@ -51,7 +52,7 @@ def test_unkeyed_and_plain_upstream_requests_are_sent_as_they_came():
     req = _req(temperature=0.7, top_p=0.9)
     assert _backend("vllm")._body(req, None) == _backend("openai")._body(req, None)
     plain = _backend("openai")
-    assert not plain.supports_watermark
+    assert plain.capabilities == frozenset()
     assert "vllm_xargs" not in plain._body(req, KEY) and plain._body(req, KEY)["temperature"] == 0.7
 
 

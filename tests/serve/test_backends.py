@@ -28,8 +28,7 @@ import uuid
 
 
 class EchoBackend:
-    supports_watermark = False
-    supports_antidistill = False
+    capabilities = frozenset()  # no countermeasure: the pipeline asks it for none
 
     def __init__(self, config):
         self.config = config

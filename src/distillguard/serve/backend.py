@@ -18,14 +18,21 @@ group ``distillguard.backends`` (``serve --backend NAME``). The built-ins, ``loc
 
 A backend knows nothing of the guard: the request pipeline (``distillguard.pipeline``) hands it
 a request already policed and admitted, and the watermark key to apply, if any.
+
+What a backend can do to an answer is one query, :attr:`Backend.capabilities`: the
+:class:`Capability` names of the countermeasures it applies. The pipeline asks it and drops (and
+counts, in ``distillguard_countermeasures_unavailable``) what the backend cannot apply, so a new
+countermeasure adds one name here, not a flag on every backend.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from distillguard.errors import ConfigError
@@ -36,6 +43,13 @@ if TYPE_CHECKING:
     from distillguard.serve.config import ServeConfig
 
 GROUP = "distillguard.backends"
+
+
+class Capability(StrEnum):
+    """A countermeasure a backend may be able to apply to the answers it generates."""
+
+    WATERMARK = "watermark"  # the account's key (``watermark=``) embedded while sampling
+    ANTIDISTILL = "antidistill"  # antidistillation sampling (``antidistill=λ``)
 
 
 @dataclass
@@ -89,9 +103,11 @@ class Backend(Protocol):
         """Tokens of a completion text (exact, or an upper bound)."""
         ...
 
-    supports_watermark: bool  # whether ``watermark=`` is applied (local) or ignored (upstream)
-    # whether ``antidistill=λ`` is applied (a local model whose engine has a direction) or ignored
-    supports_antidistill: bool
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """The countermeasures this backend applies; the pipeline never asks it for another
+        (``watermark=`` stays None, ``antidistill`` 0)."""
+        ...
 
     async def complete(
         self,
@@ -121,6 +137,39 @@ def _check(name: str, obj: object) -> type[Backend]:
 
 
 BACKENDS: Registry[type[Backend]] = Registry(GROUP, "backend", check=_check)
+
+# The flags a backend declared before ``capabilities`` (one per countermeasure): read for one
+# release, with a DeprecationWarning, so a third-party backend keeps its watermark meanwhile.
+_LEGACY_FLAGS = {
+    Capability.WATERMARK: "supports_watermark",
+    Capability.ANTIDISTILL: "supports_antidistill",
+}
+
+
+def capabilities_of(backend: object, *, warn: bool = False) -> frozenset[Capability]:
+    """``backend.capabilities``; for a backend written against the old ``supports_*`` flags, the
+    capabilities those flags declare (with a DeprecationWarning when ``warn``: the pipeline warns
+    once, when it is built, not on every request)."""
+    declared = getattr(backend, "capabilities", None)
+    if declared is not None:
+        try:
+            return frozenset(Capability(c) for c in declared)
+        except ValueError as exc:
+            raise ConfigError(
+                f"backend {type(backend).__qualname__} declares an unknown capability ({exc}); "
+                f"known: {', '.join(Capability)}"
+            ) from None
+    flags = {c: f for c, f in _LEGACY_FLAGS.items() if hasattr(backend, f)}
+    if flags and warn:
+        warnings.warn(
+            f"backend {type(backend).__qualname__} declares {', '.join(sorted(flags.values()))}, "
+            "which the next release no longer reads: declare "
+            "capabilities = frozenset({Capability.WATERMARK, ...}) instead "
+            "(distillguard.serve.backend.Capability; docs/extending.md)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return frozenset(c for c, f in flags.items() if getattr(backend, f))
 
 
 def completion_id() -> str:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from distillguard.errors import APIError, ContextLengthExceeded, InvalidRequestError, NotFoundError
 from distillguard.models import LoadedModel
-from distillguard.serve.backend import Usage, completion_id, now
+from distillguard.serve.backend import Capability, Usage, completion_id, now
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.engine import Engine, Event, GenParams, Job
 from distillguard.serve.schemas import ChatCompletionRequest
@@ -119,12 +119,12 @@ class LocalBackend:
         return len(self.lm.tokenizer.encode(text, add_special_tokens=False))
 
     # ---- request preparation ----------------------------------------------------------
-    supports_watermark = True
-
     @property
-    def supports_antidistill(self) -> bool:
-        """Whether ``antidistill=λ`` is applied: after :meth:`enable_antidistill`."""
-        return self.engine.antidistill is not None
+    def capabilities(self) -> frozenset[Capability]:
+        """The watermark always; antidistillation after :meth:`enable_antidistill`."""
+        if self.engine.antidistill is None:
+            return frozenset({Capability.WATERMARK})
+        return frozenset({Capability.WATERMARK, Capability.ANTIDISTILL})
 
     def enable_antidistill(self, direction) -> None:
         """Serve antidistillation sampling (policy ``antidistill``) along ``direction``."""
@@ -168,7 +168,7 @@ class LocalBackend:
             frequency_penalty=req.frequency_penalty,
             logit_bias=tuple(bias),
             watermark=watermark,
-            antidistill=antidistill if self.supports_antidistill else 0.0,
+            antidistill=antidistill if self.engine.antidistill is not None else 0.0,
         )
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()

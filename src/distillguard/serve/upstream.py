@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from distillguard.errors import APIError, ConfigError, UpstreamError, UpstreamTimeout
-from distillguard.serve.backend import Usage
+from distillguard.serve.backend import Capability, Usage
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.keymaterial import XARG, Sampler, encode
 from distillguard.serve.schemas import ChatCompletionRequest
@@ -86,9 +86,12 @@ class UpstreamBackend:
         return cls(config)
 
     def describe(self) -> str:
-        if self.supports_watermark:
+        if Capability.WATERMARK in self.capabilities:
             return f"proxying to {self.base_url} (vLLM with distillguard's watermark plugin)"
-        return f"proxying to {self.base_url}"
+        return (
+            f"proxying to {self.base_url} (answers not watermarked: the upstream samples on its "
+            "own; --upstream-engine vllm with distillguard's plugin watermarks them)"
+        )
 
     async def start(self) -> None:
         # No cap on connections (aiohttp's default is 100, httpx keeps only 20 alive): the
@@ -139,7 +142,7 @@ class UpstreamBackend:
             req.stream
         ):  # usage is needed for the ledger and the limits; dropped later if not asked for
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        if watermark is not None and self.supports_watermark:
+        if watermark is not None and Capability.WATERMARK in self.capabilities:
             sampler = Sampler(
                 temperature=req.temperature,
                 top_p=req.top_p,
@@ -155,14 +158,14 @@ class UpstreamBackend:
         return body
 
     @property
-    def supports_watermark(self) -> bool:
+    def capabilities(self) -> frozenset[Capability]:
         """Only a vLLM upstream with our logits processor embeds the watermark; any other
-        samples on its own and the key would be ignored."""
-        return self.config.upstream_engine == "vllm"
-
-    # The direction needs the teacher's final hidden state: neither a plain upstream nor vLLM's
-    # logits-processor hook (it sees logits only) exposes it.
-    supports_antidistill = False
+        samples on its own and the key would be ignored. Never antidistillation: its direction
+        needs the teacher's final hidden state, which neither a plain upstream nor vLLM's
+        logits-processor hook (it sees logits only) exposes."""
+        if self.config.upstream_engine == "vllm":
+            return frozenset({Capability.WATERMARK})
+        return frozenset()
 
     async def complete(
         self,
