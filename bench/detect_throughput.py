@@ -246,11 +246,11 @@ def main() -> None:
     # change the cost), one without
     embedder = Embedder()
     cal_all = calibrate(cal_records, config=base, embedder=embedder)
-    cal_none = calibrate(cal_records, config=replace(base, detectors=NO_EMBEDDINGS))
+    cal_none = calibrate(cal_records, config=base.replace(detectors=NO_EMBEDDINGS))
     configs = {
         "all": cal_all,
         "all-eager": replace(
-            cal_all, config=replace(base, embed_after=1, embed_every=4, embed_every_flagged=4)
+            cal_all, config=base.replace(embed_after=1, embed_every=4, embed_every_flagged=4)
         ),
         "no-embeddings": cal_none,
     }

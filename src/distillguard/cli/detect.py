@@ -11,6 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.table import Table
 
 from distillguard.cli.common import DB_HELP, console, err_console, make_progress
+from distillguard.cli.options import option
+from distillguard.detect.config import DetectConfig
 from distillguard.errors import ConfigError
 
 
@@ -94,9 +96,8 @@ def detect_command(
         "--save-calibration",
         help="write the calibration made by --calibrate here (the gateway loads it)",
     ),
-    target_fpr: float = typer.Option(
-        0.001, help="false-positive rate per benign account-day to calibrate to"
-    ),
+    target_fpr: float = option(DetectConfig, "target_fpr"),
+    # a comma-separated string where the config holds a tuple: not given means the config's ()
     detectors: str | None = typer.Option(
         None,
         help="comma-separated detectors to calibrate with (default: all "
@@ -119,7 +120,7 @@ def detect_command(
 
       distillguard detect --ledger ledger.db --calibration cal.npz --json > report.json
     """
-    from distillguard.detect import Calibration, DetectConfig, calibrate, detect
+    from distillguard.detect import Calibration, calibrate, detect
 
     if (traffic is None) == (ledger is None):
         raise ConfigError("give exactly one of --traffic FILE.jsonl or --ledger DBURL")
@@ -149,7 +150,8 @@ def detect_command(
             raise ConfigError(
                 "--detectors applies to --calibrate; a saved calibration fixes its detectors"
             )
-        if target_fpr != 0.001 and abs(target_fpr - cal.target_fpr) > 1e-12:
+        given = target_fpr != DetectConfig.model_fields["target_fpr"].default
+        if given and abs(target_fpr - cal.target_fpr) > 1e-12:
             raise ConfigError(
                 f"--target-fpr {target_fpr} differs from the calibration's {cal.target_fpr}; "
                 "recalibrate with --calibrate to change it"
