@@ -26,22 +26,57 @@ class Record:
     temperature: float | None = None  # the request's sampling temperature
 
 
+# Rows of a ledger export whose text is not the model's own watermarked answer, by why: scored,
+# they would be evidence of nothing (a canary is the gateway's fabricated sentence, keyed by the
+# canary secret, never sampled under the account's watermark; a replay repeats an answer the
+# export already holds, which would count its tokens twice).
+NOT_THE_MODELS = {
+    "canary": "a canary is the gateway's fabricated answer, not sampled under the watermark",
+    "idempotent replay": "a replay repeats an answer already counted",
+}
+
+
+def not_the_models(response: dict) -> str | None:
+    """Why a traffic record's answer is not the model's own (a key of ``NOT_THE_MODELS``), or
+    None; from the ``policy_action`` (and ``canary``) that ``ledger export`` writes."""
+    from distillguard.guard.ledger import is_canary_action
+
+    action = response.get("policy_action")
+    if response.get("canary") is True or is_canary_action(action):
+        return "canary"
+    if action == "idempotent_replay":
+        return "idempotent replay"
+    return None
+
+
 def read_records(file: str, skipped: Counter | None = None) -> list[Record]:
     """A plain-text file is one text; a .jsonl file holds one per line ("text", a traffic record's
     response text with its request's messages and temperature, or a harvest's data.jsonl row:
-    "response" with its "messages"); - reads standard input.
+    "response" with its "messages"), and a Parquet ledger export one per row; - reads standard
+    input.
 
     A traffic record without an answer (a ``ledger export`` keeps refused, failed and aborted
-    requests: 429, 403, 499 ...) is skipped and counted in ``skipped`` by its status, so the
-    export is read as it comes; a record that is neither kind is an error naming its line."""
-    if not file.endswith(".jsonl"):
+    requests: 429, 403, 499 ...) is skipped and counted in ``skipped`` by its status, and one
+    whose answer was not the model's (a canary, an idempotent replay: ``NOT_THE_MODELS``) by
+    why, so the export is read as it comes; a record that is neither kind is an error naming
+    its line."""
+    from distillguard.detect.parquet import is_parquet
+
+    parquet = file != "-" and not file.endswith(".jsonl") and is_parquet(file)
+    if not file.endswith(".jsonl") and not parquet:
         return [Record(sys.stdin.read() if file == "-" else _read(Path(file)))]
     from distillguard.jsonl import iter_jsonl
 
     if not Path(file).is_file():
         raise ConfigError(f"no such file: {file}")
+    if parquet:
+        from distillguard.detect.parquet import read_traffic
+
+        rows = enumerate(read_traffic(file), 1)
+    else:
+        rows = iter_jsonl(file)
     records = []
-    for n, rec in iter_jsonl(file):
+    for n, rec in rows:
         text = rec.get("text")
         if text is None and isinstance(rec.get("response"), str):
             # a harvest's data.jsonl (distill harvest): the answer as "response", its prompt as
@@ -54,6 +89,11 @@ def read_records(file: str, skipped: Counter | None = None) -> list[Record]:
                 continue
         elif text is None and ("response" in rec or "request" in rec):
             response = rec.get("response") if isinstance(rec.get("response"), dict) else {}
+            why = not_the_models(response)
+            if why is not None:
+                if skipped is not None:
+                    skipped[why] += 1
+                continue
             text = response.get("text")
             if not isinstance(text, str) or not text:
                 if skipped is not None:
@@ -80,11 +120,22 @@ def read_texts(file: str) -> list[str]:
 
 
 def skipped_line(skipped: Counter, what: str = "rows without an answer") -> str:
-    """'skipped 12 rows without an answer: 10 status 499, 2 status 429' ('' when none were)."""
-    if not skipped:
-        return ""
-    parts = ", ".join(f"{k} {s}" for s, k in skipped.most_common())
-    return f"skipped {sum(skipped.values())} {what}: {parts}"
+    """'skipped 12 rows without an answer: 10 status 499, 2 status 429' ('' when none were);
+    the rows whose answer was not the model's (``NOT_THE_MODELS``) get a sentence of their own:
+    'skipped 4 rows whose answer was not the model's watermarked text: 4 canary'."""
+    parts = []
+    for kinds, what_ in (
+        (Counter({k: v for k, v in skipped.items() if k not in NOT_THE_MODELS}), what),
+        (
+            Counter({k: v for k, v in skipped.items() if k in NOT_THE_MODELS}),
+            "rows whose answer was not the model's watermarked text",
+        ),
+    ):
+        if kinds:
+            counts = ", ".join(f"{k} {s}" for s, k in kinds.most_common())
+            why = "; ".join(NOT_THE_MODELS[s] for s in kinds if s in NOT_THE_MODELS)
+            parts.append(f"skipped {sum(kinds.values())} {what_}: {counts}" + (why and f" ({why})"))
+    return "; ".join(parts)
 
 
 def _read(path: Path) -> str:
@@ -96,7 +147,10 @@ def _read(path: Path) -> str:
 @watermark_app.command("detect")
 def detect(
     file: str = typer.Option(
-        ..., "--file", "-f", help="text file, .jsonl of texts or traffic records, or - for stdin"
+        ...,
+        "--file",
+        "-f",
+        help="text file, .jsonl of texts or traffic records, a Parquet ledger export, or - for stdin",
     ),
     account: str | None = typer.Option(None, help="test this account's key"),
     all_accounts: bool = typer.Option(

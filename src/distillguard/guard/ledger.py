@@ -357,10 +357,31 @@ def to_traffic(row) -> dict:
         }
     if row.response_text is not None:
         response["text"] = row.response_text
+    # what the policy ladder did to this request: a reader of the export can tell a canary (the
+    # gateway's fabricated answer, not the model's watermarked one) from an answer. getattr: the
+    # monitor's feeds select only the columns it reads (guard/detector_service.py)
+    action = getattr(row, "policy_action", None)
+    if action:
+        response["policy_action"] = action
+        if is_canary_action(action):
+            response["canary"] = True
     record["response"] = response
     if row.label:
         record["label"] = row.label
     return record
+
+
+def is_canary_action(policy_action: str | None) -> bool:
+    """Whether a ledger row's ``policy_action`` ("extracting:log,...,canary") served a canary."""
+    if not policy_action or ":" not in policy_action:
+        return False
+    return "canary" in policy_action.split(":", 1)[1].split(",")
+
+
+def _policy_action(record: dict) -> str | None:
+    """An exported row's policy_action, read back (a string, clipped to its column)."""
+    value = (record.get("response") or {}).get("policy_action")
+    return value[:64] if isinstance(value, str) and value else None
 
 
 def export_traffic(
@@ -443,6 +464,7 @@ def import_traffic(
                 "status": int((rec.get("response") or {}).get("status", 200)),
                 "stream": bool(rec["request"].get("stream")),
                 "label": rec.get("label"),
+                "policy_action": _policy_action(rec),
             }
         )
         n += 1
