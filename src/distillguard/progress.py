@@ -9,6 +9,9 @@ context manager, ``console``), which prints one line per task every
 when a task finishes::
 
     harvest: 120/600 (20%), 3.1/s, ETA 2m34s, tokens 15,360
+
+Spinners (``Console.status``, "loading model ...") likewise: :class:`StatusConsole` prints a
+line when one starts and the time it took when it ends (:class:`LogStatus`).
 """
 
 from __future__ import annotations
@@ -162,6 +165,60 @@ class LogProgress:
         task.finished_shown = task.total is not None and task.completed >= task.total
 
 
+class LogStatus:
+    """rich's ``Console.status`` spinner off a terminal, where rich draws nothing and a user in
+    CI or under nohup saw a silent wait ("loading model ..."): one line when it starts, one per
+    ``update`` with a new message, and one with the time taken when it ends (unless by an error,
+    whose message follows)::
+
+        loading teacher 'smollm2' ...
+        loading teacher 'smollm2': done in 12s
+    """
+
+    def __init__(self, console: Console, status):
+        self.console = console
+        self.first = self.status = _plain(status)
+        self.started = time.monotonic()
+
+    def __enter__(self) -> LogStatus:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # on an error, nothing: the error's own line comes next and says what happened
+        if exc_type is None:
+            elapsed = _duration(time.monotonic() - self.started)
+            self._print(f"{self.first.rstrip(' .…')}: done in {elapsed}")
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+        self._print(self.status)
+
+    def stop(self) -> None:
+        pass  # rich's Status.stop() clears the spinner; here the lines stay
+
+    def update(self, status=None, **_spinner) -> None:
+        if status is not None and _plain(status) != self.status:
+            self.status = _plain(status)
+            self._print(self.status)
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+class StatusConsole(Console):
+    """A rich ``Console`` whose ``status()`` spinner is a :class:`LogStatus` off a terminal."""
+
+    def status(self, status, **kwargs):
+        if self.is_terminal:
+            return super().status(status, **kwargs)
+        return LogStatus(self, status)
+
+
+def _plain(status) -> str:
+    return Text.from_markup(status).plain if isinstance(status, str) else Text(str(status)).plain
+
+
 def line(task: _Task, now: float | None = None) -> str:
     """'harvest: 120/600 (20%), 3.1/s, ETA 2m34s, tokens 15,360' (done: 'in 3m14s')."""
     elapsed = (time.monotonic() if now is None else now) - task.started
@@ -202,4 +259,12 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-__all__ = ["INTERVAL_ENV", "LogProgress", "line", "make_progress", "progress_interval"]
+__all__ = [
+    "INTERVAL_ENV",
+    "LogProgress",
+    "LogStatus",
+    "StatusConsole",
+    "line",
+    "make_progress",
+    "progress_interval",
+]

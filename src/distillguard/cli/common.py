@@ -11,6 +11,8 @@ import os
 import typer
 from rich.console import Console
 
+from distillguard.progress import StatusConsole
+
 # Off a terminal (a pipe, a file, CI) rich assumes 80 columns: help boxes cut option names with
 # "…", tables crop their cells and messages wrap mid-sentence. There is no screen to fit there,
 # so help is drawn HELP_WIDTH wide (every option's row whole) and tables and messages are not
@@ -20,10 +22,12 @@ OFF_TERMINAL_WIDTH = 1000
 
 
 def _console(stderr: bool = False) -> Console:
-    probe = Console(stderr=stderr)
+    # StatusConsole: a spinner ("loading model ...") prints a line at its start and its end off a
+    # terminal, where rich's draws nothing (distillguard.progress)
+    probe = StatusConsole(stderr=stderr)
     if probe.is_terminal or os.environ.get("COLUMNS"):
         return probe
-    return Console(stderr=stderr, width=OFF_TERMINAL_WIDTH, soft_wrap=True)
+    return StatusConsole(stderr=stderr, width=OFF_TERMINAL_WIDTH, soft_wrap=True)
 
 
 err_console = _console(stderr=True)
