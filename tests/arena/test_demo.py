@@ -2,22 +2,27 @@
 subprocess, ``--json``): a real gateway subprocess on loopback, the real harvester and ``openai``
 client, online detection, the policy ladder, the watermark and the canary test, with truths known
 by construction (who extracted, who did not, which text came from another model); its terminal
-output is its own (no library log lines, progress bars or trainer dicts without -v)."""
+output is its own (no library log lines, progress bars or trainer dicts without -v). Its
+report.html is opened in headless Chromium (tests/browser.py) and must show demo.json's numbers;
+a rerun in the same --out reuses every act."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
-from distillguard.arena.demo import DISTILLER, KINDS, DemoConfig
+from distillguard.arena.demo import DISTILLER, KINDS, DemoConfig, stage_keys
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import AccountExposure
 from distillguard.serve.process import distillguard_command
+from tests.browser import open_page
 from tests.cli.test_logging import BAR, LIBRARY_LOG
 from tests.servers import run_cli
 
@@ -42,21 +47,26 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    options = [a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    out = tmp_path_factory.mktemp("demo")
+OPTIONS = [a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def run_demo_cli(out: Path, timeout: float) -> subprocess.CompletedProcess:
     # a user's own Hugging Face settings would decide what the terminal shows, not the CLI
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     run = subprocess.run(
-        distillguard_command("demo", *options, "-o", str(out), "--json"),
+        distillguard_command("demo", *OPTIONS, "-o", str(out), "--json"),
         capture_output=True,
         text=True,
-        timeout=1700,
+        timeout=timeout,
         env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    return run_demo_cli(tmp_path_factory.mktemp("demo"), timeout=1700)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +225,90 @@ def test_the_committed_demo_result_is_a_default_run_in_todays_shape():
     assert {k: v for k, v in committed["config"].items() if k not in machine} == {
         k: v for k, v in defaults.items() if k not in machine
     }
+
+
+def shows(text: str, value) -> bool:
+    """Does the page's ``text`` show demo.json's ``value`` (numbers to the 3 digits shown)?"""
+    if value is None:
+        return text == "–"
+    if isinstance(value, bool):
+        return text == ("yes" if value else "no")
+    if isinstance(value, int):
+        return int(text) == value
+    if isinstance(value, float):
+        return float(text) == float(f"{value:.3g}")
+    if isinstance(value, list):
+        return text == (", ".join(value) or "nobody")
+    return text == value
+
+
+def test_report_html_renders_in_chromium_and_shows_demo_json(report, tmp_path):
+    out = Path(report["config"]["out"])
+    written = json.loads((out / "demo.json").read_text())
+    html = (out / "report.html").read_text()
+    # self-contained: nothing fetched, nothing run
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    screenshot = tmp_path / "demo-report.png"
+    page, errors = open_page(out / "report.html", tmp_path / "profile", screenshot)
+    assert errors == []
+    # act 1's scores, the live score timeline, the policy per request, the trace heatmap, the
+    # canary ranks and the training loss: every one decoded
+    assert len(page["images"]) == 6 and all(page["images"])
+    shown = page["keys"]
+    headline = {
+        "detection.calibration.threshold",
+        "detection.benign.flagged",
+        *(f"detection.campaigns.{k}.flagged" for k in KINDS),
+        f"live.ledger.{DISTILLER}.suspect_from_request",
+        f"live.ledger.{DISTILLER}.extracting_from_request",
+        f"live.ledger.{DISTILLER}.canary_requests",
+        "trace.distiller_data.traced",
+        f"trace.distiller_data.log10_p.{DISTILLER}",
+        "trace.other_model.traced",
+        "student.student.traced",
+        "student.untrained_student.traced",
+        "student.student.accounts.0.p_holm",
+        "student.untrained_student.accounts.0.p_holm",
+    }
+    assert headline <= set(shown)
+    for key, text in shown.items():
+        value = written
+        for part in key.split("."):
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        assert shows(text, value), (key, text, value)
+    assert screenshot.stat().st_size > 10_000  # a page was drawn, not a blank
+
+
+def test_a_rerun_in_the_same_out_reuses_every_act(report, tmp_path):
+    """Resumable by stage: the same settings in a directory holding a finished run redo nothing
+    (no gateway, no harvest, no training) and give the same report."""
+    again = tmp_path / "again"
+    shutil.copytree(report["config"]["out"], again)
+    rerun = run_demo_cli(again, timeout=600)
+    assert rerun.stderr.count("reused from the earlier run") == 4, rerun.stderr[-3000:]
+    second = json.loads(rerun.stdout)
+    assert "gateway on" not in rerun.stderr  # act 2 did not serve again
+    assert second["config"] == {**report["config"], "out": str(again)}
+    assert second["detection"]["plot"] == report["detection"]["plot"]  # the first run's file
+    assert {k: v for k, v in second.items() if k != "config"} == {
+        k: v for k, v in report.items() if k != "config"
+    }
+    assert (again / "report.html").stat().st_mtime > (again / "stages.json").stat().st_mtime
+
+
+def test_each_act_is_redone_when_a_setting_it_depends_on_changes(tmp_path):
+    base = DemoConfig(out=tmp_path)
+    keys = stage_keys(base)
+
+    def changed(**kw) -> set[str]:
+        other = stage_keys(dataclasses.replace(base, **kw))
+        return {name for name in keys if other[name] != keys[name]}
+
+    assert changed(threads=2, startup_timeout_s=10.0, out=tmp_path / "elsewhere") == set()
+    assert changed(epochs=1.0) == {"student"}
+    assert changed(student="prune:2") == {"student"}
+    assert changed(extract=10) == {"live", "trace", "student"}
+    assert changed(target_fpr=0.05) == {"detection", "live", "trace", "student"}
 
 
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):

@@ -25,6 +25,7 @@ on loopback, clients speak HTTP to it, the ledger is SQLite):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from distillguard.arena.demo_config import DISTILLER, KINDS, POLICY, DemoConfig, Say
+from distillguard.arena.demo_config import CANARY_DECOYS, DISTILLER, KINDS, POLICY, DemoConfig, Say
 from distillguard.arena.demo_live import act_live, gateway
 from distillguard.jsonl import read_jsonl
 
@@ -50,6 +51,7 @@ __all__ = [
     "act_trace",
     "gateway",
     "run_demo",
+    "stage_keys",
 ]
 
 
@@ -291,7 +293,7 @@ def act_student(cfg: DemoConfig, say: Say, train_callbacks=()) -> dict:
         ("student", load_model(str(student_dir))),
         ("untrained_student", load_student(cfg.student, cfg.model)),
     ):
-        test = canary_test(lm, master, served, decoys=49, seed=cfg.seed)
+        test = canary_test(lm, master, served, decoys=CANARY_DECOYS, seed=cfg.seed)
         result[name] = {
             "traced": test.traced,
             "accounts": [asdict(a) for a in test.accounts],
@@ -314,24 +316,118 @@ class DemoHooks:
     train_callbacks: tuple = field(default_factory=tuple)
 
 
-def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None) -> dict:
-    """Play the four acts; the report is returned and written to ``OUT/demo.json``. Logging is
-    the caller's (the CLI keeps other libraries quiet unless -v)."""
+# What each act's result depends on: these settings and the act before it (the rest of the
+# config, out/threads/startup_timeout_s, changes where or how fast, not what). A rerun in the
+# same OUT reuses an act whose key and files are still there; --fresh redoes every act.
+STAGES: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
+    # act: (the act it builds on, its settings, the files it leaves that later acts read)
+    "detection": (
+        None,
+        ("cal_accounts", "eval_accounts", "campaign_requests", "target_fpr", "seed"),
+        ("calibration.npz",),
+    ),
+    "live": (
+        "detection",
+        (
+            "model", "users", "user_requests", "extract", "max_tokens", "extracting_after",
+            "concurrency", "max_prompt_chars", "seed",
+        ),
+        ("ledger.db", "watermark.secret", "harvest/data.jsonl", "harvest/store.sqlite"),
+    ),
+    "trace": ("live", (), ()),
+    "student": ("live", ("student", "epochs", "seed"), ("student/config.json",)),
+}  # fmt: skip
+
+
+def stage_keys(cfg: DemoConfig) -> dict[str, str]:
+    """Each act's cache key: a hash of its settings, the keys of the acts it builds on and the
+    package version (a code change within one version needs --fresh)."""
+    from distillguard import __version__
+
+    keys: dict[str, str] = {}
+    for name, (after, settings, _) in STAGES.items():
+        material = {
+            "act": name,
+            "after": keys.get(after) if after else None,
+            "settings": {k: getattr(cfg, k) for k in settings},
+            "version": __version__,
+        }
+        keys[name] = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    return keys
+
+
+class _Stages:
+    """``OUT/stages.json``: each finished act's key, result and seconds, written as it ends."""
+
+    def __init__(self, cfg: DemoConfig, fresh: bool):
+        self.path = cfg.out / "stages.json"
+        self.out = cfg.out
+        self.keys = stage_keys(cfg)
+        self.saved: dict = {}
+        if not fresh and self.path.is_file():
+            try:
+                self.saved = json.loads(self.path.read_text())
+            except ValueError:  # a file cut short: redo the acts
+                self.saved = {}
+
+    def cached(self, name: str) -> dict | None:
+        entry = self.saved.get(name)
+        if not isinstance(entry, dict) or entry.get("key") != self.keys[name]:
+            return None
+        files = STAGES[name][2]
+        if name == "student" and "skipped" in entry["result"]:
+            files = ()  # no student was trained: nothing to find
+        if not all((self.out / f).exists() for f in files):
+            return None
+        return entry
+
+    def run(self, name: str, act: Callable[[], dict], say: Say) -> tuple[dict, float]:
+        entry = self.cached(name)
+        if entry is not None:
+            say(f"   reused from the earlier run in {self.out} (same settings; --fresh redoes it)")
+            return entry["result"], entry["seconds"]
+        started = time.perf_counter()
+        result = act()
+        seconds = time.perf_counter() - started
+        self.saved[name] = {"key": self.keys[name], "result": result, "seconds": seconds}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.saved, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+        return result, seconds
+
+
+def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None, *, fresh: bool = False) -> dict:
+    """Play the four acts; the report is returned and written to ``OUT/demo.json``, with
+    ``OUT/report.html`` beside it. Acts finished by an earlier run in ``OUT`` with the same
+    settings are reused unless ``fresh``; ``seconds`` is the acts' own time, reused or not.
+    Logging is the caller's (the CLI keeps other libraries quiet unless -v)."""
+    from distillguard.arena.demo_report import write_report
+
     hooks = hooks or DemoHooks()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    stages = _Stages(cfg, fresh)
+    seconds = 0.0
     report: dict = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     }
-    hooks.say("[bold]1. detection on labelled arena traffic[/]")
-    report["detection"] = act_detection(cfg, hooks.say, hooks.progress)
-    hooks.say("[bold]2. live: the gateway, a distiller and benign users[/]")
-    report["live"] = act_live(cfg, hooks.say, hooks.harvest_progress)
-    hooks.say("[bold]3. tracing the harvested data to accounts[/]")
-    report["trace"] = act_trace(cfg, report["live"])
+    acts = [
+        ("detection", "1. detection on labelled arena traffic",
+         lambda: act_detection(cfg, hooks.say, hooks.progress)),
+        ("live", "2. live: the gateway, a distiller and benign users",
+         lambda: act_live(cfg, hooks.say, hooks.harvest_progress)),
+        ("trace", "3. tracing the harvested data to accounts",
+         lambda: act_trace(cfg, report["live"])),
+    ]  # fmt: skip
     if cfg.student:
-        hooks.say("[bold]4. the suspect model: canaries[/]")
-        report["student"] = act_student(cfg, hooks.say, hooks.train_callbacks)
-    report["seconds"] = round(time.perf_counter() - started, 1)
+        acts.append(
+            ("student", "4. the suspect model: canaries",
+             lambda: act_student(cfg, hooks.say, hooks.train_callbacks))
+        )  # fmt: skip
+    for name, title, act in acts:
+        hooks.say(f"[bold]{title}[/]")
+        report[name], took = stages.run(name, act, hooks.say)
+        seconds += took
+    report["seconds"] = round(seconds, 1)
     (cfg.out / "demo.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_report(report, cfg.out)
     return report

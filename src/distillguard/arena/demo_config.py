@@ -11,6 +11,7 @@ from distillguard.errors import ConfigError
 
 KINDS = ("bulk", "template", "reasoning", "logprobs", "hydra", "slowlow")
 DISTILLER = "distiller"
+CANARY_DECOYS = 49  # act 4: decoy endings each canary is ranked against
 # The demo's policy ladder: graduated, and without 'block' so the distiller keeps harvesting
 # and the later acts have poisoned data to find (a real provider may well block instead).
 POLICY = {

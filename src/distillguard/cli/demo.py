@@ -43,8 +43,8 @@ def demo_command(
         Path("distillguard-demo"),
         "--out",
         "-o",
-        help="directory for the ledger, harvest, calibration, student, plot and demo.json "
-        "(a rerun starts its ledger and harvest afresh)",
+        help="directory for the ledger, harvest, calibration, student, demo.json and report.html; "
+        "a rerun in it reuses each act an earlier run finished with the same settings",
     ),
     model: str = typer.Option(
         "smollm2", "--model", "-m", help="teacher: smollm2 | tiny | HF id | DIR | FILE.gguf"
@@ -71,6 +71,9 @@ def demo_command(
     ),
     epochs: float = typer.Option(6.0, help="the student's training epochs"),
     seed: int = typer.Option(0, help="random seed of the traffic and the training"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="redo every act, even those an earlier run in --out finished"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
     verbose: bool = verbose_option(),
 ) -> None:
@@ -85,8 +88,9 @@ def demo_command(
 
     4: a student trained on it is tested for the canaries served to the distiller.
 
-    Ground truth is known throughout, and each test has its control. About 10 minutes on 2 cores with the
-    embedded teacher.
+    Ground truth is known throughout, and each test has its control. About 20 minutes on 2 cores with the
+    embedded teacher. OUT/report.html shows it all (plots embedded, opens offline); a rerun in the same
+    --out reuses the acts it already finished with the same settings (--fresh: redo them).
 
     Examples:
 
@@ -155,14 +159,14 @@ def demo_command(
     # so it adds its PrinterCallback): stdout is the report's (--json's JSON), the loss is in the
     # training bar, and -v shows the dicts on stderr.
     with progress, contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()):
-        report = run_demo(cfg, hooks)
+        report = run_demo(cfg, hooks, fresh=fresh)
     if as_json:
         print(json.dumps(report, default=str))
         return
     show(report)
     err_console.print(
-        f"report: {out / 'demo.json'}; ledger: {out / 'ledger.db'}; plot: "
-        f"{report['detection'].get('plot') or '-'} ({report['seconds']:.0f} s)"
+        f"report: {out / 'report.html'} (numbers: {out / 'demo.json'}); ledger: "
+        f"{out / 'ledger.db'} ({report['seconds']:.0f} s)"
     )
 
 
