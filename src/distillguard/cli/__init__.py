@@ -14,13 +14,15 @@ from pydantic import ValidationError
 
 # re-exported: `from distillguard.cli import console` and the rest keep working
 from distillguard.cli.common import (
-    DB_HELP,
     configure_logging,
     console,
     err_console,
     verbose_option,
 )
+from distillguard.cli.options import option
 from distillguard.errors import DistillguardError
+from distillguard.guard.config import GuardConfig
+from distillguard.serve.config import ServeConfig
 
 app = typer.Typer(
     name="distillguard",
@@ -38,145 +40,70 @@ def _root(verbose: bool = verbose_option()) -> None:
 
 @app.command()
 def serve(  # noqa: PLR0913 - one option per setting, as users expect of a server command
-    model: str = typer.Option(
-        "smollm2", "--model", "-m", help="model spec: smollm2 | tiny | HF id | DIR | FILE.gguf"
+    # Every default and help is ServeConfig's or GuardConfig's (cli/options.py): written once,
+    # there. The envvars are the ones these options have always read.
+    model: str = option(ServeConfig, "model", "--model", "-m"),
+    host: str = option(ServeConfig, "host"),
+    port: int = option(ServeConfig, "port"),
+    upstream: str | None = option(ServeConfig, "upstream"),
+    backend_name: str | None = option(ServeConfig, "backend", "--backend"),
+    upstream_api_key: str | None = option(
+        ServeConfig, "upstream_api_key", envvar="DISTILLGUARD_UPSTREAM_API_KEY"
     ),
-    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
-    port: int = typer.Option(8000, help="TCP port (0 picks a free one)"),
-    upstream: str | None = typer.Option(
-        None, help="proxy to this OpenAI-compatible URL instead of a local model"
+    upstream_timeout: float = option(ServeConfig, "upstream_timeout_s", "--upstream-timeout"),
+    upstream_engine: str = option(ServeConfig, "upstream_engine"),
+    served_model_name: str | None = option(ServeConfig, "served_model_name"),
+    device: str = option(ServeConfig, "device"),
+    max_batch_rows: int = option(ServeConfig, "max_batch_rows"),
+    threads: int = option(ServeConfig, "threads"),
+    default_max_tokens: int = option(ServeConfig, "default_max_tokens"),
+    max_prompt_tokens: int | None = option(
+        ServeConfig, "max_prompt_tokens", envvar="DISTILLGUARD_MAX_PROMPT_TOKENS"
     ),
-    backend_name: str | None = typer.Option(
-        None,
-        "--backend",
-        help="what answers: local (a model in this process) | upstream (--upstream URL) | a "
-        "plugin's name (entry-point group distillguard.backends); default: upstream with "
-        "--upstream, else local",
-    ),
-    upstream_api_key: str | None = typer.Option(
-        None, envvar="DISTILLGUARD_UPSTREAM_API_KEY", help="bearer key for the upstream server"
-    ),
-    upstream_timeout: float = typer.Option(120.0, help="seconds to wait for the upstream server"),
-    upstream_engine: str = typer.Option(
-        "openai",
-        help="what --upstream runs: openai (any OpenAI-compatible server; no watermark) | vllm "
-        "(vLLM with distillguard's logits processor: per-account watermarks, docs/vllm.md)",
-    ),
-    served_model_name: str | None = typer.Option(
-        None, help="model id clients send (default: the spec)"
-    ),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    max_batch_rows: int = typer.Option(16, help="requests (choices) generated together at most"),
-    threads: int = typer.Option(
-        0,
-        help="torch CPU threads (0: one per core). On a machine busy with other "
-        "work, 1 avoids stalls of threads waiting for each other",
-    ),
-    default_max_tokens: int = typer.Option(1024, help="completion cap for requests that set none"),
-    max_prompt_tokens: int | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_MAX_PROMPT_TOKENS",
-        help="longer prompts get 400 context_length_exceeded (default: the model's context length)",
-    ),
-    prefill_chunk: int = typer.Option(
-        512,
-        envvar="DISTILLGUARD_PREFILL_CHUNK",
-        help="prompts longer than this many tokens are prefilled in chunks of it, between "
-        "decoding steps of the running batch, so they cannot stall the other requests",
-    ),
+    prefill_chunk: int = option(ServeConfig, "prefill_chunk", envvar="DISTILLGUARD_PREFILL_CHUNK"),
+    # whether there is a guard at all, so no setting of it
     no_guard: bool = typer.Option(
         False, "--no-guard", help="no API keys, limits, ledger or metrics"
     ),
-    db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
-    redis: str | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_REDIS",
-        help="redis://HOST:PORT/0 to share rate limits between replicas",
+    db: str | None = option(GuardConfig, "db", envvar="DISTILLGUARD_DB"),
+    redis: str | None = option(GuardConfig, "redis", envvar="DISTILLGUARD_REDIS"),
+    metrics_account_labels: bool = option(GuardConfig, "metrics_account_labels"),
+    watermark: bool = option(GuardConfig, "watermark", "--watermark/--no-watermark"),
+    watermark_scheme: str = option(
+        GuardConfig, "watermark_scheme", envvar="DISTILLGUARD_WATERMARK_SCHEME"
     ),
-    metrics_account_labels: bool = typer.Option(
-        False, help="label Prometheus series by account (cardinality!)"
+    watermark_gamma: float | None = option(
+        GuardConfig, "watermark_gamma", envvar="DISTILLGUARD_WATERMARK_GAMMA"
     ),
-    no_watermark: bool = typer.Option(False, "--no-watermark", help="do not watermark responses"),
-    watermark_scheme: str = typer.Option(
-        "synthid",
-        envvar="DISTILLGUARD_WATERMARK_SCHEME",
-        help="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref (the reference scheme)",
+    watermark_delta: float = option(
+        GuardConfig, "watermark_delta", envvar="DISTILLGUARD_WATERMARK_DELTA"
     ),
-    watermark_gamma: float | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_WATERMARK_GAMMA",
-        help="fraction of the vocabulary that is green (green-list "
-        "schemes; default: WatermarkParams.gamma)",
+    policy: str | None = option(
+        GuardConfig, "policy_file", "--policy", envvar="DISTILLGUARD_POLICY_FILE"
     ),
-    watermark_delta: float | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_WATERMARK_DELTA",
-        help="logit bias added to green tokens (green-list schemes; "
-        "default: WatermarkParams.delta)",
+    detect: str | None = option(
+        GuardConfig, "detect_calibration", "--detect", envvar="DISTILLGUARD_DETECT_CALIBRATION"
     ),
-    policy: str | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_POLICY_FILE",
-        help="YAML policy ladder: actions per verdict level (see docs)",
-    ),
-    detect: str | None = typer.Option(
-        None,
-        envvar="DISTILLGUARD_DETECT_CALIBRATION",
-        help="calibration file (`distillguard detect --save-calibration`): "
-        "score every request online and act on verdicts; 'external': replicas that share a "
-        "ledger leave detection to one `distillguard monitor` process and run none here",
-    ),
-    extracting_after: int = typer.Option(
-        100, help="flagged requests before a suspect account is 'extracting'"
-    ),
-    antidistill_data: str = typer.Option(
-        "sharegpt",
-        help="JSONL of {prompt, answer} whose loss antidistillation "
-        "sampling keeps high for students (policy action 'antidistill'); "
-        "default: 64 real ShareGPT answers",
-    ),
+    extracting_after: int = option(GuardConfig, "extracting_after"),
+    antidistill_data: str = option(GuardConfig, "antidistill_data"),
+    # comma-separated on the command line, a tuple in the config
     forwarded_allow_ips: str | None = typer.Option(
         None,
         envvar="DISTILLGUARD_FORWARDED_ALLOW_IPS",
-        help="comma-separated proxies (IPs, networks, or *) whose X-Forwarded-For the ledger believes; "
-        "default: none, the client address is the connection's",
+        help="comma-separated: "
+        + (ServeConfig.model_fields["forwarded_allow_ips"].description or ""),
     ),
-    max_header_bytes: int = typer.Option(
-        16 * 1024, help="request line + headers larger than this get 431"
+    max_header_bytes: int = option(ServeConfig, "max_header_bytes"),
+    header_timeout: float = option(ServeConfig, "header_timeout_s", "--header-timeout"),
+    body_timeout: float = option(ServeConfig, "body_timeout_s", "--body-timeout"),
+    keep_alive_timeout: int = option(ServeConfig, "keep_alive_timeout_s", "--keep-alive-timeout"),
+    limit_concurrency: int | None = option(ServeConfig, "limit_concurrency"),
+    docs: bool = option(ServeConfig, "docs", "--docs"),
+    metrics_auth: str = option(GuardConfig, "metrics_auth", envvar="DISTILLGUARD_METRICS_AUTH"),
+    ledger_content: str = option(
+        GuardConfig, "ledger_content", envvar="DISTILLGUARD_LEDGER_CONTENT"
     ),
-    header_timeout: float = typer.Option(
-        10.0, help="seconds a client has to send a request's headers"
-    ),
-    body_timeout: float = typer.Option(
-        60.0, help="seconds a client has to send a request's body, after its headers"
-    ),
-    keep_alive_timeout: int = typer.Option(
-        5, help="seconds an idle keep-alive connection stays open"
-    ),
-    limit_concurrency: int | None = typer.Option(
-        None, help="open connections + requests beyond this get 503 (default: unbounded)"
-    ),
-    docs: bool = typer.Option(
-        False, "--docs", help="serve /docs, /redoc and /openapi.json (to anyone)"
-    ),
-    metrics_auth: str = typer.Option(
-        "admin",
-        envvar="DISTILLGUARD_METRICS_AUTH",
-        help="admin: /metrics needs the admin key (Prometheus: "
-        "authorization.credentials) | none: open to anyone who can connect",
-    ),
-    ledger_content: str = typer.Option(
-        "full",
-        envvar="DISTILLGUARD_LEDGER_CONTENT",
-        help="what the ledger keeps of prompts and answers: full | hashes "
-        "(SHA-256 + length of each) | off (lengths only); see "
-        "distillguard.guard.privacy for what each costs detection",
-    ),
-    redact: list[str] | None = typer.Option(
-        None,
-        "--redact",
-        help="regex whose matches are stored as [REDACTED] (full mode; repeatable)",
-    ),
+    redact: list[str] = option(GuardConfig, "redact", "--redact"),
 ) -> None:
     """Serve a teacher model through an OpenAI-compatible API.
 
@@ -200,10 +127,13 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}]}'
     """
     from distillguard.app import create_app
-    from distillguard.serve.config import ServeConfig
 
+    if threads < 0:
+        raise typer.BadParameter(f"--threads {threads}: give 0 (one per core) or a positive count")
     config = ServeConfig(
         model=model,
+        backend=backend_name,
+        threads=threads,
         host=host,
         port=port,
         upstream=upstream,
@@ -228,8 +158,6 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     )
     from distillguard.serve.backend import BACKENDS
 
-    if threads < 0:
-        raise typer.BadParameter(f"--threads {threads}: give 0 (one per core) or a positive count")
     if threads:
         import torch
 
@@ -241,7 +169,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
     err_console.print(f"[bold]distillguard[/] {backend.describe()}")
     guard = None
     if not no_guard:
-        from distillguard.guard.gateway import Guard, GuardConfig
+        from distillguard.guard.gateway import Guard
 
         monitor = None
         if detect == "external":
@@ -262,24 +190,22 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                 monitor = OnlineDetection.from_calibration(
                     detect, extracting_after=extracting_after
                 )
-        # γ and δ left unset take GuardConfig's defaults, which are the scheme's (WatermarkParams)
-        scheme_params = {
-            k: v
-            for k, v in (("watermark_gamma", watermark_gamma), ("watermark_delta", watermark_delta))
-            if v is not None
-        }
         guard = Guard(
             GuardConfig(
                 db=db,
                 redis=redis,
                 metrics_account_labels=metrics_account_labels,
-                watermark=not no_watermark,
+                watermark=watermark,
                 watermark_scheme=watermark_scheme,
+                watermark_gamma=watermark_gamma,
+                watermark_delta=watermark_delta,
                 policy_file=policy,
+                detect_calibration=detect,
+                extracting_after=extracting_after,
+                antidistill_data=antidistill_data,
                 metrics_auth=metrics_auth,
                 ledger_content=ledger_content,
-                redact=tuple(redact or ()),
-                **scheme_params,
+                redact=tuple(redact),
             ),
             monitor=monitor,
         )

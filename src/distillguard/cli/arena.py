@@ -11,7 +11,9 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
+from distillguard.arena.traffic import TrafficConfig
 from distillguard.cli.common import console, err_console
+from distillguard.cli.options import option
 
 arena_app = typer.Typer(
     help="Benign users and extraction campaigns for evaluating detectors.", no_args_is_help=True
@@ -20,51 +22,30 @@ arena_app = typer.Typer(
 
 @arena_app.command("traffic")
 def traffic(
-    benign_accounts: int = typer.Option(
-        100, "--benign-accounts", "-b", help="benign users replayed from ShareGPT"
-    ),
+    # defaults and help are TrafficConfig's (cli/options.py): written once, there
+    benign_accounts: int = option(TrafficConfig, "benign_accounts", "--benign-accounts", "-b"),
+    # text specs on the command line, parsed into the config's CampaignSpecs
     campaign: list[str] | None = typer.Option(
         None,
         "--campaign",
         "-c",
         help="KIND[:ACCOUNTS[:REQUESTS]] (repeatable); REQUESTS is per account",
     ),
-    seed: int = typer.Option(0, help="random seed: same seed and options, same file"),
-    days: float = typer.Option(3.0, help="length of the traffic window in days"),
-    pool: str = typer.Option(
-        "eval", help="benign pool: calibration (fit detectors) | eval (held out)"
-    ),
-    start: float | None = typer.Option(
-        None, help="window start, unix seconds (default 2026-11-02 00:00 UTC)"
-    ),
-    model: str = typer.Option("smollm2", help="model id in every request"),
-    rpm_limit: int = typer.Option(
-        20, help="per-account requests/minute that hydra keys stay under"
-    ),
-    decoy_share: float = typer.Option(
-        0.5, help="share of a hydra key's requests that look benign (conversations)"
-    ),
-    whole_conversations: bool = typer.Option(
-        False,
-        help="replay ShareGPT's long conversations whole (parts joined) in sessions that end after their "
-        "time: more realistic, but a pool then lasts ~400 users over 3 days",
-    ),
-    popular_prompts: int = typer.Option(
-        0,
-        help="benign users also send prompts of a public set of this size (attack-pool text the sweeps send "
-        "too), Zipf-popular: many users send the popular ones (0: off)",
-    ),
-    popular_share: float = typer.Option(
-        0.2, help="share of a user's conversations opened with a public prompt"
-    ),
-    app_share: float = typer.Option(
-        0.03, help="share of benign users that are apps (one app's system prompt, shared)"
-    ),
-    apps: int = typer.Option(3, help="distinct apps those users belong to"),
-    nat_share: float = typer.Option(
-        0.0, help="share of benign users behind large NATs (one /24 each)"
-    ),
-    nat_size: int = typer.Option(200, help="users behind one large NAT"),
+    seed: int = option(TrafficConfig, "seed"),
+    days: float = option(TrafficConfig, "days"),
+    pool: str = option(TrafficConfig, "pool"),
+    start: float = option(TrafficConfig, "start"),
+    model: str = option(TrafficConfig, "model"),
+    rpm_limit: int = option(TrafficConfig, "rpm_limit"),
+    decoy_share: float = option(TrafficConfig, "decoy_share"),
+    whole_conversations: bool = option(TrafficConfig, "whole_conversations"),
+    popular_prompts: int = option(TrafficConfig, "popular_prompts"),
+    popular_share: float = option(TrafficConfig, "popular_share"),
+    popular_zipf: float = option(TrafficConfig, "popular_zipf"),
+    app_share: float = option(TrafficConfig, "app_share"),
+    apps: int = option(TrafficConfig, "apps"),
+    nat_share: float = option(TrafficConfig, "nat_share"),
+    nat_size: int = option(TrafficConfig, "nat_size"),
     output: str | None = typer.Option(
         None, "--output", "-o", help="JSONL file to write, - for standard output"
     ),
@@ -92,12 +73,7 @@ def traffic(
 
       distillguard arena traffic -b 0 -c template:1:500 -o - | head
     """
-    from distillguard.arena.traffic import (
-        CampaignSpec,
-        TrafficConfig,
-        campaign_kinds,
-        generate_traffic,
-    )
+    from distillguard.arena.traffic import CampaignSpec, campaign_kinds, generate_traffic
     from distillguard.errors import ConfigError
 
     if list_kinds:
@@ -113,7 +89,6 @@ def traffic(
     if pool not in ("calibration", "eval"):
         raise ConfigError(f"--pool must be calibration or eval, got {pool!r}")
     specs = tuple(CampaignSpec.parse(c) for c in campaign or ())
-    extra = {} if start is None else {"start": start}
     try:
         config = TrafficConfig(
             benign_accounts=benign_accounts,
@@ -131,7 +106,8 @@ def traffic(
             apps=apps,
             nat_share=nat_share,
             nat_size=nat_size,
-            **extra,
+            popular_zipf=popular_zipf,
+            start=start,
         )
     except ValidationError as exc:  # name the option, not the config field
         err = exc.errors(include_url=False)[0]

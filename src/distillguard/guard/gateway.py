@@ -18,109 +18,24 @@ Each part has one job and its own module; the request path that drives them, in 
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
-
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from distillguard.guard.admission import Admission, Admitter, LimiterUnavailable, key_scope
 from distillguard.guard.auth import Authenticator, AuthError, PermissionDenied, bearer
+from distillguard.guard.config import GuardConfig
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.idempotency import Claims, IdempotencyConflict, IdempotencyInProgress
 from distillguard.guard.keys import KeyRecord, KeyStore
 from distillguard.guard.ledger import Ledger
-from distillguard.guard.limits import Price, make_limiter
+from distillguard.guard.limits import make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.monitor import Monitor, MonitorWorker
 from distillguard.guard.policy import Decision, Level, PolicyConfig
-from distillguard.guard.privacy import LedgerContent, LedgerPrivacy
+from distillguard.guard.privacy import LedgerPrivacy
 from distillguard.guard.recorder import Recorder
 from distillguard.guard.requestlog import RequestLog
 from distillguard.guard.verdicts import AccountBlocked, Verdicts
 from distillguard.guard.watermarks import AccountWatermarks
 from distillguard.watermark import WatermarkParams
-
-
-class GuardConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DISTILLGUARD_", frozen=True, extra="ignore")
-
-    db: str | None = Field(
-        None, description="ledger database: a path, sqlite:///FILE or postgresql+psycopg://..."
-    )
-    redis: str | None = Field(
-        None, description="redis://... to share rate-limit counters between replicas"
-    )
-    admin_key: SecretStr | None = Field(None, description="bearer key for /admin routes")
-    metrics_account_labels: bool = Field(False, description="label Prometheus series by account")
-    key_cache_ttl_s: float = Field(
-        2.0, ge=0, description="how long a key lookup is trusted (revocation delay across replicas)"
-    )
-    watermark: bool = Field(
-        True, description="watermark every account's responses with its own key"
-    )
-    watermark_secret: SecretStr | None = Field(
-        None, description="master secret of the per-account keys (default: a file in the data dir)"
-    )
-    watermark_scheme: str = Field(
-        "synthid", description="synthid (SynthID-Text tournament) | keyed-hash | lefthash-ref"
-    )
-    watermark_gamma: float | None = Field(
-        WatermarkParams.gamma,
-        description="fraction of the vocabulary that is green (None: the scheme's own)",
-    )
-    watermark_delta: float = Field(
-        WatermarkParams.delta, description="logit bias added to green tokens"
-    )
-    policy_file: str | None = Field(
-        None, description="YAML/JSON policy ladder (default: guard/policy.py's DEFAULT_LADDER)"
-    )
-    verdict_cache_ttl_s: float = Field(
-        2.0,
-        ge=0,
-        description="how long an account's verdict level is trusted (delay across replicas)",
-    )
-    metrics_auth: Literal["admin", "none"] = Field(
-        "admin",
-        description="admin: /metrics needs the admin key (what it counts is the operator's business; "
-        "Prometheus sends it as authorization.credentials) | none: open to anyone",
-    )
-    ledger_content: LedgerContent = Field(
-        "full",
-        description="full | hashes | off: what the ledger keeps of "
-        "prompts and answers (guard/privacy.py)",
-    )
-    redact: tuple[str, ...] = Field(
-        (), description="regexes whose matches the ledger stores as [REDACTED] (full)"
-    )
-    idempotency_claim_ttl_s: float = Field(
-        30.0,
-        gt=0,
-        description="an Idempotency-Key claim not renewed for this long (its replica died mid-request) "
-        "is taken over by a retry; live holders renew it every third of this",
-    )
-    idempotency_ttl_s: float = Field(
-        86400.0,
-        gt=0,
-        description="how long a stored answer is replayed for its Idempotency-Key; after it, "
-        "the key is free again and the row deleted (Stripe's keys last 24 h)",
-    )
-    ledger_wait_s: float = Field(
-        30.0,
-        gt=0,
-        description="longest a request waits for its ledger row to commit "
-        "before it is answered 503 ledger_unavailable",
-    )
-    ledger_wedged_s: float = Field(
-        30.0,
-        gt=0,
-        description="a ledger row queued this long uncommitted makes "
-        "/healthz fail and new requests get 503 at once",
-    )
-    prices: dict[str, Price] = Field(
-        default_factory=dict,
-        description="model id -> {prompt, completion} USD per 1M tokens, for daily_usd "
-        "budgets ('*': every other model); JSON in DISTILLGUARD_PRICES",
-    )
 
 
 class Guard:

@@ -1,4 +1,8 @@
-"""Settings of the teacher server (``distillguard serve``); env ``DISTILLGUARD_*`` or CLI flags."""
+"""Settings of the teacher server (``distillguard serve``); env ``DISTILLGUARD_*`` or CLI flags.
+
+Every field carries its help: the ``serve`` command's options read their defaults and help from
+these fields (``distillguard.cli.options``), so a default is written once, here.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ServeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILLGUARD_", frozen=True, extra="forbid")
 
-    model: str = Field("smollm2", description="model spec for the local backend (see `load_model`)")
+    model: str = Field(
+        "smollm2",
+        description="model spec for the local backend: smollm2 | tiny | HF id | DIR | FILE.gguf",
+    )
     served_model_name: str | None = Field(
-        None, description="id clients send as `model`; default: the spec"
+        None, description="model id clients send (default: the spec)"
     )
     upstream: str | None = Field(
         None, description="proxy to this OpenAI-compatible base URL instead of a local model"
@@ -29,8 +36,19 @@ class ServeConfig(BaseSettings):
         "| vllm (vLLM with distillguard's logits processor: each account's watermark key goes "
         "in vllm_xargs; docs/vllm.md)",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    backend: str | None = Field(
+        None,
+        description="what answers: local (a model in this process) | upstream (--upstream URL) | a "
+        "plugin's name (entry-point group distillguard.backends); default: upstream with "
+        "--upstream, else local",
+    )
+    threads: int = Field(
+        0,
+        description="torch CPU threads (0: one per core). On a machine busy with other "
+        "work, 1 avoids stalls of threads waiting for each other",
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_batch_rows: int = Field(16, ge=1, description="rows (choices) generated together at most")
     batch_wait_ms: float = Field(

