@@ -54,6 +54,18 @@ def monitor_command(
         help="ignore the checkpoint and replay the ledger from its first row (after a "
         "calibration or version change)",
     ),
+    wait: bool = typer.Option(
+        False,
+        "--wait",
+        help="when another monitor follows this ledger, wait until it stops (or dies) and take "
+        "over, instead of refusing",
+    ),
+    lease_ttl: float = typer.Option(
+        15.0,
+        min=1.0,
+        help="seconds without a heartbeat after which a monitor's lease on the ledger is taken "
+        "for dead and taken over (it renews every third of this)",
+    ),
     once: bool = typer.Option(
         False, "--once", help="read everything committed so far, save the state and exit"
     ),
@@ -69,6 +81,10 @@ def monitor_command(
     replica reads an account's level. Its state is checkpointed in --state, so a restart goes on
     where it stopped (SIGTERM saves it; after kill -9 the requests since the last save are
     replayed). While it is down no new verdicts are reached; no request waits for it.
+
+    One monitor per ledger: it holds a lease in the ledger, renewed every few seconds. A second
+    one is refused (exit 2, naming the holder), or with --wait waits for it to stop; the lease of
+    one that died (kill -9, a lost machine) is taken over after --lease-ttl seconds.
 
     Example:
 
@@ -89,6 +105,7 @@ def monitor_command(
     from distillguard.guard.detector_service import (
         Checkpoint,
         DetectorService,
+        Lease,
         LedgerFeed,
         code_fingerprint,
         file_digest,
@@ -102,6 +119,14 @@ def monitor_command(
         detection = OnlineDetection.from_calibration(calibration, extracting_after=extracting_after)
     engine = make_engine(db)
     migrate(engine)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # one monitor per ledger: two would both record every verdict and overwrite the checkpoint
+    lease = Lease(engine, ttl_s=lease_ttl)
+    if not lease.acquire(stop, wait=wait, on_wait=lambda msg: err_console.print(msg)):
+        engine.dispose()
+        return  # stopped while waiting for the lease
     checkpoint = Checkpoint(Path(state), file_digest(calibration), code_fingerprint(detection))
     verdicts = Verdicts(
         engine,
@@ -117,8 +142,14 @@ def monitor_command(
         poll_s=poll,
         every_s=checkpoint_every,
         every_n=checkpoint_requests,
+        lease=lease,
     )
-    header = None if rebuild else service.restore()
+    try:
+        header = None if rebuild else service.restore()
+    except BaseException:
+        lease.release()
+        engine.dispose()
+        raise
     where = (
         f"from ledger row {header['cursor']['high']} ({header['requests']} requests in the state)"
         if header
@@ -126,14 +157,12 @@ def monitor_command(
     )
     err_console.print(
         f"[bold]distillguard[/] monitor following {engine.url.render_as_string()} {where}; "
-        f"state in {checkpoint.path}"
+        f"state in {checkpoint.path} (lease held as {lease.holder})"
     )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         service.run(stop, once=once)
     finally:
+        lease.release()
         engine.dispose()
     err_console.print(
         f"[bold]distillguard[/] monitor stopped at ledger row {service.feed.high} "

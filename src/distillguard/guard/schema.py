@@ -146,3 +146,21 @@ class Verdict(Base):
     source: Mapped[str] = mapped_column(String(32), nullable=False)
     # the request after which the verdict was reached (online), if any
     request_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class Lease(Base):
+    """One holder at a time for a job that must run once per ledger (the ``monitor``).
+
+    ``beat`` is bumped by the holder every ``ttl_s / 3`` seconds; a contender takes over only after
+    watching it stand still for ``ttl_s`` on its own clock (``guard/detector_service.py``), so no
+    two machines' wall clocks are compared. ``renewed_at`` is the holder's wall clock, for people.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(256), nullable=False)
+    beat: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ttl_s: Mapped[float] = mapped_column(Double, nullable=False)
+    acquired_at: Mapped[float] = mapped_column(Double, nullable=False)
+    renewed_at: Mapped[float] = mapped_column(Double, nullable=False)
