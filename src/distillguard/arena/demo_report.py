@@ -70,9 +70,9 @@ def _ledger_rows(out: Path) -> list:
     try:
         with engine.connect() as conn:
             return conn.execute(
-                select(LedgerRow.account_id, LedgerRow.policy_action).order_by(
-                    LedgerRow.ts, LedgerRow.id
-                )
+                select(
+                    LedgerRow.account_id, LedgerRow.policy_action, LedgerRow.request_id
+                ).order_by(LedgerRow.ts, LedgerRow.id)
             ).all()
     finally:
         engine.dispose()
@@ -108,10 +108,21 @@ def _plt():
     return plt
 
 
-def _timeline_plot(report: dict, scores: dict[str, list[float]]) -> str:
+def _request_numbers(rows: list) -> dict[str, int]:
+    """request_id -> its 1-based number within its account (the x axis of the plots)."""
+    seen: dict[str, int] = defaultdict(int)
+    numbers = {}
+    for r in rows:
+        seen[r.account_id] += 1
+        numbers[r.request_id] = seen[r.account_id]
+    return numbers
+
+
+def _timeline_plot(report: dict, scores: dict[str, list[float]], rows: list) -> str:
     plt = _plt()
     threshold = report["detection"]["calibration"]["threshold"]
     d = report["live"]["ledger"][DISTILLER]
+    numbers = _request_numbers(rows)
     fig, ax = plt.subplots(figsize=(8, 3.6))
     for name, ys in sorted(scores.items(), key=lambda kv: kv[0] == DISTILLER):
         distiller = name == DISTILLER
@@ -127,13 +138,21 @@ def _timeline_plot(report: dict, scores: dict[str, list[float]]) -> str:
         )
     ax.plot([], [], color="tab:green", marker="o", ms=3, label="benign users")
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"threshold {threshold:.1f}")
-    for what, colour in (("suspect", "tab:orange"), ("extracting", "tab:purple")):
+    colours = {"watch": "tab:olive", "suspect": "tab:orange", "extracting": "tab:purple"}
+    for v in report["live"]["verdicts"].get("data", []):
+        at = numbers.get(v.get("request_id"))
+        if at is not None and v.get("score") is not None and v["level"] in colours:
+            ax.plot(at, v["score"], "o", mfc="none", ms=8, color=colours[v["level"]],
+                    label=f"{v['account_id']}: verdict {v['level']} at request {at}")  # fmt: skip
+    for what in ("suspect", "extracting"):
         at = d[f"{what}_from_request"]
         if at:
-            ax.axvline(at, color=colour, lw=1, ls=":", label=f"online: {what} from request {at}")
+            ax.axvline(
+                at, color=colours[what], lw=1, ls=":", label=f"{what} policy from request {at}"
+            )
     ax.set(xlabel="the account's request number", ylabel="detection score")
     ax.set_title("live gateway: each account's score after each request")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return figure_png(fig)
 
@@ -319,10 +338,12 @@ def render_html(report: dict, out: Path) -> str:
     if (out / "calibration.npz").is_file() and rows:
         parts.append(
             figure_html(
-                _timeline_plot(report, _replayed_scores(out)),
+                _timeline_plot(report, _replayed_scores(out), rows),
                 "detection score per request",
-                "scores replayed from the ledger with the gateway's calibration; dotted lines: "
-                "when the gateway's online monitor moved the distiller up the ladder",
+                "scores replayed from the ledger with the gateway's calibration; circles: the "
+                "online monitor's verdicts, at the request that triggered each; dotted lines: the "
+                "first request the policy level applied to (later, as the monitor runs beside the "
+                "gateway and the distiller keeps requests in flight)",
             )
         )
     if rows:
