@@ -20,6 +20,7 @@ from distillguard.cli.distill_eval import eval_cmd
 from distillguard.cli.options import option
 from distillguard.distill.curate import CurateConfig
 from distillguard.distill.harvest_config import HarvestConfig
+from distillguard.distill.scrub import Scrub
 from distillguard.distill.selfinstruct import (
     SEED_LIMIT,
     SEED_MAX_CHARS,
@@ -343,17 +344,36 @@ def curate_cmd(
     verifier: str | None = option(CurateConfig, "verifier"),
     eval_fraction: float = option(CurateConfig, "eval_fraction"),
     seed: int = option(CurateConfig, "seed"),
+    scrub_delete: float = option(Scrub, "scrub_delete"),
+    scrub_substitute: float = option(Scrub, "scrub_substitute"),
+    scrub_swap: float = option(Scrub, "scrub_swap"),
+    scrub_reorder: float = option(Scrub, "scrub_reorder"),
+    scrub_truncate: int | None = option(Scrub, "scrub_truncate"),
+    mix_other: float = option(Scrub, "mix_other"),
+    drop_outliers: float = option(Scrub, "drop_outliers"),
+    outlier_score: str = option(Scrub, "outlier_score"),
+    scrub_model: str = option(Scrub, "scrub_model"),
+    scrub_seed: int = option(Scrub, "scrub_seed"),
 ) -> None:
     """Deduplicate, filter, decontaminate and split harvested answers into a training set.
+
+    The --scrub-*, --mix-other and --drop-outliers options play a distiller who hides the
+    teacher's watermark and canaries (distill/scrub.py): outliers dropped first, then each
+    answer edited, then other-model answers mixed in, all before the filters above.
 
     Examples:
 
       distillguard distill curate --data runs/h1/data.jsonl --out runs/c1
 
       distillguard distill curate --data runs/h1/data.jsonl --out runs/c1 --eval-prompts heldout.jsonl --verifier checks:math_ok
+
+      distillguard distill curate --data runs/h1/data.jsonl --out runs/c2 --scrub-delete 0.25 --mix-other 0.5 --drop-outliers 0.05
     """
     from distillguard.distill.curate import curate, read_jsonl, save_dataset
     from distillguard.distill.prompts import load_prompts
+
+    # every scrub option is the Scrub field of its name
+    scrub = Scrub(**{k: v for k, v in locals().items() if k in Scrub.model_fields})
 
     config = CurateConfig(
         min_chars=min_chars,
@@ -372,9 +392,13 @@ def curate_cmd(
         else []
     )
     with err_console.status("curating ..."):
-        train, evaluation, report = curate(read_jsonl(data), config, eval_prompts=evals)
+        train, evaluation, report = curate(
+            read_jsonl(data), config, eval_prompts=evals, scrub=scrub
+        )
         save_dataset(train, evaluation, out)
     (out / "curate_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    if report.scrub:
+        err_console.print(report.scrub["summary"], soft_wrap=True, highlight=False)
     err_console.print(
         f"kept {report.train} train + {report.eval} eval of {report.read}; removed {report.removed}"
     )

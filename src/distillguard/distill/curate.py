@@ -83,12 +83,16 @@ class CurateReport:
     removed: dict[str, int] = field(default_factory=dict)
     train: int = 0
     eval: int = 0
+    scrub: dict | None = None  # what the scrub did (distill/scrub.py), when it ran
 
     def drop(self, reason: str) -> None:
         self.removed[reason] = self.removed.get(reason, 0) + 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["scrub"] is None:
+            del out["scrub"]
+        return out
 
 
 def _chat(messages: object) -> bool:
@@ -153,11 +157,23 @@ def curate(
     *,
     eval_prompts: Iterable[str] = (),
     verifier: Callable[[dict], bool] | None = None,
+    scrub=None,
+    scrub_model=None,
 ) -> tuple[list[dict], list[dict], CurateReport]:
-    """Filter and split harvested records; returns (train, eval, report)."""
+    """Filter and split harvested records; returns (train, eval, report).
+
+    ``scrub`` (a :class:`~distillguard.distill.scrub.Scrub`): a distiller's edits, mixing and
+    outlier filtering, applied to the records before everything else, so the other-model rows
+    and the edited answers meet the same filters, deduplication and split (``scrub_model``: an
+    already loaded model for it)."""
     from datasketch import MinHashLSH
 
     report = CurateReport()
+    if scrub is not None and scrub.active:
+        from distillguard.distill.scrub import scrub_records
+
+        records, scrubbed = scrub_records(list(records), scrub, model=scrub_model)
+        report.scrub = {**scrubbed.to_dict(), "summary": scrubbed.describe()}
     verifier = verifier or (load_verifier(config.verifier) if config.verifier else None)
     contam = MinHashLSH(threshold=config.decontam_threshold, num_perm=config.num_perm)
     eval_exact = set()
