@@ -83,16 +83,17 @@ class ServeConfig(BaseSettings):
     header_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="a request head not complete this long after its "
+        description="seconds: a request head not complete this long after its "
         "first byte (or the connection's start) closes it",
     )
     body_timeout_s: float = Field(
         60.0,
         gt=0,
-        description="a request body not complete this long after its head closes the connection",
+        description="seconds: a request body not complete this long after its head closes the "
+        "connection",
     )
     keep_alive_timeout_s: int = Field(
-        5, ge=1, description="an idle keep-alive connection is closed after this"
+        5, ge=1, description="seconds after which an idle keep-alive connection is closed"
     )
     limit_concurrency: int | None = Field(
         None,
