@@ -15,7 +15,7 @@ from distillguard.errors import ConfigError
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.keys import KeyStore
 from distillguard.guard.schema import LedgerRow
-from distillguard.serve.backend import BACKENDS
+from distillguard.serve.backend import BACKENDS, Capability, capabilities_of
 from distillguard.serve.local import LocalBackend
 from distillguard.serve.upstream import UpstreamBackend
 from tests.plugin_dist import install_plugin
@@ -98,6 +98,26 @@ def test_the_upstream_backend_without_a_url_says_what_to_add():
     done = run_cli("serve", "--backend", "upstream", "--no-guard", "--port", "0")
     assert done.returncode == 2
     assert "add --upstream URL" in done.stderr
+
+
+def test_capabilities_are_one_query_with_the_old_flags_read_for_one_release():
+    class Declared:
+        capabilities = frozenset({"watermark"})  # names are accepted as well as members
+
+    class OldFlags:
+        supports_watermark = True
+        supports_antidistill = False
+
+    class Unknown:
+        capabilities = frozenset({"watermark", "teleport"})
+
+    assert capabilities_of(Declared()) == {Capability.WATERMARK}
+    assert capabilities_of(OldFlags()) == {Capability.WATERMARK}  # silent on each request
+    with pytest.warns(DeprecationWarning, match="OldFlags declares supports_antidistill"):
+        capabilities_of(OldFlags(), warn=True)
+    assert capabilities_of(object()) == frozenset()
+    with pytest.raises(ConfigError, match="'teleport'.*known: watermark, antidistill"):
+        capabilities_of(Unknown())
 
 
 def test_a_plugin_backend_is_served_behind_the_guard(monkeypatch, tmp_path):

@@ -24,12 +24,12 @@ from distillguard.guard.auth import Authenticator, AuthError, PermissionDenied, 
 from distillguard.guard.config import GuardConfig
 from distillguard.guard.db import make_engine, migrate
 from distillguard.guard.idempotency import Claims, IdempotencyConflict, IdempotencyInProgress
-from distillguard.guard.keys import KeyRecord, KeyStore
+from distillguard.guard.keys import KeyStore
 from distillguard.guard.ledger import Ledger
 from distillguard.guard.limits import make_limiter
 from distillguard.guard.metrics import Metrics
 from distillguard.guard.monitor import Monitor, MonitorWorker
-from distillguard.guard.policy import Decision, Level, PolicyConfig
+from distillguard.guard.policy import PolicyConfig
 from distillguard.guard.privacy import LedgerPrivacy
 from distillguard.guard.recorder import Recorder
 from distillguard.guard.requestlog import RequestLog
@@ -39,6 +39,10 @@ from distillguard.watermark import WatermarkParams
 
 
 class Guard:
+    """The guard's parts, built from one :class:`GuardConfig`, started and closed together.
+    Callers (the pipeline, the admin API, scripts, tests) use the parts themselves: there is no
+    second way in through this class."""
+
     def __init__(
         self,
         config: GuardConfig,
@@ -96,50 +100,6 @@ class Guard:
         await self.ledger.close()
         await self.limiter.close()
         self.engine.dispose()
-
-    # The parts' own methods, kept here for scripts and tests that drive a guard by hand.
-    async def admit(
-        self,
-        key: KeyRecord,
-        budget: int,
-        decision: Decision | None = None,
-        *,
-        model: str | None = None,
-        prompt_tokens: int | None = None,
-    ) -> Admission:
-        return await self.limits.admit(
-            key, budget, decision, model=model, prompt_tokens=prompt_tokens
-        )
-
-    async def settle(
-        self, lease: Admission | None, actual_tokens: int, prompt_tokens: int | None = None
-    ) -> None:
-        await self.limits.settle(lease, actual_tokens, prompt_tokens)
-
-    async def decide(self, key: KeyRecord) -> Decision:
-        return await self.policing.decide(key)
-
-    async def level_of(self, account: str) -> Level:
-        return await self.policing.level_of(account)
-
-    def record_verdict(self, account: str, level: Level | str | int, **kwargs) -> dict:
-        return self.policing.record(account, level, **kwargs)
-
-    def verdicts(self, account: str | None = None, limit: int = 1000) -> list[dict]:
-        return self.policing.recent(account, limit)
-
-    async def replay(self, log: RequestLog) -> dict | None:
-        return await self.claims.replay(log)
-
-    async def finish(self, log: RequestLog) -> None:
-        await self.recorder.finish(log)
-
-    def abandon(self, log: RequestLog) -> None:
-        self.recorder.abandon(log)
-
-    @property
-    def monitor_errors(self) -> int:
-        return self.monitor.errors if self.monitor is not None else 0
 
 
 __all__ = [

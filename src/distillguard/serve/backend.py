@@ -151,6 +151,8 @@ def capabilities_of(backend: object, *, warn: bool = False) -> frozenset[Capabil
     capabilities those flags declare (with a DeprecationWarning when ``warn``: the pipeline warns
     once, when it is built, not on every request)."""
     declared = getattr(backend, "capabilities", None)
+    if isinstance(declared, frozenset) and all(isinstance(c, Capability) for c in declared):
+        return declared  # the common case, asked on every request: no copy
     if declared is not None:
         try:
             return frozenset(Capability(c) for c in declared)

@@ -15,6 +15,9 @@ from distillguard.serve.engine import Engine, Event, GenParams, Job
 from distillguard.serve.schemas import ChatCompletionRequest
 from distillguard.watermark import WatermarkKey
 
+_WATERMARK = frozenset({Capability.WATERMARK})
+_BOTH = frozenset({Capability.WATERMARK, Capability.ANTIDISTILL})
+
 
 class LocalBackend:
     def __init__(self, lm: LoadedModel, config: ServeConfig):
@@ -122,9 +125,7 @@ class LocalBackend:
     @property
     def capabilities(self) -> frozenset[Capability]:
         """The watermark always; antidistillation after :meth:`enable_antidistill`."""
-        if self.engine.antidistill is None:
-            return frozenset({Capability.WATERMARK})
-        return frozenset({Capability.WATERMARK, Capability.ANTIDISTILL})
+        return _WATERMARK if self.engine.antidistill is None else _BOTH
 
     def enable_antidistill(self, direction) -> None:
         """Serve antidistillation sampling (policy ``antidistill``) along ``direction``."""
