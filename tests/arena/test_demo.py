@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distillguard.arena.demo import DISTILLER, KINDS, DemoConfig, stage_keys
+from distillguard.arena.demo import DISTILLER, KINDS, STAGES, DemoConfig, _Stages, stage_keys
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import AccountExposure
 from distillguard.serve.process import distillguard_command
@@ -309,6 +309,35 @@ def test_each_act_is_redone_when_a_setting_it_depends_on_changes(tmp_path):
     assert changed(student="prune:2") == {"student"}
     assert changed(extract=10) == {"live", "trace", "student"}
     assert changed(target_fpr=0.05) == {"detection", "live", "trace", "student"}
+
+
+def test_an_act_whose_files_are_gone_is_redone_with_every_act_after_it(tmp_path):
+    """The stage cache on its own (acts replaced by counters): reused while key and files are
+    there; an act made again forces the acts that read its files; --fresh redoes all."""
+    cfg = DemoConfig(out=tmp_path)
+    ran = []
+
+    def act(name: str) -> dict:
+        ran.append(name)
+        for f in STAGES[name][2]:  # the files it leaves for the acts after it
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / f).write_text(name)
+        return {"act": name}
+
+    def play(fresh: bool = False) -> list[str]:
+        ran.clear()
+        stages = _Stages(cfg, fresh)
+        for name in STAGES:
+            result, _ = stages.run(name, lambda n=name: act(n), lambda t: None)
+            assert result == {"act": name}
+        return list(ran)
+
+    assert play() == list(STAGES)
+    assert play() == []
+    (tmp_path / "ledger.db").unlink()
+    assert play() == ["live", "trace", "student"]  # "live" made it again
+    assert play() == []
+    assert play(fresh=True) == list(STAGES)
 
 
 def test_bad_settings_are_refused_before_anything_runs(tmp_path):

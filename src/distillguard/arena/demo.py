@@ -364,6 +364,7 @@ class _Stages:
         self.out = cfg.out
         self.keys = stage_keys(cfg)
         self.saved: dict = {}
+        self.redone: set[str] = set()
         if not fresh and self.path.is_file():
             try:
                 self.saved = json.loads(self.path.read_text())
@@ -373,6 +374,8 @@ class _Stages:
     def cached(self, name: str) -> dict | None:
         entry = self.saved.get(name)
         if not isinstance(entry, dict) or entry.get("key") != self.keys[name]:
+            return None
+        if STAGES[name][0] in self.redone:  # its input was made again (its files were gone)
             return None
         files = STAGES[name][2]
         if name == "student" and "skipped" in entry["result"]:
@@ -386,6 +389,7 @@ class _Stages:
         if entry is not None:
             say(f"   reused from the earlier run in {self.out} (same settings; --fresh redoes it)")
             return entry["result"], entry["seconds"]
+        self.redone.add(name)
         started = time.perf_counter()
         result = act()
         seconds = time.perf_counter() - started
