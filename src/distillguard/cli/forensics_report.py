@@ -67,6 +67,11 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
     max_tokens: int = typer.Option(32, help="tokens per greedy answer"),
     scheme: str = typer.Option("synthid", help="watermark scheme the server used"),
     decoys: int = typer.Option(49, help="canaries: decoy endings per canary"),
+    null_keys: int = typer.Option(
+        200,
+        help="radioactivity on weights: wrong keys ranked beside the exact p (0 skips them; "
+        "the verdict uses the exact p)",
+    ),
     alpha: float = typer.Option(1e-3, help="significance level of the verdict, after Holm"),
     seed: int = typer.Option(0, help="seed of the permutation test and of sampling"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -81,11 +86,13 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
     more than the controls? radioactivity and canaries (with --ledger and the secret): did it
     learn the per-account watermark, the served canaries? Each test gives its statistic, its
     p-value and whether it could run; the verdict is Holm over the tests that ran, and says
-    "distilled" only where the suspect is above every control. Exit code 0 either way.
+    "distilled" only where the suspect is above every control. Exit code 0 either way. With no
+    --controls, a suspect trained by `distill train` is compared with its untrained student and
+    the same student trained on ShareGPT answers (built once, cached).
 
     Examples:
 
-      distillguard forensics report --suspect ./student --teacher smollm2 --controls prune:6 --out report/
+      distillguard forensics report --suspect ./student --teacher smollm2 --out report/
 
       distillguard forensics report -s http://suspect:8000/v1 -t smollm2 -c ./control --ledger ledger.db --out r/
     """
@@ -124,6 +131,7 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
         max_tokens=max_tokens,
         scheme=scheme,
         decoys=decoys,
+        null_keys=null_keys,
         alpha=alpha,
         seed=seed,
         device=device,

@@ -65,6 +65,8 @@ class ReportConfig:
     max_tokens: int = 32
     scheme: str = "synthid"
     decoys: int = 49
+    # open-mode radioactivity's wrong keys: an empirical rank beside the exact p (not the verdict's)
+    null_keys: int = 200
     alpha: float = 1e-3
     seed: int = 0
     device: str = "auto"
@@ -76,6 +78,8 @@ class ReportConfig:
             raise ConfigError(f"unknown test(s) {', '.join(unknown)}: use {', '.join(TESTS)}")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"alpha={self.alpha} must be in (0, 1)")
+        if self.null_keys < 0:
+            raise ConfigError(f"--null-keys {self.null_keys}: use 0 (none) or more")
 
     def command(self, tests: Sequence[str] | None = None, out: str = "OUT") -> str:
         """The command line that reruns the report (or only ``tests``); the secret and API key
@@ -97,6 +101,8 @@ class ReportConfig:
         args += ["--prompts", self.prompts, "--limit", str(self.limit)]
         args += ["--max-tokens", str(self.max_tokens), "--scheme", self.scheme]
         args += ["--decoys", str(self.decoys), "--alpha", repr(self.alpha)]
+        if self.null_keys != ReportConfig.null_keys:
+            args += ["--null-keys", str(self.null_keys)]
         args += ["--seed", str(self.seed), "--device", self.device, "--out", out]
         line = shlex.join(args)
         return f"DISTILLGUARD_WATERMARK_SECRET=... {line}" if self.secret_given else line
@@ -191,6 +197,7 @@ def radioactivity_outcome(
             max_new_tokens=config.max_tokens,
             seed=config.seed,
             alpha=config.alpha,
+            null_keys=config.null_keys,
             progress=False,
         )
 
