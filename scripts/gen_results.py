@@ -60,6 +60,10 @@ BENCHES = {
     ),
     "ledger_privacy": ("Guard", "detection with the ledger keeping full text, hashes or nothing"),
     "policy_impact": ("Guard", "what each countermeasure costs a benign user flagged by mistake"),
+    "ladder_false_positives": (
+        "Guard",
+        "benign accounts the default ladder takes to suspect and extracting, and for how long",
+    ),
     "antidistill": ("Guard", "antidistillation sampling: benign cost vs student loss"),
     "watermark_quality": (
         "Watermarks",
@@ -111,6 +115,10 @@ BENCHES = {
         "Forensics",
         "radioactivity tests on students trained on watermarked answers",
     ),
+    "forensics_false_rate": (
+        "Forensics",
+        "how often forensics report says 'distilled' of suspects that were not, and of ones that were",
+    ),
 }
 AREAS = [
     "Gateway and serving",
@@ -133,6 +141,7 @@ COMMANDS = {
     "antidistill.json": "nice -n 5 python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 --tokens 48 --lambdas 0,0.5,1 --seeds 2 --steps 16",
     "antidistill_control.json": "nice -n 5 python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 --tokens 48 --lambdas 0 --random-lambdas 1 --seeds 2 --steps 16",
     "watermark_quality.json": "nice -n 10 python bench/watermark_quality.py --grid --deltas 2 --batch 48 --threads 1 --null-keys 20 --fpr-texts 0 --cached-only",
+    "watermark_quality_vllm.json": "nice -n 10 python bench/watermark_quality.py --engine vllm --prompts 160",
     "watermark_quality_synthid_sum.json": "python bench/watermark_quality.py --grid --deltas 2 --batch 48 --threads 2 --null-keys 20 --fpr-texts 0 --cached-only --only synthid --json bench/results/watermark_quality_synthid_sum.json",
     "watermark_fpr_synthid.json": "python bench/watermark_quality.py --only-fpr --fpr-scheme synthid --fpr-prompt-tokens 16 --fpr-detectors plain,layers,teacher-layers",
     "watermark_overhead_synthid.json": "nice -n 10 python bench/watermark_overhead.py --rounds 3 --threads 1 --conditions none,synthid,keyed-hash",
