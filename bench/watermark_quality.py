@@ -1030,6 +1030,27 @@ def main() -> None:
     ap.add_argument(
         "--plot-only", type=Path, default=None, help="redraw --plot from this result JSON and exit"
     )
+    ap.add_argument(
+        "--engine",
+        choices=["local", "vllm"],
+        default="local",
+        help="vllm: the served scheme's detection rate through a real vLLM server with the "
+        "plugin beside our engine, both behind `distillguard serve` (bench/_watermark_engines.py; "
+        "--prompts, --engine-tokens; JSON to bench/results/watermark_quality_vllm.json)",
+    )
+    ap.add_argument("--engine-tokens", type=int, default=64, help="answer tokens with --engine")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="--engine vllm: take our engine's side from this earlier result on the same prompts "
+        "instead of running it (a machine too loaded for both)",
+    )
+    ap.add_argument(
+        "--vllm-url",
+        default=None,
+        help="--engine vllm: a vLLM server already started with the plugin",
+    )
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(args.plot_only.read_text())["results"], ["plain", "teacher-llr"], args.plot)
@@ -1042,6 +1063,22 @@ def main() -> None:
 
     t_start = time.perf_counter()
     lm = load_model(args.model)
+    if args.engine == "vllm":
+        from _watermark_engines import compare
+
+        args.vocab = lm.vocab_size
+        prompts = sharegpt_prompts(
+            lm, args.prompts, skip=args.skip, max_prompt_tokens=args.max_prompt_tokens
+        )
+        result = compare(args, lm, prompts, SERVED, SECRET, ALPHA, detect_one)
+        result["bench_wall_s"] = round(time.perf_counter() - t_start, 1)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.json == ap.get_default("json"):
+            args.json = HERE / "results" / "watermark_quality_vllm.json"
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+        return
     if args.only_fpr:
         args.vocab = lm.vocab_size
         result = {
