@@ -119,6 +119,11 @@ BENCHES = {
         "Forensics",
         "how often forensics report says 'distilled' of suspects that were not, and of ones that were",
     ),
+    "scrub_evidence": (
+        "Forensics",
+        "watermark evidence vs a distiller's scrubbing (deletion, synonyms, swaps, truncation, "
+        "mixing) and canaries dropped by an outlier filter",
+    ),
 }
 AREAS = [
     "Gateway and serving",
