@@ -26,7 +26,9 @@
 
 No student is trained here (the radioactivity of a student of scrubbed data is not measured).
 
-    nice -n 10 python bench/scrub_evidence.py            # ~15 min on the loaded 2-core machine
+    nice -n 10 python bench/scrub_evidence.py --answers 64 --max-new-tokens 96 --seeds 3 \
+        --canaries 6 --canary-nll      # the docs' run: ~45 min of generation on the loaded
+                                       # 2-core machine (cached), then ~5 min
     nice -n 10 python bench/scrub_evidence.py --answers 32 --seeds 2 --max-new-tokens 48   # smoke
 
 One JSON object to stdout and ``--out``; the curves to ``--plot``.
