@@ -21,13 +21,9 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from distillguard.distill.config import DistillConfig, Number
+from distillguard.distill.refusal import REFUSAL
 from distillguard.errors import ConfigError
 
-REFUSAL = re.compile(
-    r"\b(as an ai (language )?model|i'?m sorry,? but|i (can(no|')t|am unable to|won'?t) (help|assist|provide|comply)"
-    r"|i apologi[sz]e,? but)",
-    re.IGNORECASE,
-)
 WORD = re.compile(r"\w+", re.UNICODE)
 
 

@@ -350,7 +350,7 @@ def other_answers(limit: int, *, exclude_prompts: set[str] = frozenset()) -> lis
     harvest records marked ``"source": "other"``; prompts already in the set (normalised) and
     repeated prompts skipped."""
     from distillguard.data.sharegpt import iter_conversations
-    from distillguard.distill.curate import REFUSAL
+    from distillguard.distill.refusal import REFUSAL
 
     seen = set(exclude_prompts)
     out: list[dict] = []
