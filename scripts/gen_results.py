@@ -138,7 +138,7 @@ AREAS = [
 # The command that wrote a file, where the file does not record it itself (as the README and the
 # bench docstrings give them).
 COMMANDS = {
-    "gateway_overhead.json": "python bench/gateway_overhead.py --duration 5 --concurrency 1,64",
+    "gateway_overhead.json": "python bench/gateway_overhead.py --duration 10 --concurrency 1,64 --rounds 3",
     "serve_throughput.json": "python bench/serve_throughput.py --threads 1",
     "serve_throughput_vllm.json": "nice -n 10 python bench/serve_throughput.py --engine vllm,local --duration 20 --rounds 2",
     "prefill_fairness.json": "python bench/prefill_fairness.py",
