@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -72,9 +73,37 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> dict:
     return {"accounts": k, "of": n, "rate": k / n, "cp95": [lo, hi], "cp_upper95": cp_upper(k, n)}
 
 
-def replay(records: list[dict], calibration, policy: PolicyConfig, extracting_after: int) -> dict:
+def _escalated_by(reasons: tuple[str, ...]) -> str:
+    """Which count made an account ``extracting`` (OnlineDetection's first reason names it)."""
+    why = reasons[0] if reasons else ""
+    return (
+        "own"
+        if why.startswith("still flagged")
+        else "cluster"
+        if " flagged requests together" in why
+        else "time"
+        if why.startswith("flagged again")
+        else "?"
+    )
+
+
+def replay(records: list[dict], calibration, policy: PolicyConfig, args) -> dict:
     """Each account's path through the ladder when ``records`` (time order) reach a gateway."""
-    online = OnlineDetection(AccountMonitor(calibration), extracting_after=extracting_after)
+    online = OnlineDetection(
+        AccountMonitor(calibration),
+        extracting_after=args.extracting_after,
+        pool_clusters=not args.no_pool_clusters,
+        extracting_after_s=args.extracting_after_hours * 3600
+        if args.extracting_after_hours
+        else None,
+    )
+    flagged_ts: dict[str, list[float]] = {}  # first and last flagged request
+    escalated_by: dict[str, str] = {}
+    # who is in the community that made an account extracting: its members' labels (ground truth,
+    # as of the end of that monitor batch): does a campaign escalate with its own keys only?
+    label = {r["account"]: r.get("label", "?") for r in records}
+    campaign = {r["account"]: r.get("campaign") for r in records}
+    together: dict[str, dict] = {}
     level: dict[str, Level] = {}
     n: Counter = Counter()
     last_ts: dict[str, float] = {}
@@ -92,8 +121,21 @@ def replay(records: list[dict], calibration, policy: PolicyConfig, extracting_af
             served[a][now.name.lower()] += 1
             if decisions[now].is_canary(f"req-{a}-{n[a]}"):
                 canaries[a][now.name.lower()] += 1
+            if verdict is not None and verdict.level >= Level.SUSPECT:
+                flagged_ts.setdefault(a, [r["ts"], r["ts"]])[1] = r["ts"]
             if verdict is not None and verdict.level > now:  # online verdicts only escalate
                 level[a] = verdict.level
+                if verdict.level == Level.EXTRACTING:
+                    escalated_by[a] = _escalated_by(verdict.reasons)
+                    members = online._community.get(a) or ()
+                    if escalated_by[a] == "cluster":
+                        together[a] = {
+                            "accounts": len(members),
+                            "labels": dict(Counter(label[m] for m in members)),
+                            "other_actors": sum(
+                                campaign[m] is None or campaign[m] != campaign[a] for m in members
+                            ),
+                        }
                 for lvl in LEVELS:
                     if now < lvl <= verdict.level:
                         reached[a][lvl.name.lower()] = {"request": n[a], "ts": r["ts"]}
@@ -111,6 +153,19 @@ def replay(records: list[dict], calibration, policy: PolicyConfig, extracting_af
                 "canaries_served": sum(
                     c for lv, c in canaries[a].items() if Level[lv.upper()] >= lvl
                 ),
+            }
+        if a in escalated_by:
+            out[a]["extracting"]["by"] = escalated_by[a]
+        if a in together:
+            out[a]["extracting"]["community"] = together[a]
+        if a in flagged_ts:
+            # flagged requests; whether they count for a community too (a flag carried one); hours
+            # from the first to the last (what a time rule, --extracting-after-hours, would see)
+            first, last = flagged_ts[a]
+            out[a]["flags"] = {
+                "own": online._flags.get(a, 0),
+                "linked": a in online._linked,
+                "hours_first_to_last": (last - first) / 3600,
             }
     return {"requests": dict(n), "reached": out}
 
@@ -143,7 +198,7 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
         records = sorted(generate_traffic(ev_cfg), key=lambda r: r["ts"])
         label |= {r["account"]: r["label"] for r in records}
         kind_of |= benign_kinds(ev_cfg, records)
-        part = replay(records, cal, policy, args.extracting_after)
+        part = replay(records, cal, policy, args)
         requests |= part["requests"]
         reached |= part["reached"]
     benign = sorted(a for a, lab in label.items() if lab == "benign")
@@ -161,18 +216,39 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
             if a in reached
         ],
         "campaigns": {},
+        # the campaigns' hydra and low-and-slow accounts, the ones a per-account count never made
+        # extracting: how each got there (or not), with whom, and how long it stayed flagged
+        "campaign_reached": [
+            {"account": a, "kind": label[a], "requests": requests[a], **reached.get(a, {})}
+            for a in sorted(label)
+            if label[a] in ("hydra", "slowlow")
+        ],
         "seconds": {"calibrate": round(t_cal, 1)},
     }
     # "reached" a level: at it or above at some request (a jump from ok to suspect passes watch)
     for lvl in LEVELS:
         name = lvl.name.lower()
         out["benign"][name] = sum(name in reached.get(a, {}) for a in benign)
+    at_extracting: dict[str, list[int]] = defaultdict(list)
     for a, lab in label.items():
         if lab != "benign":
             row = out["campaigns"].setdefault(lab, Counter())
             row["accounts"] += 1
-            row.update(name for name in reached.get(a, {}))
+            mine = reached.get(a, {})
+            row.update(name for name in mine if name in {lvl.name.lower() for lvl in LEVELS})
+            if "extracting" in mine:
+                row["extracting_by_" + mine["extracting"].get("by", "?")] += 1
+                # escalated with a community that holds other actors (other campaigns, benign users)
+                row["extracting_by_cluster_with_others"] += bool(
+                    mine["extracting"].get("community", {}).get("other_actors")
+                )
+                at_extracting[lab].append(mine["extracting"]["at_request"])
+            if "flags" in mine:
+                row["flagged_requests"] += mine["flags"]["own"]
+                row["linked_flagged_requests"] += mine["flags"]["linked"]
     out["campaigns"] = {k: dict(v) for k, v in out["campaigns"].items()}
+    # requests each campaign account had sent when it reached extracting (pooled: median over seeds)
+    out["campaign_extracting_at_request"] = {k: sorted(v) for k, v in at_extracting.items()}
     out["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -198,6 +274,35 @@ def pooled(runs: list[dict]) -> dict:
             c = campaigns.setdefault(kind, Counter())
             c.update(row)
     out["campaigns"] = {k: dict(v) for k, v in sorted(campaigns.items())}
+    for kind, row in out["campaigns"].items():
+        at = [x for r in runs for x in r.get("campaign_extracting_at_request", {}).get(kind, [])]
+        row["extracting_rate"] = row.get("extracting", 0) / row["accounts"]
+        if at:
+            row["extracting_at_request"] = {"median": statistics.median(at), "max": max(at)}
+    # A time rule (OnlineDetection's extracting_after_s, --extracting-after-hours) makes an account
+    # extracting iff it is flagged again T hours after its first flag, i.e. iff its first-to-last
+    # flag span is >= T: so who it would add to this run's extracting accounts is exact from the
+    # spans (when it would, is not). Low-and-slow accounts may never send extracting_after requests.
+    camp_rows = [row for r in runs for row in r.get("campaign_reached", [])]
+
+    def reaches(row, hours):
+        return "extracting" in row or row.get("flags", {}).get("hours_first_to_last", 0) >= hours
+
+    out["time_rule"] = {
+        f"{hours}h": {
+            "benign_extracting": clopper_pearson(sum(reaches(row, hours) for row in rows), n),
+            **{
+                kind: {
+                    "extracting": sum(
+                        reaches(row, hours) for row in camp_rows if row["kind"] == kind
+                    ),
+                    "of": sum(row["kind"] == kind for row in camp_rows),
+                }
+                for kind in ("hydra", "slowlow")
+            },
+        }
+        for hours in (12, 24, 48)
+    }
     return out
 
 
@@ -226,6 +331,17 @@ def main() -> None:
         default=100,
         help="flagged requests before 'extracting' (serve's --extracting-after, default 100)",
     )
+    ap.add_argument(
+        "--no-pool-clusters",
+        action="store_true",
+        help="count each account's flags alone (the ladder before issue 23's cluster escalation)",
+    )
+    ap.add_argument(
+        "--extracting-after-hours",
+        type=float,
+        default=None,
+        help="also 'extracting' when flagged again this many hours after the first flag",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -244,7 +360,7 @@ def main() -> None:
         )
     out = {
         "code_version": code_version(),
-        "command": "nice -n 10 python "
+        "command": f"nice -n {os.nice(0)} python "
         + " ".join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": vars(args)
         | {

@@ -94,6 +94,11 @@ class Verdict:
         str | None
     )  # the community whose pooled score counted for this account (share > 0), else None
     request: int  # 1-based index of this request within the account
+    # the account's community (the linker's own set, not a copy) when its own link evidence is
+    # beyond chance (share > 0): set with ``cluster``, and on a flag even where the account's own
+    # score beat the pooled one (a hydra key flagged on its own is still one actor with the
+    # others). OnlineDetection counts the flag for it (an id names a community only while it lasts)
+    members: frozenset[str] | None = None
 
     @property
     def flagged(self) -> bool:
@@ -397,6 +402,10 @@ class AccountMonitor:
             reasons=reasons,
             cluster=cluster,
             request=stream.n,
+            members=self.linker.community(f.account)
+            if cluster is not None
+            or (level == "flag" and pooled is not None and self.linker.share(f.account) > 0)
+            else None,
         )
 
     def observe_batch(self, records: Sequence[dict]) -> list[Verdict]:
