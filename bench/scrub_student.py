@@ -44,7 +44,11 @@ same training budget), not the embedded teacher's power.
    and ROUGE-L F1 of its greedy answers to the teacher's greedy answers on those prompts, beside
    the untrained student's.
 
-    nice -n 5 .venv/bin/python bench/scrub_student.py            # the docs' run (see its "seconds")
+    # the docs' run: one seed per process, side by side, then merged (~25 CPU-minutes in all)
+    nice -n 5 .venv/bin/python bench/scrub_student.py --seeds 1 --out /tmp/s0.json --plot /tmp/s0.png &
+    nice -n 5 .venv/bin/python bench/scrub_student.py --seeds 1 --first-seed 1 \
+        --out /tmp/s1.json --plot /tmp/s1.png; wait
+    .venv/bin/python bench/scrub_student.py --merge /tmp/s0.json /tmp/s1.json
     nice -n 5 .venv/bin/python bench/scrub_student.py --quick    # smoke: 3 conditions, tiny sizes
 
 One JSON object to stdout and ``--out``; log10 p per condition to ``--plot``.
@@ -271,6 +275,19 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run: first-seed .. first-seed + seeds - 1 (split a run over processes)",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="combine the runs of these result files (other seeds of the same configuration) "
+        "into --out and --plot, and run nothing",
+    )
+    ap.add_argument(
         "--null-keys", type=int, default=100, help="random wrong keys: the right key's rank"
     )
     ap.add_argument("--threads", type=int, default=1)
@@ -281,6 +298,9 @@ def main() -> None:
     if args.quick:
         args.train, args.held_out, args.max_new_tokens, args.steps, args.seeds = 16, 8, 48, 40, 1
         args.null_keys = 20
+    if args.merge:
+        merge([json.loads(Path(f).read_text()) for f in args.merge], args)
+        return
     torch.set_num_threads(args.threads)
     t_start = time.time()
     conditions = {k: v for k, v in CONDITIONS.items() if not args.quick or k in QUICK}
@@ -337,7 +357,7 @@ def main() -> None:
     others = others_cut(cut, args.max_prompt_chars, held_prompts)
 
     results: dict[str, list[dict]] = {"untrained": []}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         student = load_model(f"tiny:seed={seed + 1}", device="cpu")
         t0 = time.time()
         results["untrained"].append(
@@ -372,11 +392,49 @@ def main() -> None:
             "answer_words": sum(len(a.split()) for a in answers),
             "other_answers_cut_to_chars": cut,
         }
-        report = write(results, args, info, seed + 1, t_start)
+        report = write(results, vars(args), info, round(time.time() - t_start))
     print(json.dumps(report))
 
 
-def write(results: dict[str, list[dict]], args, info: dict, seeds_done: int, t_start) -> dict:
+def merge(parts: list[dict], args) -> None:
+    """Runs of several processes (disjoint seeds, one configuration) as one result."""
+    keep = ("seeds", "first_seed", "out", "plot", "merge")
+    configs = [{k: v for k, v in p["config"].items() if k not in keep} for p in parts]
+    if any(c != configs[0] for c in configs):
+        raise SystemExit("--merge: the files were run with different configurations")
+    results: dict[str, list[dict]] = {}
+    for part in parts:
+        for name, cond in part["conditions"].items():
+            results.setdefault(name, []).extend(cond["runs"])
+    seeds = sorted({r["seed"] for r in results["untrained"]})
+    if len(seeds) != len(results["untrained"]):
+        raise SystemExit(f"--merge: a seed appears twice ({seeds})")
+    for runs in results.values():
+        runs.sort(key=lambda r: r["seed"])
+    info = {
+        k: v
+        for k, v in parts[0].items()
+        if k in ("lexicon_words", "train_answers", "answer_words", "other_answers_cut_to_chars")
+    }
+    config = {**parts[0]["config"], "seeds": len(seeds), "first_seed": seeds[0], "merge": None}
+    config.update(out=args.out, plot=args.plot)
+    info["processes"] = [
+        {"seeds": p["seeds_run"], "seconds": p["seconds"], "load_avg_1m": p["load_avg_1m"]}
+        for p in parts
+    ]
+    # the processes ran side by side: the wall time is the longest one's
+    write(
+        results,
+        config,
+        info,
+        max(p["seconds"] for p in parts),
+        max(p["load_avg_1m"] for p in parts),
+    )
+
+
+def write(
+    results: dict[str, list[dict]], config: dict, info: dict, seconds: int, load=None
+) -> dict:
     level = math.log10(ALPHA / 2)
     summary = {
         name: {
@@ -392,10 +450,10 @@ def write(results: dict[str, list[dict]], args, info: dict, seeds_done: int, t_s
     report = {
         "bench": "scrub_student",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-        "load_avg_1m": os.getloadavg()[0],
-        "seconds": round(time.time() - t_start),
-        "config": vars(args),
-        "seeds_done": seeds_done,
+        "load_avg_1m": os.getloadavg()[0] if load is None else load,
+        "seconds": seconds,
+        "config": config,
+        "seeds_run": sorted({r["seed"] for r in results["untrained"]}),
         "teacher": "tiny (random 2-layer byte model) writing only lexicon words, SynthID default "
         "parameters as served, temperature 1: shows the mechanism, not the embedded teacher's power",
         "student": "tiny:seed=S+1, SFT, same steps for every condition",
@@ -408,8 +466,8 @@ def write(results: dict[str, list[dict]], args, info: dict, seeds_done: int, t_s
         "conditions": {k: {"fields": CONDITIONS.get(k, {}), "runs": v} for k, v in results.items()},
         "summary": summary,
     }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, Path(args.plot))
+    Path(config["out"]).write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, Path(config["plot"]))
     return report
 
 
@@ -447,7 +505,7 @@ def plot(report: dict, path: Path) -> None:
     cx.set_ylabel("ROUGE-L F1, greedy, vs the teacher's")
     fig.suptitle(
         "Student trained on the scrubbed harvest (tiny teacher and student: the mechanism, "
-        f"not the embedded teacher's power; {report['seeds_done']} seed(s))"
+        f"not the embedded teacher's power; {len(report['seeds_run'])} seed(s))"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
