@@ -33,7 +33,7 @@ def create_app(backend: Backend, config: ServeConfig, guard: Guard | None = None
     """The API app over ``backend``; ``guard`` None serves it with no keys, limits, ledger or
     metrics (``distillguard serve --no-guard``)."""
     if guard is None:
-        return http.create_app(backend, config, Pipeline.unguarded(backend))
+        return http.create_app(backend, config, Pipeline.unguarded(backend), score_prompts=True)
     app = http.create_app(
         backend,
         config,

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
 from distillguard.serve.backend import Backend, now
+from distillguard.serve.completions import Completions
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest
 
@@ -85,12 +86,14 @@ def create_app(
     health: Callable[[], APIError | None] = lambda: None,
     services: Sequence[Service] = (),
     visible: Callable[[Request], Awaitable[Callable[[str], bool]]] | None = None,
+    score_prompts: bool = False,
 ) -> FastAPI:
     """The OpenAI-compatible routes over ``backend``. ``chat`` answers ``POST
     /v1/chat/completions`` (``distillguard.pipeline``); ``health`` names the problem that fails
     ``/healthz``, if any; ``services`` start before the backend and close after it; ``visible``
     authenticates a ``GET /v1/models`` and says which models its caller may see (every model when
-    None: ``--no-guard``). The app that
+    None: ``--no-guard``); ``score_prompts`` serves ``POST /v1/completions`` with prompt logprobs
+    (``--no-guard`` only: :mod:`distillguard.serve.completions` says why). The app that
     composes these with the guard is ``distillguard.app``."""
 
     @asynccontextmanager
@@ -175,6 +178,12 @@ def create_app(
     )
     async def chat_completions(request: Request):
         return await chat(request)
+
+    completions = Completions(backend, served=score_prompts)
+
+    @app.post("/v1/completions")
+    async def legacy_completions(request: Request):
+        return await completions(request)
 
     return app
 

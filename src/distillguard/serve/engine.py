@@ -28,6 +28,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -55,6 +59,26 @@ log = logging.getLogger(__name__)
 PREFILL_SHARE = 0.5
 
 
+T = TypeVar("T")
+
+
+@dataclass
+class _Call:
+    """Work on the model for the worker thread to run between steps (:meth:`Engine.call`)."""
+
+    fn: Callable[[LoadedModel], object]
+    future: Future
+
+    def run(self, lm: LoadedModel) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            with torch.inference_mode():
+                self.future.set_result(self.fn(lm))
+        except Exception as exc:  # noqa: BLE001 - the caller's to handle, not the worker's
+            self.future.set_exception(exc)
+
+
 class Engine(RowEmission):
     def __init__(
         self,
@@ -68,7 +92,7 @@ class Engine(RowEmission):
         self.prefill_chunk = prefill_chunk
         self.max_batch_rows = max_batch_rows
         self.batch_wait_s = batch_wait_s
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | _Call | None] = queue.Queue()
         self._waiting: deque[Job] = deque()
         self._thread = threading.Thread(target=self._loop, name="distillguard-engine", daemon=True)
         self._stopped = False
@@ -116,6 +140,16 @@ class Engine(RowEmission):
         job.remaining = job.n
         self._queue.put(job)
 
+    def call(self, fn: Callable[[LoadedModel], T]) -> Future[T]:
+        """Run ``fn(lm)`` on the worker thread, between two decoding steps, and return its future.
+
+        The worker is the model's only user (its cache, the antidistillation tap's hook): work
+        on the model from another thread (scoring a prompt, ``/v1/completions``) goes through
+        here instead of racing a step."""
+        future: Future[T] = Future()
+        self._queue.put(_Call(fn, future))
+        return future
+
     # ---- worker -----------------------------------------------------------------------
     def _reset(self) -> None:
         self.rows: list[Row] = []
@@ -129,6 +163,9 @@ class Engine(RowEmission):
                 job = self._queue.get()  # idle: block until work arrives
                 if job is None:
                     return
+                if isinstance(job, _Call):
+                    job.run(self.lm)
+                    continue
                 self._waiting.append(job)
                 time.sleep(self.batch_wait_s)  # let requests sent together arrive together
             self._drain_queue()
@@ -149,6 +186,9 @@ class Engine(RowEmission):
             if job is None:
                 self._stopped = True
                 return
+            if isinstance(job, _Call):
+                job.run(self.lm)  # between steps: no row's forward pass is in flight
+                continue
             self._waiting.append(job)
 
     @torch.inference_mode()
