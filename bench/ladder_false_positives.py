@@ -22,6 +22,14 @@ lower a level, only an admin does), the hours from reaching it to its last reque
 canaries it was served. The campaigns of the same populations are counted the same way, as a
 check that the replay escalates extraction (the truth is known there).
 
+Linked actors (issue 23): a campaign account that reached ``extracting`` says by which count
+(``by``: its own flags, its community's flags counted together, or a time rule) and, for a
+community, who was in it (ground-truth labels: its own campaign's keys, or other actors too).
+The hydra and low-and-slow accounts (``campaign_reached``) keep their flag counts and the hours
+from their first to their last flag, from which ``time_rule`` says exactly which accounts a rule
+"flagged again T hours after the first flag" would add (``--extracting-after-hours`` runs it);
+``--no-pool-clusters`` replays the per-account count of before.
+
 Not modelled: the feedback of throttling on a user's traffic (a throttled benign user's 429s,
 measured by ``bench/policy_impact.py``, would not reach the monitor as answered requests).
 
