@@ -39,6 +39,8 @@ COMMANDS = {
             "keep_alive_timeout": "keep_alive_timeout_s",
             "policy": "policy_file",
             "detect": "detect_calibration",
+            "detect_lease_ttl": "detect_lease_ttl_s",
+            "detect_poll": "detect_poll_s",
             "forwarded_allow_ips": None,  # comma-separated text, a tuple in the config
         },
         {"no_guard", "forwarded_allow_ips"},

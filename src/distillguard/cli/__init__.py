@@ -85,6 +85,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         GuardConfig, "detect_calibration", "--detect", envvar="DISTILLGUARD_DETECT_CALIBRATION"
     ),
     extracting_after: int = option(GuardConfig, "extracting_after"),
+    detect_state: str | None = option(GuardConfig, "detect_state"),
+    detect_lease_ttl: float = option(GuardConfig, "detect_lease_ttl_s", "--detect-lease-ttl"),
+    detect_poll: float = option(GuardConfig, "detect_poll_s", "--detect-poll"),
     antidistill_data: str = option(GuardConfig, "antidistill_data"),
     # comma-separated on the command line, a tuple in the config
     forwarded_allow_ips: str | None = typer.Option(
@@ -202,6 +205,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                 policy_file=policy,
                 detect_calibration=detect,
                 extracting_after=extracting_after,
+                detect_state=detect_state,
+                detect_lease_ttl_s=detect_lease_ttl,
+                detect_poll_s=detect_poll,
                 antidistill_data=antidistill_data,
                 metrics_auth=metrics_auth,
                 ledger_content=ledger_content,

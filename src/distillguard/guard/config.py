@@ -72,6 +72,25 @@ class GuardConfig(BaseSettings):
     extracting_after: int = Field(
         100, description="flagged requests before a suspect account is 'extracting'"
     )
+    detect_state: str | None = Field(
+        None,
+        description="directory of the in-process monitor's checkpoint (state + ledger cursor), "
+        "shared by every replica on the ledger, so the one taking over goes on from it; "
+        "default: LEDGER.detector beside a SQLite ledger file, none otherwise (a takeover "
+        "then starts at the ledger's end)",
+    )
+    detect_lease_ttl_s: float = Field(
+        15.0,
+        ge=1.0,
+        description="seconds without a heartbeat after which a standby replica takes over the "
+        "ledger's monitor lease (renewed every third of this)",
+    )
+    detect_poll_s: float = Field(
+        0.25,
+        gt=0,
+        description="seconds between reads of the ledger for other replicas' requests (this "
+        "replica's own wake the monitor at once)",
+    )
     antidistill_data: str = Field(
         "sharegpt",
         description="JSONL of {prompt, answer} whose loss antidistillation "

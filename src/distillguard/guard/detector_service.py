@@ -359,6 +359,13 @@ def read_header(path: str | Path) -> dict:
 # ---- the follower -------------------------------------------------------------------------
 
 
+def _in_memory(row: dict, fresh: dict[str, dict] | None) -> dict:
+    mine = fresh.pop(row["request_id"], None) if fresh else None
+    if mine is not None:
+        row["request_body"], row["response_text"] = mine["request_body"], mine["response_text"]
+    return row
+
+
 class Stopped(Exception):
     """Asked to stop while verdicts were still unrecorded: the state must not be checkpointed."""
 
@@ -374,7 +381,7 @@ class DetectorService:
         detection,
         verdicts: Verdicts,
         feed: LedgerFeed,
-        checkpoint: Checkpoint,
+        checkpoint: Checkpoint | None,
         *,
         poll_s: float = 0.5,
         every_s: float = 30.0,
@@ -384,6 +391,7 @@ class DetectorService:
     ):
         self.detection = detection
         self.lease = lease  # when given, checked before every write (verdicts, checkpoint)
+        # None: the state lives in memory only (``serve --detect`` on a ledger without a state dir)
         self.verdicts = verdicts
         self.feed = feed
         self.checkpoint = checkpoint
@@ -392,12 +400,14 @@ class DetectorService:
         self.every_n = every_n
         self.max_batch = max_batch
         self.requests = 0  # rows fed to the monitor, over the checkpoint's life
-        self.errors = 0  # batches the monitor failed on (skipped, as in-process)
+        self.errors = 0  # batches the monitor failed on (skipped), and non-finite scores
         self._since_save = 0
         self._saved_at = time.monotonic()
 
     def restore(self) -> dict | None:
         """Load the checkpoint if there is one; returns its header."""
+        if self.checkpoint is None:
+            return None
         loaded = self.checkpoint.load(self.detection)
         if loaded is None:
             return None
@@ -407,18 +417,25 @@ class DetectorService:
         self.requests = int(header.get("requests", 0))
         return header
 
-    def save(self) -> dict:
+    def save(self) -> dict | None:
         if self.lease is not None:
             self.lease.check()
-        header = self.checkpoint.save(self.detection, self.feed.cursor(), self.requests)
+        header = None
+        if self.checkpoint is not None:
+            header = self.checkpoint.save(self.detection, self.feed.cursor(), self.requests)
         self._since_save, self._saved_at = 0, time.monotonic()
         return header
 
-    def step(self, stop: threading.Event) -> int:
+    def step(self, stop: threading.Event, fresh: dict[str, dict] | None = None) -> int:
         """One poll: every row read is scored and its escalations recorded before the next poll.
-        Returns the number of rows read (feedable or not)."""
+        Returns the number of rows read (feedable or not).
+
+        ``fresh``: rows this process still holds in memory, by request id (the in-process
+        monitor's own requests, guard/shared_monitor.py). A ledger row found there is scored
+        with the prompt and answer held in memory, not the ledger's copy, which
+        ``--ledger-content`` or ``--redact`` may have hashed or cut; it is popped from ``fresh``."""
         rows = self._retry(self.feed.poll, stop)
-        todo = [r._asdict() for r in rows if feedable(r)]
+        todo = [_in_memory(r._asdict(), fresh) for r in rows if feedable(r)]
         for i in range(0, len(todo), self.max_batch):
             chunk = todo[i : i + self.max_batch]
             try:
@@ -434,7 +451,11 @@ class DetectorService:
             # (escalations only: a retry after a partial write records nothing twice)
             if self.lease is not None:
                 self.lease.check()  # another monitor took over: it records these itself
-            self._retry(escalations, stop, self.detection, self.verdicts, chunk, results)
+            holder = self.lease.holder if self.lease is not None else None
+            refused = self._retry(
+                escalations, stop, self.detection, self.verdicts, chunk, results, holder
+            )
+            self.errors += len(refused)  # non-finite scores: detector errors, as in-process
             self.requests += len(chunk)
             self._since_save += len(chunk)
         return len(rows)

@@ -10,7 +10,8 @@ Each part has one job and its own module; the request path that drives them, in 
     limits      guard/admission.py     tokens and dollars reserved up front, settled after (429)
     watermarks  guard/watermarks.py    each account's watermark key; the canary secret
     recorder    guard/recorder.py      metrics and the ledger row, then online detection
-    monitor     guard/monitor.py       online detection in a worker thread
+    monitor     guard/monitor.py       online detection in a worker thread; with a
+                shared_monitor.py      calibration, one replica's for all on the ledger
 
 ``serve --no-guard`` runs the pipeline without them.
 """
@@ -33,6 +34,7 @@ from distillguard.guard.policy import PolicyConfig
 from distillguard.guard.privacy import LedgerPrivacy
 from distillguard.guard.recorder import Recorder
 from distillguard.guard.requestlog import RequestLog
+from distillguard.guard.shared_monitor import SharedMonitor, default_state_dir
 from distillguard.guard.verdicts import AccountBlocked, Verdicts
 from distillguard.guard.watermarks import AccountWatermarks
 from distillguard.watermark import WatermarkParams
@@ -74,7 +76,7 @@ class Guard:
             config.watermark_secret,
             enabled=config.watermark,
         )
-        self.monitor = MonitorWorker(monitor, self.policing) if monitor is not None else None
+        self.monitor = self._monitor(monitor) if monitor is not None else None
         self.metrics.watch(self.ledger, self.monitor)
         self.recorder = Recorder(
             self.ledger,
@@ -85,12 +87,39 @@ class Guard:
         )
         self._renewer: asyncio.Task | None = None
 
+    def _monitor(self, monitor: Monitor) -> MonitorWorker | SharedMonitor:
+        """The detector built from ``config.detect_calibration`` (``serve --detect CAL``) takes
+        the ledger's monitor lease, so that N replicas run one detector between them; a monitor
+        given without a calibration (a plugin, a test's) sees this gateway's requests alone."""
+        calibration = self.config.detect_calibration
+        if calibration in (None, "external"):
+            return MonitorWorker(monitor, self.policing)
+        config = self.config
+
+        def make():
+            from distillguard.guard.online import OnlineDetection
+
+            return OnlineDetection.from_calibration(
+                calibration, extracting_after=config.extracting_after
+            )
+
+        return SharedMonitor(
+            monitor,
+            self.policing,
+            self.engine,
+            calibration=calibration,
+            make=make,
+            state_dir=config.detect_state or default_state_dir(self.engine),
+            ttl_s=config.detect_lease_ttl_s,
+            poll_s=config.detect_poll_s,
+        )
+
     async def start(self) -> None:
         await asyncio.to_thread(migrate, self.engine)
         self.ledger.start()
         self._renewer = asyncio.ensure_future(self.claims.renew())
         if self.monitor is not None:
-            self.monitor.start()
+            await asyncio.to_thread(self.monitor.start)  # the lease: database reads
 
     async def close(self) -> None:
         if self._renewer is not None:

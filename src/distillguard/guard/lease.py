@@ -61,6 +61,7 @@ class Lease:
     _renewed: float = float("-inf")  # monotonic start of the last successful renewal
     _thread: threading.Thread | None = None
     _halt: threading.Event = field(default_factory=threading.Event)
+    _watched: tuple | None = None  # (holder, beat, monotonic time first seen) of another holder
 
     def _row(self, conn):
         return conn.execute(select(LeaseRow.__table__).where(LeaseRow.name == self.name)).first()
@@ -75,39 +76,57 @@ class Lease:
         """Take the lease (then keep it renewed until :meth:`release`); False if ``stop`` was set
         first. Without ``wait``, a holder whose heartbeat is seen to move is refused with a
         :class:`ConfigError` naming it; a stale one is taken over either way."""
-        watched = None  # (holder, beat, monotonic time first seen)
         told = False
         while not stop.is_set():
             started = time.monotonic()
-            with self.engine.begin() as conn:
-                row = self._row(conn)
-                if row is None:
-                    got = None  # inserted below, in a transaction of its own
-                elif watched is None or watched[:2] != (row.holder, row.beat):
-                    if watched is not None and watched[0] == row.holder and not wait:
-                        raise ConfigError(self._held_message(row))
-                    watched, got = (row.holder, row.beat, started), False
-                elif started - watched[2] >= row.ttl_s:
-                    got = self._take_over(conn, row)
-                    if not got:
-                        watched = None
-                else:
-                    got = False
-            if got is None:
-                got = self._insert()
+            got, row = self._attempt(started, refuse_live=not wait)
             if got:
-                self._renewed = started
-                self._thread = threading.Thread(target=self._keep, name="lease", daemon=True)
-                self._thread.start()
                 return True
             # without --wait, say something only once the holder looks dead (a live one moves
             # its beat every ttl/3 and is refused in one line)
+            watched = self._watched
             if row is not None and on_wait and not told:
                 if wait or (watched is not None and started - watched[2] >= row.ttl_s / 2):
                     told = True
                     on_wait(self._waiting_message(row, wait))
             stop.wait(min(1.0, row.ttl_s / 6) if row is not None else 0.05)
         return False
+
+    def try_acquire(self) -> str | None:
+        """One look at the lease, without waiting: None once this process holds it (and keeps it
+        renewed), else the holder's id. Called again every so often, it takes over a holder whose
+        heartbeat has stood still for the holder's ``ttl_s`` between calls (``serve --detect``'s
+        standby replicas, guard/shared_monitor.py)."""
+        got, row = self._attempt(time.monotonic(), refuse_live=False)
+        return None if got else getattr(row, "holder", None)
+
+    def _attempt(self, started: float, *, refuse_live: bool) -> tuple[bool, object]:
+        """One step of watching the row: (taken, the row as read)."""
+        watched = self._watched  # (holder, beat, monotonic time first seen)
+        with self.engine.begin() as conn:
+            row = self._row(conn)
+            if row is None:
+                got = None  # inserted below, in a transaction of its own
+            elif watched is None or watched[:2] != (row.holder, row.beat):
+                if watched is not None and watched[0] == row.holder and refuse_live:
+                    raise ConfigError(self._held_message(row))
+                self._watched, got = (row.holder, row.beat, started), False
+            elif started - watched[2] >= row.ttl_s:
+                got = self._take_over(conn, row)
+                if not got:
+                    self._watched = None
+            else:
+                got = False
+        if got is None:
+            got = self._insert()
+        if got:
+            self._watched = None
+            self._renewed = started
+            self.lost_to = None
+            self._halt = threading.Event()
+            self._thread = threading.Thread(target=self._keep, name="lease", daemon=True)
+            self._thread.start()
+        return got, row
 
     def _insert(self) -> bool:
         now = time.time()

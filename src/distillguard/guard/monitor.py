@@ -111,10 +111,15 @@ def score(monitor: Monitor, rows: list[dict]) -> list:
 
 
 def escalations(
-    monitor: Monitor, verdicts: Verdicts, rows: list[dict], results: list
+    monitor: Monitor,
+    verdicts: Verdicts,
+    rows: list[dict],
+    results: list,
+    holder: str | None = None,
 ) -> list[tuple]:
     """Record each of ``results`` that raises its account's level (online detection only
-    escalates; lowering is an admin's decision).
+    escalates; lowering is an admin's decision), in the name of ``holder`` (the monitor lease's
+    holder id, where the monitor holds one).
 
     A verdict whose score is not a finite number (NaN or infinity from a detector, or not a
     number at all) is a detector error, not evidence: it is not recorded (the database would
@@ -137,6 +142,7 @@ def escalations(
                 reasons=list(getattr(verdict, "reasons", []) or []),
                 source="online",
                 request_id=row["request_id"],
+                holder=holder,
             )
     return refused
 

@@ -146,6 +146,8 @@ class Verdict(Base):
     source: Mapped[str] = mapped_column(String(32), nullable=False)
     # the request after which the verdict was reached (online), if any
     request_id: Mapped[str | None] = mapped_column(String(64))
+    # the monitor lease holder that recorded it (online), so an audit can tell who wrote what
+    holder: Mapped[str | None] = mapped_column(String(256))
 
 
 class Lease(Base):

@@ -112,6 +112,7 @@ class Verdicts:
         reasons: list[str] | None = None,
         source: str = "admin",
         request_id: str | None = None,
+        holder: str | None = None,
     ) -> dict:
         """Append a verdict (blocking: call it from a thread); alerts when the ladder says so.
 
@@ -139,6 +140,7 @@ class Verdicts:
             "reasons": without_nul(list(reasons or [])),
             "source": source,
             "request_id": request_id,
+            "holder": holder,
         }
         with self.engine.begin() as conn:
             row["id"] = conn.execute(Verdict.__table__.insert().values(**row)).inserted_primary_key[
