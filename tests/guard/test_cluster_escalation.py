@@ -19,7 +19,7 @@ from distillguard.detect.monitor import AccountMonitor
 from distillguard.guard.monitor import MAX_BATCH
 from distillguard.guard.online import OnlineDetection
 from distillguard.guard.policy import Level
-from tests.detect.test_linking import NO_EMBEDDINGS, _benign, sweeper
+from tests.detect.test_linking import NO_EMBEDDINGS, _benign, public_prompts, sweeper
 
 EXTRACTING_AFTER = 100  # the default ladder's (serve --extracting-after)
 
@@ -78,6 +78,14 @@ def test_a_hydra_whose_keys_each_stay_under_extracting_after_reaches_extracting(
 
 def test_benign_users_sharing_a_sweepers_prompts_are_not_flagged_nor_escalated(population):
     level, reasons, _ = population.pooled
+    # the case is real: most of the 50 send the sweeper 3+ of its prompts (enough to link them)
+    public = set(public_prompts())
+    shared = Counter(
+        r["account"]
+        for r in population.records
+        if r["account"] in population.users and r["request"]["messages"][-1]["content"] in public
+    )
+    assert sum(shared[u] >= 3 for u in population.users) >= 25, shared
     escalated = {u: level[u] for u in population.users if u in level and level[u] >= Level.SUSPECT}
     assert escalated == {}, {u: reasons[u] for u in escalated}
     assert level["acct-sweeper"] == Level.EXTRACTING
