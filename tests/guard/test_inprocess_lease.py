@@ -14,6 +14,8 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
 from sqlalchemy import func, select
@@ -107,9 +109,15 @@ def test_two_replicas_detect_in_process_as_one_gateway_across_a_kill(
         "--detect-poll",
         "0.05",
     )
-    with server_process(*replica, env=ENV) as a, server_process(*replica, env=ENV) as b:
+    with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
+        # both at once, as an orchestrator starts replicas: the lease picks one
+        servers = list(
+            pool.map(stack.enter_context, [server_process(*replica, env=ENV) for _ in range(2)])
+        )
         holder = _lease_holder(db)
-        assert holder is not None and _pid(holder) == a.proc.pid  # the first one up holds it
+        assert holder is not None
+        a, b = sorted(servers, key=lambda s: s.proc.pid != _pid(holder))  # a: the holder
+        assert _pid(holder) == a.proc.pid
         said_a, said_b = (" ".join(s.log_tail().split()) for s in (a, b))
         assert f"holds the ledger's monitor lease (as {holder})" in said_a, said_a
         assert f"standing by; {holder} holds the ledger's monitor lease" in said_b, said_b

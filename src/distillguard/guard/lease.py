@@ -92,13 +92,18 @@ class Lease:
             stop.wait(min(1.0, row.ttl_s / 6) if row is not None else 0.05)
         return False
 
-    def try_acquire(self) -> str | None:
-        """One look at the lease, without waiting: None once this process holds it (and keeps it
-        renewed), else the holder's id. Called again every so often, it takes over a holder whose
-        heartbeat has stood still for the holder's ``ttl_s`` between calls (``serve --detect``'s
-        standby replicas, guard/shared_monitor.py)."""
+    def try_acquire(self) -> tuple[bool, str | None]:
+        """One look at the lease, without waiting: (held, the holder's id). Once held, it is kept
+        renewed. Called again every so often, it takes over a holder whose heartbeat has stood
+        still for the holder's ``ttl_s`` between calls (``serve --detect``'s standby replicas,
+        guard/shared_monitor.py)."""
         got, row = self._attempt(time.monotonic(), refuse_live=False)
-        return None if got else getattr(row, "holder", None)
+        if got:
+            return True, self.holder
+        if row is None:  # another contender inserted the row first
+            with self.engine.connect() as conn:
+                row = self._row(conn)
+        return False, getattr(row, "holder", None)
 
     def _attempt(self, started: float, *, refuse_live: bool) -> tuple[bool, object]:
         """One step of watching the row: (taken, the row as read)."""

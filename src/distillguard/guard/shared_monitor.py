@@ -113,8 +113,8 @@ class SharedMonitor:
     def start(self) -> None:
         """Look at the lease once (blocking: database reads, perhaps a checkpoint to load), say
         in one line which role this replica has, then follow or stand by in a thread."""
-        who = self.lease.try_acquire()
-        if who is None:
+        held, who = self.lease.try_acquire()
+        if held:
             where = self._hold()
             log.info(
                 "online detection: this replica holds the ledger's monitor lease (as %s) and "
@@ -127,7 +127,7 @@ class SharedMonitor:
             log.info(
                 "online detection: standing by; %s holds the ledger's monitor lease and records "
                 "the verdicts this replica applies; taking over if its heartbeat stops for %.0f s",
-                who,
+                who or "nobody (it was just released)",
                 self.lease.ttl_s,
             )
         self._thread = threading.Thread(target=self._loop, name="distillguard-monitor", daemon=True)
@@ -171,8 +171,8 @@ class SharedMonitor:
 
     def _stand_by(self) -> None:
         self._discard_queued()
-        who = self.lease.try_acquire()
-        if who is None:
+        held, who = self.lease.try_acquire()
+        if held:
             previous = self.following
             where = self._hold()
             log.info(
