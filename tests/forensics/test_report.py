@@ -1,4 +1,5 @@
-"""``distillguard forensics report`` end to end, on tiny models trained for real (no stub):
+"""``distillguard forensics report`` end to end, on tiny models trained for real (no stub; built
+in tests/forensics/report_case.py, shared with the API-only canary test):
 
 - the teacher: a tiny model fine-tuned to say it is SmolLM by Hugging Face and to answer in one
   style;
@@ -18,107 +19,19 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from sqlalchemy import insert
 
-from distillguard.forensics.identity import PROBES
 from distillguard.forensics.report import verdict
-from distillguard.forensics.respondent import Respondent, TestOutcome, sha256_path
-from distillguard.guard.canary import canary_text
-from distillguard.guard.db import make_engine, migrate
-from distillguard.guard.schema import LedgerRow
-from distillguard.models import load_model
+from distillguard.forensics.respondent import TestOutcome, sha256_path
 from tests.browser import open_page
-from tests.forensics.students import sft
+from tests.forensics.report_case import ONE_THREAD, SECRET
 from tests.servers import run_cli, serve_process
-
-SECRET = "report-test-secret"
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-TOPICS = ["cats", "rain", "maths", "tea", "ships", "jazz", "bread", "stars"]
-TRAIN = [f"question {i}: tell me about {t}" for i, t in enumerate(TOPICS * 4)]
-HELD_OUT = [f"please explain {t} to a friend ({i})" for i, t in enumerate(TOPICS * 2)]
-SAYS = "I am SmolLM, a small model made by Hugging Face."
-OTHER_SAYS = "I am Orca, a chat model trained by Acme Labs."
-THIRD_SAYS = "My name is Quill; the Widget Company built me."
-
-
-def style(t: str) -> str:
-    return f"Sure! {t} is a fine topic. Here is what I know about {t}."
-
-
-def other_style(t: str) -> str:
-    return f"{t}? Ask someone else, I only talk about boats."
-
-
-def third_style(t: str) -> str:
-    return f"Let me think. The word {t} has {len(t)} letters, and that is all."
-
-
-def canary_requests(account: str, n: int) -> list[dict]:
-    return [
-        {
-            "request_id": f"req-{account}-{i}",
-            "ts": float(i),
-            "account_id": account,
-            "status": 200,
-            "policy_action": "extracting:canary",
-            "stream": False,
-            "request_body": {
-                "messages": [{"role": "user", "content": f"who is in archive record {i}?"}]
-            },
-        }
-        for i in range(n)
-    ]
 
 
 @pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    """Model directories, probe files and a ledger; trained once for the module."""
-    root = tmp_path_factory.mktemp("report-case")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        id_train = list(PROBES[:32])
-        teacher = sft(
-            load_model("tiny", device="cpu"),
-            id_train + TRAIN,
-            [SAYS] * len(id_train) + [style(t) for t in TOPICS * 4],
-            steps=120,
-        )
-        asked = id_train + TRAIN
-        taught = Respondent("teacher", lm=teacher).answer(asked, max_tokens=48)
-        leaked = canary_requests("leaker", 12)
-        prompts = asked + [r["request_body"]["messages"][0]["content"] for r in leaked]
-        answers = taught + [canary_text(SECRET.encode(), "leaker", r["request_id"]) for r in leaked]
-        student = sft(load_model("tiny:seed=1", device="cpu"), prompts, answers, steps=300, seed=1)
-        other = sft(
-            load_model("tiny:seed=3", device="cpu"),
-            id_train + TRAIN,
-            [OTHER_SAYS] * len(id_train) + [other_style(t) for t in TOPICS * 4],
-            steps=120,
-        )
-        third = sft(
-            load_model("tiny:seed=5", device="cpu"),
-            id_train + TRAIN,
-            [THIRD_SAYS] * len(id_train) + [third_style(t) for t in TOPICS * 4],
-            steps=120,
-        )
-    finally:
-        torch.set_num_threads(threads)
-    dirs = {}
-    trained = (("teacher", teacher), ("student", student), ("other", other), ("third", third))
-    for name, lm in trained:
-        dirs[name] = root / name
-        lm.model.save_pretrained(dirs[name])
-        lm.tokenizer.save_pretrained(dirs[name])
-    (root / "probes.txt").write_text("\n".join(PROBES[32:]) + "\n")
-    (root / "prompts.txt").write_text("\n".join(HELD_OUT) + "\n")
-    engine = make_engine(f"sqlite:///{root / 'ledger.db'}")
-    migrate(engine)
-    with engine.begin() as conn:
-        conn.execute(insert(LedgerRow), leaked + canary_requests("bystander", 12))
-    engine.dispose()
-    return root, dirs
+def case(report_case):
+    """Model directories, probe files and a ledger (tests/forensics/report_case.py), trained once
+    for the session."""
+    return report_case
 
 
 def report(case, out: Path, suspect: str, *controls: str, tests: str, ledger: bool = True):
@@ -216,14 +129,14 @@ def test_a_control_as_suspect_is_not_called_distilled(case, tmp_path):
 
 
 def test_a_suspect_behind_an_api_is_reported_from_its_answers(case, tmp_path):
-    """The student served by `distillguard serve --no-guard`: every test from its answers alone
+    """The student served by `distillguard serve --no-guard`: every test from its API alone
     (identity, similarity by answer overlap, canaries by the API-only test).
 
-    Measured, and kept as the test's expectation: this student is NOT traced through its API.
-    Its weights rank all 12 canaries first (the distilled test above), but its greedy answers to
-    the canaries' requests rank the true ending first for only 2 of 12 (mean rank 6.8 of 20):
-    the API-only test needs the canary to be the answer, not only preferred to decoys
-    (docs/forensics.md, "Canaries behind an API"). The evidence still points the right way."""
+    Its endpoint gives prompt logprobs (/v1/completions, echo), so the canaries are scored by
+    its likelihood of each answer written in the teacher's chat template: the weights test's
+    statistic, and its result (all 12 ranked first). Its greedy answers alone ranked the true
+    ending first for only 2 of 12 (p 0.08): that fallback would not trace it
+    (docs/forensics.md, "Canaries behind an API")."""
     _, dirs = case
     with serve_process("--model", str(dirs["student"]), "--no-guard", env=ONE_THREAD) as url:
         evidence = report(
@@ -239,10 +152,11 @@ def test_a_suspect_behind_an_api_is_reported_from_its_answers(case, tmp_path):
     assert tests["similarity"]["details"]["mode"] == "answer-overlap"
     assert tests["identity"]["statistic"] >= 0.4 and not tests["identity"]["within_controls_range"]
     canaries = tests["canaries"]["details"]
-    assert canaries["mode"] == "api" and canaries["traced"] == []
+    assert canaries["mode"] == "api" and canaries["scoring"] == "likelihood"
+    assert canaries["traced"] == ["leaker"]
     by = {a["account"]: a for a in canaries["suspect"]["accounts"]}
-    assert by["leaker"]["mean_rank"] < by["bystander"]["mean_rank"]
-    assert evidence["verdict"] == "not shown distilled"
+    assert by["leaker"]["top1"] == 12 and by["bystander"]["p_holm"] > 0.01
+    assert evidence["verdict"] == "distilled" and evidence["significant_tests"] == ["canaries"]
 
 
 def test_without_controls_or_ledger_it_says_what_could_not_run(case, tmp_path):

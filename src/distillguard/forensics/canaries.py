@@ -58,6 +58,10 @@ class CanaryResult:
     decoys: int
     alpha: float
     accounts: list[AccountExposure] = field(default_factory=list)
+    # how each ending was scored: "likelihood" (the weights, or an API's prompt logprobs) or
+    # "greedy-answer" (an API's answer, by token F1); and why, where the API test chose
+    scoring: str = "likelihood"
+    scoring_why: str | None = None
 
     @property
     def traced(self) -> list[str]:

@@ -229,13 +229,19 @@ def canary_outcome(
     config: ReportConfig,
 ) -> TestOutcome:
     """Canary exposure of the suspect and of each control: their weights ranked by likelihood
-    (:mod:`.canaries`), or their API's answers ranked by overlap (:mod:`.api_canaries`);
-    statistic: -log10 of the smallest Holm-adjusted p over accounts."""
+    (:mod:`.canaries`), or through their API (:mod:`.api_canaries`): by likelihood where the
+    endpoint gives prompt logprobs, the conversation in the teacher's chat template, else by
+    their answers' overlap; statistic: -log10 of the smallest Holm-adjusted p over accounts."""
     from distillguard.forensics.api_canaries import api_canary_test
     from distillguard.forensics.canaries import canary_test
 
     if not served:
         return cannot_run("canaries", "the ledger holds no canary answers (policy action 'canary')")
+    template = None
+    if config.teacher is not None and not Respondent(config.teacher).is_api:
+        from distillguard.models import load_tokenizer
+
+        template = load_tokenizer(config.teacher)
 
     def run(r: Respondent):
         if r.is_api:
@@ -248,6 +254,7 @@ def canary_outcome(
                 alpha=config.alpha,
                 seed=config.seed,
                 max_tokens=max(128, config.max_tokens),
+                template=r.template if r.template is not None else template,
             )
         return canary_test(r.lm, secret, served, decoys=config.decoys, alpha=config.alpha)
 
@@ -265,6 +272,9 @@ def canary_outcome(
         controls={label: strength(r) for label, r in control_results.items()},
         details={
             "mode": "api" if suspect.is_api else "weights",
+            # "likelihood" or "greedy-answer" (an API that refused prompt logprobs), and why
+            "scoring": result.scoring,
+            "scoring_why": result.scoring_why,
             "suspect": result.to_dict(),
             "traced": result.traced,
             "controls": {label: r.to_dict() for label, r in control_results.items()},

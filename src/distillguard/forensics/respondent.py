@@ -67,10 +67,18 @@ def cannot_run(name: str, why: str, **details) -> TestOutcome:
     return TestOutcome(name=name, could_run=False, why_not=why, details=details)
 
 
+class PromptLogprobsRefused(SuspectAPIError):
+    """The suspect's API answers, but not with logprobs of a given text (no ``/v1/completions``
+    with ``echo``, or one that leaves them out)."""
+
+
 class Respondent:
     """A model to question: ``spec`` is a model spec (loaded here) or an OpenAI-compatible URL.
 
-    ``lm`` may be given already loaded (tests, or a caller that holds the model)."""
+    ``lm`` may be given already loaded (tests, or a caller that holds the model). ``template``:
+    the chat template to write a conversation in when a URL is asked for the likelihood of a
+    text (a tokenizer, or a model spec whose tokenizer to load; the investigator's guess at the
+    suspect's template, e.g. the teacher's: a student distilled from it keeps it)."""
 
     def __init__(
         self,
@@ -82,6 +90,7 @@ class Respondent:
         device: str = "cpu",
         concurrency: int = 8,
         timeout_s: float = 300.0,
+        template=None,
     ):
         self.spec = spec
         self.api_key = api_key
@@ -90,6 +99,19 @@ class Respondent:
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self._lm = lm
+        self._template = template
+
+    @property
+    def template(self):
+        """The tokenizer whose chat template formats conversations for :meth:`prompt_logprobs`
+        (None when none was given to a URL)."""
+        if isinstance(self._template, str):
+            from distillguard.models import load_tokenizer
+
+            self._template = load_tokenizer(self._template)
+        if self._template is None and not self.is_api:
+            return self.lm.tokenizer
+        return self._template
 
     @property
     def is_api(self) -> bool:
@@ -119,8 +141,7 @@ class Respondent:
     def _answer_api(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
         return self.chat([[{"role": "user", "content": p}] for p in prompts], max_tokens=max_tokens)
 
-    def chat(self, conversations: Sequence[list[dict]], *, max_tokens: int = 48) -> list[str]:
-        """Greedy answers of the API to whole conversations (in parallel; the server batches)."""
+    def _client(self):
         import openai
 
         base = self.spec.rstrip("/")
@@ -128,15 +149,70 @@ class Respondent:
         client = openai.OpenAI(
             base_url=base, api_key=self.api_key or "none", timeout=self.timeout_s, max_retries=1
         )
+        return client, base
+
+    def _model(self, client, base: str) -> str:
+        if self.served_model is not None:
+            return self.served_model
+        listed = list(client.models.list())
+        if not listed:
+            raise SuspectAPIError(f"{base}/models lists no model; pass the served model's name")
+        return listed[0].id
+
+    def prompt_logprobs(self, requests: Sequence[Sequence[str]]) -> list[list[EchoedText]]:
+        """The API's logprob of every token of given texts: ``POST /v1/completions`` with
+        ``echo``, ``logprobs=0`` and ``max_tokens=0`` (the legacy endpoint, as vLLM and
+        ``distillguard serve --no-guard`` offer it), one request per group of texts (in
+        parallel). The texts carry their template's special tokens, so none are added
+        (``add_special_tokens``, vLLM's parameter). :class:`PromptLogprobsRefused` when the
+        endpoint answers 4xx or leaves the logprobs out."""
+        import openai
+
+        client, base = self._client()
         try:
-            model = self.served_model
-            if model is None:
-                listed = list(client.models.list())
-                if not listed:
-                    raise SuspectAPIError(
-                        f"{base}/models lists no model; pass the served model's name"
+            model = self._model(client, base)
+
+            def ask(texts: Sequence[str]) -> list[EchoedText]:
+                out = client.completions.create(
+                    model=model,
+                    prompt=list(texts),
+                    max_tokens=0,
+                    echo=True,
+                    logprobs=0,
+                    extra_body={"add_special_tokens": False},
+                )
+                echoed = []
+                for text, choice in zip(texts, sorted(out.choices, key=lambda c: c.index)):
+                    lp = choice.logprobs
+                    if lp is None or not lp.token_logprobs or lp.text_offset is None:
+                        raise PromptLogprobsRefused(
+                            f"{base}/completions answered without prompt logprobs (echo=true, "
+                            "logprobs=0)"
+                        )
+                    echoed.append(EchoedText(text, list(lp.token_logprobs), list(lp.text_offset)))
+                if len(echoed) != len(texts):
+                    raise PromptLogprobsRefused(
+                        f"{base}/completions answered {len(echoed)} choices for {len(texts)} prompts"
                     )
-                model = listed[0].id
+                return echoed
+
+            with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
+                return list(pool.map(ask, requests))
+        except openai.APIStatusError as exc:
+            cls = PromptLogprobsRefused if 400 <= exc.status_code < 500 else SuspectAPIError
+            raise cls(f"{base}/completions answered {exc.status_code}: {str(exc)[:300]}") from None
+        except openai.APIError as exc:
+            raise SuspectAPIError(f"cannot query {base}: {exc}") from None
+        finally:
+            client.close()
+
+    def chat(self, conversations: Sequence[list[dict]], *, max_tokens: int = 48) -> list[str]:
+        """Greedy answers of the API to whole conversations (in parallel; the server batches)."""
+        import openai
+
+        client, base = self._client()
+        try:
+            model = self._model(client, base)
 
             def ask(messages: list[dict]) -> str:
                 out = client.chat.completions.create(
@@ -174,6 +250,30 @@ class Respondent:
                 out["files_sha256"] = sha256_path(bundled_gguf_path())
         out["weights_sha256"] = weights_sha256(self.lm.model)
         return out
+
+
+@dataclass(frozen=True)
+class EchoedText:
+    """A text as an API scored it: each token's logprob (None where it has no context) and the
+    character offset in ``text`` where the token starts."""
+
+    text: str
+    token_logprobs: list[float | None]
+    text_offset: list[int]
+
+    def span_logprob(self, start: int, end: int) -> float:
+        """Sum of the logprobs of the tokens starting in ``text[start:end]``."""
+        got = [
+            lp
+            for lp, at in zip(self.token_logprobs, self.text_offset)
+            if start <= at < end and lp is not None
+        ]
+        if not got:
+            raise PromptLogprobsRefused(
+                f"no scored token starts in characters {start}..{end} of a {len(self.text)}-"
+                "character text: the API's text_offset does not index the text sent"
+            )
+        return float(sum(got))
 
 
 def sha256_file(path: Path) -> str:
