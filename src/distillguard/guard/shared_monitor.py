@@ -219,8 +219,17 @@ class SharedMonitor:
     # ---- holding and letting go -------------------------------------------------------------
 
     def _hold(self) -> str:
-        """Become the holder: the service that scores the ledger, from the checkpoint if there
-        is one. Returns where it starts, for the log."""
+        """Become the holder (the lease just taken): the service that scores the ledger, from
+        the checkpoint if there is one. Returns where it starts, for the log. On failure the
+        lease is freed (held with no service, no replica would detect) and the error raised."""
+        try:
+            return self._start_service()
+        except BaseException:
+            self.lease.release()
+            self.lease = Lease(self.engine, ttl_s=self.lease.ttl_s, holder=self.lease.holder)
+            raise
+
+    def _start_service(self) -> str:
         detection = self._pristine if self._pristine is not None else self.make()
         self._pristine = None
         feed = LedgerFeed(self.engine, lag_s=self.lag_s)
