@@ -261,3 +261,53 @@ def test_an_external_monitors_lease_makes_every_replica_stand_by(
         assert conn.execute(select(LeaseRow.holder)).scalar() is None  # released at close
     engine.dispose()
     assert os.path.isdir(f"{tmp_path / 'l.db'}.detector")  # the default state dir, by SQLite
+
+
+def test_a_holder_whose_heartbeat_stalled_stops_writing_and_stands_by(
+    tmp_path, calibration_file, caplog
+):
+    """The holder's heartbeat stalls (a paused process, a ledger out of reach) and another
+    monitor takes the lease: the old holder's next batch finds the lease gone and writes no
+    verdict; it stands by, and takes the lease back once it is free, scoring what it missed."""
+    import asyncio
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'l.db'}")
+    migrate(engine)
+
+    async def scenario():
+        gw = _guard(tmp_path, calibration_file)
+        await gw.start()
+        try:
+            assert gw.monitor.holding
+            mine = gw.monitor.lease.holder
+            stalled = gw.monitor.lease
+            stalled._halt.set()  # its renewals stop, as in a paused process
+            stalled._thread.join()
+            other = Lease(engine, ttl_s=1.0)
+            assert other.acquire(threading.Event())  # after watching the beat stand still
+            with caplog.at_level(logging.INFO, logger="distillguard.guard.shared_monitor"):
+                for i in range(30):
+                    await _finish(gw, "harvester", i)
+                deadline = time.monotonic() + 30
+                while gw.monitor.holding:
+                    assert time.monotonic() < deadline, "the fenced holder kept the lease"
+                    await asyncio.sleep(0.05)
+            assert gw.policing.recent() == []  # the fenced holder wrote nothing
+            said = " ".join(r.getMessage() for r in caplog.records)
+            assert f"lost the monitor lease to {other.holder}" in said or (
+                "could not renew the monitor lease" in said
+            ), said
+
+            other.release()
+            deadline = time.monotonic() + 30
+            while not gw.monitor.holding or gw.monitor.service.requests < 30:
+                assert time.monotonic() < deadline, "the lease was not taken back"
+                await asyncio.sleep(0.05)
+            verdicts = gw.policing.recent()
+        finally:
+            await gw.close()
+        return mine, verdicts
+
+    mine, verdicts = asyncio.run(scenario())
+    assert verdicts and {v["holder"] for v in verdicts} == {mine}
+    engine.dispose()
