@@ -122,6 +122,20 @@ def band_keys(signature: np.ndarray) -> list[int]:
     return (rows * _FOLD).sum(axis=1).tolist()  # (b,), wraps mod 2^64
 
 
+def prompt_words(prompt: str) -> list[str]:
+    """The words of a prompt that are shingled: the first MAX_WORDS (near-duplicates share their
+    openings, and hashing the shingles of a 4,000-character prompt was the linker's main cost)."""
+    return _WORD.findall(prompt[: 8 * MAX_WORDS].lower())[:MAX_WORDS]
+
+
+def prompt_band_keys(words: list[str]) -> list[int]:
+    """The LSH band keys of a prompt's words (3-shingles): what the online linker and the
+    partitioned job (detect/partitioned.py) both key near-duplicate groups by."""
+    return band_keys(
+        minhash_signature([f"{x} {y} {z}".encode() for x, y, z in zip(words, words[1:], words[2:])])
+    )
+
+
 @lru_cache(maxsize=65536)
 def _network(ip: str | None) -> str | None:
     if not ip:
@@ -217,9 +231,9 @@ class Linker:
         self._bands: list[dict[int, int]] = [{} for _ in range(_BANDS)]
         self._seq = 0
         self._label: dict[tuple[str, object], str] = {}  # item -> words for the reasons
-        self._items: dict[str, dict[str, set]] = {
-            k: defaultdict(set) for k in KINDS
-        }  # kind -> account -> items
+        # kind -> account -> {item: holding number}: the numbers order a pair's shared items
+        self._items: dict[str, dict[str, dict]] = {k: defaultdict(dict) for k in KINDS}
+        self._held = 0  # holdings so far
         self._holders: dict[tuple[str, object], list[str]] = defaultdict(
             list
         )  # (kind, item) -> accounts
@@ -228,7 +242,11 @@ class Linker:
         self._distinct: Counter[str] = Counter()  # kind -> U (items held by anyone)
         self._template_uses: dict[str, Counter] = defaultdict(Counter)
         self._links: dict[tuple[str, str], Link] = {}  # pairs with ≥ min_evidence shared items
-        self._pending: dict[tuple[str, str], tuple] = {}  # the others: their shared (kind, item)s
+        # every pair that shares an item, by pair number (_pair_number): the Link once it has
+        # min_evidence shared items, before that only how many it shares (an int, not the items:
+        # millions of pairs at provider scale; _promote finds the items again)
+        self._pairs: dict[int, int | Link] = {}
+        self._ids: dict[str, int] = {}  # account -> number
         self._adj: dict[str, dict[str, float]] = defaultdict(dict)  # edges (w ≥ EDGE_MIN)
         self._community: dict[str, frozenset[str]] = {}
         self._dirty: set[str] = set()  # accounts whose edges changed
@@ -240,7 +258,8 @@ class Linker:
         items = self._items[kind][a]
         if item in items:
             return
-        items.add(item)
+        self._held += 1
+        items[item] = self._held
         key = (kind, item)
         holders = self._holders[key]
         self._incidences[kind] += 1
@@ -258,25 +277,20 @@ class Linker:
         r[a] += d
         for b in holders[:-1]:
             r[b] += 1
-        links, pending, min_evidence = self._links, self._pending, self.min_evidence
+        pairs, ids, min_evidence = self._pairs, self._ids, self.min_evidence
+        ia = ids.get(a)
+        if ia is None:
+            ia = ids[a] = len(ids)
         for b in holders[:-1]:  # up to MAX_SHARERS pair updates: the linker's main cost at scale
-            pair = (a, b) if a < b else (b, a)
-            link = links.get(pair)
-            if link is None:
-                # most pairs never reach min_evidence shared items: they keep only the items in
-                # order (a tuple, not a Link: ~5x less memory over millions of pairs)
-                seen = pending.get(pair, ())
-                if len(seen) + 1 < min_evidence:
-                    pending[pair] = (*seen, (kind, key))
+            ib = ids[b]
+            number = (ia << 32) | ib if ia < ib else (ib << 32) | ia
+            link = pairs.get(number, 0)
+            if link.__class__ is int:  # most pairs never reach min_evidence shared items
+                if link + 1 < min_evidence:
+                    pairs[number] = link + 1
                     continue
-                pending.pop(pair, None)
-                link = links[pair] = Link()
-                for k, item in seen:
-                    link.shared[k] += 1
-                    link.total += 1
-                    shown = link.examples.setdefault(k, [])
-                    if len(shown) < 3:
-                        shown.append(item)
+                link = pairs[number] = self._promote(a, b, link)
+            pair = (a, b) if a < b else (b, a)
             link.shared[kind] += 1
             link.total += 1
             shown = link.examples.setdefault(kind, [])
@@ -284,6 +298,34 @@ class Linker:
                 shown.append(key)
             if link.total >= min_evidence:
                 self._weigh(pair, link)
+
+    def _promote(self, a: str, b: str, count: int) -> Link:
+        """The Link of a pair that shared ``count`` items before the current holding: those
+        items in the order the pair came to share them (the later of its two holdings), from
+        the accounts' items. An item counts only where both were among its first holders."""
+        shared = []
+        for kind in KINDS:
+            mine, theirs = self._items[kind].get(a), self._items[kind].get(b)
+            if not mine or not theirs:
+                continue
+            if len(theirs) < len(mine):
+                mine, theirs = theirs, mine
+            for item, n in mine.items():
+                m = theirs.get(item)
+                if m is not None and max(n, m) < self._held:
+                    holders = self._holders[(kind, item)]
+                    if a in holders and b in holders:
+                        shared.append((max(n, m), kind, (kind, item)))
+        assert len(shared) == count, (a, b, len(shared), count)
+        link = Link()
+        for _, kind, key in sorted(shared):
+            link.shared[kind] += 1
+            link.total += 1
+            shown = link.examples.setdefault(kind, [])
+            if len(shown) < 3:
+                shown.append(key)
+        self._links[(a, b) if a < b else (b, a)] = link
+        return link
 
     def _kind_weight(self, a: str, b: str, kind: str, k: int) -> float:
         items = self._items[kind]
@@ -297,10 +339,23 @@ class Linker:
             self._distinct[kind],
         )
 
+    def _by_kind(self, a: str, b: str, link: Link) -> dict[str, float]:
+        held = [k for k in KINDS if self._items[k].get(a) and self._items[k].get(b)]
+        return {k: self._kind_weight(a, b, k, link.shared[k]) for k in held}
+
+    def shared_counts(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Shared items per kind of every pair with at least ``min_evidence`` of them."""
+        return {pair: dict(link.shared) for pair, link in self._links.items()}
+
+    def weight_now(self, a: str, b: str) -> float:
+        """The pair's weight on the popularity counts as they are now: what a batch job over the
+        same requests computes (the monitor weighed it when it last gained an item)."""
+        link = self._links[(a, b) if a < b else (b, a)]
+        return fisher_evidence(list(self._by_kind(a, b, link).values()))
+
     def _weigh(self, pair: tuple[str, str], link: Link) -> None:
         a, b = pair
-        held = [k for k in KINDS if self._items[k].get(a) and self._items[k].get(b)]
-        link.by_kind = {k: self._kind_weight(a, b, k, link.shared[k]) for k in held}
+        link.by_kind = self._by_kind(a, b, link)
         link.weight = fisher_evidence(list(link.by_kind.values()))
         was = b in self._adj[a]
         if link.weight >= EDGE_MIN:
@@ -314,16 +369,11 @@ class Linker:
     def observe(self, f) -> None:
         a = f.account
         self._accounts.add(a)
-        # the first MAX_WORDS words: near-duplicates share their openings, and hashing the shingles of
-        # a 4,000-character prompt was the linker's main cost
-        words = _WORD.findall(f.prompt[: 8 * MAX_WORDS].lower())[:MAX_WORDS]
+        words = prompt_words(f.prompt)
         if (
             len(words) >= 8 and f.template not in self.common
         ):  # formulaic prompts people share: no evidence
-            sig = minhash_signature(
-                [f"{x} {y} {z}".encode() for x, y, z in zip(words, words[1:], words[2:])]
-            )
-            keys = band_keys(sig)
+            keys = prompt_band_keys(words)
             self._seq += 1
             found = [g for t, k in zip(self._bands, keys) if (g := t.get(k)) is not None]
             group = min(found) if found else self._seq
@@ -474,4 +524,6 @@ __all__ = [
     "kind_evidence",
     "minhash_signature",
     "poisson_evidence",
+    "prompt_band_keys",
+    "prompt_words",
 ]

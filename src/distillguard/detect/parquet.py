@@ -87,9 +87,12 @@ def write_traffic(records: Iterable[dict], out: str | Path | IO[bytes]) -> int:
     return n
 
 
-def read_traffic(path: str | Path, *, batch: int = ROW_GROUP) -> Iterator[dict]:
+def read_traffic(
+    path: str | Path, *, batch: int = ROW_GROUP, row_groups: range | None = None
+) -> Iterator[dict]:
     """Traffic records from a Parquet file, in file order; a missing column or a bad row is a
-    one-line ConfigError naming the file, the row and the fix."""
+    one-line ConfigError naming the file, the row and the fix. ``row_groups``: only those (a
+    worker's share of a partitioned job, a range of row groups)."""
     import pyarrow.parquet as pq
 
     try:
@@ -106,7 +109,10 @@ def read_traffic(path: str | Path, *, batch: int = ROW_GROUP) -> Iterator[dict]:
             )
         cols = [c for c in COLUMNS if c in names]
         row = 0
-        for rb in pf.iter_batches(batch_size=batch, columns=cols):
+        if row_groups is not None:  # rows numbered from the range's first group
+            row = sum(pf.metadata.row_group(i).num_rows for i in range(row_groups.start))
+            row_groups = list(row_groups)
+        for rb in pf.iter_batches(batch_size=batch, columns=cols, row_groups=row_groups):
             data = rb.to_pydict()
             for i in range(rb.num_rows):
                 row += 1
