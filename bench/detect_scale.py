@@ -310,8 +310,7 @@ def step_partitioned(path: str, cal_path: str, workers: int, memory: str, dump: 
     out["accounts"] = len(job.results)
     out["requests_per_s"] = round(out["requests"] / out["seconds"], 1)
     out["requests_per_cpu_s"] = round(out["requests"] / out["cpu_seconds"], 1)
-    out["candidate_pairs"] = len(job.pairs)
-    out["edges"] = sum(w >= 2.0 for w in job.weights.values())
+    out["linking"] = job.counts
     out["communities"] = len(job.communities)
     labels: dict[str, dict] = {}
     for r in job.results:

@@ -246,6 +246,9 @@ class Partitioned:
     weights: dict[tuple[str, str], float]  # their -log10 p on the whole period's popularity
     communities: list[frozenset[str]]
     seconds: dict[str, float]
+    counts: dict[
+        str, int
+    ]  # the linking's work: holdings, pair updates, pairs (bench/detect_scale.py)
 
 
 def detect_partitioned(
@@ -291,8 +294,9 @@ def detect_partitioned(
         con.execute(f"CREATE TABLE own AS {_stream_sql('req', 'account', cfg.window)}")
         seconds["accounts"] = time.perf_counter() - t
         t = time.perf_counter()
-        _groups(con)
+        rounds = _groups(con)
         pairs, stats = _pairs(con, cfg.link_min_evidence)
+        counts = _counts(con) | {"group_rounds": rounds, "candidate_pairs": len(pairs)}
         seconds["pairs"] = time.perf_counter() - t
         t = time.perf_counter()
         weights = _weights(pairs, stats)
@@ -318,7 +322,8 @@ def detect_partitioned(
     for r in results:
         c = community_of.get(r.account)
         r.cluster = f"cluster:{min(c)}" if c is not None and share[r.account] > 0 else None
-    return Partitioned(results, pairs, weights, comms, seconds)
+    counts["edges"] = len(edges)
+    return Partitioned(results, pairs, weights, comms, seconds, counts)
 
 
 def _udfs(con, calibration: Calibration) -> None:
@@ -358,7 +363,7 @@ def _udfs(con, calibration: Calibration) -> None:
 
 
 # ---- stage 3: near-duplicate groups, by LSH band ----
-def _groups(con) -> None:
+def _groups(con) -> int:
     """``prompt_group(t, grp)``: the replay's near-duplicate group of each prompt (linking.py,
     ``Linker.observe``): the smallest group among earlier prompts sharing a band key, or the
     prompt's own number. Iterated to its fixpoint, each round one prefix minimum per bucket."""
@@ -371,7 +376,9 @@ def _groups(con) -> None:
         f"range({_BANDS}) b(i)"
     )
     con.execute("CREATE TABLE grp AS SELECT p, p AS g FROM prompts")
+    rounds = 0
     while True:
+        rounds += 1
         con.execute(
             """CREATE OR REPLACE TABLE grp2 AS
             SELECT grp.p, least(grp.g, coalesce(m.prev, grp.g)) AS g
@@ -390,6 +397,21 @@ def _groups(con) -> None:
         if not changed:
             break
     con.execute("CREATE TABLE prompt_group AS SELECT t, g FROM prompts JOIN grp USING (p)")
+    return rounds
+
+
+def _counts(con) -> dict[str, int]:
+    """What the replay's linker does per population: items held, pair updates (each holding
+    updates its pair with every earlier holder among an item's first MAX_SHARERS + 1), pairs."""
+    row = con.execute(
+        """SELECT count(*), count(DISTINCT (kind, item)), sum(d - 1) FILTER (WHERE d <= h),
+                  (SELECT count(*) FROM (SELECT DISTINCT a, b FROM pair_kind)),
+                  (SELECT count(*) FROM prompt_group),
+                  (SELECT count(DISTINCT g) FROM prompt_group)
+           FROM holders"""
+    ).fetchone()
+    names = ("holdings", "items", "pair_updates", "pairs_sharing_an_item", "prompts", "groups")
+    return dict(zip(names, map(int, row)))
 
 
 # ---- stage 4: items and candidate pairs, by item ----
