@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distillguard.errors import APIError, InvalidRequestError, PayloadTooLarge
 from distillguard.serve.backend import Backend, now
-from distillguard.serve.completions import Completions
+from distillguard.serve.completions import CompletionRequest, Completions
 from distillguard.serve.config import ServeConfig
 from distillguard.serve.schemas import ChatCompletionRequest
 
@@ -181,9 +181,27 @@ def create_app(
 
     completions = Completions(backend, served=score_prompts)
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": CompletionRequest.model_json_schema(
+                            ref_template="#/components/schemas/{model}"
+                        )
+                    }
+                },
+            }
+        },
+    )
     async def legacy_completions(request: Request):
-        return await completions(request)
+        prepared = await completions.prepare(request)
+        try:
+            return await unless_disconnected(request, completions.answer(prepared))
+        except ClientGone:
+            return Response(status_code=499)
 
     return app
 

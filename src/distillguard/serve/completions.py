@@ -183,6 +183,16 @@ def _slices(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return groups
 
 
+@dataclass
+class Prepared:
+    """A request read, validated and tokenized, ready to answer."""
+
+    engine: object
+    lm: LoadedModel
+    req: CompletionRequest
+    toks: list[Tokenized]
+
+
 class Completions:
     """``POST /v1/completions`` over a local backend's engine; ``served`` False (behind the guard)
     refuses every request, saying why."""
@@ -191,7 +201,8 @@ class Completions:
         self.backend = backend
         self.served = served
 
-    async def __call__(self, request: Request) -> dict:
+    async def prepare(self, request: Request) -> Prepared:
+        """The request read, validated and tokenized (4xx here, before any work)."""
         if not self.served:
             raise NotFoundError(GUARDED, code="unsupported_endpoint")
         check_content_type(request.headers.get("content-type"))
@@ -230,6 +241,12 @@ class Completions:
                     f"{lm.context_length}. Shorten the prompt or lower max_tokens.",
                     param="prompt" if len(t.ids) > limit else "max_tokens",
                 )
+        return Prepared(engine, lm, req, toks)
+
+    async def answer(self, p: Prepared) -> dict:
+        """The response to a prepared request (the HTTP layer cancels it if the client leaves:
+        its generation and its remaining scoring slices stop)."""
+        engine, lm, req, toks = p.engine, p.lm, p.req, p.toks
         scored = await self._score(engine, [t.ids for t in toks], req) if req.echo else None
         generated = (
             await asyncio.gather(*(self._generate(engine, t.ids, req) for t in toks))
