@@ -78,6 +78,10 @@ BENCHES = {
     "detect_embed_cost": ("Detection", "CPU per prompt of MiniLM and cheaper encoders"),
     "linking_eval": ("Detection", "account linking with popular prompts, apps and NATs"),
     "detect_scale": ("Detection", "detection over a provider's history at scale"),
+    "detect_scale_duckdb": (
+        "Detection",
+        "the same detection as a partitioned job on DuckDB, out of core, against the replay",
+    ),
     "detect_fpr": ("Detection", "false-positive rate of detection on held-out benign traffic"),
     "detect_calibration_cli": (
         "Detection",
@@ -87,6 +91,11 @@ BENCHES = {
     "detector_follow": (
         "Detection",
         "the external detector following the ledger vs the in-process monitor, per CPU-second",
+    ),
+    "inprocess_lease_latency": (
+        "Detection",
+        "commit-to-verdict latency: the in-memory queue vs the lease holder's ledger feed "
+        "(its own requests, another replica's)",
     ),
     "arena_traffic": ("Arena", "traffic generation speed"),
     "demo": ("Arena", "distillguard demo: the whole story on the embedded defaults"),
@@ -124,6 +133,11 @@ BENCHES = {
         "watermark evidence vs a distiller's scrubbing (deletion, synonyms, swaps, truncation, "
         "mixing) and canaries dropped by an outlier filter",
     ),
+    "scrub_student": (
+        "Forensics",
+        "radioactivity of a student trained on a scrubbed harvest, and what the scrub cost it "
+        "(tiny teacher and student)",
+    ),
 }
 AREAS = [
     "Gateway and serving",
@@ -159,6 +173,7 @@ COMMANDS = {
     "detect_eval_benign750.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 750 --kinds slowlow --attackers 5 --campaign-requests 600 --out bench/results/detect_eval_benign750.json",
     "detect_eval_20attackers.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 300 --attackers 20 --hydras 2 --campaign-requests 600 --out bench/results/detect_eval_20attackers.json --plot bench/results/detect_roc_20attackers.png",
     "detector_follow.json": "nice -n 10 python bench/detector_follow.py --requests 3000 --rounds 5 --out bench/results/detector_follow.json",
+    "inprocess_lease_latency.json": "nice -n 5 python bench/inprocess_lease_latency.py --out bench/results/inprocess_lease_latency.json",
     "detect_embed_cost.json": "nice -n 10 python bench/detect_embed_cost.py --prompts 512",
     "detect_throughput_quiet.json": "python bench/detect_throughput.py --threads 1 --embed-workers 2 --requests 1500",
     "detect_throughput_quiet_mixed.json": "python bench/detect_throughput.py --threads 1 --embed-workers 2 --requests 1500 --benign-accounts 1000",

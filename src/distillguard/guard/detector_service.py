@@ -242,7 +242,7 @@ def _shared(detection) -> dict:
     """Objects the checkpoint refers to by name instead of storing: the calibration (its benign
     tails and reference sample, loaded from the calibration file at start) and the embedder
     (a model)."""
-    monitor = detection.monitor
+    monitor = getattr(detection, "monitor", None)  # a plugin monitor may wrap nothing
     cal = getattr(monitor, "calibration", None)
     shared = {"calibration": cal, "embedder": getattr(monitor, "embedder", None)}
     if cal is not None:
