@@ -59,6 +59,9 @@ def test_many_row_groups_in_order(tmp_path, monkeypatch):
 
     assert pq.ParquetFile(path).num_row_groups == 5
     assert list(parquet.read_traffic(path, batch=4)) == records
+    # workers of a partitioned job read ranges of row groups: together, the file in order
+    parts = [list(parquet.read_traffic(path, row_groups=g)) for g in (range(2), range(2, 5))]
+    assert parts[0] + parts[1] == records and len(parts[0]) == 14
 
 
 def test_columns_a_distributed_engine_reads(tmp_path):
