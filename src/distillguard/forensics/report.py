@@ -9,8 +9,8 @@ against its null or the controls, could it run and why not):
   master secret; open mode on weights, closed mode on a URL)? The p-value is the exact one
   of :mod:`.radioactivity`, Holm over accounts; the controls get the same test.
 - ``canaries``: does it prefer the served canaries' endings to decoys (the ledger's canary rows
-  and the secret; weights by likelihood, a URL by its answers)? Exact rank p-values, Fisher per
-  account, Holm over accounts.
+  and the secret; weights by likelihood, a URL by its prompt logprobs where it gives them, else
+  by its answers)? Exact rank p-values, Fisher per account, Holm over accounts.
 
 The verdict: Holm over the tests that ran (family-wise error control over the report's claims).
 It says "distilled" only when some test is significant after Holm *and* the suspect's statistic
