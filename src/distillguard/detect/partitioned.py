@@ -473,7 +473,9 @@ def _pairs(con, min_evidence: int):
 
 # ---- stage 5: pair weights ----
 def _weights(pairs, stats) -> dict[tuple[str, str], float]:
-    """-log10 p of each pair (linking.py's null), vectorised over pairs, on the period's counts."""
+    """-log10 p of each pair (linking.py's null), vectorised over pairs, on the period's counts.
+    In numpy rather than SQL: the Poisson and χ² tails are scipy's (``pdtrc``, ``chdtrc``), and
+    the pairs that reach ``min_evidence`` are few (thousands per million requests)."""
     from scipy import special
 
     per_account, totals = stats
