@@ -8,17 +8,29 @@ a rerun in the same --out reuses every act."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
-from distillguard.arena.demo import DISTILLER, KINDS, STAGES, DemoConfig, _Stages, stage_keys
+from distillguard.arena.demo import (
+    DISTILLER,
+    KINDS,
+    STAGES,
+    DemoConfig,
+    _Stages,
+    held_out_prompts,
+    stage_keys,
+)
+from distillguard.distill.evaluate import prompts_digest
+from distillguard.distill.store import ResponseStore
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import AccountExposure
 from distillguard.serve.process import distillguard_command
@@ -157,11 +169,41 @@ def test_student_act_runs_the_canary_test_with_its_control(report):
     assert written["student"]["untrained_student"] == untrained
 
 
+def test_quality_act_scores_both_students_on_prompts_no_account_sent(report):
+    q = report["quality"]
+    out = Path(report["config"]["out"])
+    cfg = DemoConfig(out=out, **SMALL)
+    held = held_out_prompts(cfg)
+    assert q["prompts"] == len(held) == cfg.quality_prompts
+    assert q["prompts_sha256"] == prompts_digest(held)  # the numbers are of these prompts
+    held_texts = {m[-1]["content"] for m in held}
+    # no account sent them: not the distiller (every request its harvest made, answered or
+    # not) nor anyone else (every request body in the ledger)
+    store = ResponseStore(out / "harvest" / "store.sqlite")
+    try:
+        distiller = {r["request"]["messages"][-1]["content"] for r in store.records(only_ok=False)}
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(out / "ledger.db")) as db:
+        bodies = [json.loads(b) for (b,) in db.execute("SELECT request_body FROM requests")]
+    sent = {b["messages"][-1]["content"] for b in bodies}
+    assert len(distiller) > SMALL["extract"] / 2 and distiller <= sent
+    assert len(bodies) == SMALL["extract"] + SMALL["users"] * SMALL["user_requests"]
+    assert not held_texts & sent
+    # the teacher's own greedy answers are its likeliest text: its NLL is the floor
+    for name in ("student", "untrained_student"):
+        m = q[name]
+        assert q["teacher"]["nll"] < m["nll"], name
+        assert 0 <= m["rouge_l"] <= 1 and 0 <= m["rep4"] <= 1, name
+        assert m["parameters"] < q["teacher"]["parameters"], name
+    assert q["student"]["parameters"] == q["untrained_student"]["parameters"]
+
+
 def assert_demo_json_shape(d: dict) -> None:
     """What demo.json holds (what the CLI's tables and the docs read), act by act."""
     assert set(d) == {"config", "detection", "live", "trace", "seconds"} | (
         {"student"} if d["config"]["student"] else set()
-    )
+    ) | ({"quality"} if d["config"]["student"] and d["config"]["quality_prompts"] else set())
     assert set(d["config"]) == {f.name for f in fields(DemoConfig)}
     det = d["detection"]
     assert set(det) == {"calibration", "benign", "campaigns", "plot"}
@@ -204,6 +246,15 @@ def assert_demo_json_shape(d: dict) -> None:
             assert set(st[name]) == {"traced", "accounts", "power"}
             for a in st[name]["accounts"]:
                 assert set(a) == {f.name for f in fields(AccountExposure)}
+    if "quality" in d and "skipped" not in d["quality"]:
+        q = d["quality"]
+        assert set(q) == {
+            "prompts", "max_new_tokens", "prompts_sha256", "teacher", "student",
+            "untrained_student",
+        }  # fmt: skip
+        assert set(q["teacher"]) == {"parameters", "nll", "rep4"}
+        for name in ("student", "untrained_student"):
+            assert set(q[name]) == {"parameters", "nll", "rouge_l", "exact_match", "rep4"}
     assert d["seconds"] > 0
 
 
@@ -269,6 +320,9 @@ def test_report_html_renders_in_chromium_and_shows_demo_json(report, tmp_path):
         "student.untrained_student.traced",
         "student.student.accounts.0.p_holm",
         "student.untrained_student.accounts.0.p_holm",
+        "quality.prompts",
+        "quality.teacher.nll",
+        *(f"quality.{m}.{k}" for m in ("student", "untrained_student") for k in ("nll", "rouge_l")),
     }
     assert headline <= set(shown)
     for key, text in shown.items():
@@ -285,7 +339,7 @@ def test_a_rerun_in_the_same_out_reuses_every_act(report, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(report["config"]["out"], again)
     rerun = run_demo_cli(again, timeout=600)
-    assert rerun.stderr.count("reused from the earlier run") == 4, rerun.stderr[-3000:]
+    assert rerun.stderr.count("reused from the earlier run") == 5, rerun.stderr[-3000:]
     second = json.loads(rerun.stdout)
     assert "gateway on" not in rerun.stderr  # act 2 did not serve again
     assert second["config"] == {**report["config"], "out": str(again)}
@@ -305,10 +359,11 @@ def test_each_act_is_redone_when_a_setting_it_depends_on_changes(tmp_path):
         return {name for name in keys if other[name] != keys[name]}
 
     assert changed(threads=2, startup_timeout_s=10.0, out=tmp_path / "elsewhere") == set()
-    assert changed(epochs=1.0) == {"student"}
-    assert changed(student="prune:2") == {"student"}
-    assert changed(extract=10) == {"live", "trace", "student"}
-    assert changed(target_fpr=0.05) == {"detection", "live", "trace", "student"}
+    assert changed(epochs=1.0) == {"student", "quality"}
+    assert changed(student="prune:2") == {"student", "quality"}
+    assert changed(quality_prompts=2) == {"quality"}
+    assert changed(extract=10) == {"live", "trace", "student", "quality"}
+    assert changed(target_fpr=0.05) == set(STAGES)
 
 
 def test_an_act_whose_files_are_gone_is_redone_with_every_act_after_it(tmp_path):
@@ -335,7 +390,7 @@ def test_an_act_whose_files_are_gone_is_redone_with_every_act_after_it(tmp_path)
     assert play() == list(STAGES)
     assert play() == []
     (tmp_path / "ledger.db").unlink()
-    assert play() == ["live", "trace", "student"]  # "live" made it again
+    assert play() == ["live", "trace", "student", "quality"]  # "live" made it again
     assert play() == []
     assert play(fresh=True) == list(STAGES)
 
@@ -345,6 +400,8 @@ def test_bad_settings_are_refused_before_anything_runs(tmp_path):
         DemoConfig(out=tmp_path, cal_accounts=5)
     with pytest.raises(ConfigError, match="--extract"):
         DemoConfig(out=tmp_path, extract=0)
+    with pytest.raises(ConfigError, match="--quality-prompts -1"):
+        DemoConfig(out=tmp_path, quality_prompts=-1)
     r = run_cli("demo", "--target-fpr", "2", "-o", str(tmp_path))
     assert r.returncode == 2 and "--target-fpr" in r.stderr
     assert not any(tmp_path.iterdir())

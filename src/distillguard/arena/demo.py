@@ -1,6 +1,6 @@
 """``distillguard demo``: the arena's default scenario, provider against distiller against investigator.
 
-Four acts on one machine, every part real (the gateway is ``distillguard serve`` in a subprocess
+Five acts on one machine, every part real (the gateway is ``distillguard serve`` in a subprocess
 on loopback, clients speak HTTP to it, the ledger is SQLite):
 
 1. **Detection on labelled traffic.** The detectors are calibrated on benign arena users (the
@@ -19,6 +19,9 @@ on loopback, clients speak HTTP to it, the ledger is SQLite):
 4. **The suspect model** (unless ``student=None``): a student trained on the harvested data by
    ``distill curate`` and ``distill train`` is tested for the canaries served to the distiller
    (exact rank p-values, Fisher per account, Holm), against the untrained student as control.
+5. **What the student learned** (unless ``quality_prompts=0``): the student and the untrained
+   student scored against the teacher on held-out prompts no account sent, by ``distill eval``'s
+   measures, beside what the distiller spent on teacher queries.
 
 :func:`run_demo` returns the report (also written to ``OUT/demo.json``); the CLI prints it.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 
 from distillguard.arena.demo_config import CANARY_DECOYS, DISTILLER, KINDS, POLICY, DemoConfig, Say
 from distillguard.arena.demo_live import act_live, gateway
+from distillguard.arena.demo_quality import act_quality, held_out_prompts
 from distillguard.jsonl import read_jsonl
 
 __all__ = [
@@ -47,9 +51,11 @@ __all__ = [
     "Say",
     "act_detection",
     "act_live",
+    "act_quality",
     "act_student",
     "act_trace",
     "gateway",
+    "held_out_prompts",
     "run_demo",
     "stage_keys",
 ]
@@ -336,6 +342,7 @@ STAGES: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     ),
     "trace": ("live", (), ()),
     "student": ("live", ("student", "epochs", "seed"), ("student/config.json",)),
+    "quality": ("student", ("quality_prompts",), ()),
 }  # fmt: skip
 
 
@@ -401,7 +408,7 @@ class _Stages:
 
 
 def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None, *, fresh: bool = False) -> dict:
-    """Play the four acts; the report is returned and written to ``OUT/demo.json``, with
+    """Play the acts; the report is returned and written to ``OUT/demo.json``, with
     ``OUT/report.html`` beside it. Acts finished by an earlier run in ``OUT`` with the same
     settings are reused unless ``fresh``; ``seconds`` is the acts' own time, reused or not.
     Logging is the caller's (the CLI keeps other libraries quiet unless -v)."""
@@ -427,6 +434,12 @@ def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None, *, fresh: bool = F
             ("student", "4. the suspect model: canaries",
              lambda: act_student(cfg, hooks.say, hooks.train_callbacks))
         )  # fmt: skip
+        if cfg.quality_prompts:
+            acts.append(
+                ("quality", "5. what the student learned: held-out prompts",
+                 lambda: {"skipped": report["student"]["skipped"]} if "skipped" in report["student"]
+                 else act_quality(cfg, hooks.say))
+            )  # fmt: skip
     for name, title, act in acts:
         hooks.say(f"[bold]{title}[/]")
         report[name], took = stages.run(name, act, hooks.say)

@@ -52,6 +52,9 @@ class DemoConfig:
     # act 4
     student: str | None = "prune:8"
     epochs: float = 6.0  # enough passes over ~30 rows for the student to take in the canaries
+    # act 5: held-out prompts the student and its control are scored on (0: not measured); few,
+    # as the teacher answers each greedily to max_tokens on the machine running the demo
+    quality_prompts: int = 8
     seed: int = 0
     startup_timeout_s: float = 300.0
 
@@ -82,3 +85,7 @@ class DemoConfig:
             raise ConfigError(f"--target-fpr {self.target_fpr} must be between 0 and 1")
         if self.epochs <= 0:
             raise ConfigError(f"--epochs {self.epochs} must be above 0")
+        if self.quality_prompts < 0:
+            raise ConfigError(
+                f"--quality-prompts {self.quality_prompts} cannot be negative (0 skips act 5)"
+            )

@@ -251,6 +251,39 @@ def _loss_plot(report: dict, history: list[dict]) -> str:
 # ---- the page -------------------------------------------------------------------------------
 
 
+def _quality_html(report: dict) -> str:
+    """Act 5: the student and its control against the teacher on held-out prompts."""
+    q = report.get("quality")
+    if q is None:
+        return "<p>Its quality on held-out prompts was not measured (<code>--quality-prompts 0</code>).</p>"
+    if "skipped" in q:
+        return f"<p>Its quality on held-out prompts: skipped, {_v(report, 'quality.skipped')}.</p>"
+    rows = [
+        ("the teacher (the floor)", "quality.teacher", False),
+        ("the student", "quality.student", True),
+        ("the untrained student (control)", "quality.untrained_student", True),
+    ]
+    out = [
+        f"<p>On {_v(report, 'quality.prompts')} held-out ShareGPT prompts that no account sent "
+        "the gateway, each model is scored against the teacher's greedy answers (up to "
+        f"{_v(report, 'quality.max_new_tokens')} tokens) as <code>distillguard distill eval</code> "
+        "scores a student: the NLL of the teacher's answers (nats per token; lower is closer to "
+        "the teacher), ROUGE-L of its own greedy answers against the teacher's, and the share of "
+        "repeated 4-grams in its own answers (a looping model can score a low NLL).</p>"
+        "<table><tr><th>model</th><th>parameters</th><th>NLL of the teacher's answers</th>"
+        "<th>ROUGE-L vs the teacher</th><th>repeated 4-grams</th></tr>"
+    ]
+    for label, k, student in rows:
+        rouge = _v(report, k + ".rouge_l") if student else "–"
+        out.append(
+            f"<tr><td>{e(label)}</td><td>{_v(report, k + '.parameters')}</td>"
+            f"<td>{_v(report, k + '.nll')}</td><td>{rouge}</td>"
+            f"<td>{_v(report, k + '.rep4')}</td></tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
 def render_html(report: dict, out: Path) -> str:
     """The page for ``report`` (the dict demo.json is written from) and the files in ``out``."""
     det, live = report["detection"], report["live"]
@@ -301,6 +334,17 @@ def render_html(report: dict, out: Path) -> str:
         )
     elif st is not None:
         parts.append(f"<li>Student: skipped, {_v(report, 'student.skipped')}.</li>")
+    q = report.get("quality")
+    if q is not None and "skipped" not in q:
+        parts.append(
+            f"<li>What {_v(report, f'live.ledger.{DISTILLER}.requests')} teacher queries bought: "
+            f"on {_v(report, 'quality.prompts')} held-out prompts the student's NLL of the "
+            f"teacher's answers is {_v(report, 'quality.student.nll')} nats/token (untrained "
+            f"student {_v(report, 'quality.untrained_student.nll')}, the teacher itself "
+            f"{_v(report, 'quality.teacher.nll')}), ROUGE-L against the teacher "
+            f"{_v(report, 'quality.student.rouge_l')} (untrained "
+            f"{_v(report, 'quality.untrained_student.rouge_l')}).</li>"
+        )
     parts.append("</ul>")
 
     # 1. detection
@@ -451,15 +495,15 @@ def render_html(report: dict, out: Path) -> str:
 
         # 5. cost vs quality
         parts.append(
-            "<h2>5. What the student cost</h2>"
+            "<h2>5. What the student cost, and what it learned</h2>"
             f"<p>{_v(report, f'live.ledger.{DISTILLER}.requests')} teacher requests, "
             f"{_v(report, 'live.harvest.completion_tokens')} completion tokens, "
             f"{_v(report, 'student.curated_rows')} training rows, "
             f"{_v(report, 'student.train.steps')} steps, final training loss "
             f"{_v(report, 'student.train.final_loss')}. The demo's student is a canary carrier "
-            "(plain SFT on a few rows), not a good student: its quality on held-out prompts is "
-            "not measured here (<code>distillguard distill eval</code> does).</p>"
+            "(plain SFT on a few rows), not a good student.</p>"
         )
+        parts.append(_quality_html(report))
         summary = out / "student" / "train_summary.json"
         history = json.loads(summary.read_text()).get("history") if summary.is_file() else None
         if history:

@@ -70,6 +70,11 @@ def demo_command(
         help="student trained on the harvest for act 4 (model spec, prune:K); 'none' skips act 4",
     ),
     epochs: float = typer.Option(6.0, help="the student's training epochs"),
+    quality_prompts: int = typer.Option(
+        8,
+        help="held-out prompts (none sent by any account) the student and the untrained student "
+        "are scored on against the teacher; 0 skips act 5",
+    ),
     seed: int = typer.Option(0, help="random seed of the traffic and the training"),
     fresh: bool = typer.Option(
         False, "--fresh", help="redo every act, even those an earlier run in --out finished"
@@ -87,6 +92,8 @@ def demo_command(
     3: the harvested data is traced by its watermark to the account that took it.
 
     4: a student trained on it is tested for the canaries served to the distiller.
+
+    5: the student and the untrained student are scored against the teacher on held-out prompts.
 
     Ground truth is known throughout, and each test has its control. About 20 minutes on 2 cores with the
     embedded teacher. OUT/report.html shows it all (plots embedded, opens offline); a rerun in the same
@@ -120,6 +127,7 @@ def demo_command(
         max_prompt_chars=max_prompt_chars,
         student=None if student.lower() == "none" else student,
         epochs=epochs,
+        quality_prompts=quality_prompts,
         seed=seed,
     )
     progress = make_progress(
@@ -265,3 +273,11 @@ def show(report: dict) -> None:
                 "yes" if a["account"] in st[name]["traced"] else "no",
             )
     console.print(table)
+    q = report.get("quality")
+    if q and "skipped" not in q:
+        console.print(
+            f"5. on {q['prompts']} held-out prompts, NLL of the teacher's answers (nats/token; "
+            f"the teacher's own {q['teacher']['nll']:.2f}): student {q['student']['nll']:.2f}, "
+            f"untrained {q['untrained_student']['nll']:.2f}; ROUGE-L vs the teacher: "
+            f"{q['student']['rouge_l']:.2f} and {q['untrained_student']['rouge_l']:.2f}"
+        )
