@@ -229,7 +229,9 @@ def compare(args, lm, prompts, served_scheme: str, secret: bytes, alpha: float, 
     # our engine first; a vLLM this run starts comes up after it, so the two never share the
     # cores (with both alive our engine starved in bench/serve_throughput.py's run)
     if not args.reference:
-        run("local", "--model", args.model)
+        # --serve-threads 1 on a machine shared with other work: two torch threads stall waiting
+        # for each other whenever one is descheduled (serve --threads' help)
+        run("local", "--model", args.model, "--threads", str(args.serve_threads))
     with ExitStack() as stack:
         upstream = args.vllm_url or start_vllm(stack, work / "vllm.log")
         wait_healthy(upstream)

@@ -20,10 +20,14 @@ number to quote (the JSON records the load average before and after).
 
 ``--engine vllm`` benches a vLLM server running distillguard's logits processor (started from
 vLLM's own virtualenv, ``scripts/vllm_env.sh``, on the embedded teacher's HF directory, or
-``--vllm-url``), in two variants per phase, side by side: ``plain`` requests (no key: the
-plugin returns vLLM's logits as they came, so this is vLLM without it) and ``keyed`` ones (each
-client an account whose default-scheme key rides in ``vllm_xargs``, as the gateway sends it).
-With several engines, every phase of a round runs on each in turn (one server busy at a time).
+``--vllm-url``), in three variants per phase, side by side: ``plain`` requests (no key: the
+plugin returns vLLM's logits as they came, so this is vLLM without it, sampling with each
+request's temperature and top-p), ``neutral`` ones (no key, and the neutral sampler the gateway
+asks vLLM for: temperature 1, top-p 1) and ``keyed`` ones (each client an account whose
+default-scheme key and sampler ride in ``vllm_xargs`` with that neutral sampler, as the gateway
+sends them). keyed / neutral is the plugin's own cost; keyed / plain what serving through it
+changes. With several engines, every phase of a round runs on each in turn, the other servers
+this script started frozen (SIGSTOP) meanwhile: an idle vLLM CPU worker keeps polling a core.
 
 Progress goes to stderr, one JSON object to stdout.
 """
@@ -94,11 +98,14 @@ def free_port() -> int:
 
 
 def client_params(
-    client: int, request: int, max_tokens: int, model: str, keyed: bool = False
+    client: int, request: int, max_tokens: int, model: str, variant: str = "plain"
 ) -> dict:
     """Sampling parameters of one client (its temperature, top_p and seed stream) and its next
     prompt. ``keyed``: the client is an account whose watermark key goes to vLLM's plugin in
-    ``vllm_xargs`` with its sampler, and vLLM gets a neutral one (what the gateway sends)."""
+    ``vllm_xargs`` with its sampler, and vLLM gets a neutral one (what the gateway sends).
+    ``neutral``: the same neutral sampler without a key (the plugin leaves the row alone), so
+    vLLM does exactly the sampling work it does for a keyed row: keyed vs neutral is the
+    plugin's own cost, keyed vs plain what serving through the plugin changes."""
     body = {
         "model": model,
         "messages": [{"role": "user", "content": PROMPTS[(client * 7 + request) % len(PROMPTS)]}],
@@ -107,7 +114,9 @@ def client_params(
         "top_p": (0.9, 0.95, 1.0)[client % 3],
         "seed": 1000 * client + request,
     }
-    if keyed:
+    if variant == "neutral":
+        body.update(temperature=1.0, top_p=1.0)
+    elif variant == "keyed":
         from distillguard.serve.keymaterial import XARG, Sampler, encode
         from distillguard.watermark import WatermarkParams, account_key
 
@@ -126,7 +135,7 @@ async def run_phase(
     progress: Progress,
     label: str,
     req_offset: int,
-    keyed: bool = False,
+    variant: str = "plain",
 ) -> dict:
     """``clients`` closed-loop streaming clients for ``duration`` seconds; requests still running
     at the end are cut off (the server cancels them) and credited with the tokens they streamed."""
@@ -142,7 +151,7 @@ async def run_phase(
         r = req_offset
         while True:
             body = {
-                **client_params(c, r, max_tokens, model, keyed),
+                **client_params(c, r, max_tokens, model, variant),
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -312,6 +321,24 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def pause_others(targets: list[dict], current: dict) -> list[int]:
+    """SIGSTOP the process groups of the other servers this script started, while ``current``
+    is benched. An idle vLLM CPU worker keeps a core busy polling (our engine beside it got about
+    a third of a core in the first run), so each engine is measured with the other frozen, not
+    merely idle. Servers given by URL are not ours to stop."""
+    stopped = []
+    for t in targets:
+        if t is not current and t["proc"] is not None:
+            os.killpg(t["proc"].pid, signal.SIGSTOP)
+            stopped.append(t["proc"].pid)
+    return stopped
+
+
+def resume(pgids: list[int]) -> None:
+    for pgid in pgids:
+        os.killpg(pgid, signal.SIGCONT)
+
+
 async def bench(args: argparse.Namespace, targets: list[dict]) -> list[dict]:
     """Every round: 1 client then N (N then 1 on odd rounds), each on every target and variant
     in turn, so the variants compared share the machine's state as closely as they can."""
@@ -323,14 +350,14 @@ async def bench(args: argparse.Namespace, targets: list[dict]) -> list[dict]:
     try:
         with console.status("warming up (one request, then a batch) ..."):
             for t, http in zip(targets, https):
-                for keyed in [v == "keyed" for v in t["variants"]]:
-                    warm = client_params(0, 0, 8, args.model, keyed)
+                for variant in t["variants"]:
+                    warm = client_params(0, 0, 8, args.model, variant)
                     (await http.post("/v1/chat/completions", json=warm)).raise_for_status()
                     rs = await asyncio.gather(
                         *(
                             http.post(
                                 "/v1/chat/completions",
-                                json=client_params(c, 0, 8, args.model, keyed),
+                                json=client_params(c, 0, 8, args.model, variant),
                             )
                             for c in range(args.clients)
                         )
@@ -356,6 +383,7 @@ async def bench(args: argparse.Namespace, targets: list[dict]) -> list[dict]:
                             if len(targets) > 1 or len(variants) > 1:
                                 label += f" {t['engine']}/{variant}"
                             pid = t["proc"].pid if t["proc"] is not None else None
+                            others = pause_others(targets, t)
                             cpu0 = cpu_seconds(pid)
                             res = await run_phase(
                                 http,
@@ -366,9 +394,10 @@ async def bench(args: argparse.Namespace, targets: list[dict]) -> list[dict]:
                                 progress,
                                 label,
                                 req_offset=100 * rnd,
-                                keyed=variant == "keyed",
+                                variant=variant,
                             )
                             cpu1 = cpu_seconds(pid)
+                            resume(others)
                             if t["engine"] == "local" and cpu0 is not None and cpu1 is not None:
                                 res["server_cpu_s"] = round(cpu1 - cpu0, 2)
                             phases.append(
@@ -472,7 +501,7 @@ def main() -> None:
                 "engine": engine,
                 "proc": None,
                 "log_path": None,
-                "variants": ("plain", "keyed") if engine == "vllm" else ("plain",),
+                "variants": ("plain", "neutral", "keyed") if engine == "vllm" else ("plain",),
             }
             targets.append(t)
             if given:
@@ -538,16 +567,33 @@ def main() -> None:
             for v in t["variants"]
         }
         if "vllm" in engines:
-            # the plugin's cost: keyed vs plain tokens/s on the same vLLM, phases side by side
+            # the plugin's cost: keyed vs neutral tokens/s on the same vLLM (the same sampler
+            # work for vLLM, the plugin's on top), phases side by side; keyed vs plain: what a
+            # request's own temperature/top-p costs in vLLM's sampler against ours
             e = result["engines"]
-            result["plugin_tokens_per_s_ratio"] = {
-                f"{n}_client{'s' if n > 1 else ''}": round(
-                    e["vllm/keyed"][key] / e["vllm/plain"][key], 3
-                )
-                for n, key in (
-                    (1, "tokens_per_s_1_client"),
-                    (args.clients, f"tokens_per_s_{args.clients}_clients"),
-                )
+            for name, base in (
+                ("plugin_tokens_per_s_ratio", "neutral"),
+                ("keyed_vs_plain", "plain"),
+            ):
+                result[name] = {
+                    f"{n}_client{'s' if n > 1 else ''}": round(
+                        e["vllm/keyed"][key] / e[f"vllm/{base}"][key], 3
+                    )
+                    for n, key in (
+                        (1, "tokens_per_s_1_client"),
+                        (args.clients, f"tokens_per_s_{args.clients}_clients"),
+                    )
+                }
+            result["plugin_ratio_per_round"] = {
+                f"{n}_client{'s' if n > 1 else ''}": [
+                    round(k["tokens_per_s"] / p["tokens_per_s"], 3)
+                    for p, k in zip(
+                        [p for p in phases if p["variant"] == "neutral" and p["clients"] == n],
+                        [p for p in phases if p["variant"] == "keyed" and p["clients"] == n],
+                    )
+                    if p["tokens_per_s"]
+                ]
+                for n in (1, args.clients)
             }
     result.update(
         {

@@ -1040,6 +1040,13 @@ def main() -> None:
     )
     ap.add_argument("--engine-tokens", type=int, default=64, help="answer tokens with --engine")
     ap.add_argument(
+        "--serve-threads",
+        type=int,
+        default=0,
+        help="--engine vllm: torch threads of our engine's server (serve --threads; 0: one per "
+        "core, 1 on a machine busy with other work)",
+    )
+    ap.add_argument(
         "--reference",
         type=Path,
         default=None,

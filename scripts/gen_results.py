@@ -154,7 +154,6 @@ AREAS = [
 COMMANDS = {
     "gateway_overhead.json": "python bench/gateway_overhead.py --duration 10 --concurrency 1,64 --rounds 3",
     "serve_throughput.json": "python bench/serve_throughput.py --threads 1",
-    "serve_throughput_vllm.json": "nice -n 10 python bench/serve_throughput.py --engine vllm,local --duration 20 --rounds 2",
     "prefill_fairness.json": "python bench/prefill_fairness.py",
     "policy_impact.json": "python bench/policy_impact.py",
     "antidistill.json": "nice -n 5 python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 --tokens 48 --lambdas 0,0.5,1 --seeds 2 --steps 16",
