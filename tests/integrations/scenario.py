@@ -9,7 +9,9 @@ the real ``WatermarkLogitsProcessor``, vLLM's ``BatchUpdate``, ``MoveDirectional
 Requests of every built-in scheme (and a boosted δ, and rows with no key) join, leave, move
 and swap slots mid-batch with different temperatures, top-p, penalties and greedy rows, over
 a vocabulary larger than keyed-hash's 1,024 candidates; some logits are -inf (filtered
-tokens). At each step both sides get the same logits; the engine's tokens are fed back to
+tokens). One keyed SynthID request is preempted (removed with tokens already generated) and
+resumed two steps later in another slot, as vLLM re-adds a preempted request with its output so
+far: its context must come from that output, not from the slot. At each step both sides get the same logits; the engine's tokens are fed back to
 both (vLLM hands the processor a live reference to each request's output list: the same list
 object here).
 """
@@ -111,6 +113,7 @@ def run(processor, make_update, make_params, swap, unidirectional) -> dict:
         recorded.append(logprobs.clone())
         return real_sample_rows(logprobs, temperature, generators)
 
+    synthid = mk("synthid", k["synthid"], prompt(9), Sampler(1.0), 3)
     # (step, removed, added [(slot, request)], moved [(a, b, kind)])
     plan = {
         0: (
@@ -118,7 +121,7 @@ def run(processor, make_update, make_params, swap, unidirectional) -> dict:
             [
                 (0, mk("kh", k["keyed-hash"], prompt(7), Sampler(0.7, 0.9), 1)),
                 (1, mk("plain", None, prompt(5), Sampler(0.8), 2)),
-                (2, mk("synthid", k["synthid"], prompt(9), Sampler(1.0), 3)),
+                (2, synthid),
                 (3, mk("lefthash", k["lefthash-ref"], prompt(1), Sampler(0.0, 1.0, 0.5), 4)),
             ],
             [],
@@ -140,13 +143,27 @@ def run(processor, make_update, make_params, swap, unidirectional) -> dict:
             [],
         ),
         7: ([4], [], [(5, 4, unidirectional)]),
+        # preempted: synthid (slot 0 since step 4's swap) leaves with its output so far, the
+        # last row fills its slot; resumed at step 10 in the last slot
+        8: ([0], [], [(4, 0, unidirectional)]),
+        10: ([], [(4, synthid)], []),
     }
-    compared = {"keyed_rows": 0, "plain_rows": 0, "steps": 0, "unpenalised": 0, "changed": set()}
+    compared = {
+        "keyed_rows": 0,
+        "plain_rows": 0,
+        "steps": 0,
+        "unpenalised": 0,
+        "changed": set(),
+        "resumed_rows": 0,
+    }
+    preempted_at = None
     emission.sample_rows = spy
     try:
-        for step in range(10):
+        for step in range(13):
             removed, added, moved = plan.get(step, ([], [], []))
             for i in removed:
+                if slots[i] is synthid:
+                    preempted_at = len(synthid.row.out_ids)
                 slots[i] = None
             for i, req in added:
                 slots.extend([None] * (i + 1 - len(slots)))
@@ -185,6 +202,9 @@ def run(processor, make_update, make_params, swap, unidirectional) -> dict:
                         f"{(out[b] - engine_lp[b]).abs().nan_to_num(0).max()}"
                     )
                     compared["keyed_rows"] += 1
+                    if r is synthid and preempted_at is not None:
+                        assert len(r.row.out_ids) >= preempted_at > 0
+                        compared["resumed_rows"] += 1
                     p = r.row.job.params
                     if not (p.presence_penalty or p.frequency_penalty):
                         # the watermark did something (else equality would prove little)

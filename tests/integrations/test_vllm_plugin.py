@@ -85,5 +85,6 @@ def test_vllm_processor_equals_the_engine_bit_for_bit(vllm_python):
     proc = _run(vllm_python, "-m", "tests.integrations.scenario", "--vllm")
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 10 and result["keyed_rows"] == 41 and result["plain_rows"] == 4
+    assert result["steps"] == 13 and result["keyed_rows"] == 54 and result["plain_rows"] == 4
     assert result["changed"] == ["kh", "synthid", "synthid-greedy"]
+    assert result["resumed_rows"] == 3  # preempted with output so far, resumed in another slot
