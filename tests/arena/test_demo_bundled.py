@@ -5,8 +5,8 @@ trained on that dataset traces to the distiller by its canaries while the untrai
 not, and the student is closer to the teacher than its control on prompts nobody sent.
 
 The tiny demo (tests/arena/test_demo.py) can assert only the controls: a random teacher's
-watermark is too weak in a few short answers. This one takes minutes of CPU (see docs/arena.md
-for its measured time), too long for CI's budget, so it runs only when asked:
+watermark is too weak in a few short answers. This one takes tens of minutes on a 2-core machine
+(docs/arena.md gives a measured run), too long for CI's budget, so it runs only when asked:
 
     DISTILLGUARD_HEAVY_TESTS=1 .venv/bin/python -m pytest tests/arena/test_demo_bundled.py
 
@@ -17,7 +17,7 @@ The sizes, reasoned from the default run (bench/results/demo.json, 1,226 s):
   over 4 accounts needs about -3.6); at 48 it falls to -6 to -9, too close for one run.
 - ``extracting_after`` 3 and ``extract`` 80: the distiller is flagged near its 25th-29th
   request; canaries (25% of answers from 'extracting' on) then come from ~45 requests, about 11
-  expected (4 or more with probability 0.99), where 3 ranked first already give p < 1e-3 with
+  expected (4 or more with probability 0.998), where 3 ranked first already give p < 1e-3 with
   49 decoys. The default run's student ranked all 8 of its canaries first after 6 epochs.
 - act 1 at the tiny demo's sizes (the distiller is flagged there too), 3 users asking 2 each,
   8 requests in flight (the engine batches them), the default student (``prune:8``, 6 epochs).
@@ -40,9 +40,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         os.environ.get("DISTILLGUARD_HEAVY_TESTS") != "1",
-        reason="the demo on the bundled teacher takes minutes of CPU (docs/arena.md says how "
-        "long), too long for CI; run it with DISTILLGUARD_HEAVY_TESTS=1 .venv/bin/python -m "
-        "pytest tests/arena/test_demo_bundled.py",
+        reason="the demo on the bundled teacher takes tens of minutes on 2 cores (docs/arena.md), "
+        "too long for CI; run it with DISTILLGUARD_HEAVY_TESTS=1 .venv/bin/python -m pytest "
+        "tests/arena/test_demo_bundled.py",
     ),
     pytest.mark.timeout(3600),
 ]
@@ -83,7 +83,10 @@ def test_it_ran_at_these_sizes_with_demo_json_in_shape(report):
     assert_demo_json_shape(report)
     assert {k: report["config"][k] for k in SIZES} == SIZES
     d = report["live"]["ledger"][DISTILLER]
-    assert d["requests"] == SIZES["extract"] and d["canary_requests"] > 0
+    # the distiller reached 'extracting' and was served canaries (its request count is not
+    # pinned: on a loaded machine a request can outlast the harvest's timeout and be sent again,
+    # the ledger then holding a 499 and its retry)
+    assert d["extracting_from_request"] is not None and d["canary_requests"] > 0
     for name, e in report["live"]["ledger"].items():
         if name != DISTILLER:  # no user was touched by the policy
             assert (e["suspect_requests"], e["canary_requests"]) == (0, 0), name
