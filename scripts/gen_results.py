@@ -159,7 +159,6 @@ COMMANDS = {
     "antidistill.json": "nice -n 5 python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 --tokens 48 --lambdas 0,0.5,1 --seeds 2 --steps 16",
     "antidistill_control.json": "nice -n 5 python bench/antidistill.py --prompts 32 --eval-prompts 16 --downstream 48 --downstream-test 24 --tokens 48 --lambdas 0 --random-lambdas 1 --seeds 2 --steps 16",
     "watermark_quality.json": "nice -n 10 python bench/watermark_quality.py --grid --deltas 2 --batch 48 --threads 1 --null-keys 20 --fpr-texts 0 --cached-only",
-    "watermark_quality_vllm.json": "python bench/watermark_quality.py --engine vllm --prompts 96 --reference bench/results/watermark_quality.json --vllm-url URL (vLLM with the plugin, started as docs/vllm.md says)",
     "watermark_quality_synthid_sum.json": "python bench/watermark_quality.py --grid --deltas 2 --batch 48 --threads 2 --null-keys 20 --fpr-texts 0 --cached-only --only synthid --json bench/results/watermark_quality_synthid_sum.json",
     "watermark_fpr_synthid.json": "python bench/watermark_quality.py --only-fpr --fpr-scheme synthid --fpr-prompt-tokens 16 --fpr-detectors plain,layers,teacher-layers",
     "watermark_overhead_synthid.json": "nice -n 10 python bench/watermark_overhead.py --rounds 3 --threads 1 --conditions none,synthid,keyed-hash",
