@@ -438,7 +438,7 @@ def write(
     level = math.log10(ALPHA / 2)
     summary = {
         name: {
-            "right_log10_p_median": statistics.median(r["right_log10_p"] for r in runs),
+            "right_log10_p_median": round(statistics.median(r["right_log10_p"] for r in runs), 3),
             "wrong_log10_p_min": min(r["wrong_log10_p"] for r in runs),
             "traced_seeds": sum(r["right_log10_p"] < level for r in runs),
             "wrong_traced_seeds": sum(r["wrong_log10_p"] < level for r in runs),
