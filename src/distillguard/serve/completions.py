@@ -30,7 +30,7 @@ from typing import Annotated
 
 import torch
 from fastapi import Request
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from distillguard.errors import APIError, ContextLengthExceeded, InvalidRequestError, NotFoundError
 from distillguard.models import LoadedModel
@@ -40,7 +40,7 @@ from distillguard.serve.schemas import (
     MAX_TOP_LOGPROBS,
     _Strict,
     check_content_type,
-    validation_to_api_error,
+    parse_request,
 )
 
 # Tokens per forward pass when scoring: (tokens, vocabulary) float logits are the memory (2048 x
@@ -105,12 +105,7 @@ class CompletionRequest(_Strict):
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
-    try:
-        req = CompletionRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise validation_to_api_error(exc, body) from None
-    req.check()
-    return req
+    return parse_request(CompletionRequest, body)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from email.message import Message
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -166,14 +166,23 @@ def check_content_type(value: str | None) -> None:
     )
 
 
-def parse_chat_request(body: bytes) -> ChatCompletionRequest:
-    """Validate a raw request body; every failure becomes an :class:`InvalidRequestError`."""
+_Checked = TypeVar("_Checked", bound=BaseModel)
+
+
+def parse_request(model: type[_Checked], body: bytes) -> _Checked:
+    """Validate a raw request body as ``model`` (a request schema with a ``check()``); every
+    failure becomes an :class:`InvalidRequestError`."""
     try:
-        req = ChatCompletionRequest.model_validate_json(body)
+        req = model.model_validate_json(body)
     except ValidationError as exc:
         raise validation_to_api_error(exc, body) from None
     req.check()
     return req
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validate a raw chat request body; every failure becomes an :class:`InvalidRequestError`."""
+    return parse_request(ChatCompletionRequest, body)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
