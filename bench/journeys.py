@@ -2,7 +2,8 @@
 the pages document, on the embedded teacher: the same page text that tests/docs/test_journeys.py
 runs on the tiny model, run here with none of the pages' variables changed (only PORT, so a
 gateway of your own on :8000 is left alone), and each block's wall time written to
-bench/results/journeys.json with the load average around the run (the machine may be shared).
+bench/results/journeys.json with the load average around the run (the machine may be shared),
+and the distiller's 600-prompt harvest as the gateway saw it (its report, the ledger's statuses).
 
     nice -n 10 python bench/journeys.py                       # all three pages, real sizes
     python bench/journeys.py --set N_PROMPTS=60 --out /tmp/j.json   # a smaller try
@@ -51,6 +52,41 @@ def step_titles(page: Path) -> dict[int, str]:
         if number in blocks:
             titles[number] = current
     return titles
+
+
+def harvest_figures(work: Path) -> dict | None:
+    """The distiller page's harvest as the gateway saw it: its report (sent, retries, capped,
+    seconds) and the HTTP statuses in the provider page's ledger per account (499: a client that
+    gave up), so the run also shows whether 600 prompts at --concurrency 16 finished cleanly."""
+    report_path = work / "runs" / "h1" / "report.json"
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    out = {
+        "report": report,
+        "completion_tokens_per_s": report.get("completion_tokens", 0)
+        / max(report.get("seconds") or 0, 1e-9),
+    }
+    ledger = work / "ledger.db"
+    if ledger.is_file():
+        from sqlalchemy import select
+
+        from distillguard.guard.db import make_engine
+        from distillguard.guard.schema import LedgerRow
+
+        engine = make_engine(f"sqlite:///{ledger}")
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(select(LedgerRow.account_id, LedgerRow.status)).all()
+        finally:
+            engine.dispose()
+        statuses: dict[str, dict[str, int]] = {}
+        for account, status in rows:
+            per = statuses.setdefault(str(account), {})
+            per[str(status)] = per.get(str(status), 0) + 1
+        out["ledger_statuses"] = statuses
+        out["client_gave_up_499"] = sum(per.get("499", 0) for per in statuses.values())
+    return out
 
 
 def main() -> None:
@@ -121,6 +157,9 @@ def main() -> None:
     finally:
         for session in sessions:
             session.kill()
+        harvest = harvest_figures(base / "work")
+        if harvest:
+            result["distiller_harvest"] = harvest
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out} (work directory {base})", file=sys.stderr)
