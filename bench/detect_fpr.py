@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -42,7 +43,13 @@ from distillguard.arena.benign import TRAITS, _traits, app_templates
 from distillguard.arena.pools import public_prompts
 from distillguard.arena.traffic import account_id
 from distillguard.detect import DetectConfig, calibrate
-from distillguard.detect.calibrate import Flags, accounts_needed, cp_upper, replay_flags
+from distillguard.detect.calibrate import (
+    FLOOR_ROOM,
+    Flags,
+    accounts_needed,
+    cp_upper,
+    replay_flags,
+)
 from distillguard.detect.features import extract
 
 DETECTORS = ("volume", "timing", "shape", "template", "cot", "fresh", "linking")
@@ -344,7 +351,8 @@ def main() -> None:
         }
     out = {
         "code_version": code_version(),
-        "command": "nice -n 10 python "
+        # the niceness it really ran at (os.nice(0) reads it)
+        "command": f"nice -n {os.nice(0)} python "
         + " ".join(["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
         "config": vars(args)
         | {
@@ -352,6 +360,8 @@ def main() -> None:
             "campaigns": CAMPAIGNS,
             "detectors": DETECTORS,
             "eval_seed_offset": EVAL_SEED_OFFSET,
+            # how much room a detector at its tail floor leaves the others (calibrate.tail_floor)
+            "floor_room": FLOOR_ROOM,
             "arena_traits": dict(TRAITS),
         },
         "accounts_needed_for_target": accounts_needed(args.target_fpr),
