@@ -1,6 +1,7 @@
 """``distillguard demo`` end to end on a tiny random teacher, run as a user runs it (the CLI in a
 subprocess, ``--json``): a real gateway subprocess on loopback, the real harvester and ``openai``
-client, online detection, the policy ladder, the watermark and the canary test, with truths known
+client, online detection, the policy ladder, the watermark, the canary test and the forensics
+report on the student (its weights, and its URL served by ``serve --no-guard``), with truths known
 by construction (who extracted, who did not, which text came from another model); its terminal
 output is its own (no library log lines, progress bars or trainer dicts without -v). Its
 report.html is opened in headless Chromium (tests/browser.py) and must show demo.json's numbers;
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +35,7 @@ from distillguard.distill.evaluate import prompts_digest
 from distillguard.distill.store import ResponseStore
 from distillguard.errors import ConfigError
 from distillguard.forensics.canaries import AccountExposure
+from distillguard.forensics.report import TESTS, VERDICTS
 from distillguard.serve.process import distillguard_command
 from tests.browser import open_page
 from tests.cli.test_logging import BAR, LIBRARY_LOG
@@ -169,6 +172,54 @@ def test_student_act_runs_the_canary_test_with_its_control(report):
     assert written["student"]["untrained_student"] == untrained
 
 
+def test_forensics_act_judges_the_student_by_the_one_report_on_its_weights_and_its_url(report):
+    """Act 4's forensics report: run_report on the demo's student, the untrained student as
+    its control, the demo's ledger and secret; then the API-only canary test on both served by
+    `serve --no-guard` on loopback. On the tiny teacher only the controls are asserted (the
+    positives are tests/arena/test_demo_bundled.py's)."""
+    f = report["forensics"]
+    out = Path(report["config"]["out"])
+    evidence = json.loads((out / "forensics" / "evidence.json").read_text())
+    assert (out / f["report"]).is_file() and (out / f["api_report"]).is_file()
+    # the report ran, on this demo's student, control, ledger and secret
+    assert evidence["config"]["suspect"] == str(out / "student")
+    assert evidence["config"]["controls"] == [f"{SMALL['student']}@{SMALL['model']}"]
+    assert evidence["config"]["ledger"] == f"sqlite:///{out / 'ledger.db'}"
+    secret = (out / "watermark.secret").read_text().strip().encode()
+    assert evidence["inputs"]["secret_sha256"] == hashlib.sha256(secret).hexdigest()
+    assert f["verdict"] == evidence["verdict"] in VERDICTS
+    assert f["combined_p"] == evidence["combined_p"]
+    assert set(f["tests"]) == set(TESTS)
+    for name, t in f["tests"].items():
+        assert t["ran"] == (t["why_not"] is None) == (t["p_value"] is not None), (name, t)
+    ledger_tests = [f["tests"][n] for n in ("radioactivity", "canaries")]
+    assert all(t["ran"] for t in ledger_tests)
+    # its canary test is act 4's own weights test: the same student, canaries and decoys
+    (mine,) = report["student"]["student"]["accounts"]
+    assert f["tests"]["canaries"]["p_value"] == pytest.approx(mine["p_holm"])
+    # the control: no exact test traces it, in the weights or through its API
+    control = f["control"]
+    assert control["spec"] == f"{SMALL['student']}@{SMALL['model']}"
+    assert set(control["p_holm"]) == {"radioactivity", "canaries", "api_canaries"}
+    assert control["traced"] == [] and control["distilled"] is False
+    assert control["combined_p"] > 10**NULL_LOG10_P
+    # the API-only canary test ran by likelihood against each model served on loopback
+    api = f["api_canaries"]
+    assert api["ran"], api["why_not"]
+    for name in ("student", "untrained_student"):
+        m = api[name]
+        assert m["url"].startswith("http://127.0.0.1:"), m
+        assert m["scoring"] == "likelihood" and "prompt logprobs" in m["scoring_why"], m
+        assert m["command"].endswith("--no-guard")
+        assert [a["account"] for a in m["accounts"]] == [DISTILLER]
+    assert api["untrained_student"]["traced"] == []
+    assert all(a["p_holm"] > 10**NULL_LOG10_P for a in api["untrained_student"]["accounts"])
+    api_evidence = json.loads((out / "forensics" / "api" / "evidence.json").read_text())
+    (canaries,) = api_evidence["tests"]
+    assert api_evidence["config"]["suspect"] == api["student"]["url"]
+    assert canaries["details"]["mode"] == "api" and canaries["details"]["scoring"] == "likelihood"
+
+
 def test_quality_act_scores_both_students_on_prompts_no_account_sent(report):
     q = report["quality"]
     out = Path(report["config"]["out"])
@@ -199,11 +250,15 @@ def test_quality_act_scores_both_students_on_prompts_no_account_sent(report):
     assert q["student"]["parameters"] == q["untrained_student"]["parameters"]
 
 
-def assert_demo_json_shape(d: dict) -> None:
-    """What demo.json holds (what the CLI's tables and the docs read), act by act."""
+def assert_demo_json_shape(d: dict, *, forensics: bool = True) -> None:
+    """What demo.json holds (what the CLI's tables and the docs read), act by act;
+    ``forensics=False``: a run made before act 4's forensics report existed."""
+    student = d["config"]["student"]
     assert set(d) == {"config", "detection", "live", "trace", "seconds"} | (
-        {"student"} if d["config"]["student"] else set()
-    ) | ({"quality"} if d["config"]["student"] and d["config"]["quality_prompts"] else set())
+        {"student"} if student else set()
+    ) | ({"forensics"} if student and forensics else set()) | (
+        {"quality"} if student and d["config"]["quality_prompts"] else set()
+    )
     assert set(d["config"]) == {f.name for f in fields(DemoConfig)}
     det = d["detection"]
     assert set(det) == {"calibration", "benign", "campaigns", "plot"}
@@ -246,6 +301,27 @@ def assert_demo_json_shape(d: dict) -> None:
             assert set(st[name]) == {"traced", "accounts", "power"}
             for a in st[name]["accounts"]:
                 assert set(a) == {f.name for f in fields(AccountExposure)}
+    if "forensics" in d and "skipped" not in d["forensics"]:
+        f = d["forensics"]
+        assert set(f) == {
+            "verdict", "combined_p", "alpha", "significant_tests", "traced", "tests", "control",
+            "api_canaries", "report", "evidence", "api_report", "command", "seconds",
+        }  # fmt: skip
+        assert f["verdict"] in VERDICTS and set(f["traced"]) <= set(accounts)
+        assert set(f["tests"]) <= set(TESTS)
+        for t in f["tests"].values():
+            assert set(t) == {
+                "ran", "why_not", "statistic", "statistic_name", "p_value", "p_holm", "control",
+                "within_controls_range", "traced",
+            }  # fmt: skip
+        assert set(f["control"]) == {"spec", "traced", "p_holm", "combined_p", "distilled"}
+        api = f["api_canaries"]
+        assert {"ran", "why_not", "verdict", "combined_p"} <= set(api)
+        if api["ran"]:
+            for name in ("student", "untrained_student"):
+                assert set(api[name]) == {
+                    "url", "command", "scoring", "scoring_why", "traced", "accounts",
+                }  # fmt: skip
     if "quality" in d and "skipped" not in d["quality"]:
         q = d["quality"]
         assert set(q) == {
@@ -268,7 +344,11 @@ def test_the_committed_demo_result_is_a_default_run_in_todays_shape():
     """bench/results/demo.json, which the docs quote, from `distillguard demo` with its defaults:
     a change to the demo's report or defaults fails here until the file is made again."""
     committed = json.loads(COMMITTED.read_text())
-    assert_demo_json_shape(committed)
+    # The committed default run predates act 4's forensics report, a stage of its own: a rerun
+    # in that run's --out makes it alone, reusing every other act (on the bundled teacher, more
+    # CPU than this session's shared machine had). Until the file is made again, the rest of
+    # it is checked; its forensics part once it holds one.
+    assert_demo_json_shape(committed, forensics="forensics" in committed)
     # where it wrote and the gateway's torch threads (--threads 1 on a busy machine) are not
     # what the demo measures
     machine = {"out", "threads"}
@@ -320,6 +400,13 @@ def test_report_html_renders_in_chromium_and_shows_demo_json(report, tmp_path):
         "student.untrained_student.traced",
         "student.student.accounts.0.p_holm",
         "student.untrained_student.accounts.0.p_holm",
+        "forensics.verdict",
+        "forensics.combined_p",
+        "forensics.traced",
+        "forensics.control.combined_p",
+        *(f"forensics.tests.{t}.{k}" for t in TESTS for k in ("ran", "p_holm")),
+        *(f"forensics.api_canaries.{m}.traced" for m in ("student", "untrained_student")),
+        *(f"forensics.api_canaries.{m}.scoring" for m in ("student", "untrained_student")),
         "quality.prompts",
         "quality.teacher.nll",
         *(f"quality.{m}.{k}" for m in ("student", "untrained_student") for k in ("nll", "rouge_l")),
@@ -339,7 +426,7 @@ def test_a_rerun_in_the_same_out_reuses_every_act(report, tmp_path):
     again = tmp_path / "again"
     shutil.copytree(report["config"]["out"], again)
     rerun = run_demo_cli(again, timeout=600)
-    assert rerun.stderr.count("reused from the earlier run") == 5, rerun.stderr[-3000:]
+    assert rerun.stderr.count("reused from the earlier run") == 6, rerun.stderr[-3000:]
     second = json.loads(rerun.stdout)
     assert "gateway on" not in rerun.stderr  # act 2 did not serve again
     assert second["config"] == {**report["config"], "out": str(again)}
@@ -359,10 +446,10 @@ def test_each_act_is_redone_when_a_setting_it_depends_on_changes(tmp_path):
         return {name for name in keys if other[name] != keys[name]}
 
     assert changed(threads=2, startup_timeout_s=10.0, out=tmp_path / "elsewhere") == set()
-    assert changed(epochs=1.0) == {"student", "quality"}
-    assert changed(student="prune:2") == {"student", "quality"}
+    assert changed(epochs=1.0) == {"student", "forensics", "quality"}
+    assert changed(student="prune:2") == {"student", "forensics", "quality"}
     assert changed(quality_prompts=2) == {"quality"}
-    assert changed(extract=10) == {"live", "trace", "student", "quality"}
+    assert changed(extract=10) == {"live", "trace", "student", "forensics", "quality"}
     assert changed(target_fpr=0.05) == set(STAGES)
 
 
@@ -390,7 +477,10 @@ def test_an_act_whose_files_are_gone_is_redone_with_every_act_after_it(tmp_path)
     assert play() == list(STAGES)
     assert play() == []
     (tmp_path / "ledger.db").unlink()
-    assert play() == ["live", "trace", "student", "quality"]  # "live" made it again
+    assert play() == ["live", "trace", "student", "forensics", "quality"]  # "live" made it again
+    assert play() == []
+    (tmp_path / "forensics" / "api" / "evidence.json").unlink()
+    assert play() == ["forensics"]
     assert play() == []
     assert play(fresh=True) == list(STAGES)
 

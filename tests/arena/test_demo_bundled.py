@@ -2,7 +2,9 @@
 positive results hold, asserted with its controls: the distiller's received answers and its
 curated dataset trace to the distiller's watermark key alone (Holm over accounts), the student
 trained on that dataset traces to the distiller by its canaries while the untrained student does
-not, and the student is closer to the teacher than its control on prompts nobody sent.
+not, the one forensics report says "distilled" (combined p < 1e-3) and names the distiller, the
+API-only canary test traces the student served by ``serve --no-guard`` and not its control, and
+the student is closer to the teacher than its control on prompts nobody sent.
 
 The tiny demo (tests/arena/test_demo.py) can assert only the controls: a random teacher's
 watermark is too weak in a few short answers. This one takes tens of minutes on a 2-core machine
@@ -111,6 +113,33 @@ def test_the_student_traces_to_the_distiller_by_canaries_and_its_control_does_no
     assert mine["p_holm"] < ALPHA
     assert st["untrained_student"]["traced"] == []
     assert all(a["p_holm"] > 10**NULL_LOG10_P for a in st["untrained_student"]["accounts"])
+
+
+def test_the_forensics_report_says_distilled_and_names_the_distiller(report):
+    """Issue 27's must-be-true: the one report on a student distilled from the watermarked
+    bundled teacher says distilled, combined p < 1e-3, and names the leaking account; the
+    control (the untrained student) is traced by none of its exact tests."""
+    f = report["forensics"]
+    assert f["verdict"] == "distilled", f
+    assert f["combined_p"] < ALPHA
+    assert f["traced"] == [DISTILLER]
+    assert f["control"]["traced"] == [] and f["control"]["distilled"] is False
+    assert f["control"]["combined_p"] > 10**NULL_LOG10_P
+
+
+def test_the_api_canary_test_traces_the_served_student_and_not_its_control(report):
+    """Issue 27's must-be-true: the demo's student served by `distillguard serve --model DIR
+    --no-guard` is traced as a suspect URL by the API-only canary test; its control is not."""
+    api = report["forensics"]["api_canaries"]
+    assert api["ran"], api["why_not"]
+    student, control = api["student"], api["untrained_student"]
+    assert student["scoring"] == control["scoring"] == "likelihood"
+    assert student["traced"] == [DISTILLER]
+    (mine,) = [a for a in student["accounts"] if a["account"] == DISTILLER]
+    assert mine["p_holm"] < ALPHA
+    assert control["traced"] == []
+    assert all(a["p_holm"] > 10**NULL_LOG10_P for a in control["accounts"])
+    assert api["verdict"] == "distilled"
 
 
 def test_the_student_learned_from_the_teacher_on_prompts_nobody_sent(report):

@@ -18,7 +18,10 @@ on loopback, clients speak HTTP to it, the ledger is SQLite):
    known truth: each user's own answers, and ShareGPT answers written by another model.
 4. **The suspect model** (unless ``student=None``): a student trained on the harvested data by
    ``distill curate`` and ``distill train`` is tested for the canaries served to the distiller
-   (exact rank p-values, Fisher per account, Holm), against the untrained student as control.
+   (exact rank p-values, Fisher per account, Holm), against the untrained student as control;
+   then judged by the one forensics report (:mod:`distillguard.arena.demo_forensics`: identity,
+   similarity, radioactivity, canaries, one Holm verdict naming the accounts it traces to), and
+   by the API-only canary test with the student and its control served on loopback.
 5. **What the student learned** (unless ``quality_prompts=0``): the student and the untrained
    student scored against the teacher on held-out prompts no account sent, by ``distill eval``'s
    measures, beside what the distiller spent on teacher queries.
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from distillguard.arena.demo_config import CANARY_DECOYS, DISTILLER, KINDS, POLICY, DemoConfig, Say
+from distillguard.arena.demo_forensics import act_forensics
 from distillguard.arena.demo_live import act_live, gateway
 from distillguard.arena.demo_quality import act_quality, held_out_prompts
 from distillguard.jsonl import read_jsonl
@@ -50,6 +54,7 @@ __all__ = [
     "DemoHooks",
     "Say",
     "act_detection",
+    "act_forensics",
     "act_live",
     "act_quality",
     "act_student",
@@ -342,6 +347,7 @@ STAGES: dict[str, tuple[str | None, tuple[str, ...], tuple[str, ...]]] = {
     ),
     "trace": ("live", (), ()),
     "student": ("live", ("student", "epochs", "seed"), ("student/config.json",)),
+    "forensics": ("student", (), ("forensics/evidence.json", "forensics/api/evidence.json")),
     "quality": ("student", ("quality_prompts",), ()),
 }  # fmt: skip
 
@@ -385,7 +391,7 @@ class _Stages:
         if STAGES[name][0] in self.redone:  # its input was made again (its files were gone)
             return None
         files = STAGES[name][2]
-        if name == "student" and "skipped" in entry["result"]:
+        if "skipped" in entry["result"]:
             files = ()  # no student was trained: nothing to find
         if not all((self.out / f).exists() for f in files):
             return None
@@ -433,6 +439,11 @@ def run_demo(cfg: DemoConfig, hooks: DemoHooks | None = None, *, fresh: bool = F
         acts.append(
             ("student", "4. the suspect model: canaries",
              lambda: act_student(cfg, hooks.say, hooks.train_callbacks))
+        )  # fmt: skip
+        acts.append(
+            ("forensics", "4. the suspect model: the forensics report, on its weights and its URL",
+             lambda: {"skipped": report["student"]["skipped"]} if "skipped" in report["student"]
+             else act_forensics(cfg, hooks.say))
         )  # fmt: skip
         if cfg.quality_prompts:
             acts.append(

@@ -24,23 +24,25 @@ def _sent_prompts(db: Path) -> set[str]:
     return {str(((body or {}).get("messages") or [{}])[-1].get("content", "")) for body in bodies}
 
 
-def held_out_prompts(cfg: DemoConfig) -> list[list[dict]]:
-    """``cfg.quality_prompts`` ShareGPT prompts that no account sent: from just after the
-    distiller's slice of the pool (the users ask from 5000 on), less any whose text the ledger
-    holds (ShareGPT repeats some prompts word for word, "hi" among them)."""
+def held_out_prompts(cfg: DemoConfig, n: int | None = None) -> list[list[dict]]:
+    """``n`` (default ``cfg.quality_prompts``) ShareGPT prompts that no account sent: from just
+    after the distiller's slice of the pool (the users ask from 5000 on), less any whose text
+    the ledger holds (ShareGPT repeats some prompts word for word, "hi" among them). Act 4's
+    forensics report asks the first of the same prompts."""
     from distillguard.distill.prompts import load_prompts
 
+    n = cfg.quality_prompts if n is None else n
     sent = _sent_prompts(cfg.out / "ledger.db")
     pool = load_prompts(
         "sharegpt",
         skip=cfg.extract,
-        limit=4 * cfg.quality_prompts,
+        limit=4 * n,
         max_chars=cfg.max_prompt_chars,
     )
     held: list[list[dict]] = []
     for p in pool:
         text = p.messages[-1][1]
-        if text not in sent and len(held) < cfg.quality_prompts:
+        if text not in sent and len(held) < n:
             sent.add(text)  # and each prompt once
             held.append([{"role": role, "content": content} for role, content in p.messages])
     return held

@@ -1,4 +1,4 @@
-"""``OUT/report.html`` of ``distillguard demo``: the four acts as a page a person reads.
+"""``OUT/report.html`` of ``distillguard demo``: the five acts as a page a person reads.
 
 Every number in its text is read from the report dict that ``demo.json`` is written from (an
 element carrying ``data-key="a.b.c"`` shows ``report["a"]["b"]["c"]``; the browser test compares
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -248,6 +247,86 @@ def _loss_plot(report: dict, history: list[dict]) -> str:
     return figure_png(fig)
 
 
+TEST_TITLES = {
+    "identity": "identity probes",
+    "similarity": "behavioural similarity",
+    "radioactivity": "watermark radioactivity",
+    "canaries": "canaries (weights)",
+}
+
+
+def _forensics_html(report: dict, out: Path) -> str:
+    """Act 4's forensics report: its verdict, each test, the API-only canary test."""
+    f = report.get("forensics")
+    if f is None:
+        return ""
+    if "skipped" in f:
+        return f"<p>Forensics report: skipped, {_v(report, 'forensics.skipped')}.</p>"
+    link = (
+        '<a href="forensics/report.html">forensics/report.html</a>'
+        if (out / "forensics" / "report.html").is_file()
+        else "<code>forensics/report.html</code> (not in this folder)"
+    )
+    parts = [
+        "<h3>The forensics report</h3>"
+        "<p>The student judged by <code>distillguard forensics report</code>'s own code, with the "
+        f"untrained student (<code>{_v(report, 'forensics.control.spec')}</code>) as its control "
+        "and the demo's ledger and secret. Each test's p-value is Holm-adjusted over the tests "
+        "that ran; the verdict says <em>distilled</em> only where a test is significant and the "
+        "student's statistic is above the control's. Verdict: "
+        f"<strong>{_v(report, 'forensics.verdict')}</strong> (combined p "
+        f"{_v(report, 'forensics.combined_p')}, alpha {_v(report, 'forensics.alpha')}), "
+        f"traced to <strong>{_v(report, 'forensics.traced')}</strong>. The whole report, with "
+        f"its plots, input hashes and commands: {link}.</p>"
+        "<table><tr><th>test</th><th>ran</th><th>statistic</th><th>the control's</th>"
+        "<th>p</th><th>p (Holm)</th><th>traced to</th><th>why not</th></tr>"
+    ]
+    for name, t in f["tests"].items():
+        k = f"forensics.tests.{name}"
+        traced = _v(report, k + ".traced") if t["traced"] is not None else "–"
+        parts.append(
+            f"<tr><td>{e(TEST_TITLES.get(name, name))}</td><td>{_v(report, k + '.ran')}</td>"
+            f"<td>{_v(report, k + '.statistic')}</td><td>{_v(report, k + '.control')}</td>"
+            f"<td>{_v(report, k + '.p_value')}</td><td>{_v(report, k + '.p_holm')}</td>"
+            f"<td>{traced}</td><td>{e(t['why_not'] or '')}</td></tr>"
+        )
+    parts.append("</table>")
+    parts.append(
+        "<p>The control under the same exact tests (radioactivity, canaries in the weights and "
+        f"through its API), Holm over them: p {_v(report, 'forensics.control.combined_p')}, "
+        f"traced to {_v(report, 'forensics.control.traced')}.</p>"
+    )
+    api = f["api_canaries"]
+    if not api["ran"]:
+        parts.append(
+            f"<p>The API-only canary test could not run: {_v(report, 'forensics.api_canaries.why_not')}.</p>"
+        )
+        return "".join(parts)
+    parts.append(
+        "<h3>Canaries through the API only</h3><p>The student and the control, each served by "
+        "<code>distillguard serve --model SPEC --no-guard</code> on a loopback port and asked "
+        "only through its OpenAI-compatible endpoint: each canary's ending and its "
+        f"{CANARY_DECOYS} decoys are scored by the logprobs the endpoint's "
+        "<code>/v1/completions</code> echo gives them (exact rank p-values, Fisher per account, "
+        "Holm). The same report, canaries only: "
+        '<a href="forensics/api/report.html">forensics/api/report.html</a>.</p>'
+        "<table><tr><th>model</th><th>scoring</th><th>account</th><th>canaries</th>"
+        "<th>ranked first</th><th>mean rank</th><th>p (Holm)</th><th>traced to</th></tr>"
+    )
+    for model in ("student", "untrained_student"):
+        for i, _ in enumerate(api[model]["accounts"]):
+            k = f"forensics.api_canaries.{model}"
+            a = f"{k}.accounts.{i}"
+            parts.append(
+                f"<tr><td>{e(model.replace('_', ' '))}</td><td>{_v(report, k + '.scoring')}</td>"
+                f"<td>{_v(report, a + '.account')}</td><td>{_v(report, a + '.canaries')}</td>"
+                f"<td>{_v(report, a + '.top1')}</td><td>{_v(report, a + '.mean_rank')}</td>"
+                f"<td>{_v(report, a + '.p_holm')}</td><td>{_v(report, k + '.traced')}</td></tr>"
+            )
+    parts.append("</table>")
+    return "".join(parts)
+
+
 # ---- the page -------------------------------------------------------------------------------
 
 
@@ -334,6 +413,19 @@ def render_html(report: dict, out: Path) -> str:
         )
     elif st is not None:
         parts.append(f"<li>Student: skipped, {_v(report, 'student.skipped')}.</li>")
+    fr = report.get("forensics")
+    if fr is not None and "skipped" not in fr:
+        parts.append(
+            f"<li>The forensics report on the student: <strong>{_v(report, 'forensics.verdict')}"
+            f"</strong> (combined p {_v(report, 'forensics.combined_p')}), traced to "
+            f"{_v(report, 'forensics.traced')}; by its API alone, canaries traced to "
+            f"{_v(report, 'forensics.api_canaries.student.traced')} (untrained student: "
+            f"{_v(report, 'forensics.api_canaries.untrained_student.traced')}).</li>"
+            if fr["api_canaries"]["ran"]
+            else f"<li>The forensics report on the student: <strong>"
+            f"{_v(report, 'forensics.verdict')}</strong> (combined p "
+            f"{_v(report, 'forensics.combined_p')}), traced to {_v(report, 'forensics.traced')}.</li>"
+        )
     q = report.get("quality")
     if q is not None and "skipped" not in q:
         parts.append(
@@ -474,24 +566,7 @@ def render_html(report: dict, out: Path) -> str:
                 )
         parts.append("</table>")
         parts.append(figure_html(_canary_plot(st), "canary ranks"))
-        forensics = out / "forensics" / "report.html"
-        command = shlex.join(
-            [
-                "distillguard", "forensics", "report", "--suspect", str(out / "student"),
-                "--teacher", report["config"]["model"], "--ledger",
-                f"sqlite:///{out / 'ledger.db'}", "--out", str(out / "forensics"),
-            ]
-        )  # fmt: skip
-        if forensics.is_file():
-            parts.append(
-                '<p>The full forensics report: <a href="forensics/report.html">here</a>.</p>'
-            )
-        parts.append(
-            "<p>The demo runs the canary test only; the full forensics report (identity, "
-            "similarity, radioactivity, canaries, with controls) on this student: "
-            f"<code>DISTILLGUARD_WATERMARK_SECRET=$(cat {e(shlex.quote(str(out / 'watermark.secret')))}) "
-            f"{e(command)}</code></p>"
-        )
+        parts.append(_forensics_html(report, out))
 
         # 5. cost vs quality
         parts.append(

@@ -91,7 +91,9 @@ def demo_command(
 
     3: the harvested data is traced by its watermark to the account that took it.
 
-    4: a student trained on it is tested for the canaries served to the distiller.
+    4: a student trained on it is tested for the canaries served to the distiller, then judged by the
+    forensics report (the untrained student as control) on its weights and, served with --no-guard,
+    through its API.
 
     5: the student and the untrained student are scored against the teacher on held-out prompts.
 
@@ -273,6 +275,26 @@ def show(report: dict) -> None:
                 "yes" if a["account"] in st[name]["traced"] else "no",
             )
     console.print(table)
+    f = report.get("forensics")
+    if f and "skipped" not in f:
+        combined = "-" if f["combined_p"] is None else f"{f['combined_p']:.1e}"
+        console.print(
+            f"4. forensics report (the untrained student as control): [bold]{f['verdict']}[/] "
+            f"(combined p {combined}), traced to {', '.join(f['traced']) or 'nobody'}; "
+            + ", ".join(
+                f"{name} p {t['p_holm']:.1e}" if t["ran"] else f"{name} could not run"
+                for name, t in f["tests"].items()
+            )
+        )
+        api = f["api_canaries"]
+        if api["ran"]:
+            console.print(
+                f"   by its API alone ({api['student']['scoring']}): canaries traced to "
+                f"{', '.join(api['student']['traced']) or 'nobody'}; the untrained student's to "
+                f"{', '.join(api['untrained_student']['traced']) or 'nobody'}"
+            )
+        else:
+            console.print(f"   the API-only canary test could not run: {api['why_not']}")
     q = report.get("quality")
     if q and "skipped" not in q:
         console.print(
