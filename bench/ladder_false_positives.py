@@ -26,27 +26,39 @@ Linked actors (issue 23): a campaign account that reached ``extracting`` says by
 (``by``: its own flags, its community's flags counted together, or a time rule) and, for a
 community, who was in it (ground-truth labels: its own campaign's keys, or other actors too).
 The hydra and low-and-slow accounts (``campaign_reached``) keep their flag counts and the hours
-from their first to their last flag, from which ``time_rule`` says exactly which accounts a rule
-"flagged again T hours after the first flag" would add (``--extracting-after-hours`` runs it);
-``--no-pool-clusters`` replays the per-account count of before.
+from their first to their last flag; ``--no-pool-clusters`` replays the per-account count of
+before.
+
+The time rule (``serve --extracting-after-s``, default 12 h): the main run has it off unless
+``--extracting-after-hours`` is given, and ``time_rules`` replays the same monitor verdicts through
+the ladder at each ``--time-rules`` value (0: off), so the rules differ only in the levels they
+make of one detection: benign accounts each takes to ``extracting`` (Clopper-Pearson; the canaries
+they were served) and campaign accounts, by kind and by which count. ``--lone-slowlow`` adds lone
+low-and-slow accounts to every population, with prompts nobody else in it sends (``lone_slowlow``):
+the arena's ``slowlow`` campaign shares the attack pool with every other campaign, so its
+accounts are linked to them and escalate through them; a lone one sends none of their prompts
+(its templated ones, ``--lone-template-share``, may still resemble a template campaign's).
 
 Not modelled: the feedback of throttling on a user's traffic (a throttled benign user's 429s,
 measured by ``bench/policy_impact.py``, would not reach the monitor as answered requests).
 
 The populations and calibration of ``detect_fpr.py``'s per-account run (the seeds of
 ``detect_fpr_populations_per_account.json``, whose flagged benign accounts this must reproduce
-at ``suspect``: the gateway's incremental path and the offline replay are meant to agree); 8
-minutes with 3 jobs on the shared 2-core machine:
+at ``suspect``: the gateway's incremental path and the offline replay are meant to agree); 4
+minutes with 3 jobs on the shared 2-core machine under SCHED_IDLE at load 2-5, 13 at load 12:
 
-    nice -n 10 .venv/bin/python bench/ladder_false_positives.py --seeds 41 53 67 --jobs 3 \\
-        --calibration-accounts 2000 --benign-accounts 2400 --populations 3 --per account \\
-        --out bench/results/ladder_false_positives.json
+    chrt -i 0 nice -n 19 .venv/bin/python bench/ladder_false_positives.py --seeds 41 53 67 \\
+        --jobs 3 --calibration-accounts 2000 --benign-accounts 2400 --populations 3 \\
+        --per account --time-rules 0 3 6 12 24 --out bench/results/ladder_false_positives.json
+
+and with ``--lone-template-share 0 --out bench/results/ladder_false_positives_lone_no_templates.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -61,6 +73,11 @@ from detect_fpr import CAMPAIGNS, DETECTORS, EVAL_SEED_OFFSET, benign_kinds
 from scipy import stats
 
 from distillguard.arena import TrafficConfig, generate_traffic
+from distillguard.arena.base import Call, CampaignContext, account_id, random_ip, stream_rng
+from distillguard.arena.campaign_material import _by_topic_round_robin, _template_prompt
+from distillguard.arena.campaigns import _human_times, _seed_prompts
+from distillguard.arena.pools import load_pools, normalise, public_prompts
+from distillguard.arena.traffic import _record
 from distillguard.detect import DetectConfig, calibrate
 from distillguard.detect.calibrate import cp_upper
 from distillguard.detect.monitor import AccountMonitor
@@ -69,6 +86,75 @@ from distillguard.guard.online import OnlineDetection
 from distillguard.guard.policy import Level, PolicyConfig
 
 LEVELS = (Level.WATCH, Level.SUSPECT, Level.EXTRACTING)
+LONE = "slowlow-lone"  # the label of a lone low-and-slow account (``lone_slowlow``)
+
+
+def lone_slowlow(records: list[dict], config: TrafficConfig, args) -> list[dict]:
+    """``--lone-slowlow`` low-and-slow accounts that share no prompt with anyone in ``records``.
+
+    The arena's ``slowlow`` campaign draws on the attack pool every other campaign sweeps too, so
+    each of its accounts ends up linked to other campaigns (and escalates through them). A lone
+    one, a single careful distiller, has prompts of its own: here attack-pool first turns that
+    no account of this population sent, that are not public prompts, and that occur once in the
+    pool, dealt into disjoint shares, one per account. Otherwise it behaves as ``slowlow``: a
+    person's hours and pace over every day from one home address, streaming, each prompt
+    single-turn on the next topic, ``--lone-template-share`` of them filled from the arena's
+    generic templates with the account's own random subjects. Built from the campaign's own
+    helpers rather than registered: the arena's campaigns all draw from one shared pool."""
+    if args.lone_slowlow == 0:
+        return []
+    seeds = _seed_prompts(load_pools(config.whole_conversations)["attack"])
+    sent = {
+        normalise(m["content"])
+        for r in records
+        for m in r["request"]["messages"]
+        if m.get("role") == "user" and isinstance(m.get("content"), str)
+    }
+    sent |= {normalise(p) for p, _ in public_prompts(config.popular_prompts)}
+    times_in_pool = Counter(normalise(p[0]) for p in seeds)
+    private = [
+        p for p in seeds if times_in_pool[normalise(p[0])] == 1 and normalise(p[0]) not in sent
+    ]
+    stream_rng(config.seed, LONE).shuffle(private)
+    out = []
+    for j in range(args.lone_slowlow):
+        cid = f"{LONE}-{j + 1}"
+        ctx = CampaignContext(
+            campaign_id=cid,
+            kind=LONE,
+            accounts=(account_id(config.seed, cid, 0),),
+            requests_per_account=args.lone_slowlow_requests,
+            start=config.start,
+            end=config.end,
+            rpm_limit=config.rpm_limit,
+            decoy_share=config.decoy_share,
+            model=config.model,
+            rng=stream_rng(config.seed, cid),
+            attack=(),
+        )
+        rng = ctx.rng
+        own = _by_topic_round_robin(rng, private[j :: args.lone_slowlow])
+        if len(own) < ctx.requests_per_account:
+            raise SystemExit(
+                f"--lone-slowlow {args.lone_slowlow}: {len(private)} private prompts leave "
+                f"{len(own)} per account, fewer than --lone-slowlow-requests "
+                f"{ctx.requests_per_account}; ask for fewer accounts or requests"
+            )
+        account, ip = ctx.accounts[0], random_ip(rng)
+        times = _human_times(rng, ctx, ctx.requests_per_account, tz=rng.choice((-5, 1, 8)))
+        for (text, tokens, _), t in zip(own, times, strict=False):
+            if rng.random() < args.lone_template_share:
+                text, tokens = _template_prompt(rng), int(rng.lognormvariate(math.log(350), 0.5))
+            call = Call(
+                t,
+                account,
+                ip,
+                ctx.request([{"role": "user", "content": text}], stream=True),
+                tokens,
+            )
+            if config.start <= t < config.end:
+                out.append(_record(call, LONE, cid))
+    return out
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> dict:
@@ -95,15 +181,27 @@ def _escalated_by(reasons: tuple[str, ...]) -> str:
     )
 
 
-def replay(records: list[dict], calibration, policy: PolicyConfig, args) -> dict:
-    """Each account's path through the ladder when ``records`` (time order) reach a gateway."""
+def monitor_verdicts(records: list[dict], calibration) -> list:
+    """The monitor's verdict on each of ``records`` (time order), in batches of the worker's size."""
+    monitor = AccountMonitor(calibration)
+    out: list = []
+    for start in range(0, len(records), MAX_BATCH):
+        out.extend(monitor.observe_batch(records[start : start + MAX_BATCH]))
+    return out
+
+
+def replay(
+    records: list[dict], verdicts: list, policy: PolicyConfig, args, hours: float | None
+) -> dict:
+    """Each account's path through the ladder when ``records`` (time order) reach a gateway whose
+    monitor gave ``verdicts``, with the time rule at ``hours`` (None: off). Detection does not
+    depend on the ladder (throttling's feedback is not modelled), so every rule reads the same
+    verdicts and differs only in the levels it makes of them."""
     online = OnlineDetection(
-        AccountMonitor(calibration),
+        None,
         extracting_after=args.extracting_after,
         pool_clusters=not args.no_pool_clusters,
-        extracting_after_s=args.extracting_after_hours * 3600
-        if args.extracting_after_hours
-        else None,
+        extracting_after_s=hours * 3600 if hours else None,
     )
     flagged_ts: dict[str, list[float]] = {}  # first and last flagged request
     escalated_by: dict[str, str] = {}
@@ -121,7 +219,8 @@ def replay(records: list[dict], calibration, policy: PolicyConfig, args) -> dict
     decisions = {lvl: policy.decide(lvl) for lvl in Level}
     for start in range(0, len(records), MAX_BATCH):
         batch = records[start : start + MAX_BATCH]
-        for r, verdict in zip(batch, online.observe_batch(batch), strict=True):
+        levels = online.levels(verdicts[start : start + MAX_BATCH], batch)
+        for r, verdict in zip(batch, levels, strict=True):
             a = r["account"]
             n[a] += 1
             last_ts[a] = r["ts"]
@@ -195,6 +294,7 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
     kind_of: dict[str, str] = {}
     requests: dict[str, int] = {}
     reached: dict[str, dict] = {}
+    by_rule: dict[str, dict[str, dict]] = {_rule(h): {} for h in args.time_rules}
     for k in range(args.populations):
         ev_cfg = TrafficConfig(
             benign_accounts=args.benign_accounts // args.populations,
@@ -203,12 +303,16 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
             campaigns=CAMPAIGNS,
             **kinds,
         )
-        records = sorted(generate_traffic(ev_cfg), key=lambda r: r["ts"])
+        records = generate_traffic(ev_cfg)
+        records = sorted(records + lone_slowlow(records, ev_cfg, args), key=lambda r: r["ts"])
         label |= {r["account"]: r["label"] for r in records}
         kind_of |= benign_kinds(ev_cfg, records)
-        part = replay(records, cal, policy, args)
+        verdicts = monitor_verdicts(records, cal)
+        part = replay(records, verdicts, policy, args, args.extracting_after_hours)
         requests |= part["requests"]
         reached |= part["reached"]
+        for hours in args.time_rules:
+            by_rule[_rule(hours)] |= replay(records, verdicts, policy, args, hours)["reached"]
     benign = sorted(a for a, lab in label.items() if lab == "benign")
     out = {
         "seed": seed,
@@ -229,8 +333,35 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
         "campaign_reached": [
             {"account": a, "kind": label[a], "requests": requests[a], **reached.get(a, {})}
             for a in sorted(label)
-            if label[a] in ("hydra", "slowlow")
+            if label[a] in ("hydra", "slowlow", LONE)
         ],
+        # the same verdicts through the ladder with each --time-rules value: who reaches
+        # extracting, how (by), and the canaries a benign one was served
+        "time_rules": {
+            rule: {
+                "benign_extracting": [
+                    {"account": a, "kind": kind_of[a], **got[a]["extracting"]}
+                    for a in benign
+                    if "extracting" in got.get(a, {})
+                ],
+                "extracting": dict(
+                    Counter(label[a] for a, lv in got.items() if "extracting" in lv)
+                ),
+                "extracting_by": dict(
+                    Counter(
+                        f"{label[a]}:{lv['extracting'].get('by', '?')}"
+                        for a, lv in got.items()
+                        if "extracting" in lv and label[a] != "benign"
+                    )
+                ),
+                "lone_linked": sum(
+                    got.get(a, {}).get("flags", {}).get("linked", False)
+                    for a in label
+                    if label[a] == LONE
+                ),
+            }
+            for rule, got in by_rule.items()
+        },
         "seconds": {"calibrate": round(t_cal, 1)},
     }
     # "reached" a level: at it or above at some request (a jump from ok to suspect passes watch)
@@ -261,6 +392,10 @@ def one_seed(seed: int, args, kinds: dict) -> dict:
     return out
 
 
+def _rule(hours: float | None) -> str:
+    return f"{hours:g}h" if hours else "off"
+
+
 def pooled(runs: list[dict]) -> dict:
     n = sum(r["benign_accounts"] for r in runs)
     rows = [row for r in runs for row in r["benign_reached"]]
@@ -287,30 +422,36 @@ def pooled(runs: list[dict]) -> dict:
         row["extracting_rate"] = row.get("extracting", 0) / row["accounts"]
         if at:
             row["extracting_at_request"] = {"median": statistics.median(at), "max": max(at)}
-    # A time rule (OnlineDetection's extracting_after_s, --extracting-after-hours) makes an account
-    # extracting iff it is flagged again T hours after its first flag, i.e. iff its first-to-last
-    # flag span is >= T: so who it would add to this run's extracting accounts is exact from the
-    # spans (when it would, is not). Low-and-slow accounts may never send extracting_after requests.
-    camp_rows = [row for r in runs for row in r.get("campaign_reached", [])]
-
-    def reaches(row, hours):
-        return "extracting" in row or row.get("flags", {}).get("hours_first_to_last", 0) >= hours
-
-    out["time_rule"] = {
-        f"{hours}h": {
-            "benign_extracting": clopper_pearson(sum(reaches(row, hours) for row in rows), n),
+    # Each --time-rules value replayed on the same verdicts: benign accounts it takes to
+    # extracting (Clopper-Pearson) and the campaign accounts it does, by kind and by which count.
+    accounts = Counter(row["kind"] for row in (x for r in runs for x in r["campaign_reached"]))
+    out["time_rules"] = {}
+    for rule in runs[0]["time_rules"]:
+        rows = [x for r in runs for x in r["time_rules"][rule]["benign_extracting"]]
+        entry = clopper_pearson(len(rows), n)
+        entry["per_seed"] = [len(r["time_rules"][rule]["benign_extracting"]) for r in runs]
+        entry["canaries_served"] = sum(x["canaries_served"] for x in rows)
+        got: Counter = Counter()
+        by: Counter = Counter()
+        for r in runs:
+            got.update(r["time_rules"][rule]["extracting"])
+            by.update(r["time_rules"][rule]["extracting_by"])
+        out["time_rules"][rule] = {
+            "benign_extracting": entry,
             **{
                 kind: {
-                    "extracting": sum(
-                        reaches(row, hours) for row in camp_rows if row["kind"] == kind
-                    ),
-                    "of": sum(row["kind"] == kind for row in camp_rows),
+                    "extracting": got[kind],
+                    "of": accounts[kind],
+                    "by": {
+                        k.split(":", 1)[1]: v
+                        for k, v in sorted(by.items())
+                        if k.startswith(kind + ":")
+                    },
                 }
-                for kind in ("hydra", "slowlow")
+                for kind in ("hydra", "slowlow", LONE)
             },
+            "lone_linked": sum(r["time_rules"][rule]["lone_linked"] for r in runs),
         }
-        for hours in (12, 24, 48)
-    }
     return out
 
 
@@ -348,7 +489,29 @@ def main() -> None:
         "--extracting-after-hours",
         type=float,
         default=None,
-        help="also 'extracting' when flagged again this many hours after the first flag",
+        help="also 'extracting' when flagged again this many hours after the first flag in the "
+        "main run (default: off; serve's default, 12 h, is among --time-rules)",
+    )
+    ap.add_argument(
+        "--time-rules",
+        type=float,
+        nargs="*",
+        default=[0, 6, 12, 24],
+        help="hours of the time rule to replay on the same verdicts besides the main run "
+        "(0: off); reported in time_rules",
+    )
+    ap.add_argument(
+        "--lone-slowlow",
+        type=int,
+        default=3,
+        help="lone low-and-slow accounts per population, with prompts nobody else sends",
+    )
+    ap.add_argument("--lone-slowlow-requests", type=int, default=90)
+    ap.add_argument(
+        "--lone-template-share",
+        type=float,
+        default=0.3,
+        help="share of a lone account's prompts filled from generic templates (slowlow's)",
     )
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
     ap.add_argument("--out", type=Path, default=None)

@@ -19,7 +19,7 @@ from distillguard.cli.common import (
     err_console,
     verbose_option,
 )
-from distillguard.cli.options import option
+from distillguard.cli.options import option, seconds_or_off
 from distillguard.errors import DistillguardError
 from distillguard.guard.config import GuardConfig
 from distillguard.serve.config import ServeConfig
@@ -85,6 +85,9 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
         GuardConfig, "detect_calibration", "--detect", envvar="DISTILLGUARD_DETECT_CALIBRATION"
     ),
     extracting_after: int = option(GuardConfig, "extracting_after"),
+    extracting_after_s: float | None = option(
+        GuardConfig, "extracting_after_s", metavar="SECONDS|off", parser=seconds_or_off
+    ),
     detect_state: str | None = option(GuardConfig, "detect_state"),
     detect_lease_ttl: float = option(GuardConfig, "detect_lease_ttl_s", "--detect-lease-ttl"),
     detect_poll: float = option(GuardConfig, "detect_poll_s", "--detect-poll"),
@@ -191,8 +194,13 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
 
             with err_console.status(f"loading detection calibration {detect} ..."):
                 monitor = OnlineDetection.from_calibration(
-                    detect, extracting_after=extracting_after
+                    detect, extracting_after=extracting_after, extracting_after_s=extracting_after_s
                 )
+            err_console.print(
+                f"[bold]distillguard[/] online detection: {detect}; {monitor.describe()}",
+                soft_wrap=True,
+                highlight=False,
+            )
         guard = Guard(
             GuardConfig(
                 db=db,
@@ -205,6 +213,7 @@ def serve(  # noqa: PLR0913 - one option per setting, as users expect of a serve
                 policy_file=policy,
                 detect_calibration=detect,
                 extracting_after=extracting_after,
+                extracting_after_s=extracting_after_s,
                 detect_state=detect_state,
                 detect_lease_ttl_s=detect_lease_ttl,
                 detect_poll_s=detect_poll,

@@ -10,6 +10,8 @@ from pathlib import Path
 import typer
 
 from distillguard.cli.common import DB_HELP, console, err_console
+from distillguard.cli.options import option, seconds_or_off
+from distillguard.guard.config import GuardConfig
 
 
 def monitor_command(
@@ -32,8 +34,9 @@ def monitor_command(
         envvar="DISTILLGUARD_POLICY_FILE",
         help="the replicas' policy ladder (for its alerts: who is told when an account climbs)",
     ),
-    extracting_after: int = typer.Option(
-        100, help="flagged requests before a suspect account is 'extracting' (as serve's)"
+    extracting_after: int = option(GuardConfig, "extracting_after"),
+    extracting_after_s: float | None = option(
+        GuardConfig, "extracting_after_s", metavar="SECONDS|off", parser=seconds_or_off
     ),
     poll: float = typer.Option(0.5, min=0.01, help="seconds between reads of an idle ledger"),
     lag: float = typer.Option(
@@ -116,7 +119,9 @@ def monitor_command(
     from distillguard.guard.verdicts import Verdicts
 
     with err_console.status(f"loading detection calibration {calibration} ..."):
-        detection = OnlineDetection.from_calibration(calibration, extracting_after=extracting_after)
+        detection = OnlineDetection.from_calibration(
+            calibration, extracting_after=extracting_after, extracting_after_s=extracting_after_s
+        )
     engine = make_engine(db)
     migrate(engine)
     stop = threading.Event()
@@ -157,7 +162,10 @@ def monitor_command(
     )
     err_console.print(
         f"[bold]distillguard[/] monitor following {engine.url.render_as_string()} {where}; "
-        f"state in {checkpoint.path} (lease held as {lease.holder})"
+        f"state in {checkpoint.path} (lease held as {lease.holder}); "
+        f"{service.detection.describe()}",
+        soft_wrap=True,
+        highlight=False,
     )
     try:
         service.run(stop, once=once)

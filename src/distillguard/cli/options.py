@@ -15,3 +15,19 @@ def option(model: type[BaseModel], name: str, *param_decls: str, **kwargs: Any) 
     default = ... if field.is_required() else field.get_default(call_default_factory=True)
     kwargs.setdefault("help", field.description)
     return typer.Option(default, *param_decls, **kwargs)
+
+
+def seconds_or_off(value: str | float | None) -> float | None:
+    """Typer ``parser`` of a duration option that can be switched off: positive seconds, or
+    ``off`` (None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: give seconds (43200 is 12 h) or 'off'") from None
+    if not seconds > 0:  # also NaN
+        raise typer.BadParameter(
+            f"{value!r}: give a positive number of seconds (43200 is 12 h), or 'off' for none"
+        )
+    return seconds

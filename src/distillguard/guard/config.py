@@ -72,6 +72,14 @@ class GuardConfig(BaseSettings):
     extracting_after: int = Field(
         100, description="flagged requests before a suspect account is 'extracting'"
     )
+    # on at 12 h: bench/results/ladder_false_positives.json, docs/policies.md
+    extracting_after_s: float | None = Field(
+        43200.0,
+        gt=0,
+        description="seconds: a suspect account flagged again this long after its first flag is "
+        "'extracting' however few its flagged requests (a low-and-slow distiller; "
+        "docs/policies.md); 'off': count flagged requests only",
+    )
     detect_state: str | None = Field(
         None,
         description="directory of the in-process monitor's checkpoint (state + ledger cursor), "

@@ -345,6 +345,9 @@ class Checkpoint:
             f.readline()
             f.readline()
             detection = _Unpickler(f, _shared(fresh)).load()
+        adopt = getattr(detection, "adopt_rules", None)  # a plugin monitor may have no ladder
+        if adopt is not None:
+            adopt(fresh)
         return detection, header
 
 

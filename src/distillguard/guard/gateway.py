@@ -100,7 +100,9 @@ class Guard:
             from distillguard.guard.online import OnlineDetection
 
             return OnlineDetection.from_calibration(
-                calibration, extracting_after=config.extracting_after
+                calibration,
+                extracting_after=config.extracting_after,
+                extracting_after_s=config.extracting_after_s,
             )
 
         return SharedMonitor(

@@ -133,7 +133,7 @@ class OnlineDetection:
                 and first is not None
                 and ts - first >= self.extracting_after_s
             ):
-                escalated = f"flagged again {(ts - first) / 3600:.1f} h after its first flag"
+                escalated = f"flagged again {_duration(ts - first)} after its first flag"
             level = Level.EXTRACTING if escalated else Level.SUSPECT
         elif verdict.level == "watch":
             level = Level.WATCH
@@ -148,11 +148,41 @@ class OnlineDetection:
 
     def observe_batch(self, records: Sequence[dict]) -> list[LevelVerdict | None]:
         records = list(records)
-        verdicts = self.monitor.observe_batch(records)
+        return self.levels(self.monitor.observe_batch(records), records)
+
+    def levels(self, verdicts: Sequence, records: Sequence[dict]) -> list[LevelVerdict | None]:
+        """The levels of the monitor's ``verdicts`` on ``records`` (what ``observe_batch`` returns),
+        so that one monitor's verdicts can be read by several ladders (bench/ladder_false_positives.py
+        replays each escalation rule on the same detection)."""
         return [self._level(v, _ts(r)) for v, r in zip(verdicts, records, strict=True)]
+
+    def adopt_rules(self, configured: OnlineDetection) -> None:
+        """Take the escalation thresholds of ``configured`` (built from this run's options): a
+        detection restored from a checkpoint keeps its counts and first-flag times, which are
+        evidence, but a restart with another ``--extracting-after``/``--extracting-after-s``
+        must apply the new thresholds to them, not the checkpoint's."""
+        self.extracting_after = configured.extracting_after
+        self.extracting_after_s = configured.extracting_after_s
+
+    def describe(self) -> str:
+        """The escalation rule in words, for the start-up line."""
+        rule = f"'extracting' after {self.extracting_after} flagged requests"
+        if self.pool_clusters:
+            rule += " (its own, or its linked community's together)"
+        if self.extracting_after_s is not None:
+            rule += (
+                f" or when flagged again {_duration(self.extracting_after_s)} after its first flag"
+            )
+        return rule
 
     def observe(self, record: dict) -> LevelVerdict | None:
         return self.observe_batch([record])[0]
+
+
+def _duration(seconds: float) -> str:
+    """``25 h``, ``12.5 h``, ``3 s``: hours from an hour up, to a tenth."""
+    value, unit = (seconds / 3600, "h") if seconds >= 3600 else (seconds, "s")
+    return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
 
 
 def _ts(record) -> float | None:
