@@ -112,6 +112,13 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     seed: int = typer.Option(0, help="sampling seed"),
     device: str = typer.Option("auto", help="open mode: auto | cpu | cuda | cuda:N"),
     db: str | None = typer.Option(None, envvar="DISTILLGUARD_DB", help=DB_HELP),
+    filter_data: Path | None = typer.Option(
+        None,
+        "--filter-data",
+        help="JSONL of the suspected training data, or a ledger export (each account by its own "
+        "answers): score only the suspect's units whose watermark context occurs in it (Sander "
+        "et al.'s filter; green-list schemes only)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Test whether a suspect model learned the per-account watermark, and trace it to accounts.
@@ -161,6 +168,7 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
     params = WatermarkParams(scheme=scheme, gamma=gamma, context_width=context_width)
     keys = [account_key(master, name, params) for name in names]
     texts = read_prompts(prompts, limit + skip)[skip:]
+    filters = _training_filters(filter_data, names, load_tokenizer(tokenizer), params, mode)
     if mode == "closed":
         tok = load_tokenizer(tokenizer)
         with err_console.status(f"asking {suspect} {len(texts)} prompts ..."):
@@ -175,6 +183,7 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
                 temperature=temperature,
                 seed=seed,
                 alpha=alpha,
+                filters=filters,
             )
     else:
         with err_console.status(f"loading {suspect!r} ..."):
@@ -195,6 +204,7 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
             seed=seed,
             null_keys=null_keys,
             alpha=alpha,
+            filter_data=filters,
         )
     if as_json:
         print(json.dumps(result.to_dict()))
@@ -239,10 +249,47 @@ def radioactivity(  # noqa: PLR0913 - one option per setting of the test
             else ""
         )
     )
+    if result.filter is not None:
+        console.print(_filter_line(result.filter), highlight=False)
     console.print(
         f"traced to: {', '.join(result.traced) or 'no account'} (alpha={alpha}, Holm over {len(keys)} keys)"
     )
     _print_power(result.to_dict()["power"])
+
+
+def _training_filters(path: Path | None, names, tokenizer, params, mode: str):
+    """--filter-data as the tests take it: closed mode one filter per account when the rows name
+    accounts (each account's own answers), else one for all; open mode one for all (the union:
+    another account's text adds contexts that do not depend on this key)."""
+    if path is None:
+        return None
+    from distillguard.forensics.training_filter import (
+        filters_by_account,
+        read_filter_data,
+        training_filter,
+    )
+
+    by_account, sha = read_filter_data(path)
+    width = params.context_width
+    if mode == "open":
+        texts = [t for rows in by_account.values() for t in rows]
+        return training_filter(texts, tokenizer, width, source=str(path), sha256=sha)
+    return filters_by_account(by_account, names, tokenizer, width, source=str(path), sha256=sha)
+
+
+def _filter_line(record: dict) -> str:
+    """What the training-data filter did (the power statement below is of the filtered test)."""
+    if "accounts" in record:  # closed mode: per account
+        kept = {a: r["kept_units"] for a, r in record["accounts"].items() if r is not None}
+        what = (
+            f"{record['units_unfiltered']} units before; kept "
+            + ", ".join(f"{a}: {n}" for a, n in kept.items())
+            if kept
+            else "no tested account has answers in it: every test ran unfiltered"
+        )
+    else:
+        what = f"{record['kept_units']} contexts kept of the data's {record['contexts']}"
+    return f"training-data filter (sha256 {str(record.get('sha256'))[:12]}...): {what}"
 
 
 def _print_power(power: dict | None) -> None:

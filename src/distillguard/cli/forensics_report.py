@@ -72,6 +72,13 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
         help="radioactivity on weights: wrong keys ranked beside the exact p (0 skips them; "
         "the verdict uses the exact p)",
     ),
+    filter_data: Path | None = typer.Option(
+        None,
+        "--filter-data",
+        help="radioactivity: JSONL of the suspected training data (or a ledger export) for the "
+        "training-data n-gram filter; default with --ledger: each account's served answers "
+        "(green-list schemes; SynthID runs unfiltered and says why)",
+    ),
     alpha: float = typer.Option(1e-3, help="significance level of the verdict, after Holm"),
     seed: int = typer.Option(0, help="seed of the permutation test and of sampling"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
@@ -101,6 +108,8 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
 
     names = tuple(t.strip() for t in tests.split(",") if t.strip())
     wants_ledger = {"radioactivity", "canaries"} & set(names)
+    if filter_data is not None and not filter_data.is_file():
+        raise ConfigError(f"no such filter data file: {filter_data} (--filter-data: a JSONL file)")
     if ledger and "://" not in ledger and not Path(ledger).expanduser().is_file():
         raise ConfigError(f"no such ledger file: {ledger} (pass a path or a database URL)")
     key = (
@@ -132,6 +141,7 @@ def report_command(  # noqa: PLR0913 - one option per input of the report
         scheme=scheme,
         decoys=decoys,
         null_keys=null_keys,
+        filter_data=str(filter_data) if filter_data else None,
         alpha=alpha,
         seed=seed,
         device=device,

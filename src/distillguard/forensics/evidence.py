@@ -43,6 +43,9 @@ class RadioactivityResult:
     gamma: float
     keys: list[KeyEvidence]
     null: dict | None = None  # open mode: the wrong-key distribution of the green fraction
+    # the training-data n-gram filter (:mod:`.training_filter`): whether it ran, its data's
+    # SHA-256, and how many units it kept of how many (None: no filter asked for)
+    filter: dict | None = None
 
     @property
     def traced(self) -> list[str]:

@@ -21,6 +21,7 @@ from distillguard.forensics.evidence import (
     _tokenize,
 )
 from distillguard.forensics.suspect import generate_answers
+from distillguard.forensics.training_filter import TrainingFilter
 from distillguard.watermark import (
     WatermarkKey,
     binomial_test,
@@ -129,12 +130,14 @@ def _suspect_contexts(
     prompts: Sequence[str] | None,
     width: int,
     top_k: int,
-    excluded: set[tuple[int, ...]],
+    excluded: set[tuple[int, ...]] | frozenset[tuple[int, ...]],
     batch_size: int,
     progress: bool,
+    keep_contexts: frozenset[tuple[int, ...]] | None = None,
 ) -> _Contexts:
     """Run the suspect on each (prompt, answer); for each distinct hash context among the answer's
-    positions, its mean next-token distribution there (top-k), excluded pairs at weight 0."""
+    positions, its mean next-token distribution there (top-k), excluded pairs at weight 0.
+    ``keep_contexts``: only these contexts (the training-data filter)."""
     from distillguard.progress import make_progress
 
     tok = lm.tokenizer
@@ -169,13 +172,20 @@ def _suspect_contexts(
                 # whose hash context is seq[j+1-width : j+1] (the embedder's view at that step)
                 for j in range(max(first, width) - 1, len(seq) - 1):
                     ctx = tuple(seq[j + 1 - width : j + 1])
+                    if keep_contexts is not None and ctx not in keep_contexts:
+                        continue
                     acc = sums.setdefault(ctx, {})
                     counts[ctx] = counts.get(ctx, 0) + 1
                     for p, v in zip(top_p[b][j], top_v[b][j]):
                         acc[v] = acc.get(v, 0.0) + p
             bar.advance(task, len(batch))
     if not sums:
-        raise ConfigError("no answer tokens to score the suspect on (empty answers?)")
+        raise ConfigError(
+            "no answer tokens to score the suspect on (empty answers?)"
+            if keep_contexts is None
+            else "none of the suspect's contexts occurs in the filter data: give prompts near "
+            "the suspected training data, or run without --filter-data"
+        )
     # The mean distribution over a context's positions (its top-k of the summed top-k lists):
     # the weights depend on the suspect and the text only, never on the key.
     ctx_list, ids_list, w_list = [], [], []
@@ -208,6 +218,8 @@ def open_test(
     batch_size: int = 4,
     seed: int = 0,
     progress: bool = True,
+    filter_data: TrainingFilter | None = None,
+    exclude_data_pairs: bool = False,
 ) -> RadioactivityResult:
     """The suspect's green probability mass (SynthID: its expected g mass over the tournament's
     layers) on ``answers`` (each after its chat prompt ``prompts[i]``, or as raw text when
@@ -216,7 +228,9 @@ def open_test(
     ``exclude``: further texts whose (context, token) pairs get weight 0 (e.g. watermarked
     prompts). ``exclude_text_pairs``: also those of the answers (needed when the answers
     themselves may carry the watermark). ``null_keys`` random wrong keys give the empirical
-    null; 0 skips it.
+    null; 0 skips it. ``filter_data``: the training-data n-gram filter, one for every key: only
+    contexts that occur in the data (see :mod:`distillguard.forensics.radioactivity`, also for
+    ``exclude_data_pairs``: the data's own pairs at weight 0).
     """
     if not keys:
         raise ConfigError("no keys to test: give at least one account")
@@ -236,9 +250,35 @@ def open_test(
         for s in _tokenize(tok, excl_texts)
         for i in range(width, len(s))
     }
+    flt_record = None
+    if filter_data is not None:
+        from distillguard.forensics.radioactivity import _check_filterable
+
+        _check_filterable(params)
+        if filter_data.width != width:
+            raise ConfigError(
+                f"the filter was built for context width {filter_data.width}, the keys use {width}"
+            )
+        if exclude_data_pairs:
+            excluded |= filter_data.pairs
+        flt_record = {
+            "ran": True,
+            "exclude_data_pairs": exclude_data_pairs,
+            **filter_data.describe(),
+        }
     ctx = _suspect_contexts(
-        lm, answers, prompts, width, min(top_k, lm.vocab_size), excluded, batch_size, progress
+        lm,
+        answers,
+        prompts,
+        width,
+        min(top_k, lm.vocab_size),
+        excluded,
+        batch_size,
+        progress,
+        keep_contexts=filter_data.contexts if filter_data is not None else None,
     )
+    if flt_record is not None:
+        flt_record["kept_units"] = len(ctx.contexts)
     rng = random.Random(seed)
     wrong = [
         rng.getrandbits(40) | 1 for _ in range(null_keys)
@@ -328,6 +368,7 @@ def open_test(
         gamma=params.gamma,
         keys=out,
         null=null,
+        filter=flt_record,
     )
 
 

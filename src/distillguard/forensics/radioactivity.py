@@ -61,11 +61,50 @@ correction over the keys tested (so a suspect traces back to the accounts that l
     it predicts the text's own green-biased next tokens; ``exclude_text_pairs=True`` then drops
     every (context, token) pair that occurs in the texts, which keeps the test valid (the pairs
     left are unseen, and if anything biased red) at a large cost in power.
+
+**The training-data n-gram filter** (Sander et al. 2024; ``filters`` / ``filter_data``,
+``--filter-data FILE``, :mod:`.training_filter`). A student shows the watermark only where it
+learned it, at the (context, token) units of its training data; Sander et al. score only the
+suspect's units whose watermark window (hash context) occurs in the suspected training data and
+drop the rest, which is noise under both hypotheses. Closed mode here scores the suspect's pairs
+whose context occurs in the data; open mode keeps only the contexts that occur in it.
+
+    **Why the p-value stays valid, although the filter is made of watermarked text.** H0 is the
+    one the unfiltered test has: the suspect (its weights, its answers, the prompts) does not
+    depend on the key, and so neither on the data the key marked (a suspect that never saw the
+    data, or one trained on other accounts' text). Let g be the key's green bits (independent
+    Bernoulli(γ), the PRF assumption of every test here) and F the data. The sampler that wrote
+    F reads the bits of a context c only at the steps whose context *is* c; before c first
+    occurs it has read none of them. So whether c occurs in F is decided by the bits of other
+    contexts and the sampling noise, and is independent of the bits at c: a pair (c, t) of the
+    suspect, kept because c occurs in F, is green with probability exactly γ. F's own pairs at
+    c are green-biased, but the pairs F passed over at c are red-biased by as much, and the
+    suspect (independent of F) meets both as they come. What the argument does not give is
+    independence *between* kept pairs (consecutive kept pairs of the suspect tend to be a phrase
+    of F, whose link is green-biased): the binomial tail may then be a little light. Checked
+    where the truth is known: 200 accounts, each with its own watermarked data as the filter,
+    against suspects that never saw it (``bench/results/radioactivity_filter.json``, and
+    ``tests/forensics/test_radioactivity_filter.py``).
+
+    **What must not be done.** Scoring the data itself, or conditioning on it: a suspect read on
+    F's own text predicts F's green-biased next tokens (hence ``exclude_text_pairs`` above). And
+    the opposite repair is no repair: dropping the data's own pairs (``exclude_data_pairs=True``)
+    makes the test valid under a wider null, "the suspect depends on the key only through F",
+    but a student trained on F alone is in that null, so the test then has no power at all
+    against a student of exactly the filter data; everything such a student learned of the key
+    it learned from F's pairs. It still traces a student that saw more than the investigator
+    holds (the bench's "half of it" rows). Kept as an option, off by default.
+
+    Two limits. SynthID's units are table entries that many n-grams share, so a context's
+    entries are read before the context occurs: the first-occurrence argument fails and the
+    filter refuses SynthID keys. And the data is re-tokenised: a served answer whose sampled
+    tokens were not its text's canonical encoding has contexts the filter does not see (byte
+    tokenizers always round-trip; BPE nearly always), which costs power, not validity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from distillguard.errors import ConfigError
 from distillguard.forensics.evidence import (
@@ -76,8 +115,10 @@ from distillguard.forensics.evidence import (
 )
 from distillguard.forensics.open_test import chernoff_log_p, open_radioactivity, open_test
 from distillguard.forensics.suspect import generate_answers, generate_via_api
+from distillguard.forensics.training_filter import TrainingFilter, unit_weights
 from distillguard.watermark import (
     WatermarkKey,
+    holm,
     trace,
 )
 from distillguard.watermark.power import detection_power, unit_cap
@@ -108,6 +149,14 @@ CLOSED_ADVICE = (
     "(0.7-1.0)",
 )
 
+# With the filter on, the units are the suspect's pairs in the data's contexts.
+FILTERED_ADVICE = (
+    "more prompts (--limit), near the filter data's topics: more of the suspect's pairs land "
+    "in the data's contexts",
+    "a larger share of the suspected training data as --filter-data (more contexts kept)",
+    "longer answers (--max-tokens)",
+)
+
 
 def closed_test(
     keys: Sequence[WatermarkKey],
@@ -116,19 +165,30 @@ def closed_test(
     *,
     prompts: Sequence[str] = (),
     alpha: float = 1e-3,
+    filters: Mapping[str, TrainingFilter] | TrainingFilter | None = None,
+    exclude_data_pairs: bool = False,
 ) -> RadioactivityResult:
     """The suspect's answers, tokenised with the teacher's tokenizer (the watermark's vocabulary),
     tested against every key: distinct pairs across all texts, prompt n-grams excluded, exact
-    binomial tails, Holm over the keys."""
+    binomial tails, Holm over the keys.
+
+    ``filters``: the training-data n-gram filter, one for every key or one per account (a key
+    whose account has none is tested unfiltered): only pairs whose context occurs in the data
+    (see the module docstring, also for ``exclude_data_pairs``)."""
     if not keys:
         raise ConfigError("no keys to test: give at least one account")
-    result = trace(
-        list(keys),
-        _tokenize(tokenizer, texts),
-        vocab_size=len(tokenizer),
-        prompt_seqs=_tokenize(tokenizer, prompts),
-        alpha=alpha,
-    )
+    seqs = _tokenize(tokenizer, texts)
+    prompt_seqs = _tokenize(tokenizer, prompts)
+    if filters is None:
+        result = trace(
+            list(keys), seqs, vocab_size=len(tokenizer), prompt_seqs=prompt_seqs, alpha=alpha
+        )
+        detections, adjusted, flt_record = result.results, result.adjusted_p, None
+    else:
+        detections, flt_record = _filtered_detections(
+            keys, seqs, prompt_seqs, len(tokenizer), filters, exclude_data_pairs
+        )
+        adjusted = holm([max(d.p_value, 10 ** max(d.log10_p, -300)) for d in detections])
     level = alpha / len(keys)  # what one key must reach to pass Holm's first step
     evidence = [
         KeyEvidence(
@@ -141,6 +201,7 @@ def closed_test(
             green_fraction=d.green / d.scored if d.scored else float("nan"),
             extra={
                 "green": d.green,
+                "scored": d.scored,
                 "power": detection_power(
                     d,
                     level,
@@ -148,22 +209,83 @@ def closed_test(
                     effect="a green-fraction excess over gamma",
                     per_query=d.scored / max(1, len(texts)),
                     query="prompts",
-                    advice=CLOSED_ADVICE,
+                    advice=FILTERED_ADVICE if flt_record else CLOSED_ADVICE,
                     max_units=unit_cap(keys[0].params),
                 ).to_dict(),
             },
         )
-        for d, p in zip(result.results, result.adjusted_p)
+        for d, p in zip(detections, adjusted)
     ]
     return RadioactivityResult(
         mode="closed",
         test="binomial",
         alpha=alpha,
         texts=len(texts),
-        scored=result.results[0].scored,
+        scored=detections[0].scored,
         gamma=keys[0].params.gamma,
         keys=evidence,
+        filter=flt_record,
     )
+
+
+def _check_filterable(params) -> None:
+    if params.scheme == "synthid":
+        # SynthID's independent units are table entries, each shared by many n-grams: excluding
+        # the data's n-grams leaves their (green-biased) entries reachable through other n-grams.
+        raise ConfigError(
+            "the training-data filter (--filter-data) needs a green-list scheme (keyed-hash, "
+            "lefthash-ref): SynthID's units are shared table entries, so excluding the data's "
+            "n-grams would not keep the test valid; run without --filter-data"
+        )
+
+
+def _filtered_detections(keys, seqs, prompt_seqs, vocab_size, filters, exclude_data_pairs):
+    """Each key's detection on the units its filter keeps (keys sharing a filter share the work),
+    and what evidence.json records of the filter."""
+    _check_filterable(keys[0].params)
+    per_key = [
+        filters if isinstance(filters, TrainingFilter) else filters.get(k.account or k.key_id)
+        for k in keys
+    ]
+    width = keys[0].params.context_width
+    for flt in per_key:
+        if flt is not None and flt.width != width:
+            raise ConfigError(
+                f"the filter was built for context width {flt.width}, the keys use {width}"
+            )
+    unfiltered = trace(list(keys[:1]), seqs, vocab_size=vocab_size, prompt_seqs=prompt_seqs)
+    groups: dict[int, list[int]] = {}
+    for i, flt in enumerate(per_key):
+        groups.setdefault(id(flt), []).append(i)
+    detections: list = [None] * len(keys)
+    for members in groups.values():
+        flt = per_key[members[0]]
+        weights = (
+            None if flt is None else unit_weights(seqs, flt, exclude_data_pairs=exclude_data_pairs)
+        )
+        part = trace(
+            [keys[i] for i in members],
+            seqs,
+            vocab_size=vocab_size,
+            prompt_seqs=prompt_seqs,
+            weights=weights,
+        )
+        for i, d in zip(members, part.results):
+            detections[i] = d
+    record = {
+        "ran": any(f is not None for f in per_key),
+        "exclude_data_pairs": exclude_data_pairs,
+        "units_unfiltered": unfiltered.results[0].scored,
+        "accounts": {
+            k.account or k.key_id: (
+                {**flt.describe(), "kept_units": d.scored} if flt is not None else None
+            )
+            for k, flt, d in zip(keys, per_key, detections)
+        },
+    }
+    shas = {f.sha256 for f in per_key if f is not None}
+    record["sha256"] = shas.pop() if len(shas) == 1 else sorted(shas)
+    return detections, record
 
 
 def closed_radioactivity(
@@ -179,6 +301,7 @@ def closed_radioactivity(
     seed: int = 0,
     alpha: float = 1e-3,
     concurrency: int = 8,
+    filters: Mapping[str, TrainingFilter] | TrainingFilter | None = None,
 ) -> RadioactivityResult:
     """Closed mode end to end: the suspect's API answers ``prompts``; :func:`closed_test` scores them."""
     texts = generate_via_api(
@@ -191,4 +314,4 @@ def closed_radioactivity(
         seed=seed,
         concurrency=concurrency,
     )
-    return closed_test(keys, texts, tokenizer, prompts=prompts, alpha=alpha)
+    return closed_test(keys, texts, tokenizer, prompts=prompts, alpha=alpha, filters=filters)

@@ -64,6 +64,9 @@ class ReportConfig:
     decoys: int = 49
     # open-mode radioactivity's wrong keys: an empirical rank beside the exact p (not the verdict's)
     null_keys: int = 200
+    # radioactivity's training-data n-gram filter (:mod:`.training_filter`): a JSONL of the
+    # suspected training data; with --ledger and none given, each account's own served answers
+    filter_data: str | None = None
     alpha: float = 1e-3
     seed: int = 0
     device: str = "auto"
@@ -100,6 +103,8 @@ class ReportConfig:
         args += ["--decoys", str(self.decoys), "--alpha", repr(self.alpha)]
         if self.null_keys != ReportConfig.null_keys:
             args += ["--null-keys", str(self.null_keys)]
+        if self.filter_data:
+            args += ["--filter-data", self.filter_data]
         args += ["--seed", str(self.seed), "--device", self.device, "--out", out]
         line = shlex.join(args)
         return f"DISTILLGUARD_WATERMARK_SECRET=... {line}" if self.secret_given else line
@@ -154,9 +159,13 @@ def radioactivity_outcome(
     secret: bytes,
     prompts: Sequence[str],
     config: ReportConfig,
+    filter_texts: Mapping[str | None, Sequence[str]] | None = None,
+    filter_sha256: str | None = None,
 ) -> TestOutcome:
     """The per-account watermark test on the suspect and on each control; statistic: -log10 of
-    the smallest Holm-adjusted p over accounts (the strongest trace)."""
+    the smallest Holm-adjusted p over accounts (the strongest trace). ``filter_texts``: the
+    training-data filter's answers by account (None: rows for every account), from
+    ``--filter-data`` or the ledger; the same filter applies to the controls."""
     from distillguard.forensics import closed_radioactivity, open_radioactivity
     from distillguard.models import load_tokenizer
     from distillguard.watermark import WatermarkParams, account_key
@@ -169,6 +178,9 @@ def radioactivity_outcome(
         )
     keys = [account_key(secret, a, WatermarkParams(scheme=config.scheme)) for a in accounts]
     tokenizer = load_tokenizer(config.teacher)
+    filters, filter_record = _report_filters(
+        filter_texts, filter_sha256, accounts, tokenizer, keys[0].params, config
+    )
 
     def run(r: Respondent):
         if r.is_api:
@@ -181,6 +193,7 @@ def radioactivity_outcome(
                 seed=config.seed,
                 max_tokens=config.max_tokens,
                 alpha=config.alpha,
+                filters=filters,
             )
         if r.lm.tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ConfigError(
@@ -196,6 +209,7 @@ def radioactivity_outcome(
             alpha=config.alpha,
             null_keys=config.null_keys,
             progress=False,
+            filter_data=_union(filters),
         )
 
     def strength(result) -> float:
@@ -214,10 +228,55 @@ def radioactivity_outcome(
         p_value=min(k.p_holm for k in result.keys),
         controls={label: strength(r) for label, r in control_results.items()},
         details={
+            # whether the training-data filter ran (and why not), its data's SHA-256, and the
+            # units it kept (per account in closed mode: suspect.filter)
+            "filter": filter_record,
             "suspect": result.to_dict(),
             "traced": result.traced,
             "controls": {label: r.to_dict() for label, r in control_results.items()},
         },
+    )
+
+
+def _report_filters(texts, sha256, accounts, tokenizer, params, config):
+    """The radioactivity test's training-data filters (None when it does not run) and what
+    evidence.json says of them."""
+    from distillguard.forensics.training_filter import filters_by_account
+
+    source = config.filter_data or "the ledger's served answers, each account its own"
+    if params.scheme == "synthid":
+        why = (
+            "SynthID's units are table entries shared across n-grams, so the filter's validity "
+            "argument does not hold for it (forensics/radioactivity.py); ran unfiltered"
+        )
+        return None, {"ran": False, "why": why, "source": source}
+    if texts is None:
+        return None, {"ran": False, "why": "no filter data (--filter-data or --ledger answers)"}
+    filters = filters_by_account(
+        texts, accounts, tokenizer, params.context_width, source=source, sha256=sha256
+    )
+    if not filters:
+        return None, {"ran": False, "why": "no tested account has answers in the filter data"}
+    return filters, {"ran": True, "source": source, "sha256": sha256}
+
+
+def _union(filters):
+    """Open mode scores one set of contexts: the union of the accounts' filters (another
+    account's answers do not depend on this key, so adding their contexts keeps the test valid)."""
+    from distillguard.forensics.training_filter import TrainingFilter
+
+    if not filters:
+        return None
+    parts = list({id(f): f for f in filters.values()}.values())
+    if len(parts) == 1:
+        return parts[0]
+    return TrainingFilter(
+        frozenset().union(*(f.contexts for f in parts)),
+        frozenset().union(*(f.pairs for f in parts)),
+        parts[0].width,
+        sum(f.texts for f in parts),
+        source=parts[0].source.split(" (account")[0],
+        sha256=parts[0].sha256,
     )
 
 
@@ -447,6 +506,9 @@ def _ledger_tests(config, suspect, controls, secret, prompts, inputs, out_dir, s
         migrate(engine)
         accounts = _ledger_accounts(engine)
         served = served_canaries(engine)
+        # the filter's default input; SynthID runs unfiltered (see _report_filters)
+        wants_answers = "radioactivity" in config.tests and not config.filter_data
+        answers = _ledger_answers(engine) if wants_answers and config.scheme != "synthid" else {}
     finally:
         engine.dispose()
     # what the report read from the ledger, exported beside it and hashed
@@ -455,14 +517,47 @@ def _ledger_tests(config, suspect, controls, secret, prompts, inputs, out_dir, s
         f.write(json.dumps({"accounts": accounts}) + "\n")
         for c in served:
             f.write(json.dumps({"canary": asdict(c)}) + "\n")
+        for account, texts in answers.items():  # the training-data filter's input
+            for t in texts:
+                f.write(json.dumps({"account": account, "response": {"text": t}}) + "\n")
     inputs["ledger_export"] = {"path": export.name, "sha256": sha256_path(export)}
+    filter_texts, filter_sha = (answers or None), inputs["ledger_export"]["sha256"]
+    if config.filter_data:
+        from distillguard.forensics.training_filter import read_filter_data
+
+        filter_texts, filter_sha = read_filter_data(config.filter_data)
+        inputs["filter_data"] = {"path": config.filter_data, "sha256": filter_sha}
     out = []
     if "radioactivity" in config.tests:
         say("watermark radioactivity ...")
-        out.append(radioactivity_outcome(suspect, controls, accounts, secret, prompts, config))
+        out.append(
+            radioactivity_outcome(
+                suspect, controls, accounts, secret, prompts, config, filter_texts, filter_sha
+            )
+        )
     if "canaries" in config.tests:
         say("canaries ...")
         out.append(canary_outcome(suspect, controls, served, secret, config))
+    return out
+
+
+def _ledger_answers(engine) -> dict[str, list[str]]:
+    """Each account's served answers (canaries, the gateway's own text, left out): the data a
+    student of that account would have trained on, for the training-data filter."""
+    from sqlalchemy import select
+
+    from distillguard.forensics.training_filter import row_answers
+    from distillguard.guard.ledger import is_canary_action
+    from distillguard.guard.schema import LedgerRow
+
+    query = select(LedgerRow.account_id, LedgerRow.response_text, LedgerRow.policy_action).where(
+        LedgerRow.response_text.is_not(None)
+    )
+    out: dict[str, list[str]] = {}
+    with engine.connect() as conn:
+        for account, text, action in conn.execute(query):
+            if account and not (action and is_canary_action(action)):
+                out.setdefault(account, []).extend(row_answers({"response": {"text": text}}))
     return out
 
 
