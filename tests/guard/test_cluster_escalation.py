@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from distillguard.arena import TrafficConfig, generate_traffic
 from distillguard.detect import DetectConfig, calibrate
 from distillguard.detect.monitor import AccountMonitor
 from distillguard.guard.monitor import MAX_BATCH
@@ -50,6 +51,7 @@ def population():
     label = {r["account"]: r["label"] for r in records}
     return SimpleNamespace(
         cal=cal,
+        cal_records=cal_records,
         records=records,
         users=users,
         label=label,
@@ -184,7 +186,7 @@ def test_extracting_after_s_escalates_an_account_flagged_again_a_day_later():
         online = OnlineDetection(_Scripted(flags), extracting_after=100, extracting_after_s=after)
         got = [online.observe({"account": "s", "ts": ts}) for ts in (0.0, 3600.0, 90_000.0)]
         assert [v.level for v in got] == [Level.SUSPECT, Level.SUSPECT, want]
-    assert got[2].reasons[0] == "flagged again 25.0 h after its first flag"
+    assert got[2].reasons[0] == "flagged again 25 h after its first flag"
 
 
 def test_verdict_members_are_the_community_that_counted(population):
@@ -200,3 +202,50 @@ def test_verdict_members_are_the_community_that_counted(population):
                 assert v.cluster in (None, f"cluster:{min(v.members)}")
                 seen[min(v.members)] += 1
     assert seen  # the hydra's verdicts do carry clusters
+
+
+def test_a_lone_low_and_slow_account_is_extracting_with_the_time_rule_and_suspect_without(
+    population,
+):
+    """A careful distiller on one key, linked to nobody (no other campaign draws on its prompts,
+    no benign user sends them), never sends ``extracting_after`` flagged requests in two days:
+    only the time rule (``serve --extracting-after-s``) serves it canaries."""
+    records = generate_traffic(
+        TrafficConfig(benign_accounts=160, seed=25, days=2, pool="eval", campaigns=["slowlow:1:90"])
+    )
+    # At 0.1% a calibration on 240 users floors the threshold above this account's scores
+    # (bench/ladder_false_positives.py calibrates on 2,000); at 1% it is flagged on and off
+    cal = calibrate(
+        population.cal_records, config=DetectConfig(target_fpr=0.01, detectors=NO_EMBEDDINGS)
+    )
+    verdicts = []
+    monitor = AccountMonitor(cal)
+    for start in range(0, len(records), MAX_BATCH):
+        verdicts.extend(monitor.observe_batch(records[start : start + MAX_BATCH]))
+    (lone,) = {r["account"] for r in records if r["label"] == "slowlow"}
+    # the case is real: flagged on its own evidence, never as a member of a community
+    mine = [v for v in verdicts if v.account == lone]
+    assert sum(v.level == "flag" for v in mine) >= 10
+    assert all(v.members is None for v in mine), [v.members for v in mine if v.members]
+
+    def highest(after_s):
+        online = OnlineDetection(
+            None, extracting_after=EXTRACTING_AFTER, extracting_after_s=after_s
+        )
+        level, why = {}, {}
+        for start in range(0, len(records), MAX_BATCH):
+            batch = records[start : start + MAX_BATCH]
+            for r, v in zip(batch, online.levels(verdicts[start : start + MAX_BATCH], batch)):
+                if v is not None and v.level > level.get(r["account"], Level.OK):
+                    level[r["account"]], why[r["account"]] = v.level, v.reasons[0]
+        return level, why
+
+    level, _ = highest(None)
+    assert level[lone] == Level.SUSPECT
+    level, why = highest(6 * 3600.0)
+    assert level[lone] == Level.EXTRACTING
+    hours = float(why[lone].removeprefix("flagged again ").split(" h ")[0])
+    assert why[lone].endswith("after its first flag") and hours >= 6, why[lone]
+    # the rule's control: no benign account of the population is taken to extracting by it
+    benign = {r["account"] for r in records if r["label"] == "benign"}
+    assert not [a for a in benign if level.get(a) == Level.EXTRACTING]
