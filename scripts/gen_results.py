@@ -138,6 +138,11 @@ BENCHES = {
         "radioactivity of a student trained on a scrubbed harvest, and what the scrub cost it "
         "(tiny teacher and student)",
     ),
+    "radioactivity_filter": (
+        "Forensics",
+        "the training-data n-gram filter of radioactivity: power on students of the data, false "
+        "positives over 200 accounts' own data on suspects that never saw it",
+    ),
 }
 AREAS = [
     "Gateway and serving",
@@ -167,6 +172,7 @@ COMMANDS = {
     "radioactivity_synthid.json": "nice -n 10 python bench/radioactivity.py --scheme synthid --train 96 --eval 16 --leaked-prompts 24 --epochs 3 --student prune:8 --lr 5e-4 --batch-size 4 --null-keys 200 --top-k 32 --out bench/results/radioactivity_synthid.json",
     "radioactivity_synthid_e8_rho0-0.05.json": "the radioactivity_synthid.json command plus --epochs 8 --rhos 0,0.05 --skip-controls",
     "radioactivity_synthid_rho1_e8.json": "the radioactivity_synthid.json command plus --epochs 8 --rhos 1 --skip-controls",
+    "radioactivity_filter.json": "chrt -i 0 nice -n 19 python bench/radioactivity_filter.py",
     "detect_eval.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 300 --attackers 5 --hydras 2 --campaign-requests 600",
     "detect_eval_benign750.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 750 --kinds slowlow --attackers 5 --campaign-requests 600 --out bench/results/detect_eval_benign750.json",
     "detect_eval_20attackers.json": "nice -n 10 python bench/detect_eval.py --cal-accounts 1600 --eval-accounts 300 --attackers 20 --hydras 2 --campaign-requests 600 --out bench/results/detect_eval_20attackers.json --plot bench/results/detect_roc_20attackers.png",
