@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -85,7 +86,8 @@ def main() -> None:
         "what": "distill harvest of the first ShareGPT prompts on the teacher behind the guarded "
         "gateway, CLI defaults but --limit and --concurrency",
         "teacher": args.model,
-        "command": " ".join(["distillguard", *cmd[cmd.index("distill") :]]),
+        "command": "python bench/harvest_sharegpt600.py " + " ".join(sys.argv[1:]),
+        "harvest_command": " ".join(["distillguard", *cmd[cmd.index("distill") :]]),
         "exit_status": done.returncode,
         "finished_in_one_run": done.returncode == 0,
         "wall_s": wall,

@@ -100,6 +100,10 @@ BENCHES = {
     "arena_traffic": ("Arena", "traffic generation speed"),
     "demo": ("Arena", "distillguard demo: the whole story on the embedded defaults"),
     "harvest_throughput": ("Distillation", "the harvester vs a bare aiohttp client"),
+    "harvest_sharegpt600": (
+        "Distillation",
+        "600 ShareGPT prompts at --concurrency 16 through the guarded gateway: one run, statuses",
+    ),
     "harvest_answer_length": (
         "Distillation",
         "the embedded teacher's answer lengths on ShareGPT prompts (harvest's default --max-tokens)",
