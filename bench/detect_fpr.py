@@ -25,7 +25,9 @@ Decide changes on ``--seeds 7`` (the development seed); report on the others:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -51,6 +53,9 @@ from distillguard.detect.calibrate import (
     replay_flags,
 )
 from distillguard.detect.features import extract
+
+# the module (distillguard.detect re-exports its function under the same name)
+calibrate_module = importlib.import_module("distillguard.detect.calibrate")
 
 DETECTORS = ("volume", "timing", "shape", "template", "cot", "fresh", "linking")
 # several single-account actors per kind, so a kind's TPR is a rate over accounts
@@ -295,8 +300,18 @@ def main() -> None:
         default=None,
         help="instead: the threshold against the calibration's size (first seed only)",
     )
+    ap.add_argument(
+        "--old-floor",
+        action="store_true",
+        help="the tail floor before issue 23's change (90%% of the Fisher null), for comparison",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.old_floor:
+        # the seeds' processes fork from here, so they inherit the old rule
+        calibrate_module.tail_floor = lambda target, d: math.exp(
+            -0.45 * float(stats.chi2.isf(target, 2 * d))
+        )
     kinds = population_kinds(args)
     if args.calibration_sizes:
         out = size_sweep(args, kinds)
@@ -361,7 +376,7 @@ def main() -> None:
             "detectors": DETECTORS,
             "eval_seed_offset": EVAL_SEED_OFFSET,
             # how much room a detector at its tail floor leaves the others (calibrate.tail_floor)
-            "floor_room": FLOOR_ROOM,
+            "floor_room": None if args.old_floor else FLOOR_ROOM,
             "arena_traits": dict(TRAITS),
         },
         "accounts_needed_for_target": accounts_needed(args.target_fpr),
