@@ -123,8 +123,10 @@ def test_linked_scores_flag_what_the_replay_flags(runs):
     # three accounts sending the same prompts (kept as hashes) are one actor, flagged as such
     assert frozenset({"hashed-0", "hashed-1", "hashed-2"}) in job.communities
     hashed = [r for r in job.results if r.account.startswith("hashed-")]
-    assert all(r.flagged and r.cluster == "cluster:hashed-0" for r in hashed)
-    assert all(r.solo_flagged_at_request is None for r in hashed)  # by their link alone
+    assert all(r.cluster == "cluster:hashed-0" for r in hashed)
+    # their link is their only evidence, and one detector plus an ordinary rest no longer flags
+    # (calibrate.tail_floor, issue 23): 4 requests each, nothing else unusual
+    assert not any(r.flagged or r.solo_flagged_at_request for r in hashed)
     # on this log the whole period's links flag the accounts the replay's links flagged (on the
     # bench's 100k requests they differ for a few linked accounts: docs/detection-at-scale.md)
     assert {r.account for r in job.results if r.flagged} == {
