@@ -344,11 +344,9 @@ def test_the_committed_demo_result_is_a_default_run_in_todays_shape():
     """bench/results/demo.json, which the docs quote, from `distillguard demo` with its defaults:
     a change to the demo's report or defaults fails here until the file is made again."""
     committed = json.loads(COMMITTED.read_text())
-    # The committed default run predates act 4's forensics report, a stage of its own: a rerun
-    # in that run's --out makes it alone, reusing every other act (on the bundled teacher, more
-    # CPU than this session's shared machine had). Until the file is made again, the rest of
-    # it is checked; its forensics part once it holds one.
-    assert_demo_json_shape(committed, forensics="forensics" in committed)
+    # act 4's forensics report was added to the committed run by a rerun in (a copy of) its
+    # --out that reused every other act: a stage of its own, keyed on the same settings
+    assert_demo_json_shape(committed, forensics=True)
     # where it wrote and the gateway's torch threads (--threads 1 on a busy machine) are not
     # what the demo measures
     machine = {"out", "threads"}
