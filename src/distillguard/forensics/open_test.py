@@ -252,9 +252,9 @@ def open_test(
     }
     flt_record = None
     if filter_data is not None:
-        from distillguard.forensics.radioactivity import _check_filterable
+        from distillguard.forensics.training_filter import check_filterable
 
-        _check_filterable(params)
+        check_filterable(params)
         if filter_data.width != width:
             raise ConfigError(
                 f"the filter was built for context width {filter_data.width}, the keys use {width}"

@@ -115,7 +115,7 @@ from distillguard.forensics.evidence import (
 )
 from distillguard.forensics.open_test import chernoff_log_p, open_radioactivity, open_test
 from distillguard.forensics.suspect import generate_answers, generate_via_api
-from distillguard.forensics.training_filter import TrainingFilter, unit_weights
+from distillguard.forensics.training_filter import TrainingFilter, check_filterable, unit_weights
 from distillguard.watermark import (
     WatermarkKey,
     holm,
@@ -228,21 +228,10 @@ def closed_test(
     )
 
 
-def _check_filterable(params) -> None:
-    if params.scheme == "synthid":
-        # SynthID's independent units are table entries, each shared by many n-grams: excluding
-        # the data's n-grams leaves their (green-biased) entries reachable through other n-grams.
-        raise ConfigError(
-            "the training-data filter (--filter-data) needs a green-list scheme (keyed-hash, "
-            "lefthash-ref): SynthID's units are shared table entries, so excluding the data's "
-            "n-grams would not keep the test valid; run without --filter-data"
-        )
-
-
 def _filtered_detections(keys, seqs, prompt_seqs, vocab_size, filters, exclude_data_pairs):
     """Each key's detection on the units its filter keeps (keys sharing a filter share the work),
     and what evidence.json records of the filter."""
-    _check_filterable(keys[0].params)
+    check_filterable(keys[0].params)
     per_key = [
         filters if isinstance(filters, TrainingFilter) else filters.get(k.account or k.key_id)
         for k in keys

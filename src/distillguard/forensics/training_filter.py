@@ -181,8 +181,21 @@ def filters_by_account(
 
 __all__ = [
     "TrainingFilter",
+    "check_filterable",
     "filters_by_account",
     "read_filter_data",
     "training_filter",
     "unit_weights",
 ]
+
+
+def check_filterable(params) -> None:
+    """Refuse a scheme the filter cannot keep valid (both radioactivity tests call this)."""
+    if params.scheme == "synthid":
+        # SynthID's independent units are table entries, each shared by many n-grams: excluding
+        # the data's n-grams leaves their (green-biased) entries reachable through other n-grams.
+        raise ConfigError(
+            "the training-data filter (--filter-data) needs a green-list scheme (keyed-hash, "
+            "lefthash-ref): SynthID's units are shared table entries, so excluding the data's "
+            "n-grams would not keep the test valid; run without --filter-data"
+        )
