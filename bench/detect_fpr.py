@@ -305,10 +305,18 @@ def main() -> None:
         action="store_true",
         help="the tail floor before issue 23's change (90%% of the Fisher null), for comparison",
     )
+    ap.add_argument(
+        "--floor-from",
+        choices=("threshold", "null"),
+        default="threshold",
+        help="leave a detector's room below the calibrated threshold (the default) or below the "
+        "Fisher null (the rule of 54e98ad), for comparison (calibrate(floor_from=...))",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    # the seeds' processes fork from here, so they inherit these rules
+    calibrate_module.FLOOR_FROM = "null" if args.old_floor else args.floor_from
     if args.old_floor:
-        # the seeds' processes fork from here, so they inherit the old rule
         calibrate_module.tail_floor = lambda target, d: math.exp(
             -0.45 * float(stats.chi2.isf(target, 2 * d))
         )
@@ -377,6 +385,7 @@ def main() -> None:
             "eval_seed_offset": EVAL_SEED_OFFSET,
             # how much room a detector at its tail floor leaves the others (calibrate.tail_floor)
             "floor_room": None if args.old_floor else FLOOR_ROOM,
+            "floor_from": calibrate_module.FLOOR_FROM,
             "arena_traits": dict(TRAITS),
         },
         "accounts_needed_for_target": accounts_needed(args.target_fpr),

@@ -88,6 +88,10 @@ BENCHES = {
         "what `detect --calibrate` shows and flags at a small and a larger calibration",
     ),
     "detect_adaptive": ("Detection", "adaptive attackers against the detectors"),
+    "tail_floor_rules": (
+        "Detection",
+        "the tail-floor rules side by side (old, below the null, below the calibrated threshold)",
+    ),
     "detector_follow": (
         "Detection",
         "the external detector following the ledger vs the in-process monitor, per CPU-second",
@@ -99,6 +103,10 @@ BENCHES = {
     ),
     "arena_traffic": ("Arena", "traffic generation speed"),
     "demo": ("Arena", "distillguard demo: the whole story on the embedded defaults"),
+    "journeys": (
+        "Arena",
+        "the actors' walkthroughs (provider, distiller, investigator) as written, at real sizes",
+    ),
     "harvest_throughput": ("Distillation", "the harvester vs a bare aiohttp client"),
     "harvest_sharegpt600": (
         "Distillation",

@@ -3,6 +3,7 @@ report follows DESIGN.md, and ``flagged_at_request`` is where the online monitor
 
 from __future__ import annotations
 
+import math
 import random
 
 import numpy as np
@@ -11,12 +12,14 @@ from scipy import stats
 
 from distillguard.detect import AccountMonitor, Calibration, DetectConfig, calibrate, detect
 from distillguard.detect.calibrate import (
+    FLOOR_ROOM,
     accounts_needed,
     cp_upper,
     flagged_days,
     group_by_account,
     pot_quantile,
     replay_flags,
+    tail_floor,
 )
 from distillguard.detect.features import extract
 from distillguard.errors import ConfigError
@@ -56,6 +59,8 @@ def test_calibration_saves_and_loads(calibration, tmp_path):
     calibration.save(path)
     back = Calibration.load(path)
     assert back.threshold == calibration.threshold and back.config == calibration.config
+    assert back.floor == calibration.floor  # the threshold's floor, not recomputed from the null
+    assert all(t.floor == calibration.floor for t in back.tails.values())
     assert list(back.tails) == list(calibration.tails)
     np.testing.assert_array_equal(back.tails["volume"].sorted, calibration.tails["volume"].sorted)
     (tmp_path / "bad.npz").write_bytes(b"not a calibration")
@@ -306,3 +311,55 @@ def test_a_target_per_account_counts_each_account_once():
     assert per_account.threshold >= per_day.threshold
     with pytest.raises(ConfigError, match="per='week'"):
         calibrate(traffic, config=config, per="week")
+
+
+def apps_and_people(seed: int = 5) -> list[dict]:
+    """Benign users and a few scripted apps (long answers, logprobs, a steady rate: a bulk
+    account's shape, benign to the provider): their days put the threshold above the null."""
+    rng = random.Random(seed)
+    apps = [r for i in range(80) for r in bulk_account(rng, f"app{i}", rng.randint(30, 60))]
+    return benign_traffic(400, seed=seed) + apps
+
+
+@pytest.fixture(scope="module")
+def with_apps() -> Calibration:
+    return calibrate(
+        apps_and_people(), config=DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS)
+    )
+
+
+def test_the_tail_floor_leaves_the_rest_its_room_below_the_calibrated_threshold(with_apps):
+    """One detector at its floor plus the rest at their null's FLOOR_ROOM quantile reaches the
+    threshold the calibration stepped from and no further (threshold_floor), so it stays below
+    the threshold used, which is at least that (a lower floor only raises benign scores)."""
+    D = len(NO_EMBEDDINGS)
+    calibration = with_apps
+    s = calibration.stats
+    null = stats.chi2.isf(0.02, 2 * D)
+    # this population's benign tail puts the threshold above the Fisher null, the case the
+    # floor from the threshold is for (under the null's floor: three floors to flag, not two)
+    assert s["threshold_null_floor"] > null + 1 and s["tail_floor_from"] == "threshold"
+    one = -2 * math.log(calibration.floor)
+    rest = stats.chi2.ppf(FLOOR_ROOM, 2 * (D - 1))
+    assert one + rest == pytest.approx(s["threshold_null_floor"])
+    assert s["threshold_null_floor"] <= calibration.threshold
+    assert calibration.floor < tail_floor(0.02, D)  # more room for evidence than the null's
+    assert all(t.floor == calibration.floor for t in calibration.tails.values())
+    # the rule of 54e98ad on request: the null's floor, the threshold of the first step
+    null_rule = calibrate(
+        apps_and_people(),
+        config=DetectConfig(target_fpr=0.02, detectors=NO_EMBEDDINGS),
+        floor_from="null",
+    )
+    assert null_rule.floor == pytest.approx(tail_floor(0.02, D))
+    assert null_rule.threshold == pytest.approx(s["threshold_null_floor"])
+    with pytest.raises(ConfigError, match="floor_from"):
+        calibrate(benign_traffic(20, seed=1), floor_from="zero")
+
+
+def test_at_the_null_the_floor_is_the_nulls(calibration):
+    """Where the threshold is the Fisher null (ordinary users only), there is nothing to step
+    from: the floor is tail_floor's."""
+    s = calibration.stats
+    assert calibration.threshold == pytest.approx(stats.chi2.isf(0.02, 2 * len(NO_EMBEDDINGS)))
+    assert s["tail_floor_from"] == "null" and calibration.floor == tail_floor(0.02, 4)

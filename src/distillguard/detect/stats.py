@@ -130,9 +130,10 @@ class EmpiricalTail:
       (``scipy.stats.genpareto``; Pickands-Balkema-de Haan: exceedances over a high threshold are
       GPD), capped at the conformal value 1/(n+1);
     - never below ``floor`` (if given) nor ``1/(n+1) / max_extrapolation``: calibration sets the
-      floor (``calibrate.tail_floor``) so that one detector alone, together with an ordinary
-      rest of the others, cannot reach the Fisher threshold (a heavy user or a logprob
-      researcher resembles an attacker in one respect; flags need several kinds of evidence).
+      floor (``calibrate.tail_floor``, ``threshold_floor``) so that one detector alone,
+      together with an ordinary rest of the others, cannot reach the threshold (a heavy user or
+      a logprob researcher resembles an attacker in one respect; flags need several kinds of
+      evidence).
 
     ``max_extrapolation=1`` keeps the plain conformal floor. With a few hundred samples the
     tail fit is rough; calibration therefore sets its threshold on benign days scored by tails
