@@ -9,7 +9,13 @@ and the distiller's 600-prompt harvest as the gateway saw it (its report, the le
     python bench/journeys.py --set N_PROMPTS=60 --out /tmp/j.json   # a smaller try
 
 A block that fails stops the run; the file then records the pages up to it, the failing block's
-output and ``"ok": false``.
+output and ``"ok": false``. After a fix, the later pages can be run again in that run's directory
+(its ledger, calibration, harvest and student; the gateway restarted as the provider page's step
+6 starts it, not timed), keeping the earlier file's figures for the pages not rerun and its
+failure under ``earlier_attempt``:
+
+    python bench/journeys.py --resume /tmp/journeys-XXXX --pages investigator \
+        --merge bench/results/journeys.json
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 from tests.docs.test_journeys import (  # noqa: E402
     DOCS,
     PAGES,
+    BashSession,
+    Block,
     failure_message,
     journey_env,
     page_blocks,
@@ -89,6 +97,27 @@ def harvest_figures(work: Path) -> dict | None:
     return out
 
 
+def restart_gateway(base: Path, env: dict[str, str], timeout_s: float) -> BashSession:
+    """The provider page's gateway as its step 6 leaves it (settings, then that block less its
+    kill of the earlier gateway), for pages run again in an earlier run's directory."""
+    page = DOCS / "provider.md"
+    blocks = page_blocks(page)
+    serve = next(b for b in blocks if "--detect cal.npz" in b.source)
+    source = "".join(
+        line
+        for line in serve.source.splitlines(keepends=True)
+        if not line.lstrip().startswith(("kill ", "while kill "))
+    )
+    session = BashSession(base / "work", env, base / "sessions" / "resume")
+    for block in (blocks[0], Block(source=source, line=serve.line)):
+        step = session.run(block, timeout_s)
+        if not step.ok:
+            session.kill()
+            sys.exit(failure_message(page, step))
+    session.close()  # the gateway keeps running in the session's process group, killed at the end
+    return session
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=18438, help="PORT the pages serve on")
@@ -102,6 +131,18 @@ def main() -> None:
     parser.add_argument("--pages", default=",".join(PAGES), help="comma-separated, in order")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "journeys.json"))
     parser.add_argument("--block-timeout", type=float, default=4 * 3600)
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="run the --pages in this earlier run's directory (its home/ and work/)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="an earlier run's file: its pages not rerun are kept, its failure recorded",
+    )
     args = parser.parse_args()
 
     if not port_free(args.port):
@@ -112,9 +153,14 @@ def main() -> None:
         variables[name] = value
     pages = [p.strip() for p in args.pages.split(",") if p.strip()]
 
-    base = Path(tempfile.mkdtemp(prefix="journeys-"))
-    (base / "home").mkdir()
-    (base / "work").mkdir()
+    if args.resume is not None:
+        base = args.resume
+        if not (base / "work").is_dir() or not (base / "home").is_dir():
+            sys.exit(f"{base} is not a journeys run directory (no home/ and work/)")
+    else:
+        base = Path(tempfile.mkdtemp(prefix="journeys-"))
+        (base / "home").mkdir()
+        (base / "work").mkdir()
     env = journey_env(base / "home", variables)
     result = {
         "bench": "journeys",
@@ -127,7 +173,17 @@ def main() -> None:
         "ok": True,
     }
     sessions = []
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        result["pages"] = {k: v for k, v in earlier["pages"].items() if k not in pages}
+        result["earlier_attempt"] = {
+            k: earlier.get(k) for k in ("command", "started", "ok", "failure", "pages")
+        }
+        if "distiller_harvest" in earlier:
+            result["distiller_harvest"] = earlier["distiller_harvest"]
     try:
+        if args.resume is not None and "provider" not in pages:
+            sessions.append(restart_gateway(base, env, args.block_timeout))
         for name in pages:
             page = DOCS / f"{name}.md"
             titles = step_titles(page)
@@ -157,7 +213,7 @@ def main() -> None:
     finally:
         for session in sessions:
             session.kill()
-        harvest = harvest_figures(base / "work")
+        harvest = harvest_figures(base / "work") if "distiller" in pages else None
         if harvest:
             result["distiller_harvest"] = harvest
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]

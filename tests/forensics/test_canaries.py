@@ -226,3 +226,21 @@ def test_cli_traces_the_student_from_the_ledger(models, tmp_path):
     said = " ".join(control.stdout.split())  # rich may wrap lines when not on a terminal
     assert "traced to: no account" in said and "not traced:" in said
     assert "with 80% power" in said and "serve more canaries" in said
+
+
+def test_a_prompt_longer_than_the_suspects_context_is_left_out_and_counted(models):
+    """Found at the embedded teacher's sizes (bench/journeys.py): a canary served on a 1,000-token
+    ShareGPT prompt stopped the whole test. Canaries the suspect cannot read are left out and
+    counted; the rest are scored on the suspect's whole context, not a fixed 512 tokens."""
+    base, student, leaked, _ = models
+    ctx = base.context_length
+    long = [
+        ServedCanary("leaker", f"long-{i}", [{"role": "user", "content": "word " * (2 * ctx)}])
+        for i in range(3)
+    ]
+    result = canary_test(student, SECRET, leaked + long, decoys=19)
+    assert result.skipped_too_long == 3 and result.to_dict()["skipped_too_long"] == 3
+    (leaker,) = result.accounts
+    assert leaker.canaries == len(leaked) and result.traced == ["leaker"]
+    with pytest.raises(ConfigError, match="none of the 3 canary prompts fits"):
+        canary_test(student, SECRET, long, decoys=19)

@@ -413,4 +413,9 @@ def canaries(
         f"null: mean rank {(decoys + 2) / 2:.1f}; traced to: {', '.join(result.traced) or 'no account'} "
         f"(alpha={alpha}, Holm over {len(result.accounts)} accounts)"
     )
+    if result.skipped_too_long:
+        console.print(
+            f"left out: {result.skipped_too_long} of {len(served)} canaries, whose prompt does not "
+            f"fit the suspect's context ({lm.context_length} tokens)"
+        )
     _print_power(result.to_dict()["power"])

@@ -62,6 +62,7 @@ class CanaryResult:
     # "greedy-answer" (an API's answer, by token F1); and why, where the API test chose
     scoring: str = "likelihood"
     scoring_why: str | None = None
+    skipped_too_long: int = 0  # canaries whose prompt does not fit the suspect's context
 
     @property
     def traced(self) -> list[str]:
@@ -116,31 +117,53 @@ def _messages(messages: list[dict]) -> list[dict]:
     return out
 
 
+class PromptTooLong(ConfigError):
+    """The prompt leaves no room for an answer in the suspect's context."""
+
+
+# Logits held at once while scoring (floats): batch x tokens x vocabulary stays under this, so a
+# prompt of the gateway's longest (thousands of tokens) does not take gigabytes per batch.
+LOGITS_BUDGET = 2**28
+
+
 @torch.no_grad()
 def answer_logprobs(
-    lm, messages: list[dict], answers: Sequence[str], *, max_length: int = 512, batch_size: int = 16
+    lm,
+    messages: list[dict],
+    answers: Sequence[str],
+    *,
+    max_length: int | None = None,
+    batch_size: int = 16,
 ) -> list[float]:
-    """log p(answer | messages) under ``lm`` (the assistant turn in its chat template), per answer."""
+    """log p(answer | messages) under ``lm`` (the assistant turn in its chat template), per answer.
+
+    ``max_length``: the tokens scored per answer, prompt included; default the model's own
+    context. An answer longer than what is left is scored on the part that fits (alike for every
+    answer, so a rank among them stays exchangeable); a prompt that leaves no room raises
+    ``PromptTooLong``."""
     from distillguard.distill.train import IGNORE, collate, sft_example
 
+    max_length = max_length or lm.context_length
     examples = [sft_example(lm, messages, a, max_length) for a in answers]
     if any(e is None for e in examples):
-        raise ConfigError(
+        raise PromptTooLong(
             f"a canary prompt does not fit the suspect's context ({max_length} tokens)"
         )
     out: list[float] = []
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad)
+    longest = max(len(e["input_ids"]) for e in examples)
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    step = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
+    start = min(e["prompt_len"] for e in examples) - 1  # the first position that predicts answers
+    for i in range(0, len(examples), step):
+        batch = collate(examples[i : i + step], pad)
         batch = {k: v.to(lm.device) for k, v in batch.items()}
-        logits = (
-            lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            .logits[:, :-1]
-            .float()
-        )
-        labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 predicted at t
+        logits = lm.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits[:, start:-1]
+        labels = batch["labels"][:, start + 1 :]  # token t+1 predicted at t
         mask = labels != IGNORE
-        lp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, T-1)
+        lp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         out += (lp * mask).sum(-1).tolist()
     return out
 
@@ -177,14 +200,30 @@ def canary_test(
         )
     rng = random.Random(seed)
     per_account: dict[str, list[tuple[int, float]]] = {}
+    too_long = 0
     for i, c in enumerate(served):
         opening, ending = canary(secret, c.account, c.request_id)
         fakes = [canary(secret, c.account, f"decoy:{c.request_id}:{j}")[1] for j in range(decoys)]
-        scores = answer_logprobs(lm, _messages(c.messages), [opening + e for e in [ending, *fakes]])
-        per_account.setdefault(c.account, []).append(rank_p_value(scores[0], scores[1:], rng))
+        try:
+            scores = answer_logprobs(
+                lm, _messages(c.messages), [opening + e for e in [ending, *fakes]]
+            )
+        except PromptTooLong:
+            # the suspect cannot read this prompt at all: no evidence either way, so the canary
+            # is left out (and counted), not scored on a cut prompt it was never asked
+            too_long += 1
+        else:
+            per_account.setdefault(c.account, []).append(rank_p_value(scores[0], scores[1:], rng))
         if progress is not None:
             progress(i + 1, len(served))
-    return combine_ranks(per_account, decoys=decoys, alpha=alpha)
+    if not per_account:
+        raise ConfigError(
+            f"none of the {len(served)} canary prompts fits the suspect's context "
+            f"({lm.context_length} tokens)"
+        )
+    result = combine_ranks(per_account, decoys=decoys, alpha=alpha)
+    result.skipped_too_long = too_long
+    return result
 
 
 def combine_ranks(
@@ -220,6 +259,7 @@ def combine_ranks(
 __all__ = [
     "AccountExposure",
     "CanaryResult",
+    "PromptTooLong",
     "ServedCanary",
     "answer_logprobs",
     "canary_test",
