@@ -188,8 +188,10 @@ def main() -> None:
             page = DOCS / f"{name}.md"
             titles = step_titles(page)
             t0 = time.perf_counter()
+            # a resumed page gets its own scratch: the earlier attempt's log and markers stay
+            scratch = base / "sessions" / (f"{name}-resumed" if args.resume else name)
             steps, session = run_page(
-                page, base / "work", env, base / "sessions" / name, timeout_s=args.block_timeout
+                page, base / "work", env, scratch, timeout_s=args.block_timeout
             )
             sessions.append(session)
             result["pages"][name] = {

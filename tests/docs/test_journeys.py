@@ -138,6 +138,7 @@ class BashSession:
         script = self.scratch / f"block{self.count}.sh"
         done = self.scratch / f"block{self.count}.done"
         script.write_text(block.source)
+        done.unlink(missing_ok=True)  # a marker left by an earlier session in this scratch
         start_byte = self.log_path.stat().st_size
         t0 = time.perf_counter()
         self._send(f"source {script} </dev/null\n: > {done}\n")
