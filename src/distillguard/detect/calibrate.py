@@ -296,9 +296,7 @@ def tail_floor(target_fpr: float, detectors: int, room: float = FLOOR_ROOM) -> f
 
     With one detector there is no rest: its floor is the target itself, and it cannot pass the
     null threshold alone either."""
-    null = float(stats.chi2.isf(target_fpr, 2 * detectors))
-    rest = float(stats.chi2.ppf(room, 2 * (detectors - 1))) if detectors > 1 else 0.0
-    return math.exp(-0.5 * (null - rest))
+    return threshold_floor(float(stats.chi2.isf(target_fpr, 2 * detectors)), detectors, room)
 
 
 def threshold_floor(threshold: float, detectors: int, room: float = FLOOR_ROOM) -> float:
